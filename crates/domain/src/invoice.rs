@@ -1,0 +1,330 @@
+//! Invoice validation and normalisation: what ingest accepts, and the snapshot it publishes.
+
+use chrono::NaiveDate;
+use serde::{Deserialize, Serialize};
+
+use crate::jurisdiction::{DebtorKind, Jurisdiction};
+use crate::money::{Currency, Money};
+
+/// Why an input was refused: a stable machine code plus words that say what and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {detail}")]
+pub struct Rejection {
+    pub code: &'static str,
+    pub detail: String,
+}
+
+impl Rejection {
+    pub fn new(code: &'static str, detail: impl Into<String>) -> Self {
+        Self { code, detail: detail.into() }
+    }
+}
+
+const EPOCH: NaiveDate = NaiveDate::from_ymd_opt(1970, 1, 1).expect("1970-01-01 is a valid date");
+
+/// Avro `date` is days since the Unix epoch.
+pub fn date_from_epoch_days(days: i32) -> Option<NaiveDate> {
+    EPOCH.checked_add_signed(chrono::Duration::days(i64::from(days)))
+}
+
+pub fn epoch_days(date: NaiveDate) -> i32 {
+    // Every date we handle is within i32 days of 1970.
+    i32::try_from(date.signed_duration_since(EPOCH).num_days()).unwrap_or(i32::MAX)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InvoiceStatus {
+    Open,
+    SettledByCredit,
+    Cancelled,
+}
+
+/// Contact details: personal data, never logged.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contact {
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub language: Option<String>,
+}
+
+/// An upstream "invoice issued" as received, before validation.
+#[derive(Debug, Clone)]
+pub struct IssuedInput {
+    pub tenant: String,
+    pub debtor_id: String,
+    pub invoice_id: String,
+    pub revision: i32,
+    pub invoice_number: String,
+    pub issue_date_days: i32,
+    pub due_date_days: i32,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub jurisdiction: String,
+    pub debtor_kind: String,
+    pub payment_reference: Option<String>,
+    pub description: Option<String>,
+    pub contact: Contact,
+}
+
+/// The normalised state of one invoice as billing knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvoiceSnapshot {
+    pub tenant: String,
+    pub debtor_id: String,
+    pub invoice_id: String,
+    pub revision: i32,
+    pub invoice_number: String,
+    pub issue_date: NaiveDate,
+    pub due_date: NaiveDate,
+    pub amount: Money,
+    pub credited_minor: i64,
+    pub jurisdiction: Jurisdiction,
+    pub debtor_kind: DebtorKind,
+    pub status: InvoiceStatus,
+    pub payment_reference: Option<String>,
+    pub description: Option<String>,
+    pub contact: Contact,
+}
+
+impl InvoiceSnapshot {
+    /// What the debtor still owes by the invoice's own terms (payments are the journey's business).
+    pub fn open(&self) -> Money {
+        let minor = match self.status {
+            InvoiceStatus::Cancelled => 0,
+            _ => self.amount.minor - self.credited_minor,
+        };
+        Money::new(minor, self.amount.currency)
+    }
+}
+
+fn non_empty(field: &'static str, value: &str) -> Result<(), Rejection> {
+    if value.trim().is_empty() {
+        Err(Rejection::new("missing_field", format!("field '{field}' is empty")))
+    } else {
+        Ok(())
+    }
+}
+
+/// Validates an issued invoice and turns it into a snapshot.
+pub fn validate_issued(input: IssuedInput) -> Result<InvoiceSnapshot, Rejection> {
+    non_empty("tenant", &input.tenant)?;
+    if input.debtor_id.trim().is_empty() {
+        return Err(Rejection::new("missing_debtor", "field 'debtor_id' is empty"));
+    }
+    non_empty("invoice_id", &input.invoice_id)?;
+    non_empty("invoice_number", &input.invoice_number)?;
+    if input.revision < 0 {
+        return Err(Rejection::new("invalid_revision", format!("field 'revision' is {}, must be 0 or more", input.revision)));
+    }
+    if input.amount_minor <= 0 {
+        return Err(Rejection::new(
+            "invalid_amount",
+            format!("field 'amount_minor' is {}, must be greater than 0", input.amount_minor),
+        ));
+    }
+    let currency: Currency = input
+        .currency
+        .parse()
+        .map_err(|e: crate::MoneyError| Rejection::new("unknown_currency", format!("field 'currency': {e}")))?;
+    let jurisdiction: Jurisdiction = input
+        .jurisdiction
+        .parse()
+        .map_err(|e| Rejection::new("unknown_jurisdiction", format!("field 'jurisdiction': {e}")))?;
+    let debtor_kind: DebtorKind = input
+        .debtor_kind
+        .parse()
+        .map_err(|e| Rejection::new("unknown_debtor_kind", format!("field 'debtor_kind': {e}")))?;
+    let issue_date = date_from_epoch_days(input.issue_date_days)
+        .ok_or_else(|| Rejection::new("invalid_date", "field 'issue_date' is out of range"))?;
+    let due_date = date_from_epoch_days(input.due_date_days)
+        .ok_or_else(|| Rejection::new("invalid_date", "field 'due_date' is out of range"))?;
+    if due_date < issue_date {
+        return Err(Rejection::new(
+            "due_before_issue",
+            format!("field 'due_date' {due_date} is before field 'issue_date' {issue_date}"),
+        ));
+    }
+    Ok(InvoiceSnapshot {
+        tenant: input.tenant,
+        debtor_id: input.debtor_id,
+        invoice_id: input.invoice_id,
+        revision: input.revision,
+        invoice_number: input.invoice_number,
+        issue_date,
+        due_date,
+        amount: Money::new(input.amount_minor, currency),
+        credited_minor: 0,
+        jurisdiction,
+        debtor_kind,
+        status: InvoiceStatus::Open,
+        payment_reference: input.payment_reference.filter(|r| !r.trim().is_empty()),
+        description: input.description,
+        contact: input.contact,
+    })
+}
+
+/// What to do with an issued invoice given what we already hold for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevisionDecision {
+    /// First time we see this invoice.
+    New,
+    /// A re-issue with a higher revision: replaces the terms, keeps credits.
+    Newer,
+    /// Same revision again (a redelivery or a retry upstream): nothing to do.
+    Duplicate,
+    /// Older than what we hold: arrived out of order, ignored.
+    Stale,
+}
+
+pub fn decide_revision(existing: Option<&InvoiceSnapshot>, incoming_revision: i32) -> RevisionDecision {
+    match existing {
+        None => RevisionDecision::New,
+        Some(e) if incoming_revision > e.revision => RevisionDecision::Newer,
+        Some(e) if incoming_revision == e.revision => RevisionDecision::Duplicate,
+        Some(_) => RevisionDecision::Stale,
+    }
+}
+
+/// A re-issue replaces the terms; credits already granted and a cancellation still hold.
+pub fn reissue(existing: &InvoiceSnapshot, mut incoming: InvoiceSnapshot) -> Result<InvoiceSnapshot, Rejection> {
+    if incoming.amount.currency != existing.amount.currency && existing.credited_minor > 0 {
+        return Err(Rejection::new(
+            "currency_mismatch",
+            format!(
+                "re-issue of invoice '{}' changes currency from {} to {} after credits were applied",
+                existing.invoice_id, existing.amount.currency, incoming.amount.currency
+            ),
+        ));
+    }
+    incoming.credited_minor = existing.credited_minor.min(incoming.amount.minor);
+    incoming.status = match existing.status {
+        InvoiceStatus::Cancelled => InvoiceStatus::Cancelled,
+        _ if incoming.credited_minor >= incoming.amount.minor => InvoiceStatus::SettledByCredit,
+        _ => InvoiceStatus::Open,
+    };
+    Ok(incoming)
+}
+
+/// Applies a credit note. Over-crediting is refused rather than silently capped: billing must fix it.
+pub fn apply_credit(snapshot: &InvoiceSnapshot, credit: Money) -> Result<InvoiceSnapshot, Rejection> {
+    if credit.minor <= 0 {
+        return Err(Rejection::new("invalid_amount", format!("field 'amount_minor' is {}, must be greater than 0", credit.minor)));
+    }
+    if credit.currency != snapshot.amount.currency {
+        return Err(Rejection::new(
+            "currency_mismatch",
+            format!("credit in {} for invoice '{}' in {}", credit.currency, snapshot.invoice_id, snapshot.amount.currency),
+        ));
+    }
+    if snapshot.status == InvoiceStatus::Cancelled {
+        return Err(Rejection::new("invoice_cancelled", format!("invoice '{}' is cancelled; it cannot be credited", snapshot.invoice_id)));
+    }
+    let open = snapshot.open();
+    if credit.minor > open.minor {
+        return Err(Rejection::new(
+            "over_credit",
+            format!("credit of {credit} exceeds the {open} still open on invoice '{}'", snapshot.invoice_id),
+        ));
+    }
+    let mut next = snapshot.clone();
+    next.credited_minor += credit.minor;
+    if next.credited_minor == next.amount.minor {
+        next.status = InvoiceStatus::SettledByCredit;
+    }
+    Ok(next)
+}
+
+pub fn apply_cancel(snapshot: &InvoiceSnapshot) -> InvoiceSnapshot {
+    let mut next = snapshot.clone();
+    next.status = InvoiceStatus::Cancelled;
+    next
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn input() -> IssuedInput {
+        IssuedInput {
+            tenant: "acme".into(),
+            debtor_id: "acme:c-1".into(),
+            invoice_id: "inv-1".into(),
+            revision: 1,
+            invoice_number: "100001".into(),
+            issue_date_days: epoch_days(NaiveDate::from_ymd_opt(2026, 3, 1).unwrap()),
+            due_date_days: epoch_days(NaiveDate::from_ymd_opt(2026, 3, 15).unwrap()),
+            amount_minor: 49_900,
+            currency: "DKK".into(),
+            jurisdiction: "DK".into(),
+            debtor_kind: "consumer".into(),
+            payment_reference: Some("+71<000000001000014+".into()),
+            description: Some("Electricity, February".into()),
+            contact: Contact::default(),
+        }
+    }
+
+    #[test]
+    fn accepts_a_valid_invoice() {
+        let s = validate_issued(input()).unwrap();
+        assert_eq!(s.amount, Money::new(49_900, Currency::DKK));
+        assert_eq!(s.open(), s.amount);
+        assert_eq!(s.due_date, NaiveDate::from_ymd_opt(2026, 3, 15).unwrap());
+    }
+
+    #[test]
+    fn each_invalid_field_has_its_own_code_and_names_the_field() {
+        let cases: Vec<(Box<dyn Fn(&mut IssuedInput)>, &str, &str)> = vec![
+            (Box::new(|i| i.amount_minor = -100), "invalid_amount", "amount_minor"),
+            (Box::new(|i| i.amount_minor = 0), "invalid_amount", "amount_minor"),
+            (Box::new(|i| i.currency = "XYZ".into()), "unknown_currency", "currency"),
+            (Box::new(|i| i.debtor_id = " ".into()), "missing_debtor", "debtor_id"),
+            (Box::new(|i| i.jurisdiction = "DE".into()), "unknown_jurisdiction", "jurisdiction"),
+            (Box::new(|i| i.debtor_kind = "robot".into()), "unknown_debtor_kind", "debtor_kind"),
+            (Box::new(|i| i.due_date_days = i.issue_date_days - 1), "due_before_issue", "due_date"),
+            (Box::new(|i| i.invoice_id = "".into()), "missing_field", "invoice_id"),
+        ];
+        for (mutate, code, field) in cases {
+            let mut i = input();
+            mutate(&mut i);
+            let err = validate_issued(i).unwrap_err();
+            assert_eq!(err.code, code);
+            assert!(err.detail.contains(field), "detail '{}' should name '{field}'", err.detail);
+        }
+    }
+
+    #[test]
+    fn revisions_are_ordered() {
+        let s = validate_issued(input()).unwrap();
+        assert_eq!(decide_revision(None, 1), RevisionDecision::New);
+        assert_eq!(decide_revision(Some(&s), 1), RevisionDecision::Duplicate);
+        assert_eq!(decide_revision(Some(&s), 2), RevisionDecision::Newer);
+        assert_eq!(decide_revision(Some(&s), 0), RevisionDecision::Stale);
+    }
+
+    #[test]
+    fn credits_reduce_and_settle_and_never_overshoot() {
+        let s = validate_issued(input()).unwrap();
+        let part = apply_credit(&s, Money::new(9_900, Currency::DKK)).unwrap();
+        assert_eq!(part.open().minor, 40_000);
+        assert_eq!(part.status, InvoiceStatus::Open);
+        let full = apply_credit(&part, Money::new(40_000, Currency::DKK)).unwrap();
+        assert_eq!(full.status, InvoiceStatus::SettledByCredit);
+        assert_eq!(apply_credit(&full, Money::new(1, Currency::DKK)).unwrap_err().code, "over_credit");
+        assert_eq!(apply_credit(&s, Money::new(1, Currency::SEK)).unwrap_err().code, "currency_mismatch");
+    }
+
+    #[test]
+    fn reissue_keeps_credits_and_cancellation() {
+        let s = validate_issued(input()).unwrap();
+        let credited = apply_credit(&s, Money::new(10_000, Currency::DKK)).unwrap();
+        let mut newer = input();
+        newer.revision = 2;
+        newer.amount_minor = 60_000;
+        let re = reissue(&credited, validate_issued(newer.clone()).unwrap()).unwrap();
+        assert_eq!(re.open().minor, 50_000);
+        let cancelled = apply_cancel(&credited);
+        assert_eq!(reissue(&cancelled, validate_issued(newer).unwrap()).unwrap().status, InvoiceStatus::Cancelled);
+        assert_eq!(cancelled.open().minor, 0);
+    }
+}

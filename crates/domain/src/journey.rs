@@ -1,0 +1,422 @@
+//! The journey of one invoice: its plan, its state and every transition, decided purely.
+//!
+//! The watcher stores a [`Journey`] per invoice, feeds it facts (invoice changes, payments,
+//! timer firings) and carries out the [`Decision`]: persist, (re)schedule, emit.
+
+use chrono::{DateTime, Duration, NaiveDate, NaiveTime, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::invoice::{InvoiceSnapshot, InvoiceStatus};
+use crate::jurisdiction::Jurisdiction;
+use crate::money::{Money, MoneyError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Tone {
+    Nudge,
+    Reminder,
+    CollectionWarning,
+}
+
+impl Tone {
+    pub fn code(self) -> &'static str {
+        match self {
+            Tone::Nudge => "nudge",
+            Tone::Reminder => "reminder",
+            Tone::CollectionWarning => "collection_warning",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepKind {
+    Message { tone: Tone, channels: Vec<String> },
+    Handoff,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedStep {
+    pub name: String,
+    /// Calendar days from the due date (negative = before).
+    pub offset_days: i32,
+    pub kind: StepKind,
+}
+
+/// An ordered list of steps. The policy engine (a later issue) chooses plans per segment;
+/// until then every invoice follows [`Plan::builtin`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub version: String,
+    pub steps: Vec<PlannedStep>,
+    /// Local time of day at which steps fall due in the debtor's calendar.
+    pub send_time: NaiveTime,
+}
+
+impl Plan {
+    /// The foundation's fixed plan: a friendly nudge on the due date, one reminder, then hand-off.
+    /// No fees: fee-bearing steps wait for the law-checked policy engine.
+    pub fn builtin() -> Plan {
+        Plan {
+            version: "builtin-v1".to_owned(),
+            steps: vec![
+                PlannedStep {
+                    name: "nudge".to_owned(),
+                    offset_days: 0,
+                    kind: StepKind::Message { tone: Tone::Nudge, channels: vec!["email".to_owned()] },
+                },
+                PlannedStep {
+                    name: "reminder-1".to_owned(),
+                    offset_days: 14,
+                    kind: StepKind::Message { tone: Tone::Reminder, channels: vec!["email".to_owned()] },
+                },
+                PlannedStep { name: "handoff".to_owned(), offset_days: 28, kind: StepKind::Handoff },
+            ],
+            send_time: NaiveTime::from_hms_opt(9, 0, 0).unwrap_or(NaiveTime::MIN),
+        }
+    }
+
+    /// When step `index` falls due: its calendar day at `send_time` in the debtor's zone, as UTC.
+    pub fn fire_at(&self, index: usize, due_date: NaiveDate, jurisdiction: Jurisdiction) -> Option<DateTime<Utc>> {
+        let step = self.steps.get(index)?;
+        let day = due_date.checked_add_signed(Duration::days(i64::from(step.offset_days)))?;
+        local_instant(day, self.send_time, jurisdiction)
+    }
+}
+
+/// A local wall-clock time in the jurisdiction's zone as a UTC instant. On the spring-forward
+/// gap the next valid minute is used; on the autumn overlap, the earlier instant.
+pub fn local_instant(day: NaiveDate, time: NaiveTime, jurisdiction: Jurisdiction) -> Option<DateTime<Utc>> {
+    let tz = jurisdiction.time_zone();
+    let naive = day.and_time(time);
+    (0..=120)
+        .find_map(|minutes| tz.from_local_datetime(&(naive + Duration::minutes(minutes))).earliest())
+        .map(|t| t.with_timezone(&Utc))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CloseReason {
+    Paid,
+    Credited,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JourneyState {
+    Open,
+    Nudged,
+    Reminded(u32),
+    Warned,
+    HandedOver,
+    Closed(CloseReason),
+}
+
+impl JourneyState {
+    pub fn label(self) -> String {
+        match self {
+            JourneyState::Open => "open".into(),
+            JourneyState::Nudged => "nudged".into(),
+            JourneyState::Reminded(n) => format!("reminded-{n}"),
+            JourneyState::Warned => "warned".into(),
+            JourneyState::HandedOver => "handed_over".into(),
+            JourneyState::Closed(CloseReason::Paid) => "closed:paid".into(),
+            JourneyState::Closed(CloseReason::Credited) => "closed:credited".into(),
+            JourneyState::Closed(CloseReason::Cancelled) => "closed:cancelled".into(),
+        }
+    }
+
+    /// Whether a message may still be sent for this invoice (dispatch's last look asks this).
+    pub fn accepts_contact(self) -> bool {
+        !matches!(self, JourneyState::Closed(_) | JourneyState::HandedOver)
+    }
+}
+
+/// The journey of one invoice, as the watcher stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Journey {
+    pub state: JourneyState,
+    pub invoice: InvoiceSnapshot,
+    pub plan_version: String,
+    /// Index of the next plan step to fire.
+    pub next_step: usize,
+    pub paid_minor: i64,
+    /// Payment ids already applied, so a redelivered payment is not counted twice.
+    pub applied_payments: Vec<String>,
+    pub steps_taken: Vec<String>,
+}
+
+impl Journey {
+    /// What is still owed: the invoice's open amount less payments, never below zero.
+    pub fn outstanding(&self) -> Money {
+        let open = self.invoice.open();
+        Money::new((open.minor - self.paid_minor).max(0), open.currency)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub kind: &'static str,
+    pub from: JourneyState,
+    pub to: JourneyState,
+    pub step: Option<String>,
+    pub rule: Option<String>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TimerChange {
+    Keep,
+    Schedule { step_index: usize, fire_at: DateTime<Utc> },
+    Cancel,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Emit {
+    Message { step_index: usize, step: PlannedStep, tone: Tone, channels: Vec<String> },
+    Handoff { step: PlannedStep },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub journey: Journey,
+    pub transitions: Vec<Transition>,
+    pub timer: TimerChange,
+    pub emit: Option<Emit>,
+}
+
+fn transition(kind: &'static str, from: JourneyState, to: JourneyState) -> Transition {
+    Transition { kind, from, to, step: None, rule: None, reason: None }
+}
+
+fn schedule_next(journey: &Journey, plan: &Plan) -> TimerChange {
+    match plan.fire_at(journey.next_step, journey.invoice.due_date, journey.invoice.jurisdiction) {
+        Some(fire_at) if journey.state.accepts_contact() => TimerChange::Schedule { step_index: journey.next_step, fire_at },
+        _ => TimerChange::Cancel,
+    }
+}
+
+fn closed_by_invoice(snapshot: &InvoiceSnapshot) -> Option<CloseReason> {
+    match snapshot.status {
+        InvoiceStatus::Cancelled => Some(CloseReason::Cancelled),
+        InvoiceStatus::SettledByCredit => Some(CloseReason::Credited),
+        InvoiceStatus::Open => None,
+    }
+}
+
+/// A new or changed invoice snapshot.
+pub fn on_invoice(existing: Option<Journey>, snapshot: InvoiceSnapshot, plan: &Plan) -> Decision {
+    let Some(mut journey) = existing else {
+        let mut journey = Journey {
+            state: JourneyState::Open,
+            invoice: snapshot,
+            plan_version: plan.version.clone(),
+            next_step: 0,
+            paid_minor: 0,
+            applied_payments: Vec::new(),
+            steps_taken: Vec::new(),
+        };
+        let mut transitions = vec![transition("opened", JourneyState::Open, JourneyState::Open)];
+        if let Some(reason) = closed_by_invoice(&journey.invoice) {
+            journey.state = JourneyState::Closed(reason);
+            transitions.push(transition("closed", JourneyState::Open, journey.state));
+        }
+        let timer = schedule_next(&journey, plan);
+        return Decision { journey, transitions, timer, emit: None };
+    };
+    let from = journey.state;
+    let previous_open = journey.invoice.open();
+    journey.invoice = snapshot;
+    let mut transitions = Vec::new();
+    if !from.accepts_contact() {
+        // Closed or handed over: record the change, act on nothing.
+        transitions.push(transition("invoice_changed", from, from));
+        return Decision { journey, transitions, timer: TimerChange::Keep, emit: None };
+    }
+    let kind = match journey.invoice.status {
+        InvoiceStatus::Cancelled => "cancelled",
+        _ if journey.invoice.open() != previous_open => "credited",
+        _ => "invoice_changed",
+    };
+    let close = closed_by_invoice(&journey.invoice)
+        .or_else(|| (journey.outstanding().minor == 0).then_some(CloseReason::Paid));
+    if let Some(reason) = close {
+        journey.state = JourneyState::Closed(reason);
+        transitions.push(transition(kind, from, journey.state));
+        return Decision { journey, transitions, timer: TimerChange::Cancel, emit: None };
+    }
+    transitions.push(transition(kind, from, from));
+    // A re-issue may move the due date: re-anchor the pending step.
+    let timer = schedule_next(&journey, plan);
+    Decision { journey, transitions, timer, emit: None }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PaymentError {
+    #[error(transparent)]
+    Money(#[from] MoneyError),
+    #[error("payment amount must be positive, got {0}")]
+    NotPositive(Money),
+}
+
+/// A payment allocated to this invoice.
+pub fn on_payment(mut journey: Journey, payment_id: &str, amount: Money) -> Result<Decision, PaymentError> {
+    if !amount.is_positive() {
+        return Err(PaymentError::NotPositive(amount));
+    }
+    journey.invoice.open().try_cmp(amount)?;
+    let from = journey.state;
+    if journey.applied_payments.iter().any(|p| p == payment_id) {
+        return Ok(Decision { journey, transitions: Vec::new(), timer: TimerChange::Keep, emit: None });
+    }
+    journey.applied_payments.push(payment_id.to_owned());
+    journey.paid_minor = journey.paid_minor.saturating_add(amount.minor);
+    let settled = journey.outstanding().minor == 0;
+    let mut t = if settled && !matches!(from, JourneyState::Closed(_)) {
+        journey.state = JourneyState::Closed(CloseReason::Paid);
+        transition("paid", from, journey.state)
+    } else {
+        transition("partly_paid", from, journey.state)
+    };
+    t.reason = Some(format!("payment of {amount}; outstanding {}", journey.outstanding()));
+    let timer = if settled { TimerChange::Cancel } else { TimerChange::Keep };
+    Ok(Decision { journey, transitions: vec![t], timer, emit: None })
+}
+
+/// The timer for step `step_index` fired.
+pub fn on_timer(mut journey: Journey, step_index: usize, plan: &Plan) -> Decision {
+    let from = journey.state;
+    if !from.accepts_contact() || step_index != journey.next_step {
+        // A timer left over from before a payment, a re-anchor or a redelivery: nothing to do.
+        return Decision { journey, transitions: Vec::new(), timer: TimerChange::Keep, emit: None };
+    }
+    let Some(step) = plan.steps.get(step_index).cloned() else {
+        return Decision { journey, transitions: Vec::new(), timer: TimerChange::Cancel, emit: None };
+    };
+    journey.next_step += 1;
+    journey.steps_taken.push(step.name.clone());
+    let (to, emit) = match &step.kind {
+        StepKind::Message { tone, channels } => {
+            let to = match tone {
+                Tone::Nudge => JourneyState::Nudged,
+                Tone::Reminder => JourneyState::Reminded(match from {
+                    JourneyState::Reminded(n) => n + 1,
+                    _ => 1,
+                }),
+                Tone::CollectionWarning => JourneyState::Warned,
+            };
+            (to, Emit::Message { step_index, step: step.clone(), tone: *tone, channels: channels.clone() })
+        }
+        StepKind::Handoff => (JourneyState::HandedOver, Emit::Handoff { step: step.clone() }),
+    };
+    journey.state = to;
+    let mut t = transition(if to == JourneyState::HandedOver { "handed_over" } else { "step_sent" }, from, to);
+    t.step = Some(step.name.clone());
+    t.rule = Some(format!("plan {} step {} ({} days from due)", plan.version, step.name, step.offset_days));
+    let timer = schedule_next(&journey, plan);
+    Decision { journey, transitions: vec![t], timer, emit: Some(emit) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::invoice::{apply_cancel, apply_credit, tests::input, validate_issued};
+    use crate::money::Currency;
+
+    fn opened() -> (Journey, Plan) {
+        let plan = Plan::builtin();
+        let d = on_invoice(None, validate_issued(input()).unwrap(), &plan);
+        (d.journey, plan)
+    }
+
+    #[test]
+    fn a_new_invoice_schedules_the_nudge_at_nine_local_on_the_due_date() {
+        let plan = Plan::builtin();
+        let d = on_invoice(None, validate_issued(input()).unwrap(), &plan);
+        // 2026-03-15 09:00 in Copenhagen is 08:00 UTC (CET, before the DST change on 29 March).
+        let expected = Utc.with_ymd_and_hms(2026, 3, 15, 8, 0, 0).unwrap();
+        assert_eq!(d.timer, TimerChange::Schedule { step_index: 0, fire_at: expected });
+        assert_eq!(d.journey.state, JourneyState::Open);
+    }
+
+    #[test]
+    fn steps_run_in_order_to_handoff_then_stop() {
+        let (j, plan) = opened();
+        let d1 = on_timer(j, 0, &plan);
+        assert!(matches!(d1.emit, Some(Emit::Message { tone: Tone::Nudge, .. })));
+        // The reminder is 14 days later, after the DST change: 09:00 CEST = 07:00 UTC.
+        assert_eq!(d1.timer, TimerChange::Schedule { step_index: 1, fire_at: Utc.with_ymd_and_hms(2026, 3, 29, 7, 0, 0).unwrap() });
+        let d2 = on_timer(d1.journey, 1, &plan);
+        assert_eq!(d2.journey.state, JourneyState::Reminded(1));
+        let d3 = on_timer(d2.journey, 2, &plan);
+        assert!(matches!(d3.emit, Some(Emit::Handoff { .. })));
+        assert_eq!(d3.journey.state, JourneyState::HandedOver);
+        assert_eq!(d3.timer, TimerChange::Cancel);
+        assert_eq!(d3.journey.steps_taken, vec!["nudge", "reminder-1", "handoff"]);
+    }
+
+    #[test]
+    fn a_redelivered_or_stale_timer_does_nothing() {
+        let (j, plan) = opened();
+        let d1 = on_timer(j, 0, &plan);
+        let again = on_timer(d1.journey.clone(), 0, &plan);
+        assert_eq!(again.emit, None);
+        assert_eq!(again.journey, d1.journey);
+    }
+
+    #[test]
+    fn full_payment_closes_and_cancels_timers_and_is_applied_once() {
+        let (j, plan) = opened();
+        let paid = on_payment(j, "bank-1", Money::new(49_900, Currency::DKK)).unwrap();
+        assert_eq!(paid.journey.state, JourneyState::Closed(CloseReason::Paid));
+        assert_eq!(paid.timer, TimerChange::Cancel);
+        let again = on_payment(paid.journey.clone(), "bank-1", Money::new(49_900, Currency::DKK)).unwrap();
+        assert!(again.transitions.is_empty());
+        assert_eq!(again.journey.paid_minor, 49_900);
+        assert_eq!(on_timer(paid.journey, 0, &plan).emit, None, "no step after payment");
+    }
+
+    #[test]
+    fn partial_payment_keeps_the_journey_open_on_the_rest() {
+        let (j, _) = opened();
+        let d = on_payment(j, "bank-1", Money::new(9_900, Currency::DKK)).unwrap();
+        assert_eq!(d.journey.state, JourneyState::Open);
+        assert_eq!(d.journey.outstanding().minor, 40_000);
+        assert_eq!(d.timer, TimerChange::Keep);
+    }
+
+    #[test]
+    fn payment_in_another_currency_is_refused() {
+        let (j, _) = opened();
+        assert!(matches!(on_payment(j, "b", Money::new(1, Currency::SEK)), Err(PaymentError::Money(_))));
+    }
+
+    #[test]
+    fn credit_to_zero_and_cancellation_close_the_journey() {
+        let (j, plan) = opened();
+        let credited = apply_credit(&j.invoice, Money::new(49_900, Currency::DKK)).unwrap();
+        let d = on_invoice(Some(j.clone()), credited, &plan);
+        assert_eq!(d.journey.state, JourneyState::Closed(CloseReason::Credited));
+        assert_eq!(d.timer, TimerChange::Cancel);
+        let d = on_invoice(Some(j.clone()), apply_cancel(&j.invoice), &plan);
+        assert_eq!(d.journey.state, JourneyState::Closed(CloseReason::Cancelled));
+    }
+
+    #[test]
+    fn partial_credit_plus_payment_settles() {
+        let (j, plan) = opened();
+        let paid = on_payment(j, "p1", Money::new(40_000, Currency::DKK)).unwrap().journey;
+        let credited = apply_credit(&paid.invoice, Money::new(9_900, Currency::DKK)).unwrap();
+        let d = on_invoice(Some(paid), credited, &plan);
+        assert_eq!(d.journey.state, JourneyState::Closed(CloseReason::Paid));
+    }
+
+    #[test]
+    fn local_instant_skips_the_spring_forward_gap() {
+        // 2026-03-29 02:30 does not exist in Copenhagen; 03:00 CEST = 01:00 UTC.
+        let t = local_instant(
+            NaiveDate::from_ymd_opt(2026, 3, 29).unwrap(),
+            NaiveTime::from_hms_opt(2, 30, 0).unwrap(),
+            Jurisdiction::DK,
+        )
+        .unwrap();
+        assert_eq!(t, Utc.with_ymd_and_hms(2026, 3, 29, 1, 0, 0).unwrap());
+    }
+}

@@ -1,0 +1,262 @@
+//! Configuration: built-in defaults that work on the dev stack, then an optional TOML file
+//! (`FORFALL_CONFIG`, or `forfall.toml` in the working directory), then `FORFALL_*`
+//! environment variables, nested with `__` (for example `FORFALL_KAFKA__BROKERS`).
+
+use std::path::Path;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(#[from] Box<figment::Error>);
+
+/// Settings every service shares.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CommonConfig {
+    pub kafka: KafkaConfig,
+    pub registry: RegistryConfig,
+    pub redis: RedisConfig,
+    pub topics: Topics,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+}
+
+impl Default for CommonConfig {
+    fn default() -> Self {
+        Self {
+            kafka: KafkaConfig::default(),
+            registry: RegistryConfig::default(),
+            redis: RedisConfig::default(),
+            topics: Topics::default(),
+            admin: AdminConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers. Tansu listens on IPv4 only: use 127.0.0.1, not localhost.
+    pub brokers: String,
+    /// Prefix for consumer group ids, so that test runs and tenants do not share groups.
+    pub group_prefix: String,
+    /// Kafka's default is 45 s; a consumer group on tansu joins after about half of it,
+    /// so dev and test use short values. Production sets Kafka's defaults here.
+    pub session_timeout_ms: u32,
+    pub heartbeat_interval_ms: u32,
+    /// Partitions for topics Forfall creates (all topics share one count so that a debtor's
+    /// records land on the same partition number everywhere).
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// Create missing topics at start (dev); production manages topics outside.
+    pub create_topics: bool,
+    /// Most records produced but not yet acknowledged, per consumer loop.
+    pub max_in_flight: usize,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            group_prefix: "forfall".into(),
+            session_timeout_ms: 6000,
+            heartbeat_interval_ms: 500,
+            partitions: 3,
+            replication_factor: 1,
+            create_topics: true,
+            max_in_flight: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RegistryConfig {
+    pub url: String,
+    /// Register the service's schemas at start (dev, and the usual `auto.register.schemas`).
+    pub auto_register: bool,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self { url: "http://127.0.0.1:8081".into(), auto_register: true }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RedisConfig {
+    pub url: String,
+    /// Prefix of every key, so that several deployments (or tests) can share one Redis.
+    pub key_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self { url: "redis://127.0.0.1:6379/".into(), key_prefix: "forfall:".into() }
+    }
+}
+
+/// Topic names. Tests give each run its own prefix.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Topics {
+    pub prefix: String,
+    pub billing_invoice_events: String,
+    pub invoices: String,
+    pub rejected: String,
+    pub journey_actions: String,
+    pub journey_events: String,
+    pub dispatch_outcomes: String,
+    pub payments: String,
+    pub payments_matched: String,
+    pub handoff_cases: String,
+    pub handoff_outcomes: String,
+    pub debtor_requests: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Self {
+            prefix: String::new(),
+            billing_invoice_events: "billing.invoice-events.v1".into(),
+            invoices: "forfall.invoices.v1".into(),
+            rejected: "forfall.rejected.v1".into(),
+            journey_actions: "forfall.journey.actions.v1".into(),
+            journey_events: "forfall.journey.events.v1".into(),
+            dispatch_outcomes: "forfall.dispatch.outcomes.v1".into(),
+            payments: "payments.events.v1".into(),
+            payments_matched: "forfall.payments.matched.v1".into(),
+            handoff_cases: "forfall.handoff.cases.v1".into(),
+            handoff_outcomes: "forfall.handoff.outcomes.v1".into(),
+            debtor_requests: "forfall.debtor.requests.v1".into(),
+        }
+    }
+}
+
+impl Topics {
+    pub fn with_prefix(prefix: &str) -> Self {
+        Topics { prefix: prefix.to_owned(), ..Topics::default() }
+    }
+
+    /// The full name of a topic, with the deployment's prefix.
+    pub fn name(&self, topic: &str) -> String {
+        format!("{}{}", self.prefix, topic)
+    }
+
+    pub fn all(&self) -> Vec<String> {
+        [
+            &self.billing_invoice_events,
+            &self.invoices,
+            &self.rejected,
+            &self.journey_actions,
+            &self.journey_events,
+            &self.dispatch_outcomes,
+            &self.payments,
+            &self.payments_matched,
+            &self.handoff_cases,
+            &self.handoff_outcomes,
+            &self.debtor_requests,
+        ]
+        .into_iter()
+        .map(|t| self.name(t))
+        .collect()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AdminConfig {
+    pub bind: String,
+    /// Port of the first service's admin endpoint; each service adds its own offset.
+    /// 0 picks free ports (tests).
+    pub base_port: u16,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { bind: "127.0.0.1".into(), base_port: 9600 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LogConfig {
+    /// `auto` (JSON unless stderr is a terminal), `json` or `pretty`.
+    pub format: String,
+    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: "auto".into(), level: "info".into() }
+    }
+}
+
+/// Defaults, then the file, then `FORFALL_*` variables.
+pub fn figment(file: Option<&Path>) -> Figment {
+    let mut figment = Figment::from(Serialized::defaults(CommonConfig::default()));
+    let path = file
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("FORFALL_CONFIG").map(Into::into))
+        .unwrap_or_else(|| "forfall.toml".into());
+    figment = figment.merge(Toml::file(path));
+    figment.merge(Env::prefixed("FORFALL_").split("__"))
+}
+
+/// Extracts one section (a service's own settings) with its defaults.
+pub fn section<T: DeserializeOwned + Default + Serialize>(figment: &Figment, name: &str) -> Result<T, ConfigError> {
+    Figment::from(Serialized::defaults(T::default()))
+        .merge(figment.focus(name))
+        .extract()
+        .map_err(|e| ConfigError(Box::new(e)))
+}
+
+pub fn common(figment: &Figment) -> Result<CommonConfig, ConfigError> {
+    figment.extract().map_err(|e| ConfigError(Box::new(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+    #[serde(default)]
+    struct Svc {
+        port: u16,
+        name: String,
+    }
+
+    #[test]
+    fn file_then_env_override_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("forfall.toml", "[kafka]\nbrokers = \"10.0.0.1:9092\"\n[svc]\nport = 7\n")?;
+            jail.set_env("FORFALL_SVC__NAME", "from-env");
+            jail.set_env("FORFALL_REDIS__KEY_PREFIX", "x:");
+            let f = figment(None);
+            let c = common(&f).unwrap();
+            assert_eq!(c.kafka.brokers, "10.0.0.1:9092");
+            assert_eq!(c.redis.key_prefix, "x:");
+            assert_eq!(c.kafka.session_timeout_ms, 6000, "untouched defaults stay");
+            let s: Svc = section(&f, "svc").unwrap();
+            assert_eq!(s, Svc { port: 7, name: "from-env".into() });
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("forfall.toml", "[kafka]\npartitions = \"many\"\n")?;
+            let err = common(&figment(None)).unwrap_err().to_string();
+            assert!(err.contains("partitions"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,406 @@
+//! Kafka plumbing: client settings, topic creation, an idempotent producer, and the consume
+//! loop every service runs.
+//!
+//! The loop's contract, which the guarantees in DESIGN.md rest on:
+//! - a record's offset is stored for commit only after every record its handling produced
+//!   (outputs, or its rejection) is acknowledged by the broker, in order per partition;
+//! - a handler's transient failure (registry, Redis, broker away) is retried with backoff and
+//!   never turns into a rejection; a permanent one goes to the rejected topic with its reason;
+//! - on shutdown the loop stops taking records, waits for outstanding acknowledgements,
+//!   commits synchronously and returns.
+//!
+//! Delivery is at-least-once (tansu does not complete transactions, and no transaction could
+//! cover Redis or a provider anyway): every handler must be idempotent.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesOrdered, StreamExt};
+use futures::FutureExt;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::admin::Readiness;
+use crate::avro::Codec;
+use crate::config::KafkaConfig;
+use crate::metrics::Metrics;
+use crate::records::{new_event_id, Rejected};
+use crate::telemetry::{TraceContext, TRACEPARENT};
+
+fn base(config: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.brokers);
+    // Tansu listens on IPv4 only; resolving "localhost" to ::1 first would stall connects.
+    c.set("broker.address.family", "v4");
+    c
+}
+
+pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+    base(config)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "200000")
+        .create()
+}
+
+pub fn consumer(config: &KafkaConfig, group: &str, topics: &[String]) -> Result<StreamConsumer, KafkaError> {
+    let consumer: StreamConsumer = base(config)
+        .set("group.id", format!("{}.{group}", config.group_prefix))
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        // Offsets are stored by the loop only after the outputs are acknowledged.
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", config.session_timeout_ms.to_string())
+        .set("heartbeat.interval.ms", config.heartbeat_interval_ms.to_string())
+        .set("topic.metadata.refresh.interval.ms", "5000")
+        .create()?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names)?;
+    Ok(consumer)
+}
+
+/// Creates the topics that are missing; existing ones are left as they are.
+pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = base(config).create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(config.replication_factor)))
+        .collect();
+    let results = admin.create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => anyhow::bail!("cannot create topic '{topic}': {code}"),
+        }
+    }
+    Ok(())
+}
+
+/// A record to produce.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub topic: String,
+    pub key: String,
+    pub payload: Vec<u8>,
+    pub trace: TraceContext,
+}
+
+/// The shared, idempotent producer.
+#[derive(Clone)]
+pub struct Producer {
+    inner: FutureProducer,
+    metrics: Metrics,
+}
+
+pub type Ack = futures::future::BoxFuture<'static, Result<(), String>>;
+
+impl Producer {
+    pub fn new(config: &KafkaConfig, metrics: Metrics) -> Result<Self, KafkaError> {
+        Ok(Self { inner: producer(config)?, metrics })
+    }
+
+    /// Enqueues one record and returns a future of its acknowledgement. Waits while the
+    /// client's local queue is full rather than failing.
+    pub async fn send(&self, out: &Outbound) -> Ack {
+        let header = out.trace.header();
+        loop {
+            let record = FutureRecord::to(&out.topic)
+                .key(out.key.as_bytes())
+                .payload(&out.payload)
+                .headers(OwnedHeaders::new().insert(Header { key: TRACEPARENT, value: Some(header.as_bytes()) }));
+            match self.inner.send_result(record) {
+                Ok(delivery) => {
+                    self.metrics.produced.with_label_values(&[&out.topic]).inc();
+                    let topic = out.topic.clone();
+                    return async move {
+                        match delivery.await {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err((e, _))) => Err(format!("produce to '{topic}' failed: {e}")),
+                            Err(_) => Err(format!("produce to '{topic}' cancelled")),
+                        }
+                    }
+                    .boxed();
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => {
+                    let topic = out.topic.clone();
+                    return futures::future::ready(Err(format!("produce to '{topic}' refused: {e}"))).boxed();
+                }
+            }
+        }
+    }
+
+    /// Produces all records and waits until each is acknowledged.
+    pub async fn send_all(&self, outs: &[Outbound]) -> Result<(), String> {
+        let mut acks = Vec::with_capacity(outs.len());
+        for out in outs {
+            acks.push(self.send(out).await);
+        }
+        for ack in futures::future::join_all(acks).await {
+            ack?;
+        }
+        Ok(())
+    }
+
+    pub async fn flush(&self, timeout: Duration) {
+        let inner = self.inner.clone();
+        let _ = tokio::task::spawn_blocking(move || rdkafka::producer::Producer::flush(&inner, timeout)).await;
+    }
+}
+
+/// One consumed record, detached from the client's buffers.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    /// The producer's trace context, or a new root when the record carried none.
+    pub trace: TraceContext,
+}
+
+impl Inbound {
+    fn from_message(m: &OwnedMessage) -> Self {
+        let trace = m
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == TRACEPARENT).and_then(|h| h.value))
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(TraceContext::parse)
+            .unwrap_or_else(TraceContext::new_root);
+        Self {
+            topic: m.topic().to_owned(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            trace,
+        }
+    }
+
+    pub fn key_str(&self) -> Option<String> {
+        self.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned())
+    }
+}
+
+/// Why a record could not be applied.
+#[derive(Debug)]
+pub enum Failure {
+    /// Permanent: the record goes to the rejected topic with this reason, and is counted.
+    Reject { code: &'static str, detail: String, tenant: Option<String>, debtor_id: Option<String> },
+    /// Something we depend on is away: retry the same record after a backoff.
+    Transient(anyhow::Error),
+    /// A bug or misconfiguration: stop the service without committing the record.
+    Fatal(anyhow::Error),
+}
+
+impl Failure {
+    pub fn reject(code: &'static str, detail: impl Into<String>) -> Self {
+        Failure::Reject { code, detail: detail.into(), tenant: None, debtor_id: None }
+    }
+
+    pub fn transient(e: impl Into<anyhow::Error>) -> Self {
+        Failure::Transient(e.into())
+    }
+}
+
+impl From<crate::avro::DecodeError> for Failure {
+    fn from(e: crate::avro::DecodeError) -> Self {
+        if e.is_transient() {
+            Failure::Transient(e.into())
+        } else {
+            Failure::reject(e.reason_code(), e.to_string())
+        }
+    }
+}
+
+impl From<crate::avro::EncodeError> for Failure {
+    fn from(e: crate::avro::EncodeError) -> Self {
+        if e.is_transient() {
+            Failure::Transient(e.into())
+        } else {
+            Failure::Fatal(e.into())
+        }
+    }
+}
+
+impl From<redis::RedisError> for Failure {
+    fn from(e: redis::RedisError) -> Self {
+        // Connection loss, timeouts and cluster moves resolve by themselves; anything else
+        // (a script error, a wrong type) is a bug that retrying will not fix.
+        if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+            Failure::Transient(e.into())
+        } else {
+            Failure::Fatal(e.into())
+        }
+    }
+}
+
+/// The body of a consume loop: decides what one record becomes.
+pub trait Handler: Send + Sync {
+    fn handle(&self, record: &Inbound) -> impl Future<Output = Result<Vec<Outbound>, Failure>> + Send;
+}
+
+/// What a consume loop needs besides its consumer and handler.
+#[derive(Clone)]
+pub struct LoopContext {
+    pub service: &'static str,
+    pub producer: Producer,
+    pub codec: Arc<Codec>,
+    pub metrics: Metrics,
+    pub rejected_topic: String,
+    pub readiness: Readiness,
+    pub shutdown: CancellationToken,
+    pub max_in_flight: usize,
+}
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Exponential backoff with full jitter.
+pub fn backoff(attempt: u32) -> Duration {
+    let cap = BACKOFF_START.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_MAX);
+    cap.mul_f64(rand::random::<f64>().max(0.1))
+}
+
+impl LoopContext {
+    async fn rejection(&self, record: &Inbound, code: &str, detail: String, tenant: Option<String>, debtor_id: Option<String>) -> Result<Outbound, Failure> {
+        let rejected = Rejected {
+            event_id: new_event_id(),
+            tenant,
+            debtor_id: debtor_id.or_else(|| record.key_str()),
+            occurred_at: chrono::Utc::now().timestamp_millis(),
+            service: self.service.to_owned(),
+            source_topic: record.topic.clone(),
+            source_partition: record.partition,
+            source_offset: record.offset,
+            reason_code: code.to_owned(),
+            detail,
+            raw_key: record.key.clone(),
+            raw_value: record.payload.clone(),
+        };
+        let payload = self.codec.encode(&self.rejected_topic, &rejected).await?;
+        let key = rejected.debtor_id.clone().unwrap_or_default();
+        Ok(Outbound { topic: self.rejected_topic.clone(), key, payload, trace: record.trace.child() })
+    }
+
+    /// Handles one record until it is applied or rejected, retrying transient failures.
+    /// `None` means shutdown interrupted the retries: the record stays uncommitted.
+    async fn outputs_for(&self, handler: &impl Handler, record: &Inbound) -> anyhow::Result<Option<Vec<Outbound>>> {
+        let mut attempt = 0u32;
+        loop {
+            let started = Instant::now();
+            let result = handler.handle(record).await;
+            self.metrics.handle_seconds.with_label_values(&[&record.topic]).observe(started.elapsed().as_secs_f64());
+            let failure = match result {
+                Ok(outs) => {
+                    self.metrics.messages.with_label_values(&[&record.topic, "applied"]).inc();
+                    return Ok(Some(outs));
+                }
+                Err(Failure::Reject { code, detail, tenant, debtor_id }) => {
+                    tracing::warn!(reason = code, %detail, "record rejected");
+                    self.metrics.messages.with_label_values(&[&record.topic, "rejected"]).inc();
+                    self.metrics.rejected.with_label_values(&[code]).inc();
+                    match self.rejection(record, code, detail, tenant, debtor_id).await {
+                        Ok(out) => return Ok(Some(vec![out])),
+                        Err(f) => f,
+                    }
+                }
+                Err(f) => f,
+            };
+            match failure {
+                Failure::Fatal(e) => return Err(e.context(format!("handling {}[{}]@{}", record.topic, record.partition, record.offset))),
+                Failure::Transient(e) => {
+                    self.metrics.retries.with_label_values(&["handle"]).inc();
+                    let wait = backoff(attempt);
+                    tracing::warn!(error = %e, attempt, wait_ms = wait.as_millis() as u64, "transient failure, retrying");
+                    attempt = attempt.saturating_add(1);
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                Failure::Reject { .. } => unreachable!("rejections are turned into outputs above"),
+            }
+        }
+    }
+}
+
+type Pending = futures::future::BoxFuture<'static, (String, i32, i64, Result<(), String>)>;
+
+/// Runs the consume loop until shutdown (returns `Ok`) or a fatal error.
+pub async fn run_consumer(consumer: StreamConsumer, handler: impl Handler, ctx: LoopContext) -> anyhow::Result<()> {
+    let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let mut readiness_tick = tokio::time::interval(Duration::from_millis(250));
+    let result: anyhow::Result<()> = async {
+        loop {
+            tokio::select! {
+                biased;
+                Some((topic, partition, offset, acked)) = pending.next(), if !pending.is_empty() => {
+                    acked.map_err(|e| anyhow::anyhow!(e))?;
+                    consumer.store_offset(&topic, partition, offset)?;
+                }
+                _ = ctx.shutdown.cancelled() => return Ok(()),
+                _ = readiness_tick.tick(), if !ctx.readiness.is_ready() => {
+                    if consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
+                        ctx.readiness.set_ready(true);
+                    }
+                }
+                received = consumer.recv(), if pending.len() < ctx.max_in_flight => {
+                    let message = match received {
+                        Ok(m) => m.detach(),
+                        Err(e) => {
+                            ctx.metrics.retries.with_label_values(&["consume"]).inc();
+                            tracing::warn!(error = %e, "consume error");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue;
+                        }
+                    };
+                    ctx.readiness.set_ready(true);
+                    let record = Inbound::from_message(&message);
+                    let span = tracing::info_span!("handle", service = ctx.service, topic = %record.topic,
+                        partition = record.partition, offset = record.offset, trace_id = %record.trace.trace_id_hex());
+                    let Some(outs) = ctx.outputs_for(&handler, &record).instrument(span).await? else {
+                        return Ok(());
+                    };
+                    let mut acks = Vec::with_capacity(outs.len());
+                    for out in &outs {
+                        acks.push(ctx.producer.send(out).await);
+                    }
+                    let (topic, partition, offset) = (record.topic, record.partition, record.offset);
+                    pending.push_back(async move {
+                        let acked = futures::future::join_all(acks).await.into_iter().collect::<Result<Vec<()>, String>>().map(|_| ());
+                        (topic, partition, offset, acked)
+                    }.boxed());
+                }
+            }
+        }
+    }
+    .await;
+    // Whatever happened, settle what is in flight so that acknowledged work is committed.
+    while let Some((topic, partition, offset, acked)) = pending.next().await {
+        if acked.is_ok() {
+            let _ = consumer.store_offset(&topic, partition, offset);
+        }
+    }
+    ctx.readiness.set_ready(false);
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => {}
+        // Nothing stored since the last auto-commit.
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(error = %e, "final commit failed"),
+    }
+    result
+}

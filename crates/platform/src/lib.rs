@@ -1,0 +1,20 @@
+//! Forfall's imperative shell, shared by every service: configuration, Kafka consume/produce
+//! loops with commit-after-ack, Avro + schema registry serde, Redis, metrics, tracing, the
+//! admin HTTP endpoints (metrics, health, readiness), the clock and graceful shutdown.
+//!
+//! Services own their decisions (in `forfall-domain`) and their loop bodies; everything that
+//! would otherwise be copied between services lives here.
+
+pub mod admin;
+pub mod avro;
+pub mod clock;
+pub mod config;
+pub mod kafka;
+pub mod metrics;
+pub mod records;
+pub mod redis_store;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use clock::{Clock, SharedClock};
+pub use config::{CommonConfig, Topics};

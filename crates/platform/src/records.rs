@@ -1,0 +1,394 @@
+//! Rust mirrors of the Avro records in `schemas/` (the source of truth, embedded here).
+//! A unit test checks each struct against its schema, so the two cannot drift apart.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// An Avro record type: its full name and its schema text.
+pub trait Record: Serialize + DeserializeOwned + Send + Sync {
+    const FULL_NAME: &'static str;
+    const AVSC: &'static str;
+}
+
+macro_rules! record {
+    ($ty:ident, $file:literal) => {
+        impl Record for $ty {
+            const FULL_NAME: &'static str = concat!("io.forfall.", stringify!($ty));
+            const AVSC: &'static str = include_str!(concat!("../../../schemas/", $file));
+        }
+    };
+}
+
+/// Every record type, for registration at start and for the compatibility test.
+pub const ALL_SCHEMAS: &[(&str, &str)] = &[
+    (InvoiceIssued::FULL_NAME, InvoiceIssued::AVSC),
+    (InvoiceCredited::FULL_NAME, InvoiceCredited::AVSC),
+    (InvoiceCancelled::FULL_NAME, InvoiceCancelled::AVSC),
+    (Invoice::FULL_NAME, Invoice::AVSC),
+    (Rejected::FULL_NAME, Rejected::AVSC),
+    (JourneyAction::FULL_NAME, JourneyAction::AVSC),
+    (JourneyEvent::FULL_NAME, JourneyEvent::AVSC),
+    (DispatchOutcome::FULL_NAME, DispatchOutcome::AVSC),
+    (PaymentReceived::FULL_NAME, PaymentReceived::AVSC),
+    (PaymentMatched::FULL_NAME, PaymentMatched::AVSC),
+    (HandoffCase::FULL_NAME, HandoffCase::AVSC),
+    (HandoffOutcome::FULL_NAME, HandoffOutcome::AVSC),
+];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InvoiceIssued {
+    pub event_id: String,
+    pub tenant: String,
+    pub debtor_id: String,
+    pub occurred_at: i64,
+    pub invoice_id: String,
+    pub revision: i32,
+    pub invoice_number: String,
+    pub issue_date: i32,
+    pub due_date: i32,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub jurisdiction: String,
+    pub debtor_kind: String,
+    pub payment_reference: Option<String>,
+    pub description: Option<String>,
+    pub debtor_name: Option<String>,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub language: Option<String>,
+}
+record!(InvoiceIssued, "InvoiceIssued.avsc");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InvoiceCredited {
+    pub event_id: String,
+    pub tenant: String,
+    pub debtor_id: String,
+    pub occurred_at: i64,
+    pub invoice_id: String,
+    pub credit_note_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+}
+record!(InvoiceCredited, "InvoiceCredited.avsc");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InvoiceCancelled {
+    pub event_id: String,
+    pub tenant: String,
+    pub debtor_id: String,
+    pub occurred_at: i64,
+    pub invoice_id: String,
+    pub reason: Option<String>,
+}
+record!(InvoiceCancelled, "InvoiceCancelled.avsc");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum InvoiceChange {
+    Issued,
+    Reissued,
+    Credited,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum InvoiceStatus {
+    Open,
+    SettledByCredit,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Invoice {
+    pub event_id: String,
+    pub tenant: String,
+    pub debtor_id: String,
+    pub occurred_at: i64,
+    pub invoice_id: String,
+    pub revision: i32,
+    pub change: InvoiceChange,
+    pub source_event_id: String,
+    pub invoice_number: String,
+    pub issue_date: i32,
+    pub due_date: i32,
+    pub amount_minor: i64,
+    pub credited_minor: i64,
+    pub open_minor: i64,
+    pub currency: String,
+    pub jurisdiction: String,
+    pub debtor_kind: String,
+    pub status: InvoiceStatus,
+    pub payment_reference: Option<String>,
+    pub description: Option<String>,
+    pub debtor_name: Option<String>,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub language: Option<String>,
+}
+record!(Invoice, "Invoice.avsc");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rejected {
+    pub event_id: String,
+    pub tenant: Option<String>,
+    pub debtor_id: Option<String>,
+    pub occurred_at: i64,
+    pub service: String,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub reason_code: String,
+    pub detail: String,
+    #[serde(with = "apache_avro::serde::bytes_opt")]
+    pub raw_key: Option<Vec<u8>>,
+    #[serde(with = "apache_avro::serde::bytes_opt")]
+    pub raw_value: Option<Vec<u8>>,
+}
+record!(Rejected, "Rejected.avsc");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JourneyAction {
+    pub event_id: String,
+    pub tenant: String,
+    pub debtor_id: String,
+    pub occurred_at: i64,
+    pub action_id: String,
+    pub invoice_id: String,
+    pub invoice_number: String,
+    pub step: String,
+    pub step_index: i32,
+    pub tone: String,
+    pub channels: Vec<String>,
+    pub send_at: i64,
+    pub open_minor: i64,
+    pub fee_minor: i64,
+    pub currency: String,
+    pub due_date: i32,
+    pub pay_by: Option<i32>,
+    pub payment_reference: Option<String>,
+    pub policy_version: String,
+    pub jurisdiction: String,
+    pub debtor_name: Option<String>,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub language: Option<String>,
+}
+record!(JourneyAction, "JourneyAction.avsc");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JourneyEvent {
+    pub event_id: String,
+    pub tenant: String,
+    pub debtor_id: String,
+    pub occurred_at: i64,
+    pub invoice_id: String,
+    pub kind: String,
+    pub from_state: String,
+    pub to_state: String,
+    pub step: Option<String>,
+    pub rule: Option<String>,
+    pub policy_version: String,
+    pub reason: Option<String>,
+    pub open_minor: i64,
+    pub currency: String,
+}
+record!(JourneyEvent, "JourneyEvent.avsc");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DispatchStatus {
+    Sent,
+    Suppressed,
+    Failed,
+    Duplicate,
+    Delivered,
+    Bounced,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DispatchOutcome {
+    pub event_id: String,
+    pub tenant: String,
+    pub debtor_id: String,
+    pub occurred_at: i64,
+    pub action_id: String,
+    pub invoice_id: String,
+    pub step: String,
+    pub channel: String,
+    pub status: DispatchStatus,
+    pub reason: Option<String>,
+    pub provider_message_id: Option<String>,
+}
+record!(DispatchOutcome, "DispatchOutcome.avsc");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PaymentReceived {
+    pub event_id: String,
+    pub tenant: String,
+    pub debtor_id: Option<String>,
+    pub occurred_at: i64,
+    pub payment_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub reference: Option<String>,
+    pub remittance_text: Option<String>,
+    pub payer_name: Option<String>,
+    pub payer_account: Option<String>,
+    pub booking_date: i32,
+    pub value_date: i32,
+}
+record!(PaymentReceived, "PaymentReceived.avsc");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PaymentMatched {
+    pub event_id: String,
+    pub tenant: String,
+    pub debtor_id: String,
+    pub occurred_at: i64,
+    pub payment_id: String,
+    pub invoice_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub rule: String,
+    pub reference: Option<String>,
+    pub value_date: i32,
+}
+record!(PaymentMatched, "PaymentMatched.avsc");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandoffCase {
+    pub event_id: String,
+    pub tenant: String,
+    pub debtor_id: String,
+    pub occurred_at: i64,
+    pub case_id: String,
+    pub invoice_id: String,
+    pub invoice_number: String,
+    pub issue_date: i32,
+    pub due_date: i32,
+    pub principal_minor: i64,
+    pub fees_minor: i64,
+    pub currency: String,
+    pub jurisdiction: String,
+    pub debtor_kind: String,
+    pub payment_reference: Option<String>,
+    pub steps_taken: Vec<String>,
+    pub policy_version: String,
+    pub debtor_name: Option<String>,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub language: Option<String>,
+}
+record!(HandoffCase, "HandoffCase.avsc");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum HandoffStatus {
+    Accepted,
+    Rejected,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandoffOutcome {
+    pub event_id: String,
+    pub tenant: String,
+    pub debtor_id: String,
+    pub occurred_at: i64,
+    pub case_id: String,
+    pub invoice_id: String,
+    pub status: HandoffStatus,
+    pub agency_reference: Option<String>,
+    pub http_status: Option<i32>,
+    pub detail: Option<String>,
+}
+record!(HandoffOutcome, "HandoffOutcome.avsc");
+
+/// A fresh event id.
+pub fn new_event_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A deterministic id from its parts, so that a redelivered input yields the same id.
+pub fn derived_id(kind: &str, parts: &[&str]) -> String {
+    let name = format!("{kind}\u{1f}{}", parts.join("\u{1f}"));
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use apache_avro::{from_value, Reader, Schema, Writer};
+
+    fn round_trip<T: Record + PartialEq + std::fmt::Debug>(value: T) {
+        let schema = Schema::parse_str(T::AVSC).unwrap_or_else(|e| panic!("{}: {e}", T::FULL_NAME));
+        let mut writer = Writer::new(&schema, Vec::new()).unwrap();
+        writer.append_ser(&value).unwrap_or_else(|e| panic!("{} does not fit its schema: {e}", T::FULL_NAME));
+        let bytes = writer.into_inner().unwrap();
+        let read = Reader::new(&bytes[..]).unwrap().next().unwrap().unwrap();
+        let back: T = from_value(&read).unwrap();
+        assert_eq!(back, value);
+    }
+
+    #[test]
+    fn every_struct_matches_its_schema() {
+        round_trip(InvoiceIssued {
+            event_id: new_event_id(), tenant: "t".into(), debtor_id: "t:d".into(), occurred_at: 1_700_000_000_000,
+            invoice_id: "i".into(), revision: 1, invoice_number: "1".into(), issue_date: 20_000, due_date: 20_014,
+            amount_minor: 100, currency: "DKK".into(), jurisdiction: "DK".into(), debtor_kind: "consumer".into(),
+            payment_reference: Some("r".into()), description: None, debtor_name: None, email: Some("a@b".into()),
+            phone: None, language: Some("da".into()),
+        });
+        round_trip(InvoiceCredited { event_id: "e".into(), tenant: "t".into(), debtor_id: "d".into(), occurred_at: 1,
+            invoice_id: "i".into(), credit_note_id: "c".into(), amount_minor: 5, currency: "NOK".into() });
+        round_trip(InvoiceCancelled { event_id: "e".into(), tenant: "t".into(), debtor_id: "d".into(), occurred_at: 1,
+            invoice_id: "i".into(), reason: None });
+        round_trip(Invoice {
+            event_id: "e".into(), tenant: "t".into(), debtor_id: "d".into(), occurred_at: 1, invoice_id: "i".into(),
+            revision: 2, change: InvoiceChange::Credited, source_event_id: "s".into(), invoice_number: "n".into(),
+            issue_date: 1, due_date: 2, amount_minor: 10, credited_minor: 3, open_minor: 7, currency: "SEK".into(),
+            jurisdiction: "SE".into(), debtor_kind: "business".into(), status: InvoiceStatus::SettledByCredit,
+            payment_reference: None, description: Some("x".into()), debtor_name: None, email: None, phone: None, language: None,
+        });
+        round_trip(Rejected { event_id: "e".into(), tenant: None, debtor_id: Some("d".into()), occurred_at: 1,
+            service: "ingest".into(), source_topic: "t".into(), source_partition: 0, source_offset: 5,
+            reason_code: "undecodable".into(), detail: "x".into(), raw_key: Some(vec![1, 2]), raw_value: None });
+        round_trip(JourneyAction {
+            event_id: "e".into(), tenant: "t".into(), debtor_id: "d".into(), occurred_at: 1, action_id: "a".into(),
+            invoice_id: "i".into(), invoice_number: "n".into(), step: "nudge".into(), step_index: 0, tone: "nudge".into(),
+            channels: vec!["email".into()], send_at: 2, open_minor: 3, fee_minor: 0, currency: "EUR".into(), due_date: 4,
+            pay_by: Some(5), payment_reference: None, policy_version: "p".into(), jurisdiction: "FI".into(),
+            debtor_name: None, email: None, phone: None, language: None,
+        });
+        round_trip(JourneyEvent { event_id: "e".into(), tenant: "t".into(), debtor_id: "d".into(), occurred_at: 1,
+            invoice_id: "i".into(), kind: "opened".into(), from_state: "open".into(), to_state: "open".into(),
+            step: None, rule: Some("r".into()), policy_version: "p".into(), reason: None, open_minor: 1, currency: "DKK".into() });
+        round_trip(DispatchOutcome { event_id: "e".into(), tenant: "t".into(), debtor_id: "d".into(), occurred_at: 1,
+            action_id: "a".into(), invoice_id: "i".into(), step: "s".into(), channel: "email".into(),
+            status: DispatchStatus::Suppressed, reason: Some("paid".into()), provider_message_id: None });
+        round_trip(PaymentReceived { event_id: "e".into(), tenant: "t".into(), debtor_id: None, occurred_at: 1,
+            payment_id: "p".into(), amount_minor: 1, currency: "DKK".into(), reference: Some("r".into()),
+            remittance_text: None, payer_name: None, payer_account: None, booking_date: 1, value_date: 1 });
+        round_trip(PaymentMatched { event_id: "e".into(), tenant: "t".into(), debtor_id: "d".into(), occurred_at: 1,
+            payment_id: "p".into(), invoice_id: "i".into(), amount_minor: 1, currency: "DKK".into(),
+            rule: "exact_reference".into(), reference: None, value_date: 3 });
+        round_trip(HandoffCase {
+            event_id: "e".into(), tenant: "t".into(), debtor_id: "d".into(), occurred_at: 1, case_id: "c".into(),
+            invoice_id: "i".into(), invoice_number: "n".into(), issue_date: 1, due_date: 2, principal_minor: 3,
+            fees_minor: 0, currency: "NOK".into(), jurisdiction: "NO".into(), debtor_kind: "consumer".into(),
+            payment_reference: None, steps_taken: vec!["nudge".into()], policy_version: "p".into(),
+            debtor_name: None, email: None, phone: None, language: None,
+        });
+        round_trip(HandoffOutcome { event_id: "e".into(), tenant: "t".into(), debtor_id: "d".into(), occurred_at: 1,
+            case_id: "c".into(), invoice_id: "i".into(), status: HandoffStatus::Accepted,
+            agency_reference: Some("X1".into()), http_status: Some(201), detail: None });
+    }
+
+    #[test]
+    fn derived_ids_are_stable_and_distinct() {
+        assert_eq!(derived_id("action", &["t", "i", "0"]), derived_id("action", &["t", "i", "0"]));
+        assert_ne!(derived_id("action", &["t", "i", "0"]), derived_id("action", &["t", "i0", ""]));
+    }
+}
