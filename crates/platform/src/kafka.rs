@@ -47,7 +47,10 @@ pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
     base(config)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "5")
+        // Murmur2 like the Java client, so that upstream producers and Forfall agree on which
+        // partition a debtor's key belongs to.
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "1")
         .set("queue.buffering.max.messages", "200000")
         .create()
 }
@@ -341,7 +344,7 @@ impl LoopContext {
 type Pending = futures::future::BoxFuture<'static, (String, i32, i64, Result<(), String>)>;
 
 /// Runs the consume loop until shutdown (returns `Ok`) or a fatal error.
-pub async fn run_consumer(consumer: StreamConsumer, handler: impl Handler, ctx: LoopContext) -> anyhow::Result<()> {
+pub async fn run_consumer(consumer: Arc<StreamConsumer>, handler: impl Handler, ctx: LoopContext) -> anyhow::Result<()> {
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
     let mut readiness_tick = tokio::time::interval(Duration::from_millis(250));
     let result: anyhow::Result<()> = async {

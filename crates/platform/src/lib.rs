@@ -13,6 +13,8 @@ pub mod kafka;
 pub mod metrics;
 pub mod records;
 pub mod redis_store;
+pub mod service;
+pub mod journey_state;
 pub mod shutdown;
 pub mod telemetry;
 

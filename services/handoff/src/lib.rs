@@ -1,1 +1,152 @@
-//! stub
+//! Hand-off: delivers each `HandoffCase` to the collection agency's HTTP API, once, and
+//! records the agency's answer as a `HandoffOutcome`.
+//!
+//! Once: a case already accepted (remembered in Redis) is not posted again, and every POST
+//! carries the case id as `Idempotency-Key`, so an agency that honours it also absorbs the
+//! one remaining window (a crash after the agency accepted, before we recorded it).
+
+use std::time::Duration;
+
+use forfall_platform::config;
+use forfall_platform::kafka::{run_consumer, Failure, Handler, Inbound, Outbound};
+use forfall_platform::records::{derived_id, HandoffCase, HandoffOutcome, HandoffStatus};
+use forfall_platform::redis_store::{self, Keys};
+use forfall_platform::service::{Runtime, ServiceShell};
+use forfall_platform::telemetry::TRACEPARENT;
+use prometheus::{IntCounterVec, Opts};
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+
+pub const SERVICE: &str = "handoff";
+pub const PORT_OFFSET: u16 = 5;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HandoffSettings {
+    /// The agency's case intake endpoint.
+    pub agency_url: String,
+    /// Bearer token for the agency API (never logged).
+    pub agency_token: Option<String>,
+    pub timeout_ms: u64,
+}
+
+impl Default for HandoffSettings {
+    fn default() -> Self {
+        Self { agency_url: "http://127.0.0.1:8089/cases".into(), agency_token: None, timeout_ms: 10_000 }
+    }
+}
+
+pub struct Handoff {
+    rt: Runtime,
+    redis: ConnectionManager,
+    keys: Keys,
+    http: reqwest::Client,
+    settings: HandoffSettings,
+    outcomes_topic: String,
+    results: IntCounterVec,
+}
+
+/// What the agency answered, reduced to what we record.
+struct AgencyAnswer {
+    status: HandoffStatus,
+    http_status: Option<i32>,
+    agency_reference: Option<String>,
+    detail: Option<String>,
+}
+
+impl Handoff {
+    fn accepted_key(&self, case_id: &str) -> String {
+        self.keys.key(&["handoff", "accepted", case_id])
+    }
+
+    async fn post(&self, case: &HandoffCase, traceparent: &str) -> Result<AgencyAnswer, Failure> {
+        let mut request = self
+            .http
+            .post(&self.settings.agency_url)
+            .header("Idempotency-Key", &case.case_id)
+            .header(TRACEPARENT, traceparent)
+            .json(case);
+        if let Some(token) = &self.settings.agency_token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.map_err(|e| Failure::Transient(anyhow::anyhow!("agency unreachable: {e}")))?;
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        let code = Some(i32::from(status.as_u16()));
+        if status.is_success() || status == reqwest::StatusCode::CONFLICT {
+            // 409: the agency already has this case (our earlier attempt); that is success.
+            let reference = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| {
+                ["reference", "case_reference", "id"].iter().find_map(|k| v.get(*k).and_then(|r| r.as_str()).map(str::to_owned))
+            });
+            return Ok(AgencyAnswer { status: HandoffStatus::Accepted, http_status: code, agency_reference: reference, detail: None });
+        }
+        if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS || status == reqwest::StatusCode::REQUEST_TIMEOUT {
+            return Err(Failure::Transient(anyhow::anyhow!("agency answered {status}")));
+        }
+        let detail: String = body.chars().take(500).collect();
+        Ok(AgencyAnswer { status: HandoffStatus::Rejected, http_status: code, agency_reference: None, detail: Some(detail) })
+    }
+}
+
+impl Handler for Handoff {
+    async fn handle(&self, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
+        let case: HandoffCase = self.rt.codec.decode(record.payload.as_deref()).await?.to()?;
+        let key = self.accepted_key(&case.case_id);
+        let known: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut self.redis.clone()).await?;
+        let answer = match known {
+            Some(reference) => {
+                self.results.with_label_values(&["duplicate"]).inc();
+                AgencyAnswer {
+                    status: HandoffStatus::Accepted,
+                    http_status: None,
+                    agency_reference: Some(reference).filter(|r| !r.is_empty()),
+                    detail: Some("already accepted; not posted again".into()),
+                }
+            }
+            None => {
+                let answer = self.post(&case, &record.trace.child().header()).await?;
+                if answer.status == HandoffStatus::Accepted {
+                    let reference = answer.agency_reference.clone().unwrap_or_default();
+                    let _: () = redis::cmd("SET").arg(&key).arg(reference).query_async(&mut self.redis.clone()).await?;
+                }
+                self.results.with_label_values(&[if answer.status == HandoffStatus::Accepted { "accepted" } else { "rejected" }]).inc();
+                answer
+            }
+        };
+        let outcome = HandoffOutcome {
+            event_id: derived_id("handoff-outcome", &[&case.case_id, &format!("{:?}", answer.status)]),
+            tenant: case.tenant.clone(),
+            debtor_id: case.debtor_id.clone(),
+            occurred_at: self.rt.clock.now().timestamp_millis(),
+            case_id: case.case_id.clone(),
+            invoice_id: case.invoice_id.clone(),
+            status: answer.status,
+            agency_reference: answer.agency_reference,
+            http_status: answer.http_status,
+            detail: answer.detail,
+        };
+        let payload = self.rt.codec.encode(&self.outcomes_topic, &outcome).await?;
+        Ok(vec![Outbound { topic: self.outcomes_topic.clone(), key: case.debtor_id, payload, trace: record.trace.child() }])
+    }
+}
+
+/// Runs hand-off until shutdown.
+pub async fn run(rt: Runtime) -> anyhow::Result<()> {
+    let settings: HandoffSettings = config::section(&rt.figment, SERVICE)?;
+    let shell = ServiceShell::start(&rt, SERVICE, PORT_OFFSET, None).await?;
+    let results = IntCounterVec::new(Opts::new("handoff_cases_total", "Cases by result"), &["result"])?;
+    shell.metrics.registry.register(Box::new(results.clone()))?;
+    let handoff = Handoff {
+        redis: redis_store::connect(&rt.config.redis).await?,
+        keys: rt.keys(),
+        http: reqwest::Client::builder().timeout(Duration::from_millis(settings.timeout_ms)).build()?,
+        settings,
+        outcomes_topic: rt.topic(&rt.config.topics.handoff_outcomes),
+        results,
+        rt: rt.clone(),
+    };
+    let consumer = shell.consumer(&rt, SERVICE, &[rt.topic(&rt.config.topics.handoff_cases)])?;
+    run_consumer(consumer, handoff, shell.loop_context(&rt)).await?;
+    shell.producer.flush(Duration::from_secs(5)).await;
+    Ok(())
+}

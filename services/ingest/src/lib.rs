@@ -1,1 +1,248 @@
-//! stub
+//! Ingest: takes invoice events from billing (Kafka or `POST /v1/invoices`), validates and
+//! normalises them, de-duplicates by (tenant, invoice id, revision), and publishes invoice
+//! snapshots on `forfall.invoices.v1`. Anything it cannot accept goes to `forfall.rejected.v1`.
+//!
+//! De-duplication keeps the last snapshot per invoice in Redis. The snapshot is written before
+//! the output is acknowledged, so a redelivered record after a crash finds it: a repeated
+//! revision (or credit note, or cancellation) therefore re-publishes the current snapshot
+//! instead of dropping it. Downstream consumers are idempotent per snapshot, so the repeat is
+//! harmless, and nothing accepted is ever lost.
+
+mod http;
+
+use forfall_domain::invoice::{self, Contact, InvoiceSnapshot, IssuedInput, RevisionDecision};
+use forfall_domain::Money;
+use forfall_platform::kafka::{run_consumer, Failure, Handler, Inbound, Outbound};
+use forfall_platform::records::{self, derived_id, InvoiceCancelled, InvoiceChange, InvoiceCredited, InvoiceIssued, Record};
+use forfall_platform::redis_store::{self, Keys};
+use forfall_platform::service::{Runtime, ServiceShell};
+use forfall_platform::telemetry::TraceContext;
+use prometheus::IntCounterVec;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+
+pub const SERVICE: &str = "ingest";
+pub const PORT_OFFSET: u16 = 1;
+
+/// What ingest keeps per invoice: the snapshot and the credit notes already applied.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    snapshot: InvoiceSnapshot,
+    credit_notes: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct Ingest {
+    rt: Runtime,
+    redis: ConnectionManager,
+    keys: Keys,
+    invoices_topic: String,
+    changes: IntCounterVec,
+}
+
+fn to_input(e: InvoiceIssued) -> IssuedInput {
+    IssuedInput {
+        tenant: e.tenant,
+        debtor_id: e.debtor_id,
+        invoice_id: e.invoice_id,
+        revision: e.revision,
+        invoice_number: e.invoice_number,
+        issue_date_days: e.issue_date,
+        due_date_days: e.due_date,
+        amount_minor: e.amount_minor,
+        currency: e.currency,
+        jurisdiction: e.jurisdiction,
+        debtor_kind: e.debtor_kind,
+        payment_reference: e.payment_reference,
+        description: e.description,
+        contact: Contact { name: e.debtor_name, email: e.email, phone: e.phone, language: e.language },
+    }
+}
+
+fn status(s: invoice::InvoiceStatus) -> records::InvoiceStatus {
+    match s {
+        invoice::InvoiceStatus::Open => records::InvoiceStatus::Open,
+        invoice::InvoiceStatus::SettledByCredit => records::InvoiceStatus::SettledByCredit,
+        invoice::InvoiceStatus::Cancelled => records::InvoiceStatus::Cancelled,
+    }
+}
+
+/// The published form of a snapshot. Its event id derives from the upstream event, so a
+/// re-publication after redelivery carries the same id.
+pub fn invoice_record(s: &InvoiceSnapshot, change: InvoiceChange, source_event_id: &str, occurred_at: i64) -> records::Invoice {
+    records::Invoice {
+        event_id: derived_id("invoice", &[&s.tenant, &s.invoice_id, source_event_id]),
+        tenant: s.tenant.clone(),
+        debtor_id: s.debtor_id.clone(),
+        occurred_at,
+        invoice_id: s.invoice_id.clone(),
+        revision: s.revision,
+        change,
+        source_event_id: source_event_id.to_owned(),
+        invoice_number: s.invoice_number.clone(),
+        issue_date: invoice::epoch_days(s.issue_date),
+        due_date: invoice::epoch_days(s.due_date),
+        amount_minor: s.amount.minor,
+        credited_minor: s.credited_minor,
+        open_minor: s.open().minor,
+        currency: s.amount.currency.code().to_owned(),
+        jurisdiction: s.jurisdiction.code().to_owned(),
+        debtor_kind: s.debtor_kind.code().to_owned(),
+        status: status(s.status),
+        payment_reference: s.payment_reference.clone(),
+        description: s.description.clone(),
+        debtor_name: s.contact.name.clone(),
+        email: s.contact.email.clone(),
+        phone: s.contact.phone.clone(),
+        language: s.contact.language.clone(),
+    }
+}
+
+fn reject_for(tenant: &str, debtor_id: &str, r: invoice::Rejection) -> Failure {
+    Failure::Reject { code: r.code, detail: r.detail, tenant: Some(tenant.to_owned()), debtor_id: Some(debtor_id.to_owned()) }
+}
+
+impl Ingest {
+    fn stored_key(&self, tenant: &str, invoice_id: &str) -> String {
+        self.keys.key(&["ingest", "invoice", &format!("{{{tenant}:{invoice_id}}}")])
+    }
+
+    async fn load(&self, tenant: &str, invoice_id: &str) -> Result<Option<Stored>, Failure> {
+        let raw: Option<String> = redis::cmd("GET").arg(self.stored_key(tenant, invoice_id)).query_async(&mut self.redis.clone()).await?;
+        raw.map(|r| serde_json::from_str(&r).map_err(|e| Failure::Fatal(anyhow::anyhow!("corrupt ingest state for an invoice: {e}"))))
+            .transpose()
+    }
+
+    async fn save(&self, stored: &Stored) -> Result<(), Failure> {
+        let json = serde_json::to_string(stored).map_err(|e| Failure::Fatal(e.into()))?;
+        let key = self.stored_key(&stored.snapshot.tenant, &stored.snapshot.invoice_id);
+        redis::cmd("SET").arg(key).arg(json).query_async::<()>(&mut self.redis.clone()).await?;
+        Ok(())
+    }
+
+    async fn publish(&self, s: &InvoiceSnapshot, change: InvoiceChange, source_event_id: &str, occurred_at: i64, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
+        let label = match change {
+            InvoiceChange::Issued => "issued",
+            InvoiceChange::Reissued => "reissued",
+            InvoiceChange::Credited => "credited",
+            InvoiceChange::Cancelled => "cancelled",
+        };
+        self.changes.with_label_values(&[label]).inc();
+        let record = invoice_record(s, change, source_event_id, occurred_at);
+        let payload = self.rt.codec.encode(&self.invoices_topic, &record).await?;
+        Ok(vec![Outbound { topic: self.invoices_topic.clone(), key: s.debtor_id.clone(), payload, trace: trace.child() }])
+    }
+
+    async fn issued(&self, e: InvoiceIssued, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
+        let (tenant, debtor, event_id, at) = (e.tenant.clone(), e.debtor_id.clone(), e.event_id.clone(), e.occurred_at);
+        let incoming = invoice::validate_issued(to_input(e)).map_err(|r| reject_for(&tenant, &debtor, r))?;
+        let existing = self.load(&tenant, &incoming.invoice_id).await?;
+        let (stored, change) = match invoice::decide_revision(existing.as_ref().map(|s| &s.snapshot), incoming.revision) {
+            RevisionDecision::New => (Stored { snapshot: incoming, credit_notes: Vec::new() }, InvoiceChange::Issued),
+            RevisionDecision::Newer => {
+                let mut stored = existing.unwrap_or_else(|| unreachable!("Newer implies an existing snapshot"));
+                if stored.snapshot.debtor_id != incoming.debtor_id {
+                    return Err(Failure::Reject {
+                        code: "debtor_mismatch",
+                        detail: format!("revision {} of invoice '{}' names another debtor than earlier revisions", incoming.revision, incoming.invoice_id),
+                        tenant: Some(tenant),
+                        debtor_id: Some(debtor),
+                    });
+                }
+                stored.snapshot = invoice::reissue(&stored.snapshot, incoming).map_err(|r| reject_for(&tenant, &debtor, r))?;
+                (stored, InvoiceChange::Reissued)
+            }
+            RevisionDecision::Duplicate => {
+                self.changes.with_label_values(&["duplicate"]).inc();
+                let stored = existing.unwrap_or_else(|| unreachable!("Duplicate implies an existing snapshot"));
+                return self.publish(&stored.snapshot, InvoiceChange::Issued, &event_id, at, trace).await;
+            }
+            RevisionDecision::Stale => {
+                self.changes.with_label_values(&["stale"]).inc();
+                tracing::info!("older revision than the one held; ignored");
+                return Ok(Vec::new());
+            }
+        };
+        self.save(&stored).await?;
+        self.publish(&stored.snapshot, change, &event_id, at, trace).await
+    }
+
+    async fn require(&self, tenant: &str, debtor_id: &str, invoice_id: &str) -> Result<Stored, Failure> {
+        let stored = self.load(tenant, invoice_id).await?.ok_or_else(|| Failure::Reject {
+            code: "unknown_invoice",
+            detail: format!("invoice '{invoice_id}' has not been issued"),
+            tenant: Some(tenant.to_owned()),
+            debtor_id: Some(debtor_id.to_owned()),
+        })?;
+        if stored.snapshot.debtor_id != debtor_id {
+            return Err(Failure::Reject {
+                code: "debtor_mismatch",
+                detail: format!("invoice '{invoice_id}' belongs to another debtor"),
+                tenant: Some(tenant.to_owned()),
+                debtor_id: Some(debtor_id.to_owned()),
+            });
+        }
+        Ok(stored)
+    }
+
+    async fn credited(&self, e: InvoiceCredited, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
+        let mut stored = self.require(&e.tenant, &e.debtor_id, &e.invoice_id).await?;
+        if stored.credit_notes.contains(&e.credit_note_id) {
+            self.changes.with_label_values(&["duplicate"]).inc();
+        } else {
+            let currency = e.currency.parse().map_err(|err: forfall_domain::MoneyError| Failure::Reject {
+                code: "unknown_currency",
+                detail: format!("field 'currency': {err}"),
+                tenant: Some(e.tenant.clone()),
+                debtor_id: Some(e.debtor_id.clone()),
+            })?;
+            stored.snapshot = invoice::apply_credit(&stored.snapshot, Money::new(e.amount_minor, currency)).map_err(|r| reject_for(&e.tenant, &e.debtor_id, r))?;
+            stored.credit_notes.push(e.credit_note_id.clone());
+            self.save(&stored).await?;
+        }
+        self.publish(&stored.snapshot, InvoiceChange::Credited, &e.event_id, e.occurred_at, trace).await
+    }
+
+    async fn cancelled(&self, e: InvoiceCancelled, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
+        let mut stored = self.require(&e.tenant, &e.debtor_id, &e.invoice_id).await?;
+        if stored.snapshot.status != invoice::InvoiceStatus::Cancelled {
+            stored.snapshot = invoice::apply_cancel(&stored.snapshot);
+            self.save(&stored).await?;
+        }
+        self.publish(&stored.snapshot, InvoiceChange::Cancelled, &e.event_id, e.occurred_at, trace).await
+    }
+}
+
+impl Handler for Ingest {
+    async fn handle(&self, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
+        let decoded = self.rt.codec.decode(record.payload.as_deref()).await?;
+        match decoded.name.as_str() {
+            InvoiceIssued::FULL_NAME => self.issued(decoded.to()?, record.trace).await,
+            InvoiceCredited::FULL_NAME => self.credited(decoded.to()?, record.trace).await,
+            InvoiceCancelled::FULL_NAME => self.cancelled(decoded.to()?, record.trace).await,
+            other => Err(Failure::reject(
+                "unexpected_record_type",
+                format!("record type '{other}' is not an invoice event (expected InvoiceIssued, InvoiceCredited or InvoiceCancelled)"),
+            )),
+        }
+    }
+}
+
+/// Runs ingest until shutdown.
+pub async fn run(rt: Runtime) -> anyhow::Result<()> {
+    let billing_topic = rt.topic(&rt.config.topics.billing_invoice_events);
+    let http_state = http::HttpState::new(rt.clone(), billing_topic.clone());
+    let shell = ServiceShell::start(&rt, SERVICE, PORT_OFFSET, Some(http::routes(http_state.clone()))).await?;
+    http_state.attach(shell.producer.clone(), shell.metrics.clone());
+    let changes = IntCounterVec::new(
+        prometheus::Opts::new("ingest_invoice_changes_total", "Invoice changes accepted, by kind (issued, reissued, credited, cancelled, duplicate, stale)"),
+        &["change"],
+    )?;
+    shell.metrics.registry.register(Box::new(changes.clone()))?;
+    let redis = redis_store::connect(&rt.config.redis).await?;
+    let ingest = Ingest { keys: rt.keys(), invoices_topic: rt.topic(&rt.config.topics.invoices), rt: rt.clone(), redis, changes };
+    let consumer = shell.consumer(&rt, SERVICE, &[billing_topic])?;
+    run_consumer(consumer, ingest, shell.loop_context(&rt)).await?;
+    shell.producer.flush(std::time::Duration::from_secs(5)).await;
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! What every service starts from: its configuration, clock, shutdown token, registry codec,
+//! metrics, readiness and admin endpoint, and the helpers to build its consume loops.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use figment::Figment;
+use rdkafka::consumer::StreamConsumer;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Readiness};
+use crate::avro::Codec;
+use crate::clock::SharedClock;
+use crate::config::CommonConfig;
+use crate::kafka::{self, LoopContext, Producer};
+use crate::metrics::Metrics;
+use crate::redis_store::Keys;
+
+/// Shared by all services of one process.
+#[derive(Clone)]
+pub struct Runtime {
+    pub config: CommonConfig,
+    pub figment: Figment,
+    pub clock: SharedClock,
+    pub shutdown: CancellationToken,
+    pub codec: Arc<Codec>,
+}
+
+impl Runtime {
+    pub fn new(config: CommonConfig, figment: Figment, clock: SharedClock, shutdown: CancellationToken) -> Self {
+        let codec = Arc::new(Codec::new(&config.registry.url, config.registry.auto_register));
+        Self { config, figment, clock, shutdown, codec }
+    }
+
+    pub fn keys(&self) -> Keys {
+        Keys::new(&self.config.redis.key_prefix)
+    }
+
+    pub fn topic(&self, name: &str) -> String {
+        self.config.topics.name(name)
+    }
+}
+
+/// One running service's shell: its metrics, readiness, producer and admin address.
+#[derive(Clone)]
+pub struct ServiceShell {
+    pub name: &'static str,
+    pub metrics: Metrics,
+    pub readiness: Readiness,
+    pub producer: Producer,
+    pub admin_addr: SocketAddr,
+}
+
+impl ServiceShell {
+    /// Creates metrics and the producer, creates missing topics (dev), and serves the admin
+    /// endpoint (plus `routes`) on `base_port + port_offset` (or a free port when base is 0).
+    pub async fn start(rt: &Runtime, name: &'static str, port_offset: u16, routes: Option<Router>) -> anyhow::Result<Self> {
+        let metrics = Metrics::new(name)?;
+        let readiness = Readiness::default();
+        if rt.config.kafka.create_topics {
+            kafka::ensure_topics(&rt.config.kafka, &rt.config.topics.all()).await?;
+        }
+        let producer = Producer::new(&rt.config.kafka, metrics.clone())?;
+        let mut router = admin::router(metrics.clone(), readiness.clone());
+        if let Some(routes) = routes {
+            router = router.merge(routes);
+        }
+        let port = if rt.config.admin.base_port == 0 { 0 } else { rt.config.admin.base_port + port_offset };
+        let admin_addr = admin::serve(&rt.config.admin.bind, port, router, rt.shutdown.clone()).await?;
+        tracing::info!(service = name, admin = %admin_addr, "service started");
+        Ok(Self { name, metrics, readiness, producer, admin_addr })
+    }
+
+    pub fn consumer(&self, rt: &Runtime, group: &str, topics: &[String]) -> anyhow::Result<Arc<StreamConsumer>> {
+        Ok(Arc::new(kafka::consumer(&rt.config.kafka, group, topics)?))
+    }
+
+    pub fn loop_context(&self, rt: &Runtime) -> LoopContext {
+        LoopContext {
+            service: self.name,
+            producer: self.producer.clone(),
+            codec: rt.codec.clone(),
+            metrics: self.metrics.clone(),
+            rejected_topic: rt.topic(&rt.config.topics.rejected),
+            readiness: self.readiness.clone(),
+            shutdown: rt.shutdown.clone(),
+            max_in_flight: rt.config.kafka.max_in_flight,
+        }
+    }
+}
+
+/// The `main` of a single-service binary: configuration, logging, signals, then `run`.
+pub fn main_for<F, Fut>(name: &'static str, run: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Runtime) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let figment = crate::config::figment(None);
+        let config = crate::config::common(&figment)?;
+        crate::telemetry::init(&config.log);
+        let shutdown = CancellationToken::new();
+        crate::shutdown::cancel_on_signals(shutdown.clone());
+        let rt = Runtime::new(config, figment, Arc::new(crate::clock::SystemClock), shutdown);
+        let result = run(rt).await;
+        match &result {
+            Ok(()) => tracing::info!(service = name, "stopped"),
+            Err(error) => tracing::error!(service = name, error = format!("{error:#}"), "failed"),
+        }
+        result
+    })
+}
