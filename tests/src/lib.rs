@@ -1,1 +1,106 @@
-//! stub
+//! Shared pieces of Forfall's end-to-end tests: configuration for the dev stack and sample
+//! records. The stack itself is `forfall::devstack::LocalStack`, which `forfall demo` uses too.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use forfall_domain::invoice::epoch_days;
+use forfall_platform::config::{self, CommonConfig};
+use forfall_platform::records::{new_event_id, InvoiceIssued, PaymentReceived};
+
+pub use forfall::devstack::{eventually, LocalStack};
+
+/// Dev-stack settings (`FORFALL_*` variables may point elsewhere).
+pub fn base_config() -> CommonConfig {
+    config::common(&config::figment(Some(std::path::Path::new("/nonexistent/forfall.toml")))).expect("valid FORFALL_* environment")
+}
+
+pub fn at(s: &str) -> DateTime<Utc> {
+    s.parse().expect("RFC 3339 instant")
+}
+
+pub fn day(y: i32, m: u32, d: u32) -> NaiveDate {
+    NaiveDate::from_ymd_opt(y, m, d).expect("valid date")
+}
+
+pub struct Sample<'a> {
+    pub tenant: &'a str,
+    pub invoice_id: &'a str,
+    pub number: &'a str,
+    pub due: NaiveDate,
+    pub amount_minor: i64,
+    pub currency: &'a str,
+    pub jurisdiction: &'a str,
+    pub email: &'a str,
+    pub reference: &'a str,
+    pub language: &'a str,
+}
+
+impl Sample<'_> {
+    pub fn debtor_id(&self) -> String {
+        format!("{}:{}", self.tenant, self.email)
+    }
+
+    pub fn issued(&self) -> InvoiceIssued {
+        InvoiceIssued {
+            event_id: new_event_id(),
+            tenant: self.tenant.into(),
+            debtor_id: self.debtor_id(),
+            occurred_at: 0,
+            invoice_id: self.invoice_id.into(),
+            revision: 1,
+            invoice_number: self.number.into(),
+            issue_date: epoch_days(self.due) - 14,
+            due_date: epoch_days(self.due),
+            amount_minor: self.amount_minor,
+            currency: self.currency.into(),
+            jurisdiction: self.jurisdiction.into(),
+            debtor_kind: "consumer".into(),
+            payment_reference: Some(self.reference.into()),
+            description: Some("Electricity, February".into()),
+            debtor_name: Some("Anna Jensen".into()),
+            email: Some(self.email.into()),
+            phone: None,
+            language: Some(self.language.into()),
+        }
+    }
+
+    pub fn payment(&self, payment_id: &str, amount_minor: i64, quoted_reference: &str) -> PaymentReceived {
+        PaymentReceived {
+            event_id: new_event_id(),
+            tenant: self.tenant.into(),
+            debtor_id: None,
+            occurred_at: 0,
+            payment_id: payment_id.into(),
+            amount_minor,
+            currency: self.currency.into(),
+            reference: Some(quoted_reference.into()),
+            remittance_text: None,
+            payer_name: None,
+            payer_account: None,
+            booking_date: epoch_days(self.due),
+            value_date: epoch_days(self.due),
+        }
+    }
+}
+
+/// A sample Danish invoice due on `due`.
+pub fn danish(invoice_id: &'static str, number: &'static str, due: NaiveDate, email: &'static str) -> Sample<'static> {
+    Sample {
+        tenant: "acme-energy",
+        invoice_id,
+        number,
+        due,
+        amount_minor: 123_450,
+        currency: "DKK",
+        jurisdiction: "DK",
+        email,
+        reference: "RF18539007547034",
+        language: "da",
+    }
+}
+
+/// The value of a Prometheus sample whose line contains every one of `parts`.
+pub fn metric_value(text: &str, name: &str, parts: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}

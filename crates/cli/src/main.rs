@@ -1,1 +1,52 @@
-fn main() {}
+//! The `forfall` command.
+
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use forfall_platform::clock::SystemClock;
+use forfall_platform::service::Runtime;
+use forfall_platform::{config, shutdown, telemetry};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "forfall", version, about = "Forfall: the debtor journey platform")]
+struct Cli {
+    /// Configuration file (default: $FORFALL_CONFIG, else ./forfall.toml when present).
+    #[arg(long, global = true)]
+    config: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run services in this process until SIGTERM.
+    Run {
+        /// `all`, or a comma-separated list of: ingest, watcher, dispatch, matcher, handoff.
+        #[arg(long, default_value = "all")]
+        target: String,
+    },
+    /// Run the whole pipeline on the dev stack with simulated time, feed a demo set of invoices
+    /// and payments, and print what happened to each.
+    Demo(forfall::demo::DemoArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let figment = config::figment(cli.config.as_deref());
+        let common = config::common(&figment)?;
+        match cli.command {
+            Command::Run { target } => {
+                telemetry::init(&common.log);
+                let targets = forfall::parse_targets(&target)?;
+                let token = CancellationToken::new();
+                shutdown::cancel_on_signals(token.clone());
+                let rt = Runtime::new(common, figment, Arc::new(SystemClock), token);
+                forfall::run_targets(rt, &targets).await
+            }
+            Command::Demo(args) => forfall::demo::run(common, figment, args).await,
+        }
+    })
+}

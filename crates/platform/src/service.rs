@@ -1,8 +1,9 @@
 //! What every service starts from: its configuration, clock, shutdown token, registry codec,
 //! metrics, readiness and admin endpoint, and the helpers to build its consume loops.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use figment::Figment;
@@ -25,12 +26,18 @@ pub struct Runtime {
     pub clock: SharedClock,
     pub shutdown: CancellationToken,
     pub codec: Arc<Codec>,
+    /// Where each service's admin endpoint ended up (ports may be chosen by the OS).
+    pub admin_addrs: Arc<Mutex<HashMap<&'static str, SocketAddr>>>,
 }
 
 impl Runtime {
     pub fn new(config: CommonConfig, figment: Figment, clock: SharedClock, shutdown: CancellationToken) -> Self {
         let codec = Arc::new(Codec::new(&config.registry.url, config.registry.auto_register));
-        Self { config, figment, clock, shutdown, codec }
+        Self { config, figment, clock, shutdown, codec, admin_addrs: Arc::default() }
+    }
+
+    pub fn admin_addr(&self, service: &str) -> Option<SocketAddr> {
+        self.admin_addrs.lock().unwrap_or_else(|p| p.into_inner()).get(service).copied()
     }
 
     pub fn keys(&self) -> Keys {
@@ -68,6 +75,7 @@ impl ServiceShell {
         }
         let port = if rt.config.admin.base_port == 0 { 0 } else { rt.config.admin.base_port + port_offset };
         let admin_addr = admin::serve(&rt.config.admin.bind, port, router, rt.shutdown.clone()).await?;
+        rt.admin_addrs.lock().unwrap_or_else(|p| p.into_inner()).insert(name, admin_addr);
         tracing::info!(service = name, admin = %admin_addr, "service started");
         Ok(Self { name, metrics, readiness, producer, admin_addr })
     }

@@ -1,0 +1,251 @@
+//! DEV AND TEST ONLY: a whole Forfall on one machine, isolated from any other on the same
+//! broker and Redis. It starts the schema registry emulator, a real SMTP sink and a recording
+//! agency endpoint on loopback, gives this stack its own topic prefix, Redis key prefix and
+//! consumer groups, and runs services in-process where each can be stopped, killed and
+//! restarted. `forfall demo` and the end-to-end tests both stand on it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use figment::providers::Serialized;
+use figment::Figment;
+use forfall_devsinks::{HttpRecorder, MailSink};
+use forfall_platform::clock::SharedClock;
+use forfall_platform::config::CommonConfig;
+use forfall_platform::journey_state;
+use forfall_platform::kafka;
+use forfall_platform::records::Record;
+use forfall_platform::redis_store::{self, Keys};
+use forfall_platform::service::Runtime;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+struct Running {
+    token: CancellationToken,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+pub struct LocalStack {
+    pub prefix: String,
+    pub rt: Runtime,
+    pub mail: MailSink,
+    pub agency: HttpRecorder,
+    pub registry_url: String,
+    producer: FutureProducer,
+    redis: redis::aio::ConnectionManager,
+    services: Mutex<HashMap<&'static str, Running>>,
+}
+
+/// Settings for a stack on the local dev stack: short consumer-group timings (a group on
+/// tansu joins after about half the session timeout), two partitions, free admin ports.
+pub fn local_config(base: CommonConfig, prefix: &str, registry_url: &str) -> CommonConfig {
+    let mut c = base;
+    c.topics.prefix = format!("{prefix}.");
+    c.redis.key_prefix = format!("{prefix}:");
+    c.kafka.group_prefix = prefix.to_owned();
+    c.kafka.session_timeout_ms = 2000;
+    c.kafka.heartbeat_interval_ms = 300;
+    c.kafka.partitions = 2;
+    c.admin.base_port = 0;
+    c.registry.url = registry_url.to_owned();
+    c
+}
+
+impl LocalStack {
+    pub async fn start(base: CommonConfig, clock: SharedClock) -> anyhow::Result<Self> {
+        forfall_platform::telemetry::init(&base.log);
+        let prefix = format!("ff{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let registry = forfall_schema_registry_emulator::spawn("127.0.0.1:0").await?;
+        let registry_url = format!("http://{registry}");
+        let mail = MailSink::start()?;
+        let agency = HttpRecorder::start().await?;
+        let config = local_config(base, &prefix, &registry_url);
+        let figment = Figment::from(Serialized::defaults(&config))
+            .merge(Serialized::default("dispatch.smtp.port", mail.addr.port()))
+            .merge(Serialized::default("handoff.agency_url", agency.url("/cases")))
+            .merge(Serialized::default("handoff.timeout_ms", 3000))
+            .merge(Serialized::default("watcher.tick_ms", 50));
+        kafka::ensure_topics(&config.kafka, &config.topics.all()).await?;
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &config.kafka.brokers)
+            .set("broker.address.family", "v4")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "1")
+            .create()?;
+        let redis = redis_store::connect(&config.redis).await?;
+        let rt = Runtime::new(config, figment, clock, CancellationToken::new());
+        Ok(Self { prefix, rt, mail, agency, registry_url, producer, redis, services: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn topic(&self, base: &str) -> String {
+        self.rt.topic(base)
+    }
+
+    pub fn topics(&self) -> &forfall_platform::Topics {
+        &self.rt.config.topics
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<&'static str, Running>> {
+        self.services.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a service in this process (again, after a stop or kill).
+    pub fn start_service(&self, name: &'static str) {
+        let token = self.rt.shutdown.child_token();
+        let mut rt = self.rt.clone();
+        rt.shutdown = token.clone();
+        let handle = tokio::spawn(async move { crate::run_target(rt, name).await });
+        self.running().insert(name, Running { token, handle });
+    }
+
+    pub fn start_all(&self) {
+        for t in crate::TARGETS {
+            self.start_service(t);
+        }
+    }
+
+    /// Graceful stop: in-flight work finishes and offsets are committed.
+    pub async fn stop_service(&self, name: &str) -> anyhow::Result<()> {
+        let running = self.running().remove(name);
+        if let Some(r) = running {
+            r.token.cancel();
+            r.handle.await??;
+        }
+        Ok(())
+    }
+
+    /// A crash: the service's tasks are dropped wherever they are; nothing is committed.
+    pub async fn kill_service(&self, name: &str) {
+        let running = self.running().remove(name);
+        if let Some(r) = running {
+            r.handle.abort();
+            let _ = r.handle.await;
+            // Dropping the aborted task drops its consumer, which leaves the group.
+            r.token.cancel();
+        }
+    }
+
+    pub async fn shutdown(&self) {
+        self.rt.shutdown.cancel();
+        let all: Vec<Running> = self.running().drain().map(|(_, r)| r).collect();
+        for r in all {
+            let _ = r.handle.await;
+        }
+    }
+
+    /// Waits until every named service reports ready on `/readyz`.
+    pub async fn wait_ready(&self, names: &[&str], timeout: Duration) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + timeout;
+        for name in names {
+            loop {
+                if let Some(addr) = self.rt.admin_addr(name) {
+                    let ok = client.get(format!("http://{addr}/readyz")).send().await.map(|r| r.status().is_success()).unwrap_or(false);
+                    if ok {
+                        break;
+                    }
+                }
+                anyhow::ensure!(Instant::now() < deadline, "{name} not ready within {timeout:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The Prometheus text of one service.
+    pub async fn metrics(&self, name: &str) -> anyhow::Result<String> {
+        let addr = self.rt.admin_addr(name).ok_or_else(|| anyhow::anyhow!("{name} has no admin address"))?;
+        Ok(reqwest::get(format!("http://{addr}/metrics")).await?.text().await?)
+    }
+
+    /// Produces one Avro record, as an upstream system would.
+    pub async fn produce<T: Record>(&self, topic: &str, key: &str, value: &T) -> anyhow::Result<()> {
+        let payload = self.rt.codec.encode(topic, value).await?;
+        self.produce_raw(topic, key, &payload).await
+    }
+
+    pub async fn produce_raw(&self, topic: &str, key: &str, payload: &[u8]) -> anyhow::Result<()> {
+        self.producer
+            .send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("produce to {topic}: {e}"))?;
+        Ok(())
+    }
+
+    /// Every record of type `T` on `topic` so far, in partition order.
+    pub async fn read<T: Record>(&self, topic: &str) -> anyhow::Result<Vec<T>> {
+        let raw = self.read_raw(topic).await?;
+        let mut out = Vec::new();
+        for payload in raw {
+            let decoded = self.rt.codec.decode(Some(&payload)).await?;
+            if decoded.name == T::FULL_NAME {
+                out.push(decoded.to::<T>()?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every payload on `topic` so far (all partitions, from the beginning).
+    pub async fn read_raw(&self, topic: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+        let brokers = self.rt.config.kafka.brokers.clone();
+        let partitions = self.rt.config.kafka.partitions;
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Vec<u8>>> {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("broker.address.family", "v4")
+                .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+                .set("enable.auto.commit", "false")
+                .create()?;
+            let mut out = Vec::new();
+            for p in 0..partitions {
+                let (low, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(5))?;
+                if high <= low {
+                    continue;
+                }
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&topic, p, Offset::Offset(low))?;
+                consumer.assign(&tpl)?;
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let mut next = low;
+                while next < high {
+                    anyhow::ensure!(Instant::now() < deadline, "timed out reading {topic}[{p}]");
+                    if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                        let m = m?;
+                        next = m.offset() + 1;
+                        out.push(m.payload().unwrap_or_default().to_vec());
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await?
+    }
+
+    /// The watcher's journey status label of an invoice (what dispatch's last look reads).
+    pub async fn journey_status(&self, tenant: &str, invoice_id: &str) -> anyhow::Result<Option<String>> {
+        let keys = Keys::new(&self.rt.config.redis.key_prefix);
+        Ok(journey_state::read_status(&mut self.redis.clone(), &keys, tenant, invoice_id).await?)
+    }
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,156 @@
+//! One invoice through every service, on the real dev stack (tansu, Redis, SMTP, HTTP),
+//! with simulated time.
+
+use std::time::Duration;
+
+use chrono::Duration as Days;
+use forfall_e2e::*;
+use forfall_platform::clock::ManualClock;
+use forfall_platform::records::{DispatchOutcome, DispatchStatus, HandoffOutcome, HandoffStatus, JourneyAction, JourneyEvent};
+
+const WAIT: Duration = Duration::from_secs(45);
+
+async fn status_is(stack: &LocalStack, tenant: &str, invoice: &str, want: &str) -> anyhow::Result<()> {
+    eventually(&format!("invoice {invoice} to be {want}"), WAIT, || async move {
+        Ok((stack.journey_status(tenant, invoice).await?.as_deref() == Some(want)).then_some(()))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nudge_is_mailed_then_payment_closes_the_invoice_and_silences_it() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-03-10T08:00:00Z"));
+    let stack = LocalStack::start(base_config(), clock.clone()).await?;
+    stack.start_all();
+    let s = danish("inv-1", "INV-1001", day(2026, 3, 12), "anna@example.test");
+    stack.produce(&stack.topic(&stack.topics().billing_invoice_events), &s.debtor_id(), &s.issued()).await?;
+    status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    assert!(stack.mail.messages().is_empty(), "nothing is sent before the due date");
+
+    // 09:00 in Copenhagen on the due date (CET, UTC+1).
+    clock.set(at("2026-03-12T08:00:01Z"));
+    let mails = eventually("the nudge e-mail", WAIT, || async { Ok(Some(stack.mail.to("anna@example.test")).filter(|m| !m.is_empty())) }).await?;
+    let mail = &mails[0];
+    let subject = mail.header("Subject").unwrap_or_default();
+    assert!(subject.contains("INV-1001"), "subject names the invoice: {subject}");
+    let body = mail.body();
+    assert!(body.contains("INV-1001"), "{body}");
+    assert!(body.contains("1234.50 DKK"), "body states the amount: {body}");
+    assert!(body.contains("RF18539007547034"), "body carries the payment reference: {body}");
+
+    // The bank quotes the reference with spaces, as printed.
+    let payment = s.payment("bank-tx-1", 123_450, "RF18 5390 0754 7034");
+    stack.produce(&stack.topic(&stack.topics().payments), "bank", &payment).await?;
+    status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
+
+    // Past the reminder and the hand-off dates: nothing more happens.
+    clock.advance(Days::days(40));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(stack.mail.to("anna@example.test").len(), 1, "no e-mail after payment");
+    assert!(stack.agency.requests().is_empty(), "no hand-off after payment");
+    let kinds: Vec<String> = stack.read::<JourneyEvent>(&stack.topic(&stack.topics().journey_events)).await?.into_iter().map(|e| e.kind).collect();
+    for k in ["opened", "step_sent", "paid"] {
+        assert!(kinds.iter().any(|x| x == k), "timeline has '{k}': {kinds:?}");
+    }
+    stack.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invoice_paid_before_its_due_date_gets_no_message_at_all() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-05-04T08:00:00Z"));
+    let stack = LocalStack::start(base_config(), clock.clone()).await?;
+    stack.start_all();
+    let s = danish("inv-early", "INV-2001", day(2026, 5, 8), "early@example.test");
+    stack.produce(&stack.topic(&stack.topics().billing_invoice_events), &s.debtor_id(), &s.issued()).await?;
+    stack.produce(&stack.topic(&stack.topics().payments), "bank", &s.payment("bank-tx-9", 123_450, "RF18539007547034")).await?;
+    status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
+    clock.advance(Days::days(45));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(stack.mail.messages().is_empty(), "no e-mail for an invoice paid early");
+    assert!(stack.read::<JourneyAction>(&stack.topic(&stack.topics().journey_actions)).await?.is_empty(), "no journey action at all");
+    assert!(stack.agency.requests().is_empty());
+    stack.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redelivered_action_and_a_crashed_dispatch_still_send_exactly_one_email() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-06-01T06:00:00Z"));
+    let stack = LocalStack::start(base_config(), clock.clone()).await?;
+    stack.start_all();
+    let s = danish("inv-dup", "INV-3001", day(2026, 6, 1), "dup@example.test");
+    stack.produce(&stack.topic(&stack.topics().billing_invoice_events), &s.debtor_id(), &s.issued()).await?;
+    status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    clock.set(at("2026-06-01T07:00:01Z")); // 09:00 CEST
+    eventually("the nudge e-mail", WAIT, || async { Ok((stack.mail.messages().len() == 1).then_some(())) }).await?;
+
+    // A crash right after sending: dispatch is killed before it could commit, then restarted.
+    stack.kill_service("dispatch").await;
+    // And the same action is delivered twice more (an upstream retry).
+    let actions_topic = stack.topic(&stack.topics().journey_actions);
+    let raw = stack.read_raw(&actions_topic).await?;
+    assert_eq!(raw.len(), 1, "one action for the one step");
+    stack.produce_raw(&actions_topic, &s.debtor_id(), &raw[0]).await?;
+    stack.produce_raw(&actions_topic, &s.debtor_id(), &raw[0]).await?;
+    stack.start_service("dispatch");
+
+    // The restarted dispatch reports both redeliveries (and the first delivery, when the kill
+    // came before its commit) as duplicates, and sends nothing.
+    eventually("two redeliveries seen as duplicates", WAIT, || async {
+        let m = stack.metrics("dispatch").await.unwrap_or_default();
+        Ok((metric_value(&m, "forfall_dispatch_outcomes_total", &["status=\"duplicate\""]).is_some_and(|n| n >= 2.0)).then_some(()))
+    })
+    .await?;
+    let outcomes = stack.read::<DispatchOutcome>(&stack.topic(&stack.topics().dispatch_outcomes)).await?;
+    assert_eq!(outcomes.iter().filter(|o| o.status == DispatchStatus::Sent).count(), 1, "{outcomes:?}");
+    assert!(outcomes.iter().any(|o| o.status == DispatchStatus::Duplicate), "{outcomes:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stack.mail.messages().len(), 1, "exactly one e-mail reached the SMTP server");
+    let message_id = stack.mail.messages()[0].header("Message-ID").unwrap_or_default();
+    assert!(message_id.contains(&outcomes[0].action_id), "Message-ID derives from the action: {message_id}");
+    stack.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unpaid_invoice_reaches_the_agency_as_one_case_once() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-09-01T06:00:00Z"));
+    let stack = LocalStack::start(base_config(), clock.clone()).await?;
+    stack.start_all();
+    let s = danish("inv-unpaid", "INV-4001", day(2026, 9, 2), "late@example.test");
+    stack.produce(&stack.topic(&stack.topics().billing_invoice_events), &s.debtor_id(), &s.issued()).await?;
+    status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    let mails = |n: usize| {
+        let stack = &stack;
+        async move { eventually(&format!("{n} e-mails"), WAIT, || async move { Ok((stack.mail.to("late@example.test").len() == n).then_some(())) }).await }
+    };
+    clock.set(at("2026-09-02T07:00:01Z"));
+    status_is(&stack, s.tenant, s.invoice_id, "nudged").await?;
+    mails(1).await?;
+    clock.set(at("2026-09-16T07:00:01Z"));
+    status_is(&stack, s.tenant, s.invoice_id, "reminded-1").await?;
+    mails(2).await?;
+    clock.set(at("2026-09-30T07:00:01Z"));
+    status_is(&stack, s.tenant, s.invoice_id, "handed_over").await?;
+
+    let outcomes_topic = stack.topic(&stack.topics().handoff_outcomes);
+    let outcome = eventually("the agency's answer", WAIT, || async {
+        Ok(stack.read::<HandoffOutcome>(&outcomes_topic).await?.into_iter().next())
+    })
+    .await?;
+    assert_eq!(outcome.status, HandoffStatus::Accepted);
+    assert_eq!(outcome.agency_reference.as_deref(), Some("AG-1"));
+    clock.advance(Days::days(30));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let requests = stack.agency.requests();
+    assert_eq!(requests.len(), 1, "one case, once");
+    let case = requests[0].json();
+    assert_eq!(case["invoice_number"], "INV-4001");
+    assert_eq!(case["principal_minor"], 123_450);
+    assert_eq!(case["steps_taken"], serde_json::json!(["nudge", "reminder-1", "handoff"]));
+    assert_eq!(requests[0].header("idempotency-key"), Some(outcome.case_id.as_str()));
+    assert_eq!(stack.mail.to("late@example.test").len(), 2, "nudge and reminder");
+    stack.shutdown().await;
+    Ok(())
+}

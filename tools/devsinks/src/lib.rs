@@ -1,0 +1,188 @@
+//! DEV AND TEST ONLY: real servers on loopback that record what Forfall sends them.
+//! - [`MailSink`]: an SMTP server (mailin-embedded) keeping every message it accepts.
+//! - [`HttpRecorder`]: an HTTP server keeping every request and answering with a scripted status.
+
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::IntoResponse;
+use mailin_embedded::{response, Handler, Response, Server, SslConfig};
+
+/// One accepted e-mail.
+#[derive(Debug, Clone)]
+pub struct ReceivedMail {
+    pub from: String,
+    pub to: Vec<String>,
+    pub raw: String,
+}
+
+impl ReceivedMail {
+    /// A header's (unfolded) value.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let head = self.raw.split("\r\n\r\n").next()?;
+        let mut value: Option<String> = None;
+        for line in head.split("\r\n") {
+            if let Some(v) = value.as_mut() {
+                if line.starts_with([' ', '\t']) {
+                    v.push_str(line.trim_start());
+                    continue;
+                }
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case(name) {
+                    value = Some(v.trim().to_owned());
+                }
+            }
+        }
+        value
+    }
+
+    pub fn body(&self) -> String {
+        self.raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+    }
+}
+
+#[derive(Clone)]
+struct MailHandler {
+    store: Arc<Mutex<Vec<ReceivedMail>>>,
+    current: Option<ReceivedMail>,
+}
+
+impl Handler for MailHandler {
+    fn data_start(&mut self, _domain: &str, from: &str, _is8bit: bool, to: &[String]) -> Response {
+        self.current = Some(ReceivedMail { from: from.to_owned(), to: to.to_vec(), raw: String::new() });
+        response::OK
+    }
+
+    fn data(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        if let Some(m) = self.current.as_mut() {
+            m.raw.push_str(&String::from_utf8_lossy(buf));
+        }
+        Ok(())
+    }
+
+    fn data_end(&mut self) -> Response {
+        if let Some(m) = self.current.take() {
+            self.store.lock().unwrap_or_else(|p| p.into_inner()).push(m);
+        }
+        response::OK
+    }
+
+    fn helo(&mut self, _ip: IpAddr, _domain: &str) -> Response {
+        response::OK
+    }
+}
+
+/// A real SMTP server on 127.0.0.1 (port chosen by the OS) keeping every message.
+#[derive(Clone)]
+pub struct MailSink {
+    pub addr: SocketAddr,
+    store: Arc<Mutex<Vec<ReceivedMail>>>,
+}
+
+impl MailSink {
+    pub fn start() -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let store = Arc::new(Mutex::new(Vec::new()));
+        let handler = MailHandler { store: store.clone(), current: None };
+        let mut server = Server::new(handler);
+        server.with_name("forfall-mail-sink").with_ssl(SslConfig::None).map_err(|e| anyhow::anyhow!("{e}"))?.with_tcp_listener(listener);
+        std::thread::Builder::new().name("mail-sink".into()).spawn(move || {
+            let _ = server.serve();
+        })?;
+        Ok(Self { addr, store })
+    }
+
+    pub fn messages(&self) -> Vec<ReceivedMail> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Messages to one recipient.
+    pub fn to(&self, address: &str) -> Vec<ReceivedMail> {
+        self.messages().into_iter().filter(|m| m.to.iter().any(|t| t == address)).collect()
+    }
+}
+
+/// One recorded HTTP request.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RecordedRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+#[derive(Clone, Default)]
+struct Script {
+    requests: Arc<Mutex<Vec<RecordedRequest>>>,
+    /// Statuses to answer with, in order; the last repeats. Empty = 201.
+    statuses: Arc<Mutex<Vec<u16>>>,
+}
+
+/// A real HTTP server on 127.0.0.1 recording every request.
+#[derive(Clone)]
+pub struct HttpRecorder {
+    pub addr: SocketAddr,
+    script: Script,
+}
+
+impl HttpRecorder {
+    pub async fn start() -> anyhow::Result<Self> {
+        let script = Script::default();
+        let app = axum::Router::new().fallback(record).with_state(script.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { addr, script })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Answer the next requests with these statuses (the last one repeats).
+    pub fn answer_with(&self, statuses: &[u16]) {
+        *self.script.statuses.lock().unwrap_or_else(|p| p.into_inner()) = statuses.to_vec();
+    }
+
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.script.requests.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+async fn record(State(script): State<Script>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> impl IntoResponse {
+    let request = RecordedRequest {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+        headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned())).collect(),
+        body: body.to_vec(),
+    };
+    let n = {
+        let mut requests = script.requests.lock().unwrap_or_else(|p| p.into_inner());
+        requests.push(request);
+        requests.len()
+    };
+    let status = {
+        let statuses = script.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        statuses.get(n - 1).or(statuses.last()).copied().unwrap_or(201)
+    };
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, axum::Json(serde_json::json!({"reference": format!("AG-{n}")})))
+}
