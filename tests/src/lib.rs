@@ -4,13 +4,16 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use forfall_domain::invoice::epoch_days;
 use forfall_platform::config::{self, CommonConfig};
-use forfall_platform::records::{new_event_id, InvoiceIssued, PaymentReceived};
+use forfall_platform::records::{InvoiceIssued, PaymentReceived, new_event_id};
 
-pub use forfall::devstack::{eventually, LocalStack};
+pub use forfall::devstack::{LocalStack, eventually};
 
 /// Dev-stack settings (`FORFALL_*` variables may point elsewhere).
 pub fn base_config() -> CommonConfig {
-    config::common(&config::figment(Some(std::path::Path::new("/nonexistent/forfall.toml")))).expect("valid FORFALL_* environment")
+    config::common(&config::figment(Some(std::path::Path::new(
+        "/nonexistent/forfall.toml",
+    ))))
+    .expect("valid FORFALL_* environment")
 }
 
 pub fn at(s: &str) -> DateTime<Utc> {

@@ -13,20 +13,41 @@ async fn every_record_of_a_burst_is_kept_in_order() -> anyhow::Result<()> {
     let producer = Producer::new(&stack.rt.config.kafka, Metrics::new("test")?)?;
     let topic = stack.topic(&stack.topics().journey_events);
     let outs: Vec<Outbound> = (0..200)
-        .map(|i| Outbound { topic: topic.clone(), key: "same-debtor".into(), payload: format!("record-{i}").into_bytes(), trace: TraceContext::new_root() })
+        .map(|i| Outbound {
+            topic: topic.clone(),
+            key: "same-debtor".into(),
+            payload: format!("record-{i}").into_bytes(),
+            trace: TraceContext::new_root(),
+        })
         .collect();
     producer.send_all(&outs).await.map_err(anyhow::Error::msg)?;
     // Identical records sent one by one are all kept. (Tansu 0.6.0 collapses byte-identical
     // records that share one produce batch; Forfall never relies on keeping those, because
     // byte-identical Forfall records are the same fact under the same derived event id.)
-    let same: Vec<Outbound> = (0..3).map(|_| Outbound { payload: b"same".to_vec(), ..outs[0].clone() }).collect();
+    let same: Vec<Outbound> = (0..3)
+        .map(|_| Outbound {
+            payload: b"same".to_vec(),
+            ..outs[0].clone()
+        })
+        .collect();
     for one in &same {
-        producer.send_all(std::slice::from_ref(one)).await.map_err(anyhow::Error::msg)?;
+        producer
+            .send_all(std::slice::from_ref(one))
+            .await
+            .map_err(anyhow::Error::msg)?;
     }
     let read = stack.read_raw(&topic).await?;
     let texts: Vec<String> = read.iter().map(|r| String::from_utf8_lossy(r).into_owned()).collect();
-    let expected: Vec<String> = (0..200).map(|i| format!("record-{i}")).chain((0..3).map(|_| "same".to_owned())).collect();
-    assert_eq!(texts.len(), expected.len(), "tail: {:?}", &texts[texts.len().saturating_sub(8)..]);
+    let expected: Vec<String> = (0..200)
+        .map(|i| format!("record-{i}"))
+        .chain((0..3).map(|_| "same".to_owned()))
+        .collect();
+    assert_eq!(
+        texts.len(),
+        expected.len(),
+        "tail: {:?}",
+        &texts[texts.len().saturating_sub(8)..]
+    );
     assert_eq!(texts, expected);
     Ok(())
 }

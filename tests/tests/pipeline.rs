@@ -6,7 +6,9 @@ use std::time::Duration;
 use chrono::Duration as Days;
 use forfall_e2e::*;
 use forfall_platform::clock::ManualClock;
-use forfall_platform::records::{DispatchOutcome, DispatchStatus, HandoffOutcome, HandoffStatus, JourneyAction, JourneyEvent};
+use forfall_platform::records::{
+    DispatchOutcome, DispatchStatus, HandoffOutcome, HandoffStatus, JourneyAction, JourneyEvent,
+};
 
 const WAIT: Duration = Duration::from_secs(45);
 
@@ -23,24 +25,38 @@ async fn nudge_is_mailed_then_payment_closes_the_invoice_and_silences_it() -> an
     let stack = LocalStack::start(base_config(), clock.clone()).await?;
     stack.start_all();
     let s = danish("inv-1", "INV-1001", day(2026, 3, 12), "anna@example.test");
-    stack.produce(&stack.topic(&stack.topics().billing_invoice_events), &s.debtor_id(), &s.issued()).await?;
+    stack
+        .produce(
+            &stack.topic(&stack.topics().billing_invoice_events),
+            &s.debtor_id(),
+            &s.issued(),
+        )
+        .await?;
     status_is(&stack, s.tenant, s.invoice_id, "open").await?;
     assert!(stack.mail.messages().is_empty(), "nothing is sent before the due date");
 
     // 09:00 in Copenhagen on the due date (CET, UTC+1).
     clock.set(at("2026-03-12T08:00:01Z"));
-    let mails = eventually("the nudge e-mail", WAIT, || async { Ok(Some(stack.mail.to("anna@example.test")).filter(|m| !m.is_empty())) }).await?;
+    let mails = eventually("the nudge e-mail", WAIT, || async {
+        Ok(Some(stack.mail.to("anna@example.test")).filter(|m| !m.is_empty()))
+    })
+    .await?;
     let mail = &mails[0];
     let subject = mail.header("Subject").unwrap_or_default();
     assert!(subject.contains("INV-1001"), "subject names the invoice: {subject}");
     let body = mail.body();
     assert!(body.contains("INV-1001"), "{body}");
     assert!(body.contains("1234.50 DKK"), "body states the amount: {body}");
-    assert!(body.contains("RF18539007547034"), "body carries the payment reference: {body}");
+    assert!(
+        body.contains("RF18539007547034"),
+        "body carries the payment reference: {body}"
+    );
 
     // The bank quotes the reference with spaces, as printed.
     let payment = s.payment("bank-tx-1", 123_450, "RF18 5390 0754 7034");
-    stack.produce(&stack.topic(&stack.topics().payments), "bank", &payment).await?;
+    stack
+        .produce(&stack.topic(&stack.topics().payments), "bank", &payment)
+        .await?;
     status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
 
     // Past the reminder and the hand-off dates: nothing more happens.
@@ -48,7 +64,12 @@ async fn nudge_is_mailed_then_payment_closes_the_invoice_and_silences_it() -> an
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(stack.mail.to("anna@example.test").len(), 1, "no e-mail after payment");
     assert!(stack.agency.requests().is_empty(), "no hand-off after payment");
-    let kinds: Vec<String> = stack.read::<JourneyEvent>(&stack.topic(&stack.topics().journey_events)).await?.into_iter().map(|e| e.kind).collect();
+    let kinds: Vec<String> = stack
+        .read::<JourneyEvent>(&stack.topic(&stack.topics().journey_events))
+        .await?
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
     for k in ["opened", "step_sent", "paid"] {
         assert!(kinds.iter().any(|x| x == k), "timeline has '{k}': {kinds:?}");
     }
@@ -62,13 +83,31 @@ async fn an_invoice_paid_before_its_due_date_gets_no_message_at_all() -> anyhow:
     let stack = LocalStack::start(base_config(), clock.clone()).await?;
     stack.start_all();
     let s = danish("inv-early", "INV-2001", day(2026, 5, 8), "early@example.test");
-    stack.produce(&stack.topic(&stack.topics().billing_invoice_events), &s.debtor_id(), &s.issued()).await?;
-    stack.produce(&stack.topic(&stack.topics().payments), "bank", &s.payment("bank-tx-9", 123_450, "RF18539007547034")).await?;
+    stack
+        .produce(
+            &stack.topic(&stack.topics().billing_invoice_events),
+            &s.debtor_id(),
+            &s.issued(),
+        )
+        .await?;
+    stack
+        .produce(
+            &stack.topic(&stack.topics().payments),
+            "bank",
+            &s.payment("bank-tx-9", 123_450, "RF18539007547034"),
+        )
+        .await?;
     status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
     clock.advance(Days::days(45));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(stack.mail.messages().is_empty(), "no e-mail for an invoice paid early");
-    assert!(stack.read::<JourneyAction>(&stack.topic(&stack.topics().journey_actions)).await?.is_empty(), "no journey action at all");
+    assert!(
+        stack
+            .read::<JourneyAction>(&stack.topic(&stack.topics().journey_actions))
+            .await?
+            .is_empty(),
+        "no journey action at all"
+    );
     assert!(stack.agency.requests().is_empty());
     stack.shutdown().await;
     Ok(())
@@ -80,10 +119,19 @@ async fn a_redelivered_action_and_a_crashed_dispatch_still_send_exactly_one_emai
     let stack = LocalStack::start(base_config(), clock.clone()).await?;
     stack.start_all();
     let s = danish("inv-dup", "INV-3001", day(2026, 6, 1), "dup@example.test");
-    stack.produce(&stack.topic(&stack.topics().billing_invoice_events), &s.debtor_id(), &s.issued()).await?;
+    stack
+        .produce(
+            &stack.topic(&stack.topics().billing_invoice_events),
+            &s.debtor_id(),
+            &s.issued(),
+        )
+        .await?;
     status_is(&stack, s.tenant, s.invoice_id, "open").await?;
     clock.set(at("2026-06-01T07:00:01Z")); // 09:00 CEST
-    eventually("the nudge e-mail", WAIT, || async { Ok((stack.mail.messages().len() == 1).then_some(())) }).await?;
+    eventually("the nudge e-mail", WAIT, || async {
+        Ok((stack.mail.messages().len() == 1).then_some(()))
+    })
+    .await?;
 
     // A crash right after sending: dispatch is killed before it could commit, then restarted.
     stack.kill_service("dispatch").await;
@@ -99,16 +147,35 @@ async fn a_redelivered_action_and_a_crashed_dispatch_still_send_exactly_one_emai
     // came before its commit) as duplicates, and sends nothing.
     eventually("two redeliveries seen as duplicates", WAIT, || async {
         let m = stack.metrics("dispatch").await.unwrap_or_default();
-        Ok((metric_value(&m, "forfall_dispatch_outcomes_total", &["status=\"duplicate\""]).is_some_and(|n| n >= 2.0)).then_some(()))
+        Ok(
+            (metric_value(&m, "forfall_dispatch_outcomes_total", &["status=\"duplicate\""]).is_some_and(|n| n >= 2.0))
+                .then_some(()),
+        )
     })
     .await?;
-    let outcomes = stack.read::<DispatchOutcome>(&stack.topic(&stack.topics().dispatch_outcomes)).await?;
-    assert_eq!(outcomes.iter().filter(|o| o.status == DispatchStatus::Sent).count(), 1, "{outcomes:?}");
-    assert!(outcomes.iter().any(|o| o.status == DispatchStatus::Duplicate), "{outcomes:?}");
+    let outcomes = stack
+        .read::<DispatchOutcome>(&stack.topic(&stack.topics().dispatch_outcomes))
+        .await?;
+    assert_eq!(
+        outcomes.iter().filter(|o| o.status == DispatchStatus::Sent).count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.iter().any(|o| o.status == DispatchStatus::Duplicate),
+        "{outcomes:?}"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(stack.mail.messages().len(), 1, "exactly one e-mail reached the SMTP server");
+    assert_eq!(
+        stack.mail.messages().len(),
+        1,
+        "exactly one e-mail reached the SMTP server"
+    );
     let message_id = stack.mail.messages()[0].header("Message-ID").unwrap_or_default();
-    assert!(message_id.contains(&outcomes[0].action_id), "Message-ID derives from the action: {message_id}");
+    assert!(
+        message_id.contains(&outcomes[0].action_id),
+        "Message-ID derives from the action: {message_id}"
+    );
     stack.shutdown().await;
     Ok(())
 }
@@ -119,11 +186,22 @@ async fn an_unpaid_invoice_reaches_the_agency_as_one_case_once() -> anyhow::Resu
     let stack = LocalStack::start(base_config(), clock.clone()).await?;
     stack.start_all();
     let s = danish("inv-unpaid", "INV-4001", day(2026, 9, 2), "late@example.test");
-    stack.produce(&stack.topic(&stack.topics().billing_invoice_events), &s.debtor_id(), &s.issued()).await?;
+    stack
+        .produce(
+            &stack.topic(&stack.topics().billing_invoice_events),
+            &s.debtor_id(),
+            &s.issued(),
+        )
+        .await?;
     status_is(&stack, s.tenant, s.invoice_id, "open").await?;
     let mails = |n: usize| {
         let stack = &stack;
-        async move { eventually(&format!("{n} e-mails"), WAIT, || async move { Ok((stack.mail.to("late@example.test").len() == n).then_some(())) }).await }
+        async move {
+            eventually(&format!("{n} e-mails"), WAIT, || async move {
+                Ok((stack.mail.to("late@example.test").len() == n).then_some(()))
+            })
+            .await
+        }
     };
     clock.set(at("2026-09-02T07:00:01Z"));
     status_is(&stack, s.tenant, s.invoice_id, "nudged").await?;
@@ -148,7 +226,10 @@ async fn an_unpaid_invoice_reaches_the_agency_as_one_case_once() -> anyhow::Resu
     let case = requests[0].json();
     assert_eq!(case["invoice_number"], "INV-4001");
     assert_eq!(case["principal_minor"], 123_450);
-    assert_eq!(case["steps_taken"], serde_json::json!(["nudge", "reminder-1", "handoff"]));
+    assert_eq!(
+        case["steps_taken"],
+        serde_json::json!(["nudge", "reminder-1", "handoff"])
+    );
     assert_eq!(requests[0].header("idempotency-key"), Some(outcome.case_id.as_str()));
     assert_eq!(stack.mail.to("late@example.test").len(), 2, "nudge and reminder");
     stack.shutdown().await;

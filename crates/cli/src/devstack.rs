@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use figment::providers::Serialized;
 use figment::Figment;
+use figment::providers::Serialized;
 use forfall_devsinks::{HttpRecorder, MailSink};
 use forfall_platform::clock::SharedClock;
 use forfall_platform::config::CommonConfig;
@@ -79,7 +79,16 @@ impl LocalStack {
             .create()?;
         let redis = redis_store::connect(&config.redis).await?;
         let rt = Runtime::new(config, figment, clock, CancellationToken::new());
-        Ok(Self { prefix, rt, mail, agency, registry_url, producer, redis, services: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            prefix,
+            rt,
+            mail,
+            agency,
+            registry_url,
+            producer,
+            redis,
+            services: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn topic(&self, base: &str) -> String {
@@ -145,7 +154,12 @@ impl LocalStack {
         for name in names {
             loop {
                 if let Some(addr) = self.rt.admin_addr(name) {
-                    let ok = client.get(format!("http://{addr}/readyz")).send().await.map(|r| r.status().is_success()).unwrap_or(false);
+                    let ok = client
+                        .get(format!("http://{addr}/readyz"))
+                        .send()
+                        .await
+                        .map(|r| r.status().is_success())
+                        .unwrap_or(false);
                     if ok {
                         break;
                     }
@@ -159,7 +173,10 @@ impl LocalStack {
 
     /// The Prometheus text of one service.
     pub async fn metrics(&self, name: &str) -> anyhow::Result<String> {
-        let addr = self.rt.admin_addr(name).ok_or_else(|| anyhow::anyhow!("{name} has no admin address"))?;
+        let addr = self
+            .rt
+            .admin_addr(name)
+            .ok_or_else(|| anyhow::anyhow!("{name} has no admin address"))?;
         Ok(reqwest::get(format!("http://{addr}/metrics")).await?.text().await?)
     }
 
@@ -171,7 +188,10 @@ impl LocalStack {
 
     pub async fn produce_raw(&self, topic: &str, key: &str, payload: &[u8]) -> anyhow::Result<()> {
         self.producer
-            .send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(10))
+            .send(
+                FutureRecord::to(topic).key(key).payload(payload),
+                Duration::from_secs(10),
+            )
             .await
             .map_err(|(e, _)| anyhow::anyhow!("produce to {topic}: {e}"))?;
         Ok(())
@@ -245,7 +265,10 @@ where
         if let Some(v) = check().await? {
             return Ok(v);
         }
-        anyhow::ensure!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

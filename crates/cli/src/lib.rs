@@ -17,7 +17,13 @@ pub fn parse_targets(spec: &str) -> anyhow::Result<Vec<&'static str>> {
     spec.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| TARGETS.iter().copied().find(|t| *t == s).ok_or_else(|| anyhow::anyhow!("unknown target '{s}': expected all or some of {}", TARGETS.join(", "))))
+        .map(|s| {
+            TARGETS
+                .iter()
+                .copied()
+                .find(|t| *t == s)
+                .ok_or_else(|| anyhow::anyhow!("unknown target '{s}': expected all or some of {}", TARGETS.join(", ")))
+        })
         .collect()
 }
 
@@ -38,11 +44,17 @@ pub async fn run_targets(rt: Runtime, targets: &[&'static str]) -> anyhow::Resul
     let mut set = JoinSet::new();
     for &target in targets {
         let rt = rt.clone();
-        set.spawn(async move { run_target(rt, target).await.map_err(|e| e.context(format!("service {target}"))) });
+        set.spawn(async move {
+            run_target(rt, target)
+                .await
+                .map_err(|e| e.context(format!("service {target}")))
+        });
     }
     let mut first_error = None;
     while let Some(joined) = set.join_next().await {
-        let result = joined.map_err(|e| anyhow::anyhow!("a service task panicked: {e}")).and_then(|r| r);
+        let result = joined
+            .map_err(|e| anyhow::anyhow!("a service task panicked: {e}"))
+            .and_then(|r| r);
         if let Err(e) = result {
             tracing::error!(error = format!("{e:#}"), "stopping all services");
             rt.shutdown.cancel();

@@ -16,7 +16,10 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(code: &'static str, detail: impl Into<String>) -> Self {
-        Self { code, detail: detail.into() }
+        Self {
+            code,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -115,7 +118,10 @@ pub fn validate_issued(input: IssuedInput) -> Result<InvoiceSnapshot, Rejection>
     non_empty("invoice_id", &input.invoice_id)?;
     non_empty("invoice_number", &input.invoice_number)?;
     if input.revision < 0 {
-        return Err(Rejection::new("invalid_revision", format!("field 'revision' is {}, must be 0 or more", input.revision)));
+        return Err(Rejection::new(
+            "invalid_revision",
+            format!("field 'revision' is {}, must be 0 or more", input.revision),
+        ));
     }
     if input.amount_minor <= 0 {
         return Err(Rejection::new(
@@ -209,22 +215,34 @@ pub fn reissue(existing: &InvoiceSnapshot, mut incoming: InvoiceSnapshot) -> Res
 /// Applies a credit note. Over-crediting is refused rather than silently capped: billing must fix it.
 pub fn apply_credit(snapshot: &InvoiceSnapshot, credit: Money) -> Result<InvoiceSnapshot, Rejection> {
     if credit.minor <= 0 {
-        return Err(Rejection::new("invalid_amount", format!("field 'amount_minor' is {}, must be greater than 0", credit.minor)));
+        return Err(Rejection::new(
+            "invalid_amount",
+            format!("field 'amount_minor' is {}, must be greater than 0", credit.minor),
+        ));
     }
     if credit.currency != snapshot.amount.currency {
         return Err(Rejection::new(
             "currency_mismatch",
-            format!("credit in {} for invoice '{}' in {}", credit.currency, snapshot.invoice_id, snapshot.amount.currency),
+            format!(
+                "credit in {} for invoice '{}' in {}",
+                credit.currency, snapshot.invoice_id, snapshot.amount.currency
+            ),
         ));
     }
     if snapshot.status == InvoiceStatus::Cancelled {
-        return Err(Rejection::new("invoice_cancelled", format!("invoice '{}' is cancelled; it cannot be credited", snapshot.invoice_id)));
+        return Err(Rejection::new(
+            "invoice_cancelled",
+            format!("invoice '{}' is cancelled; it cannot be credited", snapshot.invoice_id),
+        ));
     }
     let open = snapshot.open();
     if credit.minor > open.minor {
         return Err(Rejection::new(
             "over_credit",
-            format!("credit of {credit} exceeds the {open} still open on invoice '{}'", snapshot.invoice_id),
+            format!(
+                "credit of {credit} exceeds the {open} still open on invoice '{}'",
+                snapshot.invoice_id
+            ),
         ));
     }
     let mut next = snapshot.clone();
@@ -279,9 +297,21 @@ pub(crate) mod tests {
             (Box::new(|i| i.amount_minor = 0), "invalid_amount", "amount_minor"),
             (Box::new(|i| i.currency = "XYZ".into()), "unknown_currency", "currency"),
             (Box::new(|i| i.debtor_id = " ".into()), "missing_debtor", "debtor_id"),
-            (Box::new(|i| i.jurisdiction = "DE".into()), "unknown_jurisdiction", "jurisdiction"),
-            (Box::new(|i| i.debtor_kind = "robot".into()), "unknown_debtor_kind", "debtor_kind"),
-            (Box::new(|i| i.due_date_days = i.issue_date_days - 1), "due_before_issue", "due_date"),
+            (
+                Box::new(|i| i.jurisdiction = "DE".into()),
+                "unknown_jurisdiction",
+                "jurisdiction",
+            ),
+            (
+                Box::new(|i| i.debtor_kind = "robot".into()),
+                "unknown_debtor_kind",
+                "debtor_kind",
+            ),
+            (
+                Box::new(|i| i.due_date_days = i.issue_date_days - 1),
+                "due_before_issue",
+                "due_date",
+            ),
             (Box::new(|i| i.invoice_id = "".into()), "missing_field", "invoice_id"),
         ];
         for (mutate, code, field) in cases {
@@ -289,7 +319,11 @@ pub(crate) mod tests {
             mutate(&mut i);
             let err = validate_issued(i).unwrap_err();
             assert_eq!(err.code, code);
-            assert!(err.detail.contains(field), "detail '{}' should name '{field}'", err.detail);
+            assert!(
+                err.detail.contains(field),
+                "detail '{}' should name '{field}'",
+                err.detail
+            );
         }
     }
 
@@ -310,8 +344,14 @@ pub(crate) mod tests {
         assert_eq!(part.status, InvoiceStatus::Open);
         let full = apply_credit(&part, Money::new(40_000, Currency::DKK)).unwrap();
         assert_eq!(full.status, InvoiceStatus::SettledByCredit);
-        assert_eq!(apply_credit(&full, Money::new(1, Currency::DKK)).unwrap_err().code, "over_credit");
-        assert_eq!(apply_credit(&s, Money::new(1, Currency::SEK)).unwrap_err().code, "currency_mismatch");
+        assert_eq!(
+            apply_credit(&full, Money::new(1, Currency::DKK)).unwrap_err().code,
+            "over_credit"
+        );
+        assert_eq!(
+            apply_credit(&s, Money::new(1, Currency::SEK)).unwrap_err().code,
+            "currency_mismatch"
+        );
     }
 
     #[test]
@@ -324,7 +364,10 @@ pub(crate) mod tests {
         let re = reissue(&credited, validate_issued(newer.clone()).unwrap()).unwrap();
         assert_eq!(re.open().minor, 50_000);
         let cancelled = apply_cancel(&credited);
-        assert_eq!(reissue(&cancelled, validate_issued(newer).unwrap()).unwrap().status, InvoiceStatus::Cancelled);
+        assert_eq!(
+            reissue(&cancelled, validate_issued(newer).unwrap()).unwrap().status,
+            InvoiceStatus::Cancelled
+        );
         assert_eq!(cancelled.open().minor, 0);
     }
 }

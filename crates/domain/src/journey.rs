@@ -61,14 +61,24 @@ impl Plan {
                 PlannedStep {
                     name: "nudge".to_owned(),
                     offset_days: 0,
-                    kind: StepKind::Message { tone: Tone::Nudge, channels: vec!["email".to_owned()] },
+                    kind: StepKind::Message {
+                        tone: Tone::Nudge,
+                        channels: vec!["email".to_owned()],
+                    },
                 },
                 PlannedStep {
                     name: "reminder-1".to_owned(),
                     offset_days: 14,
-                    kind: StepKind::Message { tone: Tone::Reminder, channels: vec!["email".to_owned()] },
+                    kind: StepKind::Message {
+                        tone: Tone::Reminder,
+                        channels: vec!["email".to_owned()],
+                    },
                 },
-                PlannedStep { name: "handoff".to_owned(), offset_days: 28, kind: StepKind::Handoff },
+                PlannedStep {
+                    name: "handoff".to_owned(),
+                    offset_days: 28,
+                    kind: StepKind::Handoff,
+                },
             ],
             send_time: NaiveTime::from_hms_opt(9, 0, 0).unwrap_or(NaiveTime::MIN),
         }
@@ -170,8 +180,15 @@ pub enum TimerChange {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Emit {
-    Message { step_index: usize, step: PlannedStep, tone: Tone, channels: Vec<String> },
-    Handoff { step: PlannedStep },
+    Message {
+        step_index: usize,
+        step: PlannedStep,
+        tone: Tone,
+        channels: Vec<String>,
+    },
+    Handoff {
+        step: PlannedStep,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,12 +200,26 @@ pub struct Decision {
 }
 
 fn transition(kind: &'static str, from: JourneyState, to: JourneyState) -> Transition {
-    Transition { kind, from, to, step: None, rule: None, reason: None }
+    Transition {
+        kind,
+        from,
+        to,
+        step: None,
+        rule: None,
+        reason: None,
+    }
 }
 
 fn schedule_next(journey: &Journey, plan: &Plan) -> TimerChange {
-    match plan.fire_at(journey.next_step, journey.invoice.due_date, journey.invoice.jurisdiction) {
-        Some(fire_at) if journey.state.accepts_contact() => TimerChange::Schedule { step_index: journey.next_step, fire_at },
+    match plan.fire_at(
+        journey.next_step,
+        journey.invoice.due_date,
+        journey.invoice.jurisdiction,
+    ) {
+        Some(fire_at) if journey.state.accepts_contact() => TimerChange::Schedule {
+            step_index: journey.next_step,
+            fire_at,
+        },
         _ => TimerChange::Cancel,
     }
 }
@@ -219,7 +250,12 @@ pub fn on_invoice(existing: Option<Journey>, snapshot: InvoiceSnapshot, plan: &P
             transitions.push(transition("closed", JourneyState::Open, journey.state));
         }
         let timer = schedule_next(&journey, plan);
-        return Decision { journey, transitions, timer, emit: None };
+        return Decision {
+            journey,
+            transitions,
+            timer,
+            emit: None,
+        };
     };
     let from = journey.state;
     let previous_open = journey.invoice.open();
@@ -228,24 +264,39 @@ pub fn on_invoice(existing: Option<Journey>, snapshot: InvoiceSnapshot, plan: &P
     if !from.accepts_contact() {
         // Closed or handed over: record the change, act on nothing.
         transitions.push(transition("invoice_changed", from, from));
-        return Decision { journey, transitions, timer: TimerChange::Keep, emit: None };
+        return Decision {
+            journey,
+            transitions,
+            timer: TimerChange::Keep,
+            emit: None,
+        };
     }
     let kind = match journey.invoice.status {
         InvoiceStatus::Cancelled => "cancelled",
         _ if journey.invoice.open() != previous_open => "credited",
         _ => "invoice_changed",
     };
-    let close = closed_by_invoice(&journey.invoice)
-        .or_else(|| (journey.outstanding().minor == 0).then_some(CloseReason::Paid));
+    let close =
+        closed_by_invoice(&journey.invoice).or_else(|| (journey.outstanding().minor == 0).then_some(CloseReason::Paid));
     if let Some(reason) = close {
         journey.state = JourneyState::Closed(reason);
         transitions.push(transition(kind, from, journey.state));
-        return Decision { journey, transitions, timer: TimerChange::Cancel, emit: None };
+        return Decision {
+            journey,
+            transitions,
+            timer: TimerChange::Cancel,
+            emit: None,
+        };
     }
     transitions.push(transition(kind, from, from));
     // A re-issue may move the due date: re-anchor the pending step.
     let timer = schedule_next(&journey, plan);
-    Decision { journey, transitions, timer, emit: None }
+    Decision {
+        journey,
+        transitions,
+        timer,
+        emit: None,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -264,7 +315,12 @@ pub fn on_payment(mut journey: Journey, payment_id: &str, amount: Money) -> Resu
     journey.invoice.open().try_cmp(amount)?;
     let from = journey.state;
     if journey.applied_payments.iter().any(|p| p == payment_id) {
-        return Ok(Decision { journey, transitions: Vec::new(), timer: TimerChange::Keep, emit: None });
+        return Ok(Decision {
+            journey,
+            transitions: Vec::new(),
+            timer: TimerChange::Keep,
+            emit: None,
+        });
     }
     journey.applied_payments.push(payment_id.to_owned());
     journey.paid_minor = journey.paid_minor.saturating_add(amount.minor);
@@ -276,8 +332,17 @@ pub fn on_payment(mut journey: Journey, payment_id: &str, amount: Money) -> Resu
         transition("partly_paid", from, journey.state)
     };
     t.reason = Some(format!("payment of {amount}; outstanding {}", journey.outstanding()));
-    let timer = if settled { TimerChange::Cancel } else { TimerChange::Keep };
-    Ok(Decision { journey, transitions: vec![t], timer, emit: None })
+    let timer = if settled {
+        TimerChange::Cancel
+    } else {
+        TimerChange::Keep
+    };
+    Ok(Decision {
+        journey,
+        transitions: vec![t],
+        timer,
+        emit: None,
+    })
 }
 
 /// The timer for step `step_index` fired.
@@ -285,10 +350,20 @@ pub fn on_timer(mut journey: Journey, step_index: usize, plan: &Plan) -> Decisio
     let from = journey.state;
     if !from.accepts_contact() || step_index != journey.next_step {
         // A timer left over from before a payment, a re-anchor or a redelivery: nothing to do.
-        return Decision { journey, transitions: Vec::new(), timer: TimerChange::Keep, emit: None };
+        return Decision {
+            journey,
+            transitions: Vec::new(),
+            timer: TimerChange::Keep,
+            emit: None,
+        };
     }
     let Some(step) = plan.steps.get(step_index).cloned() else {
-        return Decision { journey, transitions: Vec::new(), timer: TimerChange::Cancel, emit: None };
+        return Decision {
+            journey,
+            transitions: Vec::new(),
+            timer: TimerChange::Cancel,
+            emit: None,
+        };
     };
     journey.next_step += 1;
     journey.steps_taken.push(step.name.clone());
@@ -302,16 +377,40 @@ pub fn on_timer(mut journey: Journey, step_index: usize, plan: &Plan) -> Decisio
                 }),
                 Tone::CollectionWarning => JourneyState::Warned,
             };
-            (to, Emit::Message { step_index, step: step.clone(), tone: *tone, channels: channels.clone() })
+            (
+                to,
+                Emit::Message {
+                    step_index,
+                    step: step.clone(),
+                    tone: *tone,
+                    channels: channels.clone(),
+                },
+            )
         }
         StepKind::Handoff => (JourneyState::HandedOver, Emit::Handoff { step: step.clone() }),
     };
     journey.state = to;
-    let mut t = transition(if to == JourneyState::HandedOver { "handed_over" } else { "step_sent" }, from, to);
+    let mut t = transition(
+        if to == JourneyState::HandedOver {
+            "handed_over"
+        } else {
+            "step_sent"
+        },
+        from,
+        to,
+    );
     t.step = Some(step.name.clone());
-    t.rule = Some(format!("plan {} step {} ({} days from due)", plan.version, step.name, step.offset_days));
+    t.rule = Some(format!(
+        "plan {} step {} ({} days from due)",
+        plan.version, step.name, step.offset_days
+    ));
     let timer = schedule_next(&journey, plan);
-    Decision { journey, transitions: vec![t], timer, emit: Some(emit) }
+    Decision {
+        journey,
+        transitions: vec![t],
+        timer,
+        emit: Some(emit),
+    }
 }
 
 #[cfg(test)]
@@ -332,7 +431,13 @@ mod tests {
         let d = on_invoice(None, validate_issued(input()).unwrap(), &plan);
         // 2026-03-15 09:00 in Copenhagen is 08:00 UTC (CET, before the DST change on 29 March).
         let expected = Utc.with_ymd_and_hms(2026, 3, 15, 8, 0, 0).unwrap();
-        assert_eq!(d.timer, TimerChange::Schedule { step_index: 0, fire_at: expected });
+        assert_eq!(
+            d.timer,
+            TimerChange::Schedule {
+                step_index: 0,
+                fire_at: expected
+            }
+        );
         assert_eq!(d.journey.state, JourneyState::Open);
     }
 
@@ -342,7 +447,13 @@ mod tests {
         let d1 = on_timer(j, 0, &plan);
         assert!(matches!(d1.emit, Some(Emit::Message { tone: Tone::Nudge, .. })));
         // The reminder is 14 days later, after the DST change: 09:00 CEST = 07:00 UTC.
-        assert_eq!(d1.timer, TimerChange::Schedule { step_index: 1, fire_at: Utc.with_ymd_and_hms(2026, 3, 29, 7, 0, 0).unwrap() });
+        assert_eq!(
+            d1.timer,
+            TimerChange::Schedule {
+                step_index: 1,
+                fire_at: Utc.with_ymd_and_hms(2026, 3, 29, 7, 0, 0).unwrap()
+            }
+        );
         let d2 = on_timer(d1.journey, 1, &plan);
         assert_eq!(d2.journey.state, JourneyState::Reminded(1));
         let d3 = on_timer(d2.journey, 2, &plan);
@@ -385,7 +496,10 @@ mod tests {
     #[test]
     fn payment_in_another_currency_is_refused() {
         let (j, _) = opened();
-        assert!(matches!(on_payment(j, "b", Money::new(1, Currency::SEK)), Err(PaymentError::Money(_))));
+        assert!(matches!(
+            on_payment(j, "b", Money::new(1, Currency::SEK)),
+            Err(PaymentError::Money(_))
+        ));
     }
 
     #[test]

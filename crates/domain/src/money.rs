@@ -78,7 +78,10 @@ impl Money {
         if self.currency == other.currency {
             Ok(())
         } else {
-            Err(MoneyError::CurrencyMismatch { left: self.currency, right: other.currency })
+            Err(MoneyError::CurrencyMismatch {
+                left: self.currency,
+                right: other.currency,
+            })
         }
     }
 
@@ -112,7 +115,14 @@ impl fmt::Display for Money {
         let sign = if self.minor < 0 { "-" } else { "" };
         let abs = self.minor.unsigned_abs();
         let scale = scale as u64;
-        write!(f, "{sign}{}.{:0width$} {}", abs / scale, abs % scale, self.currency, width = self.currency.exponent() as usize)
+        write!(
+            f,
+            "{sign}{}.{:0width$} {}",
+            abs / scale,
+            abs % scale,
+            self.currency,
+            width = self.currency.exponent() as usize
+        )
     }
 }
 
@@ -124,7 +134,10 @@ mod tests {
     #[test]
     fn parses_known_currencies_and_refuses_others() {
         assert_eq!("NOK".parse::<Currency>(), Ok(Currency::NOK));
-        assert_eq!("XYZ".parse::<Currency>(), Err(MoneyError::UnknownCurrency("XYZ".into())));
+        assert_eq!(
+            "XYZ".parse::<Currency>(),
+            Err(MoneyError::UnknownCurrency("XYZ".into()))
+        );
         assert!("dkk".parse::<Currency>().is_err(), "codes are upper case by ISO 4217");
     }
 
@@ -132,7 +145,13 @@ mod tests {
     fn mixing_currencies_is_an_error() {
         let a = Money::new(100, Currency::DKK);
         let b = Money::new(100, Currency::SEK);
-        assert_eq!(a.checked_add(b), Err(MoneyError::CurrencyMismatch { left: Currency::DKK, right: Currency::SEK }));
+        assert_eq!(
+            a.checked_add(b),
+            Err(MoneyError::CurrencyMismatch {
+                left: Currency::DKK,
+                right: Currency::SEK
+            })
+        );
         assert!(a.try_cmp(b).is_err());
     }
 

@@ -2,13 +2,13 @@
 //! alive) and `/readyz` (connected and consuming). Services may merge routes of their own.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -56,10 +56,14 @@ async fn ready(State(state): State<AdminState>) -> (StatusCode, &'static str) {
 /// Binds `bind:port` (0 = any free port) and serves `router` until `shutdown`.
 /// Returns the bound address, so tests and the all-in-one binary can report it.
 pub async fn serve(bind: &str, port: u16, router: Router, shutdown: CancellationToken) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind((bind, port)).await.map_err(|e| anyhow::anyhow!("cannot bind admin/HTTP port {bind}:{port}: {e}"))?;
+    let listener = TcpListener::bind((bind, port))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind admin/HTTP port {bind}:{port}: {e}"))?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
-        let served = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
         if let Err(error) = served {
             tracing::error!(%error, "HTTP server stopped");
         }

@@ -19,7 +19,11 @@ pub enum EncodeError {
     #[error("schema registry unavailable: {0}")]
     Unavailable(String),
     #[error("cannot encode {record} for topic '{topic}': {detail}")]
-    Refused { record: &'static str, topic: String, detail: String },
+    Refused {
+        record: &'static str,
+        topic: String,
+        detail: String,
+    },
 }
 
 impl EncodeError {
@@ -83,9 +87,15 @@ impl Decoded {
     /// The typed record; refuses a record of another type.
     pub fn to<T: Record>(&self) -> Result<T, DecodeError> {
         if self.name != T::FULL_NAME {
-            return Err(DecodeError::UnexpectedType { expected: T::FULL_NAME.to_owned(), found: self.name.clone() });
+            return Err(DecodeError::UnexpectedType {
+                expected: T::FULL_NAME.to_owned(),
+                found: self.name.clone(),
+            });
         }
-        apache_avro::from_value(&self.value).map_err(|e| DecodeError::Mismatch { record: self.name.clone(), detail: e.to_string() })
+        apache_avro::from_value(&self.value).map_err(|e| DecodeError::Mismatch {
+            record: self.name.clone(),
+            detail: e.to_string(),
+        })
     }
 }
 
@@ -99,7 +109,11 @@ pub struct Codec {
 impl Codec {
     pub fn new(registry_url: &str, auto_register: bool) -> Self {
         let settings = SrSettings::new(registry_url.trim_end_matches('/').to_owned());
-        Self { encoder: AvroEncoder::new(settings.clone()), decoder: AvroDecoder::new(settings), auto_register }
+        Self {
+            encoder: AvroEncoder::new(settings.clone()),
+            decoder: AvroDecoder::new(settings),
+            auto_register,
+        }
     }
 
     fn strategy<T: Record>(&self, topic: &str) -> SubjectNameStrategy {
@@ -119,7 +133,11 @@ impl Codec {
                 self.encoder.remove_errors_from_cache();
                 EncodeError::Unavailable(describe(&e))
             } else {
-                EncodeError::Refused { record: T::FULL_NAME, topic: topic.to_owned(), detail: describe(&e) }
+                EncodeError::Refused {
+                    record: T::FULL_NAME,
+                    topic: topic.to_owned(),
+                    detail: describe(&e),
+                }
             }
         })
     }
@@ -139,10 +157,23 @@ impl Codec {
                 self.decoder.remove_errors_from_cache();
                 return Err(DecodeError::Unavailable(describe(&e)));
             }
-            return Err(DecodeError::UnknownSchemaId { id, detail: describe(&e) });
+            return Err(DecodeError::UnknownSchemaId {
+                id,
+                detail: describe(&e),
+            });
         }
-        let decoded = self.decoder.decode(Some(bytes)).await.map_err(|e| DecodeError::Undecodable { id, detail: describe(&e) })?;
+        let decoded = self
+            .decoder
+            .decode(Some(bytes))
+            .await
+            .map_err(|e| DecodeError::Undecodable {
+                id,
+                detail: describe(&e),
+            })?;
         let name = decoded.name.map(|n| n.fullname(None)).unwrap_or_default();
-        Ok(Decoded { name, value: decoded.value })
+        Ok(Decoded {
+            name,
+            value: decoded.value,
+        })
     }
 }

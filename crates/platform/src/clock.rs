@@ -1,8 +1,8 @@
 //! Time as a dependency. Services never read the system clock directly, so that tests and the
 //! demo can run a 60-day journey in seconds.
 
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
 
 use chrono::{DateTime, Duration, Utc};
@@ -30,7 +30,9 @@ pub struct ManualClock {
 
 impl ManualClock {
     pub fn new(start: DateTime<Utc>) -> Arc<Self> {
-        Arc::new(Self { millis: AtomicI64::new(start.timestamp_millis()) })
+        Arc::new(Self {
+            millis: AtomicI64::new(start.timestamp_millis()),
+        })
     }
 
     pub fn set(&self, to: DateTime<Utc>) {
@@ -58,7 +60,11 @@ pub struct AcceleratedClock {
 
 impl AcceleratedClock {
     pub fn new(start: DateTime<Utc>, speed: f64) -> Arc<Self> {
-        Arc::new(Self { start, real_start: Instant::now(), speed })
+        Arc::new(Self {
+            start,
+            real_start: Instant::now(),
+            speed,
+        })
     }
 }
 

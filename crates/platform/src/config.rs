@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -84,7 +84,10 @@ pub struct RegistryConfig {
 
 impl Default for RegistryConfig {
     fn default() -> Self {
-        Self { url: "http://127.0.0.1:8081".into(), auto_register: true }
+        Self {
+            url: "http://127.0.0.1:8081".into(),
+            auto_register: true,
+        }
     }
 }
 
@@ -98,7 +101,10 @@ pub struct RedisConfig {
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        Self { url: "redis://127.0.0.1:6379/".into(), key_prefix: "forfall:".into() }
+        Self {
+            url: "redis://127.0.0.1:6379/".into(),
+            key_prefix: "forfall:".into(),
+        }
     }
 }
 
@@ -141,7 +147,10 @@ impl Default for Topics {
 
 impl Topics {
     pub fn with_prefix(prefix: &str) -> Self {
-        Topics { prefix: prefix.to_owned(), ..Topics::default() }
+        Topics {
+            prefix: prefix.to_owned(),
+            ..Topics::default()
+        }
     }
 
     /// The full name of a topic, with the deployment's prefix.
@@ -180,7 +189,10 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { bind: "127.0.0.1".into(), base_port: 9600 }
+        Self {
+            bind: "127.0.0.1".into(),
+            base_port: 9600,
+        }
     }
 }
 
@@ -195,7 +207,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: "auto".into(), level: "info".into() }
+        Self {
+            format: "auto".into(),
+            level: "info".into(),
+        }
     }
 }
 
@@ -236,7 +251,10 @@ mod tests {
     #[test]
     fn file_then_env_override_defaults() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("forfall.toml", "[kafka]\nbrokers = \"10.0.0.1:9092\"\n[svc]\nport = 7\n")?;
+            jail.create_file(
+                "forfall.toml",
+                "[kafka]\nbrokers = \"10.0.0.1:9092\"\n[svc]\nport = 7\n",
+            )?;
             jail.set_env("FORFALL_SVC__NAME", "from-env");
             jail.set_env("FORFALL_REDIS__KEY_PREFIX", "x:");
             let f = figment(None);
@@ -245,7 +263,13 @@ mod tests {
             assert_eq!(c.redis.key_prefix, "x:");
             assert_eq!(c.kafka.session_timeout_ms, 6000, "untouched defaults stay");
             let s: Svc = section(&f, "svc").unwrap();
-            assert_eq!(s, Svc { port: 7, name: "from-env".into() });
+            assert_eq!(
+                s,
+                Svc {
+                    port: 7,
+                    name: "from-env".into()
+                }
+            );
             Ok(())
         });
     }

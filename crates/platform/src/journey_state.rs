@@ -21,8 +21,17 @@ pub fn status_accepts_contact(status: Option<&str>) -> bool {
 }
 
 /// Reads the status for the last look.
-pub async fn read_status(conn: &mut redis::aio::ConnectionManager, keys: &Keys, tenant: &str, invoice_id: &str) -> redis::RedisResult<Option<String>> {
-    redis::cmd("HGET").arg(journey_key(keys, tenant, invoice_id)).arg(STATUS_FIELD).query_async(conn).await
+pub async fn read_status(
+    conn: &mut redis::aio::ConnectionManager,
+    keys: &Keys,
+    tenant: &str,
+    invoice_id: &str,
+) -> redis::RedisResult<Option<String>> {
+    redis::cmd("HGET")
+        .arg(journey_key(keys, tenant, invoice_id))
+        .arg(STATUS_FIELD)
+        .query_async(conn)
+        .await
 }
 
 #[cfg(test)]
@@ -42,7 +51,11 @@ mod tests {
             JourneyState::Closed(CloseReason::Credited),
             JourneyState::Closed(CloseReason::Cancelled),
         ] {
-            assert_eq!(status_accepts_contact(Some(&state.label())), state.accepts_contact(), "{state:?}");
+            assert_eq!(
+                status_accepts_contact(Some(&state.label())),
+                state.accepts_contact(),
+                "{state:?}"
+            );
         }
         assert!(!status_accepts_contact(None));
     }

@@ -16,8 +16,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::stream::{FuturesOrdered, StreamExt};
 use futures::FutureExt;
+use futures::stream::{FuturesOrdered, StreamExt};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -32,8 +32,8 @@ use crate::admin::Readiness;
 use crate::avro::Codec;
 use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
-use crate::records::{new_event_id, Rejected};
-use crate::telemetry::{TraceContext, TRACEPARENT};
+use crate::records::{Rejected, new_event_id};
+use crate::telemetry::{TRACEPARENT, TraceContext};
 
 fn base(config: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -79,7 +79,12 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> anyhow::R
         .iter()
         .map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(config.replication_factor)))
         .collect();
-    let results = admin.create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await?;
+    let results = admin
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -109,7 +114,10 @@ pub type Ack = futures::future::BoxFuture<'static, Result<(), String>>;
 
 impl Producer {
     pub fn new(config: &KafkaConfig, metrics: Metrics) -> Result<Self, KafkaError> {
-        Ok(Self { inner: producer(config)?, metrics })
+        Ok(Self {
+            inner: producer(config)?,
+            metrics,
+        })
     }
 
     /// Enqueues one record and returns a future of its acknowledgement. Waits while the
@@ -120,7 +128,10 @@ impl Producer {
             let record = FutureRecord::to(&out.topic)
                 .key(out.key.as_bytes())
                 .payload(&out.payload)
-                .headers(OwnedHeaders::new().insert(Header { key: TRACEPARENT, value: Some(header.as_bytes()) }));
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: TRACEPARENT,
+                    value: Some(header.as_bytes()),
+                }));
             match self.inner.send_result(record) {
                 Ok(delivery) => {
                     self.metrics.produced.with_label_values(&[&out.topic]).inc();
@@ -202,7 +213,12 @@ impl Inbound {
 #[derive(Debug)]
 pub enum Failure {
     /// Permanent: the record goes to the rejected topic with this reason, and is counted.
-    Reject { code: &'static str, detail: String, tenant: Option<String>, debtor_id: Option<String> },
+    Reject {
+        code: &'static str,
+        detail: String,
+        tenant: Option<String>,
+        debtor_id: Option<String>,
+    },
     /// Something we depend on is away: retry the same record after a backoff.
     Transient(anyhow::Error),
     /// A bug or misconfiguration: stop the service without committing the record.
@@ -211,7 +227,12 @@ pub enum Failure {
 
 impl Failure {
     pub fn reject(code: &'static str, detail: impl Into<String>) -> Self {
-        Failure::Reject { code, detail: detail.into(), tenant: None, debtor_id: None }
+        Failure::Reject {
+            code,
+            detail: detail.into(),
+            tenant: None,
+            debtor_id: None,
+        }
     }
 
     pub fn transient(e: impl Into<anyhow::Error>) -> Self {
@@ -279,7 +300,14 @@ pub fn backoff(attempt: u32) -> Duration {
 }
 
 impl LoopContext {
-    async fn rejection(&self, record: &Inbound, code: &str, detail: String, tenant: Option<String>, debtor_id: Option<String>) -> Result<Outbound, Failure> {
+    async fn rejection(
+        &self,
+        record: &Inbound,
+        code: &str,
+        detail: String,
+        tenant: Option<String>,
+        debtor_id: Option<String>,
+    ) -> Result<Outbound, Failure> {
         let rejected = Rejected {
             event_id: new_event_id(),
             tenant,
@@ -296,7 +324,12 @@ impl LoopContext {
         };
         let payload = self.codec.encode(&self.rejected_topic, &rejected).await?;
         let key = rejected.debtor_id.clone().unwrap_or_default();
-        Ok(Outbound { topic: self.rejected_topic.clone(), key, payload, trace: record.trace.child() })
+        Ok(Outbound {
+            topic: self.rejected_topic.clone(),
+            key,
+            payload,
+            trace: record.trace.child(),
+        })
     }
 
     /// Handles one record until it is applied or rejected, retrying transient failures.
@@ -306,15 +339,29 @@ impl LoopContext {
         loop {
             let started = Instant::now();
             let result = handler.handle(record).await;
-            self.metrics.handle_seconds.with_label_values(&[&record.topic]).observe(started.elapsed().as_secs_f64());
+            self.metrics
+                .handle_seconds
+                .with_label_values(&[&record.topic])
+                .observe(started.elapsed().as_secs_f64());
             let failure = match result {
                 Ok(outs) => {
-                    self.metrics.messages.with_label_values(&[&record.topic, "applied"]).inc();
+                    self.metrics
+                        .messages
+                        .with_label_values(&[&record.topic, "applied"])
+                        .inc();
                     return Ok(Some(outs));
                 }
-                Err(Failure::Reject { code, detail, tenant, debtor_id }) => {
+                Err(Failure::Reject {
+                    code,
+                    detail,
+                    tenant,
+                    debtor_id,
+                }) => {
                     tracing::warn!(reason = code, %detail, "record rejected");
-                    self.metrics.messages.with_label_values(&[&record.topic, "rejected"]).inc();
+                    self.metrics
+                        .messages
+                        .with_label_values(&[&record.topic, "rejected"])
+                        .inc();
                     self.metrics.rejected.with_label_values(&[code]).inc();
                     match self.rejection(record, code, detail, tenant, debtor_id).await {
                         Ok(out) => return Ok(Some(vec![out])),
@@ -324,7 +371,12 @@ impl LoopContext {
                 Err(f) => f,
             };
             match failure {
-                Failure::Fatal(e) => return Err(e.context(format!("handling {}[{}]@{}", record.topic, record.partition, record.offset))),
+                Failure::Fatal(e) => {
+                    return Err(e.context(format!(
+                        "handling {}[{}]@{}",
+                        record.topic, record.partition, record.offset
+                    )));
+                }
                 Failure::Transient(e) => {
                     self.metrics.retries.with_label_values(&["handle"]).inc();
                     let wait = backoff(attempt);
@@ -344,7 +396,11 @@ impl LoopContext {
 type Pending = futures::future::BoxFuture<'static, (String, i32, i64, Result<(), String>)>;
 
 /// Runs the consume loop until shutdown (returns `Ok`) or a fatal error.
-pub async fn run_consumer(consumer: Arc<StreamConsumer>, handler: impl Handler, ctx: LoopContext) -> anyhow::Result<()> {
+pub async fn run_consumer(
+    consumer: Arc<StreamConsumer>,
+    handler: impl Handler,
+    ctx: LoopContext,
+) -> anyhow::Result<()> {
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
     let mut readiness_tick = tokio::time::interval(Duration::from_millis(250));
     let result: anyhow::Result<()> = async {

@@ -9,12 +9,12 @@ pub mod admin;
 pub mod avro;
 pub mod clock;
 pub mod config;
+pub mod journey_state;
 pub mod kafka;
 pub mod metrics;
 pub mod records;
 pub mod redis_store;
 pub mod service;
-pub mod journey_state;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -26,9 +26,18 @@ pub struct MetricsError(#[from] prometheus::Error);
 
 impl Metrics {
     pub fn new(service: &str) -> Result<Self, MetricsError> {
-        let registry = Registry::new_custom(Some("forfall".into()), Some([("service".to_owned(), service.to_owned())].into()))?;
-        let messages = IntCounterVec::new(Opts::new("messages_total", "Records handled, by topic and outcome"), &["topic", "outcome"])?;
-        let rejected = IntCounterVec::new(Opts::new("rejected_total", "Records rejected, by reason code"), &["reason"])?;
+        let registry = Registry::new_custom(
+            Some("forfall".into()),
+            Some([("service".to_owned(), service.to_owned())].into()),
+        )?;
+        let messages = IntCounterVec::new(
+            Opts::new("messages_total", "Records handled, by topic and outcome"),
+            &["topic", "outcome"],
+        )?;
+        let rejected = IntCounterVec::new(
+            Opts::new("rejected_total", "Records rejected, by reason code"),
+            &["reason"],
+        )?;
         let handle_seconds = HistogramVec::new(
             HistogramOpts::new("handle_seconds", "Time to handle one record").buckets(vec![
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -36,15 +45,29 @@ impl Metrics {
             &["topic"],
         )?;
         let produced = IntCounterVec::new(Opts::new("produced_total", "Records produced, by topic"), &["topic"])?;
-        let retries = IntCounterVec::new(Opts::new("retries_total", "Transient failures retried, by operation"), &["operation"])?;
-        let consumer_lag = IntGaugeVec::new(Opts::new("consumer_lag", "Consumer lag in records"), &["topic", "partition"])?;
+        let retries = IntCounterVec::new(
+            Opts::new("retries_total", "Transient failures retried, by operation"),
+            &["operation"],
+        )?;
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new("consumer_lag", "Consumer lag in records"),
+            &["topic", "partition"],
+        )?;
         registry.register(Box::new(messages.clone()))?;
         registry.register(Box::new(rejected.clone()))?;
         registry.register(Box::new(handle_seconds.clone()))?;
         registry.register(Box::new(produced.clone()))?;
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(consumer_lag.clone()))?;
-        Ok(Self { registry, messages, rejected, handle_seconds, produced, retries, consumer_lag })
+        Ok(Self {
+            registry,
+            messages,
+            rejected,
+            handle_seconds,
+            produced,
+            retries,
+            consumer_lag,
+        })
     }
 
     pub fn render(&self) -> String {

@@ -320,12 +320,14 @@ pub fn derived_id(kind: &str, parts: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use apache_avro::{from_value, Reader, Schema, Writer};
+    use apache_avro::{Reader, Schema, Writer, from_value};
 
     fn round_trip<T: Record + PartialEq + std::fmt::Debug>(value: T) {
         let schema = Schema::parse_str(T::AVSC).unwrap_or_else(|e| panic!("{}: {e}", T::FULL_NAME));
         let mut writer = Writer::new(&schema, Vec::new()).unwrap();
-        writer.append_ser(&value).unwrap_or_else(|e| panic!("{} does not fit its schema: {e}", T::FULL_NAME));
+        writer
+            .append_ser(&value)
+            .unwrap_or_else(|e| panic!("{} does not fit its schema: {e}", T::FULL_NAME));
         let bytes = writer.into_inner().unwrap();
         let read = Reader::new(&bytes[..]).unwrap().next().unwrap().unwrap();
         let back: T = from_value(&read).unwrap();
@@ -335,60 +337,213 @@ mod tests {
     #[test]
     fn every_struct_matches_its_schema() {
         round_trip(InvoiceIssued {
-            event_id: new_event_id(), tenant: "t".into(), debtor_id: "t:d".into(), occurred_at: 1_700_000_000_000,
-            invoice_id: "i".into(), revision: 1, invoice_number: "1".into(), issue_date: 20_000, due_date: 20_014,
-            amount_minor: 100, currency: "DKK".into(), jurisdiction: "DK".into(), debtor_kind: "consumer".into(),
-            payment_reference: Some("r".into()), description: None, debtor_name: None, email: Some("a@b".into()),
-            phone: None, language: Some("da".into()),
+            event_id: new_event_id(),
+            tenant: "t".into(),
+            debtor_id: "t:d".into(),
+            occurred_at: 1_700_000_000_000,
+            invoice_id: "i".into(),
+            revision: 1,
+            invoice_number: "1".into(),
+            issue_date: 20_000,
+            due_date: 20_014,
+            amount_minor: 100,
+            currency: "DKK".into(),
+            jurisdiction: "DK".into(),
+            debtor_kind: "consumer".into(),
+            payment_reference: Some("r".into()),
+            description: None,
+            debtor_name: None,
+            email: Some("a@b".into()),
+            phone: None,
+            language: Some("da".into()),
         });
-        round_trip(InvoiceCredited { event_id: "e".into(), tenant: "t".into(), debtor_id: "d".into(), occurred_at: 1,
-            invoice_id: "i".into(), credit_note_id: "c".into(), amount_minor: 5, currency: "NOK".into() });
-        round_trip(InvoiceCancelled { event_id: "e".into(), tenant: "t".into(), debtor_id: "d".into(), occurred_at: 1,
-            invoice_id: "i".into(), reason: None });
+        round_trip(InvoiceCredited {
+            event_id: "e".into(),
+            tenant: "t".into(),
+            debtor_id: "d".into(),
+            occurred_at: 1,
+            invoice_id: "i".into(),
+            credit_note_id: "c".into(),
+            amount_minor: 5,
+            currency: "NOK".into(),
+        });
+        round_trip(InvoiceCancelled {
+            event_id: "e".into(),
+            tenant: "t".into(),
+            debtor_id: "d".into(),
+            occurred_at: 1,
+            invoice_id: "i".into(),
+            reason: None,
+        });
         round_trip(Invoice {
-            event_id: "e".into(), tenant: "t".into(), debtor_id: "d".into(), occurred_at: 1, invoice_id: "i".into(),
-            revision: 2, change: InvoiceChange::Credited, source_event_id: "s".into(), invoice_number: "n".into(),
-            issue_date: 1, due_date: 2, amount_minor: 10, credited_minor: 3, open_minor: 7, currency: "SEK".into(),
-            jurisdiction: "SE".into(), debtor_kind: "business".into(), status: InvoiceStatus::SettledByCredit,
-            payment_reference: None, description: Some("x".into()), debtor_name: None, email: None, phone: None, language: None,
+            event_id: "e".into(),
+            tenant: "t".into(),
+            debtor_id: "d".into(),
+            occurred_at: 1,
+            invoice_id: "i".into(),
+            revision: 2,
+            change: InvoiceChange::Credited,
+            source_event_id: "s".into(),
+            invoice_number: "n".into(),
+            issue_date: 1,
+            due_date: 2,
+            amount_minor: 10,
+            credited_minor: 3,
+            open_minor: 7,
+            currency: "SEK".into(),
+            jurisdiction: "SE".into(),
+            debtor_kind: "business".into(),
+            status: InvoiceStatus::SettledByCredit,
+            payment_reference: None,
+            description: Some("x".into()),
+            debtor_name: None,
+            email: None,
+            phone: None,
+            language: None,
         });
-        round_trip(Rejected { event_id: "e".into(), tenant: None, debtor_id: Some("d".into()), occurred_at: 1,
-            service: "ingest".into(), source_topic: "t".into(), source_partition: 0, source_offset: 5,
-            reason_code: "undecodable".into(), detail: "x".into(), raw_key: Some(vec![1, 2]), raw_value: None });
+        round_trip(Rejected {
+            event_id: "e".into(),
+            tenant: None,
+            debtor_id: Some("d".into()),
+            occurred_at: 1,
+            service: "ingest".into(),
+            source_topic: "t".into(),
+            source_partition: 0,
+            source_offset: 5,
+            reason_code: "undecodable".into(),
+            detail: "x".into(),
+            raw_key: Some(vec![1, 2]),
+            raw_value: None,
+        });
         round_trip(JourneyAction {
-            event_id: "e".into(), tenant: "t".into(), debtor_id: "d".into(), occurred_at: 1, action_id: "a".into(),
-            invoice_id: "i".into(), invoice_number: "n".into(), step: "nudge".into(), step_index: 0, tone: "nudge".into(),
-            channels: vec!["email".into()], send_at: 2, open_minor: 3, fee_minor: 0, currency: "EUR".into(), due_date: 4,
-            pay_by: Some(5), payment_reference: None, policy_version: "p".into(), jurisdiction: "FI".into(),
-            debtor_name: None, email: None, phone: None, language: None,
+            event_id: "e".into(),
+            tenant: "t".into(),
+            debtor_id: "d".into(),
+            occurred_at: 1,
+            action_id: "a".into(),
+            invoice_id: "i".into(),
+            invoice_number: "n".into(),
+            step: "nudge".into(),
+            step_index: 0,
+            tone: "nudge".into(),
+            channels: vec!["email".into()],
+            send_at: 2,
+            open_minor: 3,
+            fee_minor: 0,
+            currency: "EUR".into(),
+            due_date: 4,
+            pay_by: Some(5),
+            payment_reference: None,
+            policy_version: "p".into(),
+            jurisdiction: "FI".into(),
+            debtor_name: None,
+            email: None,
+            phone: None,
+            language: None,
         });
-        round_trip(JourneyEvent { event_id: "e".into(), tenant: "t".into(), debtor_id: "d".into(), occurred_at: 1,
-            invoice_id: "i".into(), kind: "opened".into(), from_state: "open".into(), to_state: "open".into(),
-            step: None, rule: Some("r".into()), policy_version: "p".into(), reason: None, open_minor: 1, currency: "DKK".into() });
-        round_trip(DispatchOutcome { event_id: "e".into(), tenant: "t".into(), debtor_id: "d".into(), occurred_at: 1,
-            action_id: "a".into(), invoice_id: "i".into(), step: "s".into(), channel: "email".into(),
-            status: DispatchStatus::Suppressed, reason: Some("paid".into()), provider_message_id: None });
-        round_trip(PaymentReceived { event_id: "e".into(), tenant: "t".into(), debtor_id: None, occurred_at: 1,
-            payment_id: "p".into(), amount_minor: 1, currency: "DKK".into(), reference: Some("r".into()),
-            remittance_text: None, payer_name: None, payer_account: None, booking_date: 1, value_date: 1 });
-        round_trip(PaymentMatched { event_id: "e".into(), tenant: "t".into(), debtor_id: "d".into(), occurred_at: 1,
-            payment_id: "p".into(), invoice_id: "i".into(), amount_minor: 1, currency: "DKK".into(),
-            rule: "exact_reference".into(), reference: None, value_date: 3 });
+        round_trip(JourneyEvent {
+            event_id: "e".into(),
+            tenant: "t".into(),
+            debtor_id: "d".into(),
+            occurred_at: 1,
+            invoice_id: "i".into(),
+            kind: "opened".into(),
+            from_state: "open".into(),
+            to_state: "open".into(),
+            step: None,
+            rule: Some("r".into()),
+            policy_version: "p".into(),
+            reason: None,
+            open_minor: 1,
+            currency: "DKK".into(),
+        });
+        round_trip(DispatchOutcome {
+            event_id: "e".into(),
+            tenant: "t".into(),
+            debtor_id: "d".into(),
+            occurred_at: 1,
+            action_id: "a".into(),
+            invoice_id: "i".into(),
+            step: "s".into(),
+            channel: "email".into(),
+            status: DispatchStatus::Suppressed,
+            reason: Some("paid".into()),
+            provider_message_id: None,
+        });
+        round_trip(PaymentReceived {
+            event_id: "e".into(),
+            tenant: "t".into(),
+            debtor_id: None,
+            occurred_at: 1,
+            payment_id: "p".into(),
+            amount_minor: 1,
+            currency: "DKK".into(),
+            reference: Some("r".into()),
+            remittance_text: None,
+            payer_name: None,
+            payer_account: None,
+            booking_date: 1,
+            value_date: 1,
+        });
+        round_trip(PaymentMatched {
+            event_id: "e".into(),
+            tenant: "t".into(),
+            debtor_id: "d".into(),
+            occurred_at: 1,
+            payment_id: "p".into(),
+            invoice_id: "i".into(),
+            amount_minor: 1,
+            currency: "DKK".into(),
+            rule: "exact_reference".into(),
+            reference: None,
+            value_date: 3,
+        });
         round_trip(HandoffCase {
-            event_id: "e".into(), tenant: "t".into(), debtor_id: "d".into(), occurred_at: 1, case_id: "c".into(),
-            invoice_id: "i".into(), invoice_number: "n".into(), issue_date: 1, due_date: 2, principal_minor: 3,
-            fees_minor: 0, currency: "NOK".into(), jurisdiction: "NO".into(), debtor_kind: "consumer".into(),
-            payment_reference: None, steps_taken: vec!["nudge".into()], policy_version: "p".into(),
-            debtor_name: None, email: None, phone: None, language: None,
+            event_id: "e".into(),
+            tenant: "t".into(),
+            debtor_id: "d".into(),
+            occurred_at: 1,
+            case_id: "c".into(),
+            invoice_id: "i".into(),
+            invoice_number: "n".into(),
+            issue_date: 1,
+            due_date: 2,
+            principal_minor: 3,
+            fees_minor: 0,
+            currency: "NOK".into(),
+            jurisdiction: "NO".into(),
+            debtor_kind: "consumer".into(),
+            payment_reference: None,
+            steps_taken: vec!["nudge".into()],
+            policy_version: "p".into(),
+            debtor_name: None,
+            email: None,
+            phone: None,
+            language: None,
         });
-        round_trip(HandoffOutcome { event_id: "e".into(), tenant: "t".into(), debtor_id: "d".into(), occurred_at: 1,
-            case_id: "c".into(), invoice_id: "i".into(), status: HandoffStatus::Accepted,
-            agency_reference: Some("X1".into()), http_status: Some(201), detail: None });
+        round_trip(HandoffOutcome {
+            event_id: "e".into(),
+            tenant: "t".into(),
+            debtor_id: "d".into(),
+            occurred_at: 1,
+            case_id: "c".into(),
+            invoice_id: "i".into(),
+            status: HandoffStatus::Accepted,
+            agency_reference: Some("X1".into()),
+            http_status: Some(201),
+            detail: None,
+        });
     }
 
     #[test]
     fn derived_ids_are_stable_and_distinct() {
-        assert_eq!(derived_id("action", &["t", "i", "0"]), derived_id("action", &["t", "i", "0"]));
-        assert_ne!(derived_id("action", &["t", "i", "0"]), derived_id("action", &["t", "i0", ""]));
+        assert_eq!(
+            derived_id("action", &["t", "i", "0"]),
+            derived_id("action", &["t", "i", "0"])
+        );
+        assert_ne!(
+            derived_id("action", &["t", "i", "0"]),
+            derived_id("action", &["t", "i0", ""])
+        );
     }
 }

@@ -15,7 +15,10 @@ pub struct ConnectError {
 /// Connects with automatic reconnection; commands fail fast while Redis is away and the
 /// callers retry them as transient failures.
 pub async fn connect(config: &RedisConfig) -> Result<ConnectionManager, ConnectError> {
-    let err = |source| ConnectError { url: config.url.clone(), source };
+    let err = |source| ConnectError {
+        url: config.url.clone(),
+        source,
+    };
     let client = redis::Client::open(config.url.as_str()).map_err(err)?;
     client.get_connection_manager().await.map_err(err)
 }
@@ -29,7 +32,9 @@ pub struct Keys {
 
 impl Keys {
     pub fn new(prefix: &str) -> Self {
-        Self { prefix: prefix.to_owned() }
+        Self {
+            prefix: prefix.to_owned(),
+        }
     }
 
     pub fn key(&self, parts: &[&str]) -> String {

@@ -33,11 +33,22 @@ pub struct Runtime {
 impl Runtime {
     pub fn new(config: CommonConfig, figment: Figment, clock: SharedClock, shutdown: CancellationToken) -> Self {
         let codec = Arc::new(Codec::new(&config.registry.url, config.registry.auto_register));
-        Self { config, figment, clock, shutdown, codec, admin_addrs: Arc::default() }
+        Self {
+            config,
+            figment,
+            clock,
+            shutdown,
+            codec,
+            admin_addrs: Arc::default(),
+        }
     }
 
     pub fn admin_addr(&self, service: &str) -> Option<SocketAddr> {
-        self.admin_addrs.lock().unwrap_or_else(|p| p.into_inner()).get(service).copied()
+        self.admin_addrs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(service)
+            .copied()
     }
 
     pub fn keys(&self) -> Keys {
@@ -62,7 +73,12 @@ pub struct ServiceShell {
 impl ServiceShell {
     /// Creates metrics and the producer, creates missing topics (dev), and serves the admin
     /// endpoint (plus `routes`) on `base_port + port_offset` (or a free port when base is 0).
-    pub async fn start(rt: &Runtime, name: &'static str, port_offset: u16, routes: Option<Router>) -> anyhow::Result<Self> {
+    pub async fn start(
+        rt: &Runtime,
+        name: &'static str,
+        port_offset: u16,
+        routes: Option<Router>,
+    ) -> anyhow::Result<Self> {
         let metrics = Metrics::new(name)?;
         let readiness = Readiness::default();
         if rt.config.kafka.create_topics {
@@ -73,11 +89,24 @@ impl ServiceShell {
         if let Some(routes) = routes {
             router = router.merge(routes);
         }
-        let port = if rt.config.admin.base_port == 0 { 0 } else { rt.config.admin.base_port + port_offset };
+        let port = if rt.config.admin.base_port == 0 {
+            0
+        } else {
+            rt.config.admin.base_port + port_offset
+        };
         let admin_addr = admin::serve(&rt.config.admin.bind, port, router, rt.shutdown.clone()).await?;
-        rt.admin_addrs.lock().unwrap_or_else(|p| p.into_inner()).insert(name, admin_addr);
+        rt.admin_addrs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, admin_addr);
         tracing::info!(service = name, admin = %admin_addr, "service started");
-        Ok(Self { name, metrics, readiness, producer, admin_addr })
+        Ok(Self {
+            name,
+            metrics,
+            readiness,
+            producer,
+            admin_addr,
+        })
     }
 
     pub fn consumer(&self, rt: &Runtime, group: &str, topics: &[String]) -> anyhow::Result<Arc<StreamConsumer>> {

@@ -14,7 +14,7 @@ pub fn cancel_on_signals(token: CancellationToken) {
 
 #[cfg(unix)]
 async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
+    use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {
             tokio::select! {

@@ -4,7 +4,7 @@
 use std::io::IsTerminal;
 
 use rand::RngCore;
-use tracing_subscriber::{fmt, EnvFilter};
+use tracing_subscriber::{EnvFilter, fmt};
 
 use crate::config::LogConfig;
 
@@ -18,7 +18,12 @@ pub fn init(config: &LogConfig) {
     };
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = if json {
-        builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init()
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init()
     } else {
         builder.try_init()
     };
@@ -42,7 +47,11 @@ impl TraceContext {
         let mut span_id = [0u8; 8];
         rng.fill_bytes(&mut trace_id);
         rng.fill_bytes(&mut span_id);
-        Self { trace_id, span_id, sampled: true }
+        Self {
+            trace_id,
+            span_id,
+            sampled: true,
+        }
     }
 
     /// The same trace, a new span: what a service puts on the records it produces.
@@ -70,11 +79,20 @@ impl TraceContext {
         if trace_id == [0; 16] || span_id == [0; 8] {
             return None;
         }
-        Some(Self { trace_id, span_id, sampled: flags & 1 == 1 })
+        Some(Self {
+            trace_id,
+            span_id,
+            sampled: flags & 1 == 1,
+        })
     }
 
     pub fn header(&self) -> String {
-        format!("00-{}-{}-{:02x}", hex::encode(self.trace_id), hex::encode(self.span_id), u8::from(self.sampled))
+        format!(
+            "00-{}-{}-{:02x}",
+            hex::encode(self.trace_id),
+            hex::encode(self.span_id),
+            u8::from(self.sampled)
+        )
     }
 
     pub fn trace_id_hex(&self) -> String {
@@ -98,8 +116,12 @@ mod tests {
 
     #[test]
     fn refuses_malformed_headers() {
-        for bad in ["", "00-abc-def-01", "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01"] {
+        for bad in [
+            "",
+            "00-abc-def-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        ] {
             assert_eq!(TraceContext::parse(bad), None, "{bad}");
         }
         assert!(TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").is_some());

@@ -14,12 +14,12 @@ mod templates;
 
 use std::time::Duration;
 
-use forfall_platform::kafka::{run_consumer, Failure, Handler, Inbound, Outbound};
-use forfall_platform::records::{derived_id, DispatchOutcome, DispatchStatus, JourneyAction};
+use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, run_consumer};
+use forfall_platform::records::{DispatchOutcome, DispatchStatus, JourneyAction, derived_id};
 use forfall_platform::redis_store::{self, Keys};
 use forfall_platform::service::{Runtime, ServiceShell};
 use forfall_platform::{config, journey_state};
-use lettre::message::{header::ContentType, Mailbox};
+use lettre::message::{Mailbox, header::ContentType};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
@@ -68,7 +68,11 @@ pub struct DispatchSettings {
 
 impl Default for DispatchSettings {
     fn default() -> Self {
-        Self { smtp: SmtpSettings::default(), message_id_domain: "forfall.invalid".into(), idempotency_ttl_days: 90 }
+        Self {
+            smtp: SmtpSettings::default(),
+            message_id_domain: "forfall.invalid".into(),
+            idempotency_ttl_days: 90,
+        }
     }
 }
 
@@ -107,7 +111,11 @@ struct ChannelResult {
 
 impl ChannelResult {
     fn new(status: DispatchStatus, reason: impl Into<Option<String>>) -> Self {
-        Self { status, reason: reason.into(), provider_message_id: None }
+        Self {
+            status,
+            reason: reason.into(),
+            provider_message_id: None,
+        }
     }
 }
 
@@ -126,14 +134,26 @@ impl Dispatch {
     }
 
     async fn set_claim(&self, key: &str, value: &str) -> Result<(), Failure> {
-        let _: () = redis::cmd("SET").arg(key).arg(value).arg("EX").arg(self.ttl_secs()).query_async(&mut self.redis.clone()).await?;
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .arg("EX")
+            .arg(self.ttl_secs())
+            .query_async(&mut self.redis.clone())
+            .await?;
         Ok(())
     }
 
     async fn deliver(&self, action: &JourneyAction, channel: &str) -> Result<ChannelResult, Failure> {
         let key = self.claim_key(&action.action_id, channel);
-        let claimed: Option<String> =
-            redis::cmd("SET").arg(&key).arg("claimed").arg("NX").arg("EX").arg(self.ttl_secs()).query_async(&mut self.redis.clone()).await?;
+        let claimed: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg("claimed")
+            .arg("NX")
+            .arg("EX")
+            .arg(self.ttl_secs())
+            .query_async(&mut self.redis.clone())
+            .await?;
         if claimed.is_none() {
             let state: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut self.redis.clone()).await?;
             let reason = match state.as_deref() {
@@ -145,11 +165,13 @@ impl Dispatch {
             return Ok(ChannelResult::new(DispatchStatus::Duplicate, reason));
         }
         // The last look: as late as possible, right before the provider is called.
-        let status = journey_state::read_status(&mut self.redis.clone(), &self.keys, &action.tenant, &action.invoice_id).await?;
+        let status =
+            journey_state::read_status(&mut self.redis.clone(), &self.keys, &action.tenant, &action.invoice_id).await?;
         if !journey_state::status_accepts_contact(status.as_deref()) {
             let reason = format!("invoice is {}", status.as_deref().unwrap_or("unknown to the watcher"));
             self.set_claim(&key, "suppressed").await?;
-            self.suppression_lag.observe((self.rt.clock.now().timestamp_millis() - action.send_at).max(0) as f64 / 1000.0);
+            self.suppression_lag
+                .observe((self.rt.clock.now().timestamp_millis() - action.send_at).max(0) as f64 / 1000.0);
             return Ok(ChannelResult::new(DispatchStatus::Suppressed, reason));
         }
         let sent = match channel {
@@ -159,7 +181,11 @@ impl Dispatch {
         match sent {
             Ok(message_id) => {
                 self.set_claim(&key, &format!("sent:{message_id}")).await?;
-                Ok(ChannelResult { status: DispatchStatus::Sent, reason: None, provider_message_id: Some(message_id) })
+                Ok(ChannelResult {
+                    status: DispatchStatus::Sent,
+                    reason: None,
+                    provider_message_id: Some(message_id),
+                })
             }
             Err(SendError::Permanent(reason)) => {
                 self.set_claim(&key, "failed").await?;
@@ -177,7 +203,9 @@ impl Dispatch {
         let Some(address) = action.email.as_deref() else {
             return Err(SendError::Permanent("no e-mail address".into()));
         };
-        let to: Mailbox = address.parse().map_err(|_| SendError::Permanent("e-mail address is not valid".into()))?;
+        let to: Mailbox = address
+            .parse()
+            .map_err(|_| SendError::Permanent("e-mail address is not valid".into()))?;
         let message_id = format!("<{}.email@{}>", action.action_id, self.settings.message_id_domain);
         let content = templates::render(action);
         let message = Message::builder()
@@ -203,7 +231,9 @@ impl Handler for Dispatch {
         for channel in &action.channels {
             let result = self.deliver(&action, channel).await?;
             let status_label = format!("{:?}", result.status).to_lowercase();
-            self.outcomes.with_label_values(&[&action.step, channel, &status_label]).inc();
+            self.outcomes
+                .with_label_values(&[&action.step, channel, &status_label])
+                .inc();
             tracing::info!(step = %action.step, channel = %channel, status = %status_label, "dispatch outcome");
             let outcome = DispatchOutcome {
                 event_id: derived_id("dispatch-outcome", &[&action.action_id, channel, &status_label]),
@@ -219,7 +249,12 @@ impl Handler for Dispatch {
                 provider_message_id: result.provider_message_id,
             };
             let payload = self.rt.codec.encode(&self.outcomes_topic, &outcome).await?;
-            outs.push(Outbound { topic: self.outcomes_topic.clone(), key: action.debtor_id.clone(), payload, trace: record.trace.child() });
+            outs.push(Outbound {
+                topic: self.outcomes_topic.clone(),
+                key: action.debtor_id.clone(),
+                payload,
+                trace: record.trace.child(),
+            });
             // The next channel is a fallback: only when this one could not deliver.
             if result.status != DispatchStatus::Failed {
                 break;
@@ -233,14 +268,24 @@ impl Handler for Dispatch {
 pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let settings: DispatchSettings = config::section(&rt.figment, SERVICE)?;
     let shell = ServiceShell::start(&rt, SERVICE, PORT_OFFSET, None).await?;
-    let outcomes = IntCounterVec::new(Opts::new("dispatch_outcomes_total", "Dispatch outcomes, by step, channel and status"), &["step", "channel", "status"])?;
+    let outcomes = IntCounterVec::new(
+        Opts::new(
+            "dispatch_outcomes_total",
+            "Dispatch outcomes, by step, channel and status",
+        ),
+        &["step", "channel", "status"],
+    )?;
     let suppression_lag = Histogram::with_opts(HistogramOpts::new(
         "dispatch_suppressed_after_due_seconds",
         "For suppressed messages: time from the step falling due to the suppression (simulated time)",
     ))?;
     shell.metrics.registry.register(Box::new(outcomes.clone()))?;
     shell.metrics.registry.register(Box::new(suppression_lag.clone()))?;
-    let from: Mailbox = settings.smtp.from.parse().map_err(|e| anyhow::anyhow!("dispatch.smtp.from '{}' is not a mailbox: {e}", settings.smtp.from))?;
+    let from: Mailbox = settings
+        .smtp
+        .from
+        .parse()
+        .map_err(|e| anyhow::anyhow!("dispatch.smtp.from '{}' is not a mailbox: {e}", settings.smtp.from))?;
     let dispatch = Dispatch {
         redis: redis_store::connect(&rt.config.redis).await?,
         keys: rt.keys(),

@@ -97,9 +97,21 @@ fn words(language: &str) -> Words {
 pub fn render(a: &JourneyAction) -> Content {
     let w = words(a.language.as_deref().unwrap_or("en"));
     let nudge = a.tone == "nudge";
-    let amount = a.currency.parse::<Currency>().map(|c| Money::new(a.open_minor, c).to_string()).unwrap_or_else(|_| format!("{} {}", a.open_minor, a.currency));
-    let mut body = format!("{} {},\n\n{}\n\n", w.greeting, a.debtor_name.as_deref().unwrap_or(""), if nudge { w.nudge } else { w.reminder });
-    body.push_str(&format!("{}: {}\n{}: {}\n", w.invoice, a.invoice_number, w.amount, amount));
+    let amount = a
+        .currency
+        .parse::<Currency>()
+        .map(|c| Money::new(a.open_minor, c).to_string())
+        .unwrap_or_else(|_| format!("{} {}", a.open_minor, a.currency));
+    let mut body = format!(
+        "{} {},\n\n{}\n\n",
+        w.greeting,
+        a.debtor_name.as_deref().unwrap_or(""),
+        if nudge { w.nudge } else { w.reminder }
+    );
+    body.push_str(&format!(
+        "{}: {}\n{}: {}\n",
+        w.invoice, a.invoice_number, w.amount, amount
+    ));
     if let Some(due) = date_from_epoch_days(a.due_date) {
         body.push_str(&format!("{}: {due}\n", w.due));
     }
@@ -110,6 +122,11 @@ pub fn render(a: &JourneyAction) -> Content {
         body.push_str(&format!("{}: {reference}\n", w.reference));
     }
     body.push_str(&format!("\n{}\n", w.closing));
-    let subject = format!("{} ({} {})", if nudge { w.subject_nudge } else { w.subject_reminder }, w.invoice, a.invoice_number);
+    let subject = format!(
+        "{} ({} {})",
+        if nudge { w.subject_nudge } else { w.subject_reminder },
+        w.invoice,
+        a.invoice_number
+    );
     Content { subject, body }
 }

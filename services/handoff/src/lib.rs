@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use forfall_platform::config;
-use forfall_platform::kafka::{run_consumer, Failure, Handler, Inbound, Outbound};
-use forfall_platform::records::{derived_id, HandoffCase, HandoffOutcome, HandoffStatus};
+use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, run_consumer};
+use forfall_platform::records::{HandoffCase, HandoffOutcome, HandoffStatus, derived_id};
 use forfall_platform::redis_store::{self, Keys};
 use forfall_platform::service::{Runtime, ServiceShell};
 use forfall_platform::telemetry::TRACEPARENT;
@@ -32,7 +32,11 @@ pub struct HandoffSettings {
 
 impl Default for HandoffSettings {
     fn default() -> Self {
-        Self { agency_url: "http://127.0.0.1:8089/cases".into(), agency_token: None, timeout_ms: 10_000 }
+        Self {
+            agency_url: "http://127.0.0.1:8089/cases".into(),
+            agency_token: None,
+            timeout_ms: 10_000,
+        }
     }
 }
 
@@ -69,22 +73,40 @@ impl Handoff {
         if let Some(token) = &self.settings.agency_token {
             request = request.bearer_auth(token);
         }
-        let response = request.send().await.map_err(|e| Failure::Transient(anyhow::anyhow!("agency unreachable: {e}")))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| Failure::Transient(anyhow::anyhow!("agency unreachable: {e}")))?;
         let status = response.status();
         let body = response.text().await.unwrap_or_default();
         let code = Some(i32::from(status.as_u16()));
         if status.is_success() || status == reqwest::StatusCode::CONFLICT {
             // 409: the agency already has this case (our earlier attempt); that is success.
             let reference = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| {
-                ["reference", "case_reference", "id"].iter().find_map(|k| v.get(*k).and_then(|r| r.as_str()).map(str::to_owned))
+                ["reference", "case_reference", "id"]
+                    .iter()
+                    .find_map(|k| v.get(*k).and_then(|r| r.as_str()).map(str::to_owned))
             });
-            return Ok(AgencyAnswer { status: HandoffStatus::Accepted, http_status: code, agency_reference: reference, detail: None });
+            return Ok(AgencyAnswer {
+                status: HandoffStatus::Accepted,
+                http_status: code,
+                agency_reference: reference,
+                detail: None,
+            });
         }
-        if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS || status == reqwest::StatusCode::REQUEST_TIMEOUT {
+        if status.is_server_error()
+            || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+            || status == reqwest::StatusCode::REQUEST_TIMEOUT
+        {
             return Err(Failure::Transient(anyhow::anyhow!("agency answered {status}")));
         }
         let detail: String = body.chars().take(500).collect();
-        Ok(AgencyAnswer { status: HandoffStatus::Rejected, http_status: code, agency_reference: None, detail: Some(detail) })
+        Ok(AgencyAnswer {
+            status: HandoffStatus::Rejected,
+            http_status: code,
+            agency_reference: None,
+            detail: Some(detail),
+        })
     }
 }
 
@@ -107,9 +129,19 @@ impl Handler for Handoff {
                 let answer = self.post(&case, &record.trace.child().header()).await?;
                 if answer.status == HandoffStatus::Accepted {
                     let reference = answer.agency_reference.clone().unwrap_or_default();
-                    let _: () = redis::cmd("SET").arg(&key).arg(reference).query_async(&mut self.redis.clone()).await?;
+                    let _: () = redis::cmd("SET")
+                        .arg(&key)
+                        .arg(reference)
+                        .query_async(&mut self.redis.clone())
+                        .await?;
                 }
-                self.results.with_label_values(&[if answer.status == HandoffStatus::Accepted { "accepted" } else { "rejected" }]).inc();
+                self.results
+                    .with_label_values(&[if answer.status == HandoffStatus::Accepted {
+                        "accepted"
+                    } else {
+                        "rejected"
+                    }])
+                    .inc();
                 answer
             }
         };
@@ -126,7 +158,12 @@ impl Handler for Handoff {
             detail: answer.detail,
         };
         let payload = self.rt.codec.encode(&self.outcomes_topic, &outcome).await?;
-        Ok(vec![Outbound { topic: self.outcomes_topic.clone(), key: case.debtor_id, payload, trace: record.trace.child() }])
+        Ok(vec![Outbound {
+            topic: self.outcomes_topic.clone(),
+            key: case.debtor_id,
+            payload,
+            trace: record.trace.child(),
+        }])
     }
 }
 
@@ -139,7 +176,9 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let handoff = Handoff {
         redis: redis_store::connect(&rt.config.redis).await?,
         keys: rt.keys(),
-        http: reqwest::Client::builder().timeout(Duration::from_millis(settings.timeout_ms)).build()?,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_millis(settings.timeout_ms))
+            .build()?,
         settings,
         outcomes_topic: rt.topic(&rt.config.topics.handoff_outcomes),
         results,

@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use forfall_domain::invoice;
 use forfall_platform::kafka::{Outbound, Producer};
 use forfall_platform::metrics::Metrics;
-use forfall_platform::records::{new_event_id, InvoiceIssued, Rejected};
+use forfall_platform::records::{InvoiceIssued, Rejected, new_event_id};
 use forfall_platform::service::Runtime;
 use forfall_platform::telemetry::TraceContext;
 use serde::Deserialize;
@@ -29,7 +29,11 @@ pub struct HttpState {
 
 impl HttpState {
     pub fn new(rt: Runtime, billing_topic: String) -> Self {
-        Self { rt, billing_topic, shell: Arc::new(OnceLock::new()) }
+        Self {
+            rt,
+            billing_topic,
+            shell: Arc::new(OnceLock::new()),
+        }
     }
 
     pub fn attach(&self, producer: Producer, metrics: Metrics) {
@@ -38,7 +42,9 @@ impl HttpState {
 }
 
 pub fn routes(state: HttpState) -> Router {
-    Router::new().route("/v1/invoices", post(post_invoice)).with_state(state)
+    Router::new()
+        .route("/v1/invoices", post(post_invoice))
+        .with_state(state)
 }
 
 /// The JSON form of an issued invoice. Dates are ISO 8601 (`2026-03-15`); `event_id` and
@@ -107,17 +113,31 @@ async fn post_invoice(State(state): State<HttpState>, body: axum::body::Bytes) -
         Ok(issued) => {
             let payload = match state.rt.codec.encode(&state.billing_topic, &issued).await {
                 Ok(p) => p,
-                Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, "registry_unavailable", &e.to_string()),
+                Err(e) => {
+                    return problem(StatusCode::SERVICE_UNAVAILABLE, "registry_unavailable", &e.to_string());
+                }
             };
-            let out = Outbound { topic: state.billing_topic.clone(), key: issued.debtor_id.clone(), payload, trace };
+            let out = Outbound {
+                topic: state.billing_topic.clone(),
+                key: issued.debtor_id.clone(),
+                payload,
+                trace,
+            };
             match producer.send_all(std::slice::from_ref(&out)).await {
-                Ok(()) => (StatusCode::ACCEPTED, Json(json!({"event_id": issued.event_id, "trace_id": trace.trace_id_hex()}))).into_response(),
+                Ok(()) => (
+                    StatusCode::ACCEPTED,
+                    Json(json!({"event_id": issued.event_id, "trace_id": trace.trace_id_hex()})),
+                )
+                    .into_response(),
                 Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", &e),
             }
         }
         Err((code, detail)) => {
             metrics.rejected.with_label_values(&[code]).inc();
-            metrics.messages.with_label_values(&["http:/v1/invoices", "rejected"]).inc();
+            metrics
+                .messages
+                .with_label_values(&["http:/v1/invoices", "rejected"])
+                .inc();
             let rejected = Rejected {
                 event_id: new_event_id(),
                 tenant: None,
@@ -135,7 +155,12 @@ async fn post_invoice(State(state): State<HttpState>, body: axum::body::Bytes) -
             let rejected_topic = state.rt.topic(&state.rt.config.topics.rejected);
             match state.rt.codec.encode(&rejected_topic, &rejected).await {
                 Ok(payload) => {
-                    let out = Outbound { topic: rejected_topic, key: String::new(), payload, trace };
+                    let out = Outbound {
+                        topic: rejected_topic,
+                        key: String::new(),
+                        payload,
+                        trace,
+                    };
                     if let Err(e) = producer.send_all(std::slice::from_ref(&out)).await {
                         tracing::error!(error = %e, "could not record an HTTP rejection");
                     }

@@ -10,10 +10,12 @@
 
 mod http;
 
-use forfall_domain::invoice::{self, Contact, InvoiceSnapshot, IssuedInput, RevisionDecision};
 use forfall_domain::Money;
-use forfall_platform::kafka::{run_consumer, Failure, Handler, Inbound, Outbound};
-use forfall_platform::records::{self, derived_id, InvoiceCancelled, InvoiceChange, InvoiceCredited, InvoiceIssued, Record};
+use forfall_domain::invoice::{self, Contact, InvoiceSnapshot, IssuedInput, RevisionDecision};
+use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, run_consumer};
+use forfall_platform::records::{
+    self, InvoiceCancelled, InvoiceChange, InvoiceCredited, InvoiceIssued, Record, derived_id,
+};
 use forfall_platform::redis_store::{self, Keys};
 use forfall_platform::service::{Runtime, ServiceShell};
 use forfall_platform::telemetry::TraceContext;
@@ -55,7 +57,12 @@ fn to_input(e: InvoiceIssued) -> IssuedInput {
         debtor_kind: e.debtor_kind,
         payment_reference: e.payment_reference,
         description: e.description,
-        contact: Contact { name: e.debtor_name, email: e.email, phone: e.phone, language: e.language },
+        contact: Contact {
+            name: e.debtor_name,
+            email: e.email,
+            phone: e.phone,
+            language: e.language,
+        },
     }
 }
 
@@ -69,7 +76,12 @@ fn status(s: invoice::InvoiceStatus) -> records::InvoiceStatus {
 
 /// The published form of a snapshot. Its event id derives from the upstream event, so a
 /// re-publication after redelivery carries the same id.
-pub fn invoice_record(s: &InvoiceSnapshot, change: InvoiceChange, source_event_id: &str, occurred_at: i64) -> records::Invoice {
+pub fn invoice_record(
+    s: &InvoiceSnapshot,
+    change: InvoiceChange,
+    source_event_id: &str,
+    occurred_at: i64,
+) -> records::Invoice {
     records::Invoice {
         event_id: derived_id("invoice", &[&s.tenant, &s.invoice_id, source_event_id]),
         tenant: s.tenant.clone(),
@@ -99,28 +111,51 @@ pub fn invoice_record(s: &InvoiceSnapshot, change: InvoiceChange, source_event_i
 }
 
 fn reject_for(tenant: &str, debtor_id: &str, r: invoice::Rejection) -> Failure {
-    Failure::Reject { code: r.code, detail: r.detail, tenant: Some(tenant.to_owned()), debtor_id: Some(debtor_id.to_owned()) }
+    Failure::Reject {
+        code: r.code,
+        detail: r.detail,
+        tenant: Some(tenant.to_owned()),
+        debtor_id: Some(debtor_id.to_owned()),
+    }
 }
 
 impl Ingest {
     fn stored_key(&self, tenant: &str, invoice_id: &str) -> String {
-        self.keys.key(&["ingest", "invoice", &format!("{{{tenant}:{invoice_id}}}")])
+        self.keys
+            .key(&["ingest", "invoice", &format!("{{{tenant}:{invoice_id}}}")])
     }
 
     async fn load(&self, tenant: &str, invoice_id: &str) -> Result<Option<Stored>, Failure> {
-        let raw: Option<String> = redis::cmd("GET").arg(self.stored_key(tenant, invoice_id)).query_async(&mut self.redis.clone()).await?;
-        raw.map(|r| serde_json::from_str(&r).map_err(|e| Failure::Fatal(anyhow::anyhow!("corrupt ingest state for an invoice: {e}"))))
-            .transpose()
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(self.stored_key(tenant, invoice_id))
+            .query_async(&mut self.redis.clone())
+            .await?;
+        raw.map(|r| {
+            serde_json::from_str(&r)
+                .map_err(|e| Failure::Fatal(anyhow::anyhow!("corrupt ingest state for an invoice: {e}")))
+        })
+        .transpose()
     }
 
     async fn save(&self, stored: &Stored) -> Result<(), Failure> {
         let json = serde_json::to_string(stored).map_err(|e| Failure::Fatal(e.into()))?;
         let key = self.stored_key(&stored.snapshot.tenant, &stored.snapshot.invoice_id);
-        redis::cmd("SET").arg(key).arg(json).query_async::<()>(&mut self.redis.clone()).await?;
+        redis::cmd("SET")
+            .arg(key)
+            .arg(json)
+            .query_async::<()>(&mut self.redis.clone())
+            .await?;
         Ok(())
     }
 
-    async fn publish(&self, s: &InvoiceSnapshot, change: InvoiceChange, source_event_id: &str, occurred_at: i64, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
+    async fn publish(
+        &self,
+        s: &InvoiceSnapshot,
+        change: InvoiceChange,
+        source_event_id: &str,
+        occurred_at: i64,
+        trace: TraceContext,
+    ) -> Result<Vec<Outbound>, Failure> {
         let label = match change {
             InvoiceChange::Issued => "issued",
             InvoiceChange::Reissued => "reissued",
@@ -130,32 +165,50 @@ impl Ingest {
         self.changes.with_label_values(&[label]).inc();
         let record = invoice_record(s, change, source_event_id, occurred_at);
         let payload = self.rt.codec.encode(&self.invoices_topic, &record).await?;
-        Ok(vec![Outbound { topic: self.invoices_topic.clone(), key: s.debtor_id.clone(), payload, trace: trace.child() }])
+        Ok(vec![Outbound {
+            topic: self.invoices_topic.clone(),
+            key: s.debtor_id.clone(),
+            payload,
+            trace: trace.child(),
+        }])
     }
 
     async fn issued(&self, e: InvoiceIssued, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
         let (tenant, debtor, event_id, at) = (e.tenant.clone(), e.debtor_id.clone(), e.event_id.clone(), e.occurred_at);
         let incoming = invoice::validate_issued(to_input(e)).map_err(|r| reject_for(&tenant, &debtor, r))?;
         let existing = self.load(&tenant, &incoming.invoice_id).await?;
-        let (stored, change) = match invoice::decide_revision(existing.as_ref().map(|s| &s.snapshot), incoming.revision) {
-            RevisionDecision::New => (Stored { snapshot: incoming, credit_notes: Vec::new() }, InvoiceChange::Issued),
+        let (stored, change) = match invoice::decide_revision(existing.as_ref().map(|s| &s.snapshot), incoming.revision)
+        {
+            RevisionDecision::New => (
+                Stored {
+                    snapshot: incoming,
+                    credit_notes: Vec::new(),
+                },
+                InvoiceChange::Issued,
+            ),
             RevisionDecision::Newer => {
                 let mut stored = existing.unwrap_or_else(|| unreachable!("Newer implies an existing snapshot"));
                 if stored.snapshot.debtor_id != incoming.debtor_id {
                     return Err(Failure::Reject {
                         code: "debtor_mismatch",
-                        detail: format!("revision {} of invoice '{}' names another debtor than earlier revisions", incoming.revision, incoming.invoice_id),
+                        detail: format!(
+                            "revision {} of invoice '{}' names another debtor than earlier revisions",
+                            incoming.revision, incoming.invoice_id
+                        ),
                         tenant: Some(tenant),
                         debtor_id: Some(debtor),
                     });
                 }
-                stored.snapshot = invoice::reissue(&stored.snapshot, incoming).map_err(|r| reject_for(&tenant, &debtor, r))?;
+                stored.snapshot =
+                    invoice::reissue(&stored.snapshot, incoming).map_err(|r| reject_for(&tenant, &debtor, r))?;
                 (stored, InvoiceChange::Reissued)
             }
             RevisionDecision::Duplicate => {
                 self.changes.with_label_values(&["duplicate"]).inc();
                 let stored = existing.unwrap_or_else(|| unreachable!("Duplicate implies an existing snapshot"));
-                return self.publish(&stored.snapshot, InvoiceChange::Issued, &event_id, at, trace).await;
+                return self
+                    .publish(&stored.snapshot, InvoiceChange::Issued, &event_id, at, trace)
+                    .await;
             }
             RevisionDecision::Stale => {
                 self.changes.with_label_values(&["stale"]).inc();
@@ -190,17 +243,28 @@ impl Ingest {
         if stored.credit_notes.contains(&e.credit_note_id) {
             self.changes.with_label_values(&["duplicate"]).inc();
         } else {
-            let currency = e.currency.parse().map_err(|err: forfall_domain::MoneyError| Failure::Reject {
-                code: "unknown_currency",
-                detail: format!("field 'currency': {err}"),
-                tenant: Some(e.tenant.clone()),
-                debtor_id: Some(e.debtor_id.clone()),
-            })?;
-            stored.snapshot = invoice::apply_credit(&stored.snapshot, Money::new(e.amount_minor, currency)).map_err(|r| reject_for(&e.tenant, &e.debtor_id, r))?;
+            let currency = e
+                .currency
+                .parse()
+                .map_err(|err: forfall_domain::MoneyError| Failure::Reject {
+                    code: "unknown_currency",
+                    detail: format!("field 'currency': {err}"),
+                    tenant: Some(e.tenant.clone()),
+                    debtor_id: Some(e.debtor_id.clone()),
+                })?;
+            stored.snapshot = invoice::apply_credit(&stored.snapshot, Money::new(e.amount_minor, currency))
+                .map_err(|r| reject_for(&e.tenant, &e.debtor_id, r))?;
             stored.credit_notes.push(e.credit_note_id.clone());
             self.save(&stored).await?;
         }
-        self.publish(&stored.snapshot, InvoiceChange::Credited, &e.event_id, e.occurred_at, trace).await
+        self.publish(
+            &stored.snapshot,
+            InvoiceChange::Credited,
+            &e.event_id,
+            e.occurred_at,
+            trace,
+        )
+        .await
     }
 
     async fn cancelled(&self, e: InvoiceCancelled, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
@@ -209,7 +273,14 @@ impl Ingest {
             stored.snapshot = invoice::apply_cancel(&stored.snapshot);
             self.save(&stored).await?;
         }
-        self.publish(&stored.snapshot, InvoiceChange::Cancelled, &e.event_id, e.occurred_at, trace).await
+        self.publish(
+            &stored.snapshot,
+            InvoiceChange::Cancelled,
+            &e.event_id,
+            e.occurred_at,
+            trace,
+        )
+        .await
     }
 }
 
@@ -222,7 +293,9 @@ impl Handler for Ingest {
             InvoiceCancelled::FULL_NAME => self.cancelled(decoded.to()?, record.trace).await,
             other => Err(Failure::reject(
                 "unexpected_record_type",
-                format!("record type '{other}' is not an invoice event (expected InvoiceIssued, InvoiceCredited or InvoiceCancelled)"),
+                format!(
+                    "record type '{other}' is not an invoice event (expected InvoiceIssued, InvoiceCredited or InvoiceCancelled)"
+                ),
             )),
         }
     }
@@ -235,12 +308,21 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let shell = ServiceShell::start(&rt, SERVICE, PORT_OFFSET, Some(http::routes(http_state.clone()))).await?;
     http_state.attach(shell.producer.clone(), shell.metrics.clone());
     let changes = IntCounterVec::new(
-        prometheus::Opts::new("ingest_invoice_changes_total", "Invoice changes accepted, by kind (issued, reissued, credited, cancelled, duplicate, stale)"),
+        prometheus::Opts::new(
+            "ingest_invoice_changes_total",
+            "Invoice changes accepted, by kind (issued, reissued, credited, cancelled, duplicate, stale)",
+        ),
         &["change"],
     )?;
     shell.metrics.registry.register(Box::new(changes.clone()))?;
     let redis = redis_store::connect(&rt.config.redis).await?;
-    let ingest = Ingest { keys: rt.keys(), invoices_topic: rt.topic(&rt.config.topics.invoices), rt: rt.clone(), redis, changes };
+    let ingest = Ingest {
+        keys: rt.keys(),
+        invoices_topic: rt.topic(&rt.config.topics.invoices),
+        rt: rt.clone(),
+        redis,
+        changes,
+    };
     let consumer = shell.consumer(&rt, SERVICE, &[billing_topic])?;
     run_consumer(consumer, ingest, shell.loop_context(&rt)).await?;
     shell.producer.flush(std::time::Duration::from_secs(5)).await;

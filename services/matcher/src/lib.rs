@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use forfall_domain::reference::normalise;
 use forfall_domain::{Currency, Money};
-use forfall_platform::kafka::{run_consumer, Failure, Handler, Inbound, Outbound};
-use forfall_platform::records::{self, derived_id, PaymentMatched, PaymentReceived, Record};
+use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, run_consumer};
+use forfall_platform::records::{self, PaymentMatched, PaymentReceived, Record, derived_id};
 use forfall_platform::redis_store::{self, Keys};
 use forfall_platform::service::{Runtime, ServiceShell};
 use forfall_platform::telemetry::TraceContext;
@@ -46,7 +46,8 @@ impl Matcher {
     }
 
     fn kept_key(&self, tenant: &str, reference: &str) -> String {
-        self.keys.key(&["matcher", "unmatched", &format!("{{{tenant}:{reference}}}")])
+        self.keys
+            .key(&["matcher", "unmatched", &format!("{{{tenant}:{reference}}}")])
     }
 
     fn conn(&self) -> ConnectionManager {
@@ -69,57 +70,112 @@ impl Matcher {
             value_date: p.value_date,
         };
         let payload = self.rt.codec.encode(&self.matched_topic, &m).await?;
-        Ok(Outbound { topic: self.matched_topic.clone(), key: entry.debtor_id.clone(), payload, trace: trace.child() })
+        Ok(Outbound {
+            topic: self.matched_topic.clone(),
+            key: entry.debtor_id.clone(),
+            payload,
+            trace: trace.child(),
+        })
     }
 
     async fn index(&self, inv: records::Invoice, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
-        let Some(reference) = inv.payment_reference.as_deref().map(normalise).filter(|r| !r.is_empty()) else {
+        let Some(reference) = inv
+            .payment_reference
+            .as_deref()
+            .map(normalise)
+            .filter(|r| !r.is_empty())
+        else {
             return Ok(Vec::new());
         };
-        let entry = IndexEntry { debtor_id: inv.debtor_id.clone(), invoice_id: inv.invoice_id.clone(), currency: inv.currency.clone() };
+        let entry = IndexEntry {
+            debtor_id: inv.debtor_id.clone(),
+            invoice_id: inv.invoice_id.clone(),
+            currency: inv.currency.clone(),
+        };
         let json = serde_json::to_string(&entry).map_err(|e| Failure::Fatal(e.into()))?;
-        let _: () = redis::cmd("SET").arg(self.index_key(&inv.tenant, &reference)).arg(json).query_async(&mut self.conn()).await?;
+        let _: () = redis::cmd("SET")
+            .arg(self.index_key(&inv.tenant, &reference))
+            .arg(json)
+            .query_async(&mut self.conn())
+            .await?;
         // Payments that arrived before this invoice was indexed.
-        let kept: Vec<String> = redis::cmd("LRANGE").arg(self.kept_key(&inv.tenant, &reference)).arg(0).arg(-1).query_async(&mut self.conn()).await?;
+        let kept: Vec<String> = redis::cmd("LRANGE")
+            .arg(self.kept_key(&inv.tenant, &reference))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.conn())
+            .await?;
         let mut outs = Vec::new();
         for k in &kept {
-            let Ok(p) = serde_json::from_str::<KeptPayment>(k) else { continue };
+            let Ok(p) = serde_json::from_str::<KeptPayment>(k) else {
+                continue;
+            };
             if p.0.currency == entry.currency {
                 outs.push(self.matched(&p.0, &entry, trace).await?);
             }
         }
         if !kept.is_empty() {
-            let _: () = redis::cmd("DEL").arg(self.kept_key(&inv.tenant, &reference)).query_async(&mut self.conn()).await?;
+            let _: () = redis::cmd("DEL")
+                .arg(self.kept_key(&inv.tenant, &reference))
+                .query_async(&mut self.conn())
+                .await?;
         }
         Ok(outs)
     }
 
     async fn payment(&self, p: PaymentReceived, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
-        let reject = |code: &'static str, detail: String| Failure::Reject { code, detail, tenant: Some(p.tenant.clone()), debtor_id: p.debtor_id.clone() };
-        let currency: Currency = p.currency.parse().map_err(|e| reject("unknown_currency", format!("field 'currency': {e}")))?;
+        let reject = |code: &'static str, detail: String| Failure::Reject {
+            code,
+            detail,
+            tenant: Some(p.tenant.clone()),
+            debtor_id: p.debtor_id.clone(),
+        };
+        let currency: Currency = p
+            .currency
+            .parse()
+            .map_err(|e| reject("unknown_currency", format!("field 'currency': {e}")))?;
         if p.amount_minor <= 0 {
-            return Err(reject("invalid_amount", format!("field 'amount_minor' is {}, must be greater than 0", p.amount_minor)));
+            return Err(reject(
+                "invalid_amount",
+                format!("field 'amount_minor' is {}, must be greater than 0", p.amount_minor),
+            ));
         }
         let amount = Money::new(p.amount_minor, currency);
         let Some(reference) = p.reference.as_deref().map(normalise).filter(|r| !r.is_empty()) else {
             self.results.with_label_values(&["unmatched"]).inc();
-            return Err(reject("payment_unmatched", format!("payment '{}' of {amount} has no structured reference", p.payment_id)));
+            return Err(reject(
+                "payment_unmatched",
+                format!("payment '{}' of {amount} has no structured reference", p.payment_id),
+            ));
         };
-        let raw: Option<String> = redis::cmd("GET").arg(self.index_key(&p.tenant, &reference)).query_async(&mut self.conn()).await?;
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(self.index_key(&p.tenant, &reference))
+            .query_async(&mut self.conn())
+            .await?;
         let Some(entry) = raw.and_then(|r| serde_json::from_str::<IndexEntry>(&r).ok()) else {
             let kept = serde_json::to_string(&KeptPayment(p.clone())).map_err(|e| Failure::Fatal(e.into()))?;
-            let _: () = redis::cmd("RPUSH").arg(self.kept_key(&p.tenant, &reference)).arg(kept).query_async(&mut self.conn()).await?;
+            let _: () = redis::cmd("RPUSH")
+                .arg(self.kept_key(&p.tenant, &reference))
+                .arg(kept)
+                .query_async(&mut self.conn())
+                .await?;
             self.results.with_label_values(&["kept"]).inc();
             return Err(reject(
                 "payment_unmatched",
-                format!("payment '{}' of {amount}: no invoice with reference '{reference}' yet; kept, and matched if one arrives", p.payment_id),
+                format!(
+                    "payment '{}' of {amount}: no invoice with reference '{reference}' yet; kept, and matched if one arrives",
+                    p.payment_id
+                ),
             ));
         };
         if entry.currency != p.currency {
             self.results.with_label_values(&["currency_mismatch"]).inc();
             return Err(reject(
                 "currency_mismatch",
-                format!("payment '{}' is in {} but the invoice with reference '{reference}' is in {}; not matched automatically", p.payment_id, p.currency, entry.currency),
+                format!(
+                    "payment '{}' is in {} but the invoice with reference '{reference}' is in {}; not matched automatically",
+                    p.payment_id, p.currency, entry.currency
+                ),
             ));
         }
         Ok(vec![self.matched(&p, &entry, trace).await?])
@@ -136,7 +192,10 @@ impl Handler for Matcher {
         match decoded.name.as_str() {
             records::Invoice::FULL_NAME => self.index(decoded.to()?, record.trace).await,
             PaymentReceived::FULL_NAME => self.payment(decoded.to()?, record.trace).await,
-            other => Err(Failure::reject("unexpected_record_type", format!("the matcher does not handle '{other}'"))),
+            other => Err(Failure::reject(
+                "unexpected_record_type",
+                format!("the matcher does not handle '{other}'"),
+            )),
         }
     }
 }
@@ -144,7 +203,10 @@ impl Handler for Matcher {
 /// Runs the matcher until shutdown.
 pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let shell = ServiceShell::start(&rt, SERVICE, PORT_OFFSET, None).await?;
-    let results = IntCounterVec::new(Opts::new("matcher_payments_total", "Payments by matching result"), &["result"])?;
+    let results = IntCounterVec::new(
+        Opts::new("matcher_payments_total", "Payments by matching result"),
+        &["result"],
+    )?;
     shell.metrics.registry.register(Box::new(results.clone()))?;
     let matcher = Matcher {
         redis: redis_store::connect(&rt.config.redis).await?,
@@ -153,7 +215,10 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         results,
         rt: rt.clone(),
     };
-    let topics = [rt.topic(&rt.config.topics.invoices), rt.topic(&rt.config.topics.payments)];
+    let topics = [
+        rt.topic(&rt.config.topics.invoices),
+        rt.topic(&rt.config.topics.payments),
+    ];
     let consumer = shell.consumer(&rt, SERVICE, &topics)?;
     run_consumer(consumer, matcher, shell.loop_context(&rt)).await?;
     shell.producer.flush(Duration::from_secs(5)).await;

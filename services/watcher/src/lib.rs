@@ -22,8 +22,8 @@ use chrono::{DateTime, Utc};
 use forfall_domain::invoice::{self, Contact, InvoiceSnapshot, InvoiceStatus};
 use forfall_domain::journey::{self, Decision, Emit, Journey, Plan, TimerChange, Transition};
 use forfall_domain::{Currency, DebtorKind, Jurisdiction, Money};
-use forfall_platform::kafka::{run_consumer, Failure, Handler, Inbound, Outbound, Producer};
-use forfall_platform::records::{self, derived_id, HandoffCase, JourneyAction, JourneyEvent, PaymentMatched, Record};
+use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
+use forfall_platform::records::{self, HandoffCase, JourneyAction, JourneyEvent, PaymentMatched, Record, derived_id};
 use forfall_platform::redis_store::{self, Keys};
 use forfall_platform::service::{Runtime, ServiceShell};
 use forfall_platform::telemetry::TraceContext;
@@ -49,7 +49,10 @@ pub struct WatcherSettings {
 
 impl Default for WatcherSettings {
     fn default() -> Self {
-        Self { tick_ms: 200, batch: 500 }
+        Self {
+            tick_ms: 200,
+            batch: 500,
+        }
     }
 }
 
@@ -113,10 +116,21 @@ fn invalid(detail: String) -> Failure {
 
 /// The domain snapshot of a published invoice record.
 fn snapshot(rec: &records::Invoice) -> Result<InvoiceSnapshot, Failure> {
-    let currency: Currency = rec.currency.parse().map_err(|e| invalid(format!("field 'currency': {e}")))?;
-    let jurisdiction: Jurisdiction = rec.jurisdiction.parse().map_err(|e| invalid(format!("field 'jurisdiction': {e}")))?;
-    let debtor_kind: DebtorKind = rec.debtor_kind.parse().map_err(|e| invalid(format!("field 'debtor_kind': {e}")))?;
-    let date = |days, field: &str| invoice::date_from_epoch_days(days).ok_or_else(|| invalid(format!("field '{field}' out of range")));
+    let currency: Currency = rec
+        .currency
+        .parse()
+        .map_err(|e| invalid(format!("field 'currency': {e}")))?;
+    let jurisdiction: Jurisdiction = rec
+        .jurisdiction
+        .parse()
+        .map_err(|e| invalid(format!("field 'jurisdiction': {e}")))?;
+    let debtor_kind: DebtorKind = rec
+        .debtor_kind
+        .parse()
+        .map_err(|e| invalid(format!("field 'debtor_kind': {e}")))?;
+    let date = |days, field: &str| {
+        invoice::date_from_epoch_days(days).ok_or_else(|| invalid(format!("field '{field}' out of range")))
+    };
     Ok(InvoiceSnapshot {
         tenant: rec.tenant.clone(),
         debtor_id: rec.debtor_id.clone(),
@@ -136,7 +150,12 @@ fn snapshot(rec: &records::Invoice) -> Result<InvoiceSnapshot, Failure> {
         },
         payment_reference: rec.payment_reference.clone(),
         description: rec.description.clone(),
-        contact: Contact { name: rec.debtor_name.clone(), email: rec.email.clone(), phone: rec.phone.clone(), language: rec.language.clone() },
+        contact: Contact {
+            name: rec.debtor_name.clone(),
+            email: rec.email.clone(),
+            phone: rec.phone.clone(),
+            language: rec.language.clone(),
+        },
     })
 }
 
@@ -162,7 +181,9 @@ impl Watcher {
     }
 
     fn parked_key(&self, tenant: &str, invoice_id: &str) -> String {
-        self.0.keys.key(&["parked-payments", &format!("{{{tenant}:{invoice_id}}}")])
+        self.0
+            .keys
+            .key(&["parked-payments", &format!("{{{tenant}:{invoice_id}}}")])
     }
 
     fn stripe(&self, tenant: &str, invoice_id: &str) -> &Mutex<()> {
@@ -176,11 +197,16 @@ impl Watcher {
     }
 
     async fn load(&self, tenant: &str, invoice_id: &str) -> Result<Option<Loaded>, Failure> {
-        let (v, json): (Option<u64>, Option<String>) =
-            redis::cmd("HMGET").arg(self.journey_key(tenant, invoice_id)).arg("v").arg("json").query_async(&mut self.conn()).await?;
+        let (v, json): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+            .arg(self.journey_key(tenant, invoice_id))
+            .arg("v")
+            .arg("json")
+            .query_async(&mut self.conn())
+            .await?;
         match (v, json) {
             (Some(version), Some(json)) => {
-                let stored = serde_json::from_str(&json).map_err(|e| Failure::Fatal(anyhow::anyhow!("corrupt journey state: {e}")))?;
+                let stored = serde_json::from_str(&json)
+                    .map_err(|e| Failure::Fatal(anyhow::anyhow!("corrupt journey state: {e}")))?;
                 Ok(Some(Loaded { stored, version }))
             }
             _ => Ok(None),
@@ -188,7 +214,13 @@ impl Watcher {
     }
 
     /// Writes the journey and its timer change if nobody wrote it since `expected`.
-    async fn save(&self, expected: Option<u64>, mut stored: Stored, timer: &TimerChange, fired: Option<&str>) -> Result<bool, Failure> {
+    async fn save(
+        &self,
+        expected: Option<u64>,
+        mut stored: Stored,
+        timer: &TimerChange,
+        fired: Option<&str>,
+    ) -> Result<bool, Failure> {
         let j = &stored.journey;
         let (tenant, invoice_id) = (j.invoice.tenant.clone(), j.invoice.invoice_id.clone());
         let mut remove = fired.map(str::to_owned).unwrap_or_default();
@@ -213,7 +245,11 @@ impl Watcher {
         }
         if fired.is_some() && fired != Some(remove.as_str()) {
             // A fired member that is no longer the pending one is stale: drop it too.
-            let _: () = redis::cmd("ZREM").arg(self.timers_key(stored.partition)).arg(fired).query_async(&mut self.conn()).await?;
+            let _: () = redis::cmd("ZREM")
+                .arg(self.timers_key(stored.partition))
+                .arg(fired)
+                .query_async(&mut self.conn())
+                .await?;
         }
         let status = stored.journey.state.label();
         let json = serde_json::to_string(&stored).map_err(|e| Failure::Fatal(e.into()))?;
@@ -240,7 +276,10 @@ impl Watcher {
         let inv = &journey.invoice;
         let outstanding = journey.outstanding();
         JourneyEvent {
-            event_id: derived_id("journey-event", &[&inv.tenant, &inv.invoice_id, cause, &index.to_string()]),
+            event_id: derived_id(
+                "journey-event",
+                &[&inv.tenant, &inv.invoice_id, cause, &index.to_string()],
+            ),
             tenant: inv.tenant.clone(),
             debtor_id: inv.debtor_id.clone(),
             occurred_at: at.timestamp_millis(),
@@ -257,9 +296,20 @@ impl Watcher {
         }
     }
 
-    async fn encode<T: Record>(&self, topic: &str, key: &str, value: &T, trace: TraceContext) -> Result<Outbound, Failure> {
+    async fn encode<T: Record>(
+        &self,
+        topic: &str,
+        key: &str,
+        value: &T,
+        trace: TraceContext,
+    ) -> Result<Outbound, Failure> {
         let payload = self.0.rt.codec.encode(topic, value).await?;
-        Ok(Outbound { topic: topic.to_owned(), key: key.to_owned(), payload, trace: trace.child() })
+        Ok(Outbound {
+            topic: topic.to_owned(),
+            key: key.to_owned(),
+            payload,
+            trace: trace.child(),
+        })
     }
 
     /// The records a decision produces: its transitions as events, and its emit.
@@ -274,7 +324,12 @@ impl Watcher {
             outs.push(self.encode(&events_topic, &debtor, &e, trace).await?);
         }
         match &d.emit {
-            Some(Emit::Message { step_index, step, tone, channels }) => {
+            Some(Emit::Message {
+                step_index,
+                step,
+                tone,
+                channels,
+            }) => {
                 let action = self.action(&d.journey, *step_index, &step.name, tone.code(), channels, now);
                 let topic = self.0.rt.topic(&self.0.topics.journey_actions);
                 outs.push(self.encode(&topic, &debtor, &action, trace).await?);
@@ -289,7 +344,15 @@ impl Watcher {
         Ok(outs)
     }
 
-    fn action(&self, j: &Journey, step_index: usize, step: &str, tone: &str, channels: &[String], now: DateTime<Utc>) -> JourneyAction {
+    fn action(
+        &self,
+        j: &Journey,
+        step_index: usize,
+        step: &str,
+        tone: &str,
+        channels: &[String],
+        now: DateTime<Utc>,
+    ) -> JourneyAction {
         let inv = &j.invoice;
         let open = j.outstanding();
         // The deadline in a reminder is the day before the next step would fall due.
@@ -299,7 +362,10 @@ impl Watcher {
             .steps
             .get(step_index + 1)
             .filter(|_| tone != "nudge")
-            .and_then(|next| inv.due_date.checked_add_signed(chrono::Duration::days(i64::from(next.offset_days) - 1)))
+            .and_then(|next| {
+                inv.due_date
+                    .checked_add_signed(chrono::Duration::days(i64::from(next.offset_days) - 1))
+            })
             .map(invoice::epoch_days);
         JourneyAction {
             event_id: derived_id("action-event", &[&inv.tenant, &inv.invoice_id, step]),
@@ -313,7 +379,12 @@ impl Watcher {
             step_index: step_index as i32,
             tone: tone.to_owned(),
             channels: channels.to_vec(),
-            send_at: self.0.plan.fire_at(step_index, inv.due_date, inv.jurisdiction).unwrap_or(now).timestamp_millis(),
+            send_at: self
+                .0
+                .plan
+                .fire_at(step_index, inv.due_date, inv.jurisdiction)
+                .unwrap_or(now)
+                .timestamp_millis(),
             open_minor: open.minor,
             fee_minor: 0,
             currency: open.currency.code().to_owned(),
@@ -356,9 +427,21 @@ impl Watcher {
         }
     }
 
-    async fn emit_then_save(&self, expected: Option<u64>, stored: Stored, d: &Decision, cause: &str, trace: TraceContext, fired: Option<&str>) -> Result<bool, Failure> {
+    async fn emit_then_save(
+        &self,
+        expected: Option<u64>,
+        stored: Stored,
+        d: &Decision,
+        cause: &str,
+        trace: TraceContext,
+        fired: Option<&str>,
+    ) -> Result<bool, Failure> {
         let outs = self.outputs(d, cause, trace).await?;
-        self.0.producer.send_all(&outs).await.map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
+        self.0
+            .producer
+            .send_all(&outs)
+            .await
+            .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
         self.save(expected, stored, &d.timer, fired).await
     }
 
@@ -377,20 +460,41 @@ impl Watcher {
             let mut d = journey::on_invoice(loaded.map(|l| l.stored.journey), incoming.clone(), &self.0.plan);
             // Payments that arrived before their invoice are applied now.
             let parked: Vec<String> = if expected.is_none() {
-                redis::cmd("LRANGE").arg(self.parked_key(&rec.tenant, &rec.invoice_id)).arg(0).arg(-1).query_async(&mut self.conn()).await?
+                redis::cmd("LRANGE")
+                    .arg(self.parked_key(&rec.tenant, &rec.invoice_id))
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut self.conn())
+                    .await?
             } else {
                 Vec::new()
             };
             for p in &parked {
-                let Ok(payment) = serde_json::from_str::<ParkedPayment>(p) else { continue };
-                if let Ok(next) = journey::on_payment(d.journey.clone(), &payment.payment_id, Money::new(payment.amount_minor, payment.currency)) {
+                let Ok(payment) = serde_json::from_str::<ParkedPayment>(p) else {
+                    continue;
+                };
+                if let Ok(next) = journey::on_payment(
+                    d.journey.clone(),
+                    &payment.payment_id,
+                    Money::new(payment.amount_minor, payment.currency),
+                ) {
                     d = then(d, next);
                 }
             }
-            let stored = Stored { journey: d.journey.clone(), partition, pending_timer: pending };
-            if self.emit_then_save(expected, stored, &d, &rec.event_id, trace, None).await? {
+            let stored = Stored {
+                journey: d.journey.clone(),
+                partition,
+                pending_timer: pending,
+            };
+            if self
+                .emit_then_save(expected, stored, &d, &rec.event_id, trace, None)
+                .await?
+            {
                 if !parked.is_empty() {
-                    let _: () = redis::cmd("DEL").arg(self.parked_key(&rec.tenant, &rec.invoice_id)).query_async(&mut self.conn()).await?;
+                    let _: () = redis::cmd("DEL")
+                        .arg(self.parked_key(&rec.tenant, &rec.invoice_id))
+                        .query_async(&mut self.conn())
+                        .await?;
                 }
                 return Ok(());
             }
@@ -398,29 +502,48 @@ impl Watcher {
     }
 
     async fn on_payment(&self, rec: PaymentMatched, trace: TraceContext) -> Result<(), Failure> {
-        let currency: Currency = rec.currency.parse().map_err(|e| Failure::reject("unknown_currency", format!("field 'currency': {e}")))?;
+        let currency: Currency = rec
+            .currency
+            .parse()
+            .map_err(|e| Failure::reject("unknown_currency", format!("field 'currency': {e}")))?;
         let amount = Money::new(rec.amount_minor, currency);
         let _guard = self.stripe(&rec.tenant, &rec.invoice_id).lock().await;
         loop {
             let Some(loaded) = self.load(&rec.tenant, &rec.invoice_id).await? else {
                 // The invoice's snapshot is on another topic and may not have arrived yet.
-                let parked = serde_json::to_string(&ParkedPayment { payment_id: rec.payment_id.clone(), amount_minor: rec.amount_minor, currency })
-                    .map_err(|e| Failure::Fatal(e.into()))?;
-                let _: () = redis::cmd("RPUSH").arg(self.parked_key(&rec.tenant, &rec.invoice_id)).arg(parked).query_async(&mut self.conn()).await?;
+                let parked = serde_json::to_string(&ParkedPayment {
+                    payment_id: rec.payment_id.clone(),
+                    amount_minor: rec.amount_minor,
+                    currency,
+                })
+                .map_err(|e| Failure::Fatal(e.into()))?;
+                let _: () = redis::cmd("RPUSH")
+                    .arg(self.parked_key(&rec.tenant, &rec.invoice_id))
+                    .arg(parked)
+                    .query_async(&mut self.conn())
+                    .await?;
                 self.0.metrics.transitions.with_label_values(&["payment_parked"]).inc();
                 return Ok(());
             };
-            let d = journey::on_payment(loaded.stored.journey.clone(), &rec.payment_id, amount).map_err(|e| Failure::Reject {
-                code: "payment_not_applicable",
-                detail: format!("payment '{}' for invoice '{}': {e}", rec.payment_id, rec.invoice_id),
-                tenant: Some(rec.tenant.clone()),
-                debtor_id: Some(rec.debtor_id.clone()),
+            let d = journey::on_payment(loaded.stored.journey.clone(), &rec.payment_id, amount).map_err(|e| {
+                Failure::Reject {
+                    code: "payment_not_applicable",
+                    detail: format!("payment '{}' for invoice '{}': {e}", rec.payment_id, rec.invoice_id),
+                    tenant: Some(rec.tenant.clone()),
+                    debtor_id: Some(rec.debtor_id.clone()),
+                }
             })?;
             if d.transitions.is_empty() {
                 return Ok(()); // already applied
             }
-            let stored = Stored { journey: d.journey.clone(), ..loaded.stored };
-            if self.emit_then_save(Some(loaded.version), stored, &d, &rec.event_id, trace, None).await? {
+            let stored = Stored {
+                journey: d.journey.clone(),
+                ..loaded.stored
+            };
+            if self
+                .emit_then_save(Some(loaded.version), stored, &d, &rec.event_id, trace, None)
+                .await?
+            {
                 return Ok(());
             }
         }
@@ -430,27 +553,51 @@ impl Watcher {
     async fn fire(&self, timer: &str, partition: i32) -> Result<(), Failure> {
         let Some((tenant, invoice_id, step_index)) = parse_member(timer) else {
             tracing::error!(timer, "unreadable timer dropped");
-            let _: () = redis::cmd("ZREM").arg(self.timers_key(partition)).arg(timer).query_async(&mut self.conn()).await?;
+            let _: () = redis::cmd("ZREM")
+                .arg(self.timers_key(partition))
+                .arg(timer)
+                .query_async(&mut self.conn())
+                .await?;
             return Ok(());
         };
         let _guard = self.stripe(&tenant, &invoice_id).lock().await;
         loop {
             let Some(loaded) = self.load(&tenant, &invoice_id).await? else {
-                let _: () = redis::cmd("ZREM").arg(self.timers_key(partition)).arg(timer).query_async(&mut self.conn()).await?;
+                let _: () = redis::cmd("ZREM")
+                    .arg(self.timers_key(partition))
+                    .arg(timer)
+                    .query_async(&mut self.conn())
+                    .await?;
                 return Ok(());
             };
             let now = self.0.rt.clock.now();
             let inv = &loaded.stored.journey.invoice;
             if let Some(due) = self.0.plan.fire_at(step_index, inv.due_date, inv.jurisdiction) {
-                self.0.metrics.lateness.observe((now - due).num_milliseconds().max(0) as f64 / 1000.0);
+                self.0
+                    .metrics
+                    .lateness
+                    .observe((now - due).num_milliseconds().max(0) as f64 / 1000.0);
             }
             let d = journey::on_timer(loaded.stored.journey.clone(), step_index, &self.0.plan);
             if let Some(step) = self.0.plan.steps.get(step_index).filter(|_| d.emit.is_some()) {
                 self.0.metrics.fired.with_label_values(&[&step.name]).inc();
             }
-            let stored = Stored { journey: d.journey.clone(), ..loaded.stored };
+            let stored = Stored {
+                journey: d.journey.clone(),
+                ..loaded.stored
+            };
             let cause = format!("timer:{step_index}");
-            if self.emit_then_save(Some(loaded.version), stored, &d, &cause, TraceContext::new_root(), Some(timer)).await? {
+            if self
+                .emit_then_save(
+                    Some(loaded.version),
+                    stored,
+                    &d,
+                    &cause,
+                    TraceContext::new_root(),
+                    Some(timer),
+                )
+                .await?
+            {
                 return Ok(());
             }
         }
@@ -469,7 +616,13 @@ impl Watcher {
             }
             let partitions: Vec<i32> = consumer
                 .assignment()
-                .map(|a| a.elements().iter().filter(|e| e.topic() == invoices_topic).map(|e| e.partition()).collect())
+                .map(|a| {
+                    a.elements()
+                        .iter()
+                        .filter(|e| e.topic() == invoices_topic)
+                        .map(|e| e.partition())
+                        .collect()
+                })
                 .unwrap_or_default();
             let now_ms = self.0.rt.clock.now().timestamp_millis();
             for partition in partitions {
@@ -482,7 +635,9 @@ impl Watcher {
                         tokio::time::sleep(wait).await;
                     }
                     Err(Failure::Fatal(e)) => return Err(e.context("firing timers")),
-                    Err(Failure::Reject { code, detail, .. }) => tracing::error!(code, %detail, "timer could not be fired"),
+                    Err(Failure::Reject { code, detail, .. }) => {
+                        tracing::error!(code, %detail, "timer could not be fired")
+                    }
                 }
             }
         }
@@ -519,7 +674,12 @@ impl Handler for Watcher {
         match decoded.name.as_str() {
             records::Invoice::FULL_NAME => self.on_invoice(decoded.to()?, record.partition, record.trace).await?,
             PaymentMatched::FULL_NAME => self.on_payment(decoded.to()?, record.trace).await?,
-            other => return Err(Failure::reject("unexpected_record_type", format!("the watcher does not handle '{other}'"))),
+            other => {
+                return Err(Failure::reject(
+                    "unexpected_record_type",
+                    format!("the watcher does not handle '{other}'"),
+                ));
+            }
         }
         Ok(Vec::new())
     }
@@ -529,13 +689,28 @@ impl Handler for Watcher {
 pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let settings: WatcherSettings = config::section(&rt.figment, SERVICE)?;
     let shell = ServiceShell::start(&rt, SERVICE, PORT_OFFSET, None).await?;
-    let transitions = IntCounterVec::new(Opts::new("watcher_transitions_total", "Journey transitions, by kind"), &["kind"])?;
-    let fired = IntCounterVec::new(Opts::new("watcher_steps_fired_total", "Plan steps fired, by step"), &["step"])?;
-    let lateness = Histogram::with_opts(
-        HistogramOpts::new("watcher_timer_lateness_seconds", "How late a step fired after it fell due (simulated time)")
-            .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0]),
+    let transitions = IntCounterVec::new(
+        Opts::new("watcher_transitions_total", "Journey transitions, by kind"),
+        &["kind"],
     )?;
-    for c in [Box::new(transitions.clone()) as Box<dyn prometheus::core::Collector>, Box::new(fired.clone()), Box::new(lateness.clone())] {
+    let fired = IntCounterVec::new(
+        Opts::new("watcher_steps_fired_total", "Plan steps fired, by step"),
+        &["step"],
+    )?;
+    let lateness = Histogram::with_opts(
+        HistogramOpts::new(
+            "watcher_timer_lateness_seconds",
+            "How late a step fired after it fell due (simulated time)",
+        )
+        .buckets(vec![
+            0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
+        ]),
+    )?;
+    for c in [
+        Box::new(transitions.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(fired.clone()),
+        Box::new(lateness.clone()),
+    ] {
         shell.metrics.registry.register(c)?;
     }
     let redis = redis_store::connect(&rt.config.redis).await?;
@@ -547,11 +722,19 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         plan: Plan::builtin(),
         cas: redis::Script::new(CAS_SCRIPT),
         stripes: (0..256).map(|_| Mutex::new(())).collect(),
-        metrics: Metrics { transitions, fired, lateness },
+        metrics: Metrics {
+            transitions,
+            fired,
+            lateness,
+        },
         topics: topics.clone(),
         rt: rt.clone(),
     }));
-    let consumer = shell.consumer(&rt, SERVICE, &[rt.topic(&topics.invoices), rt.topic(&topics.payments_matched)])?;
+    let consumer = shell.consumer(
+        &rt,
+        SERVICE,
+        &[rt.topic(&topics.invoices), rt.topic(&topics.payments_matched)],
+    )?;
     let timers = tokio::spawn(watcher.clone().run_timers(consumer.clone(), settings));
     let consumed = run_consumer(consumer, watcher, shell.loop_context(&rt)).await;
     rt.shutdown.cancel();

@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
-use mailin_embedded::{response, Handler, Response, Server, SslConfig};
+use mailin_embedded::{Handler, Response, Server, SslConfig, response};
 
 /// One accepted e-mail.
 #[derive(Debug, Clone)]
@@ -42,7 +42,10 @@ impl ReceivedMail {
     }
 
     pub fn body(&self) -> String {
-        self.raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+        self.raw
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default()
     }
 }
 
@@ -54,7 +57,11 @@ struct MailHandler {
 
 impl Handler for MailHandler {
     fn data_start(&mut self, _domain: &str, from: &str, _is8bit: bool, to: &[String]) -> Response {
-        self.current = Some(ReceivedMail { from: from.to_owned(), to: to.to_vec(), raw: String::new() });
+        self.current = Some(ReceivedMail {
+            from: from.to_owned(),
+            to: to.to_vec(),
+            raw: String::new(),
+        });
         response::OK
     }
 
@@ -89,9 +96,16 @@ impl MailSink {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
         let store = Arc::new(Mutex::new(Vec::new()));
-        let handler = MailHandler { store: store.clone(), current: None };
+        let handler = MailHandler {
+            store: store.clone(),
+            current: None,
+        };
         let mut server = Server::new(handler);
-        server.with_name("forfall-mail-sink").with_ssl(SslConfig::None).map_err(|e| anyhow::anyhow!("{e}"))?.with_tcp_listener(listener);
+        server
+            .with_name("forfall-mail-sink")
+            .with_ssl(SslConfig::None)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .with_tcp_listener(listener);
         std::thread::Builder::new().name("mail-sink".into()).spawn(move || {
             let _ = server.serve();
         })?;
@@ -104,7 +118,10 @@ impl MailSink {
 
     /// Messages to one recipient.
     pub fn to(&self, address: &str) -> Vec<ReceivedMail> {
-        self.messages().into_iter().filter(|m| m.to.iter().any(|t| t == address)).collect()
+        self.messages()
+            .into_iter()
+            .filter(|m| m.to.iter().any(|t| t == address))
+            .collect()
     }
 }
 
@@ -119,7 +136,10 @@ pub struct RecordedRequest {
 
 impl RecordedRequest {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -167,11 +187,20 @@ impl HttpRecorder {
     }
 }
 
-async fn record(State(script): State<Script>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> impl IntoResponse {
+async fn record(
+    State(script): State<Script>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
     let request = RecordedRequest {
         method: method.to_string(),
         path: uri.path().to_owned(),
-        headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned())).collect(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+            .collect(),
         body: body.to_vec(),
     };
     let n = {

@@ -5,16 +5,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use apache_avro::schema_compatibility::{Compatibility, SchemaCompatibility};
 use apache_avro::Schema;
+use apache_avro::schema_compatibility::{Compatibility, SchemaCompatibility};
+use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 
@@ -56,7 +56,10 @@ impl Level {
     }
 
     fn transitive(self) -> bool {
-        matches!(self, Level::BackwardTransitive | Level::ForwardTransitive | Level::FullTransitive)
+        matches!(
+            self,
+            Level::BackwardTransitive | Level::ForwardTransitive | Level::FullTransitive
+        )
     }
 }
 
@@ -85,7 +88,11 @@ struct ApiError {
 }
 
 fn err(status: StatusCode, code: u32, message: impl Into<String>) -> ApiError {
-    ApiError { status, code, message: message.into() }
+    ApiError {
+        status,
+        code,
+        message: message.into(),
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -118,23 +125,41 @@ struct SchemaBody {
 }
 
 fn parse_body(body: &Bytes) -> Result<(String, Schema), ApiError> {
-    let body: SchemaBody = serde_json::from_slice(body)
-        .map_err(|e| err(StatusCode::UNPROCESSABLE_ENTITY, 422, format!("Unrecognized request body: {e}")))?;
+    let body: SchemaBody = serde_json::from_slice(body).map_err(|e| {
+        err(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            422,
+            format!("Unrecognized request body: {e}"),
+        )
+    })?;
     if let Some(t) = body.schema_type.as_deref() {
         if t != "AVRO" {
-            return Err(err(StatusCode::UNPROCESSABLE_ENTITY, 42201, format!("Invalid schema: schemaType {t} is not supported by this emulator (AVRO only)")));
+            return Err(err(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                42201,
+                format!("Invalid schema: schemaType {t} is not supported by this emulator (AVRO only)"),
+            ));
         }
     }
     if !body.references.is_empty() {
-        return Err(err(StatusCode::UNPROCESSABLE_ENTITY, 42201, "Invalid schema: references are not supported by this emulator"));
+        return Err(err(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42201,
+            "Invalid schema: references are not supported by this emulator",
+        ));
     }
-    let parsed = Schema::parse_str(&body.schema).map_err(|e| err(StatusCode::UNPROCESSABLE_ENTITY, 42201, format!("Invalid schema: {e}")))?;
+    let parsed = Schema::parse_str(&body.schema)
+        .map_err(|e| err(StatusCode::UNPROCESSABLE_ENTITY, 42201, format!("Invalid schema: {e}")))?;
     Ok((body.schema, parsed))
 }
 
 impl Registry {
     fn level_for(&self, subject: &str) -> Level {
-        self.per_subject.get(subject).copied().or(self.global).unwrap_or(Level::Backward)
+        self.per_subject
+            .get(subject)
+            .copied()
+            .or(self.global)
+            .unwrap_or(Level::Backward)
     }
 
     fn versions(&self, subject: &str) -> Result<&Vec<(u32, u32)>, ApiError> {
@@ -147,7 +172,10 @@ impl Registry {
     fn version(&self, subject: &str, version: &str) -> Result<(u32, u32), ApiError> {
         let versions = self.versions(subject)?;
         if version == "latest" || version == "-1" {
-            return versions.last().copied().ok_or_else(|| err(StatusCode::NOT_FOUND, 40402, "Version latest not found."));
+            return versions
+                .last()
+                .copied()
+                .ok_or_else(|| err(StatusCode::NOT_FOUND, 40402, "Version latest not found."));
         }
         let wanted: u32 = version.parse().ok().filter(|v| *v > 0).ok_or_else(|| {
             err(StatusCode::UNPROCESSABLE_ENTITY, 42202, format!("The specified version '{version}' is not a valid version id. Allowed values are between [1, 2^31-1] and the string \"latest\""))
@@ -165,20 +193,36 @@ impl Registry {
 
     /// Problems found checking `new` against `existing` (oldest first) at `level`.
     fn incompatibilities(&self, level: Level, new: &Schema, existing: &[(u32, u32)]) -> Vec<String> {
-        let against: Vec<&(u32, u32)> = if level.transitive() { existing.iter().collect() } else { existing.last().into_iter().collect() };
+        let against: Vec<&(u32, u32)> = if level.transitive() {
+            existing.iter().collect()
+        } else {
+            existing.last().into_iter().collect()
+        };
         let mut messages = Vec::new();
         for (version, id) in against {
-            let Some(old) = self.schema(*id) else { continue };
-            let backward = matches!(level, Level::Backward | Level::BackwardTransitive | Level::Full | Level::FullTransitive);
-            let forward = matches!(level, Level::Forward | Level::ForwardTransitive | Level::Full | Level::FullTransitive);
+            let Some(old) = self.schema(*id) else {
+                continue;
+            };
+            let backward = matches!(
+                level,
+                Level::Backward | Level::BackwardTransitive | Level::Full | Level::FullTransitive
+            );
+            let forward = matches!(
+                level,
+                Level::Forward | Level::ForwardTransitive | Level::Full | Level::FullTransitive
+            );
             if backward {
                 if let Some(m) = check(&old.parsed, new) {
-                    messages.push(format!("new schema cannot read data written with version {version}: {m}"));
+                    messages.push(format!(
+                        "new schema cannot read data written with version {version}: {m}"
+                    ));
                 }
             }
             if forward {
                 if let Some(m) = check(new, &old.parsed) {
-                    messages.push(format!("version {version} cannot read data written with the new schema: {m}"));
+                    messages.push(format!(
+                        "version {version} cannot read data written with the new schema: {m}"
+                    ));
                 }
             }
         }
@@ -208,8 +252,16 @@ pub fn router() -> Router {
         .route("/compatibility/subjects/{subject}/versions/{version}", post(check_one))
         .route("/compatibility/subjects/{subject}/versions", post(check_all))
         .route("/config", get(get_global).put(put_global))
-        .route("/config/{subject}", get(get_subject_config).put(put_subject_config).delete(delete_subject_config))
-        .route("/mode", get(|| async { reply(StatusCode::OK, json!({"mode": "READWRITE"})) }))
+        .route(
+            "/config/{subject}",
+            get(get_subject_config)
+                .put(put_subject_config)
+                .delete(delete_subject_config),
+        )
+        .route(
+            "/mode",
+            get(|| async { reply(StatusCode::OK, json!({"mode": "READWRITE"})) }),
+        )
         .with_state(state)
 }
 
@@ -224,31 +276,45 @@ pub async fn spawn(addr: &str) -> std::io::Result<SocketAddr> {
 }
 
 fn parse_id(id: &str) -> Result<u32, ApiError> {
-    id.parse().map_err(|_| err(StatusCode::NOT_FOUND, 40403, format!("Schema {id} not found")))
+    id.parse()
+        .map_err(|_| err(StatusCode::NOT_FOUND, 40403, format!("Schema {id} not found")))
 }
 
 async fn get_schema(State(s): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let r = lock(&s);
-    let stored = r.schema(id).ok_or_else(|| err(StatusCode::NOT_FOUND, 40403, format!("Schema {id} not found")))?;
+    let stored = r
+        .schema(id)
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, 40403, format!("Schema {id} not found")))?;
     ok(json!({"schema": stored.text}))
 }
 
 async fn get_schema_versions(State(s): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let r = lock(&s);
-    r.schema(id).ok_or_else(|| err(StatusCode::NOT_FOUND, 40403, format!("Schema {id} not found")))?;
+    r.schema(id)
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, 40403, format!("Schema {id} not found")))?;
     let uses: Vec<Value> = r
         .subjects
         .iter()
-        .flat_map(|(subject, vs)| vs.iter().filter(|(_, i)| *i == id).map(move |(v, _)| json!({"subject": subject, "version": v})))
+        .flat_map(|(subject, vs)| {
+            vs.iter()
+                .filter(|(_, i)| *i == id)
+                .map(move |(v, _)| json!({"subject": subject, "version": v}))
+        })
         .collect();
     ok(json!(uses))
 }
 
 async fn list_subjects(State(s): State<Shared>) -> Result<Response, ApiError> {
     let r = lock(&s);
-    ok(json!(r.subjects.iter().filter(|(_, v)| !v.is_empty()).map(|(k, _)| k).collect::<Vec<_>>()))
+    ok(json!(
+        r.subjects
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, _)| k)
+            .collect::<Vec<_>>()
+    ))
 }
 
 async fn list_versions(State(s): State<Shared>, Path(subject): Path<String>) -> Result<Response, ApiError> {
@@ -256,14 +322,20 @@ async fn list_versions(State(s): State<Shared>, Path(subject): Path<String>) -> 
     ok(json!(r.versions(&subject)?.iter().map(|(v, _)| v).collect::<Vec<_>>()))
 }
 
-async fn get_version(State(s): State<Shared>, Path((subject, version)): Path<(String, String)>) -> Result<Response, ApiError> {
+async fn get_version(
+    State(s): State<Shared>,
+    Path((subject, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
     let r = lock(&s);
     let (v, id) = r.version(&subject, &version)?;
     let text = r.schema(id).map(|s| s.text.clone()).unwrap_or_default();
     ok(json!({"subject": subject, "version": v, "id": id, "schema": text}))
 }
 
-async fn get_version_schema(State(s): State<Shared>, Path((subject, version)): Path<(String, String)>) -> Result<Response, ApiError> {
+async fn get_version_schema(
+    State(s): State<Shared>,
+    Path((subject, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
     let r = lock(&s);
     let (_, id) = r.version(&subject, &version)?;
     let text = r.schema(id).map(|s| s.text.clone()).unwrap_or_default();
@@ -288,7 +360,11 @@ async fn register(State(s): State<Shared>, Path(subject): Path<String>, body: By
             return Err(err(
                 StatusCode::CONFLICT,
                 409,
-                format!("Schema being registered is incompatible with an earlier schema for subject \"{subject}\" ({}): {}", level.name(), problems.join("; ")),
+                format!(
+                    "Schema being registered is incompatible with an earlier schema for subject \"{subject}\" ({}): {}",
+                    level.name(),
+                    problems.join("; ")
+                ),
             ));
         }
     }
@@ -355,15 +431,34 @@ async fn check_one(
         Level::FullTransitive => Level::Full,
         other => other,
     };
-    compat_reply(if level == Level::None { vec![] } else { r.incompatibilities(level, &parsed, &[target]) }, q.verbose)
+    compat_reply(
+        if level == Level::None {
+            vec![]
+        } else {
+            r.incompatibilities(level, &parsed, &[target])
+        },
+        q.verbose,
+    )
 }
 
-async fn check_all(State(s): State<Shared>, Path(subject): Path<String>, Query(q): Query<VerboseQuery>, body: Bytes) -> Result<Response, ApiError> {
+async fn check_all(
+    State(s): State<Shared>,
+    Path(subject): Path<String>,
+    Query(q): Query<VerboseQuery>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let (_, parsed) = parse_body(&body)?;
     let r = lock(&s);
     let versions = r.subjects.get(&subject).cloned().unwrap_or_default();
     let level = r.level_for(&subject);
-    compat_reply(if level == Level::None { vec![] } else { r.incompatibilities(level, &parsed, &versions) }, q.verbose)
+    compat_reply(
+        if level == Level::None {
+            vec![]
+        } else {
+            r.incompatibilities(level, &parsed, &versions)
+        },
+        q.verbose,
+    )
 }
 
 #[derive(Deserialize)]
@@ -372,8 +467,20 @@ struct ConfigBody {
 }
 
 fn parse_level(body: &Bytes) -> Result<Level, ApiError> {
-    let c: ConfigBody = serde_json::from_slice(body).map_err(|e| err(StatusCode::UNPROCESSABLE_ENTITY, 42203, format!("Invalid compatibility level: {e}")))?;
-    Level::parse(&c.compatibility).ok_or_else(|| err(StatusCode::UNPROCESSABLE_ENTITY, 42203, format!("Invalid compatibility level: {}", c.compatibility)))
+    let c: ConfigBody = serde_json::from_slice(body).map_err(|e| {
+        err(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42203,
+            format!("Invalid compatibility level: {e}"),
+        )
+    })?;
+    Level::parse(&c.compatibility).ok_or_else(|| {
+        err(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42203,
+            format!("Invalid compatibility level: {}", c.compatibility),
+        )
+    })
 }
 
 async fn get_global(State(s): State<Shared>) -> Result<Response, ApiError> {
@@ -393,16 +500,28 @@ struct DefaultToGlobal {
     default_to_global: bool,
 }
 
-async fn get_subject_config(State(s): State<Shared>, Path(subject): Path<String>, Query(q): Query<DefaultToGlobal>) -> Result<Response, ApiError> {
+async fn get_subject_config(
+    State(s): State<Shared>,
+    Path(subject): Path<String>,
+    Query(q): Query<DefaultToGlobal>,
+) -> Result<Response, ApiError> {
     let r = lock(&s);
     match r.per_subject.get(&subject) {
         Some(level) => ok(json!({"compatibilityLevel": level.name()})),
         None if q.default_to_global => ok(json!({"compatibilityLevel": r.global.unwrap_or(Level::Backward).name()})),
-        None => Err(err(StatusCode::NOT_FOUND, 40408, format!("Subject '{subject}' does not have subject-level compatibility configured"))),
+        None => Err(err(
+            StatusCode::NOT_FOUND,
+            40408,
+            format!("Subject '{subject}' does not have subject-level compatibility configured"),
+        )),
     }
 }
 
-async fn put_subject_config(State(s): State<Shared>, Path(subject): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+async fn put_subject_config(
+    State(s): State<Shared>,
+    Path(subject): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let level = parse_level(&body)?;
     lock(&s).per_subject.insert(subject, level);
     ok(json!({"compatibility": level.name()}))
@@ -411,7 +530,11 @@ async fn put_subject_config(State(s): State<Shared>, Path(subject): Path<String>
 async fn delete_subject_config(State(s): State<Shared>, Path(subject): Path<String>) -> Result<Response, ApiError> {
     let mut r = lock(&s);
     let level = r.per_subject.remove(&subject).ok_or_else(|| {
-        err(StatusCode::NOT_FOUND, 40408, format!("Subject '{subject}' does not have subject-level compatibility configured"))
+        err(
+            StatusCode::NOT_FOUND,
+            40408,
+            format!("Subject '{subject}' does not have subject-level compatibility configured"),
+        )
     })?;
     ok(json!({"compatibilityLevel": level.name()}))
 }

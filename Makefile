@@ -1,0 +1,42 @@
+# Forfall: `make run` runs the whole pipeline on this machine; `make test` runs every test.
+# Both install and start what is missing (tansu, Redis) and reuse what is there.
+
+# Dependencies compile once per machine when the target dir lives outside the work tree.
+CARGO_TARGET_DIR ?= $(HOME)/.cache/forfall/target
+export CARGO_TARGET_DIR
+export CARGO_TERM_COLOR ?= never
+NEXTEST_PROFILE ?= default
+
+.PHONY: run test devstack devstack-down build check fmt bench
+
+devstack:
+	bash tools/devstack/devstack.sh up
+
+devstack-down:
+	bash tools/devstack/devstack.sh down
+
+build:
+	cargo build --workspace --bins
+
+# The whole pipeline in one process on simulated time: a demo set of invoices and payments,
+# and what happened to each.
+run: devstack build
+	$(CARGO_TARGET_DIR)/debug/forfall demo
+
+test: devstack
+	@if cargo nextest --version >/dev/null 2>&1; then \
+		cargo nextest run --workspace --profile $(NEXTEST_PROFILE); \
+	else \
+		echo "cargo-nextest not found; using cargo test"; \
+		cargo test --workspace; \
+	fi
+
+check:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+bench: devstack
+	cargo run --release -p forfall-e2e --bin ingest-throughput
