@@ -222,25 +222,40 @@ impl LocalStack {
                 .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
                 .set("enable.auto.commit", "false")
                 .create()?;
-            let mut out = Vec::new();
+            // Assign every non-empty partition at once and track each one's position: reading
+            // partitions one after another would mix in records prefetched for the previous one.
+            let mut tpl = TopicPartitionList::new();
+            let mut remaining: HashMap<i32, (i64, i64)> = HashMap::new();
             for p in 0..partitions {
                 let (low, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(5))?;
-                if high <= low {
-                    continue;
+                if high > low {
+                    tpl.add_partition_offset(&topic, p, Offset::Offset(low))?;
+                    remaining.insert(p, (low, high));
                 }
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition_offset(&topic, p, Offset::Offset(low))?;
+            }
+            let mut by_partition: HashMap<i32, Vec<Vec<u8>>> = HashMap::new();
+            if !remaining.is_empty() {
                 consumer.assign(&tpl)?;
-                let deadline = Instant::now() + Duration::from_secs(10);
-                let mut next = low;
-                while next < high {
-                    anyhow::ensure!(Instant::now() < deadline, "timed out reading {topic}[{p}]");
-                    if let Some(m) = consumer.poll(Duration::from_millis(200)) {
-                        let m = m?;
-                        next = m.offset() + 1;
-                        out.push(m.payload().unwrap_or_default().to_vec());
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while remaining.values().any(|(next, high)| next < high) {
+                anyhow::ensure!(Instant::now() < deadline, "timed out reading {topic}");
+                if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                    let m = m?;
+                    if let Some((next, _)) = remaining.get_mut(&m.partition()) {
+                        if m.offset() >= *next {
+                            *next = m.offset() + 1;
+                            by_partition
+                                .entry(m.partition())
+                                .or_default()
+                                .push(m.payload().unwrap_or_default().to_vec());
+                        }
                     }
                 }
+            }
+            let mut out = Vec::new();
+            for p in 0..partitions {
+                out.extend(by_partition.remove(&p).unwrap_or_default());
             }
             Ok(out)
         })

@@ -1,0 +1,157 @@
+//! Bad input is rejected with a reason, nothing is lost, and the service keeps running.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use forfall_e2e::*;
+use forfall_platform::clock::ManualClock;
+use forfall_platform::records::{Invoice, Rejected};
+
+const WAIT: Duration = Duration::from_secs(45);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_kind_of_bad_input_lands_on_the_rejected_topic_with_its_reason() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-03-01T08:00:00Z"));
+    let stack = LocalStack::start(base_config(), clock).await?;
+    stack.start_service("ingest");
+    let billing = stack.topic(&stack.topics().billing_invoice_events);
+    let good = danish("inv-ok", "INV-5001", day(2026, 3, 20), "ok@example.test");
+
+    // 1. Not Avro at all.
+    stack.produce_raw(&billing, "k1", b"{\"amount\": 12}").await?;
+    // 2. Confluent framing with a schema id the registry does not know.
+    stack
+        .produce_raw(&billing, "k2", &[0, 0, 0, 0x03, 0xe7, 2, 4, 6])
+        .await?;
+    // 3. A known schema id with a body cut short.
+    let mut encoded = stack.rt.codec.encode(&billing, &good.issued()).await?;
+    encoded.truncate(12);
+    stack.produce_raw(&billing, "k3", &encoded).await?;
+    // 4. A negative amount.
+    let mut negative = good.issued();
+    negative.invoice_id = "inv-neg".into();
+    negative.amount_minor = -100;
+    stack.produce(&billing, &good.debtor_id(), &negative).await?;
+    // 5. An unknown currency.
+    let mut currency = good.issued();
+    currency.invoice_id = "inv-cur".into();
+    currency.currency = "XYZ".into();
+    stack.produce(&billing, &good.debtor_id(), &currency).await?;
+    // 6. And a good one after all of them: the service is still running.
+    stack.produce(&billing, &good.debtor_id(), &good.issued()).await?;
+
+    let invoices_topic = stack.topic(&stack.topics().invoices);
+    let invoices = eventually("the good invoice", WAIT, || async {
+        Ok(Some(stack.read::<Invoice>(&invoices_topic).await?).filter(|v| !v.is_empty()))
+    })
+    .await?;
+    assert_eq!(invoices.len(), 1);
+    assert_eq!(invoices[0].invoice_number, "INV-5001");
+
+    let rejected_topic = stack.topic(&stack.topics().rejected);
+    let rejected = eventually("five rejections", WAIT, || async {
+        let r = stack.read::<Rejected>(&rejected_topic).await?;
+        Ok(Some(r).filter(|r| r.len() >= 5))
+    })
+    .await?;
+    let by_reason: BTreeMap<&str, &Rejected> = rejected.iter().map(|r| (r.reason_code.as_str(), r)).collect();
+    let reasons: Vec<&str> = by_reason.keys().copied().collect();
+    assert_eq!(
+        reasons,
+        [
+            "invalid_amount",
+            "not_avro",
+            "undecodable",
+            "unknown_currency",
+            "unknown_schema_id"
+        ]
+    );
+    for r in &rejected {
+        assert_eq!(r.service, "ingest");
+        assert_eq!(r.source_topic, billing);
+        assert!(r.source_offset >= 0);
+        assert!(
+            r.raw_value.as_ref().is_some_and(|v| !v.is_empty()),
+            "raw bytes kept: {r:?}"
+        );
+    }
+    assert_eq!(
+        by_reason["not_avro"].raw_value.as_deref(),
+        Some(&b"{\"amount\": 12}"[..])
+    );
+    assert!(
+        by_reason["unknown_schema_id"].detail.contains("999"),
+        "{}",
+        by_reason["unknown_schema_id"].detail
+    );
+    assert!(
+        by_reason["invalid_amount"].detail.contains("amount_minor"),
+        "says which field"
+    );
+    assert!(
+        by_reason["invalid_amount"].detail.contains("-100"),
+        "and what was wrong"
+    );
+    assert_eq!(by_reason["invalid_amount"].tenant.as_deref(), Some("acme-energy"));
+    assert!(by_reason["unknown_currency"].detail.contains("XYZ"));
+
+    let metrics = stack.metrics("ingest").await?;
+    for reason in reasons {
+        let n = metric_value(&metrics, "forfall_rejected_total", &[&format!("reason=\"{reason}\"")]);
+        assert_eq!(n, Some(1.0), "forfall_rejected_total for {reason} in:\n{metrics}");
+    }
+    stack.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_intake_answers_422_with_the_reason_and_202_for_a_good_invoice() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-03-01T08:00:00Z"));
+    let stack = LocalStack::start(base_config(), clock).await?;
+    stack.start_service("ingest");
+    stack.wait_ready(&["ingest"], WAIT).await?;
+    let addr = stack.rt.admin_addr("ingest").expect("ingest serves HTTP");
+    let url = format!("http://{addr}/v1/invoices");
+    let good = serde_json::json!({
+        "tenant": "acme-energy", "debtor_id": "acme-energy:c-77", "invoice_id": "inv-http-1",
+        "revision": 1, "invoice_number": "INV-6001", "issue_date": "2026-03-01", "due_date": "2026-03-15",
+        "amount_minor": 49_900, "currency": "NOK", "jurisdiction": "NO", "debtor_kind": "consumer",
+        "payment_reference": "1234567890128", "email": "ola@example.test", "language": "nb"
+    });
+    let client = reqwest::Client::new();
+    let mut bad = good.clone();
+    bad["amount_minor"] = serde_json::json!(-5);
+    let response = client.post(&url).json(&bad).send().await?;
+    assert_eq!(response.status(), 422);
+    let body: serde_json::Value = response.json().await?;
+    assert_eq!(body["error"], "invalid_amount");
+    assert!(body["detail"].as_str().unwrap_or("").contains("amount_minor"));
+
+    let mut unknown_field = good.clone();
+    unknown_field["amuont_minor"] = serde_json::json!(1);
+    let response = client.post(&url).json(&unknown_field).send().await?;
+    assert_eq!(response.status(), 422);
+    let body: serde_json::Value = response.json().await?;
+    assert_eq!(body["error"], "invalid_json");
+    assert!(
+        body["detail"].as_str().unwrap_or("").contains("amuont_minor"),
+        "names the unknown field: {body}"
+    );
+
+    let response = client.post(&url).json(&good).send().await?;
+    assert_eq!(response.status(), 202);
+
+    let invoices_topic = stack.topic(&stack.topics().invoices);
+    let invoices = eventually("the posted invoice", WAIT, || async {
+        Ok(Some(stack.read::<Invoice>(&invoices_topic).await?).filter(|v| !v.is_empty()))
+    })
+    .await?;
+    assert_eq!(invoices[0].invoice_number, "INV-6001");
+    assert_eq!(invoices[0].open_minor, 49_900);
+    let rejected = stack.read::<Rejected>(&stack.topic(&stack.topics().rejected)).await?;
+    let codes: Vec<&str> = rejected.iter().map(|r| r.reason_code.as_str()).collect();
+    assert_eq!(codes, ["invalid_amount", "invalid_json"]);
+    assert!(rejected.iter().all(|r| r.source_topic == "http:/v1/invoices"));
+    stack.shutdown().await;
+    Ok(())
+}
