@@ -1,8 +1,382 @@
-//! `forfall demo` (what `make run` shows).
+//! `forfall demo` (what `make run` shows): the whole pipeline in one process on the dev stack,
+//! with simulated time running fast, a small set of invoices and payments that exercise each
+//! path, and a summary of what happened to each.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Duration as Days, Utc};
+use figment::Figment;
+use forfall_domain::invoice::epoch_days;
+use forfall_platform::clock::AcceleratedClock;
+use forfall_platform::config::CommonConfig;
+use forfall_platform::records::{
+    DispatchOutcome, DispatchStatus, InvoiceCredited, InvoiceIssued, JourneyEvent, PaymentReceived, Rejected,
+    new_event_id,
+};
+
+use crate::devstack::LocalStack;
 
 #[derive(Debug, clap::Args)]
-pub struct DemoArgs {}
+pub struct DemoArgs {
+    /// Simulated seconds per real second (default: two days per second).
+    #[arg(long, default_value_t = 172_800.0)]
+    speed: f64,
+    /// Give up after this many real seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+}
 
-pub async fn run(_c: forfall_platform::CommonConfig, _f: figment::Figment, _a: DemoArgs) -> anyhow::Result<()> {
-    anyhow::bail!("demo not written yet")
+const TENANT: &str = "demo-utility";
+
+/// One demo debtor and what they do.
+struct Case {
+    invoice_id: &'static str,
+    number: &'static str,
+    who: &'static str,
+    email: &'static str,
+    jurisdiction: &'static str,
+    currency: &'static str,
+    language: &'static str,
+    amount_minor: i64,
+    reference: &'static str,
+    story: &'static str,
+    behaviour: Behaviour,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Behaviour {
+    PaysBeforeDue,
+    PaysAfterNudge,
+    NeverPays,
+    PaysHalfAfterNudge,
+    CreditedBeforeDue,
+    Invalid,
+}
+
+fn demo_cases() -> Vec<Case> {
+    use Behaviour::*;
+    vec![
+        Case {
+            invoice_id: "d-1",
+            number: "100001",
+            who: "Astrid (DK)",
+            email: "astrid@example.test",
+            jurisdiction: "DK",
+            currency: "DKK",
+            language: "da",
+            amount_minor: 74_500,
+            reference: "RF47100001",
+            story: "pays two days before the due date",
+            behaviour: PaysBeforeDue,
+        },
+        Case {
+            invoice_id: "d-2",
+            number: "100002",
+            who: "Bjørn (NO)",
+            email: "bjorn@example.test",
+            jurisdiction: "NO",
+            currency: "NOK",
+            language: "nb",
+            amount_minor: 129_000,
+            reference: "1000020",
+            story: "pays after the friendly nudge",
+            behaviour: PaysAfterNudge,
+        },
+        Case {
+            invoice_id: "d-3",
+            number: "100003",
+            who: "Cecilia (SE)",
+            email: "cecilia@example.test",
+            jurisdiction: "SE",
+            currency: "SEK",
+            language: "sv",
+            amount_minor: 89_900,
+            reference: "1000036",
+            story: "never pays",
+            behaviour: NeverPays,
+        },
+        Case {
+            invoice_id: "d-4",
+            number: "100004",
+            who: "Dina (FI)",
+            email: "dina@example.test",
+            jurisdiction: "FI",
+            currency: "EUR",
+            language: "fi",
+            amount_minor: 15_000,
+            reference: "1000049",
+            story: "pays half after the nudge",
+            behaviour: PaysHalfAfterNudge,
+        },
+        Case {
+            invoice_id: "d-5",
+            number: "100005",
+            who: "Emil (DK)",
+            email: "emil@example.test",
+            jurisdiction: "DK",
+            currency: "DKK",
+            language: "en",
+            amount_minor: 30_000,
+            reference: "RF71100005",
+            story: "is credited in full before the due date",
+            behaviour: CreditedBeforeDue,
+        },
+        Case {
+            invoice_id: "d-6",
+            number: "100006",
+            who: "Frida (SE)",
+            email: "frida@example.test",
+            jurisdiction: "SE",
+            currency: "SEK",
+            language: "sv",
+            amount_minor: -500,
+            reference: "1000062",
+            story: "billing sends a negative amount",
+            behaviour: Invalid,
+        },
+    ]
+}
+
+fn debtor(c: &Case) -> String {
+    format!("{TENANT}:{}", c.email)
+}
+
+fn issued(c: &Case, now: DateTime<Utc>) -> InvoiceIssued {
+    let due = (now + Days::days(3)).date_naive();
+    InvoiceIssued {
+        event_id: new_event_id(),
+        tenant: TENANT.into(),
+        debtor_id: debtor(c),
+        occurred_at: now.timestamp_millis(),
+        invoice_id: c.invoice_id.into(),
+        revision: 1,
+        invoice_number: c.number.into(),
+        issue_date: epoch_days(due) - 14,
+        due_date: epoch_days(due),
+        amount_minor: c.amount_minor,
+        currency: c.currency.into(),
+        jurisdiction: c.jurisdiction.into(),
+        debtor_kind: "consumer".into(),
+        payment_reference: Some(c.reference.into()),
+        description: Some("Electricity and grid, last month".into()),
+        debtor_name: Some(c.who.split(' ').next().unwrap_or("").into()),
+        email: Some(c.email.into()),
+        phone: None,
+        language: Some(c.language.into()),
+    }
+}
+
+fn payment(c: &Case, amount_minor: i64, now: DateTime<Utc>) -> PaymentReceived {
+    PaymentReceived {
+        event_id: new_event_id(),
+        tenant: TENANT.into(),
+        debtor_id: None,
+        occurred_at: now.timestamp_millis(),
+        payment_id: format!("bank-{}-{}", c.invoice_id, amount_minor),
+        amount_minor,
+        currency: c.currency.into(),
+        reference: Some(c.reference.into()),
+        remittance_text: None,
+        payer_name: None,
+        payer_account: None,
+        booking_date: epoch_days(now.date_naive()),
+        value_date: epoch_days(now.date_naive()),
+    }
+}
+
+fn done(c: &Case, status: Option<&str>, rejected: &[Rejected]) -> bool {
+    match c.behaviour {
+        Behaviour::PaysBeforeDue | Behaviour::PaysAfterNudge => status == Some("closed:paid"),
+        Behaviour::NeverPays | Behaviour::PaysHalfAfterNudge => status == Some("handed_over"),
+        Behaviour::CreditedBeforeDue => status == Some("closed:credited"),
+        Behaviour::Invalid => rejected.iter().any(|r| {
+            r.raw_value
+                .as_deref()
+                .is_some_and(|v| v.windows(6).any(|w| w == c.number.as_bytes()))
+        }),
+    }
+}
+
+pub async fn run(mut common: CommonConfig, _figment: Figment, args: DemoArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    // The story is the output; service logs only when something is wrong (RUST_LOG overrides).
+    if common.log.level == "info" {
+        common.log.level = "warn".into();
+    }
+    let start: DateTime<Utc> = "2026-03-02T06:00:00Z".parse()?;
+    let clock = AcceleratedClock::new(start, args.speed);
+    println!(
+        "Forfall demo: the whole pipeline on the dev stack, simulated time at {:.0} days per second.",
+        args.speed / 86_400.0
+    );
+    let stack = LocalStack::start(common, clock.clone()).await?;
+    stack.start_all();
+    stack.wait_ready(&crate::TARGETS, Duration::from_secs(60)).await?;
+    for name in crate::TARGETS {
+        if let Some(addr) = stack.rt.admin_addr(name) {
+            println!("  {name:<9} metrics and health on http://{addr}/metrics");
+        }
+    }
+    let result = drive(&stack, args.timeout_secs).await;
+    stack.shutdown().await;
+    println!("\n(finished in {:.1} s of real time)", started.elapsed().as_secs_f64());
+    result
+}
+
+async fn drive(stack: &LocalStack, timeout_secs: u64) -> anyhow::Result<()> {
+    let cases = demo_cases();
+    let billing = stack.topic(&stack.topics().billing_invoice_events);
+    let payments = stack.topic(&stack.topics().payments);
+    let now = stack.rt.clock.now();
+    for c in &cases {
+        stack.produce(&billing, &debtor(c), &issued(c, now)).await?;
+    }
+    // Someone pays with a reference nobody issued.
+    let stray = Case {
+        reference: "9999999",
+        ..demo_cases().remove(0)
+    };
+    stack.produce(&payments, "bank", &payment(&stray, 10_000, now)).await?;
+    println!(
+        "\nFed {} invoices (due {}) and 1 stray payment; simulated time is running...",
+        cases.len(),
+        (now + Days::days(3)).date_naive()
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(timeout_secs);
+    let mut paid: BTreeMap<&str, bool> = BTreeMap::new();
+    let outcomes_topic = stack.topic(&stack.topics().dispatch_outcomes);
+    let rejected_topic = stack.topic(&stack.topics().rejected);
+    loop {
+        let outcomes = stack.read::<DispatchOutcome>(&outcomes_topic).await?;
+        let rejected = stack.read::<Rejected>(&rejected_topic).await?;
+        let mut all_done = true;
+        for c in &cases {
+            let status = stack.journey_status(TENANT, c.invoice_id).await?;
+            let nudged = outcomes
+                .iter()
+                .any(|o| o.invoice_id == c.invoice_id && o.step == "nudge" && o.status == DispatchStatus::Sent);
+            let now = stack.rt.clock.now();
+            match c.behaviour {
+                Behaviour::PaysBeforeDue if status.as_deref() == Some("open") && !paid.contains_key(c.invoice_id) => {
+                    stack
+                        .produce(&payments, "bank", &payment(c, c.amount_minor, now))
+                        .await?;
+                    paid.insert(c.invoice_id, true);
+                }
+                Behaviour::PaysAfterNudge if nudged && !paid.contains_key(c.invoice_id) => {
+                    stack
+                        .produce(&payments, "bank", &payment(c, c.amount_minor, now))
+                        .await?;
+                    paid.insert(c.invoice_id, true);
+                }
+                Behaviour::PaysHalfAfterNudge if nudged && !paid.contains_key(c.invoice_id) => {
+                    stack
+                        .produce(&payments, "bank", &payment(c, c.amount_minor / 2, now))
+                        .await?;
+                    paid.insert(c.invoice_id, true);
+                }
+                Behaviour::CreditedBeforeDue
+                    if status.as_deref() == Some("open") && !paid.contains_key(c.invoice_id) =>
+                {
+                    let credit = InvoiceCredited {
+                        event_id: new_event_id(),
+                        tenant: TENANT.into(),
+                        debtor_id: debtor(c),
+                        occurred_at: now.timestamp_millis(),
+                        invoice_id: c.invoice_id.into(),
+                        credit_note_id: "cn-1".into(),
+                        amount_minor: c.amount_minor,
+                        currency: c.currency.into(),
+                    };
+                    stack.produce(&billing, &debtor(c), &credit).await?;
+                    paid.insert(c.invoice_id, true);
+                }
+                _ => {}
+            }
+            all_done &= done(c, status.as_deref(), &rejected);
+        }
+        let stray_seen = rejected.iter().any(|r| r.reason_code == "payment_unmatched");
+        let handoffs_seen = stack.agency.requests().len() >= 2;
+        if all_done && stray_seen && handoffs_seen {
+            break;
+        }
+        if Instant::now() > deadline {
+            summary(stack, &cases).await?;
+            anyhow::bail!("the demo did not finish within {timeout_secs} s; the summary above shows how far it got");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    summary(stack, &cases).await
+}
+
+async fn summary(stack: &LocalStack, cases: &[Case]) -> anyhow::Result<()> {
+    let events = stack
+        .read::<JourneyEvent>(&stack.topic(&stack.topics().journey_events))
+        .await?;
+    let outcomes = stack
+        .read::<DispatchOutcome>(&stack.topic(&stack.topics().dispatch_outcomes))
+        .await?;
+    let rejected = stack.read::<Rejected>(&stack.topic(&stack.topics().rejected)).await?;
+    let agency = stack.agency.requests();
+    println!(
+        "\nWhat happened (simulated time now {}):",
+        stack.rt.clock.now().format("%Y-%m-%d")
+    );
+    for c in cases {
+        let status = stack.journey_status(TENANT, c.invoice_id).await?;
+        println!("\n  invoice {} to {} — {}", c.number, c.who, c.story);
+        if c.behaviour == Behaviour::Invalid {
+            for r in rejected.iter().filter(|r| {
+                r.raw_value
+                    .as_deref()
+                    .is_some_and(|v| v.windows(6).any(|w| w == c.number.as_bytes()))
+            }) {
+                println!("    rejected by {}: {} ({})", r.service, r.reason_code, r.detail);
+            }
+            continue;
+        }
+        let timeline: Vec<String> = events
+            .iter()
+            .filter(|e| e.invoice_id == c.invoice_id)
+            .map(|e| match &e.step {
+                Some(step) => format!("{}({step})", e.kind),
+                None => e.kind.clone(),
+            })
+            .collect();
+        println!("    timeline: {}", timeline.join(" → "));
+        for o in outcomes.iter().filter(|o| o.invoice_id == c.invoice_id) {
+            println!(
+                "    {} {}: {:?}{}",
+                o.step,
+                o.channel,
+                o.status,
+                o.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+            );
+        }
+        for m in stack.mail.to(c.email) {
+            println!("    e-mail received: \"{}\"", m.header("Subject").unwrap_or_default());
+        }
+        for a in agency.iter().filter(|a| a.json()["invoice_id"] == c.invoice_id) {
+            let case = a.json();
+            let principal = case["currency"]
+                .as_str()
+                .and_then(|c| c.parse::<forfall_domain::Currency>().ok())
+                .map(|c| forfall_domain::Money::new(case["principal_minor"].as_i64().unwrap_or(0), c).to_string())
+                .unwrap_or_default();
+            let steps: Vec<&str> = case["steps_taken"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str())
+                .collect();
+            println!("    handed to the agency: {principal} after {}", steps.join(", "));
+        }
+        println!("    final state: {}", status.unwrap_or_else(|| "unknown".into()));
+    }
+    for r in rejected.iter().filter(|r| r.reason_code == "payment_unmatched") {
+        println!("\n  stray payment — {}: {}", r.reason_code, r.detail);
+    }
+    Ok(())
 }

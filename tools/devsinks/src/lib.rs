@@ -20,25 +20,26 @@ pub struct ReceivedMail {
 }
 
 impl ReceivedMail {
-    /// A header's (unfolded) value.
+    /// A header's value as a mail client shows it: unfolded (RFC 5322 2.2.3) and with
+    /// RFC 2047 encoded-words decoded.
     pub fn header(&self, name: &str) -> Option<String> {
         let head = self.raw.split("\r\n\r\n").next()?;
         let mut value: Option<String> = None;
         for line in head.split("\r\n") {
             if let Some(v) = value.as_mut() {
                 if line.starts_with([' ', '\t']) {
-                    v.push_str(line.trim_start());
+                    v.push_str(line);
                     continue;
                 }
                 break;
             }
             if let Some((k, v)) = line.split_once(':') {
                 if k.eq_ignore_ascii_case(name) {
-                    value = Some(v.trim().to_owned());
+                    value = Some(v.trim_start().to_owned());
                 }
             }
         }
-        value
+        value.map(|v| decode_encoded_words(v.trim()))
     }
 
     pub fn body(&self) -> String {
@@ -214,4 +215,104 @@ async fn record(
     };
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (status, axum::Json(serde_json::json!({"reference": format!("AG-{n}")})))
+}
+
+/// Decodes RFC 2047 encoded-words (`=?charset?B|Q?text?=`, UTF-8 and US-ASCII); whitespace
+/// between two adjacent encoded-words is not part of the text (RFC 2047 section 6.2).
+pub fn decode_encoded_words(value: &str) -> String {
+    use base64::Engine;
+    let mut out = String::new();
+    let mut rest = value;
+    let mut last_was_word = false;
+    while !rest.is_empty() {
+        let Some(start) = rest.find("=?") else {
+            out.push_str(rest);
+            break;
+        };
+        let (before, candidate) = rest.split_at(start);
+        let decoded = candidate[2..].splitn(3, '?').collect::<Vec<_>>();
+        let parsed = (decoded.len() == 3)
+            .then(|| {
+                let (charset, encoding, tail) = (decoded[0], decoded[1], decoded[2]);
+                let end = tail.find("?=")?;
+                let text = &tail[..end];
+                let bytes = match encoding {
+                    "B" | "b" => base64::engine::general_purpose::STANDARD.decode(text).ok()?,
+                    "Q" | "q" => q_decode(text),
+                    _ => return None,
+                };
+                let ok_charset = ["utf-8", "us-ascii"].iter().any(|c| charset.eq_ignore_ascii_case(c));
+                let consumed = 2 + charset.len() + 1 + encoding.len() + 1 + end + 2;
+                ok_charset.then(|| (String::from_utf8_lossy(&bytes).into_owned(), consumed))
+            })
+            .flatten();
+        match parsed {
+            Some((text, consumed)) => {
+                if !(last_was_word && before.trim().is_empty()) {
+                    out.push_str(before);
+                }
+                out.push_str(&text);
+                rest = &candidate[consumed..];
+                last_was_word = true;
+            }
+            None => {
+                out.push_str(before);
+                out.push_str("=?");
+                rest = &candidate[2..];
+                last_was_word = false;
+            }
+        }
+    }
+    out
+}
+
+fn q_decode(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'_' => out.push(b' '),
+            b'=' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'='),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_encoded_words_like_a_mail_client() {
+        assert_eq!(
+            decode_encoded_words("Din faktura =?utf-8?b?ZsO2cmZhbGxlcg==?= i dag"),
+            "Din faktura förfaller i dag"
+        );
+        assert_eq!(
+            decode_encoded_words("=?utf-8?b?UMOlbWlubmVsc2U6?= din"),
+            "Påminnelse: din"
+        );
+        assert_eq!(
+            decode_encoded_words("=?UTF-8?Q?caf=C3=A9_au_lait?= ok"),
+            "café au lait ok"
+        );
+        assert_eq!(
+            decode_encoded_words("=?utf-8?b?w6Q=?= =?utf-8?b?w7Y=?="),
+            "äö",
+            "space between words is dropped"
+        );
+        assert_eq!(decode_encoded_words("plain =? text"), "plain =? text");
+    }
 }
