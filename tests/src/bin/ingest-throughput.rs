@@ -1,0 +1,150 @@
+//! Benchmark: invoices per second through the ingest service, next to a plain rdkafka
+//! consume-and-produce relay of the same bytes, measured in the same run on the same broker
+//! (the machine is shared and noisy, so the ratio is the figure to compare).
+//!
+//!     make bench                    # or: cargo run --release -p forfall-e2e --bin ingest-throughput -- 50000
+//!
+//! Both sides start on an already-filled topic with their own consumer group; each is timed
+//! from its first record to its last acknowledged output, so group joins are not counted.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use forfall_e2e::*;
+use forfall_platform::clock::SystemClock;
+use futures::StreamExt;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+fn client(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers).set("broker.address.family", "v4");
+    c
+}
+
+/// Consumes `n` records from `from` and produces each payload unchanged to `to`; returns the
+/// time from the first record consumed to the last acknowledgement.
+async fn plain_relay(brokers: &str, group: &str, from: &str, to: &str, n: usize) -> anyhow::Result<Duration> {
+    let consumer: StreamConsumer = client(brokers)
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.offset.store", "false")
+        .set("session.timeout.ms", "2000")
+        .set("heartbeat.interval.ms", "300")
+        .create()?;
+    consumer.subscribe(&[from])?;
+    let producer: FutureProducer = client(brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .create()?;
+    let mut acks = futures::stream::FuturesUnordered::new();
+    let mut started = None;
+    let mut stream = consumer.stream();
+    let mut seen = 0;
+    while seen < n {
+        let m = stream
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("relay stream ended"))??;
+        started.get_or_insert_with(Instant::now);
+        let record = FutureRecord::to(to)
+            .key(m.key().unwrap_or_default())
+            .payload(m.payload().unwrap_or_default());
+        acks.push(producer.send(record, Duration::from_secs(30)));
+        seen += 1;
+    }
+    while let Some(ack) = acks.next().await {
+        ack.map_err(|(e, _)| anyhow::anyhow!("relay produce failed: {e}"))?;
+    }
+    Ok(started.map(|s| s.elapsed()).unwrap_or_default())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let n: usize = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(50_000);
+    let mut config = base_config();
+    config.log.level = "warn".into();
+    let stack = LocalStack::start(config, Arc::new(SystemClock)).await?;
+    let billing = stack.topic(&stack.topics().billing_invoice_events);
+    let brokers = stack.rt.config.kafka.brokers.clone();
+
+    // The input: n distinct invoices from 1,000 debtors, encoded once.
+    let template = danish("x", "x", day(2026, 3, 15), "x@example.test").issued();
+    let producer: FutureProducer = client(&brokers).set("linger.ms", "5").create()?;
+    let mut bytes = 0usize;
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for i in 0..n {
+        let mut e = template.clone();
+        e.invoice_id = format!("inv-{i}");
+        e.invoice_number = format!("{}", 1_000_000 + i);
+        e.debtor_id = format!("acme-energy:c-{}", i % 1000);
+        let payload = stack.rt.codec.encode(&billing, &e).await?;
+        bytes += payload.len();
+        let key = e.debtor_id.clone();
+        let producer = producer.clone();
+        let topic = billing.clone();
+        acks.push(async move {
+            producer
+                .send(
+                    FutureRecord::to(&topic).key(&key).payload(&payload),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map(|_| ())
+        });
+        if acks.len() > 10_000 {
+            acks.next().await.transpose().map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    while let Some(ack) = acks.next().await {
+        ack.map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
+    }
+    println!(
+        "input: {n} InvoiceIssued records, {} bytes on average, {} partitions",
+        bytes / n.max(1),
+        stack.rt.config.kafka.partitions
+    );
+
+    // Baseline: the same bytes through a plain rdkafka relay.
+    let relay_topic = format!("{}.bench.relay", stack.prefix);
+    forfall_platform::kafka::ensure_topics(&stack.rt.config.kafka, std::slice::from_ref(&relay_topic)).await?;
+    let relay = plain_relay(&brokers, &format!("{}.relay", stack.prefix), &billing, &relay_topic, n).await?;
+    let relay_rate = n as f64 / relay.as_secs_f64();
+    println!(
+        "plain rdkafka relay:  {n} records in {:>7.2} s = {:>9.0} records/s",
+        relay.as_secs_f64(),
+        relay_rate
+    );
+
+    // Ingest: validate, de-duplicate in Redis, normalise, re-encode, produce, commit after ack.
+    stack.start_service("ingest");
+    let mut started = None;
+    loop {
+        let m = stack.metrics("ingest").await.unwrap_or_default();
+        let applied = metric_value(&m, "forfall_messages_total", &["outcome=\"applied\""]).unwrap_or(0.0) as usize;
+        if applied > 0 && started.is_none() {
+            started = Some(Instant::now());
+        }
+        if applied >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ingest = started.map(|s| s.elapsed()).unwrap_or_default();
+    let ingest_rate = n as f64 / ingest.as_secs_f64();
+    println!(
+        "ingest service:       {n} invoices in {:>7.2} s = {:>9.0} invoices/s",
+        ingest.as_secs_f64(),
+        ingest_rate
+    );
+    println!("ratio ingest / relay: {:.3}", ingest_rate / relay_rate);
+    stack.shutdown().await;
+    Ok(())
+}
