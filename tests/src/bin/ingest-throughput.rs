@@ -50,14 +50,26 @@ async fn plain_relay(brokers: &str, group: &str, from: &str, to: &str, n: usize)
             .await
             .ok_or_else(|| anyhow::anyhow!("relay stream ended"))??;
         started.get_or_insert_with(Instant::now);
-        let record = FutureRecord::to(to)
-            .key(m.key().unwrap_or_default())
-            .payload(m.payload().unwrap_or_default());
-        acks.push(producer.send(record, Duration::from_secs(30)));
+        let delivery = loop {
+            let record = FutureRecord::to(to)
+                .key(m.key().unwrap_or_default())
+                .payload(m.payload().unwrap_or_default());
+            match producer.send_result(record) {
+                Ok(d) => break d,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    _,
+                )) => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((e, _)) => anyhow::bail!("relay produce refused: {e}"),
+            }
+        };
+        acks.push(delivery);
         seen += 1;
     }
     while let Some(ack) = acks.next().await {
-        ack.map_err(|(e, _)| anyhow::anyhow!("relay produce failed: {e}"))?;
+        ack?.map_err(|(e, _)| anyhow::anyhow!("relay produce failed: {e}"))?;
     }
     Ok(started.map(|s| s.elapsed()).unwrap_or_default())
 }
