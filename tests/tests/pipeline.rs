@@ -46,7 +46,11 @@ async fn nudge_is_mailed_then_payment_closes_the_invoice_and_silences_it() -> an
     assert!(subject.contains("INV-1001"), "subject names the invoice: {subject}");
     let body = mail.body();
     assert!(body.contains("INV-1001"), "{body}");
-    assert!(body.contains("1234.50 DKK"), "body states the amount: {body}");
+    assert!(
+        body.contains("1.234,50\u{a0}kr."),
+        "body states the amount as Danes write it: {body}"
+    );
+    assert!(body.contains("12.03.2026"), "and the due date: {body}");
     assert!(
         body.contains("RF18539007547034"),
         "body carries the payment reference: {body}"

@@ -3,13 +3,16 @@
 //! Everything here is pure: no I/O, no async, no clock reads. Services in `services/` read
 //! inputs, ask this crate what to do, and write the outputs. Time is always passed in.
 
+pub mod calendar;
 pub mod invoice;
 pub mod journey;
 pub mod jurisdiction;
+pub mod locale;
 pub mod money;
 pub mod reference;
 
 pub use invoice::{InvoiceSnapshot, InvoiceStatus, Rejection};
 pub use journey::{JourneyState, Plan, PlannedStep, StepKind, Tone};
 pub use jurisdiction::{DebtorKind, Jurisdiction};
+pub use locale::Locale;
 pub use money::{Currency, Money, MoneyError};

@@ -59,7 +59,10 @@ impl Metrics {
         registry.register(Box::new(produced.clone()))?;
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(consumer_lag.clone()))?;
-        let build_info = IntGaugeVec::new(Opts::new("build_info", "Always 1; labels say which build runs"), &["version"])?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("build_info", "Always 1; labels say which build runs"),
+            &["version"],
+        )?;
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         registry.register(Box::new(build_info))?;
         Ok(Self {

@@ -2,7 +2,9 @@
 //! engine with per-tenant templates, HTML bodies and SMS texts replaces this in the dispatch issue.
 
 use forfall_domain::invoice::date_from_epoch_days;
-use forfall_domain::{Currency, Money};
+use forfall_domain::locale::format_date;
+use forfall_domain::money::format;
+use forfall_domain::{Currency, Locale, Money};
 use forfall_platform::records::JourneyAction;
 
 pub struct Content {
@@ -95,12 +97,14 @@ fn words(language: &str) -> Words {
 }
 
 pub fn render(a: &JourneyAction) -> Content {
-    let w = words(a.language.as_deref().unwrap_or("en"));
+    let language = a.language.as_deref().unwrap_or("en");
+    let w = words(language);
+    let locale = Locale::from_language(language);
     let nudge = a.tone == "nudge";
     let amount = a
         .currency
         .parse::<Currency>()
-        .map(|c| Money::new(a.open_minor, c).to_string())
+        .map(|c| format(Money::new(a.open_minor, c), locale))
         .unwrap_or_else(|_| format!("{} {}", a.open_minor, a.currency));
     let mut body = format!(
         "{} {},\n\n{}\n\n",
@@ -113,10 +117,10 @@ pub fn render(a: &JourneyAction) -> Content {
         w.invoice, a.invoice_number, w.amount, amount
     ));
     if let Some(due) = date_from_epoch_days(a.due_date) {
-        body.push_str(&format!("{}: {due}\n", w.due));
+        body.push_str(&format!("{}: {}\n", w.due, format_date(due, locale)));
     }
     if let Some(pay_by) = a.pay_by.and_then(date_from_epoch_days) {
-        body.push_str(&format!("{}: {pay_by}\n", w.pay_by));
+        body.push_str(&format!("{}: {}\n", w.pay_by, format_date(pay_by, locale)));
     }
     if let Some(reference) = &a.payment_reference {
         body.push_str(&format!("{}: {reference}\n", w.reference));

@@ -54,7 +54,9 @@ async fn sigterm_stops_the_service_cleanly_with_exit_code_zero() -> anyhow::Resu
     );
     let metrics = reqwest::get(format!("{admin}/metrics")).await?.text().await?;
     assert!(
-        metrics.lines().any(|l| l.starts_with("forfall_build_info{") && l.contains("service=\"ingest\"")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("forfall_build_info{") && l.contains("service=\"ingest\"")),
         "Prometheus text on /metrics:\n{metrics}"
     );
 

@@ -42,11 +42,26 @@ impl ReceivedMail {
         value.map(|v| decode_encoded_words(v.trim()))
     }
 
+    /// The body as a mail client shows it: its Content-Transfer-Encoding (quoted-printable or
+    /// base64) undone, as UTF-8.
     pub fn body(&self) -> String {
-        self.raw
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
+        use base64::Engine;
+        let raw = self.raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+        let encoding = self
+            .header("Content-Transfer-Encoding")
             .unwrap_or_default()
+            .to_ascii_lowercase();
+        let bytes = match encoding.as_str() {
+            "quoted-printable" => q_decode_body(raw),
+            "base64" => {
+                let compact: String = raw.chars().filter(|c| !c.is_whitespace()).collect();
+                base64::engine::general_purpose::STANDARD
+                    .decode(compact)
+                    .unwrap_or_else(|_| raw.as_bytes().to_vec())
+            }
+            _ => raw.as_bytes().to_vec(),
+        };
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 }
 
@@ -266,6 +281,29 @@ pub fn decode_encoded_words(value: &str) -> String {
     out
 }
 
+/// Quoted-printable body decoding (RFC 2045 6.7): soft line breaks removed, `=XX` decoded.
+fn q_decode_body(text: &str) -> Vec<u8> {
+    let joined = text.replace("=\r\n", "");
+    let bytes = joined.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'=' && i + 2 < bytes.len() {
+            if let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
+}
+
 fn q_decode(text: &str) -> Vec<u8> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -314,5 +352,15 @@ mod tests {
             "space between words is dropped"
         );
         assert_eq!(decode_encoded_words("plain =? text"), "plain =? text");
+    }
+
+    #[test]
+    fn decodes_quoted_printable_bodies() {
+        let mail = ReceivedMail {
+            from: String::new(),
+            to: vec![],
+            raw: "Content-Transfer-Encoding: quoted-printable\r\n\r\nBel=C3=B8b: 1.234,50=C2=A0kr.=\r\n ok".into(),
+        };
+        assert_eq!(mail.body(), "Beløb: 1.234,50\u{a0}kr. ok");
     }
 }

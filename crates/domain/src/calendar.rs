@@ -1,0 +1,1 @@
+//! Banking-day calendars and contact hours (being written).
