@@ -7,6 +7,7 @@ pub mod calendar;
 pub mod invoice;
 pub mod journey;
 pub mod jurisdiction;
+pub mod law;
 pub mod locale;
 pub mod money;
 pub mod reference;
