@@ -3,6 +3,7 @@
 
 pub mod demo;
 pub mod devstack;
+pub mod tools;
 
 use forfall_platform::service::Runtime;
 use tokio::task::JoinSet;

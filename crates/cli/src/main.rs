@@ -29,10 +29,26 @@ enum Command {
     /// Run the whole pipeline on the dev stack with simulated time, feed a demo set of invoices
     /// and payments, and print what happened to each.
     Demo(forfall::demo::DemoArgs),
+    /// Payment references: generate and validate KID, FIK, OCR, Finnish and RF references.
+    #[command(subcommand)]
+    Reference(forfall::tools::ReferenceCommand),
+    /// The Nordic rules Forfall applies, with citations and dates.
+    #[command(subcommand)]
+    Law(forfall::tools::LawCommand),
+    /// Banking-day calendars.
+    #[command(subcommand)]
+    Calendar(forfall::tools::CalendarCommand),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The offline tools need no runtime, broker or configuration.
+    match cli.command {
+        Command::Reference(cmd) => return forfall::tools::reference(cmd),
+        Command::Law(cmd) => return forfall::tools::law(cmd),
+        Command::Calendar(cmd) => return forfall::tools::calendar(cmd),
+        _ => {}
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let figment = config::figment(cli.config.as_deref());
@@ -47,6 +63,7 @@ fn main() -> anyhow::Result<()> {
                 forfall::run_targets(rt, &targets).await
             }
             Command::Demo(args) => forfall::demo::run(common, figment, args).await,
+            Command::Reference(_) | Command::Law(_) | Command::Calendar(_) => Ok(()),
         }
     })
 }

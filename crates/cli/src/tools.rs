@@ -1,0 +1,155 @@
+//! The domain-core commands: payment references, the law in force, banking calendars.
+//! They print to stdout and return an error (non-zero exit) on invalid input.
+
+use std::path::PathBuf;
+
+use chrono::NaiveDate;
+use clap::Subcommand;
+use forfall_domain::calendar;
+use forfall_domain::law::{LawBook, Limit};
+use forfall_domain::reference::{self, ReferenceKind};
+use forfall_domain::{Jurisdiction, Locale, Money, money};
+
+#[derive(Debug, Subcommand)]
+pub enum ReferenceCommand {
+    /// Make a payment reference from an invoice number.
+    Generate {
+        /// kid-mod10, kid-mod11, fik71, ocr, ocr-length, fi or rf
+        kind: ReferenceKind,
+        value: String,
+    },
+    /// Check a payment reference; says which rule fails.
+    Validate { kind: ReferenceKind, value: String },
+}
+
+pub fn reference(cmd: ReferenceCommand) -> anyhow::Result<()> {
+    match cmd {
+        ReferenceCommand::Generate { kind, value } => {
+            let r = reference::generate(kind, &value)
+                .map_err(|e| anyhow::anyhow!("cannot make a {kind} reference from '{value}': {e}"))?;
+            println!("{}", r.printed());
+        }
+        ReferenceCommand::Validate { kind, value } => {
+            let r = reference::validate(kind, &value)
+                .map_err(|e| anyhow::anyhow!("'{value}' is not a valid {kind} reference: {e}"))?;
+            println!("valid {kind} reference: {}", r.printed());
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LawCommand {
+    /// The rules of a jurisdiction with their citations and dates, and its reference rates.
+    Show {
+        /// DK, NO, SE or FI
+        jurisdiction: Jurisdiction,
+        /// A rules file to use instead of the built-in one (same shape as crates/domain/data/law.toml).
+        #[arg(long)]
+        rules: Option<PathBuf>,
+        /// A rates file to use instead of the built-in one.
+        #[arg(long)]
+        rates: Option<PathBuf>,
+    },
+}
+
+fn amount(minor: i64, currency: forfall_domain::Currency) -> String {
+    money::format(Money::new(minor, currency), Locale::En)
+}
+
+pub fn law(cmd: LawCommand) -> anyhow::Result<()> {
+    let LawCommand::Show {
+        jurisdiction,
+        rules,
+        rates,
+    } = cmd;
+    let read = |p: Option<PathBuf>, builtin: &str| -> anyhow::Result<String> {
+        match p {
+            Some(p) => std::fs::read_to_string(&p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display())),
+            None => Ok(builtin.to_owned()),
+        }
+    };
+    let book = LawBook::from_toml(
+        &read(rules, forfall_domain::law::BUILTIN_RULES)?,
+        &read(rates, forfall_domain::law::BUILTIN_RATES)?,
+    )?;
+    println!("{jurisdiction} rules (debtor: any, consumer or business):");
+    let mut series = Vec::new();
+    for r in book.rules().iter().filter(|r| r.jurisdiction == jurisdiction) {
+        let value = match &r.limit {
+            Limit::MaxFee {
+                step,
+                amount_minor,
+                currency,
+            } => format!("{} fee at most {}", step.label(), amount(*amount_minor, *currency)),
+            Limit::FeeNeedsDaysAfterDue { days, .. } => format!("fee from {days} days after due"),
+            Limit::MinDaysBetweenFees { days, .. } => format!("{days} days between fees"),
+            Limit::MaxFeeBearingSteps { count, .. } => format!("at most {count} fees"),
+            Limit::FeeNeedsAgreement => "fee only if agreed in advance".to_owned(),
+            Limit::MinDaysToPay { step, days } => format!("{} gives at least {days} days to pay", step.label()),
+            Limit::SecondFeeNeedsMissedDeadline { days, .. } => {
+                format!("second fee only after a missed {days}-day deadline")
+            }
+            Limit::Compensation { amount_minor, currency } => {
+                format!("compensation {}", amount(*amount_minor, *currency))
+            }
+            Limit::LateInterest { series: s, margin_bp } => {
+                series.push(s.clone());
+                format!("{s} + {}.{:02} pp", margin_bp / 100, margin_bp % 100)
+            }
+        };
+        let dates = match r.valid_to {
+            Some(to) => format!("{} to {to}", r.valid_from),
+            None => format!("from {}", r.valid_from),
+        };
+        let check = if r.verified {
+            String::new()
+        } else {
+            format!("  [verify: {}]", r.note.as_deref().unwrap_or("not confirmed"))
+        };
+        println!("  {:<34} {:<9} {value}", r.id, format!("{:?}", r.debtor).to_lowercase());
+        println!("  {:<34} {:<9} {} ({dates}){check}", "", "", r.citation);
+    }
+    println!("reference rates:");
+    for rate in book.rates().iter().filter(|r| series.contains(&r.series)) {
+        let check = if rate.verified { "" } else { "  [verify]" };
+        println!(
+            "  {} {} {}.{:02} %  ({}){check}",
+            rate.series,
+            rate.period,
+            rate.rate_bp / 100,
+            rate.rate_bp % 100,
+            rate.source
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CalendarCommand {
+    /// Banking days between two dates (inclusive), with the closed days and why.
+    BankingDays {
+        jurisdiction: Jurisdiction,
+        from: NaiveDate,
+        to: NaiveDate,
+    },
+}
+
+pub fn calendar(cmd: CalendarCommand) -> anyhow::Result<()> {
+    let CalendarCommand::BankingDays { jurisdiction, from, to } = cmd;
+    anyhow::ensure!(from <= to, "FROM {from} is after TO {to}");
+    anyhow::ensure!((to - from).num_days() <= 3660, "at most ten years at a time");
+    let mut day = from;
+    let mut count = 0;
+    while day <= to {
+        if calendar::is_banking_day(jurisdiction, day) {
+            count += 1;
+            println!("{day} {}", day.format("%a"));
+        } else if let Some(h) = calendar::holiday_on(jurisdiction, day) {
+            println!("{day} {} closed: {} ({})", day.format("%a"), h.name, h.local_name);
+        }
+        day = day.succ_opt().ok_or_else(|| anyhow::anyhow!("date out of range"))?;
+    }
+    println!("{count} banking days in {jurisdiction} from {from} to {to}");
+    Ok(())
+}
