@@ -196,6 +196,15 @@ impl Watcher {
         self.0.redis.clone()
     }
 
+    async fn remove_timer(&self, partition: i32, member: &str) -> Result<(), Failure> {
+        let _: () = redis::cmd("ZREM")
+            .arg(self.timers_key(partition))
+            .arg(member)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
     async fn load(&self, tenant: &str, invoice_id: &str) -> Result<Option<Loaded>, Failure> {
         let (v, json): (Option<u64>, Option<String>) = redis::cmd("HMGET")
             .arg(self.journey_key(tenant, invoice_id))
@@ -243,13 +252,9 @@ impl Watcher {
                 stored.pending_timer = Some(add.clone());
             }
         }
-        if fired.is_some() && fired != Some(remove.as_str()) {
+        if let Some(stale) = fired.filter(|f| *f != remove) {
             // A fired member that is no longer the pending one is stale: drop it too.
-            let _: () = redis::cmd("ZREM")
-                .arg(self.timers_key(stored.partition))
-                .arg(fired)
-                .query_async(&mut self.conn())
-                .await?;
+            self.remove_timer(stored.partition, stale).await?;
         }
         let status = stored.journey.state.label();
         let json = serde_json::to_string(&stored).map_err(|e| Failure::Fatal(e.into()))?;
@@ -553,21 +558,13 @@ impl Watcher {
     async fn fire(&self, timer: &str, partition: i32) -> Result<(), Failure> {
         let Some((tenant, invoice_id, step_index)) = parse_member(timer) else {
             tracing::error!(timer, "unreadable timer dropped");
-            let _: () = redis::cmd("ZREM")
-                .arg(self.timers_key(partition))
-                .arg(timer)
-                .query_async(&mut self.conn())
-                .await?;
+            self.remove_timer(partition, timer).await?;
             return Ok(());
         };
         let _guard = self.stripe(&tenant, &invoice_id).lock().await;
         loop {
             let Some(loaded) = self.load(&tenant, &invoice_id).await? else {
-                let _: () = redis::cmd("ZREM")
-                    .arg(self.timers_key(partition))
-                    .arg(timer)
-                    .query_async(&mut self.conn())
-                    .await?;
+                self.remove_timer(partition, timer).await?;
                 return Ok(());
             };
             let now = self.0.rt.clock.now();
