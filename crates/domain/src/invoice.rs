@@ -292,7 +292,8 @@ pub(crate) mod tests {
 
     #[test]
     fn each_invalid_field_has_its_own_code_and_names_the_field() {
-        let cases: Vec<(Box<dyn Fn(&mut IssuedInput)>, &str, &str)> = vec![
+        type Case = (Box<dyn Fn(&mut IssuedInput)>, &'static str, &'static str);
+        let cases: Vec<Case> = vec![
             (Box::new(|i| i.amount_minor = -100), "invalid_amount", "amount_minor"),
             (Box::new(|i| i.amount_minor = 0), "invalid_amount", "amount_minor"),
             (Box::new(|i| i.currency = "XYZ".into()), "unknown_currency", "currency"),

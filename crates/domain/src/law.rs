@@ -327,10 +327,10 @@ impl LawBook {
                 Limit::FeeNeedsDaysAfterDue { steps, .. }
                 | Limit::MinDaysBetweenFees { steps, .. }
                 | Limit::MaxFeeBearingSteps { steps, .. }
-                | Limit::SecondFeeNeedsMissedDeadline { steps, .. } => {
-                    if steps.is_empty() {
-                        return Err(invalid("names no steps".into()));
-                    }
+                | Limit::SecondFeeNeedsMissedDeadline { steps, .. }
+                    if steps.is_empty() =>
+                {
+                    return Err(invalid("names no steps".into()));
                 }
                 Limit::LateInterest { margin_bp, .. } if !(0..=2000).contains(margin_bp) => {
                     return Err(invalid(format!("margin {margin_bp} bp is outside 0-2000")));

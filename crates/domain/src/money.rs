@@ -146,7 +146,7 @@ pub fn allocate(total: Money, weights: &[u64]) -> Result<Vec<Money>, MoneyError>
     let mut parts: Vec<i128> = Vec::with_capacity(weights.len());
     let mut remainders: Vec<(u128, usize)> = Vec::with_capacity(weights.len());
     for (i, w) in weights.iter().enumerate() {
-        let exact = abs * i128::try_from(*w).map_err(|_| MoneyError::Overflow)?;
+        let exact = abs * i128::from(*w);
         let w_sum = i128::try_from(weight_sum).map_err(|_| MoneyError::Overflow)?;
         parts.push(exact / w_sum);
         remainders.push(((exact % w_sum) as u128, i));

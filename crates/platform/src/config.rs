@@ -16,6 +16,7 @@ pub struct ConfigError(#[from] Box<figment::Error>);
 /// Settings every service shares.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
+#[derive(Default)]
 pub struct CommonConfig {
     pub kafka: KafkaConfig,
     pub registry: RegistryConfig,
@@ -23,19 +24,6 @@ pub struct CommonConfig {
     pub topics: Topics,
     pub admin: AdminConfig,
     pub log: LogConfig,
-}
-
-impl Default for CommonConfig {
-    fn default() -> Self {
-        Self {
-            kafka: KafkaConfig::default(),
-            registry: RegistryConfig::default(),
-            redis: RedisConfig::default(),
-            topics: Topics::default(),
-            admin: AdminConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -238,6 +226,7 @@ pub fn common(figment: &Figment) -> Result<CommonConfig, ConfigError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail API returns figment::Error
 mod tests {
     use super::*;
 
