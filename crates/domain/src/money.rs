@@ -412,10 +412,12 @@ mod tests {
             prop_assume!(weights.iter().any(|w| *w > 0));
             let parts = allocate(Money::new(total, Currency::DKK), &weights).unwrap();
             prop_assert_eq!(parts.iter().map(|p| p.minor).sum::<i64>(), total);
-            let sum: u64 = weights.iter().sum();
+            // Each part is within one minor unit of its exact share total * w / sum, checked in
+            // integers: |part * sum - total * w| < sum.
+            let sum: i128 = weights.iter().map(|w| i128::from(*w)).sum();
             for (p, w) in parts.iter().zip(&weights) {
-                let ideal = total as f64 * *w as f64 / sum as f64;
-                prop_assert!((p.minor as f64 - ideal).abs() < 1.0 + 1e-6, "{} vs {}", p.minor, ideal);
+                let error = (i128::from(p.minor) * sum - i128::from(total) * i128::from(*w)).abs();
+                prop_assert!(error < sum, "part {} of weight {} out of {}", p.minor, w, sum);
             }
         }
 
