@@ -95,6 +95,22 @@ async fn each_kind_of_bad_input_lands_on_the_rejected_topic_with_its_reason() ->
     assert_eq!(by_reason["invalid_amount"].tenant.as_deref(), Some("acme-energy"));
     assert!(by_reason["unknown_currency"].detail.contains("XYZ"));
 
+    // Once everything is handled, the sampled consumer lag of each billing partition is 0.
+    let topic_label = format!("topic=\"{billing}\"");
+    eventually("consumer lag 0 on both partitions", WAIT, || async {
+        let m = stack.metrics("ingest").await?;
+        let lags: Vec<f64> = (0..2)
+            .filter_map(|p| {
+                metric_value(
+                    &m,
+                    "forfall_consumer_lag",
+                    &[&topic_label, &format!("partition=\"{p}\"")],
+                )
+            })
+            .collect();
+        Ok((lags == [0.0, 0.0]).then_some(()))
+    })
+    .await?;
     let metrics = stack.metrics("ingest").await?;
     for reason in reasons {
         let n = metric_value(&metrics, "forfall_rejected_total", &[&format!("reason=\"{reason}\"")]);

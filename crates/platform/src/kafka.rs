@@ -393,6 +393,28 @@ impl LoopContext {
     }
 }
 
+/// Samples lag per assigned partition (high watermark minus position) on a blocking thread,
+/// so that the broker round trips never hold up the consume loop.
+fn record_lag(consumer: &Arc<StreamConsumer>, metrics: &Metrics) {
+    let (consumer, metrics) = (consumer.clone(), metrics.clone());
+    tokio::task::spawn_blocking(move || {
+        let Ok(positions) = consumer.position() else { return };
+        for element in positions.elements() {
+            let rdkafka::Offset::Offset(position) = element.offset() else {
+                continue;
+            };
+            if let Ok((_, high)) =
+                consumer.fetch_watermarks(element.topic(), element.partition(), Duration::from_secs(1))
+            {
+                metrics
+                    .consumer_lag
+                    .with_label_values(&[element.topic(), &element.partition().to_string()])
+                    .set((high - position).max(0));
+            }
+        }
+    });
+}
+
 type Pending = futures::future::BoxFuture<'static, (String, i32, i64, Result<(), String>)>;
 
 /// Runs the consume loop until shutdown (returns `Ok`) or a fatal error.
@@ -403,6 +425,7 @@ pub async fn run_consumer(
 ) -> anyhow::Result<()> {
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
     let mut readiness_tick = tokio::time::interval(Duration::from_millis(250));
+    let mut lag_tick = tokio::time::interval(Duration::from_secs(5));
     let result: anyhow::Result<()> = async {
         loop {
             tokio::select! {
@@ -412,6 +435,7 @@ pub async fn run_consumer(
                     consumer.store_offset(&topic, partition, offset)?;
                 }
                 _ = ctx.shutdown.cancelled() => return Ok(()),
+                _ = lag_tick.tick() => record_lag(&consumer, &ctx.metrics),
                 _ = readiness_tick.tick(), if !ctx.readiness.is_ready() => {
                     if consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
                         ctx.readiness.set_ready(true);
