@@ -12,6 +12,26 @@ use forfall_platform::records::{
 
 const WAIT: Duration = Duration::from_secs(45);
 
+/// The whole pipeline on a manual clock set to `start`.
+async fn pipeline(start: &str) -> anyhow::Result<(std::sync::Arc<ManualClock>, LocalStack)> {
+    let clock = ManualClock::new(at(start));
+    let stack = LocalStack::start(base_config(), clock.clone()).await?;
+    stack.start_all();
+    Ok((clock, stack))
+}
+
+/// Billing issues the sample invoice; returns once the watcher has opened its journey.
+async fn issue(stack: &LocalStack, s: &Sample<'_>) -> anyhow::Result<()> {
+    stack
+        .produce(
+            &stack.topic(&stack.topics().billing_invoice_events),
+            &s.debtor_id(),
+            &s.issued(),
+        )
+        .await?;
+    status_is(stack, s.tenant, s.invoice_id, "open").await
+}
+
 async fn status_is(stack: &LocalStack, tenant: &str, invoice: &str, want: &str) -> anyhow::Result<()> {
     eventually(&format!("invoice {invoice} to be {want}"), WAIT, || async move {
         Ok((stack.journey_status(tenant, invoice).await?.as_deref() == Some(want)).then_some(()))
@@ -21,18 +41,9 @@ async fn status_is(stack: &LocalStack, tenant: &str, invoice: &str, want: &str) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nudge_is_mailed_then_payment_closes_the_invoice_and_silences_it() -> anyhow::Result<()> {
-    let clock = ManualClock::new(at("2026-03-10T08:00:00Z"));
-    let stack = LocalStack::start(base_config(), clock.clone()).await?;
-    stack.start_all();
+    let (clock, stack) = pipeline("2026-03-10T08:00:00Z").await?;
     let s = danish("inv-1", "INV-1001", day(2026, 3, 12), "anna@example.test");
-    stack
-        .produce(
-            &stack.topic(&stack.topics().billing_invoice_events),
-            &s.debtor_id(),
-            &s.issued(),
-        )
-        .await?;
-    status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    issue(&stack, &s).await?;
     assert!(stack.mail.messages().is_empty(), "nothing is sent before the due date");
 
     // 09:00 in Copenhagen on the due date (CET, UTC+1).
@@ -83,9 +94,7 @@ async fn nudge_is_mailed_then_payment_closes_the_invoice_and_silences_it() -> an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_invoice_paid_before_its_due_date_gets_no_message_at_all() -> anyhow::Result<()> {
-    let clock = ManualClock::new(at("2026-05-04T08:00:00Z"));
-    let stack = LocalStack::start(base_config(), clock.clone()).await?;
-    stack.start_all();
+    let (clock, stack) = pipeline("2026-05-04T08:00:00Z").await?;
     let s = danish("inv-early", "INV-2001", day(2026, 5, 8), "early@example.test");
     stack
         .produce(
@@ -119,18 +128,9 @@ async fn an_invoice_paid_before_its_due_date_gets_no_message_at_all() -> anyhow:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redelivered_action_and_a_crashed_dispatch_still_send_exactly_one_email() -> anyhow::Result<()> {
-    let clock = ManualClock::new(at("2026-06-01T06:00:00Z"));
-    let stack = LocalStack::start(base_config(), clock.clone()).await?;
-    stack.start_all();
+    let (clock, stack) = pipeline("2026-06-01T06:00:00Z").await?;
     let s = danish("inv-dup", "INV-3001", day(2026, 6, 1), "dup@example.test");
-    stack
-        .produce(
-            &stack.topic(&stack.topics().billing_invoice_events),
-            &s.debtor_id(),
-            &s.issued(),
-        )
-        .await?;
-    status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    issue(&stack, &s).await?;
     clock.set(at("2026-06-01T07:00:01Z")); // 09:00 CEST
     eventually("the nudge e-mail", WAIT, || async {
         Ok((stack.mail.messages().len() == 1).then_some(()))
@@ -186,18 +186,9 @@ async fn a_redelivered_action_and_a_crashed_dispatch_still_send_exactly_one_emai
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unpaid_invoice_reaches_the_agency_as_one_case_once() -> anyhow::Result<()> {
-    let clock = ManualClock::new(at("2026-09-01T06:00:00Z"));
-    let stack = LocalStack::start(base_config(), clock.clone()).await?;
-    stack.start_all();
+    let (clock, stack) = pipeline("2026-09-01T06:00:00Z").await?;
     let s = danish("inv-unpaid", "INV-4001", day(2026, 9, 2), "late@example.test");
-    stack
-        .produce(
-            &stack.topic(&stack.topics().billing_invoice_events),
-            &s.debtor_id(),
-            &s.issued(),
-        )
-        .await?;
-    status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    issue(&stack, &s).await?;
     let mails = |n: usize| {
         let stack = &stack;
         async move {
