@@ -9,7 +9,9 @@ pub mod journey;
 pub mod jurisdiction;
 pub mod law;
 pub mod locale;
+pub mod matching;
 pub mod money;
+pub mod policy;
 pub mod reference;
 
 pub use invoice::{InvoiceSnapshot, InvoiceStatus, Rejection};

@@ -1,0 +1,1 @@
+//! camt.054 reader (being written).

@@ -1,0 +1,1 @@
+//! Payment matching decisions (being written).

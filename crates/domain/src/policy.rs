@@ -1,0 +1,1 @@
+//! Journey policy (being written).
