@@ -95,6 +95,11 @@ impl LocalStack {
         self.rt.topic(base)
     }
 
+    /// Sets a service setting (`section.key`) for services started from now on.
+    pub fn set<T: serde::Serialize>(&mut self, key: &str, value: T) {
+        self.rt.figment = self.rt.figment.clone().merge(Serialized::default(key, value));
+    }
+
     pub fn topics(&self) -> &forfall_platform::Topics {
         &self.rt.config.topics
     }
@@ -222,29 +227,35 @@ impl LocalStack {
                 .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
                 .set("enable.auto.commit", "false")
                 .create()?;
-            // Assign every non-empty partition at once and track each one's position: reading
-            // partitions one after another would mix in records prefetched for the previous one.
+            // Assign every partition at once and track each one's position: reading partitions
+            // one after another would mix in records prefetched for the previous one. The
+            // reported high watermark is only a floor: tansu 0.6.0 counts a multi-record batch as
+            // one offset in ListOffsets (Fetch delivers every record), so reading goes on past it
+            // until the topic has been quiet for a moment.
             let mut tpl = TopicPartitionList::new();
             let mut remaining: HashMap<i32, (i64, i64)> = HashMap::new();
             for p in 0..partitions {
                 let (low, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(5))?;
-                if high > low {
-                    tpl.add_partition_offset(&topic, p, Offset::Offset(low))?;
-                    remaining.insert(p, (low, high));
-                }
+                tpl.add_partition_offset(&topic, p, Offset::Offset(low))?;
+                remaining.insert(p, (low, high));
             }
             let mut by_partition: HashMap<i32, Vec<Vec<u8>>> = HashMap::new();
-            if !remaining.is_empty() {
-                consumer.assign(&tpl)?;
-            }
+            consumer.assign(&tpl)?;
             let deadline = Instant::now() + Duration::from_secs(10);
-            while remaining.values().any(|(next, high)| next < high) {
+            let quiet = Duration::from_millis(300);
+            let mut last_seen = Instant::now();
+            loop {
+                let behind = remaining.values().any(|(next, high)| next < high);
+                if !behind && last_seen.elapsed() >= quiet {
+                    break;
+                }
                 anyhow::ensure!(Instant::now() < deadline, "timed out reading {topic}");
-                if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                if let Some(m) = consumer.poll(Duration::from_millis(50)) {
                     let m = m?;
                     if let Some((next, _)) = remaining.get_mut(&m.partition()) {
                         if m.offset() >= *next {
                             *next = m.offset() + 1;
+                            last_seen = Instant::now();
                             by_partition
                                 .entry(m.partition())
                                 .or_default()

@@ -38,6 +38,9 @@ enum Command {
     /// Banking-day calendars.
     #[command(subcommand)]
     Calendar(forfall::tools::CalendarCommand),
+    /// Journey policies: check one against the law before deploying it.
+    #[command(subcommand)]
+    Policy(forfall::tools::PolicyCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         Command::Reference(cmd) => return forfall::tools::reference(cmd),
         Command::Law(cmd) => return forfall::tools::law(cmd),
         Command::Calendar(cmd) => return forfall::tools::calendar(cmd),
+        Command::Policy(cmd) => return forfall::tools::policy(cmd),
         _ => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -63,7 +67,7 @@ fn main() -> anyhow::Result<()> {
                 forfall::run_targets(rt, &targets).await
             }
             Command::Demo(args) => forfall::demo::run(common, figment, args).await,
-            Command::Reference(_) | Command::Law(_) | Command::Calendar(_) => Ok(()),
+            Command::Reference(_) | Command::Law(_) | Command::Calendar(_) | Command::Policy(_) => Ok(()),
         }
     })
 }

@@ -153,3 +153,36 @@ pub fn calendar(cmd: CalendarCommand) -> anyhow::Result<()> {
     println!("{count} banking days in {jurisdiction} from {from} to {to}");
     Ok(())
 }
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Check a policy file: structure, and every plan against the law of every jurisdiction and
+    /// debtor kind it can reach. Prints every problem; exits non-zero if there is any.
+    Check {
+        file: PathBuf,
+        /// Check as of this date (default: today).
+        #[arg(long)]
+        on: Option<NaiveDate>,
+    },
+}
+
+pub fn policy(cmd: PolicyCommand) -> anyhow::Result<()> {
+    let PolicyCommand::Check { file, on } = cmd;
+    let text = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+    let law = LawBook::builtin()?;
+    let on = on.unwrap_or_else(|| chrono::Utc::now().date_naive());
+    match forfall_domain::policy::load(&text, &law, on) {
+        Ok(p) => {
+            println!(
+                "{}: policy {} is lawful as of {on}: {} segments, {} plans, {} experiments",
+                file.display(),
+                p.version,
+                p.segments.len(),
+                p.plans.len(),
+                p.experiments.len()
+            );
+            Ok(())
+        }
+        Err(e) => anyhow::bail!("{}: {e}", file.display()),
+    }
+}

@@ -6,6 +6,7 @@
 use chrono::{DateTime, Duration, NaiveDate, NaiveTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::calendar;
 use crate::invoice::{InvoiceSnapshot, InvoiceStatus};
 use crate::jurisdiction::Jurisdiction;
 use crate::money::{Money, MoneyError};
@@ -33,18 +34,32 @@ pub enum StepKind {
     Handoff,
 }
 
+/// What a step charges.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FeeSpec {
+    None,
+    /// The highest fee the debtor's law allows for the step (resolved per debtor).
+    StatutoryMaximum,
+    Fixed(Money),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlannedStep {
     pub name: String,
-    /// Calendar days from the due date (negative = before).
-    pub offset_days: i32,
+    /// Banking days from the due date in the debtor's calendar (negative = before). A due date on
+    /// a closed day counts from the next banking day.
+    pub offset_banking_days: i32,
     pub kind: StepKind,
+    pub fee: FeeSpec,
+    /// The deadline the step gives the debtor, in calendar days.
+    pub days_to_pay: Option<u32>,
 }
 
-/// An ordered list of steps. The policy engine (a later issue) chooses plans per segment;
-/// until then every invoice follows [`Plan::builtin`].
+/// An ordered list of steps, chosen per segment by the policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
+    pub name: String,
+    /// Version of the policy the plan came from.
     pub version: String,
     pub steps: Vec<PlannedStep>,
     /// Local time of day at which steps fall due in the debtor's calendar.
@@ -52,43 +67,53 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The foundation's fixed plan: a friendly nudge on the due date, one reminder, then hand-off.
-    /// No fees: fee-bearing steps wait for the law-checked policy engine.
+    /// The plan used when no policy is configured: a friendly nudge on the due date, one
+    /// reminder ten banking days later, hand-off ten banking days after that. No fees.
     pub fn builtin() -> Plan {
+        let message = |name: &str, offset, tone| PlannedStep {
+            name: name.to_owned(),
+            offset_banking_days: offset,
+            kind: StepKind::Message {
+                tone,
+                channels: vec!["email".to_owned()],
+            },
+            fee: FeeSpec::None,
+            days_to_pay: None,
+        };
         Plan {
+            name: "builtin".to_owned(),
             version: "builtin-v1".to_owned(),
             steps: vec![
+                message("nudge", 0, Tone::Nudge),
                 PlannedStep {
-                    name: "nudge".to_owned(),
-                    offset_days: 0,
-                    kind: StepKind::Message {
-                        tone: Tone::Nudge,
-                        channels: vec!["email".to_owned()],
-                    },
-                },
-                PlannedStep {
-                    name: "reminder-1".to_owned(),
-                    offset_days: 14,
-                    kind: StepKind::Message {
-                        tone: Tone::Reminder,
-                        channels: vec!["email".to_owned()],
-                    },
+                    days_to_pay: Some(10),
+                    ..message("reminder-1", 10, Tone::Reminder)
                 },
                 PlannedStep {
                     name: "handoff".to_owned(),
-                    offset_days: 28,
+                    offset_banking_days: 20,
                     kind: StepKind::Handoff,
+                    fee: FeeSpec::None,
+                    days_to_pay: None,
                 },
             ],
             send_time: NaiveTime::from_hms_opt(9, 0, 0).unwrap_or(NaiveTime::MIN),
         }
     }
 
-    /// When step `index` falls due: its calendar day at `send_time` in the debtor's zone, as UTC.
-    pub fn fire_at(&self, index: usize, due_date: NaiveDate, jurisdiction: Jurisdiction) -> Option<DateTime<Utc>> {
+    /// The calendar day step `index` falls on in the debtor's calendar.
+    pub fn step_day(&self, index: usize, due_date: NaiveDate, jurisdiction: Jurisdiction) -> Option<NaiveDate> {
         let step = self.steps.get(index)?;
-        let day = due_date.checked_add_signed(Duration::days(i64::from(step.offset_days)))?;
-        local_instant(day, self.send_time, jurisdiction)
+        let due = calendar::roll_forward(jurisdiction, due_date);
+        Some(calendar::add_banking_days(jurisdiction, due, step.offset_banking_days))
+    }
+
+    /// When step `index` falls due: its banking day at `send_time` in the debtor's zone, moved
+    /// to the next moment inside the debtor's contact hours, as UTC.
+    pub fn fire_at(&self, index: usize, due_date: NaiveDate, jurisdiction: Jurisdiction) -> Option<DateTime<Utc>> {
+        let day = self.step_day(index, due_date, jurisdiction)?;
+        let at = local_instant(day, self.send_time, jurisdiction)?;
+        calendar::next_contact_moment(&calendar::ContactHours::default_for(jurisdiction), jurisdiction, at)
     }
 }
 
@@ -145,6 +170,17 @@ pub struct Journey {
     pub state: JourneyState,
     pub invoice: InvoiceSnapshot,
     pub plan_version: String,
+    /// The plan the journey follows (by name in the policy).
+    #[serde(default)]
+    pub plan: String,
+    /// The policy segment and experiment variant that chose the plan, when a policy did.
+    #[serde(default)]
+    pub segment: Option<String>,
+    #[serde(default)]
+    pub experiment: Option<String>,
+    /// Fees charged by steps so far, in the invoice's currency.
+    #[serde(default)]
+    pub fees_minor: i64,
     /// Index of the next plan step to fire.
     pub next_step: usize,
     pub paid_minor: i64,
@@ -154,10 +190,11 @@ pub struct Journey {
 }
 
 impl Journey {
-    /// What is still owed: the invoice's open amount less payments, never below zero.
+    /// What is still owed: the invoice's open amount plus fees charged, less payments, never
+    /// below zero.
     pub fn outstanding(&self) -> Money {
         let open = self.invoice.open();
-        Money::new((open.minor - self.paid_minor).max(0), open.currency)
+        Money::new((open.minor + self.fees_minor - self.paid_minor).max(0), open.currency)
     }
 }
 
@@ -239,6 +276,10 @@ pub fn on_invoice(existing: Option<Journey>, snapshot: InvoiceSnapshot, plan: &P
             state: JourneyState::Open,
             invoice: snapshot,
             plan_version: plan.version.clone(),
+            plan: plan.name.clone(),
+            segment: None,
+            experiment: None,
+            fees_minor: 0,
             next_step: 0,
             paid_minor: 0,
             applied_payments: Vec::new(),
@@ -345,8 +386,9 @@ pub fn on_payment(mut journey: Journey, payment_id: &str, amount: Money) -> Resu
     })
 }
 
-/// The timer for step `step_index` fired.
-pub fn on_timer(mut journey: Journey, step_index: usize, plan: &Plan) -> Decision {
+/// The timer for step `step_index` fired. `fee` is what the step charges this debtor, resolved
+/// from the plan's fee spec and the debtor's law by the caller (zero for none).
+pub fn on_timer(mut journey: Journey, step_index: usize, plan: &Plan, fee: Money) -> Decision {
     let from = journey.state;
     if !from.accepts_contact() || step_index != journey.next_step {
         // A timer left over from before a payment, a re-anchor or a redelivery: nothing to do.
@@ -367,6 +409,10 @@ pub fn on_timer(mut journey: Journey, step_index: usize, plan: &Plan) -> Decisio
     };
     journey.next_step += 1;
     journey.steps_taken.push(step.name.clone());
+    if matches!(step.kind, StepKind::Message { .. }) && fee.minor > 0 && fee.currency == journey.invoice.amount.currency
+    {
+        journey.fees_minor += fee.minor;
+    }
     let (to, emit) = match &step.kind {
         StepKind::Message { tone, channels } => {
             let to = match tone {
@@ -401,9 +447,12 @@ pub fn on_timer(mut journey: Journey, step_index: usize, plan: &Plan) -> Decisio
     );
     t.step = Some(step.name.clone());
     t.rule = Some(format!(
-        "plan {} step {} ({} days from due)",
-        plan.version, step.name, step.offset_days
+        "plan '{}' ({}) step '{}' ({} banking days from due)",
+        plan.name, plan.version, step.name, step.offset_banking_days
     ));
+    if journey.fees_minor > 0 && fee.minor > 0 {
+        t.reason = Some(format!("fee {fee}"));
+    }
     let timer = schedule_next(&journey, plan);
     Decision {
         journey,
@@ -429,8 +478,9 @@ mod tests {
     fn a_new_invoice_schedules_the_nudge_at_nine_local_on_the_due_date() {
         let plan = Plan::builtin();
         let d = on_invoice(None, validate_issued(input()).unwrap(), &plan);
-        // 2026-03-15 09:00 in Copenhagen is 08:00 UTC (CET, before the DST change on 29 March).
-        let expected = Utc.with_ymd_and_hms(2026, 3, 15, 8, 0, 0).unwrap();
+        // Due Sunday 2026-03-15, so the first banking day is Monday 16 March; 09:00 in
+        // Copenhagen is 08:00 UTC (CET, before the DST change on 29 March).
+        let expected = Utc.with_ymd_and_hms(2026, 3, 16, 8, 0, 0).unwrap();
         assert_eq!(
             d.timer,
             TimerChange::Schedule {
@@ -444,19 +494,22 @@ mod tests {
     #[test]
     fn steps_run_in_order_to_handoff_then_stop() {
         let (j, plan) = opened();
-        let d1 = on_timer(j, 0, &plan);
+        let d1 = on_timer(j, 0, &plan, Money::zero(Currency::DKK));
         assert!(matches!(d1.emit, Some(Emit::Message { tone: Tone::Nudge, .. })));
-        // The reminder is 14 days later, after the DST change: 09:00 CEST = 07:00 UTC.
+        // The reminder is ten banking days later (Monday 30 March), after the DST change:
+        // 09:00 CEST = 07:00 UTC.
         assert_eq!(
             d1.timer,
             TimerChange::Schedule {
                 step_index: 1,
-                fire_at: Utc.with_ymd_and_hms(2026, 3, 29, 7, 0, 0).unwrap()
+                fire_at: Utc.with_ymd_and_hms(2026, 3, 30, 7, 0, 0).unwrap()
             }
         );
-        let d2 = on_timer(d1.journey, 1, &plan);
+        let d2 = on_timer(d1.journey, 1, &plan, Money::new(10_000, Currency::DKK));
         assert_eq!(d2.journey.state, JourneyState::Reminded(1));
-        let d3 = on_timer(d2.journey, 2, &plan);
+        assert_eq!(d2.journey.fees_minor, 10_000, "the reminder's fee is owed");
+        assert_eq!(d2.journey.outstanding().minor, 49_900 + 10_000);
+        let d3 = on_timer(d2.journey, 2, &plan, Money::zero(Currency::DKK));
         assert!(matches!(d3.emit, Some(Emit::Handoff { .. })));
         assert_eq!(d3.journey.state, JourneyState::HandedOver);
         assert_eq!(d3.timer, TimerChange::Cancel);
@@ -466,8 +519,8 @@ mod tests {
     #[test]
     fn a_redelivered_or_stale_timer_does_nothing() {
         let (j, plan) = opened();
-        let d1 = on_timer(j, 0, &plan);
-        let again = on_timer(d1.journey.clone(), 0, &plan);
+        let d1 = on_timer(j, 0, &plan, Money::zero(Currency::DKK));
+        let again = on_timer(d1.journey.clone(), 0, &plan, Money::zero(Currency::DKK));
         assert_eq!(again.emit, None);
         assert_eq!(again.journey, d1.journey);
     }
@@ -481,7 +534,11 @@ mod tests {
         let again = on_payment(paid.journey.clone(), "bank-1", Money::new(49_900, Currency::DKK)).unwrap();
         assert!(again.transitions.is_empty());
         assert_eq!(again.journey.paid_minor, 49_900);
-        assert_eq!(on_timer(paid.journey, 0, &plan).emit, None, "no step after payment");
+        assert_eq!(
+            on_timer(paid.journey, 0, &plan, Money::zero(Currency::DKK)).emit,
+            None,
+            "no step after payment"
+        );
     }
 
     #[test]

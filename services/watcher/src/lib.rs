@@ -15,12 +15,14 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use forfall_domain::invoice::{self, Contact, InvoiceSnapshot, InvoiceStatus};
-use forfall_domain::journey::{self, Decision, Emit, Journey, Plan, TimerChange, Transition};
+use forfall_domain::journey::{self, Decision, Emit, Journey, JourneyState, Plan, TimerChange, Transition};
+use forfall_domain::law::{DebtorContext, LawBook};
+use forfall_domain::policy::{self, DebtorFacts, Policy};
 use forfall_domain::{Currency, DebtorKind, Jurisdiction, Money};
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::records::{self, HandoffCase, JourneyAction, JourneyEvent, PaymentMatched, Record, derived_id};
@@ -45,6 +47,13 @@ pub struct WatcherSettings {
     pub tick_ms: u64,
     /// Most timers claimed from one partition per poll.
     pub batch: usize,
+    /// The tenant policy file (TOML); the built-in default policy when unset.
+    pub policy_file: Option<String>,
+    /// How often the policy file is checked for changes.
+    pub policy_reload_secs: u64,
+    /// Law overrides (same shape as crates/domain/data/law.toml and rates.toml).
+    pub law_rules_file: Option<String>,
+    pub law_rates_file: Option<String>,
 }
 
 impl Default for WatcherSettings {
@@ -52,8 +61,23 @@ impl Default for WatcherSettings {
         Self {
             tick_ms: 200,
             batch: 500,
+            policy_file: None,
+            policy_reload_secs: 10,
+            law_rules_file: None,
+            law_rates_file: None,
         }
     }
+}
+
+/// A decision with what its outputs need: the plan it was made on, the fee the step charges,
+/// and its cause (which derives the output ids) and trace.
+#[derive(Clone, Copy)]
+struct Emission<'a> {
+    decision: &'a Decision,
+    plan: &'a Plan,
+    fee: Money,
+    cause: &'a str,
+    trace: TraceContext,
 }
 
 /// What the watcher stores per invoice besides the journey itself.
@@ -93,6 +117,7 @@ struct Metrics {
     transitions: IntCounterVec,
     fired: IntCounterVec,
     lateness: Histogram,
+    policy_reloads: IntCounterVec,
 }
 
 struct Inner {
@@ -100,7 +125,8 @@ struct Inner {
     producer: Producer,
     redis: ConnectionManager,
     keys: Keys,
-    plan: Plan,
+    law: LawBook,
+    policy: RwLock<Arc<Policy>>,
     cas: redis::Script,
     stripes: Vec<Mutex<()>>,
     metrics: Metrics,
@@ -194,6 +220,43 @@ impl Watcher {
 
     fn conn(&self) -> ConnectionManager {
         self.0.redis.clone()
+    }
+
+    fn policy(&self) -> Arc<Policy> {
+        self.0.policy.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The plan a journey follows, from the policy in force.
+    fn plan_of(&self, j: &Journey) -> Plan {
+        let policy = self.policy();
+        policy.plan_named(&j.plan).unwrap_or_else(|| {
+            tracing::warn!(plan = %j.plan, policy = %policy.version, "plan no longer in the policy; using the catch-all plan");
+            policy.fallback_plan()
+        })
+    }
+
+    fn law_context(j: &Journey) -> DebtorContext {
+        DebtorContext {
+            jurisdiction: j.invoice.jurisdiction,
+            kind: j.invoice.debtor_kind,
+            fee_agreed_in_advance: false,
+        }
+    }
+
+    fn late_key(&self, tenant: &str, debtor_id: &str) -> String {
+        self.0.keys.key(&["late", &format!("{{{tenant}:{debtor_id}}}")])
+    }
+
+    /// Late invoices of this debtor in the last 12 months, from its own history.
+    async fn late_last_12m(&self, tenant: &str, debtor_id: &str) -> Result<u32, Failure> {
+        let since = (self.0.rt.clock.now() - chrono::Duration::days(365)).timestamp_millis();
+        let n: u32 = redis::cmd("ZCOUNT")
+            .arg(self.late_key(tenant, debtor_id))
+            .arg(since)
+            .arg("+inf")
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(n)
     }
 
     async fn remove_timer(&self, partition: i32, member: &str) -> Result<(), Failure> {
@@ -318,7 +381,14 @@ impl Watcher {
     }
 
     /// The records a decision produces: its transitions as events, and its emit.
-    async fn outputs(&self, d: &Decision, cause: &str, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
+    async fn outputs(&self, e: &Emission<'_>) -> Result<Vec<Outbound>, Failure> {
+        let Emission {
+            decision: d,
+            plan,
+            fee,
+            cause,
+            trace,
+        } = *e;
         let now = self.0.rt.clock.now();
         let events_topic = self.0.rt.topic(&self.0.topics.journey_events);
         let debtor = d.journey.invoice.debtor_id.clone();
@@ -335,7 +405,16 @@ impl Watcher {
                 tone,
                 channels,
             }) => {
-                let action = self.action(&d.journey, *step_index, &step.name, tone.code(), channels, now);
+                let action = self.action(
+                    &d.journey,
+                    plan,
+                    *step_index,
+                    &step.name,
+                    tone.code(),
+                    channels,
+                    fee,
+                    now,
+                );
                 let topic = self.0.rt.topic(&self.0.topics.journey_actions);
                 outs.push(self.encode(&topic, &debtor, &action, trace).await?);
             }
@@ -349,28 +428,27 @@ impl Watcher {
         Ok(outs)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn action(
         &self,
         j: &Journey,
+        plan: &Plan,
         step_index: usize,
         step: &str,
         tone: &str,
         channels: &[String],
+        fee: Money,
         now: DateTime<Utc>,
     ) -> JourneyAction {
         let inv = &j.invoice;
         let open = j.outstanding();
-        // The deadline in a reminder is the day before the next step would fall due.
-        let pay_by = self
-            .0
-            .plan
+        // The deadline counts from the day the message goes out, in the debtor's calendar.
+        let local_today = now.with_timezone(&inv.jurisdiction.time_zone()).date_naive();
+        let pay_by = plan
             .steps
-            .get(step_index + 1)
-            .filter(|_| tone != "nudge")
-            .and_then(|next| {
-                inv.due_date
-                    .checked_add_signed(chrono::Duration::days(i64::from(next.offset_days) - 1))
-            })
+            .get(step_index)
+            .and_then(|s| s.days_to_pay)
+            .and_then(|days| local_today.checked_add_signed(chrono::Duration::days(i64::from(days))))
             .map(invoice::epoch_days);
         JourneyAction {
             event_id: derived_id("action-event", &[&inv.tenant, &inv.invoice_id, step]),
@@ -384,14 +462,12 @@ impl Watcher {
             step_index: step_index as i32,
             tone: tone.to_owned(),
             channels: channels.to_vec(),
-            send_at: self
-                .0
-                .plan
+            send_at: plan
                 .fire_at(step_index, inv.due_date, inv.jurisdiction)
                 .unwrap_or(now)
                 .timestamp_millis(),
             open_minor: open.minor,
-            fee_minor: 0,
+            fee_minor: fee.minor,
             currency: open.currency.code().to_owned(),
             due_date: invoice::epoch_days(inv.due_date),
             pay_by,
@@ -417,8 +493,8 @@ impl Watcher {
             invoice_number: inv.invoice_number.clone(),
             issue_date: invoice::epoch_days(inv.issue_date),
             due_date: invoice::epoch_days(inv.due_date),
-            principal_minor: j.outstanding().minor,
-            fees_minor: 0,
+            principal_minor: (j.outstanding().minor - j.fees_minor).max(0),
+            fees_minor: j.fees_minor.min(j.outstanding().minor),
             currency: inv.amount.currency.code().to_owned(),
             jurisdiction: inv.jurisdiction.code().to_owned(),
             debtor_kind: inv.debtor_kind.code().to_owned(),
@@ -432,16 +508,16 @@ impl Watcher {
         }
     }
 
+    /// Produces what the decision emits, waits for the broker, then writes the journey.
     async fn emit_then_save(
         &self,
         expected: Option<u64>,
         stored: Stored,
-        d: &Decision,
-        cause: &str,
-        trace: TraceContext,
+        e: Emission<'_>,
         fired: Option<&str>,
     ) -> Result<bool, Failure> {
-        let outs = self.outputs(d, cause, trace).await?;
+        let outs = self.outputs(&e).await?;
+        let d = e.decision;
         self.0
             .producer
             .send_all(&outs)
@@ -462,7 +538,13 @@ impl Watcher {
                 Some(l) => (Some(l.version), l.stored.partition, l.stored.pending_timer.clone()),
                 None => (None, partition, None),
             };
-            let mut d = journey::on_invoice(loaded.map(|l| l.stored.journey), incoming.clone(), &self.0.plan);
+            let (mut d, plan) = match loaded.map(|l| l.stored.journey) {
+                Some(existing) => {
+                    let plan = self.plan_of(&existing);
+                    (journey::on_invoice(Some(existing), incoming.clone(), &plan), plan)
+                }
+                None => self.open_journey(incoming.clone()).await?,
+            };
             // Payments that arrived before their invoice are applied now.
             let parked: Vec<String> = if expected.is_none() {
                 redis::cmd("LRANGE")
@@ -491,8 +573,20 @@ impl Watcher {
                 partition,
                 pending_timer: pending,
             };
+            let zero = Money::zero(incoming.amount.currency);
             if self
-                .emit_then_save(expected, stored, &d, &rec.event_id, trace, None)
+                .emit_then_save(
+                    expected,
+                    stored,
+                    Emission {
+                        decision: &d,
+                        plan: &plan,
+                        fee: zero,
+                        cause: &rec.event_id,
+                        trace,
+                    },
+                    None,
+                )
                 .await?
             {
                 if !parked.is_empty() {
@@ -541,12 +635,24 @@ impl Watcher {
             if d.transitions.is_empty() {
                 return Ok(()); // already applied
             }
+            let plan = self.plan_of(&d.journey);
             let stored = Stored {
                 journey: d.journey.clone(),
                 ..loaded.stored
             };
             if self
-                .emit_then_save(Some(loaded.version), stored, &d, &rec.event_id, trace, None)
+                .emit_then_save(
+                    Some(loaded.version),
+                    stored,
+                    Emission {
+                        decision: &d,
+                        plan: &plan,
+                        fee: Money::zero(currency),
+                        cause: &rec.event_id,
+                        trace,
+                    },
+                    None,
+                )
                 .await?
             {
                 return Ok(());
@@ -568,15 +674,23 @@ impl Watcher {
                 return Ok(());
             };
             let now = self.0.rt.clock.now();
-            let inv = &loaded.stored.journey.invoice;
-            if let Some(due) = self.0.plan.fire_at(step_index, inv.due_date, inv.jurisdiction) {
+            let journey = &loaded.stored.journey;
+            let inv = &journey.invoice;
+            let plan = self.plan_of(journey);
+            if let Some(due) = plan.fire_at(step_index, inv.due_date, inv.jurisdiction) {
                 self.0
                     .metrics
                     .lateness
                     .observe((now - due).num_milliseconds().max(0) as f64 / 1000.0);
             }
-            let d = journey::on_timer(loaded.stored.journey.clone(), step_index, &self.0.plan);
-            if let Some(step) = self.0.plan.steps.get(step_index).filter(|_| d.emit.is_some()) {
+            let fee = plan
+                .steps
+                .get(step_index)
+                .map(|step| policy::resolve_fee(step, &Self::law_context(journey), &self.0.law, now.date_naive()))
+                .unwrap_or_else(|| Money::zero(inv.amount.currency));
+            let was_late = matches!(journey.state, JourneyState::Reminded(_) | JourneyState::Warned);
+            let d = journey::on_timer(journey.clone(), step_index, &plan, fee);
+            if let Some(step) = plan.steps.get(step_index).filter(|_| d.emit.is_some()) {
                 self.0.metrics.fired.with_label_values(&[&step.name]).inc();
             }
             let stored = Stored {
@@ -588,16 +702,76 @@ impl Watcher {
                 .emit_then_save(
                     Some(loaded.version),
                     stored,
-                    &d,
-                    &cause,
-                    TraceContext::new_root(),
+                    Emission {
+                        decision: &d,
+                        plan: &plan,
+                        fee,
+                        cause: &cause,
+                        trace: TraceContext::new_root(),
+                    },
                     Some(timer),
                 )
                 .await?
             {
+                // The debtor's history: an invoice that needed a reminder counts as late.
+                let late_now = matches!(
+                    d.journey.state,
+                    JourneyState::Reminded(_) | JourneyState::Warned | JourneyState::HandedOver
+                );
+                if late_now && !was_late {
+                    let _: () = redis::cmd("ZADD")
+                        .arg(self.late_key(&tenant, &d.journey.invoice.debtor_id))
+                        .arg(now.timestamp_millis())
+                        .arg(&invoice_id)
+                        .query_async(&mut self.conn())
+                        .await?;
+                }
                 return Ok(());
             }
         }
+    }
+
+    /// A new invoice: the policy chooses its plan (segment, experiment), recorded as an event.
+    async fn open_journey(&self, incoming: InvoiceSnapshot) -> Result<(Decision, Plan), Failure> {
+        let facts = DebtorFacts {
+            jurisdiction: incoming.jurisdiction,
+            kind: incoming.debtor_kind,
+            late_last_12m: self.late_last_12m(&incoming.tenant, &incoming.debtor_id).await?,
+            propensity: None,
+            amount: incoming.amount,
+            fee_agreed: false,
+        };
+        let policy = self.policy();
+        let today = self.0.rt.clock.now().date_naive();
+        let choice = policy.choose(&incoming.tenant, &incoming.debtor_id, &facts, today);
+        let mut d = journey::on_invoice(None, incoming, &choice.plan);
+        d.journey.segment = Some(choice.segment.clone());
+        d.journey.experiment = choice.experiment.clone();
+        if let Some(e) = &choice.experiment {
+            self.0
+                .metrics
+                .transitions
+                .with_label_values(&["experiment_assigned"])
+                .inc();
+            tracing::debug!(experiment = %e, "experiment assigned");
+        }
+        d.transitions.insert(
+            1.min(d.transitions.len()),
+            Transition {
+                kind: "plan_chosen",
+                from: JourneyState::Open,
+                to: JourneyState::Open,
+                step: None,
+                rule: Some(format!(
+                    "policy {} segment '{}' → plan '{}'",
+                    policy.version, choice.segment, choice.plan.name
+                )),
+                reason: choice
+                    .experiment
+                    .map(|e| format!("experiment {e} (late invoices in 12 months: {})", facts.late_last_12m)),
+            },
+        );
+        Ok((d, choice.plan))
     }
 
     /// Polls the timer sets of the partitions this instance is assigned, until shutdown.
@@ -683,8 +857,74 @@ impl Handler for Watcher {
 }
 
 /// Runs the watcher until shutdown.
+fn read_file(path: &str, what: &str) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read the {what} file {path}: {e}"))
+}
+
+/// The law in force: built in, or the configured override files, checked.
+pub fn load_law(settings: &WatcherSettings) -> anyhow::Result<LawBook> {
+    let rules = match &settings.law_rules_file {
+        Some(p) => read_file(p, "law rules")?,
+        None => forfall_domain::law::BUILTIN_RULES.to_owned(),
+    };
+    let rates = match &settings.law_rates_file {
+        Some(p) => read_file(p, "reference rates")?,
+        None => forfall_domain::law::BUILTIN_RATES.to_owned(),
+    };
+    Ok(LawBook::from_toml(&rules, &rates)?)
+}
+
+/// The configured policy, checked against the law as of `on`; any problem refuses it.
+pub fn load_policy(settings: &WatcherSettings, law: &LawBook, on: chrono::NaiveDate) -> anyhow::Result<Policy> {
+    let text = match &settings.policy_file {
+        Some(p) => read_file(p, "policy")?,
+        None => policy::DEFAULT_POLICY.to_owned(),
+    };
+    let source = settings.policy_file.as_deref().unwrap_or("the built-in default policy");
+    policy::load(&text, law, on).map_err(|e| anyhow::anyhow!("{source}: {e}"))
+}
+
+impl Watcher {
+    /// Re-reads the policy file when it changes; a refused policy leaves the running one in force.
+    async fn reload_policy(self, settings: WatcherSettings) {
+        let Some(path) = settings.policy_file.clone() else {
+            return;
+        };
+        let mut last = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut tick = tokio::time::interval(Duration::from_secs(settings.policy_reload_secs.max(1)));
+        loop {
+            tokio::select! {
+                _ = self.0.rt.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            if text == last {
+                continue;
+            }
+            last = text;
+            match load_policy(&settings, &self.0.law, self.0.rt.clock.now().date_naive()) {
+                Ok(p) => {
+                    tracing::info!(version = %p.version, "policy reloaded");
+                    self.0.metrics.policy_reloads.with_label_values(&["applied"]).inc();
+                    *self.0.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, running = %self.policy().version, "policy reload refused; keeping the running policy");
+                    self.0.metrics.policy_reloads.with_label_values(&["refused"]).inc();
+                }
+            }
+        }
+    }
+}
+
+/// Runs the watcher until shutdown. Refuses to start with a policy that breaks the law.
 pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let settings: WatcherSettings = config::section(&rt.figment, SERVICE)?;
+    let law = load_law(&settings)?;
+    let policy = load_policy(&settings, &law, rt.clock.now().date_naive())?;
+    tracing::info!(version = %policy.version, segments = policy.segments.len(), "policy loaded");
     let shell = ServiceShell::start(&rt, SERVICE, PORT_OFFSET, None).await?;
     let transitions = IntCounterVec::new(
         Opts::new("watcher_transitions_total", "Journey transitions, by kind"),
@@ -703,10 +943,18 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
         ]),
     )?;
+    let policy_reloads = IntCounterVec::new(
+        Opts::new(
+            "watcher_policy_reloads_total",
+            "Policy reloads, by result (applied, refused)",
+        ),
+        &["result"],
+    )?;
     for c in [
         Box::new(transitions.clone()) as Box<dyn prometheus::core::Collector>,
         Box::new(fired.clone()),
         Box::new(lateness.clone()),
+        Box::new(policy_reloads.clone()),
     ] {
         shell.metrics.registry.register(c)?;
     }
@@ -716,13 +964,15 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         producer: shell.producer.clone(),
         redis,
         keys: rt.keys(),
-        plan: Plan::builtin(),
+        law,
+        policy: RwLock::new(Arc::new(policy)),
         cas: redis::Script::new(CAS_SCRIPT),
         stripes: (0..256).map(|_| Mutex::new(())).collect(),
         metrics: Metrics {
             transitions,
             fired,
             lateness,
+            policy_reloads,
         },
         topics: topics.clone(),
         rt: rt.clone(),
@@ -732,6 +982,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         SERVICE,
         &[rt.topic(&topics.invoices), rt.topic(&topics.payments_matched)],
     )?;
+    tokio::spawn(watcher.clone().reload_policy(settings.clone()));
     let timers = tokio::spawn(watcher.clone().run_timers(consumer.clone(), settings));
     let consumed = run_consumer(consumer, watcher, shell.loop_context(&rt)).await;
     rt.shutdown.cancel();

@@ -1,0 +1,306 @@
+//! The journey engine on the dev stack: policies, segments, experiments, law at load and reload.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use forfall_domain::jurisdiction::Jurisdiction;
+use forfall_domain::law::LawBook;
+use forfall_domain::policy;
+use forfall_e2e::*;
+use forfall_platform::clock::ManualClock;
+use forfall_platform::records::{HandoffOutcome, JourneyAction, JourneyEvent};
+
+const WAIT: Duration = Duration::from_secs(45);
+
+fn policy_file(stack: &LocalStack, text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("{}-policy.toml", stack.prefix));
+    std::fs::write(&path, text).expect("write policy");
+    path
+}
+
+async fn status_is(stack: &LocalStack, tenant: &str, invoice: &str, want: &str) -> anyhow::Result<()> {
+    eventually(&format!("invoice {invoice} to be {want}"), WAIT, || async move {
+        Ok((stack.journey_status(tenant, invoice).await?.as_deref() == Some(want)).then_some(()))
+    })
+    .await
+}
+
+async fn events_of(stack: &LocalStack, invoice: &str) -> anyhow::Result<Vec<JourneyEvent>> {
+    let all = stack
+        .read::<JourneyEvent>(&stack.topic(&stack.topics().journey_events))
+        .await?;
+    Ok(all.into_iter().filter(|e| e.invoice_id == invoice).collect())
+}
+
+/// The invoice's `plan_chosen` event, once it can be read.
+async fn plan_chosen(stack: &LocalStack, invoice: &str) -> anyhow::Result<JourneyEvent> {
+    eventually(&format!("the plan choice of {invoice}"), WAIT, || async move {
+        Ok(events_of(stack, invoice)
+            .await?
+            .into_iter()
+            .find(|e| e.kind == "plan_chosen"))
+    })
+    .await
+}
+
+const NORWAY: &str = r#"
+version = "e2e-norway-1"
+
+[[segment]]
+name = "norway"
+when = { jurisdiction = ["NO"] }
+plan = "no-firm"
+
+[[segment]]
+name = "rest"
+plan = "gentle"
+
+[plan.no-firm]
+step = [
+  { name = "nudge", offset_banking_days = 0, channels = ["email"], tone = "nudge" },
+  { name = "purring", offset_banking_days = 14, channels = ["email"], tone = "reminder", fee = "statutory_maximum", days_to_pay = 14 },
+  { name = "handoff", offset_banking_days = 30, handoff = true },
+]
+
+[plan.gentle]
+step = [
+  { name = "nudge", offset_banking_days = 0, channels = ["email"], tone = "nudge" },
+  { name = "handoff", offset_banking_days = 20, handoff = true },
+]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unlawful_policy_is_refused_at_start_with_the_cited_rule() -> anyhow::Result<()> {
+    let mut stack = LocalStack::start(base_config(), ManualClock::new(at("2026-03-01T08:00:00Z"))).await?;
+    // Two fee-bearing Danish reminders five banking days apart.
+    let unlawful = NORWAY.replace(r#"jurisdiction = ["NO"]"#, r#"jurisdiction = ["DK"]"#).replace(
+        r#"{ name = "handoff", offset_banking_days = 30, handoff = true },"#,
+        r#"{ name = "purring-2", offset_banking_days = 19, channels = ["email"], tone = "reminder", fee = "statutory_maximum", days_to_pay = 14 },
+  { name = "handoff", offset_banking_days = 30, handoff = true },"#,
+    );
+    let path = policy_file(&stack, &unlawful);
+    stack.set("watcher.policy_file", &path);
+    let err = forfall::run_target(stack.rt.clone(), "watcher")
+        .await
+        .expect_err("the watcher refuses to start");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("plan 'no-firm' (segment 'norway') for DK consumer debtors: renteloven § 9 b stk. 2: fee-bearing reminders must be at least 10 days apart; 'purring-2' comes 5 days after 'purring'"),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_segment_plan_with_a_statutory_fee_runs_to_hand_off() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-03-01T08:00:00Z"));
+    let mut stack = LocalStack::start(base_config(), clock.clone()).await?;
+    let path = policy_file(&stack, NORWAY);
+    stack.set("watcher.policy_file", &path);
+    stack.start_all();
+    let s = Sample {
+        tenant: "nordkraft",
+        invoice_id: "no-1",
+        number: "70001",
+        due: day(2026, 3, 2),
+        amount_minor: 89_900,
+        currency: "NOK",
+        jurisdiction: "NO",
+        email: "kari@example.test",
+        reference: "1234567890128",
+        language: "nb",
+    };
+    stack
+        .produce(
+            &stack.topic(&stack.topics().billing_invoice_events),
+            &s.debtor_id(),
+            &s.issued(),
+        )
+        .await?;
+    status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    // When each step falls due, in Oslo's banking calendar, as the policy says.
+    let plan = policy::load(NORWAY, &LawBook::builtin()?, day(2026, 3, 1))?.plans["no-firm"].clone();
+    let when = |i: usize| plan.fire_at(i, s.due, Jurisdiction::NO).expect("step time");
+    clock.set(when(0));
+    eventually("the nudge", WAIT, || async {
+        Ok((stack.mail.to(s.email).len() == 1).then_some(()))
+    })
+    .await?;
+    clock.set(when(1));
+    eventually("the purring", WAIT, || async {
+        Ok((stack.mail.to(s.email).len() == 2).then_some(()))
+    })
+    .await?;
+    clock.set(when(2));
+    status_is(&stack, s.tenant, s.invoice_id, "handed_over").await?;
+
+    let actions = stack
+        .read::<JourneyAction>(&stack.topic(&stack.topics().journey_actions))
+        .await?;
+    let purring = actions.iter().find(|a| a.step == "purring").expect("a purring action");
+    assert_eq!(
+        purring.fee_minor, 3_500,
+        "1/20 of the inkassosats, inkassoforskriften § 1-2"
+    );
+    assert_eq!(purring.open_minor, 89_900 + 3_500);
+    assert!(purring.pay_by.is_some(), "the purring gives a deadline");
+    eventually("the agency's answer", WAIT, || async {
+        Ok(stack
+            .read::<HandoffOutcome>(&stack.topic(&stack.topics().handoff_outcomes))
+            .await?
+            .into_iter()
+            .next())
+    })
+    .await?;
+    let case = stack.agency.requests()[0].json();
+    assert_eq!(case["principal_minor"], 89_900);
+    assert_eq!(case["fees_minor"], 3_500);
+    assert_eq!(case["steps_taken"], serde_json::json!(["nudge", "purring", "handoff"]));
+    let chosen = plan_chosen(&stack, s.invoice_id).await?;
+    assert_eq!(
+        chosen.rule.as_deref(),
+        Some("policy e2e-norway-1 segment 'norway' → plan 'no-firm'")
+    );
+    stack.shutdown().await;
+    Ok(())
+}
+
+const EXPERIMENT: &str = r#"
+version = "e2e-exp-1"
+
+[[segment]]
+name = "everyone"
+plan = "email-first"
+
+[plan.email-first]
+step = [
+  { name = "nudge", offset_banking_days = 0, channels = ["email"], tone = "nudge" },
+  { name = "handoff", offset_banking_days = 20, handoff = true },
+]
+
+[plan.late-nudge]
+step = [
+  { name = "nudge", offset_banking_days = 2, channels = ["email"], tone = "nudge" },
+  { name = "handoff", offset_banking_days = 20, handoff = true },
+]
+
+[[experiment]]
+name = "nudge-timing"
+segments = ["everyone"]
+start = "2026-01-01"
+end = "2026-12-31"
+variant = [
+  { name = "control", weight = 50 },
+  { name = "late", weight = 50, plan = "late-nudge" },
+]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn experiment_assignment_is_stable_across_invoices_and_restarts() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-04-01T08:00:00Z"));
+    let mut stack = LocalStack::start(base_config(), clock).await?;
+    let path = policy_file(&stack, EXPERIMENT);
+    stack.set("watcher.policy_file", &path);
+    stack.start_service("ingest");
+    stack.start_service("watcher");
+    let billing = stack.topic(&stack.topics().billing_invoice_events);
+    let debtors = ["a@example.test", "b@example.test", "c@example.test", "d@example.test"];
+    let mut first = Vec::new();
+    for (i, email) in debtors.iter().enumerate() {
+        let mut s = danish("x", "x", day(2026, 4, 20), email);
+        let id = format!("first-{i}");
+        s.invoice_id = &id;
+        stack.produce(&billing, &s.debtor_id(), &s.issued()).await?;
+        status_is(&stack, s.tenant, &id, "open").await?;
+        first.push(
+            plan_chosen(&stack, &id)
+                .await?
+                .reason
+                .expect("an experiment variant is recorded"),
+        );
+    }
+    stack.stop_service("watcher").await?;
+    stack.start_service("watcher");
+    for (i, email) in debtors.iter().enumerate() {
+        let mut s = danish("x", "x", day(2026, 5, 20), email);
+        let id = format!("second-{i}");
+        s.invoice_id = &id;
+        stack.produce(&billing, &s.debtor_id(), &s.issued()).await?;
+        status_is(&stack, s.tenant, &id, "open").await?;
+        let second = plan_chosen(&stack, &id)
+            .await?
+            .reason
+            .expect("an experiment variant is recorded");
+        assert_eq!(second, first[i], "debtor {email} keeps its variant after a restart");
+    }
+    for v in &first {
+        assert!(
+            v.starts_with("experiment nudge-timing/control") || v.starts_with("experiment nudge-timing/late"),
+            "{v}"
+        );
+    }
+    stack.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_keeps_the_running_policy_when_the_new_one_is_unlawful() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-03-01T08:00:00Z"));
+    let mut stack = LocalStack::start(base_config(), clock).await?;
+    let path = policy_file(&stack, NORWAY);
+    stack.set("watcher.policy_file", &path);
+    stack.set("watcher.policy_reload_secs", 1);
+    stack.start_service("ingest");
+    stack.start_service("watcher");
+    stack.wait_ready(&["watcher"], WAIT).await?;
+    let reloads = |result: &'static str| {
+        let stack = &stack;
+        async move {
+            let m = stack.metrics("watcher").await.unwrap_or_default();
+            metric_value(
+                &m,
+                "forfall_watcher_policy_reloads_total",
+                &[&format!("result=\"{result}\"")],
+            )
+            .unwrap_or(0.0)
+        }
+    };
+    // A purring on the due date with a fee breaks inkassoforskriften § 1-2.
+    std::fs::write(
+        &path,
+        NORWAY.replace(
+            r#"{ name = "purring", offset_banking_days = 14,"#,
+            r#"{ name = "purring", offset_banking_days = 1,"#,
+        ),
+    )?;
+    eventually("the unlawful reload to be refused", WAIT, || async {
+        Ok((reloads("refused").await >= 1.0).then_some(()))
+    })
+    .await?;
+    let billing = stack.topic(&stack.topics().billing_invoice_events);
+    let mut s = danish("r-1", "R1", day(2026, 3, 20), "r@example.test");
+    stack.produce(&billing, &s.debtor_id(), &s.issued()).await?;
+    status_is(&stack, s.tenant, "r-1", "open").await?;
+    let rule = plan_chosen(&stack, "r-1").await?.rule;
+    assert_eq!(
+        rule.as_deref(),
+        Some("policy e2e-norway-1 segment 'rest' → plan 'gentle'"),
+        "still the running policy"
+    );
+
+    std::fs::write(&path, NORWAY.replace("e2e-norway-1", "e2e-norway-2"))?;
+    eventually("the lawful reload to apply", WAIT, || async {
+        Ok((reloads("applied").await >= 1.0).then_some(()))
+    })
+    .await?;
+    s.invoice_id = "r-2";
+    stack.produce(&billing, &s.debtor_id(), &s.issued()).await?;
+    status_is(&stack, s.tenant, "r-2", "open").await?;
+    let rule = plan_chosen(&stack, "r-2").await?.rule;
+    assert_eq!(
+        rule.as_deref(),
+        Some("policy e2e-norway-2 segment 'rest' → plan 'gentle'")
+    );
+    stack.shutdown().await;
+    Ok(())
+}
