@@ -107,3 +107,74 @@ pub fn metric_value(text: &str, name: &str, parts: &[&str]) -> Option<f64> {
         .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
+
+/// One credit entry of a test camt.054 file.
+pub struct CamtCredit<'a> {
+    pub transaction_id: &'a str,
+    /// The amount as the bank writes it, e.g. "1250.00".
+    pub amount: &'a str,
+    pub currency: &'a str,
+    pub reference: Option<&'a str>,
+    pub text: Option<&'a str>,
+    pub payer_account: Option<&'a str>,
+    pub date: &'a str,
+}
+
+/// A camt.054.001.02 notification with these credits, shaped like the Nordea MIG example in
+/// crates/camt054/tests/fixtures/no_kid_nordea_054_001_02.xml (see its sources).
+pub fn camt054(message_id: &str, credits: &[CamtCredit<'_>]) -> String {
+    let mut entries = String::new();
+    for c in credits {
+        let reference = c
+            .reference
+            .map(|r| {
+                format!(
+                    "<Strd><CdtrRefInf><Tp><CdOrPrtry><Cd>SCOR</Cd></CdOrPrtry></Tp><Ref>{r}</Ref></CdtrRefInf></Strd>"
+                )
+            })
+            .unwrap_or_default();
+        let text = c.text.map(|t| format!("<Ustrd>{t}</Ustrd>")).unwrap_or_default();
+        let account = c
+            .payer_account
+            .map(|a| format!("<DbtrAcct><Id><IBAN>{a}</IBAN></Id></DbtrAcct>"))
+            .unwrap_or_default();
+        entries.push_str(&format!(
+            r#"
+      <Ntry>
+        <Amt Ccy="{ccy}">{amt}</Amt>
+        <CdtDbtInd>CRDT</CdtDbtInd>
+        <Sts>BOOK</Sts>
+        <BookgDt><Dt>{date}</Dt></BookgDt>
+        <ValDt><Dt>{date}</Dt></ValDt>
+        <AcctSvcrRef>E-{tx}</AcctSvcrRef>
+        <BkTxCd><Domn><Cd>PMNT</Cd><Fmly><Cd>RCDT</Cd><SubFmlyCd>DMCT</SubFmlyCd></Fmly></Domn></BkTxCd>
+        <NtryDtls>
+          <TxDtls>
+            <Refs><AcctSvcrRef>{tx}</AcctSvcrRef></Refs>
+            <AmtDtls><TxAmt><Amt Ccy="{ccy}">{amt}</Amt></TxAmt></AmtDtls>
+            <RltdPties><Dbtr><Nm>Payer</Nm></Dbtr>{account}</RltdPties>
+            <RmtInf>{text}{reference}</RmtInf>
+          </TxDtls>
+        </NtryDtls>
+      </Ntry>"#,
+            ccy = c.currency,
+            amt = c.amount,
+            date = c.date,
+            tx = c.transaction_id,
+        ));
+    }
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<Document xmlns="urn:iso:std:iso:20022:tech:xsd:camt.054.001.02">
+  <BkToCstmrDbtCdtNtfctn>
+    <GrpHdr><MsgId>{message_id}</MsgId><CreDtTm>2026-03-04T06:15:02</CreDtTm></GrpHdr>
+    <Ntfctn>
+      <Id>N-{message_id}</Id>
+      <CreDtTm>2026-03-04T06:15:02</CreDtTm>
+      <Acct><Id><IBAN>NO9386011117947</IBAN></Id></Acct>{entries}
+    </Ntfctn>
+  </BkToCstmrDbtCdtNtfctn>
+</Document>
+"#
+    )
+}

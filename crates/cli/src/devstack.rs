@@ -68,6 +68,7 @@ impl LocalStack {
         let figment = Figment::from(Serialized::defaults(&config))
             .merge(Serialized::default("dispatch.smtp.port", mail.addr.port()))
             .merge(Serialized::default("handoff.agency_url", agency.url("/cases")))
+            .merge(Serialized::default("handoff.agency_recall_url", agency.url("/recalls")))
             .merge(Serialized::default("handoff.timeout_ms", 3000))
             .merge(Serialized::default("watcher.tick_ms", 50));
         kafka::ensure_topics(&config.kafka, &config.topics.all()).await?;

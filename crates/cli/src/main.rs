@@ -41,6 +41,9 @@ enum Command {
     /// Journey policies: check one against the law before deploying it.
     #[command(subcommand)]
     Policy(forfall::tools::PolicyCommand),
+    /// Payments: import camt.054 files, list and match unmatched payments.
+    #[command(subcommand)]
+    Payments(forfall::tools::PaymentsCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,6 +70,7 @@ fn main() -> anyhow::Result<()> {
                 forfall::run_targets(rt, &targets).await
             }
             Command::Demo(args) => forfall::demo::run(common, figment, args).await,
+            Command::Payments(cmd) => forfall::tools::payments(cmd).await,
             Command::Reference(_) | Command::Law(_) | Command::Calendar(_) | Command::Policy(_) => Ok(()),
         }
     })

@@ -186,3 +186,141 @@ pub fn policy(cmd: PolicyCommand) -> anyhow::Result<()> {
         Err(e) => anyhow::bail!("{}: {e}", file.display()),
     }
 }
+
+#[derive(Debug, Subcommand)]
+pub enum PaymentsCommand {
+    /// Import a bank's camt.054 file: its credit entries become payments. A file with any
+    /// invalid entry imports nothing unless --lenient.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        /// Import the valid entries and list the problems of the others.
+        #[arg(long)]
+        lenient: bool,
+        /// The matcher's HTTP address.
+        #[arg(long, env = "FORFALL_MATCHER_URL", default_value = "http://127.0.0.1:9604")]
+        matcher: String,
+    },
+    /// The payments no rule could match.
+    Unmatched {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, env = "FORFALL_MATCHER_URL", default_value = "http://127.0.0.1:9604")]
+        matcher: String,
+    },
+    /// Match a payment by hand to invoices, in the order given; records who did it.
+    Match {
+        payment_id: String,
+        #[arg(required = true)]
+        invoices: Vec<String>,
+        #[arg(long)]
+        tenant: String,
+        /// Who matches it (recorded on the payment).
+        #[arg(long)]
+        by: String,
+        #[arg(long, env = "FORFALL_MATCHER_URL", default_value = "http://127.0.0.1:9604")]
+        matcher: String,
+    },
+}
+
+async fn answer(response: reqwest::Response) -> anyhow::Result<serde_json::Value> {
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    if !status.is_success() {
+        let mut message = format!(
+            "{} ({status}): {}",
+            body["error"].as_str().unwrap_or("error"),
+            body["detail"].as_str().unwrap_or("")
+        );
+        for p in body["problems"].as_array().into_iter().flatten() {
+            message.push_str(&format!("\n  {}", p.as_str().unwrap_or_default()));
+        }
+        anyhow::bail!(message);
+    }
+    Ok(body)
+}
+
+pub async fn payments(cmd: PaymentsCommand) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    match cmd {
+        PaymentsCommand::Import {
+            file,
+            tenant,
+            lenient,
+            matcher,
+        } => {
+            let bytes = std::fs::read(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let response = client
+                .post(format!("{matcher}/v1/payments/camt054"))
+                .query(&[
+                    ("tenant", tenant.as_str()),
+                    ("lenient", if lenient { "true" } else { "false" }),
+                ])
+                .body(bytes)
+                .send()
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot reach the matcher at {matcher}: {e}"))?;
+            let body = answer(response)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            println!(
+                "{}: {} {}: {} payments imported ({} already known), {} debits, {} reversals and {} unbooked entries skipped",
+                file.display(),
+                body["version"].as_str().unwrap_or("camt.054"),
+                body["message_id"].as_str().unwrap_or(""),
+                body["imported"],
+                body["already_known"],
+                body["skipped_debits"],
+                body["skipped_reversals"],
+                body["skipped_unbooked"]
+            );
+            for p in body["problems"].as_array().into_iter().flatten() {
+                println!("  not imported: {}", p.as_str().unwrap_or_default());
+            }
+        }
+        PaymentsCommand::Unmatched { tenant, matcher } => {
+            let response = client
+                .get(format!("{matcher}/v1/payments/unmatched"))
+                .query(&[("tenant", &tenant)])
+                .send()
+                .await?;
+            let body = answer(response).await?;
+            let rows = body["unmatched"].as_array().cloned().unwrap_or_default();
+            for r in &rows {
+                println!(
+                    "{}  {} {}  ref {}  {}",
+                    r["payment_id"].as_str().unwrap_or(""),
+                    r["amount_minor"],
+                    r["currency"].as_str().unwrap_or(""),
+                    r["reference"].as_str().unwrap_or("-"),
+                    r["remittance_text"].as_str().unwrap_or("")
+                );
+            }
+            println!("{} unmatched payments for {tenant}", rows.len());
+        }
+        PaymentsCommand::Match {
+            payment_id,
+            invoices,
+            tenant,
+            by,
+            matcher,
+        } => {
+            let response = client
+                .post(format!("{matcher}/v1/payments/{payment_id}/match"))
+                .json(&serde_json::json!({"tenant": tenant, "invoices": invoices, "by": by}))
+                .send()
+                .await?;
+            let body = answer(response).await?;
+            for a in body["allocations"].as_array().into_iter().flatten() {
+                println!(
+                    "{payment_id} → {}: {} minor units",
+                    a["invoice_id"].as_str().unwrap_or(""),
+                    a["amount_minor"]
+                );
+            }
+            println!("matched by {by}; overpayment {} minor units", body["overpayment_minor"]);
+        }
+    }
+    Ok(())
+}

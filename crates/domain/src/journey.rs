@@ -364,8 +364,10 @@ pub fn on_payment(mut journey: Journey, payment_id: &str, amount: Money) -> Resu
         });
     }
     journey.applied_payments.push(payment_id.to_owned());
+    let owed_before = journey.outstanding().minor;
     journey.paid_minor = journey.paid_minor.saturating_add(amount.minor);
     let settled = journey.outstanding().minor == 0;
+    let overpaid = Money::new((amount.minor - owed_before).max(0), amount.currency);
     let mut t = if settled && !matches!(from, JourneyState::Closed(_)) {
         journey.state = JourneyState::Closed(CloseReason::Paid);
         transition("paid", from, journey.state)
@@ -373,6 +375,13 @@ pub fn on_payment(mut journey: Journey, payment_id: &str, amount: Money) -> Resu
         transition("partly_paid", from, journey.state)
     };
     t.reason = Some(format!("payment of {amount}; outstanding {}", journey.outstanding()));
+    let mut transitions = vec![t];
+    if overpaid.minor > 0 {
+        // The debtor paid more than was owed: the surplus is theirs, to refund or to set off.
+        let mut credit = transition("credit_balance", journey.state, journey.state);
+        credit.reason = Some(format!("overpaid by {overpaid} with payment '{payment_id}'"));
+        transitions.push(credit);
+    }
     let timer = if settled {
         TimerChange::Cancel
     } else {
@@ -380,7 +389,7 @@ pub fn on_payment(mut journey: Journey, payment_id: &str, amount: Money) -> Resu
     };
     Ok(Decision {
         journey,
-        transitions: vec![t],
+        transitions,
         timer,
         emit: None,
     })
@@ -538,6 +547,25 @@ mod tests {
             on_timer(paid.journey, 0, &plan, Money::zero(Currency::DKK)).emit,
             None,
             "no step after payment"
+        );
+    }
+
+    #[test]
+    fn overpayment_closes_and_records_a_credit_balance() {
+        let (j, _) = opened();
+        let d = on_payment(j, "bank-1", Money::new(50_000, Currency::DKK)).unwrap();
+        assert_eq!(d.journey.state, JourneyState::Closed(CloseReason::Paid));
+        let kinds: Vec<&str> = d.transitions.iter().map(|t| t.kind).collect();
+        assert_eq!(kinds, ["paid", "credit_balance"]);
+        assert_eq!(
+            d.transitions[1].reason.as_deref(),
+            Some("overpaid by 1.00 DKK with payment 'bank-1'")
+        );
+        // A payment to an invoice already closed is all credit balance.
+        let again = on_payment(d.journey, "bank-2", Money::new(2_500, Currency::DKK)).unwrap();
+        assert_eq!(
+            again.transitions.iter().map(|t| t.kind).collect::<Vec<_>>(),
+            ["partly_paid", "credit_balance"]
         );
     }
 

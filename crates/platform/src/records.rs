@@ -33,6 +33,8 @@ pub const ALL_SCHEMAS: &[(&str, &str)] = &[
     (PaymentMatched::FULL_NAME, PaymentMatched::AVSC),
     (HandoffCase::FULL_NAME, HandoffCase::AVSC),
     (HandoffOutcome::FULL_NAME, HandoffOutcome::AVSC),
+    (PaymentUnmatched::FULL_NAME, PaymentUnmatched::AVSC),
+    (HandoffRecall::FULL_NAME, HandoffRecall::AVSC),
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -254,8 +256,44 @@ pub struct PaymentMatched {
     pub rule: String,
     pub reference: Option<String>,
     pub value_date: i32,
+    #[serde(default)]
+    pub matched_by: Option<String>,
 }
 record!(PaymentMatched, "PaymentMatched.avsc");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PaymentUnmatched {
+    pub event_id: String,
+    pub tenant: String,
+    pub debtor_id: Option<String>,
+    pub occurred_at: i64,
+    pub payment_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub reference: Option<String>,
+    pub remittance_text: Option<String>,
+    pub payer_name: Option<String>,
+    pub payer_account: Option<String>,
+    pub value_date: i32,
+    pub reason_code: String,
+    pub reason: String,
+}
+record!(PaymentUnmatched, "PaymentUnmatched.avsc");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandoffRecall {
+    pub event_id: String,
+    pub tenant: String,
+    pub debtor_id: String,
+    pub occurred_at: i64,
+    pub case_id: String,
+    pub invoice_id: String,
+    pub payment_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub reason: String,
+}
+record!(HandoffRecall, "HandoffRecall.avsc");
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HandoffCase {
@@ -497,6 +535,35 @@ mod tests {
             rule: "exact_reference".into(),
             reference: None,
             value_date: 3,
+            matched_by: Some("ops@acme".into()),
+        });
+        round_trip(PaymentUnmatched {
+            event_id: "e".into(),
+            tenant: "t".into(),
+            debtor_id: None,
+            occurred_at: 1,
+            payment_id: "p".into(),
+            amount_minor: 5,
+            currency: "SEK".into(),
+            reference: Some("r".into()),
+            remittance_text: None,
+            payer_name: None,
+            payer_account: Some("SE35".into()),
+            value_date: 2,
+            reason_code: "no_candidate".into(),
+            reason: "nothing".into(),
+        });
+        round_trip(HandoffRecall {
+            event_id: "e".into(),
+            tenant: "t".into(),
+            debtor_id: "d".into(),
+            occurred_at: 1,
+            case_id: "c".into(),
+            invoice_id: "i".into(),
+            payment_id: "p".into(),
+            amount_minor: 9,
+            currency: "NOK".into(),
+            reason: "paid".into(),
         });
         round_trip(HandoffCase {
             event_id: "e".into(),

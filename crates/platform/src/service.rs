@@ -79,16 +79,24 @@ impl ServiceShell {
         port_offset: u16,
         routes: Option<Router>,
     ) -> anyhow::Result<Self> {
+        Self::start_with_routes(rt, name, port_offset, |_, _| routes.unwrap_or_default()).await
+    }
+
+    /// Like [`ServiceShell::start`], with routes built from the service's own metrics and
+    /// producer (an HTTP intake that produces records and counts what it refuses).
+    pub async fn start_with_routes(
+        rt: &Runtime,
+        name: &'static str,
+        port_offset: u16,
+        routes: impl FnOnce(&Metrics, &Producer) -> Router,
+    ) -> anyhow::Result<Self> {
         let metrics = Metrics::new(name)?;
         let readiness = Readiness::default();
         if rt.config.kafka.create_topics {
             kafka::ensure_topics(&rt.config.kafka, &rt.config.topics.all()).await?;
         }
         let producer = Producer::new(&rt.config.kafka, metrics.clone())?;
-        let mut router = admin::router(metrics.clone(), readiness.clone());
-        if let Some(routes) = routes {
-            router = router.merge(routes);
-        }
+        let router = admin::router(metrics.clone(), readiness.clone()).merge(routes(&metrics, &producer));
         let port = if rt.config.admin.base_port == 0 {
             0
         } else {

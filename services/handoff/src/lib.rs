@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use forfall_platform::config;
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, run_consumer};
-use forfall_platform::records::{HandoffCase, HandoffOutcome, HandoffStatus, derived_id};
+use forfall_platform::records::{HandoffCase, HandoffOutcome, HandoffRecall, HandoffStatus, Record, derived_id};
 use forfall_platform::redis_store::{self, Keys};
 use forfall_platform::service::{Runtime, ServiceShell};
 use forfall_platform::telemetry::TRACEPARENT;
@@ -25,6 +25,8 @@ pub const PORT_OFFSET: u16 = 5;
 pub struct HandoffSettings {
     /// The agency's case intake endpoint.
     pub agency_url: String,
+    /// Where the agency is told that money arrived for a case it holds.
+    pub agency_recall_url: String,
     /// Bearer token for the agency API (never logged).
     pub agency_token: Option<String>,
     pub timeout_ms: u64,
@@ -34,6 +36,7 @@ impl Default for HandoffSettings {
     fn default() -> Self {
         Self {
             agency_url: "http://127.0.0.1:8089/cases".into(),
+            agency_recall_url: "http://127.0.0.1:8089/recalls".into(),
             agency_token: None,
             timeout_ms: 10_000,
         }
@@ -50,6 +53,15 @@ pub struct Handoff {
     results: IntCounterVec,
 }
 
+/// Which case an outcome is about.
+#[derive(Clone, Copy)]
+struct CaseOf<'a> {
+    case_id: &'a str,
+    invoice_id: &'a str,
+    tenant: &'a str,
+    debtor_id: &'a str,
+}
+
 /// What the agency answered, reduced to what we record.
 struct AgencyAnswer {
     status: HandoffStatus,
@@ -63,13 +75,21 @@ impl Handoff {
         self.keys.key(&["handoff", "accepted", case_id])
     }
 
-    async fn post(&self, case: &HandoffCase, traceparent: &str) -> Result<AgencyAnswer, Failure> {
+    /// POSTs `body` to the agency with an idempotency key; what the agency answered, or a
+    /// transient failure to retry (unreachable, 5xx, 408, 429).
+    async fn post<T: Serialize>(
+        &self,
+        url: &str,
+        idempotency_key: &str,
+        body: &T,
+        traceparent: &str,
+    ) -> Result<AgencyAnswer, Failure> {
         let mut request = self
             .http
-            .post(&self.settings.agency_url)
-            .header("Idempotency-Key", &case.case_id)
+            .post(url)
+            .header("Idempotency-Key", idempotency_key)
             .header(TRACEPARENT, traceparent)
-            .json(case);
+            .json(body);
         if let Some(token) = &self.settings.agency_token {
             request = request.bearer_auth(token);
         }
@@ -112,7 +132,102 @@ impl Handoff {
 
 impl Handler for Handoff {
     async fn handle(&self, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
-        let case: HandoffCase = self.rt.codec.decode(record.payload.as_deref()).await?.to()?;
+        let decoded = self.rt.codec.decode(record.payload.as_deref()).await?;
+        match decoded.name.as_str() {
+            HandoffCase::FULL_NAME => self.case(decoded.to()?, record).await,
+            HandoffRecall::FULL_NAME => self.recall(decoded.to()?, record).await,
+            other => Err(Failure::reject(
+                "unexpected_record_type",
+                format!("hand-off does not handle '{other}'"),
+            )),
+        }
+    }
+}
+
+impl Handoff {
+    async fn outcome(
+        &self,
+        of: CaseOf<'_>,
+        answer: AgencyAnswer,
+        kind: &str,
+        record: &Inbound,
+    ) -> Result<Vec<Outbound>, Failure> {
+        let CaseOf {
+            case_id,
+            invoice_id,
+            tenant,
+            debtor_id,
+        } = of;
+        let outcome = HandoffOutcome {
+            event_id: derived_id("handoff-outcome", &[case_id, kind, &format!("{:?}", answer.status)]),
+            tenant: tenant.to_owned(),
+            debtor_id: debtor_id.to_owned(),
+            occurred_at: self.rt.clock.now().timestamp_millis(),
+            case_id: case_id.to_owned(),
+            invoice_id: invoice_id.to_owned(),
+            status: answer.status,
+            agency_reference: answer.agency_reference,
+            http_status: answer.http_status,
+            detail: answer.detail,
+        };
+        let payload = self.rt.codec.encode(&self.outcomes_topic, &outcome).await?;
+        Ok(vec![Outbound {
+            topic: self.outcomes_topic.clone(),
+            key: debtor_id.to_owned(),
+            payload,
+            trace: record.trace.child(),
+        }])
+    }
+
+    /// Money arrived for a claim the agency holds: tell it, once per payment.
+    async fn recall(&self, r: HandoffRecall, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
+        let key = self.keys.key(&["handoff", "recalled", &r.event_id]);
+        let known: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut self.redis.clone()).await?;
+        let answer = if known.is_some() {
+            self.results.with_label_values(&["recall_duplicate"]).inc();
+            AgencyAnswer {
+                status: HandoffStatus::Accepted,
+                http_status: None,
+                agency_reference: None,
+                detail: Some("recall already delivered".into()),
+            }
+        } else {
+            let mut answer = self
+                .post(
+                    &self.settings.agency_recall_url,
+                    &r.event_id,
+                    &r,
+                    &record.trace.child().header(),
+                )
+                .await?;
+            if answer.status == HandoffStatus::Accepted {
+                let _: () = redis::cmd("SET")
+                    .arg(&key)
+                    .arg("1")
+                    .query_async(&mut self.redis.clone())
+                    .await?;
+            }
+            self.results.with_label_values(&["recall"]).inc();
+            answer
+                .detail
+                .get_or_insert_with(|| format!("recall: {} paid {} minor units", r.payment_id, r.amount_minor));
+            answer
+        };
+        self.outcome(
+            CaseOf {
+                case_id: &r.case_id,
+                invoice_id: &r.invoice_id,
+                tenant: &r.tenant,
+                debtor_id: &r.debtor_id,
+            },
+            answer,
+            "recall",
+            record,
+        )
+        .await
+    }
+
+    async fn case(&self, case: HandoffCase, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
         let key = self.accepted_key(&case.case_id);
         let known: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut self.redis.clone()).await?;
         let answer = match known {
@@ -126,7 +241,14 @@ impl Handler for Handoff {
                 }
             }
             None => {
-                let answer = self.post(&case, &record.trace.child().header()).await?;
+                let answer = self
+                    .post(
+                        &self.settings.agency_url,
+                        &case.case_id,
+                        &case,
+                        &record.trace.child().header(),
+                    )
+                    .await?;
                 if answer.status == HandoffStatus::Accepted {
                     let reference = answer.agency_reference.clone().unwrap_or_default();
                     let _: () = redis::cmd("SET")
@@ -145,25 +267,18 @@ impl Handler for Handoff {
                 answer
             }
         };
-        let outcome = HandoffOutcome {
-            event_id: derived_id("handoff-outcome", &[&case.case_id, &format!("{:?}", answer.status)]),
-            tenant: case.tenant.clone(),
-            debtor_id: case.debtor_id.clone(),
-            occurred_at: self.rt.clock.now().timestamp_millis(),
-            case_id: case.case_id.clone(),
-            invoice_id: case.invoice_id.clone(),
-            status: answer.status,
-            agency_reference: answer.agency_reference,
-            http_status: answer.http_status,
-            detail: answer.detail,
-        };
-        let payload = self.rt.codec.encode(&self.outcomes_topic, &outcome).await?;
-        Ok(vec![Outbound {
-            topic: self.outcomes_topic.clone(),
-            key: case.debtor_id,
-            payload,
-            trace: record.trace.child(),
-        }])
+        self.outcome(
+            CaseOf {
+                case_id: &case.case_id,
+                invoice_id: &case.invoice_id,
+                tenant: &case.tenant,
+                debtor_id: &case.debtor_id,
+            },
+            answer,
+            "case",
+            record,
+        )
+        .await
     }
 }
 

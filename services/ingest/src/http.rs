@@ -3,8 +3,6 @@
 //! answered 202 once the broker has it; an invalid one is answered 422 with the reason and,
 //! like any rejected input, recorded on the rejected topic and counted.
 
-use std::sync::{Arc, OnceLock};
-
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -21,24 +19,10 @@ use serde_json::json;
 
 #[derive(Clone)]
 pub struct HttpState {
-    rt: Runtime,
-    billing_topic: String,
-    // Set once the service shell exists (the routes are built before it).
-    shell: Arc<OnceLock<(Producer, Metrics)>>,
-}
-
-impl HttpState {
-    pub fn new(rt: Runtime, billing_topic: String) -> Self {
-        Self {
-            rt,
-            billing_topic,
-            shell: Arc::new(OnceLock::new()),
-        }
-    }
-
-    pub fn attach(&self, producer: Producer, metrics: Metrics) {
-        let _ = self.shell.set((producer, metrics));
-    }
+    pub rt: Runtime,
+    pub billing_topic: String,
+    pub producer: Producer,
+    pub metrics: Metrics,
 }
 
 pub fn routes(state: HttpState) -> Router {
@@ -78,9 +62,7 @@ fn problem(status: StatusCode, code: &str, detail: &str) -> Response {
 }
 
 async fn post_invoice(State(state): State<HttpState>, body: axum::body::Bytes) -> Response {
-    let Some((producer, metrics)) = state.shell.get() else {
-        return problem(StatusCode::SERVICE_UNAVAILABLE, "starting", "ingest is starting");
-    };
+    let (producer, metrics) = (&state.producer, &state.metrics);
     let trace = TraceContext::new_root();
     let parsed: Result<InvoiceJson, _> = serde_json::from_slice(&body);
     let issued = parsed.map_err(|e| ("invalid_json", e.to_string())).and_then(|j| {

@@ -304,9 +304,15 @@ impl Handler for Ingest {
 /// Runs ingest until shutdown.
 pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let billing_topic = rt.topic(&rt.config.topics.billing_invoice_events);
-    let http_state = http::HttpState::new(rt.clone(), billing_topic.clone());
-    let shell = ServiceShell::start(&rt, SERVICE, PORT_OFFSET, Some(http::routes(http_state.clone()))).await?;
-    http_state.attach(shell.producer.clone(), shell.metrics.clone());
+    let shell = ServiceShell::start_with_routes(&rt, SERVICE, PORT_OFFSET, |metrics, producer| {
+        http::routes(http::HttpState {
+            rt: rt.clone(),
+            billing_topic: billing_topic.clone(),
+            producer: producer.clone(),
+            metrics: metrics.clone(),
+        })
+    })
+    .await?;
     let changes = IntCounterVec::new(
         prometheus::Opts::new(
             "ingest_invoice_changes_total",

@@ -1,194 +1,535 @@
-//! Matcher: turns payments into settled invoices. It keeps a reference index (payment
-//! reference → tenant, debtor, invoice) from `forfall.invoices.v1` and matches each payment on
-//! `payments.events.v1` by its structured reference, producing `PaymentMatched` keyed by the
-//! debtor so the watcher sees it in order with the debtor's invoices.
+//! Matcher: turns payments into settled invoices.
 //!
-//! A payment whose reference is not (yet) indexed is recorded on the rejected topic as
-//! `payment_unmatched` and kept: the invoices and payments topics are consumed together but
-//! not in a guaranteed order, so when an invoice with that reference arrives later, the kept
-//! payment is matched then. The full matching rules (remittance text, payer account, several
-//! invoices, over/under payment) belong to the payment-matching issue.
+//! It keeps an index of open invoices from `forfall.invoices.v1` (by validated payment
+//! reference, by invoice number, by debtor) and of payer accounts learned from earlier matches,
+//! gathers the candidates for each payment on `payments.events.v1`, and lets the domain's
+//! matching rules decide: exact reference, invoice number in the remittance text, payer account
+//! with a fitting amount, or unmatched. Each allocation is a `PaymentMatched` keyed by the
+//! debtor; money for a claim already with an agency also yields a `HandoffRecall`; an
+//! unmatched payment is a `PaymentUnmatched` event, kept for a later invoice or a person.
+//!
+//! A payment is decided once per bank transaction id: the decision is stored, and a repeated
+//! payment (the same bank file imported twice) re-emits the same records with the same ids,
+//! which the watcher applies once.
 
+mod http;
+
+use std::sync::Arc;
 use std::time::Duration;
 
+use forfall_domain::invoice::date_from_epoch_days;
+use forfall_domain::matching::{self, Allocation, Candidates, IncomingPayment, MatchDecision, OpenInvoice};
 use forfall_domain::reference::normalise;
 use forfall_domain::{Currency, Money};
-use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, run_consumer};
-use forfall_platform::records::{self, PaymentMatched, PaymentReceived, Record, derived_id};
+use forfall_platform::journey_state;
+use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
+use forfall_platform::records::{
+    self, HandoffRecall, PaymentMatched, PaymentReceived, PaymentUnmatched, Record, derived_id,
+};
 use forfall_platform::redis_store::{self, Keys};
 use forfall_platform::service::{Runtime, ServiceShell};
 use forfall_platform::telemetry::TraceContext;
-use prometheus::{IntCounterVec, Opts};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
 pub const SERVICE: &str = "matcher";
 pub const PORT_OFFSET: u16 = 4;
 
+/// What the matcher keeps per invoice.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct IndexEntry {
+struct Indexed {
     debtor_id: String,
     invoice_id: String,
-    currency: String,
+    invoice_number: String,
+    reference: Option<String>,
+    currency: Currency,
+    /// Open by the invoice's own terms (after credits), before payments.
+    open_minor: i64,
+    due_date: i32,
 }
 
-pub struct Matcher {
+/// A decided payment, kept so that a repeat re-emits the same records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Decided {
+    payment: PaymentReceived,
+    decision: MatchDecision,
+    matched_by: Option<String>,
+}
+
+struct Metrics {
+    results: IntCounterVec,
+    /// Time from the bank's report of the payment to the matcher's decision (event time).
+    decided_after: Histogram,
+}
+
+pub(crate) struct Inner {
     rt: Runtime,
     redis: ConnectionManager,
     keys: Keys,
-    matched_topic: String,
-    results: IntCounterVec,
+    producer: Producer,
+    metrics: Metrics,
+}
+
+#[derive(Clone)]
+pub struct Matcher(pub(crate) Arc<Inner>);
+
+fn tagged(tenant: &str, id: &str) -> String {
+    format!("{{{tenant}}}:{id}")
+}
+
+fn currency(code: &str) -> Result<Currency, Failure> {
+    code.parse()
+        .map_err(|e: forfall_domain::MoneyError| Failure::reject("unknown_currency", format!("field 'currency': {e}")))
 }
 
 impl Matcher {
-    fn index_key(&self, tenant: &str, reference: &str) -> String {
-        self.keys.key(&["matcher", "ref", &format!("{{{tenant}:{reference}}}")])
-    }
-
-    fn kept_key(&self, tenant: &str, reference: &str) -> String {
-        self.keys
-            .key(&["matcher", "unmatched", &format!("{{{tenant}:{reference}}}")])
-    }
-
     fn conn(&self) -> ConnectionManager {
-        self.redis.clone()
+        self.0.redis.clone()
     }
 
-    async fn matched(&self, p: &PaymentReceived, entry: &IndexEntry, trace: TraceContext) -> Result<Outbound, Failure> {
-        self.results.with_label_values(&["matched"]).inc();
-        let m = PaymentMatched {
-            event_id: derived_id("payment-matched", &[&p.tenant, &p.payment_id, &entry.invoice_id]),
-            tenant: p.tenant.clone(),
-            debtor_id: entry.debtor_id.clone(),
-            occurred_at: self.rt.clock.now().timestamp_millis(),
-            payment_id: p.payment_id.clone(),
-            invoice_id: entry.invoice_id.clone(),
-            amount_minor: p.amount_minor,
-            currency: p.currency.clone(),
-            rule: "exact_reference".into(),
-            reference: p.reference.clone(),
-            value_date: p.value_date,
+    fn key(&self, kind: &str, tenant: &str, id: &str) -> String {
+        // One hash tag per tenant keeps a tenant's index in one Redis Cluster slot.
+        self.0.keys.key(&["matcher", kind, &tagged(tenant, id)])
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, Failure> {
+        let raw: Option<String> = redis::cmd("GET").arg(key).query_async(&mut self.conn()).await?;
+        Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+    }
+
+    async fn set_json<T: Serialize>(&self, key: &str, value: &T) -> Result<(), Failure> {
+        let json = serde_json::to_string(value).map_err(|e| Failure::Fatal(e.into()))?;
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(json)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn members(&self, key: &str) -> Result<Vec<String>, Failure> {
+        Ok(redis::cmd("SMEMBERS").arg(key).query_async(&mut self.conn()).await?)
+    }
+
+    /// An indexed invoice as the matching rules see it: what is still open, and whether the
+    /// claim is with an agency (the watcher's journey status says).
+    async fn open_invoice(&self, tenant: &str, invoice_id: &str) -> Result<Option<OpenInvoice>, Failure> {
+        let Some(ix) = self.get_json::<Indexed>(&self.key("inv", tenant, invoice_id)).await? else {
+            return Ok(None);
         };
-        let payload = self.rt.codec.encode(&self.matched_topic, &m).await?;
+        let allocated: Option<i64> = redis::cmd("GET")
+            .arg(self.key("alloc", tenant, invoice_id))
+            .query_async(&mut self.conn())
+            .await?;
+        let status = journey_state::read_status(&mut self.conn(), &self.0.keys, tenant, invoice_id).await?;
+        Ok(Some(OpenInvoice {
+            tenant: tenant.to_owned(),
+            debtor_id: ix.debtor_id,
+            invoice_id: ix.invoice_id,
+            invoice_number: ix.invoice_number,
+            reference: ix.reference,
+            open: Money::new((ix.open_minor - allocated.unwrap_or(0)).max(0), ix.currency),
+            due_date: date_from_epoch_days(ix.due_date).unwrap_or_default(),
+            handed_over: status.as_deref() == Some("handed_over"),
+        }))
+    }
+
+    async fn open_invoices(&self, tenant: &str, ids: Vec<String>) -> Result<Vec<OpenInvoice>, Failure> {
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(inv) = self.open_invoice(tenant, &id).await? {
+                out.push(inv);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Everything the rules may need for this payment.
+    async fn candidates(&self, p: &PaymentReceived) -> Result<Candidates, Failure> {
+        let mut c = Candidates::default();
+        if let Some(r) = p
+            .reference
+            .as_deref()
+            .and_then(|r| matching::structured_reference(r).ok())
+        {
+            let id: Option<String> = redis::cmd("GET")
+                .arg(self.key("ref", &p.tenant, &r.value))
+                .query_async(&mut self.conn())
+                .await?;
+            if let Some(id) = id {
+                c.by_reference = self.open_invoice(&p.tenant, &id).await?;
+            }
+        }
+        for number in p
+            .remittance_text
+            .as_deref()
+            .map(matching::invoice_number_candidates)
+            .unwrap_or_default()
+        {
+            let ids = self.members(&self.key("num", &p.tenant, &number)).await?;
+            c.by_invoice_number.extend(self.open_invoices(&p.tenant, ids).await?);
+        }
+        if let Some(account) = p.payer_account.as_deref().map(normalise).filter(|a| !a.is_empty()) {
+            for debtor in self.members(&self.key("acct", &p.tenant, &account)).await? {
+                let ids = self.members(&self.key("debtor", &p.tenant, &debtor)).await?;
+                c.by_payer_account.extend(self.open_invoices(&p.tenant, ids).await?);
+            }
+        }
+        Ok(c)
+    }
+
+    fn incoming(p: &PaymentReceived) -> Result<IncomingPayment, Failure> {
+        Ok(IncomingPayment {
+            payment_id: p.payment_id.clone(),
+            amount: Money::new(p.amount_minor, currency(&p.currency)?),
+            reference: p.reference.clone(),
+            remittance_text: p.remittance_text.clone(),
+            payer_account: p.payer_account.clone(),
+        })
+    }
+
+    /// The records a decision becomes. Ids derive from the payment, so a repeat is the same.
+    async fn records_for(&self, d: &Decided, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
+        let p = &d.payment;
+        let topics = &self.0.rt.config.topics;
+        let now = self.0.rt.clock.now().timestamp_millis();
+        let mut outs = Vec::new();
+        match &d.decision {
+            MatchDecision::Matched {
+                rule,
+                allocations,
+                overpayment,
+            } => {
+                let matched_topic = self.0.rt.topic(&topics.payments_matched);
+                for (i, a) in allocations.iter().enumerate() {
+                    // The surplus goes with the first allocation: the watcher records it as that
+                    // debtor's credit balance.
+                    let amount = if i == 0 {
+                        a.amount.minor + overpayment.minor
+                    } else {
+                        a.amount.minor
+                    };
+                    let m = PaymentMatched {
+                        event_id: derived_id("payment-matched", &[&p.tenant, &p.payment_id, &a.invoice_id]),
+                        tenant: p.tenant.clone(),
+                        debtor_id: a.debtor_id.clone(),
+                        occurred_at: now,
+                        payment_id: p.payment_id.clone(),
+                        invoice_id: a.invoice_id.clone(),
+                        amount_minor: amount,
+                        currency: a.amount.currency.code().to_owned(),
+                        rule: rule.code().to_owned(),
+                        reference: p.reference.clone(),
+                        value_date: p.value_date,
+                        matched_by: d.matched_by.clone(),
+                    };
+                    outs.push(self.encode(&matched_topic, &a.debtor_id, &m, trace).await?);
+                    if a.handed_over {
+                        outs.push(self.recall(p, a, amount, trace).await?);
+                    }
+                }
+            }
+            MatchDecision::Unmatched { reason } => {
+                let u = PaymentUnmatched {
+                    event_id: derived_id("payment-unmatched", &[&p.tenant, &p.payment_id]),
+                    tenant: p.tenant.clone(),
+                    debtor_id: p.debtor_id.clone(),
+                    occurred_at: now,
+                    payment_id: p.payment_id.clone(),
+                    amount_minor: p.amount_minor,
+                    currency: p.currency.clone(),
+                    reference: p.reference.clone(),
+                    remittance_text: p.remittance_text.clone(),
+                    payer_name: p.payer_name.clone(),
+                    payer_account: p.payer_account.clone(),
+                    value_date: p.value_date,
+                    reason_code: reason.code().to_owned(),
+                    reason: reason.explain(),
+                };
+                let topic = self.0.rt.topic(&topics.payments_unmatched);
+                outs.push(self.encode(&topic, &p.tenant, &u, trace).await?);
+            }
+        }
+        Ok(outs)
+    }
+
+    async fn recall(
+        &self,
+        p: &PaymentReceived,
+        a: &Allocation,
+        amount_minor: i64,
+        trace: TraceContext,
+    ) -> Result<Outbound, Failure> {
+        let r = HandoffRecall {
+            event_id: derived_id("handoff-recall", &[&p.tenant, &p.payment_id, &a.invoice_id]),
+            tenant: p.tenant.clone(),
+            debtor_id: a.debtor_id.clone(),
+            occurred_at: self.0.rt.clock.now().timestamp_millis(),
+            case_id: derived_id("case", &[&p.tenant, &a.invoice_id]),
+            invoice_id: a.invoice_id.clone(),
+            payment_id: p.payment_id.clone(),
+            amount_minor,
+            currency: a.amount.currency.code().to_owned(),
+            reason: format!("payment '{}' received after hand-off", p.payment_id),
+        };
+        let topic = self.0.rt.topic(&self.0.rt.config.topics.handoff_cases);
+        self.encode(&topic, &a.debtor_id, &r, trace).await
+    }
+
+    async fn encode<T: Record>(
+        &self,
+        topic: &str,
+        key: &str,
+        value: &T,
+        trace: TraceContext,
+    ) -> Result<Outbound, Failure> {
+        let payload = self.0.rt.codec.encode(topic, value).await?;
         Ok(Outbound {
-            topic: self.matched_topic.clone(),
-            key: entry.debtor_id.clone(),
+            topic: topic.to_owned(),
+            key: key.to_owned(),
             payload,
             trace: trace.child(),
         })
     }
 
-    async fn index(&self, inv: records::Invoice, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
-        let Some(reference) = inv
-            .payment_reference
-            .as_deref()
-            .map(normalise)
-            .filter(|r| !r.is_empty())
-        else {
-            return Ok(Vec::new());
-        };
-        let entry = IndexEntry {
-            debtor_id: inv.debtor_id.clone(),
-            invoice_id: inv.invoice_id.clone(),
-            currency: inv.currency.clone(),
-        };
-        let json = serde_json::to_string(&entry).map_err(|e| Failure::Fatal(e.into()))?;
-        let _: () = redis::cmd("SET")
-            .arg(self.index_key(&inv.tenant, &reference))
-            .arg(json)
-            .query_async(&mut self.conn())
-            .await?;
-        // Payments that arrived before this invoice was indexed.
-        let kept: Vec<String> = redis::cmd("LRANGE")
-            .arg(self.kept_key(&inv.tenant, &reference))
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut self.conn())
-            .await?;
-        let mut outs = Vec::new();
-        for k in &kept {
-            let Ok(p) = serde_json::from_str::<KeptPayment>(k) else {
-                continue;
-            };
-            if p.0.currency == entry.currency {
-                outs.push(self.matched(&p.0, &entry, trace).await?);
+    /// Books a decision: allocations against the invoices, learned payer accounts, the kept
+    /// list for unmatched payments, and the decision itself (the de-duplication record).
+    async fn book(&self, d: &Decided) -> Result<(), Failure> {
+        let p = &d.payment;
+        match &d.decision {
+            MatchDecision::Matched {
+                rule,
+                allocations,
+                overpayment,
+            } => {
+                for (i, a) in allocations.iter().enumerate() {
+                    let amount = if i == 0 {
+                        a.amount.minor + overpayment.minor
+                    } else {
+                        a.amount.minor
+                    };
+                    let _: i64 = redis::cmd("INCRBY")
+                        .arg(self.key("alloc", &p.tenant, &a.invoice_id))
+                        .arg(amount)
+                        .query_async(&mut self.conn())
+                        .await?;
+                    if let Some(account) = p.payer_account.as_deref().map(normalise).filter(|a| !a.is_empty()) {
+                        let _: () = redis::cmd("SADD")
+                            .arg(self.key("acct", &p.tenant, &account))
+                            .arg(&a.debtor_id)
+                            .query_async(&mut self.conn())
+                            .await?;
+                    }
+                }
+                let _: () = redis::cmd("HDEL")
+                    .arg(self.key("unmatched", &p.tenant, "all"))
+                    .arg(&p.payment_id)
+                    .query_async(&mut self.conn())
+                    .await?;
+                self.0.metrics.results.with_label_values(&[rule.code()]).inc();
+            }
+            MatchDecision::Unmatched { reason } => {
+                let json = serde_json::to_string(p).map_err(|e| Failure::Fatal(e.into()))?;
+                let _: () = redis::cmd("HSET")
+                    .arg(self.key("unmatched", &p.tenant, "all"))
+                    .arg(&p.payment_id)
+                    .arg(json)
+                    .query_async(&mut self.conn())
+                    .await?;
+                if let Some(r) = p.reference.as_deref().map(kept_reference) {
+                    let _: () = redis::cmd("SADD")
+                        .arg(self.key("kept", &p.tenant, &r))
+                        .arg(&p.payment_id)
+                        .query_async(&mut self.conn())
+                        .await?;
+                }
+                self.0.metrics.results.with_label_values(&[reason.code()]).inc();
             }
         }
-        if !kept.is_empty() {
-            let _: () = redis::cmd("DEL")
-                .arg(self.kept_key(&inv.tenant, &reference))
+        self.set_json(&self.key("payment", &p.tenant, &p.payment_id), d).await
+    }
+
+    async fn decided(&self, tenant: &str, payment_id: &str) -> Result<Option<Decided>, Failure> {
+        self.get_json(&self.key("payment", tenant, payment_id)).await
+    }
+
+    async fn payment(&self, p: PaymentReceived, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
+        if let Some(d) = self.decided(&p.tenant, &p.payment_id).await? {
+            // The same bank transaction again: the same records, nothing booked twice.
+            self.0.metrics.results.with_label_values(&["duplicate"]).inc();
+            return self.records_for(&d, trace).await;
+        }
+        let incoming = Self::incoming(&p)?;
+        let decision = matching::decide(&incoming, &self.candidates(&p).await?);
+        let latency = (self.0.rt.clock.now().timestamp_millis() - p.occurred_at).max(0) as f64 / 1000.0;
+        self.0.metrics.decided_after.observe(latency);
+        let d = Decided {
+            payment: p,
+            decision,
+            matched_by: None,
+        };
+        let outs = self.records_for(&d, trace).await?;
+        self.book(&d).await?;
+        Ok(outs)
+    }
+
+    /// Indexes an invoice snapshot, then tries the payments kept for its reference.
+    async fn index(&self, inv: records::Invoice, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
+        let reference = inv.payment_reference.as_deref().map(|r| {
+            matching::structured_reference(r)
+                .map(|v| v.value)
+                .unwrap_or_else(|_| normalise(r))
+        });
+        let ix = Indexed {
+            debtor_id: inv.debtor_id.clone(),
+            invoice_id: inv.invoice_id.clone(),
+            invoice_number: inv.invoice_number.clone(),
+            reference: reference.clone(),
+            currency: currency(&inv.currency)?,
+            open_minor: inv.open_minor,
+            due_date: inv.due_date,
+        };
+        self.set_json(&self.key("inv", &inv.tenant, &inv.invoice_id), &ix)
+            .await?;
+        let _: () = redis::cmd("SADD")
+            .arg(self.key("debtor", &inv.tenant, &inv.debtor_id))
+            .arg(&inv.invoice_id)
+            .query_async(&mut self.conn())
+            .await?;
+        let number = normalise(&inv.invoice_number);
+        if !number.is_empty() {
+            let _: () = redis::cmd("SADD")
+                .arg(self.key("num", &inv.tenant, &number))
+                .arg(&inv.invoice_id)
                 .query_async(&mut self.conn())
                 .await?;
+        }
+        let Some(reference) = reference else {
+            return Ok(Vec::new());
+        };
+        let _: () = redis::cmd("SET")
+            .arg(self.key("ref", &inv.tenant, &reference))
+            .arg(&inv.invoice_id)
+            .query_async(&mut self.conn())
+            .await?;
+        // Payments that arrived before this invoice (the topics are not ordered between them).
+        let mut outs = Vec::new();
+        let kept_key = self.key("kept", &inv.tenant, &kept_reference(&reference));
+        for payment_id in self.members(&kept_key).await? {
+            let Some(prior) = self.decided(&inv.tenant, &payment_id).await? else {
+                continue;
+            };
+            if !matches!(prior.decision, MatchDecision::Unmatched { .. }) {
+                continue;
+            }
+            let decision = matching::decide(
+                &Self::incoming(&prior.payment)?,
+                &self.candidates(&prior.payment).await?,
+            );
+            if matches!(decision, MatchDecision::Matched { .. }) {
+                let d = Decided {
+                    payment: prior.payment,
+                    decision,
+                    matched_by: None,
+                };
+                outs.extend(self.records_for(&d, trace).await?);
+                self.book(&d).await?;
+                let _: () = redis::cmd("SREM")
+                    .arg(&kept_key)
+                    .arg(&payment_id)
+                    .query_async(&mut self.conn())
+                    .await?;
+            }
         }
         Ok(outs)
     }
 
-    async fn payment(&self, p: PaymentReceived, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
-        let reject = |code: &'static str, detail: String| Failure::Reject {
-            code,
-            detail,
-            tenant: Some(p.tenant.clone()),
-            debtor_id: p.debtor_id.clone(),
-        };
-        let currency: Currency = p
-            .currency
-            .parse()
-            .map_err(|e| reject("unknown_currency", format!("field 'currency': {e}")))?;
-        if p.amount_minor <= 0 {
-            return Err(reject(
-                "invalid_amount",
-                format!("field 'amount_minor' is {}, must be greater than 0", p.amount_minor),
-            ));
-        }
-        let amount = Money::new(p.amount_minor, currency);
-        let Some(reference) = p.reference.as_deref().map(normalise).filter(|r| !r.is_empty()) else {
-            self.results.with_label_values(&["unmatched"]).inc();
-            return Err(reject(
-                "payment_unmatched",
-                format!("payment '{}' of {amount} has no structured reference", p.payment_id),
-            ));
-        };
-        let raw: Option<String> = redis::cmd("GET")
-            .arg(self.index_key(&p.tenant, &reference))
+    /// The unmatched payments of a tenant, oldest value date first.
+    pub(crate) async fn unmatched(&self, tenant: &str) -> Result<Vec<PaymentReceived>, Failure> {
+        let all: Vec<String> = redis::cmd("HVALS")
+            .arg(self.key("unmatched", tenant, "all"))
             .query_async(&mut self.conn())
             .await?;
-        let Some(entry) = raw.and_then(|r| serde_json::from_str::<IndexEntry>(&r).ok()) else {
-            let kept = serde_json::to_string(&KeptPayment(p.clone())).map_err(|e| Failure::Fatal(e.into()))?;
-            let _: () = redis::cmd("RPUSH")
-                .arg(self.kept_key(&p.tenant, &reference))
-                .arg(kept)
-                .query_async(&mut self.conn())
-                .await?;
-            self.results.with_label_values(&["kept"]).inc();
-            return Err(reject(
-                "payment_unmatched",
-                format!(
-                    "payment '{}' of {amount}: no invoice with reference '{reference}' yet; kept, and matched if one arrives",
-                    p.payment_id
-                ),
-            ));
-        };
-        if entry.currency != p.currency {
-            self.results.with_label_values(&["currency_mismatch"]).inc();
-            return Err(reject(
-                "currency_mismatch",
-                format!(
-                    "payment '{}' is in {} but the invoice with reference '{reference}' is in {}; not matched automatically",
-                    p.payment_id, p.currency, entry.currency
-                ),
-            ));
+        let mut payments: Vec<PaymentReceived> = all.iter().filter_map(|j| serde_json::from_str(j).ok()).collect();
+        payments.sort_by(|a, b| a.value_date.cmp(&b.value_date).then(a.payment_id.cmp(&b.payment_id)));
+        Ok(payments)
+    }
+
+    /// A person's match: allocates an unmatched payment to the invoices they name, in order,
+    /// and records who did it.
+    pub(crate) async fn match_by_hand(
+        &self,
+        tenant: &str,
+        payment_id: &str,
+        invoice_ids: &[String],
+        by: &str,
+    ) -> Result<Decided, ManualError> {
+        let prior = self
+            .decided(tenant, payment_id)
+            .await?
+            .ok_or_else(|| ManualError::NotFound(format!("no payment '{payment_id}' for tenant '{tenant}'")))?;
+        if !matches!(prior.decision, MatchDecision::Unmatched { .. }) {
+            return Err(ManualError::Refused(format!(
+                "payment '{payment_id}' is already matched"
+            )));
         }
-        Ok(vec![self.matched(&p, &entry, trace).await?])
+        let mut invoices = Vec::new();
+        for id in invoice_ids {
+            invoices.push(
+                self.open_invoice(tenant, id)
+                    .await?
+                    .ok_or_else(|| ManualError::NotFound(format!("no invoice '{id}' for tenant '{tenant}'")))?,
+            );
+        }
+        let incoming = Self::incoming(&prior.payment)
+            .map_err(|_| ManualError::Refused("the payment's currency is unknown".into()))?;
+        let decision = matching::manual(&incoming, &invoices).map_err(|e| ManualError::Refused(e.to_string()))?;
+        let d = Decided {
+            payment: prior.payment,
+            decision,
+            matched_by: Some(by.to_owned()),
+        };
+        let outs = self.records_for(&d, TraceContext::new_root()).await?;
+        self.0
+            .producer
+            .send_all(&outs)
+            .await
+            .map_err(ManualError::Unavailable)?;
+        self.book(&d).await?;
+        Ok(d)
     }
 }
 
-/// A payment kept until its invoice is indexed (the record, as JSON).
-#[derive(Serialize, Deserialize)]
-struct KeptPayment(PaymentReceived);
+/// The key a kept payment waits under: the validated reference when it validates.
+fn kept_reference(raw: &str) -> String {
+    matching::structured_reference(raw)
+        .map(|r| r.value)
+        .unwrap_or_else(|_| normalise(raw))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ManualError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<Failure> for ManualError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Reject { detail, .. } => ManualError::Refused(detail),
+            Failure::Transient(e) | Failure::Fatal(e) => ManualError::Unavailable(e.to_string()),
+        }
+    }
+}
 
 impl Handler for Matcher {
     async fn handle(&self, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
-        let decoded = self.rt.codec.decode(record.payload.as_deref()).await?;
+        let decoded = self.0.rt.codec.decode(record.payload.as_deref()).await?;
         match decoded.name.as_str() {
             records::Invoice::FULL_NAME => self.index(decoded.to()?, record.trace).await,
             PaymentReceived::FULL_NAME => self.payment(decoded.to()?, record.trace).await,
@@ -202,19 +543,40 @@ impl Handler for Matcher {
 
 /// Runs the matcher until shutdown.
 pub async fn run(rt: Runtime) -> anyhow::Result<()> {
-    let shell = ServiceShell::start(&rt, SERVICE, PORT_OFFSET, None).await?;
+    let redis = redis_store::connect(&rt.config.redis).await?;
     let results = IntCounterVec::new(
-        Opts::new("matcher_payments_total", "Payments by matching result"),
+        Opts::new(
+            "matcher_payments_total",
+            "Payments by matching rule or unmatched reason",
+        ),
         &["result"],
     )?;
-    shell.metrics.registry.register(Box::new(results.clone()))?;
-    let matcher = Matcher {
-        redis: redis_store::connect(&rt.config.redis).await?,
-        keys: rt.keys(),
-        matched_topic: rt.topic(&rt.config.topics.payments_matched),
-        results,
-        rt: rt.clone(),
-    };
+    let decided_after = Histogram::with_opts(
+        HistogramOpts::new(
+            "matcher_decided_after_seconds",
+            "From the payment's report to the matcher's decision",
+        )
+        .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+    )?;
+    let mut core = None;
+    let shell = ServiceShell::start_with_routes(&rt, SERVICE, PORT_OFFSET, |_, producer| {
+        let m = Matcher(Arc::new(Inner {
+            rt: rt.clone(),
+            redis: redis.clone(),
+            keys: rt.keys(),
+            producer: producer.clone(),
+            metrics: Metrics {
+                results: results.clone(),
+                decided_after: decided_after.clone(),
+            },
+        }));
+        core = Some(m.clone());
+        http::routes(m)
+    })
+    .await?;
+    shell.metrics.registry.register(Box::new(results))?;
+    shell.metrics.registry.register(Box::new(decided_after))?;
+    let matcher = core.ok_or_else(|| anyhow::anyhow!("matcher routes were not built"))?;
     let topics = [
         rt.topic(&rt.config.topics.invoices),
         rt.topic(&rt.config.topics.payments),

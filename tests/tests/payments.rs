@@ -1,0 +1,391 @@
+//! Payments on the dev stack: camt.054 import, matching rules, duplicates, partial and over
+//! payments, unmatched payments matched by hand, and recalls after hand-off.
+
+use std::time::Duration;
+
+use forfall_domain::reference::{self, ReferenceKind};
+use forfall_e2e::*;
+use forfall_platform::clock::ManualClock;
+use forfall_platform::records::{JourneyEvent, PaymentMatched, PaymentUnmatched};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(45);
+
+async fn status_is(stack: &LocalStack, tenant: &str, invoice: &str, want: &str) -> anyhow::Result<()> {
+    eventually(&format!("invoice {invoice} to be {want}"), WAIT, || async move {
+        Ok((stack.journey_status(tenant, invoice).await?.as_deref() == Some(want)).then_some(()))
+    })
+    .await
+}
+
+async fn import(stack: &LocalStack, tenant: &str, xml: &str, lenient: bool) -> anyhow::Result<(u16, Value)> {
+    let addr = stack.rt.admin_addr("matcher").expect("the matcher serves HTTP");
+    let r = reqwest::Client::new()
+        .post(format!(
+            "http://{addr}/v1/payments/camt054?tenant={tenant}&lenient={lenient}"
+        ))
+        .body(xml.to_owned())
+        .send()
+        .await?;
+    Ok((r.status().as_u16(), r.json().await?))
+}
+
+fn norwegian(
+    invoice_id: &'static str,
+    number: &'static str,
+    kid: &'static str,
+    email: &'static str,
+) -> Sample<'static> {
+    Sample {
+        tenant: "nordkraft",
+        invoice_id,
+        number,
+        due: day(2026, 3, 2),
+        amount_minor: 125_000,
+        currency: "NOK",
+        jurisdiction: "NO",
+        email,
+        reference: kid,
+        language: "nb",
+    }
+}
+
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bank_file_settles_the_invoice_before_its_reminder_and_a_second_import_books_nothing() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-03-01T08:00:00Z"));
+    let stack = LocalStack::start(base_config(), clock.clone()).await?;
+    stack.start_all();
+    let kid = leak(reference::generate(ReferenceKind::KidMod10, "7000123")?.value);
+    let s = norwegian("no-pay-1", "7000123", kid, "ola@example.test");
+    stack
+        .produce(
+            &stack.topic(&stack.topics().billing_invoice_events),
+            &s.debtor_id(),
+            &s.issued(),
+        )
+        .await?;
+    status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    clock.set(at("2026-03-02T08:00:01Z")); // the nudge, 09:00 in Oslo
+    eventually("the nudge", WAIT, || async {
+        Ok((stack.mail.to(s.email).len() == 1).then_some(()))
+    })
+    .await?;
+
+    let file = camt054(
+        "NDEA-1",
+        &[CamtCredit {
+            transaction_id: "TX-1",
+            amount: "1250.00",
+            currency: "NOK",
+            reference: Some(kid),
+            text: None,
+            payer_account: None,
+            date: "2026-03-04",
+        }],
+    );
+    let (status, body) = import(&stack, s.tenant, &file, false).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["imported"].as_u64(), body["already_known"].as_u64()),
+        (Some(1), Some(0)),
+        "{body}"
+    );
+    status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
+
+    // The reminder falls due a moment later: it is not sent.
+    clock.set(at("2026-03-16T08:00:01Z"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(stack.mail.to(s.email).len(), 1, "no reminder after payment");
+
+    // The same file again: recognised, and nothing is booked twice.
+    let (status, body) = import(&stack, s.tenant, &file, false).await?;
+    assert_eq!(status, 200);
+    assert_eq!(body["already_known"].as_u64(), Some(1), "{body}");
+    eventually("the duplicate to be seen", WAIT, || async {
+        let m = stack.metrics("matcher").await?;
+        Ok((metric_value(&m, "forfall_matcher_payments_total", &["result=\"duplicate\""]) == Some(1.0)).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let events = stack
+        .read::<JourneyEvent>(&stack.topic(&stack.topics().journey_events))
+        .await?;
+    let paid: Vec<&JourneyEvent> = events
+        .iter()
+        .filter(|e| e.invoice_id == s.invoice_id && e.kind == "paid")
+        .collect();
+    assert_eq!(paid.len(), 1, "the payment is applied once: {events:?}");
+    assert_eq!(paid[0].open_minor, 0);
+    let matched = stack
+        .read::<PaymentMatched>(&stack.topic(&stack.topics().payments_matched))
+        .await?;
+    assert!(
+        matched
+            .iter()
+            .all(|m| m.rule == "exact_reference" && m.amount_minor == 125_000 && m.payment_id == "TX-1")
+    );
+    stack.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partly_invalid_file_imports_nothing_and_says_where_unless_lenient() -> anyhow::Result<()> {
+    let stack = LocalStack::start(base_config(), ManualClock::new(at("2026-03-01T08:00:00Z"))).await?;
+    stack.start_service("matcher");
+    stack.wait_ready(&["matcher"], WAIT).await?;
+    let file = camt054(
+        "BAD-1",
+        &[
+            CamtCredit {
+                transaction_id: "OK-1",
+                amount: "100.00",
+                currency: "NOK",
+                reference: None,
+                text: Some("faktura 1"),
+                payer_account: None,
+                date: "2026-03-04",
+            },
+            CamtCredit {
+                transaction_id: "BAD-2",
+                amount: "12.345",
+                currency: "NOK",
+                reference: None,
+                text: None,
+                payer_account: None,
+                date: "2026-03-04",
+            },
+        ],
+    );
+    let (status, body) = import(&stack, "nordkraft", &file, false).await?;
+    assert_eq!(status, 422, "{body}");
+    let problems = body["problems"].to_string();
+    assert!(
+        problems.contains("line ") && problems.contains("Amt") && problems.contains("12.345"),
+        "names line, element and value: {problems}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        stack.read_raw(&stack.topic(&stack.topics().payments)).await?.is_empty(),
+        "all or nothing"
+    );
+
+    let (status, body) = import(&stack, "nordkraft", &file, true).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["imported"].as_u64(), Some(1));
+    assert_eq!(body["problems"].as_array().map(Vec::len), Some(1));
+    let (status, body) = import(&stack, "nordkraft", "<not-xml", false).await?;
+    assert_eq!(status, 422);
+    assert!(body["detail"].as_str().unwrap_or("").contains("line 1"), "{body}");
+    stack.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partial_and_over_payments_and_a_payment_matched_by_hand() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-03-01T08:00:00Z"));
+    let stack = LocalStack::start(base_config(), clock).await?;
+    stack.start_all();
+    let billing = stack.topic(&stack.topics().billing_invoice_events);
+    let kid_a = leak(reference::generate(ReferenceKind::KidMod10, "8000001")?.value);
+    let kid_b = leak(reference::generate(ReferenceKind::KidMod10, "8000002")?.value);
+    let a = norwegian("no-a", "8000001", kid_a, "pia@example.test");
+    let b = norwegian("no-b", "8000002", kid_b, "pia@example.test");
+    for s in [&a, &b] {
+        stack.produce(&billing, &s.debtor_id(), &s.issued()).await?;
+        status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    }
+    let credit = |tx: &'static str,
+                  amount: &'static str,
+                  reference: Option<&'static str>,
+                  text: Option<&'static str>| CamtCredit {
+        transaction_id: tx,
+        amount,
+        currency: "NOK",
+        reference,
+        text,
+        payer_account: None,
+        date: "2026-03-04",
+    };
+    // 400 of 1 250: partly paid, still open.
+    let (status, _) = import(
+        &stack,
+        "nordkraft",
+        &camt054("F-1", &[credit("P-1", "400.00", Some(kid_a), None)]),
+        false,
+    )
+    .await?;
+    assert_eq!(status, 200);
+    eventually("the partial payment", WAIT, || async {
+        let events = stack
+            .read::<JourneyEvent>(&stack.topic(&stack.topics().journey_events))
+            .await?;
+        Ok(events
+            .into_iter()
+            .find(|e| e.invoice_id == "no-a" && e.kind == "partly_paid"))
+    })
+    .await?;
+    assert_eq!(
+        stack.journey_status(a.tenant, a.invoice_id).await?.as_deref(),
+        Some("open")
+    );
+    // 950 more: 100 too much, which becomes the debtor's credit balance.
+    import(
+        &stack,
+        "nordkraft",
+        &camt054("F-2", &[credit("P-2", "950.00", Some(kid_a), None)]),
+        false,
+    )
+    .await?;
+    status_is(&stack, a.tenant, a.invoice_id, "closed:paid").await?;
+    let credit_balance = eventually("the credit balance", WAIT, || async {
+        let events = stack
+            .read::<JourneyEvent>(&stack.topic(&stack.topics().journey_events))
+            .await?;
+        Ok(events
+            .into_iter()
+            .find(|e| e.invoice_id == "no-a" && e.kind == "credit_balance"))
+    })
+    .await?;
+    assert!(
+        credit_balance
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("overpaid by 100.00 NOK"),
+        "{credit_balance:?}"
+    );
+
+    // No reference and no invoice number: unmatched, listed, and matched by a person.
+    import(
+        &stack,
+        "nordkraft",
+        &camt054("F-3", &[credit("P-3", "1250.00", None, Some("takk for sist"))]),
+        false,
+    )
+    .await?;
+    let unmatched = eventually("the unmatched event", WAIT, || async {
+        Ok(stack
+            .read::<PaymentUnmatched>(&stack.topic(&stack.topics().payments_unmatched))
+            .await?
+            .into_iter()
+            .next())
+    })
+    .await?;
+    assert_eq!(
+        (unmatched.payment_id.as_str(), unmatched.reason_code.as_str()),
+        ("P-3", "no_candidate")
+    );
+    let addr = stack.rt.admin_addr("matcher").expect("matcher HTTP");
+    let client = reqwest::Client::new();
+    let listed: Value = client
+        .get(format!("http://{addr}/v1/payments/unmatched?tenant=nordkraft"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(listed["unmatched"][0]["payment_id"], "P-3", "{listed}");
+    let no_who = client
+        .post(format!("http://{addr}/v1/payments/P-3/match"))
+        .json(&json!({"tenant": "nordkraft", "invoices": ["no-b"], "by": ""}))
+        .send()
+        .await?;
+    assert_eq!(no_who.status(), 422, "a manual match must say who made it");
+    let done = client
+        .post(format!("http://{addr}/v1/payments/P-3/match"))
+        .json(&json!({"tenant": "nordkraft", "invoices": ["no-b"], "by": "kari@ops"}))
+        .send()
+        .await?;
+    assert_eq!(done.status(), 200);
+    status_is(&stack, b.tenant, b.invoice_id, "closed:paid").await?;
+    let matched = stack
+        .read::<PaymentMatched>(&stack.topic(&stack.topics().payments_matched))
+        .await?;
+    let manual = matched
+        .iter()
+        .find(|m| m.payment_id == "P-3")
+        .expect("the manual match is an event");
+    assert_eq!(
+        (
+            manual.rule.as_str(),
+            manual.matched_by.as_deref(),
+            manual.invoice_id.as_str()
+        ),
+        ("manual", Some("kari@ops"), "no-b")
+    );
+    let listed: Value = client
+        .get(format!("http://{addr}/v1/payments/unmatched?tenant=nordkraft"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(listed["unmatched"].as_array().map(Vec::len), Some(0));
+    let again = client
+        .post(format!("http://{addr}/v1/payments/P-3/match"))
+        .json(&json!({"tenant": "nordkraft", "invoices": ["no-b"], "by": "kari@ops"}))
+        .send()
+        .await?;
+    assert_eq!(again.status(), 409, "a payment is never matched twice");
+    stack.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn money_for_a_claim_with_the_agency_recalls_it() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-09-01T06:00:00Z"));
+    let stack = LocalStack::start(base_config(), clock.clone()).await?;
+    stack.start_all();
+    let s = danish("inv-late", "INV-9001", day(2026, 9, 2), "sen@example.test");
+    stack
+        .produce(
+            &stack.topic(&stack.topics().billing_invoice_events),
+            &s.debtor_id(),
+            &s.issued(),
+        )
+        .await?;
+    status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    for (at_time, mails) in [("2026-09-02T07:00:01Z", 1), ("2026-09-16T07:00:01Z", 2)] {
+        clock.set(at(at_time));
+        eventually("a message", WAIT, || async {
+            Ok((stack.mail.to(s.email).len() == mails).then_some(()))
+        })
+        .await?;
+    }
+    clock.set(at("2026-09-30T07:00:01Z"));
+    status_is(&stack, s.tenant, s.invoice_id, "handed_over").await?;
+    eventually("the case at the agency", WAIT, || async {
+        Ok((stack.agency.requests().len() == 1).then_some(()))
+    })
+    .await?;
+
+    let file = camt054(
+        "DK-1",
+        &[CamtCredit {
+            transaction_id: "DK-TX-1",
+            amount: "1234.50",
+            currency: "DKK",
+            reference: Some(s.reference),
+            text: None,
+            payer_account: None,
+            date: "2026-10-01",
+        }],
+    );
+    let (status, body) = import(&stack, s.tenant, &file, false).await?;
+    assert_eq!(status, 200, "{body}");
+    let recall = eventually("the recall at the agency", WAIT, || async {
+        Ok(stack.agency.requests().into_iter().find(|r| r.path == "/recalls"))
+    })
+    .await?;
+    let body = recall.json();
+    assert_eq!(
+        (body["invoice_id"].as_str(), body["amount_minor"].as_i64()),
+        (Some("inv-late"), Some(123_450))
+    );
+    assert!(recall.header("idempotency-key").is_some());
+    status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
+    stack.shutdown().await;
+    Ok(())
+}
