@@ -288,6 +288,9 @@ pub struct LoopContext {
     pub readiness: Readiness,
     pub shutdown: CancellationToken,
     pub max_in_flight: usize,
+    /// Records of different keys handled at once (1 = one at a time). Records of one key are
+    /// always handled in order, each after the previous one's outputs were acknowledged.
+    pub key_concurrency: usize,
 }
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -415,6 +418,117 @@ fn record_lag(consumer: &Arc<StreamConsumer>, metrics: &Metrics) {
     });
 }
 
+/// How one record's handling ended, in the keyed loop.
+#[derive(Clone)]
+enum Settled {
+    /// Outputs acknowledged: the offset may be stored.
+    Done,
+    /// Shutdown came while retrying: leave the record uncommitted.
+    Interrupted,
+    Failed(String),
+}
+
+fn lane_of(record: &Inbound) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    record.key.hash(&mut h);
+    h.finish() % 4096
+}
+
+/// The consume loop with records of different keys handled concurrently. A record waits for the
+/// previous record of its key (same lane) to be fully handled, so per-key order is what it is on
+/// the partition; offsets are still stored strictly in arrival order, after acknowledgements.
+async fn run_consumer_by_key(
+    consumer: Arc<StreamConsumer>,
+    handler: impl Handler,
+    ctx: LoopContext,
+) -> anyhow::Result<()> {
+    type Shared<'a> = futures::future::Shared<futures::future::BoxFuture<'a, (String, i32, i64, Settled)>>;
+    let mut pending: FuturesOrdered<Shared<'_>> = FuturesOrdered::new();
+    let mut lanes: std::collections::HashMap<u64, Shared<'_>> = std::collections::HashMap::new();
+    let mut readiness_tick = tokio::time::interval(Duration::from_millis(250));
+    let mut lag_tick = tokio::time::interval(Duration::from_secs(5));
+    let limit = ctx.key_concurrency.min(ctx.max_in_flight).max(1);
+    let (handler, ctx_ref) = (&handler, &ctx);
+    let result: anyhow::Result<()> = async {
+        loop {
+            tokio::select! {
+                biased;
+                Some((topic, partition, offset, settled)) = pending.next(), if !pending.is_empty() => {
+                    match settled {
+                        Settled::Done => consumer.store_offset(&topic, partition, offset)?,
+                        Settled::Interrupted => return Ok(()),
+                        Settled::Failed(e) => anyhow::bail!(e),
+                    }
+                }
+                _ = ctx.shutdown.cancelled() => return Ok(()),
+                _ = lag_tick.tick() => record_lag(&consumer, &ctx.metrics),
+                _ = readiness_tick.tick(), if !ctx.readiness.is_ready() => {
+                    if consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
+                        ctx.readiness.set_ready(true);
+                    }
+                }
+                received = consumer.recv(), if pending.len() < limit => {
+                    let message = match received {
+                        Ok(m) => m.detach(),
+                        Err(e) => {
+                            ctx.metrics.retries.with_label_values(&["consume"]).inc();
+                            tracing::warn!(error = %e, "consume error");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue;
+                        }
+                    };
+                    ctx.readiness.set_ready(true);
+                    let record = Inbound::from_message(&message);
+                    let lane = lane_of(&record);
+                    let before = lanes.get(&lane).cloned();
+                    let work = async move {
+                        if let Some(before) = before {
+                            before.await;
+                        }
+                        let span = tracing::info_span!("handle", service = ctx_ref.service, topic = %record.topic,
+                            partition = record.partition, offset = record.offset, trace_id = %record.trace.trace_id_hex());
+                        let settled = match ctx_ref.outputs_for(handler, &record).instrument(span).await {
+                            Ok(Some(outs)) => {
+                                let mut acks = Vec::with_capacity(outs.len());
+                                for out in &outs {
+                                    acks.push(ctx_ref.producer.send(out).await);
+                                }
+                                match futures::future::join_all(acks).await.into_iter().collect::<Result<Vec<()>, String>>() {
+                                    Ok(_) => Settled::Done,
+                                    Err(e) => Settled::Failed(e),
+                                }
+                            }
+                            Ok(None) => Settled::Interrupted,
+                            Err(e) => Settled::Failed(format!("{e:#}")),
+                        };
+                        (record.topic, record.partition, record.offset, settled)
+                    }
+                    .boxed()
+                    .shared();
+                    lanes.insert(lane, work.clone());
+                    pending.push_back(work);
+                }
+            }
+        }
+    }
+    .await;
+    while let Some((topic, partition, offset, settled)) = pending.next().await {
+        if matches!(settled, Settled::Done) {
+            let _ = consumer.store_offset(&topic, partition, offset);
+        } else {
+            break;
+        }
+    }
+    drop(lanes);
+    ctx.readiness.set_ready(false);
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(error = %e, "final commit failed"),
+    }
+    result
+}
+
 type Pending = futures::future::BoxFuture<'static, (String, i32, i64, Result<(), String>)>;
 
 /// Runs the consume loop until shutdown (returns `Ok`) or a fatal error.
@@ -423,6 +537,9 @@ pub async fn run_consumer(
     handler: impl Handler,
     ctx: LoopContext,
 ) -> anyhow::Result<()> {
+    if ctx.key_concurrency > 1 {
+        return run_consumer_by_key(consumer, handler, ctx).await;
+    }
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
     let mut readiness_tick = tokio::time::interval(Duration::from_millis(250));
     let mut lag_tick = tokio::time::interval(Duration::from_secs(5));

@@ -131,6 +131,7 @@ impl ServiceShell {
             readiness: self.readiness.clone(),
             shutdown: rt.shutdown.clone(),
             max_in_flight: rt.config.kafka.max_in_flight,
+            key_concurrency: 1,
         }
     }
 }

@@ -30,6 +30,7 @@ use forfall_platform::redis_store::{self, Keys};
 use forfall_platform::service::{Runtime, ServiceShell};
 use forfall_platform::telemetry::TraceContext;
 use forfall_platform::{config, journey_state};
+use futures::StreamExt;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use redis::aio::ConnectionManager;
@@ -47,6 +48,8 @@ pub struct WatcherSettings {
     pub tick_ms: u64,
     /// Most timers claimed from one partition per poll.
     pub batch: usize,
+    /// Debtors handled at once (records of one debtor stay in order) and timers fired at once.
+    pub concurrency: usize,
     /// The tenant policy file (TOML); the built-in default policy when unset.
     pub policy_file: Option<String>,
     /// How often the policy file is checked for changes.
@@ -61,6 +64,7 @@ impl Default for WatcherSettings {
         Self {
             tick_ms: 200,
             batch: 500,
+            concurrency: 64,
             policy_file: None,
             policy_reload_secs: 10,
             law_rules_file: None,
@@ -129,6 +133,7 @@ struct Inner {
     policy: RwLock<Arc<Policy>>,
     cas: redis::Script,
     stripes: Vec<Mutex<()>>,
+    concurrency: usize,
     metrics: Metrics,
     topics: config::Topics,
 }
@@ -824,9 +829,16 @@ impl Watcher {
             .arg(batch)
             .query_async(&mut self.conn())
             .await?;
-        for timer in due {
+        // Each pending timer belongs to a different invoice, so a batch fires concurrently;
+        // the stripe locks and compare-and-set keep each invoice's journey consistent.
+        let mut firing = futures::stream::iter(due.into_iter().map(|timer| {
+            let this = self.clone();
             let span = tracing::info_span!("fire_timer", service = SERVICE, partition);
-            self.fire(&timer, partition).instrument(span).await?;
+            async move { this.fire(&timer, partition).await }.instrument(span)
+        }))
+        .buffer_unordered(self.0.concurrency);
+        while let Some(fired) = firing.next().await {
+            fired?;
         }
         Ok(())
     }
@@ -967,7 +979,8 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         law,
         policy: RwLock::new(Arc::new(policy)),
         cas: redis::Script::new(CAS_SCRIPT),
-        stripes: (0..256).map(|_| Mutex::new(())).collect(),
+        stripes: (0..4096).map(|_| Mutex::new(())).collect(),
+        concurrency: settings.concurrency.max(1),
         metrics: Metrics {
             transitions,
             fired,
@@ -983,8 +996,11 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         &[rt.topic(&topics.invoices), rt.topic(&topics.payments_matched)],
     )?;
     tokio::spawn(watcher.clone().reload_policy(settings.clone()));
+    let concurrency = settings.concurrency.max(1);
     let timers = tokio::spawn(watcher.clone().run_timers(consumer.clone(), settings));
-    let consumed = run_consumer(consumer, watcher, shell.loop_context(&rt)).await;
+    let mut loop_context = shell.loop_context(&rt);
+    loop_context.key_concurrency = concurrency;
+    let consumed = run_consumer(consumer, watcher, loop_context).await;
     rt.shutdown.cancel();
     let timed = timers.await.map_err(|e| anyhow::anyhow!("timer task panicked: {e}"))?;
     consumed?;
