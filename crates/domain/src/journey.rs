@@ -108,6 +108,15 @@ impl Plan {
         Some(calendar::add_banking_days(jurisdiction, due, step.offset_banking_days))
     }
 
+    /// The moment the due date itself arrives for the plan: its first banking day at `send_time`.
+    pub fn due_moment(&self, due_date: NaiveDate, jurisdiction: Jurisdiction) -> Option<DateTime<Utc>> {
+        local_instant(
+            calendar::roll_forward(jurisdiction, due_date),
+            self.send_time,
+            jurisdiction,
+        )
+    }
+
     /// When step `index` falls due: its banking day at `send_time` in the debtor's zone, moved
     /// to the next moment inside the debtor's contact hours, as UTC.
     pub fn fire_at(&self, index: usize, due_date: NaiveDate, jurisdiction: Jurisdiction) -> Option<DateTime<Utc>> {
@@ -395,9 +404,13 @@ pub fn on_payment(mut journey: Journey, payment_id: &str, amount: Money) -> Resu
     })
 }
 
-/// The timer for step `step_index` fired. `fee` is what the step charges this debtor, resolved
-/// from the plan's fee spec and the debtor's law by the caller (zero for none).
-pub fn on_timer(mut journey: Journey, step_index: usize, plan: &Plan, fee: Money) -> Decision {
+/// The timer for step `step_index` fired at `now`. `fee` is what the step charges this debtor,
+/// resolved from the plan's fee spec and the debtor's law by the caller (zero for none).
+///
+/// Catch-up: a step that fires late (after downtime) is still taken, so none is silently
+/// skipped, except a step meant for before the due date whose moment has passed: a "due soon"
+/// message after the due date would be wrong, so it is skipped with the reason recorded.
+pub fn on_timer(mut journey: Journey, step_index: usize, plan: &Plan, fee: Money, now: DateTime<Utc>) -> Decision {
     let from = journey.state;
     if !from.accepts_contact() || step_index != journey.next_step {
         // A timer left over from before a payment, a re-anchor or a redelivery: nothing to do.
@@ -417,6 +430,23 @@ pub fn on_timer(mut journey: Journey, step_index: usize, plan: &Plan, fee: Money
         };
     };
     journey.next_step += 1;
+    let due_moment = plan.due_moment(journey.invoice.due_date, journey.invoice.jurisdiction);
+    if step.offset_banking_days < 0 && due_moment.is_some_and(|due| now >= due) {
+        let mut t = transition("step_skipped", from, from);
+        t.step = Some(step.name.clone());
+        t.rule = Some(format!(
+            "plan '{}' step '{}' is for before the due date",
+            plan.name, step.name
+        ));
+        t.reason = Some("its moment passed before it could be sent (the due date has arrived)".to_owned());
+        let timer = schedule_next(&journey, plan);
+        return Decision {
+            journey,
+            transitions: vec![t],
+            timer,
+            emit: None,
+        };
+    }
     journey.steps_taken.push(step.name.clone());
     if matches!(step.kind, StepKind::Message { .. }) && fee.minor > 0 && fee.currency == journey.invoice.amount.currency
     {
@@ -477,6 +507,10 @@ mod tests {
     use crate::invoice::{apply_cancel, apply_credit, tests::input, validate_issued};
     use crate::money::Currency;
 
+    fn far_future() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).unwrap()
+    }
+
     fn opened() -> (Journey, Plan) {
         let plan = Plan::builtin();
         let d = on_invoice(None, validate_issued(input()).unwrap(), &plan);
@@ -503,7 +537,7 @@ mod tests {
     #[test]
     fn steps_run_in_order_to_handoff_then_stop() {
         let (j, plan) = opened();
-        let d1 = on_timer(j, 0, &plan, Money::zero(Currency::DKK));
+        let d1 = on_timer(j, 0, &plan, Money::zero(Currency::DKK), far_future());
         assert!(matches!(d1.emit, Some(Emit::Message { tone: Tone::Nudge, .. })));
         // The reminder is ten banking days later (Monday 30 March), after the DST change:
         // 09:00 CEST = 07:00 UTC.
@@ -514,11 +548,11 @@ mod tests {
                 fire_at: Utc.with_ymd_and_hms(2026, 3, 30, 7, 0, 0).unwrap()
             }
         );
-        let d2 = on_timer(d1.journey, 1, &plan, Money::new(10_000, Currency::DKK));
+        let d2 = on_timer(d1.journey, 1, &plan, Money::new(10_000, Currency::DKK), far_future());
         assert_eq!(d2.journey.state, JourneyState::Reminded(1));
         assert_eq!(d2.journey.fees_minor, 10_000, "the reminder's fee is owed");
         assert_eq!(d2.journey.outstanding().minor, 49_900 + 10_000);
-        let d3 = on_timer(d2.journey, 2, &plan, Money::zero(Currency::DKK));
+        let d3 = on_timer(d2.journey, 2, &plan, Money::zero(Currency::DKK), far_future());
         assert!(matches!(d3.emit, Some(Emit::Handoff { .. })));
         assert_eq!(d3.journey.state, JourneyState::HandedOver);
         assert_eq!(d3.timer, TimerChange::Cancel);
@@ -528,8 +562,8 @@ mod tests {
     #[test]
     fn a_redelivered_or_stale_timer_does_nothing() {
         let (j, plan) = opened();
-        let d1 = on_timer(j, 0, &plan, Money::zero(Currency::DKK));
-        let again = on_timer(d1.journey.clone(), 0, &plan, Money::zero(Currency::DKK));
+        let d1 = on_timer(j, 0, &plan, Money::zero(Currency::DKK), far_future());
+        let again = on_timer(d1.journey.clone(), 0, &plan, Money::zero(Currency::DKK), far_future());
         assert_eq!(again.emit, None);
         assert_eq!(again.journey, d1.journey);
     }
@@ -544,7 +578,7 @@ mod tests {
         assert!(again.transitions.is_empty());
         assert_eq!(again.journey.paid_minor, 49_900);
         assert_eq!(
-            on_timer(paid.journey, 0, &plan, Money::zero(Currency::DKK)).emit,
+            on_timer(paid.journey, 0, &plan, Money::zero(Currency::DKK), far_future()).emit,
             None,
             "no step after payment"
         );
@@ -605,6 +639,135 @@ mod tests {
         let credited = apply_credit(&paid.invoice, Money::new(9_900, Currency::DKK)).unwrap();
         let d = on_invoice(Some(paid), credited, &plan);
         assert_eq!(d.journey.state, JourneyState::Closed(CloseReason::Paid));
+    }
+
+    fn plan_with_pre_due_nudge() -> Plan {
+        let mut plan = Plan::builtin();
+        plan.steps.insert(
+            0,
+            PlannedStep {
+                name: "heads-up".into(),
+                offset_banking_days: -3,
+                kind: StepKind::Message {
+                    tone: Tone::Nudge,
+                    channels: vec!["email".into()],
+                },
+                fee: FeeSpec::None,
+                days_to_pay: None,
+            },
+        );
+        plan
+    }
+
+    #[test]
+    fn a_pre_due_step_that_fires_after_the_due_date_is_skipped_with_its_reason() {
+        let plan = plan_with_pre_due_nudge();
+        let j = on_invoice(None, validate_issued(input()).unwrap(), &plan).journey;
+        // Due Sunday 15 March, so the due moment is Monday 16 March 09:00 CET = 08:00 UTC.
+        let late = Utc.with_ymd_and_hms(2026, 3, 16, 8, 0, 0).unwrap();
+        let d = on_timer(j.clone(), 0, &plan, Money::zero(Currency::DKK), late);
+        assert_eq!(d.emit, None, "no 'due soon' message after the due date");
+        assert_eq!(d.transitions[0].kind, "step_skipped");
+        assert!(d.journey.steps_taken.is_empty());
+        // The next step (the nudge on the due date) is scheduled at once, and fires.
+        assert!(matches!(d.timer, TimerChange::Schedule { step_index: 1, fire_at } if fire_at == late));
+        let nudge = on_timer(d.journey, 1, &plan, Money::zero(Currency::DKK), late);
+        assert!(matches!(nudge.emit, Some(Emit::Message { tone: Tone::Nudge, .. })));
+        // In time, the same step is sent.
+        let in_time = Utc.with_ymd_and_hms(2026, 3, 11, 8, 0, 0).unwrap();
+        assert!(
+            on_timer(j, 0, &plan, Money::zero(Currency::DKK), in_time)
+                .emit
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn steps_land_on_banking_days_at_local_time_in_each_country() {
+        // (jurisdiction, due date, step index, expected UTC instant, why)
+        let cases = [
+            // Easter 2026: Maundy Thursday 2 April to Easter Monday 6 April closed in DK and NO.
+            (
+                Jurisdiction::DK,
+                (2026, 4, 2),
+                0,
+                (2026, 4, 7, 7),
+                "due Maundy Thursday -> Tuesday after Easter, 09:00 CEST",
+            ),
+            (
+                Jurisdiction::NO,
+                (2026, 4, 2),
+                0,
+                (2026, 4, 7, 7),
+                "Norway closes Maundy Thursday too",
+            ),
+            // Sweden and Finland work on Maundy Thursday, close Good Friday and Easter Monday.
+            (
+                Jurisdiction::SE,
+                (2026, 4, 2),
+                0,
+                (2026, 4, 2, 7),
+                "Swedish banks open on Maundy Thursday",
+            ),
+            (
+                Jurisdiction::FI,
+                (2026, 4, 3),
+                0,
+                (2026, 4, 7, 6),
+                "Good Friday -> Tuesday 09:00 EEST = 06:00 UTC",
+            ),
+            // DST: the clocks go forward on 29 March 2026 in all four.
+            (
+                Jurisdiction::SE,
+                (2026, 3, 27),
+                0,
+                (2026, 3, 27, 8),
+                "Friday before the change: 09:00 CET",
+            ),
+            (
+                Jurisdiction::SE,
+                (2026, 3, 27),
+                1,
+                (2026, 4, 14, 7),
+                "ten banking days later (Good Friday, Easter Monday closed): 09:00 CEST",
+            ),
+            (
+                Jurisdiction::FI,
+                (2026, 10, 23),
+                0,
+                (2026, 10, 23, 6),
+                "Friday before the autumn change: 09:00 EEST",
+            ),
+            (
+                Jurisdiction::FI,
+                (2026, 10, 23),
+                1,
+                (2026, 11, 6, 7),
+                "two weeks later: 09:00 EET",
+            ),
+            // Midsummer Eve (Friday) is closed in SE and FI; a Saturday due date rolls to Monday.
+            (
+                Jurisdiction::SE,
+                (2026, 6, 19),
+                0,
+                (2026, 6, 22, 7),
+                "Midsummer Eve -> Monday",
+            ),
+            (
+                Jurisdiction::DK,
+                (2026, 6, 5),
+                0,
+                (2026, 6, 8, 7),
+                "Constitution Day (Friday) -> Monday",
+            ),
+        ];
+        let plan = Plan::builtin();
+        for (j, (y, m, d), step, (ey, em, ed, eh), why) in cases {
+            let got = plan
+                .fire_at(step, NaiveDate::from_ymd_opt(y, m, d).unwrap(), j)
+                .unwrap();
+            assert_eq!(got, Utc.with_ymd_and_hms(ey, em, ed, eh, 0, 0).unwrap(), "{j}: {why}");
+        }
     }
 
     #[test]

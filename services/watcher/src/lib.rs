@@ -694,7 +694,7 @@ impl Watcher {
                 .map(|step| policy::resolve_fee(step, &Self::law_context(journey), &self.0.law, now.date_naive()))
                 .unwrap_or_else(|| Money::zero(inv.amount.currency));
             let was_late = matches!(journey.state, JourneyState::Reminded(_) | JourneyState::Warned);
-            let d = journey::on_timer(journey.clone(), step_index, &plan, fee);
+            let d = journey::on_timer(journey.clone(), step_index, &plan, fee, now);
             if let Some(step) = plan.steps.get(step_index).filter(|_| d.emit.is_some()) {
                 self.0.metrics.fired.with_label_values(&[&step.name]).inc();
             }
