@@ -151,6 +151,27 @@ pub enum JourneyState {
     Warned,
     HandedOver,
     Closed(CloseReason),
+    /// No steps while the pause lasts; see [`Pause`].
+    Paused(PauseReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PauseReason {
+    Dispute,
+    PromiseToPay,
+    Instalments,
+    ClaimsPaid,
+}
+
+impl PauseReason {
+    pub fn code(self) -> &'static str {
+        match self {
+            PauseReason::Dispute => "dispute",
+            PauseReason::PromiseToPay => "promise",
+            PauseReason::Instalments => "instalments",
+            PauseReason::ClaimsPaid => "claims_paid",
+        }
+    }
 }
 
 impl JourneyState {
@@ -164,12 +185,21 @@ impl JourneyState {
             JourneyState::Closed(CloseReason::Paid) => "closed:paid".into(),
             JourneyState::Closed(CloseReason::Credited) => "closed:credited".into(),
             JourneyState::Closed(CloseReason::Cancelled) => "closed:cancelled".into(),
+            JourneyState::Paused(reason) => format!("paused:{}", reason.code()),
         }
+    }
+
+    /// Closed or with an agency: nothing the journey does changes any more.
+    pub fn is_final(self) -> bool {
+        matches!(self, JourneyState::Closed(_) | JourneyState::HandedOver)
     }
 
     /// Whether a message may still be sent for this invoice (dispatch's last look asks this).
     pub fn accepts_contact(self) -> bool {
-        !matches!(self, JourneyState::Closed(_) | JourneyState::HandedOver)
+        !matches!(
+            self,
+            JourneyState::Closed(_) | JourneyState::HandedOver | JourneyState::Paused(_)
+        )
     }
 }
 
@@ -190,6 +220,17 @@ pub struct Journey {
     /// Fees charged by steps so far, in the invoice's currency.
     #[serde(default)]
     pub fees_minor: i64,
+    /// The current pause, if the debtor disputed, promised, or agreed instalments.
+    #[serde(default)]
+    pub pause: Option<Pause>,
+    /// A due date the debtor was granted by postponement; the plan counts from it.
+    #[serde(default)]
+    pub due_override: Option<NaiveDate>,
+    #[serde(default)]
+    pub postponements: u32,
+    /// Debtor request ids already applied, so a redelivered request is not applied twice.
+    #[serde(default)]
+    pub applied_requests: Vec<String>,
     /// Index of the next plan step to fire.
     pub next_step: usize,
     pub paid_minor: i64,
@@ -198,7 +239,37 @@ pub struct Journey {
     pub steps_taken: Vec<String>,
 }
 
+/// Why and until when a journey waits, and the state it returns to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pause {
+    pub reason: PauseReason,
+    pub resume_state: JourneyState,
+    /// Promise or "I have paid": the day by which the money should be there.
+    pub until: Option<NaiveDate>,
+    /// Instalment plan: (due date, amount in minor units), in date order.
+    pub instalments: Vec<(NaiveDate, i64)>,
+    /// What had been paid when the plan was agreed; instalments count on top of it.
+    #[serde(default)]
+    pub paid_before: i64,
+}
+
 impl Journey {
+    /// The due date the plan counts from: a postponed one if granted.
+    pub fn anchor_due(&self) -> NaiveDate {
+        self.due_override.unwrap_or(self.invoice.due_date)
+    }
+
+    /// What the instalment plan required to be paid by `day` (with `grace` days of slack).
+    fn instalments_due_by(&self, day: NaiveDate, grace: i64) -> i64 {
+        let Some(p) = &self.pause else { return 0 };
+        p.paid_before
+            + p.instalments
+                .iter()
+                .filter(|(due, _)| *due + Duration::days(grace) < day)
+                .map(|(_, amount)| amount)
+                .sum::<i64>()
+    }
+
     /// What is still owed: the invoice's open amount plus fees charged, less payments, never
     /// below zero.
     pub fn outstanding(&self) -> Money {
@@ -256,17 +327,97 @@ fn transition(kind: &'static str, from: JourneyState, to: JourneyState) -> Trans
     }
 }
 
+/// After a pause, the plan goes on from today: the step that waited is due now and the later
+/// steps keep their distance from it in banking days, so a long pause never makes several
+/// steps (or the hand-off) fall due at once.
+fn reanchor_after_pause(journey: &mut Journey, plan: &Plan, today: NaiveDate) {
+    let j = journey.invoice.jurisdiction;
+    let Some(next_day) = plan.step_day(journey.next_step, journey.anchor_due(), j) else {
+        return;
+    };
+    if next_day >= today {
+        return;
+    }
+    let Some(after) = next_day.succ_opt() else { return };
+    let shift = calendar::banking_days(j, after, today).len() as i32;
+    let anchor = calendar::roll_forward(j, journey.anchor_due());
+    journey.due_override = Some(calendar::add_banking_days(j, anchor, shift));
+}
+
+/// How long the pauses a debtor can ask for may last; the policy sets them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PauseLimits {
+    pub max_postpone_days: i64,
+    pub max_postponements: u32,
+    pub max_instalments: usize,
+    pub max_instalment_span_days: i64,
+    /// Days after an instalment's due date before it counts as missed (bank transfer time).
+    pub instalment_grace_days: i64,
+    pub max_promise_days: i64,
+    /// How long "I have paid" holds the journey while the payment is matched.
+    pub claims_paid_days: i64,
+}
+
+impl Default for PauseLimits {
+    fn default() -> Self {
+        Self {
+            max_postpone_days: 30,
+            max_postponements: 1,
+            max_instalments: 6,
+            max_instalment_span_days: 180,
+            instalment_grace_days: 3,
+            max_promise_days: 14,
+            claims_paid_days: 5,
+        }
+    }
+}
+
+/// The day a pause is next looked at: the day after a promise, or after the next instalment
+/// (with grace) that is not yet covered by payments. `None` for a dispute (no timer).
+fn pause_check_day(journey: &Journey, grace: i64) -> Option<NaiveDate> {
+    let pause = journey.pause.as_ref()?;
+    match pause.reason {
+        PauseReason::Dispute => None,
+        PauseReason::PromiseToPay | PauseReason::ClaimsPaid => pause.until.map(|d| d + Duration::days(1)),
+        PauseReason::Instalments => {
+            let mut cumulative = pause.paid_before;
+            let next = pause.instalments.iter().find(|(_, amount)| {
+                cumulative += amount;
+                cumulative > journey.paid_minor
+            });
+            next.map(|(due, _)| *due + Duration::days(grace + 1))
+        }
+    }
+}
+
 fn schedule_next(journey: &Journey, plan: &Plan) -> TimerChange {
-    match plan.fire_at(
-        journey.next_step,
-        journey.invoice.due_date,
-        journey.invoice.jurisdiction,
-    ) {
-        Some(fire_at) if journey.state.accepts_contact() => TimerChange::Schedule {
-            step_index: journey.next_step,
-            fire_at,
+    schedule_next_with(journey, plan, PauseLimits::default().instalment_grace_days)
+}
+
+fn schedule_next_with(journey: &Journey, plan: &Plan, grace: i64) -> TimerChange {
+    if journey.state.is_final() {
+        return TimerChange::Cancel;
+    }
+    let j = journey.invoice.jurisdiction;
+    let Some(step_time) = plan.fire_at(journey.next_step, journey.anchor_due(), j) else {
+        return TimerChange::Cancel;
+    };
+    let fire_at = match (&journey.state, pause_check_day(journey, grace)) {
+        (JourneyState::Paused(PauseReason::Dispute), _) => return TimerChange::Cancel,
+        // A resumed step goes out like any step: on a banking day, within contact hours.
+        (JourneyState::Paused(_), Some(day)) => match plan
+            .due_moment(day, j)
+            .and_then(|at| calendar::next_contact_moment(&calendar::ContactHours::default_for(j), j, at))
+        {
+            Some(check) => step_time.max(check),
+            None => step_time,
         },
-        _ => TimerChange::Cancel,
+        _ => step_time,
+    };
+    TimerChange::Schedule {
+        step_index: journey.next_step,
+        fire_at,
     }
 }
 
@@ -289,6 +440,10 @@ pub fn on_invoice(existing: Option<Journey>, snapshot: InvoiceSnapshot, plan: &P
             segment: None,
             experiment: None,
             fees_minor: 0,
+            pause: None,
+            due_override: None,
+            postponements: 0,
+            applied_requests: Vec::new(),
             next_step: 0,
             paid_minor: 0,
             applied_payments: Vec::new(),
@@ -311,7 +466,7 @@ pub fn on_invoice(existing: Option<Journey>, snapshot: InvoiceSnapshot, plan: &P
     let previous_open = journey.invoice.open();
     journey.invoice = snapshot;
     let mut transitions = Vec::new();
-    if !from.accepts_contact() {
+    if from.is_final() {
         // Closed or handed over: record the change, act on nothing.
         transitions.push(transition("invoice_changed", from, from));
         return Decision {
@@ -404,6 +559,205 @@ pub fn on_payment(mut journey: Journey, payment_id: &str, amount: Money) -> Resu
     })
 }
 
+/// What a debtor asked for about an invoice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Dispute { reason: Option<String> },
+    DisputeResolved { resolution: Option<String> },
+    Postpone { to: NaiveDate },
+    InstalmentPlan { parts: Vec<(NaiveDate, Money)> },
+    PromiseToPay { by: NaiveDate },
+    ClaimsPaid,
+}
+
+/// A debtor's request. A request the policy's limits do not allow is refused, and the
+/// refusal, with its reason, is the transition.
+pub fn on_request(
+    mut journey: Journey,
+    request_id: &str,
+    request: Request,
+    plan: &Plan,
+    limits: &PauseLimits,
+    today: NaiveDate,
+) -> Decision {
+    let from = journey.state;
+    if journey.applied_requests.iter().any(|r| r == request_id) {
+        return Decision {
+            journey,
+            transitions: Vec::new(),
+            timer: TimerChange::Keep,
+            emit: None,
+        };
+    }
+    journey.applied_requests.push(request_id.to_owned());
+    let refuse = |journey: Journey, why: String| {
+        let mut t = transition("request_refused", from, from);
+        t.reason = Some(why);
+        Decision {
+            journey,
+            transitions: vec![t],
+            timer: TimerChange::Keep,
+            emit: None,
+        }
+    };
+    if from.is_final() {
+        return refuse(journey, format!("the invoice is {}", from.label()));
+    }
+    let disputed = from == JourneyState::Paused(PauseReason::Dispute);
+    let pause = |journey: &mut Journey, reason, until, instalments| {
+        let resume_state = journey.pause.take().map(|p| p.resume_state).unwrap_or(journey.state);
+        journey.pause = Some(Pause {
+            reason,
+            resume_state,
+            until,
+            instalments,
+            paid_before: journey.paid_minor,
+        });
+        journey.state = JourneyState::Paused(reason);
+    };
+    let (kind, reason) = match request {
+        Request::Dispute { reason } => {
+            if disputed {
+                return refuse(journey, "the invoice is already disputed".into());
+            }
+            pause(&mut journey, PauseReason::Dispute, None, Vec::new());
+            ("disputed", reason)
+        }
+        Request::DisputeResolved { resolution } => {
+            if !disputed {
+                return refuse(journey, "no dispute is open on the invoice".into());
+            }
+            journey.state = journey
+                .pause
+                .take()
+                .map(|p| p.resume_state)
+                .unwrap_or(JourneyState::Open);
+            reanchor_after_pause(&mut journey, plan, today);
+            ("dispute_resolved", resolution)
+        }
+        Request::Postpone { to } => {
+            if matches!(from, JourneyState::Paused(_)) {
+                return refuse(journey, format!("the invoice is {}", from.label()));
+            }
+            if journey.postponements >= limits.max_postponements {
+                return refuse(
+                    journey,
+                    format!("at most {} postponement(s) per invoice", limits.max_postponements),
+                );
+            }
+            let original = journey.invoice.due_date;
+            let current = journey.anchor_due();
+            if to <= current {
+                return refuse(
+                    journey,
+                    format!("the new due date {to} must be after the current one {current}"),
+                );
+            }
+            if (to - original).num_days() > limits.max_postpone_days {
+                return refuse(
+                    journey,
+                    format!(
+                        "a due date may move at most {} days past the original {original}",
+                        limits.max_postpone_days
+                    ),
+                );
+            }
+            let was = journey.anchor_due();
+            journey.due_override = Some(to);
+            journey.postponements += 1;
+            ("postponed", Some(format!("due date moved from {was} to {to}")))
+        }
+        Request::InstalmentPlan { parts } => {
+            if disputed {
+                return refuse(journey, "the invoice is disputed".into());
+            }
+            let owed = journey.outstanding();
+            let problem = if parts.is_empty() {
+                Some("the plan has no instalments".to_owned())
+            } else if parts.len() > limits.max_instalments {
+                Some(format!("at most {} instalments", limits.max_instalments))
+            } else if parts.iter().any(|(_, m)| m.currency != owed.currency || m.minor <= 0) {
+                Some(format!(
+                    "every instalment must be a positive amount in {}",
+                    owed.currency
+                ))
+            } else if parts.windows(2).any(|w| w[1].0 <= w[0].0) {
+                Some("instalment dates must increase".to_owned())
+            } else if parts[0].0 < today {
+                Some(format!(
+                    "the first instalment ({}) is before today ({today})",
+                    parts[0].0
+                ))
+            } else if (parts[parts.len() - 1].0 - today).num_days() > limits.max_instalment_span_days {
+                Some(format!(
+                    "the plan may span at most {} days",
+                    limits.max_instalment_span_days
+                ))
+            } else if parts.iter().map(|(_, m)| m.minor).sum::<i64>() != owed.minor {
+                Some(format!(
+                    "the instalments add up to {} but {owed} is owed",
+                    Money::new(parts.iter().map(|(_, m)| m.minor).sum(), owed.currency)
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = problem {
+                return refuse(journey, why);
+            }
+            let n = parts.len();
+            let first = parts[0];
+            pause(
+                &mut journey,
+                PauseReason::Instalments,
+                None,
+                parts.into_iter().map(|(d, m)| (d, m.minor)).collect(),
+            );
+            (
+                "instalment_plan_agreed",
+                Some(format!("{n} instalments, the first {} on {}", first.1, first.0)),
+            )
+        }
+        Request::PromiseToPay { by } => {
+            if disputed {
+                return refuse(journey, "the invoice is disputed".into());
+            }
+            if by < today || (by - today).num_days() > limits.max_promise_days {
+                return refuse(
+                    journey,
+                    format!(
+                        "a promise must be for a day from today to {} days ahead",
+                        limits.max_promise_days
+                    ),
+                );
+            }
+            pause(&mut journey, PauseReason::PromiseToPay, Some(by), Vec::new());
+            ("promised_to_pay", Some(format!("promised to pay by {by}")))
+        }
+        Request::ClaimsPaid => {
+            if disputed {
+                return refuse(journey, "the invoice is disputed".into());
+            }
+            let until = today + Duration::days(limits.claims_paid_days);
+            pause(&mut journey, PauseReason::ClaimsPaid, Some(until), Vec::new());
+            (
+                "claims_paid",
+                Some(format!(
+                    "the debtor says it is paid; waiting for the money until {until}"
+                )),
+            )
+        }
+    };
+    let mut t = transition(kind, from, journey.state);
+    t.reason = reason;
+    let timer = schedule_next_with(&journey, plan, limits.instalment_grace_days);
+    Decision {
+        journey,
+        transitions: vec![t],
+        timer,
+        emit: None,
+    }
+}
+
 /// The timer for step `step_index` fired at `now`. `fee` is what the step charges this debtor,
 /// resolved from the plan's fee spec and the debtor's law by the caller (zero for none).
 ///
@@ -411,6 +765,71 @@ pub fn on_payment(mut journey: Journey, payment_id: &str, amount: Money) -> Resu
 /// skipped, except a step meant for before the due date whose moment has passed: a "due soon"
 /// message after the due date would be wrong, so it is skipped with the reason recorded.
 pub fn on_timer(mut journey: Journey, step_index: usize, plan: &Plan, fee: Money, now: DateTime<Utc>) -> Decision {
+    let mut resumed = None;
+    if let (JourneyState::Paused(reason), true) = (journey.state, step_index == journey.next_step) {
+        let today = now
+            .with_timezone(&journey.invoice.jurisdiction.time_zone())
+            .date_naive();
+        let grace = PauseLimits::default().instalment_grace_days;
+        let kept = match reason {
+            PauseReason::Dispute => None,
+            PauseReason::PromiseToPay | PauseReason::ClaimsPaid => {
+                let until = journey.pause.as_ref().and_then(|p| p.until);
+                if until.is_some_and(|u| today <= u) {
+                    Some(())
+                } else {
+                    None
+                }
+            }
+            PauseReason::Instalments => {
+                let due = journey.instalments_due_by(today, grace);
+                if journey.paid_minor >= due && pause_check_day(&journey, grace).is_some() {
+                    Some(())
+                } else {
+                    None
+                }
+            }
+        };
+        if reason == PauseReason::Dispute || kept.is_some() {
+            // Still within what was agreed: look again at the next check.
+            let timer = schedule_next_with(&journey, plan, grace);
+            return Decision {
+                journey,
+                transitions: Vec::new(),
+                timer,
+                emit: None,
+            };
+        }
+        let pause = journey.pause.take();
+        let back = pause.as_ref().map(|p| p.resume_state).unwrap_or(JourneyState::Open);
+        let mut t = transition("resumed", journey.state, back);
+        t.reason = Some(match reason {
+            PauseReason::Instalments => format!(
+                "an instalment was missed: {} of {} due by {today} was paid",
+                Money::new(journey.paid_minor, journey.invoice.amount.currency),
+                Money::new(
+                    journey.instalments_due_by(today, grace),
+                    journey.invoice.amount.currency
+                )
+            ),
+            PauseReason::PromiseToPay => format!(
+                "the promise to pay by {} was not kept",
+                pause.and_then(|p| p.until).map(|d| d.to_string()).unwrap_or_default()
+            ),
+            _ => "the payment the debtor reported has not arrived".to_owned(),
+        });
+        journey.state = back;
+        reanchor_after_pause(&mut journey, plan, today);
+        resumed = Some(t);
+    }
+    let mut decision = on_timer_active(journey, step_index, plan, fee, now);
+    if let Some(t) = resumed {
+        decision.transitions.insert(0, t);
+    }
+    decision
+}
+
+fn on_timer_active(mut journey: Journey, step_index: usize, plan: &Plan, fee: Money, now: DateTime<Utc>) -> Decision {
     let from = journey.state;
     if !from.accepts_contact() || step_index != journey.next_step {
         // A timer left over from before a payment, a re-anchor or a redelivery: nothing to do.
@@ -430,7 +849,7 @@ pub fn on_timer(mut journey: Journey, step_index: usize, plan: &Plan, fee: Money
         };
     };
     journey.next_step += 1;
-    let due_moment = plan.due_moment(journey.invoice.due_date, journey.invoice.jurisdiction);
+    let due_moment = plan.due_moment(journey.anchor_due(), journey.invoice.jurisdiction);
     if step.offset_banking_days < 0 && due_moment.is_some_and(|due| now >= due) {
         let mut t = transition("step_skipped", from, from);
         t.step = Some(step.name.clone());
@@ -768,6 +1187,255 @@ mod tests {
                 .unwrap();
             assert_eq!(got, Utc.with_ymd_and_hms(ey, em, ed, eh, 0, 0).unwrap(), "{j}: {why}");
         }
+    }
+
+    fn date(y: i32, m: u32, day: u32) -> NaiveDate {
+        NaiveDate::from_ymd_opt(y, m, day).unwrap()
+    }
+
+    fn noon(y: i32, m: u32, day: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, m, day, 11, 0, 0).unwrap()
+    }
+
+    fn dkk(minor: i64) -> Money {
+        Money::new(minor, Currency::DKK)
+    }
+
+    fn scheduled(d: &Decision) -> Option<DateTime<Utc>> {
+        match d.timer {
+            TimerChange::Schedule { fire_at, .. } => Some(fire_at),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_dispute_stops_every_step_until_it_is_resolved() {
+        let (j, plan) = opened();
+        let limits = PauseLimits::default();
+        let d = on_request(
+            j,
+            "r11",
+            Request::Dispute {
+                reason: Some("never ordered".into()),
+            },
+            &plan,
+            &limits,
+            date(2026, 3, 10),
+        );
+        assert_eq!(d.journey.state, JourneyState::Paused(PauseReason::Dispute));
+        assert_eq!(d.timer, TimerChange::Cancel);
+        assert_eq!(d.journey.state.label(), "paused:dispute");
+        assert!(
+            !d.journey.state.accepts_contact(),
+            "dispatch's last look refuses to send"
+        );
+        // A timer left from before the dispute does nothing.
+        let stale = on_timer(d.journey.clone(), 0, &plan, dkk(0), noon(2026, 3, 20));
+        assert_eq!((stale.emit, stale.transitions.len()), (None, 0));
+        let again = on_request(
+            d.journey.clone(),
+            "r12",
+            Request::Dispute { reason: None },
+            &plan,
+            &limits,
+            date(2026, 3, 11),
+        );
+        assert_eq!(again.transitions[0].kind, "request_refused");
+        let resolved = on_request(
+            d.journey,
+            "r13",
+            Request::DisputeResolved {
+                resolution: Some("delivered".into()),
+            },
+            &plan,
+            &limits,
+            date(2026, 3, 20),
+        );
+        assert_eq!(resolved.journey.state, JourneyState::Open);
+        // The nudge was due on Monday 16 March; resolved on Friday the 20th, it goes out that
+        // day, and the later steps keep their distance from it.
+        assert_eq!(
+            scheduled(&resolved),
+            plan.fire_at(0, date(2026, 3, 20), Jurisdiction::DK)
+        );
+        assert_eq!(resolved.journey.due_override, Some(date(2026, 3, 20)));
+    }
+
+    #[test]
+    fn a_postponement_moves_the_plan_once_and_within_the_limit() {
+        let (j, plan) = opened();
+        let limits = PauseLimits::default();
+        let d1 = on_request(
+            j,
+            "r14",
+            Request::Postpone { to: date(2026, 3, 31) },
+            &plan,
+            &limits,
+            date(2026, 3, 12),
+        );
+        assert_eq!(d1.transitions[0].kind, "postponed");
+        assert_eq!(d1.journey.anchor_due(), date(2026, 3, 31));
+        assert_eq!(scheduled(&d1), plan.fire_at(0, date(2026, 3, 31), Jurisdiction::DK));
+        let twice = on_request(
+            d1.journey,
+            "r15",
+            Request::Postpone { to: date(2026, 4, 10) },
+            &plan,
+            &limits,
+            date(2026, 3, 13),
+        );
+        assert_eq!(
+            twice.transitions[0].reason.as_deref(),
+            Some("at most 1 postponement(s) per invoice")
+        );
+        let (j, _) = opened();
+        let far = on_request(
+            j,
+            "r16",
+            Request::Postpone { to: date(2026, 4, 30) },
+            &plan,
+            &limits,
+            date(2026, 3, 12),
+        );
+        assert_eq!(
+            far.transitions[0].reason.as_deref(),
+            Some("a due date may move at most 30 days past the original 2026-03-15")
+        );
+    }
+
+    #[test]
+    fn a_broken_promise_resumes_the_journey_and_a_kept_one_closes_it() {
+        let (j, plan) = opened();
+        let limits = PauseLimits::default();
+        let promised = on_request(
+            j,
+            "r17",
+            Request::PromiseToPay { by: date(2026, 3, 20) },
+            &plan,
+            &limits,
+            date(2026, 3, 16),
+        );
+        assert_eq!(promised.journey.state, JourneyState::Paused(PauseReason::PromiseToPay));
+        // Looked at again the banking morning after the promise, not at the plan's time.
+        assert_eq!(
+            scheduled(&promised),
+            plan.due_moment(date(2026, 3, 21), Jurisdiction::DK)
+        );
+        let kept = on_payment(promised.journey.clone(), "p", dkk(49_900)).unwrap();
+        assert_eq!(kept.journey.state, JourneyState::Closed(CloseReason::Paid));
+        let broken = on_timer(promised.journey, 0, &plan, dkk(0), noon(2026, 3, 23));
+        assert_eq!(broken.transitions[0].kind, "resumed");
+        assert_eq!(
+            broken.transitions[0].reason.as_deref(),
+            Some("the promise to pay by 2026-03-20 was not kept")
+        );
+        assert!(broken.emit.is_some(), "the step that waited is sent now");
+        let (j, _) = opened();
+        let too_far = on_request(
+            j,
+            "r18",
+            Request::PromiseToPay { by: date(2026, 5, 1) },
+            &plan,
+            &limits,
+            date(2026, 3, 16),
+        );
+        assert_eq!(too_far.transitions[0].kind, "request_refused");
+    }
+
+    #[test]
+    fn instalments_hold_the_journey_while_paid_and_a_missed_one_resumes_it() {
+        let (j, plan) = opened();
+        let limits = PauseLimits::default();
+        let parts = vec![(date(2026, 3, 20), dkk(25_000)), (date(2026, 4, 20), dkk(24_900))];
+        let agreed = on_request(
+            j,
+            "r1",
+            Request::InstalmentPlan { parts },
+            &plan,
+            &limits,
+            date(2026, 3, 16),
+        );
+        assert_eq!(agreed.journey.state, JourneyState::Paused(PauseReason::Instalments));
+        let paid_first = on_payment(agreed.journey, "p1", dkk(25_000)).unwrap();
+        assert_eq!(paid_first.journey.state, JourneyState::Paused(PauseReason::Instalments));
+        // At the first check the plan is kept: the next look is after the second instalment.
+        let check = on_timer(paid_first.journey, 0, &plan, dkk(0), noon(2026, 3, 24));
+        assert_eq!((check.emit.clone(), check.transitions.len()), (None, 0));
+        assert_eq!(scheduled(&check).map(|t| t.date_naive()), Some(date(2026, 4, 24)));
+        // The second is missed.
+        let missed = on_timer(check.journey, 0, &plan, dkk(0), noon(2026, 4, 27));
+        assert_eq!(missed.transitions[0].kind, "resumed");
+        assert!(
+            missed.transitions[0]
+                .reason
+                .as_deref()
+                .unwrap_or("")
+                .starts_with("an instalment was missed")
+        );
+        assert!(missed.emit.is_some());
+    }
+
+    #[test]
+    fn instalment_plans_are_checked_before_they_are_agreed() {
+        let (j, plan) = opened();
+        let limits = PauseLimits::default();
+        let refuse = |parts: Vec<(NaiveDate, Money)>| {
+            on_request(
+                j.clone(),
+                "r19",
+                Request::InstalmentPlan { parts },
+                &plan,
+                &limits,
+                date(2026, 3, 16),
+            )
+            .transitions[0]
+                .reason
+                .clone()
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            refuse(vec![(date(2026, 3, 20), dkk(100))]),
+            "the instalments add up to 1.00 DKK but 499.00 DKK is owed"
+        );
+        assert_eq!(
+            refuse(vec![(date(2026, 4, 20), dkk(24_900)), (date(2026, 3, 20), dkk(25_000))]),
+            "instalment dates must increase"
+        );
+        assert_eq!(
+            refuse(vec![(date(2026, 3, 1), dkk(49_900))]),
+            "the first instalment (2026-03-01) is before today (2026-03-16)"
+        );
+        assert_eq!(
+            refuse(vec![(date(2026, 3, 20), Money::new(49_900, Currency::SEK))]),
+            "every instalment must be a positive amount in DKK"
+        );
+        assert_eq!(
+            refuse(vec![(date(2027, 3, 20), dkk(49_900))]),
+            "the plan may span at most 180 days"
+        );
+    }
+
+    #[test]
+    fn a_credit_during_a_pause_can_still_settle_the_invoice_and_requests_on_closed_invoices_are_refused() {
+        let (j, plan) = opened();
+        let limits = PauseLimits::default();
+        let disputed = on_request(
+            j,
+            "r2",
+            Request::Dispute { reason: None },
+            &plan,
+            &limits,
+            date(2026, 3, 16),
+        )
+        .journey;
+        let credited = apply_credit(&disputed.invoice, dkk(49_900)).unwrap();
+        let d = on_invoice(Some(disputed), credited, &plan);
+        assert_eq!(d.journey.state, JourneyState::Closed(CloseReason::Credited));
+        let late = on_request(d.journey, "r3", Request::ClaimsPaid, &plan, &limits, date(2026, 3, 17));
+        assert_eq!(
+            late.transitions[0].reason.as_deref(),
+            Some("the invoice is closed:credited")
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use chrono::{NaiveDate, NaiveTime};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::journey::{FeeSpec, Plan, PlannedStep, StepKind, Tone};
+use crate::journey::{FeeSpec, PauseLimits, Plan, PlannedStep, StepKind, Tone};
 use crate::jurisdiction::{DebtorKind, Jurisdiction};
 use crate::law::{DebtorContext, FeeStep, LawBook, PlannedFeeStep};
 use crate::money::{Currency, Money};
@@ -185,6 +185,8 @@ pub struct Policy {
     pub segments: Vec<Segment>,
     pub plans: BTreeMap<String, Plan>,
     pub experiments: Vec<Experiment>,
+    /// What debtors may ask for: postponement, instalments, promises.
+    pub pauses: PauseLimits,
 }
 
 /// The plan chosen for one invoice, and why.
@@ -270,6 +272,8 @@ struct RawPolicy {
     plans: BTreeMap<String, RawPlan>,
     #[serde(default, rename = "experiment")]
     experiments: Vec<RawExperiment>,
+    #[serde(default)]
+    pauses: PauseLimits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -581,6 +585,7 @@ pub fn load(text: &str, law: &LawBook, on: NaiveDate) -> Result<Policy, PolicyEr
             segments,
             plans,
             experiments,
+            pauses: raw.pauses,
         })
     } else {
         Err(PolicyError(problems))

@@ -50,6 +50,8 @@ mod tests {
             JourneyState::Closed(CloseReason::Paid),
             JourneyState::Closed(CloseReason::Credited),
             JourneyState::Closed(CloseReason::Cancelled),
+            JourneyState::Paused(forfall_domain::journey::PauseReason::Dispute),
+            JourneyState::Paused(forfall_domain::journey::PauseReason::Instalments),
         ] {
             assert_eq!(
                 status_accepts_contact(Some(&state.label())),

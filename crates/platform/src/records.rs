@@ -35,6 +35,7 @@ pub const ALL_SCHEMAS: &[(&str, &str)] = &[
     (HandoffOutcome::FULL_NAME, HandoffOutcome::AVSC),
     (PaymentUnmatched::FULL_NAME, PaymentUnmatched::AVSC),
     (HandoffRecall::FULL_NAME, HandoffRecall::AVSC),
+    (DebtorRequest::FULL_NAME, DebtorRequest::AVSC),
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -344,6 +345,28 @@ pub struct HandoffOutcome {
 }
 record!(HandoffOutcome, "HandoffOutcome.avsc");
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instalment {
+    pub due_date: i32,
+    pub amount_minor: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DebtorRequest {
+    pub event_id: String,
+    pub tenant: String,
+    pub debtor_id: String,
+    pub occurred_at: i64,
+    pub invoice_id: String,
+    pub kind: String,
+    pub new_due_date: Option<i32>,
+    pub promise_date: Option<i32>,
+    pub instalments: Vec<Instalment>,
+    pub reason: Option<String>,
+    pub source: String,
+}
+record!(DebtorRequest, "DebtorRequest.avsc");
+
 /// A fresh event id.
 pub fn new_event_id() -> String {
     uuid::Uuid::new_v4().to_string()
@@ -552,6 +575,28 @@ mod tests {
             value_date: 2,
             reason_code: "no_candidate".into(),
             reason: "nothing".into(),
+        });
+        round_trip(DebtorRequest {
+            event_id: "e".into(),
+            tenant: "t".into(),
+            debtor_id: "d".into(),
+            occurred_at: 1,
+            invoice_id: "i".into(),
+            kind: "instalment_plan".into(),
+            new_due_date: None,
+            promise_date: Some(3),
+            instalments: vec![
+                Instalment {
+                    due_date: 5,
+                    amount_minor: 100,
+                },
+                Instalment {
+                    due_date: 35,
+                    amount_minor: 99,
+                },
+            ],
+            reason: None,
+            source: "portal".into(),
         });
         round_trip(HandoffRecall {
             event_id: "e".into(),

@@ -20,12 +20,14 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use forfall_domain::invoice::{self, Contact, InvoiceSnapshot, InvoiceStatus};
-use forfall_domain::journey::{self, Decision, Emit, Journey, JourneyState, Plan, TimerChange, Transition};
+use forfall_domain::journey::{self, Decision, Emit, Journey, JourneyState, Plan, Request, TimerChange, Transition};
 use forfall_domain::law::{DebtorContext, LawBook};
 use forfall_domain::policy::{self, DebtorFacts, Policy};
 use forfall_domain::{Currency, DebtorKind, Jurisdiction, Money};
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
-use forfall_platform::records::{self, HandoffCase, JourneyAction, JourneyEvent, PaymentMatched, Record, derived_id};
+use forfall_platform::records::{
+    self, DebtorRequest, HandoffCase, JourneyAction, JourneyEvent, PaymentMatched, Record, derived_id,
+};
 use forfall_platform::redis_store::{self, Keys};
 use forfall_platform::service::{Runtime, ServiceShell};
 use forfall_platform::telemetry::TraceContext;
@@ -851,10 +853,108 @@ struct ParkedPayment {
     currency: Currency,
 }
 
+impl Watcher {
+    /// What a debtor asked for (the portal's requests): pauses, postponements, instalments.
+    async fn on_debtor_request(&self, rec: DebtorRequest, trace: TraceContext) -> Result<(), Failure> {
+        let reject = |code: &'static str, detail: String| Failure::Reject {
+            code,
+            detail,
+            tenant: Some(rec.tenant.clone()),
+            debtor_id: Some(rec.debtor_id.clone()),
+        };
+        let date = |days: Option<i32>, field: &str| {
+            days.and_then(invoice::date_from_epoch_days).ok_or_else(|| {
+                reject(
+                    "missing_field",
+                    format!("a '{}' request needs field '{field}'", rec.kind),
+                )
+            })
+        };
+        let _guard = self.stripe(&rec.tenant, &rec.invoice_id).lock().await;
+        loop {
+            let Some(loaded) = self.load(&rec.tenant, &rec.invoice_id).await? else {
+                return Err(reject(
+                    "unknown_invoice",
+                    format!("invoice '{}' has no journey", rec.invoice_id),
+                ));
+            };
+            let currency = loaded.stored.journey.invoice.amount.currency;
+            let request = match rec.kind.as_str() {
+                "dispute" => Request::Dispute {
+                    reason: rec.reason.clone(),
+                },
+                "dispute_resolved" => Request::DisputeResolved {
+                    resolution: rec.reason.clone(),
+                },
+                "postpone" => Request::Postpone {
+                    to: date(rec.new_due_date, "new_due_date")?,
+                },
+                "promise_to_pay" => Request::PromiseToPay {
+                    by: date(rec.promise_date, "promise_date")?,
+                },
+                "claims_paid" => Request::ClaimsPaid,
+                "instalment_plan" => Request::InstalmentPlan {
+                    parts: rec
+                        .instalments
+                        .iter()
+                        .map(|i| {
+                            date(Some(i.due_date), "instalments.due_date")
+                                .map(|d| (d, Money::new(i.amount_minor, currency)))
+                        })
+                        .collect::<Result<_, _>>()?,
+                },
+                other => {
+                    return Err(reject(
+                        "unknown_request_kind",
+                        format!(
+                            "request kind '{other}': expected dispute, dispute_resolved, postpone, instalment_plan, promise_to_pay or claims_paid"
+                        ),
+                    ));
+                }
+            };
+            let plan = self.plan_of(&loaded.stored.journey);
+            let policy = self.policy();
+            let now = self.0.rt.clock.now();
+            let today = now
+                .with_timezone(&loaded.stored.journey.invoice.jurisdiction.time_zone())
+                .date_naive();
+            let d = journey::on_request(
+                loaded.stored.journey.clone(),
+                &rec.event_id,
+                request,
+                &plan,
+                &policy.pauses,
+                today,
+            );
+            if d.transitions.is_empty() {
+                return Ok(()); // applied before
+            }
+            let stored = Stored {
+                journey: d.journey.clone(),
+                ..loaded.stored
+            };
+            let emission = Emission {
+                decision: &d,
+                plan: &plan,
+                fee: Money::zero(currency),
+                cause: &rec.event_id,
+                trace,
+            };
+            if self
+                .emit_then_save(Some(loaded.version), stored, emission, None)
+                .await?
+            {
+                return Ok(());
+            }
+        }
+    }
+}
+
 impl Handler for Watcher {
     async fn handle(&self, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
         let decoded = self.0.rt.codec.decode(record.payload.as_deref()).await?;
         match decoded.name.as_str() {
+            DebtorRequest::FULL_NAME => self.on_debtor_request(decoded.to()?, record.trace).await?,
             records::Invoice::FULL_NAME => self.on_invoice(decoded.to()?, record.partition, record.trace).await?,
             PaymentMatched::FULL_NAME => self.on_payment(decoded.to()?, record.trace).await?,
             other => {
@@ -993,7 +1093,11 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let consumer = shell.consumer(
         &rt,
         SERVICE,
-        &[rt.topic(&topics.invoices), rt.topic(&topics.payments_matched)],
+        &[
+            rt.topic(&topics.invoices),
+            rt.topic(&topics.payments_matched),
+            rt.topic(&topics.debtor_requests),
+        ],
     )?;
     tokio::spawn(watcher.clone().reload_policy(settings.clone()));
     let concurrency = settings.concurrency.max(1);
