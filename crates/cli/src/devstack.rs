@@ -111,11 +111,16 @@ impl LocalStack {
 
     /// Starts a service in this process (again, after a stop or kill).
     pub fn start_service(&self, name: &'static str) {
+        self.start_instance(name, name);
+    }
+
+    /// Starts another instance of a service (same consumer group), known as `instance`.
+    pub fn start_instance(&self, name: &'static str, instance: &'static str) {
         let token = self.rt.shutdown.child_token();
         let mut rt = self.rt.clone();
         rt.shutdown = token.clone();
         let handle = tokio::spawn(async move { crate::run_target(rt, name).await });
-        self.running().insert(name, Running { token, handle });
+        self.running().insert(instance, Running { token, handle });
     }
 
     pub fn start_all(&self) {
