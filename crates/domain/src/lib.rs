@@ -11,8 +11,10 @@ pub mod law;
 pub mod locale;
 pub mod matching;
 pub mod money;
+pub mod paylink;
 pub mod policy;
 pub mod reference;
+pub mod sms;
 
 pub use invoice::{InvoiceSnapshot, InvoiceStatus, Rejection};
 pub use journey::{JourneyState, Plan, PlannedStep, StepKind, Tone};

@@ -107,6 +107,8 @@ struct ChannelResult {
     status: DispatchStatus,
     reason: Option<String>,
     provider_message_id: Option<String>,
+    /// A redelivered action: nothing was sent this time (counted as a duplicate).
+    redelivered: bool,
 }
 
 impl ChannelResult {
@@ -115,6 +117,7 @@ impl ChannelResult {
             status,
             reason: reason.into(),
             provider_message_id: None,
+            redelivered: false,
         }
     }
 }
@@ -156,13 +159,24 @@ impl Dispatch {
             .await?;
         if claimed.is_none() {
             let state: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut self.redis.clone()).await?;
+            if let Some(message_id) = state.as_deref().and_then(|s| s.strip_prefix("sent:")) {
+                // Sent before, perhaps by an attempt that died before reporting it: report SENT
+                // again under the same event id, so the outcome is never lost, and send nothing.
+                return Ok(ChannelResult {
+                    status: DispatchStatus::Sent,
+                    reason: Some("redelivered action: already sent, not sent again".to_owned()),
+                    provider_message_id: Some(message_id.to_owned()),
+                    redelivered: true,
+                });
+            }
             let reason = match state.as_deref() {
-                Some(s) if s.starts_with("sent:") => format!("already sent as {}", &s[5..]),
                 Some("claimed") => "claimed by an earlier attempt that did not confirm; not sent again".to_owned(),
                 Some(other) => format!("already handled ({other})"),
                 None => "already handled".to_owned(),
             };
-            return Ok(ChannelResult::new(DispatchStatus::Duplicate, reason));
+            let mut result = ChannelResult::new(DispatchStatus::Duplicate, reason);
+            result.redelivered = true;
+            return Ok(result);
         }
         // The last look: as late as possible, right before the provider is called.
         let status =
@@ -185,6 +199,7 @@ impl Dispatch {
                     status: DispatchStatus::Sent,
                     reason: None,
                     provider_message_id: Some(message_id),
+                    redelivered: false,
                 })
             }
             Err(SendError::Permanent(reason)) => {
@@ -231,8 +246,13 @@ impl Handler for Dispatch {
         for channel in &action.channels {
             let result = self.deliver(&action, channel).await?;
             let status_label = format!("{:?}", result.status).to_lowercase();
+            let metric_label = if result.redelivered {
+                "duplicate"
+            } else {
+                status_label.as_str()
+            };
             self.outcomes
-                .with_label_values(&[&action.step, channel, &status_label])
+                .with_label_values(&[&action.step, channel, metric_label])
                 .inc();
             tracing::info!(step = %action.step, channel = %channel, status = %status_label, "dispatch outcome");
             let outcome = DispatchOutcome {
