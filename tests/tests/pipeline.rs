@@ -244,3 +244,85 @@ async fn an_unpaid_invoice_reaches_the_agency_as_one_case_once() -> anyhow::Resu
     stack.shutdown().await;
     Ok(())
 }
+
+/// Dispatch's last look judges a journey that already includes the action's own step: while
+/// the watcher's write lags the action, dispatch waits instead of acting on the older state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_last_look_waits_for_the_journey_to_include_the_action() -> anyhow::Result<()> {
+    use forfall_platform::journey_state::journey_key;
+    use forfall_platform::records::{JourneyAction, derived_id, new_event_id};
+    use forfall_platform::redis_store::Keys;
+    let stack = LocalStack::start(base_config(), ManualClock::new(at("2026-10-13T07:00:00Z"))).await?;
+    stack.start_service("dispatch");
+    let key = journey_key(&Keys::new(&stack.rt.config.redis.key_prefix), "acme-energy", "lag-1");
+    let mut redis = stack.redis();
+    // As the watcher left it before resuming: paused, the reminder (step 1) not yet recorded.
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("status")
+        .arg("paused:instalments")
+        .arg("step")
+        .arg(1)
+        .query_async(&mut redis)
+        .await?;
+    let action = JourneyAction {
+        event_id: new_event_id(),
+        tenant: "acme-energy".into(),
+        debtor_id: "acme-energy:lag@example.test".into(),
+        occurred_at: 0,
+        action_id: derived_id("action", &["acme-energy", "lag-1", "reminder-1"]),
+        invoice_id: "lag-1".into(),
+        invoice_number: "L-1".into(),
+        step: "reminder-1".into(),
+        step_index: 1,
+        tone: "reminder".into(),
+        channels: vec!["email".into()],
+        send_at: 0,
+        open_minor: 63_450,
+        fee_minor: 0,
+        currency: "DKK".into(),
+        due_date: 20_000,
+        pay_by: None,
+        payment_reference: None,
+        policy_version: "p".into(),
+        jurisdiction: "DK".into(),
+        debtor_name: None,
+        email: Some("lag@example.test".into()),
+        phone: None,
+        language: Some("da".into()),
+    };
+    stack
+        .produce(
+            &stack.topic(&stack.topics().journey_actions),
+            &action.debtor_id,
+            &action,
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        stack.mail.messages().is_empty(),
+        "not sent on a state that does not include the step"
+    );
+    assert!(
+        stack
+            .read_raw(&stack.topic(&stack.topics().dispatch_outcomes))
+            .await?
+            .is_empty(),
+        "and not suppressed either: it waits"
+    );
+    // The watcher's write lands: the journey resumed and recorded the reminder.
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("status")
+        .arg("reminded-1")
+        .arg("step")
+        .arg(2)
+        .query_async(&mut redis)
+        .await?;
+    eventually("the reminder", WAIT, || async {
+        Ok((stack.mail.to("lag@example.test").len() == 1).then_some(()))
+    })
+    .await?;
+    stack.shutdown().await;
+    Ok(())
+}

@@ -279,6 +279,11 @@ impl LocalStack {
         .await?
     }
 
+    /// A Redis connection to this stack's Redis (keys under its own prefix).
+    pub fn redis(&self) -> redis::aio::ConnectionManager {
+        self.redis.clone()
+    }
+
     /// The watcher's journey status label of an invoice (what dispatch's last look reads).
     pub async fn journey_status(&self, tenant: &str, invoice_id: &str) -> anyhow::Result<Option<String>> {
         let keys = Keys::new(&self.rt.config.redis.key_prefix);

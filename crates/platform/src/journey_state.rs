@@ -5,7 +5,7 @@
 use crate::redis_store::Keys;
 
 /// Hash holding one invoice's journey: `v` (version for compare-and-set), `json` (the journey),
-/// `status` (a [`forfall_domain::JourneyState`] label).
+/// `status` (a [`forfall_domain::JourneyState`] label), `step` (the index of the next plan step).
 pub fn journey_key(keys: &Keys, tenant: &str, invoice_id: &str) -> String {
     // The hash tag keeps an invoice's keys together in a Redis Cluster slot.
     keys.key(&["journey", &format!("{{{tenant}:{invoice_id}}}")])
@@ -18,6 +18,33 @@ pub const STATUS_FIELD: &str = "status";
 /// be taken back.
 pub fn status_accepts_contact(status: Option<&str>) -> bool {
     matches!(status, Some(s) if s == "open" || s == "nudged" || s == "warned" || s.starts_with("reminded-"))
+}
+
+/// What the last look needs: the status, and whether the stored journey already includes the
+/// action's own step. The watcher produces an action before it writes the journey (so that
+/// nothing is lost on a crash), so for a moment the stored state can lag the action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastLook {
+    pub status: Option<String>,
+    pub caught_up: bool,
+}
+
+pub async fn last_look(
+    conn: &mut redis::aio::ConnectionManager,
+    keys: &Keys,
+    tenant: &str,
+    invoice_id: &str,
+    step_index: i32,
+) -> redis::RedisResult<LastLook> {
+    let (status, step): (Option<String>, Option<i64>) = redis::cmd("HMGET")
+        .arg(journey_key(keys, tenant, invoice_id))
+        .arg(STATUS_FIELD)
+        .arg("step")
+        .query_async(conn)
+        .await?;
+    // The journey records a step by moving `step` past it.
+    let caught_up = step.is_none_or(|next| next > i64::from(step_index));
+    Ok(LastLook { status, caught_up })
 }
 
 /// Reads the status for the last look.

@@ -100,6 +100,8 @@ pub struct Dispatch {
     outcomes_topic: String,
     outcomes: IntCounterVec,
     suppression_lag: Histogram,
+    /// Actions whose journey write has not landed yet, and since when (real time).
+    lagging: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// What happened on one channel.
@@ -128,6 +130,21 @@ enum SendError {
 }
 
 impl Dispatch {
+    /// Whether this action has waited for the watcher's write long enough (30 s of real time).
+    /// A write that never comes (the watcher lost a compare-and-set race and decided otherwise)
+    /// must not hold the action forever: then the state as it is decides.
+    fn waited_long_enough(&self, action_id: &str) -> bool {
+        let mut waiting = self.lagging.lock().unwrap_or_else(|p| p.into_inner());
+        if waiting.len() > 10_000 {
+            waiting.retain(|_, since| since.elapsed() < Duration::from_secs(300));
+        }
+        waiting
+            .entry(action_id.to_owned())
+            .or_insert_with(std::time::Instant::now)
+            .elapsed()
+            >= Duration::from_secs(30)
+    }
+
     fn claim_key(&self, action_id: &str, channel: &str) -> String {
         self.keys.key(&["dispatch", "claim", &format!("{action_id}:{channel}")])
     }
@@ -179,8 +196,23 @@ impl Dispatch {
             return Ok(result);
         }
         // The last look: as late as possible, right before the provider is called.
-        let status =
-            journey_state::read_status(&mut self.redis.clone(), &self.keys, &action.tenant, &action.invoice_id).await?;
+        let look = journey_state::last_look(
+            &mut self.redis.clone(),
+            &self.keys,
+            &action.tenant,
+            &action.invoice_id,
+            action.step_index,
+        )
+        .await?;
+        if !look.caught_up && !self.waited_long_enough(&action.action_id) {
+            // The watcher has produced this action but not yet stored the journey that includes
+            // it: judge the state once it does. The claim is released so the retry may send.
+            let _: () = redis::cmd("DEL").arg(&key).query_async(&mut self.redis.clone()).await?;
+            return Err(Failure::Transient(anyhow::anyhow!(
+                "journey state not yet updated for this action"
+            )));
+        }
+        let status = look.status;
         if !journey_state::status_accepts_contact(status.as_deref()) {
             let reason = format!("invoice is {}", status.as_deref().unwrap_or("unknown to the watcher"));
             self.set_claim(&key, "suppressed").await?;
@@ -315,6 +347,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         outcomes_topic: rt.topic(&rt.config.topics.dispatch_outcomes),
         outcomes,
         suppression_lag,
+        lagging: std::sync::Mutex::default(),
         rt: rt.clone(),
     };
     let consumer = shell.consumer(&rt, SERVICE, &[rt.topic(&rt.config.topics.journey_actions)])?;

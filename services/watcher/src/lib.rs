@@ -105,7 +105,7 @@ struct Loaded {
 const CAS_SCRIPT: &str = r"
 local v = redis.call('HGET', KEYS[1], 'v')
 if (v or '') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 'json', ARGV[3], 'status', ARGV[4])
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'json', ARGV[3], 'status', ARGV[4], 'step', ARGV[8])
 if ARGV[5] ~= '' then redis.call('ZREM', KEYS[2], ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('ZADD', KEYS[2], ARGV[7], ARGV[6]) end
 return 1
@@ -342,6 +342,7 @@ impl Watcher {
             .arg(remove)
             .arg(add)
             .arg(score)
+            .arg(stored.journey.next_step)
             .invoke_async(&mut self.conn())
             .await?;
         Ok(ok == 1)
