@@ -220,7 +220,7 @@ async fn experiment_assignment_is_stable_across_invoices_and_restarts() -> anyho
         );
     }
     stack.stop_service("watcher").await?;
-    stack.start_service("watcher");
+    stack.restart_service("watcher").await;
     for (i, email) in debtors.iter().enumerate() {
         let mut s = danish("x", "x", day(2026, 5, 20), email);
         let id = format!("second-{i}");

@@ -145,7 +145,7 @@ async fn a_redelivered_action_and_a_crashed_dispatch_still_send_exactly_one_emai
     assert_eq!(raw.len(), 1, "one action for the one step");
     stack.produce_raw(&actions_topic, &s.debtor_id(), &raw[0]).await?;
     stack.produce_raw(&actions_topic, &s.debtor_id(), &raw[0]).await?;
-    stack.start_service("dispatch");
+    stack.restart_service("dispatch").await;
 
     // The restarted dispatch reports both redeliveries (and the first delivery, when the kill
     // came before its commit) as duplicates, and sends nothing.

@@ -109,6 +109,14 @@ impl LocalStack {
         self.services.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Starts a service after a stop or kill of the same group's member: waits a moment first,
+    /// because tansu 0.6.0 may never complete a join that overlaps a member's leaving (the new
+    /// member then stays without partitions). A real Kafka needs no pause.
+    pub async fn restart_service(&self, name: &'static str) {
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        self.start_service(name);
+    }
+
     /// Starts a service in this process (again, after a stop or kill).
     pub fn start_service(&self, name: &'static str) {
         self.start_instance(name, name);
