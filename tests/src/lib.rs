@@ -8,6 +8,17 @@ use forfall_platform::records::{InvoiceIssued, PaymentReceived, new_event_id};
 
 pub use forfall::devstack::{LocalStack, eventually};
 
+/// How long the end-to-end tests wait for something that should happen.
+pub const WAIT: std::time::Duration = std::time::Duration::from_secs(45);
+
+/// Waits until the watcher's journey status of an invoice is `want`.
+pub async fn status_is(stack: &LocalStack, tenant: &str, invoice: &str, want: &str) -> anyhow::Result<()> {
+    eventually(&format!("invoice {invoice} to be {want}"), WAIT, || async move {
+        Ok((stack.journey_status(tenant, invoice).await?.as_deref() == Some(want)).then_some(()))
+    })
+    .await
+}
+
 /// Dev-stack settings (`FORFALL_*` variables may point elsewhere).
 pub fn base_config() -> CommonConfig {
     config::common(&config::figment(Some(std::path::Path::new(

@@ -1,13 +1,10 @@
 //! Bad input is rejected with a reason, nothing is lost, and the service keeps running.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use forfall_e2e::*;
 use forfall_platform::clock::ManualClock;
 use forfall_platform::records::{Invoice, Rejected};
-
-const WAIT: Duration = Duration::from_secs(45);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_kind_of_bad_input_lands_on_the_rejected_topic_with_its_reason() -> anyhow::Result<()> {

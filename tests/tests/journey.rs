@@ -10,19 +10,10 @@ use forfall_e2e::*;
 use forfall_platform::clock::ManualClock;
 use forfall_platform::records::{HandoffOutcome, JourneyAction, JourneyEvent};
 
-const WAIT: Duration = Duration::from_secs(45);
-
 fn policy_file(stack: &LocalStack, text: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("{}-policy.toml", stack.prefix));
     std::fs::write(&path, text).expect("write policy");
     path
-}
-
-async fn status_is(stack: &LocalStack, tenant: &str, invoice: &str, want: &str) -> anyhow::Result<()> {
-    eventually(&format!("invoice {invoice} to be {want}"), WAIT, || async move {
-        Ok((stack.journey_status(tenant, invoice).await?.as_deref() == Some(want)).then_some(()))
-    })
-    .await
 }
 
 async fn events_of(stack: &LocalStack, invoice: &str) -> anyhow::Result<Vec<JourneyEvent>> {

@@ -8,15 +8,6 @@ use forfall_e2e::*;
 use forfall_platform::clock::ManualClock;
 use forfall_platform::records::{DebtorRequest, Instalment, JourneyEvent, new_event_id};
 
-const WAIT: Duration = Duration::from_secs(45);
-
-async fn status_is(stack: &LocalStack, s: &Sample<'_>, want: &str) -> anyhow::Result<()> {
-    eventually(&format!("invoice {} to be {want}", s.invoice_id), WAIT, || async move {
-        Ok((stack.journey_status(s.tenant, s.invoice_id).await?.as_deref() == Some(want)).then_some(()))
-    })
-    .await
-}
-
 async fn mails(stack: &LocalStack, s: &Sample<'_>, n: usize) -> anyhow::Result<()> {
     eventually(&format!("{n} e-mails"), WAIT, || async move {
         Ok((stack.mail.to(s.email).len() == n).then_some(()))
@@ -54,7 +45,7 @@ async fn issue(stack: &LocalStack, s: &Sample<'_>) -> anyhow::Result<()> {
             &s.issued(),
         )
         .await?;
-    status_is(stack, s, "open").await
+    status_is(stack, s.tenant, s.invoice_id, "open").await
 }
 
 async fn kinds(stack: &LocalStack, s: &Sample<'_>) -> anyhow::Result<Vec<String>> {
@@ -80,7 +71,7 @@ async fn a_dispute_pauses_the_reminder_and_its_resolution_resumes_it() -> anyhow
     let mut dispute = request(&s, "dispute");
     dispute.reason = Some("I cancelled this contract in July".into());
     ask(&stack, &s, &dispute).await?;
-    status_is(&stack, &s, "paused:dispute").await?;
+    status_is(&stack, s.tenant, s.invoice_id, "paused:dispute").await?;
     // The reminder's time comes and goes: nothing is sent while the dispute is open.
     clock.set(at("2026-09-16T07:00:01Z"));
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -89,7 +80,7 @@ async fn a_dispute_pauses_the_reminder_and_its_resolution_resumes_it() -> anyhow
     resolved.reason = Some("contract ran to 31 August".into());
     ask(&stack, &s, &resolved).await?;
     mails(&stack, &s, 2).await?;
-    status_is(&stack, &s, "reminded-1").await?;
+    status_is(&stack, s.tenant, s.invoice_id, "reminded-1").await?;
     let k = kinds(&stack, &s).await?;
     for expected in ["disputed", "dispute_resolved"] {
         assert!(k.iter().any(|x| x == expected), "timeline has {expected}: {k:?}");
@@ -153,7 +144,7 @@ async fn instalments_hold_the_journey_until_one_is_missed() -> anyhow::Result<()
         },
     ];
     ask(&stack, &s, &plan).await?;
-    status_is(&stack, &s, "paused:instalments").await?;
+    status_is(&stack, s.tenant, s.invoice_id, "paused:instalments").await?;
     stack
         .produce(
             &stack.topic(&stack.topics().payments),
@@ -183,7 +174,7 @@ async fn instalments_hold_the_journey_until_one_is_missed() -> anyhow::Result<()
     // The second instalment (9 October) is missed: checked after three days' grace.
     clock.set(at("2026-10-13T07:00:01Z"));
     mails(&stack, &s, 2).await?;
-    status_is(&stack, &s, "reminded-1").await?;
+    status_is(&stack, s.tenant, s.invoice_id, "reminded-1").await?;
     let k = kinds(&stack, &s).await?;
     assert!(
         k.contains(&"instalment_plan_agreed".to_owned()) && k.contains(&"resumed".to_owned()),

@@ -9,15 +9,6 @@ use forfall_platform::clock::ManualClock;
 use forfall_platform::records::{JourneyEvent, PaymentMatched, PaymentUnmatched};
 use serde_json::{Value, json};
 
-const WAIT: Duration = Duration::from_secs(45);
-
-async fn status_is(stack: &LocalStack, tenant: &str, invoice: &str, want: &str) -> anyhow::Result<()> {
-    eventually(&format!("invoice {invoice} to be {want}"), WAIT, || async move {
-        Ok((stack.journey_status(tenant, invoice).await?.as_deref() == Some(want)).then_some(()))
-    })
-    .await
-}
-
 async fn import(stack: &LocalStack, tenant: &str, xml: &str, lenient: bool) -> anyhow::Result<(u16, Value)> {
     let addr = stack.rt.admin_addr("matcher").expect("the matcher serves HTTP");
     let r = reqwest::Client::new()

@@ -142,6 +142,23 @@ impl Codec {
         })
     }
 
+    /// A record encoded for `topic`, keyed by `key`, continuing `trace` (a child span).
+    pub async fn outbound<T: Record>(
+        &self,
+        topic: &str,
+        key: &str,
+        value: &T,
+        trace: crate::telemetry::TraceContext,
+    ) -> Result<crate::kafka::Outbound, EncodeError> {
+        let payload = self.encode(topic, value).await?;
+        Ok(crate::kafka::Outbound {
+            topic: topic.to_owned(),
+            key: key.to_owned(),
+            payload,
+            trace: trace.child(),
+        })
+    }
+
     pub async fn decode(&self, payload: Option<&[u8]>) -> Result<Decoded, DecodeError> {
         let bytes = payload.ok_or(DecodeError::Empty)?;
         if bytes.len() < 5 || bytes[0] != 0 {

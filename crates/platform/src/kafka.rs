@@ -325,14 +325,11 @@ impl LoopContext {
             raw_key: record.key.clone(),
             raw_value: record.payload.clone(),
         };
-        let payload = self.codec.encode(&self.rejected_topic, &rejected).await?;
         let key = rejected.debtor_id.clone().unwrap_or_default();
-        Ok(Outbound {
-            topic: self.rejected_topic.clone(),
-            key,
-            payload,
-            trace: record.trace.child(),
-        })
+        Ok(self
+            .codec
+            .outbound(&self.rejected_topic, &key, &rejected, record.trace)
+            .await?)
     }
 
     /// Handles one record until it is applied or rejected, retrying transient failures.

@@ -300,13 +300,12 @@ impl Handler for Dispatch {
                 reason: result.reason,
                 provider_message_id: result.provider_message_id,
             };
-            let payload = self.rt.codec.encode(&self.outcomes_topic, &outcome).await?;
-            outs.push(Outbound {
-                topic: self.outcomes_topic.clone(),
-                key: action.debtor_id.clone(),
-                payload,
-                trace: record.trace.child(),
-            });
+            outs.push(
+                self.rt
+                    .codec
+                    .outbound(&self.outcomes_topic, &action.debtor_id, &outcome, record.trace)
+                    .await?,
+            );
             // The next channel is a fallback: only when this one could not deliver.
             if result.status != DispatchStatus::Failed {
                 break;

@@ -170,13 +170,12 @@ impl Handoff {
             http_status: answer.http_status,
             detail: answer.detail,
         };
-        let payload = self.rt.codec.encode(&self.outcomes_topic, &outcome).await?;
-        Ok(vec![Outbound {
-            topic: self.outcomes_topic.clone(),
-            key: debtor_id.to_owned(),
-            payload,
-            trace: record.trace.child(),
-        }])
+        Ok(vec![
+            self.rt
+                .codec
+                .outbound(&self.outcomes_topic, debtor_id, &outcome, record.trace)
+                .await?,
+        ])
     }
 
     /// Money arrived for a claim the agency holds: tell it, once per payment.

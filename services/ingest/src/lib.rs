@@ -164,13 +164,12 @@ impl Ingest {
         };
         self.changes.with_label_values(&[label]).inc();
         let record = invoice_record(s, change, source_event_id, occurred_at);
-        let payload = self.rt.codec.encode(&self.invoices_topic, &record).await?;
-        Ok(vec![Outbound {
-            topic: self.invoices_topic.clone(),
-            key: s.debtor_id.clone(),
-            payload,
-            trace: trace.child(),
-        }])
+        Ok(vec![
+            self.rt
+                .codec
+                .outbound(&self.invoices_topic, &s.debtor_id, &record, trace)
+                .await?,
+        ])
     }
 
     async fn issued(&self, e: InvoiceIssued, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {

@@ -224,7 +224,13 @@ impl Matcher {
                         value_date: p.value_date,
                         matched_by: d.matched_by.clone(),
                     };
-                    outs.push(self.encode(&matched_topic, &a.debtor_id, &m, trace).await?);
+                    outs.push(
+                        self.0
+                            .rt
+                            .codec
+                            .outbound(&matched_topic, &a.debtor_id, &m, trace)
+                            .await?,
+                    );
                     if a.handed_over {
                         outs.push(self.recall(p, a, amount, trace).await?);
                     }
@@ -248,7 +254,7 @@ impl Matcher {
                     reason: reason.explain(),
                 };
                 let topic = self.0.rt.topic(&topics.payments_unmatched);
-                outs.push(self.encode(&topic, &p.tenant, &u, trace).await?);
+                outs.push(self.0.rt.codec.outbound(&topic, &p.tenant, &u, trace).await?);
             }
         }
         Ok(outs)
@@ -274,23 +280,7 @@ impl Matcher {
             reason: format!("payment '{}' received after hand-off", p.payment_id),
         };
         let topic = self.0.rt.topic(&self.0.rt.config.topics.handoff_cases);
-        self.encode(&topic, &a.debtor_id, &r, trace).await
-    }
-
-    async fn encode<T: Record>(
-        &self,
-        topic: &str,
-        key: &str,
-        value: &T,
-        trace: TraceContext,
-    ) -> Result<Outbound, Failure> {
-        let payload = self.0.rt.codec.encode(topic, value).await?;
-        Ok(Outbound {
-            topic: topic.to_owned(),
-            key: key.to_owned(),
-            payload,
-            trace: trace.child(),
-        })
+        Ok(self.0.rt.codec.outbound(&topic, &a.debtor_id, &r, trace).await?)
     }
 
     /// Books a decision: allocations against the invoices, learned payer accounts, the kept

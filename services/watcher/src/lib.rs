@@ -372,22 +372,6 @@ impl Watcher {
         }
     }
 
-    async fn encode<T: Record>(
-        &self,
-        topic: &str,
-        key: &str,
-        value: &T,
-        trace: TraceContext,
-    ) -> Result<Outbound, Failure> {
-        let payload = self.0.rt.codec.encode(topic, value).await?;
-        Ok(Outbound {
-            topic: topic.to_owned(),
-            key: key.to_owned(),
-            payload,
-            trace: trace.child(),
-        })
-    }
-
     /// The records a decision produces: its transitions as events, and its emit.
     async fn outputs(&self, e: &Emission<'_>) -> Result<Vec<Outbound>, Failure> {
         let Emission {
@@ -404,7 +388,7 @@ impl Watcher {
         for (i, t) in d.transitions.iter().enumerate() {
             self.0.metrics.transitions.with_label_values(&[t.kind]).inc();
             let e = self.event(&d.journey, t, cause, i, now);
-            outs.push(self.encode(&events_topic, &debtor, &e, trace).await?);
+            outs.push(self.0.rt.codec.outbound(&events_topic, &debtor, &e, trace).await?);
         }
         match &d.emit {
             Some(Emit::Message {
@@ -424,12 +408,12 @@ impl Watcher {
                     now,
                 );
                 let topic = self.0.rt.topic(&self.0.topics.journey_actions);
-                outs.push(self.encode(&topic, &debtor, &action, trace).await?);
+                outs.push(self.0.rt.codec.outbound(&topic, &debtor, &action, trace).await?);
             }
             Some(Emit::Handoff { .. }) => {
                 let case = self.case(&d.journey, now);
                 let topic = self.0.rt.topic(&self.0.topics.handoff_cases);
-                outs.push(self.encode(&topic, &debtor, &case, trace).await?);
+                outs.push(self.0.rt.codec.outbound(&topic, &debtor, &case, trace).await?);
             }
             None => {}
         }
