@@ -304,7 +304,7 @@ async fn a_rebalance_while_timers_are_due_sends_each_step_once() -> anyhow::Resu
         stack.start_service(s);
     }
     stack.start_instance("watcher", "watcher-a");
-    stack.wait_ready(&["watcher"], WAIT).await?;
+    stack.wait_ready(&["watcher-a"], WAIT).await?;
     let billing = stack.topic(&stack.topics().billing_invoice_events);
     let n = 40;
     let emails: Vec<&'static str> = (0..n)
@@ -325,7 +325,7 @@ async fn a_rebalance_while_timers_are_due_sends_each_step_once() -> anyhow::Resu
     // A second watcher joins and the group settles with two members (tansu 0.6.0 never
     // completes a join if the other member leaves during it, so the join finishes first).
     stack.start_instance("watcher", "watcher-b");
-    stack.wait_ready(&["watcher"], WAIT).await?;
+    stack.wait_ready(&["watcher-b"], WAIT).await?;
     // The first half falls due while both fire their partitions; the first watcher leaves while
     // they fire: a rebalance with timers due.
     clock.set(at("2026-09-02T07:00:01Z"));
@@ -353,7 +353,7 @@ async fn a_rebalance_while_timers_are_due_sends_each_step_once() -> anyhow::Resu
         );
     }
     let fired_by_b = metric_value(
-        &stack.metrics("watcher").await?,
+        &stack.metrics("watcher-b").await?,
         "forfall_watcher_steps_fired_total",
         &["step=\"nudge\""],
     )

@@ -127,6 +127,13 @@ impl LocalStack {
         let token = self.rt.shutdown.child_token();
         let mut rt = self.rt.clone();
         rt.shutdown = token.clone();
+        rt.instance = Some(instance);
+        // A previous incarnation's address must not answer for this one.
+        self.rt
+            .admin_addrs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(instance);
         let handle = tokio::spawn(async move { crate::run_target(rt, name).await });
         self.running().insert(instance, Running { token, handle });
     }

@@ -28,6 +28,9 @@ pub struct Runtime {
     pub codec: Arc<Codec>,
     /// Where each service's admin endpoint ended up (ports may be chosen by the OS).
     pub admin_addrs: Arc<Mutex<HashMap<&'static str, SocketAddr>>>,
+    /// The name this copy of the runtime registers its admin address under, when several
+    /// instances of one service share a process (tests of rebalancing); the service's name otherwise.
+    pub instance: Option<&'static str>,
 }
 
 impl Runtime {
@@ -40,6 +43,7 @@ impl Runtime {
             shutdown,
             codec,
             admin_addrs: Arc::default(),
+            instance: None,
         }
     }
 
@@ -106,7 +110,7 @@ impl ServiceShell {
         rt.admin_addrs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name, admin_addr);
+            .insert(rt.instance.unwrap_or(name), admin_addr);
         tracing::info!(service = name, admin = %admin_addr, "service started");
         Ok(Self {
             name,
