@@ -8,7 +8,9 @@ use forfall_platform::records::ALL_SCHEMAS;
 use serde_json::{Value, json};
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    // Read when the test runs: a shared target dir may hold a binary built from another checkout.
+    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    Path::new(&dir).join("..")
 }
 
 fn git(args: &[&str]) -> Option<String> {

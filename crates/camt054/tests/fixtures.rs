@@ -9,8 +9,14 @@ use forfall_domain::{Currency, Money};
 const NTRY: &str = "/Document/BkToCstmrDbtCdtNtfctn/Ntfctn/Ntry";
 const TX: &str = "/Document/BkToCstmrDbtCdtNtfctn/Ntfctn/Ntry/NtryDtls/TxDtls";
 
+/// Read when the test runs (cargo and nextest set it), not when it was compiled: a shared target
+/// dir may hold a test binary built from another checkout.
+fn manifest_dir() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string())
+}
+
 fn fixture(name: &str) -> String {
-    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!("{}/tests/fixtures/{name}", manifest_dir());
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 

@@ -6,6 +6,12 @@ use std::sync::Arc;
 use forfall::devstack::LocalStack;
 use forfall_platform::clock::SystemClock;
 
+/// Read when the test runs (cargo and nextest set it), not when it was compiled: a shared target
+/// dir may hold a test binary built from another checkout.
+fn manifest_dir() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string())
+}
+
 fn forfall(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_forfall"))
         .args(args)
@@ -32,16 +38,16 @@ async fn import_list_and_match_from_the_command_line() -> anyhow::Result<()> {
         .wait_ready(&["matcher"], std::time::Duration::from_secs(45))
         .await?;
     let url = format!("http://{}", stack.rt.admin_addr("matcher").expect("matcher HTTP"));
-    let fixture = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../camt054/tests/fixtures/no_kid_nordea_054_001_02.xml"
+    let fixture = format!(
+        "{}/../camt054/tests/fixtures/no_kid_nordea_054_001_02.xml",
+        manifest_dir()
     );
 
     let (code, out, err) = tokio::task::spawn_blocking(move || {
         forfall(&[
             "payments",
             "import",
-            fixture,
+            &fixture,
             "--tenant",
             "nordkraft",
             "--matcher",
@@ -99,12 +105,9 @@ async fn import_list_and_match_from_the_command_line() -> anyhow::Result<()> {
         "{err}"
     );
 
-    let bad = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../camt054/tests/fixtures/amount_three_decimals.xml"
-    );
+    let bad = format!("{}/../camt054/tests/fixtures/amount_three_decimals.xml", manifest_dir());
     let (code, _, err) = tokio::task::spawn_blocking(move || {
-        forfall(&["payments", "import", bad, "--tenant", "nordkraft", "--matcher", &url])
+        forfall(&["payments", "import", &bad, "--tenant", "nordkraft", "--matcher", &url])
     })
     .await?;
     assert_eq!(code, 1);
