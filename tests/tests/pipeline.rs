@@ -281,6 +281,8 @@ async fn the_last_look_waits_for_the_journey_to_include_the_action() -> anyhow::
         email: Some("lag@example.test".into()),
         phone: None,
         language: Some("da".into()),
+        description: None,
+        covers: Vec::new(),
     };
     stack
         .produce(

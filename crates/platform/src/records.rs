@@ -177,8 +177,24 @@ pub struct JourneyAction {
     pub email: Option<String>,
     pub phone: Option<String>,
     pub language: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub covers: Vec<CoveredInvoice>,
 }
 record!(JourneyAction, "JourneyAction.avsc");
+
+/// Another invoice a combined action covers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CoveredInvoice {
+    pub invoice_id: String,
+    pub invoice_number: String,
+    pub description: Option<String>,
+    pub open_minor: i64,
+    pub fee_minor: i64,
+    pub due_date: i32,
+    pub payment_reference: Option<String>,
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JourneyEvent {
@@ -501,6 +517,16 @@ mod tests {
             email: None,
             phone: None,
             language: None,
+            description: Some("Electricity, August".into()),
+            covers: vec![CoveredInvoice {
+                invoice_id: "i2".into(),
+                invoice_number: "n2".into(),
+                description: None,
+                open_minor: 5,
+                fee_minor: 0,
+                due_date: 3,
+                payment_reference: Some("r".into()),
+            }],
         });
         round_trip(JourneyEvent {
             event_id: "e".into(),

@@ -10,16 +10,24 @@
 //! confirmed") rather than risk a second message. The e-mail's Message-ID is derived from the
 //! action, so even a message re-sent by hand is recognisably the same one.
 
-mod templates;
+pub mod channels;
+pub mod content;
+mod message;
+mod ratelimit;
+mod receipts;
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use channels::{SendError, Sms, SmsProvider, SmsProviderKind, Webhook};
+use content::Templates;
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, run_consumer};
 use forfall_platform::records::{DispatchOutcome, DispatchStatus, JourneyAction, derived_id};
 use forfall_platform::redis_store::{self, Keys};
 use forfall_platform::service::{Runtime, ServiceShell};
 use forfall_platform::{config, journey_state};
-use lettre::message::{Mailbox, header::ContentType};
+use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
@@ -56,6 +64,98 @@ impl Default for SmtpSettings {
     }
 }
 
+/// What a tenant's messages say about the creditor.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TenantProfile {
+    /// The creditor's name as debtors know it.
+    pub name: Option<String>,
+    /// Bank details for a transfer, e.g. "Reg. 1234 konto 0001234567" or an IBAN.
+    pub bank_account: Option<String>,
+    /// Where debtors can ask questions (phone or e-mail).
+    pub contact: Option<String>,
+    /// The tenant's own endpoint for the webhook channel.
+    pub webhook_url: Option<String>,
+    /// SMS provider for this tenant, overriding `dispatch.sms.provider`.
+    pub sms_provider: Option<channels::SmsProviderKind>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PayLinkSettings {
+    /// The self-service page; the token is appended.
+    pub base_url: String,
+    pub key_id: String,
+    /// Signing secret (set `FORFALL_DISPATCH__PAY_LINK__SECRET` in production; never logged).
+    pub secret: String,
+    pub ttl_days: i64,
+}
+
+impl Default for PayLinkSettings {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:8096/pay/".into(),
+            key_id: "dev".into(),
+            secret: "forfall-dev-pay-link-secret".into(),
+            ttl_days: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SmsSettings {
+    /// The provider used when the tenant names none.
+    pub provider: Option<channels::SmsProviderKind>,
+    pub gatewayapi: Option<channels::SmsProviderSettings>,
+    #[serde(rename = "46elks")]
+    pub elks46: Option<channels::SmsProviderSettings>,
+    pub twilio: Option<channels::SmsProviderSettings>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RetrySettings {
+    /// Attempts per channel on transient errors before the channel counts as failed.
+    pub attempts: u32,
+    pub first_ms: u64,
+    pub max_ms: u64,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            attempts: 5,
+            first_ms: 200,
+            max_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReceiptSettings {
+    /// How providers reach this service's receipt endpoints (default: its admin address).
+    pub base_url: Option<String>,
+    /// Secret that 46elks must echo in the `token` query parameter (it signs nothing).
+    pub elks46_token: String,
+    /// Key of GatewayAPI's `X-Gwapi-Signature` JWT (the webhook's token in its dashboard).
+    pub gatewayapi_secret: String,
+    /// How long a sent message can still receive a receipt.
+    pub remember_days: u64,
+}
+
+impl Default for ReceiptSettings {
+    fn default() -> Self {
+        Self {
+            base_url: None,
+            elks46_token: "forfall-dev-46elks-receipt-token".into(),
+            gatewayapi_secret: "forfall-dev-gatewayapi-receipt-secret".into(),
+            remember_days: 14,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DispatchSettings {
@@ -64,6 +164,16 @@ pub struct DispatchSettings {
     pub message_id_domain: String,
     /// How long an idempotency claim is remembered.
     pub idempotency_ttl_days: u64,
+    /// Tenants' own templates: `<dir>/<tenant>/<language>.toml`.
+    pub templates_dir: Option<String>,
+    /// Templates whose SMS would need more segments are refused at load.
+    pub max_sms_segments: usize,
+    pub pay_link: PayLinkSettings,
+    pub tenants: std::collections::BTreeMap<String, TenantProfile>,
+    pub sms: SmsSettings,
+    pub webhook: channels::WebhookSettings,
+    pub retry: RetrySettings,
+    pub receipts: ReceiptSettings,
 }
 
 impl Default for DispatchSettings {
@@ -72,6 +182,14 @@ impl Default for DispatchSettings {
             smtp: SmtpSettings::default(),
             message_id_domain: "forfall.invalid".into(),
             idempotency_ttl_days: 90,
+            templates_dir: None,
+            max_sms_segments: 3,
+            pay_link: PayLinkSettings::default(),
+            tenants: Default::default(),
+            sms: SmsSettings::default(),
+            webhook: channels::WebhookSettings::default(),
+            retry: RetrySettings::default(),
+            receipts: ReceiptSettings::default(),
         }
     }
 }
@@ -95,8 +213,12 @@ pub struct Dispatch {
     redis: ConnectionManager,
     keys: Keys,
     settings: DispatchSettings,
+    templates: Templates,
     from: Mailbox,
     mailer: AsyncSmtpTransport<Tokio1Executor>,
+    sms: Vec<SmsProvider>,
+    webhook: Webhook,
+    receipts_base: String,
     outcomes_topic: String,
     outcomes: IntCounterVec,
     suppression_lag: Histogram,
@@ -124,9 +246,15 @@ impl ChannelResult {
     }
 }
 
-enum SendError {
-    Permanent(String),
-    Transient(anyhow::Error),
+/// What a receipt needs to find its action again: stored per provider message id.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct SentMessage {
+    pub action: JourneyAction,
+    pub channel: String,
+}
+
+pub(crate) fn sent_key(keys: &Keys, provider: &str, provider_message_id: &str) -> String {
+    keys.key(&["dispatch", "sent", provider, provider_message_id])
 }
 
 impl Dispatch {
@@ -164,6 +292,15 @@ impl Dispatch {
         Ok(())
     }
 
+    fn profile(&self, tenant: &str) -> TenantProfile {
+        self.settings.tenants.get(tenant).cloned().unwrap_or_default()
+    }
+
+    fn sms_provider(&self, tenant: &str) -> Option<&SmsProvider> {
+        let kind = self.profile(tenant).sms_provider.or(self.settings.sms.provider)?;
+        self.sms.iter().find(|p| p.kind == kind)
+    }
+
     async fn deliver(&self, action: &JourneyAction, channel: &str) -> Result<ChannelResult, Failure> {
         let key = self.claim_key(&action.action_id, channel);
         let claimed: Option<String> = redis::cmd("SET")
@@ -185,6 +322,13 @@ impl Dispatch {
                     provider_message_id: Some(message_id.to_owned()),
                     redelivered: true,
                 });
+            }
+            if let Some(reason) = state.as_deref().and_then(|s| s.strip_prefix("failed:")) {
+                // A fallback after a bounce comes back through here: the failed channel stays
+                // failed and the next one is tried.
+                let mut result = ChannelResult::new(DispatchStatus::Failed, reason.to_owned());
+                result.redelivered = true;
+                return Ok(result);
             }
             let reason = match state.as_deref() {
                 Some("claimed") => "claimed by an earlier attempt that did not confirm; not sent again".to_owned(),
@@ -220,13 +364,11 @@ impl Dispatch {
                 .observe((self.rt.clock.now().timestamp_millis() - action.send_at).max(0) as f64 / 1000.0);
             return Ok(ChannelResult::new(DispatchStatus::Suppressed, reason));
         }
-        let sent = match channel {
-            "email" => self.send_email(action).await,
-            other => Err(SendError::Permanent(format!("channel '{other}' is not available yet"))),
-        };
+        let sent = self.send_with_retries(action, channel).await;
         match sent {
             Ok(message_id) => {
                 self.set_claim(&key, &format!("sent:{message_id}")).await?;
+                self.remember_sent(action, channel, &message_id).await?;
                 Ok(ChannelResult {
                     status: DispatchStatus::Sent,
                     reason: None,
@@ -235,18 +377,113 @@ impl Dispatch {
                 })
             }
             Err(SendError::Permanent(reason)) => {
-                self.set_claim(&key, "failed").await?;
+                self.set_claim(&key, &format!("failed:{reason}")).await?;
                 Ok(ChannelResult::new(DispatchStatus::Failed, reason))
             }
-            Err(SendError::Transient(e)) => {
-                // Nothing reached the provider: release the claim so the retry may send.
-                let _: () = redis::cmd("DEL").arg(&key).query_async(&mut self.redis.clone()).await?;
-                Err(Failure::Transient(e))
+            Err(SendError::Transient(reason)) => {
+                // Retried as often as configured and the provider still could not take it: this
+                // channel failed for this action (the next one is the fallback). Nothing
+                // reached the provider as far as anyone can tell, but it is not tried again.
+                let reason = format!(
+                    "gave up after {} attempts: {reason}",
+                    self.settings.retry.attempts.max(1)
+                );
+                self.set_claim(&key, &format!("failed:{reason}")).await?;
+                Ok(ChannelResult::new(DispatchStatus::Failed, reason))
             }
         }
     }
 
-    async fn send_email(&self, action: &JourneyAction) -> Result<String, SendError> {
+    /// Transient errors are retried with exponential backoff and full jitter; a shutdown
+    /// meanwhile leaves the claim to the redelivery.
+    async fn send_with_retries(&self, action: &JourneyAction, channel: &str) -> Result<String, SendError> {
+        let retry = &self.settings.retry;
+        let mut attempt = 0u32;
+        loop {
+            match self.send_once(action, channel).await {
+                Err(SendError::Transient(reason)) if attempt + 1 < retry.attempts => {
+                    let cap = retry.first_ms.saturating_mul(1u64 << attempt.min(20)).min(retry.max_ms);
+                    let wait = Duration::from_millis((cap as f64 * rand::random::<f64>().max(0.1)) as u64);
+                    tracing::warn!(channel, attempt, wait_ms = wait.as_millis() as u64, %reason, "transient send failure, retrying");
+                    attempt += 1;
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn send_once(&self, action: &JourneyAction, channel: &str) -> Result<String, SendError> {
+        let profile = self.profile(&action.tenant);
+        let ctx = message::context(action, &profile, &self.settings.pay_link, self.rt.clock.now());
+        let content = self
+            .templates
+            .render(&action.tenant, &ctx)
+            .map_err(|e| SendError::Permanent(format!("the message cannot be rendered: {e}")))?;
+        let reference = format!("{}:{channel}", action.action_id);
+        match channel {
+            "email" => self.send_email(action, &content).await,
+            "sms" => {
+                let Some(provider) = self.sms_provider(&action.tenant) else {
+                    return Err(SendError::Permanent("no SMS provider is configured".into()));
+                };
+                let Some(phone) = action.phone.as_deref() else {
+                    return Err(SendError::Permanent("no mobile number".into()));
+                };
+                let callback_url = match provider.kind {
+                    SmsProviderKind::Elks46 => Some(format!(
+                        "{}/v1/receipts/46elks?token={}",
+                        self.receipts_base, self.settings.receipts.elks46_token
+                    )),
+                    kind => Some(format!("{}/v1/receipts/{}", self.receipts_base, kind.name())),
+                };
+                provider
+                    .send(&Sms {
+                        to: phone,
+                        text: &content.sms,
+                        reference: &reference,
+                        callback_url,
+                    })
+                    .await
+            }
+            "webhook" => {
+                let Some(url) = profile.webhook_url.as_deref() else {
+                    return Err(SendError::Permanent("the tenant has no webhook_url".into()));
+                };
+                let body = message::webhook_body(action, &ctx, &content);
+                self.webhook
+                    .send(url, &reference, &body, self.rt.clock.now().timestamp())
+                    .await
+            }
+            other => Err(SendError::Permanent(format!("unknown channel '{other}'"))),
+        }
+    }
+
+    /// Remembers what was sent under the provider's id, for its delivery receipt.
+    async fn remember_sent(&self, action: &JourneyAction, channel: &str, message_id: &str) -> Result<(), Failure> {
+        let provider = match channel {
+            "sms" => self
+                .sms_provider(&action.tenant)
+                .map(|p| p.kind.name())
+                .unwrap_or("sms"),
+            other => other,
+        };
+        let value = serde_json::to_string(&SentMessage {
+            action: action.clone(),
+            channel: channel.to_owned(),
+        })
+        .map_err(|e| Failure::Fatal(e.into()))?;
+        let _: () = redis::cmd("SET")
+            .arg(sent_key(&self.keys, provider, message_id))
+            .arg(value)
+            .arg("EX")
+            .arg(self.settings.receipts.remember_days * 86_400)
+            .query_async(&mut self.redis.clone())
+            .await?;
+        Ok(())
+    }
+
+    async fn send_email(&self, action: &JourneyAction, content: &content::Content) -> Result<String, SendError> {
         let Some(address) = action.email.as_deref() else {
             return Err(SendError::Permanent("no e-mail address".into()));
         };
@@ -254,19 +491,20 @@ impl Dispatch {
             .parse()
             .map_err(|_| SendError::Permanent("e-mail address is not valid".into()))?;
         let message_id = format!("<{}.email@{}>", action.action_id, self.settings.message_id_domain);
-        let content = templates::render(action);
         let message = Message::builder()
             .from(self.from.clone())
             .to(to)
-            .subject(content.subject)
+            .subject(content.subject.clone())
             .message_id(Some(message_id.clone()))
-            .header(ContentType::TEXT_PLAIN)
-            .body(content.body)
+            .multipart(MultiPart::alternative_plain_html(
+                content.text.clone(),
+                content.html.clone(),
+            ))
             .map_err(|e| SendError::Permanent(format!("cannot build the message: {e}")))?;
         match self.mailer.send(message).await {
             Ok(_) => Ok(message_id),
             Err(e) if e.is_permanent() => Err(SendError::Permanent(format!("SMTP server refused the message: {e}"))),
-            Err(e) => Err(SendError::Transient(anyhow::anyhow!("SMTP send failed: {e}"))),
+            Err(e) => Err(SendError::Transient(format!("SMTP send failed: {e}"))),
         }
     }
 }
@@ -315,10 +553,43 @@ impl Handler for Dispatch {
     }
 }
 
+fn sms_providers(settings: &SmsSettings) -> anyhow::Result<Vec<SmsProvider>> {
+    let mut providers = Vec::new();
+    for (kind, s) in [
+        (SmsProviderKind::GatewayApi, &settings.gatewayapi),
+        (SmsProviderKind::Elks46, &settings.elks46),
+        (SmsProviderKind::Twilio, &settings.twilio),
+    ] {
+        if let Some(s) = s {
+            providers.push(SmsProvider::new(kind, s.clone())?);
+        }
+    }
+    if let Some(kind) = settings.provider
+        && !providers.iter().any(|p| p.kind == kind)
+    {
+        anyhow::bail!(
+            "dispatch.sms.provider is '{}' but dispatch.sms.{} is not configured",
+            kind.name(),
+            kind.name()
+        );
+    }
+    Ok(providers)
+}
+
 /// Runs dispatch until shutdown.
 pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let settings: DispatchSettings = config::section(&rt.figment, SERVICE)?;
-    let shell = ServiceShell::start(&rt, SERVICE, PORT_OFFSET, None).await?;
+    let templates = Templates::load(
+        settings.templates_dir.as_deref().map(std::path::Path::new),
+        settings.max_sms_segments,
+    )?;
+    let redis = redis_store::connect(&rt.config.redis).await?;
+    let receipts = Arc::new(receipts::Receipts::new(&rt, redis.clone(), &settings));
+    let receipt_routes = receipts.clone();
+    let shell = ServiceShell::start_with_routes(&rt, SERVICE, PORT_OFFSET, move |metrics, producer| {
+        receipt_routes.router(metrics, producer)
+    })
+    .await?;
     let outcomes = IntCounterVec::new(
         Opts::new(
             "dispatch_outcomes_total",
@@ -337,11 +608,22 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         .from
         .parse()
         .map_err(|e| anyhow::anyhow!("dispatch.smtp.from '{}' is not a mailbox: {e}", settings.smtp.from))?;
+    let receipts_base = settings
+        .receipts
+        .base_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", shell.admin_addr))
+        .trim_end_matches('/')
+        .to_owned();
     let dispatch = Dispatch {
-        redis: redis_store::connect(&rt.config.redis).await?,
+        redis,
         keys: rt.keys(),
         mailer: mailer(&settings.smtp)?,
+        sms: sms_providers(&settings.sms)?,
+        webhook: Webhook::new(settings.webhook.clone())?,
         from,
+        templates,
+        receipts_base,
         settings,
         outcomes_topic: rt.topic(&rt.config.topics.dispatch_outcomes),
         outcomes,

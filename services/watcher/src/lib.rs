@@ -470,6 +470,8 @@ impl Watcher {
             email: inv.contact.email.clone(),
             phone: inv.contact.phone.clone(),
             language: inv.contact.language.clone(),
+            description: inv.description.clone(),
+            covers: Vec::new(),
         }
     }
 

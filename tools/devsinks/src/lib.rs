@@ -1,6 +1,9 @@
 //! DEV AND TEST ONLY: real servers on loopback that record what Forfall sends them.
 //! - [`MailSink`]: an SMTP server (mailin-embedded) keeping every message it accepts.
 //! - [`HttpRecorder`]: an HTTP server keeping every request and answering with a scripted status.
+//! - [`sms::SmsProviderSim`]: the SMS providers' APIs, strict as their documentation.
+
+pub mod sms;
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
@@ -42,9 +45,35 @@ impl ReceivedMail {
         value.map(|v| decode_encoded_words(v.trim()))
     }
 
-    /// The body as a mail client shows it: its Content-Transfer-Encoding (quoted-printable or
-    /// base64) undone, as UTF-8.
+    /// The plain-text body as a mail client shows it: the text/plain part of a multipart
+    /// message, its Content-Transfer-Encoding (quoted-printable or base64) undone.
     pub fn body(&self) -> String {
+        if let Some(text) = self.part_text("text/plain") {
+            return text;
+        }
+        self.single_part_body()
+    }
+
+    /// The HTML alternative, decoded, when the message has one.
+    pub fn html(&self) -> Option<String> {
+        self.part_text("text/html")
+    }
+
+    fn part_text(&self, content_type: &str) -> Option<String> {
+        let (kind, sub) = content_type.split_once('/')?;
+        let message = mail_parser::MessageParser::default().parse(self.raw.as_bytes())?;
+        message
+            .parts
+            .iter()
+            .find(|p| {
+                mail_parser::MimeHeaders::is_content_type(*p, kind, sub)
+                    && matches!(p.body, mail_parser::PartType::Text(_) | mail_parser::PartType::Html(_))
+            })
+            .and_then(|p| p.text_contents().map(str::to_owned))
+            .filter(|_| message.parts.len() > 1)
+    }
+
+    fn single_part_body(&self) -> String {
         use base64::Engine;
         let raw = self.raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
         let encoding = self

@@ -1,0 +1,517 @@
+//! Dispatch on the dev stack: what messages say in each language and tone, SMS through each
+//! provider exactly as documented (against local stand-ins that refuse anything else), the
+//! signed webhook, fallback after a bounce or a permanent error, retries, and receipts.
+
+use forfall::devstack::{LocalStack, eventually};
+use forfall_devsinks::HttpRecorder;
+use forfall_devsinks::sms::{Provider, SmsProviderSim};
+use forfall_domain::paylink::{self, LinkKey};
+use forfall_e2e::{WAIT, at, base_config};
+use forfall_platform::clock::ManualClock;
+use forfall_platform::journey_state::journey_key;
+use forfall_platform::records::{DispatchOutcome, DispatchStatus, JourneyAction, derived_id, new_event_id};
+use forfall_platform::redis_store::Keys;
+
+const TENANT: &str = "acme-energy";
+
+struct Action<'a> {
+    invoice: &'a str,
+    number: &'a str,
+    language: &'a str,
+    tone: &'a str,
+    step_index: i32,
+    channels: &'a [&'a str],
+    fee_minor: i64,
+    pay_by: Option<i32>,
+}
+
+impl Action<'_> {
+    fn build(&self, email: &str, phone: &str) -> JourneyAction {
+        JourneyAction {
+            event_id: new_event_id(),
+            tenant: TENANT.into(),
+            debtor_id: format!("{TENANT}:{email}"),
+            occurred_at: 0,
+            action_id: derived_id("action", &[TENANT, self.invoice, self.tone]),
+            invoice_id: self.invoice.into(),
+            invoice_number: self.number.into(),
+            step: format!("{}-{}", self.tone, self.step_index),
+            step_index: self.step_index,
+            tone: self.tone.into(),
+            channels: self.channels.iter().map(|c| (*c).to_owned()).collect(),
+            send_at: 0,
+            open_minor: 123_450 + self.fee_minor,
+            fee_minor: self.fee_minor,
+            currency: "DKK".into(),
+            due_date: 20_700, // 2026-09-04
+            pay_by: self.pay_by,
+            payment_reference: Some("+71<000000001234567+85937346<".into()),
+            policy_version: "test".into(),
+            jurisdiction: "DK".into(),
+            debtor_name: Some("Karen Blixen".into()),
+            email: Some(email.into()),
+            phone: Some(phone.into()),
+            language: Some(self.language.into()),
+            description: Some("El, august 2026".into()),
+            covers: Vec::new(),
+        }
+    }
+}
+
+async fn stack_with_profile() -> anyhow::Result<LocalStack> {
+    let mut stack = LocalStack::start(base_config(), ManualClock::new(at("2026-09-04T07:00:00Z"))).await?;
+    stack.set("dispatch.tenants.acme-energy.name", "Acme Energi A/S");
+    stack.set(
+        "dispatch.tenants.acme-energy.bank_account",
+        "Reg. 1234 konto 0001234567",
+    );
+    stack.set("dispatch.tenants.acme-energy.contact", "+45 70 10 20 30");
+    stack.set("dispatch.retry.first_ms", 20);
+    Ok(stack)
+}
+
+/// Lets the last look pass: the journey as the watcher leaves it after emitting the step.
+async fn journey_open(stack: &LocalStack, invoice: &str, step_index: i32) -> anyhow::Result<()> {
+    let key = journey_key(&Keys::new(&stack.rt.config.redis.key_prefix), TENANT, invoice);
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("status")
+        .arg(if step_index == 0 { "nudged" } else { "reminded-1" })
+        .arg("step")
+        .arg(step_index + 1)
+        .query_async(&mut stack.redis())
+        .await?;
+    Ok(())
+}
+
+async fn send(stack: &LocalStack, action: &JourneyAction) -> anyhow::Result<()> {
+    journey_open(stack, &action.invoice_id, action.step_index).await?;
+    stack
+        .produce(&stack.topic(&stack.topics().journey_actions), &action.debtor_id, action)
+        .await
+}
+
+async fn outcomes(stack: &LocalStack) -> anyhow::Result<Vec<DispatchOutcome>> {
+    stack.read(&stack.topic(&stack.topics().dispatch_outcomes)).await
+}
+
+async fn outcome_for(
+    stack: &LocalStack,
+    action: &JourneyAction,
+    channel: &str,
+    status: DispatchStatus,
+) -> anyhow::Result<DispatchOutcome> {
+    eventually(
+        &format!("{channel} {status:?} for {}", action.invoice_id),
+        WAIT,
+        || async {
+            Ok(outcomes(stack)
+                .await?
+                .into_iter()
+                .find(|o| o.action_id == action.action_id && o.channel == channel && o.status == status))
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_language_and_tone_arrives_with_what_the_law_requires() -> anyhow::Result<()> {
+    let stack = stack_with_profile().await?;
+    stack.start_service("dispatch");
+    let languages = ["da", "nb", "sv", "fi", "en"];
+    let tones = [("nudge", 0, 0), ("reminder", 1, 10_000), ("collection_warning", 2, 0)];
+    let mut sent = Vec::new();
+    for language in languages {
+        for (tone, step_index, fee) in tones {
+            let invoice: &'static str = Box::leak(format!("inv-{language}-{tone}").into_boxed_str());
+            let email = format!("{language}.{tone}@example.test");
+            let action = Action {
+                invoice,
+                number: "F-2026-0815",
+                language,
+                tone,
+                step_index,
+                channels: &["email"],
+                fee_minor: fee,
+                pay_by: (step_index > 0).then_some(20_714), // 2026-09-18
+            }
+            .build(&email, "+4520304050");
+            send(&stack, &action).await?;
+            sent.push((language, tone, email, action));
+        }
+    }
+    eventually("every message", WAIT, || async {
+        Ok((stack.mail.messages().len() >= sent.len()).then_some(()))
+    })
+    .await?;
+    let key = LinkKey {
+        id: "dev".into(),
+        secret: b"forfall-dev-pay-link-secret".to_vec(),
+    };
+    // Expected words: (language, tone) → a phrase of the subject and one of the body.
+    let expected = |language: &str, tone: &str| -> (&str, &str) {
+        match (language, tone) {
+            ("da", "nudge") => ("forfalder", "En venlig påmindelse"),
+            ("da", "reminder") => ("Påmindelse", "Vi har endnu ikke modtaget betaling"),
+            ("da", _) => ("Inkassovarsel", "sender vi kravet til inkasso"),
+            ("nb", "nudge") => ("forfaller", "En vennlig påminnelse"),
+            ("nb", "reminder") => ("Påminnelse", "Vi har ennå ikke mottatt betaling"),
+            ("nb", _) => ("Inkassovarsel", "blir kravet sendt til inkasso"),
+            ("sv", "nudge") => ("förfaller", "En vänlig påminnelse"),
+            ("sv", "reminder") => ("Påminnelse", "Vi har ännu inte fått betalning"),
+            ("sv", _) => ("Inkassovarning", "lämnas fordran till inkasso"),
+            ("fi", "nudge") => ("erääntyy", "Ystävällinen muistutus"),
+            ("fi", "reminder") => ("Maksumuistutus", "Emme ole vielä saaneet maksua"),
+            ("fi", _) => ("Perintävaroitus", "saatava siirretään perintään"),
+            (_, "nudge") => ("is due", "A friendly reminder"),
+            (_, "reminder") => ("Reminder", "We have not yet received payment"),
+            _ => ("Collection warning", "passed to a debt collection agency"),
+        }
+    };
+    for (language, tone, email, action) in &sent {
+        let mails = stack.mail.to(email);
+        assert_eq!(mails.len(), 1, "{email}: one message");
+        let mail = &mails[0];
+        let subject = mail.header("Subject").unwrap_or_default();
+        let text = mail.body();
+        let html = mail.html().unwrap_or_default();
+        let (in_subject, in_body) = expected(language, tone);
+        assert!(subject.contains(in_subject), "{language}/{tone} subject: {subject}");
+        assert!(
+            subject.contains("F-2026-0815"),
+            "{language}/{tone} subject names the invoice"
+        );
+        assert!(text.contains(in_body), "{language}/{tone} text:\n{text}");
+        assert!(
+            html.contains(in_body),
+            "{language}/{tone} has an HTML part with the same words"
+        );
+        // What the claim is for, the amount (locale-formatted), the due date, the payment details.
+        let amount = if *language == "en" {
+            "DKK\u{a0}1,234.50"
+        } else if *language == "da" {
+            "1.234,50\u{a0}kr."
+        } else {
+            "1\u{a0}234,50"
+        };
+        for needle in [
+            "El, august 2026",
+            amount,
+            "Reg. 1234 konto 0001234567",
+            "+71<000000001234567+85937346<",
+            "Acme Energi A/S",
+            "Karen Blixen",
+        ] {
+            assert!(
+                text.contains(needle),
+                "{language}/{tone} text lacks {needle:?}:\n{text}"
+            );
+        }
+        if *tone == "reminder" {
+            let fee = if *language == "da" { "100,00\u{a0}kr." } else { "100" };
+            assert!(text.contains(fee), "{language}/{tone} shows the fee:\n{text}");
+        }
+        if *tone != "nudge" {
+            let deadline = match *language {
+                "sv" => "2026-09-18",
+                "fi" => "18.9.2026",
+                "en" => "18 September 2026",
+                _ => "18.09.2026",
+            };
+            assert!(text.contains(deadline), "{language}/{tone} gives the deadline:\n{text}");
+        }
+        // The pay link verifies and is scoped to this debtor and invoice.
+        let link = text
+            .split_whitespace()
+            .find(|w| w.starts_with("http://127.0.0.1:8096/pay/"))
+            .unwrap_or_else(|| panic!("{language}/{tone}: no pay link in\n{text}"));
+        let claims = paylink::verify(
+            std::slice::from_ref(&key),
+            link.trim_start_matches("http://127.0.0.1:8096/pay/"),
+            at("2026-09-05T00:00:00Z").timestamp(),
+        )?;
+        assert_eq!(claims.debtor_id, action.debtor_id);
+        assert_eq!(claims.invoices, vec![action.invoice_id.clone()]);
+        assert_eq!(
+            mail.header("Message-ID").unwrap_or_default(),
+            format!("<{}.email@forfall.invalid>", action.action_id)
+        );
+    }
+    stack.shutdown().await;
+    Ok(())
+}
+
+struct Sims {
+    gatewayapi: SmsProviderSim,
+    elks: SmsProviderSim,
+    twilio: SmsProviderSim,
+}
+
+async fn with_sms_providers(stack: &mut LocalStack) -> anyhow::Result<Sims> {
+    let sims = Sims {
+        gatewayapi: SmsProviderSim::start(Provider::GatewayApi, "", "gw-token-1").await?,
+        elks: SmsProviderSim::start(Provider::Elks46, "u1234abcd", "elks-password").await?,
+        twilio: SmsProviderSim::start(
+            Provider::Twilio,
+            "AC0123456789abcdef0123456789abcdef",
+            "twilio-auth-token",
+        )
+        .await?,
+    };
+    stack.set("dispatch.sms.gatewayapi.url", sims.gatewayapi.url());
+    stack.set("dispatch.sms.gatewayapi.token", "gw-token-1");
+    stack.set("dispatch.sms.gatewayapi.sender", "AcmeEnergi");
+    stack.set("dispatch.sms.46elks.url", sims.elks.url());
+    stack.set("dispatch.sms.46elks.username", "u1234abcd");
+    stack.set("dispatch.sms.46elks.password", "elks-password");
+    stack.set("dispatch.sms.46elks.sender", "AcmeEnergi");
+    stack.set("dispatch.sms.twilio.url", sims.twilio.url());
+    stack.set("dispatch.sms.twilio.username", "AC0123456789abcdef0123456789abcdef");
+    stack.set("dispatch.sms.twilio.password", "twilio-auth-token");
+    stack.set("dispatch.sms.twilio.sender", "+4591000000");
+    stack.set("dispatch.sms.provider", "gatewayapi");
+    stack.set("dispatch.receipts.gatewayapi_secret", "gw-webhook-secret");
+    Ok(sims)
+}
+
+fn sms_action(invoice: &'static str, language: &'static str, channels: &'static [&'static str]) -> Action<'static> {
+    Action {
+        invoice,
+        number: "F-77",
+        language,
+        tone: "reminder",
+        step_index: 1,
+        channels,
+        fee_minor: 0,
+        pay_by: Some(20_714),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_sms_provider_gets_exactly_what_its_api_documents() -> anyhow::Result<()> {
+    let mut stack = stack_with_profile().await?;
+    let sims = with_sms_providers(&mut stack).await?;
+    // GatewayAPI is the default provider; a tenant may name another (below).
+    stack.start_service("dispatch");
+    let gw = sms_action("sms-gw", "da", &["sms"]).build("gw@example.test", "+4520304050");
+    send(&stack, &gw).await?;
+    let sent = outcome_for(&stack, &gw, "sms", DispatchStatus::Sent).await?;
+    let accepted = sims.gatewayapi.accepted();
+    assert_eq!(accepted.len(), 1, "refused: {:?}", sims.gatewayapi.refused());
+    let sms = &accepted[0];
+    assert_eq!(sms.to, "4520304050", "msisdn without '+'");
+    assert_eq!(sms.from, "AcmeEnergi");
+    assert!(sms.content_type.starts_with("application/json"));
+    assert_eq!(sms.userref.as_deref(), Some(format!("{}:sms", gw.action_id).as_str()));
+    assert_eq!(sms.encoding, None, "Danish fits GSM-7: no UCS2");
+    assert!(
+        sms.text
+            .starts_with("Påmindelse fra Acme Energi A/S: 1.234,50 kr. er ikke betalt."),
+        "{}",
+        sms.text
+    );
+    assert!(sms.text.contains("http://127.0.0.1:8096/pay/v1.dev."), "{}", sms.text);
+    assert!(
+        sms.callback_url
+            .as_deref()
+            .is_some_and(|u| u.ends_with("/v1/receipts/gatewayapi")),
+        "{:?}",
+        sms.callback_url
+    );
+    assert_eq!(sent.provider_message_id.as_deref(), Some(sms.id.as_str()));
+    stack.shutdown().await;
+
+    // The same action text through 46elks and Twilio, chosen per tenant.
+    for provider in ["46elks", "twilio"] {
+        let mut stack = stack_with_profile().await?;
+        let sims = with_sms_providers(&mut stack).await?;
+        let sim = if provider == "46elks" { &sims.elks } else { &sims.twilio };
+        stack.set("dispatch.tenants.acme-energy.sms_provider", provider);
+        stack.start_service("dispatch");
+        let invoice: &'static str = Box::leak(format!("sms-{provider}").into_boxed_str());
+        let action = sms_action(invoice, "sv", &["sms"]).build("se@example.test", "+46701740605");
+        send(&stack, &action).await?;
+        let sent = outcome_for(&stack, &action, "sms", DispatchStatus::Sent).await?;
+        let accepted = sim.accepted();
+        assert_eq!(accepted.len(), 1, "{provider} refused: {:?}", sim.refused());
+        let sms = &accepted[0];
+        assert_eq!(sms.to, "+46701740605", "{provider}: E.164 with '+'");
+        assert!(sms.content_type.starts_with("application/x-www-form-urlencoded"));
+        assert!(
+            sms.text
+                .starts_with("Påminnelse från Acme Energi A/S: 1 234,50 DKK är obetalt."),
+            "{}",
+            sms.text
+        );
+        assert_eq!(sent.provider_message_id.as_deref(), Some(sms.id.as_str()));
+        let callback = sms.callback_url.clone().unwrap_or_default();
+        match provider {
+            "46elks" => {
+                assert_eq!(sms.from, "AcmeEnergi");
+                assert!(sms.id.starts_with('s'));
+                assert!(callback.contains("/v1/receipts/46elks?token="), "{callback}");
+            }
+            _ => {
+                assert_eq!(sms.from, "+4591000000");
+                assert!(sms.id.starts_with("SM"));
+                assert!(callback.ends_with("/v1/receipts/twilio"), "{callback}");
+            }
+        }
+        stack.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bounced_sms_falls_back_to_email_and_receipts_become_outcomes() -> anyhow::Result<()> {
+    let mut stack = stack_with_profile().await?;
+    let sims = with_sms_providers(&mut stack).await?;
+    stack.start_service("dispatch");
+    let bounced = sms_action("bounce-1", "da", &["sms", "email"]).build("b1@example.test", "+4520000001");
+    let delivered = sms_action("deliver-1", "da", &["sms", "email"]).build("d1@example.test", "+4520000002");
+    send(&stack, &bounced).await?;
+    send(&stack, &delivered).await?;
+    let first = outcome_for(&stack, &bounced, "sms", DispatchStatus::Sent).await?;
+    let second = outcome_for(&stack, &delivered, "sms", DispatchStatus::Sent).await?;
+    assert!(stack.mail.messages().is_empty(), "the SMS went out: no e-mail yet");
+
+    // A forged receipt is refused and changes nothing.
+    let forged = sims
+        .gatewayapi
+        .send_receipt(
+            first.provider_message_id.as_deref().unwrap_or(""),
+            "UNDELIVERABLE",
+            "not-the-secret",
+        )
+        .await?;
+    assert_eq!(forged, 401);
+
+    let status = sims
+        .gatewayapi
+        .send_receipt(
+            first.provider_message_id.as_deref().unwrap_or(""),
+            "UNDELIVERABLE",
+            "gw-webhook-secret",
+        )
+        .await?;
+    assert_eq!(status, 200);
+    let bounce = outcome_for(&stack, &bounced, "sms", DispatchStatus::Bounced).await?;
+    assert!(
+        bounce.reason.as_deref().unwrap_or("").contains("UNDELIVERABLE"),
+        "{:?}",
+        bounce.reason
+    );
+    outcome_for(&stack, &bounced, "email", DispatchStatus::Sent).await?;
+    assert_eq!(stack.mail.to("b1@example.test").len(), 1, "the fallback e-mail");
+
+    let status = sims
+        .gatewayapi
+        .send_receipt(
+            second.provider_message_id.as_deref().unwrap_or(""),
+            "DELIVERED",
+            "gw-webhook-secret",
+        )
+        .await?;
+    assert_eq!(status, 200);
+    outcome_for(&stack, &delivered, "sms", DispatchStatus::Delivered).await?;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(stack.mail.to("d1@example.test").is_empty(), "delivered: no fallback");
+    assert_eq!(sims.gatewayapi.accepted().len(), 2, "each SMS sent once");
+    let all = outcomes(&stack).await?;
+    assert_eq!(
+        all.iter().filter(|o| o.status == DispatchStatus::Bounced).count(),
+        1,
+        "the forged receipt produced nothing"
+    );
+    stack.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transient_provider_errors_are_retried_and_permanent_ones_fall_back() -> anyhow::Result<()> {
+    let mut stack = stack_with_profile().await?;
+    let sims = with_sms_providers(&mut stack).await?;
+    stack.set("dispatch.tenants.acme-energy.sms_provider", "twilio");
+    stack.start_service("dispatch");
+    // Twilio is briefly unavailable (503, then 429), then takes the message.
+    sims.twilio.answer_next(&[
+        (503, r#"{"code":20500,"message":"Internal Server Error","status":503}"#),
+        (429, r#"{"code":20429,"message":"Too Many Requests","status":429}"#),
+    ]);
+    let retried = sms_action("retry-1", "en", &["sms", "email"]).build("r1@example.test", "+4520000003");
+    send(&stack, &retried).await?;
+    outcome_for(&stack, &retried, "sms", DispatchStatus::Sent).await?;
+    assert_eq!(sims.twilio.accepted().len(), 1);
+    // Then it refuses a number for good (21211): the e-mail is the fallback.
+    sims.twilio.answer_next(&[(
+        400,
+        r#"{"code":21211,"message":"The 'To' number +4520000004 is not a valid phone number.","more_info":"https://www.twilio.com/docs/errors/21211","status":400}"#,
+    )]);
+    let refused = sms_action("refused-1", "en", &["sms", "email"]).build("r2@example.test", "+4520000004");
+    send(&stack, &refused).await?;
+    let failed = outcome_for(&stack, &refused, "sms", DispatchStatus::Failed).await?;
+    let reason = failed.reason.unwrap_or_default();
+    assert!(
+        reason.contains("21211") && reason.contains("not a valid phone number"),
+        "{reason}"
+    );
+    outcome_for(&stack, &refused, "email", DispatchStatus::Sent).await?;
+    assert_eq!(stack.mail.to("r2@example.test").len(), 1);
+    assert_eq!(
+        stack.mail.to("r1@example.test").len(),
+        0,
+        "the retried SMS needed no fallback"
+    );
+    stack.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_webhook_channel_signs_what_it_sends() -> anyhow::Result<()> {
+    let mut stack = stack_with_profile().await?;
+    let hook = HttpRecorder::start().await?;
+    hook.answer_with(&[200]);
+    stack.set(
+        "dispatch.tenants.acme-energy.webhook_url",
+        hook.url("/forfall/messages"),
+    );
+    stack.set("dispatch.webhook.secret", "tenant-shared-secret");
+    stack.start_service("dispatch");
+    let action = sms_action("hook-1", "nb", &["webhook"]).build("w@example.test", "+4790000001");
+    send(&stack, &action).await?;
+    outcome_for(&stack, &action, "webhook", DispatchStatus::Sent).await?;
+    let requests = hook.requests();
+    assert_eq!(requests.len(), 1);
+    let request = &requests[0];
+    assert_eq!(request.path, "/forfall/messages");
+    assert_eq!(
+        request.header("idempotency-key"),
+        Some(format!("{}:webhook", action.action_id).as_str())
+    );
+    let signature = request.header("forfall-signature").unwrap_or_default();
+    let now = at("2026-09-04T07:00:00Z").timestamp();
+    assert!(forfall_dispatch::channels::verify_webhook_signature(
+        "tenant-shared-secret",
+        signature,
+        &request.body,
+        now,
+        300
+    ));
+    assert!(!forfall_dispatch::channels::verify_webhook_signature(
+        "another-secret",
+        signature,
+        &request.body,
+        now,
+        300
+    ));
+    let body = request.json();
+    assert_eq!(body["action_id"], action.action_id.as_str());
+    assert_eq!(body["invoice_ids"], serde_json::json!(["hook-1"]));
+    assert!(
+        body["subject"].as_str().unwrap_or("").starts_with("Påminnelse"),
+        "{body}"
+    );
+    assert!(body["pay_link"].as_str().unwrap_or("").contains("/pay/v1.dev."));
+    stack.shutdown().await;
+    Ok(())
+}
