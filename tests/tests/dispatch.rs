@@ -515,3 +515,47 @@ async fn the_webhook_channel_signs_what_it_sends() -> anyhow::Result<()> {
     stack.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_due_outside_contact_hours_waits_for_the_next_allowed_moment() -> anyhow::Result<()> {
+    // Friday 4 September 2026, 21:30 in Copenhagen: after the weekday window (08:00–21:00).
+    let clock = ManualClock::new(at("2026-09-04T19:30:00Z"));
+    let mut stack = LocalStack::start(base_config(), clock.clone()).await?;
+    stack.set("dispatch.deferred_poll_ms", 100);
+    stack.start_service("dispatch");
+    let late = sms_action("late-1", "da", &["email"]).build("late@example.test", "+4520000009");
+    let paid = sms_action("paid-overnight", "da", &["email"]).build("paid@example.test", "+4520000010");
+    send(&stack, &late).await?;
+    send(&stack, &paid).await?;
+    eventually("both held", WAIT, || async {
+        let m = stack.metrics("dispatch").await.unwrap_or_default();
+        Ok(
+            (forfall_e2e::metric_value(&m, "forfall_dispatch_deferred_total", &["jurisdiction=\"DK\""]) == Some(2.0))
+                .then_some(()),
+        )
+    })
+    .await?;
+    // Saturday 08:59: still outside (Saturdays 09:00–15:00). One invoice is paid overnight.
+    let key = journey_key(&Keys::new(&stack.rt.config.redis.key_prefix), TENANT, "paid-overnight");
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("status")
+        .arg("closed:paid")
+        .query_async(&mut stack.redis())
+        .await?;
+    clock.set(at("2026-09-05T06:59:00Z"));
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(stack.mail.messages().is_empty(), "nothing before the window opens");
+    assert!(outcomes(&stack).await?.is_empty(), "held, not decided");
+    clock.set(at("2026-09-05T07:00:00Z"));
+    outcome_for(&stack, &late, "email", DispatchStatus::Sent).await?;
+    let suppressed = outcome_for(&stack, &paid, "email", DispatchStatus::Suppressed).await?;
+    assert_eq!(suppressed.reason.as_deref(), Some("invoice is closed:paid"));
+    assert_eq!(stack.mail.to("late@example.test").len(), 1);
+    assert!(
+        stack.mail.to("paid@example.test").is_empty(),
+        "paid overnight: never sent"
+    );
+    stack.shutdown().await;
+    Ok(())
+}

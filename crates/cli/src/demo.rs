@@ -11,8 +11,8 @@ use forfall_domain::invoice::epoch_days;
 use forfall_platform::clock::AcceleratedClock;
 use forfall_platform::config::CommonConfig;
 use forfall_platform::records::{
-    DispatchOutcome, DispatchStatus, InvoiceCredited, InvoiceIssued, JourneyEvent, PaymentReceived, Rejected,
-    new_event_id,
+    DispatchOutcome, DispatchStatus, InvoiceCredited, InvoiceIssued, JourneyEvent, PaymentReceived, PaymentUnmatched,
+    Rejected, new_event_id,
 };
 
 use crate::devstack::LocalStack;
@@ -66,7 +66,7 @@ fn demo_cases() -> Vec<Case> {
             currency: "DKK",
             language: "da",
             amount_minor: 74_500,
-            reference: "RF47100001",
+            reference: "RF69100001",
             story: "pays two days before the due date",
             behaviour: PaysBeforeDue,
         },
@@ -79,7 +79,7 @@ fn demo_cases() -> Vec<Case> {
             currency: "NOK",
             language: "nb",
             amount_minor: 129_000,
-            reference: "1000020",
+            reference: "1000025",
             story: "pays after the friendly nudge",
             behaviour: PaysAfterNudge,
         },
@@ -92,7 +92,7 @@ fn demo_cases() -> Vec<Case> {
             currency: "SEK",
             language: "sv",
             amount_minor: 89_900,
-            reference: "1000036",
+            reference: "1000033",
             story: "never pays",
             behaviour: NeverPays,
         },
@@ -105,7 +105,7 @@ fn demo_cases() -> Vec<Case> {
             currency: "EUR",
             language: "fi",
             amount_minor: 15_000,
-            reference: "1000049",
+            reference: "1000041",
             story: "pays half after the nudge",
             behaviour: PaysHalfAfterNudge,
         },
@@ -118,7 +118,7 @@ fn demo_cases() -> Vec<Case> {
             currency: "DKK",
             language: "en",
             amount_minor: 30_000,
-            reference: "RF71100005",
+            reference: "RF58100005",
             story: "is credited in full before the due date",
             behaviour: CreditedBeforeDue,
         },
@@ -131,7 +131,7 @@ fn demo_cases() -> Vec<Case> {
             currency: "SEK",
             language: "sv",
             amount_minor: -500,
-            reference: "1000062",
+            reference: "1000066",
             story: "billing sends a negative amount",
             behaviour: Invalid,
         },
@@ -210,7 +210,15 @@ pub async fn run(mut common: CommonConfig, _figment: Figment, args: DemoArgs) ->
         "Forfall demo: the whole pipeline on the dev stack, simulated time at {:.0} days per second.",
         args.speed / 86_400.0
     );
-    let stack = LocalStack::start(common, clock.clone()).await?;
+    let mut stack = LocalStack::start(common, clock.clone()).await?;
+    // What the creditor's messages say about it (a tenant's `dispatch.tenants.<id>` section).
+    stack.set("dispatch.tenants.demo-utility.name", "Nordlys Forsyning");
+    stack.set(
+        "dispatch.tenants.demo-utility.bank_account",
+        "IBAN DK50 0040 0440 1162 43",
+    );
+    stack.set("dispatch.tenants.demo-utility.contact", "kundeservice@nordlys.example");
+    let stack = stack;
     stack.start_all();
     stack.wait_ready(&crate::TARGETS, Duration::from_secs(60)).await?;
     for name in crate::TARGETS {
@@ -297,7 +305,10 @@ async fn drive(stack: &LocalStack, timeout_secs: u64) -> anyhow::Result<()> {
             }
             all_done &= done(c, status.as_deref(), &rejected);
         }
-        let stray_seen = rejected.iter().any(|r| r.reason_code == "payment_unmatched");
+        let stray_seen = !stack
+            .read::<PaymentUnmatched>(&stack.topic(&stack.topics().payments_unmatched))
+            .await?
+            .is_empty();
         let handoffs_seen = stack.agency.requests().len() >= 2;
         if all_done && stray_seen && handoffs_seen {
             break;
@@ -375,8 +386,14 @@ async fn summary(stack: &LocalStack, cases: &[Case]) -> anyhow::Result<()> {
         }
         println!("    final state: {}", status.unwrap_or_else(|| "unknown".into()));
     }
-    for r in rejected.iter().filter(|r| r.reason_code == "payment_unmatched") {
-        println!("\n  stray payment — {}: {}", r.reason_code, r.detail);
+    let unmatched = stack
+        .read::<PaymentUnmatched>(&stack.topic(&stack.topics().payments_unmatched))
+        .await?;
+    for u in &unmatched {
+        println!(
+            "\n  stray payment {} ({} {}) — kept as unmatched for a person to look at: {}",
+            u.payment_id, u.amount_minor, u.currency, u.reason
+        );
     }
     Ok(())
 }

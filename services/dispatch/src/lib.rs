@@ -12,6 +12,7 @@
 
 pub mod channels;
 pub mod content;
+mod deferral;
 mod message;
 mod ratelimit;
 mod receipts;
@@ -22,6 +23,8 @@ use std::sync::Arc;
 
 use channels::{SendError, Sms, SmsProvider, SmsProviderKind, Webhook};
 use content::Templates;
+use forfall_domain::Jurisdiction;
+use forfall_domain::calendar::{ContactHours, next_contact_moment};
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, run_consumer};
 use forfall_platform::records::{DispatchOutcome, DispatchStatus, JourneyAction, derived_id};
 use forfall_platform::redis_store::{self, Keys};
@@ -174,6 +177,10 @@ pub struct DispatchSettings {
     pub webhook: channels::WebhookSettings,
     pub retry: RetrySettings,
     pub receipts: ReceiptSettings,
+    /// Contact hours per jurisdiction (DK, NO, SE, FI), overriding the domain's defaults.
+    pub contact_hours: std::collections::BTreeMap<String, ContactHours>,
+    /// How often actions held for contact hours are looked at.
+    pub deferred_poll_ms: u64,
 }
 
 impl Default for DispatchSettings {
@@ -190,6 +197,8 @@ impl Default for DispatchSettings {
             webhook: channels::WebhookSettings::default(),
             retry: RetrySettings::default(),
             receipts: ReceiptSettings::default(),
+            contact_hours: Default::default(),
+            deferred_poll_ms: 500,
         }
     }
 }
@@ -221,6 +230,7 @@ pub struct Dispatch {
     receipts_base: String,
     outcomes_topic: String,
     outcomes: IntCounterVec,
+    deferred: IntCounterVec,
     suppression_lag: Histogram,
     /// Actions whose journey write has not landed yet, and since when (real time).
     lagging: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
@@ -271,6 +281,34 @@ impl Dispatch {
             .or_insert_with(std::time::Instant::now)
             .elapsed()
             >= Duration::from_secs(30)
+    }
+
+    /// When the debtor's contact hours forbid contact now: the next allowed moment.
+    fn outside_contact_hours(&self, action: &JourneyAction) -> Result<Option<chrono::DateTime<chrono::Utc>>, Failure> {
+        let jurisdiction: Jurisdiction = action.jurisdiction.parse().map_err(|_| {
+            Failure::reject(
+                "unknown_jurisdiction",
+                format!(
+                    "action {}: jurisdiction '{}' is not DK, NO, SE or FI",
+                    action.action_id, action.jurisdiction
+                ),
+            )
+        })?;
+        let hours = self
+            .settings
+            .contact_hours
+            .get(jurisdiction.code())
+            .copied()
+            .unwrap_or_else(|| ContactHours::default_for(jurisdiction));
+        let now = self.rt.clock.now();
+        match next_contact_moment(&hours, jurisdiction, now) {
+            Some(moment) if moment > now => Ok(Some(moment)),
+            Some(_) => Ok(None),
+            None => Err(Failure::reject(
+                "no_contact_hours",
+                format!("the contact hours for {} allow no contact at all", jurisdiction.code()),
+            )),
+        }
     }
 
     fn claim_key(&self, action_id: &str, channel: &str) -> String {
@@ -512,6 +550,12 @@ impl Dispatch {
 impl Handler for Dispatch {
     async fn handle(&self, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
         let action: JourneyAction = self.rt.codec.decode(record.payload.as_deref()).await?.to()?;
+        if let Some(until) = self.outside_contact_hours(&action)? {
+            deferral::hold(&mut self.redis.clone(), &self.keys, &action, until).await?;
+            self.deferred.with_label_values(&[&action.jurisdiction]).inc();
+            tracing::info!(step = %action.step, until = %until, "outside the debtor's contact hours: held");
+            return Ok(Vec::new());
+        }
         let mut outs = Vec::new();
         for channel in &action.channels {
             let result = self.deliver(&action, channel).await?;
@@ -601,7 +645,15 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         "dispatch_suppressed_after_due_seconds",
         "For suppressed messages: time from the step falling due to the suppression (simulated time)",
     ))?;
+    let deferred = IntCounterVec::new(
+        Opts::new(
+            "dispatch_deferred_total",
+            "Actions held until the debtor's contact hours, by jurisdiction",
+        ),
+        &["jurisdiction"],
+    )?;
     shell.metrics.registry.register(Box::new(outcomes.clone()))?;
+    shell.metrics.registry.register(Box::new(deferred.clone()))?;
     shell.metrics.registry.register(Box::new(suppression_lag.clone()))?;
     let from: Mailbox = settings
         .smtp
@@ -627,12 +679,21 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         settings,
         outcomes_topic: rt.topic(&rt.config.topics.dispatch_outcomes),
         outcomes,
+        deferred,
         suppression_lag,
         lagging: std::sync::Mutex::default(),
         rt: rt.clone(),
     };
+    let releaser = tokio::spawn(deferral::release_due(
+        rt.clone(),
+        dispatch.redis.clone(),
+        shell.producer.clone(),
+        Duration::from_millis(dispatch.settings.deferred_poll_ms),
+    ));
     let consumer = shell.consumer(&rt, SERVICE, &[rt.topic(&rt.config.topics.journey_actions)])?;
-    run_consumer(consumer, dispatch, shell.loop_context(&rt)).await?;
+    let result = run_consumer(consumer, dispatch, shell.loop_context(&rt)).await;
+    releaser.abort();
+    result?;
     shell.producer.flush(Duration::from_secs(5)).await;
     Ok(())
 }
