@@ -154,10 +154,10 @@ async fn a_redelivered_action_and_a_crashed_dispatch_still_send_exactly_one_emai
     // The send is on record even when the kill came before its outcome was produced: every
     // redelivery reports the same SENT outcome (one event id, one Message-ID). The one window
     // left by design (a kill between the SMTP server's acceptance and recording it) shows as
-    // DUPLICATE "claimed ... did not confirm" instead, and still sends nothing again.
+    // DUPLICATE "delivery unknown" instead, and still sends nothing again.
     let sent: Vec<&DispatchOutcome> = outcomes.iter().filter(|o| o.status == DispatchStatus::Sent).collect();
     let unconfirmed = |o: &&DispatchOutcome| {
-        o.status == DispatchStatus::Duplicate && o.reason.as_deref().unwrap_or("").contains("did not confirm")
+        o.status == DispatchStatus::Duplicate && o.reason.as_deref().unwrap_or("").contains("delivery unknown")
     };
     assert!(
         !sent.is_empty() || outcomes.iter().any(|o| unconfirmed(&o)),

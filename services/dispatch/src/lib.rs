@@ -4,11 +4,19 @@
 //! message. Every action ends as a `DispatchOutcome`.
 //!
 //! The exact guarantee: a provider is handed a given (action, channel) at most once. The
-//! claim is taken atomically (`SET NX`) before the send and marked `sent` after it. The one
-//! remaining window is a crash after the provider accepted the message and before `sent` was
-//! recorded: the redelivered action finds the claim and reports `DUPLICATE` ("claimed, not
-//! confirmed") rather than risk a second message. The e-mail's Message-ID is derived from the
-//! action, so even a message re-sent by hand is recognisably the same one.
+//! claim (one Redis key per action and channel) moves `claimed` → `sending` → `sent` (or
+//! `failed`, `suppressed`):
+//! - `claimed:<attempt>` is taken atomically (`SET NX`) with a short lease before the last look.
+//!   An attempt that stops there has called no provider: when the lease runs out the
+//!   redelivered action claims it again and sends.
+//! - `sending:<attempt>` is written (compare-and-set from this attempt's own lease) right before
+//!   the provider is called, and `sent:<id>` right after it answers.
+//!
+//! The one remaining window is a stop *during* the provider call (between `sending` and
+//! `sent`): the provider may or may not have taken the message, so the redelivered action
+//! reports `DUPLICATE` ("delivery unknown, not sent again") rather than risk a second one.
+//! The e-mail's Message-ID is derived from the action, so even a message re-sent by hand is
+//! recognisably the same one.
 
 pub mod channels;
 pub mod content;
@@ -16,6 +24,7 @@ mod deferral;
 mod message;
 mod ratelimit;
 mod receipts;
+mod smtp;
 
 use std::time::Duration;
 
@@ -30,9 +39,8 @@ use forfall_platform::records::{DispatchOutcome, DispatchStatus, JourneyAction, 
 use forfall_platform::redis_store::{self, Keys};
 use forfall_platform::service::{Runtime, ServiceShell};
 use forfall_platform::{config, journey_state};
+use lettre::Message;
 use lettre::message::{Mailbox, MultiPart};
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
@@ -181,6 +189,11 @@ pub struct DispatchSettings {
     pub contact_hours: std::collections::BTreeMap<String, ContactHours>,
     /// How often actions held for contact hours are looked at.
     pub deferred_poll_ms: u64,
+    /// How long a claim protects a message before its provider is called: an attempt that
+    /// stops in that time frees the message for the redelivery once the lease runs out.
+    pub claim_lease_ms: u64,
+    /// Actions handled at once (one debtor's in order): sending waits mostly on the network.
+    pub concurrency: usize,
 }
 
 impl Default for DispatchSettings {
@@ -199,22 +212,10 @@ impl Default for DispatchSettings {
             receipts: ReceiptSettings::default(),
             contact_hours: Default::default(),
             deferred_poll_ms: 500,
+            claim_lease_ms: 5_000,
+            concurrency: 16,
         }
     }
-}
-
-fn mailer(s: &SmtpSettings) -> anyhow::Result<AsyncSmtpTransport<Tokio1Executor>> {
-    let builder = match s.tls.as_str() {
-        "none" => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&s.host),
-        "starttls" => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&s.host)?,
-        "tls" => AsyncSmtpTransport::<Tokio1Executor>::relay(&s.host)?,
-        other => anyhow::bail!("dispatch.smtp.tls is '{other}': expected none, starttls or tls"),
-    };
-    let mut builder = builder.port(s.port).timeout(Some(Duration::from_millis(s.timeout_ms)));
-    if let (Some(user), Some(pass)) = (&s.username, &s.password) {
-        builder = builder.credentials(Credentials::new(user.clone(), pass.clone()));
-    }
-    Ok(builder.build())
 }
 
 pub struct Dispatch {
@@ -224,7 +225,7 @@ pub struct Dispatch {
     settings: DispatchSettings,
     templates: Templates,
     from: Mailbox,
-    mailer: AsyncSmtpTransport<Tokio1Executor>,
+    mailer: smtp::SmtpClient,
     sms: Vec<SmsProvider>,
     webhook: Webhook,
     receipts_base: String,
@@ -252,6 +253,41 @@ impl ChannelResult {
             reason: reason.into(),
             provider_message_id: None,
             redelivered: false,
+        }
+    }
+}
+
+/// The point after which a stop leaves a delivery unknown: the claim moves from this attempt's
+/// lease to `sending`, right before the provider can have the message. Idempotent, so that a
+/// retried send commits again harmlessly.
+struct Commit<'a> {
+    dispatch: &'a Dispatch,
+    key: &'a str,
+    lease: &'a str,
+    sending: String,
+}
+
+impl Commit<'_> {
+    async fn commit(&self) -> Result<(), SendError> {
+        let lost = |e: Failure| SendError::Transient(format!("cannot record the send's start: {e:?}"));
+        if self
+            .dispatch
+            .move_claim(self.key, self.lease, &self.sending)
+            .await
+            .map_err(lost)?
+        {
+            return Ok(());
+        }
+        let state: Option<String> = redis::cmd("GET")
+            .arg(self.key)
+            .query_async(&mut self.dispatch.redis.clone())
+            .await
+            .map_err(|e| lost(e.into()))?;
+        if state.as_deref() == Some(self.sending.as_str()) {
+            Ok(())
+        } else {
+            // The lease ran out and the claim moved on: this attempt must not send.
+            Err(SendError::Transient("the claim's lease ran out before the send".into()))
         }
     }
 }
@@ -339,43 +375,94 @@ impl Dispatch {
         self.sms.iter().find(|p| p.kind == kind)
     }
 
+    /// Moves the claim from `from` to `to` (deleting it when `to` is empty) only if it still
+    /// holds `from`: an attempt whose lease ran out must not overwrite its successor's claim.
+    async fn move_claim(&self, key: &str, from: &str, to: &str) -> Result<bool, Failure> {
+        static MOVE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+                  if ARGV[2] == '' then redis.call('DEL', KEYS[1])
+                  else redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
+                  return 1",
+            )
+        });
+        let moved: i32 = MOVE
+            .key(key)
+            .arg(from)
+            .arg(to)
+            .arg(self.ttl_secs())
+            .invoke_async(&mut self.redis.clone())
+            .await?;
+        Ok(moved == 1)
+    }
+
+    /// What a redelivered action finds when its claim is taken.
+    async fn claimed_before(&self, key: &str) -> Result<ChannelResult, Failure> {
+        let state: Option<String> = redis::cmd("GET").arg(key).query_async(&mut self.redis.clone()).await?;
+        let state = state.unwrap_or_default();
+        let redelivered = |status, reason: String, provider_message_id: Option<String>| ChannelResult {
+            status,
+            reason: Some(reason),
+            provider_message_id,
+            redelivered: true,
+        };
+        if let Some(message_id) = state.strip_prefix("sent:") {
+            // Sent before, perhaps by an attempt that died before reporting it: report SENT
+            // again under the same event id, so the outcome is never lost, and send nothing.
+            return Ok(redelivered(
+                DispatchStatus::Sent,
+                "redelivered action: already sent, not sent again".to_owned(),
+                Some(message_id.to_owned()),
+            ));
+        }
+        if let Some(reason) = state.strip_prefix("suppressed:") {
+            // Suppressed before, perhaps by an attempt that died before reporting it.
+            return Ok(redelivered(DispatchStatus::Suppressed, reason.to_owned(), None));
+        }
+        if let Some(reason) = state.strip_prefix("failed:") {
+            // A fallback after a bounce comes back through here: the failed channel stays
+            // failed and the next one is tried.
+            return Ok(redelivered(DispatchStatus::Failed, reason.to_owned(), None));
+        }
+        if state.starts_with("sending:") {
+            // The one window: an attempt stopped while the provider was being called. Whether
+            // the provider took the message is unknown, and sending again could make it two.
+            return Ok(redelivered(
+                DispatchStatus::Duplicate,
+                "an earlier attempt stopped while the provider was being called: delivery unknown, not sent again"
+                    .to_owned(),
+                None,
+            ));
+        }
+        if state.starts_with("claimed:") || state.is_empty() {
+            // Another attempt holds the lease, or held it and stopped before calling the
+            // provider: wait for it to finish or for its lease to run out, then decide.
+            return Err(Failure::Transient(anyhow::anyhow!(
+                "another attempt holds this message's claim; waiting for it or its lease"
+            )));
+        }
+        Ok(redelivered(
+            DispatchStatus::Duplicate,
+            format!("already handled ({state})"),
+            None,
+        ))
+    }
+
     async fn deliver(&self, action: &JourneyAction, channel: &str) -> Result<ChannelResult, Failure> {
         let key = self.claim_key(&action.action_id, channel);
+        let lease = format!("claimed:{}", uuid::Uuid::new_v4().simple());
+        // A short lease: an attempt that stops before calling the provider frees the message
+        // for the redelivery once it runs out.
         let claimed: Option<String> = redis::cmd("SET")
             .arg(&key)
-            .arg("claimed")
+            .arg(&lease)
             .arg("NX")
-            .arg("EX")
-            .arg(self.ttl_secs())
+            .arg("PX")
+            .arg(self.settings.claim_lease_ms)
             .query_async(&mut self.redis.clone())
             .await?;
         if claimed.is_none() {
-            let state: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut self.redis.clone()).await?;
-            if let Some(message_id) = state.as_deref().and_then(|s| s.strip_prefix("sent:")) {
-                // Sent before, perhaps by an attempt that died before reporting it: report SENT
-                // again under the same event id, so the outcome is never lost, and send nothing.
-                return Ok(ChannelResult {
-                    status: DispatchStatus::Sent,
-                    reason: Some("redelivered action: already sent, not sent again".to_owned()),
-                    provider_message_id: Some(message_id.to_owned()),
-                    redelivered: true,
-                });
-            }
-            if let Some(reason) = state.as_deref().and_then(|s| s.strip_prefix("failed:")) {
-                // A fallback after a bounce comes back through here: the failed channel stays
-                // failed and the next one is tried.
-                let mut result = ChannelResult::new(DispatchStatus::Failed, reason.to_owned());
-                result.redelivered = true;
-                return Ok(result);
-            }
-            let reason = match state.as_deref() {
-                Some("claimed") => "claimed by an earlier attempt that did not confirm; not sent again".to_owned(),
-                Some(other) => format!("already handled ({other})"),
-                None => "already handled".to_owned(),
-            };
-            let mut result = ChannelResult::new(DispatchStatus::Duplicate, reason);
-            result.redelivered = true;
-            return Ok(result);
+            return self.claimed_before(&key).await;
         }
         // The last look: as late as possible, right before the provider is called.
         let look = journey_state::last_look(
@@ -389,7 +476,7 @@ impl Dispatch {
         if !look.caught_up && !self.waited_long_enough(&action.action_id) {
             // The watcher has produced this action but not yet stored the journey that includes
             // it: judge the state once it does. The claim is released so the retry may send.
-            let _: () = redis::cmd("DEL").arg(&key).query_async(&mut self.redis.clone()).await?;
+            self.move_claim(&key, &lease, "").await?;
             return Err(Failure::Transient(anyhow::anyhow!(
                 "journey state not yet updated for this action"
             )));
@@ -397,12 +484,18 @@ impl Dispatch {
         let status = look.status;
         if !journey_state::status_accepts_contact(status.as_deref()) {
             let reason = format!("invoice is {}", status.as_deref().unwrap_or("unknown to the watcher"));
-            self.set_claim(&key, "suppressed").await?;
+            self.set_claim(&key, &format!("suppressed:{reason}")).await?;
             self.suppression_lag
                 .observe((self.rt.clock.now().timestamp_millis() - action.send_at).max(0) as f64 / 1000.0);
             return Ok(ChannelResult::new(DispatchStatus::Suppressed, reason));
         }
-        let sent = self.send_with_retries(action, channel).await;
+        let commit = Commit {
+            dispatch: self,
+            sending: format!("sending:{}", &lease["claimed:".len()..]),
+            key: &key,
+            lease: &lease,
+        };
+        let sent = self.send_with_retries(action, channel, &commit).await;
         match sent {
             Ok(message_id) => {
                 self.set_claim(&key, &format!("sent:{message_id}")).await?;
@@ -434,11 +527,16 @@ impl Dispatch {
 
     /// Transient errors are retried with exponential backoff and full jitter; a shutdown
     /// meanwhile leaves the claim to the redelivery.
-    async fn send_with_retries(&self, action: &JourneyAction, channel: &str) -> Result<String, SendError> {
+    async fn send_with_retries(
+        &self,
+        action: &JourneyAction,
+        channel: &str,
+        commit: &Commit<'_>,
+    ) -> Result<String, SendError> {
         let retry = &self.settings.retry;
         let mut attempt = 0u32;
         loop {
-            match self.send_once(action, channel).await {
+            match self.send_once(action, channel, commit).await {
                 Err(SendError::Transient(reason)) if attempt + 1 < retry.attempts => {
                     let cap = retry.first_ms.saturating_mul(1u64 << attempt.min(20)).min(retry.max_ms);
                     let wait = Duration::from_millis((cap as f64 * rand::random::<f64>().max(0.1)) as u64);
@@ -451,7 +549,7 @@ impl Dispatch {
         }
     }
 
-    async fn send_once(&self, action: &JourneyAction, channel: &str) -> Result<String, SendError> {
+    async fn send_once(&self, action: &JourneyAction, channel: &str, commit: &Commit<'_>) -> Result<String, SendError> {
         let profile = self.profile(&action.tenant);
         let ctx = message::context(action, &profile, &self.settings.pay_link, self.rt.clock.now());
         let content = self
@@ -460,7 +558,7 @@ impl Dispatch {
             .map_err(|e| SendError::Permanent(format!("the message cannot be rendered: {e}")))?;
         let reference = format!("{}:{channel}", action.action_id);
         match channel {
-            "email" => self.send_email(action, &content).await,
+            "email" => self.send_email(action, &content, commit).await,
             "sms" => {
                 let Some(provider) = self.sms_provider(&action.tenant) else {
                     return Err(SendError::Permanent("no SMS provider is configured".into()));
@@ -475,6 +573,7 @@ impl Dispatch {
                     )),
                     kind => Some(format!("{}/v1/receipts/{}", self.receipts_base, kind.name())),
                 };
+                commit.commit().await?;
                 provider
                     .send(&Sms {
                         to: phone,
@@ -489,6 +588,7 @@ impl Dispatch {
                     return Err(SendError::Permanent("the tenant has no webhook_url".into()));
                 };
                 let body = message::webhook_body(action, &ctx, &content);
+                commit.commit().await?;
                 self.webhook
                     .send(url, &reference, &body, self.rt.clock.now().timestamp())
                     .await
@@ -521,7 +621,12 @@ impl Dispatch {
         Ok(())
     }
 
-    async fn send_email(&self, action: &JourneyAction, content: &content::Content) -> Result<String, SendError> {
+    async fn send_email(
+        &self,
+        action: &JourneyAction,
+        content: &content::Content,
+        commit: &Commit<'_>,
+    ) -> Result<String, SendError> {
         let Some(address) = action.email.as_deref() else {
             return Err(SendError::Permanent("no e-mail address".into()));
         };
@@ -539,11 +644,8 @@ impl Dispatch {
                 content.html.clone(),
             ))
             .map_err(|e| SendError::Permanent(format!("cannot build the message: {e}")))?;
-        match self.mailer.send(message).await {
-            Ok(_) => Ok(message_id),
-            Err(e) if e.is_permanent() => Err(SendError::Permanent(format!("SMTP server refused the message: {e}"))),
-            Err(e) => Err(SendError::Transient(format!("SMTP send failed: {e}"))),
-        }
+        self.mailer.send(&message, || commit.commit()).await?;
+        Ok(message_id)
     }
 }
 
@@ -667,10 +769,11 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("http://{}", shell.admin_addr))
         .trim_end_matches('/')
         .to_owned();
+    let concurrency = settings.concurrency.max(1);
     let dispatch = Dispatch {
         redis,
         keys: rt.keys(),
-        mailer: mailer(&settings.smtp)?,
+        mailer: smtp::SmtpClient::new(settings.smtp.clone(), concurrency)?,
         sms: sms_providers(&settings.sms)?,
         webhook: Webhook::new(settings.webhook.clone())?,
         from,
@@ -691,7 +794,9 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         Duration::from_millis(dispatch.settings.deferred_poll_ms),
     ));
     let consumer = shell.consumer(&rt, SERVICE, &[rt.topic(&rt.config.topics.journey_actions)])?;
-    let result = run_consumer(consumer, dispatch, shell.loop_context(&rt)).await;
+    let mut ctx = shell.loop_context(&rt);
+    ctx.key_concurrency = concurrency;
+    let result = run_consumer(consumer, dispatch, ctx).await;
     releaser.abort();
     result?;
     shell.producer.flush(Duration::from_secs(5)).await;

@@ -146,8 +146,11 @@ impl MailSink {
             current: None,
         };
         let mut server = Server::new(handler);
+        // One thread per open connection: senders keep pooled connections open, and a crashed
+        // sender's connections linger until the kernel notices, so leave plenty of room.
         server
             .with_name("forfall-mail-sink")
+            .with_num_threads(64)
             .with_ssl(SslConfig::None)
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .with_tcp_listener(listener);
