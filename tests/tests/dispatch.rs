@@ -559,3 +559,98 @@ async fn a_message_due_outside_contact_hours_waits_for_the_next_allowed_moment()
     stack.shutdown().await;
     Ok(())
 }
+
+/// Payments landing while dispatch works through a backlog of due messages. A payment becomes
+/// the journey's `closed:paid` (the watcher's write, done here directly so that its moment is
+/// known to the millisecond); the last look reads exactly that. An invoice paid before its
+/// last look must get no message: so no message may reach the SMTP server later than its
+/// invoice's payment plus the few milliseconds between a last look and the server's accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn payments_around_send_time_never_let_a_message_out_after_the_last_look() -> anyhow::Result<()> {
+    use rand::seq::SliceRandom;
+    use std::time::{Duration, Instant};
+    // Wednesday 09:00 in Copenhagen: inside contact hours.
+    let mut stack = stack_with_profile().await?;
+    stack.set("dispatch.concurrency", 16);
+    let n = 1000;
+    let actions: Vec<JourneyAction> = (0..n)
+        .map(|i| {
+            let invoice: &'static str = Box::leak(format!("race-{i}").into_boxed_str());
+            sms_action(invoice, "da", &["email"]).build(&format!("race{i}@example.test"), "+4520000000")
+        })
+        .collect();
+    for a in &actions {
+        journey_open(&stack, &a.invoice_id, a.step_index).await?;
+    }
+    let topic = stack.topic(&stack.topics().journey_actions);
+    for chunk in actions.chunks(250) {
+        futures::future::try_join_all(chunk.iter().map(|a| stack.produce(&topic, &a.debtor_id, a))).await?;
+    }
+    let mut to_pay: Vec<usize> = (0..n).filter(|i| i % 2 == 0).collect();
+    to_pay.shuffle(&mut rand::rng());
+    stack.start_service("dispatch");
+    stack.wait_ready(&["dispatch"], WAIT).await?;
+    // Payments arrive one by one while the backlog drains.
+    let keys = Keys::new(&stack.rt.config.redis.key_prefix);
+    let mut redis = stack.redis();
+    let mut paid_at: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
+    for i in to_pay {
+        let invoice = &actions[i].invoice_id;
+        let _: () = redis::cmd("HSET")
+            .arg(journey_key(&keys, TENANT, invoice))
+            .arg("status")
+            .arg("closed:paid")
+            .query_async(&mut redis)
+            .await?;
+        paid_at.insert(invoice.clone(), Instant::now());
+        tokio::time::sleep(Duration::from_millis(4)).await;
+    }
+    let decided = eventually("every action decided", WAIT, || async {
+        let outcomes = outcomes(&stack).await?;
+        Ok((outcomes.len() >= n).then_some(outcomes))
+    })
+    .await?;
+    let mails = stack.mail.messages();
+    let mut suppressed_paid = 0;
+    let mut sent_paid = 0;
+    let mut close_calls = 0;
+    for a in &actions {
+        let mine: Vec<&DispatchOutcome> = decided.iter().filter(|o| o.action_id == a.action_id).collect();
+        assert_eq!(mine.len(), 1, "one outcome per action: {mine:?}");
+        let mail: Vec<_> = mails
+            .iter()
+            .filter(|m| m.to.iter().any(|t| a.email.as_deref() == Some(t.as_str())))
+            .collect();
+        match mine[0].status {
+            DispatchStatus::Suppressed => {
+                assert!(mail.is_empty(), "suppressed but mailed");
+                assert!(paid_at.contains_key(&a.invoice_id), "only paid invoices are suppressed");
+                suppressed_paid += 1;
+            }
+            DispatchStatus::Sent => {
+                assert_eq!(mail.len(), 1);
+                if let Some(paid) = paid_at.get(&a.invoice_id) {
+                    sent_paid += 1;
+                    let received = mail[0].received_at;
+                    assert!(
+                        received <= *paid + Duration::from_millis(500),
+                        "{} was paid {:?} before its message reached the server",
+                        a.invoice_id,
+                        received.duration_since(*paid)
+                    );
+                    if received.max(*paid).duration_since(received.min(*paid)) < Duration::from_millis(50) {
+                        close_calls += 1;
+                    }
+                }
+            }
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    println!(
+        "{n} actions, {} paid while sending: {suppressed_paid} suppressed, {sent_paid} sent before their payment ({close_calls} within 50 ms of it)",
+        paid_at.len()
+    );
+    assert!(suppressed_paid > 0 && sent_paid > 0, "the payments did race the sends");
+    stack.shutdown().await;
+    Ok(())
+}

@@ -194,6 +194,9 @@ pub struct DispatchSettings {
     pub claim_lease_ms: u64,
     /// Actions handled at once (one debtor's in order): sending waits mostly on the network.
     pub concurrency: usize,
+    /// For benchmarks only: `false` sends without claims and without the last look, to measure
+    /// what they cost. Never in production: messages may then go out twice or after payment.
+    pub idempotency: bool,
 }
 
 impl Default for DispatchSettings {
@@ -214,6 +217,7 @@ impl Default for DispatchSettings {
             deferred_poll_ms: 500,
             claim_lease_ms: 5_000,
             concurrency: 16,
+            idempotency: true,
         }
     }
 }
@@ -269,6 +273,9 @@ struct Commit<'a> {
 
 impl Commit<'_> {
     async fn commit(&self) -> Result<(), SendError> {
+        if !self.dispatch.settings.idempotency {
+            return Ok(());
+        }
         let lost = |e: Failure| SendError::Transient(format!("cannot record the send's start: {e:?}"));
         if self
             .dispatch
@@ -450,6 +457,25 @@ impl Dispatch {
 
     async fn deliver(&self, action: &JourneyAction, channel: &str) -> Result<ChannelResult, Failure> {
         let key = self.claim_key(&action.action_id, channel);
+        if !self.settings.idempotency {
+            let commit = Commit {
+                dispatch: self,
+                key: &key,
+                lease: "",
+                sending: String::new(),
+            };
+            return Ok(match self.send_with_retries(action, channel, &commit).await {
+                Ok(id) => ChannelResult {
+                    status: DispatchStatus::Sent,
+                    reason: None,
+                    provider_message_id: Some(id),
+                    redelivered: false,
+                },
+                Err(SendError::Permanent(reason) | SendError::Transient(reason)) => {
+                    ChannelResult::new(DispatchStatus::Failed, reason)
+                }
+            });
+        }
         let lease = format!("claimed:{}", uuid::Uuid::new_v4().simple());
         // A short lease: an attempt that stops before calling the provider frees the message
         // for the redelivery once it runs out.
@@ -770,6 +796,9 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         .trim_end_matches('/')
         .to_owned();
     let concurrency = settings.concurrency.max(1);
+    if !settings.idempotency {
+        tracing::warn!("dispatch.idempotency is off: messages may go out twice or after payment (benchmarks only)");
+    }
     let dispatch = Dispatch {
         redis,
         keys: rt.keys(),

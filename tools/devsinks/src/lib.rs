@@ -20,6 +20,8 @@ pub struct ReceivedMail {
     pub from: String,
     pub to: Vec<String>,
     pub raw: String,
+    /// When the server accepted it (the end of DATA).
+    pub received_at: std::time::Instant,
 }
 
 impl ReceivedMail {
@@ -106,6 +108,7 @@ impl Handler for MailHandler {
             from: from.to_owned(),
             to: to.to_vec(),
             raw: String::new(),
+            received_at: std::time::Instant::now(),
         });
         response::OK
     }
@@ -118,7 +121,8 @@ impl Handler for MailHandler {
     }
 
     fn data_end(&mut self) -> Response {
-        if let Some(m) = self.current.take() {
+        if let Some(mut m) = self.current.take() {
+            m.received_at = std::time::Instant::now();
             self.store.lock().unwrap_or_else(|p| p.into_inner()).push(m);
         }
         response::OK

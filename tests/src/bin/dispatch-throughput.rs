@@ -1,0 +1,216 @@
+//! Benchmark: messages per second from dispatch to the local SMTP server with the idempotency
+//! machinery (claim, last look, commit point, sent record) and without it (the benchmark-only
+//! `dispatch.idempotency = false`), same actions, same concurrency, measured in the same run;
+//! and the latency from a payment event to the moment its invoice's journey says `closed:paid`
+//! (from which every last look suppresses), at a steady rate through ingest, matcher and watcher.
+//!
+//!     cargo run --release -p forfall-e2e --bin dispatch-throughput -- 5000 2000 500
+//!
+//! Arguments: actions per run, payments, payments per second.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use forfall_domain::reference::{self, ReferenceKind};
+use forfall_e2e::*;
+use forfall_platform::clock::ManualClock;
+use forfall_platform::journey_state::journey_key;
+use forfall_platform::records::{JourneyAction, derived_id, new_event_id};
+use forfall_platform::redis_store::Keys;
+
+fn action(i: usize, tenant: &str) -> JourneyAction {
+    let invoice = format!("b-{i}");
+    JourneyAction {
+        event_id: new_event_id(),
+        tenant: tenant.into(),
+        debtor_id: format!("{tenant}:d{i}"),
+        occurred_at: 0,
+        action_id: derived_id("action", &[tenant, &invoice, "nudge"]),
+        invoice_id: invoice,
+        invoice_number: format!("B-{i}"),
+        step: "nudge".into(),
+        step_index: 0,
+        tone: "nudge".into(),
+        channels: vec!["email".into()],
+        send_at: 0,
+        open_minor: 123_450,
+        fee_minor: 0,
+        currency: "DKK".into(),
+        due_date: 20_700,
+        pay_by: None,
+        payment_reference: Some("+71<000000001234567+85937346<".into()),
+        policy_version: "bench".into(),
+        jurisdiction: "DK".into(),
+        debtor_name: Some("Karen Blixen".into()),
+        email: Some(format!("d{i}@example.test")),
+        phone: None,
+        language: Some("da".into()),
+        description: Some("El, august 2026".into()),
+        covers: Vec::new(),
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Messages per second for `n` actions through one dispatch, with or without idempotency.
+async fn messages_per_second(n: usize, idempotency: bool) -> anyhow::Result<f64> {
+    let mut config = base_config();
+    config.log.level = "warn".into();
+    // Wednesday 09:00 in Copenhagen: inside contact hours.
+    let mut stack = LocalStack::start(config, ManualClock::new(at("2026-09-02T07:00:00Z"))).await?;
+    stack.set("dispatch.idempotency", idempotency);
+    let tenant = "acme-energy";
+    let keys = Keys::new(&stack.rt.config.redis.key_prefix);
+    let actions: Vec<JourneyAction> = (0..n).map(|i| action(i, tenant)).collect();
+    let mut pipe = redis::pipe();
+    for a in &actions {
+        pipe.hset(journey_key(&keys, tenant, &a.invoice_id), "status", "nudged")
+            .ignore()
+            .hset(journey_key(&keys, tenant, &a.invoice_id), "step", 1)
+            .ignore();
+    }
+    let _: () = pipe.query_async(&mut stack.redis()).await?;
+    let topic = stack.topic(&stack.topics().journey_actions);
+    for chunk in actions.chunks(1000) {
+        futures::future::try_join_all(chunk.iter().map(|a| stack.produce(&topic, &a.debtor_id, a))).await?;
+    }
+    stack.start_service("dispatch");
+    // From the first message to the last: the group join is not the thing measured.
+    let first = eventually("the first message", Duration::from_secs(60), || async {
+        Ok(stack.mail.messages().first().map(|m| m.received_at))
+    })
+    .await?;
+    let last = eventually("every message", Duration::from_secs(600), || async {
+        let mails = stack.mail.messages();
+        Ok((mails.len() >= n)
+            .then(|| mails.iter().map(|m| m.received_at).max())
+            .flatten())
+    })
+    .await?;
+    stack.shutdown().await;
+    Ok((n - 1) as f64 / last.duration_since(first).as_secs_f64())
+}
+
+/// Payment event → journey `closed:paid`, per payment, at `rate` per second.
+async fn payment_to_suppression(payments: usize, rate: f64) -> anyhow::Result<Vec<f64>> {
+    let mut config = base_config();
+    config.log.level = "warn".into();
+    let clock = ManualClock::new(at("2026-09-01T07:00:00Z"));
+    let stack = LocalStack::start(config, clock).await?;
+    for s in ["ingest", "matcher", "watcher"] {
+        stack.start_service(s);
+    }
+    stack
+        .wait_ready(&["ingest", "matcher", "watcher"], Duration::from_secs(60))
+        .await?;
+    let billing = stack.topic(&stack.topics().billing_invoice_events);
+    let ids: Vec<&'static str> = (0..payments)
+        .map(|i| &*Box::leak(format!("p-{i}").into_boxed_str()))
+        .collect();
+    let emails: Vec<&'static str> = (0..payments)
+        .map(|i| &*Box::leak(format!("p{i}@example.test").into_boxed_str()))
+        .collect();
+    let samples: Vec<Sample<'static>> = (0..payments)
+        .map(|i| {
+            let mut s = danish(ids[i], ids[i], day(2026, 9, 15), emails[i]);
+            let fik = reference::generate(ReferenceKind::Fik71, &format!("{:014}", 1_000_000 + i))?.value;
+            s.reference = Box::leak(fik.into_boxed_str());
+            anyhow::Ok(s)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let issued: Vec<(String, forfall_platform::records::InvoiceIssued)> =
+        samples.iter().map(|s| (s.debtor_id(), s.issued())).collect();
+    for chunk in issued.chunks(500) {
+        futures::future::try_join_all(chunk.iter().map(|(debtor, inv)| stack.produce(&billing, debtor, inv))).await?;
+    }
+    let keys = Keys::new(&stack.rt.config.redis.key_prefix);
+    let mut redis = stack.redis();
+    let statuses = |redis: &mut redis::aio::ConnectionManager, ids: Vec<String>| {
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.hget(journey_key(&keys, "acme-energy", id), "status");
+        }
+        let mut redis = redis.clone();
+        async move {
+            let got: Vec<Option<String>> = pipe.query_async(&mut redis).await?;
+            anyhow::Ok(ids.into_iter().zip(got).collect::<Vec<_>>())
+        }
+    };
+    eventually("every invoice open", Duration::from_secs(120), || {
+        let all: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        let fut = statuses(&mut redis, all);
+        async move {
+            Ok(fut
+                .await?
+                .iter()
+                .all(|(_, s)| s.as_deref() == Some("open"))
+                .then_some(()))
+        }
+    })
+    .await?;
+    let payments_topic = stack.topic(&stack.topics().payments);
+    let mut sent_at: HashMap<String, Instant> = HashMap::new();
+    let mut latencies = Vec::new();
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let started = Instant::now();
+    let mut next = 0;
+    while latencies.len() < payments {
+        // Produce what is due by now at the steady rate, then look at what has flipped.
+        while next < payments && started + interval * next as u32 <= Instant::now() {
+            let s = &samples[next];
+            let payment = s.payment(&format!("bank-{next}"), s.amount_minor, s.reference);
+            stack.produce(&payments_topic, "bank", &payment).await?;
+            sent_at.insert(ids[next].to_string(), Instant::now());
+            next += 1;
+        }
+        let pending: Vec<String> = sent_at.keys().cloned().collect();
+        if !pending.is_empty() {
+            for (id, status) in statuses(&mut redis, pending).await? {
+                if status.as_deref() == Some("closed:paid")
+                    && let Some(at) = sent_at.remove(&id)
+                {
+                    latencies.push(at.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "payments did not settle");
+    }
+    stack.shutdown().await;
+    latencies.sort_by(f64::total_cmp);
+    Ok(latencies)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let arg = |i: usize, default: f64| -> anyhow::Result<f64> {
+        Ok(std::env::args()
+            .nth(i)
+            .map(|a| a.parse())
+            .transpose()?
+            .unwrap_or(default))
+    };
+    let n = arg(1, 5000.0)? as usize;
+    let payments = arg(2, 2000.0)? as usize;
+    let rate = arg(3, 500.0)?;
+    let with = messages_per_second(n, true).await?;
+    let without = messages_per_second(n, false).await?;
+    println!("dispatch to SMTP, {n} messages, concurrency 16:");
+    println!("  with idempotency (claim, last look, commit, sent record): {with:.0} messages/s");
+    println!("  without (benchmark-only switch):                           {without:.0} messages/s");
+    println!("  ratio with/without: {:.2}", with / without);
+    let latencies = payment_to_suppression(payments, rate).await?;
+    println!("payment event -> journey closed:paid (suppresses from then on), {payments} payments at {rate:.0}/s:");
+    println!(
+        "  p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or(f64::NAN)
+    );
+    Ok(())
+}
