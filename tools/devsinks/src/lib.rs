@@ -396,6 +396,7 @@ mod tests {
             from: String::new(),
             to: vec![],
             raw: "Content-Transfer-Encoding: quoted-printable\r\n\r\nBel=C3=B8b: 1.234,50=C2=A0kr.=\r\n ok".into(),
+            received_at: std::time::Instant::now(),
         };
         assert_eq!(mail.body(), "Beløb: 1.234,50\u{a0}kr. ok");
     }
