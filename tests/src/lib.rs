@@ -74,6 +74,8 @@ impl Sample<'_> {
             email: Some(self.email.into()),
             phone: None,
             language: Some(self.language.into()),
+            preferred_channels: Vec::new(),
+            declined_channels: Vec::new(),
         }
     }
 

@@ -654,3 +654,87 @@ async fn payments_around_send_time_never_let_a_message_out_after_the_last_look()
     stack.shutdown().await;
     Ok(())
 }
+
+/// The debtor's channel preferences travel with the invoice: the plan says which channels a
+/// step may use, the debtor which comes first and which not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_debtors_channel_preferences_order_the_plans_channels() -> anyhow::Result<()> {
+    use forfall_e2e::{danish, day, status_is};
+    let clock = ManualClock::new(at("2026-09-01T06:00:00Z"));
+    let mut stack = LocalStack::start(base_config(), clock.clone()).await?;
+    let sims = with_sms_providers(&mut stack).await?;
+    let policy = std::env::temp_dir().join(format!("{}-channels.toml", stack.prefix));
+    std::fs::write(
+        &policy,
+        r#"
+version = "e2e-channels-1"
+[[segment]]
+name = "all"
+plan = "both"
+[plan.both]
+step = [
+  { name = "nudge", offset_banking_days = 0, channels = ["email", "sms"], tone = "nudge" },
+  { name = "handoff", offset_banking_days = 20, handoff = true },
+]
+"#,
+    )?;
+    stack.set("watcher.policy_file", policy.to_string_lossy());
+    for s in ["ingest", "watcher", "dispatch"] {
+        stack.start_service(s);
+    }
+    let billing = stack.topic(&stack.topics().billing_invoice_events);
+    let due = day(2026, 9, 2);
+    let cases: [(&str, &str, &[&str], &[&str]); 4] = [
+        ("pref-none", "none@example.test", &[], &[]),
+        ("pref-sms", "sms@example.test", &["sms"], &[]),
+        ("decl-email", "decl@example.test", &[], &["email"]),
+        ("decl-all", "all@example.test", &["email"], &["email", "sms"]),
+    ];
+    for (i, (id, email, preferred, declined)) in cases.iter().enumerate() {
+        let mut issued = danish(id, id, due, email).issued();
+        issued.phone = Some(format!("+452000010{i}"));
+        issued.preferred_channels = preferred.iter().map(|c| (*c).to_owned()).collect();
+        issued.declined_channels = declined.iter().map(|c| (*c).to_owned()).collect();
+        stack.produce(&billing, &issued.debtor_id, &issued).await?;
+    }
+    for (id, ..) in &cases {
+        status_is(&stack, "acme-energy", id, "open").await?;
+    }
+    clock.set(at("2026-09-02T07:00:01Z")); // 09:00 in Copenhagen, the due date
+    let outcome = |invoice: &'static str, channel: &'static str, status: DispatchStatus| {
+        let stack = &stack;
+        async move {
+            eventually(&format!("{invoice} {channel} {status:?}"), WAIT, || async {
+                Ok(outcomes(stack)
+                    .await?
+                    .into_iter()
+                    .find(|o| o.invoice_id == invoice && o.channel == channel && o.status == status))
+            })
+            .await
+        }
+    };
+    outcome("pref-none", "email", DispatchStatus::Sent).await?;
+    outcome("pref-sms", "sms", DispatchStatus::Sent).await?;
+    outcome("decl-email", "sms", DispatchStatus::Sent).await?;
+    let none = outcome("decl-all", "none", DispatchStatus::Failed).await?;
+    assert_eq!(
+        none.reason.as_deref(),
+        Some("the debtor declined every channel this step may use")
+    );
+    assert_eq!(
+        stack.mail.to("none@example.test").len(),
+        1,
+        "no preference: the plan's first channel"
+    );
+    assert!(
+        stack.mail.to("sms@example.test").is_empty(),
+        "preferred SMS first, and it went"
+    );
+    assert!(stack.mail.to("decl@example.test").is_empty(), "declined e-mail");
+    assert!(stack.mail.to("all@example.test").is_empty());
+    let texted: Vec<String> = sims.gatewayapi.accepted().into_iter().map(|s| s.to).collect();
+    assert_eq!(texted.len(), 2, "{texted:?}");
+    assert!(texted.contains(&"4520000101".to_owned()) && texted.contains(&"4520000102".to_owned()));
+    stack.shutdown().await;
+    Ok(())
+}

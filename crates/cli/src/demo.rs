@@ -164,6 +164,8 @@ fn issued(c: &Case, now: DateTime<Utc>) -> InvoiceIssued {
         email: Some(c.email.into()),
         phone: None,
         language: Some(c.language.into()),
+        preferred_channels: Vec::new(),
+        declined_channels: Vec::new(),
     }
 }
 

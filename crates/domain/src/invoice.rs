@@ -49,6 +49,49 @@ pub struct Contact {
     pub email: Option<String>,
     pub phone: Option<String>,
     pub language: Option<String>,
+    /// The debtor's channels, most preferred first (`email`, `sms`, `webhook`).
+    #[serde(default)]
+    pub preferred_channels: Vec<String>,
+    /// Channels the debtor asked not to be contacted on.
+    #[serde(default)]
+    pub declined_channels: Vec<String>,
+}
+
+/// The channels a message can be sent on.
+pub const CHANNELS: [&str; 3] = ["email", "sms", "webhook"];
+
+/// A step's channels for this debtor: the plan decides which channels a step may use (a
+/// collection warning may need a traceable one), the debtor the order among them and which
+/// they decline. Preferred channels come first in the debtor's order, the others keep the
+/// plan's order; declined ones are left out, even when also preferred.
+pub fn channels_for(plan: &[String], contact: &Contact) -> Vec<String> {
+    let allowed = |c: &&String| !contact.declined_channels.contains(c);
+    let mut out: Vec<String> = contact
+        .preferred_channels
+        .iter()
+        .filter(|c| plan.contains(c))
+        .filter(allowed)
+        .cloned()
+        .collect();
+    out.dedup();
+    for c in plan.iter().filter(allowed) {
+        if !out.contains(c) {
+            out.push(c.clone());
+        }
+    }
+    out
+}
+
+fn check_channels(field: &str, channels: &[String]) -> Result<(), Rejection> {
+    for (i, c) in channels.iter().enumerate() {
+        if !CHANNELS.contains(&c.as_str()) {
+            return Err(Rejection::new(
+                "unknown_channel",
+                format!("field '{field}[{i}]' is '{c}': expected one of {}", CHANNELS.join(", ")),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// An upstream "invoice issued" as received, before validation.
@@ -151,6 +194,8 @@ pub fn validate_issued(input: IssuedInput) -> Result<InvoiceSnapshot, Rejection>
             format!("field 'due_date' {due_date} is before field 'issue_date' {issue_date}"),
         ));
     }
+    check_channels("preferred_channels", &input.contact.preferred_channels)?;
+    check_channels("declined_channels", &input.contact.declined_channels)?;
     Ok(InvoiceSnapshot {
         tenant: input.tenant,
         debtor_id: input.debtor_id,
@@ -370,5 +415,69 @@ pub(crate) mod tests {
             InvoiceStatus::Cancelled
         );
         assert_eq!(cancelled.open().minor, 0);
+    }
+
+    fn channels(list: &[&str]) -> Vec<String> {
+        list.iter().map(|c| (*c).to_owned()).collect()
+    }
+
+    #[test]
+    fn the_debtor_orders_the_plans_channels_and_declines_some() {
+        let plan = channels(&["email", "sms", "webhook"]);
+        let mut contact = Contact::default();
+        assert_eq!(channels_for(&plan, &contact), plan, "no preference: the plan's order");
+        contact.preferred_channels = channels(&["sms"]);
+        assert_eq!(channels_for(&plan, &contact), channels(&["sms", "email", "webhook"]));
+        contact.declined_channels = channels(&["email"]);
+        assert_eq!(channels_for(&plan, &contact), channels(&["sms", "webhook"]));
+        // A preference the plan does not allow for this step adds nothing.
+        let email_only = channels(&["email"]);
+        contact.declined_channels.clear();
+        assert_eq!(channels_for(&email_only, &contact), email_only);
+        contact.declined_channels = channels(&["email"]);
+        assert!(
+            channels_for(&email_only, &contact).is_empty(),
+            "declined the only channel"
+        );
+    }
+
+    #[test]
+    fn an_unknown_channel_preference_is_refused_with_where() {
+        let mut input = input();
+        input.contact.preferred_channels = channels(&["sms", "fax"]);
+        let err = validate_issued(input).expect_err("refused");
+        assert_eq!(err.code, "unknown_channel");
+        assert_eq!(
+            err.detail,
+            "field 'preferred_channels[1]' is 'fax': expected one of email, sms, webhook"
+        );
+    }
+
+    use proptest::prelude::{Strategy, prop_assert_eq};
+
+    proptest::proptest! {
+        #[test]
+        fn channel_order_is_the_plan_without_declined_with_preferences_first(
+            plan in proptest::sample::subsequence(CHANNELS.to_vec(), 0..=3).prop_shuffle(),
+            preferred in proptest::sample::subsequence(CHANNELS.to_vec(), 0..=3).prop_shuffle(),
+            declined in proptest::sample::subsequence(CHANNELS.to_vec(), 0..=3),
+        ) {
+            let contact = Contact {
+                preferred_channels: channels(&preferred),
+                declined_channels: channels(&declined),
+                ..Contact::default()
+            };
+            let out = channels_for(&channels(&plan), &contact);
+            // Exactly the plan's channels that were not declined, each once.
+            let mut expected: Vec<&str> = plan.iter().copied().filter(|c| !declined.contains(c)).collect();
+            let mut got: Vec<&str> = out.iter().map(String::as_str).collect();
+            expected.sort();
+            got.sort();
+            prop_assert_eq!(got, expected);
+            // Preferred ones first, in the debtor's order; then the plan's order.
+            let first: Vec<&str> = out.iter().map(String::as_str).take_while(|c| preferred.contains(c)).collect();
+            let wanted: Vec<&str> = preferred.iter().copied().filter(|c| plan.contains(c) && !declined.contains(c)).collect();
+            prop_assert_eq!(first, wanted);
+        }
     }
 }

@@ -59,6 +59,10 @@ pub struct InvoiceIssued {
     pub email: Option<String>,
     pub phone: Option<String>,
     pub language: Option<String>,
+    #[serde(default)]
+    pub preferred_channels: Vec<String>,
+    #[serde(default)]
+    pub declined_channels: Vec<String>,
 }
 record!(InvoiceIssued, "InvoiceIssued.avsc");
 
@@ -129,6 +133,10 @@ pub struct Invoice {
     pub email: Option<String>,
     pub phone: Option<String>,
     pub language: Option<String>,
+    #[serde(default)]
+    pub preferred_channels: Vec<String>,
+    #[serde(default)]
+    pub declined_channels: Vec<String>,
 }
 record!(Invoice, "Invoice.avsc");
 
@@ -433,6 +441,8 @@ mod tests {
             email: Some("a@b".into()),
             phone: None,
             language: Some("da".into()),
+            preferred_channels: vec!["sms".into(), "email".into()],
+            declined_channels: vec!["webhook".into()],
         });
         round_trip(InvoiceCredited {
             event_id: "e".into(),
@@ -477,6 +487,8 @@ mod tests {
             email: None,
             phone: None,
             language: None,
+            preferred_channels: Vec::new(),
+            declined_channels: Vec::new(),
         });
         round_trip(Rejected {
             event_id: "e".into(),

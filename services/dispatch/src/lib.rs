@@ -685,6 +685,30 @@ impl Handler for Dispatch {
             return Ok(Vec::new());
         }
         let mut outs = Vec::new();
+        if action.channels.is_empty() {
+            // The debtor declined every channel this step may use: on record, not silent.
+            let outcome = DispatchOutcome {
+                event_id: derived_id("dispatch-outcome", &[&action.action_id, "none", "failed"]),
+                tenant: action.tenant.clone(),
+                debtor_id: action.debtor_id.clone(),
+                occurred_at: self.rt.clock.now().timestamp_millis(),
+                action_id: action.action_id.clone(),
+                invoice_id: action.invoice_id.clone(),
+                step: action.step.clone(),
+                channel: "none".into(),
+                status: DispatchStatus::Failed,
+                reason: Some("the debtor declined every channel this step may use".into()),
+                provider_message_id: None,
+            };
+            self.outcomes.with_label_values(&[&action.step, "none", "failed"]).inc();
+            outs.push(
+                self.rt
+                    .codec
+                    .outbound(&self.outcomes_topic, &action.debtor_id, &outcome, record.trace)
+                    .await?,
+            );
+            return Ok(outs);
+        }
         for channel in &action.channels {
             let result = self.deliver(&action, channel).await?;
             let status_label = format!("{:?}", result.status).to_lowercase();

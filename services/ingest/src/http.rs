@@ -55,6 +55,10 @@ pub struct InvoiceJson {
     pub email: Option<String>,
     pub phone: Option<String>,
     pub language: Option<String>,
+    #[serde(default)]
+    pub preferred_channels: Vec<String>,
+    #[serde(default)]
+    pub declined_channels: Vec<String>,
 }
 
 fn problem(status: StatusCode, code: &str, detail: &str) -> Response {
@@ -86,6 +90,8 @@ async fn post_invoice(State(state): State<HttpState>, body: axum::body::Bytes) -
             email: j.email,
             phone: j.phone,
             language: j.language,
+            preferred_channels: j.preferred_channels,
+            declined_channels: j.declined_channels,
         };
         // Validate now, so the caller hears what is wrong; the consumer validates again.
         invoice::validate_issued(crate::to_input(issued.clone())).map_err(|r| (r.code, r.detail))?;

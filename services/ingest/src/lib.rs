@@ -62,6 +62,8 @@ fn to_input(e: InvoiceIssued) -> IssuedInput {
             email: e.email,
             phone: e.phone,
             language: e.language,
+            preferred_channels: e.preferred_channels,
+            declined_channels: e.declined_channels,
         },
     }
 }
@@ -107,6 +109,8 @@ pub fn invoice_record(
         email: s.contact.email.clone(),
         phone: s.contact.phone.clone(),
         language: s.contact.language.clone(),
+        preferred_channels: s.contact.preferred_channels.clone(),
+        declined_channels: s.contact.declined_channels.clone(),
     }
 }
 

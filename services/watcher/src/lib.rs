@@ -188,6 +188,8 @@ fn snapshot(rec: &records::Invoice) -> Result<InvoiceSnapshot, Failure> {
             email: rec.email.clone(),
             phone: rec.phone.clone(),
             language: rec.language.clone(),
+            preferred_channels: rec.preferred_channels.clone(),
+            declined_channels: rec.declined_channels.clone(),
         },
     })
 }
@@ -453,7 +455,7 @@ impl Watcher {
             step: step.to_owned(),
             step_index: step_index as i32,
             tone: tone.to_owned(),
-            channels: channels.to_vec(),
+            channels: invoice::channels_for(channels, &inv.contact),
             send_at: plan
                 .fire_at(step_index, inv.due_date, inv.jurisdiction)
                 .unwrap_or(now)

@@ -97,6 +97,8 @@ async fn main() -> anyhow::Result<()> {
             email: None,
             phone: None,
             language: None,
+            preferred_channels: Vec::new(),
+            declined_channels: Vec::new(),
         };
         let payload = stack.rt.codec.encode(&invoices_topic, &inv).await?;
         acks.push(
