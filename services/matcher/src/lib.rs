@@ -112,37 +112,35 @@ impl Matcher {
         Ok(redis::cmd("SMEMBERS").arg(key).query_async(&mut self.conn()).await?)
     }
 
-    /// An indexed invoice as the matching rules see it: what is still open, and whether the
-    /// claim is with an agency (the watcher's journey status says).
-    async fn open_invoice(&self, tenant: &str, invoice_id: &str) -> Result<Option<OpenInvoice>, Failure> {
-        let Some(ix) = self.get_json::<Indexed>(&self.key("inv", tenant, invoice_id)).await? else {
-            return Ok(None);
-        };
-        let allocated: Option<i64> = redis::cmd("GET")
-            .arg(self.key("alloc", tenant, invoice_id))
-            .query_async(&mut self.conn())
-            .await?;
-        let status = journey_state::read_status(&mut self.conn(), &self.0.keys, tenant, invoice_id).await?;
-        Ok(Some(OpenInvoice {
-            tenant: tenant.to_owned(),
-            debtor_id: ix.debtor_id,
-            invoice_id: ix.invoice_id,
-            invoice_number: ix.invoice_number,
-            reference: ix.reference,
-            open: Money::new((ix.open_minor - allocated.unwrap_or(0)).max(0), ix.currency),
-            due_date: date_from_epoch_days(ix.due_date).unwrap_or_default(),
-            handed_over: status.as_deref() == Some("handed_over"),
-        }))
-    }
-
+    /// Indexed invoices as the matching rules see them: what is still open, and whether the
+    /// claim is with an agency (the watcher's journey status says). One round trip for all.
     async fn open_invoices(&self, tenant: &str, ids: Vec<String>) -> Result<Vec<OpenInvoice>, Failure> {
-        let mut out = Vec::new();
-        for id in ids {
-            if let Some(inv) = self.open_invoice(tenant, &id).await? {
-                out.push(inv);
-            }
+        if ids.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.get(self.key("inv", tenant, id))
+                .get(self.key("alloc", tenant, id))
+                .hget(journey_state::journey_key(&self.0.keys, tenant, id), journey_state::STATUS_FIELD);
+        }
+        let got: Vec<(Option<String>, Option<i64>, Option<String>)> = pipe.query_async(&mut self.conn()).await?;
+        Ok(got
+            .into_iter()
+            .filter_map(|(ix, allocated, status)| {
+                let ix: Indexed = serde_json::from_str(&ix?).ok()?;
+                Some(OpenInvoice {
+                    tenant: tenant.to_owned(),
+                    debtor_id: ix.debtor_id,
+                    invoice_id: ix.invoice_id,
+                    invoice_number: ix.invoice_number,
+                    reference: ix.reference,
+                    open: Money::new((ix.open_minor - allocated.unwrap_or(0)).max(0), ix.currency),
+                    due_date: date_from_epoch_days(ix.due_date).unwrap_or_default(),
+                    handed_over: status.as_deref() == Some("handed_over"),
+                })
+            })
+            .collect())
     }
 
     /// Everything the rules may need for this payment.
@@ -158,7 +156,7 @@ impl Matcher {
                 .query_async(&mut self.conn())
                 .await?;
             if let Some(id) = id {
-                c.by_reference = self.open_invoice(&p.tenant, &id).await?;
+                c.by_reference = self.open_invoices(&p.tenant, vec![id]).await?.pop();
             }
         }
         for number in p
@@ -287,6 +285,9 @@ impl Matcher {
     /// list for unmatched payments, and the decision itself (the de-duplication record).
     async fn book(&self, d: &Decided) -> Result<(), Failure> {
         let p = &d.payment;
+        // One atomic round trip: the allocations and the decision record land together.
+        let mut pipe = redis::pipe();
+        pipe.atomic();
         match &d.decision {
             MatchDecision::Matched {
                 rule,
@@ -299,45 +300,27 @@ impl Matcher {
                     } else {
                         a.amount.minor
                     };
-                    let _: i64 = redis::cmd("INCRBY")
-                        .arg(self.key("alloc", &p.tenant, &a.invoice_id))
-                        .arg(amount)
-                        .query_async(&mut self.conn())
-                        .await?;
+                    pipe.incr(self.key("alloc", &p.tenant, &a.invoice_id), amount).ignore();
                     if let Some(account) = p.payer_account.as_deref().map(normalise).filter(|a| !a.is_empty()) {
-                        let _: () = redis::cmd("SADD")
-                            .arg(self.key("acct", &p.tenant, &account))
-                            .arg(&a.debtor_id)
-                            .query_async(&mut self.conn())
-                            .await?;
+                        pipe.sadd(self.key("acct", &p.tenant, &account), &a.debtor_id).ignore();
                     }
                 }
-                let _: () = redis::cmd("HDEL")
-                    .arg(self.key("unmatched", &p.tenant, "all"))
-                    .arg(&p.payment_id)
-                    .query_async(&mut self.conn())
-                    .await?;
+                pipe.hdel(self.key("unmatched", &p.tenant, "all"), &p.payment_id).ignore();
                 self.0.metrics.results.with_label_values(&[rule.code()]).inc();
             }
             MatchDecision::Unmatched { reason } => {
                 let json = serde_json::to_string(p).map_err(|e| Failure::Fatal(e.into()))?;
-                let _: () = redis::cmd("HSET")
-                    .arg(self.key("unmatched", &p.tenant, "all"))
-                    .arg(&p.payment_id)
-                    .arg(json)
-                    .query_async(&mut self.conn())
-                    .await?;
+                pipe.hset(self.key("unmatched", &p.tenant, "all"), &p.payment_id, json).ignore();
                 if let Some(r) = p.reference.as_deref().map(kept_reference) {
-                    let _: () = redis::cmd("SADD")
-                        .arg(self.key("kept", &p.tenant, &r))
-                        .arg(&p.payment_id)
-                        .query_async(&mut self.conn())
-                        .await?;
+                    pipe.sadd(self.key("kept", &p.tenant, &r), &p.payment_id).ignore();
                 }
                 self.0.metrics.results.with_label_values(&[reason.code()]).inc();
             }
         }
-        self.set_json(&self.key("payment", &p.tenant, &p.payment_id), d).await
+        let json = serde_json::to_string(d).map_err(|e| Failure::Fatal(e.into()))?;
+        pipe.set(self.key("payment", &p.tenant, &p.payment_id), json).ignore();
+        let _: () = pipe.query_async(&mut self.conn()).await?;
+        Ok(())
     }
 
     async fn decided(&self, tenant: &str, payment_id: &str) -> Result<Option<Decided>, Failure> {
@@ -467,8 +450,9 @@ impl Matcher {
         let mut invoices = Vec::new();
         for id in invoice_ids {
             invoices.push(
-                self.open_invoice(tenant, id)
+                self.open_invoices(tenant, vec![id.clone()])
                     .await?
+                    .pop()
                     .ok_or_else(|| ManualError::NotFound(format!("no invoice '{id}' for tenant '{tenant}'")))?,
             );
         }
