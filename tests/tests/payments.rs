@@ -380,3 +380,41 @@ async fn money_for_a_claim_with_the_agency_recalls_it() -> anyhow::Result<()> {
     stack.shutdown().await;
     Ok(())
 }
+
+/// Payments are decided concurrently. Thirty payments of 50.00 for one invoice of 1,250.00,
+/// all at once: exactly twenty-five are applied to it, none twice over what it owed, and the
+/// five that find nothing open are kept as unmatched for a person.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_payments_for_one_invoice_never_allocate_more_than_it_owes() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-03-01T08:00:00Z"));
+    let mut stack = LocalStack::start(base_config(), clock).await?;
+    stack.set("matcher.concurrency", 32);
+    for s in ["ingest", "matcher", "watcher"] {
+        stack.start_service(s);
+    }
+    let billing = stack.topic(&stack.topics().billing_invoice_events);
+    let kid = leak(reference::generate(ReferenceKind::KidMod10, "8100001")?.value);
+    let a = norwegian("no-many", "8100001", kid, "many@example.test");
+    stack.produce(&billing, &a.debtor_id(), &a.issued()).await?;
+    status_is(&stack, a.tenant, a.invoice_id, "open").await?;
+    let payments = stack.topic(&stack.topics().payments);
+    let all: Vec<_> = (0..30).map(|i| a.payment(&format!("many-{i}"), 5_000, kid)).collect();
+    futures::future::try_join_all(all.iter().map(|p| stack.produce(&payments, "bank", p))).await?;
+    let (matched, unmatched) = eventually("every payment decided", WAIT, || async {
+        let matched: Vec<PaymentMatched> = stack.read(&stack.topic(&stack.topics().payments_matched)).await?;
+        let unmatched: Vec<PaymentUnmatched> = stack.read(&stack.topic(&stack.topics().payments_unmatched)).await?;
+        Ok((matched.len() + unmatched.len() >= 30).then_some((matched, unmatched)))
+    })
+    .await?;
+    let applied: i64 = matched
+        .iter()
+        .filter(|m| m.invoice_id == "no-many")
+        .map(|m| m.amount_minor)
+        .sum();
+    assert_eq!(applied, 125_000, "exactly what the invoice owed: {matched:?}");
+    assert_eq!(matched.len(), 25);
+    assert_eq!(unmatched.len(), 5, "{unmatched:?}");
+    status_is(&stack, a.tenant, a.invoice_id, "closed:paid").await?;
+    stack.shutdown().await;
+    Ok(())
+}

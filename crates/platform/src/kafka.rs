@@ -291,7 +291,12 @@ pub struct LoopContext {
     /// Records of different keys handled at once (1 = one at a time). Records of one key are
     /// always handled in order, each after the previous one's outputs were acknowledged.
     pub key_concurrency: usize,
+    /// Which records must wait for each other (same lane): by default those with the same key.
+    pub lane: Option<LaneOf>,
 }
+
+/// Which lane a record belongs to; records of one lane are handled one after another.
+pub type LaneOf = Arc<dyn Fn(&Inbound) -> u64 + Send + Sync>;
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -477,7 +482,7 @@ async fn run_consumer_by_key(
                     };
                     ctx.readiness.set_ready(true);
                     let record = Inbound::from_message(&message);
-                    let lane = lane_of(&record);
+                    let lane = ctx.lane.as_ref().map(|f| f(&record) % 4096).unwrap_or_else(|| lane_of(&record));
                     let before = lanes.get(&lane).cloned();
                     let work = async move {
                         if let Some(before) = before {

@@ -136,6 +136,7 @@ impl ServiceShell {
             shutdown: rt.shutdown.clone(),
             max_in_flight: rt.config.kafka.max_in_flight,
             key_concurrency: 1,
+            lane: None,
         }
     }
 }

@@ -14,6 +14,7 @@
 
 mod http;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,6 @@ use forfall_domain::invoice::date_from_epoch_days;
 use forfall_domain::matching::{self, Allocation, Candidates, IncomingPayment, MatchDecision, OpenInvoice};
 use forfall_domain::reference::normalise;
 use forfall_domain::{Currency, Money};
-use forfall_platform::journey_state;
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::records::{
     self, HandoffRecall, PaymentMatched, PaymentReceived, PaymentUnmatched, Record, derived_id,
@@ -29,6 +29,7 @@ use forfall_platform::records::{
 use forfall_platform::redis_store::{self, Keys};
 use forfall_platform::service::{Runtime, ServiceShell};
 use forfall_platform::telemetry::TraceContext;
+use forfall_platform::{config, journey_state};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
@@ -74,6 +75,25 @@ pub(crate) struct Inner {
 #[derive(Clone)]
 pub struct Matcher(pub(crate) Arc<Inner>);
 
+/// What a decision was based on: each candidate invoice's allocation as read, and the
+/// reference key that had no invoice yet.
+#[derive(Default)]
+struct Seen {
+    allocated: BTreeMap<String, i64>,
+    missing_reference: Option<String>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Booked {
+    Done,
+    AlreadyDecided,
+    Conflict,
+}
+
+/// How often a payment is decided again when its invoices change under it before it gives
+/// way to the loop's retry with backoff.
+const MAX_REDECISIONS: usize = 20;
+
 fn tagged(tenant: &str, id: &str) -> String {
     format!("{{{tenant}}}:{id}")
 }
@@ -114,7 +134,12 @@ impl Matcher {
 
     /// Indexed invoices as the matching rules see them: what is still open, and whether the
     /// claim is with an agency (the watcher's journey status says). One round trip for all.
-    async fn open_invoices(&self, tenant: &str, ids: Vec<String>) -> Result<Vec<OpenInvoice>, Failure> {
+    async fn open_invoices(
+        &self,
+        tenant: &str,
+        ids: Vec<String>,
+        seen: &mut Seen,
+    ) -> Result<Vec<OpenInvoice>, Failure> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -122,13 +147,17 @@ impl Matcher {
         for id in &ids {
             pipe.get(self.key("inv", tenant, id))
                 .get(self.key("alloc", tenant, id))
-                .hget(journey_state::journey_key(&self.0.keys, tenant, id), journey_state::STATUS_FIELD);
+                .hget(
+                    journey_state::journey_key(&self.0.keys, tenant, id),
+                    journey_state::STATUS_FIELD,
+                );
         }
         let got: Vec<(Option<String>, Option<i64>, Option<String>)> = pipe.query_async(&mut self.conn()).await?;
         Ok(got
             .into_iter()
             .filter_map(|(ix, allocated, status)| {
                 let ix: Indexed = serde_json::from_str(&ix?).ok()?;
+                seen.allocated.insert(ix.invoice_id.clone(), allocated.unwrap_or(0));
                 Some(OpenInvoice {
                     tenant: tenant.to_owned(),
                     debtor_id: ix.debtor_id,
@@ -143,20 +172,20 @@ impl Matcher {
             .collect())
     }
 
-    /// Everything the rules may need for this payment.
-    async fn candidates(&self, p: &PaymentReceived) -> Result<Candidates, Failure> {
+    /// Everything the rules may need for this payment, and what was read to find it.
+    async fn candidates(&self, p: &PaymentReceived) -> Result<(Candidates, Seen), Failure> {
         let mut c = Candidates::default();
+        let mut seen = Seen::default();
         if let Some(r) = p
             .reference
             .as_deref()
             .and_then(|r| matching::structured_reference(r).ok())
         {
-            let id: Option<String> = redis::cmd("GET")
-                .arg(self.key("ref", &p.tenant, &r.value))
-                .query_async(&mut self.conn())
-                .await?;
-            if let Some(id) = id {
-                c.by_reference = self.open_invoices(&p.tenant, vec![id]).await?.pop();
+            let ref_key = self.key("ref", &p.tenant, &r.value);
+            let id: Option<String> = redis::cmd("GET").arg(&ref_key).query_async(&mut self.conn()).await?;
+            match id {
+                Some(id) => c.by_reference = self.open_invoices(&p.tenant, vec![id], &mut seen).await?.pop(),
+                None => seen.missing_reference = Some(ref_key),
             }
         }
         for number in p
@@ -166,15 +195,17 @@ impl Matcher {
             .unwrap_or_default()
         {
             let ids = self.members(&self.key("num", &p.tenant, &number)).await?;
-            c.by_invoice_number.extend(self.open_invoices(&p.tenant, ids).await?);
+            c.by_invoice_number
+                .extend(self.open_invoices(&p.tenant, ids, &mut seen).await?);
         }
         if let Some(account) = p.payer_account.as_deref().map(normalise).filter(|a| !a.is_empty()) {
             for debtor in self.members(&self.key("acct", &p.tenant, &account)).await? {
                 let ids = self.members(&self.key("debtor", &p.tenant, &debtor)).await?;
-                c.by_payer_account.extend(self.open_invoices(&p.tenant, ids).await?);
+                c.by_payer_account
+                    .extend(self.open_invoices(&p.tenant, ids, &mut seen).await?);
             }
         }
-        Ok(c)
+        Ok((c, seen))
     }
 
     fn incoming(p: &PaymentReceived) -> Result<IncomingPayment, Failure> {
@@ -283,44 +314,111 @@ impl Matcher {
 
     /// Books a decision: allocations against the invoices, learned payer accounts, the kept
     /// list for unmatched payments, and the decision itself (the de-duplication record).
-    async fn book(&self, d: &Decided) -> Result<(), Failure> {
+    /// Books a decision if what it was based on still holds: allocations against the
+    /// invoices, the kept list for unmatched payments, and the decision itself (the
+    /// de-duplication record), in one atomic script. Payments are decided concurrently, so the
+    /// script checks that no invoice's allocation moved since it was read, that an unmatched
+    /// payment's reference was not indexed meanwhile (the index then looks at the kept list
+    /// after writing the reference, so one of the two sees the other), and, for a new
+    /// decision, that the payment was not decided by another attempt.
+    async fn book(&self, d: &Decided, seen: &Seen, replace: bool) -> Result<Booked, Failure> {
+        static BOOK: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"
+local n = tonumber(ARGV[5])
+if ARGV[4] == 'new' and redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+for i = 1, n do
+  local current = tonumber(redis.call('GET', KEYS[4 + i]) or '0')
+  if current ~= tonumber(ARGV[5 + i]) then return 0 end
+end
+if ARGV[3] == 'unmatched' then
+  if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[6 + 2 * n])
+  redis.call('SADD', KEYS[3], ARGV[2])
+else
+  for i = 1, n do
+    local add = tonumber(ARGV[5 + n + i])
+    if add ~= 0 then redis.call('INCRBY', KEYS[4 + i], add) end
+  end
+  redis.call('HDEL', KEYS[2], ARGV[2])
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1",
+            )
+        });
         let p = &d.payment;
-        // One atomic round trip: the allocations and the decision record land together.
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        match &d.decision {
+        let mut added: BTreeMap<&str, i64> = BTreeMap::new();
+        let (mode, unmatched_json, kept) = match &d.decision {
             MatchDecision::Matched {
                 rule,
                 allocations,
                 overpayment,
             } => {
                 for (i, a) in allocations.iter().enumerate() {
-                    let amount = if i == 0 {
-                        a.amount.minor + overpayment.minor
-                    } else {
-                        a.amount.minor
-                    };
-                    pipe.incr(self.key("alloc", &p.tenant, &a.invoice_id), amount).ignore();
-                    if let Some(account) = p.payer_account.as_deref().map(normalise).filter(|a| !a.is_empty()) {
-                        pipe.sadd(self.key("acct", &p.tenant, &account), &a.debtor_id).ignore();
-                    }
+                    let extra = if i == 0 { overpayment.minor } else { 0 };
+                    *added.entry(a.invoice_id.as_str()).or_default() += a.amount.minor + extra;
                 }
-                pipe.hdel(self.key("unmatched", &p.tenant, "all"), &p.payment_id).ignore();
                 self.0.metrics.results.with_label_values(&[rule.code()]).inc();
+                ("matched", String::new(), None)
             }
             MatchDecision::Unmatched { reason } => {
-                let json = serde_json::to_string(p).map_err(|e| Failure::Fatal(e.into()))?;
-                pipe.hset(self.key("unmatched", &p.tenant, "all"), &p.payment_id, json).ignore();
-                if let Some(r) = p.reference.as_deref().map(kept_reference) {
-                    pipe.sadd(self.key("kept", &p.tenant, &r), &p.payment_id).ignore();
-                }
                 self.0.metrics.results.with_label_values(&[reason.code()]).inc();
+                let json = serde_json::to_string(p).map_err(|e| Failure::Fatal(e.into()))?;
+                ("unmatched", json, p.reference.as_deref().map(kept_reference))
+            }
+        };
+        let mut watched: Vec<(&str, i64)> = seen.allocated.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        for id in added.keys() {
+            if !seen.allocated.contains_key(*id) {
+                watched.push((id, 0));
             }
         }
         let json = serde_json::to_string(d).map_err(|e| Failure::Fatal(e.into()))?;
-        pipe.set(self.key("payment", &p.tenant, &p.payment_id), json).ignore();
-        let _: () = pipe.query_async(&mut self.conn()).await?;
-        Ok(())
+        let mut invocation = BOOK.prepare_invoke();
+        invocation
+            .key(self.key("payment", &p.tenant, &p.payment_id))
+            .key(self.key("unmatched", &p.tenant, "all"))
+            .key(self.key("kept", &p.tenant, kept.as_deref().unwrap_or("-")))
+            .key(
+                seen.missing_reference
+                    .clone()
+                    .unwrap_or_else(|| self.key("ref", &p.tenant, "-")),
+            )
+            .arg(json)
+            .arg(&p.payment_id)
+            .arg(mode)
+            .arg(if replace { "replace" } else { "new" })
+            .arg(watched.len());
+        for (id, _) in &watched {
+            invocation.key(self.key("alloc", &p.tenant, id));
+        }
+        for (_, was) in &watched {
+            invocation.arg(*was);
+        }
+        for (id, _) in &watched {
+            invocation.arg(added.get(id).copied().unwrap_or(0));
+        }
+        invocation.arg(unmatched_json);
+        let booked: i32 = invocation.invoke_async(&mut self.conn()).await?;
+        let booked = match booked {
+            1 => Booked::Done,
+            -1 => Booked::AlreadyDecided,
+            _ => Booked::Conflict,
+        };
+        if booked == Booked::Done
+            && let (MatchDecision::Matched { allocations, .. }, Some(account)) = (
+                &d.decision,
+                p.payer_account.as_deref().map(normalise).filter(|a| !a.is_empty()),
+            )
+        {
+            // Learning who pays for whom: a hint for later payments, not part of the booking.
+            let mut pipe = redis::pipe();
+            for a in allocations {
+                pipe.sadd(self.key("acct", &p.tenant, &account), &a.debtor_id).ignore();
+            }
+            let _: () = pipe.query_async(&mut self.conn()).await?;
+        }
+        Ok(booked)
     }
 
     async fn decided(&self, tenant: &str, payment_id: &str) -> Result<Option<Decided>, Failure> {
@@ -334,17 +432,34 @@ impl Matcher {
             return self.records_for(&d, trace).await;
         }
         let incoming = Self::incoming(&p)?;
-        let decision = matching::decide(&incoming, &self.candidates(&p).await?);
-        let latency = (self.0.rt.clock.now().timestamp_millis() - p.occurred_at).max(0) as f64 / 1000.0;
-        self.0.metrics.decided_after.observe(latency);
-        let d = Decided {
-            payment: p,
-            decision,
-            matched_by: None,
-        };
-        let outs = self.records_for(&d, trace).await?;
-        self.book(&d).await?;
-        Ok(outs)
+        // Decided optimistically: another payment for the same invoice may be booked between
+        // reading and booking; then this one is decided again on what is there now.
+        for _ in 0..MAX_REDECISIONS {
+            let (candidates, seen) = self.candidates(&p).await?;
+            let d = Decided {
+                payment: p.clone(),
+                decision: matching::decide(&incoming, &candidates),
+                matched_by: None,
+            };
+            match self.book(&d, &seen, false).await? {
+                Booked::Done => {
+                    let latency =
+                        (self.0.rt.clock.now().timestamp_millis() - d.payment.occurred_at).max(0) as f64 / 1000.0;
+                    self.0.metrics.decided_after.observe(latency);
+                    return self.records_for(&d, trace).await;
+                }
+                Booked::AlreadyDecided => {
+                    if let Some(d) = self.decided(&d.payment.tenant, &d.payment.payment_id).await? {
+                        self.0.metrics.results.with_label_values(&["duplicate"]).inc();
+                        return self.records_for(&d, trace).await;
+                    }
+                }
+                Booked::Conflict => self.0.metrics.results.with_label_values(&["redecided"]).inc(),
+            }
+        }
+        Err(Failure::Transient(anyhow::anyhow!(
+            "payment decided {MAX_REDECISIONS} times while its invoices kept changing"
+        )))
     }
 
     /// Indexes an invoice snapshot, then tries the payments kept for its reference.
@@ -394,20 +509,30 @@ impl Matcher {
                 continue;
             };
             if !matches!(prior.decision, MatchDecision::Unmatched { .. }) {
+                // Matched by an earlier attempt that stopped before its records were out and
+                // the payment left the kept list: the same records again (same ids).
+                outs.extend(self.records_for(&prior, trace).await?);
+                let _: () = redis::cmd("SREM")
+                    .arg(&kept_key)
+                    .arg(&payment_id)
+                    .query_async(&mut self.conn())
+                    .await?;
                 continue;
             }
-            let decision = matching::decide(
-                &Self::incoming(&prior.payment)?,
-                &self.candidates(&prior.payment).await?,
-            );
+            let (candidates, seen) = self.candidates(&prior.payment).await?;
+            let decision = matching::decide(&Self::incoming(&prior.payment)?, &candidates);
             if matches!(decision, MatchDecision::Matched { .. }) {
                 let d = Decided {
                     payment: prior.payment,
                     decision,
                     matched_by: None,
                 };
+                if self.book(&d, &seen, true).await? != Booked::Done {
+                    return Err(Failure::Transient(anyhow::anyhow!(
+                        "a kept payment's invoice changed while it was matched; trying again"
+                    )));
+                }
                 outs.extend(self.records_for(&d, trace).await?);
-                self.book(&d).await?;
                 let _: () = redis::cmd("SREM")
                     .arg(&kept_key)
                     .arg(&payment_id)
@@ -448,9 +573,10 @@ impl Matcher {
             )));
         }
         let mut invoices = Vec::new();
+        let mut seen = Seen::default();
         for id in invoice_ids {
             invoices.push(
-                self.open_invoices(tenant, vec![id.clone()])
+                self.open_invoices(tenant, vec![id.clone()], &mut seen)
                     .await?
                     .pop()
                     .ok_or_else(|| ManualError::NotFound(format!("no invoice '{id}' for tenant '{tenant}'")))?,
@@ -470,8 +596,35 @@ impl Matcher {
             .send_all(&outs)
             .await
             .map_err(ManualError::Unavailable)?;
-        self.book(&d).await?;
+        // A person's decision stands: booked as made, after its events are out.
+        self.book(&d, &Seen::default(), true).await?;
         Ok(d)
+    }
+}
+
+/// Invoice snapshots by key (a debtor's in order); payments by their bytes, so that the same
+/// record redelivered waits for itself.
+fn lane(record: &Inbound, payments_topic: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    if record.topic == payments_topic {
+        record.payload.hash(&mut h);
+    } else {
+        record.key.hash(&mut h);
+    }
+    h.finish()
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct MatcherSettings {
+    /// Payments decided at once.
+    pub concurrency: usize,
+}
+
+impl Default for MatcherSettings {
+    fn default() -> Self {
+        Self { concurrency: 32 }
     }
 }
 
@@ -556,7 +709,14 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         rt.topic(&rt.config.topics.payments),
     ];
     let consumer = shell.consumer(&rt, SERVICE, &topics)?;
-    run_consumer(consumer, matcher, shell.loop_context(&rt)).await?;
+    let mut ctx = shell.loop_context(&rt);
+    // Payments are decided concurrently (booking re-checks what a decision was based on);
+    // a bank's feed often has one key for all, so they spread by content, not by key.
+    let settings: MatcherSettings = config::section(&rt.figment, SERVICE)?;
+    ctx.key_concurrency = settings.concurrency.max(1);
+    let payments_topic = rt.topic(&rt.config.topics.payments);
+    ctx.lane = Some(Arc::new(move |record| lane(record, &payments_topic)));
+    run_consumer(consumer, matcher, ctx).await?;
     shell.producer.flush(Duration::from_secs(5)).await;
     Ok(())
 }
