@@ -450,7 +450,11 @@ async fn run_consumer_by_key(
     let mut lanes: std::collections::HashMap<u64, Shared<'_>> = std::collections::HashMap::new();
     let mut readiness_tick = tokio::time::interval(Duration::from_millis(250));
     let mut lag_tick = tokio::time::interval(Duration::from_secs(5));
-    let limit = ctx.key_concurrency.min(ctx.max_in_flight).max(1);
+    // Handlers run `key_concurrency` at once; records whose outputs await acknowledgement do not
+    // count against that (an acknowledgement can take tens of milliseconds, and holding a
+    // handler slot for it would cap throughput at slots / ack latency).
+    let limit = ctx.max_in_flight.max(1);
+    let handlers = Arc::new(tokio::sync::Semaphore::new(ctx.key_concurrency.max(1)));
     let (handler, ctx_ref) = (&handler, &ctx);
     let result: anyhow::Result<()> = async {
         loop {
@@ -484,13 +488,17 @@ async fn run_consumer_by_key(
                     let record = Inbound::from_message(&message);
                     let lane = ctx.lane.as_ref().map(|f| f(&record) % 4096).unwrap_or_else(|| lane_of(&record));
                     let before = lanes.get(&lane).cloned();
+                    let handlers = handlers.clone();
                     let work = async move {
                         if let Some(before) = before {
                             before.await;
                         }
+                        let permit = handlers.acquire_owned().await;
                         let span = tracing::info_span!("handle", service = ctx_ref.service, topic = %record.topic,
                             partition = record.partition, offset = record.offset, trace_id = %record.trace.trace_id_hex());
-                        let settled = match ctx_ref.outputs_for(handler, &record).instrument(span).await {
+                        let handled = ctx_ref.outputs_for(handler, &record).instrument(span).await;
+                        drop(permit);
+                        let settled = match handled {
                             Ok(Some(outs)) => {
                                 let mut acks = Vec::with_capacity(outs.len());
                                 for out in &outs {

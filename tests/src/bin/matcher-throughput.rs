@@ -2,7 +2,9 @@
 //! invoice's journey state being updated, at a steady 5,000 payments/s, next to a plain
 //! rdkafka relay of the same payment bytes measured in the same run.
 //!
-//!     cargo run --release -p forfall-e2e --bin matcher-throughput -- 20000
+//!     cargo run --release -p forfall-e2e --bin matcher-throughput -- 20000 5000 1
+//!
+//! (invoices, steady payments per second, payments the matcher decides at once)
 //!
 //! N invoices are indexed first (matcher and watcher both consume them); then N/2 payments are
 //! produced at 5,000/s and each one's latency is taken from its production to the watcher's
@@ -56,7 +58,10 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(5_000.0);
     let mut config = base_config();
     config.log.level = "warn".into();
-    let stack = LocalStack::start(config, Arc::new(SystemClock)).await?;
+    let concurrency: usize = std::env::args().nth(3).map(|a| a.parse()).transpose()?.unwrap_or(1);
+    let mut stack = LocalStack::start(config, Arc::new(SystemClock)).await?;
+    stack.set("matcher.concurrency", concurrency);
+    let stack = stack;
     let brokers = stack.rt.config.kafka.brokers.clone();
     let invoices_topic = stack.topic(&stack.topics().invoices);
     let payments_topic = stack.topic(&stack.topics().payments);
@@ -247,6 +252,17 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let burst_secs = burst_start.elapsed().as_secs_f64();
+    if std::env::var_os("BENCH_DEBUG").is_some() {
+        for line in stack.metrics("matcher").await?.lines() {
+            if line.contains("payments_total")
+                || line.contains("handle_seconds_sum")
+                || line.contains("handle_seconds_count")
+                || line.contains("retries")
+            {
+                eprintln!("{line}");
+            }
+        }
+    }
 
     // Baseline: a plain rdkafka consume-and-produce relay of the same payment bytes.
     let relay_topic = format!("{}.bench.relay", stack.prefix);
