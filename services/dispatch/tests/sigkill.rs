@@ -113,7 +113,8 @@ async fn ten_thousand_actions_through_random_sigkills_send_each_message_at_most_
     let mut rng = rand::rng();
     let outcomes_topic = stack.topic(&stack.topics().dispatch_outcomes);
     let mut kills = 0;
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = Instant::now() + Duration::from_secs(200);
+    let mut progress = (0usize, Instant::now());
     let outcomes = loop {
         if kills < kill_count() {
             tokio::time::sleep(Duration::from_millis(rng.random_range(1500..4000))).await;
@@ -133,9 +134,21 @@ async fn ten_thousand_actions_through_random_sigkills_send_each_message_at_most_
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "only {} of {ACTIONS} actions decided within 300 s",
+            "only {} of {ACTIONS} actions decided within 200 s",
             decided.len()
         );
+        // tansu 0.6.0 can strand a group join (see the devstack notes); an operator restarts a
+        // consumer that makes no progress, and so does this test. It is one more kill.
+        if decided.len() > progress.0 {
+            progress = (decided.len(), Instant::now());
+        } else if progress.1.elapsed() > Duration::from_secs(30) {
+            child.kill()?;
+            child.wait()?;
+            kills += 1;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            child = spawn_dispatch(&stack, &config)?;
+            progress = (decided.len(), Instant::now());
+        }
     };
     tokio::time::sleep(Duration::from_millis(1000)).await;
     child.kill()?;
