@@ -299,6 +299,32 @@ impl Commit<'_> {
     }
 }
 
+/// An action's outcome on a channel. The event id derives from (action, channel, status), so
+/// a redelivered action's outcome is the same event.
+pub(crate) fn outcome_of(
+    action: &JourneyAction,
+    channel: &str,
+    status: DispatchStatus,
+    reason: Option<String>,
+    provider_message_id: Option<String>,
+    now_ms: i64,
+) -> DispatchOutcome {
+    let label = format!("{status:?}").to_lowercase();
+    DispatchOutcome {
+        event_id: derived_id("dispatch-outcome", &[&action.action_id, channel, &label]),
+        tenant: action.tenant.clone(),
+        debtor_id: action.debtor_id.clone(),
+        occurred_at: now_ms,
+        action_id: action.action_id.clone(),
+        invoice_id: action.invoice_id.clone(),
+        step: action.step.clone(),
+        channel: channel.to_owned(),
+        status,
+        reason,
+        provider_message_id,
+    }
+}
+
 /// What a receipt needs to find its action again: stored per provider message id.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct SentMessage {
@@ -687,19 +713,14 @@ impl Handler for Dispatch {
         let mut outs = Vec::new();
         if action.channels.is_empty() {
             // The debtor declined every channel this step may use: on record, not silent.
-            let outcome = DispatchOutcome {
-                event_id: derived_id("dispatch-outcome", &[&action.action_id, "none", "failed"]),
-                tenant: action.tenant.clone(),
-                debtor_id: action.debtor_id.clone(),
-                occurred_at: self.rt.clock.now().timestamp_millis(),
-                action_id: action.action_id.clone(),
-                invoice_id: action.invoice_id.clone(),
-                step: action.step.clone(),
-                channel: "none".into(),
-                status: DispatchStatus::Failed,
-                reason: Some("the debtor declined every channel this step may use".into()),
-                provider_message_id: None,
-            };
+            let outcome = outcome_of(
+                &action,
+                "none",
+                DispatchStatus::Failed,
+                Some("the debtor declined every channel this step may use".into()),
+                None,
+                self.rt.clock.now().timestamp_millis(),
+            );
             self.outcomes.with_label_values(&[&action.step, "none", "failed"]).inc();
             outs.push(
                 self.rt
@@ -721,19 +742,14 @@ impl Handler for Dispatch {
                 .with_label_values(&[&action.step, channel, metric_label])
                 .inc();
             tracing::info!(step = %action.step, channel = %channel, status = %status_label, "dispatch outcome");
-            let outcome = DispatchOutcome {
-                event_id: derived_id("dispatch-outcome", &[&action.action_id, channel, &status_label]),
-                tenant: action.tenant.clone(),
-                debtor_id: action.debtor_id.clone(),
-                occurred_at: self.rt.clock.now().timestamp_millis(),
-                action_id: action.action_id.clone(),
-                invoice_id: action.invoice_id.clone(),
-                step: action.step.clone(),
-                channel: channel.clone(),
-                status: result.status,
-                reason: result.reason,
-                provider_message_id: result.provider_message_id,
-            };
+            let outcome = outcome_of(
+                &action,
+                channel,
+                result.status,
+                result.reason,
+                result.provider_message_id,
+                self.rt.clock.now().timestamp_millis(),
+            );
             outs.push(
                 self.rt
                     .codec

@@ -18,7 +18,7 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::routing::post;
 use forfall_platform::kafka::Producer;
 use forfall_platform::metrics::Metrics;
-use forfall_platform::records::{DispatchOutcome, DispatchStatus, JourneyAction, derived_id};
+use forfall_platform::records::{DispatchStatus, JourneyAction, derived_id};
 use forfall_platform::redis_store::Keys;
 use forfall_platform::service::Runtime;
 use forfall_platform::telemetry::TraceContext;
@@ -302,19 +302,14 @@ impl ReceiptState {
         let span = tracing::info_span!("receipt", provider, step = %action.step, channel = %channel, status = label);
         let _entered = span.enter();
         let trace = TraceContext::new_root();
-        let outcome = DispatchOutcome {
-            event_id: derived_id("dispatch-outcome", &[&action.action_id, &channel, label]),
-            tenant: action.tenant.clone(),
-            debtor_id: action.debtor_id.clone(),
-            occurred_at: r.rt.clock.now().timestamp_millis(),
-            action_id: action.action_id.clone(),
-            invoice_id: action.invoice_id.clone(),
-            step: action.step.clone(),
-            channel: channel.clone(),
+        let outcome = crate::outcome_of(
+            &action,
+            &channel,
             status,
-            reason: reason.clone(),
-            provider_message_id: Some(provider_message_id.to_owned()),
-        };
+            reason.clone(),
+            Some(provider_message_id.to_owned()),
+            r.rt.clock.now().timestamp_millis(),
+        );
         let mut outs = vec![
             r.rt.codec
                 .outbound(&r.outcomes_topic, &action.debtor_id, &outcome, trace)

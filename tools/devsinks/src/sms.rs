@@ -257,6 +257,15 @@ fn form(body: &[u8]) -> Option<HashMap<String, String>> {
         .map(|v| v.into_iter().collect())
 }
 
+/// The fields of a form-encoded body, when it is one (by content type) and parses.
+fn form_body(headers: &HeaderMap, body: &[u8]) -> Option<HashMap<String, String>> {
+    if content_type(headers).starts_with("application/x-www-form-urlencoded") {
+        form(body)
+    } else {
+        None
+    }
+}
+
 fn e164(to: &str) -> bool {
     to.strip_prefix('+')
         .is_some_and(|d| (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()))
@@ -373,12 +382,9 @@ async fn elks46(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Resp
                 .into_response(),
         );
     }
-    let form = match (
-        content_type(&headers).starts_with("application/x-www-form-urlencoded"),
-        form(&body),
-    ) {
-        (true, Some(f)) => f,
-        _ => {
+    let form = match form_body(&headers, &body) {
+        Some(f) => f,
+        None => {
             return sim.refuse(
                 StatusCode::BAD_REQUEST,
                 "not form-encoded".into(),
@@ -460,12 +466,9 @@ async fn twilio(State(sim): State<Sim>, Path(sid): Path<String>, headers: Header
             twilio_error(StatusCode::UNAUTHORIZED, 20003, "Authenticate"),
         );
     }
-    let form = match (
-        content_type(&headers).starts_with("application/x-www-form-urlencoded"),
-        form(&body),
-    ) {
-        (true, Some(f)) => f,
-        _ => {
+    let form = match form_body(&headers, &body) {
+        Some(f) => f,
+        None => {
             return sim.refuse(
                 StatusCode::BAD_REQUEST,
                 "not form-encoded".into(),
