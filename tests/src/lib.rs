@@ -4,7 +4,9 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use forfall_domain::invoice::epoch_days;
 use forfall_platform::config::{self, CommonConfig};
-use forfall_platform::records::{InvoiceIssued, PaymentReceived, new_event_id};
+use forfall_platform::journey_state::journey_key;
+use forfall_platform::records::{InvoiceIssued, JourneyAction, PaymentReceived, derived_id, new_event_id};
+use forfall_platform::redis_store::Keys;
 
 pub use forfall::devstack::{LocalStack, eventually};
 
@@ -190,4 +192,65 @@ pub fn camt054(message_id: &str, credits: &[CamtCredit<'_>]) -> String {
 </Document>
 "#
     )
+}
+
+/// A Danish nudge by e-mail for `invoice` (123.450,00 kr., due 4 September 2026), as the watcher
+/// emits it; tests override what they vary with struct update syntax.
+pub fn nudge_action(tenant: &str, invoice: &str, email: &str) -> JourneyAction {
+    JourneyAction {
+        event_id: new_event_id(),
+        tenant: tenant.into(),
+        debtor_id: format!("{tenant}:{email}"),
+        occurred_at: 0,
+        action_id: derived_id("action", &[tenant, invoice, "nudge"]),
+        invoice_id: invoice.into(),
+        invoice_number: invoice.to_uppercase(),
+        step: "nudge".into(),
+        step_index: 0,
+        tone: "nudge".into(),
+        channels: vec!["email".into()],
+        send_at: 0,
+        open_minor: 123_450,
+        fee_minor: 0,
+        currency: "DKK".into(),
+        due_date: 20_700, // 2026-09-04
+        pay_by: None,
+        payment_reference: Some("+71<000000001234567+85937346<".into()),
+        policy_version: "test".into(),
+        jurisdiction: "DK".into(),
+        debtor_name: Some("Karen Blixen".into()),
+        email: Some(email.into()),
+        phone: None,
+        language: Some("da".into()),
+        description: Some("El, august 2026".into()),
+        covers: Vec::new(),
+    }
+}
+
+/// Each action's journey as the watcher leaves it after emitting the action's step (so the last
+/// look passes), with the status `status_of` gives for its position; one round trip.
+pub async fn journeys_after(
+    stack: &LocalStack,
+    actions: &[JourneyAction],
+    status_of: impl Fn(usize, &JourneyAction) -> &'static str,
+) -> anyhow::Result<()> {
+    let keys = Keys::new(&stack.rt.config.redis.key_prefix);
+    let mut pipe = redis::pipe();
+    for (i, a) in actions.iter().enumerate() {
+        let key = journey_key(&keys, &a.tenant, &a.invoice_id);
+        pipe.hset(&key, "status", status_of(i, a))
+            .ignore()
+            .hset(&key, "step", a.step_index + 1)
+            .ignore();
+    }
+    let _: () = pipe.query_async(&mut stack.redis()).await?;
+    Ok(())
+}
+
+/// The `p` quantile (0..=1) of sorted samples, NaN when there are none.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }

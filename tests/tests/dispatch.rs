@@ -6,10 +6,10 @@ use forfall::devstack::{LocalStack, eventually};
 use forfall_devsinks::HttpRecorder;
 use forfall_devsinks::sms::{Provider, SmsProviderSim};
 use forfall_domain::paylink::{self, LinkKey};
-use forfall_e2e::{WAIT, at, base_config};
+use forfall_e2e::{WAIT, at, base_config, journeys_after, nudge_action};
 use forfall_platform::clock::ManualClock;
 use forfall_platform::journey_state::journey_key;
-use forfall_platform::records::{DispatchOutcome, DispatchStatus, JourneyAction, derived_id, new_event_id};
+use forfall_platform::records::{DispatchOutcome, DispatchStatus, JourneyAction, derived_id};
 use forfall_platform::redis_store::Keys;
 
 const TENANT: &str = "acme-energy";
@@ -28,32 +28,18 @@ struct Action<'a> {
 impl Action<'_> {
     fn build(&self, email: &str, phone: &str) -> JourneyAction {
         JourneyAction {
-            event_id: new_event_id(),
-            tenant: TENANT.into(),
-            debtor_id: format!("{TENANT}:{email}"),
-            occurred_at: 0,
             action_id: derived_id("action", &[TENANT, self.invoice, self.tone]),
-            invoice_id: self.invoice.into(),
             invoice_number: self.number.into(),
             step: format!("{}-{}", self.tone, self.step_index),
             step_index: self.step_index,
             tone: self.tone.into(),
             channels: self.channels.iter().map(|c| (*c).to_owned()).collect(),
-            send_at: 0,
             open_minor: 123_450 + self.fee_minor,
             fee_minor: self.fee_minor,
-            currency: "DKK".into(),
-            due_date: 20_700, // 2026-09-04
             pay_by: self.pay_by,
-            payment_reference: Some("+71<000000001234567+85937346<".into()),
-            policy_version: "test".into(),
-            jurisdiction: "DK".into(),
-            debtor_name: Some("Karen Blixen".into()),
-            email: Some(email.into()),
             phone: Some(phone.into()),
             language: Some(self.language.into()),
-            description: Some("El, august 2026".into()),
-            covers: Vec::new(),
+            ..nudge_action(TENANT, self.invoice, email)
         }
     }
 }
@@ -71,21 +57,17 @@ async fn stack_with_profile() -> anyhow::Result<LocalStack> {
 }
 
 /// Lets the last look pass: the journey as the watcher leaves it after emitting the step.
-async fn journey_open(stack: &LocalStack, invoice: &str, step_index: i32) -> anyhow::Result<()> {
-    let key = journey_key(&Keys::new(&stack.rt.config.redis.key_prefix), TENANT, invoice);
-    let _: () = redis::cmd("HSET")
-        .arg(&key)
-        .arg("status")
-        .arg(if step_index == 0 { "nudged" } else { "reminded-1" })
-        .arg("step")
-        .arg(step_index + 1)
-        .query_async(&mut stack.redis())
-        .await?;
-    Ok(())
+async fn journeys_open(stack: &LocalStack, actions: &[JourneyAction]) -> anyhow::Result<()> {
+    journeys_after(
+        stack,
+        actions,
+        |_, a| if a.step_index == 0 { "nudged" } else { "reminded-1" },
+    )
+    .await
 }
 
 async fn send(stack: &LocalStack, action: &JourneyAction) -> anyhow::Result<()> {
-    journey_open(stack, &action.invoice_id, action.step_index).await?;
+    journeys_open(stack, std::slice::from_ref(action)).await?;
     stack
         .produce(&stack.topic(&stack.topics().journey_actions), &action.debtor_id, action)
         .await
@@ -579,9 +561,7 @@ async fn payments_around_send_time_never_let_a_message_out_after_the_last_look()
             sms_action(invoice, "da", &["email"]).build(&format!("race{i}@example.test"), "+4520000000")
         })
         .collect();
-    for a in &actions {
-        journey_open(&stack, &a.invoice_id, a.step_index).await?;
-    }
+    journeys_open(&stack, &actions).await?;
     let topic = stack.topic(&stack.topics().journey_actions);
     for chunk in actions.chunks(250) {
         futures::future::try_join_all(chunk.iter().map(|a| stack.produce(&topic, &a.debtor_id, a))).await?;

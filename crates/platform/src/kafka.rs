@@ -430,11 +430,52 @@ enum Settled {
     Failed(String),
 }
 
-fn lane_of(record: &Inbound) -> u64 {
+/// Lanes a keyed loop spreads records over.
+const LANES: u64 = 4096;
+
+fn lane_hash(bytes: &Option<Vec<u8>>) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    record.key.hash(&mut h);
-    h.finish() % 4096
+    bytes.hash(&mut h);
+    h.finish() % LANES
+}
+
+/// The default lane: records with the same key wait for each other.
+pub fn key_lane(record: &Inbound) -> u64 {
+    lane_hash(&record.key)
+}
+
+/// A lane by content, for feeds whose key says nothing (one key for all): only identical
+/// records (a redelivery) wait for each other.
+pub fn payload_lane(record: &Inbound) -> u64 {
+    lane_hash(&record.payload)
+}
+
+/// A received message, or `None` after counting, logging and pausing on a consume error.
+async fn received_or_pause(
+    received: Result<rdkafka::message::BorrowedMessage<'_>, KafkaError>,
+    metrics: &Metrics,
+) -> Option<rdkafka::message::OwnedMessage> {
+    match received {
+        Ok(m) => Some(m.detach()),
+        Err(e) => {
+            metrics.retries.with_label_values(&["consume"]).inc();
+            tracing::warn!(error = %e, "consume error");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            None
+        }
+    }
+}
+
+/// After a loop ends: not ready any more, and what was stored is committed.
+fn final_commit(consumer: &StreamConsumer, ctx: &LoopContext) {
+    ctx.readiness.set_ready(false);
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => {}
+        // Nothing stored since the last auto-commit.
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(error = %e, "final commit failed"),
+    }
 }
 
 /// The consume loop with records of different keys handled concurrently. A record waits for the
@@ -475,18 +516,12 @@ async fn run_consumer_by_key(
                     }
                 }
                 received = consumer.recv(), if pending.len() < limit => {
-                    let message = match received {
-                        Ok(m) => m.detach(),
-                        Err(e) => {
-                            ctx.metrics.retries.with_label_values(&["consume"]).inc();
-                            tracing::warn!(error = %e, "consume error");
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                            continue;
-                        }
+                    let Some(message) = received_or_pause(received, &ctx.metrics).await else {
+                        continue;
                     };
                     ctx.readiness.set_ready(true);
                     let record = Inbound::from_message(&message);
-                    let lane = ctx.lane.as_ref().map(|f| f(&record) % 4096).unwrap_or_else(|| lane_of(&record));
+                    let lane = ctx.lane.as_ref().map_or_else(|| key_lane(&record), |f| f(&record) % LANES);
                     let before = lanes.get(&lane).cloned();
                     let handlers = handlers.clone();
                     let work = async move {
@@ -531,11 +566,7 @@ async fn run_consumer_by_key(
         }
     }
     drop(lanes);
-    ctx.readiness.set_ready(false);
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => tracing::warn!(error = %e, "final commit failed"),
-    }
+    final_commit(&consumer, &ctx);
     result
 }
 
@@ -569,14 +600,8 @@ pub async fn run_consumer(
                     }
                 }
                 received = consumer.recv(), if pending.len() < ctx.max_in_flight => {
-                    let message = match received {
-                        Ok(m) => m.detach(),
-                        Err(e) => {
-                            ctx.metrics.retries.with_label_values(&["consume"]).inc();
-                            tracing::warn!(error = %e, "consume error");
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                            continue;
-                        }
+                    let Some(message) = received_or_pause(received, &ctx.metrics).await else {
+                        continue;
                     };
                     ctx.readiness.set_ready(true);
                     let record = Inbound::from_message(&message);
@@ -605,12 +630,6 @@ pub async fn run_consumer(
             let _ = consumer.store_offset(&topic, partition, offset);
         }
     }
-    ctx.readiness.set_ready(false);
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) => {}
-        // Nothing stored since the last auto-commit.
-        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => tracing::warn!(error = %e, "final commit failed"),
-    }
+    final_commit(&consumer, &ctx);
     result
 }

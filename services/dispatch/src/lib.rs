@@ -332,6 +332,11 @@ pub(crate) struct SentMessage {
     pub channel: String,
 }
 
+/// The idempotency claim of one (action, channel).
+pub(crate) fn claim_key(keys: &Keys, action_id: &str, channel: &str) -> String {
+    keys.key(&["dispatch", "claim", &format!("{action_id}:{channel}")])
+}
+
 pub(crate) fn sent_key(keys: &Keys, provider: &str, provider_message_id: &str) -> String {
     keys.key(&["dispatch", "sent", provider, provider_message_id])
 }
@@ -381,7 +386,7 @@ impl Dispatch {
     }
 
     fn claim_key(&self, action_id: &str, channel: &str) -> String {
-        self.keys.key(&["dispatch", "claim", &format!("{action_id}:{channel}")])
+        claim_key(&self.keys, action_id, channel)
     }
 
     fn ttl_secs(&self) -> u64 {

@@ -317,11 +317,8 @@ impl ReceiptState {
         ];
         if status == DispatchStatus::Bounced {
             // The bounced channel is done for this action; the next one is its fallback.
-            let claim = r
-                .keys
-                .key(&["dispatch", "claim", &format!("{}:{channel}", action.action_id)]);
             let _: () = redis::cmd("SET")
-                .arg(claim)
+                .arg(crate::claim_key(&r.keys, &action.action_id, &channel))
                 .arg(format!("failed:{}", reason.unwrap_or_default()))
                 .arg("EX")
                 .arg(r.settings.idempotency_ttl_days * 86_400)

@@ -8,11 +8,9 @@ use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use forfall::devstack::LocalStack;
+use forfall_e2e::{LocalStack, base_config, journeys_after, nudge_action};
 use forfall_platform::clock::SystemClock;
-use forfall_platform::journey_state::journey_key;
-use forfall_platform::records::{DispatchOutcome, DispatchStatus, JourneyAction, derived_id, new_event_id};
-use forfall_platform::redis_store::Keys;
+use forfall_platform::records::{DispatchOutcome, DispatchStatus, JourneyAction};
 use rand::Rng;
 
 const ACTIONS: usize = 10_000;
@@ -26,34 +24,14 @@ fn kill_count() -> usize {
 const TENANT: &str = "acme-energy";
 
 fn action(i: usize) -> JourneyAction {
-    let invoice = format!("k-{i}");
     JourneyAction {
-        event_id: new_event_id(),
-        tenant: TENANT.into(),
         debtor_id: format!("{TENANT}:d{i}"),
-        occurred_at: 0,
-        action_id: derived_id("action", &[TENANT, &invoice, "nudge"]),
-        invoice_id: invoice,
         invoice_number: format!("K-{i}"),
-        step: "nudge".into(),
-        step_index: 0,
-        tone: "nudge".into(),
-        channels: vec!["email".into()],
-        send_at: 0,
         open_minor: 10_000 + i as i64,
-        fee_minor: 0,
-        currency: "DKK".into(),
-        due_date: 20_700,
-        pay_by: None,
         payment_reference: None,
-        policy_version: "test".into(),
-        jurisdiction: "DK".into(),
         debtor_name: None,
-        email: Some(format!("d{i}@example.test")),
-        phone: None,
-        language: Some("da".into()),
         description: None,
-        covers: Vec::new(),
+        ..nudge_action(TENANT, &format!("k-{i}"), &format!("d{i}@example.test"))
     }
 }
 
@@ -80,7 +58,7 @@ fn spawn_dispatch(stack: &LocalStack, config: &std::path::Path) -> anyhow::Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_actions_through_random_sigkills_send_each_message_at_most_once() -> anyhow::Result<()> {
-    let stack = LocalStack::start(forfall_e2e_config(), std::sync::Arc::new(SystemClock)).await?;
+    let stack = LocalStack::start(base_config(), std::sync::Arc::new(SystemClock)).await?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("dispatch.toml");
     // Contact hours around the clock: the test runs whenever CI does.
@@ -91,19 +69,14 @@ async fn ten_thousand_actions_through_random_sigkills_send_each_message_at_most_
             stack.mail.addr.port()
         ),
     )?;
-    let keys = Keys::new(&stack.rt.config.redis.key_prefix);
-    let mut redis = stack.redis();
     let actions: Vec<JourneyAction> = (0..ACTIONS).map(action).collect();
     // One in ten is paid before dispatch gets to it.
-    let mut pipe = redis::pipe();
-    for (i, a) in actions.iter().enumerate() {
-        let status = if i % 10 == 3 { "closed:paid" } else { "nudged" };
-        pipe.hset(journey_key(&keys, TENANT, &a.invoice_id), "status", status)
-            .ignore()
-            .hset(journey_key(&keys, TENANT, &a.invoice_id), "step", 1)
-            .ignore();
-    }
-    let _: () = pipe.query_async(&mut redis).await?;
+    journeys_after(
+        &stack,
+        &actions,
+        |i, _| if i % 10 == 3 { "closed:paid" } else { "nudged" },
+    )
+    .await?;
     let topic = stack.topic(&stack.topics().journey_actions);
     for chunk in actions.chunks(500) {
         futures::future::try_join_all(chunk.iter().map(|a| stack.produce(&topic, &a.debtor_id, a))).await?;
@@ -206,11 +179,4 @@ async fn ten_thousand_actions_through_random_sigkills_send_each_message_at_most_
     );
     stack.shutdown().await;
     Ok(())
-}
-
-fn forfall_e2e_config() -> forfall_platform::config::CommonConfig {
-    forfall_platform::config::common(&forfall_platform::config::figment(Some(std::path::Path::new(
-        "/nonexistent/forfall.toml",
-    ))))
-    .expect("valid FORFALL_* environment")
 }

@@ -22,7 +22,7 @@ use forfall_domain::invoice::date_from_epoch_days;
 use forfall_domain::matching::{self, Allocation, Candidates, IncomingPayment, MatchDecision, OpenInvoice};
 use forfall_domain::reference::normalise;
 use forfall_domain::{Currency, Money};
-use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
+use forfall_platform::kafka::{self, Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::records::{
     self, HandoffRecall, PaymentMatched, PaymentReceived, PaymentUnmatched, Record, derived_id,
 };
@@ -350,7 +350,7 @@ return 1",
         let mut added: BTreeMap<&str, i64> = BTreeMap::new();
         let (mode, unmatched_json, kept) = match &d.decision {
             MatchDecision::Matched {
-                rule,
+                rule: _,
                 allocations,
                 overpayment,
             } => {
@@ -358,11 +358,9 @@ return 1",
                     let extra = if i == 0 { overpayment.minor } else { 0 };
                     *added.entry(a.invoice_id.as_str()).or_default() += a.amount.minor + extra;
                 }
-                self.0.metrics.results.with_label_values(&[rule.code()]).inc();
                 ("matched", String::new(), None)
             }
-            MatchDecision::Unmatched { reason } => {
-                self.0.metrics.results.with_label_values(&[reason.code()]).inc();
+            MatchDecision::Unmatched { .. } => {
                 let json = serde_json::to_string(p).map_err(|e| Failure::Fatal(e.into()))?;
                 ("unmatched", json, p.reference.as_deref().map(kept_reference))
             }
@@ -405,6 +403,14 @@ return 1",
             -1 => Booked::AlreadyDecided,
             _ => Booked::Conflict,
         };
+        if booked == Booked::Done {
+            // Counted once, when booked: a decision taken again after a conflict is one payment.
+            let result = match &d.decision {
+                MatchDecision::Matched { rule, .. } => rule.code(),
+                MatchDecision::Unmatched { reason } => reason.code(),
+            };
+            self.0.metrics.results.with_label_values(&[result]).inc();
+        }
         if booked == Booked::Done
             && let (MatchDecision::Matched { allocations, .. }, Some(account)) = (
                 &d.decision,
@@ -605,14 +611,11 @@ return 1",
 /// Invoice snapshots by key (a debtor's in order); payments by their bytes, so that the same
 /// record redelivered waits for itself.
 fn lane(record: &Inbound, payments_topic: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
     if record.topic == payments_topic {
-        record.payload.hash(&mut h);
+        kafka::payload_lane(record)
     } else {
-        record.key.hash(&mut h);
+        kafka::key_lane(record)
     }
-    h.finish()
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]

@@ -15,46 +15,16 @@ use forfall_domain::reference::{self, ReferenceKind};
 use forfall_e2e::*;
 use forfall_platform::clock::ManualClock;
 use forfall_platform::journey_state::journey_key;
-use forfall_platform::records::{JourneyAction, derived_id, new_event_id};
+use forfall_platform::records::JourneyAction;
 use forfall_platform::redis_store::Keys;
 
 fn action(i: usize, tenant: &str) -> JourneyAction {
-    let invoice = format!("b-{i}");
     JourneyAction {
-        event_id: new_event_id(),
-        tenant: tenant.into(),
         debtor_id: format!("{tenant}:d{i}"),
-        occurred_at: 0,
-        action_id: derived_id("action", &[tenant, &invoice, "nudge"]),
-        invoice_id: invoice,
         invoice_number: format!("B-{i}"),
-        step: "nudge".into(),
-        step_index: 0,
-        tone: "nudge".into(),
-        channels: vec!["email".into()],
-        send_at: 0,
-        open_minor: 123_450,
-        fee_minor: 0,
-        currency: "DKK".into(),
-        due_date: 20_700,
-        pay_by: None,
-        payment_reference: Some("+71<000000001234567+85937346<".into()),
         policy_version: "bench".into(),
-        jurisdiction: "DK".into(),
-        debtor_name: Some("Karen Blixen".into()),
-        email: Some(format!("d{i}@example.test")),
-        phone: None,
-        language: Some("da".into()),
-        description: Some("El, august 2026".into()),
-        covers: Vec::new(),
+        ..nudge_action(tenant, &format!("b-{i}"), &format!("d{i}@example.test"))
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 /// Messages per second for `n` actions through one dispatch, with or without idempotency.
@@ -65,16 +35,8 @@ async fn messages_per_second(n: usize, idempotency: bool) -> anyhow::Result<f64>
     let mut stack = LocalStack::start(config, ManualClock::new(at("2026-09-02T07:00:00Z"))).await?;
     stack.set("dispatch.idempotency", idempotency);
     let tenant = "acme-energy";
-    let keys = Keys::new(&stack.rt.config.redis.key_prefix);
     let actions: Vec<JourneyAction> = (0..n).map(|i| action(i, tenant)).collect();
-    let mut pipe = redis::pipe();
-    for a in &actions {
-        pipe.hset(journey_key(&keys, tenant, &a.invoice_id), "status", "nudged")
-            .ignore()
-            .hset(journey_key(&keys, tenant, &a.invoice_id), "step", 1)
-            .ignore();
-    }
-    let _: () = pipe.query_async(&mut stack.redis()).await?;
+    journeys_after(&stack, &actions, |_, _| "nudged").await?;
     let topic = stack.topic(&stack.topics().journey_actions);
     for chunk in actions.chunks(1000) {
         futures::future::try_join_all(chunk.iter().map(|a| stack.produce(&topic, &a.debtor_id, a))).await?;

@@ -37,13 +37,6 @@ async fn counter(stack: &LocalStack, service: &str, name: &str, parts: &[&str]) 
     metric_value(&m, name, parts).unwrap_or(0.0)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let n: usize = std::env::args()
