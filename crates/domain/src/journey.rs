@@ -920,6 +920,165 @@ fn on_timer_active(mut journey: Journey, step_index: usize, plan: &Plan, fee: Mo
     }
 }
 
+/// One of a debtor's open invoices at the moment a timer of the debtor fires: its journey, its
+/// plan, the fee its next step charges when sent on time, and the step whose timer fired, when
+/// its own timer is the one firing.
+#[derive(Debug, Clone)]
+pub struct DebtorInvoice {
+    pub journey: Journey,
+    pub plan: Plan,
+    pub fee: Money,
+    pub fired_step: Option<usize>,
+}
+
+/// How an invoice took part in a firing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// Its step produced the message; `covers` are the other invoices (input indices) listed in it.
+    Lead { covers: Vec<usize> },
+    /// Its step went out in the message of the invoice at input index `lead`.
+    Covered { lead: usize },
+    /// Decided on its own: a hand-off, a skipped step, a stale timer.
+    Alone,
+}
+
+/// The decision for one input invoice (by index) and its role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fired {
+    pub index: usize,
+    pub decision: Decision,
+    pub role: Role,
+}
+
+/// Fires a debtor's due timers together. Messages of one tone and currency become one action:
+/// the oldest claim leads and the others are listed in it. An open invoice whose own next step
+/// has that tone and falls within `window` joins too, so the debtor gets one message instead of
+/// several in a few days. A step sent before its planned moment charges no fee: the plan's
+/// timing is what was checked against the law, so a fee is only charged on or after it; a
+/// reminder or warning is never brought forward for a claim that is not yet overdue.
+pub fn fire_together(invoices: &[DebtorInvoice], now: DateTime<Utc>, window: Duration) -> Vec<Fired> {
+    let mut fired: Vec<Fired> = invoices
+        .iter()
+        .enumerate()
+        .filter_map(|(index, inv)| {
+            let step = inv.fired_step?;
+            Some(Fired {
+                index,
+                decision: on_timer(inv.journey.clone(), step, &inv.plan, inv.fee, now),
+                role: Role::Alone,
+            })
+        })
+        .collect();
+    let claim_order = |i: usize| {
+        let j = &invoices[i].journey;
+        (j.anchor_due(), j.invoice.invoice_id.clone())
+    };
+    // Leads: per (tone, currency), the oldest claim among the messages due now.
+    let mut order: Vec<usize> = (0..fired.len())
+        .filter(|&p| message_tone(&fired[p].decision).is_some())
+        .collect();
+    order.sort_by_key(|&p| claim_order(fired[p].index));
+    let mut leads: Vec<(Tone, crate::Currency, usize)> = Vec::new();
+    for p in order {
+        let Some(tone) = message_tone(&fired[p].decision) else {
+            continue;
+        };
+        let currency = invoices[fired[p].index].journey.invoice.amount.currency;
+        match leads.iter().find(|(t, c, _)| *t == tone && *c == currency) {
+            Some(&(_, _, lead)) => {
+                let lead_index = fired[lead].index;
+                cover(&mut fired[p], lead_index, &invoices[lead_index].journey, window, None);
+                let covered = fired[p].index;
+                if let Role::Lead { covers } = &mut fired[lead].role {
+                    covers.push(covered);
+                }
+            }
+            None => {
+                fired[p].role = Role::Lead { covers: Vec::new() };
+                leads.push((tone, currency, p));
+            }
+        }
+    }
+    // Invoices whose own step is near: brought forward into a lead's message.
+    let mut near: Vec<usize> = (0..invoices.len())
+        .filter(|&i| invoices[i].fired_step.is_none())
+        .collect();
+    near.sort_by_key(|&i| claim_order(i));
+    for i in near {
+        let inv = &invoices[i];
+        let j = &inv.journey;
+        if !j.state.accepts_contact() {
+            continue;
+        }
+        let TimerChange::Schedule { step_index, fire_at } = schedule_next(j, &inv.plan) else {
+            continue;
+        };
+        if fire_at > now + window {
+            continue;
+        }
+        let Some(StepKind::Message { tone, .. }) = inv.plan.steps.get(step_index).map(|s| &s.kind) else {
+            continue;
+        };
+        let today = now.with_timezone(&j.invoice.jurisdiction.time_zone()).date_naive();
+        if *tone != Tone::Nudge && today <= j.anchor_due() {
+            continue;
+        }
+        let Some(&(_, _, lead)) = leads
+            .iter()
+            .find(|(t, c, _)| t == tone && *c == j.invoice.amount.currency)
+        else {
+            continue;
+        };
+        let early = fire_at > now;
+        let fee = if early { Money::zero(inv.fee.currency) } else { inv.fee };
+        let decision = on_timer(j.clone(), step_index, &inv.plan, fee, now);
+        if message_tone(&decision).is_none() {
+            continue;
+        }
+        let lead_index = fired[lead].index;
+        let mut f = Fired {
+            index: i,
+            decision,
+            role: Role::Alone,
+        };
+        let waived = (early && inv.fee.minor > 0).then_some(inv.fee);
+        cover(&mut f, lead_index, &invoices[lead_index].journey, window, waived);
+        if let Role::Lead { covers } = &mut fired[lead].role {
+            covers.push(i);
+        }
+        fired.push(f);
+    }
+    fired
+}
+
+fn message_tone(d: &Decision) -> Option<Tone> {
+    match &d.emit {
+        Some(Emit::Message { tone, .. }) => Some(*tone),
+        _ => None,
+    }
+}
+
+/// Turns a message decision into a part of the lead's message, saying so in its transition.
+fn cover(f: &mut Fired, lead: usize, lead_journey: &Journey, window: Duration, waived: Option<Money>) {
+    f.decision.emit = None;
+    f.role = Role::Covered { lead };
+    if let Some(t) = f.decision.transitions.iter_mut().find(|t| t.kind == "step_sent") {
+        let mut reason = format!(
+            "sent in one message with invoice {} (steps within {} days of each other are combined)",
+            lead_journey.invoice.invoice_number,
+            window.num_days()
+        );
+        if let Some(fee) = waived {
+            reason.push_str(&format!(
+                "; fee {fee} not charged: the step went out before its planned date"
+            ));
+        } else if let Some(fee) = t.reason.take() {
+            reason = format!("{fee}; {reason}");
+        }
+        t.reason = Some(reason);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1448,5 +1607,226 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t, Utc.with_ymd_and_hms(2026, 3, 29, 1, 0, 0).unwrap());
+    }
+    mod combined {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// An opened journey for invoice `id` due on `due`, in `currency`.
+        fn journey(id: &str, due: NaiveDate, currency: &str) -> Journey {
+            let mut i = input();
+            i.invoice_id = id.into();
+            i.invoice_number = format!("N-{id}");
+            i.due_date_days = crate::invoice::epoch_days(due);
+            i.currency = currency.into();
+            on_invoice(None, validate_issued(i).unwrap(), &Plan::builtin()).journey
+        }
+
+        fn member(j: Journey, fired_step: Option<usize>, fee: i64) -> DebtorInvoice {
+            let currency = j.invoice.amount.currency;
+            DebtorInvoice {
+                journey: j,
+                plan: Plan::builtin(),
+                fee: Money::new(fee, currency),
+                fired_step,
+            }
+        }
+
+        /// After the nudge, so the next step is the reminder.
+        fn nudged(j: Journey) -> Journey {
+            on_timer(j, 0, &Plan::builtin(), Money::zero(Currency::DKK), far_future()).journey
+        }
+
+        fn d(y: i32, m: u32, day: u32) -> NaiveDate {
+            NaiveDate::from_ymd_opt(y, m, day).unwrap()
+        }
+
+        // Monday 2026-03-16 09:00 Copenhagen.
+        fn monday_nine() -> DateTime<Utc> {
+            Utc.with_ymd_and_hms(2026, 3, 16, 8, 0, 0).unwrap()
+        }
+
+        fn roles(f: &[Fired]) -> Vec<(usize, Role)> {
+            let mut r: Vec<_> = f.iter().map(|f| (f.index, f.role.clone())).collect();
+            r.sort_by_key(|(i, _)| *i);
+            r
+        }
+
+        fn messages(f: &[Fired]) -> usize {
+            f.iter().filter(|f| f.decision.emit.is_some()).count()
+        }
+
+        #[test]
+        fn cases() {
+            let days = Duration::days;
+            type Case = (&'static str, Vec<DebtorInvoice>, Duration, Vec<(usize, Role)>);
+            let due = d(2026, 3, 16);
+            let cases: Vec<Case> = vec![
+                (
+                    "two nudges due at once: the older claim leads, one message",
+                    vec![
+                        member(journey("b", due, "DKK"), Some(0), 0),
+                        member(journey("a", d(2026, 3, 15), "DKK"), Some(0), 0),
+                    ],
+                    days(3),
+                    vec![(0, Role::Covered { lead: 1 }), (1, Role::Lead { covers: vec![0] })],
+                ),
+                (
+                    "a nudge two days later joins with a three-day window",
+                    vec![
+                        member(journey("a", due, "DKK"), Some(0), 0),
+                        member(journey("b", d(2026, 3, 18), "DKK"), None, 0),
+                    ],
+                    days(3),
+                    vec![(0, Role::Lead { covers: vec![1] }), (1, Role::Covered { lead: 0 })],
+                ),
+                (
+                    "the same nudge stays on its own day with a one-day window",
+                    vec![
+                        member(journey("a", due, "DKK"), Some(0), 0),
+                        member(journey("b", d(2026, 3, 18), "DKK"), None, 0),
+                    ],
+                    days(1),
+                    vec![(0, Role::Lead { covers: vec![] })],
+                ),
+                (
+                    "another currency is another message",
+                    vec![
+                        member(journey("a", due, "DKK"), Some(0), 0),
+                        member(journey("b", due, "EUR"), Some(0), 0),
+                    ],
+                    days(3),
+                    vec![(0, Role::Lead { covers: vec![] }), (1, Role::Lead { covers: vec![] })],
+                ),
+                (
+                    "a nudge and a reminder are two messages",
+                    vec![
+                        member(journey("a", due, "DKK"), Some(0), 0),
+                        member(nudged(journey("b", d(2026, 3, 2), "DKK")), Some(1), 0),
+                    ],
+                    days(3),
+                    vec![(0, Role::Lead { covers: vec![] }), (1, Role::Lead { covers: vec![] })],
+                ),
+                (
+                    "a reminder is not brought forward for a claim not yet overdue",
+                    vec![
+                        member(nudged(journey("a", d(2026, 3, 2), "DKK")), Some(1), 0),
+                        member(nudged(journey("b", d(2026, 3, 17), "DKK")), None, 0),
+                    ],
+                    days(30),
+                    vec![(0, Role::Lead { covers: vec![] })],
+                ),
+                (
+                    "a paid invoice is left alone",
+                    vec![
+                        member(journey("a", due, "DKK"), Some(0), 0),
+                        member(
+                            on_payment(journey("b", d(2026, 3, 17), "DKK"), "p", Money::new(49_900, Currency::DKK))
+                                .unwrap()
+                                .journey,
+                            None,
+                            0,
+                        ),
+                    ],
+                    days(3),
+                    vec![(0, Role::Lead { covers: vec![] })],
+                ),
+            ];
+            for (name, invoices, window, want) in cases {
+                let fired = fire_together(&invoices, monday_nine(), window);
+                assert_eq!(roles(&fired), want, "{name}");
+                let leads = want.iter().filter(|(_, r)| matches!(r, Role::Lead { .. })).count();
+                assert_eq!(messages(&fired), leads, "{name}: one message per lead");
+            }
+        }
+
+        #[test]
+        fn a_reminder_brought_forward_charges_no_fee_and_says_why() {
+            // Both nudged; a's reminder is due now (10 banking days after 2 March), b's two days later.
+            let now = Utc.with_ymd_and_hms(2026, 3, 16, 8, 0, 0).unwrap();
+            let a = nudged(journey("a", d(2026, 3, 2), "DKK"));
+            let b = nudged(journey("b", d(2026, 3, 4), "DKK"));
+            let fired = fire_together(&[member(a, Some(1), 10_000), member(b, None, 10_000)], now, Duration::days(3));
+            let lead = fired.iter().find(|f| f.index == 0).unwrap();
+            let covered = fired.iter().find(|f| f.index == 1).unwrap();
+            assert_eq!(lead.decision.journey.fees_minor, 10_000, "on time: the fee is charged");
+            assert_eq!(covered.decision.journey.fees_minor, 0, "early: no fee");
+            assert_eq!(covered.decision.journey.state, JourneyState::Reminded(1));
+            let reason = covered.decision.transitions[0].reason.clone().unwrap();
+            assert!(reason.contains("N-a"), "{reason}");
+            assert!(reason.contains("not charged"), "{reason}");
+            assert!(
+                matches!(covered.decision.timer, TimerChange::Schedule { step_index: 2, .. }),
+                "the covered invoice goes on to its next step"
+            );
+        }
+
+        #[test]
+        fn reminders_both_due_charge_each_claim_its_fee() {
+            let now = Utc.with_ymd_and_hms(2026, 3, 16, 8, 0, 0).unwrap();
+            let a = nudged(journey("a", d(2026, 3, 2), "DKK"));
+            let b = nudged(journey("b", d(2026, 3, 2), "DKK"));
+            let fired = fire_together(&[member(a, Some(1), 10_000), member(b, Some(1), 10_000)], now, Duration::days(3));
+            assert_eq!(messages(&fired), 1);
+            assert!(fired.iter().all(|f| f.decision.journey.fees_minor == 10_000));
+        }
+
+        proptest! {
+            #[test]
+            fn every_message_is_one_lead_and_each_invoice_is_decided_once(
+                specs in proptest::collection::vec((0i64..20, any::<bool>(), any::<bool>(), 0usize..2), 1..8),
+                window in 0i64..6,
+            ) {
+                let base = d(2026, 3, 2);
+                let invoices: Vec<DebtorInvoice> = specs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (offset, own_timer, was_nudged, cur))| {
+                        let j = journey(&format!("i{i}"), base + Duration::days(*offset), ["DKK", "EUR"][*cur]);
+                        let j = if *was_nudged { nudged(j) } else { j };
+                        let step = j.next_step;
+                        member(j, own_timer.then_some(step), 100)
+                    })
+                    .collect();
+                let now = monday_nine();
+                let fired = fire_together(&invoices, now, Duration::days(window));
+                let mut seen = std::collections::BTreeSet::new();
+                for f in &fired {
+                    prop_assert!(seen.insert(f.index), "decided twice: {}", f.index);
+                    match &f.role {
+                        Role::Lead { covers } => {
+                            prop_assert!(f.decision.emit.is_some(), "a lead has a message");
+                            for c in covers {
+                                let covered = fired.iter().find(|x| x.index == *c).unwrap();
+                                prop_assert_eq!(&covered.role, &Role::Covered { lead: f.index });
+                                prop_assert_eq!(
+                                    invoices[*c].journey.invoice.amount.currency,
+                                    invoices[f.index].journey.invoice.amount.currency
+                                );
+                            }
+                        }
+                        Role::Covered { lead } => {
+                            prop_assert!(f.decision.emit.is_none(), "a covered invoice has no message of its own");
+                            let l = fired.iter().find(|x| x.index == *lead).unwrap();
+                            let listed = matches!(&l.role, Role::Lead { covers } if covers.contains(&f.index));
+                            prop_assert!(listed, "the lead lists it");
+                        }
+                        Role::Alone => {
+                            let message = matches!(f.decision.emit, Some(Emit::Message { .. }));
+                            prop_assert!(!message, "a message always has a lead");
+                        }
+                    }
+                    if invoices[f.index].fired_step.is_none() {
+                        // Brought forward: only within the window, never with an early fee.
+                        let next = schedule_next(&invoices[f.index].journey, &invoices[f.index].plan);
+                        let TimerChange::Schedule { fire_at, .. } = next else { panic!("no next step") };
+                        prop_assert!(fire_at <= now + Duration::days(window), "within the window");
+                        if fire_at > now {
+                            prop_assert_eq!(f.decision.journey.fees_minor, invoices[f.index].journey.fees_minor);
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -187,6 +187,22 @@ pub struct Policy {
     pub experiments: Vec<Experiment>,
     /// What debtors may ask for: postponement, instalments, promises.
     pub pauses: PauseLimits,
+    /// A debtor's messages of one tone due within this many days of each other go out as one.
+    pub combine_within_days: u32,
+}
+
+/// Days within which a debtor's steps are combined when a policy does not say.
+pub const DEFAULT_COMBINE_WITHIN_DAYS: u32 = 3;
+
+fn default_combine_within_days() -> u32 {
+    DEFAULT_COMBINE_WITHIN_DAYS
+}
+
+impl Policy {
+    /// How far ahead a firing step gathers the debtor's other steps into one message.
+    pub fn combine_window(&self) -> chrono::Duration {
+        chrono::Duration::days(i64::from(self.combine_within_days))
+    }
 }
 
 /// The plan chosen for one invoice, and why.
@@ -274,6 +290,8 @@ struct RawPolicy {
     experiments: Vec<RawExperiment>,
     #[serde(default)]
     pauses: PauseLimits,
+    #[serde(default = "default_combine_within_days")]
+    combine_within_days: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -352,6 +370,14 @@ pub fn load(text: &str, law: &LawBook, on: NaiveDate) -> Result<Policy, PolicyEr
     })?;
     let mut problems = Vec::new();
     let mut problem = |location: String, message: String| problems.push(PolicyProblem { location, message });
+    if raw.combine_within_days > 14 {
+        // Combining brings steps forward by up to the window: beyond two weeks a nudge or a
+        // reminder would reach the debtor far from the day the plan (and its law check) set.
+        problem(
+            "combine_within_days".into(),
+            format!("{} days: at most 14", raw.combine_within_days),
+        );
+    }
     let send_time = match raw.send_time.as_deref() {
         None => NaiveTime::from_hms_opt(9, 0, 0).unwrap_or(NaiveTime::MIN),
         Some(t) => NaiveTime::parse_from_str(t, "%H:%M").unwrap_or_else(|_| {
@@ -586,6 +612,7 @@ pub fn load(text: &str, law: &LawBook, on: NaiveDate) -> Result<Policy, PolicyEr
             plans,
             experiments,
             pauses: raw.pauses,
+            combine_within_days: raw.combine_within_days,
         })
     } else {
         Err(PolicyError(problems))
@@ -886,5 +913,14 @@ variant = [{ name = "v", weight = 0, plan = "gone" }]
         let p = load(DEFAULT_POLICY, &law(), today()).expect("the built-in default policy passes its own check");
         let c = p.choose("t", "d", &facts(Jurisdiction::FI, DebtorKind::Business), today());
         assert_eq!(c.segment, "default");
+    }
+
+    #[test]
+    fn a_combine_window_over_two_weeks_is_refused() {
+        let text = DEFAULT_POLICY.replace("combine_within_days = 3", "combine_within_days = 30");
+        assert_ne!(text, DEFAULT_POLICY);
+        let e = load(&text, &law(), today()).unwrap_err();
+        assert!(e.0.iter().any(|p| p.location == "combine_within_days"), "{e:?}");
+        assert_eq!(load(DEFAULT_POLICY, &law(), today()).unwrap().combine_within_days, 3);
     }
 }
