@@ -4,7 +4,7 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use forfall_domain::invoice::epoch_days;
 use forfall_platform::config::{self, CommonConfig};
-use forfall_platform::journey_state::journey_key;
+use forfall_platform::journey_state::{self, Header};
 use forfall_platform::records::{InvoiceIssued, JourneyAction, PaymentReceived, derived_id, new_event_id};
 use forfall_platform::redis_store::Keys;
 
@@ -227,6 +227,23 @@ pub fn nudge_action(tenant: &str, invoice: &str, email: &str) -> JourneyAction {
     }
 }
 
+/// A command storing an invoice's journey as the services that read it see it: the status and
+/// the next step (what the watcher writes in the journey's header), without a journey body.
+pub fn journey_header(keys: &Keys, tenant: &str, invoice: &str, status: &str, next_step: Option<i64>) -> redis::Cmd {
+    let at = journey_state::location(keys, tenant, invoice);
+    let value = journey_state::encode(
+        &Header {
+            version: 1,
+            status: status.to_owned(),
+            next_step,
+        },
+        b"",
+    );
+    let mut cmd = redis::cmd("HSET");
+    cmd.arg(at.key).arg(at.field).arg(value);
+    cmd
+}
+
 /// Each action's journey as the watcher leaves it after emitting the action's step (so the last
 /// look passes), with the status `status_of` gives for its position; one round trip.
 pub async fn journeys_after(
@@ -237,11 +254,14 @@ pub async fn journeys_after(
     let keys = Keys::new(&stack.rt.config.redis.key_prefix);
     let mut pipe = redis::pipe();
     for (i, a) in actions.iter().enumerate() {
-        let key = journey_key(&keys, &a.tenant, &a.invoice_id);
-        pipe.hset(&key, "status", status_of(i, a))
-            .ignore()
-            .hset(&key, "step", a.step_index + 1)
-            .ignore();
+        pipe.add_command(journey_header(
+            &keys,
+            &a.tenant,
+            &a.invoice_id,
+            status_of(i, a),
+            Some(i64::from(a.step_index) + 1),
+        ))
+        .ignore();
     }
     let _: () = pipe.query_async(&mut stack.redis()).await?;
     Ok(())

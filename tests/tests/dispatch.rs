@@ -6,9 +6,8 @@ use forfall::devstack::{LocalStack, eventually};
 use forfall_devsinks::HttpRecorder;
 use forfall_devsinks::sms::{Provider, SmsProviderSim};
 use forfall_domain::paylink::{self, LinkKey};
-use forfall_e2e::{WAIT, at, base_config, journeys_after, nudge_action};
+use forfall_e2e::{WAIT, at, base_config, journey_header, journeys_after, nudge_action};
 use forfall_platform::clock::ManualClock;
-use forfall_platform::journey_state::journey_key;
 use forfall_platform::records::{DispatchOutcome, DispatchStatus, JourneyAction, derived_id};
 use forfall_platform::redis_store::Keys;
 
@@ -518,11 +517,8 @@ async fn a_message_due_outside_contact_hours_waits_for_the_next_allowed_moment()
     })
     .await?;
     // Saturday 08:59: still outside (Saturdays 09:00–15:00). One invoice is paid overnight.
-    let key = journey_key(&Keys::new(&stack.rt.config.redis.key_prefix), TENANT, "paid-overnight");
-    let _: () = redis::cmd("HSET")
-        .arg(&key)
-        .arg("status")
-        .arg("closed:paid")
+    let keys = Keys::new(&stack.rt.config.redis.key_prefix);
+    let _: () = journey_header(&keys, TENANT, "paid-overnight", "closed:paid", None)
         .query_async(&mut stack.redis())
         .await?;
     clock.set(at("2026-09-05T06:59:00Z"));
@@ -576,10 +572,7 @@ async fn payments_around_send_time_never_let_a_message_out_after_the_last_look()
     let mut paid_at: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
     for i in to_pay {
         let invoice = &actions[i].invoice_id;
-        let _: () = redis::cmd("HSET")
-            .arg(journey_key(&keys, TENANT, invoice))
-            .arg("status")
-            .arg("closed:paid")
+        let _: () = journey_header(&keys, TENANT, invoice, "closed:paid", None)
             .query_async(&mut redis)
             .await?;
         paid_at.insert(invoice.clone(), Instant::now());

@@ -240,20 +240,14 @@ async fn an_unpaid_invoice_reaches_the_agency_as_one_case_once() -> anyhow::Resu
 /// the watcher's write lags the action, dispatch waits instead of acting on the older state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_last_look_waits_for_the_journey_to_include_the_action() -> anyhow::Result<()> {
-    use forfall_platform::journey_state::journey_key;
     use forfall_platform::records::{JourneyAction, derived_id, new_event_id};
     use forfall_platform::redis_store::Keys;
     let stack = LocalStack::start(base_config(), ManualClock::new(at("2026-10-13T07:00:00Z"))).await?;
     stack.start_service("dispatch");
-    let key = journey_key(&Keys::new(&stack.rt.config.redis.key_prefix), "acme-energy", "lag-1");
+    let keys = Keys::new(&stack.rt.config.redis.key_prefix);
     let mut redis = stack.redis();
     // As the watcher left it before resuming: paused, the reminder (step 1) not yet recorded.
-    let _: () = redis::cmd("HSET")
-        .arg(&key)
-        .arg("status")
-        .arg("paused:instalments")
-        .arg("step")
-        .arg(1)
+    let _: () = journey_header(&keys, "acme-energy", "lag-1", "paused:instalments", Some(1))
         .query_async(&mut redis)
         .await?;
     let action = JourneyAction {
@@ -304,12 +298,7 @@ async fn the_last_look_waits_for_the_journey_to_include_the_action() -> anyhow::
         "and not suppressed either: it waits"
     );
     // The watcher's write lands: the journey resumed and recorded the reminder.
-    let _: () = redis::cmd("HSET")
-        .arg(&key)
-        .arg("status")
-        .arg("reminded-1")
-        .arg("step")
-        .arg(2)
+    let _: () = journey_header(&keys, "acme-energy", "lag-1", "reminded-1", Some(2))
         .query_async(&mut redis)
         .await?;
     eventually("the reminder", WAIT, || async {

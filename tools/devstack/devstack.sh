@@ -101,7 +101,8 @@ start_redis() {
     fi
   fi
   log "starting redis on 127.0.0.1:$REDIS_PORT (no persistence)"
-  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
+  # Journeys are ~250-byte fields of small hashes: keep those hashes compact (listpack).
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no --hash-max-ziplist-value 1024 \
     --daemonize yes --pidfile "$STATE_DIR/redis.pid" --logfile "$STATE_DIR/redis.log" --dir "$STATE_DIR"
   wait_port 127.0.0.1 "$REDIS_PORT" "redis"
 }

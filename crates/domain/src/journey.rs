@@ -1721,9 +1721,13 @@ mod tests {
                     vec![
                         member(journey("a", due, "DKK"), Some(0), 0),
                         member(
-                            on_payment(journey("b", d(2026, 3, 17), "DKK"), "p", Money::new(49_900, Currency::DKK))
-                                .unwrap()
-                                .journey,
+                            on_payment(
+                                journey("b", d(2026, 3, 17), "DKK"),
+                                "p",
+                                Money::new(49_900, Currency::DKK),
+                            )
+                            .unwrap()
+                            .journey,
                             None,
                             0,
                         ),
@@ -1746,7 +1750,11 @@ mod tests {
             let now = Utc.with_ymd_and_hms(2026, 3, 16, 8, 0, 0).unwrap();
             let a = nudged(journey("a", d(2026, 3, 2), "DKK"));
             let b = nudged(journey("b", d(2026, 3, 4), "DKK"));
-            let fired = fire_together(&[member(a, Some(1), 10_000), member(b, None, 10_000)], now, Duration::days(3));
+            let fired = fire_together(
+                &[member(a, Some(1), 10_000), member(b, None, 10_000)],
+                now,
+                Duration::days(3),
+            );
             let lead = fired.iter().find(|f| f.index == 0).unwrap();
             let covered = fired.iter().find(|f| f.index == 1).unwrap();
             assert_eq!(lead.decision.journey.fees_minor, 10_000, "on time: the fee is charged");
@@ -1766,7 +1774,11 @@ mod tests {
             let now = Utc.with_ymd_and_hms(2026, 3, 16, 8, 0, 0).unwrap();
             let a = nudged(journey("a", d(2026, 3, 2), "DKK"));
             let b = nudged(journey("b", d(2026, 3, 2), "DKK"));
-            let fired = fire_together(&[member(a, Some(1), 10_000), member(b, Some(1), 10_000)], now, Duration::days(3));
+            let fired = fire_together(
+                &[member(a, Some(1), 10_000), member(b, Some(1), 10_000)],
+                now,
+                Duration::days(3),
+            );
             assert_eq!(messages(&fired), 1);
             assert!(fired.iter().all(|f| f.decision.journey.fees_minor == 10_000));
         }

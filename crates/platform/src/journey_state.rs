@@ -1,17 +1,101 @@
-//! The contract between the watcher (which owns journey state) and dispatch (whose last look
-//! before sending reads it): where an invoice's journey lives in Redis and which field says
-//! whether the debtor may still be contacted about it.
+//! The contract between the watcher (which owns journey state) and the services that read it
+//! (dispatch's last look, the matcher's "handed over?"): where an invoice's journey lives in
+//! Redis and how its status is read without decoding the journey.
+//!
+//! A utility keeps a whole customer base open at once, so the layout is chosen for memory:
+//! journeys are fields of [`BUCKETS`] small hashes (a Redis key costs about a hundred bytes of
+//! its own; a field in a listpack-encoded hash a few), and each value starts with a short text
+//! header (`version|status|next step|`) that Lua and readers parse, followed by the watcher's
+//! binary encoding of the journey. Keeping the hashes listpack-encoded needs Redis's
+//! `hash-max-listpack-value` above the journey size (the dev stack sets 1024; production Redis
+//! should too); with the default (64) the layout still works, at about 60 bytes more per invoice.
 
 use crate::redis_store::Keys;
 
-/// Hash holding one invoice's journey: `v` (version for compare-and-set), `json` (the journey),
-/// `status` (a [`forfall_domain::JourneyState`] label), `step` (the index of the next plan step).
-pub fn journey_key(keys: &Keys, tenant: &str, invoice_id: &str) -> String {
-    // The hash tag keeps an invoice's keys together in a Redis Cluster slot.
-    keys.key(&["journey", &format!("{{{tenant}:{invoice_id}}}")])
+/// Hashes the journeys are spread over. A constant of the contract: every reader computes
+/// the same bucket. At 1 million open invoices a bucket holds about 15.
+pub const BUCKETS: u64 = 1 << 16;
+
+/// A field of a bucketed hash: where one entity's value lives.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Location {
+    pub key: String,
+    pub field: String,
 }
 
-pub const STATUS_FIELD: &str = "status";
+/// FNV-1a: stable across processes, versions and languages (std's hasher promises none of that).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// `tenant` and `id` as one field, unambiguous whatever characters the ids hold.
+pub fn pair_field(tenant: &str, id: &str) -> String {
+    format!("{}:{tenant}{id}", tenant.len())
+}
+
+/// The bucketed location of `(tenant, id)` among hashes named `kind`.
+pub fn bucketed(keys: &Keys, kind: &str, tenant: &str, id: &str) -> Location {
+    let field = pair_field(tenant, id);
+    let bucket = fnv1a(field.as_bytes()) % BUCKETS;
+    // The bucket is the hash tag, so a bucket stays in one Redis Cluster slot.
+    Location {
+        key: keys.key(&[kind, &format!("{{{bucket:04x}}}")]),
+        field,
+    }
+}
+
+/// Where one invoice's journey lives.
+pub fn location(keys: &Keys, tenant: &str, invoice_id: &str) -> Location {
+    bucketed(keys, "journeys", tenant, invoice_id)
+}
+
+/// The readable head of a stored journey.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Bumped by every write; the watcher's compare-and-set compares it.
+    pub version: u64,
+    /// A [`forfall_domain::JourneyState`] label.
+    pub status: String,
+    /// Index of the next plan step: a step is recorded by moving this past it.
+    pub next_step: Option<i64>,
+}
+
+/// A stored value: the header, then the journey's body.
+pub fn encode(header: &Header, body: &[u8]) -> Vec<u8> {
+    let next = header.next_step.map(|s| s.to_string()).unwrap_or_default();
+    let mut out = format!("{}|{}|{next}|", header.version, header.status).into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// The header of a stored value and the body after it; `None` when it is not one.
+pub fn decode(value: &[u8]) -> Option<(Header, &[u8])> {
+    let mut parts = value.splitn(4, |b| *b == b'|');
+    let version = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    let status = std::str::from_utf8(parts.next()?).ok()?.to_owned();
+    let next = std::str::from_utf8(parts.next()?).ok()?;
+    let body = parts.next()?;
+    let next_step = if next.is_empty() {
+        None
+    } else {
+        Some(next.parse().ok()?)
+    };
+    Some((
+        Header {
+            version,
+            status,
+            next_step,
+        },
+        body,
+    ))
+}
+
+/// The status label of a stored value, if it is one.
+pub fn status_of(value: Option<&[u8]>) -> Option<String> {
+    value.and_then(decode).map(|(h, _)| h.status)
+}
 
 /// Whether a message may be sent, from the stored status label. Unknown state is treated as
 /// "do not contact": a message that should have gone can be sent later, one sent wrongly cannot
@@ -29,6 +113,30 @@ pub struct LastLook {
     pub caught_up: bool,
 }
 
+impl LastLook {
+    fn of(value: Option<&[u8]>, step_index: i32) -> Self {
+        let header = value.and_then(decode).map(|(h, _)| h);
+        let caught_up = header
+            .as_ref()
+            .and_then(|h| h.next_step)
+            .is_none_or(|next| next > i64::from(step_index));
+        LastLook {
+            status: header.map(|h| h.status),
+            caught_up,
+        }
+    }
+}
+
+async fn read(
+    conn: &mut redis::aio::ConnectionManager,
+    keys: &Keys,
+    tenant: &str,
+    invoice_id: &str,
+) -> redis::RedisResult<Option<Vec<u8>>> {
+    let at = location(keys, tenant, invoice_id);
+    redis::cmd("HGET").arg(&at.key).arg(&at.field).query_async(conn).await
+}
+
 pub async fn last_look(
     conn: &mut redis::aio::ConnectionManager,
     keys: &Keys,
@@ -36,15 +144,31 @@ pub async fn last_look(
     invoice_id: &str,
     step_index: i32,
 ) -> redis::RedisResult<LastLook> {
-    let (status, step): (Option<String>, Option<i64>) = redis::cmd("HMGET")
-        .arg(journey_key(keys, tenant, invoice_id))
-        .arg(STATUS_FIELD)
-        .arg("step")
-        .query_async(conn)
-        .await?;
-    // The journey records a step by moving `step` past it.
-    let caught_up = step.is_none_or(|next| next > i64::from(step_index));
-    Ok(LastLook { status, caught_up })
+    Ok(LastLook::of(
+        read(conn, keys, tenant, invoice_id).await?.as_deref(),
+        step_index,
+    ))
+}
+
+/// The last look for several invoices of one action (a combined action lists several), in
+/// one round trip, in the order given.
+pub async fn last_looks(
+    conn: &mut redis::aio::ConnectionManager,
+    keys: &Keys,
+    tenant: &str,
+    invoices: &[(&str, i32)],
+) -> redis::RedisResult<Vec<LastLook>> {
+    let mut pipe = redis::pipe();
+    for (invoice_id, _) in invoices {
+        let at = location(keys, tenant, invoice_id);
+        pipe.hget(at.key, at.field);
+    }
+    let values: Vec<Option<Vec<u8>>> = pipe.query_async(conn).await?;
+    Ok(values
+        .iter()
+        .zip(invoices)
+        .map(|(v, (_, step))| LastLook::of(v.as_deref(), *step))
+        .collect())
 }
 
 /// Reads the status for the last look.
@@ -54,11 +178,7 @@ pub async fn read_status(
     tenant: &str,
     invoice_id: &str,
 ) -> redis::RedisResult<Option<String>> {
-    redis::cmd("HGET")
-        .arg(journey_key(keys, tenant, invoice_id))
-        .arg(STATUS_FIELD)
-        .query_async(conn)
-        .await
+    Ok(status_of(read(conn, keys, tenant, invoice_id).await?.as_deref()))
 }
 
 #[cfg(test)]
@@ -85,7 +205,63 @@ mod tests {
                 state.accepts_contact(),
                 "{state:?}"
             );
+            assert!(
+                !state.label().contains('|'),
+                "a status label cannot hold the header's separator"
+            );
         }
         assert!(!status_accepts_contact(None));
+    }
+
+    #[test]
+    fn the_header_round_trips_and_leaves_a_binary_body_alone() {
+        let header = Header {
+            version: 42,
+            status: "reminded-1".into(),
+            next_step: Some(2),
+        };
+        let body = [0u8, b'|', 255, b'|', 7];
+        let value = encode(&header, &body);
+        assert_eq!(decode(&value), Some((header.clone(), &body[..])));
+        let none = Header {
+            next_step: None,
+            ..header
+        };
+        assert_eq!(decode(&encode(&none, b"")), Some((none, &b""[..])));
+        assert_eq!(decode(b"not a journey"), None);
+        assert_eq!(decode(b"x|open|1|"), None, "the version is a number");
+    }
+
+    #[test]
+    fn the_last_look_is_caught_up_once_the_step_is_recorded() {
+        let at = |next| {
+            encode(
+                &Header {
+                    version: 1,
+                    status: "nudged".into(),
+                    next_step: next,
+                },
+                b"",
+            )
+        };
+        assert!(!LastLook::of(Some(&at(Some(1))), 1).caught_up);
+        assert!(LastLook::of(Some(&at(Some(2))), 1).caught_up);
+        assert!(LastLook::of(None, 1).caught_up, "nothing stored: nothing to wait for");
+        assert_eq!(LastLook::of(Some(&at(None)), 1).status.as_deref(), Some("nudged"));
+    }
+
+    #[test]
+    fn fields_are_unambiguous_and_buckets_stable() {
+        assert_ne!(pair_field("a:", "b"), pair_field("a", ":b"));
+        let keys = Keys::new("forfall:");
+        let a = location(&keys, "acme", "inv-1");
+        assert_eq!(a, location(&keys, "acme", "inv-1"));
+        // Pinned: a reader built from another version must find the same bucket.
+        assert_eq!(
+            fnv1a(b"4:acmeinv-1") % BUCKETS,
+            u64::from_str_radix(&a.key[a.key.len() - 5..a.key.len() - 1], 16).unwrap()
+        );
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 }

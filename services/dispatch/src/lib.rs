@@ -521,16 +521,13 @@ impl Dispatch {
         if claimed.is_none() {
             return self.claimed_before(&key).await;
         }
-        // The last look: as late as possible, right before the provider is called.
-        let look = journey_state::last_look(
-            &mut self.redis.clone(),
-            &self.keys,
-            &action.tenant,
-            &action.invoice_id,
-            action.step_index,
-        )
-        .await?;
-        if !look.caught_up && !self.waited_long_enough(&action.action_id) {
+        // The last look: as late as possible, right before the provider is called. A combined
+        // action's other invoices are looked at too, in the same round trip.
+        let mut invoices = vec![(action.invoice_id.as_str(), action.step_index)];
+        invoices.extend(action.covers.iter().map(|c| (c.invoice_id.as_str(), -1)));
+        let looks = journey_state::last_looks(&mut self.redis.clone(), &self.keys, &action.tenant, &invoices).await?;
+        let caught_up = looks.first().is_none_or(|l| l.caught_up);
+        if !caught_up && !self.waited_long_enough(&action.action_id) {
             // The watcher has produced this action but not yet stored the journey that includes
             // it: judge the state once it does. The claim is released so the retry may send.
             self.move_claim(&key, &lease, "").await?;
@@ -538,14 +535,16 @@ impl Dispatch {
                 "journey state not yet updated for this action"
             )));
         }
-        let status = look.status;
-        if !journey_state::status_accepts_contact(status.as_deref()) {
+        let statuses: Vec<Option<String>> = looks.into_iter().map(|l| l.status).collect();
+        let Some(current) = message::still_open(action, &statuses) else {
+            let status = statuses.first().cloned().flatten();
             let reason = format!("invoice is {}", status.as_deref().unwrap_or("unknown to the watcher"));
             self.set_claim(&key, &format!("suppressed:{reason}")).await?;
             self.suppression_lag
                 .observe((self.rt.clock.now().timestamp_millis() - action.send_at).max(0) as f64 / 1000.0);
             return Ok(ChannelResult::new(DispatchStatus::Suppressed, reason));
-        }
+        };
+        let action = &current;
         let commit = Commit {
             dispatch: self,
             sending: format!("sending:{}", &lease["claimed:".len()..]),

@@ -8,10 +8,41 @@ use forfall_domain::locale::format_date;
 use forfall_domain::money::format;
 use forfall_domain::paylink::{self, LinkClaims, LinkKey};
 use forfall_domain::{Currency, Locale, Money};
-use forfall_platform::records::JourneyAction;
+use forfall_platform::journey_state;
+use forfall_platform::records::{CoveredInvoice, JourneyAction};
 
 use crate::content::{Content, InvoiceLine, MessageContext};
 use crate::{PayLinkSettings, TenantProfile};
+
+/// The action as it may still go out, given the journey status of each of its invoices (main
+/// first, then its covers in order): covered invoices settled since are left out, and when the
+/// main invoice is settled the first open covered one takes its place. `None` when none is open.
+pub fn still_open(action: &JourneyAction, statuses: &[Option<String>]) -> Option<JourneyAction> {
+    let open = |i: usize| journey_state::status_accepts_contact(statuses.get(i).and_then(|s| s.as_deref()));
+    let mut covers: Vec<CoveredInvoice> = action
+        .covers
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| open(i + 1))
+        .map(|(_, c)| c.clone())
+        .collect();
+    let mut current = action.clone();
+    if !open(0) {
+        if covers.is_empty() {
+            return None;
+        }
+        let first = covers.remove(0);
+        current.invoice_id = first.invoice_id;
+        current.invoice_number = first.invoice_number;
+        current.description = first.description;
+        current.open_minor = first.open_minor;
+        current.fee_minor = first.fee_minor;
+        current.due_date = first.due_date;
+        current.payment_reference = first.payment_reference;
+    }
+    current.covers = covers;
+    Some(current)
+}
 
 /// The signed link to the self-service page for the debtor and the action's invoices.
 pub fn pay_link(action: &JourneyAction, settings: &PayLinkSettings, now: DateTime<Utc>) -> String {
@@ -114,4 +145,51 @@ pub fn webhook_body(action: &JourneyAction, ctx: &MessageContext, content: &Cont
         "html": content.html,
         "sms": content.sms,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cover(id: &str, open_minor: i64) -> CoveredInvoice {
+        CoveredInvoice {
+            invoice_id: id.into(),
+            invoice_number: format!("N-{id}"),
+            description: None,
+            open_minor,
+            fee_minor: 0,
+            due_date: 20_000,
+            payment_reference: Some(format!("ref-{id}")),
+        }
+    }
+
+    #[test]
+    fn settled_invoices_leave_a_combined_message() {
+        let action = JourneyAction {
+            covers: vec![cover("b", 200), cover("c", 300)],
+            ..forfall_e2e::nudge_action("acme", "a", "a@example.test")
+        };
+        let open = || Some("nudged".to_owned());
+        let paid = || Some("closed:paid".to_owned());
+        let ids = |a: &JourneyAction| {
+            std::iter::once(a.invoice_id.clone())
+                .chain(a.covers.iter().map(|c| c.invoice_id.clone()))
+                .collect::<Vec<_>>()
+        };
+        let all = still_open(&action, &[open(), open(), open()]).unwrap();
+        assert_eq!(ids(&all), ["a", "b", "c"]);
+        let without_b = still_open(&action, &[open(), paid(), open()]).unwrap();
+        assert_eq!(ids(&without_b), ["a", "c"]);
+        let c_leads = still_open(&action, &[paid(), paid(), open()]).unwrap();
+        assert_eq!(ids(&c_leads), ["c"]);
+        assert_eq!(c_leads.invoice_number, "N-c");
+        assert_eq!(c_leads.open_minor, 300);
+        assert_eq!(c_leads.payment_reference.as_deref(), Some("ref-c"));
+        assert_eq!(c_leads.action_id, action.action_id, "still the same message");
+        assert_eq!(
+            still_open(&action, &[paid(), paid(), None]),
+            None,
+            "unknown is not contacted"
+        );
+    }
 }

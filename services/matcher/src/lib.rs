@@ -145,17 +145,16 @@ impl Matcher {
         }
         let mut pipe = redis::pipe();
         for id in &ids {
+            let journey = journey_state::location(&self.0.keys, tenant, id);
             pipe.get(self.key("inv", tenant, id))
                 .get(self.key("alloc", tenant, id))
-                .hget(
-                    journey_state::journey_key(&self.0.keys, tenant, id),
-                    journey_state::STATUS_FIELD,
-                );
+                .hget(journey.key, journey.field);
         }
-        let got: Vec<(Option<String>, Option<i64>, Option<String>)> = pipe.query_async(&mut self.conn()).await?;
+        let got: Vec<(Option<String>, Option<i64>, Option<Vec<u8>>)> = pipe.query_async(&mut self.conn()).await?;
         Ok(got
             .into_iter()
-            .filter_map(|(ix, allocated, status)| {
+            .filter_map(|(ix, allocated, journey)| {
+                let status = journey_state::status_of(journey.as_deref());
                 let ix: Indexed = serde_json::from_str(&ix?).ok()?;
                 seen.allocated.insert(ix.invoice_id.clone(), allocated.unwrap_or(0));
                 Some(OpenInvoice {

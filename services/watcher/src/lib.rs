@@ -9,34 +9,44 @@
 //! dispatch's idempotency key keeps a re-fired step from reaching the debtor twice.
 //!
 //! Timers live in one Redis sorted set per partition of `forfall.invoices.v1`, scored by fire
-//! time; an instance polls only the partitions it is assigned, so a rebalance moves polling,
-//! not data. Journey writes are compare-and-set on a version, so two instances briefly sharing
-//! a partition during a rebalance cannot overwrite each other's transitions.
+//! time; an instance polls only the partitions it is assigned and holds (a lock in Redis that
+//! expires in real time), so a rebalance moves polling, not data, and two instances never fire
+//! one partition at once. Due timers are fired in batches: one round trip claims them, one
+//! loads their journeys, one their debtors' other open invoices; a debtor's steps due together
+//! become one combined action; all outputs are produced and acknowledged together, then every
+//! journey is written in one pipelined round trip (compare-and-set on a version, so a journey
+//! changed meanwhile is decided again instead of overwritten). See [`store`] for the layout.
+
+pub mod store;
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use forfall_domain::invoice::{self, Contact, InvoiceSnapshot, InvoiceStatus};
-use forfall_domain::journey::{self, Decision, Emit, Journey, JourneyState, Plan, Request, TimerChange, Transition};
+use forfall_domain::journey::{
+    self, DebtorInvoice, Decision, Emit, Journey, JourneyState, Plan, Request, Role, TimerChange, Transition,
+};
 use forfall_domain::law::{DebtorContext, LawBook};
 use forfall_domain::policy::{self, DebtorFacts, Policy};
 use forfall_domain::{Currency, DebtorKind, Jurisdiction, Money};
+use forfall_platform::config;
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::records::{
-    self, DebtorRequest, HandoffCase, JourneyAction, JourneyEvent, PaymentMatched, Record, derived_id,
+    self, CoveredInvoice, DebtorRequest, HandoffCase, JourneyAction, JourneyEvent, PaymentMatched, Record, derived_id,
 };
-use forfall_platform::redis_store::{self, Keys};
+use forfall_platform::redis_store;
 use forfall_platform::service::{Runtime, ServiceShell};
 use forfall_platform::telemetry::TraceContext;
-use forfall_platform::{config, journey_state};
 use futures::StreamExt;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
+use store::{Loaded, Save, Store, Stored, Timer};
 use tokio::sync::Mutex;
 use tracing::Instrument;
 
@@ -48,9 +58,14 @@ pub const PORT_OFFSET: u16 = 2;
 pub struct WatcherSettings {
     /// How often due timers are polled.
     pub tick_ms: u64,
-    /// Most timers claimed from one partition per poll.
+    /// Most timers claimed from one partition per poll (fired together, written in one round trip).
     pub batch: usize,
-    /// Debtors handled at once (records of one debtor stay in order) and timers fired at once.
+    /// How long a partition's timers stay with an instance that stopped without releasing
+    /// them (real time): the longest a crashed watcher's partitions wait for their next owner.
+    pub timer_lock_ms: u64,
+    /// Partitions whose batches are fired at once.
+    pub partitions_in_flight: usize,
+    /// Debtors handled at once (records of one debtor stay in order).
     pub concurrency: usize,
     /// The tenant policy file (TOML); the built-in default policy when unset.
     pub policy_file: Option<String>,
@@ -65,7 +80,9 @@ impl Default for WatcherSettings {
     fn default() -> Self {
         Self {
             tick_ms: 200,
-            batch: 500,
+            batch: 1000,
+            timer_lock_ms: 10_000,
+            partitions_in_flight: 4,
             concurrency: 64,
             policy_file: None,
             policy_reload_secs: 10,
@@ -84,39 +101,8 @@ struct Emission<'a> {
     fee: Money,
     cause: &'a str,
     trace: TraceContext,
-}
-
-/// What the watcher stores per invoice besides the journey itself.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Stored {
-    journey: Journey,
-    /// Partition of the invoice on `forfall.invoices.v1`: whose timer set holds its timer.
-    partition: i32,
-    /// The timer member currently scheduled, if any.
-    pending_timer: Option<String>,
-}
-
-/// A stored journey with the version it was read at.
-struct Loaded {
-    stored: Stored,
-    version: u64,
-}
-
-const CAS_SCRIPT: &str = r"
-local v = redis.call('HGET', KEYS[1], 'v')
-if (v or '') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 'json', ARGV[3], 'status', ARGV[4], 'step', ARGV[8])
-if ARGV[5] ~= '' then redis.call('ZREM', KEYS[2], ARGV[5]) end
-if ARGV[6] ~= '' then redis.call('ZADD', KEYS[2], ARGV[7], ARGV[6]) end
-return 1
-";
-
-fn member(tenant: &str, invoice_id: &str, step_index: usize) -> String {
-    serde_json::json!([tenant, invoice_id, step_index]).to_string()
-}
-
-fn parse_member(m: &str) -> Option<(String, String, usize)> {
-    serde_json::from_str(m).ok()
+    /// The debtor's other invoices a combined action lists.
+    covers: &'a [CoveredInvoice],
 }
 
 struct Metrics {
@@ -124,18 +110,19 @@ struct Metrics {
     fired: IntCounterVec,
     lateness: Histogram,
     policy_reloads: IntCounterVec,
+    combined: prometheus::IntCounter,
 }
 
 struct Inner {
     rt: Runtime,
     producer: Producer,
     redis: ConnectionManager,
-    keys: Keys,
+    store: Store,
+    /// Who this instance is to the timer locks: unique per process.
+    holder: String,
     law: LawBook,
     policy: RwLock<Arc<Policy>>,
-    cas: redis::Script,
     stripes: Vec<Mutex<()>>,
-    concurrency: usize,
     metrics: Metrics,
     topics: config::Topics,
 }
@@ -207,24 +194,21 @@ fn then(mut first: Decision, second: Decision) -> Decision {
 }
 
 impl Watcher {
-    fn journey_key(&self, tenant: &str, invoice_id: &str) -> String {
-        journey_state::journey_key(&self.0.keys, tenant, invoice_id)
-    }
-
-    fn timers_key(&self, partition: i32) -> String {
-        self.0.keys.key(&["timers", &partition.to_string()])
-    }
-
     fn parked_key(&self, tenant: &str, invoice_id: &str) -> String {
         self.0
-            .keys
+            .store
+            .keys()
             .key(&["parked-payments", &format!("{{{tenant}:{invoice_id}}}")])
     }
 
-    fn stripe(&self, tenant: &str, invoice_id: &str) -> &Mutex<()> {
+    fn stripe_index(&self, tenant: &str, invoice_id: &str) -> usize {
         let mut h = DefaultHasher::new();
         (tenant, invoice_id).hash(&mut h);
-        &self.0.stripes[(h.finish() % self.0.stripes.len() as u64) as usize]
+        (h.finish() % self.0.stripes.len() as u64) as usize
+    }
+
+    fn stripe(&self, tenant: &str, invoice_id: &str) -> &Mutex<()> {
+        &self.0.stripes[self.stripe_index(tenant, invoice_id)]
     }
 
     fn conn(&self) -> ConnectionManager {
@@ -253,7 +237,7 @@ impl Watcher {
     }
 
     fn late_key(&self, tenant: &str, debtor_id: &str) -> String {
-        self.0.keys.key(&["late", &format!("{{{tenant}:{debtor_id}}}")])
+        self.0.store.keys().key(&["late", &format!("{{{tenant}:{debtor_id}}}")])
     }
 
     /// Late invoices of this debtor in the last 12 months, from its own history.
@@ -268,86 +252,16 @@ impl Watcher {
         Ok(n)
     }
 
-    async fn remove_timer(&self, partition: i32, member: &str) -> Result<(), Failure> {
-        let _: () = redis::cmd("ZREM")
-            .arg(self.timers_key(partition))
-            .arg(member)
-            .query_async(&mut self.conn())
-            .await?;
-        Ok(())
-    }
-
     async fn load(&self, tenant: &str, invoice_id: &str) -> Result<Option<Loaded>, Failure> {
-        let (v, json): (Option<u64>, Option<String>) = redis::cmd("HMGET")
-            .arg(self.journey_key(tenant, invoice_id))
-            .arg("v")
-            .arg("json")
-            .query_async(&mut self.conn())
-            .await?;
-        match (v, json) {
-            (Some(version), Some(json)) => {
-                let stored = serde_json::from_str(&json)
-                    .map_err(|e| Failure::Fatal(anyhow::anyhow!("corrupt journey state: {e}")))?;
-                Ok(Some(Loaded { stored, version }))
-            }
-            _ => Ok(None),
-        }
+        self.0.store.load(tenant, invoice_id).await
     }
 
-    /// Writes the journey and its timer change if nobody wrote it since `expected`.
-    async fn save(
-        &self,
-        expected: Option<u64>,
-        mut stored: Stored,
-        timer: &TimerChange,
-        fired: Option<&str>,
-    ) -> Result<bool, Failure> {
-        let j = &stored.journey;
-        let (tenant, invoice_id) = (j.invoice.tenant.clone(), j.invoice.invoice_id.clone());
-        let mut remove = fired.map(str::to_owned).unwrap_or_default();
-        let (mut add, mut score) = (String::new(), 0i64);
-        match timer {
-            TimerChange::Keep => {
-                if fired.is_some() && stored.pending_timer.as_deref() == fired {
-                    stored.pending_timer = None;
-                }
-            }
-            TimerChange::Cancel => {
-                remove = stored.pending_timer.take().unwrap_or(remove);
-            }
-            TimerChange::Schedule { step_index, fire_at } => {
-                if let Some(old) = stored.pending_timer.take() {
-                    remove = old;
-                }
-                add = member(&tenant, &invoice_id, *step_index);
-                score = fire_at.timestamp_millis();
-                stored.pending_timer = Some(add.clone());
-            }
-        }
-        if let Some(stale) = fired.filter(|f| *f != remove) {
-            // A fired member that is no longer the pending one is stale: drop it too.
-            self.remove_timer(stored.partition, stale).await?;
-        }
-        let status = stored.journey.state.label();
-        let json = serde_json::to_string(&stored).map_err(|e| Failure::Fatal(e.into()))?;
-        let expected = expected.map(|v| v.to_string()).unwrap_or_default();
-        let next = expected.parse::<u64>().map(|v| v + 1).unwrap_or(1);
-        let ok: i32 = self
-            .0
-            .cas
-            .key(self.journey_key(&tenant, &invoice_id))
-            .key(self.timers_key(stored.partition))
-            .arg(expected)
-            .arg(next)
-            .arg(json)
-            .arg(status)
-            .arg(remove)
-            .arg(add)
-            .arg(score)
-            .arg(stored.journey.next_step)
-            .invoke_async(&mut self.conn())
-            .await?;
-        Ok(ok == 1)
+    /// The fee step `step_index` charges when sent now, as the law in force allows.
+    fn fee_for(&self, j: &Journey, plan: &Plan, step_index: usize, now: DateTime<Utc>) -> Money {
+        plan.steps
+            .get(step_index)
+            .map(|step| policy::resolve_fee(step, &Self::law_context(j), &self.0.law, now.date_naive()))
+            .unwrap_or_else(|| Money::zero(j.invoice.amount.currency))
     }
 
     fn event(&self, journey: &Journey, t: &Transition, cause: &str, index: usize, at: DateTime<Utc>) -> JourneyEvent {
@@ -382,6 +296,7 @@ impl Watcher {
             fee,
             cause,
             trace,
+            covers,
         } = *e;
         let now = self.0.rt.clock.now();
         let events_topic = self.0.rt.topic(&self.0.topics.journey_events);
@@ -399,7 +314,7 @@ impl Watcher {
                 tone,
                 channels,
             }) => {
-                let action = self.action(
+                let mut action = self.action(
                     &d.journey,
                     plan,
                     *step_index,
@@ -409,6 +324,7 @@ impl Watcher {
                     fee,
                     now,
                 );
+                action.covers = covers.to_vec();
                 let topic = self.0.rt.topic(&self.0.topics.journey_actions);
                 outs.push(self.0.rt.codec.outbound(&topic, &debtor, &action, trace).await?);
             }
@@ -505,21 +421,22 @@ impl Watcher {
     }
 
     /// Produces what the decision emits, waits for the broker, then writes the journey.
-    async fn emit_then_save(
-        &self,
-        expected: Option<u64>,
-        stored: Stored,
-        e: Emission<'_>,
-        fired: Option<&str>,
-    ) -> Result<bool, Failure> {
+    async fn emit_then_save(&self, expected: Option<u64>, stored: Stored, e: Emission<'_>) -> Result<bool, Failure> {
         let outs = self.outputs(&e).await?;
-        let d = e.decision;
         self.0
             .producer
             .send_all(&outs)
             .await
             .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
-        self.save(expected, stored, &d.timer, fired).await
+        self.0
+            .store
+            .save_one(Save {
+                expected,
+                stored,
+                timer: e.decision.timer.clone(),
+                fired_step: None,
+            })
+            .await
     }
 
     async fn on_invoice(&self, rec: records::Invoice, partition: i32, trace: TraceContext) -> Result<(), Failure> {
@@ -531,7 +448,7 @@ impl Watcher {
                 return Ok(()); // the same snapshot again
             }
             let (expected, partition, pending) = match &loaded {
-                Some(l) => (Some(l.version), l.stored.partition, l.stored.pending_timer.clone()),
+                Some(l) => (Some(l.version), l.stored.partition, l.stored.pending_step),
                 None => (None, partition, None),
             };
             let (mut d, plan) = match loaded.map(|l| l.stored.journey) {
@@ -567,7 +484,7 @@ impl Watcher {
             let stored = Stored {
                 journey: d.journey.clone(),
                 partition,
-                pending_timer: pending,
+                pending_step: pending,
             };
             let zero = Money::zero(incoming.amount.currency);
             if self
@@ -580,8 +497,8 @@ impl Watcher {
                         fee: zero,
                         cause: &rec.event_id,
                         trace,
+                        covers: &[],
                     },
-                    None,
                 )
                 .await?
             {
@@ -646,8 +563,8 @@ impl Watcher {
                         fee: Money::zero(currency),
                         cause: &rec.event_id,
                         trace,
+                        covers: &[],
                     },
-                    None,
                 )
                 .await?
             {
@@ -656,75 +573,194 @@ impl Watcher {
         }
     }
 
-    /// Fires one due timer.
-    async fn fire(&self, timer: &str, partition: i32) -> Result<(), Failure> {
-        let Some((tenant, invoice_id, step_index)) = parse_member(timer) else {
-            tracing::error!(timer, "unreadable timer dropped");
-            self.remove_timer(partition, timer).await?;
-            return Ok(());
-        };
-        let _guard = self.stripe(&tenant, &invoice_id).lock().await;
-        loop {
-            let Some(loaded) = self.load(&tenant, &invoice_id).await? else {
-                self.remove_timer(partition, timer).await?;
-                return Ok(());
-            };
-            let now = self.0.rt.clock.now();
-            let journey = &loaded.stored.journey;
-            let inv = &journey.invoice;
-            let plan = self.plan_of(journey);
-            if let Some(due) = plan.fire_at(step_index, inv.due_date, inv.jurisdiction) {
-                self.0
-                    .metrics
-                    .lateness
-                    .observe((now - due).num_milliseconds().max(0) as f64 / 1000.0);
-            }
-            let fee = plan
-                .steps
-                .get(step_index)
-                .map(|step| policy::resolve_fee(step, &Self::law_context(journey), &self.0.law, now.date_naive()))
-                .unwrap_or_else(|| Money::zero(inv.amount.currency));
-            let was_late = matches!(journey.state, JourneyState::Reminded(_) | JourneyState::Warned);
-            let d = journey::on_timer(journey.clone(), step_index, &plan, fee, now);
-            if let Some(step) = plan.steps.get(step_index).filter(|_| d.emit.is_some()) {
-                self.0.metrics.fired.with_label_values(&[&step.name]).inc();
-            }
-            let stored = Stored {
-                journey: d.journey.clone(),
-                ..loaded.stored
-            };
-            let cause = format!("timer:{step_index}");
-            if self
-                .emit_then_save(
-                    Some(loaded.version),
-                    stored,
-                    Emission {
-                        decision: &d,
-                        plan: &plan,
-                        fee,
-                        cause: &cause,
-                        trace: TraceContext::new_root(),
-                    },
-                    Some(timer),
-                )
-                .await?
-            {
-                // The debtor's history: an invoice that needed a reminder counts as late.
-                let late_now = matches!(
-                    d.journey.state,
-                    JourneyState::Reminded(_) | JourneyState::Warned | JourneyState::HandedOver
-                );
-                if late_now && !was_late {
-                    let _: () = redis::cmd("ZADD")
-                        .arg(self.late_key(&tenant, &d.journey.invoice.debtor_id))
-                        .arg(now.timestamp_millis())
-                        .arg(&invoice_id)
-                        .query_async(&mut self.conn())
-                        .await?;
+    /// Fires a batch of due timers of one partition together. Returns the timers whose journey
+    /// changed between reading and writing: they are decided again from what is stored.
+    async fn fire_batch(&self, partition: i32, timers: Vec<Timer>) -> Result<Vec<Timer>, Failure> {
+        let now = self.0.rt.clock.now();
+        // Each invoice's stripe, in order: the consume loop takes one stripe at a time, so
+        // holding several here cannot deadlock with it.
+        let mut held: BTreeSet<usize> = timers
+            .iter()
+            .map(|t| self.stripe_index(&t.tenant, &t.invoice_id))
+            .collect();
+        let mut guards = Vec::with_capacity(held.len());
+        for i in &held {
+            guards.push(self.0.stripes[*i].lock().await);
+        }
+        let pairs: Vec<(String, String)> = timers
+            .iter()
+            .map(|t| (t.tenant.clone(), t.invoice_id.clone()))
+            .collect();
+        let loaded = self.0.store.load_many(&pairs).await?;
+        // Per debtor: its invoices (loaded), each with the timer that fired it, if one did.
+        let mut debtors: BTreeMap<(String, String), Vec<(Loaded, Option<Timer>)>> = BTreeMap::new();
+        for (timer, loaded) in timers.into_iter().zip(loaded) {
+            match loaded {
+                Some(l) => {
+                    let debtor = (timer.tenant.clone(), l.stored.journey.invoice.debtor_id.clone());
+                    debtors.entry(debtor).or_default().push((l, Some(timer)));
                 }
-                return Ok(());
+                None => self.0.store.remove_timer(partition, &timer.member).await?,
             }
         }
+        // The debtors' other open invoices: they may join a combined action.
+        let keys: Vec<(String, String)> = debtors.keys().cloned().collect();
+        let mut others = Vec::new();
+        for (debtor, ids) in keys.iter().zip(self.0.store.open_invoices(&keys).await?) {
+            let mine = &debtors[debtor];
+            for id in ids {
+                if !mine.iter().any(|(l, _)| l.stored.journey.invoice.invoice_id == id) {
+                    others.push((debtor.0.clone(), id));
+                }
+            }
+        }
+        if !others.is_empty() {
+            // Taken only if free: waiting here, out of order, could deadlock with another batch.
+            // An invoice busy elsewhere is not combined this time; its own timer still fires.
+            others.retain(|(tenant, id)| {
+                let i = self.stripe_index(tenant, id);
+                if held.contains(&i) {
+                    return true;
+                }
+                match self.0.stripes[i].try_lock() {
+                    Ok(g) => {
+                        held.insert(i);
+                        guards.push(g);
+                        true
+                    }
+                    Err(_) => false,
+                }
+            });
+            for l in self.0.store.load_many(&others).await?.into_iter().flatten() {
+                let j = &l.stored.journey;
+                let debtor = (j.invoice.tenant.clone(), j.invoice.debtor_id.clone());
+                if let Some(mine) = debtors.get_mut(&debtor) {
+                    mine.push((l, None));
+                }
+            }
+        }
+
+        let policy = self.policy();
+        let window = policy.combine_window();
+        let mut outs = Vec::new();
+        let mut saves = Vec::new();
+        // Per save: the timer to decide again on a conflict, and the debtor who just became late.
+        let mut after_save: Vec<(Option<Timer>, Option<(String, String, String)>)> = Vec::new();
+        for (_, members) in debtors {
+            let invoices: Vec<DebtorInvoice> = members
+                .iter()
+                .map(|(l, timer)| {
+                    let j = &l.stored.journey;
+                    let plan = self.plan_of(j);
+                    let step = timer.as_ref().map_or(j.next_step, |t| t.step_index);
+                    if let Some(due) = timer
+                        .as_ref()
+                        .and_then(|_| plan.fire_at(step, j.invoice.due_date, j.invoice.jurisdiction))
+                    {
+                        self.0
+                            .metrics
+                            .lateness
+                            .observe((now - due).num_milliseconds().max(0) as f64 / 1000.0);
+                    }
+                    DebtorInvoice {
+                        journey: j.clone(),
+                        fee: self.fee_for(j, &plan, step, now),
+                        plan,
+                        fired_step: timer.as_ref().map(|t| t.step_index),
+                    }
+                })
+                .collect();
+            let fired = journey::fire_together(&invoices, now, window);
+            let covered_line = |index: usize| {
+                let before = &invoices[index].journey;
+                let after = &fired.iter().find(|f| f.index == index)?.decision.journey;
+                Some(CoveredInvoice {
+                    invoice_id: after.invoice.invoice_id.clone(),
+                    invoice_number: after.invoice.invoice_number.clone(),
+                    description: after.invoice.description.clone(),
+                    open_minor: after.outstanding().minor,
+                    fee_minor: after.fees_minor - before.fees_minor,
+                    due_date: invoice::epoch_days(after.invoice.due_date),
+                    payment_reference: after.invoice.payment_reference.clone(),
+                })
+            };
+            for f in &fired {
+                let (loaded, timer) = &members[f.index];
+                let input = &invoices[f.index];
+                let d = &f.decision;
+                let step_index = input.fired_step.unwrap_or(input.journey.next_step);
+                if let (Some(step), true) = (
+                    input.plan.steps.get(step_index),
+                    d.emit.is_some() || matches!(f.role, Role::Covered { .. }),
+                ) {
+                    self.0.metrics.fired.with_label_values(&[&step.name]).inc();
+                }
+                let covers: Vec<CoveredInvoice> = match &f.role {
+                    Role::Lead { covers } => covers.iter().filter_map(|c| covered_line(*c)).collect(),
+                    Role::Covered { .. } => {
+                        self.0.metrics.combined.inc();
+                        Vec::new()
+                    }
+                    Role::Alone => Vec::new(),
+                };
+                let cause = format!("timer:{step_index}");
+                outs.extend(
+                    self.outputs(&Emission {
+                        decision: d,
+                        plan: &input.plan,
+                        fee: input.fee,
+                        cause: &cause,
+                        trace: TraceContext::new_root(),
+                        covers: &covers,
+                    })
+                    .await?,
+                );
+                let late = |s: JourneyState| {
+                    matches!(
+                        s,
+                        JourneyState::Reminded(_) | JourneyState::Warned | JourneyState::HandedOver
+                    )
+                };
+                let inv = &d.journey.invoice;
+                let became_late = (late(d.journey.state) && !late(input.journey.state))
+                    .then(|| (inv.tenant.clone(), inv.debtor_id.clone(), inv.invoice_id.clone()));
+                saves.push(Save {
+                    expected: Some(loaded.version),
+                    stored: Stored {
+                        journey: d.journey.clone(),
+                        ..loaded.stored.clone()
+                    },
+                    timer: d.timer.clone(),
+                    fired_step: input.fired_step,
+                });
+                after_save.push((timer.clone(), became_late));
+            }
+        }
+        self.0
+            .producer
+            .send_all(&outs)
+            .await
+            .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
+        let written = self.0.store.save_many(saves).await?;
+        drop(guards);
+        let mut conflicts = Vec::new();
+        let mut late = redis::pipe();
+        let mut any_late = false;
+        for (ok, (timer, became_late)) in written.into_iter().zip(after_save) {
+            if !ok {
+                // A covered invoice without a timer of its own keeps its pending one.
+                conflicts.extend(timer);
+            } else if let Some((tenant, debtor, invoice_id)) = became_late {
+                // The debtor's history: an invoice that needed a reminder counts as late.
+                late.zadd(self.late_key(&tenant, &debtor), invoice_id, now.timestamp_millis())
+                    .ignore();
+                any_late = true;
+            }
+        }
+        if any_late {
+            let _: () = late.query_async(&mut self.conn()).await?;
+        }
+        Ok(conflicts)
     }
 
     /// A new invoice: the policy chooses its plan (segment, experiment), recorded as an event.
@@ -776,12 +812,13 @@ impl Watcher {
         let mut tick = tokio::time::interval(Duration::from_millis(settings.tick_ms.max(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut attempt = 0u32;
+        let mut polled: HashSet<i32> = HashSet::new();
         loop {
             tokio::select! {
-                _ = self.0.rt.shutdown.cancelled() => return Ok(()),
+                _ = self.0.rt.shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let partitions: Vec<i32> = consumer
+            let partitions: HashSet<i32> = consumer
                 .assignment()
                 .map(|a| {
                     a.elements()
@@ -791,47 +828,101 @@ impl Watcher {
                         .collect()
                 })
                 .unwrap_or_default();
-            let now_ms = self.0.rt.clock.now().timestamp_millis();
-            for partition in partitions {
-                match self.fire_due(partition, now_ms, settings.batch).await {
-                    Ok(()) => attempt = 0,
-                    Err(Failure::Transient(e)) => {
-                        let wait = forfall_platform::kafka::backoff(attempt);
-                        attempt = attempt.saturating_add(1);
-                        tracing::warn!(error = %e, partition, "timer poll failed, retrying");
-                        tokio::time::sleep(wait).await;
+            for gone in polled.difference(&partitions) {
+                // Revoked: its next owner need not wait for the lock to expire.
+                if let Err(e) = self.0.store.release(*gone, &self.0.holder).await {
+                    tracing::warn!(error = ?e, partition = gone, "could not release a timer lock");
+                }
+            }
+            polled = partitions.clone();
+            let mut partitions: Vec<i32> = partitions.into_iter().collect();
+            partitions.sort_unstable();
+            // Rounds of one batch per partition, several partitions at once, until none has
+            // more due: a partition with a backlog does not hold the others back.
+            loop {
+                let rounds: Vec<(i32, Result<bool, Failure>)> = futures::stream::iter(partitions.iter().copied())
+                    .map(|p| {
+                        let (this, settings) = (&self, &settings);
+                        async move { (p, this.fire_due(p, settings).await) }
+                    })
+                    .buffer_unordered(settings.partitions_in_flight.max(1))
+                    .collect()
+                    .await;
+                let mut more = false;
+                for (partition, result) in rounds {
+                    match result {
+                        Ok(m) => {
+                            more |= m;
+                            attempt = 0;
+                        }
+                        Err(Failure::Transient(e)) => {
+                            let wait = forfall_platform::kafka::backoff(attempt);
+                            attempt = attempt.saturating_add(1);
+                            tracing::warn!(error = %e, partition, "timer poll failed, retrying");
+                            tokio::time::sleep(wait).await;
+                        }
+                        Err(Failure::Fatal(e)) => return Err(e.context("firing timers")),
+                        Err(Failure::Reject { code, detail, .. }) => {
+                            tracing::error!(code, %detail, "timer could not be fired")
+                        }
                     }
-                    Err(Failure::Fatal(e)) => return Err(e.context("firing timers")),
-                    Err(Failure::Reject { code, detail, .. }) => {
-                        tracing::error!(code, %detail, "timer could not be fired")
-                    }
+                }
+                if !more || self.0.rt.shutdown.is_cancelled() {
+                    break;
                 }
             }
         }
-    }
-
-    async fn fire_due(&self, partition: i32, now_ms: i64, batch: usize) -> Result<(), Failure> {
-        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(self.timers_key(partition))
-            .arg("-inf")
-            .arg(now_ms)
-            .arg("LIMIT")
-            .arg(0)
-            .arg(batch)
-            .query_async(&mut self.conn())
-            .await?;
-        // Each pending timer belongs to a different invoice, so a batch fires concurrently;
-        // the stripe locks and compare-and-set keep each invoice's journey consistent.
-        let mut firing = futures::stream::iter(due.into_iter().map(|timer| {
-            let this = self.clone();
-            let span = tracing::info_span!("fire_timer", service = SERVICE, partition);
-            async move { this.fire(&timer, partition).await }.instrument(span)
-        }))
-        .buffer_unordered(self.0.concurrency);
-        while let Some(fired) = firing.next().await {
-            fired?;
+        for partition in polled {
+            if let Err(e) = self.0.store.release(partition, &self.0.holder).await {
+                tracing::warn!(error = ?e, partition, "could not release a timer lock at shutdown");
+            }
         }
         Ok(())
+    }
+
+    /// Fires one batch of a partition's due timers if this instance holds its lock; whether
+    /// more may be due.
+    async fn fire_due(&self, partition: i32, settings: &WatcherSettings) -> Result<bool, Failure> {
+        {
+            let now_ms = self.0.rt.clock.now().timestamp_millis();
+            let Some(due) = self
+                .0
+                .store
+                .claim_due(
+                    partition,
+                    &self.0.holder,
+                    settings.timer_lock_ms,
+                    now_ms,
+                    settings.batch.max(1),
+                )
+                .await?
+            else {
+                return Ok(false); // another instance fires this partition
+            };
+            let claimed = due.len();
+            let mut timers = Vec::with_capacity(claimed);
+            for member in due {
+                match store::parse_member(&member) {
+                    Some(t) => timers.push(t),
+                    None => {
+                        tracing::error!(partition, "unreadable timer dropped");
+                        self.0.store.remove_timer(partition, &member).await?;
+                    }
+                }
+            }
+            let span = tracing::info_span!("fire_timers", service = SERVICE, partition, timers = timers.len());
+            let mut redecided = 0;
+            while !timers.is_empty() {
+                timers = self.fire_batch(partition, timers).instrument(span.clone()).await?;
+                redecided += 1;
+                if redecided > 10 && !timers.is_empty() {
+                    // Journeys changing this fast are left due: the next poll takes them again.
+                    tracing::warn!(partition, left = timers.len(), "timers still contended after 10 tries");
+                    break;
+                }
+            }
+            Ok(claimed >= settings.batch.max(1))
+        }
     }
 }
 
@@ -928,11 +1019,9 @@ impl Watcher {
                 fee: Money::zero(currency),
                 cause: &rec.event_id,
                 trace,
+                covers: &[],
             };
-            if self
-                .emit_then_save(Some(loaded.version), stored, emission, None)
-                .await?
-            {
+            if self.emit_then_save(Some(loaded.version), stored, emission).await? {
                 return Ok(());
             }
         }
@@ -1059,22 +1148,32 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     ] {
         shell.metrics.registry.register(c)?;
     }
+    let combined = prometheus::IntCounter::new(
+        "watcher_combined_invoices_total",
+        "Invoices whose step went out in another invoice's combined message",
+    )?;
+    shell.metrics.registry.register(Box::new(combined.clone()))?;
     let redis = redis_store::connect(&rt.config.redis).await?;
+    let store = Store::new(redis.clone(), rt.keys());
+    store
+        .prepare()
+        .await
+        .map_err(|e| anyhow::anyhow!("loading the journey scripts into Redis: {e:?}"))?;
     let topics = rt.config.topics.clone();
     let watcher = Watcher(Arc::new(Inner {
         producer: shell.producer.clone(),
         redis,
-        keys: rt.keys(),
+        store,
+        holder: format!("{}:{}", rt.instance.unwrap_or(SERVICE), uuid::Uuid::new_v4().simple()),
         law,
         policy: RwLock::new(Arc::new(policy)),
-        cas: redis::Script::new(CAS_SCRIPT),
         stripes: (0..4096).map(|_| Mutex::new(())).collect(),
-        concurrency: settings.concurrency.max(1),
         metrics: Metrics {
             transitions,
             fired,
             lateness,
             policy_reloads,
+            combined,
         },
         topics: topics.clone(),
         rt: rt.clone(),

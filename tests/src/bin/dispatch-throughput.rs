@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use forfall_domain::reference::{self, ReferenceKind};
 use forfall_e2e::*;
 use forfall_platform::clock::ManualClock;
-use forfall_platform::journey_state::journey_key;
+use forfall_platform::journey_state;
 use forfall_platform::records::JourneyAction;
 use forfall_platform::redis_store::Keys;
 
@@ -95,12 +95,14 @@ async fn payment_to_suppression(payments: usize, rate: f64) -> anyhow::Result<Ve
     let statuses = |redis: &mut redis::aio::ConnectionManager, ids: Vec<String>| {
         let mut pipe = redis::pipe();
         for id in &ids {
-            pipe.hget(journey_key(&keys, "acme-energy", id), "status");
+            let at = journey_state::location(&keys, "acme-energy", id);
+            pipe.hget(at.key, at.field);
         }
         let mut redis = redis.clone();
         async move {
-            let got: Vec<Option<String>> = pipe.query_async(&mut redis).await?;
-            anyhow::Ok(ids.into_iter().zip(got).collect::<Vec<_>>())
+            let got: Vec<Option<Vec<u8>>> = pipe.query_async(&mut redis).await?;
+            let statuses = got.iter().map(|v| journey_state::status_of(v.as_deref()));
+            anyhow::Ok(ids.into_iter().zip(statuses).collect::<Vec<_>>())
         }
     };
     eventually("every invoice open", Duration::from_secs(120), || {
