@@ -365,3 +365,69 @@ async fn a_rebalance_while_timers_are_due_sends_each_step_once() -> anyhow::Resu
     stack.shutdown().await;
     Ok(())
 }
+
+/// Two invoices of one debtor whose nudges fall two days apart become one message listing both
+/// (the policy's combine window is 3 days); the one brought forward says so in its timeline and
+/// is not nudged again on its own day; an invoice due weeks later stays apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_debtors_steps_within_the_window_go_out_as_one_message() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-09-01T06:00:00Z"));
+    let stack = LocalStack::start(base_config(), clock.clone()).await?;
+    for s in ["ingest", "watcher", "dispatch"] {
+        stack.start_service(s);
+    }
+    let billing = stack.topic(&stack.topics().billing_invoice_events);
+    let email = "combined@example.test";
+    // Wednesday 2 September, Friday 4 September, Monday 21 September.
+    let a = danish("comb-a", "C-1001", day(2026, 9, 2), email);
+    let b = Sample {
+        amount_minor: 45_000,
+        ..danish("comb-b", "C-1002", day(2026, 9, 4), email)
+    };
+    let c = danish("comb-c", "C-1003", day(2026, 9, 21), email);
+    for s in [&a, &b, &c] {
+        stack.produce(&billing, &s.debtor_id(), &s.issued()).await?;
+    }
+    for id in ["comb-a", "comb-b", "comb-c"] {
+        status_is(&stack, "acme-energy", id, "open").await?;
+    }
+    // 09:00 in Copenhagen on 2 September: a's nudge is due, b's is two days off.
+    clock.set(at("2026-09-02T07:00:01Z"));
+    status_is(&stack, "acme-energy", "comb-a", "nudged").await?;
+    status_is(&stack, "acme-energy", "comb-b", "nudged").await?;
+    eventually("the combined nudge", WAIT, || async {
+        Ok((!stack.mail.to(email).is_empty()).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mails = stack.mail.to(email);
+    assert_eq!(mails.len(), 1, "one message for both invoices");
+    let body = mails[0].body();
+    assert!(body.contains("C-1001") && body.contains("C-1002"), "{body}");
+    assert!(!body.contains("C-1003"), "the invoice due weeks later is not in it: {body}");
+    assert_eq!(
+        stack.journey_status("acme-energy", "comb-c").await?.as_deref(),
+        Some("open")
+    );
+    let sent = events_of(&stack, "comb-b")
+        .await?
+        .into_iter()
+        .find(|e| e.kind == "step_sent")
+        .expect("b's nudge is in its timeline");
+    assert!(
+        sent.reason.as_deref().is_some_and(|r| r.contains("C-1001")),
+        "the timeline says which message carried it: {sent:?}"
+    );
+    let combined = metric_value(
+        &stack.metrics("watcher").await?,
+        "forfall_watcher_combined_invoices_total",
+        &[],
+    );
+    assert_eq!(combined, Some(1.0));
+    // b's own day passes without a second nudge.
+    clock.set(at("2026-09-04T07:00:01Z"));
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(stack.mail.to(email).len(), 1, "nothing more on b's own day");
+    stack.shutdown().await;
+    Ok(())
+}
