@@ -653,14 +653,9 @@ impl Watcher {
                     let j = &l.stored.journey;
                     let plan = self.plan_of(j);
                     let step = timer.as_ref().map_or(j.next_step, |t| t.step_index);
-                    if let Some(due) = timer
-                        .as_ref()
-                        .and_then(|_| plan.fire_at(step, j.invoice.due_date, j.invoice.jurisdiction))
-                    {
-                        self.0
-                            .metrics
-                            .lateness
-                            .observe((now - due).num_milliseconds().max(0) as f64 / 1000.0);
+                    if let Some(t) = timer {
+                        let late_ms = (now.timestamp_millis() - t.due_ms).max(0);
+                        self.0.metrics.lateness.observe(late_ms as f64 / 1000.0);
                     }
                     DebtorInvoice {
                         journey: j.clone(),
@@ -773,13 +768,8 @@ impl Watcher {
             amount: incoming.amount,
             fee_agreed: false,
         };
-        let policy = self.policy();
-        let today = self.0.rt.clock.now().date_naive();
-        let choice = policy.choose(&incoming.tenant, &incoming.debtor_id, &facts, today);
-        let mut d = journey::on_invoice(None, incoming, &choice.plan);
-        d.journey.segment = Some(choice.segment.clone());
-        d.journey.experiment = choice.experiment.clone();
-        if let Some(e) = &choice.experiment {
+        let (d, plan) = opened(&self.policy(), incoming, &facts, self.0.rt.clock.now().date_naive());
+        if let Some(e) = &d.journey.experiment {
             self.0
                 .metrics
                 .transitions
@@ -787,23 +777,7 @@ impl Watcher {
                 .inc();
             tracing::debug!(experiment = %e, "experiment assigned");
         }
-        d.transitions.insert(
-            1.min(d.transitions.len()),
-            Transition {
-                kind: "plan_chosen",
-                from: JourneyState::Open,
-                to: JourneyState::Open,
-                step: None,
-                rule: Some(format!(
-                    "policy {} segment '{}' → plan '{}'",
-                    policy.version, choice.segment, choice.plan.name
-                )),
-                reason: choice
-                    .experiment
-                    .map(|e| format!("experiment {e} (late invoices in 12 months: {})", facts.late_last_12m)),
-            },
-        );
-        Ok((d, choice.plan))
+        Ok((d, plan))
     }
 
     /// Polls the timer sets of the partitions this instance is assigned, until shutdown.
@@ -901,8 +875,8 @@ impl Watcher {
             };
             let claimed = due.len();
             let mut timers = Vec::with_capacity(claimed);
-            for member in due {
-                match store::parse_member(&member) {
+            for (member, due_ms) in due {
+                match store::parse_member(&member, due_ms) {
                     Some(t) => timers.push(t),
                     None => {
                         tracing::error!(partition, "unreadable timer dropped");
@@ -924,6 +898,32 @@ impl Watcher {
             Ok(claimed >= settings.batch.max(1))
         }
     }
+}
+
+/// The journey a new invoice opens: the plan the policy chooses for the debtor's facts
+/// (segment, experiment), the choice recorded as a `plan_chosen` transition.
+pub fn opened(policy: &Policy, incoming: InvoiceSnapshot, facts: &DebtorFacts, today: chrono::NaiveDate) -> (Decision, Plan) {
+    let choice = policy.choose(&incoming.tenant, &incoming.debtor_id, facts, today);
+    let mut d = journey::on_invoice(None, incoming, &choice.plan);
+    d.journey.segment = Some(choice.segment.clone());
+    d.journey.experiment = choice.experiment.clone();
+    d.transitions.insert(
+        1.min(d.transitions.len()),
+        Transition {
+            kind: "plan_chosen",
+            from: JourneyState::Open,
+            to: JourneyState::Open,
+            step: None,
+            rule: Some(format!(
+                "policy {} segment '{}' → plan '{}'",
+                policy.version, choice.segment, choice.plan.name
+            )),
+            reason: choice
+                .experiment
+                .map(|e| format!("experiment {e} (late invoices in 12 months: {})", facts.late_last_12m)),
+        },
+    );
+    (d, choice.plan)
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -72,9 +72,11 @@ pub struct Timer {
     pub tenant: String,
     pub invoice_id: String,
     pub step_index: usize,
+    /// When it fell due (its score), in milliseconds since the epoch.
+    pub due_ms: i64,
 }
 
-pub fn parse_member(m: &str) -> Option<Timer> {
+pub fn parse_member(m: &str, due_ms: i64) -> Option<Timer> {
     let (step, rest) = m.split_once(':')?;
     let (len, rest) = rest.split_once(':')?;
     let len: usize = len.parse().ok()?;
@@ -83,6 +85,7 @@ pub fn parse_member(m: &str) -> Option<Timer> {
         tenant: rest.get(..len)?.to_owned(),
         invoice_id: rest.get(len..)?.to_owned(),
         step_index: step.parse().ok()?,
+        due_ms,
     })
 }
 
@@ -119,7 +122,7 @@ const CLAIM_SCRIPT: &str = r"
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return false end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3], 'LIMIT', 0, ARGV[4])
+return redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3], 'WITHSCORES', 'LIMIT', 0, ARGV[4])
 ";
 
 const RELEASE_SCRIPT: &str = r"
@@ -312,7 +315,8 @@ impl Store {
         Ok(())
     }
 
-    /// The due timers of a partition, if this instance holds (or now takes) its lock.
+    /// The due timers of a partition with the moment each fell due, if this instance holds
+    /// (or now takes) the partition's lock.
     pub async fn claim_due(
         &self,
         partition: i32,
@@ -320,8 +324,8 @@ impl Store {
         lock_ms: u64,
         now_ms: i64,
         limit: usize,
-    ) -> Result<Option<Vec<String>>, Failure> {
-        Ok(self
+    ) -> Result<Option<Vec<(String, i64)>>, Failure> {
+        let flat: Option<Vec<String>> = self
             .claim
             .key(self.lock_key(partition))
             .key(self.timers_key(partition))
@@ -330,7 +334,15 @@ impl Store {
             .arg(now_ms)
             .arg(limit)
             .invoke_async(&mut self.conn())
-            .await?)
+            .await?;
+        Ok(flat.map(|flat| {
+            flat.chunks(2)
+                .filter_map(|pair| match pair {
+                    [member, score] => Some((member.clone(), score.parse::<f64>().ok()? as i64)),
+                    _ => None,
+                })
+                .collect()
+        }))
     }
 
     /// Gives a partition's timers up, so that its next owner need not wait for the lock to expire.
@@ -368,14 +380,14 @@ mod tests {
     fn timer_members_read_back_whatever_the_ids_hold() {
         for (tenant, invoice, step) in [("acme", "inv-1", 0), ("a:b", "c:d", 12), ("æøå", "", 3)] {
             let m = member(tenant, invoice, step);
-            let t = parse_member(&m).unwrap();
+            let t = parse_member(&m, 7).unwrap();
             assert_eq!(
                 (t.tenant.as_str(), t.invoice_id.as_str(), t.step_index),
                 (tenant, invoice, step)
             );
         }
-        assert_eq!(parse_member("junk"), None);
-        assert_eq!(parse_member("1:99:short"), None);
+        assert_eq!(parse_member("junk", 0), None);
+        assert_eq!(parse_member("1:99:short", 0), None);
     }
 
     /// A Danish household's electricity invoice, as a utility bills it.

@@ -1,0 +1,294 @@
+//! Benchmark: the watcher's timers at utility scale.
+//!
+//!     cargo run --release -p forfall-e2e --bin timer-throughput -- 1000000 5000 20
+//!
+//! (invoices due at one instant, steady timers per second, seconds of the steady phase)
+//!
+//! Phase 1, a billing run: N open invoices, one per customer, all due at 09:00 on one day, are
+//! written to Redis with the watcher's own store (the journey and timer each would have after
+//! `forfall.invoices.v1`), and Redis' memory is measured before and after. The clock is moved
+//! past the moment and the watcher started: the time to its first fire, the time to fire all N
+//! (each fire produces its journey events and the nudge action to Kafka, acknowledged, and
+//! writes the journey), and fires per second are reported.
+//!
+//! Phase 2, steady: on a fresh stack, timers fall due at a steady rate while the clock runs in
+//! real time; each action's lateness is its production time (the watcher's clock) minus the
+//! moment its timer fell due, read back from the actions topic. Then the watcher is killed
+//! (aborted: no release of its partition locks, as in a crash), more timers fall due, and the
+//! time from its restart to its first fire is reported.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use forfall_domain::invoice::{Contact, IssuedInput, epoch_days, validate_issued};
+use forfall_domain::journey::TimerChange;
+use forfall_domain::policy::{self, DebtorFacts};
+use forfall_e2e::*;
+use forfall_platform::clock::{Clock, ManualClock};
+use forfall_platform::records::JourneyAction;
+use forfall_platform::redis_store::Keys;
+use forfall_watcher::store::{Save, Store, Stored};
+
+/// A household's electricity invoice: realistic sizes for every field the journey keeps.
+fn invoice(prefix: &str, i: usize, due: chrono::NaiveDate) -> anyhow::Result<forfall_domain::InvoiceSnapshot> {
+    let names = ["Maja Kristensen", "Lars Nielsen", "Sofie Andersen", "Mikkel Pedersen"];
+    let name = names[i % names.len()];
+    let debtor = format!("acme-energy:{prefix}c-{i:09}");
+    Ok(validate_issued(IssuedInput {
+        tenant: "acme-energy".into(),
+        debtor_id: debtor,
+        invoice_id: format!("{prefix}inv-{i:09}"),
+        revision: 1,
+        invoice_number: format!("2026-{i:09}"),
+        issue_date_days: epoch_days(due) - 14,
+        due_date_days: epoch_days(due),
+        amount_minor: 40_000 + (i as i64 % 90_000),
+        currency: "DKK".into(),
+        jurisdiction: "DK".into(),
+        debtor_kind: "consumer".into(),
+        payment_reference: Some(format!("+71<{:015}+", 100_000_000 + i)),
+        description: Some("Electricity, October".into()),
+        contact: Contact {
+            name: Some(name.into()),
+            email: Some(format!("{}.{i}@example.dk", name.to_lowercase().replace(' ', "."))),
+            phone: Some(format!("+45{:08}", 20_000_000 + i % 70_000_000)),
+            language: Some("da".into()),
+            ..Contact::default()
+        },
+    })?)
+}
+
+/// Writes `count` journeys starting at `from` as the watcher would have them after their
+/// invoices arrived, each timer at `fire_at(i)` (or the plan's own moment); returns the rate.
+async fn schedule(
+    store: &Store,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    due: chrono::NaiveDate,
+    fire_at: impl Fn(usize) -> Option<DateTime<Utc>>,
+) -> anyhow::Result<f64> {
+    let law = forfall_domain::law::LawBook::builtin()?;
+    let policy = policy::load(policy::DEFAULT_POLICY, &law, due)?;
+    let started = Instant::now();
+    let count = range.len();
+    let chunk = 2000;
+    let mut i = range.start;
+    while i < range.end {
+        let end = (i + chunk).min(range.end);
+        let mut saves = Vec::with_capacity(end - i);
+        for k in i..end {
+            let snapshot = invoice(prefix, k, due)?;
+            let facts = DebtorFacts {
+                jurisdiction: snapshot.jurisdiction,
+                kind: snapshot.debtor_kind,
+                late_last_12m: 0,
+                propensity: None,
+                amount: snapshot.amount,
+                fee_agreed: false,
+            };
+            let (d, _) = forfall_watcher::opened(&policy, snapshot, &facts, due);
+            let timer = match (d.timer, fire_at(k)) {
+                (TimerChange::Schedule { step_index, .. }, Some(at)) => TimerChange::Schedule { step_index, fire_at: at },
+                (t, _) => t,
+            };
+            saves.push(Save {
+                expected: None,
+                stored: Stored {
+                    journey: d.journey,
+                    partition: (k % 2) as i32,
+                    pending_step: None,
+                },
+                timer,
+                fired_step: None,
+            });
+        }
+        let written = store.save_many(saves).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        anyhow::ensure!(written.iter().all(|w| *w), "every journey written");
+        i = end;
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn used_memory(redis: &mut redis::aio::ConnectionManager) -> anyhow::Result<i64> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(redis).await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no used_memory in INFO"))
+}
+
+async fn fired(stack: &LocalStack, service: &str) -> f64 {
+    let m = stack.metrics(service).await.unwrap_or_default();
+    metric_value(&m, "forfall_watcher_steps_fired_total", &["step=\"nudge\""]).unwrap_or(0.0)
+}
+
+/// Removes a stack's keys so a million journeys do not stay in the shared Redis.
+async fn remove_keys(redis: &mut redis::aio::ConnectionManager, prefix: &str) -> anyhow::Result<()> {
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(redis)
+            .await?;
+        if !keys.is_empty() {
+            let _: () = redis::cmd("UNLINK").arg(&keys).query_async(redis).await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+fn config() -> forfall_platform::config::CommonConfig {
+    let mut c = base_config();
+    c.log.level = "warn".into();
+    c
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let arg = |i: usize, default: f64| -> anyhow::Result<f64> {
+        Ok(std::env::args().nth(i).map(|a| a.parse()).transpose()?.unwrap_or(default))
+    };
+    let n = arg(1, 1_000_000.0)? as usize;
+    let rate = arg(2, 5_000.0)?;
+    let steady_secs = arg(3, 20.0)?;
+    // Monday 2 November 2026: the nudge is at 09:00 in Copenhagen (CET) = 08:00 UTC.
+    let due = chrono::NaiveDate::from_ymd_opt(2026, 11, 2).ok_or_else(|| anyhow::anyhow!("date"))?;
+    let moment = at("2026-11-02T08:00:00Z");
+
+    // Phase 1: a billing run falls due at once.
+    let clock = ManualClock::new(at("2026-11-02T06:00:00Z"));
+    let stack = LocalStack::start(config(), clock.clone()).await?;
+    let mut redis = stack.redis();
+    let listpack: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("hash-max-ziplist-value")
+        .query_async(&mut redis)
+        .await?;
+    let store = Store::new(stack.redis(), Keys::new(&stack.rt.config.redis.key_prefix));
+    store.prepare().await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let before = used_memory(&mut redis).await?;
+    let scheduled_per_s = schedule(&store, "", 0..n, due, |_| None).await?;
+    let after = used_memory(&mut redis).await?;
+    let per_invoice = (after - before) as f64 / n as f64;
+    println!(
+        "phase 1: {n} invoices due at {moment} scheduled at {scheduled_per_s:.0}/s; Redis memory {:.1} MB, {per_invoice:.0} bytes per open invoice (hash-max-listpack-value {})",
+        (after - before) as f64 / 1e6,
+        listpack.get(1).map(String::as_str).unwrap_or("?")
+    );
+    clock.set(moment + chrono::Duration::seconds(1));
+    let started = Instant::now();
+    stack.start_service("watcher");
+    let mut first = None;
+    loop {
+        let done = fired(&stack, "watcher").await;
+        if done > 0.0 && first.is_none() {
+            first = Some(started.elapsed());
+        }
+        if done as usize >= n {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(1800),
+            "only {done} of {n} fired in 30 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let all = started.elapsed();
+    let first = first.unwrap_or(all);
+    let drain = all - first;
+    println!(
+        "phase 1: start to first fire {:.2} s; {n} fired in {:.1} s after the first ({:.0} fires/s; {:.1} s from start)",
+        first.as_secs_f64(),
+        drain.as_secs_f64(),
+        n as f64 / drain.as_secs_f64().max(1e-9),
+        all.as_secs_f64()
+    );
+    stack.shutdown().await;
+    remove_keys(&mut redis, &stack.rt.config.redis.key_prefix).await?;
+
+    // Phase 2: timers fall due at a steady rate, the clock running in real time.
+    let steady = (rate * steady_secs) as usize;
+    let start_at = at("2026-11-02T10:00:00Z");
+    let clock = ManualClock::new(start_at - chrono::Duration::seconds(1));
+    let stack = LocalStack::start(config(), clock.clone()).await?;
+    let store = Store::new(stack.redis(), Keys::new(&stack.rt.config.redis.key_prefix));
+    store.prepare().await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    // Two seconds of head start after the clock starts, so the first timers are not due yet.
+    let lead = chrono::Duration::seconds(2);
+    let fire_at = |i: usize| start_at + lead + chrono::Duration::microseconds((i as f64 * 1e6 / rate) as i64);
+    schedule(&store, "s", 0..steady, due, |i| Some(fire_at(i))).await?;
+    stack.start_service("watcher");
+    stack.wait_ready(&["watcher"], WAIT).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await; // the group settles
+    let real_start = Instant::now();
+    let ticking = {
+        let clock = clock.clone();
+        tokio::spawn(async move {
+            loop {
+                let elapsed = chrono::Duration::from_std(real_start.elapsed()).unwrap_or_default();
+                clock.set(start_at + elapsed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    loop {
+        if fired(&stack, "watcher").await as usize >= steady {
+            break;
+        }
+        anyhow::ensure!(
+            real_start.elapsed() < Duration::from_secs_f64(steady_secs * 4.0 + 120.0),
+            "the steady phase did not keep up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let actions = stack
+        .read::<JourneyAction>(&stack.topic(&stack.topics().journey_actions))
+        .await?;
+    let mut lateness: Vec<f64> = actions
+        .iter()
+        .filter_map(|a| {
+            let i: usize = a.invoice_id.strip_prefix("sinv-")?.parse().ok()?;
+            Some((a.occurred_at - fire_at(i).timestamp_millis()) as f64)
+        })
+        .collect();
+    lateness.sort_by(f64::total_cmp);
+    println!(
+        "phase 2: {} timers due at {rate:.0}/s over {steady_secs:.0} s: lateness p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        lateness.len(),
+        percentile(&lateness, 0.5),
+        percentile(&lateness, 0.99),
+        lateness.last().copied().unwrap_or(f64::NAN)
+    );
+
+    // A crash and a restart with timers due.
+    stack.stop_service("watcher").await?;
+    let now = clock.now();
+    schedule(&store, "r", 0..10_000, due, |_| Some(now)).await?;
+    let restarted = Instant::now();
+    stack.start_service("watcher");
+    loop {
+        if fired(&stack, "watcher").await > 0.0 {
+            break;
+        }
+        anyhow::ensure!(
+            restarted.elapsed() < Duration::from_secs(300),
+            "no fire within 5 minutes of the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "restart: killed (partition locks not released, they expire after 10 s) and restarted with 10000 timers due: first fire after {:.2} s",
+        restarted.elapsed().as_secs_f64()
+    );
+    ticking.abort();
+    stack.shutdown().await;
+    remove_keys(&mut redis, &stack.rt.config.redis.key_prefix).await?;
+    Ok(())
+}
