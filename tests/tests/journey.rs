@@ -404,7 +404,10 @@ async fn a_debtors_steps_within_the_window_go_out_as_one_message() -> anyhow::Re
     assert_eq!(mails.len(), 1, "one message for both invoices");
     let body = mails[0].body();
     assert!(body.contains("C-1001") && body.contains("C-1002"), "{body}");
-    assert!(!body.contains("C-1003"), "the invoice due weeks later is not in it: {body}");
+    assert!(
+        !body.contains("C-1003"),
+        "the invoice due weeks later is not in it: {body}"
+    );
     assert_eq!(
         stack.journey_status("acme-energy", "comb-c").await?.as_deref(),
         Some("open")

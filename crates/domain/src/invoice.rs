@@ -35,6 +35,23 @@ pub fn epoch_days(date: NaiveDate) -> i32 {
     i32::try_from(date.signed_duration_since(EPOCH).num_days()).unwrap_or(i32::MAX)
 }
 
+/// Serde for dates kept in stored state: days since the epoch, three bytes in a binary format
+/// where the ISO text takes eleven (a utility keeps millions of invoices open).
+pub mod epoch_days_serde {
+    use chrono::NaiveDate;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(date: &NaiveDate, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i32(super::epoch_days(*date))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<NaiveDate, D::Error> {
+        let days = i32::deserialize(d)?;
+        super::date_from_epoch_days(days)
+            .ok_or_else(|| D::Error::custom(format!("{days} days from 1970 is out of range")))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum InvoiceStatus {
     Open,
@@ -121,7 +138,9 @@ pub struct InvoiceSnapshot {
     pub invoice_id: String,
     pub revision: i32,
     pub invoice_number: String,
+    #[serde(with = "epoch_days_serde")]
     pub issue_date: NaiveDate,
+    #[serde(with = "epoch_days_serde")]
     pub due_date: NaiveDate,
     pub amount: Money,
     pub credited_minor: i64,

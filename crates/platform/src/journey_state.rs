@@ -24,7 +24,7 @@ pub struct Location {
 }
 
 /// FNV-1a: stable across processes, versions and languages (std's hasher promises none of that).
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })

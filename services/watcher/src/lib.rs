@@ -902,7 +902,12 @@ impl Watcher {
 
 /// The journey a new invoice opens: the plan the policy chooses for the debtor's facts
 /// (segment, experiment), the choice recorded as a `plan_chosen` transition.
-pub fn opened(policy: &Policy, incoming: InvoiceSnapshot, facts: &DebtorFacts, today: chrono::NaiveDate) -> (Decision, Plan) {
+pub fn opened(
+    policy: &Policy,
+    incoming: InvoiceSnapshot,
+    facts: &DebtorFacts,
+    today: chrono::NaiveDate,
+) -> (Decision, Plan) {
     let choice = policy.choose(&incoming.tenant, &incoming.debtor_id, facts, today);
     let mut d = journey::on_invoice(None, incoming, &choice.plan);
     d.journey.segment = Some(choice.segment.clone());

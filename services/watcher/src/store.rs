@@ -7,14 +7,15 @@
 //!   format tag and the journey in postcard (a compact binary serde format);
 //! - a timer is a member of its partition's sorted set, scored by fire time: the step index and
 //!   the invoice, in about 30 bytes;
-//! - a debtor's open invoices are a field of a bucketed hash (a JSON list of invoice ids), kept
-//!   by the same script that writes the journey, so combining never misses an open invoice.
+//! - a debtor's open invoices are a field of a bucketed hash (a JSON list of invoice ids under
+//!   a hash of the debtor), kept by the same script that writes the journey, so combining
+//!   never misses an open invoice.
 //!
 //! Writes are compare-and-set on the journey's version, so two instances briefly sharing a
 //! partition during a rebalance cannot overwrite each other's transitions.
 
 use forfall_domain::journey::{Journey, TimerChange};
-use forfall_platform::journey_state::{self, Header, Location};
+use forfall_platform::journey_state::{self, Header};
 use forfall_platform::kafka::Failure;
 use forfall_platform::redis_store::Keys;
 use redis::aio::ConnectionManager;
@@ -174,8 +175,13 @@ impl Store {
         self.keys.key(&["timers-lock", &partition.to_string()])
     }
 
-    fn debtor_location(&self, tenant: &str, debtor_id: &str) -> Location {
-        journey_state::bucketed(&self.keys, "debtor-open", tenant, debtor_id)
+    /// Where a debtor's open invoices are listed. The field is a 64-bit hash of the debtor, not
+    /// its name (8 bytes instead of ~40 per debtor): two debtors that share one share a list,
+    /// which costs a few extra reads and nothing else, as every listed journey is checked for
+    /// its own debtor when read.
+    fn debtor_location(&self, tenant: &str, debtor_id: &str) -> (String, Vec<u8>) {
+        let at = journey_state::bucketed(&self.keys, "debtor-open", tenant, debtor_id);
+        (at.key, journey_state::fnv1a(at.field.as_bytes()).to_be_bytes().to_vec())
     }
 
     /// The journeys of `(tenant, invoice)` pairs, in one round trip, in order.
@@ -215,8 +221,8 @@ impl Store {
         }
         let mut pipe = redis::pipe();
         for (tenant, debtor_id) in debtors {
-            let at = self.debtor_location(tenant, debtor_id);
-            pipe.hget(at.key, at.field);
+            let (key, field) = self.debtor_location(tenant, debtor_id);
+            pipe.hget(key, field);
         }
         let lists: Vec<Option<String>> = pipe.query_async(&mut self.conn()).await?;
         Ok(lists
@@ -301,7 +307,7 @@ impl Store {
             .arg(3)
             .arg(&at.key)
             .arg(self.timers_key(stored.partition))
-            .arg(&debtor.key)
+            .arg(&debtor.0)
             .arg(&at.field)
             .arg(expected.map(|v| v.to_string()).unwrap_or_default())
             .arg(value)
@@ -309,7 +315,7 @@ impl Store {
             .arg(remove_fired.unwrap_or_default())
             .arg(&add.0)
             .arg(add.1)
-            .arg(&debtor.field)
+            .arg(&debtor.1)
             .arg(&invoice_id)
             .arg(open);
         Ok(())
