@@ -150,7 +150,9 @@ impl Matcher {
                 .get(self.key("alloc", tenant, id))
                 .hget(journey.key, journey.field);
         }
-        let got: Vec<(Option<String>, Option<i64>, Option<Vec<u8>>)> = pipe.query_async(&mut self.conn()).await?;
+        // Per invoice: its index entry, the amount allocated to it, its journey.
+        type Row = (Option<String>, Option<i64>, Option<Vec<u8>>);
+        let got: Vec<Row> = pipe.query_async(&mut self.conn()).await?;
         Ok(got
             .into_iter()
             .filter_map(|(ix, allocated, journey)| {

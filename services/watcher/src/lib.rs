@@ -593,7 +593,8 @@ impl Watcher {
             .collect();
         let loaded = self.0.store.load_many(&pairs).await?;
         // Per debtor: its invoices (loaded), each with the timer that fired it, if one did.
-        let mut debtors: BTreeMap<(String, String), Vec<(Loaded, Option<Timer>)>> = BTreeMap::new();
+        type Members = Vec<(Loaded, Option<Timer>)>;
+        let mut debtors: BTreeMap<(String, String), Members> = BTreeMap::new();
         for (timer, loaded) in timers.into_iter().zip(loaded) {
             match loaded {
                 Some(l) => {
@@ -645,7 +646,8 @@ impl Watcher {
         let mut outs = Vec::new();
         let mut saves = Vec::new();
         // Per save: the timer to decide again on a conflict, and the debtor who just became late.
-        let mut after_save: Vec<(Option<Timer>, Option<(String, String, String)>)> = Vec::new();
+        type LateMark = (String, String, String);
+        let mut after_save: Vec<(Option<Timer>, Option<LateMark>)> = Vec::new();
         for (_, members) in debtors {
             let invoices: Vec<DebtorInvoice> = members
                 .iter()
