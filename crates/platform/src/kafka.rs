@@ -50,7 +50,7 @@ pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
         // Murmur2 like the Java client, so that upstream producers and Forfall agree on which
         // partition a debtor's key belongs to.
         .set("partitioner", "murmur2_random")
-        .set("linger.ms", "1")
+        .set("linger.ms", config.linger_ms.to_string())
         .set("queue.buffering.max.messages", "200000")
         .create()
 }
@@ -66,6 +66,7 @@ pub fn consumer(config: &KafkaConfig, group: &str, topics: &[String]) -> Result<
         .set("session.timeout.ms", config.session_timeout_ms.to_string())
         .set("heartbeat.interval.ms", config.heartbeat_interval_ms.to_string())
         .set("topic.metadata.refresh.interval.ms", "5000")
+        .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
         .create()?;
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;

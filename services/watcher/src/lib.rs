@@ -80,10 +80,10 @@ impl Default for WatcherSettings {
     fn default() -> Self {
         Self {
             tick_ms: 200,
-            batch: 1000,
+            batch: 4000,
             timer_lock_ms: 10_000,
             partitions_in_flight: 4,
-            concurrency: 64,
+            concurrency: 256,
             policy_file: None,
             policy_reload_secs: 10,
             law_rules_file: None,

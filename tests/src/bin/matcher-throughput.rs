@@ -2,7 +2,7 @@
 //! invoice's journey state being updated, at a steady 5,000 payments/s, next to a plain
 //! rdkafka relay of the same payment bytes measured in the same run.
 //!
-//!     cargo run --release -p forfall-e2e --bin matcher-throughput -- 20000 5000 1
+//!     cargo run --release -p forfall-e2e --bin matcher-throughput -- 20000 5000 16
 //!
 //! (invoices, steady payments per second, payments the matcher decides at once)
 //!
@@ -51,7 +51,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(5_000.0);
     let mut config = base_config();
     config.log.level = "warn".into();
-    let concurrency: usize = std::env::args().nth(3).map(|a| a.parse()).transpose()?.unwrap_or(1);
+    let concurrency: usize = std::env::args().nth(3).map(|a| a.parse()).transpose()?.unwrap_or(16);
     let mut stack = LocalStack::start(config, Arc::new(SystemClock)).await?;
     stack.set("matcher.concurrency", concurrency);
     let stack = stack;
@@ -204,6 +204,38 @@ async fn main() -> anyhow::Result<()> {
         .filter_map(|e| sent_at.get(&e.invoice_id).map(|sent| (e.occurred_at - sent) as f64))
         .collect();
     latencies.sort_by(|a, b| a.total_cmp(b));
+    // The first hop: payment produced -> the matcher's decision (its PaymentMatched record).
+    let matched = stack
+        .read::<records::PaymentMatched>(&stack.topic(&stack.topics().payments_matched))
+        .await?;
+    let mut to_matcher: Vec<f64> = matched
+        .iter()
+        .filter_map(|m| sent_at.get(&m.invoice_id).map(|sent| (m.occurred_at - sent) as f64))
+        .collect();
+    to_matcher.sort_by(|a, b| a.total_cmp(b));
+    if std::env::var_os("BENCH_DEBUG").is_some() {
+        // Latency by when the payment was sent, in 250 ms slices: a backlog or a stall shows.
+        let first = sent_at.values().min().copied().unwrap_or(0);
+        let mut slices: std::collections::BTreeMap<i64, Vec<f64>> = Default::default();
+        for m in &matched {
+            if let Some(sent) = sent_at.get(&m.invoice_id) {
+                slices
+                    .entry((sent - first) / 250)
+                    .or_default()
+                    .push((m.occurred_at - sent) as f64);
+            }
+        }
+        for (slice, mut l) in slices {
+            l.sort_by(|a, b| a.total_cmp(b));
+            eprintln!(
+                "  sent +{} ms: {} payments, to matcher p50 {:.0} max {:.0}",
+                slice * 250,
+                l.len(),
+                percentile(&l, 0.5),
+                l.last().copied().unwrap_or(0.0)
+            );
+        }
+    }
 
     // Phase 2: the rest at once; matched per second from first to last decision.
     let burst = n - steady;
@@ -298,6 +330,11 @@ async fn main() -> anyhow::Result<()> {
         percentile(&latencies, 0.99),
         latencies.last().copied().unwrap_or(f64::NAN),
         latencies.len()
+    );
+    println!(
+        "  of which payment -> matcher's decision: p50 {:.1} ms  p99 {:.1} ms",
+        percentile(&to_matcher, 0.5),
+        percentile(&to_matcher, 0.99),
     );
     println!(
         "burst phase: {burst} payments matched in {burst_secs:.2} s = {:.0} payments/s",
