@@ -58,8 +58,10 @@ async fn main() -> anyhow::Result<()> {
     let brokers = stack.rt.config.kafka.brokers.clone();
     let invoices_topic = stack.topic(&stack.topics().invoices);
     let payments_topic = stack.topic(&stack.topics().payments);
+    // Payments reach Forfall through its own importer (camt.054, HTTP), whose producer batches
+    // as every Forfall producer does: the same linger here.
     let producer: FutureProducer = client(&brokers)
-        .set("linger.ms", "1")
+        .set("linger.ms", stack.rt.config.kafka.linger_ms.to_string())
         .set("partitioner", "murmur2_random")
         .create()?;
 
