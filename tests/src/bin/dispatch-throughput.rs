@@ -118,6 +118,14 @@ async fn payment_to_suppression(payments: usize, rate: f64) -> anyhow::Result<Ve
     })
     .await?;
     let payments_topic = stack.topic(&stack.topics().payments);
+    // Sent without waiting for each acknowledgement (as the importer does), so that a slow
+    // acknowledgement neither lowers the rate nor delays the look at what has flipped.
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack.rt.config.kafka.brokers)
+        .set("broker.address.family", "v4")
+        .set("linger.ms", stack.rt.config.kafka.linger_ms.to_string())
+        .create()?;
+    let mut acks = Vec::with_capacity(payments);
     let mut sent_at: HashMap<String, Instant> = HashMap::new();
     let mut latencies = Vec::new();
     let interval = Duration::from_secs_f64(1.0 / rate);
@@ -128,8 +136,13 @@ async fn payment_to_suppression(payments: usize, rate: f64) -> anyhow::Result<Ve
         while next < payments && started + interval * next as u32 <= Instant::now() {
             let s = &samples[next];
             let payment = s.payment(&format!("bank-{next}"), s.amount_minor, s.reference);
-            stack.produce(&payments_topic, "bank", &payment).await?;
+            let payload = stack.rt.codec.encode(&payments_topic, &payment).await?;
             sent_at.insert(ids[next].to_string(), Instant::now());
+            acks.push(
+                producer
+                    .send_result(rdkafka::producer::FutureRecord::to(&payments_topic).key("bank").payload(&payload))
+                    .map_err(|(e, _)| e)?,
+            );
             next += 1;
         }
         let pending: Vec<String> = sent_at.keys().cloned().collect();
@@ -144,6 +157,9 @@ async fn payment_to_suppression(payments: usize, rate: f64) -> anyhow::Result<Ve
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
         anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "payments did not settle");
+    }
+    for a in futures::future::join_all(acks).await {
+        a?.map_err(|(e, _)| e)?;
     }
     stack.shutdown().await;
     latencies.sort_by(f64::total_cmp);
