@@ -267,6 +267,15 @@ pub async fn journeys_after(
     Ok(())
 }
 
+/// A benchmark's positional argument `i` (1-based), or `default` when it is not given.
+pub fn bench_arg(i: usize, default: f64) -> anyhow::Result<f64> {
+    Ok(std::env::args()
+        .nth(i)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(default))
+}
+
 /// The `p` quantile (0..=1) of sorted samples, NaN when there are none.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

@@ -140,7 +140,11 @@ async fn payment_to_suppression(payments: usize, rate: f64) -> anyhow::Result<Ve
             sent_at.insert(ids[next].to_string(), Instant::now());
             acks.push(
                 producer
-                    .send_result(rdkafka::producer::FutureRecord::to(&payments_topic).key("bank").payload(&payload))
+                    .send_result(
+                        rdkafka::producer::FutureRecord::to(&payments_topic)
+                            .key("bank")
+                            .payload(&payload),
+                    )
                     .map_err(|(e, _)| e)?,
             );
             next += 1;
@@ -168,16 +172,9 @@ async fn payment_to_suppression(payments: usize, rate: f64) -> anyhow::Result<Ve
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let arg = |i: usize, default: f64| -> anyhow::Result<f64> {
-        Ok(std::env::args()
-            .nth(i)
-            .map(|a| a.parse())
-            .transpose()?
-            .unwrap_or(default))
-    };
-    let n = arg(1, 5000.0)? as usize;
-    let payments = arg(2, 2000.0)? as usize;
-    let rate = arg(3, 500.0)?;
+    let n = bench_arg(1, 5000.0)? as usize;
+    let payments = bench_arg(2, 2000.0)? as usize;
+    let rate = bench_arg(3, 500.0)?;
     // Alternating runs, so that neither side always runs on a fresher broker; medians.
     let (mut with, mut without) = (Vec::new(), Vec::new());
     for _ in 0..3 {

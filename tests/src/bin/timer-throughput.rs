@@ -156,16 +156,9 @@ fn config() -> forfall_platform::config::CommonConfig {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let arg = |i: usize, default: f64| -> anyhow::Result<f64> {
-        Ok(std::env::args()
-            .nth(i)
-            .map(|a| a.parse())
-            .transpose()?
-            .unwrap_or(default))
-    };
-    let n = arg(1, 1_000_000.0)? as usize;
-    let rate = arg(2, 5_000.0)?;
-    let steady_secs = arg(3, 20.0)?;
+    let n = bench_arg(1, 1_000_000.0)? as usize;
+    let rate = bench_arg(2, 5_000.0)?;
+    let steady_secs = bench_arg(3, 20.0)?;
     // Monday 2 November 2026: the nudge is at 09:00 in Copenhagen (CET) = 08:00 UTC.
     let due = chrono::NaiveDate::from_ymd_opt(2026, 11, 2).ok_or_else(|| anyhow::anyhow!("date"))?;
     let moment = at("2026-11-02T08:00:00Z");
