@@ -137,21 +137,8 @@ async fn read(
     redis::cmd("HGET").arg(&at.key).arg(&at.field).query_async(conn).await
 }
 
-pub async fn last_look(
-    conn: &mut redis::aio::ConnectionManager,
-    keys: &Keys,
-    tenant: &str,
-    invoice_id: &str,
-    step_index: i32,
-) -> redis::RedisResult<LastLook> {
-    Ok(LastLook::of(
-        read(conn, keys, tenant, invoice_id).await?.as_deref(),
-        step_index,
-    ))
-}
-
-/// The last look for several invoices of one action (a combined action lists several), in
-/// one round trip, in the order given.
+/// The last look for the invoices of one action (a combined action lists several), in one
+/// round trip, in the order given.
 pub async fn last_looks(
     conn: &mut redis::aio::ConnectionManager,
     keys: &Keys,

@@ -243,16 +243,12 @@ async fn main() -> anyhow::Result<()> {
             }
         })
     };
-    loop {
-        if fired(&stack, "watcher").await as usize >= steady {
-            break;
-        }
-        anyhow::ensure!(
-            real_start.elapsed() < Duration::from_secs_f64(steady_secs * 4.0 + 120.0),
-            "the steady phase did not keep up"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        "the steady phase to keep up",
+        Duration::from_secs_f64(steady_secs * 4.0 + 120.0),
+        || async { Ok((fired(&stack, "watcher").await as usize >= steady).then_some(())) },
+    )
+    .await?;
     let actions = stack
         .read::<JourneyAction>(&stack.topic(&stack.topics().journey_actions))
         .await?;
@@ -272,22 +268,16 @@ async fn main() -> anyhow::Result<()> {
         lateness.last().copied().unwrap_or(f64::NAN)
     );
 
-    // A crash and a restart with timers due.
+    // A stop and a restart with timers due.
     stack.stop_service("watcher").await?;
     let now = clock.now();
     schedule(&store, "r", 0..10_000, due, |_| Some(now)).await?;
     let restarted = Instant::now();
     stack.start_service("watcher");
-    loop {
-        if fired(&stack, "watcher").await > 0.0 {
-            break;
-        }
-        anyhow::ensure!(
-            restarted.elapsed() < Duration::from_secs(300),
-            "no fire within 5 minutes of the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("a fire after the restart", Duration::from_secs(300), || async {
+        Ok((fired(&stack, "watcher").await > 0.0).then_some(()))
+    })
+    .await?;
     println!(
         "restart: stopped and restarted with 10000 timers due: first fire after {:.2} s",
         restarted.elapsed().as_secs_f64()
