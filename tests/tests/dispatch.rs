@@ -414,9 +414,10 @@ async fn transient_provider_errors_are_retried_and_permanent_ones_fall_back() ->
     let sims = with_sms_providers(&mut stack).await?;
     stack.set("dispatch.tenants.acme-energy.sms_provider", "twilio");
     stack.start_service("dispatch");
-    // Twilio is briefly unavailable (503, then 429), then takes the message.
+    // Twilio rate-limits twice (429: the message was not taken), then takes it. A 503 after the
+    // request was written is an unknown delivery, never retried (see never_twice.rs).
     sims.twilio.answer_next(&[
-        (503, r#"{"code":20500,"message":"Internal Server Error","status":503}"#),
+        (429, r#"{"code":20429,"message":"Too Many Requests","status":429}"#),
         (429, r#"{"code":20429,"message":"Too Many Requests","status":429}"#),
     ]);
     let retried = sms_action("retry-1", "en", &["sms", "email"]).build("r1@example.test", "+4520000003");

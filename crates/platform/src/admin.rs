@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -14,16 +14,53 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
-/// Set when the service has joined its consumer group and can do its work.
+/// Ready when the service has joined its consumer group and nothing it depends on is away:
+/// while any record waits out a fault (broker, Redis, registry), `/readyz` says so.
 #[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    joined: Arc<AtomicBool>,
+    waiting_out_faults: Arc<AtomicUsize>,
+}
 
 impl Readiness {
     pub fn set_ready(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
+        self.joined.store(ready, Ordering::SeqCst);
     }
+
+    /// Whether the service has joined (whatever faults it is waiting out).
+    pub fn has_joined(&self) -> bool {
+        self.joined.load(Ordering::SeqCst)
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.has_joined() && self.waiting_out_faults.load(Ordering::SeqCst) == 0
+    }
+
+    /// Marks the service not ready until the returned guard is dropped.
+    pub fn waiting_out_fault(&self) -> FaultGuard {
+        self.waiting_out_faults.fetch_add(1, Ordering::SeqCst);
+        FaultGuard(self.waiting_out_faults.clone())
+    }
+
+    /// Why the service is not ready, if it is not.
+    pub fn reason(&self) -> Option<&'static str> {
+        if !self.has_joined() {
+            Some("not ready: not consuming (joining the consumer group, or stopping)")
+        } else if self.waiting_out_faults.load(Ordering::SeqCst) > 0 {
+            Some("not ready: waiting for the broker, Redis or the schema registry to come back")
+        } else {
+            None
+        }
+    }
+}
+
+/// Held while a record waits out a fault; see [`Readiness::waiting_out_fault`].
+#[derive(Debug)]
+pub struct FaultGuard(Arc<AtomicUsize>);
+
+impl Drop for FaultGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -46,10 +83,9 @@ async fn render_metrics(State(state): State<AdminState>) -> ([(&'static str, &'s
 }
 
 async fn ready(State(state): State<AdminState>) -> (StatusCode, &'static str) {
-    if state.readiness.is_ready() {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    match state.readiness.reason() {
+        None => (StatusCode::OK, "ready"),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
     }
 }
 

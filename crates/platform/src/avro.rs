@@ -69,6 +69,21 @@ impl DecodeError {
     }
 }
 
+/// The HTTP status a registry call failed with, when it got that far.
+fn http_status(e: &SRCError) -> Option<u16> {
+    let at = e.error.find("status ")? + "status ".len();
+    e.error[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// Whether a registry failure says something about the request itself (the schema id is not
+/// known, the schema is refused or unreadable) rather than about the registry being away. The
+/// converter calls only network errors, 502 and 503 retriable; a 500, 504, 429 or an
+/// authorisation problem also pass, and must be waited out rather than turned into a
+/// rejection of a valid record.
+fn is_definitive(e: &SRCError, definitive: &[u16]) -> bool {
+    !e.retriable && http_status(e).is_none_or(|status| definitive.contains(&status))
+}
+
 fn describe(e: &SRCError) -> String {
     match &e.cause {
         Some(cause) => format!("{}: {cause}", e.error),
@@ -128,7 +143,9 @@ impl Codec {
     pub async fn encode<T: Record>(&self, topic: &str, value: &T) -> Result<Vec<u8>, EncodeError> {
         let strategy = self.strategy::<T>(topic);
         self.encoder.encode_struct(value, &strategy).await.map_err(|e| {
-            if e.retriable {
+            // 404: the subject or version does not exist (auto-registration off); 409: the
+            // schema is incompatible; 422: the schema is invalid.
+            if !is_definitive(&e, &[404, 409, 422]) {
                 // Errors are cached by the converter; a transient one must not stick.
                 self.encoder.remove_errors_from_cache();
                 EncodeError::Unavailable(describe(&e))
@@ -170,7 +187,9 @@ impl Codec {
         }
         let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
         if let Err(e) = self.decoder.get_schema(id).await {
-            if e.retriable {
+            // Only the registry's "not found" says the id is unknown; anything else (500, 504,
+            // a timeout, a refused connection) is the registry being away.
+            if !is_definitive(&e, &[404]) {
                 self.decoder.remove_errors_from_cache();
                 return Err(DecodeError::Unavailable(describe(&e)));
             }
@@ -192,5 +211,37 @@ impl Codec {
             name,
             value: decoded.value,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http_error(status: &str, retriable: bool) -> SRCError {
+        SRCError::new(
+            &format!("HTTP request to schema registry failed with status {status}"),
+            None,
+            retriable,
+        )
+    }
+
+    #[test]
+    fn only_not_found_makes_a_schema_id_unknown() {
+        assert!(is_definitive(&http_error("404 Not Found", false), &[404]));
+        for status in ["500 Internal Server Error", "504 Gateway Timeout", "429 Too Many Requests", "401 Unauthorized"] {
+            assert!(!is_definitive(&http_error(status, false), &[404]), "{status} is the registry being away");
+        }
+        assert!(!is_definitive(&http_error("503 Service Unavailable", true), &[404]));
+        assert!(
+            is_definitive(&SRCError::new("Could not parse schema", None, false), &[404]),
+            "an unreadable schema is not waited out"
+        );
+    }
+
+    #[test]
+    fn an_incompatible_schema_is_refused_and_an_outage_is_waited_out() {
+        assert!(is_definitive(&http_error("409 Conflict", false), &[404, 409, 422]));
+        assert!(!is_definitive(&http_error("500 Internal Server Error", false), &[404, 409, 422]));
     }
 }

@@ -53,6 +53,16 @@ pub struct KafkaConfig {
     /// data arrives, so there it only bounds idle polling (100 to 500 ms is usual); tansu 0.6
     /// holds every fetch for the whole wait, so on the dev stack it is each hop's latency.
     pub fetch_wait_max_ms: u32,
+    /// Largest record the producer sends (librdkafka `message.max.bytes`; keep it at or below
+    /// the broker's limit). An output larger than this rejects the record it came from.
+    pub message_max_bytes: u32,
+    /// When partitions are revoked (a rebalance), how long records already in hand may take to
+    /// finish before their offsets are committed and the partitions let go. Keep it well under
+    /// `session_timeout_ms`; what does not finish is redelivered to the next owner.
+    pub revoke_timeout_ms: u32,
+    /// On shutdown, how long records in hand may take to finish before the process commits what
+    /// is done and exits (keep it under the pod's termination grace period).
+    pub drain_timeout_ms: u32,
 }
 
 impl Default for KafkaConfig {
@@ -68,6 +78,9 @@ impl Default for KafkaConfig {
             max_in_flight: 10_000,
             linger_ms: 20,
             fetch_wait_max_ms: 10,
+            message_max_bytes: 1_000_000,
+            revoke_timeout_ms: 2_000,
+            drain_timeout_ms: 10_000,
         }
     }
 }

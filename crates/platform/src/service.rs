@@ -7,14 +7,13 @@ use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use figment::Figment;
-use rdkafka::consumer::StreamConsumer;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Readiness};
 use crate::avro::Codec;
 use crate::clock::SharedClock;
 use crate::config::CommonConfig;
-use crate::kafka::{self, LoopContext, Producer};
+use crate::kafka::{self, KafkaConsumer, LoopContext, Producer};
 use crate::metrics::Metrics;
 use crate::redis_store::Keys;
 
@@ -121,7 +120,7 @@ impl ServiceShell {
         })
     }
 
-    pub fn consumer(&self, rt: &Runtime, group: &str, topics: &[String]) -> anyhow::Result<Arc<StreamConsumer>> {
+    pub fn consumer(&self, rt: &Runtime, group: &str, topics: &[String]) -> anyhow::Result<Arc<KafkaConsumer>> {
         Ok(Arc::new(kafka::consumer(&rt.config.kafka, group, topics)?))
     }
 
@@ -137,6 +136,7 @@ impl ServiceShell {
             max_in_flight: rt.config.kafka.max_in_flight,
             key_concurrency: 1,
             lane: None,
+            drain_timeout: std::time::Duration::from_millis(rt.config.kafka.drain_timeout_ms.into()),
         }
     }
 }

@@ -1,5 +1,7 @@
 //! Graceful shutdown: one token, cancelled on SIGTERM or Ctrl-C, that every loop watches.
-//! Loops finish the message in hand, wait for outstanding acknowledgements, commit, and return.
+//! Loops stop taking records, let those in hand finish within `kafka.drain_timeout_ms`, commit
+//! what is settled, and return. A second signal exits at once: what was not committed is
+//! redelivered to the next run.
 
 use tokio_util::sync::CancellationToken;
 
@@ -7,8 +9,11 @@ use tokio_util::sync::CancellationToken;
 pub fn cancel_on_signals(token: CancellationToken) {
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("shutdown requested");
+        tracing::info!("shutdown requested; a second signal exits at once");
         token.cancel();
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting without draining");
+        std::process::exit(130);
     });
 }
 

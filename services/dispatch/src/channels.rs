@@ -1,7 +1,16 @@
 //! The channels a message can go out on: e-mail over SMTP, SMS through a provider's HTTP API
 //! (GatewayAPI, 46elks, Twilio, each written to its public documentation), and a signed
-//! webhook to the tenant's own system. Each send is classified as sent, permanently failed
-//! (fall back to the next channel) or transiently failed (retry with backoff).
+//! webhook to the tenant's own system.
+//!
+//! Each send takes a `commit` callback and calls it right before the provider can have the
+//! message (after everything that can be checked, built and rate-limited without it), and its
+//! result is classified by what is known about the provider's side:
+//! - before the commit point, or after it with an answer that proves the message was not taken
+//!   (a documented 4xx refusal, 429, 408, a connection that could not be opened): permanently
+//!   failed (fall back to the next channel) or transiently failed (retry with backoff);
+//! - after the commit point without such proof (a timeout, a connection broken after the request
+//!   was written, a 5xx, an acceptance whose answer cannot be read): *unknown*. The provider may
+//!   have the message, so it is never sent again on that channel and never falls back to another.
 //!
 //! None of the three SMS providers documents an idempotency key for sending: the claim dispatch
 //! takes before the call is what keeps a message single. GatewayAPI gets the claim key as
@@ -17,13 +26,22 @@ use sha2::Sha256;
 
 use crate::ratelimit::TokenBucket;
 
-/// Why a send did not go out.
+/// Why a send did not (certainly) go out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendError {
-    /// Will not succeed if repeated: fall back to the next channel.
+    /// The provider did not take the message and will not if asked again (a documented refusal):
+    /// fall back to the next channel.
     Permanent(String),
-    /// May succeed later (timeouts, 5xx, 429): retry with backoff.
+    /// The provider did not take the message but may later (unreachable, 429, 408, an SMTP 4xx):
+    /// retry with backoff.
     Transient(String),
+    /// After the commit point, with no proof either way (a timeout, a connection broken after the
+    /// request was written, a 5xx, an unreadable acceptance): the provider may have the message.
+    /// Never retried and never a fallback: the debtor may already have it.
+    Unknown(String),
+    /// The attempt no longer holds the message's claim (it ran out and another attempt may own
+    /// it), found at the commit point: nothing was sent, and this attempt writes nothing more.
+    ClaimLost,
 }
 
 /// One SMS provider's settings. Secrets come from the environment in production
@@ -46,7 +64,12 @@ pub struct SmsProviderSettings {
     /// Token-bucket rate limit: messages per second, and the burst allowed.
     pub rate_per_sec: f64,
     pub burst: f64,
+    /// The whole request, answer included. A request that times out after it was written leaves
+    /// the delivery unknown.
     pub timeout_ms: u64,
+    /// Opening the connection (at most `timeout_ms`): a connection that could not be opened
+    /// carried nothing, so that failure is retried.
+    pub connect_timeout_ms: u64,
 }
 
 impl Default for SmsProviderSettings {
@@ -61,6 +84,7 @@ impl Default for SmsProviderSettings {
             rate_per_sec: 20.0,
             burst: 40.0,
             timeout_ms: 10_000,
+            connect_timeout_ms: 3_000,
         }
     }
 }
@@ -124,24 +148,55 @@ fn e164(to: &str) -> Result<&str, SendError> {
     }
 }
 
-/// Transient for timeouts, connection failures, 429 and 5xx; permanent for other 4xx.
+/// A provider's error answer, given after the request was written. 429 (rate limit) and 408 (the
+/// server did not receive the whole request, RFC 9110 15.5.9) prove the message was not taken:
+/// retried. Any other 4xx is a documented refusal of the request: permanent, the fallback may
+/// go. A 5xx proves nothing (the provider may have queued the message before failing): unknown.
 fn classify(status: reqwest::StatusCode, provider: &str, detail: &str) -> SendError {
     let message = format!(
         "{provider} answered {status}: {}",
         detail.chars().take(300).collect::<String>()
     );
-    if status.is_server_error()
-        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
-        || status == reqwest::StatusCode::REQUEST_TIMEOUT
-    {
+    if status == reqwest::StatusCode::TOO_MANY_REQUESTS || status == reqwest::StatusCode::REQUEST_TIMEOUT {
         SendError::Transient(message)
-    } else {
+    } else if status.is_client_error() {
         SendError::Permanent(message)
+    } else {
+        SendError::Unknown(message)
     }
 }
 
+/// A request that got no answer. Only a connection that could not be opened (refused, DNS, TLS
+/// handshake, connect timeout) or a request that could not be built proves that nothing was
+/// written; a timeout or a broken connection after that leaves the delivery unknown.
 fn request_failed(provider: &str, e: reqwest::Error) -> SendError {
-    SendError::Transient(format!("{provider} could not be reached: {e}"))
+    if e.is_builder() {
+        SendError::Permanent(format!("cannot build the request to {provider}: {e}"))
+    } else if e.is_connect() {
+        SendError::Transient(format!("{provider} could not be reached: {e}"))
+    } else if e.is_timeout() {
+        SendError::Unknown(format!(
+            "{provider} did not answer in time after the request was written: {e}"
+        ))
+    } else {
+        SendError::Unknown(format!("the request to {provider} failed after it was written: {e}"))
+    }
+}
+
+/// The answer's body, when its status came but the body did not.
+fn body_failed(provider: &str, status: reqwest::StatusCode, e: reqwest::Error) -> SendError {
+    if status.is_success() {
+        SendError::Unknown(format!(
+            "{provider} answered {status} but its body could not be read: {e}"
+        ))
+    } else {
+        classify(status, provider, &format!("(body unreadable: {e})"))
+    }
+}
+
+/// The client's connect timeout: `connect_timeout_ms`, at most the whole request's.
+fn connect_timeout(connect_timeout_ms: u64, timeout_ms: u64) -> Duration {
+    Duration::from_millis(connect_timeout_ms.min(timeout_ms).max(1))
 }
 
 #[derive(Deserialize)]
@@ -176,6 +231,7 @@ impl SmsProvider {
         }
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(settings.timeout_ms))
+            .connect_timeout(connect_timeout(settings.connect_timeout_ms, settings.timeout_ms))
             .build()?;
         let limiter = TokenBucket::new(settings.rate_per_sec, settings.burst);
         Ok(Self {
@@ -187,13 +243,13 @@ impl SmsProvider {
     }
 
     /// A form-encoded POST with HTTP Basic auth: the sender, recipient and text fields, and the
-    /// receipt callback when there is one.
-    async fn post_form(
+    /// receipt callback when there is one. Built, not sent.
+    fn form_request(
         &self,
         url: String,
         fields: [(&str, &str); 3],
         callback: (&str, Option<&str>),
-    ) -> reqwest::Result<reqwest::Response> {
+    ) -> reqwest::RequestBuilder {
         let mut form: Vec<(&str, &str)> = fields.to_vec();
         if let (name, Some(url)) = callback {
             form.push((name, url));
@@ -205,17 +261,20 @@ impl SmsProvider {
                 self.settings.password.as_deref(),
             )
             .form(&form)
-            .send()
-            .await
     }
 
-    /// Sends one SMS; the provider's message id when accepted.
-    pub async fn send(&self, sms: &Sms<'_>) -> Result<String, SendError> {
+    /// Sends one SMS; the provider's message id when accepted. `commit` runs after the request
+    /// is checked and built and a token of the rate limit is taken, right before the request is
+    /// written: if it fails, nothing was sent.
+    pub async fn send<F, Fut>(&self, sms: &Sms<'_>, commit: F) -> Result<String, SendError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<(), SendError>>,
+    {
         let digits = e164(sms.to)?;
-        self.limiter.acquire().await;
         let base = self.settings.url.trim_end_matches('/');
         let name = self.kind.name();
-        let response = match self.kind {
+        let request = match self.kind {
             SmsProviderKind::GatewayApi => {
                 // GatewayAPI's msisdn: country code and number, no '+', as a JSON integer.
                 let msisdn: u64 = digits
@@ -240,12 +299,10 @@ impl SmsProvider {
                         format!("Token {}", self.settings.token.as_deref().unwrap_or("")),
                     )
                     .json(&body)
-                    .send()
-                    .await
             }
             SmsProviderKind::Elks46 => {
                 // 46elks and Twilio: form-encoded, HTTP Basic; the field names are theirs.
-                self.post_form(
+                self.form_request(
                     format!("{base}/a1/sms"),
                     [
                         ("from", self.settings.sender.as_str()),
@@ -254,7 +311,6 @@ impl SmsProvider {
                     ],
                     ("whendelivered", sms.callback_url.as_deref()),
                 )
-                .await
             }
             SmsProviderKind::Twilio => {
                 let account = self
@@ -263,7 +319,7 @@ impl SmsProvider {
                     .as_deref()
                     .or(self.settings.username.as_deref())
                     .unwrap_or("");
-                self.post_form(
+                self.form_request(
                     format!("{base}/2010-04-01/Accounts/{account}/Messages.json"),
                     [
                         ("To", sms.to),
@@ -272,18 +328,20 @@ impl SmsProvider {
                     ],
                     ("StatusCallback", sms.callback_url.as_deref()),
                 )
-                .await
             }
-        }
-        .map_err(|e| request_failed(name, e))?;
+        };
+        self.limiter.acquire().await;
+        commit().await?;
+        // From here on the provider may have the message: see `request_failed` and `classify`.
+        let response = request.send().await.map_err(|e| request_failed(name, e))?;
         let status = response.status();
-        let text = response.text().await.map_err(|e| request_failed(name, e))?;
+        let text = response.text().await.map_err(|e| body_failed(name, status, e))?;
         if !status.is_success() {
             return Err(classify(status, name, &provider_error(self.kind, &text)));
         }
         let unreadable = |e: serde_json::Error| {
-            // Accepted but unreadable: the message may be out; never retry it.
-            SendError::Permanent(format!("{name} accepted the message but its answer is unreadable: {e}"))
+            // Accepted but unreadable: the message may be out; never retried, never a fallback.
+            SendError::Unknown(format!("{name} accepted the message but its answer is unreadable: {e}"))
         };
         match self.kind {
             SmsProviderKind::GatewayApi => {
@@ -292,7 +350,7 @@ impl SmsProvider {
                     .ids
                     .first()
                     .map(u64::to_string)
-                    .ok_or_else(|| SendError::Permanent("gatewayapi accepted the message without an id".into()))
+                    .ok_or_else(|| SendError::Unknown("gatewayapi accepted the message without an id".into()))
             }
             SmsProviderKind::Elks46 => Ok(serde_json::from_str::<Elks46Accepted>(&text).map_err(unreadable)?.id),
             SmsProviderKind::Twilio => Ok(serde_json::from_str::<TwilioAccepted>(&text).map_err(unreadable)?.sid),
@@ -323,7 +381,11 @@ fn provider_error(kind: SmsProviderKind, body: &str) -> String {
 pub struct WebhookSettings {
     /// Shared secret for the `Forfall-Signature` header.
     pub secret: String,
+    /// The whole request, answer included (a timeout after the request was written leaves the
+    /// delivery unknown).
     pub timeout_ms: u64,
+    /// Opening the connection (at most `timeout_ms`; a failure here is retried).
+    pub connect_timeout_ms: u64,
     pub rate_per_sec: f64,
     pub burst: f64,
 }
@@ -333,6 +395,7 @@ impl Default for WebhookSettings {
         Self {
             secret: "forfall-dev-webhook-secret".into(),
             timeout_ms: 10_000,
+            connect_timeout_ms: 3_000,
             rate_per_sec: 50.0,
             burst: 100.0,
         }
@@ -389,6 +452,7 @@ impl Webhook {
     pub fn new(settings: WebhookSettings) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(settings.timeout_ms))
+            .connect_timeout(connect_timeout(settings.connect_timeout_ms, settings.timeout_ms))
             .build()?;
         let limiter = TokenBucket::new(settings.rate_per_sec, settings.burst);
         Ok(Self {
@@ -398,27 +462,32 @@ impl Webhook {
         })
     }
 
-    /// Posts `body` to `url`; the receiver's id for it (or the idempotency key).
-    pub async fn send(
+    /// Posts `body` to `url`; the receiver's id for it (or the idempotency key). `commit` runs
+    /// right before the request is written (see [`SmsProvider::send`]).
+    pub async fn send<F, Fut>(
         &self,
         url: &str,
         idempotency_key: &str,
         body: &serde_json::Value,
         now: i64,
-    ) -> Result<String, SendError> {
-        self.limiter.acquire().await;
+        commit: F,
+    ) -> Result<String, SendError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<(), SendError>>,
+    {
         let raw = serde_json::to_vec(body)
             .map_err(|e| SendError::Permanent(format!("cannot encode the webhook body: {e}")))?;
-        let response = self
+        let request = self
             .client
             .post(url)
             .header("Content-Type", "application/json")
             .header("Idempotency-Key", idempotency_key)
             .header("Forfall-Signature", webhook_signature(&self.settings.secret, now, &raw))
-            .body(raw)
-            .send()
-            .await
-            .map_err(|e| request_failed("webhook", e))?;
+            .body(raw);
+        self.limiter.acquire().await;
+        commit().await?;
+        let response = request.send().await.map_err(|e| request_failed("webhook", e))?;
         let status = response.status();
         if status.is_success() {
             let id = response
@@ -538,6 +607,97 @@ mod tests {
         assert!(
             !verify_webhook_signature("s3cret", &header, b"{\"a\":1}", 1_800_001_000, 300),
             "replayed"
+        );
+    }
+
+    #[test]
+    fn only_answers_that_prove_the_message_was_not_taken_are_retried_or_fall_back() {
+        use reqwest::StatusCode;
+        let class = |code: u16| classify(StatusCode::from_u16(code).expect("status"), "p", "");
+        for code in [429, 408] {
+            assert!(matches!(class(code), SendError::Transient(_)), "{code}");
+        }
+        for code in [400, 401, 403, 404, 422] {
+            assert!(matches!(class(code), SendError::Permanent(_)), "{code}");
+        }
+        for code in [500, 502, 503, 504] {
+            assert!(
+                matches!(class(code), SendError::Unknown(_)),
+                "{code}: the provider may have it"
+            );
+        }
+    }
+
+    fn gatewayapi(url: String, timeout_ms: u64) -> SmsProvider {
+        SmsProvider::new(
+            SmsProviderKind::GatewayApi,
+            SmsProviderSettings {
+                url,
+                token: Some("token".into()),
+                timeout_ms,
+                ..SmsProviderSettings::default()
+            },
+        )
+        .expect("provider")
+    }
+
+    fn sms() -> Sms<'static> {
+        Sms {
+            to: "+4520304050",
+            text: "Hej",
+            reference: "action:sms",
+            callback_url: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_could_not_be_opened_carried_nothing_and_is_retried() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = closed.local_addr().expect("addr");
+        drop(closed);
+        let result = gatewayapi(format!("http://{addr}"), 1000)
+            .send(&sms(), || async { Ok::<(), SendError>(()) })
+            .await;
+        assert!(matches!(result, Err(SendError::Transient(_))), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn a_request_written_but_never_answered_is_an_unknown_delivery() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // Takes the request, then says nothing.
+        let (read_tx, read_rx) = tokio::sync::oneshot::channel::<usize>();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut buf = [0u8; 8192];
+            let n = socket.read(&mut buf).await.expect("read");
+            let _ = read_tx.send(n);
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(socket);
+        });
+        let result = gatewayapi(format!("http://{addr}"), 300)
+            .send(&sms(), || async { Ok::<(), SendError>(()) })
+            .await;
+        assert!(matches!(result, Err(SendError::Unknown(_))), "{result:?}");
+        assert!(read_rx.await.expect("the server read") > 0, "the request was written");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_point_sends_nothing() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let addr = listener.local_addr().expect("addr");
+        let result = gatewayapi(format!("http://{addr}"), 1000)
+            .send(&sms(), || async { Err::<(), SendError>(SendError::ClaimLost) })
+            .await;
+        assert_eq!(result, Err(SendError::ClaimLost));
+        // The send has returned: a connection it made would be waiting to be accepted.
+        let pending = listener.accept();
+        assert!(
+            matches!(&pending, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "no connection was opened: {pending:?}"
         );
     }
 

@@ -5,18 +5,28 @@
 //!
 //! The exact guarantee: a provider is handed a given (action, channel) at most once. The
 //! claim (one Redis key per action and channel) moves `claimed` → `sending` → `sent` (or
-//! `failed`, `suppressed`):
-//! - `claimed:<attempt>` is taken atomically (`SET NX`) with a short lease before the last look.
-//!   An attempt that stops there has called no provider: when the lease runs out the
-//!   redelivered action claims it again and sends.
+//! `failed`, `suppressed`, `unknown`):
+//! - `claimed:<attempt>` is taken atomically (`SET NX`) with a short lease before the last look,
+//!   and renewed while the attempt runs. An attempt that stops there has called no provider:
+//!   when the lease runs out the redelivered action claims it again and sends.
 //! - `sending:<attempt>` is written (compare-and-set from this attempt's own lease) right before
-//!   the provider is called, and `sent:<id>` right after it answers.
+//!   the provider can have the message: the commit point. `sent:<id>` is written when the
+//!   provider answers that it took it.
+//! - Every write an attempt makes to the claim is a compare-and-set on its own attempt id: an
+//!   attempt whose claim was taken (its lease ran out and another attempt claimed the message)
+//!   sends nothing, writes nothing over its successor's state, reports nothing and tries no
+//!   other channel; the successor owns the action.
+//!
+//! After the commit point, a failure that does not prove the provider refused the message (a
+//! timeout, a connection broken after the request was written, a 5xx) is an *unknown* delivery:
+//! the claim becomes `unknown:<reason>` and the outcome `DUPLICATE` ("delivery unknown, not sent
+//! again"). It is never retried on that channel, by this process or a redelivery, and never falls
+//! back to the next channel: the debtor may already have the message.
 //!
 //! The one remaining window is a stop *during* the provider call (between `sending` and
-//! `sent`): the provider may or may not have taken the message, so the redelivered action
-//! reports `DUPLICATE` ("delivery unknown, not sent again") rather than risk a second one.
-//! The e-mail's Message-ID is derived from the action, so even a message re-sent by hand is
-//! recognisably the same one.
+//! `sent`): the redelivered action reports the same `DUPLICATE` rather than risk a second
+//! message. The e-mail's Message-ID is derived from the action, so even a message re-sent by
+//! hand is recognisably the same one.
 
 pub mod channels;
 pub mod content;
@@ -26,9 +36,9 @@ mod ratelimit;
 mod receipts;
 mod smtp;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
-
-use std::sync::Arc;
 
 use channels::{SendError, Sms, SmsProvider, SmsProviderKind, Webhook};
 use content::Templates;
@@ -189,8 +199,14 @@ pub struct DispatchSettings {
     pub contact_hours: std::collections::BTreeMap<String, ContactHours>,
     /// How often actions held for contact hours are looked at.
     pub deferred_poll_ms: u64,
-    /// How long a claim protects a message before its provider is called: an attempt that
-    /// stops in that time frees the message for the redelivery once the lease runs out.
+    /// The lease of a claim before its commit point: how long a message stays taken after its
+    /// attempt was last seen alive. The attempt renews it every third of this (a compare-and-set
+    /// on its own attempt id) for as long as it runs, so the lease need not outlast connecting,
+    /// the rate limit, retries or the provider call; it only bounds how long a message waits
+    /// after its attempt stopped (a crash, a kill) before the redelivery may claim it. An attempt
+    /// that fell silent for longer than this (a stalled process, Redis out of reach) loses the
+    /// claim: its commit point, a compare-and-set too, then fails and it sends nothing. After the
+    /// commit point the claim no longer expires (see `idempotency_ttl_days`).
     pub claim_lease_ms: u64,
     /// Actions handled at once (one debtor's in order): sending waits mostly on the network.
     pub concurrency: usize,
@@ -248,6 +264,8 @@ struct ChannelResult {
     provider_message_id: Option<String>,
     /// A redelivered action: nothing was sent this time (counted as a duplicate).
     redelivered: bool,
+    /// This attempt handed the message over and cannot tell whether the provider took it.
+    unknown: bool,
 }
 
 impl ChannelResult {
@@ -257,44 +275,211 @@ impl ChannelResult {
             reason: reason.into(),
             provider_message_id: None,
             redelivered: false,
+            unknown: false,
+        }
+    }
+
+    fn sent(provider_message_id: String) -> Self {
+        Self {
+            provider_message_id: Some(provider_message_id),
+            ..Self::new(DispatchStatus::Sent, None::<String>)
+        }
+    }
+
+    /// `DUPLICATE` with the reason "delivery unknown, …": the outcome the schema has for a
+    /// message that may or may not have gone out and is not sent again.
+    fn unknown(detail: &str) -> Self {
+        Self {
+            unknown: true,
+            ..Self::new(
+                DispatchStatus::Duplicate,
+                format!("delivery unknown, not sent again and no fallback: {detail}"),
+            )
         }
     }
 }
 
-/// The point after which a stop leaves a delivery unknown: the claim moves from this attempt's
-/// lease to `sending`, right before the provider can have the message. Idempotent, so that a
-/// retried send commits again harmlessly.
-struct Commit<'a> {
-    dispatch: &'a Dispatch,
-    key: &'a str,
-    lease: &'a str,
-    sending: String,
+/// How long a value written to a claim lives.
+#[derive(Clone, Copy)]
+enum Expiry {
+    /// `dispatch.claim_lease_ms`: the claim frees itself unless renewed.
+    Lease,
+    /// `dispatch.idempotency_ttl_days`: the claim's state is remembered.
+    Remembered,
 }
 
-impl Commit<'_> {
-    async fn commit(&self) -> Result<(), SendError> {
-        if !self.dispatch.settings.idempotency {
-            return Ok(());
+/// One attempt at one (action, channel), and its hold on the claim: `claimed:<id>` (the lease,
+/// renewed while the attempt runs) up to the commit point, `sending:<id>` from it. Every write
+/// the attempt makes to the claim is a compare-and-set from one of these two values of its own,
+/// so an attempt whose claim was taken can change nothing: it does not send, does not write its
+/// result over its successor's state and does not fall back to another channel.
+struct Attempt<'a> {
+    dispatch: &'a Dispatch,
+    key: &'a str,
+    /// `claimed:<attempt id>`.
+    lease: String,
+    /// `sending:<attempt id>`.
+    sending: String,
+    /// The renewal found the claim no longer this attempt's.
+    lost: AtomicBool,
+}
+
+impl<'a> Attempt<'a> {
+    fn new(dispatch: &'a Dispatch, key: &'a str) -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        Self {
+            dispatch,
+            key,
+            lease: format!("claimed:{id}"),
+            sending: format!("sending:{id}"),
+            lost: AtomicBool::new(false),
         }
-        let lost = |e: Failure| SendError::Transient(format!("cannot record the send's start: {e:?}"));
-        if self
-            .dispatch
-            .move_claim(self.key, self.lease, &self.sending)
-            .await
-            .map_err(lost)?
-        {
-            return Ok(());
-        }
-        let state: Option<String> = redis::cmd("GET")
+    }
+
+    /// Claims are off only in the benchmark mode `dispatch.idempotency = false`.
+    fn enabled(&self) -> bool {
+        self.dispatch.settings.idempotency
+    }
+
+    /// Takes the claim when nobody holds it (`SET NX` with the lease).
+    async fn claim(&self) -> Result<bool, Failure> {
+        let claimed: Option<String> = redis::cmd("SET")
             .arg(self.key)
+            .arg(&self.lease)
+            .arg("NX")
+            .arg("PX")
+            .arg(self.dispatch.settings.claim_lease_ms)
             .query_async(&mut self.dispatch.redis.clone())
-            .await
-            .map_err(|e| lost(e.into()))?;
-        if state.as_deref() == Some(self.sending.as_str()) {
-            Ok(())
-        } else {
+            .await?;
+        Ok(claimed.is_some())
+    }
+
+    /// Moves the claim to `to` (deletes it when `to` is empty) only while it is still this
+    /// attempt's (its lease or its `sending`). `false`: it is not, and nothing was written.
+    async fn transition(&self, to: &str, expiry: Expiry) -> Result<bool, Failure> {
+        static TRANSITION: LazyLock<redis::Script> = LazyLock::new(|| {
+            redis::Script::new(
+                r"local v = redis.call('GET', KEYS[1])
+                  if v ~= ARGV[1] and v ~= ARGV[2] then return 0 end
+                  if ARGV[3] == '' then redis.call('DEL', KEYS[1])
+                  else redis.call('SET', KEYS[1], ARGV[3], ARGV[4], ARGV[5]) end
+                  return 1",
+            )
+        });
+        let (unit, ttl) = match expiry {
+            Expiry::Lease => ("PX", self.dispatch.settings.claim_lease_ms),
+            Expiry::Remembered => ("EX", self.dispatch.ttl_secs()),
+        };
+        let moved: i32 = TRANSITION
+            .key(self.key)
+            .arg(&self.lease)
+            .arg(&self.sending)
+            .arg(to)
+            .arg(unit)
+            .arg(ttl)
+            .invoke_async(&mut self.dispatch.redis.clone())
+            .await?;
+        Ok(moved == 1)
+    }
+
+    /// The commit point, right before the provider can have the message: the claim moves from
+    /// this attempt's lease to `sending` (and stops expiring). Idempotent: a retried send whose
+    /// first commit went through but whose answer was lost commits again harmlessly.
+    async fn commit(&self) -> Result<(), SendError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        match self.transition(&self.sending, Expiry::Remembered).await {
+            Ok(true) => Ok(()),
             // The lease ran out and the claim moved on: this attempt must not send.
-            Err(SendError::Transient("the claim's lease ran out before the send".into()))
+            Ok(false) => Err(SendError::ClaimLost),
+            Err(e) => Err(SendError::Transient(format!("cannot record the send's start: {e:?}"))),
+        }
+    }
+
+    /// Before a retry: the provider did not take the message (that is what a transient error
+    /// means), so the claim goes back from `sending` to the (renewed) lease. A stop while waiting
+    /// then frees the message for the redelivery instead of leaving its delivery "unknown".
+    async fn reopen(&self) -> Result<(), SendError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        match self.transition(&self.lease, Expiry::Lease).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(SendError::ClaimLost),
+            Err(e) => {
+                // The claim stays as it is, this attempt's either way; the next commit decides.
+                tracing::warn!(error = ?e, "cannot reopen the claim before a retry");
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes the attempt's result over its own claim. `false`: the claim was taken meanwhile
+    /// and nothing was written.
+    async fn settle(&self, state: &str) -> Result<bool, Failure> {
+        self.transition(state, Expiry::Remembered).await
+    }
+
+    /// Frees the claim for the next attempt (only while it is still this attempt's).
+    async fn release(&self) -> Result<bool, Failure> {
+        self.transition("", Expiry::Lease).await
+    }
+
+    fn lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Runs `work` while renewing the lease every third of `dispatch.claim_lease_ms`.
+    async fn renewing<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        if !self.enabled() {
+            return work.await;
+        }
+        let renewal = async {
+            self.keep_alive().await;
+            std::future::pending::<T>().await
+        };
+        tokio::select! {
+            out = work => out,
+            out = renewal => out,
+        }
+    }
+
+    /// Renews the lease (a compare-and-set on this attempt's id) until the claim turns out to be
+    /// someone else's. While the claim is this attempt's `sending`, it does not expire and there
+    /// is nothing to renew.
+    async fn keep_alive(&self) {
+        static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
+            redis::Script::new(
+                r"local v = redis.call('GET', KEYS[1])
+                  if v == ARGV[1] then
+                    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+                    return 1
+                  end
+                  if v == ARGV[2] then return 1 end
+                  return 0",
+            )
+        });
+        let lease_ms = self.dispatch.settings.claim_lease_ms;
+        let every = Duration::from_millis((lease_ms / 3).max(10));
+        loop {
+            tokio::time::sleep(every).await;
+            let renewed: Result<i32, redis::RedisError> = RENEW
+                .key(self.key)
+                .arg(&self.lease)
+                .arg(&self.sending)
+                .arg(lease_ms)
+                .invoke_async(&mut self.dispatch.redis.clone())
+                .await;
+            match renewed {
+                Ok(1) => {}
+                Ok(_) => {
+                    self.lost.store(true, Ordering::SeqCst);
+                    tracing::warn!("this attempt's claim ran out and is no longer its own: it sends nothing");
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot renew the claim's lease; trying again"),
+            }
         }
     }
 }
@@ -332,8 +517,8 @@ pub(crate) struct SentMessage {
     pub channel: String,
 }
 
-/// The idempotency claim of one (action, channel).
-pub(crate) fn claim_key(keys: &Keys, action_id: &str, channel: &str) -> String {
+/// The idempotency claim of one (action, channel): its Redis key.
+pub fn claim_key(keys: &Keys, action_id: &str, channel: &str) -> String {
     keys.key(&["dispatch", "claim", &format!("{action_id}:{channel}")])
 }
 
@@ -393,17 +578,6 @@ impl Dispatch {
         self.settings.idempotency_ttl_days * 86_400
     }
 
-    async fn set_claim(&self, key: &str, value: &str) -> Result<(), Failure> {
-        let _: () = redis::cmd("SET")
-            .arg(key)
-            .arg(value)
-            .arg("EX")
-            .arg(self.ttl_secs())
-            .query_async(&mut self.redis.clone())
-            .await?;
-        Ok(())
-    }
-
     fn profile(&self, tenant: &str) -> TenantProfile {
         self.settings.tenants.get(tenant).cloned().unwrap_or_default()
     }
@@ -411,27 +585,6 @@ impl Dispatch {
     fn sms_provider(&self, tenant: &str) -> Option<&SmsProvider> {
         let kind = self.profile(tenant).sms_provider.or(self.settings.sms.provider)?;
         self.sms.iter().find(|p| p.kind == kind)
-    }
-
-    /// Moves the claim from `from` to `to` (deleting it when `to` is empty) only if it still
-    /// holds `from`: an attempt whose lease ran out must not overwrite its successor's claim.
-    async fn move_claim(&self, key: &str, from: &str, to: &str) -> Result<bool, Failure> {
-        static MOVE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-            redis::Script::new(
-                r"if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-                  if ARGV[2] == '' then redis.call('DEL', KEYS[1])
-                  else redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
-                  return 1",
-            )
-        });
-        let moved: i32 = MOVE
-            .key(key)
-            .arg(from)
-            .arg(to)
-            .arg(self.ttl_secs())
-            .invoke_async(&mut self.redis.clone())
-            .await?;
-        Ok(moved == 1)
     }
 
     /// What a redelivered action finds when its claim is taken.
@@ -443,6 +596,7 @@ impl Dispatch {
             reason: Some(reason),
             provider_message_id,
             redelivered: true,
+            unknown: false,
         };
         if let Some(message_id) = state.strip_prefix("sent:") {
             // Sent before, perhaps by an attempt that died before reporting it: report SENT
@@ -461,6 +615,11 @@ impl Dispatch {
             // A fallback after a bounce comes back through here: the failed channel stays
             // failed and the next one is tried.
             return Ok(redelivered(DispatchStatus::Failed, reason.to_owned(), None));
+        }
+        if let Some(reason) = state.strip_prefix("unknown:") {
+            // An earlier attempt handed the message over and could not tell whether the provider
+            // took it: the same "delivery unknown" again, and still not sent again.
+            return Ok(redelivered(DispatchStatus::Duplicate, reason.to_owned(), None));
         }
         if state.starts_with("sending:") {
             // The one window: an attempt stopped while the provider was being called. Whether
@@ -486,40 +645,48 @@ impl Dispatch {
         ))
     }
 
-    async fn deliver(&self, action: &JourneyAction, channel: &str) -> Result<ChannelResult, Failure> {
+    /// An attempt whose claim was taken before it wrote anything: it sent nothing (its commit
+    /// point is a compare-and-set on its own claim) and writes and reports nothing. When another
+    /// attempt holds or has settled the claim, that one owns the action and reports it, so this
+    /// record is done (`None`); when the claim merely ran out and nobody holds it, the record is
+    /// handled again from the start, so that nothing is lost.
+    async fn claim_lost(&self, key: &str) -> Result<Option<ChannelResult>, Failure> {
+        let state: Option<String> = redis::cmd("GET").arg(key).query_async(&mut self.redis.clone()).await?;
+        match state {
+            None => Err(Failure::Transient(anyhow::anyhow!(
+                "this message's claim ran out before it was sent and nobody holds it: handling the action again"
+            ))),
+            Some(state) => {
+                tracing::warn!(
+                    claim = %state,
+                    "another attempt took this message's claim: this one sent nothing and leaves the action to it"
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// One channel of an action: `None` when this attempt lost the claim to another, which then
+    /// owns the action (nothing to report, no fallback).
+    async fn deliver(&self, action: &JourneyAction, channel: &str) -> Result<Option<ChannelResult>, Failure> {
         let key = self.claim_key(&action.action_id, channel);
-        if !self.settings.idempotency {
-            let commit = Commit {
-                dispatch: self,
-                key: &key,
-                lease: "",
-                sending: String::new(),
-            };
-            return Ok(match self.send_with_retries(action, channel, &commit).await {
-                Ok(id) => ChannelResult {
-                    status: DispatchStatus::Sent,
-                    reason: None,
-                    provider_message_id: Some(id),
-                    redelivered: false,
-                },
+        let attempt = Attempt::new(self, &key);
+        if !attempt.enabled() {
+            return Ok(Some(match self.send_with_retries(action, channel, &attempt).await {
+                Ok(id) => ChannelResult::sent(id),
+                Err(SendError::Unknown(detail)) => ChannelResult::unknown(&detail),
                 Err(SendError::Permanent(reason) | SendError::Transient(reason)) => {
                     ChannelResult::new(DispatchStatus::Failed, reason)
                 }
-            });
+                Err(SendError::ClaimLost) => {
+                    ChannelResult::new(DispatchStatus::Failed, "lost a claim that was never taken".to_owned())
+                }
+            }));
         }
-        let lease = format!("claimed:{}", uuid::Uuid::new_v4().simple());
-        // A short lease: an attempt that stops before calling the provider frees the message
-        // for the redelivery once it runs out.
-        let claimed: Option<String> = redis::cmd("SET")
-            .arg(&key)
-            .arg(&lease)
-            .arg("NX")
-            .arg("PX")
-            .arg(self.settings.claim_lease_ms)
-            .query_async(&mut self.redis.clone())
-            .await?;
-        if claimed.is_none() {
-            return self.claimed_before(&key).await;
+        // A short lease, renewed while this attempt runs: an attempt that stops before the
+        // commit point frees the message for the redelivery once it runs out.
+        if !attempt.claim().await? {
+            return self.claimed_before(&key).await.map(Some);
         }
         // The last look: as late as possible, right before the provider is called. A combined
         // action's other invoices are looked at too, in the same round trip.
@@ -530,7 +697,7 @@ impl Dispatch {
         if !caught_up && !self.waited_long_enough(&action.action_id) {
             // The watcher has produced this action but not yet stored the journey that includes
             // it: judge the state once it does. The claim is released so the retry may send.
-            self.move_claim(&key, &lease, "").await?;
+            attempt.release().await?;
             return Err(Failure::Transient(anyhow::anyhow!(
                 "journey state not yet updated for this action"
             )));
@@ -539,33 +706,46 @@ impl Dispatch {
         let Some(current) = message::still_open(action, &statuses) else {
             let status = statuses.first().cloned().flatten();
             let reason = format!("invoice is {}", status.as_deref().unwrap_or("unknown to the watcher"));
-            self.set_claim(&key, &format!("suppressed:{reason}")).await?;
+            if !attempt.settle(&format!("suppressed:{reason}")).await? {
+                return self.claim_lost(&key).await;
+            }
             self.suppression_lag
                 .observe((self.rt.clock.now().timestamp_millis() - action.send_at).max(0) as f64 / 1000.0);
-            return Ok(ChannelResult::new(DispatchStatus::Suppressed, reason));
+            return Ok(Some(ChannelResult::new(DispatchStatus::Suppressed, reason)));
         };
         let action = &current;
-        let commit = Commit {
-            dispatch: self,
-            sending: format!("sending:{}", &lease["claimed:".len()..]),
-            key: &key,
-            lease: &lease,
-        };
-        let sent = self.send_with_retries(action, channel, &commit).await;
+        let sent = attempt
+            .renewing(self.send_with_retries(action, channel, &attempt))
+            .await;
         match sent {
             Ok(message_id) => {
-                self.set_claim(&key, &format!("sent:{message_id}")).await?;
+                // The message went out under this attempt's own `sending`, which no other attempt
+                // can take: the claim is still this attempt's unless someone removed it by hand.
+                if !attempt.settle(&format!("sent:{message_id}")).await? {
+                    tracing::error!(channel, %message_id, "sent, but the claim was no longer this attempt's to record it");
+                }
                 self.remember_sent(action, channel, &message_id).await?;
-                Ok(ChannelResult {
-                    status: DispatchStatus::Sent,
-                    reason: None,
-                    provider_message_id: Some(message_id),
-                    redelivered: false,
-                })
+                Ok(Some(ChannelResult::sent(message_id)))
+            }
+            Err(SendError::Unknown(detail)) => {
+                // After the commit point, without proof either way: never again on this channel
+                // (the claim's final state says so to every redelivery), and no fallback.
+                tracing::warn!(channel, %detail, "delivery unknown: not sent again, no fallback");
+                let result = ChannelResult::unknown(&detail);
+                let state = format!("unknown:{}", result.reason.as_deref().unwrap_or_default());
+                if !attempt.settle(&state).await? {
+                    tracing::error!(
+                        channel,
+                        "delivery unknown, and the claim was no longer this attempt's to record it"
+                    );
+                }
+                Ok(Some(result))
             }
             Err(SendError::Permanent(reason)) => {
-                self.set_claim(&key, &format!("failed:{reason}")).await?;
-                Ok(ChannelResult::new(DispatchStatus::Failed, reason))
+                if !attempt.settle(&format!("failed:{reason}")).await? {
+                    return self.claim_lost(&key).await;
+                }
+                Ok(Some(ChannelResult::new(DispatchStatus::Failed, reason)))
             }
             Err(SendError::Transient(reason)) => {
                 // Retried as often as configured and the provider still could not take it: this
@@ -575,37 +755,50 @@ impl Dispatch {
                     "gave up after {} attempts: {reason}",
                     self.settings.retry.attempts.max(1)
                 );
-                self.set_claim(&key, &format!("failed:{reason}")).await?;
-                Ok(ChannelResult::new(DispatchStatus::Failed, reason))
+                if !attempt.settle(&format!("failed:{reason}")).await? {
+                    return self.claim_lost(&key).await;
+                }
+                Ok(Some(ChannelResult::new(DispatchStatus::Failed, reason)))
             }
+            Err(SendError::ClaimLost) => self.claim_lost(&key).await,
         }
     }
 
-    /// Transient errors are retried with exponential backoff and full jitter; a shutdown
-    /// meanwhile leaves the claim to the redelivery.
+    /// Transient errors (the provider certainly did not take the message) are retried with
+    /// exponential backoff and full jitter, the claim back on its lease meanwhile; a shutdown
+    /// meanwhile leaves the claim to the redelivery. An unknown delivery is never retried.
     async fn send_with_retries(
         &self,
         action: &JourneyAction,
         channel: &str,
-        commit: &Commit<'_>,
+        attempt: &Attempt<'_>,
     ) -> Result<String, SendError> {
         let retry = &self.settings.retry;
-        let mut attempt = 0u32;
+        let mut tries = 0u32;
         loop {
-            match self.send_once(action, channel, commit).await {
-                Err(SendError::Transient(reason)) if attempt + 1 < retry.attempts => {
-                    let cap = retry.first_ms.saturating_mul(1u64 << attempt.min(20)).min(retry.max_ms);
+            match self.send_once(action, channel, attempt).await {
+                Err(SendError::Transient(reason)) if tries + 1 < retry.attempts => {
+                    attempt.reopen().await?;
+                    let cap = retry.first_ms.saturating_mul(1u64 << tries.min(20)).min(retry.max_ms);
                     let wait = Duration::from_millis((cap as f64 * rand::random::<f64>().max(0.1)) as u64);
-                    tracing::warn!(channel, attempt, wait_ms = wait.as_millis() as u64, %reason, "transient send failure, retrying");
-                    attempt += 1;
+                    tracing::warn!(channel, attempt = tries, wait_ms = wait.as_millis() as u64, %reason, "transient send failure, retrying");
+                    tries += 1;
                     tokio::time::sleep(wait).await;
+                    if attempt.lost() {
+                        return Err(SendError::ClaimLost);
+                    }
                 }
                 other => return other,
             }
         }
     }
 
-    async fn send_once(&self, action: &JourneyAction, channel: &str, commit: &Commit<'_>) -> Result<String, SendError> {
+    async fn send_once(
+        &self,
+        action: &JourneyAction,
+        channel: &str,
+        attempt: &Attempt<'_>,
+    ) -> Result<String, SendError> {
         let profile = self.profile(&action.tenant);
         let ctx = message::context(action, &profile, &self.settings.pay_link, self.rt.clock.now());
         let content = self
@@ -614,7 +807,7 @@ impl Dispatch {
             .map_err(|e| SendError::Permanent(format!("the message cannot be rendered: {e}")))?;
         let reference = format!("{}:{channel}", action.action_id);
         match channel {
-            "email" => self.send_email(action, &content, commit).await,
+            "email" => self.send_email(action, &content, attempt).await,
             "sms" => {
                 let Some(provider) = self.sms_provider(&action.tenant) else {
                     return Err(SendError::Permanent("no SMS provider is configured".into()));
@@ -629,14 +822,16 @@ impl Dispatch {
                     )),
                     kind => Some(format!("{}/v1/receipts/{}", self.receipts_base, kind.name())),
                 };
-                commit.commit().await?;
                 provider
-                    .send(&Sms {
-                        to: phone,
-                        text: &content.sms,
-                        reference: &reference,
-                        callback_url,
-                    })
+                    .send(
+                        &Sms {
+                            to: phone,
+                            text: &content.sms,
+                            reference: &reference,
+                            callback_url,
+                        },
+                        || attempt.commit(),
+                    )
                     .await
             }
             "webhook" => {
@@ -644,9 +839,10 @@ impl Dispatch {
                     return Err(SendError::Permanent("the tenant has no webhook_url".into()));
                 };
                 let body = message::webhook_body(action, &ctx, &content);
-                commit.commit().await?;
                 self.webhook
-                    .send(url, &reference, &body, self.rt.clock.now().timestamp())
+                    .send(url, &reference, &body, self.rt.clock.now().timestamp(), || {
+                        attempt.commit()
+                    })
                     .await
             }
             other => Err(SendError::Permanent(format!("unknown channel '{other}'"))),
@@ -681,7 +877,7 @@ impl Dispatch {
         &self,
         action: &JourneyAction,
         content: &content::Content,
-        commit: &Commit<'_>,
+        attempt: &Attempt<'_>,
     ) -> Result<String, SendError> {
         let Some(address) = action.email.as_deref() else {
             return Err(SendError::Permanent("no e-mail address".into()));
@@ -700,7 +896,7 @@ impl Dispatch {
                 content.html.clone(),
             ))
             .map_err(|e| SendError::Permanent(format!("cannot build the message: {e}")))?;
-        self.mailer.send(&message, || commit.commit()).await?;
+        self.mailer.send(&message, || attempt.commit()).await?;
         Ok(message_id)
     }
 }
@@ -735,10 +931,20 @@ impl Handler for Dispatch {
             return Ok(outs);
         }
         for channel in &action.channels {
-            let result = self.deliver(&action, channel).await?;
+            let Some(result) = self.deliver(&action, channel).await? else {
+                // Another attempt took this message's claim and owns the action from here: it
+                // reports it. Nothing more from this one, and no fallback.
+                self.outcomes
+                    .with_label_values(&[&action.step, channel, "superseded"])
+                    .inc();
+                tracing::info!(step = %action.step, channel = %channel, "superseded by another attempt");
+                break;
+            };
             let status_label = format!("{:?}", result.status).to_lowercase();
             let metric_label = if result.redelivered {
                 "duplicate"
+            } else if result.unknown {
+                "unknown"
             } else {
                 status_label.as_str()
             };
@@ -760,7 +966,8 @@ impl Handler for Dispatch {
                     .outbound(&self.outcomes_topic, &action.debtor_id, &outcome, record.trace)
                     .await?,
             );
-            // The next channel is a fallback: only when this one could not deliver.
+            // The next channel is a fallback: only when this one certainly did not deliver (not
+            // after an unknown delivery, which may have reached the debtor).
             if result.status != DispatchStatus::Failed {
                 break;
             }
@@ -795,6 +1002,13 @@ fn sms_providers(settings: &SmsSettings) -> anyhow::Result<Vec<SmsProvider>> {
 /// Runs dispatch until shutdown.
 pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let settings: DispatchSettings = config::section(&rt.figment, SERVICE)?;
+    // Renewed every third of it: a lease shorter than a few Redis round trips would be lost by
+    // live attempts.
+    anyhow::ensure!(
+        settings.claim_lease_ms >= 300,
+        "dispatch.claim_lease_ms is {} ms: it must be at least 300 ms",
+        settings.claim_lease_ms
+    );
     let templates = Templates::load(
         settings.templates_dir.as_deref().map(std::path::Path::new),
         settings.max_sms_segments,

@@ -7,6 +7,7 @@
 //! TCP_NODELAY set and idle connections are reused.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lettre::Message;
@@ -102,8 +103,12 @@ impl SmtpClient {
     /// and said to go ahead with the data, right before the message itself is written: only
     /// from then on may the server have the message. If `commit` fails nothing was sent.
     ///
-    /// Permanent (5xx) refusals are not retried; anything else is transient. A message is
-    /// written to one connection at most once.
+    /// Before the commit point, permanent (5xx) refusals are not retried and anything else is
+    /// transient. After it, only the server's own reply to the end of the data says that it did
+    /// not take the message (RFC 5321 4.1.1.4 and 6.1: a server takes responsibility for a message
+    /// only with its 250 to the end of data): a 5xx is permanent, a 4xx transient. No reply (a
+    /// timeout, a broken connection) leaves the delivery unknown. A message is written to one
+    /// connection at most once.
     pub async fn send<F, Fut>(&self, message: &Message, commit: F) -> Result<(), SendError>
     where
         F: FnOnce() -> Fut,
@@ -122,7 +127,8 @@ impl SmtpClient {
                 None => break self.connect().await?,
             }
         };
-        let result = tokio::time::timeout(self.timeout(), transact(&mut connection, message, commit)).await;
+        let committed = AtomicBool::new(false);
+        let result = tokio::time::timeout(self.timeout(), transact(&mut connection, message, commit, &committed)).await;
         match result {
             Ok(Ok(())) => {
                 self.give_back(connection);
@@ -134,15 +140,28 @@ impl SmtpClient {
             }
             Err(_) => {
                 connection.abort().await;
-                Err(SendError::Transient("SMTP send timed out".into()))
+                if committed.load(Ordering::SeqCst) {
+                    Err(SendError::Unknown(format!(
+                        "the SMTP server did not answer within {} ms after the message was written",
+                        self.settings.timeout_ms
+                    )))
+                } else {
+                    Err(SendError::Transient("SMTP send timed out".into()))
+                }
             }
         }
     }
 }
 
 /// MAIL, RCPT, DATA, then `commit`, then the message (as lettre's own `send` does it, with the
-/// commit point between).
-async fn transact<F, Fut>(connection: &mut AsyncSmtpConnection, message: &Message, commit: F) -> Result<(), SendError>
+/// commit point between). `committed` tells the caller, even when this is cut short by its
+/// timeout, whether the commit point was passed.
+async fn transact<F, Fut>(
+    connection: &mut AsyncSmtpConnection,
+    message: &Message,
+    commit: F,
+    committed: &AtomicBool,
+) -> Result<(), SendError>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<(), SendError>>,
@@ -177,8 +196,19 @@ where
     }
     connection.command(Data).await.map_err(classify)?;
     commit().await?;
-    connection.message(&bytes).await.map_err(classify)?;
+    committed.store(true, Ordering::SeqCst);
+    connection.message(&bytes).await.map_err(after_data)?;
     Ok(())
+}
+
+/// A failure once the message is being written: the server's reply to the end of data decides
+/// (it has not taken the message unless it says 250); without a reply the delivery is unknown.
+fn after_data(e: lettre::transport::smtp::Error) -> SendError {
+    if e.is_permanent() || e.is_transient() {
+        classify(e)
+    } else {
+        SendError::Unknown(format!("the SMTP connection failed after the message was written: {e}"))
+    }
 }
 
 fn classify(e: lettre::transport::smtp::Error) -> SendError {

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use forfall_domain::invoice;
-use forfall_platform::kafka::{Outbound, Producer};
+use forfall_platform::kafka::{Outbound, ProduceError, Producer, RAW_BYTES_KEPT};
 use forfall_platform::metrics::Metrics;
 use forfall_platform::records::{InvoiceIssued, Rejected, new_event_id};
 use forfall_platform::service::Runtime;
@@ -117,7 +117,10 @@ async fn post_invoice(State(state): State<HttpState>, body: axum::body::Bytes) -
                     Json(json!({"event_id": issued.event_id, "trace_id": trace.trace_id_hex()})),
                 )
                     .into_response(),
-                Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", &e),
+                Err(e @ ProduceError::TooLarge { .. }) => {
+                    problem(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &e.to_string())
+                }
+                Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", &e.to_string()),
             }
         }
         Err((code, detail)) => {
@@ -138,7 +141,8 @@ async fn post_invoice(State(state): State<HttpState>, body: axum::body::Bytes) -
                 reason_code: code.to_owned(),
                 detail: detail.clone(),
                 raw_key: None,
-                raw_value: Some(body.to_vec()),
+                // Enough to see what it was; never so much that the rejection is too large.
+                raw_value: Some(body[..body.len().min(RAW_BYTES_KEPT)].to_vec()),
             };
             let rejected_topic = state.rt.topic(&state.rt.config.topics.rejected);
             match state.rt.codec.encode(&rejected_topic, &rejected).await {

@@ -4,7 +4,11 @@
 //!   `lenient=true`; the answer lists every problem with its line and element.
 //! - `GET /v1/payments/unmatched?tenant=T`: the payments no rule could match.
 //! - `POST /v1/payments/{payment_id}/match`: `{"tenant", "invoices": [...], "by"}` matches one by
-//!   hand, in the order given, recording who did it.
+//!   hand, in the order given, recording who did it. 200 with the allocations as booked (the
+//!   amounts follow what the invoices owe at booking); 202 when it is booked but its events are
+//!   not acknowledged yet (they are sent again until they are); 409 with the reason when it is
+//!   refused (already matched, matched by someone else meanwhile, an invoice with nothing open
+//!   any more, ...), in which case nothing was booked and no event went out.
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -102,7 +106,7 @@ async fn import_camt054(State(m): State<Matcher>, Query(q): Query<ImportQuery>, 
         }
     }
     if let Err(e) = m.0.producer.send_all(&outs).await {
-        return problem(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", e);
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", e.to_string());
     }
     let listed: Vec<String> = problems.iter().map(ToString::to_string).collect();
     Json(json!({
@@ -166,7 +170,7 @@ async fn match_by_hand(State(m): State<Matcher>, Path(payment_id): Path<String>,
         .match_by_hand(&body.tenant, &payment_id, &body.invoices, &body.by)
         .await
     {
-        Ok(d) => {
+        Ok((d, events_pending)) => {
             let allocations: Vec<serde_json::Value> = match &d.decision {
                 MatchDecision::Matched { allocations, .. } => allocations
                     .iter()
@@ -178,7 +182,17 @@ async fn match_by_hand(State(m): State<Matcher>, Path(payment_id): Path<String>,
                 MatchDecision::Matched { overpayment, .. } => overpayment.minor,
                 MatchDecision::Unmatched { .. } => 0,
             };
-            Json(json!({"payment_id": payment_id, "matched_by": body.by, "allocations": allocations, "overpayment_minor": overpayment})).into_response()
+            let mut answer = json!({"payment_id": payment_id, "matched_by": body.by, "allocations": allocations, "overpayment_minor": overpayment});
+            match events_pending {
+                None => Json(answer).into_response(),
+                Some(why) => {
+                    answer["events"] = json!("pending");
+                    answer["detail"] = json!(format!(
+                        "the match is booked; its events are not acknowledged yet and are sent again until they are: {why}"
+                    ));
+                    (StatusCode::ACCEPTED, Json(answer)).into_response()
+                }
+            }
         }
         Err(ManualError::NotFound(d)) => problem(StatusCode::NOT_FOUND, "not_found", d),
         Err(ManualError::Refused(d)) => problem(StatusCode::CONFLICT, "refused", d),

@@ -11,6 +11,14 @@
 //! A payment is decided once per bank transaction id: the decision is stored, and a repeated
 //! payment (the same bank file imported twice) re-emits the same records with the same ids,
 //! which the watcher applies once.
+//!
+//! State changes after the outputs are acknowledged, or is idempotent on redelivery: a decision
+//! is booked before its records go out, and a redelivered record finds it booked and sends the
+//! same records again. Where nothing would be redelivered the order is kept explicitly: a kept
+//! payment matched by a later invoice leaves the kept set only after its records are
+//! acknowledged (the invoice handler produces them itself), and a person's match, booked by an
+//! HTTP request, stays marked pending until its events are acknowledged and is sent again from
+//! that mark (at start and periodically) after a stop or a broker outage.
 
 mod http;
 
@@ -313,21 +321,23 @@ impl Matcher {
         Ok(self.0.rt.codec.outbound(&topic, &a.debtor_id, &r, trace).await?)
     }
 
-    /// Books a decision: allocations against the invoices, learned payer accounts, the kept
-    /// list for unmatched payments, and the decision itself (the de-duplication record).
     /// Books a decision if what it was based on still holds: allocations against the
     /// invoices, the kept list for unmatched payments, and the decision itself (the
     /// de-duplication record), in one atomic script. Payments are decided concurrently, so the
     /// script checks that no invoice's allocation moved since it was read, that an unmatched
     /// payment's reference was not indexed meanwhile (the index then looks at the kept list
-    /// after writing the reference, so one of the two sees the other), and, for a new
-    /// decision, that the payment was not decided by another attempt.
+    /// after writing the reference, so one of the two sees the other), for a new decision,
+    /// that the payment was not decided by another attempt, and for a replacing one (a kept
+    /// payment matched by a later invoice, or a person's match) that the payment is still
+    /// unmatched, so that it is never matched twice. A person's decision is also marked as
+    /// pending until its events are acknowledged (see [`Matcher::announce_manual`]).
     async fn book(&self, d: &Decided, seen: &Seen, replace: bool) -> Result<Booked, Failure> {
         static BOOK: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
             redis::Script::new(
                 r"
 local n = tonumber(ARGV[5])
 if ARGV[4] == 'new' and redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+if ARGV[4] == 'replace' and redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return -1 end
 for i = 1, n do
   local current = tonumber(redis.call('GET', KEYS[4 + i]) or '0')
   if current ~= tonumber(ARGV[5 + i]) then return 0 end
@@ -342,6 +352,7 @@ else
     if add ~= 0 then redis.call('INCRBY', KEYS[4 + i], add) end
   end
   redis.call('HDEL', KEYS[2], ARGV[2])
+  if ARGV[7 + 2 * n] == 'pending' then redis.call('SADD', KEYS[5 + n], ARGV[2]) end
 end
 redis.call('SET', KEYS[1], ARGV[1])
 return 1",
@@ -398,6 +409,12 @@ return 1",
             invocation.arg(added.get(id).copied().unwrap_or(0));
         }
         invocation.arg(unmatched_json);
+        // A person's match is announced by the HTTP request that books it, outside any consume
+        // loop: it stays marked until its events are acknowledged, so that a stop in between is
+        // made good by `resend_manual` instead of leaving a booking nobody hears of.
+        invocation
+            .key(self.manual_pending_key(&p.tenant))
+            .arg(if d.matched_by.is_some() { "pending" } else { "" });
         let booked: i32 = invocation.invoke_async(&mut self.conn()).await?;
         let booked = match booked {
             1 => Booked::Done,
@@ -509,45 +526,63 @@ return 1",
             .query_async(&mut self.conn())
             .await?;
         // Payments that arrived before this invoice (the topics are not ordered between them).
-        let mut outs = Vec::new();
+        // A kept payment leaves the kept set only after the records of its match are
+        // acknowledged: they are produced here, not handed back to the loop, because the kept
+        // set is the only way back to the payment. A stop anywhere before the removal leaves it
+        // kept, and the redelivered invoice finds it booked and sends the same records (same ids).
         let kept_key = self.key("kept", &inv.tenant, &kept_reference(&reference));
+        let mut outs = Vec::new();
+        let mut announced = Vec::new();
         for payment_id in self.members(&kept_key).await? {
             let Some(prior) = self.decided(&inv.tenant, &payment_id).await? else {
                 continue;
             };
-            if !matches!(prior.decision, MatchDecision::Unmatched { .. }) {
-                // Matched by an earlier attempt that stopped before its records were out and
-                // the payment left the kept list: the same records again (same ids).
-                outs.extend(self.records_for(&prior, trace).await?);
-                let _: () = redis::cmd("SREM")
-                    .arg(&kept_key)
-                    .arg(&payment_id)
-                    .query_async(&mut self.conn())
-                    .await?;
-                continue;
-            }
-            let (candidates, seen) = self.candidates(&prior.payment).await?;
-            let decision = matching::decide(&Self::incoming(&prior.payment)?, &candidates);
-            if matches!(decision, MatchDecision::Matched { .. }) {
+            let d = if matches!(prior.decision, MatchDecision::Matched { .. }) {
+                // Matched by an earlier attempt (or by hand) whose records may not be out yet.
+                prior
+            } else {
+                let (candidates, seen) = self.candidates(&prior.payment).await?;
+                let decision = matching::decide(&Self::incoming(&prior.payment)?, &candidates);
+                if !matches!(decision, MatchDecision::Matched { .. }) {
+                    continue;
+                }
                 let d = Decided {
                     payment: prior.payment,
                     decision,
                     matched_by: None,
                 };
-                if self.book(&d, &seen, true).await? != Booked::Done {
-                    return Err(Failure::Transient(anyhow::anyhow!(
-                        "a kept payment's invoice changed while it was matched; trying again"
-                    )));
+                match self.book(&d, &seen, true).await? {
+                    Booked::Done => d,
+                    Booked::AlreadyDecided => match self.decided(&inv.tenant, &payment_id).await? {
+                        // Matched meanwhile, by a person or another snapshot with this reference.
+                        Some(now) if matches!(now.decision, MatchDecision::Matched { .. }) => now,
+                        _ => continue,
+                    },
+                    Booked::Conflict => {
+                        // What was booked above is still kept: the retry sends its records.
+                        return Err(Failure::Transient(anyhow::anyhow!(
+                            "a kept payment's invoice changed while it was matched; trying again"
+                        )));
+                    }
                 }
-                outs.extend(self.records_for(&d, trace).await?);
-                let _: () = redis::cmd("SREM")
-                    .arg(&kept_key)
-                    .arg(&payment_id)
-                    .query_async(&mut self.conn())
-                    .await?;
-            }
+            };
+            outs.extend(self.records_for(&d, trace).await?);
+            announced.push(payment_id);
         }
-        Ok(outs)
+        if announced.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.0
+            .producer
+            .send_all(&outs)
+            .await
+            .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
+        let _: () = redis::cmd("SREM")
+            .arg(&kept_key)
+            .arg(&announced)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(Vec::new())
     }
 
     /// The unmatched payments of a tenant, oldest value date first.
@@ -563,49 +598,162 @@ return 1",
 
     /// A person's match: allocates an unmatched payment to the invoices they name, in order,
     /// and records who did it.
+    ///
+    /// The person chooses the invoices and their order; the amounts follow what the invoices
+    /// owe when it is booked (matching::manual). The decision is booked first, by the same
+    /// script that re-checks what it was based on; when another payment for one of the
+    /// invoices was booked between reading and booking (a conflict), it is decided again on
+    /// what is there now, and refused with the reason when that no longer allows it (e.g. the
+    /// invoice was paid in full meanwhile). Only a booked decision's events go out, after the
+    /// booking; the booking marks them pending until they are acknowledged, so a stop or a
+    /// broker outage in between is made good by [`Matcher::resend_manual`]. Returns the booked
+    /// decision, and why its events are not acknowledged yet if they are not.
     pub(crate) async fn match_by_hand(
         &self,
         tenant: &str,
         payment_id: &str,
         invoice_ids: &[String],
         by: &str,
-    ) -> Result<Decided, ManualError> {
-        let prior = self
-            .decided(tenant, payment_id)
-            .await?
-            .ok_or_else(|| ManualError::NotFound(format!("no payment '{payment_id}' for tenant '{tenant}'")))?;
-        if !matches!(prior.decision, MatchDecision::Unmatched { .. }) {
-            return Err(ManualError::Refused(format!(
-                "payment '{payment_id}' is already matched"
-            )));
+    ) -> Result<(Decided, Option<String>), ManualError> {
+        // Known before anything is booked, so that the resend finds this tenant's pending events.
+        let _: () = redis::cmd("SADD")
+            .arg(self.manual_tenants_key())
+            .arg(tenant)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(Failure::from)?;
+        for attempt in 0..MAX_REDECISIONS {
+            let prior = self
+                .decided(tenant, payment_id)
+                .await?
+                .ok_or_else(|| ManualError::NotFound(format!("no payment '{payment_id}' for tenant '{tenant}'")))?;
+            if !matches!(prior.decision, MatchDecision::Unmatched { .. }) {
+                return Err(ManualError::Refused(if attempt == 0 {
+                    format!("payment '{payment_id}' is already matched")
+                } else {
+                    format!("payment '{payment_id}' was matched by someone else meanwhile; nothing was booked")
+                }));
+            }
+            let mut invoices = Vec::new();
+            let mut seen = Seen::default();
+            for id in invoice_ids {
+                invoices.push(
+                    self.open_invoices(tenant, vec![id.clone()], &mut seen)
+                        .await?
+                        .pop()
+                        .ok_or_else(|| ManualError::NotFound(format!("no invoice '{id}' for tenant '{tenant}'")))?,
+                );
+            }
+            let incoming = Self::incoming(&prior.payment)
+                .map_err(|_| ManualError::Refused("the payment's currency is unknown".into()))?;
+            let decision = matching::manual(&incoming, &invoices).map_err(|e| {
+                ManualError::Refused(if attempt == 0 {
+                    e.to_string()
+                } else {
+                    format!("{e} (the invoices changed while the match was being booked; nothing was booked)")
+                })
+            })?;
+            let d = Decided {
+                payment: prior.payment,
+                decision,
+                matched_by: Some(by.to_owned()),
+            };
+            match self.book(&d, &seen, true).await? {
+                Booked::Done => {
+                    let pending = self.announce_manual(&d).await.err().map(|e| format!("{e:?}"));
+                    if let Some(why) = &pending {
+                        tracing::warn!(payment_id = %payment_id, error = %why, "manual match booked; its events are sent again later");
+                    }
+                    return Ok((d, pending));
+                }
+                Booked::AlreadyDecided => {
+                    return Err(ManualError::Refused(format!(
+                        "payment '{payment_id}' was matched by someone else meanwhile; nothing was booked"
+                    )));
+                }
+                Booked::Conflict => self.0.metrics.results.with_label_values(&["redecided"]).inc(),
+            }
         }
-        let mut invoices = Vec::new();
-        let mut seen = Seen::default();
-        for id in invoice_ids {
-            invoices.push(
-                self.open_invoices(tenant, vec![id.clone()], &mut seen)
-                    .await?
-                    .pop()
-                    .ok_or_else(|| ManualError::NotFound(format!("no invoice '{id}' for tenant '{tenant}'")))?,
-            );
-        }
-        let incoming = Self::incoming(&prior.payment)
-            .map_err(|_| ManualError::Refused("the payment's currency is unknown".into()))?;
-        let decision = matching::manual(&incoming, &invoices).map_err(|e| ManualError::Refused(e.to_string()))?;
-        let d = Decided {
-            payment: prior.payment,
-            decision,
-            matched_by: Some(by.to_owned()),
-        };
-        let outs = self.records_for(&d, TraceContext::new_root()).await?;
+        Err(ManualError::Refused(format!(
+            "the invoices kept changing while payment '{payment_id}' was being matched; nothing was booked, try again"
+        )))
+    }
+
+    /// The set of a tenant's booked manual matches whose events are not acknowledged yet.
+    fn manual_pending_key(&self, tenant: &str) -> String {
+        self.key("manual-pending", tenant, "all")
+    }
+
+    /// The tenants that have matched by hand: where [`Matcher::resend_manual`] looks.
+    fn manual_tenants_key(&self) -> String {
+        self.0.keys.key(&["matcher", "manual-tenants"])
+    }
+
+    /// Produces a booked manual match's events, waits for their acknowledgement, then clears
+    /// its pending mark. Ids derive from the payment, so sending them again is harmless.
+    async fn announce_manual(&self, d: &Decided) -> Result<(), Failure> {
+        let outs = self.records_for(d, TraceContext::new_root()).await?;
         self.0
             .producer
             .send_all(&outs)
             .await
-            .map_err(ManualError::Unavailable)?;
-        // A person's decision stands: booked as made, after its events are out.
-        self.book(&d, &Seen::default(), true).await?;
-        Ok(d)
+            .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
+        let _: () = redis::cmd("SREM")
+            .arg(self.manual_pending_key(&d.payment.tenant))
+            .arg(&d.payment.payment_id)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Sends the events of a tenant's manual matches that were booked but not acknowledged
+    /// (a stop or a broker outage between booking and producing).
+    pub(crate) async fn resend_manual(&self, tenant: &str) -> Result<usize, Failure> {
+        let pending_key = self.manual_pending_key(tenant);
+        let mut sent = 0;
+        for payment_id in self.members(&pending_key).await? {
+            match self.decided(tenant, &payment_id).await? {
+                Some(d) if matches!(d.decision, MatchDecision::Matched { .. }) => {
+                    self.announce_manual(&d).await?;
+                    sent += 1;
+                }
+                // Nothing booked, nothing to announce.
+                _ => {
+                    let _: () = redis::cmd("SREM")
+                        .arg(&pending_key)
+                        .arg(&payment_id)
+                        .query_async(&mut self.conn())
+                        .await?;
+                }
+            }
+        }
+        Ok(sent)
+    }
+
+    /// At start and then every `every`: the pending events of manual matches of every tenant.
+    async fn resend_manual_matches(self, every: Duration) {
+        let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.0.rt.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let tenants = match self.members(&self.manual_tenants_key()).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(error = ?e, "cannot read the tenants with manual matches; trying again later");
+                    continue;
+                }
+            };
+            for tenant in tenants {
+                match self.resend_manual(&tenant).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(tenant = %tenant, sent = n, "events of booked manual matches sent"),
+                    Err(e) => tracing::warn!(tenant = %tenant, error = ?e, "events of booked manual matches not sent yet"),
+                }
+            }
+        }
     }
 }
 
@@ -627,11 +775,17 @@ pub struct MatcherSettings {
     /// trips, so one at a time caps a matcher near 3,000 payments/s; 16 carried 8,000-9,000/s
     /// on a 2-core machine (matcher-throughput).
     pub concurrency: usize,
+    /// How often (seconds) the events of manual matches booked but not acknowledged (a stop or
+    /// a broker outage right after booking) are sent again; also once at start.
+    pub manual_resend_secs: u64,
 }
 
 impl Default for MatcherSettings {
     fn default() -> Self {
-        Self { concurrency: 16 }
+        Self {
+            concurrency: 16,
+            manual_resend_secs: 10,
+        }
     }
 }
 
@@ -721,6 +875,11 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     // a bank's feed often has one key for all, so they spread by content, not by key.
     let settings: MatcherSettings = config::section(&rt.figment, SERVICE)?;
     ctx.key_concurrency = settings.concurrency.max(1);
+    tokio::spawn(
+        matcher
+            .clone()
+            .resend_manual_matches(Duration::from_secs(settings.manual_resend_secs.max(1))),
+    );
     let payments_topic = rt.topic(&rt.config.topics.payments);
     ctx.lane = Some(Arc::new(move |record| lane(record, &payments_topic)));
     run_consumer(consumer, matcher, ctx).await?;

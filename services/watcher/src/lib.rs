@@ -6,7 +6,9 @@
 //! Ordering rule: outputs are produced and acknowledged *before* the journey is written, and
 //! every output's id is derived from its cause. A crash between the two re-does the work on
 //! redelivery and yields the same ids, which consumers de-duplicate: nothing is lost, and
-//! dispatch's idempotency key keeps a re-fired step from reaching the debtor twice.
+//! dispatch's idempotency key keeps a re-fired step from reaching the debtor twice. Payments
+//! parked before their invoice follow the same rule: applied, or refused with a rejection on
+//! `forfall.rejected.v1`, and removed from the parked list only after that is acknowledged.
 //!
 //! Timers live in one Redis sorted set per partition of `forfall.invoices.v1`, scored by fire
 //! time; an instance polls only the partitions it is assigned and holds (a lock in Redis that
@@ -43,7 +45,8 @@ use forfall_platform::service::{Runtime, ServiceShell};
 use forfall_platform::telemetry::TraceContext;
 use futures::StreamExt;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use forfall_platform::kafka::KafkaConsumer;
+use rdkafka::consumer::Consumer;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use store::{Loaded, Save, Store, Stored, Timer};
@@ -116,6 +119,8 @@ struct Metrics {
 struct Inner {
     rt: Runtime,
     producer: Producer,
+    /// The shell's metrics: rejections made here (parked payments) are counted with the loop's.
+    service_metrics: forfall_platform::metrics::Metrics,
     redis: ConnectionManager,
     store: Store,
     /// Who this instance is to the timer locks: unique per process.
@@ -422,7 +427,20 @@ impl Watcher {
 
     /// Produces what the decision emits, waits for the broker, then writes the journey.
     async fn emit_then_save(&self, expected: Option<u64>, stored: Stored, e: Emission<'_>) -> Result<bool, Failure> {
-        let outs = self.outputs(&e).await?;
+        self.emit_with_then_save(expected, stored, e, &[]).await
+    }
+
+    /// Like [`Watcher::emit_then_save`], with `extra` records produced (and acknowledged)
+    /// together with the decision's.
+    async fn emit_with_then_save(
+        &self,
+        expected: Option<u64>,
+        stored: Stored,
+        e: Emission<'_>,
+        extra: &[Outbound],
+    ) -> Result<bool, Failure> {
+        let mut outs = self.outputs(&e).await?;
+        outs.extend_from_slice(extra);
         self.0
             .producer
             .send_all(&outs)
@@ -439,12 +457,29 @@ impl Watcher {
             .await
     }
 
+    /// Applies an invoice snapshot, and the payments parked for the invoice before it was known.
+    ///
+    /// A parked payment leaves the parked list only after what it produced is acknowledged: its
+    /// journey events (written with the journey, after them), or its rejection when the invoice
+    /// refuses it (another currency, a non-positive amount), which goes to the rejected topic
+    /// with its reason and the payment's source record instead of being dropped. The list is
+    /// read at every snapshot: a stop between writing the journey and clearing the list leaves
+    /// it there, and applying a payment again changes nothing (a journey applies a payment id
+    /// once; a rejection carries the same id again).
     async fn on_invoice(&self, rec: records::Invoice, partition: i32, trace: TraceContext) -> Result<(), Failure> {
         let incoming = snapshot(&rec)?;
         let _guard = self.stripe(&rec.tenant, &rec.invoice_id).lock().await;
+        let parked_key = self.parked_key(&rec.tenant, &rec.invoice_id);
         loop {
             let loaded = self.load(&rec.tenant, &rec.invoice_id).await?;
-            if loaded.as_ref().is_some_and(|l| l.stored.journey.invoice == incoming) {
+            let parked: Vec<String> = redis::cmd("LRANGE")
+                .arg(&parked_key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut self.conn())
+                .await?;
+            let same = loaded.as_ref().is_some_and(|l| l.stored.journey.invoice == incoming);
+            if same && parked.is_empty() {
                 return Ok(()); // the same snapshot again
             }
             let (expected, partition, pending) = match &loaded {
@@ -452,59 +487,97 @@ impl Watcher {
                 None => (None, partition, None),
             };
             let (mut d, plan) = match loaded.map(|l| l.stored.journey) {
+                Some(existing) if same => {
+                    // Only parked payments to look at: the snapshot itself changes nothing.
+                    let plan = self.plan_of(&existing);
+                    let unchanged = Decision {
+                        journey: existing,
+                        transitions: Vec::new(),
+                        timer: TimerChange::Keep,
+                        emit: None,
+                    };
+                    (unchanged, plan)
+                }
                 Some(existing) => {
                     let plan = self.plan_of(&existing);
                     (journey::on_invoice(Some(existing), incoming.clone(), &plan), plan)
                 }
                 None => self.open_journey(incoming.clone()).await?,
             };
-            // Payments that arrived before their invoice are applied now.
-            let parked: Vec<String> = if expected.is_none() {
-                redis::cmd("LRANGE")
-                    .arg(self.parked_key(&rec.tenant, &rec.invoice_id))
-                    .arg(0)
-                    .arg(-1)
-                    .query_async(&mut self.conn())
-                    .await?
-            } else {
-                Vec::new()
-            };
-            for p in &parked {
-                let Ok(payment) = serde_json::from_str::<ParkedPayment>(p) else {
-                    continue;
+            // Payments that arrived before their invoice are applied now, or rejected.
+            let mut rejections = Vec::new();
+            let mut reasons = Vec::new();
+            for raw in &parked {
+                let payment = match serde_json::from_str::<ParkedPayment>(raw) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let detail = format!("a payment parked for invoice '{}' cannot be read: {e}", rec.invoice_id);
+                        let code = "unreadable_parked_payment";
+                        rejections.push(self.parked_rejection(&rec, None, raw, code, detail, trace).await?);
+                        reasons.push(code);
+                        continue;
+                    }
                 };
-                if let Ok(next) = journey::on_payment(
-                    d.journey.clone(),
-                    &payment.payment_id,
-                    Money::new(payment.amount_minor, payment.currency),
-                ) {
-                    d = then(d, next);
+                let amount = Money::new(payment.amount_minor, payment.currency);
+                match journey::on_payment(d.journey.clone(), &payment.payment_id, amount) {
+                    Ok(next) => d = then(d, next),
+                    Err(e) => {
+                        let detail = format!(
+                            "payment '{}' for invoice '{}' (parked until the invoice arrived): {e}",
+                            payment.payment_id, rec.invoice_id
+                        );
+                        let code = "payment_not_applicable";
+                        rejections.push(
+                            self.parked_rejection(&rec, Some(&payment), raw, code, detail, trace)
+                                .await?,
+                        );
+                        reasons.push(code);
+                    }
                 }
             }
-            let stored = Stored {
-                journey: d.journey.clone(),
-                partition,
-                pending_step: pending,
+            let done = if same && d.transitions.is_empty() {
+                // Applied before (a stop came before the list was cleared): only rejections.
+                self.0
+                    .producer
+                    .send_all(&rejections)
+                    .await
+                    .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
+                true
+            } else {
+                let stored = Stored {
+                    journey: d.journey.clone(),
+                    partition,
+                    pending_step: pending,
+                };
+                // Event ids derive from the cause: payments applied on a redelivered snapshot
+                // must not take the ids of the events its first delivery produced.
+                let cause = if same {
+                    format!("{}:parked", rec.event_id)
+                } else {
+                    rec.event_id.clone()
+                };
+                let emission = Emission {
+                    decision: &d,
+                    plan: &plan,
+                    fee: Money::zero(incoming.amount.currency),
+                    cause: &cause,
+                    trace,
+                    covers: &[],
+                };
+                self.emit_with_then_save(expected, stored, emission, &rejections)
+                    .await?
             };
-            let zero = Money::zero(incoming.amount.currency);
-            if self
-                .emit_then_save(
-                    expected,
-                    stored,
-                    Emission {
-                        decision: &d,
-                        plan: &plan,
-                        fee: zero,
-                        cause: &rec.event_id,
-                        trace,
-                        covers: &[],
-                    },
-                )
-                .await?
-            {
+            if done {
+                for code in reasons {
+                    tracing::warn!(reason = code, invoice_id = %rec.invoice_id, "parked payment rejected");
+                    self.0.service_metrics.rejected.with_label_values(&[code]).inc();
+                }
                 if !parked.is_empty() {
-                    let _: () = redis::cmd("DEL")
-                        .arg(self.parked_key(&rec.tenant, &rec.invoice_id))
+                    // Only what was read (applied or rejected above): a payment parked since stays.
+                    let _: () = redis::cmd("LTRIM")
+                        .arg(&parked_key)
+                        .arg(parked.len())
+                        .arg(-1)
                         .query_async(&mut self.conn())
                         .await?;
                 }
@@ -513,7 +586,54 @@ impl Watcher {
         }
     }
 
-    async fn on_payment(&self, rec: PaymentMatched, trace: TraceContext) -> Result<(), Failure> {
+    /// The rejection of a parked payment its invoice refuses, as the consume loop makes one
+    /// for a record it cannot apply: the payment's own record as the source, when known.
+    async fn parked_rejection(
+        &self,
+        rec: &records::Invoice,
+        payment: Option<&ParkedPayment>,
+        raw: &str,
+        code: &str,
+        detail: String,
+        trace: TraceContext,
+    ) -> Result<Outbound, Failure> {
+        let source = payment.and_then(|p| p.source.clone());
+        let payment_id = payment.map_or(raw, |p| p.payment_id.as_str());
+        let debtor_id = source
+            .as_ref()
+            .and_then(|s| s.key.as_deref())
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_else(|| rec.debtor_id.clone());
+        let rejected = records::Rejected {
+            event_id: derived_id(
+                "rejected-parked-payment",
+                &[&rec.tenant, &rec.invoice_id, payment_id],
+            ),
+            tenant: Some(rec.tenant.clone()),
+            debtor_id: Some(debtor_id.clone()),
+            occurred_at: self.0.rt.clock.now().timestamp_millis(),
+            service: SERVICE.to_owned(),
+            source_topic: source
+                .as_ref()
+                .map(|s| s.topic.clone())
+                .unwrap_or_else(|| self.0.rt.topic(&self.0.topics.payments_matched)),
+            source_partition: source.as_ref().map_or(-1, |s| s.partition),
+            source_offset: source.as_ref().map_or(-1, |s| s.offset),
+            reason_code: code.to_owned(),
+            detail,
+            raw_key: Some(debtor_id.clone().into_bytes()),
+            raw_value: Some(
+                source
+                    .and_then(|s| s.value)
+                    .unwrap_or_else(|| raw.as_bytes().to_vec()),
+            ),
+        };
+        let topic = self.0.rt.topic(&self.0.topics.rejected);
+        Ok(self.0.rt.codec.outbound(&topic, &debtor_id, &rejected, trace).await?)
+    }
+
+    async fn on_payment(&self, rec: PaymentMatched, record: &Inbound) -> Result<(), Failure> {
+        let trace = record.trace;
         let currency: Currency = rec
             .currency
             .parse()
@@ -522,11 +642,31 @@ impl Watcher {
         let _guard = self.stripe(&rec.tenant, &rec.invoice_id).lock().await;
         loop {
             let Some(loaded) = self.load(&rec.tenant, &rec.invoice_id).await? else {
-                // The invoice's snapshot is on another topic and may not have arrived yet.
+                if !amount.is_positive() {
+                    // No invoice would take it: refused now rather than parked.
+                    return Err(Failure::Reject {
+                        code: "payment_not_applicable",
+                        detail: format!(
+                            "payment '{}' for invoice '{}': the amount {amount} is not positive",
+                            rec.payment_id, rec.invoice_id
+                        ),
+                        tenant: Some(rec.tenant.clone()),
+                        debtor_id: Some(rec.debtor_id.clone()),
+                    });
+                }
+                // The invoice's snapshot is on another topic and may not have arrived yet. The
+                // record is kept with the payment, for its rejection if the invoice refuses it.
                 let parked = serde_json::to_string(&ParkedPayment {
                     payment_id: rec.payment_id.clone(),
                     amount_minor: rec.amount_minor,
                     currency,
+                    source: Some(ParkedSource {
+                        topic: record.topic.clone(),
+                        partition: record.partition,
+                        offset: record.offset,
+                        key: record.key.clone(),
+                        value: record.payload.clone(),
+                    }),
                 })
                 .map_err(|e| Failure::Fatal(e.into()))?;
                 let _: () = redis::cmd("RPUSH")
@@ -783,7 +923,7 @@ impl Watcher {
     }
 
     /// Polls the timer sets of the partitions this instance is assigned, until shutdown.
-    async fn run_timers(self, consumer: Arc<StreamConsumer>, settings: WatcherSettings) -> anyhow::Result<()> {
+    async fn run_timers(self, consumer: Arc<KafkaConsumer>, settings: WatcherSettings) -> anyhow::Result<()> {
         let invoices_topic = self.0.rt.topic(&self.0.topics.invoices);
         let mut tick = tokio::time::interval(Duration::from_millis(settings.tick_ms.max(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -938,6 +1078,19 @@ struct ParkedPayment {
     payment_id: String,
     amount_minor: i64,
     currency: Currency,
+    /// The `PaymentMatched` record it came from (absent in payments parked by older versions).
+    #[serde(default)]
+    source: Option<ParkedSource>,
+}
+
+/// Where a parked payment came from: what its rejection cites.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ParkedSource {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
 }
 
 impl Watcher {
@@ -1041,7 +1194,7 @@ impl Handler for Watcher {
         match decoded.name.as_str() {
             DebtorRequest::FULL_NAME => self.on_debtor_request(decoded.to()?, record.trace).await?,
             records::Invoice::FULL_NAME => self.on_invoice(decoded.to()?, record.partition, record.trace).await?,
-            PaymentMatched::FULL_NAME => self.on_payment(decoded.to()?, record.trace).await?,
+            PaymentMatched::FULL_NAME => self.on_payment(decoded.to()?, record).await?,
             other => {
                 return Err(Failure::reject(
                     "unexpected_record_type",
@@ -1169,6 +1322,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let topics = rt.config.topics.clone();
     let watcher = Watcher(Arc::new(Inner {
         producer: shell.producer.clone(),
+        service_metrics: shell.metrics.clone(),
         redis,
         store,
         holder: format!("{}:{}", rt.instance.unwrap_or(SERVICE), uuid::Uuid::new_v4().simple()),

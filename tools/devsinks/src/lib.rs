@@ -1,12 +1,16 @@
 //! DEV AND TEST ONLY: real servers on loopback that record what Forfall sends them.
-//! - [`MailSink`]: an SMTP server (mailin-embedded) keeping every message it accepts.
+//! - [`MailSink`]: an SMTP server (mailin-embedded) keeping every message it accepts; on request
+//!   it plays a mail server's faults (a reply to the end of data that comes too late, a DATA
+//!   command held before the message is sent).
 //! - [`HttpRecorder`]: an HTTP server keeping every request and answering with a scripted status.
 //! - [`sms::SmsProviderSim`]: the SMS providers' APIs, strict as their documentation.
 
 pub mod sms;
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -96,14 +100,62 @@ impl ReceivedMail {
     }
 }
 
+/// The faults the sink has been asked to play, each on one message, in order.
+#[derive(Clone, Default)]
+struct Faults {
+    /// Delays of the reply to the end of data, one per message (the message is kept first).
+    stall_after_data: Arc<Mutex<VecDeque<Duration>>>,
+    /// DATA commands to hold before the server asks for the message.
+    hold: Arc<(Mutex<Hold>, Condvar)>,
+}
+
+#[derive(Default)]
+struct Hold {
+    /// DATA commands still to hold.
+    armed: usize,
+    /// DATA commands held right now.
+    holding: usize,
+    released: bool,
+}
+
+/// A held DATA command goes on by itself after this long, so that a test that forgot to
+/// release it does not keep a server thread forever.
+const LONGEST_HOLD: Duration = Duration::from_secs(120);
+
+impl Faults {
+    fn hold_if_armed(&self) {
+        let (lock, released) = &*self.hold;
+        let mut hold = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if hold.armed == 0 {
+            return;
+        }
+        hold.armed -= 1;
+        hold.holding += 1;
+        let (mut hold, _) = released
+            .wait_timeout_while(hold, LONGEST_HOLD, |h| !h.released)
+            .unwrap_or_else(|p| p.into_inner());
+        hold.holding -= 1;
+    }
+
+    fn next_stall(&self) -> Option<Duration> {
+        self.stall_after_data
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+    }
+}
+
 #[derive(Clone)]
 struct MailHandler {
     store: Arc<Mutex<Vec<ReceivedMail>>>,
     current: Option<ReceivedMail>,
+    faults: Faults,
 }
 
 impl Handler for MailHandler {
     fn data_start(&mut self, _domain: &str, from: &str, _is8bit: bool, to: &[String]) -> Response {
+        // Held before the 354 that asks for the message: the sender has sent none of it yet.
+        self.faults.hold_if_armed();
         self.current = Some(ReceivedMail {
             from: from.to_owned(),
             to: to.to_vec(),
@@ -125,6 +177,10 @@ impl Handler for MailHandler {
             m.received_at = std::time::Instant::now();
             self.store.lock().unwrap_or_else(|p| p.into_inner()).push(m);
         }
+        // The message is kept either way: a stalled reply only hides that from the sender.
+        if let Some(delay) = self.faults.next_stall() {
+            std::thread::sleep(delay);
+        }
         response::OK
     }
 
@@ -138,6 +194,7 @@ impl Handler for MailHandler {
 pub struct MailSink {
     pub addr: SocketAddr,
     store: Arc<Mutex<Vec<ReceivedMail>>>,
+    faults: Faults,
 }
 
 impl MailSink {
@@ -145,9 +202,11 @@ impl MailSink {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
         let store = Arc::new(Mutex::new(Vec::new()));
+        let faults = Faults::default();
         let handler = MailHandler {
             store: store.clone(),
             current: None,
+            faults: faults.clone(),
         };
         let mut server = Server::new(handler);
         // One thread per open connection: senders keep pooled connections open, and a crashed
@@ -161,7 +220,7 @@ impl MailSink {
         std::thread::Builder::new().name("mail-sink".into()).spawn(move || {
             let _ = server.serve();
         })?;
-        Ok(Self { addr, store })
+        Ok(Self { addr, store, faults })
     }
 
     pub fn messages(&self) -> Vec<ReceivedMail> {
@@ -174,6 +233,39 @@ impl MailSink {
             .into_iter()
             .filter(|m| m.to.iter().any(|t| t == address))
             .collect()
+    }
+
+    /// Fault: the next message is received and kept (it is among [`MailSink::messages`], as a
+    /// real server would have queued it), but the reply to its end of data comes only after
+    /// `delay`. A sender whose timeout is shorter cannot tell whether the server took it.
+    pub fn stall_reply_after_next_message(&self, delay: Duration) {
+        self.faults
+            .stall_after_data
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(delay);
+    }
+
+    /// Fault: the next DATA command is held, before the server asks for the message (so the
+    /// sender has sent nothing of it yet), until [`MailSink::release_data`] (or two minutes).
+    pub fn hold_next_data(&self) {
+        let (lock, _) = &*self.faults.hold;
+        let mut hold = lock.lock().unwrap_or_else(|p| p.into_inner());
+        hold.armed += 1;
+        hold.released = false;
+    }
+
+    /// How many DATA commands are held right now.
+    pub fn holding(&self) -> usize {
+        let (lock, _) = &*self.faults.hold;
+        lock.lock().unwrap_or_else(|p| p.into_inner()).holding
+    }
+
+    /// Lets every held DATA command go on.
+    pub fn release_data(&self) {
+        let (lock, released) = &*self.faults.hold;
+        lock.lock().unwrap_or_else(|p| p.into_inner()).released = true;
+        released.notify_all();
     }
 }
 

@@ -17,6 +17,12 @@
 //!   `"status": "queued"`; errors `{"code", "message", "more_info", "status"}`. Receipts: form
 //!   POST `MessageSid`, `MessageStatus`, signed in `X-Twilio-Signature`.
 //!   (twilio.com/docs/messaging/api/message-resource, twilio.com/docs/usage/security)
+//!
+//! Faults, on request: [`SmsProviderSim::answer_next`] refuses the next requests with the given
+//! answers (nothing is taken); [`SmsProviderSim::after_accepting_next`] takes the next messages
+//! (they are among [`SmsProviderSim::accepted`], as a real provider would have queued them) and
+//! then answers late or with an error, the way a provider or a gateway in front of it can
+//! after the message is already on its way.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -52,6 +58,18 @@ pub struct AcceptedSms {
     pub content_type: String,
 }
 
+/// What the stand-in does after it has taken a message, instead of answering its success at
+/// once (DEV AND TEST ONLY).
+#[derive(Debug, Clone)]
+pub enum AfterAccept {
+    /// The success answer comes only after this long: a client with a shorter timeout never
+    /// learns that the message was taken, nor its id.
+    Delay(std::time::Duration),
+    /// This status and JSON body instead of the success answer (e.g. a 502 from a gateway in
+    /// front of the API, or a 500 from the API after it queued the message).
+    Answer(u16, String),
+}
+
 #[derive(Default)]
 struct SimState {
     accepted: Vec<AcceptedSms>,
@@ -59,6 +77,8 @@ struct SimState {
     refused: Vec<String>,
     /// Answers to give instead of accepting, in order (status, body).
     scripted: Vec<(u16, String)>,
+    /// Faults to play after accepting, in order.
+    after_accept: Vec<AfterAccept>,
 }
 
 #[derive(Clone)]
@@ -119,6 +139,12 @@ impl SmsProviderSim {
     pub fn answer_next(&self, answers: &[(u16, &str)]) {
         self.sim.state.lock().unwrap_or_else(|p| p.into_inner()).scripted =
             answers.iter().map(|(s, b)| (*s, (*b).to_owned())).collect();
+    }
+
+    /// The next valid requests are accepted (the message is taken and recorded) and then
+    /// answered with these faults, one each, instead of the success answer.
+    pub fn after_accepting_next(&self, faults: &[AfterAccept]) {
+        self.sim.state.lock().unwrap_or_else(|p| p.into_inner()).after_accept = faults.to_vec();
     }
 
     /// Posts the provider's delivery receipt for an accepted message to its callback URL,
@@ -228,6 +254,29 @@ impl Sim {
 
     fn accept(&self, sms: AcceptedSms) {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).accepted.push(sms);
+    }
+
+    /// The answer to a request whose message was accepted: `success`, unless a fault is due.
+    async fn answer_accepted(&self, success: Response) -> Response {
+        let fault = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if state.after_accept.is_empty() {
+                None
+            } else {
+                Some(state.after_accept.remove(0))
+            }
+        };
+        match fault {
+            None => success,
+            Some(AfterAccept::Delay(delay)) => {
+                tokio::time::sleep(delay).await;
+                success
+            }
+            Some(AfterAccept::Answer(status, body)) => {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                (status, [("content-type", "application/json")], body).into_response()
+            }
+        }
     }
 
     fn next_number(&self) -> usize {
@@ -360,11 +409,12 @@ async fn gatewayapi(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> 
         encoding,
         content_type: content_type(&headers),
     });
-    axum::Json(serde_json::json!({
+    let success = axum::Json(serde_json::json!({
         "ids": [id.parse::<u64>().unwrap_or(0)],
         "usage": {"countries": {"DK": 1}, "currency": "DKK", "total_cost": 0.12}
     }))
-    .into_response()
+    .into_response();
+    sim.answer_accepted(success).await
 }
 
 async fn elks46(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Response {
@@ -428,7 +478,7 @@ async fn elks46(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Resp
         encoding: None,
         content_type: content_type(&headers),
     });
-    axum::Json(serde_json::json!({
+    let success = axum::Json(serde_json::json!({
         "status": "created",
         "direction": "outgoing",
         "from": form["from"],
@@ -439,7 +489,8 @@ async fn elks46(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Resp
         "cost": 3500,
         "parts": 1
     }))
-    .into_response()
+    .into_response();
+    sim.answer_accepted(success).await
 }
 
 fn twilio_error(status: StatusCode, code: u32, message: &str) -> Response {
@@ -525,7 +576,7 @@ async fn twilio(State(sim): State<Sim>, Path(sid): Path<String>, headers: Header
         encoding: None,
         content_type: content_type(&headers),
     });
-    (
+    let success = (
         StatusCode::CREATED,
         axum::Json(serde_json::json!({
             "account_sid": sid,
@@ -540,5 +591,6 @@ async fn twilio(State(sim): State<Sim>, Path(sid): Path<String>, headers: Header
             "uri": format!("/2010-04-01/Accounts/{sid}/Messages/{id}.json"),
         })),
     )
-        .into_response()
+        .into_response();
+    sim.answer_accepted(success).await
 }

@@ -238,8 +238,70 @@ fn check(writer: &Schema, reader: &Schema) -> Option<String> {
     }
 }
 
+/// An outage to play (fault tests): while set, every registry call answers this status.
+/// `PUT /_emulator/fault` with `{"status": 500}` starts it, `DELETE /_emulator/fault` ends it;
+/// the count of refused calls is in `GET /_emulator/fault`. Not part of Confluent's API.
+#[derive(Debug, Default)]
+struct Fault {
+    status: Option<StatusCode>,
+    refused: u64,
+}
+
+type SharedFault = Arc<Mutex<Fault>>;
+
+fn lock_fault(fault: &SharedFault) -> std::sync::MutexGuard<'_, Fault> {
+    fault.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn play_fault(
+    State(fault): State<SharedFault>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !request.uri().path().starts_with("/_emulator/") {
+        let mut f = lock_fault(&fault);
+        if let Some(status) = f.status {
+            f.refused += 1;
+            return err(status, 50001, "emulated outage").into_response();
+        }
+    }
+    next.run(request).await
+}
+
+#[derive(Deserialize)]
+struct FaultRequest {
+    status: u16,
+}
+
+fn fault_routes(fault: SharedFault) -> Router {
+    Router::new()
+        .route(
+            "/_emulator/fault",
+            get(|State(f): State<SharedFault>| async move {
+                let f = lock_fault(&f);
+                reply(StatusCode::OK, json!({"status": f.status.map(|s| s.as_u16()), "refused": f.refused}))
+            })
+            .put(|State(f): State<SharedFault>, body: Bytes| async move {
+                let Ok(FaultRequest { status }) = serde_json::from_slice(&body) else {
+                    return err(StatusCode::UNPROCESSABLE_ENTITY, 42201, "expected {\"status\": <HTTP status>}").into_response();
+                };
+                let Ok(status) = StatusCode::from_u16(status) else {
+                    return err(StatusCode::UNPROCESSABLE_ENTITY, 42201, "not an HTTP status").into_response();
+                };
+                lock_fault(&f).status = Some(status);
+                reply(StatusCode::OK, json!({"status": status.as_u16()}))
+            })
+            .delete(|State(f): State<SharedFault>| async move {
+                lock_fault(&f).status = None;
+                reply(StatusCode::OK, json!({}))
+            }),
+        )
+        .with_state(fault)
+}
+
 pub fn router() -> Router {
     let state: Shared = Arc::new(Mutex::new(Registry::default()));
+    let fault: SharedFault = Arc::default();
     Router::new()
         .route("/", get(|| async { reply(StatusCode::OK, json!({})) }))
         .route("/schemas/ids/{id}", get(get_schema))
@@ -263,6 +325,8 @@ pub fn router() -> Router {
             get(|| async { reply(StatusCode::OK, json!({"mode": "READWRITE"})) }),
         )
         .with_state(state)
+        .merge(fault_routes(fault.clone()))
+        .layer(axum::middleware::from_fn_with_state(fault, play_fault))
 }
 
 /// Serves the emulator on `addr` (port 0 picks one) in the background; returns the bound address.

@@ -1,0 +1,657 @@
+//! The consume runtime every service runs: one loop for all of them, with a single lane of
+//! handling as the serial case.
+//!
+//! **Offsets.** An offset is stored only for the contiguous prefix of a partition's records that
+//! are applied or rejected and whose outputs the broker acknowledged ([`super::offsets`]). A
+//! record that fails or is interrupted stops storing for its partition; it is redelivered (after
+//! a restart, or to the partition's next owner), never skipped.
+//!
+//! **Order.** Records of one lane (by default: one key, so one debtor) are handled one after
+//! another, each after the previous one's outputs were acknowledged; records of different lanes
+//! are handled up to `key_concurrency` at once. A record whose predecessor did not finish is
+//! not handled either (it is redelivered with it).
+//!
+//! **Faults.** What a handler reports as transient (registry, Redis, broker away) is retried with
+//! backoff while `/readyz` says the service waits; a permanent failure rejects the record to
+//! the rejected topic with a reason and the raw bytes (cut to [`RAW_BYTES_KEPT`]); an output the
+//! broker can never take (too large) rejects the record it came from; a broker away longer than
+//! the producer's timeout is waited out by producing again; only what an operator must fix
+//! (a bug, authorisation, a broken producer) ends the loop, with the record uncommitted.
+//!
+//! **Rebalances** are handled in [`super::rebalance`]. **Shutdown**: the loop stops taking
+//! records, lets those in hand finish within `kafka.drain_timeout_ms` (retries stop at once),
+//! commits what is settled and returns.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use tokio::sync::{Semaphore, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::offsets::{Settlement, Ticket};
+use super::rebalance::Ownership;
+use super::{Inbound, KafkaConsumer, Outbound, ProduceError, Producer};
+use crate::admin::{FaultGuard, Readiness};
+use crate::avro::Codec;
+use crate::metrics::Metrics;
+use crate::records::{Rejected, new_event_id};
+
+/// Why a record could not be applied.
+#[derive(Debug)]
+pub enum Failure {
+    /// Permanent: the record goes to the rejected topic with this reason, and is counted.
+    Reject {
+        code: &'static str,
+        detail: String,
+        tenant: Option<String>,
+        debtor_id: Option<String>,
+    },
+    /// Something we depend on is away: retry the same record after a backoff.
+    Transient(anyhow::Error),
+    /// A bug or misconfiguration: stop the service without committing the record.
+    Fatal(anyhow::Error),
+}
+
+impl Failure {
+    pub fn reject(code: &'static str, detail: impl Into<String>) -> Self {
+        Failure::Reject {
+            code,
+            detail: detail.into(),
+            tenant: None,
+            debtor_id: None,
+        }
+    }
+
+    pub fn transient(e: impl Into<anyhow::Error>) -> Self {
+        Failure::Transient(e.into())
+    }
+}
+
+impl From<crate::avro::DecodeError> for Failure {
+    fn from(e: crate::avro::DecodeError) -> Self {
+        if e.is_transient() {
+            Failure::Transient(e.into())
+        } else {
+            Failure::reject(e.reason_code(), e.to_string())
+        }
+    }
+}
+
+impl From<crate::avro::EncodeError> for Failure {
+    fn from(e: crate::avro::EncodeError) -> Self {
+        if e.is_transient() {
+            Failure::Transient(e.into())
+        } else {
+            Failure::Fatal(e.into())
+        }
+    }
+}
+
+/// Redis error codes that say "not now" rather than "never": a replica loading its data set or
+/// promoted meanwhile, a cluster slot moving, a long script, memory full until eviction or an
+/// operator frees some.
+const REDIS_TRANSIENT_CODES: &[&str] = &[
+    "LOADING",
+    "READONLY",
+    "TRYAGAIN",
+    "BUSY",
+    "OOM",
+    "MASTERDOWN",
+    "CLUSTERDOWN",
+    "NOREPLICAS",
+    "MISCONF",
+];
+
+impl From<redis::RedisError> for Failure {
+    fn from(e: redis::RedisError) -> Self {
+        // Connection loss, timeouts, failovers and memory pressure resolve by themselves (or by
+        // an operator while we wait); anything else (a script error, a wrong type) is a bug that
+        // retrying will not fix.
+        let code_is_transient = e.code().is_some_and(|code| REDIS_TRANSIENT_CODES.contains(&code));
+        if code_is_transient
+            || e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+        {
+            Failure::Transient(e.into())
+        } else {
+            Failure::Fatal(e.into())
+        }
+    }
+}
+
+impl From<ProduceError> for Failure {
+    fn from(e: ProduceError) -> Self {
+        match e {
+            ProduceError::Transient { .. } => Failure::Transient(e.into()),
+            ProduceError::TooLarge { .. } => Failure::reject("output_too_large", e.to_string()),
+            ProduceError::Fatal { .. } => Failure::Fatal(e.into()),
+        }
+    }
+}
+
+/// The body of a consume loop: decides what one record becomes.
+pub trait Handler: Send + Sync {
+    fn handle(&self, record: &Inbound) -> impl Future<Output = Result<Vec<Outbound>, Failure>> + Send;
+}
+
+/// What a consume loop needs besides its consumer and handler.
+#[derive(Clone)]
+pub struct LoopContext {
+    pub service: &'static str,
+    pub producer: Producer,
+    pub codec: Arc<Codec>,
+    pub metrics: Metrics,
+    pub rejected_topic: String,
+    pub readiness: Readiness,
+    pub shutdown: CancellationToken,
+    /// Most records taken and not yet settled; beyond it the loop pauses its partitions.
+    pub max_in_flight: usize,
+    /// Records of different lanes handled at once (1 = one at a time). Records of one lane are
+    /// always handled in order, each after the previous one's outputs were acknowledged.
+    pub key_concurrency: usize,
+    /// Which records must wait for each other (same lane): by default those with the same key.
+    pub lane: Option<LaneOf>,
+    /// How long records in hand may take to finish on shutdown.
+    pub drain_timeout: Duration,
+}
+
+/// Which lane a record belongs to; records of one lane are handled one after another.
+pub type LaneOf = Arc<dyn Fn(&Inbound) -> u64 + Send + Sync>;
+
+/// How much of a rejected record's raw key and value the rejection carries: enough to see what
+/// it was, never so much that the rejection itself is too large for the broker.
+pub const RAW_BYTES_KEPT: usize = 64 * 1024;
+/// How much of a rejection's detail is kept.
+const DETAIL_KEPT: usize = 2048;
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Exponential backoff with full jitter.
+pub fn backoff(attempt: u32) -> Duration {
+    let cap = BACKOFF_START.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_MAX);
+    cap.mul_f64(rand::random::<f64>().max(0.1))
+}
+
+/// Lanes records are spread over.
+const LANES: u64 = 4096;
+
+fn lane_hash(bytes: &Option<Vec<u8>>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish() % LANES
+}
+
+/// The default lane: records with the same key wait for each other.
+pub fn key_lane(record: &Inbound) -> u64 {
+    lane_hash(&record.key)
+}
+
+/// A lane by content, for feeds whose key says nothing (one key for all): only identical
+/// records (a redelivery) wait for each other.
+pub fn payload_lane(record: &Inbound) -> u64 {
+    lane_hash(&record.payload)
+}
+
+/// `bytes` cut to `limit`, and what was cut, for the rejection's detail.
+fn kept(bytes: &Option<Vec<u8>>, limit: usize, what: &str) -> (Option<Vec<u8>>, Option<String>) {
+    match bytes {
+        Some(b) if b.len() > limit => (
+            Some(b[..limit].to_vec()),
+            Some(format!("{what} cut to its first {limit} of {} bytes", b.len())),
+        ),
+        other => (other.clone(), None),
+    }
+}
+
+fn cut_detail(mut detail: String) -> String {
+    if detail.len() > DETAIL_KEPT {
+        let mut end = DETAIL_KEPT;
+        while !detail.is_char_boundary(end) {
+            end -= 1;
+        }
+        detail.truncate(end);
+        detail.push_str("...");
+    }
+    detail
+}
+
+/// A record's handling ended for good (applied or rejected) or not.
+enum Handled {
+    Outputs(Vec<Outbound>),
+    Interrupted,
+}
+
+impl LoopContext {
+    /// The rejection of `record`, its raw bytes cut to [`RAW_BYTES_KEPT`].
+    pub async fn rejection(
+        &self,
+        record: &Inbound,
+        code: &str,
+        detail: String,
+        tenant: Option<String>,
+        debtor_id: Option<String>,
+    ) -> Result<Outbound, Failure> {
+        let (raw_key, key_cut) = kept(&record.key, RAW_BYTES_KEPT, "raw key");
+        let (raw_value, value_cut) = kept(&record.payload, RAW_BYTES_KEPT, "raw value");
+        let mut detail = cut_detail(detail);
+        for note in [key_cut, value_cut].into_iter().flatten() {
+            detail.push_str(" (");
+            detail.push_str(&note);
+            detail.push(')');
+        }
+        let rejected = Rejected {
+            event_id: new_event_id(),
+            tenant,
+            debtor_id: debtor_id.or_else(|| record.key_str()),
+            occurred_at: chrono::Utc::now().timestamp_millis(),
+            service: self.service.to_owned(),
+            source_topic: record.topic.clone(),
+            source_partition: record.partition,
+            source_offset: record.offset,
+            reason_code: code.to_owned(),
+            detail,
+            raw_key,
+            raw_value,
+        };
+        let mut key = rejected.debtor_id.clone().unwrap_or_default();
+        if key.len() > RAW_BYTES_KEPT {
+            key = String::from_utf8_lossy(&key.as_bytes()[..RAW_BYTES_KEPT]).into_owned();
+        }
+        Ok(self
+            .codec
+            .outbound(&self.rejected_topic, &key, &rejected, record.trace)
+            .await?)
+    }
+
+    fn count_rejection(&self, record: &Inbound, code: &str, detail: &str) {
+        tracing::warn!(reason = code, detail = %cut_detail(detail.to_owned()), "record rejected");
+        self.metrics
+            .messages
+            .with_label_values(&[&record.topic, "rejected"])
+            .inc();
+        self.metrics.rejected.with_label_values(&[code]).inc();
+    }
+
+    /// Waits out a transient fault: `false` when shutdown came first, or the record's partition
+    /// was taken away meanwhile (its next owner redelivers it).
+    async fn wait_out(
+        &self,
+        operation: &str,
+        error: &(dyn std::fmt::Display + Sync),
+        attempt: &mut u32,
+        still_ours: &(dyn Fn() -> bool + Send + Sync),
+    ) -> bool {
+        if !still_ours() {
+            return false;
+        }
+        self.metrics.retries.with_label_values(&[operation]).inc();
+        let wait = backoff(*attempt);
+        let error = error.to_string();
+        tracing::warn!(%error, operation, attempt = *attempt, wait_ms = wait.as_millis() as u64, "transient failure, retrying");
+        *attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = self.shutdown.cancelled() => false,
+            _ = tokio::time::sleep(wait) => true,
+        }
+    }
+
+    /// Handles one record until it is applied or rejected, retrying transient failures.
+    async fn outputs_for(
+        &self,
+        handler: &impl Handler,
+        record: &Inbound,
+        still_ours: &(dyn Fn() -> bool + Send + Sync),
+    ) -> anyhow::Result<Handled> {
+        let mut attempt = 0u32;
+        let mut fault: Option<FaultGuard> = None;
+        loop {
+            let started = Instant::now();
+            let result = handler.handle(record).await;
+            self.metrics
+                .handle_seconds
+                .with_label_values(&[&record.topic])
+                .observe(started.elapsed().as_secs_f64());
+            let failure = match result {
+                Ok(outs) => {
+                    self.metrics
+                        .messages
+                        .with_label_values(&[&record.topic, "applied"])
+                        .inc();
+                    return Ok(Handled::Outputs(outs));
+                }
+                Err(Failure::Reject {
+                    code,
+                    detail,
+                    tenant,
+                    debtor_id,
+                }) => {
+                    self.count_rejection(record, code, &detail);
+                    match self.rejection(record, code, detail, tenant, debtor_id).await {
+                        Ok(out) => return Ok(Handled::Outputs(vec![out])),
+                        // A rejection that cannot be encoded is retried or fatal below; handling
+                        // again gives the same rejection.
+                        Err(f) => f,
+                    }
+                }
+                Err(f) => f,
+            };
+            match failure {
+                Failure::Fatal(e) => {
+                    return Err(e.context(format!(
+                        "handling {}[{}]@{}",
+                        record.topic, record.partition, record.offset
+                    )));
+                }
+                Failure::Transient(e) => {
+                    fault.get_or_insert_with(|| self.readiness.waiting_out_fault());
+                    if !self.wait_out("handle", &e, &mut attempt, still_ours).await {
+                        return Ok(Handled::Interrupted);
+                    }
+                }
+                Failure::Reject { code, detail, .. } => {
+                    return Err(anyhow::anyhow!(
+                        "a rejection cannot be encoded ({code}: {detail}) for {}[{}]@{}",
+                        record.topic,
+                        record.partition,
+                        record.offset
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Produces a record's outputs until the broker acknowledged them all. A broker away is
+    /// waited out by producing again (consumers are idempotent, so an output acknowledged on an
+    /// earlier attempt may arrive twice); an output the broker can never take turns into the
+    /// record's rejection.
+    async fn deliver(
+        &self,
+        record: &Inbound,
+        mut outs: Vec<Outbound>,
+        still_ours: &(dyn Fn() -> bool + Send + Sync),
+    ) -> anyhow::Result<Settlement> {
+        let mut attempt = 0u32;
+        let mut fault: Option<FaultGuard> = None;
+        let mut rejected_for_size = false;
+        loop {
+            let error = match self.producer.send_all(&outs).await {
+                Ok(()) => return Ok(Settlement::Done),
+                Err(error) => error,
+            };
+            match error {
+                ProduceError::Transient { .. } => {
+                    fault.get_or_insert_with(|| self.readiness.waiting_out_fault());
+                    if !self.wait_out("produce", &error, &mut attempt, still_ours).await {
+                        return Ok(Settlement::Unfinished);
+                    }
+                }
+                ProduceError::TooLarge { .. } if !rejected_for_size => {
+                    rejected_for_size = true;
+                    let (code, detail) = ("output_too_large", error.to_string());
+                    self.count_rejection(record, code, &detail);
+                    outs = loop {
+                        match self.rejection(record, code, detail.clone(), None, None).await {
+                            Ok(out) => break vec![out],
+                            Err(Failure::Transient(e)) => {
+                                if !self.wait_out("encode", &e, &mut attempt, still_ours).await {
+                                    return Ok(Settlement::Unfinished);
+                                }
+                            }
+                            Err(other) => anyhow::bail!("cannot encode a rejection: {other:?}"),
+                        }
+                    };
+                }
+                _ => {
+                    return Err(anyhow::Error::new(error).context(format!(
+                        "producing the outputs of {}[{}]@{}",
+                        record.topic, record.partition, record.offset
+                    )));
+                }
+            }
+        }
+    }
+}
+
+/// Samples lag per assigned partition (high watermark minus position) on a blocking thread,
+/// so that the broker round trips never hold up the consume loop.
+fn record_lag(consumer: &Arc<KafkaConsumer>, metrics: &Metrics) {
+    let (consumer, metrics) = (consumer.clone(), metrics.clone());
+    tokio::task::spawn_blocking(move || {
+        let Ok(positions) = consumer.position() else { return };
+        for element in positions.elements() {
+            let rdkafka::Offset::Offset(position) = element.offset() else {
+                continue;
+            };
+            if let Ok((_, high)) =
+                consumer.fetch_watermarks(element.topic(), element.partition(), Duration::from_secs(1))
+            {
+                metrics
+                    .consumer_lag
+                    .with_label_values(&[element.topic(), &element.partition().to_string()])
+                    .set((high - position).max(0));
+            }
+        }
+    });
+}
+
+/// Resolves when a record has settled: `true` if it was done.
+type Settled = Shared<BoxFuture<'static, bool>>;
+
+/// One record in hand and what its task needs.
+struct Job<H> {
+    record: Inbound,
+    ticket: Ticket,
+    /// The previous record of its lane.
+    before: Option<(Ticket, Settled)>,
+    done: oneshot::Sender<bool>,
+    handler: Arc<H>,
+    ctx: LoopContext,
+    consumer: Arc<KafkaConsumer>,
+    ownership: Arc<Ownership>,
+    handlers: Arc<Semaphore>,
+}
+
+impl<H: Handler + 'static> Job<H> {
+    async fn run(self) -> anyhow::Result<()> {
+        let Job {
+            record,
+            ticket,
+            before,
+            done,
+            handler,
+            ctx,
+            consumer,
+            ownership,
+            handlers,
+        } = self;
+        let span = tracing::info_span!("handle", service = ctx.service, topic = %record.topic,
+            partition = record.partition, offset = record.offset, trace_id = %record.trace.trace_id_hex());
+        let result: anyhow::Result<Settlement> = async {
+            // A predecessor that did not finish blocks its partition's offsets until it is
+            // redelivered, and this record with it (it is redelivered too, in order). One of
+            // another partition, or of an earlier assignment, says nothing about this record.
+            if let Some((previous, settled)) = before
+                && !settled.await
+                && previous.same_assignment(&ticket)
+            {
+                return Ok(Settlement::Unfinished);
+            }
+            if !ownership.may_start(&ticket) {
+                return Ok(Settlement::Unfinished);
+            }
+            let permit = handlers.acquire_owned().await?;
+            if !ownership.may_start(&ticket) || ctx.shutdown.is_cancelled() {
+                return Ok(Settlement::Unfinished);
+            }
+            let still_ours = || ownership.may_start(&ticket);
+            let outs = match ctx.outputs_for(&*handler, &record, &still_ours).await? {
+                Handled::Outputs(outs) => outs,
+                Handled::Interrupted => return Ok(Settlement::Unfinished),
+            };
+            // The handler slot is free while the outputs await their acknowledgement (tens of
+            // milliseconds that would otherwise cap throughput at slots / ack latency).
+            drop(permit);
+            ctx.deliver(&record, outs, &still_ours).await
+        }
+        .instrument(span)
+        .await;
+        let settlement = *result.as_ref().unwrap_or(&Settlement::Unfinished);
+        ownership.settle(&consumer, &ticket, settlement);
+        let _ = done.send(settlement == Settlement::Done);
+        result.map(|_| ())
+    }
+}
+
+/// Runs the consume runtime until shutdown (returns `Ok`) or a fatal error.
+pub async fn run_consumer<H: Handler + 'static>(
+    consumer: Arc<KafkaConsumer>,
+    handler: H,
+    ctx: LoopContext,
+) -> anyhow::Result<()> {
+    let handler = Arc::new(handler);
+    let ownership = consumer.context().ownership.clone();
+    // Records in hand watch this token: cancelled on shutdown, and when the loop ends early.
+    let stop = ctx.shutdown.child_token();
+    let task_ctx = LoopContext {
+        shutdown: stop.clone(),
+        ..ctx.clone()
+    };
+    let handlers = Arc::new(Semaphore::new(ctx.key_concurrency.max(1)));
+    let limit = ctx.max_in_flight.max(1);
+    let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    let mut lanes: HashMap<u64, (Ticket, Settled)> = HashMap::new();
+    let mut paused = false;
+    let mut readiness_tick = tokio::time::interval(Duration::from_millis(250));
+    let mut lag_tick = tokio::time::interval(Duration::from_secs(5));
+    let mut failure: Option<anyhow::Error> = None;
+
+    loop {
+        tokio::select! {
+            biased;
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Some(error) = task_error(joined) {
+                    failure = Some(error);
+                    break;
+                }
+                if paused && tasks.len() <= limit / 2 {
+                    paused = !set_paused(&consumer, false);
+                }
+            }
+            _ = ctx.shutdown.cancelled() => break,
+            _ = lag_tick.tick() => record_lag(&consumer, &ctx.metrics),
+            _ = readiness_tick.tick(), if !ctx.readiness.has_joined() => {
+                if consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
+                    ctx.readiness.set_ready(true);
+                }
+            }
+            // Always polled, even when full: rebalances are served inside `recv`. When full, the
+            // partitions are paused, so at most what the client had fetched still arrives.
+            received = consumer.recv() => {
+                let message = match received {
+                    Ok(m) => m.detach(),
+                    Err(e) => {
+                        ctx.metrics.retries.with_label_values(&["consume"]).inc();
+                        tracing::warn!(error = %e, "consume error");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                ctx.readiness.set_ready(true);
+                let record = Inbound::from_message(&message);
+                let Some(ticket) = ownership.take(&record.topic, record.partition, record.offset) else {
+                    tracing::debug!(topic = %record.topic, partition = record.partition, offset = record.offset,
+                        "record of a partition no longer owned, left to its owner");
+                    continue;
+                };
+                let lane = ctx.lane.as_ref().map_or_else(|| key_lane(&record), |f| f(&record) % LANES);
+                let (done, settled) = oneshot::channel::<bool>();
+                let settled: Settled = settled.map(|r| r.unwrap_or(false)).boxed().shared();
+                let before = lanes.insert(lane, (ticket.clone(), settled));
+                let job = Job {
+                    record,
+                    ticket,
+                    before,
+                    done,
+                    handler: handler.clone(),
+                    ctx: task_ctx.clone(),
+                    consumer: consumer.clone(),
+                    ownership: ownership.clone(),
+                    handlers: handlers.clone(),
+                };
+                tasks.spawn(job.run());
+                // Paused again on each record past the limit: a rebalance may have brought
+                // partitions that are not paused yet.
+                if tasks.len() >= limit {
+                    paused = set_paused(&consumer, true) || paused;
+                }
+            }
+        }
+    }
+
+    // Stop taking records; let those in hand finish (retries stop at the shutdown signal).
+    stop.cancel();
+    let drained = tokio::time::timeout(ctx.drain_timeout, async {
+        while let Some(joined) = tasks.join_next().await {
+            if let Some(error) = task_error(joined) {
+                tracing::error!(error = format!("{error:#}"), "record failed while draining");
+                failure.get_or_insert(error);
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            unfinished = tasks.len(),
+            "drain deadline passed; unfinished records stay uncommitted and are redelivered"
+        );
+        tasks.abort_all();
+    }
+    ctx.readiness.set_ready(false);
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(error = %e, "final commit failed"),
+    }
+    ownership.close();
+    failure.map_or(Ok(()), Err)
+}
+
+/// A task's fatal error, or a panic as one.
+fn task_error(joined: Result<anyhow::Result<()>, tokio::task::JoinError>) -> Option<anyhow::Error> {
+    match joined {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => Some(error),
+        Err(join) if join.is_cancelled() => None,
+        Err(join) => Some(anyhow::anyhow!("a record's handling panicked: {join}")),
+    }
+}
+
+/// Pauses or resumes every assigned partition; whether it took effect.
+fn set_paused(consumer: &KafkaConsumer, pause: bool) -> bool {
+    let Ok(assignment) = consumer.assignment() else {
+        return false;
+    };
+    let result = if pause {
+        consumer.pause(&assignment)
+    } else {
+        consumer.resume(&assignment)
+    };
+    match result {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(%error, pause, "cannot pause or resume partitions");
+            false
+        }
+    }
+}

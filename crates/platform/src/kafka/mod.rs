@@ -1,0 +1,116 @@
+//! Kafka plumbing: client settings, topic creation, the idempotent producer, and the consume
+//! runtime every service runs (see [`consume`] for its rule on offsets).
+//!
+//! Delivery is at-least-once (tansu does not complete transactions, and no transaction could
+//! cover Redis or a provider anyway): every handler must be idempotent.
+
+mod consume;
+pub mod offsets;
+mod producer;
+mod rebalance;
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+
+pub use consume::{
+    Failure, Handler, LaneOf, LoopContext, RAW_BYTES_KEPT, backoff, key_lane, payload_lane, run_consumer,
+};
+pub use producer::{Ack, Outbound, ProduceError, Producer, producer};
+pub use rebalance::ConsumeContext;
+
+use crate::config::KafkaConfig;
+use crate::telemetry::{TRACEPARENT, TraceContext};
+
+/// A consumer whose partitions the consume runtime tracks through rebalances.
+pub type KafkaConsumer = StreamConsumer<ConsumeContext>;
+
+fn base(config: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.brokers);
+    // Tansu listens on IPv4 only; resolving "localhost" to ::1 first would stall connects.
+    c.set("broker.address.family", "v4");
+    c
+}
+
+pub fn consumer(config: &KafkaConfig, group: &str, topics: &[String]) -> Result<KafkaConsumer, KafkaError> {
+    let context = ConsumeContext::new(Duration::from_millis(config.revoke_timeout_ms.into()));
+    let consumer: KafkaConsumer = base(config)
+        .set("group.id", format!("{}.{group}", config.group_prefix))
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        // Offsets are stored by the loop only after the outputs are acknowledged.
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", config.session_timeout_ms.to_string())
+        .set("heartbeat.interval.ms", config.heartbeat_interval_ms.to_string())
+        .set("topic.metadata.refresh.interval.ms", "5000")
+        .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
+        .create_with_context(context)?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names)?;
+    Ok(consumer)
+}
+
+/// Creates the topics that are missing; existing ones are left as they are.
+pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = base(config).create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(config.replication_factor)))
+        .collect();
+    let results = admin
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => anyhow::bail!("cannot create topic '{topic}': {code}"),
+        }
+    }
+    Ok(())
+}
+
+/// One consumed record, detached from the client's buffers.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    /// The producer's trace context, or a new root when the record carried none.
+    pub trace: TraceContext,
+}
+
+impl Inbound {
+    pub(crate) fn from_message(m: &OwnedMessage) -> Self {
+        let trace = m
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == TRACEPARENT).and_then(|h| h.value))
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(TraceContext::parse)
+            .unwrap_or_else(TraceContext::new_root);
+        Self {
+            topic: m.topic().to_owned(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            trace,
+        }
+    }
+
+    pub fn key_str(&self) -> Option<String> {
+        self.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned())
+    }
+}
+

@@ -1,0 +1,146 @@
+//! The shared, idempotent producer, and what its errors mean for the record being handled.
+
+use std::time::Duration;
+
+use futures::FutureExt;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::config::KafkaConfig;
+use crate::metrics::Metrics;
+use crate::telemetry::{TRACEPARENT, TraceContext};
+
+/// A record to produce.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub topic: String,
+    pub key: String,
+    pub payload: Vec<u8>,
+    pub trace: TraceContext,
+}
+
+/// Why a record could not be produced, by what to do about it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProduceError {
+    /// The broker is away, slow or electing a leader; the same record will go through later.
+    #[error("produce to '{topic}' failed (will retry): {detail}")]
+    Transient { topic: String, detail: String },
+    /// The record can never be accepted: it is larger than the broker or client allows.
+    #[error("record for '{topic}' is too large ({bytes} bytes): {detail}")]
+    TooLarge { topic: String, bytes: usize, detail: String },
+    /// Only an operator can fix this (authorisation, a fenced or broken idempotent producer).
+    #[error("produce to '{topic}' failed: {detail}")]
+    Fatal { topic: String, detail: String },
+}
+
+impl ProduceError {
+    fn of(error: &KafkaError, out: &Outbound) -> Self {
+        let (topic, detail) = (out.topic.clone(), error.to_string());
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge) => {
+                ProduceError::TooLarge {
+                    topic,
+                    bytes: out.key.len() + out.payload.len(),
+                    detail,
+                }
+            }
+            Some(
+                RDKafkaErrorCode::Fatal
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::InvalidTopic,
+            ) => ProduceError::Fatal { topic, detail },
+            _ => ProduceError::Transient { topic, detail },
+        }
+    }
+}
+
+pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+    super::base(config)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        // Murmur2 like the Java client, so that upstream producers and Forfall agree on which
+        // partition a debtor's key belongs to.
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", config.linger_ms.to_string())
+        .set("queue.buffering.max.messages", "200000")
+        .set("message.max.bytes", config.message_max_bytes.to_string())
+        .create()
+}
+
+/// The shared, idempotent producer.
+#[derive(Clone)]
+pub struct Producer {
+    inner: FutureProducer,
+    metrics: Metrics,
+}
+
+/// The broker's acknowledgement of one record.
+pub type Ack = futures::future::BoxFuture<'static, Result<(), ProduceError>>;
+
+impl Producer {
+    pub fn new(config: &KafkaConfig, metrics: Metrics) -> Result<Self, KafkaError> {
+        Ok(Self {
+            inner: producer(config)?,
+            metrics,
+        })
+    }
+
+    /// Enqueues one record and returns a future of its acknowledgement. Waits while the
+    /// client's local queue is full rather than failing.
+    pub async fn send(&self, out: &Outbound) -> Ack {
+        let header = out.trace.header();
+        loop {
+            let record = FutureRecord::to(&out.topic)
+                .key(out.key.as_bytes())
+                .payload(&out.payload)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: TRACEPARENT,
+                    value: Some(header.as_bytes()),
+                }));
+            match self.inner.send_result(record) {
+                Ok(delivery) => {
+                    self.metrics.produced.with_label_values(&[&out.topic]).inc();
+                    let out = out.clone();
+                    return async move {
+                        match delivery.await {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err((e, _))) => Err(ProduceError::of(&e, &out)),
+                            Err(_) => Err(ProduceError::Transient {
+                                topic: out.topic.clone(),
+                                detail: "delivery cancelled".into(),
+                            }),
+                        }
+                    }
+                    .boxed();
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return futures::future::ready(Err(ProduceError::of(&e, out))).boxed(),
+            }
+        }
+    }
+
+    /// Produces all records and waits until each is acknowledged; the first error, if any.
+    pub async fn send_all(&self, outs: &[Outbound]) -> Result<(), ProduceError> {
+        let mut acks = Vec::with_capacity(outs.len());
+        for out in outs {
+            acks.push(self.send(out).await);
+        }
+        let mut first_error = None;
+        for ack in futures::future::join_all(acks).await {
+            if let Err(e) = ack {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    pub async fn flush(&self, timeout: Duration) {
+        let inner = self.inner.clone();
+        let _ = tokio::task::spawn_blocking(move || rdkafka::producer::Producer::flush(&inner, timeout)).await;
+    }
+}
