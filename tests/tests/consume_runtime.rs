@@ -196,7 +196,12 @@ async fn a_failed_record_is_never_committed_past() -> anyhow::Result<()> {
     let ended = tokio::time::timeout(WAIT, running).await??;
     let error = ended.expect_err("a fatal failure ends the loop");
     assert!(format!("{error:#}").contains("a bug"), "{error:#}");
-    let after_handled = handled.lock().expect("lock").iter().filter(|t| t.starts_with("after-")).count();
+    let after_handled = handled
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|t| t.starts_with("after-"))
+        .count();
     let committed = h.committed(1).await?;
     assert_eq!(
         committed[&0],
@@ -223,7 +228,11 @@ async fn an_interrupted_record_is_redelivered_with_everything_after_it() -> anyh
     .await?;
     shutdown.cancel();
     tokio::time::timeout(WAIT, running).await???;
-    assert_eq!(h.committed(1).await?[&0], Some(offsets[1]), "committed up to the stuck record");
+    assert_eq!(
+        h.committed(1).await?[&0],
+        Some(offsets[1]),
+        "committed up to the stuck record"
+    );
 
     // The next run gets the stuck record again, and the ones after it.
     let again = h.handler();
@@ -286,8 +295,14 @@ async fn a_rebalance_with_records_in_hand_loses_nothing_and_kills_nobody() -> an
             .chain(second_handled.lock().expect("lock").iter())
             .cloned()
             .collect();
-        anyhow::ensure!(!first_running.is_finished(), "the first consumer ended during the rebalance");
-        anyhow::ensure!(!second_running.is_finished(), "the second consumer ended during the rebalance");
+        anyhow::ensure!(
+            !first_running.is_finished(),
+            "the first consumer ended during the rebalance"
+        );
+        anyhow::ensure!(
+            !second_running.is_finished(),
+            "the second consumer ended during the rebalance"
+        );
         Ok((all.len() == payloads.len()).then_some(()))
     })
     .await?;
@@ -326,7 +341,11 @@ async fn shutdown_drains_within_its_deadline() -> anyhow::Result<()> {
         took < Duration::from_secs(30),
         "the loop returned after {took:?} although the slow record takes 60 s (deadline 1 s)"
     );
-    assert_eq!(h.committed(1).await?[&0], Some(offsets[1]), "the slow record stays uncommitted");
+    assert_eq!(
+        h.committed(1).await?[&0],
+        Some(offsets[1]),
+        "the slow record stays uncommitted"
+    );
     Ok(())
 }
 
@@ -363,7 +382,11 @@ async fn outputs_and_rejections_too_large_for_the_broker_become_rejections() -> 
         .expect("the huge record is rejected");
     assert_eq!(cut.reason_code, "test_reason");
     assert_eq!(cut.raw_value.as_ref().map(Vec::len), Some(kafka::RAW_BYTES_KEPT));
-    assert!(cut.detail.contains("cut to its first 65536 of 999009 bytes"), "{}", cut.detail);
+    assert!(
+        cut.detail.contains("cut to its first 65536 of 999009 bytes"),
+        "{}",
+        cut.detail
+    );
     shutdown.cancel();
     running.await??;
     assert_eq!(h.committed(1).await?[&0], Some(offsets[2] + 1), "all three settled");
@@ -382,7 +405,11 @@ async fn a_registry_outage_is_waited_out_not_turned_into_rejections() -> anyhow:
     // Encoded while the registry answers; ingest has not seen the schema id yet.
     let issued = sample.issued();
     let payload = stack.rt.codec.encode(&billing, &issued).await?;
-    http.put(&fault).json(&serde_json::json!({"status": 500})).send().await?.error_for_status()?;
+    http.put(&fault)
+        .json(&serde_json::json!({"status": 500}))
+        .send()
+        .await?
+        .error_for_status()?;
     stack.start_service("ingest");
     stack.produce_raw(&billing, &issued.debtor_id, &payload).await?;
     eventually("ingest to meet the outage", WAIT, || async {
@@ -391,7 +418,10 @@ async fn a_registry_outage_is_waited_out_not_turned_into_rejections() -> anyhow:
     })
     .await?;
     let ready = stack.wait_ready(&["ingest"], Duration::from_millis(300)).await;
-    assert!(ready.is_err(), "ingest says it is not ready while it waits for the registry");
+    assert!(
+        ready.is_err(),
+        "ingest says it is not ready while it waits for the registry"
+    );
     http.delete(&fault).send().await?.error_for_status()?;
     let invoices = stack.topic(&stack.topics().invoices);
     eventually("the invoice to be applied", WAIT, || async {

@@ -113,7 +113,12 @@ async fn unmatched_listed(stack: &LocalStack, tenant: &str) -> anyhow::Result<Ve
         .unwrap_or_default())
 }
 
-async fn match_by_hand(stack: &LocalStack, tenant: &str, payment_id: &str, invoices: &[&str]) -> anyhow::Result<(u16, Value)> {
+async fn match_by_hand(
+    stack: &LocalStack,
+    tenant: &str,
+    payment_id: &str,
+    invoices: &[&str],
+) -> anyhow::Result<(u16, Value)> {
     let addr = stack.rt.admin_addr("matcher").expect("the matcher serves HTTP");
     let r = reqwest::Client::new()
         .post(format!("http://{addr}/v1/payments/{payment_id}/match"))
@@ -143,7 +148,11 @@ fn norwegian(invoice_id: &'static str, kid: &'static str, email: &'static str) -
 }
 
 /// An unmatched payment without reference or invoice number: only a person can match it.
-fn anonymous_payment(s: &Sample<'_>, payment_id: &str, amount_minor: i64) -> forfall_platform::records::PaymentReceived {
+fn anonymous_payment(
+    s: &Sample<'_>,
+    payment_id: &str,
+    amount_minor: i64,
+) -> forfall_platform::records::PaymentReceived {
     let mut p = s.payment(payment_id, amount_minor, "");
     p.reference = None;
     p.remittance_text = Some("takk for sist".into());
@@ -182,7 +191,10 @@ async fn a_kept_payment_stays_kept_until_its_match_is_acknowledged() -> anyhow::
         )
         .await?;
     unmatched_event(&stack, "kept-1").await?;
-    assert!(is_member(&stack, &kept, "kept-1").await?, "an unmatched payment with a reference is kept");
+    assert!(
+        is_member(&stack, &kept, "kept-1").await?,
+        "an unmatched payment with a reference is kept"
+    );
     // From now on the matcher's PaymentMatched cannot be acknowledged (the payment itself is
     // committed by the graceful stop: only the invoice can bring the payment back).
     restart_refusing(&mut stack, "matcher", |t| t.payments_matched = unacknowledged_topic()).await?;
@@ -262,7 +274,9 @@ async fn a_manual_match_on_an_invoice_paid_in_part_meanwhile_is_booked_as_announ
     assert_eq!(unmatched_listed(&stack, a.tenant).await?, ["pp-hand"]);
 
     // Meanwhile 400.00 of invoice A is paid (booked before its PaymentMatched is produced).
-    stack.produce(&payments, "bank", &a.payment("pp-part", 40_000, kid_a)).await?;
+    stack
+        .produce(&payments, "bank", &a.payment("pp-part", 40_000, kid_a))
+        .await?;
     eventually("the part payment matched", WAIT, || async {
         Ok(Some(matched_for(&stack, "pp-part").await?).filter(|m| !m.is_empty()))
     })
@@ -280,13 +294,21 @@ async fn a_manual_match_on_an_invoice_paid_in_part_meanwhile_is_booked_as_announ
         "decided on what the invoice owed when booked: {body}"
     );
     // Booked: no longer unmatched, and never matched twice.
-    assert!(unmatched_listed(&stack, a.tenant).await?.is_empty(), "the manual match was not booked");
+    assert!(
+        unmatched_listed(&stack, a.tenant).await?.is_empty(),
+        "the manual match was not booked"
+    );
     let (again, body) = match_by_hand(&stack, a.tenant, "pp-hand", &["no-pp-b"]).await?;
     assert_eq!(again, 409, "a booked payment is matched again: {body}");
-    assert!(body["detail"].as_str().unwrap_or("").contains("already matched"), "{body}");
+    assert!(
+        body["detail"].as_str().unwrap_or("").contains("already matched"),
+        "{body}"
+    );
 
     // A mark: a later payment, handled after everything above.
-    stack.produce(&payments, "bank", &b.payment("pp-mark", 10_000, kid_b)).await?;
+    stack
+        .produce(&payments, "bank", &b.payment("pp-mark", 10_000, kid_b))
+        .await?;
     eventually("the mark payment matched", WAIT, || async {
         Ok(Some(matched_for(&stack, "pp-mark").await?).filter(|m| !m.is_empty()))
     })
@@ -320,7 +342,11 @@ async fn a_manual_match_on_an_invoice_paid_in_part_meanwhile_is_booked_as_announ
     })
     .await?;
     assert!(
-        credit.reason.as_deref().unwrap_or("").contains("overpaid by 400.00 NOK"),
+        credit
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("overpaid by 400.00 NOK"),
         "{credit:?}"
     );
     stack.shutdown().await;
@@ -348,7 +374,10 @@ async fn a_manual_match_booked_while_its_events_cannot_go_out_sends_them_after_a
     status_is(&stack, a.tenant, a.invoice_id, "open").await?;
     let indexed = matcher_key(&stack, "inv", a.tenant, a.invoice_id);
     eventually("the invoice indexed by the matcher", WAIT, || async {
-        let n: i64 = redis::cmd("EXISTS").arg(&indexed).query_async(&mut stack.redis()).await?;
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(&indexed)
+            .query_async(&mut stack.redis())
+            .await?;
         Ok((n == 1).then_some(()))
     })
     .await?;
@@ -368,7 +397,10 @@ async fn a_manual_match_booked_while_its_events_cannot_go_out_sends_them_after_a
     assert_eq!(status, 202, "booked, its events not acknowledged: {body}");
     assert_eq!(body["events"], "pending", "{body}");
     assert_eq!(body["allocations"][0]["amount_minor"].as_i64(), Some(125_000), "{body}");
-    assert!(unmatched_listed(&stack, a.tenant).await?.is_empty(), "the match is booked");
+    assert!(
+        unmatched_listed(&stack, a.tenant).await?.is_empty(),
+        "the match is booked"
+    );
     stack.kill_service("matcher").await;
     assert!(matched_for(&stack, "pend-hand").await?.is_empty());
 
@@ -438,7 +470,10 @@ async fn a_parked_payment_the_invoice_refuses_is_rejected_with_its_reason() -> a
             anyhow::Ok(n)
         }
     };
-    eventually("both payments parked", WAIT, || async { Ok((parked(&stack).await? == 2).then_some(())) }).await?;
+    eventually("both payments parked", WAIT, || async {
+        Ok((parked(&stack).await? == 2).then_some(()))
+    })
+    .await?;
 
     // The invoice arrives while the watcher's rejections cannot be acknowledged.
     stack
@@ -480,7 +515,10 @@ async fn a_parked_payment_the_invoice_refuses_is_rejected_with_its_reason() -> a
     assert_eq!(rejected.source_topic, matched_topic, "cites the payment's own record");
     let raw = rejected.raw_value.clone().expect("the payment's raw record");
     let original: PaymentMatched = stack.rt.codec.decode(Some(raw.as_slice())).await?.to()?;
-    assert_eq!((original.payment_id.as_str(), original.currency.as_str()), ("park-eur", "EUR"));
+    assert_eq!(
+        (original.payment_id.as_str(), original.currency.as_str()),
+        ("park-eur", "EUR")
+    );
 
     // The payment in the invoice's currency is applied; the list is cleared; the rejection counted.
     eventually("the parked DKK payment applied", WAIT, || async {
@@ -491,7 +529,10 @@ async fn a_parked_payment_the_invoice_refuses_is_rejected_with_its_reason() -> a
             .find(|e| e.invoice_id == "inv-park" && e.kind == "partly_paid" && e.open_minor == 73_450))
     })
     .await?;
-    eventually("the parked list cleared", WAIT, || async { Ok((parked(&stack).await? == 0).then_some(())) }).await?;
+    eventually("the parked list cleared", WAIT, || async {
+        Ok((parked(&stack).await? == 0).then_some(()))
+    })
+    .await?;
     let m = stack.metrics("watcher").await?;
     assert!(
         metric_value(&m, "forfall_rejected_total", &["reason=\"payment_not_applicable\""]).is_some_and(|n| n >= 1.0),

@@ -229,8 +229,16 @@ mod tests {
     #[test]
     fn only_not_found_makes_a_schema_id_unknown() {
         assert!(is_definitive(&http_error("404 Not Found", false), &[404]));
-        for status in ["500 Internal Server Error", "504 Gateway Timeout", "429 Too Many Requests", "401 Unauthorized"] {
-            assert!(!is_definitive(&http_error(status, false), &[404]), "{status} is the registry being away");
+        for status in [
+            "500 Internal Server Error",
+            "504 Gateway Timeout",
+            "429 Too Many Requests",
+            "401 Unauthorized",
+        ] {
+            assert!(
+                !is_definitive(&http_error(status, false), &[404]),
+                "{status} is the registry being away"
+            );
         }
         assert!(!is_definitive(&http_error("503 Service Unavailable", true), &[404]));
         assert!(
@@ -242,6 +250,9 @@ mod tests {
     #[test]
     fn an_incompatible_schema_is_refused_and_an_outage_is_waited_out() {
         assert!(is_definitive(&http_error("409 Conflict", false), &[404, 409, 422]));
-        assert!(!is_definitive(&http_error("500 Internal Server Error", false), &[404, 409, 422]));
+        assert!(!is_definitive(
+            &http_error("500 Internal Server Error", false),
+            &[404, 409, 422]
+        ));
     }
 }

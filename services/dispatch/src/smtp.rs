@@ -122,7 +122,7 @@ impl SmtpClient {
                     if c.test_connected().await {
                         break c;
                     }
-                    c.abort().await;
+                    abort(c).await;
                 }
                 None => break self.connect().await?,
             }
@@ -135,11 +135,11 @@ impl SmtpClient {
                 Ok(())
             }
             Ok(Err(e)) => {
-                connection.abort().await;
+                abort(connection).await;
                 Err(e)
             }
             Err(_) => {
-                connection.abort().await;
+                abort(connection).await;
                 if committed.load(Ordering::SeqCst) {
                     Err(SendError::Unknown(format!(
                         "the SMTP server did not answer within {} ms after the message was written",
@@ -151,6 +151,14 @@ impl SmtpClient {
             }
         }
     }
+}
+
+/// Closes a connection that failed. lettre's `abort` says QUIT and waits for the reply, which
+/// never comes from a server waiting for the message's data (after DATA the QUIT would only be
+/// more data): so it gets a moment, and the connection is dropped after it either way (a server
+/// discards a message whose data never ended).
+async fn abort(mut connection: AsyncSmtpConnection) {
+    let _ = tokio::time::timeout(Duration::from_millis(200), connection.abort()).await;
 }
 
 /// MAIL, RCPT, DATA, then `commit`, then the message (as lettre's own `send` does it, with the

@@ -750,7 +750,9 @@ return 1",
                 match self.resend_manual(&tenant).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(tenant = %tenant, sent = n, "events of booked manual matches sent"),
-                    Err(e) => tracing::warn!(tenant = %tenant, error = ?e, "events of booked manual matches not sent yet"),
+                    Err(e) => {
+                        tracing::warn!(tenant = %tenant, error = ?e, "events of booked manual matches not sent yet")
+                    }
                 }
             }
         }

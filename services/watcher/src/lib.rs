@@ -36,6 +36,7 @@ use forfall_domain::law::{DebtorContext, LawBook};
 use forfall_domain::policy::{self, DebtorFacts, Policy};
 use forfall_domain::{Currency, DebtorKind, Jurisdiction, Money};
 use forfall_platform::config;
+use forfall_platform::kafka::KafkaConsumer;
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::records::{
     self, CoveredInvoice, DebtorRequest, HandoffCase, JourneyAction, JourneyEvent, PaymentMatched, Record, derived_id,
@@ -45,7 +46,6 @@ use forfall_platform::service::{Runtime, ServiceShell};
 use forfall_platform::telemetry::TraceContext;
 use futures::StreamExt;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
-use forfall_platform::kafka::KafkaConsumer;
 use rdkafka::consumer::Consumer;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
@@ -605,10 +605,7 @@ impl Watcher {
             .map(|k| String::from_utf8_lossy(k).into_owned())
             .unwrap_or_else(|| rec.debtor_id.clone());
         let rejected = records::Rejected {
-            event_id: derived_id(
-                "rejected-parked-payment",
-                &[&rec.tenant, &rec.invoice_id, payment_id],
-            ),
+            event_id: derived_id("rejected-parked-payment", &[&rec.tenant, &rec.invoice_id, payment_id]),
             tenant: Some(rec.tenant.clone()),
             debtor_id: Some(debtor_id.clone()),
             occurred_at: self.0.rt.clock.now().timestamp_millis(),
@@ -622,11 +619,7 @@ impl Watcher {
             reason_code: code.to_owned(),
             detail,
             raw_key: Some(debtor_id.clone().into_bytes()),
-            raw_value: Some(
-                source
-                    .and_then(|s| s.value)
-                    .unwrap_or_else(|| raw.as_bytes().to_vec()),
-            ),
+            raw_value: Some(source.and_then(|s| s.value).unwrap_or_else(|| raw.as_bytes().to_vec())),
         };
         let topic = self.0.rt.topic(&self.0.topics.rejected);
         Ok(self.0.rt.codec.outbound(&topic, &debtor_id, &rejected, trace).await?)

@@ -279,11 +279,19 @@ fn fault_routes(fault: SharedFault) -> Router {
             "/_emulator/fault",
             get(|State(f): State<SharedFault>| async move {
                 let f = lock_fault(&f);
-                reply(StatusCode::OK, json!({"status": f.status.map(|s| s.as_u16()), "refused": f.refused}))
+                reply(
+                    StatusCode::OK,
+                    json!({"status": f.status.map(|s| s.as_u16()), "refused": f.refused}),
+                )
             })
             .put(|State(f): State<SharedFault>, body: Bytes| async move {
                 let Ok(FaultRequest { status }) = serde_json::from_slice(&body) else {
-                    return err(StatusCode::UNPROCESSABLE_ENTITY, 42201, "expected {\"status\": <HTTP status>}").into_response();
+                    return err(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        42201,
+                        "expected {\"status\": <HTTP status>}",
+                    )
+                    .into_response();
                 };
                 let Ok(status) = StatusCode::from_u16(status) else {
                     return err(StatusCode::UNPROCESSABLE_ENTITY, 42201, "not an HTTP status").into_response();

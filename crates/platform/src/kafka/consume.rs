@@ -522,6 +522,9 @@ pub async fn run_consumer<H: Handler + 'static>(
 ) -> anyhow::Result<()> {
     let handler = Arc::new(handler);
     let ownership = consumer.context().ownership.clone();
+    // However the loop ends (returned, or dropped when its task is aborted), a later revoke (the
+    // consumer closing) must not wait for records that nobody will settle any more.
+    let _closing = CloseOnDrop(ownership.clone());
     // Records in hand watch this token: cancelled on shutdown, and when the loop ends early.
     let stop = ctx.shutdown.child_token();
     let task_ctx = LoopContext {
@@ -623,8 +626,15 @@ pub async fn run_consumer<H: Handler + 'static>(
         Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
         Err(e) => tracing::warn!(error = %e, "final commit failed"),
     }
-    ownership.close();
     failure.map_or(Ok(()), Err)
+}
+
+struct CloseOnDrop(Arc<Ownership>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 /// A task's fatal error, or a panic as one.

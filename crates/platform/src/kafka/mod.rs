@@ -113,4 +113,3 @@ impl Inbound {
         self.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned())
     }
 }
-

@@ -206,7 +206,11 @@ mod tests {
         let tickets: Vec<Ticket> = (10..14).map(|o| t.take("a", 0, o).expect("owned")).collect();
         assert_eq!(t.settle(&tickets[2], Settlement::Done), None, "12 waits for 10 and 11");
         assert_eq!(t.settle(&tickets[1], Settlement::Done), None, "11 waits for 10");
-        assert_eq!(t.settle(&tickets[0], Settlement::Done), Some(12), "10..=12 are a prefix");
+        assert_eq!(
+            t.settle(&tickets[0], Settlement::Done),
+            Some(12),
+            "10..=12 are a prefix"
+        );
         assert_eq!(t.settle(&tickets[3], Settlement::Done), Some(13));
         assert_eq!(t.in_flight(), 0);
     }
@@ -249,9 +253,17 @@ mod tests {
         assert!(!t.may_start(&waiting), "not started once revoking");
         assert_eq!(t.take("a", 0, 2), None, "not taken once revoking");
         assert_eq!(t.in_flight_of(&[(Arc::from("a"), 0)]), 2);
-        assert_eq!(t.settle(&started, Settlement::Done), Some(0), "in-flight work still stores before the revoke");
+        assert_eq!(
+            t.settle(&started, Settlement::Done),
+            Some(0),
+            "in-flight work still stores before the revoke"
+        );
         t.revoke("a", 0);
-        assert_eq!(t.settle(&waiting, Settlement::Done), None, "after the revoke, nothing is stored");
+        assert_eq!(
+            t.settle(&waiting, Settlement::Done),
+            None,
+            "after the revoke, nothing is stored"
+        );
         assert_eq!(t.take("a", 0, 3), None, "not owned");
     }
 

@@ -28,7 +28,11 @@ pub enum ProduceError {
     Transient { topic: String, detail: String },
     /// The record can never be accepted: it is larger than the broker or client allows.
     #[error("record for '{topic}' is too large ({bytes} bytes): {detail}")]
-    TooLarge { topic: String, bytes: usize, detail: String },
+    TooLarge {
+        topic: String,
+        bytes: usize,
+        detail: String,
+    },
     /// Only an operator can fix this (authorisation, a fenced or broken idempotent producer).
     #[error("produce to '{topic}' failed: {detail}")]
     Fatal { topic: String, detail: String },
