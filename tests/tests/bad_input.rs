@@ -34,7 +34,12 @@ async fn each_kind_of_bad_input_lands_on_the_rejected_topic_with_its_reason() ->
     currency.invoice_id = "inv-cur".into();
     currency.currency = "XYZ".into();
     stack.produce(&billing, &good.debtor_id(), &currency).await?;
-    // 6. And a good one after all of them: the service is still running.
+    // 6. A description far longer than any invoice needs (and than the broker takes in a record).
+    let mut long = good.issued();
+    long.invoice_id = "inv-long".into();
+    long.description = Some("Electricity ".repeat(80_000));
+    stack.produce(&billing, &good.debtor_id(), &long).await?;
+    // 7. And a good one after all of them: the service is still running.
     stack.produce(&billing, &good.debtor_id(), &good.issued()).await?;
 
     let invoices_topic = stack.topic(&stack.topics().invoices);
@@ -46,9 +51,9 @@ async fn each_kind_of_bad_input_lands_on_the_rejected_topic_with_its_reason() ->
     assert_eq!(invoices[0].invoice_number, "INV-5001");
 
     let rejected_topic = stack.topic(&stack.topics().rejected);
-    let rejected = eventually("five rejections", WAIT, || async {
+    let rejected = eventually("six rejections", WAIT, || async {
         let r = stack.read::<Rejected>(&rejected_topic).await?;
-        Ok(Some(r).filter(|r| r.len() >= 5))
+        Ok(Some(r).filter(|r| r.len() >= 6))
     })
     .await?;
     let by_reason: BTreeMap<&str, &Rejected> = rejected.iter().map(|r| (r.reason_code.as_str(), r)).collect();
@@ -56,12 +61,26 @@ async fn each_kind_of_bad_input_lands_on_the_rejected_topic_with_its_reason() ->
     assert_eq!(
         reasons,
         [
+            "field_too_long",
             "invalid_amount",
             "not_avro",
             "undecodable",
             "unknown_currency",
             "unknown_schema_id"
         ]
+    );
+    let too_long = by_reason["field_too_long"];
+    assert!(
+        too_long
+            .detail
+            .contains("'description' is 960000 characters long, at most 1000"),
+        "{}",
+        too_long.detail
+    );
+    assert_eq!(
+        too_long.raw_value.as_ref().map(Vec::len),
+        Some(forfall_platform::kafka::RAW_BYTES_KEPT),
+        "the raw record cut to a stated size"
     );
     for r in &rejected {
         assert_eq!(r.service, "ingest");

@@ -173,6 +173,8 @@ pub type LaneOf = Arc<dyn Fn(&Inbound) -> u64 + Send + Sync>;
 pub const RAW_BYTES_KEPT: usize = 64 * 1024;
 /// How much of a rejection's detail is kept.
 const DETAIL_KEPT: usize = 2048;
+/// How much of a rejected record's tenant and debtor id is kept.
+const IDENTIFIER_KEPT: usize = 256;
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -215,16 +217,21 @@ fn kept(bytes: &Option<Vec<u8>>, limit: usize, what: &str) -> (Option<Vec<u8>>, 
     }
 }
 
-fn cut_detail(mut detail: String) -> String {
-    if detail.len() > DETAIL_KEPT {
-        let mut end = DETAIL_KEPT;
-        while !detail.is_char_boundary(end) {
+/// `text` cut to at most `limit` bytes (at a character boundary), marked when cut.
+fn cut_to(mut text: String, limit: usize) -> String {
+    if text.len() > limit {
+        let mut end = limit;
+        while !text.is_char_boundary(end) {
             end -= 1;
         }
-        detail.truncate(end);
-        detail.push_str("...");
+        text.truncate(end);
+        text.push_str("...");
     }
-    detail
+    text
+}
+
+fn cut_detail(detail: String) -> String {
+    cut_to(detail, DETAIL_KEPT)
 }
 
 /// A record's handling ended for good (applied or rejected) or not.
@@ -251,10 +258,12 @@ impl LoopContext {
             detail.push_str(&note);
             detail.push(')');
         }
+        // Identifiers come from the record and may be what made it too large.
+        let short = |s: String| cut_to(s, IDENTIFIER_KEPT);
         let rejected = Rejected {
             event_id: new_event_id(),
-            tenant,
-            debtor_id: debtor_id.or_else(|| record.key_str()),
+            tenant: tenant.map(short),
+            debtor_id: debtor_id.or_else(|| record.key_str()).map(short),
             occurred_at: chrono::Utc::now().timestamp_millis(),
             service: self.service.to_owned(),
             source_topic: record.topic.clone(),
@@ -265,10 +274,7 @@ impl LoopContext {
             raw_key,
             raw_value,
         };
-        let mut key = rejected.debtor_id.clone().unwrap_or_default();
-        if key.len() > RAW_BYTES_KEPT {
-            key = String::from_utf8_lossy(&key.as_bytes()[..RAW_BYTES_KEPT]).into_owned();
-        }
+        let key = rejected.debtor_id.clone().unwrap_or_default();
         Ok(self
             .codec
             .outbound(&self.rejected_topic, &key, &rejected, record.trace)
