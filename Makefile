@@ -7,7 +7,7 @@ export CARGO_TARGET_DIR
 export CARGO_TERM_COLOR ?= never
 NEXTEST_PROFILE ?= default
 
-.PHONY: run test devstack devstack-down build check fmt bench
+.PHONY: run test devstack devstack-down build check fmt bench chaos
 
 devstack:
 	bash tools/devstack/devstack.sh up
@@ -23,7 +23,9 @@ build:
 run: devstack build
 	$(CARGO_TARGET_DIR)/debug/forfall demo
 
-test: devstack
+# The fault suite (a short run of it is part of `make test`) starts the service binaries as
+# processes of their own, so they are built first.
+test: devstack build
 	@if cargo nextest --version >/dev/null 2>&1; then \
 		cargo nextest run --workspace --profile $(NEXTEST_PROFILE); \
 	else \
@@ -40,3 +42,8 @@ fmt:
 
 bench: devstack
 	cargo run --release -p forfall-e2e --bin ingest-throughput
+
+# The fault suite at full size: three runs of 2,000 debtors, each with its baseline; a seed is
+# printed for each, `make chaos CHAOS_ARGS="--seed N --runs 1"` replays one.
+chaos: devstack build
+	$(CARGO_TARGET_DIR)/debug/chaos $(CHAOS_ARGS)

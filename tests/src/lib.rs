@@ -8,6 +8,8 @@ use forfall_platform::journey_state::{self, Header};
 use forfall_platform::records::{InvoiceIssued, JourneyAction, PaymentReceived, derived_id, new_event_id};
 use forfall_platform::redis_store::Keys;
 
+pub mod chaos;
+
 pub use forfall::devstack::{LocalStack, eventually};
 
 /// How long the end-to-end tests wait for something that should happen.
@@ -282,4 +284,123 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
         return f64::NAN;
     }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// The partition librdkafka's `murmur2_random` partitioner (Kafka's default) gives `key`.
+pub fn partition_of(key: &str, partitions: i32) -> i32 {
+    const M: u32 = 0x5bd1_e995;
+    let data = key.as_bytes();
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() == 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    ((h & 0x7fff_ffff) % partitions as u32) as i32
+}
+
+/// A mark for the watcher's timers: an invoice like `like` (same tenant) of another debtor whose
+/// records, and so whose timers, land on the same partition as `like`'s, due on `due`; issued
+/// here (returns once its journey is open). Timers of one partition that are due are claimed and
+/// fired together, their outputs produced before their journeys are saved: once the mark's
+/// nudge is recorded (`timer_mark_fired`), every timer of `like`'s partition due by then has been
+/// fired and its outputs produced.
+pub async fn issue_timer_mark(
+    stack: &LocalStack,
+    like: &Sample<'_>,
+    due: NaiveDate,
+) -> anyhow::Result<Sample<'static>> {
+    let partitions = stack.rt.config.kafka.partitions;
+    let want = partition_of(&like.debtor_id(), partitions);
+    let tag = new_event_id();
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let email = (0..)
+        .map(|i| format!("mark-{i}-{tag}@example.test"))
+        .find(|e| partition_of(&format!("{}:{e}", like.tenant), partitions) == want)
+        .expect("some debtor lands on the partition");
+    let mark = Sample {
+        tenant: leak(like.tenant.to_owned()),
+        invoice_id: leak(format!("mark-{tag}")),
+        number: leak(format!("MARK-{tag}")),
+        due,
+        amount_minor: like.amount_minor,
+        currency: leak(like.currency.to_owned()),
+        jurisdiction: leak(like.jurisdiction.to_owned()),
+        email: leak(email),
+        reference: leak(like.reference.to_owned()),
+        language: leak(like.language.to_owned()),
+    };
+    stack
+        .produce(
+            &stack.topic(&stack.topics().billing_invoice_events),
+            &mark.debtor_id(),
+            &mark.issued(),
+        )
+        .await?;
+    status_is(stack, mark.tenant, mark.invoice_id, "open").await?;
+    // Its nudge's timer is where `partition_of` says (the partitioner agrees).
+    let keys = Keys::new(&stack.rt.config.redis.key_prefix);
+    let member = format!("0:{}", journey_state::pair_field(mark.tenant, mark.invoice_id));
+    let score: Option<f64> = redis::cmd("ZSCORE")
+        .arg(keys.key(&["timers", &want.to_string()]))
+        .arg(&member)
+        .query_async(&mut stack.redis())
+        .await?;
+    anyhow::ensure!(score.is_some(), "the mark's timer {member} is not on partition {want}");
+    Ok(mark)
+}
+
+/// Waits until the watcher has fired the timer mark's nudge (see `issue_timer_mark`).
+pub async fn timer_mark_fired(stack: &LocalStack, mark: &Sample<'_>) -> anyhow::Result<()> {
+    status_is(stack, mark.tenant, mark.invoice_id, "nudged").await
+}
+
+/// A mark for dispatch: a sentinel action for `like`'s debtor (see `dispatch_sentinel`).
+pub async fn dispatch_caught_up(stack: &LocalStack, like: &Sample<'_>) -> anyhow::Result<()> {
+    dispatch_sentinel(stack, like.tenant, &like.debtor_id()).await
+}
+
+/// A mark for dispatch: a sentinel action for the debtor `debtor_id` (same key, so handled after
+/// every action of that debtor produced before it) on an invoice whose journey is closed, so
+/// that dispatch suppresses it without sending anything; returns once its outcome is on record.
+pub async fn dispatch_sentinel(stack: &LocalStack, tenant: &str, debtor_id: &str) -> anyhow::Result<()> {
+    let invoice = format!("sentinel-{}", new_event_id());
+    let keys = Keys::new(&stack.rt.config.redis.key_prefix);
+    let _: () = journey_header(&keys, tenant, &invoice, "closed:paid", None)
+        .query_async(&mut stack.redis())
+        .await?;
+    let action = JourneyAction {
+        debtor_id: debtor_id.into(),
+        ..nudge_action(tenant, &invoice, "sentinel@example.test")
+    };
+    let topic = stack.topic(&stack.topics().journey_actions);
+    stack.produce(&topic, &action.debtor_id, &action).await?;
+    let outcomes = stack.topic(&stack.topics().dispatch_outcomes);
+    eventually("dispatch's sentinel outcome", WAIT, || async {
+        Ok(stack
+            .read::<forfall_platform::records::DispatchOutcome>(&outcomes)
+            .await?
+            .into_iter()
+            .any(|o| o.action_id == action.action_id)
+            .then_some(()))
+    })
+    .await
 }

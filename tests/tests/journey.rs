@@ -399,7 +399,7 @@ async fn a_debtors_steps_within_the_window_go_out_as_one_message() -> anyhow::Re
         Ok((!stack.mail.to(email).is_empty()).then_some(()))
     })
     .await?;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    dispatch_caught_up(&stack, &a).await?;
     let mails = stack.mail.to(email);
     assert_eq!(mails.len(), 1, "one message for both invoices");
     let body = mails[0].body();
@@ -428,8 +428,10 @@ async fn a_debtors_steps_within_the_window_go_out_as_one_message() -> anyhow::Re
     );
     assert_eq!(combined, Some(1.0));
     // b's own day passes without a second nudge.
+    let mark = issue_timer_mark(&stack, &a, day(2026, 9, 4)).await?;
     clock.set(at("2026-09-04T07:00:01Z"));
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    timer_mark_fired(&stack, &mark).await?;
+    dispatch_caught_up(&stack, &a).await?;
     assert_eq!(stack.mail.to(email).len(), 1, "nothing more on b's own day");
     stack.shutdown().await;
     Ok(())

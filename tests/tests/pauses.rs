@@ -1,8 +1,6 @@
 //! Debtor requests on the dev stack: disputes, postponements and instalment plans pause and
 //! resume the journey.
 
-use std::time::Duration;
-
 use forfall_domain::invoice::epoch_days;
 use forfall_e2e::*;
 use forfall_platform::clock::ManualClock;
@@ -73,8 +71,10 @@ async fn a_dispute_pauses_the_reminder_and_its_resolution_resumes_it() -> anyhow
     ask(&stack, &s, &dispute).await?;
     status_is(&stack, s.tenant, s.invoice_id, "paused:dispute").await?;
     // The reminder's time comes and goes: nothing is sent while the dispute is open.
+    let mark = issue_timer_mark(&stack, &s, day(2026, 9, 15)).await?;
     clock.set(at("2026-09-16T07:00:01Z"));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    timer_mark_fired(&stack, &mark).await?;
+    dispatch_caught_up(&stack, &s).await?;
     assert_eq!(stack.mail.to(s.email).len(), 1, "no reminder during a dispute");
     let mut resolved = request(&s, "dispute_resolved");
     resolved.reason = Some("contract ran to 31 August".into());
@@ -113,8 +113,10 @@ async fn a_postponement_moves_the_nudge_and_a_second_one_is_refused() -> anyhow:
             .then_some(()))
     })
     .await?;
+    let mark = issue_timer_mark(&stack, &s, day(2026, 9, 2)).await?;
     clock.set(at("2026-09-02T07:00:01Z"));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    timer_mark_fired(&stack, &mark).await?;
+    dispatch_caught_up(&stack, &s).await?;
     assert!(stack.mail.to(s.email).is_empty(), "no nudge on the original due date");
     // 20 September 2026 is a Sunday: the new due date counts from Monday the 21st.
     clock.set(at("2026-09-21T07:00:01Z"));
@@ -160,8 +162,10 @@ async fn instalments_hold_the_journey_until_one_is_missed() -> anyhow::Result<()
     })
     .await?;
     // The reminder's own time passes while the plan is kept.
+    let mark = issue_timer_mark(&stack, &s, day(2026, 9, 15)).await?;
     clock.set(at("2026-09-16T07:00:01Z"));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    timer_mark_fired(&stack, &mark).await?;
+    dispatch_caught_up(&stack, &s).await?;
     assert_eq!(
         stack.mail.to(s.email).len(),
         1,

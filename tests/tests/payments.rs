@@ -88,8 +88,10 @@ async fn a_bank_file_settles_the_invoice_before_its_reminder_and_a_second_import
     status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
 
     // The reminder falls due a moment later: it is not sent.
+    let mark = issue_timer_mark(&stack, &s, day(2026, 3, 16)).await?;
     clock.set(at("2026-03-16T08:00:01Z"));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    timer_mark_fired(&stack, &mark).await?;
+    dispatch_caught_up(&stack, &s).await?;
     assert_eq!(stack.mail.to(s.email).len(), 1, "no reminder after payment");
 
     // The same file again: recognised, and nothing is booked twice.

@@ -66,8 +66,10 @@ async fn nudge_is_mailed_then_payment_closes_the_invoice_and_silences_it() -> an
     status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
 
     // Past the reminder and the hand-off dates: nothing more happens.
+    let mark = issue_timer_mark(&stack, &s, day(2026, 4, 20)).await?;
     clock.advance(Days::days(40));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    timer_mark_fired(&stack, &mark).await?;
+    dispatch_caught_up(&stack, &s).await?;
     assert_eq!(stack.mail.to("anna@example.test").len(), 1, "no e-mail after payment");
     assert!(stack.agency.requests().is_empty(), "no hand-off after payment");
     let kinds: Vec<String> = stack
@@ -219,8 +221,29 @@ async fn an_unpaid_invoice_reaches_the_agency_as_one_case_once() -> anyhow::Resu
     .await?;
     assert_eq!(outcome.status, HandoffStatus::Accepted);
     assert_eq!(outcome.agency_reference.as_deref(), Some("AG-1"));
+    let mark = issue_timer_mark(&stack, &s, day(2026, 10, 29)).await?;
     clock.advance(Days::days(30));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    timer_mark_fired(&stack, &mark).await?;
+    dispatch_caught_up(&stack, &s).await?;
+    // Hand-off's mark: the case again, for the same debtor (handled after any case the watcher
+    // produced before it), recognised as a duplicate and not posted again.
+    let cases_topic = stack.topic(&stack.topics().handoff_cases);
+    let duplicates = || async {
+        let m = stack.metrics("handoff").await.unwrap_or_default();
+        metric_value(&m, "forfall_handoff_cases_total", &["result=\"duplicate\""]).unwrap_or(0.0)
+    };
+    let before = duplicates().await;
+    let case = stack
+        .read_raw(&cases_topic)
+        .await?
+        .into_iter()
+        .next()
+        .expect("the case");
+    stack.produce_raw(&cases_topic, &s.debtor_id(), &case).await?;
+    eventually("hand-off's mark", WAIT, || async {
+        Ok((duplicates().await > before).then_some(()))
+    })
+    .await?;
     let requests = stack.agency.requests();
     assert_eq!(requests.len(), 1, "one case, once");
     let case = requests[0].json();
@@ -285,7 +308,16 @@ async fn the_last_look_waits_for_the_journey_to_include_the_action() -> anyhow::
             &action,
         )
         .await?;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Dispatch has judged the action at least twice and waited each time (its handling failed
+    // as transient, to be retried): a send on the older state would have left no retry.
+    eventually("dispatch to wait on the action twice", WAIT, || async {
+        let m = stack.metrics("dispatch").await.unwrap_or_default();
+        Ok(
+            (metric_value(&m, "forfall_retries_total", &["operation=\"handle\""]).is_some_and(|n| n >= 2.0))
+                .then_some(()),
+        )
+    })
+    .await?;
     assert!(
         stack.mail.messages().is_empty(),
         "not sent on a state that does not include the step"

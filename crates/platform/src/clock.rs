@@ -76,6 +76,51 @@ impl Clock for AcceleratedClock {
     }
 }
 
+/// DEV AND TEST ONLY: simulated time shared by separate processes. The instant (milliseconds since
+/// the epoch) is a Redis key that a test driver moves; each process reads it every 20 ms. The
+/// fault suite uses it to run a month-long journey through real service binaries in minutes.
+/// Configured with `clock.shared_redis_key`; production never sets it.
+#[derive(Debug)]
+pub struct SharedRedisClock {
+    millis: Arc<AtomicI64>,
+}
+
+impl SharedRedisClock {
+    /// Reads the key once (it must be set) and keeps following it until `stop`.
+    pub async fn follow(
+        redis_url: &str,
+        key: &str,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
+        let client = redis::Client::open(redis_url)?;
+        let mut redis = client.get_connection_manager().await?;
+        let read = |v: Option<i64>| v.ok_or_else(|| anyhow::anyhow!("the shared clock's key '{key}' is not set"));
+        let first: Option<i64> = redis::cmd("GET").arg(key).query_async(&mut redis).await?;
+        let millis = Arc::new(AtomicI64::new(read(first)?));
+        let (follower, key) = (millis.clone(), key.to_owned());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                // While Redis is away the clock stands still, as everything else that reads Redis does.
+                if let Ok(Some(now)) = redis::cmd("GET").arg(&key).query_async::<Option<i64>>(&mut redis).await {
+                    follower.fetch_max(now, Ordering::SeqCst);
+                }
+            }
+        });
+        Ok(Arc::new(Self { millis }))
+    }
+}
+
+impl Clock for SharedRedisClock {
+    fn now(&self) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(self.millis.load(Ordering::SeqCst)).unwrap_or_default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,16 @@ pub struct CommonConfig {
     pub topics: Topics,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    pub clock: ClockConfig,
+}
+
+/// DEV AND TEST ONLY: where time comes from. Unset, it is the system clock (production).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClockConfig {
+    /// Follow simulated time in this Redis key (milliseconds since the epoch), shared by every
+    /// process of a fault-suite run.
+    pub shared_redis_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -154,7 +154,14 @@ where
         crate::telemetry::init(&config.log);
         let shutdown = CancellationToken::new();
         crate::shutdown::cancel_on_signals(shutdown.clone());
-        let rt = Runtime::new(config, figment, Arc::new(crate::clock::SystemClock), shutdown);
+        let clock: crate::clock::SharedClock = match &config.clock.shared_redis_key {
+            None => Arc::new(crate::clock::SystemClock),
+            Some(key) => {
+                tracing::warn!(%key, "following the simulated clock in Redis (dev and test only)");
+                crate::clock::SharedRedisClock::follow(&config.redis.url, key, shutdown.clone()).await?
+            }
+        };
+        let rt = Runtime::new(config, figment, clock, shutdown);
         let result = run(rt).await;
         match &result {
             Ok(()) => tracing::info!(service = name, "stopped"),

@@ -1,0 +1,283 @@
+//! The fault suite's own stack: a private broker and Redis (so that freezing them disturbs no
+//! other test), the registry emulator, the mail sink and the agency stand-in, and the service
+//! binaries as separate processes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use forfall_devsinks::{HttpRecorder, MailSink};
+use forfall_platform::config::CommonConfig;
+use tokio::process::{Child, Command};
+
+/// A free port on loopback (bound and released; good enough for a test's own servers).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn wait_port(port: u16, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "{what} did not listen on 127.0.0.1:{port}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Sends a signal to a process by pid (SIGSTOP and SIGCONT have no std API).
+pub fn signal(pid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status();
+}
+
+/// A helper process of the stack (broker, Redis), killed when dropped.
+pub struct Helper {
+    pub child: Child,
+}
+
+impl Helper {
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            signal(pid, "CONT");
+        }
+        let _ = self.child.start_kill();
+    }
+}
+
+fn tansu_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("FORFALL_TANSU") {
+        return p.into();
+    }
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo"));
+    home.join("bin").join("tansu")
+}
+
+/// Where the service binaries are: next to this program (or one up, from a test's `deps`).
+pub fn binaries_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    for name in crate::chaos::SERVICES {
+        let bin = dir.join(format!("forfall-{name}"));
+        anyhow::ensure!(
+            bin.exists(),
+            "{} is missing: build the services first (`cargo build --workspace --bins`, which `make test` and `make chaos` do)",
+            bin.display()
+        );
+    }
+    Ok(dir)
+}
+
+pub struct Infra {
+    pub dir: PathBuf,
+    pub broker: Helper,
+    pub redis: Helper,
+    pub registry_url: String,
+    pub mail: MailSink,
+    pub agency: HttpRecorder,
+    /// The configuration the services get (as `FORFALL_*` variables) and the checker reads with.
+    pub config: CommonConfig,
+    pub clock_key: String,
+    pub bins: PathBuf,
+    admin_base: u16,
+}
+
+impl Infra {
+    pub async fn start(run: &str) -> anyhow::Result<Self> {
+        let bins = binaries_dir()?;
+        let dir = std::env::temp_dir().join(format!("forfall-chaos-{run}"));
+        std::fs::create_dir_all(&dir)?;
+        let broker_port = free_port()?;
+        let broker = Helper {
+            child: Command::new(tansu_binary())
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &format!("tcp://127.0.0.1:{broker_port}"),
+                    "--advertised-listener-url",
+                    &format!("tcp://127.0.0.1:{broker_port}"),
+                    "--storage-engine",
+                    "memory://tansu/",
+                ])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("tansu.log"))?)
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| anyhow::anyhow!("cannot start tansu ({}): {e}", tansu_binary().display()))?,
+        };
+        let redis_port = free_port()?;
+        let redis = Helper {
+            child: Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &redis_port.to_string(), "--save", ""])
+                .args(["--appendonly", "no", "--hash-max-ziplist-value", "1024"])
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| anyhow::anyhow!("cannot start redis-server: {e}"))?,
+        };
+        wait_port(broker_port, "tansu").await?;
+        wait_port(redis_port, "redis").await?;
+        let registry = forfall_schema_registry_emulator::spawn("127.0.0.1:0").await?;
+        let registry_url = format!("http://{registry}");
+        let mail = MailSink::start()?;
+        let agency = HttpRecorder::start().await?;
+        let prefix = format!("chaos{run}");
+        let mut config = crate::base_config();
+        config.kafka.brokers = format!("127.0.0.1:{broker_port}");
+        config.kafka.group_prefix = prefix.clone();
+        config.kafka.session_timeout_ms = 2000;
+        config.kafka.heartbeat_interval_ms = 300;
+        config.kafka.partitions = 3;
+        config.redis.url = format!("redis://127.0.0.1:{redis_port}/");
+        config.redis.key_prefix = format!("{prefix}:");
+        config.topics.prefix = format!("{prefix}.");
+        config.registry.url = registry_url.clone();
+        forfall_platform::kafka::ensure_topics(&config.kafka, &config.topics.all()).await?;
+        let clock_key = format!("{prefix}:simulated-clock");
+        Ok(Self {
+            dir,
+            broker,
+            redis,
+            registry_url,
+            mail,
+            agency,
+            config,
+            clock_key,
+            bins,
+            admin_base: free_port()?.saturating_sub(20).max(20_000),
+        })
+    }
+
+    /// Sets the simulated clock every service follows (waiting while Redis is frozen).
+    pub async fn set_clock(
+        &self,
+        redis: &mut redis::aio::ConnectionManager,
+        to: chrono::DateTime<chrono::Utc>,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let set: Result<(), redis::RedisError> = redis::cmd("SET")
+                .arg(&self.clock_key)
+                .arg(to.timestamp_millis())
+                .query_async(redis)
+                .await;
+            match set {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "chaos: setting the clock retried");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context("setting the simulated clock")),
+            }
+        }
+    }
+
+    /// The `FORFALL_*` variables of one service instance (`slot` 0 is the first instance).
+    fn env(&self, slot: u16) -> Vec<(String, String)> {
+        let c = &self.config;
+        let env = vec![
+            ("FORFALL_KAFKA__BROKERS", c.kafka.brokers.clone()),
+            ("FORFALL_KAFKA__GROUP_PREFIX", c.kafka.group_prefix.clone()),
+            (
+                "FORFALL_KAFKA__SESSION_TIMEOUT_MS",
+                c.kafka.session_timeout_ms.to_string(),
+            ),
+            (
+                "FORFALL_KAFKA__HEARTBEAT_INTERVAL_MS",
+                c.kafka.heartbeat_interval_ms.to_string(),
+            ),
+            ("FORFALL_KAFKA__PARTITIONS", c.kafka.partitions.to_string()),
+            ("FORFALL_KAFKA__DRAIN_TIMEOUT_MS", "5000".into()),
+            ("FORFALL_KAFKA__REVOKE_TIMEOUT_MS", "1000".into()),
+            ("FORFALL_REDIS__URL", c.redis.url.clone()),
+            ("FORFALL_REDIS__KEY_PREFIX", c.redis.key_prefix.clone()),
+            ("FORFALL_TOPICS__PREFIX", c.topics.prefix.clone()),
+            ("FORFALL_REGISTRY__URL", c.registry.url.clone()),
+            ("FORFALL_ADMIN__BASE_PORT", (self.admin_base + slot * 10).to_string()),
+            ("FORFALL_CLOCK__SHARED_REDIS_KEY", self.clock_key.clone()),
+            ("FORFALL_LOG__LEVEL", "info".into()),
+            ("FORFALL_WATCHER__TICK_MS", "50".into()),
+            ("FORFALL_DISPATCH__SMTP__PORT", self.mail.addr.port().to_string()),
+            ("FORFALL_DISPATCH__RETRY__FIRST_MS", "50".into()),
+            ("FORFALL_HANDOFF__AGENCY_URL", self.agency.url("/cases")),
+            ("FORFALL_HANDOFF__AGENCY_RECALL_URL", self.agency.url("/recalls")),
+            ("FORFALL_HANDOFF__TIMEOUT_MS", "3000".into()),
+        ];
+        let mut env: Vec<(String, String)> = env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        for (k, v) in [
+            ("NAME", "Chaos Forsyning A/S"),
+            ("BANK_ACCOUNT", "IBAN DK50 0040 0440 1162 43"),
+            ("CONTACT", "+45 70 10 20 30"),
+        ] {
+            let tenant = crate::chaos::TENANT.to_uppercase();
+            env.push((format!("FORFALL_DISPATCH__TENANTS__{tenant}__{k}"), v.to_owned()));
+        }
+        env
+    }
+
+    /// Where an instance's admin endpoint listens.
+    pub fn admin_port(&self, service: &str, slot: u16) -> u16 {
+        let offset = match service {
+            "ingest" => 1,
+            "watcher" => 2,
+            "dispatch" => 3,
+            "matcher" => 4,
+            "handoff" => 5,
+            _ => 9,
+        };
+        self.admin_base + slot * 10 + offset
+    }
+
+    /// Starts one instance of a service as its own process; its log goes to the run's folder.
+    pub fn spawn(&self, service: &'static str, slot: u16, generation: u32) -> anyhow::Result<ServiceProcess> {
+        let log = std::fs::File::create(self.dir.join(format!("{service}-{slot}-{generation}.log")))?;
+        let child = Command::new(self.bins.join(format!("forfall-{service}")))
+            .envs(self.env(slot))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(ServiceProcess {
+            child,
+            admin_port: self.admin_port(service, slot),
+            started: Instant::now(),
+        })
+    }
+}
+
+/// One running service instance.
+pub struct ServiceProcess {
+    pub child: Child,
+    pub admin_port: u16,
+    pub started: Instant,
+}
+
+impl ServiceProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    pub async fn ready(&self, http: &reqwest::Client) -> bool {
+        http.get(format!("http://127.0.0.1:{}/readyz", self.admin_port))
+            .timeout(Duration::from_millis(500))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    }
+}
+
+/// Every instance, by (service, slot).
+pub type Fleet = HashMap<(&'static str, u16), ServiceProcess>;

@@ -1,0 +1,20 @@
+//! The short fault suite inside `make test`: a few hundred debtors through every fault kind,
+//! with the real service binaries (`make chaos` runs the long one). Set FORFALL_CHAOS_SEED to
+//! replay a seed.
+
+use forfall_e2e::chaos;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_lost_never_twice_never_after_payment_under_faults() -> anyhow::Result<()> {
+    forfall_platform::telemetry::init(&forfall_e2e::base_config().log);
+    let seed = std::env::var("FORFALL_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| u64::from(rand::random::<u32>()));
+    println!("chaos seed {seed} (FORFALL_CHAOS_SEED={seed} replays it)");
+    let (baseline, faulty) = chaos::baseline_and_faults(seed, 150).await?;
+    let report = chaos::describe(&baseline, &faulty);
+    println!("{report}");
+    assert!(baseline.passed() && faulty.passed(), "{report}");
+    Ok(())
+}
