@@ -404,3 +404,70 @@ pub async fn dispatch_sentinel(stack: &LocalStack, tenant: &str, debtor_id: &str
     })
     .await
 }
+
+/// Every dispatch outcome so far.
+pub async fn dispatch_outcomes(stack: &LocalStack) -> anyhow::Result<Vec<forfall_platform::records::DispatchOutcome>> {
+    stack.read(&stack.topic(&stack.topics().dispatch_outcomes)).await
+}
+
+/// Waits for dispatch's outcome of `action` on `channel` with `status`.
+pub async fn outcome_for(
+    stack: &LocalStack,
+    action: &JourneyAction,
+    channel: &str,
+    status: forfall_platform::records::DispatchStatus,
+) -> anyhow::Result<forfall_platform::records::DispatchOutcome> {
+    eventually(
+        &format!("{channel} {status:?} for {}", action.invoice_id),
+        WAIT,
+        || async {
+            Ok(dispatch_outcomes(stack)
+                .await?
+                .into_iter()
+                .find(|o| o.action_id == action.action_id && o.channel == channel && o.status == status))
+        },
+    )
+    .await
+}
+
+/// A consumer group's committed offset (the next offset it reads) for each partition of
+/// `topics` (`None` where it has committed nothing).
+pub async fn committed_offsets(
+    config: &CommonConfig,
+    group: &str,
+    topics: &[String],
+) -> anyhow::Result<std::collections::HashMap<(String, i32), Option<i64>>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let (brokers, partitions, group, topics) = (
+        config.kafka.brokers.clone(),
+        config.kafka.partitions,
+        group.to_owned(),
+        topics.to_vec(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("broker.address.family", "v4")
+            .set("group.id", &group)
+            .create()?;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for topic in &topics {
+            for p in 0..partitions {
+                tpl.add_partition(topic, p);
+            }
+        }
+        let committed = consumer.committed_offsets(tpl, std::time::Duration::from_secs(10))?;
+        Ok(committed
+            .elements()
+            .iter()
+            .map(|e| {
+                let offset = match e.offset() {
+                    rdkafka::Offset::Offset(o) => Some(o),
+                    _ => None,
+                };
+                ((e.topic().to_owned(), e.partition()), offset)
+            })
+            .collect())
+    })
+    .await?
+}

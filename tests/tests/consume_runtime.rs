@@ -13,8 +13,7 @@ use forfall_platform::kafka::{self, Failure, Handler, Inbound, LoopContext, Outb
 use forfall_platform::metrics::Metrics;
 use forfall_platform::records::Rejected;
 use forfall_platform::telemetry::TraceContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
 
 /// What the test handler does with a record, by its payload.
@@ -148,33 +147,14 @@ impl Harness {
 
     /// The group's committed offset (the next offset it will read) per partition.
     async fn committed(&self, partitions: i32) -> anyhow::Result<HashMap<i32, Option<i64>>> {
-        let brokers = self.stack.rt.config.kafka.brokers.clone();
-        let group = format!("{}.{}", self.stack.rt.config.kafka.group_prefix, self.group);
-        let topic = self.input.clone();
-        tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &brokers)
-                .set("broker.address.family", "v4")
-                .set("group.id", &group)
-                .create()?;
-            let mut tpl = TopicPartitionList::new();
-            for p in 0..partitions {
-                tpl.add_partition(&topic, p);
-            }
-            let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
-            Ok(committed
-                .elements()
-                .iter()
-                .map(|e| {
-                    let offset = match e.offset() {
-                        Offset::Offset(o) => Some(o),
-                        _ => None,
-                    };
-                    (e.partition(), offset)
-                })
-                .collect())
-        })
-        .await?
+        let mut config = self.stack.rt.config.clone();
+        config.kafka.partitions = partitions;
+        let group = format!("{}.{}", config.kafka.group_prefix, self.group);
+        Ok(committed_offsets(&config, &group, std::slice::from_ref(&self.input))
+            .await?
+            .into_iter()
+            .map(|((_, p), offset)| (p, offset))
+            .collect())
     }
 }
 

@@ -6,7 +6,9 @@ use forfall::devstack::{LocalStack, eventually};
 use forfall_devsinks::HttpRecorder;
 use forfall_devsinks::sms::{Provider, SmsProviderSim};
 use forfall_domain::paylink::{self, LinkKey};
-use forfall_e2e::{WAIT, at, base_config, journey_header, journeys_after, nudge_action};
+use forfall_e2e::{
+    WAIT, at, base_config, dispatch_outcomes, journey_header, journeys_after, nudge_action, outcome_for,
+};
 use forfall_platform::clock::ManualClock;
 use forfall_platform::records::{DispatchOutcome, DispatchStatus, JourneyAction, derived_id};
 use forfall_platform::redis_store::Keys;
@@ -70,29 +72,6 @@ async fn send(stack: &LocalStack, action: &JourneyAction) -> anyhow::Result<()> 
     stack
         .produce(&stack.topic(&stack.topics().journey_actions), &action.debtor_id, action)
         .await
-}
-
-async fn outcomes(stack: &LocalStack) -> anyhow::Result<Vec<DispatchOutcome>> {
-    stack.read(&stack.topic(&stack.topics().dispatch_outcomes)).await
-}
-
-async fn outcome_for(
-    stack: &LocalStack,
-    action: &JourneyAction,
-    channel: &str,
-    status: DispatchStatus,
-) -> anyhow::Result<DispatchOutcome> {
-    eventually(
-        &format!("{channel} {status:?} for {}", action.invoice_id),
-        WAIT,
-        || async {
-            Ok(outcomes(stack)
-                .await?
-                .into_iter()
-                .find(|o| o.action_id == action.action_id && o.channel == channel && o.status == status))
-        },
-    )
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -400,7 +379,7 @@ async fn a_bounced_sms_falls_back_to_email_and_receipts_become_outcomes() -> any
     forfall_e2e::dispatch_sentinel(&stack, TENANT, &delivered.debtor_id).await?;
     assert!(stack.mail.to("d1@example.test").is_empty(), "delivered: no fallback");
     assert_eq!(sims.gatewayapi.accepted().len(), 2, "each SMS sent once");
-    let all = outcomes(&stack).await?;
+    let all = dispatch_outcomes(&stack).await?;
     assert_eq!(
         all.iter().filter(|o| o.status == DispatchStatus::Bounced).count(),
         1,
@@ -527,7 +506,7 @@ async fn a_message_due_outside_contact_hours_waits_for_the_next_allowed_moment()
     clock.set(at("2026-09-05T06:59:00Z"));
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     assert!(stack.mail.messages().is_empty(), "nothing before the window opens");
-    assert!(outcomes(&stack).await?.is_empty(), "held, not decided");
+    assert!(dispatch_outcomes(&stack).await?.is_empty(), "held, not decided");
     clock.set(at("2026-09-05T07:00:00Z"));
     outcome_for(&stack, &late, "email", DispatchStatus::Sent).await?;
     let suppressed = outcome_for(&stack, &paid, "email", DispatchStatus::Suppressed).await?;
@@ -582,7 +561,7 @@ async fn payments_around_send_time_never_let_a_message_out_after_the_last_look()
         tokio::time::sleep(Duration::from_millis(4)).await;
     }
     let decided = eventually("every action decided", WAIT, || async {
-        let outcomes = outcomes(&stack).await?;
+        let outcomes = dispatch_outcomes(&stack).await?;
         Ok((outcomes.len() >= n).then_some(outcomes))
     })
     .await?;
@@ -681,7 +660,7 @@ step = [
         let stack = &stack;
         async move {
             eventually(&format!("{invoice} {channel} {status:?}"), WAIT, || async {
-                Ok(outcomes(stack)
+                Ok(dispatch_outcomes(stack)
                     .await?
                     .into_iter()
                     .find(|o| o.invoice_id == invoice && o.channel == channel && o.status == status))

@@ -17,7 +17,10 @@ use std::time::Duration;
 
 use forfall_devsinks::sms::{AfterAccept, Provider, SmsProviderSim};
 use forfall_dispatch::claim_key;
-use forfall_e2e::{LocalStack, WAIT, at, base_config, eventually, journeys_after, metric_value, nudge_action};
+use forfall_e2e::{
+    LocalStack, WAIT, at, base_config, dispatch_outcomes, eventually, journeys_after, metric_value, nudge_action,
+    outcome_for,
+};
 use forfall_platform::clock::ManualClock;
 use forfall_platform::records::{DispatchOutcome, DispatchStatus, JourneyAction};
 use forfall_platform::redis_store::Keys;
@@ -70,32 +73,9 @@ async fn send(stack: &LocalStack, actions: &[&JourneyAction]) -> anyhow::Result<
     Ok(())
 }
 
-async fn outcomes(stack: &LocalStack) -> anyhow::Result<Vec<DispatchOutcome>> {
-    stack.read(&stack.topic(&stack.topics().dispatch_outcomes)).await
-}
-
-async fn outcome_for(
-    stack: &LocalStack,
-    action: &JourneyAction,
-    channel: &str,
-    status: DispatchStatus,
-) -> anyhow::Result<DispatchOutcome> {
-    eventually(
-        &format!("{channel} {status:?} for {}", action.invoice_id),
-        WAIT,
-        || async {
-            Ok(outcomes(stack)
-                .await?
-                .into_iter()
-                .find(|o| o.action_id == action.action_id && o.channel == channel && o.status == status))
-        },
-    )
-    .await
-}
-
 /// Every outcome of one action so far.
 async fn outcomes_of(stack: &LocalStack, action: &JourneyAction) -> anyhow::Result<Vec<DispatchOutcome>> {
-    Ok(outcomes(stack)
+    Ok(dispatch_outcomes(stack)
         .await?
         .into_iter()
         .filter(|o| o.action_id == action.action_id)

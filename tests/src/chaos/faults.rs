@@ -10,6 +10,8 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use forfall_devsinks::sms::AfterAccept;
+
 use super::SERVICES;
 use super::infra::{Fleet, Infra, signal};
 
@@ -194,7 +196,7 @@ pub async fn play(supervisor: Arc<Supervisor>, seed: u64, stop: CancellationToke
             _ = tokio::time::sleep(pause) => {}
         }
         supervisor.reap().await?;
-        match rng.random_range(0..7) {
+        match rng.random_range(0..8) {
             0 => {
                 let service = SERVICES[rng.random_range(0..SERVICES.len())];
                 supervisor.count("kill_9").await;
@@ -250,6 +252,14 @@ pub async fn play(supervisor: Arc<Supervisor>, seed: u64, stop: CancellationToke
                 let _ = stopping.await;
                 tokio::time::sleep(Duration::from_millis(2_500)).await;
                 supervisor.start(service, 0).await?;
+            }
+            6 => {
+                // Longer than dispatch's HTTP timeout (10 s): GatewayAPI took the SMS, the
+                // sender cannot know.
+                supervisor.count("sms_accepts_then_times_out").await;
+                infra
+                    .sms
+                    .after_accepting_next(&[AfterAccept::Delay(Duration::from_secs(12))]);
             }
             _ => {
                 // Longer than dispatch's SMTP timeout (10 s): the server has the message, the

@@ -105,8 +105,16 @@ pub struct Findings {
     pub invoices_lost: usize,
     pub records_neither_applied_nor_rejected: usize,
     pub messages_twice: usize,
-    pub messages_after_payment_matched: usize,
+    /// Messages that reached a provider after the watcher had recorded the payment that settled
+    /// the invoice (its journey event, plus [`RECORDED_WITHIN_MS`] for the journey write that
+    /// follows the event): dispatch's last look should have stopped them.
+    pub messages_after_payment: usize,
     pub cases_twice: usize,
+    /// Informational: messages that reached a provider after the settling payment was matched
+    /// but before the watcher had recorded it (the window between the matcher's decision and
+    /// the journey's state, which the last look reads), and the longest such lag.
+    pub messages_racing_payment: usize,
+    pub longest_race_ms: i64,
     /// Informational: what was seen, to tell a quiet run from a broken one.
     pub seen: BTreeMap<&'static str, usize>,
     /// Informational: messages that reached the mail server after the settling payment was
@@ -119,7 +127,7 @@ impl Findings {
         self.invoices_lost == 0
             && self.records_neither_applied_nor_rejected == 0
             && self.messages_twice == 0
-            && self.messages_after_payment_matched == 0
+            && self.messages_after_payment == 0
             && self.cases_twice == 0
     }
 }
@@ -129,6 +137,10 @@ fn example(findings: &mut Findings, text: String) {
         findings.examples.push(text);
     }
 }
+
+/// How long after a journey event the watcher's journey write (which the last look reads) may
+/// come: the event is acknowledged first, then the journey is written in the same step.
+pub const RECORDED_WITHIN_MS: i64 = 1_000;
 
 /// Reads everything and counts what must never happen.
 pub async fn check(infra: &Infra, workload: &Workload) -> anyhow::Result<Findings> {
@@ -243,36 +255,52 @@ pub async fn check(infra: &Infra, workload: &Workload) -> anyhow::Result<Finding
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0)
     };
-    let mut per_step: HashMap<(String, String, &str), usize> = HashMap::new();
+    // Each message the providers took: its action and channel, and when it reached them.
+    let mut sent: Vec<(String, &'static str, i64)> = Vec::new();
     let mails = infra.mail.messages();
     for mail in &mails {
         let id = mail.header("Message-ID").unwrap_or_default();
         let action_id = id.trim_start_matches('<').split(".email@").next().unwrap_or_default();
-        let Some(action) = by_action.get(action_id) else {
-            example(&mut f, format!("a message for no known action: {id}"));
+        sent.push((action_id.to_owned(), "email", wall_ms(mail.received_at)));
+    }
+    let texts = infra.sms.accepted();
+    for sms in &texts {
+        // GatewayAPI's `userref` is dispatch's reference of the message: `<action>:sms`.
+        let reference = sms.userref.clone().unwrap_or_default();
+        let action_id = reference.trim_end_matches(":sms");
+        sent.push((action_id.to_owned(), "sms", wall_ms(sms.accepted_at)));
+    }
+    let mut per_step: HashMap<(String, String, &str), usize> = HashMap::new();
+    for (action_id, channel, received) in &sent {
+        let (channel, received) = (*channel, *received);
+        let Some(action) = by_action.get(action_id.as_str()) else {
+            example(&mut f, format!("a {channel} message for no known action: {action_id}"));
             continue;
         };
-        let received = wall_ms(mail.received_at);
         let invoices =
             std::iter::once(action.invoice_id.as_str()).chain(action.covers.iter().map(|c| c.invoice_id.as_str()));
         for invoice in invoices {
             *per_step
-                .entry((invoice.to_owned(), action.step.clone(), "email"))
+                .entry((invoice.to_owned(), action.step.clone(), channel))
                 .or_default() += 1;
             if let Some(paid) = matched_at.get(invoice)
                 && received > *paid
             {
-                f.messages_after_payment_matched += 1;
                 let recorded = settled_at.get(invoice).copied().unwrap_or_default();
-                example(
-                    &mut f,
-                    format!(
-                        "{} of {invoice} reached the mail server {} ms after its payment was matched ({} ms after the watcher recorded it)",
-                        action.step,
-                        received - paid,
-                        received - recorded
-                    ),
+                let what = format!(
+                    "{} of {invoice} by {channel} reached the provider {} ms after its payment was matched ({} ms after the watcher recorded it)",
+                    action.step,
+                    received - paid,
+                    received - recorded
                 );
+                if received > recorded + RECORDED_WITHIN_MS {
+                    f.messages_after_payment += 1;
+                    example(&mut f, what);
+                } else {
+                    f.messages_racing_payment += 1;
+                    f.longest_race_ms = f.longest_race_ms.max(received - paid);
+                    example(&mut f, format!("(in flight) {what}"));
+                }
             }
         }
     }
@@ -282,6 +310,7 @@ pub async fn check(infra: &Infra, workload: &Workload) -> anyhow::Result<Finding
             example(&mut f, format!("{step} of {invoice} by {channel} sent {n} times"));
         }
     }
-    f.seen.insert("messages", mails.len());
+    f.seen.insert("emails", mails.len());
+    f.seen.insert("sms", texts.len());
     Ok(f)
 }

@@ -7,9 +7,32 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use forfall_devsinks::sms::{Provider, SmsProviderSim};
 use forfall_devsinks::{HttpRecorder, MailSink};
 use forfall_platform::config::CommonConfig;
 use tokio::process::{Child, Command};
+
+const SMS_TOKEN: &str = "chaos-gatewayapi-token";
+
+/// The customer base's policy: the default one with an SMS nudge three banking days after the
+/// due date, so that messages go out on both channels.
+const POLICY: &str = r#"
+version = "chaos-2026-12"
+send_time = "09:00"
+combine_within_days = 3
+
+[[segment]]
+name = "default"
+plan = "chaos"
+
+[plan.chaos]
+step = [
+  { name = "nudge", offset_banking_days = 0, channels = ["email"], tone = "nudge" },
+  { name = "sms-nudge", offset_banking_days = 3, channels = ["sms", "email"], tone = "nudge" },
+  { name = "reminder-1", offset_banking_days = 10, channels = ["email"], tone = "reminder", days_to_pay = 10 },
+  { name = "handoff", offset_banking_days = 20, handoff = true },
+]
+"#;
 
 /// A free port on loopback (bound and released; good enough for a test's own servers).
 pub fn free_port() -> anyhow::Result<u16> {
@@ -86,12 +109,15 @@ pub struct Infra {
     pub redis: Helper,
     pub registry_url: String,
     pub mail: MailSink,
+    /// GatewayAPI's stand-in, strict as its documentation.
+    pub sms: SmsProviderSim,
     pub agency: HttpRecorder,
     /// The configuration the services get (as `FORFALL_*` variables) and the checker reads with.
     pub config: CommonConfig,
     pub clock_key: String,
     pub bins: PathBuf,
-    admin_base: u16,
+    /// Where each instance's admin endpoint listens, by (service, slot).
+    admin_ports: std::sync::Mutex<HashMap<(&'static str, u16), u16>>,
 }
 
 impl Infra {
@@ -132,7 +158,9 @@ impl Infra {
         let registry = forfall_schema_registry_emulator::spawn("127.0.0.1:0").await?;
         let registry_url = format!("http://{registry}");
         let mail = MailSink::start()?;
+        let sms = SmsProviderSim::start(Provider::GatewayApi, "", SMS_TOKEN).await?;
         let agency = HttpRecorder::start().await?;
+        std::fs::write(dir.join("policy.toml"), POLICY)?;
         let prefix = format!("chaos{run}");
         let mut config = crate::base_config();
         config.kafka.brokers = format!("127.0.0.1:{broker_port}");
@@ -152,11 +180,12 @@ impl Infra {
             redis,
             registry_url,
             mail,
+            sms,
             agency,
             config,
             clock_key,
             bins,
-            admin_base: free_port()?.saturating_sub(20).max(20_000),
+            admin_ports: std::sync::Mutex::default(),
         })
     }
 
@@ -184,8 +213,8 @@ impl Infra {
         }
     }
 
-    /// The `FORFALL_*` variables of one service instance (`slot` 0 is the first instance).
-    fn env(&self, slot: u16) -> Vec<(String, String)> {
+    /// The `FORFALL_*` variables of one service instance listening on `admin_port`.
+    fn env(&self, service: &str, admin_port: u16) -> Vec<(String, String)> {
         let c = &self.config;
         let env = vec![
             ("FORFALL_KAFKA__BROKERS", c.kafka.brokers.clone()),
@@ -205,12 +234,24 @@ impl Infra {
             ("FORFALL_REDIS__KEY_PREFIX", c.redis.key_prefix.clone()),
             ("FORFALL_TOPICS__PREFIX", c.topics.prefix.clone()),
             ("FORFALL_REGISTRY__URL", c.registry.url.clone()),
-            ("FORFALL_ADMIN__BASE_PORT", (self.admin_base + slot * 10).to_string()),
+            // A service listens on base + its offset: the base that puts it on a port found free.
+            (
+                "FORFALL_ADMIN__BASE_PORT",
+                (admin_port - port_offset(service)).to_string(),
+            ),
             ("FORFALL_CLOCK__SHARED_REDIS_KEY", self.clock_key.clone()),
             ("FORFALL_LOG__LEVEL", "info".into()),
             ("FORFALL_WATCHER__TICK_MS", "50".into()),
             ("FORFALL_DISPATCH__SMTP__PORT", self.mail.addr.port().to_string()),
             ("FORFALL_DISPATCH__RETRY__FIRST_MS", "50".into()),
+            ("FORFALL_DISPATCH__SMS__PROVIDER", "gatewayapi".into()),
+            ("FORFALL_DISPATCH__SMS__GATEWAYAPI__URL", self.sms.url()),
+            ("FORFALL_DISPATCH__SMS__GATEWAYAPI__TOKEN", SMS_TOKEN.into()),
+            ("FORFALL_DISPATCH__SMS__GATEWAYAPI__SENDER", "ChaosPower".into()),
+            (
+                "FORFALL_WATCHER__POLICY_FILE",
+                self.dir.join("policy.toml").display().to_string(),
+            ),
             ("FORFALL_HANDOFF__AGENCY_URL", self.agency.url("/cases")),
             ("FORFALL_HANDOFF__AGENCY_RECALL_URL", self.agency.url("/recalls")),
             ("FORFALL_HANDOFF__TIMEOUT_MS", "3000".into()),
@@ -227,24 +268,27 @@ impl Infra {
         env
     }
 
-    /// Where an instance's admin endpoint listens.
-    pub fn admin_port(&self, service: &str, slot: u16) -> u16 {
-        let offset = match service {
-            "ingest" => 1,
-            "watcher" => 2,
-            "dispatch" => 3,
-            "matcher" => 4,
-            "handoff" => 5,
-            _ => 9,
-        };
-        self.admin_base + slot * 10 + offset
+    /// Where an instance's admin endpoint listens (0 before it was started).
+    pub fn admin_port(&self, service: &'static str, slot: u16) -> u16 {
+        let ports = self.admin_ports.lock().unwrap_or_else(|p| p.into_inner());
+        ports.get(&(service, slot)).copied().unwrap_or(0)
     }
 
     /// Starts one instance of a service as its own process; its log goes to the run's folder.
     pub fn spawn(&self, service: &'static str, slot: u16, generation: u32) -> anyhow::Result<ServiceProcess> {
         let log = std::fs::File::create(self.dir.join(format!("{service}-{slot}-{generation}.log")))?;
+        let admin_port = loop {
+            let port = free_port()?;
+            if port > port_offset(service) {
+                break port;
+            }
+        };
+        self.admin_ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((service, slot), admin_port);
         let child = Command::new(self.bins.join(format!("forfall-{service}")))
-            .envs(self.env(slot))
+            .envs(self.env(service, admin_port))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -252,9 +296,21 @@ impl Infra {
             .spawn()?;
         Ok(ServiceProcess {
             child,
-            admin_port: self.admin_port(service, slot),
+            admin_port,
             started: Instant::now(),
         })
+    }
+}
+
+/// The offset of a service's admin port from `admin.base_port`.
+fn port_offset(service: &str) -> u16 {
+    match service {
+        "ingest" => forfall_ingest::PORT_OFFSET,
+        "watcher" => forfall_watcher::PORT_OFFSET,
+        "dispatch" => forfall_dispatch::PORT_OFFSET,
+        "matcher" => forfall_matcher::PORT_OFFSET,
+        "handoff" => forfall_handoff::PORT_OFFSET,
+        _ => 0,
     }
 }
 

@@ -23,9 +23,9 @@ use chrono::{Datelike, NaiveDate, TimeZone, Utc, Weekday};
 use forfall_platform::avro::Codec;
 use forfall_platform::config::CommonConfig;
 use forfall_platform::records::Record;
+use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 pub use history::Findings;
@@ -280,50 +280,16 @@ fn groups(config: &CommonConfig) -> Vec<(String, Vec<String>)> {
     ]
 }
 
-/// The committed offset of each partition of `topics` for `group`.
-async fn committed(
-    config: &CommonConfig,
-    group: &str,
-    topics: &[String],
-) -> anyhow::Result<HashMap<(String, i32), i64>> {
-    let (brokers, partitions, group, topics) = (
-        config.kafka.brokers.clone(),
-        config.kafka.partitions,
-        group.to_owned(),
-        topics.to_vec(),
-    );
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("broker.address.family", "v4")
-            .set("group.id", &group)
-            .create()?;
-        let mut tpl = TopicPartitionList::new();
-        for topic in &topics {
-            for p in 0..partitions {
-                tpl.add_partition(topic, p);
-            }
-        }
-        let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
-        Ok(committed
-            .elements()
-            .iter()
-            .map(|e| {
-                let offset = if let Offset::Offset(o) = e.offset() { o } else { 0 };
-                ((e.topic().to_owned(), e.partition()), offset)
-            })
-            .collect())
-    })
-    .await?
-}
-
 /// Whether every group has committed up to `end` on each partition it reads; if not, where not.
 async fn all_committed(config: &CommonConfig, end: impl Fn(&str, i32) -> i64) -> anyhow::Result<Result<(), String>> {
     for (group, topics) in groups(config) {
-        let done = committed(config, &group, &topics).await?;
+        let done = crate::committed_offsets(config, &group, &topics).await?;
         for topic in &topics {
             for p in 0..config.kafka.partitions {
-                let (at, want) = (done.get(&(topic.clone(), p)).copied().unwrap_or(0), end(topic, p));
+                let (at, want) = (
+                    done.get(&(topic.clone(), p)).copied().flatten().unwrap_or(0),
+                    end(topic, p),
+                );
                 if at < want {
                     return Ok(Err(format!("{group} at {at} of {want} on {topic}[{p}]")));
                 }
@@ -445,7 +411,8 @@ pub fn describe(baseline: &Report, faulty: &Report) -> String {
          \x20 invoices lost: {}\n\
          \x20 records neither applied nor rejected: {}\n\
          \x20 messages twice per (invoice, step, channel): {}\n\
-         \x20 messages that reached a provider after the settling payment was matched: {}\n\
+         \x20 messages that reached a provider after the watcher recorded the settling payment: {}\n\
+         \x20 (messages in flight while the payment was matched, before the watcher recorded it: {}, longest {} ms)\n\
          \x20 cases twice: {}\n\
          \x20 services that exited by themselves: {} {:?}\n\
          \x20 services slow to stop on SIGTERM: {:?}\n\
@@ -458,7 +425,9 @@ pub fn describe(baseline: &Report, faulty: &Report) -> String {
         f.invoices_lost,
         f.records_neither_applied_nor_rejected,
         f.messages_twice,
-        f.messages_after_payment_matched,
+        f.messages_after_payment,
+        f.messages_racing_payment,
+        f.longest_race_ms,
         f.cases_twice,
         faulty.unexpected_exits.len(),
         faulty.unexpected_exits,

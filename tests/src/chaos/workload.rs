@@ -49,6 +49,7 @@ pub struct Debtor {
     pub number: String,
     pub reference: String,
     pub email: String,
+    pub phone: String,
     pub jurisdiction: &'static str,
     pub currency: &'static str,
     pub language: &'static str,
@@ -73,11 +74,13 @@ pub struct Workload {
     pub last_day: NaiveDate,
 }
 
-const COUNTRIES: [(&str, &str, &str); 4] = [
-    ("DK", "DKK", "da"),
-    ("NO", "NOK", "nb"),
-    ("SE", "SEK", "sv"),
-    ("FI", "EUR", "fi"),
+/// Jurisdiction, currency, language and a mobile number prefix that makes a valid number with
+/// six more digits.
+const COUNTRIES: [(&str, &str, &str, &str); 4] = [
+    ("DK", "DKK", "da", "+4520"),
+    ("NO", "NOK", "nb", "+4790"),
+    ("SE", "SEK", "sv", "+46701"),
+    ("FI", "EUR", "fi", "+358401"),
 ];
 
 impl Workload {
@@ -85,14 +88,15 @@ impl Workload {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut all = Vec::with_capacity(debtors);
         for i in 0..debtors {
-            let (jurisdiction, currency, language) = COUNTRIES[rng.random_range(0..COUNTRIES.len())];
+            let (jurisdiction, currency, language, mobile) = COUNTRIES[rng.random_range(0..COUNTRIES.len())];
             let reference = generate(ReferenceKind::Rf, &format!("CH{i:07}"))?.value;
             all.push(Debtor {
-                debtor_id: format!("{TENANT}:customer-{i}"),
+                debtor_id: format!("{TENANT}:customer-{i}@example.test"),
                 invoice_id: format!("chaos-inv-{i}"),
                 number: format!("{:07}", 5_000_000 + i),
                 reference,
                 email: format!("customer-{i}@example.test"),
+                phone: format!("{mobile}{i:06}"),
                 jurisdiction,
                 currency,
                 language,
@@ -142,29 +146,26 @@ impl Workload {
 }
 
 impl Debtor {
+    /// The invoice as the shared test sample shapes one.
+    fn sample(&self) -> crate::Sample<'_> {
+        crate::Sample {
+            tenant: TENANT,
+            invoice_id: &self.invoice_id,
+            number: &self.number,
+            due: self.due,
+            amount_minor: self.amount_minor,
+            currency: self.currency,
+            jurisdiction: self.jurisdiction,
+            email: &self.email,
+            reference: &self.reference,
+            language: self.language,
+        }
+    }
+
     fn issued(&self) -> InvoiceIssued {
         InvoiceIssued {
-            event_id: new_event_id(),
-            tenant: TENANT.into(),
-            debtor_id: self.debtor_id.clone(),
-            occurred_at: 0,
-            invoice_id: self.invoice_id.clone(),
-            revision: 1,
-            invoice_number: self.number.clone(),
-            issue_date: epoch_days(self.due) - 14,
-            due_date: epoch_days(self.due),
-            amount_minor: self.amount_minor,
-            currency: self.currency.into(),
-            jurisdiction: self.jurisdiction.into(),
-            debtor_kind: "consumer".into(),
-            payment_reference: Some(self.reference.clone()),
-            description: Some("Electricity and grid, last month".into()),
-            debtor_name: Some("Chaos Customer".into()),
-            email: Some(self.email.clone()),
-            phone: None,
-            language: Some(self.language.into()),
-            preferred_channels: Vec::new(),
-            declined_channels: Vec::new(),
+            phone: Some(self.phone.clone()),
+            ..self.sample().issued()
         }
     }
 
@@ -174,19 +175,11 @@ impl Debtor {
 
     fn payment(&self, amount_minor: i64, n: u32, day: NaiveDate) -> PaymentReceived {
         PaymentReceived {
-            event_id: new_event_id(),
-            tenant: TENANT.into(),
-            debtor_id: None,
-            occurred_at: 0,
-            payment_id: self.payment_id(n),
-            amount_minor,
-            currency: self.currency.into(),
-            reference: Some(self.reference.clone()),
-            remittance_text: None,
-            payer_name: None,
-            payer_account: None,
             booking_date: epoch_days(day),
             value_date: epoch_days(day),
+            ..self
+                .sample()
+                .payment(&self.payment_id(n), amount_minor, &self.reference)
         }
     }
 

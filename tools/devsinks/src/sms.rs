@@ -56,6 +56,8 @@ pub struct AcceptedSms {
     pub userref: Option<String>,
     pub encoding: Option<String>,
     pub content_type: String,
+    /// When the stand-in took it.
+    pub accepted_at: std::time::Instant,
 }
 
 /// What the stand-in does after it has taken a message, instead of answering its success at
@@ -408,6 +410,7 @@ async fn gatewayapi(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> 
         userref: v.get("userref").and_then(|c| c.as_str()).map(str::to_owned),
         encoding,
         content_type: content_type(&headers),
+        accepted_at: std::time::Instant::now(),
     });
     let success = axum::Json(serde_json::json!({
         "ids": [id.parse::<u64>().unwrap_or(0)],
@@ -477,6 +480,7 @@ async fn elks46(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Resp
         userref: None,
         encoding: None,
         content_type: content_type(&headers),
+        accepted_at: std::time::Instant::now(),
     });
     let success = axum::Json(serde_json::json!({
         "status": "created",
@@ -575,6 +579,7 @@ async fn twilio(State(sim): State<Sim>, Path(sid): Path<String>, headers: Header
         userref: None,
         encoding: None,
         content_type: content_type(&headers),
+        accepted_at: std::time::Instant::now(),
     });
     let success = (
         StatusCode::CREATED,
