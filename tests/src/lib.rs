@@ -471,3 +471,32 @@ pub async fn committed_offsets(
     })
     .await?
 }
+
+/// Billing issues the sample's invoice (produced to the billing topic as billing would).
+pub async fn issue_invoice(stack: &LocalStack, s: &Sample<'_>) -> anyhow::Result<()> {
+    stack
+        .produce(
+            &stack.topic(&stack.topics().billing_invoice_events),
+            &s.debtor_id(),
+            &s.issued(),
+        )
+        .await
+}
+
+/// Waits for the first journey event of `invoice_id` that `matches`.
+pub async fn journey_event(
+    stack: &LocalStack,
+    invoice_id: &str,
+    what: &str,
+    matches: impl Fn(&forfall_platform::records::JourneyEvent) -> bool,
+) -> anyhow::Result<forfall_platform::records::JourneyEvent> {
+    let topic = stack.topic(&stack.topics().journey_events);
+    eventually(&format!("{what} of {invoice_id}"), WAIT, || async {
+        Ok(stack
+            .read::<forfall_platform::records::JourneyEvent>(&topic)
+            .await?
+            .into_iter()
+            .find(|e| e.invoice_id == invoice_id && matches(e)))
+    })
+    .await
+}

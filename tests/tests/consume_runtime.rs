@@ -40,7 +40,11 @@ impl Handler for Scripted {
             trace: record.trace.child(),
         };
         let result = match text.as_str() {
-            "fatal" => Err(Failure::Fatal(anyhow::anyhow!("a bug"))),
+            "fatal" => {
+                // Long enough for the records after it (other keys) to be handled meanwhile.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Err(Failure::Fatal(anyhow::anyhow!("a bug")))
+            }
             "stuck" => Err(Failure::transient(anyhow::anyhow!("Redis away"))),
             "slow" => {
                 tokio::time::sleep(Duration::from_secs(60)).await;

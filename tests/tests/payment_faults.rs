@@ -12,7 +12,7 @@ use forfall_domain::reference::{self, ReferenceKind, normalise};
 use forfall_e2e::*;
 use forfall_platform::Topics;
 use forfall_platform::clock::ManualClock;
-use forfall_platform::records::{JourneyEvent, PaymentMatched, PaymentUnmatched, Rejected, new_event_id};
+use forfall_platform::records::{PaymentMatched, PaymentUnmatched, Rejected, new_event_id};
 use serde_json::{Value, json};
 
 /// A topic name no Kafka client accepts (librdkafka refuses names over 512 bytes before
@@ -200,13 +200,7 @@ async fn a_kept_payment_stays_kept_until_its_match_is_acknowledged() -> anyhow::
     restart_refusing(&mut stack, "matcher", |t| t.payments_matched = unacknowledged_topic()).await?;
 
     // The invoice arrives: the match is booked, and its PaymentMatched is never acknowledged.
-    stack
-        .produce(
-            &stack.topic(&stack.topics().billing_invoice_events),
-            &s.debtor_id(),
-            &s.issued(),
-        )
-        .await?;
+    issue_invoice(&stack, &s).await?;
     eventually("the match booked and the matcher at its produce", WAIT, || async {
         let booked = decision(&stack, s.tenant, "kept-1")
             .await?
@@ -333,14 +327,7 @@ async fn a_manual_match_on_an_invoice_paid_in_part_meanwhile_is_booked_as_announ
     );
     status_is(&stack, a.tenant, a.invoice_id, "closed:paid").await?;
     status_is(&stack, b.tenant, b.invoice_id, "open").await?;
-    let credit = eventually("the credit balance", WAIT, || async {
-        Ok(stack
-            .read::<JourneyEvent>(&stack.topic(&stack.topics().journey_events))
-            .await?
-            .into_iter()
-            .find(|e| e.invoice_id == "no-pp-a" && e.kind == "credit_balance"))
-    })
-    .await?;
+    let credit = journey_event(&stack, "no-pp-a", "the credit balance", |e| e.kind == "credit_balance").await?;
     assert!(
         credit
             .reason
@@ -364,13 +351,7 @@ async fn a_manual_match_booked_while_its_events_cannot_go_out_sends_them_after_a
     }
     let kid = leak(reference::generate(ReferenceKind::KidMod10, "8300011")?.value);
     let a = norwegian("no-pend", kid, "pend@example.test");
-    stack
-        .produce(
-            &stack.topic(&stack.topics().billing_invoice_events),
-            &a.debtor_id(),
-            &a.issued(),
-        )
-        .await?;
+    issue_invoice(&stack, &a).await?;
     status_is(&stack, a.tenant, a.invoice_id, "open").await?;
     let indexed = matcher_key(&stack, "inv", a.tenant, a.invoice_id);
     eventually("the invoice indexed by the matcher", WAIT, || async {
@@ -476,13 +457,7 @@ async fn a_parked_payment_the_invoice_refuses_is_rejected_with_its_reason() -> a
     .await?;
 
     // The invoice arrives while the watcher's rejections cannot be acknowledged.
-    stack
-        .produce(
-            &stack.topic(&stack.topics().billing_invoice_events),
-            &s.debtor_id(),
-            &s.issued(),
-        )
-        .await?;
+    issue_invoice(&stack, &s).await?;
     eventually("the watcher done with the invoice, or retrying it", WAIT, || async {
         // Done: the parked list was cleared. Retrying: its outputs cannot be acknowledged.
         Ok((parked(&stack).await? == 0 || retried(&stack, "watcher").await?).then_some(()))
@@ -521,12 +496,8 @@ async fn a_parked_payment_the_invoice_refuses_is_rejected_with_its_reason() -> a
     );
 
     // The payment in the invoice's currency is applied; the list is cleared; the rejection counted.
-    eventually("the parked DKK payment applied", WAIT, || async {
-        Ok(stack
-            .read::<JourneyEvent>(&stack.topic(&stack.topics().journey_events))
-            .await?
-            .into_iter()
-            .find(|e| e.invoice_id == "inv-park" && e.kind == "partly_paid" && e.open_minor == 73_450))
+    journey_event(&stack, "inv-park", "the parked DKK payment applied", |e| {
+        e.kind == "partly_paid" && e.open_minor == 73_450
     })
     .await?;
     eventually("the parked list cleared", WAIT, || async {
