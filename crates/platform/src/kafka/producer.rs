@@ -148,3 +148,46 @@ impl Producer {
         let _ = tokio::task::spawn_blocking(move || rdkafka::producer::Producer::flush(&inner, timeout)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out() -> Outbound {
+        Outbound {
+            topic: "t".into(),
+            key: "k".into(),
+            payload: vec![0; 10],
+            trace: TraceContext::new_root(),
+        }
+    }
+
+    fn kind(code: RDKafkaErrorCode) -> &'static str {
+        match ProduceError::of(&KafkaError::MessageProduction(code), &out()) {
+            ProduceError::Transient { .. } => "transient",
+            ProduceError::TooLarge { .. } => "too large",
+            ProduceError::Fatal { .. } => "fatal",
+        }
+    }
+
+    #[test]
+    fn a_broker_away_longer_than_the_message_timeout_is_waited_out() {
+        for code in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::RequestTimedOut,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::NotLeaderForPartition,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        ] {
+            assert_eq!(kind(code), "transient", "{code:?}");
+        }
+    }
+
+    #[test]
+    fn a_record_too_large_is_never_retried_and_authorisation_needs_an_operator() {
+        assert_eq!(kind(RDKafkaErrorCode::MessageSizeTooLarge), "too large");
+        assert_eq!(kind(RDKafkaErrorCode::MessageBatchTooLarge), "too large");
+        assert_eq!(kind(RDKafkaErrorCode::TopicAuthorizationFailed), "fatal");
+        assert_eq!(kind(RDKafkaErrorCode::Fatal), "fatal");
+    }
+}
