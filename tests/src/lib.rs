@@ -500,3 +500,42 @@ pub async fn journey_event(
     })
     .await
 }
+
+/// The true end (next offset) of each partition of `topic`, read record by record (tansu 0.6.0
+/// under-reports the high watermark of multi-record batches).
+pub async fn topic_ends(config: &CommonConfig, topic: &str) -> anyhow::Result<std::collections::HashMap<i32, i64>> {
+    Ok(chaos::read_all(config, topic)
+        .await?
+        .into_iter()
+        .fold(std::collections::HashMap::new(), |mut ends, r| {
+            let end = ends.entry(r.partition).or_insert(0);
+            *end = (*end).max(r.offset + 1);
+            ends
+        }))
+}
+
+/// A mark for a consuming service: waits until its consumer group has committed the true end of
+/// every partition of `topics`, i.e. every record on them so far was handled (applied or
+/// rejected, its outputs acknowledged).
+pub async fn consumed_to_end(stack: &LocalStack, service: &str, topics: &[String]) -> anyhow::Result<()> {
+    let config = &stack.rt.config;
+    let group = format!("{}.{service}", config.kafka.group_prefix);
+    let mut ends = std::collections::HashMap::new();
+    for topic in topics {
+        for (p, end) in topic_ends(config, topic).await? {
+            ends.insert((topic.clone(), p), end);
+        }
+    }
+    eventually(
+        &format!("{service} to have handled everything on {topics:?}"),
+        WAIT,
+        || async {
+            let committed = committed_offsets(config, &group, topics).await?;
+            Ok(ends
+                .iter()
+                .all(|(at, end)| committed.get(at).copied().flatten().unwrap_or(0) >= *end)
+                .then_some(()))
+        },
+    )
+    .await
+}

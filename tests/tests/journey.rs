@@ -335,14 +335,29 @@ async fn a_rebalance_while_timers_are_due_sends_each_step_once() -> anyhow::Resu
         Ok((stack.mail.messages().len() >= n / 2).then_some(()))
     })
     .await?;
-    // The second half: timers scheduled by either watcher, now all polled by the one left.
+    // The second half: timers scheduled by either watcher, now all polled by the one left. A
+    // mark due the same day on each partition: once both are nudged, every timer due by then has
+    // fired; once dispatch has handled everything on its topic, every message is on record.
+    let partitions = stack.rt.config.kafka.partitions;
+    let mut marks = Vec::new();
+    for p in 0..partitions {
+        let i = (0..n)
+            .find(|i| partition_of(&format!("acme-energy:{}", emails[*i]), partitions) == p)
+            .expect("a test debtor on every partition");
+        let like = danish(ids[i], ids[i], day(2026, 9, 3), emails[i]);
+        marks.push(issue_timer_mark(&stack, &like, day(2026, 9, 3)).await?);
+    }
     clock.set(at("2026-09-03T07:00:01Z"));
     eventually("every nudge", WAIT, || async {
-        Ok((stack.mail.messages().len() >= n).then_some(()))
+        Ok((emails.iter().all(|e| !stack.mail.to(e).is_empty())).then_some(()))
     })
     .await?;
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    assert_eq!(stack.mail.messages().len(), n, "exactly one nudge per invoice");
+    for mark in &marks {
+        timer_mark_fired(&stack, mark).await?;
+    }
+    consumed_to_end(&stack, "dispatch", &[stack.topic(&stack.topics().journey_actions)]).await?;
+    let ours: usize = emails.iter().map(|e| stack.mail.to(e).len()).sum();
+    assert_eq!(ours, n, "exactly one nudge per invoice");
     for email in &emails {
         assert_eq!(stack.mail.to(email).len(), 1, "{email} got one nudge");
     }

@@ -42,6 +42,10 @@ pub enum SendError {
     /// The attempt no longer holds the message's claim (it ran out and another attempt may own
     /// it), found at the commit point: nothing was sent, and this attempt writes nothing more.
     ClaimLost,
+    /// At the commit point an invoice of the message was no longer open (paid, credited, ...
+    /// while the message waited for a rate-limit token, a retry or the provider): nothing was
+    /// sent; the action is looked at again from the start.
+    Stale(String),
 }
 
 /// One SMS provider's settings. Secrets come from the environment in production

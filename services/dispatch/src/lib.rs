@@ -678,7 +678,8 @@ impl Dispatch {
                 Err(SendError::Permanent(reason) | SendError::Transient(reason)) => {
                     ChannelResult::new(DispatchStatus::Failed, reason)
                 }
-                Err(SendError::ClaimLost) => {
+                // Without the idempotency machinery there is no claim to lose and no second look.
+                Err(SendError::ClaimLost | SendError::Stale(_)) => {
                     ChannelResult::new(DispatchStatus::Failed, "lost a claim that was never taken".to_owned())
                 }
             }));
@@ -761,6 +762,16 @@ impl Dispatch {
                 Ok(Some(ChannelResult::new(DispatchStatus::Failed, reason)))
             }
             Err(SendError::ClaimLost) => self.claim_lost(&key).await,
+            Err(SendError::Stale(reason)) => {
+                // Nothing was sent: free the claim and handle the action again from the start,
+                // where the last look suppresses it or renders it without the settled invoices.
+                if !attempt.release().await? {
+                    return self.claim_lost(&key).await;
+                }
+                Err(Failure::Transient(anyhow::anyhow!(
+                    "looked again at the commit point: {reason}"
+                )))
+            }
         }
     }
 
@@ -830,7 +841,7 @@ impl Dispatch {
                             reference: &reference,
                             callback_url,
                         },
-                        || attempt.commit(),
+                        || self.commit_if_still_open(action, attempt),
                     )
                     .await
             }
@@ -841,12 +852,40 @@ impl Dispatch {
                 let body = message::webhook_body(action, &ctx, &content);
                 self.webhook
                     .send(url, &reference, &body, self.rt.clock.now().timestamp(), || {
-                        attempt.commit()
+                        self.commit_if_still_open(action, attempt)
                     })
                     .await
             }
             other => Err(SendError::Permanent(format!("unknown channel '{other}'"))),
         }
+    }
+
+    /// The commit point: the last look once more (a message may wait seconds for a rate-limit
+    /// token, a retry's backoff or the provider's connection after the first look), then the
+    /// claim moves to `sending`. A message any of whose invoices is no longer open is not sent:
+    /// the action is looked at again from the start (suppressed, or rendered without them).
+    async fn commit_if_still_open(&self, action: &JourneyAction, attempt: &Attempt<'_>) -> Result<(), SendError> {
+        if attempt.enabled() {
+            let mut invoices = vec![(action.invoice_id.as_str(), action.step_index)];
+            invoices.extend(action.covers.iter().map(|c| (c.invoice_id.as_str(), -1)));
+            let looks = journey_state::last_looks(&mut self.redis.clone(), &self.keys, &action.tenant, &invoices)
+                .await
+                .map_err(|e| SendError::Transient(format!("cannot look at the journey once more: {e}")))?;
+            let statuses: Vec<Option<String>> = looks.into_iter().map(|l| l.status).collect();
+            let unchanged = message::still_open(action, &statuses)
+                .is_some_and(|now| now.invoice_id == action.invoice_id && now.covers.len() == action.covers.len());
+            if !unchanged {
+                return Err(SendError::Stale(format!(
+                    "an invoice of the message is no longer open ({})",
+                    statuses
+                        .iter()
+                        .map(|s| s.as_deref().unwrap_or("unknown"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+        attempt.commit().await
     }
 
     /// Remembers what was sent under the provider's id, for its delivery receipt.
@@ -896,7 +935,9 @@ impl Dispatch {
                 content.html.clone(),
             ))
             .map_err(|e| SendError::Permanent(format!("cannot build the message: {e}")))?;
-        self.mailer.send(&message, || attempt.commit()).await?;
+        self.mailer
+            .send(&message, || self.commit_if_still_open(action, attempt))
+            .await?;
         Ok(message_id)
     }
 }

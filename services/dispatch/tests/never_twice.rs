@@ -310,3 +310,52 @@ async fn an_attempt_whose_lease_ran_out_with_no_successor_sends_the_message_once
     stack.shutdown().await;
     Ok(())
 }
+
+/// Never after payment, however long a message waits: an SMS held back by the provider's rate
+/// limit after its first last look is looked at again at the commit point, and an invoice paid
+/// meanwhile suppresses it (seen in the fault suite: SMS sent seconds after the payment was
+/// recorded, when a day's SMS queued for tokens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_sms_waiting_for_the_rate_limit_is_not_sent_when_its_invoice_is_paid_meanwhile() -> anyhow::Result<()> {
+    let mut stack = stack().await?;
+    let sim = sms_provider(&mut stack).await?;
+    // One message, then one every five seconds.
+    stack.set("dispatch.sms.gatewayapi.rate_per_sec", 0.2);
+    stack.set("dispatch.sms.gatewayapi.burst", 1.0);
+    stack.start_service("dispatch");
+    let first = action("rl-first", "d-rl-1", &["sms"]);
+    send(&stack, &[&first]).await?;
+    outcome_for(&stack, &first, "sms", DispatchStatus::Sent).await?;
+
+    let waiting = action("rl-waiting", "d-rl-2", &["sms"]);
+    send(&stack, &[&waiting]).await?;
+    // Claimed and past its first look, it waits for a token.
+    eventually("the second SMS to be claimed", WAIT, || async {
+        Ok(claim_state(&stack, &waiting, "sms")
+            .await?
+            .is_some_and(|s| s.starts_with("claimed:"))
+            .then_some(()))
+    })
+    .await?;
+    assert!(
+        dispatch_outcomes(&stack)
+            .await?
+            .iter()
+            .all(|o| o.action_id != waiting.action_id)
+    );
+    let keys = Keys::new(&stack.rt.config.redis.key_prefix);
+    let _: () = forfall_e2e::journey_header(&keys, TENANT, "rl-waiting", "closed:paid", None)
+        .query_async(&mut stack.redis())
+        .await?;
+
+    let suppressed = outcome_for(&stack, &waiting, "sms", DispatchStatus::Suppressed).await?;
+    assert_eq!(suppressed.reason.as_deref(), Some("invoice is closed:paid"));
+    let references: Vec<Option<String>> = sim.accepted().into_iter().map(|s| s.userref).collect();
+    assert_eq!(
+        references,
+        [Some(format!("{}:sms", first.action_id))],
+        "only the first SMS reached the provider"
+    );
+    stack.shutdown().await;
+    Ok(())
+}

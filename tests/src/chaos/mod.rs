@@ -28,7 +28,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
-pub use history::Findings;
+pub use history::{Findings, read_all};
 
 use faults::Supervisor;
 use infra::Infra;
