@@ -132,13 +132,15 @@ impl Supervisor {
                 self.stop(service, 1, Duration::from_secs(20)).await;
             }
         }
+        // The groups settle without the leavers before anyone joins again.
+        tokio::time::sleep(Duration::from_millis(3_000)).await;
         self.reap().await?;
         for service in SERVICES {
             if !self.is_running(service, 0).await {
                 self.start(service, 0).await?;
             }
         }
-        self.wait_ready(Duration::from_secs(90)).await
+        self.wait_ready(Duration::from_secs(180)).await
     }
 
     /// Waits until every running instance answers `/readyz`; an instance that stays unready is
@@ -161,10 +163,13 @@ impl Supervisor {
                 return Ok(());
             }
             for ((service, slot), age) in &unready {
-                if *age > Duration::from_secs(30) {
-                    tracing::warn!(service, slot, "chaos: not ready after 30 s, restarting it");
+                if *age > Duration::from_secs(20) {
+                    tracing::warn!(service, slot, "chaos: not ready after 20 s, restarting it");
                     self.count("restarted_unready").await;
                     self.kill9(service, *slot).await;
+                    // Not before the killed member's session ran out: tansu 0.6.0 may never
+                    // complete a join that overlaps a member's leaving.
+                    tokio::time::sleep(Duration::from_millis(3_000)).await;
                     self.start(service, *slot).await?;
                 }
             }
