@@ -237,6 +237,9 @@ pub struct Journey {
     /// Payment ids already applied, so a redelivered payment is not counted twice.
     pub applied_payments: Vec<String>,
     pub steps_taken: Vec<String>,
+    /// The debtor's local days on which fees were charged: the law spaces fees apart.
+    #[serde(default)]
+    pub fee_dates: Vec<NaiveDate>,
 }
 
 /// Why and until when a journey waits, and the state it returns to.
@@ -448,6 +451,7 @@ pub fn on_invoice(existing: Option<Journey>, snapshot: InvoiceSnapshot, plan: &P
             paid_minor: 0,
             applied_payments: Vec::new(),
             steps_taken: Vec::new(),
+            fee_dates: Vec::new(),
         };
         let mut transitions = vec![transition("opened", JourneyState::Open, JourneyState::Open)];
         if let Some(reason) = closed_by_invoice(&journey.invoice) {
@@ -761,10 +765,43 @@ pub fn on_request(
 /// The timer for step `step_index` fired at `now`. `fee` is what the step charges this debtor,
 /// resolved from the plan's fee spec and the debtor's law by the caller (zero for none).
 ///
-/// Catch-up: a step that fires late (after downtime) is still taken, so none is silently
-/// skipped, except a step meant for before the due date whose moment has passed: a "due soon"
-/// message after the due date would be wrong, so it is skipped with the reason recorded.
-pub fn on_timer(mut journey: Journey, step_index: usize, plan: &Plan, fee: Money, now: DateTime<Utc>) -> Decision {
+/// Late never means a burst. A step that fires late (a watcher outage, a rebuild, a clock jump)
+/// is still taken, so none is silently skipped, and the steps after it are planned again from
+/// today, keeping their banking-day distance from it: the debtor gets one message for the
+/// catch-up, not every overdue step back to back. A step meant for before the due date whose
+/// moment has passed is skipped with the reason recorded ("due soon" after the due date would
+/// be wrong).
+pub fn on_timer(journey: Journey, step_index: usize, plan: &Plan, fee: Money, now: DateTime<Utc>) -> Decision {
+    on_timer_with(journey, step_index, plan, StepFee::plain(fee), now)
+}
+
+/// What a step charges this debtor, and the first local day the law lets that fee be charged
+/// (from the fees charged before: [`crate::law::LawBook::earliest_fee_date`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepFee {
+    pub amount: Money,
+    pub not_before: Option<NaiveDate>,
+}
+
+impl StepFee {
+    pub fn plain(amount: Money) -> Self {
+        Self {
+            amount,
+            not_before: None,
+        }
+    }
+}
+
+/// [`on_timer`], with the law's earliest day for the step's fee: a fee-bearing step that
+/// fires before it (a late journey re-planned, a postponement) waits for that day instead of
+/// going out, so fees are never closer together than the law allows.
+pub fn on_timer_with(
+    mut journey: Journey,
+    step_index: usize,
+    plan: &Plan,
+    fee: StepFee,
+    now: DateTime<Utc>,
+) -> Decision {
     let mut resumed = None;
     if let (JourneyState::Paused(reason), true) = (journey.state, step_index == journey.next_step) {
         let today = now
@@ -829,7 +866,7 @@ pub fn on_timer(mut journey: Journey, step_index: usize, plan: &Plan, fee: Money
     decision
 }
 
-fn on_timer_active(mut journey: Journey, step_index: usize, plan: &Plan, fee: Money, now: DateTime<Utc>) -> Decision {
+fn on_timer_active(mut journey: Journey, step_index: usize, plan: &Plan, fee: StepFee, now: DateTime<Utc>) -> Decision {
     let from = journey.state;
     if !from.accepts_contact() || step_index != journey.next_step {
         // A timer left over from before a payment, a re-anchor or a redelivery: nothing to do.
@@ -848,9 +885,11 @@ fn on_timer_active(mut journey: Journey, step_index: usize, plan: &Plan, fee: Mo
             emit: None,
         };
     };
-    journey.next_step += 1;
-    let due_moment = plan.due_moment(journey.anchor_due(), journey.invoice.jurisdiction);
+    let j = journey.invoice.jurisdiction;
+    let today = now.with_timezone(&j.time_zone()).date_naive();
+    let due_moment = plan.due_moment(journey.anchor_due(), j);
     if step.offset_banking_days < 0 && due_moment.is_some_and(|due| now >= due) {
+        journey.next_step += 1;
         let mut t = transition("step_skipped", from, from);
         t.step = Some(step.name.clone());
         t.rule = Some(format!(
@@ -866,10 +905,25 @@ fn on_timer_active(mut journey: Journey, step_index: usize, plan: &Plan, fee: Mo
             emit: None,
         };
     }
+    let charges = matches!(step.kind, StepKind::Message { .. })
+        && fee.amount.minor > 0
+        && fee.amount.currency == journey.invoice.amount.currency;
+    if let Some(day) = fee.not_before.filter(|day| charges && *day > today) {
+        return defer_for_fee(journey, step_index, &step, plan, day);
+    }
+    // Planned for an earlier day: the steps after this one count from today.
+    let planned = plan.fire_at(step_index, journey.anchor_due(), j);
+    let late_from = planned
+        .map(|at| at.with_timezone(&j.time_zone()).date_naive())
+        .filter(|day| *day < today);
+    if late_from.is_some() {
+        reanchor_after_pause(&mut journey, plan, today);
+    }
+    journey.next_step += 1;
     journey.steps_taken.push(step.name.clone());
-    if matches!(step.kind, StepKind::Message { .. }) && fee.minor > 0 && fee.currency == journey.invoice.amount.currency
-    {
-        journey.fees_minor += fee.minor;
+    if charges {
+        journey.fees_minor += fee.amount.minor;
+        journey.fee_dates.push(today);
     }
     let (to, emit) = match &step.kind {
         StepKind::Message { tone, channels } => {
@@ -908,8 +962,17 @@ fn on_timer_active(mut journey: Journey, step_index: usize, plan: &Plan, fee: Mo
         "plan '{}' ({}) step '{}' ({} banking days from due)",
         plan.name, plan.version, step.name, step.offset_banking_days
     ));
-    if journey.fees_minor > 0 && fee.minor > 0 {
-        t.reason = Some(format!("fee {fee}"));
+    let mut reasons = Vec::new();
+    if charges {
+        reasons.push(format!("fee {}", fee.amount));
+    }
+    if let Some(day) = late_from {
+        reasons.push(format!(
+            "planned for {day}, taken late; the steps after it keep their spacing from today"
+        ));
+    }
+    if !reasons.is_empty() {
+        t.reason = Some(reasons.join("; "));
     }
     let timer = schedule_next(&journey, plan);
     Decision {
@@ -917,6 +980,40 @@ fn on_timer_active(mut journey: Journey, step_index: usize, plan: &Plan, fee: Mo
         transitions: vec![t],
         timer,
         emit: Some(emit),
+    }
+}
+
+/// A fee-bearing step that came before the law's earliest day for its fee: nothing is sent,
+/// and the step is looked at again on that day at the plan's hour.
+fn defer_for_fee(journey: Journey, step_index: usize, step: &PlannedStep, plan: &Plan, day: NaiveDate) -> Decision {
+    let j = journey.invoice.jurisdiction;
+    let Some(fire_at) = local_instant(day, plan.send_time, j)
+        .and_then(|at| calendar::next_contact_moment(&calendar::ContactHours::default_for(j), j, at))
+    else {
+        return Decision {
+            journey,
+            transitions: Vec::new(),
+            timer: TimerChange::Cancel,
+            emit: None,
+        };
+    };
+    let mut t = transition("step_deferred", journey.state, journey.state);
+    t.step = Some(step.name.clone());
+    t.rule = Some(format!(
+        "the law's earliest day for this fee, counted from the fees charged before ({})",
+        journey
+            .fee_dates
+            .iter()
+            .map(NaiveDate::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    t.reason = Some(format!("a fee-bearing step waits until {day}"));
+    Decision {
+        journey,
+        transitions: vec![t],
+        timer: TimerChange::Schedule { step_index, fire_at },
+        emit: None,
     }
 }
 
@@ -928,6 +1025,8 @@ pub struct DebtorInvoice {
     pub journey: Journey,
     pub plan: Plan,
     pub fee: Money,
+    /// The law's earliest day for that fee (see [`StepFee`]).
+    pub fee_not_before: Option<NaiveDate>,
     pub fired_step: Option<usize>,
 }
 
@@ -964,7 +1063,16 @@ pub fn fire_together(invoices: &[DebtorInvoice], now: DateTime<Utc>, window: Dur
             let step = inv.fired_step?;
             Some(Fired {
                 index,
-                decision: on_timer(inv.journey.clone(), step, &inv.plan, inv.fee, now),
+                decision: on_timer_with(
+                    inv.journey.clone(),
+                    step,
+                    &inv.plan,
+                    StepFee {
+                        amount: inv.fee,
+                        not_before: inv.fee_not_before,
+                    },
+                    now,
+                ),
                 role: Role::Alone,
             })
         })
@@ -1031,7 +1139,11 @@ pub fn fire_together(invoices: &[DebtorInvoice], now: DateTime<Utc>, window: Dur
         };
         let early = fire_at > now;
         let fee = if early { Money::zero(inv.fee.currency) } else { inv.fee };
-        let decision = on_timer(j.clone(), step_index, &inv.plan, fee, now);
+        let fee = StepFee {
+            amount: fee,
+            not_before: inv.fee_not_before,
+        };
+        let decision = on_timer_with(j.clone(), step_index, &inv.plan, fee, now);
         if message_tone(&decision).is_none() {
             continue;
         }
@@ -1089,6 +1201,18 @@ mod tests {
         Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).unwrap()
     }
 
+    /// The moment a scheduled timer falls due.
+    fn on_time(timer: &TimerChange) -> DateTime<Utc> {
+        match timer {
+            TimerChange::Schedule { fire_at, .. } => *fire_at,
+            other => panic!("no timer scheduled: {other:?}"),
+        }
+    }
+
+    fn opened_timer() -> TimerChange {
+        on_invoice(None, validate_issued(input()).unwrap(), &Plan::builtin()).timer
+    }
+
     fn opened() -> (Journey, Plan) {
         let plan = Plan::builtin();
         let d = on_invoice(None, validate_issued(input()).unwrap(), &plan);
@@ -1115,7 +1239,7 @@ mod tests {
     #[test]
     fn steps_run_in_order_to_handoff_then_stop() {
         let (j, plan) = opened();
-        let d1 = on_timer(j, 0, &plan, Money::zero(Currency::DKK), far_future());
+        let d1 = on_timer(j, 0, &plan, Money::zero(Currency::DKK), on_time(&opened_timer()));
         assert!(matches!(d1.emit, Some(Emit::Message { tone: Tone::Nudge, .. })));
         // The reminder is ten banking days later (Monday 30 March), after the DST change:
         // 09:00 CEST = 07:00 UTC.
@@ -1126,11 +1250,17 @@ mod tests {
                 fire_at: Utc.with_ymd_and_hms(2026, 3, 30, 7, 0, 0).unwrap()
             }
         );
-        let d2 = on_timer(d1.journey, 1, &plan, Money::new(10_000, Currency::DKK), far_future());
+        let d2 = on_timer(
+            d1.journey,
+            1,
+            &plan,
+            Money::new(10_000, Currency::DKK),
+            on_time(&d1.timer),
+        );
         assert_eq!(d2.journey.state, JourneyState::Reminded(1));
         assert_eq!(d2.journey.fees_minor, 10_000, "the reminder's fee is owed");
         assert_eq!(d2.journey.outstanding().minor, 49_900 + 10_000);
-        let d3 = on_timer(d2.journey, 2, &plan, Money::zero(Currency::DKK), far_future());
+        let d3 = on_timer(d2.journey, 2, &plan, Money::zero(Currency::DKK), on_time(&d2.timer));
         assert!(matches!(d3.emit, Some(Emit::Handoff { .. })));
         assert_eq!(d3.journey.state, JourneyState::HandedOver);
         assert_eq!(d3.timer, TimerChange::Cancel);
@@ -1628,13 +1758,16 @@ mod tests {
                 journey: j,
                 plan: Plan::builtin(),
                 fee: Money::new(fee, currency),
+                fee_not_before: None,
                 fired_step,
             }
         }
 
         /// After the nudge, so the next step is the reminder.
         fn nudged(j: Journey) -> Journey {
-            on_timer(j, 0, &Plan::builtin(), Money::zero(Currency::DKK), far_future()).journey
+            let plan = Plan::builtin();
+            let at = plan.fire_at(0, j.anchor_due(), j.invoice.jurisdiction).unwrap();
+            on_timer(j, 0, &plan, Money::zero(Currency::DKK), at).journey
         }
 
         fn d(y: i32, m: u32, day: u32) -> NaiveDate {

@@ -12,7 +12,7 @@ use chrono::{NaiveDate, NaiveTime};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::journey::{FeeSpec, PauseLimits, Plan, PlannedStep, StepKind, Tone};
+use crate::journey::{FeeSpec, PauseLimits, Plan, PlannedStep, StepFee, StepKind, Tone};
 use crate::jurisdiction::{DebtorKind, Jurisdiction};
 use crate::law::{DebtorContext, FeeStep, LawBook, PlannedFeeStep};
 use crate::money::{Currency, Money};
@@ -629,6 +629,33 @@ pub fn resolve_fee(step: &PlannedStep, ctx: &DebtorContext, law: &LawBook, on: N
             law.max_fee(ctx, law_step(*tone), on).unwrap_or(zero)
         }
         _ => zero,
+    }
+}
+
+/// What a step charges this debtor now ([`resolve_fee`]) and the first day the law lets it be
+/// charged, given the days fees were charged before on this claim; no fee at all once the law
+/// allows no further one.
+pub fn step_fee(
+    step: &PlannedStep,
+    ctx: &DebtorContext,
+    law: &LawBook,
+    due: NaiveDate,
+    previous_fees: &[NaiveDate],
+    on: NaiveDate,
+) -> StepFee {
+    let amount = resolve_fee(step, ctx, law, on);
+    let StepKind::Message { tone, .. } = &step.kind else {
+        return StepFee::plain(amount);
+    };
+    if amount.minor <= 0 {
+        return StepFee::plain(amount);
+    }
+    match law.earliest_fee_date(ctx, law_step(*tone), due, previous_fees, on) {
+        Ok(day) => StepFee {
+            amount,
+            not_before: Some(day),
+        },
+        Err(_) => StepFee::plain(Money::zero(amount.currency)),
     }
 }
 

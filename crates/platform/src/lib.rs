@@ -13,6 +13,7 @@ pub mod journey_state;
 pub mod kafka;
 pub mod metrics;
 pub mod records;
+pub mod redis_settings;
 pub mod redis_store;
 pub mod service;
 pub mod shutdown;

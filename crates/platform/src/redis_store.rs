@@ -1,6 +1,9 @@
 //! Redis connection and key naming. Redis holds derived state only: everything in it can be
 //! rebuilt by replaying the topics.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
+
 use redis::aio::ConnectionManager;
 
 use crate::config::RedisConfig;
@@ -14,13 +17,32 @@ pub struct ConnectError {
 
 /// Connects with automatic reconnection; commands fail fast while Redis is away and the
 /// callers retry them as transient failures.
+///
+/// The first connection of a process to a Redis checks the settings production needs and
+/// warns about each one that is off ([`crate::redis_settings`]); it never fails for them.
+/// Every service connects here, so each one checks at start; services sharing a process
+/// (`forfall run`) check once.
 pub async fn connect(config: &RedisConfig) -> Result<ConnectionManager, ConnectError> {
     let err = |source| ConnectError {
         url: config.url.clone(),
         source,
     };
     let client = redis::Client::open(config.url.as_str()).map_err(err)?;
-    client.get_connection_manager().await.map_err(err)
+    let con = client.get_connection_manager().await.map_err(err)?;
+    if first_connection_to(&config.url) {
+        crate::redis_settings::check_and_warn(&con).await;
+    }
+    Ok(con)
+}
+
+/// Whether this process has not connected to `url` before.
+fn first_connection_to(url: &str) -> bool {
+    static CHECKED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    CHECKED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashSet::new)
+        .insert(url.to_owned())
 }
 
 /// Key names, all under one prefix. Hash tags (`{...}`) keep one invoice's keys in one

@@ -19,6 +19,7 @@
 //! journey is written in one pipelined round trip (compare-and-set on a version, so a journey
 //! changed meanwhile is decided again instead of overwritten). See [`store`] for the layout.
 
+mod format;
 pub mod store;
 
 use std::collections::hash_map::DefaultHasher;
@@ -30,7 +31,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use forfall_domain::invoice::{self, Contact, InvoiceSnapshot, InvoiceStatus};
 use forfall_domain::journey::{
-    self, DebtorInvoice, Decision, Emit, Journey, JourneyState, Plan, Request, Role, TimerChange, Transition,
+    self, DebtorInvoice, Decision, Emit, Journey, JourneyState, Plan, Request, Role, StepFee, TimerChange, Transition,
 };
 use forfall_domain::law::{DebtorContext, LawBook};
 use forfall_domain::policy::{self, DebtorFacts, Policy};
@@ -261,12 +262,23 @@ impl Watcher {
         self.0.store.load(tenant, invoice_id).await
     }
 
-    /// The fee step `step_index` charges when sent now, as the law in force allows.
-    fn fee_for(&self, j: &Journey, plan: &Plan, step_index: usize, now: DateTime<Utc>) -> Money {
+    /// The fee step `step_index` charges when sent now, as the law in force allows, and the
+    /// first day the law lets it be charged after the fees charged before.
+    fn fee_for(&self, j: &Journey, plan: &Plan, step_index: usize, now: DateTime<Utc>) -> StepFee {
+        let today = now.with_timezone(&j.invoice.jurisdiction.time_zone()).date_naive();
         plan.steps
             .get(step_index)
-            .map(|step| policy::resolve_fee(step, &Self::law_context(j), &self.0.law, now.date_naive()))
-            .unwrap_or_else(|| Money::zero(j.invoice.amount.currency))
+            .map(|step| {
+                policy::step_fee(
+                    step,
+                    &Self::law_context(j),
+                    &self.0.law,
+                    j.anchor_due(),
+                    &j.fee_dates,
+                    today,
+                )
+            })
+            .unwrap_or_else(|| StepFee::plain(Money::zero(j.invoice.amount.currency)))
     }
 
     fn event(&self, journey: &Journey, t: &Transition, cause: &str, index: usize, at: DateTime<Utc>) -> JourneyEvent {
@@ -792,9 +804,11 @@ impl Watcher {
                         let late_ms = (now.timestamp_millis() - t.due_ms).max(0);
                         self.0.metrics.lateness.observe(late_ms as f64 / 1000.0);
                     }
+                    let fee = self.fee_for(j, &plan, step, now);
                     DebtorInvoice {
                         journey: j.clone(),
-                        fee: self.fee_for(j, &plan, step, now),
+                        fee: fee.amount,
+                        fee_not_before: fee.not_before,
                         plan,
                         fired_step: timer.as_ref().map(|t| t.step_index),
                     }

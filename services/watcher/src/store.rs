@@ -38,28 +38,7 @@ pub struct Loaded {
     pub version: u64,
 }
 
-/// The body's format. A change to the shape of [`Stored`] takes a new tag and keeps a decoder
-/// for the old one: postcard carries no field names, so old bytes only read with old types.
-const FORMAT_POSTCARD_V1: u8 = 1;
-
-pub fn encode_body(stored: &Stored) -> Result<Vec<u8>, Failure> {
-    let mut body = vec![FORMAT_POSTCARD_V1];
-    let encoded =
-        postcard::to_allocvec(stored).map_err(|e| Failure::Fatal(anyhow::anyhow!("encoding a journey: {e}")))?;
-    body.extend_from_slice(&encoded);
-    Ok(body)
-}
-
-pub fn decode_body(body: &[u8]) -> Result<Stored, Failure> {
-    match body.split_first() {
-        Some((&FORMAT_POSTCARD_V1, rest)) => postcard::from_bytes(rest)
-            .map_err(|e| Failure::Fatal(anyhow::anyhow!("corrupt journey state (postcard v1): {e}"))),
-        Some((tag, _)) => Err(Failure::Fatal(anyhow::anyhow!(
-            "journey state in format {tag}, which this watcher does not read (newer than it?)"
-        ))),
-        None => Err(Failure::Fatal(anyhow::anyhow!("journey state without a body"))),
-    }
-}
+pub use crate::format::{decode_body, encode_body};
 
 /// A timer's member in its partition's set: the step and the invoice, unambiguous for any ids.
 pub fn member(tenant: &str, invoice_id: &str, step_index: usize) -> String {
@@ -379,7 +358,7 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]

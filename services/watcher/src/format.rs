@@ -1,0 +1,171 @@
+//! How a stored journey's body is encoded, and the readers kept for older encodings.
+//!
+//! postcard carries no field names, so bytes written with one shape of [`Stored`] only read
+//! with that shape: every change to it takes a new tag here, and the reader of the old tag stays
+//! (as a frozen copy of the old types) until no Redis and no changelog can still hold it.
+
+use chrono::NaiveDate;
+use forfall_domain::invoice::InvoiceSnapshot;
+use forfall_domain::journey::{Journey, JourneyState, Pause};
+use forfall_platform::kafka::Failure;
+use serde::Deserialize;
+
+use crate::store::Stored;
+
+/// Before fees' days were recorded (`Journey::fee_dates`).
+const FORMAT_POSTCARD_V1: u8 = 1;
+const FORMAT_POSTCARD_V2: u8 = 2;
+
+pub fn encode_body(stored: &Stored) -> Result<Vec<u8>, Failure> {
+    let mut body = vec![FORMAT_POSTCARD_V2];
+    let encoded =
+        postcard::to_allocvec(stored).map_err(|e| Failure::Fatal(anyhow::anyhow!("encoding a journey: {e}")))?;
+    body.extend_from_slice(&encoded);
+    Ok(body)
+}
+
+pub fn decode_body(body: &[u8]) -> Result<Stored, Failure> {
+    let corrupt =
+        |tag: u8, e: postcard::Error| Failure::Fatal(anyhow::anyhow!("corrupt journey state (postcard v{tag}): {e}"));
+    match body.split_first() {
+        Some((&FORMAT_POSTCARD_V2, rest)) => postcard::from_bytes(rest).map_err(|e| corrupt(2, e)),
+        Some((&FORMAT_POSTCARD_V1, rest)) => postcard::from_bytes::<StoredV1>(rest)
+            .map(Stored::from)
+            .map_err(|e| corrupt(1, e)),
+        Some((tag, _)) => Err(Failure::Fatal(anyhow::anyhow!(
+            "journey state in format {tag}, which this watcher does not read (newer than it?)"
+        ))),
+        None => Err(Failure::Fatal(anyhow::anyhow!("journey state without a body"))),
+    }
+}
+
+/// [`Stored`] as format 1 wrote it.
+#[derive(Deserialize)]
+struct StoredV1 {
+    journey: JourneyV1,
+    partition: i32,
+    pending_step: Option<usize>,
+}
+
+/// [`Journey`] as format 1 wrote it: the same fields, in the same order, without `fee_dates`.
+#[derive(Deserialize)]
+struct JourneyV1 {
+    state: JourneyState,
+    invoice: InvoiceSnapshot,
+    plan_version: String,
+    plan: String,
+    segment: Option<String>,
+    experiment: Option<String>,
+    fees_minor: i64,
+    pause: Option<Pause>,
+    due_override: Option<NaiveDate>,
+    postponements: u32,
+    applied_requests: Vec<String>,
+    next_step: usize,
+    paid_minor: i64,
+    applied_payments: Vec<String>,
+    steps_taken: Vec<String>,
+}
+
+impl From<StoredV1> for Stored {
+    fn from(v1: StoredV1) -> Self {
+        let j = v1.journey;
+        Stored {
+            journey: Journey {
+                state: j.state,
+                invoice: j.invoice,
+                plan_version: j.plan_version,
+                plan: j.plan,
+                segment: j.segment,
+                experiment: j.experiment,
+                fees_minor: j.fees_minor,
+                pause: j.pause,
+                due_override: j.due_override,
+                postponements: j.postponements,
+                applied_requests: j.applied_requests,
+                next_step: j.next_step,
+                paid_minor: j.paid_minor,
+                applied_payments: j.applied_payments,
+                steps_taken: j.steps_taken,
+                // Format 1 did not record them; a fee charged before the upgrade is not
+                // spaced from (the plan's own spacing, checked at policy load, still holds).
+                fee_dates: Vec::new(),
+            },
+            partition: v1.partition,
+            pending_step: v1.pending_step,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Serialize;
+
+    /// Format 1's writer, frozen: what a watcher before `fee_dates` stored.
+    #[derive(Serialize)]
+    struct WrittenV1<'a> {
+        journey: JourneyV1Out<'a>,
+        partition: i32,
+        pending_step: Option<usize>,
+    }
+
+    #[derive(Serialize)]
+    struct JourneyV1Out<'a> {
+        state: JourneyState,
+        invoice: &'a InvoiceSnapshot,
+        plan_version: &'a str,
+        plan: &'a str,
+        segment: Option<&'a str>,
+        experiment: Option<&'a str>,
+        fees_minor: i64,
+        pause: Option<&'a Pause>,
+        due_override: Option<NaiveDate>,
+        postponements: u32,
+        applied_requests: &'a [String],
+        next_step: usize,
+        paid_minor: i64,
+        applied_payments: &'a [String],
+        steps_taken: &'a [String],
+    }
+
+    #[test]
+    fn a_journey_stored_in_format_1_still_reads() {
+        let plan = forfall_domain::journey::Plan::builtin();
+        let snapshot = forfall_domain::invoice::validate_issued(crate::store::tests::sample_input()).unwrap();
+        let mut journey = forfall_domain::journey::on_invoice(None, snapshot, &plan).journey;
+        journey.fees_minor = 10_000;
+        journey.steps_taken = vec!["nudge".into()];
+        let j = &journey;
+        let old = WrittenV1 {
+            journey: JourneyV1Out {
+                state: j.state,
+                invoice: &j.invoice,
+                plan_version: &j.plan_version,
+                plan: &j.plan,
+                segment: j.segment.as_deref(),
+                experiment: j.experiment.as_deref(),
+                fees_minor: j.fees_minor,
+                pause: j.pause.as_ref(),
+                due_override: j.due_override,
+                postponements: j.postponements,
+                applied_requests: &j.applied_requests,
+                next_step: j.next_step,
+                paid_minor: j.paid_minor,
+                applied_payments: &j.applied_payments,
+                steps_taken: &j.steps_taken,
+            },
+            partition: 5,
+            pending_step: Some(1),
+        };
+        let mut body = vec![FORMAT_POSTCARD_V1];
+        body.extend(postcard::to_allocvec(&old).unwrap());
+        let read = decode_body(&body).unwrap();
+        assert_eq!(read.journey, journey);
+        assert_eq!((read.partition, read.pending_step), (5, Some(1)));
+        // Read as format 2 the same bytes would be garbage or an error: the tag is what tells.
+        let current = encode_body(&read).unwrap();
+        assert_eq!(current[0], FORMAT_POSTCARD_V2);
+        assert_eq!(decode_body(&current).unwrap(), read);
+    }
+}
