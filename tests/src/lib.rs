@@ -539,3 +539,170 @@ pub async fn consumed_to_end(stack: &LocalStack, service: &str, topics: &[String
     )
     .await
 }
+
+/// The watcher's store for writing journeys the way the watcher writes them (see
+/// [`write_journeys`]), with the changelog topic created as the watcher creates it.
+pub async fn watcher_store(
+    stack: &LocalStack,
+) -> anyhow::Result<(forfall_watcher::store::Store, forfall_platform::kafka::Producer)> {
+    use forfall_platform::changelog::{self, Changelog};
+    let kafka = &stack.rt.config.kafka;
+    let topic = stack.topic(&stack.topics().watcher_changelog);
+    changelog::ensure(kafka, &topic, kafka.partitions).await?;
+    let store = forfall_watcher::store::Store::new(
+        stack.redis(),
+        Keys::new(&stack.rt.config.redis.key_prefix),
+        Changelog::new(topic),
+    );
+    store.prepare_scripts().await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let producer = forfall_platform::kafka::Producer::new(kafka, forfall_platform::metrics::Metrics::new("bench")?)?;
+    Ok((store, producer))
+}
+
+/// Writes journeys as the watcher does: each new value on the watcher's changelog first, then
+/// Redis (a partition without state is marked as built, as a watcher finds a new deployment).
+pub async fn write_journeys(
+    store: &forfall_watcher::store::Store,
+    producer: &forfall_platform::kafka::Producer,
+    saves: Vec<forfall_watcher::store::Save>,
+) -> anyhow::Result<()> {
+    let prepared = saves
+        .into_iter()
+        .map(|s| store.prepare(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let outs: Vec<_> = prepared.iter().map(|p| store.change(p)).collect();
+    let delivered = producer.send_all_delivered(&outs).await?;
+    let mut by_partition: std::collections::BTreeMap<i32, (Vec<_>, Vec<i64>)> = Default::default();
+    for (p, d) in prepared.into_iter().zip(delivered) {
+        let entry = by_partition.entry(p.partition).or_default();
+        entry.0.push(p);
+        entry.1.push(d.offset);
+    }
+    let mut redis = store.redis();
+    for (partition, (saves, offsets)) in by_partition {
+        let _: () = redis::cmd("SET")
+            .arg(store.state_key(partition))
+            .arg("ready:-1")
+            .arg("NX")
+            .query_async(&mut redis)
+            .await?;
+        let written = store
+            .save_many(partition, &saves, &offsets)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        anyhow::ensure!(
+            written.iter().all(|w| *w == forfall_watcher::store::Written::Yes),
+            "every journey written"
+        );
+    }
+    Ok(())
+}
+
+/// Moves `clock` on half a day at a time until `invoice`'s journey is `want` (at most
+/// `max_days`), each time first waiting until the watcher has fired every timer of the
+/// invoice's partition due by then. A journey woken late plans its remaining steps from the day
+/// it wakes (late never means a burst), so a single long jump takes one step, not the journey.
+pub async fn advance_until_status(
+    stack: &LocalStack,
+    clock: &forfall_platform::clock::ManualClock,
+    debtor_id: &str,
+    tenant: &str,
+    invoice: &str,
+    want: &str,
+    max_days: i64,
+) -> anyhow::Result<()> {
+    use forfall_platform::clock::Clock;
+    let partition = partition_of(debtor_id, stack.rt.config.kafka.partitions);
+    let timers = Keys::new(&stack.rt.config.redis.key_prefix).key(&["timers", &partition.to_string()]);
+    for _ in 0..=max_days * 2 {
+        let now_ms = clock.now().timestamp_millis();
+        eventually("the watcher to fire what is due", WAIT, || {
+            let timers = timers.clone();
+            async move {
+                let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                    .arg(&timers)
+                    .arg("-inf")
+                    .arg(now_ms)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(1)
+                    .query_async(&mut stack.redis())
+                    .await?;
+                Ok(due.is_empty().then_some(()))
+            }
+        })
+        .await?;
+        if stack.journey_status(tenant, invoice).await?.as_deref() == Some(want) {
+            return Ok(());
+        }
+        clock.advance(chrono::Duration::hours(12));
+    }
+    anyhow::bail!("invoice {invoice} was not {want} within {max_days} days")
+}
+
+/// A household's electricity invoice for benchmarks: realistic sizes for every field the journey keeps.
+pub fn household_invoice(
+    prefix: &str,
+    i: usize,
+    due: chrono::NaiveDate,
+) -> anyhow::Result<forfall_domain::InvoiceSnapshot> {
+    let names = ["Maja Kristensen", "Lars Nielsen", "Sofie Andersen", "Mikkel Pedersen"];
+    let name = names[i % names.len()];
+    let debtor = format!("acme-energy:{prefix}c-{i:09}");
+    Ok(forfall_domain::invoice::validate_issued(
+        forfall_domain::invoice::IssuedInput {
+            tenant: "acme-energy".into(),
+            debtor_id: debtor,
+            invoice_id: format!("{prefix}inv-{i:09}"),
+            revision: 1,
+            invoice_number: format!("2026-{i:09}"),
+            issue_date_days: epoch_days(due) - 14,
+            due_date_days: epoch_days(due),
+            amount_minor: 40_000 + (i as i64 % 90_000),
+            currency: "DKK".into(),
+            jurisdiction: "DK".into(),
+            debtor_kind: "consumer".into(),
+            payment_reference: Some(format!("+71<{:015}+", 100_000_000 + i)),
+            description: Some("Electricity, October".into()),
+            contact: forfall_domain::invoice::Contact {
+                name: Some(name.into()),
+                email: Some(format!("{}.{i}@example.dk", name.to_lowercase().replace(' ', "."))),
+                phone: Some(format!("+45{:08}", 20_000_000 + i % 70_000_000)),
+                language: Some("da".into()),
+                ..forfall_domain::invoice::Contact::default()
+            },
+        },
+    )?)
+}
+
+/// Redis' `used_memory`, in bytes.
+pub async fn used_memory(redis: &mut redis::aio::ConnectionManager) -> anyhow::Result<i64> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(redis).await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no used_memory in INFO"))
+}
+
+/// Removes a stack's keys so a million journeys do not stay in the shared Redis.
+pub async fn remove_keys(redis: &mut redis::aio::ConnectionManager, prefix: &str) -> anyhow::Result<()> {
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(redis)
+            .await?;
+        if !keys.is_empty() {
+            let _: () = redis::cmd("UNLINK").arg(&keys).query_async(redis).await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}

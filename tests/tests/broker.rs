@@ -18,6 +18,7 @@ async fn every_record_of_a_burst_is_kept_in_order() -> anyhow::Result<()> {
             key: "same-debtor".into(),
             payload: format!("record-{i}").into_bytes(),
             trace: TraceContext::new_root(),
+            partition: None,
         })
         .collect();
     producer.send_all(&outs).await.map_err(anyhow::Error::msg)?;
@@ -65,6 +66,7 @@ async fn reading_to_the_end_includes_the_whole_last_batch() -> anyhow::Result<()
             key: "k".into(),
             payload: format!("r{i}").into_bytes(),
             trace: TraceContext::new_root(),
+            partition: None,
         })
         .collect();
     producer.send_all(&outs).await.map_err(anyhow::Error::msg)?;

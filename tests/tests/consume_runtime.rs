@@ -38,6 +38,7 @@ impl Handler for Scripted {
             key: record.key_str().unwrap_or_default(),
             payload,
             trace: record.trace.child(),
+            partition: None,
         };
         let result = match text.as_str() {
             "fatal" => {
@@ -250,6 +251,7 @@ async fn a_rebalance_with_records_in_hand_loses_nothing_and_kills_nobody() -> an
             key: format!("debtor-{i}"),
             payload: p.clone().into_bytes(),
             trace: TraceContext::new_root(),
+            partition: None,
         })
         .collect();
     producer.send_all(&outs).await?;

@@ -440,14 +440,14 @@ async fn a_parked_payment_the_invoice_refuses_is_rejected_with_its_reason() -> a
         .produce(&matched_topic, &s.debtor_id(), &payment("park-dkk", 50_000, "DKK"))
         .await?;
     let parked_key = format!(
-        "{}parked-payments:{{{}:{}}}",
+        "{}parked:{{{}:{}}}",
         stack.rt.config.redis.key_prefix, s.tenant, s.invoice_id
     );
     let parked = |stack: &LocalStack| {
         let key = parked_key.clone();
         let mut redis = stack.redis();
         async move {
-            let n: i64 = redis::cmd("LLEN").arg(key).query_async(&mut redis).await?;
+            let n: i64 = redis::cmd("HLEN").arg(key).query_async(&mut redis).await?;
             anyhow::Ok(n)
         }
     };

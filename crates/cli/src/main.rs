@@ -44,6 +44,9 @@ enum Command {
     /// Payments: import camt.054 files, list and match unmatched payments.
     #[command(subcommand)]
     Payments(forfall::tools::PaymentsCommand),
+    /// Rebuild Redis from the topics (after Redis was lost, flushed or restored from an older
+    /// copy), with progress; resumes where an interrupted rebuild stopped.
+    Rebuild(forfall::tools::RebuildArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,6 +74,10 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Demo(args) => forfall::demo::run(common, figment, args).await,
             Command::Payments(cmd) => forfall::tools::payments(cmd).await,
+            Command::Rebuild(args) => {
+                telemetry::init(&common.log);
+                forfall::tools::rebuild(&common, args).await
+            }
             Command::Reference(_) | Command::Law(_) | Command::Calendar(_) | Command::Policy(_) => Ok(()),
         }
     })

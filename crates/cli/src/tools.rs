@@ -324,3 +324,37 @@ pub async fn payments(cmd: PaymentsCommand) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `forfall rebuild`.
+#[derive(clap::Args, Debug)]
+pub struct RebuildArgs {
+    /// Only these partitions (comma-separated); all by default.
+    #[arg(long, value_delimiter = ',')]
+    pub partitions: Option<Vec<i32>>,
+    /// Replay every partition from the start, whatever Redis says it holds.
+    #[arg(long)]
+    pub from_start: bool,
+    /// Do not replay here: mark the partitions' state missing so that the running services
+    /// rebuild what they own (they are not ready meanwhile).
+    #[arg(long, conflicts_with = "from_start")]
+    pub ask_running: bool,
+}
+
+pub async fn rebuild(config: &forfall_platform::config::CommonConfig, args: RebuildArgs) -> anyhow::Result<()> {
+    let request = forfall_watcher::rebuild::Request {
+        partitions: args.partitions,
+        from_start: args.from_start,
+        ask_running: args.ask_running,
+    };
+    let progress =
+        forfall_watcher::rebuild::rebuild_deployment(config, &request, |p| eprintln!("watcher: {p}")).await?;
+    if request.ask_running {
+        println!(
+            "watcher: {} partitions marked for rebuilding; the running watchers rebuild them at their next read",
+            progress.partitions
+        );
+    } else {
+        println!("watcher: rebuilt, {progress}");
+    }
+    Ok(())
+}

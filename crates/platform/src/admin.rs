@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 pub struct Readiness {
     joined: Arc<AtomicBool>,
     waiting_out_faults: Arc<AtomicUsize>,
+    rebuilding: Arc<AtomicUsize>,
 }
 
 impl Readiness {
@@ -33,7 +34,13 @@ impl Readiness {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.has_joined() && self.waiting_out_faults.load(Ordering::SeqCst) == 0
+        self.reason().is_none()
+    }
+
+    /// Marks the service not ready while a partition's state is rebuilt from its changelog.
+    pub fn rebuilding_state(&self) -> FaultGuard {
+        self.rebuilding.fetch_add(1, Ordering::SeqCst);
+        FaultGuard(self.rebuilding.clone())
     }
 
     /// Marks the service not ready until the returned guard is dropped.
@@ -46,6 +53,8 @@ impl Readiness {
     pub fn reason(&self) -> Option<&'static str> {
         if !self.has_joined() {
             Some("not ready: not consuming (joining the consumer group, or stopping)")
+        } else if self.rebuilding.load(Ordering::SeqCst) > 0 {
+            Some("not ready: rebuilding the state of an assigned partition from its changelog")
         } else if self.waiting_out_faults.load(Ordering::SeqCst) > 0 {
             Some("not ready: waiting for the broker, Redis or the schema registry to come back")
         } else {

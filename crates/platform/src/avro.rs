@@ -173,6 +173,7 @@ impl Codec {
             key: key.to_owned(),
             payload,
             trace: trace.child(),
+            partition: None,
         })
     }
 

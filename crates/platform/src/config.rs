@@ -146,6 +146,9 @@ pub struct Topics {
     pub handoff_cases: String,
     pub handoff_outcomes: String,
     pub debtor_requests: String,
+    /// The watcher's state (compacted; see [`crate::changelog`]). Not in [`Topics::all`]: the
+    /// watcher creates it with its settings.
+    pub watcher_changelog: String,
 }
 
 impl Default for Topics {
@@ -164,6 +167,7 @@ impl Default for Topics {
             handoff_cases: "forfall.handoff.cases.v1".into(),
             handoff_outcomes: "forfall.handoff.outcomes.v1".into(),
             debtor_requests: "forfall.debtor.requests.v1".into(),
+            watcher_changelog: "forfall.watcher.changelog.v1".into(),
         }
     }
 }

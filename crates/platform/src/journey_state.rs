@@ -35,6 +35,13 @@ pub fn pair_field(tenant: &str, id: &str) -> String {
     format!("{}:{tenant}{id}", tenant.len())
 }
 
+/// `(tenant, id)` back from [`pair_field`]; the rest of `field` after them is `id`'s.
+pub fn split_pair(field: &str) -> Option<(&str, &str)> {
+    let (len, rest) = field.split_once(':')?;
+    let len: usize = len.parse().ok()?;
+    Some((rest.get(..len)?, rest.get(len..)?))
+}
+
 /// The bucketed location of `(tenant, id)` among hashes named `kind`.
 pub fn bucketed(keys: &Keys, kind: &str, tenant: &str, id: &str) -> Location {
     let field = pair_field(tenant, id);
@@ -172,6 +179,18 @@ pub async fn read_status(
 mod tests {
     use super::*;
     use forfall_domain::journey::{CloseReason, JourneyState};
+
+    #[test]
+    fn pairs_split_back_whatever_the_ids_hold() {
+        for (tenant, id) in [("acme", "inv-1"), ("a:b", "c:d"), ("æøå", ""), ("", "x")] {
+            assert_eq!(split_pair(&pair_field(tenant, id)), Some((tenant, id)));
+            let nested = pair_field(&pair_field(tenant, id), "p:1");
+            let (inner, last) = split_pair(&nested).unwrap();
+            assert_eq!((split_pair(inner), last), (Some((tenant, id)), "p:1"));
+        }
+        assert_eq!(split_pair("9:short"), None);
+        assert_eq!(split_pair("junk"), None);
+    }
 
     #[test]
     fn agrees_with_the_domain_on_who_may_be_contacted() {

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod avro;
+pub mod changelog;
 pub mod clock;
 pub mod config;
 pub mod journey_state;

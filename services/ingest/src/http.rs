@@ -110,6 +110,7 @@ async fn post_invoice(State(state): State<HttpState>, body: axum::body::Bytes) -
                 key: issued.debtor_id.clone(),
                 payload,
                 trace,
+                partition: None,
             };
             match producer.send_all(std::slice::from_ref(&out)).await {
                 Ok(()) => (
@@ -152,6 +153,7 @@ async fn post_invoice(State(state): State<HttpState>, body: axum::body::Bytes) -
                         key: String::new(),
                         payload,
                         trace,
+                        partition: None,
                     };
                     if let Err(e) = producer.send_all(std::slice::from_ref(&out)).await {
                         tracing::error!(error = %e, "could not record an HTTP rejection");

@@ -101,6 +101,7 @@ async fn import_camt054(State(m): State<Matcher>, Query(q): Query<ImportQuery>, 
                 key: q.tenant.clone(),
                 payload,
                 trace: TraceContext::new_root(),
+                partition: None,
             }),
             Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, "registry_unavailable", e.to_string()),
         }

@@ -93,6 +93,8 @@ impl From<StoredV1> for Stored {
             },
             partition: v1.partition,
             pending_step: v1.pending_step,
+            // Format 1 kept the timer's moment only in the timer set.
+            pending_fire_ms: None,
         }
     }
 }

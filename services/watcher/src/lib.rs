@@ -20,6 +20,7 @@
 //! changed meanwhile is decided again instead of overwritten). See [`store`] for the layout.
 
 mod format;
+pub mod rebuild;
 pub mod store;
 
 use std::collections::hash_map::DefaultHasher;
@@ -36,6 +37,8 @@ use forfall_domain::journey::{
 use forfall_domain::law::{DebtorContext, LawBook};
 use forfall_domain::policy::{self, DebtorFacts, Policy};
 use forfall_domain::{Currency, DebtorKind, Jurisdiction, Money};
+use forfall_platform::admin::Readiness;
+use forfall_platform::changelog::{self, Changelog};
 use forfall_platform::config;
 use forfall_platform::kafka::KafkaConsumer;
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
@@ -120,6 +123,11 @@ struct Metrics {
 struct Inner {
     rt: Runtime,
     producer: Producer,
+    readiness: Readiness,
+    /// Partitions whose state this instance found ready (see [`rebuild`]).
+    ready: std::sync::Mutex<HashSet<i32>>,
+    /// One rebuild at a time.
+    rebuilding: Mutex<()>,
     /// The shell's metrics: rejections made here (parked payments) are counted with the loop's.
     service_metrics: forfall_platform::metrics::Metrics,
     redis: ConnectionManager,
@@ -200,13 +208,6 @@ fn then(mut first: Decision, second: Decision) -> Decision {
 }
 
 impl Watcher {
-    fn parked_key(&self, tenant: &str, invoice_id: &str) -> String {
-        self.0
-            .store
-            .keys()
-            .key(&["parked-payments", &format!("{{{tenant}:{invoice_id}}}")])
-    }
-
     fn stripe_index(&self, tenant: &str, invoice_id: &str) -> usize {
         let mut h = DefaultHasher::new();
         (tenant, invoice_id).hash(&mut h);
@@ -242,15 +243,11 @@ impl Watcher {
         }
     }
 
-    fn late_key(&self, tenant: &str, debtor_id: &str) -> String {
-        self.0.store.keys().key(&["late", &format!("{{{tenant}:{debtor_id}}}")])
-    }
-
     /// Late invoices of this debtor in the last 12 months, from its own history.
     async fn late_last_12m(&self, tenant: &str, debtor_id: &str) -> Result<u32, Failure> {
         let since = (self.0.rt.clock.now() - chrono::Duration::days(365)).timestamp_millis();
         let n: u32 = redis::cmd("ZCOUNT")
-            .arg(self.late_key(tenant, debtor_id))
+            .arg(self.0.store.late_key(tenant, debtor_id))
             .arg(since)
             .arg("+inf")
             .query_async(&mut self.conn())
@@ -258,8 +255,8 @@ impl Watcher {
         Ok(n)
     }
 
-    async fn load(&self, tenant: &str, invoice_id: &str) -> Result<Option<Loaded>, Failure> {
-        self.0.store.load(tenant, invoice_id).await
+    async fn load(&self, partition: i32, tenant: &str, invoice_id: &str) -> Result<Option<Loaded>, Failure> {
+        self.0.store.load(partition, tenant, invoice_id).await
     }
 
     /// The fee step `step_index` charges when sent now, as the law in force allows, and the
@@ -439,34 +436,44 @@ impl Watcher {
 
     /// Produces what the decision emits, waits for the broker, then writes the journey.
     async fn emit_then_save(&self, expected: Option<u64>, stored: Stored, e: Emission<'_>) -> Result<bool, Failure> {
-        self.emit_with_then_save(expected, stored, e, &[]).await
+        self.emit_with_then_save(expected, stored, e, &[], &[]).await
     }
 
     /// Like [`Watcher::emit_then_save`], with `extra` records produced (and acknowledged)
-    /// together with the decision's.
+    /// together with the decision's, and `extra_changes` put on the changelog with the journey.
     async fn emit_with_then_save(
         &self,
         expected: Option<u64>,
         stored: Stored,
         e: Emission<'_>,
         extra: &[Outbound],
+        extra_changes: &[Outbound],
     ) -> Result<bool, Failure> {
+        let partition = stored.partition;
+        let prepared = self.0.store.prepare(Save {
+            expected,
+            stored,
+            timer: e.decision.timer.clone(),
+            fired_step: None,
+        })?;
         let mut outs = self.outputs(&e).await?;
         outs.extend_from_slice(extra);
-        self.0
-            .producer
-            .send_all(&outs)
-            .await
-            .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
-        self.0
-            .store
-            .save_one(Save {
-                expected,
-                stored,
-                timer: e.decision.timer.clone(),
-                fired_step: None,
-            })
-            .await
+        let mut changes = vec![self.0.store.change(&prepared)];
+        changes.extend_from_slice(extra_changes);
+        let offsets = self.produce_then_log(&outs, &changes).await?;
+        let offset = offsets.first().copied().unwrap_or(-1);
+        let written = self.0.store.save_many(partition, &[prepared], &[offset]).await?;
+        Ok(written.first() == Some(&store::Written::Yes))
+    }
+
+    /// Produces a decision's outputs and, once every one is acknowledged, its changelog records;
+    /// the changelog offsets, in order. A changelog value therefore always stands for a state
+    /// whose outputs are on their topics: a rebuild never restores a decision half made.
+    async fn produce_then_log(&self, outs: &[Outbound], changes: &[Outbound]) -> Result<Vec<i64>, Failure> {
+        let transient = |e: forfall_platform::kafka::ProduceError| Failure::Transient(anyhow::anyhow!(e));
+        self.0.producer.send_all(outs).await.map_err(transient)?;
+        let delivered = self.0.producer.send_all_delivered(changes).await.map_err(transient)?;
+        Ok(delivered.into_iter().map(|d| d.offset).collect())
     }
 
     /// Applies an invoice snapshot, and the payments parked for the invoice before it was known.
@@ -481,22 +488,25 @@ impl Watcher {
     async fn on_invoice(&self, rec: records::Invoice, partition: i32, trace: TraceContext) -> Result<(), Failure> {
         let incoming = snapshot(&rec)?;
         let _guard = self.stripe(&rec.tenant, &rec.invoice_id).lock().await;
-        let parked_key = self.parked_key(&rec.tenant, &rec.invoice_id);
+        let parked_key = self.0.store.parked_key(&rec.tenant, &rec.invoice_id);
         loop {
-            let loaded = self.load(&rec.tenant, &rec.invoice_id).await?;
-            let parked: Vec<String> = redis::cmd("LRANGE")
+            let loaded = self.load(partition, &rec.tenant, &rec.invoice_id).await?;
+            let parked: Vec<(String, String)> = redis::cmd("HGETALL")
                 .arg(&parked_key)
-                .arg(0)
-                .arg(-1)
                 .query_async(&mut self.conn())
                 .await?;
             let same = loaded.as_ref().is_some_and(|l| l.stored.journey.invoice == incoming);
             if same && parked.is_empty() {
                 return Ok(()); // the same snapshot again
             }
-            let (expected, partition, pending) = match &loaded {
-                Some(l) => (Some(l.version), l.stored.partition, l.stored.pending_step),
-                None => (None, partition, None),
+            let (expected, partition, pending, pending_ms) = match &loaded {
+                Some(l) => (
+                    Some(l.version),
+                    l.stored.partition,
+                    l.stored.pending_step,
+                    l.stored.pending_fire_ms,
+                ),
+                None => (None, partition, None, None),
             };
             let (mut d, plan) = match loaded.map(|l| l.stored.journey) {
                 Some(existing) if same => {
@@ -519,7 +529,7 @@ impl Watcher {
             // Payments that arrived before their invoice are applied now, or rejected.
             let mut rejections = Vec::new();
             let mut reasons = Vec::new();
-            for raw in &parked {
+            for (_, raw) in &parked {
                 let payment = match serde_json::from_str::<ParkedPayment>(raw) {
                     Ok(p) => p,
                     Err(e) => {
@@ -547,19 +557,27 @@ impl Watcher {
                     }
                 }
             }
+            // The parked payments read leave the changelog after the outputs, and Redis after that.
+            let changelog = self.0.store.changelog();
+            let unparked: Vec<Outbound> = parked
+                .iter()
+                .map(|(payment_id, _)| {
+                    changelog.delete(
+                        partition,
+                        store::parked_change_key(&rec.tenant, &rec.invoice_id, payment_id),
+                    )
+                })
+                .collect();
             let done = if same && d.transitions.is_empty() {
                 // Applied before (a stop came before the list was cleared): only rejections.
-                self.0
-                    .producer
-                    .send_all(&rejections)
-                    .await
-                    .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
+                self.produce_then_log(&rejections, &unparked).await?;
                 true
             } else {
                 let stored = Stored {
                     journey: d.journey.clone(),
                     partition,
                     pending_step: pending,
+                    pending_fire_ms: pending_ms,
                 };
                 // Event ids derive from the cause: payments applied on a redelivered snapshot
                 // must not take the ids of the events its first delivery produced.
@@ -576,7 +594,7 @@ impl Watcher {
                     trace,
                     covers: &[],
                 };
-                self.emit_with_then_save(expected, stored, emission, &rejections)
+                self.emit_with_then_save(expected, stored, emission, &rejections, &unparked)
                     .await?
             };
             if done {
@@ -586,10 +604,9 @@ impl Watcher {
                 }
                 if !parked.is_empty() {
                     // Only what was read (applied or rejected above): a payment parked since stays.
-                    let _: () = redis::cmd("LTRIM")
+                    let _: () = redis::cmd("HDEL")
                         .arg(&parked_key)
-                        .arg(parked.len())
-                        .arg(-1)
+                        .arg(parked.iter().map(|(id, _)| id).collect::<Vec<_>>())
                         .query_async(&mut self.conn())
                         .await?;
                 }
@@ -646,7 +663,7 @@ impl Watcher {
         let amount = Money::new(rec.amount_minor, currency);
         let _guard = self.stripe(&rec.tenant, &rec.invoice_id).lock().await;
         loop {
-            let Some(loaded) = self.load(&rec.tenant, &rec.invoice_id).await? else {
+            let Some(loaded) = self.load(record.partition, &rec.tenant, &rec.invoice_id).await? else {
                 if !amount.is_positive() {
                     // No invoice would take it: refused now rather than parked.
                     return Err(Failure::Reject {
@@ -674,8 +691,19 @@ impl Watcher {
                     }),
                 })
                 .map_err(|e| Failure::Fatal(e.into()))?;
-                let _: () = redis::cmd("RPUSH")
-                    .arg(self.parked_key(&rec.tenant, &rec.invoice_id))
+                let change = self.0.store.changelog().put(
+                    record.partition,
+                    store::parked_change_key(&rec.tenant, &rec.invoice_id, &rec.payment_id),
+                    parked.clone().into_bytes(),
+                );
+                self.0
+                    .producer
+                    .send_all(std::slice::from_ref(&change))
+                    .await
+                    .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
+                let _: () = redis::cmd("HSET")
+                    .arg(self.0.store.parked_key(&rec.tenant, &rec.invoice_id))
+                    .arg(&rec.payment_id)
                     .arg(parked)
                     .query_async(&mut self.conn())
                     .await?;
@@ -736,7 +764,7 @@ impl Watcher {
             .iter()
             .map(|t| (t.tenant.clone(), t.invoice_id.clone()))
             .collect();
-        let loaded = self.0.store.load_many(&pairs).await?;
+        let loaded = self.0.store.load_many(partition, &pairs).await?;
         // Per debtor: its invoices (loaded), each with the timer that fired it, if one did.
         type Members = Vec<(Loaded, Option<Timer>)>;
         let mut debtors: BTreeMap<(String, String), Members> = BTreeMap::new();
@@ -777,7 +805,7 @@ impl Watcher {
                     Err(_) => false,
                 }
             });
-            for l in self.0.store.load_many(&others).await?.into_iter().flatten() {
+            for l in self.0.store.load_many(partition, &others).await?.into_iter().flatten() {
                 let j = &l.stored.journey;
                 let debtor = (j.invoice.tenant.clone(), j.invoice.debtor_id.clone());
                 if let Some(mine) = debtors.get_mut(&debtor) {
@@ -790,6 +818,10 @@ impl Watcher {
         let window = policy.combine_window();
         let mut outs = Vec::new();
         let mut saves = Vec::new();
+        // The journeys' new values and the debtors' late history, for the changelog after the
+        // outputs; where each journey's record is among them.
+        let mut changes = Vec::new();
+        let mut change_at = Vec::new();
         // Per save: the timer to decide again on a conflict, and the debtor who just became late.
         type LateMark = (String, String, String);
         let mut after_save: Vec<(Option<Timer>, Option<LateMark>)> = Vec::new();
@@ -868,7 +900,7 @@ impl Watcher {
                 let inv = &d.journey.invoice;
                 let became_late = (late(d.journey.state) && !late(input.journey.state))
                     .then(|| (inv.tenant.clone(), inv.debtor_id.clone(), inv.invoice_id.clone()));
-                saves.push(Save {
+                let prepared = self.0.store.prepare(Save {
                     expected: Some(loaded.version),
                     stored: Stored {
                         journey: d.journey.clone(),
@@ -876,28 +908,42 @@ impl Watcher {
                     },
                     timer: d.timer.clone(),
                     fired_step: input.fired_step,
-                });
+                })?;
+                change_at.push(changes.len());
+                changes.push(self.0.store.change(&prepared));
+                if let Some((tenant, debtor, invoice_id)) = &became_late {
+                    changes.push(self.0.store.changelog().put(
+                        partition,
+                        store::late_change_key(tenant, debtor, invoice_id),
+                        now.timestamp_millis().to_string().into_bytes(),
+                    ));
+                }
+                saves.push(prepared);
                 after_save.push((timer.clone(), became_late));
             }
         }
-        self.0
-            .producer
-            .send_all(&outs)
-            .await
-            .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
-        let written = self.0.store.save_many(saves).await?;
+        let logged = self.produce_then_log(&outs, &changes).await?;
+        let offsets: Vec<i64> = change_at
+            .iter()
+            .map(|i| logged.get(*i).copied().unwrap_or(-1))
+            .collect();
+        let written = self.0.store.save_many(partition, &saves, &offsets).await?;
         drop(guards);
         let mut conflicts = Vec::new();
         let mut late = redis::pipe();
         let mut any_late = false;
-        for (ok, (timer, became_late)) in written.into_iter().zip(after_save) {
-            if !ok {
+        for (written, (timer, became_late)) in written.into_iter().zip(after_save) {
+            if written == store::Written::Conflict {
                 // A covered invoice without a timer of its own keeps its pending one.
                 conflicts.extend(timer);
             } else if let Some((tenant, debtor, invoice_id)) = became_late {
                 // The debtor's history: an invoice that needed a reminder counts as late.
-                late.zadd(self.late_key(&tenant, &debtor), invoice_id, now.timestamp_millis())
-                    .ignore();
+                late.zadd(
+                    self.0.store.late_key(&tenant, &debtor),
+                    invoice_id,
+                    now.timestamp_millis(),
+                )
+                .ignore();
                 any_late = true;
             }
         }
@@ -952,6 +998,9 @@ impl Watcher {
                 })
                 .unwrap_or_default();
             for gone in polled.difference(&partitions) {
+                // Its next owner checks its state afresh; were it ours again, so would we.
+                self.forget_ready(*gone);
+                self.0.store.forget_partition(*gone);
                 // Revoked: its next owner need not wait for the lock to expire.
                 if let Err(e) = self.0.store.release(*gone, &self.0.holder).await {
                     tracing::warn!(error = ?e, partition = gone, "could not release a timer lock");
@@ -960,6 +1009,22 @@ impl Watcher {
             polled = partitions.clone();
             let mut partitions: Vec<i32> = partitions.into_iter().collect();
             partitions.sort_unstable();
+            match self.0.store.missing_state(&partitions).await {
+                Ok(missing) => {
+                    for p in missing.into_iter().filter(|p| self.is_ready(*p)) {
+                        tracing::warn!(partition = p, "journey state missing or behind in Redis; rebuilding it");
+                        self.forget_ready(p);
+                    }
+                }
+                Err(e) => tracing::warn!(error = ?e, "could not read the partitions' state markers"),
+            }
+            if let Err(e) = self.ensure_ready_all(&partitions).await {
+                let wait = forfall_platform::kafka::backoff(attempt);
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(error = ?e, "rebuilding the state of assigned partitions failed; retrying");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
             // Rounds of one batch per partition, several partitions at once, until none has
             // more due: a partition with a backlog does not hold the others back.
             loop {
@@ -1006,6 +1071,13 @@ impl Watcher {
     /// Fires one batch of a partition's due timers if this instance holds its lock; whether
     /// more may be due.
     async fn fire_due(&self, partition: i32, settings: &WatcherSettings) -> Result<bool, Failure> {
+        self.fire_due_ready(partition, settings)
+            .await
+            .map_err(|f| self.noticing_missing_state(partition, f))
+    }
+
+    async fn fire_due_ready(&self, partition: i32, settings: &WatcherSettings) -> Result<bool, Failure> {
+        self.ensure_ready(partition).await?;
         {
             let now_ms = self.0.rt.clock.now().timestamp_millis();
             let Some(due) = self
@@ -1102,7 +1174,7 @@ struct ParkedSource {
 
 impl Watcher {
     /// What a debtor asked for (the portal's requests): pauses, postponements, instalments.
-    async fn on_debtor_request(&self, rec: DebtorRequest, trace: TraceContext) -> Result<(), Failure> {
+    async fn on_debtor_request(&self, rec: DebtorRequest, partition: i32, trace: TraceContext) -> Result<(), Failure> {
         let reject = |code: &'static str, detail: String| Failure::Reject {
             code,
             detail,
@@ -1119,7 +1191,7 @@ impl Watcher {
         };
         let _guard = self.stripe(&rec.tenant, &rec.invoice_id).lock().await;
         loop {
-            let Some(loaded) = self.load(&rec.tenant, &rec.invoice_id).await? else {
+            let Some(loaded) = self.load(partition, &rec.tenant, &rec.invoice_id).await? else {
                 return Err(reject(
                     "unknown_invoice",
                     format!("invoice '{}' has no journey", rec.invoice_id),
@@ -1195,11 +1267,82 @@ impl Watcher {
     }
 }
 
-impl Handler for Watcher {
-    async fn handle(&self, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
+impl Watcher {
+    /// Makes sure partition `partition`'s state is in Redis before anything of it is decided:
+    /// rebuilt from the changelog where it is missing or behind (see [`rebuild`]).
+    async fn ensure_ready(&self, partition: i32) -> Result<(), Failure> {
+        self.ensure_ready_all(&[partition]).await
+    }
+
+    /// [`Watcher::ensure_ready`] for several partitions, rebuilt in one replay (a new
+    /// assignment's are, by the timer loop, as soon as it sees them).
+    async fn ensure_ready_all(&self, partitions: &[i32]) -> Result<(), Failure> {
+        let missing = |w: &Self| -> Vec<i32> { partitions.iter().copied().filter(|p| !w.is_ready(*p)).collect() };
+        if missing(self).is_empty() {
+            return Ok(());
+        }
+        let _one_at_a_time = self.0.rebuilding.lock().await;
+        let todo = missing(self);
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let _not_ready = self.0.readiness.rebuilding_state();
+        let span = tracing::info_span!("rebuild", service = SERVICE, partitions = ?todo);
+        let topic = self.0.store.changelog().topic.clone();
+        let progress = rebuild::rebuild(
+            &self.0.rt.config.kafka,
+            &topic,
+            &self.0.store,
+            self.0.redis.clone(),
+            &todo,
+            |p| tracing::info!(progress = %p, "rebuilding journey state"),
+        )
+        .instrument(span)
+        .await
+        .map_err(Failure::Transient)?;
+        if progress.records > 0 {
+            tracing::warn!(partitions = ?todo, records = progress.records, "journey state rebuilt from the changelog");
+        }
+        self.0.ready.lock().unwrap_or_else(|p| p.into_inner()).extend(todo);
+        Ok(())
+    }
+
+    fn is_ready(&self, partition: i32) -> bool {
+        self.0
+            .ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&partition)
+    }
+
+    /// The partition's state was found missing or behind: rebuilt before it is used again.
+    fn forget_ready(&self, partition: i32) {
+        self.0
+            .ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&partition);
+    }
+
+    /// Passes a failure on, noting a partition whose state went missing.
+    fn noticing_missing_state(&self, partition: i32, failure: Failure) -> Failure {
+        if let Failure::Transient(e) = &failure
+            && e.downcast_ref::<store::StateMissing>().is_some()
+        {
+            tracing::warn!(partition, error = %e, "journey state missing; rebuilding it before going on");
+            self.forget_ready(partition);
+        }
+        failure
+    }
+
+    async fn handle_ready(&self, record: &Inbound) -> Result<(), Failure> {
+        self.ensure_ready(record.partition).await?;
         let decoded = self.0.rt.codec.decode(record.payload.as_deref()).await?;
         match decoded.name.as_str() {
-            DebtorRequest::FULL_NAME => self.on_debtor_request(decoded.to()?, record.trace).await?,
+            DebtorRequest::FULL_NAME => {
+                self.on_debtor_request(decoded.to()?, record.partition, record.trace)
+                    .await?
+            }
             records::Invoice::FULL_NAME => self.on_invoice(decoded.to()?, record.partition, record.trace).await?,
             PaymentMatched::FULL_NAME => self.on_payment(decoded.to()?, record).await?,
             other => {
@@ -1209,6 +1352,15 @@ impl Handler for Watcher {
                 ));
             }
         }
+        Ok(())
+    }
+}
+
+impl Handler for Watcher {
+    async fn handle(&self, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
+        self.handle_ready(record)
+            .await
+            .map_err(|f| self.noticing_missing_state(record.partition, f))?;
         Ok(Vec::new())
     }
 }
@@ -1321,14 +1473,23 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     )?;
     shell.metrics.registry.register(Box::new(combined.clone()))?;
     let redis = redis_store::connect(&rt.config.redis).await?;
-    let store = Store::new(redis.clone(), rt.keys());
+    let topics = rt.config.topics.clone();
+    // The changelog follows the invoices topic's partitions (see [`rebuild`]).
+    let invoices_topic = rt.topic(&topics.invoices);
+    let partitions = changelog::partition_count(&rt.config.kafka, &invoices_topic).await?;
+    anyhow::ensure!(partitions > 0, "topic '{invoices_topic}' has no partitions");
+    let changelog_topic = rt.topic(&topics.watcher_changelog);
+    changelog::ensure(&rt.config.kafka, &changelog_topic, partitions).await?;
+    let store = Store::new(redis.clone(), rt.keys(), Changelog::new(changelog_topic));
     store
-        .prepare()
+        .prepare_scripts()
         .await
         .map_err(|e| anyhow::anyhow!("loading the journey scripts into Redis: {e:?}"))?;
-    let topics = rt.config.topics.clone();
     let watcher = Watcher(Arc::new(Inner {
         producer: shell.producer.clone(),
+        readiness: shell.readiness.clone(),
+        ready: std::sync::Mutex::default(),
+        rebuilding: Mutex::new(()),
         service_metrics: shell.metrics.clone(),
         redis,
         store,

@@ -16,7 +16,10 @@
 
 use forfall_domain::journey::{Journey, TimerChange};
 use forfall_platform::journey_state::{self, Header};
-use forfall_platform::kafka::Failure;
+use std::collections::HashMap;
+
+use forfall_platform::changelog::Changelog;
+use forfall_platform::kafka::{Failure, Outbound};
 use forfall_platform::redis_store::Keys;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
@@ -27,8 +30,10 @@ pub struct Stored {
     pub journey: Journey,
     /// Partition of the invoice on `forfall.invoices.v1`: whose timer set holds its timer.
     pub partition: i32,
-    /// The step whose timer is scheduled, if any.
+    /// The step whose timer is scheduled, if any, and when it fires (ms since the epoch): the
+    /// timer is rebuilt from these.
     pub pending_step: Option<usize>,
+    pub pending_fire_ms: Option<i64>,
 }
 
 /// A stored journey with the version it was read at.
@@ -69,17 +74,29 @@ pub fn parse_member(m: &str, due_ms: i64) -> Option<Timer> {
     })
 }
 
-/// Writes one journey if its version is still the expected one, moves its timer, and keeps the
-/// debtor's list of open invoices.
-const SAVE_SCRIPT: &str = r"
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-local v = ''
-if cur then v = string.match(cur, '^(%d+)|') or '' end
-if v ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-if ARGV[4] ~= '' then redis.call('ZREM', KEYS[2], ARGV[4]) end
-if ARGV[5] ~= '' then redis.call('ZREM', KEYS[2], ARGV[5]) end
-if ARGV[6] ~= '' then redis.call('ZADD', KEYS[2], ARGV[7], ARGV[6]) end
+/// A stored value read back: its body and the version it carries.
+pub fn decode_value(value: &[u8]) -> Result<Loaded, Failure> {
+    let (header, body) = journey_state::decode(value)
+        .ok_or_else(|| Failure::Fatal(anyhow::anyhow!("corrupt journey state: no header")))?;
+    Ok(Loaded {
+        stored: decode_body(body)?,
+        version: header.version,
+    })
+}
+
+/// A partition's state marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateMarker {
+    Missing,
+    /// Rebuilt, with every change up to this changelog offset in Redis.
+    Ready(i64),
+    /// A rebuild got this far.
+    Rebuilding(i64),
+}
+
+/// Keeps a debtor's list of open invoices (KEYS[3], field ARGV[8]) in step with one journey
+/// (invoice ARGV[9], 'open' or not in ARGV[10]). Shared by the save and restore scripts.
+const DEBTOR_OPEN_LUA: &str = r"
 local raw = redis.call('HGET', KEYS[3], ARGV[8])
 local ids = {}
 if raw then ids = cjson.decode(raw) end
@@ -92,8 +109,51 @@ elseif ARGV[10] ~= 'open' and at then
   table.remove(ids, at)
   if #ids == 0 then redis.call('HDEL', KEYS[3], ARGV[8]) else redis.call('HSET', KEYS[3], ARGV[8], cjson.encode(ids)) end
 end
-return 1
 ";
+
+/// Writes one journey if its version is still the expected one and its partition's state is
+/// present (KEYS[4] `ready:<changelog offset>`; -1 when it is missing or being rebuilt), moves
+/// its timer, keeps the debtor's list of open invoices, and records the journey's changelog
+/// offset (ARGV[11]) as the partition's checkpoint.
+fn save_script() -> String {
+    format!(
+        r"
+local state = redis.call('GET', KEYS[4])
+if not state then return -1 end
+local checkpoint = string.match(state, '^ready:(-?%d+)$')
+if not checkpoint then return -1 end
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+local v = ''
+if cur then v = string.match(cur, '^(%d+)|') or '' end
+if v ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+if ARGV[4] ~= '' then redis.call('ZREM', KEYS[2], ARGV[4]) end
+if ARGV[5] ~= '' then redis.call('ZREM', KEYS[2], ARGV[5]) end
+if ARGV[6] ~= '' then redis.call('ZADD', KEYS[2], ARGV[7], ARGV[6]) end
+{DEBTOR_OPEN_LUA}
+if tonumber(ARGV[11]) > tonumber(checkpoint) then redis.call('SET', KEYS[4], 'ready:' .. ARGV[11]) end
+return 1
+"
+    )
+}
+
+/// Puts one journey back from its changelog as it is there (no version check: the changelog
+/// is the truth, and nothing else writes the partition while it is rebuilt): its value (ARGV[3],
+/// empty to delete), its timer (old member ARGV[4] out, ARGV[6] in at ARGV[7]), and the
+/// debtor's list of open invoices. ARGV[2] and ARGV[5] are unused (the save script's layout).
+fn restore_script() -> String {
+    format!(
+        r"
+if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
+if ARGV[4] ~= '' and ARGV[4] ~= ARGV[6] then redis.call('ZREM', KEYS[2], ARGV[4]) end
+if ARGV[6] ~= '' then redis.call('ZADD', KEYS[2], ARGV[7], ARGV[6]) end
+if ARGV[8] ~= '' then
+{DEBTOR_OPEN_LUA}
+end
+return 1
+"
+    )
+}
 
 /// Takes or renews the right to fire a partition's timers, and returns the due ones. The lock
 /// expires in real time (Redis' own clock), so an instance that stops without releasing it
@@ -119,22 +179,134 @@ pub struct Save {
     pub fired_step: Option<usize>,
 }
 
+/// A journey write made ready: its Redis value (also its changelog value) and what moves with it.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub partition: i32,
+    pub changelog_key: String,
+    pub value: Vec<u8>,
+    expected: Option<u64>,
+    at: journey_state::Location,
+    remove_pending: Option<String>,
+    remove_fired: Option<String>,
+    add: Option<(String, i64)>,
+    debtor: (String, Vec<u8>),
+    invoice_id: String,
+    open: bool,
+}
+
+/// What became of a prepared write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    Yes,
+    /// Someone wrote the journey since it was read: decide again.
+    Conflict,
+}
+
+/// The partition's state is missing from Redis (lost, flushed, restored from an older copy,
+/// or being rebuilt): nothing of the partition is decided until it is rebuilt.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the journey state of partition {partition} is missing or behind its changelog ({detail}): it is rebuilt first"
+)]
+pub struct StateMissing {
+    pub partition: i32,
+    pub detail: String,
+}
+
+/// The changelog key of a journey.
+pub fn journey_change_key(tenant: &str, invoice_id: &str) -> String {
+    format!("j{}", journey_state::pair_field(tenant, invoice_id))
+}
+
+/// The changelog key of one invoice in a debtor's late history (value: when it became late).
+pub fn late_change_key(tenant: &str, debtor_id: &str, invoice_id: &str) -> String {
+    let debtor = journey_state::pair_field(tenant, debtor_id);
+    format!("l{}", journey_state::pair_field(&debtor, invoice_id))
+}
+
+/// The changelog key of a payment parked until its invoice arrives (value: the parked payment).
+pub fn parked_change_key(tenant: &str, invoice_id: &str, payment_id: &str) -> String {
+    let invoice = journey_state::pair_field(tenant, invoice_id);
+    format!("p{}", journey_state::pair_field(&invoice, payment_id))
+}
+
+/// What a changelog key names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeKey {
+    Journey {
+        tenant: String,
+        invoice_id: String,
+    },
+    Late {
+        tenant: String,
+        debtor_id: String,
+        invoice_id: String,
+    },
+    Parked {
+        tenant: String,
+        invoice_id: String,
+        payment_id: String,
+    },
+}
+
+impl ChangeKey {
+    pub fn parse(key: &[u8]) -> Option<Self> {
+        let key = std::str::from_utf8(key).ok()?;
+        let (kind, rest) = key.split_at_checked(1)?;
+        let owned = |(a, b): (&str, &str)| (a.to_owned(), b.to_owned());
+        match kind {
+            "j" => {
+                let (tenant, invoice_id) = owned(journey_state::split_pair(rest)?);
+                Some(ChangeKey::Journey { tenant, invoice_id })
+            }
+            "l" => {
+                let (debtor, invoice_id) = journey_state::split_pair(rest)?;
+                let (tenant, debtor_id) = owned(journey_state::split_pair(debtor)?);
+                Some(ChangeKey::Late {
+                    tenant,
+                    debtor_id,
+                    invoice_id: invoice_id.to_owned(),
+                })
+            }
+            "p" => {
+                let (invoice, payment_id) = journey_state::split_pair(rest)?;
+                let (tenant, invoice_id) = owned(journey_state::split_pair(invoice)?);
+                Some(ChangeKey::Parked {
+                    tenant,
+                    invoice_id,
+                    payment_id: payment_id.to_owned(),
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
 pub struct Store {
     redis: ConnectionManager,
     keys: Keys,
+    changelog: Changelog,
     save: redis::Script,
+    restore: redis::Script,
     claim: redis::Script,
     release: redis::Script,
+    /// Per partition, the highest changelog offset this instance saw written to Redis: a
+    /// smaller checkpoint in Redis means Redis went back in time.
+    checkpoints: std::sync::Mutex<HashMap<i32, i64>>,
 }
 
 impl Store {
-    pub fn new(redis: ConnectionManager, keys: Keys) -> Self {
+    pub fn new(redis: ConnectionManager, keys: Keys, changelog: Changelog) -> Self {
         Self {
             redis,
             keys,
-            save: redis::Script::new(SAVE_SCRIPT),
+            changelog,
+            save: redis::Script::new(&save_script()),
+            restore: redis::Script::new(&restore_script()),
             claim: redis::Script::new(CLAIM_SCRIPT),
             release: redis::Script::new(RELEASE_SCRIPT),
+            checkpoints: std::sync::Mutex::default(),
         }
     }
 
@@ -142,8 +314,16 @@ impl Store {
         self.redis.clone()
     }
 
+    pub fn redis(&self) -> ConnectionManager {
+        self.redis.clone()
+    }
+
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    pub fn changelog(&self) -> &Changelog {
+        &self.changelog
     }
 
     pub fn timers_key(&self, partition: i32) -> String {
@@ -152,6 +332,22 @@ impl Store {
 
     fn lock_key(&self, partition: i32) -> String {
         self.keys.key(&["timers-lock", &partition.to_string()])
+    }
+
+    /// A debtor's late history: invoices that needed a reminder, scored by when.
+    pub fn late_key(&self, tenant: &str, debtor_id: &str) -> String {
+        self.keys.key(&["late", &format!("{{{tenant}:{debtor_id}}}")])
+    }
+
+    /// Payments that arrived before their invoice, by payment id.
+    pub fn parked_key(&self, tenant: &str, invoice_id: &str) -> String {
+        self.keys.key(&["parked", &format!("{{{tenant}:{invoice_id}}}")])
+    }
+
+    /// Whether a partition's state is present: `ready:<checkpoint>` once built,
+    /// `rebuilding:<offset>` while a rebuild runs, missing when Redis lost it.
+    pub fn state_key(&self, partition: i32) -> String {
+        self.keys.key(&["state", &partition.to_string()])
     }
 
     /// Where a debtor's open invoices are listed. The field is a 64-bit hash of the debtor, not
@@ -163,33 +359,123 @@ impl Store {
         (at.key, journey_state::fnv1a(at.field.as_bytes()).to_be_bytes().to_vec())
     }
 
-    /// The journeys of `(tenant, invoice)` pairs, in one round trip, in order.
-    pub async fn load_many(&self, invoices: &[(String, String)]) -> Result<Vec<Option<Loaded>>, Failure> {
-        if invoices.is_empty() {
+    /// The partition's state marker as stored, read with other commands.
+    pub fn parse_state(value: Option<&str>) -> StateMarker {
+        match value {
+            None => StateMarker::Missing,
+            Some(v) => match v.split_once(':') {
+                Some(("ready", n)) => n.parse().map_or(StateMarker::Missing, StateMarker::Ready),
+                Some(("rebuilding", n)) => n.parse().map_or(StateMarker::Missing, StateMarker::Rebuilding),
+                _ => StateMarker::Missing,
+            },
+        }
+    }
+
+    /// Fails with [`StateMissing`] unless the partition's state is ready and not behind what
+    /// this instance wrote.
+    fn check_state(&self, partition: i32, marker: StateMarker) -> Result<(), Failure> {
+        let missing = |detail: String| Failure::Transient(StateMissing { partition, detail }.into());
+        match marker {
+            StateMarker::Ready(checkpoint) => {
+                let seen = self.seen_checkpoint(partition);
+                if seen.is_some_and(|seen| checkpoint < seen) {
+                    return Err(missing(format!(
+                        "Redis says changelog offset {checkpoint}, this instance wrote {} already",
+                        seen.unwrap_or_default()
+                    )));
+                }
+                Ok(())
+            }
+            StateMarker::Rebuilding(at) => Err(missing(format!("a rebuild stopped at offset {at}"))),
+            StateMarker::Missing => Err(missing("no state marker".into())),
+        }
+    }
+
+    /// Which of `partitions` have their state missing or behind in Redis, in one round trip: a
+    /// Redis flushed or restored from an older copy is noticed even when no record arrives.
+    pub async fn missing_state(&self, partitions: &[i32]) -> Result<Vec<i32>, Failure> {
+        if partitions.is_empty() {
             return Ok(Vec::new());
         }
+        let mut cmd = redis::cmd("MGET");
+        for p in partitions {
+            cmd.arg(self.state_key(*p));
+        }
+        let markers: Vec<Option<String>> = cmd.query_async(&mut self.conn()).await?;
+        Ok(partitions
+            .iter()
+            .zip(markers)
+            .filter(|(p, m)| self.check_state(**p, Self::parse_state(m.as_deref())).is_err())
+            .map(|(p, _)| *p)
+            .collect())
+    }
+
+    fn seen_checkpoint(&self, partition: i32) -> Option<i64> {
+        self.checkpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&partition)
+            .copied()
+    }
+
+    /// Records that Redis holds partition `partition`'s changes up to `offset`.
+    pub fn saw_checkpoint(&self, partition: i32, offset: i64) {
+        let mut all = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let at = all.entry(partition).or_insert(offset);
+        *at = (*at).max(offset);
+    }
+
+    /// Forgets a partition (revoked): its next owner checks it afresh.
+    pub fn forget_partition(&self, partition: i32) {
+        self.checkpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&partition);
+    }
+
+    /// The journeys of `(tenant, invoice)` pairs of one partition, in one round trip, in order;
+    /// [`StateMissing`] when the partition's state is not there to be read.
+    pub async fn load_many(
+        &self,
+        partition: i32,
+        invoices: &[(String, String)],
+    ) -> Result<Vec<Option<Loaded>>, Failure> {
         let mut pipe = redis::pipe();
+        pipe.get(self.state_key(partition));
         for (tenant, invoice_id) in invoices {
             let at = journey_state::location(&self.keys, tenant, invoice_id);
             pipe.hget(at.key, at.field);
         }
-        let values: Vec<Option<Vec<u8>>> = pipe.query_async(&mut self.conn()).await?;
+        let (marker, values): (Option<String>, Vec<Option<Vec<u8>>>) = {
+            let parse = |e: redis::ParsingError| Failure::Fatal(anyhow::anyhow!("unexpected reply from Redis: {e}"));
+            let mut all = pipe
+                .query_async::<Vec<redis::Value>>(&mut self.conn())
+                .await?
+                .into_iter();
+            let marker: Option<String> = match all.next() {
+                Some(v) => redis::from_redis_value(v).map_err(parse)?,
+                None => None,
+            };
+            let values = all
+                .map(redis::from_redis_value)
+                .collect::<Result<Vec<Option<Vec<u8>>>, _>>()
+                .map_err(parse)?;
+            (marker, values)
+        };
+        self.check_state(partition, Self::parse_state(marker.as_deref()))?;
         values
             .into_iter()
             .map(|v| {
                 let Some(v) = v else { return Ok(None) };
-                let (header, body) = journey_state::decode(&v)
-                    .ok_or_else(|| Failure::Fatal(anyhow::anyhow!("corrupt journey state: no header")))?;
-                Ok(Some(Loaded {
-                    stored: decode_body(body)?,
-                    version: header.version,
-                }))
+                decode_value(&v).map(Some)
             })
             .collect()
     }
 
-    pub async fn load(&self, tenant: &str, invoice_id: &str) -> Result<Option<Loaded>, Failure> {
-        let mut all = self.load_many(&[(tenant.to_owned(), invoice_id.to_owned())]).await?;
+    pub async fn load(&self, partition: i32, tenant: &str, invoice_id: &str) -> Result<Option<Loaded>, Failure> {
+        let mut all = self
+            .load_many(partition, &[(tenant.to_owned(), invoice_id.to_owned())])
+            .await?;
         Ok(all.pop().flatten())
     }
 
@@ -210,34 +496,9 @@ impl Store {
             .collect())
     }
 
-    /// Writes journeys, each only if nobody wrote it since it was read, in one round trip;
-    /// whether each was written, in order.
-    pub async fn save_many(&self, saves: Vec<Save>) -> Result<Vec<bool>, Failure> {
-        if saves.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for s in saves {
-            self.add_save(&mut pipe, s)?;
-        }
-        let written: Vec<i32> = match pipe.query_async(&mut self.conn()).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                // Redis restarted or its script cache was flushed: load and try once more. A
-                // write that went through before the error fails its version check now, and
-                // the caller decides it again from what is stored.
-                self.save.load_async(&mut self.conn()).await?;
-                pipe.query_async(&mut self.conn()).await?
-            }
-            other => other?,
-        };
-        Ok(written.into_iter().map(|w| w == 1).collect())
-    }
-
-    pub async fn save_one(&self, save: Save) -> Result<bool, Failure> {
-        Ok(self.save_many(vec![save]).await?.first().copied().unwrap_or(false))
-    }
-
-    fn add_save(&self, pipe: &mut redis::Pipeline, s: Save) -> Result<(), Failure> {
+    /// Makes a write ready: the value it stores (and puts on the changelog first) and the timer
+    /// and debtor-list changes that go with it.
+    pub fn prepare(&self, s: Save) -> Result<Prepared, Failure> {
         let Save {
             expected,
             mut stored,
@@ -248,56 +509,189 @@ impl Store {
         let (tenant, invoice_id, debtor_id) = (inv.tenant.clone(), inv.invoice_id.clone(), inv.debtor_id.clone());
         let fired = fired_step.map(|step| member(&tenant, &invoice_id, step));
         let pending = stored.pending_step.map(|step| member(&tenant, &invoice_id, step));
-        let mut add = (String::new(), 0i64);
+        let mut add = None;
         match timer {
             TimerChange::Keep => {
                 if fired_step.is_some() && stored.pending_step == fired_step {
                     stored.pending_step = None;
+                    stored.pending_fire_ms = None;
                 }
             }
-            TimerChange::Cancel => stored.pending_step = None,
+            TimerChange::Cancel => {
+                stored.pending_step = None;
+                stored.pending_fire_ms = None;
+            }
             TimerChange::Schedule { step_index, fire_at } => {
-                add = (member(&tenant, &invoice_id, step_index), fire_at.timestamp_millis());
+                add = Some((member(&tenant, &invoice_id, step_index), fire_at.timestamp_millis()));
                 stored.pending_step = Some(step_index);
+                stored.pending_fire_ms = Some(fire_at.timestamp_millis());
             }
         }
+        let added = add.as_ref().map(|(m, _)| m.clone());
         // The fired timer is done whatever was decided; the previously pending one is replaced
         // or cancelled (kept only when the decision keeps it).
         let remove_pending = match timer {
             TimerChange::Keep => None,
-            _ => pending.filter(|p| *p != add.0),
+            _ => pending.filter(|p| Some(p) != added.as_ref()),
         };
-        let remove_fired = fired.filter(|f| *f != add.0 && Some(f) != remove_pending.as_ref());
+        let remove_fired = fired.filter(|f| Some(f) != added.as_ref() && Some(f) != remove_pending.as_ref());
         let header = Header {
             version: expected.map_or(1, |v| v + 1),
             status: stored.journey.state.label(),
             next_step: Some(stored.journey.next_step as i64),
         };
         let value = journey_state::encode(&header, &encode_body(&stored)?);
-        let at = journey_state::location(&self.keys, &tenant, &invoice_id);
-        let debtor = self.debtor_location(&tenant, &debtor_id);
-        let open = if stored.journey.state.is_final() {
-            "closed"
-        } else {
-            "open"
+        Ok(Prepared {
+            partition: stored.partition,
+            changelog_key: journey_change_key(&tenant, &invoice_id),
+            value,
+            expected,
+            at: journey_state::location(&self.keys, &tenant, &invoice_id),
+            remove_pending,
+            remove_fired,
+            add,
+            debtor: self.debtor_location(&tenant, &debtor_id),
+            open: !stored.journey.state.is_final(),
+            invoice_id,
+        })
+    }
+
+    /// The changelog record of a prepared write.
+    pub fn change(&self, p: &Prepared) -> Outbound {
+        self.changelog
+            .put(p.partition, p.changelog_key.clone(), p.value.clone())
+    }
+
+    /// Writes prepared journeys of one partition, each only if nobody wrote it since it was
+    /// read, in one round trip, with the changelog offset each went to; what became of each,
+    /// in order. [`StateMissing`] when the partition's state is gone.
+    pub async fn save_many(
+        &self,
+        partition: i32,
+        saves: &[Prepared],
+        offsets: &[i64],
+    ) -> Result<Vec<Written>, Failure> {
+        if saves.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (s, offset) in saves.iter().zip(offsets) {
+            self.add_save(&mut pipe, s, *offset);
+        }
+        let written: Vec<i32> = match pipe.query_async(&mut self.conn()).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                // Redis restarted or its script cache was flushed: load and try once more. A
+                // write that went through before the error fails its version check now, and
+                // the caller decides it again from what is stored.
+                self.prepare_scripts().await?;
+                pipe.query_async(&mut self.conn()).await?
+            }
+            other => other?,
         };
+        if written.contains(&-1) {
+            return Err(Failure::Transient(
+                StateMissing {
+                    partition,
+                    detail: "found missing when writing".into(),
+                }
+                .into(),
+            ));
+        }
+        if let Some(max) = saves
+            .iter()
+            .zip(offsets)
+            .zip(&written)
+            .filter(|(_, w)| **w == 1)
+            .map(|((_, o), _)| *o)
+            .max()
+        {
+            self.saw_checkpoint(partition, max);
+        }
+        Ok(written
+            .into_iter()
+            .map(|w| if w == 1 { Written::Yes } else { Written::Conflict })
+            .collect())
+    }
+
+    fn add_save(&self, pipe: &mut redis::Pipeline, p: &Prepared, offset: i64) {
+        let (add_member, add_score) = p.add.clone().unwrap_or_default();
         pipe.cmd("EVALSHA")
             .arg(self.save.get_hash())
+            .arg(4)
+            .arg(&p.at.key)
+            .arg(self.timers_key(p.partition))
+            .arg(&p.debtor.0)
+            .arg(self.state_key(p.partition))
+            .arg(&p.at.field)
+            .arg(p.expected.map(|v| v.to_string()).unwrap_or_default())
+            .arg(&p.value)
+            .arg(p.remove_pending.clone().unwrap_or_default())
+            .arg(p.remove_fired.clone().unwrap_or_default())
+            .arg(add_member)
+            .arg(add_score)
+            .arg(&p.debtor.1)
+            .arg(&p.invoice_id)
+            .arg(if p.open { "open" } else { "closed" })
+            .arg(offset);
+    }
+
+    /// Puts journeys back as their changelog has them, in one round trip: `current` is what
+    /// Redis holds for each now (to move its timer and list entry), `next` the changelog's value
+    /// (`None`: the journey is gone).
+    pub fn add_restore(
+        &self,
+        pipe: &mut redis::Pipeline,
+        tenant: &str,
+        invoice_id: &str,
+        current: Option<&Stored>,
+        next: Option<(&[u8], &Stored)>,
+    ) {
+        let at = journey_state::location(&self.keys, tenant, invoice_id);
+        let old_member = current
+            .and_then(|c| c.pending_step)
+            .map(|step| member(tenant, invoice_id, step))
+            .unwrap_or_default();
+        let (value, new_member, score, partition) = match next {
+            Some((value, s)) => (
+                value.to_vec(),
+                s.pending_step
+                    .filter(|_| s.pending_fire_ms.is_some())
+                    .map(|step| member(tenant, invoice_id, step))
+                    .unwrap_or_default(),
+                s.pending_fire_ms.unwrap_or_default(),
+                s.partition,
+            ),
+            None => (Vec::new(), String::new(), 0, current.map_or(0, |c| c.partition)),
+        };
+        let journey = next.map(|(_, s)| &s.journey).or(current.map(|c| &c.journey));
+        let (debtor, open) = match journey {
+            Some(j) => (
+                self.debtor_location(tenant, &j.invoice.debtor_id),
+                next.is_some_and(|(_, s)| !s.journey.state.is_final()),
+            ),
+            None => ((String::new(), Vec::new()), false),
+        };
+        pipe.cmd("EVALSHA")
+            .arg(self.restore.get_hash())
             .arg(3)
             .arg(&at.key)
-            .arg(self.timers_key(stored.partition))
-            .arg(&debtor.0)
+            .arg(self.timers_key(partition))
+            .arg(if debtor.0.is_empty() {
+                at.key.clone()
+            } else {
+                debtor.0.clone()
+            })
             .arg(&at.field)
-            .arg(expected.map(|v| v.to_string()).unwrap_or_default())
+            .arg("")
             .arg(value)
-            .arg(remove_pending.unwrap_or_default())
-            .arg(remove_fired.unwrap_or_default())
-            .arg(&add.0)
-            .arg(add.1)
-            .arg(&debtor.1)
-            .arg(&invoice_id)
-            .arg(open);
-        Ok(())
+            .arg(old_member)
+            .arg("")
+            .arg(new_member)
+            .arg(score)
+            .arg(debtor.1)
+            .arg(invoice_id)
+            .arg(if open { "open" } else { "closed" })
+            .ignore();
     }
 
     /// The due timers of a partition with the moment each fell due, if this instance holds
@@ -350,9 +744,10 @@ impl Store {
         Ok(())
     }
 
-    /// Makes sure the save script is in Redis' cache (pipelined saves call it by hash).
-    pub async fn prepare(&self) -> Result<(), Failure> {
+    /// Makes sure the scripts are in Redis' cache (pipelined saves call them by hash).
+    pub async fn prepare_scripts(&self) -> Result<(), Failure> {
         self.save.load_async(&mut self.conn()).await?;
+        self.restore.load_async(&mut self.conn()).await?;
         Ok(())
     }
 }
@@ -360,6 +755,37 @@ impl Store {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn changelog_keys_read_back_whatever_the_ids_hold() {
+        for (a, b, c) in [("acme", "c-1", "inv-1"), ("a:b", "c:d", "e:f"), ("", "æ", "")] {
+            assert_eq!(
+                ChangeKey::parse(journey_change_key(a, c).as_bytes()),
+                Some(ChangeKey::Journey {
+                    tenant: a.into(),
+                    invoice_id: c.into()
+                })
+            );
+            assert_eq!(
+                ChangeKey::parse(late_change_key(a, b, c).as_bytes()),
+                Some(ChangeKey::Late {
+                    tenant: a.into(),
+                    debtor_id: b.into(),
+                    invoice_id: c.into()
+                })
+            );
+            assert_eq!(
+                ChangeKey::parse(parked_change_key(a, c, b).as_bytes()),
+                Some(ChangeKey::Parked {
+                    tenant: a.into(),
+                    invoice_id: c.into(),
+                    payment_id: b.into()
+                })
+            );
+        }
+        assert_eq!(ChangeKey::parse(b"x1:ab"), None);
+        assert_eq!(ChangeKey::parse(b""), None);
+    }
 
     #[test]
     fn timer_members_read_back_whatever_the_ids_hold() {
@@ -412,6 +838,7 @@ pub(crate) mod tests {
             journey,
             partition: 3,
             pending_step: Some(0),
+            pending_fire_ms: Some(1_700_000_000_000),
         };
         let body = encode_body(&stored).unwrap();
         assert_eq!(decode_body(&body).unwrap(), stored);

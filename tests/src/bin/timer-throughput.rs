@@ -21,48 +21,19 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use forfall_domain::invoice::{Contact, IssuedInput, epoch_days, validate_issued};
 use forfall_domain::journey::TimerChange;
 use forfall_domain::policy::{self, DebtorFacts};
 use forfall_e2e::*;
 use forfall_platform::clock::{Clock, ManualClock};
+use forfall_platform::kafka::Producer;
 use forfall_platform::records::JourneyAction;
-use forfall_platform::redis_store::Keys;
 use forfall_watcher::store::{Save, Store, Stored};
-
-/// A household's electricity invoice: realistic sizes for every field the journey keeps.
-fn invoice(prefix: &str, i: usize, due: chrono::NaiveDate) -> anyhow::Result<forfall_domain::InvoiceSnapshot> {
-    let names = ["Maja Kristensen", "Lars Nielsen", "Sofie Andersen", "Mikkel Pedersen"];
-    let name = names[i % names.len()];
-    let debtor = format!("acme-energy:{prefix}c-{i:09}");
-    Ok(validate_issued(IssuedInput {
-        tenant: "acme-energy".into(),
-        debtor_id: debtor,
-        invoice_id: format!("{prefix}inv-{i:09}"),
-        revision: 1,
-        invoice_number: format!("2026-{i:09}"),
-        issue_date_days: epoch_days(due) - 14,
-        due_date_days: epoch_days(due),
-        amount_minor: 40_000 + (i as i64 % 90_000),
-        currency: "DKK".into(),
-        jurisdiction: "DK".into(),
-        debtor_kind: "consumer".into(),
-        payment_reference: Some(format!("+71<{:015}+", 100_000_000 + i)),
-        description: Some("Electricity, October".into()),
-        contact: Contact {
-            name: Some(name.into()),
-            email: Some(format!("{}.{i}@example.dk", name.to_lowercase().replace(' ', "."))),
-            phone: Some(format!("+45{:08}", 20_000_000 + i % 70_000_000)),
-            language: Some("da".into()),
-            ..Contact::default()
-        },
-    })?)
-}
 
 /// Writes `count` journeys starting at `from` as the watcher would have them after their
 /// invoices arrived, each timer at `fire_at(i)` (or the plan's own moment); returns the rate.
 async fn schedule(
     store: &Store,
+    producer: &Producer,
     prefix: &str,
     range: std::ops::Range<usize>,
     due: chrono::NaiveDate,
@@ -78,7 +49,7 @@ async fn schedule(
         let end = (i + chunk).min(range.end);
         let mut saves = Vec::with_capacity(end - i);
         for k in i..end {
-            let snapshot = invoice(prefix, k, due)?;
+            let snapshot = household_invoice(prefix, k, due)?;
             let facts = DebtorFacts {
                 jurisdiction: snapshot.jurisdiction,
                 kind: snapshot.debtor_kind,
@@ -101,51 +72,21 @@ async fn schedule(
                     journey: d.journey,
                     partition: (k % 2) as i32,
                     pending_step: None,
+                    pending_fire_ms: None,
                 },
                 timer,
                 fired_step: None,
             });
         }
-        let written = store.save_many(saves).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        anyhow::ensure!(written.iter().all(|w| *w), "every journey written");
+        write_journeys(store, producer, saves).await?;
         i = end;
     }
     Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn used_memory(redis: &mut redis::aio::ConnectionManager) -> anyhow::Result<i64> {
-    let info: String = redis::cmd("INFO").arg("memory").query_async(redis).await?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no used_memory in INFO"))
-}
-
 async fn fired(stack: &LocalStack, service: &str) -> f64 {
     let m = stack.metrics(service).await.unwrap_or_default();
     metric_value(&m, "forfall_watcher_steps_fired_total", &["step=\"nudge\""]).unwrap_or(0.0)
-}
-
-/// Removes a stack's keys so a million journeys do not stay in the shared Redis.
-async fn remove_keys(redis: &mut redis::aio::ConnectionManager, prefix: &str) -> anyhow::Result<()> {
-    let mut cursor = 0u64;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(10_000)
-            .query_async(redis)
-            .await?;
-        if !keys.is_empty() {
-            let _: () = redis::cmd("UNLINK").arg(&keys).query_async(redis).await?;
-        }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
-    }
 }
 
 fn config() -> forfall_platform::config::CommonConfig {
@@ -176,10 +117,9 @@ async fn main() -> anyhow::Result<()> {
         .arg("hash-max-ziplist-value")
         .query_async(&mut redis)
         .await?;
-    let store = Store::new(stack.redis(), Keys::new(&stack.rt.config.redis.key_prefix));
-    store.prepare().await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let (store, producer) = watcher_store(&stack).await?;
     let before = used_memory(&mut redis).await?;
-    let scheduled_per_s = schedule(&store, "", 0..n, due, |_| None).await?;
+    let scheduled_per_s = schedule(&store, &producer, "", 0..n, due, |_| None).await?;
     let after = used_memory(&mut redis).await?;
     let per_invoice = (after - before) as f64 / n as f64;
     println!(
@@ -223,12 +163,11 @@ async fn main() -> anyhow::Result<()> {
     let start_at = at("2026-11-02T10:00:00Z");
     let clock = ManualClock::new(start_at - chrono::Duration::seconds(1));
     let stack = LocalStack::start(config(), clock.clone()).await?;
-    let store = Store::new(stack.redis(), Keys::new(&stack.rt.config.redis.key_prefix));
-    store.prepare().await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let (store, producer) = watcher_store(&stack).await?;
     // Two seconds of head start after the clock starts, so the first timers are not due yet.
     let lead = chrono::Duration::seconds(2);
     let fire_at = |i: usize| start_at + lead + chrono::Duration::microseconds((i as f64 * 1e6 / rate) as i64);
-    schedule(&store, "s", 0..steady, due, |i| Some(fire_at(i))).await?;
+    schedule(&store, &producer, "s", 0..steady, due, |i| Some(fire_at(i))).await?;
     stack.start_service("watcher");
     stack.wait_ready(&["watcher"], WAIT).await?;
     tokio::time::sleep(Duration::from_secs(3)).await; // the group settles
@@ -271,7 +210,7 @@ async fn main() -> anyhow::Result<()> {
     // A stop and a restart with timers due.
     stack.stop_service("watcher").await?;
     let now = clock.now();
-    schedule(&store, "r", 0..10_000, due, |_| Some(now)).await?;
+    schedule(&store, &producer, "r", 0..10_000, due, |_| Some(now)).await?;
     let restarted = Instant::now();
     stack.start_service("watcher");
     eventually("a fire after the restart", Duration::from_secs(300), || async {

@@ -21,7 +21,7 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 pub use consume::{
     Failure, Handler, LaneOf, LoopContext, RAW_BYTES_KEPT, backoff, key_lane, payload_lane, run_consumer,
 };
-pub use producer::{Ack, Outbound, ProduceError, Producer, producer};
+pub use producer::{Ack, Delivered, Outbound, ProduceError, Producer, producer};
 pub use rebalance::ConsumeContext;
 
 use crate::config::KafkaConfig;
@@ -29,6 +29,11 @@ use crate::telemetry::{TRACEPARENT, TraceContext};
 
 /// A consumer whose partitions the consume runtime tracks through rebalances.
 pub type KafkaConsumer = StreamConsumer<ConsumeContext>;
+
+/// The settings every client of the deployment's brokers starts from.
+pub(crate) fn base_config(config: &KafkaConfig) -> ClientConfig {
+    base(config)
+}
 
 fn base(config: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();

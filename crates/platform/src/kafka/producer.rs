@@ -16,8 +16,13 @@ use crate::telemetry::{TRACEPARENT, TraceContext};
 pub struct Outbound {
     pub topic: String,
     pub key: String,
+    /// An empty payload is produced as a null value: a tombstone, which a compacted topic
+    /// (a changelog) reads as "this key is gone". Every other record is Avro, never empty.
     pub payload: Vec<u8>,
     pub trace: TraceContext,
+    /// A partition chosen by the caller (a changelog follows its input's partitions); the
+    /// key's partition when `None`.
+    pub partition: Option<i32>,
 }
 
 /// Why a record could not be produced, by what to do about it.
@@ -81,8 +86,15 @@ pub struct Producer {
     metrics: Metrics,
 }
 
+/// Where the broker put an acknowledged record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    pub partition: i32,
+    pub offset: i64,
+}
+
 /// The broker's acknowledgement of one record.
-pub type Ack = futures::future::BoxFuture<'static, Result<(), ProduceError>>;
+pub type Ack = futures::future::BoxFuture<'static, Result<Delivered, ProduceError>>;
 
 impl Producer {
     pub fn new(config: &KafkaConfig, metrics: Metrics) -> Result<Self, KafkaError> {
@@ -97,20 +109,28 @@ impl Producer {
     pub async fn send(&self, out: &Outbound) -> Ack {
         let header = out.trace.header();
         loop {
-            let record = FutureRecord::to(&out.topic)
+            let mut record = FutureRecord::to(&out.topic)
                 .key(out.key.as_bytes())
-                .payload(&out.payload)
                 .headers(OwnedHeaders::new().insert(Header {
                     key: TRACEPARENT,
                     value: Some(header.as_bytes()),
                 }));
+            if !out.payload.is_empty() {
+                record = record.payload(&out.payload);
+            }
+            if let Some(partition) = out.partition {
+                record = record.partition(partition);
+            }
             match self.inner.send_result(record) {
                 Ok(delivery) => {
                     self.metrics.produced.with_label_values(&[&out.topic]).inc();
                     let out = out.clone();
                     return async move {
                         match delivery.await {
-                            Ok(Ok(_)) => Ok(()),
+                            Ok(Ok(d)) => Ok(Delivered {
+                                partition: d.partition,
+                                offset: d.offset,
+                            }),
                             Ok(Err((e, _))) => Err(ProduceError::of(&e, &out)),
                             Err(_) => Err(ProduceError::Transient {
                                 topic: out.topic.clone(),
@@ -130,17 +150,26 @@ impl Producer {
 
     /// Produces all records and waits until each is acknowledged; the first error, if any.
     pub async fn send_all(&self, outs: &[Outbound]) -> Result<(), ProduceError> {
+        self.send_all_delivered(outs).await.map(|_| ())
+    }
+
+    /// Like [`Producer::send_all`], with where each record went, in order.
+    pub async fn send_all_delivered(&self, outs: &[Outbound]) -> Result<Vec<Delivered>, ProduceError> {
         let mut acks = Vec::with_capacity(outs.len());
         for out in outs {
             acks.push(self.send(out).await);
         }
+        let mut delivered = Vec::with_capacity(outs.len());
         let mut first_error = None;
         for ack in futures::future::join_all(acks).await {
-            if let Err(e) = ack {
-                first_error.get_or_insert(e);
+            match ack {
+                Ok(d) => delivered.push(d),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        first_error.map_or(Ok(()), Err)
+        first_error.map_or(Ok(delivered), Err)
     }
 
     pub async fn flush(&self, timeout: Duration) {
@@ -159,6 +188,7 @@ mod tests {
             key: "k".into(),
             payload: vec![0; 10],
             trace: TraceContext::new_root(),
+            partition: None,
         }
     }
 

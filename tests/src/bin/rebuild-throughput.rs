@@ -1,0 +1,179 @@
+//! Benchmark: rebuilding the watcher's Redis state from its changelog at utility scale.
+//!
+//!     cargo run --release -p forfall-e2e --bin rebuild-throughput -- 1000000
+//!
+//! N open invoices (one per customer, realistic sizes) are written the way the watcher writes
+//! them: each journey's value on `forfall.watcher.changelog.v1`, then Redis (journey, timer,
+//! the debtor's open invoices). Redis' memory is measured. Then Redis loses the watcher's keys
+//! and `forfall rebuild`'s code replays the changelog into it. Reported: the rebuild's time and
+//! records/s, Redis' memory after against before, and as the baseline of the same run, the same
+//! changelog read end to end without applying anything (the broker and client's own speed).
+//! The rebuilt state is checked: every journey and every timer is back.
+
+use std::time::Instant;
+
+use forfall_domain::journey::TimerChange;
+use forfall_domain::policy::{self, DebtorFacts};
+use forfall_e2e::*;
+use forfall_platform::changelog::{self, Change, Restore};
+use forfall_platform::clock::ManualClock;
+use forfall_platform::kafka::Failure;
+use forfall_watcher::store::{Save, Stored};
+
+/// Reads without applying: the baseline.
+struct Discard;
+
+impl Restore for Discard {
+    async fn apply(&mut self, _: i32, changes: Vec<Change>) -> Result<(), Failure> {
+        std::hint::black_box(changes);
+        Ok(())
+    }
+
+    async fn finish(&mut self, _: i32, _: i64) -> Result<(), Failure> {
+        Ok(())
+    }
+}
+
+/// How many journeys and timers Redis holds under `prefix`.
+async fn count(redis: &mut redis::aio::ConnectionManager, prefix: &str, partitions: i32) -> anyhow::Result<(u64, u64)> {
+    let mut journeys = 0u64;
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}journeys:*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(redis)
+            .await?;
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.hlen(k);
+        }
+        let lens: Vec<u64> = pipe.query_async(redis).await?;
+        journeys += lens.iter().sum::<u64>();
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut timers = 0u64;
+    for p in 0..partitions {
+        let n: u64 = redis::cmd("ZCARD")
+            .arg(format!("{prefix}timers:{p}"))
+            .query_async(redis)
+            .await?;
+        timers += n;
+    }
+    Ok((journeys, timers))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let n = bench_arg(1, 1_000_000.0)? as usize;
+    let due = chrono::NaiveDate::from_ymd_opt(2026, 11, 2).ok_or_else(|| anyhow::anyhow!("date"))?;
+    let mut config = base_config();
+    config.log.level = "warn".into();
+    let stack = LocalStack::start(config, ManualClock::new(at("2026-11-02T06:00:00Z"))).await?;
+    let prefix = stack.rt.config.redis.key_prefix.clone();
+    let partitions = stack.rt.config.kafka.partitions;
+    let (store, producer) = watcher_store(&stack).await?;
+    let mut redis = stack.redis();
+    let law = forfall_domain::law::LawBook::builtin()?;
+    let policy = policy::load(policy::DEFAULT_POLICY, &law, due)?;
+
+    // The watcher's state for N open invoices, on the changelog and in Redis.
+    let before = used_memory(&mut redis).await?;
+    let started = Instant::now();
+    let mut i = 0;
+    while i < n {
+        let end = (i + 4000).min(n);
+        let mut saves = Vec::with_capacity(end - i);
+        for k in i..end {
+            let snapshot = household_invoice("", k, due)?;
+            let partition = partition_of(&snapshot.debtor_id, partitions);
+            let facts = DebtorFacts {
+                jurisdiction: snapshot.jurisdiction,
+                kind: snapshot.debtor_kind,
+                late_last_12m: 0,
+                propensity: None,
+                amount: snapshot.amount,
+                fee_agreed: false,
+            };
+            let (d, _) = forfall_watcher::opened(&policy, snapshot, &facts, due);
+            anyhow::ensure!(matches!(d.timer, TimerChange::Schedule { .. }), "a timer per journey");
+            saves.push(Save {
+                expected: None,
+                stored: Stored {
+                    journey: d.journey,
+                    partition,
+                    pending_step: None,
+                    pending_fire_ms: None,
+                },
+                timer: d.timer,
+                fired_step: None,
+            });
+        }
+        write_journeys(&store, &producer, saves).await?;
+        i = end;
+    }
+    let written_in = started.elapsed();
+    let after_writing = used_memory(&mut redis).await?;
+    let (journeys, timers) = count(&mut redis, &prefix, partitions).await?;
+    anyhow::ensure!(
+        journeys == n as u64 && timers == n as u64,
+        "written: {journeys} journeys, {timers} timers"
+    );
+    println!(
+        "state: {n} open invoices written in {:.1} s; Redis {:.1} MB, {:.0} bytes per open invoice",
+        written_in.as_secs_f64(),
+        (after_writing - before) as f64 / 1e6,
+        (after_writing - before) as f64 / n as f64
+    );
+
+    // Baseline: the changelog read to its end, nothing applied.
+    let topic = store.changelog().topic.clone();
+    let all: Vec<(i32, i64)> = (0..partitions).map(|p| (p, 0)).collect();
+    let baseline = changelog::replay(
+        &stack.rt.config.kafka,
+        &topic,
+        &all,
+        forfall_watcher::rebuild::BATCH,
+        &mut Discard,
+        |_| {},
+    )
+    .await?;
+    println!("baseline (read only): {baseline}");
+
+    // Redis loses the watcher's state; the rebuild puts it back.
+    remove_keys(&mut redis, &prefix).await?;
+    let emptied = used_memory(&mut redis).await?;
+    let rebuilt = forfall_watcher::rebuild::rebuild(
+        &stack.rt.config.kafka,
+        &topic,
+        &store,
+        stack.redis(),
+        &(0..partitions).collect::<Vec<_>>(),
+        |p| eprintln!("rebuilding: {p}"),
+    )
+    .await?;
+    let after_rebuild = used_memory(&mut redis).await?;
+    let (journeys, timers) = count(&mut redis, &prefix, partitions).await?;
+    anyhow::ensure!(
+        journeys == n as u64 && timers == n as u64,
+        "rebuilt: {journeys} journeys and {timers} timers of {n}"
+    );
+    println!("rebuild: {rebuilt}");
+    println!(
+        "rebuild: {n} journeys and {n} timers back in {:.1} s ({:.0} records/s, {:.2}x the read-only baseline's rate); Redis {:.1} MB after against {:.1} MB before the loss",
+        rebuilt.elapsed.as_secs_f64(),
+        rebuilt.records_per_second(),
+        rebuilt.records_per_second() / baseline.records_per_second().max(1e-9),
+        (after_rebuild - emptied) as f64 / 1e6,
+        (after_writing - before) as f64 / 1e6,
+    );
+    remove_keys(&mut redis, &prefix).await?;
+    stack.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! Redis is derived state: the watcher's journeys, timers, debtors' open invoices, late history
+//! and parked payments come back from its changelog when Redis loses them (a flush, a failover
+//! to an empty replica) or goes back in time (a restart from an older snapshot), and the
+//! debtors see nothing of it: no journey restarted, no message twice, none after payment, every
+//! journey ending where it would have.
+
+use forfall_domain::reference::{ReferenceKind, generate};
+use forfall_e2e::*;
+use forfall_platform::clock::ManualClock;
+use forfall_platform::records::{HandoffCase, JourneyEvent};
+
+/// The watcher's keys (journeys, timers and their locks, debtors' open invoices, late history,
+/// parked payments, partition markers): what Redis loses.
+const WATCHER_KEYS: [&str; 7] = [
+    "journeys:",
+    "timers:",
+    "timers-lock:",
+    "debtor-open:",
+    "late:",
+    "parked:",
+    "state:",
+];
+
+async fn watcher_keys(stack: &LocalStack) -> anyhow::Result<Vec<String>> {
+    let mut redis = stack.redis();
+    let prefix = &stack.rt.config.redis.key_prefix;
+    let mut all = Vec::new();
+    for kind in WATCHER_KEYS {
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}{kind}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut redis)
+                .await?;
+            all.extend(keys);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(all)
+}
+
+/// A copy of the watcher's keys, as a snapshot of Redis holds them.
+async fn snapshot(stack: &LocalStack) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut redis = stack.redis();
+    let mut out = Vec::new();
+    for key in watcher_keys(stack).await? {
+        let dumped: Option<Vec<u8>> = redis::cmd("DUMP").arg(&key).query_async(&mut redis).await?;
+        out.extend(dumped.map(|d| (key, d)));
+    }
+    Ok(out)
+}
+
+async fn lose_watcher_state(stack: &LocalStack) -> anyhow::Result<()> {
+    let keys = watcher_keys(stack).await?;
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut stack.redis()).await?;
+    }
+    Ok(())
+}
+
+/// Redis as an older snapshot had it: the watcher's keys replaced by the copy.
+async fn restore_snapshot(stack: &LocalStack, copy: &[(String, Vec<u8>)]) -> anyhow::Result<()> {
+    lose_watcher_state(stack).await?;
+    let mut pipe = redis::pipe();
+    for (key, dumped) in copy {
+        pipe.cmd("RESTORE").arg(key).arg(0).arg(dumped.as_slice()).ignore();
+    }
+    let _: () = pipe.query_async(&mut stack.redis()).await?;
+    Ok(())
+}
+
+/// Twelve invoices of eight debtors (four with two), due on Monday 7 September 2026, each with
+/// a reference of its own.
+fn workload() -> Vec<Sample<'static>> {
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    (0..12)
+        .map(|i| {
+            let debtor = i % 8;
+            let reference = generate(ReferenceKind::Rf, &format!("4711{i:04}")).expect("an RF reference");
+            Sample {
+                reference: leak(reference.value),
+                amount_minor: 50_000 + i as i64 * 1_000,
+                ..danish(
+                    leak(format!("inv-{i:02}")),
+                    leak(format!("N-{i:02}")),
+                    day(2026, 9, 7),
+                    leak(format!("debtor-{debtor}@example.test")),
+                )
+            }
+        })
+        .collect()
+}
+
+async fn start(start: &str) -> anyhow::Result<(std::sync::Arc<ManualClock>, LocalStack, Vec<Sample<'static>>)> {
+    let clock = ManualClock::new(at(start));
+    let stack = LocalStack::start(base_config(), clock.clone()).await?;
+    stack.start_all();
+    let invoices = workload();
+    for s in &invoices {
+        issue_invoice(&stack, s).await?;
+    }
+    for s in &invoices {
+        status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    }
+    // The due date's nudges.
+    clock.set(at("2026-09-07T07:00:01Z"));
+    for s in &invoices {
+        status_is(&stack, s.tenant, s.invoice_id, "nudged").await?;
+    }
+    Ok((clock, stack, invoices))
+}
+
+async fn pay(stack: &LocalStack, s: &Sample<'_>) -> anyhow::Result<()> {
+    let payment = s.payment(&format!("pay-{}", s.invoice_id), s.amount_minor, s.reference);
+    stack
+        .produce(&stack.topic(&stack.topics().payments), "bank", &payment)
+        .await
+}
+
+/// Runs the clock on until every unpaid invoice is with the agency, then checks what the
+/// debtors and the agency got: one nudge each; a reminder for each unpaid invoice and none for
+/// a paid one; each unpaid invoice handed over once; no journey opened twice.
+async fn finish_and_check(
+    stack: &LocalStack,
+    clock: &ManualClock,
+    invoices: &[Sample<'static>],
+    paid: &[&str],
+) -> anyhow::Result<()> {
+    let unpaid: Vec<&Sample<'static>> = invoices.iter().filter(|s| !paid.contains(&s.invoice_id)).collect();
+    for s in &unpaid {
+        advance_until_status(stack, clock, &s.debtor_id(), s.tenant, s.invoice_id, "handed_over", 60).await?;
+    }
+    for s in invoices.iter().filter(|s| paid.contains(&s.invoice_id)) {
+        status_is(stack, s.tenant, s.invoice_id, "closed:paid").await?;
+    }
+    let topics = stack.topics();
+    consumed_to_end(stack, "dispatch", &[stack.topic(&topics.journey_actions)]).await?;
+    consumed_to_end(stack, "handoff", &[stack.topic(&topics.handoff_cases)]).await?;
+    let events = stack.read::<JourneyEvent>(&stack.topic(&topics.journey_events)).await?;
+    let cases = stack.read::<HandoffCase>(&stack.topic(&topics.handoff_cases)).await?;
+    for s in invoices {
+        // A redelivered event carries its first delivery's id: counted once.
+        let mut seen = std::collections::HashSet::new();
+        let mine: Vec<&JourneyEvent> = events
+            .iter()
+            .filter(|e| e.invoice_id == s.invoice_id && seen.insert(e.event_id.clone()))
+            .collect();
+        let opened = mine.iter().filter(|e| e.kind == "opened").count();
+        assert_eq!(opened, 1, "{} opened once, never restarted: {mine:?}", s.invoice_id);
+        let steps: Vec<&str> = mine
+            .iter()
+            .filter(|e| e.kind == "step_sent")
+            .filter_map(|e| e.step.as_deref())
+            .collect();
+        let want: &[&str] = if paid.contains(&s.invoice_id) {
+            &["nudge"]
+        } else {
+            &["nudge", "reminder-1"]
+        };
+        assert_eq!(steps, want, "{}: each step once", s.invoice_id);
+        let handed = cases.iter().filter(|c| c.invoice_id == s.invoice_id).count();
+        assert_eq!(
+            handed,
+            usize::from(!paid.contains(&s.invoice_id)),
+            "{} handed over once if unpaid, never if paid",
+            s.invoice_id
+        );
+    }
+    // What reached the mail provider: each (invoice, step) at most once, and for a paid
+    // invoice nothing after its nudge. (A reminder held for contact hours may end suppressed when
+    // the hand-off overtakes it, as the clock runs in half days here.)
+    let mut sent = std::collections::HashMap::<(String, String), usize>::new();
+    for o in dispatch_outcomes(stack).await? {
+        if o.status == forfall_platform::records::DispatchStatus::Sent {
+            *sent.entry((o.invoice_id.clone(), o.step.clone())).or_default() += 1;
+        }
+    }
+    for ((invoice, step), n) in &sent {
+        assert_eq!(*n, 1, "{invoice} {step} sent {n} times");
+        assert!(
+            !(paid.contains(&invoice.as_str()) && step != "nudge"),
+            "{invoice} {step} sent after its payment"
+        );
+    }
+    let mails: usize = (0..8)
+        .map(|d| stack.mail.to(&format!("debtor-{d}@example.test")).len())
+        .sum();
+    assert_eq!(mails, sent.len(), "every mail is one sent outcome");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watcher_whose_redis_state_is_lost_mid_journey_rebuilds_it_and_nobody_notices() -> anyhow::Result<()> {
+    let (clock, stack, invoices) = start("2026-09-01T06:00:00Z").await?;
+    // Four are paid before Redis loses the state; one after.
+    let paid = ["inv-00", "inv-03", "inv-05", "inv-09", "inv-10"];
+    for s in invoices.iter().filter(|s| paid[..4].contains(&s.invoice_id)) {
+        pay(&stack, s).await?;
+        status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
+    }
+
+    lose_watcher_state(&stack).await?;
+    // Noticed without any record arriving: the journeys come back as they were.
+    for s in &invoices {
+        let want = if paid[..4].contains(&s.invoice_id) {
+            "closed:paid"
+        } else {
+            "nudged"
+        };
+        status_is(&stack, s.tenant, s.invoice_id, want).await?;
+    }
+    // Lost again, and this time a record is what finds it: a revision of an unpaid invoice
+    // (its amount credited down) must continue its journey, not open it anew at step 0.
+    lose_watcher_state(&stack).await?;
+    let revised = &invoices[1];
+    let mut revision = revised.issued();
+    revision.revision = 2;
+    revision.amount_minor -= 1_000;
+    stack
+        .produce(
+            &stack.topic(&stack.topics().billing_invoice_events),
+            &revised.debtor_id(),
+            &revision,
+        )
+        .await?;
+    journey_event(&stack, revised.invoice_id, "the revision applied", |e| {
+        e.open_minor == revised.amount_minor - 1_000
+    })
+    .await?;
+    status_is(&stack, revised.tenant, revised.invoice_id, "nudged").await?;
+    let last = invoices
+        .iter()
+        .find(|s| s.invoice_id == paid[4])
+        .expect("in the workload");
+    pay(&stack, last).await?;
+    status_is(&stack, last.tenant, last.invoice_id, "closed:paid").await?;
+
+    finish_and_check(&stack, &clock, &invoices, &paid).await?;
+    stack.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_restored_from_an_older_snapshot_is_brought_up_to_date_from_the_changelog() -> anyhow::Result<()> {
+    let (clock, stack, invoices) = start("2026-09-01T06:00:00Z").await?;
+    let older = snapshot(&stack).await?;
+    // After the snapshot: payments settle three invoices.
+    let paid = ["inv-02", "inv-06", "inv-11"];
+    for s in invoices.iter().filter(|s| paid.contains(&s.invoice_id)) {
+        pay(&stack, s).await?;
+        status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
+    }
+    // Redis comes back from the snapshot: those invoices read "nudged" again there, until the
+    // watcher notices its state went back and replays what the snapshot is missing.
+    restore_snapshot(&stack, &older).await?;
+    for s in invoices.iter().filter(|s| paid.contains(&s.invoice_id)) {
+        status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
+    }
+    finish_and_check(&stack, &clock, &invoices, &paid).await?;
+    stack.shutdown().await;
+    Ok(())
+}
