@@ -568,7 +568,7 @@ pub async fn write_journeys(
 ) -> anyhow::Result<()> {
     let prepared = saves
         .into_iter()
-        .map(|s| store.prepare(s))
+        .map(|s| store.prepare(s, chrono::Utc::now().timestamp_millis()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let outs: Vec<_> = prepared.iter().map(|p| store.change(p)).collect();

@@ -267,3 +267,60 @@ async fn a_redis_restored_from_an_older_snapshot_is_brought_up_to_date_from_the_
     stack.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_closed_journey_leaves_after_its_retention_and_an_open_one_stays() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-09-01T06:00:00Z"));
+    let mut stack = LocalStack::start(base_config(), clock.clone()).await?;
+    stack.set("watcher.closed_retention_days", 3);
+    stack.set("watcher.retention_sweep_secs", 1);
+    stack.start_all();
+    // Two invoices of one debtor (so of one partition): one is paid, one stays open.
+    let invoices = workload();
+    let (paid, open) = (&invoices[0], &invoices[8]);
+    assert_eq!(paid.email, open.email);
+    for s in [paid, open] {
+        issue_invoice(&stack, s).await?;
+        status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    }
+    pay(&stack, paid).await?;
+    status_is(&stack, paid.tenant, paid.invoice_id, "closed:paid").await?;
+
+    clock.advance(chrono::Duration::days(4));
+    eventually(
+        "the paid invoice's journey removed after its retention",
+        WAIT,
+        || async {
+            Ok(stack
+                .journey_status(paid.tenant, paid.invoice_id)
+                .await?
+                .is_none()
+                .then_some(()))
+        },
+    )
+    .await?;
+    assert!(
+        stack.journey_status(open.tenant, open.invoice_id).await?.is_some(),
+        "an open journey never expires"
+    );
+    // It left the changelog too: a rebuild brings the open one back and not the removed one.
+    lose_watcher_state(&stack).await?;
+    let partition = partition_of(&open.debtor_id(), stack.rt.config.kafka.partitions);
+    let marker = format!("{}state:{partition}", stack.rt.config.redis.key_prefix);
+    eventually("the partition rebuilt", WAIT, || async {
+        let m: Option<String> = redis::cmd("GET").arg(&marker).query_async(&mut stack.redis()).await?;
+        Ok(m.filter(|m| m.starts_with("ready:")).map(|_| ()))
+    })
+    .await?;
+    assert!(
+        stack.journey_status(open.tenant, open.invoice_id).await?.is_some(),
+        "the open journey is rebuilt"
+    );
+    assert_eq!(
+        stack.journey_status(paid.tenant, paid.invoice_id).await?,
+        None,
+        "the removed journey is not rebuilt"
+    );
+    stack.shutdown().await;
+    Ok(())
+}

@@ -105,6 +105,8 @@ pub async fn partition_count(config: &KafkaConfig, topic: &str) -> anyhow::Resul
 pub struct Change {
     pub partition: i32,
     pub offset: i64,
+    /// When the change was written (the record's timestamp), in ms since the epoch.
+    pub timestamp_ms: i64,
     pub key: Vec<u8>,
     /// `None` for a tombstone.
     pub value: Option<Vec<u8>>,
@@ -214,6 +216,7 @@ pub async fn replay<R: Restore>(
                         Some(Ok(m)) => out.push(Change {
                             partition: m.partition(),
                             offset: m.offset(),
+                            timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
                             key: m.key().unwrap_or_default().to_vec(),
                             value: m.payload().filter(|v| !v.is_empty()).map(<[u8]>::to_vec),
                         }),

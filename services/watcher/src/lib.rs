@@ -40,6 +40,7 @@ use forfall_domain::{Currency, DebtorKind, Jurisdiction, Money};
 use forfall_platform::admin::Readiness;
 use forfall_platform::changelog::{self, Changelog};
 use forfall_platform::config;
+use forfall_platform::journey_state;
 use forfall_platform::kafka::KafkaConsumer;
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::records::{
@@ -81,6 +82,15 @@ pub struct WatcherSettings {
     /// Law overrides (same shape as crates/domain/data/law.toml and rates.toml).
     pub law_rules_file: Option<String>,
     pub law_rates_file: Option<String>,
+    /// How long a closed journey (paid, credited, cancelled) stays, in days of the service's
+    /// clock, before it is removed from Redis and its changelog. Long enough for what still
+    /// refers to it: a payment redelivered or booked twice, a card chargeback (up to 120 days),
+    /// a correction from billing; no longer, because it holds the debtor's name and contact
+    /// details. Its history stays on `forfall.journey.events.v1`, under that topic's retention.
+    /// Journeys with an agency are not removed: the claim is the agency's until it closes.
+    pub closed_retention_days: u32,
+    /// How often (real time) closed journeys past their retention are looked for.
+    pub retention_sweep_secs: u64,
 }
 
 impl Default for WatcherSettings {
@@ -95,6 +105,8 @@ impl Default for WatcherSettings {
             policy_reload_secs: 10,
             law_rules_file: None,
             law_rates_file: None,
+            closed_retention_days: 120,
+            retention_sweep_secs: 60,
         }
     }
 }
@@ -450,12 +462,15 @@ impl Watcher {
         extra_changes: &[Outbound],
     ) -> Result<bool, Failure> {
         let partition = stored.partition;
-        let prepared = self.0.store.prepare(Save {
-            expected,
-            stored,
-            timer: e.decision.timer.clone(),
-            fired_step: None,
-        })?;
+        let prepared = self.0.store.prepare(
+            Save {
+                expected,
+                stored,
+                timer: e.decision.timer.clone(),
+                fired_step: None,
+            },
+            self.0.rt.clock.now().timestamp_millis(),
+        )?;
         let mut outs = self.outputs(&e).await?;
         outs.extend_from_slice(extra);
         let mut changes = vec![self.0.store.change(&prepared)];
@@ -900,15 +915,18 @@ impl Watcher {
                 let inv = &d.journey.invoice;
                 let became_late = (late(d.journey.state) && !late(input.journey.state))
                     .then(|| (inv.tenant.clone(), inv.debtor_id.clone(), inv.invoice_id.clone()));
-                let prepared = self.0.store.prepare(Save {
-                    expected: Some(loaded.version),
-                    stored: Stored {
-                        journey: d.journey.clone(),
-                        ..loaded.stored.clone()
+                let prepared = self.0.store.prepare(
+                    Save {
+                        expected: Some(loaded.version),
+                        stored: Stored {
+                            journey: d.journey.clone(),
+                            ..loaded.stored.clone()
+                        },
+                        timer: d.timer.clone(),
+                        fired_step: input.fired_step,
                     },
-                    timer: d.timer.clone(),
-                    fired_step: input.fired_step,
-                })?;
+                    now.timestamp_millis(),
+                )?;
                 change_at.push(changes.len());
                 changes.push(self.0.store.change(&prepared));
                 if let Some((tenant, debtor, invoice_id)) = &became_late {
@@ -982,6 +1000,7 @@ impl Watcher {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut attempt = 0u32;
         let mut polled: HashSet<i32> = HashSet::new();
+        let mut last_sweep = std::time::Instant::now();
         loop {
             tokio::select! {
                 _ = self.0.rt.shutdown.cancelled() => break,
@@ -1017,6 +1036,15 @@ impl Watcher {
                     }
                 }
                 Err(e) => tracing::warn!(error = ?e, "could not read the partitions' state markers"),
+            }
+            if last_sweep.elapsed() >= Duration::from_secs(settings.retention_sweep_secs.max(1)) {
+                last_sweep = std::time::Instant::now();
+                for p in partitions.iter().copied().filter(|p| self.is_ready(*p)) {
+                    if let Err(e) = self.sweep_closed(p, settings.closed_retention_days).await {
+                        let e = self.noticing_missing_state(p, e);
+                        tracing::warn!(error = ?e, partition = p, "removing closed journeys past their retention failed; the next sweep retries");
+                    }
+                }
             }
             if let Err(e) = self.ensure_ready_all(&partitions).await {
                 let wait = forfall_platform::kafka::backoff(attempt);
@@ -1066,6 +1094,73 @@ impl Watcher {
             }
         }
         Ok(())
+    }
+
+    /// Removes the closed journeys of `partitions` whose retention has passed: each leaves the
+    /// changelog first (a tombstone, so a rebuild does not bring it back), then Redis. An invoice
+    /// busy in another task is left for the next sweep; one reopened since is kept.
+    async fn sweep_closed(&self, partition: i32, retention_days: u32) -> Result<usize, Failure> {
+        const CHUNK: usize = 1000;
+        let cutoff = self.0.rt.clock.now() - chrono::Duration::days(i64::from(retention_days));
+        let mut removed = 0;
+        {
+            let closed_key = self.0.store.closed_key(partition);
+            let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(&closed_key)
+                .arg("-inf")
+                .arg(cutoff.timestamp_millis())
+                .arg("LIMIT")
+                .arg(0)
+                .arg(CHUNK)
+                .query_async(&mut self.conn())
+                .await?;
+            let pairs: Vec<(String, String)> = due
+                .iter()
+                .filter_map(|f| journey_state::split_pair(f))
+                .map(|(t, i)| (t.to_owned(), i.to_owned()))
+                .collect();
+            let mut guards = Vec::new();
+            let mut mine = Vec::new();
+            for pair in pairs {
+                if let Ok(g) = self.stripe(&pair.0, &pair.1).try_lock() {
+                    guards.push(g);
+                    mine.push(pair);
+                }
+            }
+            let loaded = self.0.store.load_many(partition, &mine).await?;
+            let changelog = self.0.store.changelog();
+            let mut tombstones = Vec::new();
+            let mut pipe = redis::pipe();
+            for (pair, l) in mine.iter().zip(&loaded) {
+                let field = journey_state::pair_field(&pair.0, &pair.1);
+                let closed = l
+                    .as_ref()
+                    .is_some_and(|l| matches!(l.stored.journey.state, JourneyState::Closed(_)));
+                if closed {
+                    tombstones.push(changelog.delete(partition, store::journey_change_key(&pair.0, &pair.1)));
+                    let at = journey_state::location(self.0.store.keys(), &pair.0, &pair.1);
+                    pipe.hdel(at.key, at.field).ignore();
+                }
+                pipe.zrem(&closed_key, field).ignore();
+            }
+            self.0
+                .producer
+                .send_all(&tombstones)
+                .await
+                .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
+            let _: () = pipe.query_async(&mut self.conn()).await?;
+            drop(guards);
+            removed += tombstones.len();
+        }
+        if removed > 0 {
+            tracing::info!(
+                partition,
+                removed,
+                retention_days,
+                "closed journeys past their retention removed"
+            );
+        }
+        Ok(removed)
     }
 
     /// Fires one batch of a partition's due timers if this instance holds its lock; whether

@@ -83,8 +83,14 @@ impl Restore for WatcherRestore<'_> {
                     if before.is_none() && next.is_none() {
                         continue;
                     }
-                    self.store
-                        .add_restore(&mut pipe, &pair.0, &pair.1, before, next.as_ref().map(|(v, s)| (*v, s)));
+                    self.store.add_restore(
+                        &mut pipe,
+                        &pair.0,
+                        &pair.1,
+                        before,
+                        next.as_ref().map(|(v, s)| (*v, s)),
+                        change.timestamp_ms,
+                    );
                     match next {
                         Some((_, stored)) => current.insert(pair, stored),
                         None => current.remove(&pair),

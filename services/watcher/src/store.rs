@@ -14,7 +14,7 @@
 //! Writes are compare-and-set on the journey's version, so two instances briefly sharing a
 //! partition during a rebalance cannot overwrite each other's transitions.
 
-use forfall_domain::journey::{Journey, TimerChange};
+use forfall_domain::journey::{Journey, JourneyState, TimerChange};
 use forfall_platform::journey_state::{self, Header};
 use std::collections::HashMap;
 
@@ -113,8 +113,9 @@ end
 
 /// Writes one journey if its version is still the expected one and its partition's state is
 /// present (KEYS[4] `ready:<changelog offset>`; -1 when it is missing or being rebuilt), moves
-/// its timer, keeps the debtor's list of open invoices, and records the journey's changelog
-/// offset (ARGV[11]) as the partition's checkpoint.
+/// its timer, keeps the debtor's list of open invoices and the partition's closed journeys
+/// (KEYS[5], by when they closed: ARGV[12]), and records the journey's changelog offset
+/// (ARGV[11]) as the partition's checkpoint.
 fn save_script() -> String {
     format!(
         r"
@@ -131,6 +132,7 @@ if ARGV[4] ~= '' then redis.call('ZREM', KEYS[2], ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('ZREM', KEYS[2], ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('ZADD', KEYS[2], ARGV[7], ARGV[6]) end
 {DEBTOR_OPEN_LUA}
+if ARGV[12] ~= '' then redis.call('ZADD', KEYS[5], ARGV[12], ARGV[1]) else redis.call('ZREM', KEYS[5], ARGV[1]) end
 if tonumber(ARGV[11]) > tonumber(checkpoint) then redis.call('SET', KEYS[4], 'ready:' .. ARGV[11]) end
 return 1
 "
@@ -140,7 +142,8 @@ return 1
 /// Puts one journey back from its changelog as it is there (no version check: the changelog
 /// is the truth, and nothing else writes the partition while it is rebuilt): its value (ARGV[3],
 /// empty to delete), its timer (old member ARGV[4] out, ARGV[6] in at ARGV[7]), and the
-/// debtor's list of open invoices. ARGV[2] and ARGV[5] are unused (the save script's layout).
+/// debtor's list of open invoices, and the closed index (KEYS[4]; ARGV[11], when it closed).
+/// ARGV[2] and ARGV[5] are unused (the save script's layout).
 fn restore_script() -> String {
     format!(
         r"
@@ -150,6 +153,7 @@ if ARGV[6] ~= '' then redis.call('ZADD', KEYS[2], ARGV[7], ARGV[6]) end
 if ARGV[8] ~= '' then
 {DEBTOR_OPEN_LUA}
 end
+if ARGV[11] ~= '' then redis.call('ZADD', KEYS[4], ARGV[11], ARGV[1]) else redis.call('ZREM', KEYS[4], ARGV[1]) end
 return 1
 "
     )
@@ -193,6 +197,8 @@ pub struct Prepared {
     debtor: (String, Vec<u8>),
     invoice_id: String,
     open: bool,
+    /// When it closed (ms), for a journey that is closed: its retention counts from then.
+    closed_at: Option<i64>,
 }
 
 /// What became of a prepared write.
@@ -332,6 +338,11 @@ impl Store {
 
     fn lock_key(&self, partition: i32) -> String {
         self.keys.key(&["timers-lock", &partition.to_string()])
+    }
+
+    /// A partition's closed journeys (pair fields), scored by when they closed: their retention.
+    pub fn closed_key(&self, partition: i32) -> String {
+        self.keys.key(&["closed", &partition.to_string()])
     }
 
     /// A debtor's late history: invoices that needed a reminder, scored by when.
@@ -498,7 +509,7 @@ impl Store {
 
     /// Makes a write ready: the value it stores (and puts on the changelog first) and the timer
     /// and debtor-list changes that go with it.
-    pub fn prepare(&self, s: Save) -> Result<Prepared, Failure> {
+    pub fn prepare(&self, s: Save, now_ms: i64) -> Result<Prepared, Failure> {
         let Save {
             expected,
             mut stored,
@@ -552,6 +563,7 @@ impl Store {
             add,
             debtor: self.debtor_location(&tenant, &debtor_id),
             open: !stored.journey.state.is_final(),
+            closed_at: matches!(stored.journey.state, JourneyState::Closed(_)).then_some(now_ms),
             invoice_id,
         })
     }
@@ -617,11 +629,12 @@ impl Store {
         let (add_member, add_score) = p.add.clone().unwrap_or_default();
         pipe.cmd("EVALSHA")
             .arg(self.save.get_hash())
-            .arg(4)
+            .arg(5)
             .arg(&p.at.key)
             .arg(self.timers_key(p.partition))
             .arg(&p.debtor.0)
             .arg(self.state_key(p.partition))
+            .arg(self.closed_key(p.partition))
             .arg(&p.at.field)
             .arg(p.expected.map(|v| v.to_string()).unwrap_or_default())
             .arg(&p.value)
@@ -632,7 +645,8 @@ impl Store {
             .arg(&p.debtor.1)
             .arg(&p.invoice_id)
             .arg(if p.open { "open" } else { "closed" })
-            .arg(offset);
+            .arg(offset)
+            .arg(p.closed_at.map(|t| t.to_string()).unwrap_or_default());
     }
 
     /// Puts journeys back as their changelog has them, in one round trip: `current` is what
@@ -645,6 +659,7 @@ impl Store {
         invoice_id: &str,
         current: Option<&Stored>,
         next: Option<(&[u8], &Stored)>,
+        written_ms: i64,
     ) {
         let at = journey_state::location(&self.keys, tenant, invoice_id);
         let old_member = current
@@ -671,9 +686,13 @@ impl Store {
             ),
             None => ((String::new(), Vec::new()), false),
         };
+        let closed_at = next
+            .filter(|(_, s)| matches!(s.journey.state, JourneyState::Closed(_)))
+            .map(|_| written_ms.to_string())
+            .unwrap_or_default();
         pipe.cmd("EVALSHA")
             .arg(self.restore.get_hash())
-            .arg(3)
+            .arg(4)
             .arg(&at.key)
             .arg(self.timers_key(partition))
             .arg(if debtor.0.is_empty() {
@@ -681,6 +700,7 @@ impl Store {
             } else {
                 debtor.0.clone()
             })
+            .arg(self.closed_key(partition))
             .arg(&at.field)
             .arg("")
             .arg(value)
@@ -691,6 +711,7 @@ impl Store {
             .arg(debtor.1)
             .arg(invoice_id)
             .arg(if open { "open" } else { "closed" })
+            .arg(closed_at)
             .ignore();
     }
 

@@ -8,7 +8,8 @@
 //! and `forfall rebuild`'s code replays the changelog into it. Reported: the rebuild's time and
 //! records/s, Redis' memory after against before, and as the baseline of the same run, the same
 //! changelog read end to end without applying anything (the broker and client's own speed).
-//! The rebuilt state is checked: every journey and every timer is back.
+//! The rebuilt state is checked: every journey and every timer is back. Last, N/10 closed
+//! (paid) invoices are written and what one costs in Redis until its retention is reported.
 
 use std::time::Instant;
 
@@ -172,6 +173,41 @@ async fn main() -> anyhow::Result<()> {
         rebuilt.records_per_second() / baseline.records_per_second().max(1e-9),
         (after_rebuild - emptied) as f64 / 1e6,
         (after_writing - before) as f64 / 1e6,
+    );
+
+    // Closed invoices (paid in full), kept until their retention: what one costs.
+    let closed = (n / 10).max(1);
+    let before_closed = used_memory(&mut redis).await?;
+    let mut i = 0;
+    while i < closed {
+        let end = (i + 4000).min(closed);
+        let mut saves = Vec::with_capacity(end - i);
+        for k in i..end {
+            let snapshot = household_invoice("paid-", k, due)?;
+            let partition = partition_of(&snapshot.debtor_id, partitions);
+            let amount = snapshot.amount;
+            let opened = forfall_domain::journey::on_invoice(None, snapshot, &forfall_domain::journey::Plan::builtin());
+            let paid = forfall_domain::journey::on_payment(opened.journey, &format!("pay-{k}"), amount)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            saves.push(Save {
+                expected: None,
+                stored: Stored {
+                    journey: paid.journey,
+                    partition,
+                    pending_step: None,
+                    pending_fire_ms: None,
+                },
+                timer: paid.timer,
+                fired_step: None,
+            });
+        }
+        write_journeys(&store, &producer, saves).await?;
+        i = end;
+    }
+    let after_closed = used_memory(&mut redis).await?;
+    println!(
+        "closed: {closed} paid invoices kept until their retention: {:.0} bytes per closed invoice",
+        (after_closed - before_closed) as f64 / closed as f64
     );
     remove_keys(&mut redis, &prefix).await?;
     stack.shutdown().await;
