@@ -599,6 +599,34 @@ pub async fn write_journeys(
     Ok(())
 }
 
+/// Waits until the watcher has fired every timer of `debtor_id`'s partition due by `clock`'s now.
+pub async fn timers_settled(
+    stack: &LocalStack,
+    clock: &forfall_platform::clock::ManualClock,
+    debtor_id: &str,
+) -> anyhow::Result<()> {
+    use forfall_platform::clock::Clock;
+    let partition = partition_of(debtor_id, stack.rt.config.kafka.partitions);
+    let timers = Keys::new(&stack.rt.config.redis.key_prefix).key(&["timers", &partition.to_string()]);
+    let now_ms = clock.now().timestamp_millis();
+    eventually("the watcher to fire what is due", WAIT, || {
+        let timers = timers.clone();
+        async move {
+            let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(&timers)
+                .arg("-inf")
+                .arg(now_ms)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(1)
+                .query_async(&mut stack.redis())
+                .await?;
+            Ok(due.is_empty().then_some(()))
+        }
+    })
+    .await
+}
+
 /// Moves `clock` on half a day at a time until `invoice`'s journey is `want` (at most
 /// `max_days`), each time first waiting until the watcher has fired every timer of the
 /// invoice's partition due by then. A journey woken late plans its remaining steps from the day
@@ -612,27 +640,8 @@ pub async fn advance_until_status(
     want: &str,
     max_days: i64,
 ) -> anyhow::Result<()> {
-    use forfall_platform::clock::Clock;
-    let partition = partition_of(debtor_id, stack.rt.config.kafka.partitions);
-    let timers = Keys::new(&stack.rt.config.redis.key_prefix).key(&["timers", &partition.to_string()]);
     for _ in 0..=max_days * 2 {
-        let now_ms = clock.now().timestamp_millis();
-        eventually("the watcher to fire what is due", WAIT, || {
-            let timers = timers.clone();
-            async move {
-                let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-                    .arg(&timers)
-                    .arg("-inf")
-                    .arg(now_ms)
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(1)
-                    .query_async(&mut stack.redis())
-                    .await?;
-                Ok(due.is_empty().then_some(()))
-            }
-        })
-        .await?;
+        timers_settled(stack, clock, debtor_id).await?;
         if stack.journey_status(tenant, invoice).await?.as_deref() == Some(want) {
             return Ok(());
         }

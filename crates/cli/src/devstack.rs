@@ -138,7 +138,17 @@ impl LocalStack {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(instance);
-        let handle = tokio::spawn(async move { crate::run_target(rt, name).await });
+        let handle = tokio::spawn(async move {
+            let result = crate::run_target(rt, name).await;
+            if let Err(e) = &result {
+                tracing::error!(
+                    service = name,
+                    error = format!("{e:#}"),
+                    "service stopped with an error"
+                );
+            }
+            result
+        });
         self.running().insert(instance, Running { token, handle });
     }
 

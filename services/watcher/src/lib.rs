@@ -1,7 +1,9 @@
-//! Watcher: owns each invoice's journey. It applies invoice snapshots and matched payments,
-//! keeps a timer per invoice for its next plan step, and when a timer falls due emits the
-//! step as a `JourneyAction` (or a `HandoffCase` for the last step), with every transition on
-//! `forfall.journey.events.v1`.
+//! Watcher: owns each invoice's journey. It applies invoice snapshots, matched payments and
+//! debtors' requests, keeps a timer per invoice for its next plan step, and when a timer falls
+//! due emits the step as a `JourneyAction` (or a `HandoffCase` for the last step), with every
+//! transition, and what became of each message (dispatch's outcomes), on
+//! `forfall.journey.events.v1`. Its Redis state is rebuilt from its changelog when lost
+//! (see [`rebuild`]).
 //!
 //! Ordering rule: outputs are produced and acknowledged *before* the journey is written, and
 //! every output's id is derived from its cause. A crash between the two re-does the work on
@@ -44,7 +46,8 @@ use forfall_platform::journey_state;
 use forfall_platform::kafka::KafkaConsumer;
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::records::{
-    self, CoveredInvoice, DebtorRequest, HandoffCase, JourneyAction, JourneyEvent, PaymentMatched, Record, derived_id,
+    self, CoveredInvoice, DebtorRequest, DispatchOutcome, DispatchStatus, HandoffCase, JourneyAction, JourneyEvent,
+    PaymentMatched, Record, derived_id,
 };
 use forfall_platform::redis_store;
 use forfall_platform::service::{Runtime, ServiceShell};
@@ -1440,6 +1443,7 @@ impl Watcher {
             }
             records::Invoice::FULL_NAME => self.on_invoice(decoded.to()?, record.partition, record.trace).await?,
             PaymentMatched::FULL_NAME => self.on_payment(decoded.to()?, record).await?,
+            DispatchOutcome::FULL_NAME => self.on_outcome(decoded.to()?, record.partition, record.trace).await?,
             other => {
                 return Err(Failure::reject(
                     "unexpected_record_type",
@@ -1448,6 +1452,69 @@ impl Watcher {
             }
         }
         Ok(())
+    }
+}
+
+impl Watcher {
+    /// What became of a message (sent, delivered, bounced, failed, suppressed, a duplicate held
+    /// back): part of the invoice's timeline, and later of the agency's evidence. It changes no
+    /// state: retries and fallback channels are dispatch's; the journey goes on by its plan.
+    async fn on_outcome(&self, rec: DispatchOutcome, partition: i32, trace: TraceContext) -> Result<(), Failure> {
+        let loaded = match self.load(partition, &rec.tenant, &rec.invoice_id).await {
+            // Only a timeline entry depends on it: refused with the reason, not fatal.
+            Err(Failure::Fatal(e)) => {
+                return Err(Failure::Reject {
+                    code: "journey_unreadable",
+                    detail: format!(
+                        "outcome for invoice '{}': its journey cannot be read: {e}",
+                        rec.invoice_id
+                    ),
+                    tenant: Some(rec.tenant.clone()),
+                    debtor_id: Some(rec.debtor_id.clone()),
+                });
+            }
+            other => other?,
+        };
+        let Some(loaded) = loaded else {
+            // Removed after its retention (or never ours): nothing to add it to.
+            return Ok(());
+        };
+        let journey = &loaded.stored.journey;
+        let status = format!("{:?}", rec.status).to_lowercase();
+        let kind = match rec.status {
+            DispatchStatus::Sent => "message_sent",
+            DispatchStatus::Delivered => "message_delivered",
+            DispatchStatus::Bounced => "message_bounced",
+            DispatchStatus::Failed => "message_failed",
+            DispatchStatus::Suppressed => "message_suppressed",
+            DispatchStatus::Duplicate => "message_duplicate",
+        };
+        let t = Transition {
+            kind,
+            from: journey.state,
+            to: journey.state,
+            step: Some(rec.step.clone()),
+            rule: None,
+            reason: Some(match &rec.reason {
+                Some(r) => format!("{} {status}: {r}", rec.channel),
+                None => format!("{} {status}", rec.channel),
+            }),
+        };
+        let at = chrono::DateTime::from_timestamp_millis(rec.occurred_at).unwrap_or_else(|| self.0.rt.clock.now());
+        let event = self.event(journey, &t, &format!("outcome:{}", rec.event_id), 0, at);
+        self.0.metrics.transitions.with_label_values(&[kind]).inc();
+        let topic = self.0.rt.topic(&self.0.topics.journey_events);
+        let out = self
+            .0
+            .rt
+            .codec
+            .outbound(&topic, &journey.invoice.debtor_id, &event, trace)
+            .await?;
+        self.0
+            .producer
+            .send_all(std::slice::from_ref(&out))
+            .await
+            .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))
     }
 }
 
@@ -1609,6 +1676,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             rt.topic(&topics.invoices),
             rt.topic(&topics.payments_matched),
             rt.topic(&topics.debtor_requests),
+            rt.topic(&topics.dispatch_outcomes),
         ],
     )?;
     tokio::spawn(watcher.clone().reload_policy(settings.clone()));
