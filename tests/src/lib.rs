@@ -715,3 +715,56 @@ pub async fn remove_keys(redis: &mut redis::aio::ConnectionManager, prefix: &str
         cursor = next;
     }
 }
+
+/// The kinds of the watcher's Redis keys (journeys, timers and their locks, debtors' open
+/// invoices, late history, parked payments, closed index, partition markers): what Redis loses.
+pub const WATCHER_KEY_KINDS: [&str; 8] = [
+    "journeys:",
+    "timers:",
+    "timers-lock:",
+    "debtor-open:",
+    "late:",
+    "parked:",
+    "closed:",
+    "state:",
+];
+
+/// Every key of the watcher's state under `config`'s prefix.
+pub async fn watcher_keys(config: &CommonConfig) -> anyhow::Result<Vec<String>> {
+    let mut redis = redis::Client::open(config.redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let prefix = &config.redis.key_prefix;
+    let mut all = Vec::new();
+    for kind in WATCHER_KEY_KINDS {
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}{kind}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut redis)
+                .await?;
+            all.extend(keys);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(all)
+}
+
+/// Redis loses the watcher's state (a flush, a failover to an empty replica).
+pub async fn lose_watcher_state(config: &CommonConfig) -> anyhow::Result<()> {
+    let keys = watcher_keys(config).await?;
+    if !keys.is_empty() {
+        let mut redis = redis::Client::open(config.redis.url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?;
+        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await?;
+    }
+    Ok(())
+}

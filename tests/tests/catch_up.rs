@@ -39,7 +39,10 @@ async fn a_watcher_stopped_for_30_days_sends_one_message_when_it_is_back() -> an
     })
     .await?;
     assert_eq!(sent.to_state, "nudged");
-    assert!(sent.reason.as_deref().is_some_and(|r| r.starts_with("email sent")), "{sent:?}");
+    assert!(
+        sent.reason.as_deref().is_some_and(|r| r.starts_with("email sent")),
+        "{sent:?}"
+    );
 
     // The rest follows at the plan's distances, counted from the day it woke.
     advance_until_status(

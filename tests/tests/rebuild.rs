@@ -9,65 +9,20 @@ use forfall_e2e::*;
 use forfall_platform::clock::ManualClock;
 use forfall_platform::records::{HandoffCase, JourneyEvent};
 
-/// The watcher's keys (journeys, timers and their locks, debtors' open invoices, late history,
-/// parked payments, partition markers): what Redis loses.
-const WATCHER_KEYS: [&str; 7] = [
-    "journeys:",
-    "timers:",
-    "timers-lock:",
-    "debtor-open:",
-    "late:",
-    "parked:",
-    "state:",
-];
-
-async fn watcher_keys(stack: &LocalStack) -> anyhow::Result<Vec<String>> {
-    let mut redis = stack.redis();
-    let prefix = &stack.rt.config.redis.key_prefix;
-    let mut all = Vec::new();
-    for kind in WATCHER_KEYS {
-        let mut cursor = 0u64;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{prefix}{kind}*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut redis)
-                .await?;
-            all.extend(keys);
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-    }
-    Ok(all)
-}
-
 /// A copy of the watcher's keys, as a snapshot of Redis holds them.
 async fn snapshot(stack: &LocalStack) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let mut redis = stack.redis();
     let mut out = Vec::new();
-    for key in watcher_keys(stack).await? {
+    for key in watcher_keys(&stack.rt.config).await? {
         let dumped: Option<Vec<u8>> = redis::cmd("DUMP").arg(&key).query_async(&mut redis).await?;
         out.extend(dumped.map(|d| (key, d)));
     }
     Ok(out)
 }
 
-async fn lose_watcher_state(stack: &LocalStack) -> anyhow::Result<()> {
-    let keys = watcher_keys(stack).await?;
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut stack.redis()).await?;
-    }
-    Ok(())
-}
-
 /// Redis as an older snapshot had it: the watcher's keys replaced by the copy.
 async fn restore_snapshot(stack: &LocalStack, copy: &[(String, Vec<u8>)]) -> anyhow::Result<()> {
-    lose_watcher_state(stack).await?;
+    lose_watcher_state(&stack.rt.config).await?;
     let mut pipe = redis::pipe();
     for (key, dumped) in copy {
         pipe.cmd("RESTORE").arg(key).arg(0).arg(dumped.as_slice()).ignore();
@@ -206,7 +161,7 @@ async fn a_watcher_whose_redis_state_is_lost_mid_journey_rebuilds_it_and_nobody_
         status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
     }
 
-    lose_watcher_state(&stack).await?;
+    lose_watcher_state(&stack.rt.config).await?;
     // Noticed without any record arriving: the journeys come back as they were.
     for s in &invoices {
         let want = if paid[..4].contains(&s.invoice_id) {
@@ -218,7 +173,7 @@ async fn a_watcher_whose_redis_state_is_lost_mid_journey_rebuilds_it_and_nobody_
     }
     // Lost again, and this time a record is what finds it: a revision of an unpaid invoice
     // (its amount credited down) must continue its journey, not open it anew at step 0.
-    lose_watcher_state(&stack).await?;
+    lose_watcher_state(&stack.rt.config).await?;
     let revised = &invoices[1];
     let mut revision = revised.issued();
     revision.revision = 2;
@@ -304,7 +259,7 @@ async fn a_closed_journey_leaves_after_its_retention_and_an_open_one_stays() -> 
         "an open journey never expires"
     );
     // It left the changelog too: a rebuild brings the open one back and not the removed one.
-    lose_watcher_state(&stack).await?;
+    lose_watcher_state(&stack.rt.config).await?;
     let partition = partition_of(&open.debtor_id(), stack.rt.config.kafka.partitions);
     let marker = format!("{}state:{partition}", stack.rt.config.redis.key_prefix);
     eventually("the partition rebuilt", WAIT, || async {
