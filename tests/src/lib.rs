@@ -718,12 +718,13 @@ pub async fn remove_keys(redis: &mut redis::aio::ConnectionManager, prefix: &str
 
 /// The kinds of the watcher's Redis keys (journeys, timers and their locks, debtors' open
 /// invoices, late history, parked payments, closed index, partition markers): what Redis loses.
-pub const WATCHER_KEY_KINDS: [&str; 8] = [
+pub const WATCHER_KEY_KINDS: [&str; 9] = [
     "journeys:",
     "timers:",
     "timers-lock:",
     "debtor-open:",
     "late:",
+    "late-index:",
     "parked:",
     "closed:",
     "state:",

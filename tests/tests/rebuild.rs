@@ -224,7 +224,8 @@ async fn a_redis_restored_from_an_older_snapshot_is_brought_up_to_date_from_the_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_closed_journey_leaves_after_its_retention_and_an_open_one_stays() -> anyhow::Result<()> {
+async fn a_closed_journey_and_old_late_history_leave_after_their_retention_and_an_open_journey_stays()
+-> anyhow::Result<()> {
     let clock = ManualClock::new(at("2026-09-01T06:00:00Z"));
     let mut stack = LocalStack::start(base_config(), clock.clone()).await?;
     stack.set("watcher.closed_retention_days", 3);
@@ -276,6 +277,37 @@ async fn a_closed_journey_leaves_after_its_retention_and_an_open_one_stays() -> 
         None,
         "the removed journey is not rebuilt"
     );
+
+    // The open invoice goes late: the debtor's late history has it for 12 months, then not.
+    advance_until_status(
+        &stack,
+        &clock,
+        &open.debtor_id(),
+        open.tenant,
+        open.invoice_id,
+        "reminded-1",
+        40,
+    )
+    .await?;
+    let late_key = format!(
+        "{}late:{{{}:{}}}",
+        stack.rt.config.redis.key_prefix,
+        open.tenant,
+        open.debtor_id()
+    );
+    let late = || async {
+        let n: u64 = redis::cmd("ZCARD")
+            .arg(&late_key)
+            .query_async(&mut stack.redis())
+            .await?;
+        anyhow::Ok(n)
+    };
+    assert_eq!(late().await?, 1, "the reminded invoice counts as late");
+    clock.advance(chrono::Duration::days(366));
+    eventually("the late history past 12 months removed", WAIT, || async {
+        Ok((late().await? == 0).then_some(()))
+    })
+    .await?;
     stack.shutdown().await;
     Ok(())
 }

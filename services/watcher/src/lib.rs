@@ -64,6 +64,10 @@ use tracing::Instrument;
 pub const SERVICE: &str = "watcher";
 pub const PORT_OFFSET: u16 = 2;
 
+/// How far back a debtor's late invoices count for segments ("late in the last 12 months"),
+/// and so how long they are kept.
+const LATE_HISTORY_DAYS: i64 = 365;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct WatcherSettings {
@@ -260,7 +264,7 @@ impl Watcher {
 
     /// Late invoices of this debtor in the last 12 months, from its own history.
     async fn late_last_12m(&self, tenant: &str, debtor_id: &str) -> Result<u32, Failure> {
-        let since = (self.0.rt.clock.now() - chrono::Duration::days(365)).timestamp_millis();
+        let since = (self.0.rt.clock.now() - chrono::Duration::days(LATE_HISTORY_DAYS)).timestamp_millis();
         let n: u32 = redis::cmd("ZCOUNT")
             .arg(self.0.store.late_key(tenant, debtor_id))
             .arg(since)
@@ -961,7 +965,13 @@ impl Watcher {
                 // The debtor's history: an invoice that needed a reminder counts as late.
                 late.zadd(
                     self.0.store.late_key(&tenant, &debtor),
-                    invoice_id,
+                    &invoice_id,
+                    now.timestamp_millis(),
+                )
+                .ignore();
+                late.zadd(
+                    self.0.store.late_index_key(partition),
+                    store::late_change_key(&tenant, &debtor, &invoice_id),
                     now.timestamp_millis(),
                 )
                 .ignore();
@@ -1043,6 +1053,10 @@ impl Watcher {
             if last_sweep.elapsed() >= Duration::from_secs(settings.retention_sweep_secs.max(1)) {
                 last_sweep = std::time::Instant::now();
                 for p in partitions.iter().copied().filter(|p| self.is_ready(*p)) {
+                    if let Err(e) = self.sweep_late(p).await {
+                        let e = self.noticing_missing_state(p, e);
+                        tracing::warn!(error = ?e, partition = p, "removing late history past 12 months failed; the next sweep retries");
+                    }
                     if let Err(e) = self.sweep_closed(p, settings.closed_retention_days).await {
                         let e = self.noticing_missing_state(p, e);
                         tracing::warn!(error = ?e, partition = p, "removing closed journeys past their retention failed; the next sweep retries");
@@ -1097,6 +1111,48 @@ impl Watcher {
             }
         }
         Ok(())
+    }
+
+    /// Forgets the late history of `partition` older than the 12 months segments look at:
+    /// from the changelog first (a tombstone), then Redis. Kept no longer than it is used.
+    async fn sweep_late(&self, partition: i32) -> Result<usize, Failure> {
+        let cutoff = self.0.rt.clock.now() - chrono::Duration::days(LATE_HISTORY_DAYS);
+        let index = self.0.store.late_index_key(partition);
+        let old: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(&index)
+            .arg("-inf")
+            .arg(cutoff.timestamp_millis())
+            .arg("LIMIT")
+            .arg(0)
+            .arg(1000)
+            .query_async(&mut self.conn())
+            .await?;
+        if old.is_empty() {
+            return Ok(0);
+        }
+        let changelog = self.0.store.changelog();
+        let tombstones: Vec<Outbound> = old.iter().map(|k| changelog.delete(partition, k.clone())).collect();
+        self.0
+            .producer
+            .send_all(&tombstones)
+            .await
+            .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
+        let mut pipe = redis::pipe();
+        for k in &old {
+            if let Some(store::ChangeKey::Late {
+                tenant,
+                debtor_id,
+                invoice_id,
+            }) = store::ChangeKey::parse(k.as_bytes())
+            {
+                pipe.zrem(self.0.store.late_key(&tenant, &debtor_id), invoice_id)
+                    .ignore();
+            }
+            pipe.zrem(&index, k).ignore();
+        }
+        let _: () = pipe.query_async(&mut self.conn()).await?;
+        tracing::info!(partition, removed = old.len(), "late history past 12 months removed");
+        Ok(old.len())
     }
 
     /// Removes the closed journeys of `partitions` whose retention has passed: each leaves the

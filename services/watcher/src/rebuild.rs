@@ -102,14 +102,16 @@ impl Restore for WatcherRestore<'_> {
                     invoice_id,
                 }) => {
                     let key = self.store.late_key(&tenant, &debtor_id);
+                    let index = self.store.late_index_key(partition);
                     let when = change
                         .value
                         .as_deref()
                         .and_then(|v| std::str::from_utf8(v).ok())
                         .and_then(|v| v.parse::<i64>().ok());
+                    let member = change.key.as_slice();
                     match when {
-                        Some(ms) => pipe.zadd(key, invoice_id, ms).ignore(),
-                        None => pipe.zrem(key, invoice_id).ignore(),
+                        Some(ms) => pipe.zadd(key, invoice_id, ms).ignore().zadd(index, member, ms).ignore(),
+                        None => pipe.zrem(key, invoice_id).ignore().zrem(index, member).ignore(),
                     };
                 }
                 Some(ChangeKey::Parked {

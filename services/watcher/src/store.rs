@@ -350,6 +350,12 @@ impl Store {
         self.keys.key(&["late", &format!("{{{tenant}:{debtor_id}}}")])
     }
 
+    /// A partition's late-history entries (their changelog keys) by when they were recorded:
+    /// what the 12-month sweep reads.
+    pub fn late_index_key(&self, partition: i32) -> String {
+        self.keys.key(&["late-index", &partition.to_string()])
+    }
+
     /// Payments that arrived before their invoice, by payment id.
     pub fn parked_key(&self, tenant: &str, invoice_id: &str) -> String {
         self.keys.key(&["parked", &format!("{{{tenant}:{invoice_id}}}")])
