@@ -718,7 +718,7 @@ pub async fn remove_keys(redis: &mut redis::aio::ConnectionManager, prefix: &str
 
 /// The kinds of the watcher's Redis keys (journeys, timers and their locks, debtors' open
 /// invoices, late history, parked payments, closed index, partition markers): what Redis loses.
-pub const WATCHER_KEY_KINDS: [&str; 9] = [
+pub const WATCHER_KEY_KINDS: [&str; 10] = [
     "journeys:",
     "timers:",
     "timers-lock:",
@@ -726,6 +726,7 @@ pub const WATCHER_KEY_KINDS: [&str; 9] = [
     "late:",
     "late-index:",
     "parked:",
+    "parked-index:",
     "closed:",
     "state:",
 ];

@@ -311,3 +311,69 @@ async fn a_closed_journey_and_old_late_history_leave_after_their_retention_and_a
     stack.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_payment_for_an_invoice_that_never_arrives_is_refused_after_waiting_for_it() -> anyhow::Result<()> {
+    use forfall_platform::records::{PaymentMatched, Rejected, new_event_id};
+    let clock = ManualClock::new(at("2026-09-01T06:00:00Z"));
+    let mut stack = LocalStack::start(base_config(), clock.clone()).await?;
+    stack.set("watcher.parked_retention_days", 5);
+    stack.set("watcher.retention_sweep_secs", 1);
+    stack.start_all();
+    let s = danish("inv-never", "N-9001", day(2026, 9, 7), "never@example.test");
+    let matched_topic = stack.topic(&stack.topics().payments_matched);
+    let payment = PaymentMatched {
+        event_id: new_event_id(),
+        tenant: s.tenant.into(),
+        debtor_id: s.debtor_id(),
+        occurred_at: 0,
+        payment_id: "pay-for-nothing".into(),
+        invoice_id: s.invoice_id.into(),
+        amount_minor: 10_000,
+        currency: "DKK".into(),
+        rule: "exact_reference".into(),
+        reference: Some(s.reference.into()),
+        value_date: forfall_domain::invoice::epoch_days(s.due),
+        matched_by: None,
+    };
+    stack.produce(&matched_topic, &s.debtor_id(), &payment).await?;
+    let parked_key = format!(
+        "{}parked:{{{}:{}}}",
+        stack.rt.config.redis.key_prefix, s.tenant, s.invoice_id
+    );
+    let parked = || async {
+        let n: u64 = redis::cmd("HLEN")
+            .arg(&parked_key)
+            .query_async(&mut stack.redis())
+            .await?;
+        anyhow::Ok(n)
+    };
+    eventually("the payment parked", WAIT, || async {
+        Ok((parked().await? == 1).then_some(()))
+    })
+    .await?;
+
+    clock.advance(chrono::Duration::days(6));
+    let rejected_topic = stack.topic(&stack.topics().rejected);
+    let rejected = eventually("the long-parked payment refused", WAIT, || async {
+        Ok(stack
+            .read::<Rejected>(&rejected_topic)
+            .await?
+            .into_iter()
+            .find(|r| r.reason_code == "invoice_never_arrived"))
+    })
+    .await?;
+    assert!(
+        rejected.detail.contains("pay-for-nothing") && rejected.detail.contains("inv-never"),
+        "says which payment and which invoice: {rejected:?}"
+    );
+    assert_eq!(rejected.source_topic, matched_topic, "cites the payment's own record");
+    let original: PaymentMatched = stack.rt.codec.decode(rejected.raw_value.as_deref()).await?.to()?;
+    assert_eq!(original.payment_id, "pay-for-nothing");
+    eventually("the parked payment gone", WAIT, || async {
+        Ok((parked().await? == 0).then_some(()))
+    })
+    .await?;
+    stack.shutdown().await;
+    Ok(())
+}

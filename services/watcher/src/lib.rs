@@ -98,6 +98,10 @@ pub struct WatcherSettings {
     pub closed_retention_days: u32,
     /// How often (real time) closed journeys past their retention are looked for.
     pub retention_sweep_secs: u64,
+    /// How long a payment matched to an invoice the watcher has not seen waits for it (days of
+    /// the service's clock) before it is refused (`invoice_never_arrived`, with its record): an
+    /// invoice normally follows within seconds, a billing backlog within days.
+    pub parked_retention_days: u32,
 }
 
 impl Default for WatcherSettings {
@@ -114,6 +118,7 @@ impl Default for WatcherSettings {
             law_rates_file: None,
             closed_retention_days: 120,
             retention_sweep_secs: 60,
+            parked_retention_days: 30,
         }
     }
 }
@@ -511,6 +516,11 @@ impl Watcher {
         let incoming = snapshot(&rec)?;
         let _guard = self.stripe(&rec.tenant, &rec.invoice_id).lock().await;
         let parked_key = self.0.store.parked_key(&rec.tenant, &rec.invoice_id);
+        let parked_for = ParkedFor {
+            tenant: &rec.tenant,
+            invoice_id: &rec.invoice_id,
+            debtor_id: &rec.debtor_id,
+        };
         loop {
             let loaded = self.load(partition, &rec.tenant, &rec.invoice_id).await?;
             let parked: Vec<(String, String)> = redis::cmd("HGETALL")
@@ -557,7 +567,10 @@ impl Watcher {
                     Err(e) => {
                         let detail = format!("a payment parked for invoice '{}' cannot be read: {e}", rec.invoice_id);
                         let code = "unreadable_parked_payment";
-                        rejections.push(self.parked_rejection(&rec, None, raw, code, detail, trace).await?);
+                        rejections.push(
+                            self.parked_rejection(&parked_for, None, raw, code, detail, trace)
+                                .await?,
+                        );
                         reasons.push(code);
                         continue;
                     }
@@ -572,7 +585,7 @@ impl Watcher {
                         );
                         let code = "payment_not_applicable";
                         rejections.push(
-                            self.parked_rejection(&rec, Some(&payment), raw, code, detail, trace)
+                            self.parked_rejection(&parked_for, Some(&payment), raw, code, detail, trace)
                                 .await?,
                         );
                         reasons.push(code);
@@ -626,9 +639,17 @@ impl Watcher {
                 }
                 if !parked.is_empty() {
                     // Only what was read (applied or rejected above): a payment parked since stays.
-                    let _: () = redis::cmd("HDEL")
-                        .arg(&parked_key)
-                        .arg(parked.iter().map(|(id, _)| id).collect::<Vec<_>>())
+                    let _: () = redis::pipe()
+                        .hdel(&parked_key, parked.iter().map(|(id, _)| id).collect::<Vec<_>>())
+                        .ignore()
+                        .zrem(
+                            self.0.store.parked_index_key(partition),
+                            parked
+                                .iter()
+                                .map(|(id, _)| store::parked_change_key(&rec.tenant, &rec.invoice_id, id))
+                                .collect::<Vec<_>>(),
+                        )
+                        .ignore()
                         .query_async(&mut self.conn())
                         .await?;
                 }
@@ -641,7 +662,7 @@ impl Watcher {
     /// for a record it cannot apply: the payment's own record as the source, when known.
     async fn parked_rejection(
         &self,
-        rec: &records::Invoice,
+        rec: &ParkedFor<'_>,
         payment: Option<&ParkedPayment>,
         raw: &str,
         code: &str,
@@ -654,10 +675,10 @@ impl Watcher {
             .as_ref()
             .and_then(|s| s.key.as_deref())
             .map(|k| String::from_utf8_lossy(k).into_owned())
-            .unwrap_or_else(|| rec.debtor_id.clone());
+            .unwrap_or_else(|| rec.debtor_id.to_owned());
         let rejected = records::Rejected {
-            event_id: derived_id("rejected-parked-payment", &[&rec.tenant, &rec.invoice_id, payment_id]),
-            tenant: Some(rec.tenant.clone()),
+            event_id: derived_id("rejected-parked-payment", &[rec.tenant, rec.invoice_id, payment_id]),
+            tenant: Some(rec.tenant.to_owned()),
             debtor_id: Some(debtor_id.clone()),
             occurred_at: self.0.rt.clock.now().timestamp_millis(),
             service: SERVICE.to_owned(),
@@ -723,10 +744,19 @@ impl Watcher {
                     .send_all(std::slice::from_ref(&change))
                     .await
                     .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
-                let _: () = redis::cmd("HSET")
-                    .arg(self.0.store.parked_key(&rec.tenant, &rec.invoice_id))
-                    .arg(&rec.payment_id)
-                    .arg(parked)
+                let _: () = redis::pipe()
+                    .hset(
+                        self.0.store.parked_key(&rec.tenant, &rec.invoice_id),
+                        &rec.payment_id,
+                        parked,
+                    )
+                    .ignore()
+                    .zadd(
+                        self.0.store.parked_index_key(record.partition),
+                        store::parked_change_key(&rec.tenant, &rec.invoice_id, &rec.payment_id),
+                        self.0.rt.clock.now().timestamp_millis(),
+                    )
+                    .ignore()
                     .query_async(&mut self.conn())
                     .await?;
                 self.0.metrics.transitions.with_label_values(&["payment_parked"]).inc();
@@ -1053,6 +1083,10 @@ impl Watcher {
             if last_sweep.elapsed() >= Duration::from_secs(settings.retention_sweep_secs.max(1)) {
                 last_sweep = std::time::Instant::now();
                 for p in partitions.iter().copied().filter(|p| self.is_ready(*p)) {
+                    if let Err(e) = self.sweep_parked(p, settings.parked_retention_days).await {
+                        let e = self.noticing_missing_state(p, e);
+                        tracing::warn!(error = ?e, partition = p, "refusing long-parked payments failed; the next sweep retries");
+                    }
                     if let Err(e) = self.sweep_late(p).await {
                         let e = self.noticing_missing_state(p, e);
                         tracing::warn!(error = ?e, partition = p, "removing late history past 12 months failed; the next sweep retries");
@@ -1111,6 +1145,98 @@ impl Watcher {
             }
         }
         Ok(())
+    }
+
+    /// Refuses the payments of `partition` parked longer than `days` for an invoice that never
+    /// arrived: each goes to the rejected topic with its own record and the reason, then leaves
+    /// the changelog (a tombstone) and Redis. One whose invoice has arrived meanwhile is left to
+    /// that invoice's next snapshot.
+    async fn sweep_parked(&self, partition: i32, days: u32) -> Result<usize, Failure> {
+        let cutoff = self.0.rt.clock.now() - chrono::Duration::days(i64::from(days));
+        let index = self.0.store.parked_index_key(partition);
+        let old: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(&index)
+            .arg("-inf")
+            .arg(cutoff.timestamp_millis())
+            .arg("LIMIT")
+            .arg(0)
+            .arg(200)
+            .query_async(&mut self.conn())
+            .await?;
+        let mut refused = 0;
+        for change_key in old {
+            let Some(store::ChangeKey::Parked {
+                tenant,
+                invoice_id,
+                payment_id,
+            }) = store::ChangeKey::parse(change_key.as_bytes())
+            else {
+                let _: () = redis::cmd("ZREM")
+                    .arg(&index)
+                    .arg(&change_key)
+                    .query_async(&mut self.conn())
+                    .await?;
+                continue;
+            };
+            let Ok(_guard) = self.stripe(&tenant, &invoice_id).try_lock() else {
+                continue; // busy: the next sweep
+            };
+            let parked_key = self.0.store.parked_key(&tenant, &invoice_id);
+            let raw: Option<String> = redis::cmd("HGET")
+                .arg(&parked_key)
+                .arg(&payment_id)
+                .query_async(&mut self.conn())
+                .await?;
+            let arrived = self.load(partition, &tenant, &invoice_id).await?.is_some();
+            let (Some(raw), false) = (raw, arrived) else {
+                let _: () = redis::cmd("ZREM")
+                    .arg(&index)
+                    .arg(&change_key)
+                    .query_async(&mut self.conn())
+                    .await?;
+                continue;
+            };
+            let payment = serde_json::from_str::<ParkedPayment>(&raw).ok();
+            let debtor_id = payment
+                .as_ref()
+                .and_then(|p| p.source.as_ref())
+                .and_then(|s| s.key.as_deref())
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .unwrap_or_default();
+            let parked_for = ParkedFor {
+                tenant: &tenant,
+                invoice_id: &invoice_id,
+                debtor_id: &debtor_id,
+            };
+            let code = "invoice_never_arrived";
+            let detail = format!(
+                "payment '{payment_id}' was matched to invoice '{invoice_id}', which never arrived: refused after {days} days waiting for it"
+            );
+            let rejection = self
+                .parked_rejection(
+                    &parked_for,
+                    payment.as_ref(),
+                    &raw,
+                    code,
+                    detail,
+                    TraceContext::new_root(),
+                )
+                .await?;
+            let tombstone = self.0.store.changelog().delete(partition, change_key.clone());
+            self.produce_then_log(std::slice::from_ref(&rejection), std::slice::from_ref(&tombstone))
+                .await?;
+            let _: () = redis::pipe()
+                .hdel(&parked_key, &payment_id)
+                .ignore()
+                .zrem(&index, &change_key)
+                .ignore()
+                .query_async(&mut self.conn())
+                .await?;
+            self.0.service_metrics.rejected.with_label_values(&[code]).inc();
+            tracing::warn!(reason = code, invoice_id = %invoice_id, "parked payment refused");
+            refused += 1;
+        }
+        Ok(refused)
     }
 
     /// Forgets the late history of `partition` older than the 12 months segments look at:
@@ -1304,6 +1430,13 @@ pub fn opened(
         },
     );
     (d, choice.plan)
+}
+
+/// The invoice a parked payment waits for.
+struct ParkedFor<'a> {
+    tenant: &'a str,
+    invoice_id: &'a str,
+    debtor_id: &'a str,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

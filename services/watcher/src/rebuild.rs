@@ -120,9 +120,15 @@ impl Restore for WatcherRestore<'_> {
                     payment_id,
                 }) => {
                     let key = self.store.parked_key(&tenant, &invoice_id);
+                    let index = self.store.parked_index_key(partition);
+                    let member = change.key.as_slice();
                     match &change.value {
-                        Some(v) => pipe.hset(key, payment_id, v.as_slice()).ignore(),
-                        None => pipe.hdel(key, payment_id).ignore(),
+                        Some(v) => pipe
+                            .hset(key, payment_id, v.as_slice())
+                            .ignore()
+                            .zadd(index, member, change.timestamp_ms)
+                            .ignore(),
+                        None => pipe.hdel(key, payment_id).ignore().zrem(index, member).ignore(),
                     };
                 }
                 None => {

@@ -356,6 +356,11 @@ impl Store {
         self.keys.key(&["late-index", &partition.to_string()])
     }
 
+    /// A partition's parked payments (their changelog keys) by when they were parked.
+    pub fn parked_index_key(&self, partition: i32) -> String {
+        self.keys.key(&["parked-index", &partition.to_string()])
+    }
+
     /// Payments that arrived before their invoice, by payment id.
     pub fn parked_key(&self, tenant: &str, invoice_id: &str) -> String {
         self.keys.key(&["parked", &format!("{{{tenant}:{invoice_id}}}")])
