@@ -770,3 +770,20 @@ pub async fn lose_watcher_state(config: &CommonConfig) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The journey the watcher opens for an invoice of a customer never late before.
+pub fn opened_new_customer(
+    policy: &forfall_domain::policy::Policy,
+    snapshot: forfall_domain::InvoiceSnapshot,
+    today: NaiveDate,
+) -> forfall_domain::journey::Decision {
+    let facts = forfall_domain::policy::DebtorFacts {
+        jurisdiction: snapshot.jurisdiction,
+        kind: snapshot.debtor_kind,
+        late_last_12m: 0,
+        propensity: None,
+        amount: snapshot.amount,
+        fee_agreed: false,
+    };
+    forfall_watcher::opened(policy, snapshot, &facts, today).0
+}

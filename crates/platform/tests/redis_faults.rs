@@ -2,59 +2,10 @@
 //! against a real Redis server of the test's own (its memory limit and role are changed, which
 //! the shared dev-stack Redis must not see).
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use common::PrivateRedis;
 use forfall_platform::kafka::Failure;
-
-struct PrivateRedis {
-    child: Child,
-    url: String,
-}
-
-impl PrivateRedis {
-    fn start() -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("cannot start redis-server (the dev stack installs it): {e}"))?;
-        Ok(Self {
-            child,
-            url: format!("redis://127.0.0.1:{port}/"),
-        })
-    }
-
-    async fn connect(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-        let client = redis::Client::open(self.url.as_str())?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match client.get_multiplexed_async_connection().await {
-                Ok(c) => return Ok(c),
-                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn kind(result: Result<(), redis::RedisError>) -> &'static str {
     match result.map_err(Failure::from) {
@@ -67,8 +18,11 @@ fn kind(result: Result<(), redis::RedisError>) -> &'static str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_full_and_a_read_only_replica_are_waited_out_and_a_script_error_is_not() -> anyhow::Result<()> {
-    let redis_server = PrivateRedis::start()?;
-    let mut con = redis_server.connect().await?;
+    let redis_server = PrivateRedis::start(&["--appendonly", "no"])?;
+    let client = redis::Client::open(redis_server.url.as_str())?;
+    let mut con = redis_server
+        .when_up(|| client.get_multiplexed_async_connection())
+        .await?;
 
     // A script that fails on the data (a bug) is fatal: retrying cannot fix it.
     let _: () = redis::cmd("SET").arg("text").arg("abc").query_async(&mut con).await?;

@@ -1154,15 +1154,7 @@ impl Watcher {
     async fn sweep_parked(&self, partition: i32, days: u32) -> Result<usize, Failure> {
         let cutoff = self.0.rt.clock.now() - chrono::Duration::days(i64::from(days));
         let index = self.0.store.parked_index_key(partition);
-        let old: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(&index)
-            .arg("-inf")
-            .arg(cutoff.timestamp_millis())
-            .arg("LIMIT")
-            .arg(0)
-            .arg(200)
-            .query_async(&mut self.conn())
-            .await?;
+        let old = self.0.store.older_than(&index, cutoff, 200).await?;
         let mut refused = 0;
         for change_key in old {
             let Some(store::ChangeKey::Parked {
@@ -1244,15 +1236,7 @@ impl Watcher {
     async fn sweep_late(&self, partition: i32) -> Result<usize, Failure> {
         let cutoff = self.0.rt.clock.now() - chrono::Duration::days(LATE_HISTORY_DAYS);
         let index = self.0.store.late_index_key(partition);
-        let old: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(&index)
-            .arg("-inf")
-            .arg(cutoff.timestamp_millis())
-            .arg("LIMIT")
-            .arg(0)
-            .arg(1000)
-            .query_async(&mut self.conn())
-            .await?;
+        let old = self.0.store.older_than(&index, cutoff, 1000).await?;
         if old.is_empty() {
             return Ok(0);
         }
@@ -1285,67 +1269,49 @@ impl Watcher {
     /// changelog first (a tombstone, so a rebuild does not bring it back), then Redis. An invoice
     /// busy in another task is left for the next sweep; one reopened since is kept.
     async fn sweep_closed(&self, partition: i32, retention_days: u32) -> Result<usize, Failure> {
-        const CHUNK: usize = 1000;
         let cutoff = self.0.rt.clock.now() - chrono::Duration::days(i64::from(retention_days));
-        let mut removed = 0;
-        {
-            let closed_key = self.0.store.closed_key(partition);
-            let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-                .arg(&closed_key)
-                .arg("-inf")
-                .arg(cutoff.timestamp_millis())
-                .arg("LIMIT")
-                .arg(0)
-                .arg(CHUNK)
-                .query_async(&mut self.conn())
-                .await?;
-            let pairs: Vec<(String, String)> = due
-                .iter()
-                .filter_map(|f| journey_state::split_pair(f))
-                .map(|(t, i)| (t.to_owned(), i.to_owned()))
-                .collect();
-            let mut guards = Vec::new();
-            let mut mine = Vec::new();
-            for pair in pairs {
-                if let Ok(g) = self.stripe(&pair.0, &pair.1).try_lock() {
-                    guards.push(g);
-                    mine.push(pair);
-                }
+        let closed_key = self.0.store.closed_key(partition);
+        let due = self.0.store.older_than(&closed_key, cutoff, 1000).await?;
+        let mut guards = Vec::new();
+        let mut mine = Vec::new();
+        for (tenant, invoice_id) in due.iter().filter_map(|f| journey_state::split_pair(f)) {
+            if let Ok(g) = self.stripe(tenant, invoice_id).try_lock() {
+                guards.push(g);
+                mine.push((tenant.to_owned(), invoice_id.to_owned()));
             }
-            let loaded = self.0.store.load_many(partition, &mine).await?;
-            let changelog = self.0.store.changelog();
-            let mut tombstones = Vec::new();
-            let mut pipe = redis::pipe();
-            for (pair, l) in mine.iter().zip(&loaded) {
-                let field = journey_state::pair_field(&pair.0, &pair.1);
-                let closed = l
-                    .as_ref()
-                    .is_some_and(|l| matches!(l.stored.journey.state, JourneyState::Closed(_)));
-                if closed {
-                    tombstones.push(changelog.delete(partition, store::journey_change_key(&pair.0, &pair.1)));
-                    let at = journey_state::location(self.0.store.keys(), &pair.0, &pair.1);
-                    pipe.hdel(at.key, at.field).ignore();
-                }
-                pipe.zrem(&closed_key, field).ignore();
-            }
-            self.0
-                .producer
-                .send_all(&tombstones)
-                .await
-                .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
-            let _: () = pipe.query_async(&mut self.conn()).await?;
-            drop(guards);
-            removed += tombstones.len();
         }
-        if removed > 0 {
+        let loaded = self.0.store.load_many(partition, &mine).await?;
+        let changelog = self.0.store.changelog();
+        let mut tombstones = Vec::new();
+        let mut pipe = redis::pipe();
+        for ((tenant, invoice_id), l) in mine.iter().zip(&loaded) {
+            let closed = l
+                .as_ref()
+                .is_some_and(|l| matches!(l.stored.journey.state, JourneyState::Closed(_)));
+            if closed {
+                tombstones.push(changelog.delete(partition, store::journey_change_key(tenant, invoice_id)));
+                let at = journey_state::location(self.0.store.keys(), tenant, invoice_id);
+                pipe.hdel(at.key, at.field).ignore();
+            }
+            pipe.zrem(&closed_key, journey_state::pair_field(tenant, invoice_id))
+                .ignore();
+        }
+        self.0
+            .producer
+            .send_all(&tombstones)
+            .await
+            .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
+        let _: () = pipe.query_async(&mut self.conn()).await?;
+        drop(guards);
+        if !tombstones.is_empty() {
             tracing::info!(
                 partition,
-                removed,
+                removed = tombstones.len(),
                 retention_days,
                 "closed journeys past their retention removed"
             );
         }
-        Ok(removed)
+        Ok(tombstones.len())
     }
 
     /// Fires one batch of a partition's due timers if this instance holds its lock; whether

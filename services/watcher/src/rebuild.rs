@@ -14,7 +14,6 @@ use std::collections::HashMap;
 
 use forfall_platform::changelog::{self, Change, Progress, Restore};
 use forfall_platform::config::KafkaConfig;
-use forfall_platform::journey_state;
 use forfall_platform::kafka::Failure;
 use redis::aio::ConnectionManager;
 
@@ -33,26 +32,6 @@ impl<'a> WatcherRestore<'a> {
     pub fn new(store: &'a Store, redis: ConnectionManager) -> Self {
         Self { store, redis }
     }
-
-    /// What Redis holds now for the journeys `changes` touch.
-    async fn current(&mut self, journeys: &[(String, String)]) -> Result<HashMap<(String, String), Stored>, Failure> {
-        if journeys.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let mut pipe = redis::pipe();
-        for (tenant, invoice_id) in journeys {
-            let at = journey_state::location(self.store.keys(), tenant, invoice_id);
-            pipe.hget(at.key, at.field);
-        }
-        let values: Vec<Option<Vec<u8>>> = pipe.query_async(&mut self.redis).await?;
-        let mut out = HashMap::new();
-        for (pair, value) in journeys.iter().zip(values) {
-            if let Some(v) = value {
-                out.insert(pair.clone(), decode_value(&v)?.stored);
-            }
-        }
-        Ok(out)
-    }
 }
 
 impl Restore for WatcherRestore<'_> {
@@ -67,7 +46,12 @@ impl Restore for WatcherRestore<'_> {
             .collect();
         journeys.sort();
         journeys.dedup();
-        let mut current = self.current(&journeys).await?;
+        let mut current: HashMap<(String, String), Stored> = journeys
+            .iter()
+            .cloned()
+            .zip(self.store.read_journeys(&journeys).await?)
+            .filter_map(|(pair, loaded)| Some((pair, loaded?.stored)))
+            .collect();
         let mut pipe = redis::pipe();
         let mut last = None;
         for (key, change) in parsed {

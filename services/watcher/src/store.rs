@@ -455,6 +455,47 @@ impl Store {
             .remove(&partition);
     }
 
+    /// The members of a sorted set scored by time (a retention index) scored before `cutoff`,
+    /// at most `limit`.
+    pub async fn older_than(
+        &self,
+        index: &str,
+        cutoff: chrono::DateTime<chrono::Utc>,
+        limit: usize,
+    ) -> Result<Vec<String>, Failure> {
+        Ok(redis::cmd("ZRANGEBYSCORE")
+            .arg(index)
+            .arg("-inf")
+            .arg(cutoff.timestamp_millis())
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
+    /// What Redis holds for `(tenant, invoice)` pairs, in one round trip, in order, whatever the
+    /// partition's state marker says (a rebuild reads what it overwrites).
+    pub async fn read_journeys(&self, invoices: &[(String, String)]) -> Result<Vec<Option<Loaded>>, Failure> {
+        if invoices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        self.add_reads(&mut pipe, invoices);
+        let values: Vec<Option<Vec<u8>>> = pipe.query_async(&mut self.conn()).await?;
+        values
+            .into_iter()
+            .map(|v| v.map(|v| decode_value(&v)).transpose())
+            .collect()
+    }
+
+    fn add_reads(&self, pipe: &mut redis::Pipeline, invoices: &[(String, String)]) {
+        for (tenant, invoice_id) in invoices {
+            let at = journey_state::location(&self.keys, tenant, invoice_id);
+            pipe.hget(at.key, at.field);
+        }
+    }
+
     /// The journeys of `(tenant, invoice)` pairs of one partition, in one round trip, in order;
     /// [`StateMissing`] when the partition's state is not there to be read.
     pub async fn load_many(
@@ -464,10 +505,7 @@ impl Store {
     ) -> Result<Vec<Option<Loaded>>, Failure> {
         let mut pipe = redis::pipe();
         pipe.get(self.state_key(partition));
-        for (tenant, invoice_id) in invoices {
-            let at = journey_state::location(&self.keys, tenant, invoice_id);
-            pipe.hget(at.key, at.field);
-        }
+        self.add_reads(&mut pipe, invoices);
         let (marker, values): (Option<String>, Vec<Option<Vec<u8>>>) = {
             let parse = |e: redis::ParsingError| Failure::Fatal(anyhow::anyhow!("unexpected reply from Redis: {e}"));
             let mut all = pipe
@@ -487,10 +525,7 @@ impl Store {
         self.check_state(partition, Self::parse_state(marker.as_deref()))?;
         values
             .into_iter()
-            .map(|v| {
-                let Some(v) = v else { return Ok(None) };
-                decode_value(&v).map(Some)
-            })
+            .map(|v| v.map(|v| decode_value(&v)).transpose())
             .collect()
     }
 

@@ -14,7 +14,7 @@
 use std::time::Instant;
 
 use forfall_domain::journey::TimerChange;
-use forfall_domain::policy::{self, DebtorFacts};
+use forfall_domain::policy;
 use forfall_e2e::*;
 use forfall_platform::changelog::{self, Change, Restore};
 use forfall_platform::clock::ManualClock;
@@ -94,15 +94,7 @@ async fn main() -> anyhow::Result<()> {
         for k in i..end {
             let snapshot = household_invoice("", k, due)?;
             let partition = partition_of(&snapshot.debtor_id, partitions);
-            let facts = DebtorFacts {
-                jurisdiction: snapshot.jurisdiction,
-                kind: snapshot.debtor_kind,
-                late_last_12m: 0,
-                propensity: None,
-                amount: snapshot.amount,
-                fee_agreed: false,
-            };
-            let (d, _) = forfall_watcher::opened(&policy, snapshot, &facts, due);
+            let d = opened_new_customer(&policy, snapshot, due);
             anyhow::ensure!(matches!(d.timer, TimerChange::Schedule { .. }), "a timer per journey");
             saves.push(Save {
                 expected: None,

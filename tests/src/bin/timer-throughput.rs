@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use forfall_domain::journey::TimerChange;
-use forfall_domain::policy::{self, DebtorFacts};
+use forfall_domain::policy;
 use forfall_e2e::*;
 use forfall_platform::clock::{Clock, ManualClock};
 use forfall_platform::kafka::Producer;
@@ -50,15 +50,7 @@ async fn schedule(
         let mut saves = Vec::with_capacity(end - i);
         for k in i..end {
             let snapshot = household_invoice(prefix, k, due)?;
-            let facts = DebtorFacts {
-                jurisdiction: snapshot.jurisdiction,
-                kind: snapshot.debtor_kind,
-                late_last_12m: 0,
-                propensity: None,
-                amount: snapshot.amount,
-                fee_agreed: false,
-            };
-            let (d, _) = forfall_watcher::opened(&policy, snapshot, &facts, due);
+            let d = opened_new_customer(&policy, snapshot, due);
             let timer = match (d.timer, fire_at(k)) {
                 (TimerChange::Schedule { step_index, .. }, Some(at)) => TimerChange::Schedule {
                     step_index,
