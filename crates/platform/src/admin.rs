@@ -54,7 +54,7 @@ impl Readiness {
         if !self.has_joined() {
             Some("not ready: not consuming (joining the consumer group, or stopping)")
         } else if self.rebuilding.load(Ordering::SeqCst) > 0 {
-            Some("not ready: rebuilding the state of an assigned partition from its changelog")
+            Some("not ready: rebuilding its state in Redis from the topics")
         } else if self.waiting_out_faults.load(Ordering::SeqCst) > 0 {
             Some("not ready: waiting for the broker, Redis or the schema registry to come back")
         } else {

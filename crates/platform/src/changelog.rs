@@ -53,6 +53,20 @@ impl Changelog {
     pub fn delete(&self, partition: i32, key: String) -> Outbound {
         self.put(partition, key, Vec::new())
     }
+
+    /// `key`'s new value, on the partition its key hashes to: for state a service rebuilds
+    /// whole rather than by input partition.
+    pub fn put_keyed(&self, key: String, value: Vec<u8>) -> Outbound {
+        Outbound {
+            partition: None,
+            ..self.put(0, key, value)
+        }
+    }
+
+    /// [`Changelog::delete`] for a key written with [`Changelog::put_keyed`].
+    pub fn delete_keyed(&self, key: String) -> Outbound {
+        self.put_keyed(key, Vec::new())
+    }
 }
 
 /// Creates a changelog topic (compacted, with `partitions` partitions: those of the input it
@@ -135,6 +149,15 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// Adds another replay's figures (a rebuild that replays several topics).
+    pub fn add(&mut self, other: &Progress) {
+        self.records += other.records;
+        self.bytes += other.bytes;
+        self.partitions_done += other.partitions_done;
+        self.partitions += other.partitions;
+        self.elapsed += other.elapsed;
+    }
+
     pub fn records_per_second(&self) -> f64 {
         self.records as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }

@@ -149,6 +149,9 @@ pub struct Topics {
     /// The watcher's state (compacted; see [`crate::changelog`]). Not in [`Topics::all`]: the
     /// watcher creates it with its settings.
     pub watcher_changelog: String,
+    /// Dispatch's held messages and sent-message receipts' keys (compacted). Not in
+    /// [`Topics::all`]: dispatch creates it.
+    pub dispatch_changelog: String,
 }
 
 impl Default for Topics {
@@ -168,6 +171,7 @@ impl Default for Topics {
             handoff_outcomes: "forfall.handoff.outcomes.v1".into(),
             debtor_requests: "forfall.debtor.requests.v1".into(),
             watcher_changelog: "forfall.watcher.changelog.v1".into(),
+            dispatch_changelog: "forfall.dispatch.changelog.v1".into(),
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod avro;
 pub mod changelog;
 pub mod clock;
 pub mod config;
+pub mod derived_state;
 pub mod journey_state;
 pub mod kafka;
 pub mod metrics;

@@ -137,6 +137,9 @@ pub struct Invoice {
     pub preferred_channels: Vec<String>,
     #[serde(default)]
     pub declined_channels: Vec<String>,
+    /// The credit note a `Credited` snapshot applied.
+    #[serde(default)]
+    pub credit_note_id: Option<String>,
 }
 record!(Invoice, "Invoice.avsc");
 
@@ -489,6 +492,7 @@ mod tests {
             language: None,
             preferred_channels: Vec::new(),
             declined_channels: Vec::new(),
+            credit_note_id: Some("cn-1".into()),
         });
         round_trip(Rejected {
             event_id: "e".into(),

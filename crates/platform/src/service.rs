@@ -82,16 +82,16 @@ impl ServiceShell {
         port_offset: u16,
         routes: Option<Router>,
     ) -> anyhow::Result<Self> {
-        Self::start_with_routes(rt, name, port_offset, |_, _| routes.unwrap_or_default()).await
+        Self::start_with_routes(rt, name, port_offset, |_, _, _| routes.unwrap_or_default()).await
     }
 
     /// Like [`ServiceShell::start`], with routes built from the service's own metrics and
-    /// producer (an HTTP intake that produces records and counts what it refuses).
+    /// producer (an HTTP intake that produces records and counts what it refuses) and readiness.
     pub async fn start_with_routes(
         rt: &Runtime,
         name: &'static str,
         port_offset: u16,
-        routes: impl FnOnce(&Metrics, &Producer) -> Router,
+        routes: impl FnOnce(&Metrics, &Producer, &Readiness) -> Router,
     ) -> anyhow::Result<Self> {
         let metrics = Metrics::new(name)?;
         let readiness = Readiness::default();
@@ -99,7 +99,7 @@ impl ServiceShell {
             kafka::ensure_topics(&rt.config.kafka, &rt.config.topics.all()).await?;
         }
         let producer = Producer::new(&rt.config.kafka, metrics.clone())?;
-        let router = admin::router(metrics.clone(), readiness.clone()).merge(routes(&metrics, &producer));
+        let router = admin::router(metrics.clone(), readiness.clone()).merge(routes(&metrics, &producer, &readiness));
         let port = if rt.config.admin.base_port == 0 {
             0
         } else {

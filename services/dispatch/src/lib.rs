@@ -33,6 +33,7 @@ pub mod content;
 mod deferral;
 mod message;
 mod ratelimit;
+mod rebuild;
 mod receipts;
 mod smtp;
 
@@ -44,7 +45,9 @@ use channels::{SendError, Sms, SmsProvider, SmsProviderKind, Webhook};
 use content::Templates;
 use forfall_domain::Jurisdiction;
 use forfall_domain::calendar::{ContactHours, next_contact_moment};
-use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, run_consumer};
+use forfall_platform::changelog::{self, Changelog};
+use forfall_platform::derived_state::DerivedState;
+use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::records::{DispatchOutcome, DispatchStatus, JourneyAction, derived_id};
 use forfall_platform::redis_store::{self, Keys};
 use forfall_platform::service::{Runtime, ServiceShell};
@@ -242,6 +245,11 @@ pub struct Dispatch {
     rt: Runtime,
     redis: ConnectionManager,
     keys: Keys,
+    /// Whether Redis holds dispatch's state (see [`rebuild`]).
+    state: Arc<DerivedState<rebuild::DispatchRebuild>>,
+    /// Held messages and sent messages, for a rebuild.
+    changelog: Changelog,
+    producer: Producer,
     settings: DispatchSettings,
     templates: Templates,
     from: Mailbox,
@@ -341,17 +349,28 @@ impl<'a> Attempt<'a> {
         self.dispatch.settings.idempotency
     }
 
-    /// Takes the claim when nobody holds it (`SET NX` with the lease).
+    /// Takes the claim when nobody holds it (`SET NX` with the lease), and never on a Redis
+    /// that lost dispatch's state: a claim missing for that reason is not a message unsent.
     async fn claim(&self) -> Result<bool, Failure> {
-        let claimed: Option<String> = redis::cmd("SET")
-            .arg(self.key)
+        static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
+            redis::Script::new(
+                r"if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
+                  if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+                  return 0",
+            )
+        });
+        let claimed: i32 = CLAIM
+            .key(self.key)
+            .key(self.dispatch.state.marker_key())
             .arg(&self.lease)
-            .arg("NX")
-            .arg("PX")
             .arg(self.dispatch.settings.claim_lease_ms)
-            .query_async(&mut self.dispatch.redis.clone())
+            .arg(forfall_platform::derived_state::READY)
+            .invoke_async(&mut self.dispatch.redis.clone())
             .await?;
-        Ok(claimed.is_some())
+        match claimed {
+            -1 => Err(self.dispatch.state.missing()),
+            claimed => Ok(claimed == 1),
+        }
     }
 
     /// Moves the claim to `to` (deletes it when `to` is empty) only while it is still this
@@ -902,6 +921,18 @@ impl Dispatch {
             channel: channel.to_owned(),
         })
         .map_err(|e| Failure::Fatal(e.into()))?;
+        // On the changelog too, for a Redis that loses it; not waited for: the message is out,
+        // and only its receipt needs this.
+        let change = self.changelog.put_keyed(
+            rebuild::sent_changelog_key(provider, message_id),
+            value.clone().into_bytes(),
+        );
+        let ack = self.producer.send(&change).await;
+        tokio::spawn(async move {
+            if let Err(e) = ack.await {
+                tracing::warn!(error = %e, "a sent message did not reach dispatch's changelog; its receipt is lost if Redis is lost");
+            }
+        });
         let _: () = redis::cmd("SET")
             .arg(sent_key(&self.keys, provider, message_id))
             .arg(value)
@@ -944,9 +975,16 @@ impl Dispatch {
 
 impl Handler for Dispatch {
     async fn handle(&self, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
+        self.state.ensure_ready().await?;
         let action: JourneyAction = self.rt.codec.decode(record.payload.as_deref()).await?.to()?;
         if let Some(until) = self.outside_contact_hours(&action)? {
-            deferral::hold(&mut self.redis.clone(), &self.keys, &action, until).await?;
+            let store = deferral::HeldStore {
+                redis: self.redis.clone(),
+                keys: &self.keys,
+                changelog: &self.changelog,
+                producer: &self.producer,
+            };
+            deferral::hold(store, &action, until).await?;
             self.deferred.with_label_values(&[&action.jurisdiction]).inc();
             tracing::info!(step = %action.step, until = %until, "outside the debtor's contact hours: held");
             return Ok(Vec::new());
@@ -1057,7 +1095,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let redis = redis_store::connect(&rt.config.redis).await?;
     let receipts = Arc::new(receipts::Receipts::new(&rt, redis.clone(), &settings));
     let receipt_routes = receipts.clone();
-    let shell = ServiceShell::start_with_routes(&rt, SERVICE, PORT_OFFSET, move |metrics, producer| {
+    let shell = ServiceShell::start_with_routes(&rt, SERVICE, PORT_OFFSET, move |metrics, producer, _| {
         receipt_routes.router(metrics, producer)
     })
     .await?;
@@ -1098,9 +1136,37 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     if !settings.idempotency {
         tracing::warn!("dispatch.idempotency is off: messages may go out twice or after payment (benchmarks only)");
     }
+    let actions_topic = rt.topic(&rt.config.topics.journey_actions);
+    let changelog_topic = rt.topic(&rt.config.topics.dispatch_changelog);
+    let partitions = changelog::partition_count(&rt.config.kafka, &actions_topic).await?;
+    anyhow::ensure!(partitions > 0, "topic '{actions_topic}' has no partitions");
+    changelog::ensure(&rt.config.kafka, &changelog_topic, partitions).await?;
+    let outcomes_topic = rt.topic(&rt.config.topics.dispatch_outcomes);
+    let state = Arc::new(DerivedState::new(
+        &rt.keys(),
+        SERVICE,
+        redis.clone(),
+        shell.readiness.clone(),
+        rebuild::DispatchRebuild {
+            kafka: rt.config.kafka.clone(),
+            outcomes_topic: outcomes_topic.clone(),
+            changelog_topic: changelog_topic.clone(),
+            codec: rt.codec.clone(),
+            redis: redis.clone(),
+            keys: rt.keys(),
+            idempotency_ttl_secs: settings.idempotency_ttl_days * 86_400,
+            remember_sent_secs: settings.receipts.remember_days * 86_400,
+        },
+    ));
+    receipts.set_state(state.clone());
+    let watching = tokio::spawn(state.clone().watch(Duration::from_secs(1)));
+    let changelog = Changelog::new(changelog_topic);
     let dispatch = Dispatch {
         redis,
         keys: rt.keys(),
+        state,
+        changelog: changelog.clone(),
+        producer: shell.producer.clone(),
         mailer: smtp::SmtpClient::new(settings.smtp.clone(), concurrency)?,
         sms: sms_providers(&settings.sms)?,
         webhook: Webhook::new(settings.webhook.clone())?,
@@ -1108,7 +1174,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         templates,
         receipts_base,
         settings,
-        outcomes_topic: rt.topic(&rt.config.topics.dispatch_outcomes),
+        outcomes_topic,
         outcomes,
         deferred,
         suppression_lag,
@@ -1119,13 +1185,15 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         rt.clone(),
         dispatch.redis.clone(),
         shell.producer.clone(),
+        changelog,
         Duration::from_millis(dispatch.settings.deferred_poll_ms),
     ));
-    let consumer = shell.consumer(&rt, SERVICE, &[rt.topic(&rt.config.topics.journey_actions)])?;
+    let consumer = shell.consumer(&rt, SERVICE, &[actions_topic])?;
     let mut ctx = shell.loop_context(&rt);
     ctx.key_concurrency = concurrency;
     let result = run_consumer(consumer, dispatch, ctx).await;
     releaser.abort();
+    watching.abort();
     result?;
     shell.producer.flush(Duration::from_secs(5)).await;
     Ok(())

@@ -16,6 +16,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::routing::post;
+use forfall_platform::derived_state::DerivedState;
 use forfall_platform::kafka::Producer;
 use forfall_platform::metrics::Metrics;
 use forfall_platform::records::{DispatchStatus, JourneyAction, derived_id};
@@ -36,6 +37,9 @@ pub struct Receipts {
     settings: DispatchSettings,
     outcomes_topic: String,
     actions_topic: String,
+    /// Whether Redis holds dispatch's state: a receipt waits (503) while it is rebuilt rather
+    /// than being refused as unknown.
+    state: std::sync::OnceLock<Arc<DerivedState<crate::rebuild::DispatchRebuild>>>,
 }
 
 #[derive(Clone)]
@@ -68,7 +72,12 @@ impl Receipts {
             settings: settings.clone(),
             outcomes_topic: rt.topic(&rt.config.topics.dispatch_outcomes),
             actions_topic: rt.topic(&rt.config.topics.journey_actions),
+            state: std::sync::OnceLock::new(),
         }
+    }
+
+    pub(crate) fn set_state(&self, state: Arc<DerivedState<crate::rebuild::DispatchRebuild>>) {
+        let _ = self.state.set(state);
     }
 
     pub fn router(self: Arc<Self>, metrics: &Metrics, producer: &Producer) -> Router {
@@ -286,6 +295,12 @@ impl ReceiptState {
 
     async fn apply(&self, provider: &str, provider_message_id: &str, verdict: Verdict) -> anyhow::Result<bool> {
         let r = &self.receipts;
+        if let Some(state) = r.state.get() {
+            state
+                .ensure_ready()
+                .await
+                .map_err(|e| anyhow::anyhow!("dispatch's state is being rebuilt: {e:?}"))?;
+        }
         let stored: Option<String> = redis::cmd("GET")
             .arg(sent_key(&r.keys, provider, provider_message_id))
             .query_async(&mut r.redis.clone())

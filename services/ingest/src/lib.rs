@@ -7,11 +7,20 @@
 //! revision (or credit note, or cancellation) therefore re-publishes the current snapshot
 //! instead of dropping it. Downstream consumers are idempotent per snapshot, so the repeat is
 //! harmless, and nothing accepted is ever lost.
+//!
+//! The snapshots are derived state: every one is on `forfall.invoices.v1` (with the credit note
+//! it applied), and ingest rebuilds them from there when Redis lost them (see [`rebuild`]). A
+//! snapshot is kept `ingest.snapshot_retention_days` after the invoice's last change.
 
 mod http;
+pub mod rebuild;
+
+use std::sync::Arc;
 
 use forfall_domain::Money;
 use forfall_domain::invoice::{self, Contact, InvoiceSnapshot, IssuedInput, RevisionDecision};
+use forfall_platform::config;
+use forfall_platform::derived_state::DerivedState;
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, run_consumer};
 use forfall_platform::records::{
     self, InvoiceCancelled, InvoiceChange, InvoiceCredited, InvoiceIssued, Record, derived_id,
@@ -28,16 +37,66 @@ pub const PORT_OFFSET: u16 = 1;
 
 /// What ingest keeps per invoice: the snapshot and the credit notes already applied.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Stored {
+pub(crate) struct Stored {
     snapshot: InvoiceSnapshot,
     credit_notes: Vec<String>,
+}
+
+/// Ingest's settings (`[ingest]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct IngestSettings {
+    /// Days an invoice's last snapshot is kept after its last change. Revisions and credit notes
+    /// for an invoice come within weeks of it, a yearly settlement's corrections within a year:
+    /// 400 days covers both. A credit note for an invoice forgotten after that is rejected
+    /// (`unknown_invoice`), with the reason, for the billing system to resend as a new invoice.
+    pub snapshot_retention_days: u64,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        Self {
+            snapshot_retention_days: 400,
+        }
+    }
+}
+
+/// How long a snapshot lives after it was written.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub secs: u64,
+}
+
+impl Retention {
+    /// What is left of the retention of a snapshot written at `written_ms`; `None` when over.
+    pub fn remaining_secs(&self, written_ms: i64, now_ms: i64) -> Option<u64> {
+        let age = u64::try_from((now_ms - written_ms).max(0) / 1000).unwrap_or(0);
+        self.secs.checked_sub(age).filter(|left| *left > 0)
+    }
+}
+
+/// Where ingest keeps an invoice's snapshot.
+#[derive(Debug, Clone)]
+pub struct StoredKeys(Keys);
+
+impl StoredKeys {
+    pub fn new(keys: Keys) -> Self {
+        Self(keys)
+    }
+
+    pub fn stored(&self, tenant: &str, invoice_id: &str) -> String {
+        self.0
+            .key(&["ingest", "invoice", &format!("{{{tenant}:{invoice_id}}}")])
+    }
 }
 
 #[derive(Clone)]
 pub struct Ingest {
     rt: Runtime,
     redis: ConnectionManager,
-    keys: Keys,
+    keys: StoredKeys,
+    retention: Retention,
+    state: Arc<DerivedState<rebuild::IngestRebuild>>,
     invoices_topic: String,
     changes: IntCounterVec,
 }
@@ -76,14 +135,23 @@ fn status(s: invoice::InvoiceStatus) -> records::InvoiceStatus {
     }
 }
 
+/// The upstream event a snapshot is published for.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    pub event_id: &'a str,
+    pub occurred_at: i64,
+    /// The credit note applied, for a credited snapshot.
+    pub credit_note_id: Option<&'a str>,
+}
+
 /// The published form of a snapshot. Its event id derives from the upstream event, so a
 /// re-publication after redelivery carries the same id.
-pub fn invoice_record(
-    s: &InvoiceSnapshot,
-    change: InvoiceChange,
-    source_event_id: &str,
-    occurred_at: i64,
-) -> records::Invoice {
+pub fn invoice_record(s: &InvoiceSnapshot, change: InvoiceChange, source: Source<'_>) -> records::Invoice {
+    let Source {
+        event_id: source_event_id,
+        occurred_at,
+        credit_note_id,
+    } = source;
     records::Invoice {
         event_id: derived_id("invoice", &[&s.tenant, &s.invoice_id, source_event_id]),
         tenant: s.tenant.clone(),
@@ -111,6 +179,7 @@ pub fn invoice_record(
         language: s.contact.language.clone(),
         preferred_channels: s.contact.preferred_channels.clone(),
         declined_channels: s.contact.declined_channels.clone(),
+        credit_note_id: credit_note_id.map(str::to_owned),
     }
 }
 
@@ -124,16 +193,15 @@ fn reject_for(tenant: &str, debtor_id: &str, r: invoice::Rejection) -> Failure {
 }
 
 impl Ingest {
-    fn stored_key(&self, tenant: &str, invoice_id: &str) -> String {
-        self.keys
-            .key(&["ingest", "invoice", &format!("{{{tenant}:{invoice_id}}}")])
-    }
-
+    /// The invoice's snapshot, read with the state marker: a snapshot missing because Redis lost
+    /// it is never taken for an invoice not yet issued.
     async fn load(&self, tenant: &str, invoice_id: &str) -> Result<Option<Stored>, Failure> {
-        let raw: Option<String> = redis::cmd("GET")
-            .arg(self.stored_key(tenant, invoice_id))
+        let (raw, marker): (Option<String>, Option<String>) = redis::pipe()
+            .get(self.keys.stored(tenant, invoice_id))
+            .get(self.state.marker_key())
             .query_async(&mut self.redis.clone())
             .await?;
+        self.state.check(marker.as_deref())?;
         raw.map(|r| {
             serde_json::from_str(&r)
                 .map_err(|e| Failure::Fatal(anyhow::anyhow!("corrupt ingest state for an invoice: {e}")))
@@ -141,14 +209,27 @@ impl Ingest {
         .transpose()
     }
 
+    /// Writes the snapshot (kept for the retention from now), refused without the marker.
     async fn save(&self, stored: &Stored) -> Result<(), Failure> {
+        static SAVE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
+                  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+                  return 1",
+            )
+        });
         let json = serde_json::to_string(stored).map_err(|e| Failure::Fatal(e.into()))?;
-        let key = self.stored_key(&stored.snapshot.tenant, &stored.snapshot.invoice_id);
-        redis::cmd("SET")
-            .arg(key)
+        let saved: i32 = SAVE
+            .key(self.keys.stored(&stored.snapshot.tenant, &stored.snapshot.invoice_id))
+            .key(self.state.marker_key())
             .arg(json)
-            .query_async::<()>(&mut self.redis.clone())
+            .arg(self.retention.secs)
+            .arg(forfall_platform::derived_state::READY)
+            .invoke_async(&mut self.redis.clone())
             .await?;
+        if saved != 1 {
+            return Err(self.state.missing());
+        }
         Ok(())
     }
 
@@ -156,8 +237,7 @@ impl Ingest {
         &self,
         s: &InvoiceSnapshot,
         change: InvoiceChange,
-        source_event_id: &str,
-        occurred_at: i64,
+        source: Source<'_>,
         trace: TraceContext,
     ) -> Result<Vec<Outbound>, Failure> {
         let label = match change {
@@ -167,7 +247,7 @@ impl Ingest {
             InvoiceChange::Cancelled => "cancelled",
         };
         self.changes.with_label_values(&[label]).inc();
-        let record = invoice_record(s, change, source_event_id, occurred_at);
+        let record = invoice_record(s, change, source);
         Ok(vec![
             self.rt
                 .codec
@@ -210,7 +290,16 @@ impl Ingest {
                 self.changes.with_label_values(&["duplicate"]).inc();
                 let stored = existing.unwrap_or_else(|| unreachable!("Duplicate implies an existing snapshot"));
                 return self
-                    .publish(&stored.snapshot, InvoiceChange::Issued, &event_id, at, trace)
+                    .publish(
+                        &stored.snapshot,
+                        InvoiceChange::Issued,
+                        Source {
+                            event_id: &event_id,
+                            occurred_at: at,
+                            credit_note_id: None,
+                        },
+                        trace,
+                    )
                     .await;
             }
             RevisionDecision::Stale => {
@@ -220,7 +309,17 @@ impl Ingest {
             }
         };
         self.save(&stored).await?;
-        self.publish(&stored.snapshot, change, &event_id, at, trace).await
+        self.publish(
+            &stored.snapshot,
+            change,
+            Source {
+                event_id: &event_id,
+                occurred_at: at,
+                credit_note_id: None,
+            },
+            trace,
+        )
+        .await
     }
 
     async fn require(&self, tenant: &str, debtor_id: &str, invoice_id: &str) -> Result<Stored, Failure> {
@@ -263,8 +362,11 @@ impl Ingest {
         self.publish(
             &stored.snapshot,
             InvoiceChange::Credited,
-            &e.event_id,
-            e.occurred_at,
+            Source {
+                event_id: &e.event_id,
+                occurred_at: e.occurred_at,
+                credit_note_id: Some(&e.credit_note_id),
+            },
             trace,
         )
         .await
@@ -279,8 +381,11 @@ impl Ingest {
         self.publish(
             &stored.snapshot,
             InvoiceChange::Cancelled,
-            &e.event_id,
-            e.occurred_at,
+            Source {
+                event_id: &e.event_id,
+                occurred_at: e.occurred_at,
+                credit_note_id: None,
+            },
             trace,
         )
         .await
@@ -289,6 +394,7 @@ impl Ingest {
 
 impl Handler for Ingest {
     async fn handle(&self, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
+        self.state.ensure_ready().await?;
         let decoded = self.rt.codec.decode(record.payload.as_deref()).await?;
         match decoded.name.as_str() {
             InvoiceIssued::FULL_NAME => self.issued(decoded.to()?, record.trace).await,
@@ -307,7 +413,7 @@ impl Handler for Ingest {
 /// Runs ingest until shutdown.
 pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let billing_topic = rt.topic(&rt.config.topics.billing_invoice_events);
-    let shell = ServiceShell::start_with_routes(&rt, SERVICE, PORT_OFFSET, |metrics, producer| {
+    let shell = ServiceShell::start_with_routes(&rt, SERVICE, PORT_OFFSET, |metrics, producer, _| {
         http::routes(http::HttpState {
             rt: rt.clone(),
             billing_topic: billing_topic.clone(),
@@ -324,16 +430,41 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         &["change"],
     )?;
     shell.metrics.registry.register(Box::new(changes.clone()))?;
+    let settings: IngestSettings = config::section(&rt.figment, SERVICE)?;
     let redis = redis_store::connect(&rt.config.redis).await?;
+    let keys = StoredKeys::new(rt.keys());
+    let retention = Retention {
+        secs: settings.snapshot_retention_days * 86_400,
+    };
+    let invoices_topic = rt.topic(&rt.config.topics.invoices);
+    let state = Arc::new(DerivedState::new(
+        &rt.keys(),
+        SERVICE,
+        redis.clone(),
+        shell.readiness.clone(),
+        rebuild::IngestRebuild {
+            kafka: rt.config.kafka.clone(),
+            topic: invoices_topic.clone(),
+            codec: rt.codec.clone(),
+            redis: redis.clone(),
+            keys: keys.clone(),
+            retention,
+        },
+    ));
+    let watching = tokio::spawn(state.clone().watch(std::time::Duration::from_secs(1)));
     let ingest = Ingest {
-        keys: rt.keys(),
-        invoices_topic: rt.topic(&rt.config.topics.invoices),
+        keys,
+        retention,
+        state,
+        invoices_topic,
         rt: rt.clone(),
         redis,
         changes,
     };
     let consumer = shell.consumer(&rt, SERVICE, &[billing_topic])?;
-    run_consumer(consumer, ingest, shell.loop_context(&rt)).await?;
+    let consumed = run_consumer(consumer, ingest, shell.loop_context(&rt)).await;
+    watching.abort();
+    consumed?;
     shell.producer.flush(std::time::Duration::from_secs(5)).await;
     Ok(())
 }

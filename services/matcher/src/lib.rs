@@ -21,6 +21,7 @@
 //! that mark (at start and periodically) after a stop or a broker outage.
 
 mod http;
+pub mod rebuild;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use forfall_domain::invoice::date_from_epoch_days;
 use forfall_domain::matching::{self, Allocation, Candidates, IncomingPayment, MatchDecision, OpenInvoice};
 use forfall_domain::reference::normalise;
 use forfall_domain::{Currency, Money};
+use forfall_platform::derived_state::DerivedState;
 use forfall_platform::kafka::{self, Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::records::{
     self, HandoffRecall, PaymentMatched, PaymentReceived, PaymentUnmatched, Record, derived_id,
@@ -47,7 +49,7 @@ pub const PORT_OFFSET: u16 = 4;
 
 /// What the matcher keeps per invoice.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Indexed {
+pub(crate) struct Indexed {
     debtor_id: String,
     invoice_id: String,
     invoice_number: String,
@@ -60,7 +62,7 @@ struct Indexed {
 
 /// A decided payment, kept so that a repeat re-emits the same records.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Decided {
+pub(crate) struct Decided {
     payment: PaymentReceived,
     decision: MatchDecision,
     matched_by: Option<String>,
@@ -76,6 +78,7 @@ pub(crate) struct Inner {
     rt: Runtime,
     redis: ConnectionManager,
     keys: Keys,
+    state: Arc<DerivedState<rebuild::MatcherRebuild>>,
     producer: Producer,
     metrics: Metrics,
 }
@@ -106,6 +109,58 @@ fn tagged(tenant: &str, id: &str) -> String {
     format!("{{{tenant}}}:{id}")
 }
 
+/// The matcher's keys.
+pub(crate) struct MatcherKeys<'a>(pub &'a Keys);
+
+impl MatcherKeys<'_> {
+    pub(crate) fn key(&self, kind: &str, tenant: &str, id: &str) -> String {
+        // One hash tag per tenant keeps a tenant's index in one Redis Cluster slot.
+        self.0.key(&["matcher", kind, &tagged(tenant, id)])
+    }
+
+    /// An invoice's index entries: the invoice, its debtor's invoices, its number and its
+    /// reference (the index script's writes, for the rebuild).
+    pub(crate) fn add_index(
+        &self,
+        pipe: &mut redis::Pipeline,
+        tenant: &str,
+        ix: &Indexed,
+        reference: Option<&str>,
+    ) -> Result<(), serde_json::Error> {
+        pipe.set(self.key("inv", tenant, &ix.invoice_id), serde_json::to_string(ix)?)
+            .ignore()
+            .sadd(self.key("debtor", tenant, &ix.debtor_id), &ix.invoice_id)
+            .ignore();
+        let number = normalise(&ix.invoice_number);
+        if !number.is_empty() {
+            pipe.sadd(self.key("num", tenant, &number), &ix.invoice_id).ignore();
+        }
+        if let Some(reference) = reference {
+            pipe.set(self.key("ref", tenant, reference), &ix.invoice_id).ignore();
+        }
+        Ok(())
+    }
+}
+
+/// What the matcher indexes of an invoice snapshot, and its reference as payments quote it.
+pub(crate) fn indexed_of(inv: &records::Invoice) -> Result<(Indexed, Option<String>), Failure> {
+    let reference = inv.payment_reference.as_deref().map(|r| {
+        matching::structured_reference(r)
+            .map(|v| v.value)
+            .unwrap_or_else(|_| normalise(r))
+    });
+    let ix = Indexed {
+        debtor_id: inv.debtor_id.clone(),
+        invoice_id: inv.invoice_id.clone(),
+        invoice_number: inv.invoice_number.clone(),
+        reference: reference.clone(),
+        currency: currency(&inv.currency)?,
+        open_minor: inv.open_minor,
+        due_date: inv.due_date,
+    };
+    Ok((ix, reference))
+}
+
 fn currency(code: &str) -> Result<Currency, Failure> {
     code.parse()
         .map_err(|e: forfall_domain::MoneyError| Failure::reject("unknown_currency", format!("field 'currency': {e}")))
@@ -117,23 +172,12 @@ impl Matcher {
     }
 
     fn key(&self, kind: &str, tenant: &str, id: &str) -> String {
-        // One hash tag per tenant keeps a tenant's index in one Redis Cluster slot.
-        self.0.keys.key(&["matcher", kind, &tagged(tenant, id)])
+        MatcherKeys(&self.0.keys).key(kind, tenant, id)
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, Failure> {
         let raw: Option<String> = redis::cmd("GET").arg(key).query_async(&mut self.conn()).await?;
         Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
-    }
-
-    async fn set_json<T: Serialize>(&self, key: &str, value: &T) -> Result<(), Failure> {
-        let json = serde_json::to_string(value).map_err(|e| Failure::Fatal(e.into()))?;
-        let _: () = redis::cmd("SET")
-            .arg(key)
-            .arg(json)
-            .query_async(&mut self.conn())
-            .await?;
-        Ok(())
     }
 
     async fn members(&self, key: &str) -> Result<Vec<String>, Failure> {
@@ -336,6 +380,7 @@ impl Matcher {
             redis::Script::new(
                 r"
 local n = tonumber(ARGV[5])
+if redis.call('GET', KEYS[6 + n]) ~= ARGV[8 + 2 * n] then return -2 end
 if ARGV[4] == 'new' and redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 if ARGV[4] == 'replace' and redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return -1 end
 for i = 1, n do
@@ -415,9 +460,14 @@ return 1",
         invocation
             .key(self.manual_pending_key(&p.tenant))
             .arg(if d.matched_by.is_some() { "pending" } else { "" });
+        // Nothing is booked on a Redis that lost the state (see `rebuild`).
+        invocation
+            .key(self.0.state.marker_key())
+            .arg(forfall_platform::derived_state::READY);
         let booked: i32 = invocation.invoke_async(&mut self.conn()).await?;
         let booked = match booked {
             1 => Booked::Done,
+            -2 => return Err(self.0.state.missing()),
             -1 => Booked::AlreadyDecided,
             _ => Booked::Conflict,
         };
@@ -488,43 +538,39 @@ return 1",
 
     /// Indexes an invoice snapshot, then tries the payments kept for its reference.
     async fn index(&self, inv: records::Invoice, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
-        let reference = inv.payment_reference.as_deref().map(|r| {
-            matching::structured_reference(r)
-                .map(|v| v.value)
-                .unwrap_or_else(|_| normalise(r))
+        static INDEX: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"if redis.call('GET', KEYS[5]) ~= ARGV[4] then return -2 end
+                  redis.call('SET', KEYS[1], ARGV[1])
+                  redis.call('SADD', KEYS[2], ARGV[2])
+                  if ARGV[3] == '1' then redis.call('SADD', KEYS[3], ARGV[2]) end
+                  if ARGV[5] == '1' then redis.call('SET', KEYS[4], ARGV[2]) end
+                  return 1",
+            )
         });
-        let ix = Indexed {
-            debtor_id: inv.debtor_id.clone(),
-            invoice_id: inv.invoice_id.clone(),
-            invoice_number: inv.invoice_number.clone(),
-            reference: reference.clone(),
-            currency: currency(&inv.currency)?,
-            open_minor: inv.open_minor,
-            due_date: inv.due_date,
-        };
-        self.set_json(&self.key("inv", &inv.tenant, &inv.invoice_id), &ix)
-            .await?;
-        let _: () = redis::cmd("SADD")
-            .arg(self.key("debtor", &inv.tenant, &inv.debtor_id))
-            .arg(&inv.invoice_id)
-            .query_async(&mut self.conn())
-            .await?;
+        let (ix, reference) = indexed_of(&inv)?;
         let number = normalise(&inv.invoice_number);
-        if !number.is_empty() {
-            let _: () = redis::cmd("SADD")
-                .arg(self.key("num", &inv.tenant, &number))
-                .arg(&inv.invoice_id)
-                .query_async(&mut self.conn())
-                .await?;
+        let json = serde_json::to_string(&ix).map_err(|e| Failure::Fatal(e.into()))?;
+        // One script: nothing is indexed on a Redis that lost the state.
+        let indexed: i32 = INDEX
+            .key(self.key("inv", &inv.tenant, &inv.invoice_id))
+            .key(self.key("debtor", &inv.tenant, &inv.debtor_id))
+            .key(self.key("num", &inv.tenant, if number.is_empty() { "-" } else { &number }))
+            .key(self.key("ref", &inv.tenant, reference.as_deref().unwrap_or("-")))
+            .key(self.0.state.marker_key())
+            .arg(json)
+            .arg(&inv.invoice_id)
+            .arg(if number.is_empty() { "0" } else { "1" })
+            .arg(forfall_platform::derived_state::READY)
+            .arg(if reference.is_some() { "1" } else { "0" })
+            .invoke_async(&mut self.conn())
+            .await?;
+        if indexed != 1 {
+            return Err(self.0.state.missing());
         }
         let Some(reference) = reference else {
             return Ok(Vec::new());
         };
-        let _: () = redis::cmd("SET")
-            .arg(self.key("ref", &inv.tenant, &reference))
-            .arg(&inv.invoice_id)
-            .query_async(&mut self.conn())
-            .await?;
         // Payments that arrived before this invoice (the topics are not ordered between them).
         // A kept payment leaves the kept set only after the records of its match are
         // acknowledged: they are produced here, not handed back to the loop, because the kept
@@ -587,6 +633,7 @@ return 1",
 
     /// The unmatched payments of a tenant, oldest value date first.
     pub(crate) async fn unmatched(&self, tenant: &str) -> Result<Vec<PaymentReceived>, Failure> {
+        self.0.state.ensure_ready().await?;
         let all: Vec<String> = redis::cmd("HVALS")
             .arg(self.key("unmatched", tenant, "all"))
             .query_async(&mut self.conn())
@@ -615,6 +662,7 @@ return 1",
         invoice_ids: &[String],
         by: &str,
     ) -> Result<(Decided, Option<String>), ManualError> {
+        self.0.state.ensure_ready().await?;
         // Known before anything is booked, so that the resend finds this tenant's pending events.
         let _: () = redis::cmd("SADD")
             .arg(self.manual_tenants_key())
@@ -792,7 +840,7 @@ impl Default for MatcherSettings {
 }
 
 /// The key a kept payment waits under: the validated reference when it validates.
-fn kept_reference(raw: &str) -> String {
+pub(crate) fn kept_reference(raw: &str) -> String {
     matching::structured_reference(raw)
         .map(|r| r.value)
         .unwrap_or_else(|_| normalise(raw))
@@ -819,6 +867,7 @@ impl From<Failure> for ManualError {
 
 impl Handler for Matcher {
     async fn handle(&self, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
+        self.0.state.ensure_ready().await?;
         let decoded = self.0.rt.codec.decode(record.payload.as_deref()).await?;
         match decoded.name.as_str() {
             records::Invoice::FULL_NAME => self.index(decoded.to()?, record.trace).await,
@@ -849,11 +898,27 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
     )?;
     let mut core = None;
-    let shell = ServiceShell::start_with_routes(&rt, SERVICE, PORT_OFFSET, |_, producer| {
+    let shell = ServiceShell::start_with_routes(&rt, SERVICE, PORT_OFFSET, |_, producer, readiness| {
+        let state = Arc::new(DerivedState::new(
+            &rt.keys(),
+            SERVICE,
+            redis.clone(),
+            readiness.clone(),
+            rebuild::MatcherRebuild {
+                kafka: rt.config.kafka.clone(),
+                invoices_topic: rt.topic(&rt.config.topics.invoices),
+                matched_topic: rt.topic(&rt.config.topics.payments_matched),
+                unmatched_topic: rt.topic(&rt.config.topics.payments_unmatched),
+                codec: rt.codec.clone(),
+                redis: redis.clone(),
+                keys: rt.keys(),
+            },
+        ));
         let m = Matcher(Arc::new(Inner {
             rt: rt.clone(),
             redis: redis.clone(),
             keys: rt.keys(),
+            state,
             producer: producer.clone(),
             metrics: Metrics {
                 results: results.clone(),
@@ -882,9 +947,12 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             .clone()
             .resend_manual_matches(Duration::from_secs(settings.manual_resend_secs.max(1))),
     );
+    let watching = tokio::spawn(matcher.0.state.clone().watch(Duration::from_secs(1)));
     let payments_topic = rt.topic(&rt.config.topics.payments);
     ctx.lane = Some(Arc::new(move |record| lane(record, &payments_topic)));
-    run_consumer(consumer, matcher, ctx).await?;
+    let consumed = run_consumer(consumer, matcher, ctx).await;
+    watching.abort();
+    consumed?;
     shell.producer.flush(Duration::from_secs(5)).await;
     Ok(())
 }

@@ -99,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
             language: None,
             preferred_channels: Vec::new(),
             declined_channels: Vec::new(),
+            credit_note_id: None,
         };
         let payload = stack.rt.codec.encode(&invoices_topic, &inv).await?;
         acks.push(

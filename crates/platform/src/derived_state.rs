@@ -1,0 +1,274 @@
+//! A service's Redis state as derived state: rebuilt from the topics that hold its facts when
+//! Redis lost it (a flush, a failover to an empty replica, a restore of an older snapshot), and
+//! never acted on while missing.
+//!
+//! One marker per service (`<prefix>:<service>:state`) says whether Redis holds the state:
+//! `ready`, `rebuilding:<token>` while one instance rebuilds it, nothing when Redis lost it.
+//! Every write a service decides on checks the marker in the same script (see
+//! [`DerivedState::marker_key`]) and is refused without it, so a decision is never booked on
+//! an empty Redis; reads that could decide alone (a rejection for a missing key) read the
+//! marker in the same round trip. A missing marker makes the instance rebuild: one instance at
+//! a time (a lease in Redis), the others wait and are not ready meanwhile. A fresh deployment
+//! finds no marker either, and its rebuild of empty topics takes a moment.
+//!
+//! The watcher has its own partition-scoped markers (its state is large and partitioned like
+//! its input); the services here keep state by tenant or by key that a partition does not
+//! bound, and replay their topics whole.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+
+use crate::admin::Readiness;
+use crate::changelog::Progress;
+use crate::kafka::Failure;
+use crate::redis_store::Keys;
+
+/// The marker's value when Redis holds the whole state.
+pub const READY: &str = "ready";
+
+/// How a service rebuilds its state from its topics.
+pub trait Rebuild: Send + Sync + 'static {
+    /// Replays the service's topics into Redis (idempotent: replaying twice is harmless),
+    /// calling `report` about once a second.
+    fn rebuild(
+        &self,
+        report: &(dyn Fn(&Progress) + Send + Sync),
+    ) -> impl Future<Output = anyhow::Result<Progress>> + Send;
+}
+
+/// The marker of one service's derived state, and the rebuild that restores it.
+pub struct DerivedState<R> {
+    service: &'static str,
+    marker: String,
+    lease: String,
+    redis: ConnectionManager,
+    readiness: Readiness,
+    rebuilder: R,
+    /// This instance saw the marker ready and has not seen it missing since.
+    known_ready: AtomicBool,
+    one_at_a_time: tokio::sync::Mutex<()>,
+}
+
+/// The marker key of `service`'s state.
+pub fn marker_key(keys: &Keys, service: &str) -> String {
+    keys.key(&[service, "state"])
+}
+
+/// Forgets `service`'s marker: its running instances rebuild their state at their next write
+/// (or within `watch`'s period), and are not ready meanwhile.
+pub async fn ask_rebuild(redis: &mut ConnectionManager, keys: &Keys, service: &str) -> redis::RedisResult<()> {
+    redis::cmd("DEL")
+        .arg(marker_key(keys, service))
+        .query_async(redis)
+        .await
+}
+
+impl<R: Rebuild> DerivedState<R> {
+    pub fn new(
+        keys: &Keys,
+        service: &'static str,
+        redis: ConnectionManager,
+        readiness: Readiness,
+        rebuilder: R,
+    ) -> Self {
+        Self {
+            service,
+            marker: marker_key(keys, service),
+            lease: keys.key(&[service, "rebuild-lease"]),
+            redis,
+            readiness,
+            rebuilder,
+            known_ready: AtomicBool::new(false),
+            one_at_a_time: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The marker key, for scripts that refuse to write without it: they compare its value
+    /// with [`READY`] and return a distinct code (the service then calls [`Self::missing`]).
+    pub fn marker_key(&self) -> &str {
+        &self.marker
+    }
+
+    /// What a write refused for a missing marker becomes: a transient failure (the record is
+    /// handled again once the state is rebuilt), and this instance stops trusting the state.
+    pub fn missing(&self) -> Failure {
+        self.known_ready.store(false, Ordering::SeqCst);
+        tracing::warn!(
+            service = self.service,
+            "state missing in Redis; it is rebuilt from the topics before going on"
+        );
+        Failure::Transient(anyhow::anyhow!(
+            "the {} state is missing in Redis (flushed, failed over or restored); rebuilding it from the topics",
+            self.service
+        ))
+    }
+
+    /// A marker value read together with other keys: `Err` when it is not ready.
+    pub fn check(&self, marker: Option<&str>) -> Result<(), Failure> {
+        if marker == Some(READY) {
+            Ok(())
+        } else {
+            Err(self.missing())
+        }
+    }
+
+    /// Makes sure Redis holds the state: returns at once when this instance knows it does,
+    /// rebuilds it when the marker is missing, and waits (transient failure) while another
+    /// instance rebuilds it.
+    pub async fn ensure_ready(&self) -> Result<(), Failure> {
+        if self.known_ready.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let _one = self.one_at_a_time.lock().await;
+        let marker: Option<String> = redis::cmd("GET")
+            .arg(&self.marker)
+            .query_async(&mut self.redis.clone())
+            .await?;
+        if marker.as_deref() == Some(READY) {
+            self.known_ready.store(true, Ordering::SeqCst);
+            return Ok(());
+        }
+        let _not_ready = self.readiness.rebuilding_state();
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let leased: Option<String> = redis::cmd("SET")
+            .arg(&self.lease)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(LEASE.as_millis() as u64)
+            .query_async(&mut self.redis.clone())
+            .await?;
+        if leased.is_none() {
+            return Err(Failure::Transient(anyhow::anyhow!(
+                "another {} instance is rebuilding the state from the topics; waiting for it",
+                self.service
+            )));
+        }
+        let rebuilding = format!("rebuilding:{token}");
+        let _: () = redis::cmd("SET")
+            .arg(&self.marker)
+            .arg(&rebuilding)
+            .query_async(&mut self.redis.clone())
+            .await?;
+        let span = tracing::info_span!("rebuild", service = self.service);
+        let service = self.service;
+        let report = move |p: &Progress| tracing::info!(parent: &span, service, progress = %p, "rebuilding state from the topics");
+        let rebuilt = tokio::select! {
+            rebuilt = self.rebuilder.rebuild(&report) => rebuilt,
+            never = self.keep_lease(&token) => match never {},
+        };
+        let progress = match rebuilt {
+            Ok(p) => p,
+            Err(e) => {
+                self.release(&token).await;
+                return Err(Failure::Transient(anyhow::anyhow!(
+                    "rebuilding the {} state: {e:#}",
+                    self.service
+                )));
+            }
+        };
+        // Ready only if nothing lost the state again while it was rebuilt.
+        static FINISH: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+                  redis.call('SET', KEYS[1], ARGV[2])
+                  return 1",
+            )
+        });
+        let finished: i32 = FINISH
+            .key(&self.marker)
+            .arg(&rebuilding)
+            .arg(READY)
+            .invoke_async(&mut self.redis.clone())
+            .await?;
+        self.release(&token).await;
+        if finished != 1 {
+            return Err(self.missing());
+        }
+        tracing::info!(service = self.service, progress = %progress, "state rebuilt from the topics");
+        self.known_ready.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Checks the marker every `every` and rebuilds when it is gone, so that a flush is noticed
+    /// (and readiness tells) without waiting for the next write. Runs until aborted.
+    pub async fn watch(self: Arc<Self>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let marker: redis::RedisResult<Option<String>> = redis::cmd("GET")
+                .arg(&self.marker)
+                .query_async(&mut self.redis.clone())
+                .await;
+            match marker {
+                Ok(Some(m)) if m == READY => continue,
+                Ok(_) => {
+                    self.known_ready.store(false, Ordering::SeqCst);
+                    if let Err(e) = self.ensure_ready().await {
+                        tracing::debug!(service = self.service, error = ?e, "state not ready yet");
+                    }
+                }
+                Err(e) => tracing::debug!(service = self.service, error = %e, "cannot read the state marker"),
+            }
+        }
+    }
+
+    async fn keep_lease(&self, token: &str) -> std::convert::Infallible {
+        static RENEW: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+                  return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0",
+            )
+        });
+        loop {
+            tokio::time::sleep(LEASE / 3).await;
+            let renewed: redis::RedisResult<i32> = RENEW
+                .key(&self.lease)
+                .arg(token)
+                .arg(LEASE.as_millis() as u64)
+                .invoke_async(&mut self.redis.clone())
+                .await;
+            if let Err(e) = renewed {
+                tracing::warn!(error = %e, "cannot renew the rebuild lease; trying again");
+            }
+        }
+    }
+
+    async fn release(&self, token: &str) {
+        static RELEASE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+                  return 0",
+            )
+        });
+        let released: redis::RedisResult<i32> = RELEASE
+            .key(&self.lease)
+            .arg(token)
+            .invoke_async(&mut self.redis.clone())
+            .await;
+        if let Err(e) = released {
+            tracing::warn!(error = %e, "cannot release the rebuild lease; it runs out by itself");
+        }
+    }
+
+    /// Rebuilds now, whatever the marker says (`forfall rebuild`): forgets it, then rebuilds.
+    pub async fn rebuild_now(&self) -> Result<(), Failure> {
+        let _: () = redis::cmd("DEL")
+            .arg(&self.marker)
+            .query_async(&mut self.redis.clone())
+            .await?;
+        self.known_ready.store(false, Ordering::SeqCst);
+        self.ensure_ready().await
+    }
+
+    pub fn rebuilder(&self) -> &R {
+        &self.rebuilder
+    }
+}
+
+/// How long a rebuilding instance holds the lease without renewing it (renewed every third).
+const LEASE: Duration = Duration::from_secs(30);

@@ -1,0 +1,340 @@
+//! Rebuilding the matcher's Redis state from the topics that hold its facts:
+//! - the reference index (invoice, debtor, invoice number, payment reference) from
+//!   `forfall.invoices.v1`, the topic the matcher indexes live;
+//! - its decisions from its own output: each `PaymentMatched` (one per allocation) and each
+//!   `PaymentUnmatched`. A payment matched after it was first kept unmatched is matched.
+//!   From the decisions follow what is allocated to each invoice, the unmatched payments a
+//!   person can match by hand, and the payments kept for a reference that has no invoice yet.
+//!
+//! What a rebuild does not bring back: the payer-account hints (learned again from the next
+//! payments; they only help the third rule) and, for a payment repeated by the bank after the
+//! rebuild, the hand-off recall of an allocation to a handed-over invoice (the recall itself was
+//! acknowledged on its topic when the payment was first decided). An unmatched payment's reason
+//! is rebuilt from its code and explanation; only the text of a repeat's record can differ.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use forfall_domain::matching::{Allocation, MatchDecision, MatchRule, UnmatchedReason};
+use forfall_domain::{Currency, Money};
+use forfall_platform::avro::Codec;
+use forfall_platform::changelog::{self, Change, Progress, Restore};
+use forfall_platform::config::KafkaConfig;
+use forfall_platform::derived_state::Rebuild;
+use forfall_platform::kafka::Failure;
+use forfall_platform::records::{self, PaymentMatched, PaymentReceived, PaymentUnmatched, Record};
+use forfall_platform::redis_store::Keys;
+use redis::aio::ConnectionManager;
+
+use crate::{Decided, MatcherKeys, indexed_of, kept_reference};
+
+/// Records per Redis round trip.
+const BATCH: usize = 2000;
+
+/// Replays the matcher's topics into its keys.
+pub struct MatcherRebuild {
+    pub kafka: KafkaConfig,
+    pub invoices_topic: String,
+    pub matched_topic: String,
+    pub unmatched_topic: String,
+    pub codec: Arc<Codec>,
+    pub redis: ConnectionManager,
+    pub keys: Keys,
+}
+
+/// Payments as their records tell them, by (tenant, payment id).
+#[derive(Default)]
+struct Payments {
+    matched: HashMap<(String, String), Vec<PaymentMatched>>,
+    unmatched: HashMap<(String, String), PaymentUnmatched>,
+}
+
+impl Rebuild for MatcherRebuild {
+    async fn rebuild(&self, report: &(dyn Fn(&Progress) + Send + Sync)) -> anyhow::Result<Progress> {
+        let mut total = Progress::default();
+        let mut index = Restorer {
+            rebuild: self,
+            payments: None,
+            skipped: 0,
+        };
+        total.add(&self.replay_all(&self.invoices_topic, &mut index, report).await?);
+        let mut payments = Restorer {
+            rebuild: self,
+            payments: Some(Payments::default()),
+            skipped: index.skipped,
+        };
+        total.add(&self.replay_all(&self.matched_topic, &mut payments, report).await?);
+        total.add(&self.replay_all(&self.unmatched_topic, &mut payments, report).await?);
+        if payments.skipped > 0 {
+            tracing::error!(
+                skipped = payments.skipped,
+                "records the matcher cannot read were left out of the rebuild"
+            );
+        }
+        let decided = payments.payments.take().unwrap_or_default();
+        self.write_decisions(decided).await?;
+        Ok(total)
+    }
+}
+
+impl MatcherRebuild {
+    async fn replay_all(
+        &self,
+        topic: &str,
+        restore: &mut Restorer<'_>,
+        report: &(dyn Fn(&Progress) + Send + Sync),
+    ) -> anyhow::Result<Progress> {
+        let count = changelog::partition_count(&self.kafka, topic).await?;
+        let partitions: Vec<(i32, i64)> = (0..count).map(|p| (p, 0)).collect();
+        changelog::replay(&self.kafka, topic, &partitions, BATCH, restore, report).await
+    }
+
+    /// Writes every payment's decision, each invoice's allocated total, the unmatched payments
+    /// and the kept ones. Totals are written, not added, so a rebuild run twice gives the same.
+    async fn write_decisions(&self, payments: Payments) -> anyhow::Result<()> {
+        let keys = MatcherKeys(&self.keys);
+        let Payments { matched, mut unmatched } = payments;
+        let mut allocated: BTreeMap<(String, String), i64> = BTreeMap::new();
+        let mut pipe = redis::pipe();
+        let mut queued = 0;
+        for ((tenant, payment_id), allocations) in matched {
+            let first_seen = unmatched.remove(&(tenant.clone(), payment_id.clone()));
+            for a in &allocations {
+                *allocated.entry((tenant.clone(), a.invoice_id.clone())).or_default() += a.amount_minor;
+            }
+            let decided = decided_matched(&allocations, first_seen)?;
+            pipe.set(
+                keys.key("payment", &tenant, &payment_id),
+                serde_json::to_string(&decided)?,
+            )
+            .ignore();
+            queued += 1;
+            if queued >= BATCH {
+                if !pipe.is_empty() {
+                    pipe.query_async::<()>(&mut self.redis.clone()).await?;
+                }
+                pipe = redis::pipe();
+                queued = 0;
+            }
+        }
+        for ((tenant, invoice_id), total) in allocated {
+            pipe.set(keys.key("alloc", &tenant, &invoice_id), total).ignore();
+            queued += 1;
+            if queued >= BATCH {
+                if !pipe.is_empty() {
+                    pipe.query_async::<()>(&mut self.redis.clone()).await?;
+                }
+                pipe = redis::pipe();
+                queued = 0;
+            }
+        }
+        for ((tenant, payment_id), u) in unmatched {
+            let decided = decided_unmatched(u);
+            let payment_json = serde_json::to_string(&decided.payment)?;
+            pipe.set(
+                keys.key("payment", &tenant, &payment_id),
+                serde_json::to_string(&decided)?,
+            )
+            .ignore()
+            .hset(keys.key("unmatched", &tenant, "all"), &payment_id, payment_json)
+            .ignore();
+            if let Some(reference) = &decided.payment.reference {
+                pipe.sadd(keys.key("kept", &tenant, &kept_reference(reference)), &payment_id)
+                    .ignore();
+            }
+            queued += 1;
+            if queued >= BATCH {
+                if !pipe.is_empty() {
+                    pipe.query_async::<()>(&mut self.redis.clone()).await?;
+                }
+                pipe = redis::pipe();
+                queued = 0;
+            }
+        }
+        if !pipe.is_empty() {
+            pipe.query_async::<()>(&mut self.redis.clone()).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A matched payment's decision from its allocations (in their order; the first carried any
+/// surplus, so its amount is written as it was and the overpayment as zero: a repeat's records
+/// come out the same).
+fn decided_matched(allocations: &[PaymentMatched], first_seen: Option<PaymentUnmatched>) -> anyhow::Result<Decided> {
+    let first = allocations
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("a matched payment without allocations"))?;
+    let currency: Currency = first
+        .currency
+        .parse()
+        .map_err(|e| anyhow::anyhow!("payment '{}': currency: {e}", first.payment_id))?;
+    let rule = MatchRule::ALL
+        .into_iter()
+        .find(|r| r.code() == first.rule)
+        .ok_or_else(|| anyhow::anyhow!("payment '{}': unknown rule '{}'", first.payment_id, first.rule))?;
+    let total: i64 = allocations.iter().map(|a| a.amount_minor).sum();
+    let payment = match first_seen {
+        Some(u) => payment_of(u),
+        None => PaymentReceived {
+            event_id: first.event_id.clone(),
+            tenant: first.tenant.clone(),
+            debtor_id: Some(first.debtor_id.clone()),
+            occurred_at: first.occurred_at,
+            payment_id: first.payment_id.clone(),
+            amount_minor: total,
+            currency: first.currency.clone(),
+            reference: first.reference.clone(),
+            remittance_text: None,
+            payer_name: None,
+            payer_account: None,
+            booking_date: first.value_date,
+            value_date: first.value_date,
+        },
+    };
+    Ok(Decided {
+        payment,
+        decision: MatchDecision::Matched {
+            rule,
+            allocations: allocations
+                .iter()
+                .map(|a| Allocation {
+                    invoice_id: a.invoice_id.clone(),
+                    debtor_id: a.debtor_id.clone(),
+                    amount: Money::new(a.amount_minor, currency),
+                    handed_over: false,
+                })
+                .collect(),
+            overpayment: Money::new(0, currency),
+        },
+        matched_by: first.matched_by.clone(),
+    })
+}
+
+fn payment_of(u: PaymentUnmatched) -> PaymentReceived {
+    PaymentReceived {
+        event_id: u.event_id,
+        tenant: u.tenant,
+        debtor_id: u.debtor_id,
+        occurred_at: u.occurred_at,
+        payment_id: u.payment_id,
+        amount_minor: u.amount_minor,
+        currency: u.currency,
+        reference: u.reference,
+        remittance_text: u.remittance_text,
+        payer_name: u.payer_name,
+        payer_account: u.payer_account,
+        booking_date: u.value_date,
+        value_date: u.value_date,
+    }
+}
+
+fn decided_unmatched(u: PaymentUnmatched) -> Decided {
+    let reason = reason_of(&u.reason_code, &u.reason, &u.currency);
+    Decided {
+        payment: payment_of(u),
+        decision: MatchDecision::Unmatched { reason },
+        matched_by: None,
+    }
+}
+
+/// The reason a `PaymentUnmatched` states, from its code (and, where the reason carries a
+/// detail, from its explanation).
+fn reason_of(code: &str, explained: &str, payment_currency: &str) -> UnmatchedReason {
+    match code {
+        "not_positive" => UnmatchedReason::NotPositive,
+        "ambiguous" => UnmatchedReason::Ambiguous {
+            options: explained
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(2),
+        },
+        "invalid_reference" => UnmatchedReason::InvalidReference {
+            detail: explained.to_owned(),
+        },
+        "currency_mismatch" => {
+            let codes: Vec<Currency> = explained
+                .split(|c: char| !c.is_ascii_uppercase())
+                .filter(|w| w.len() == 3)
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            match (payment_currency.parse::<Currency>(), codes.last()) {
+                (Ok(payment), Some(invoice)) => UnmatchedReason::CurrencyMismatch {
+                    payment,
+                    invoice: *invoice,
+                },
+                _ => UnmatchedReason::NoCandidate,
+            }
+        }
+        _ => UnmatchedReason::NoCandidate,
+    }
+}
+
+struct Restorer<'a> {
+    rebuild: &'a MatcherRebuild,
+    /// `None` while the index is replayed.
+    payments: Option<Payments>,
+    skipped: u64,
+}
+
+impl Restore for Restorer<'_> {
+    async fn apply(&mut self, partition: i32, changes: Vec<Change>) -> Result<(), Failure> {
+        let keys = MatcherKeys(&self.rebuild.keys);
+        let mut pipe = redis::pipe();
+        for c in &changes {
+            let Some(value) = &c.value else { continue };
+            let decoded = match self.rebuild.codec.decode(Some(value)).await {
+                Ok(d) => d,
+                Err(e) if e.is_transient() => return Err(e.into()),
+                Err(e) => {
+                    self.skipped += 1;
+                    tracing::error!(partition, offset = c.offset, error = %e, "unreadable record; skipped in the rebuild");
+                    continue;
+                }
+            };
+            let read = match (decoded.name.as_str(), &mut self.payments) {
+                (records::Invoice::FULL_NAME, None) => decoded
+                    .to::<records::Invoice>()
+                    .map_err(|e| e.to_string())
+                    .and_then(|inv| {
+                        let (ix, reference) = indexed_of(&inv).map_err(|f| format!("{f:?}"))?;
+                        keys.add_index(&mut pipe, &inv.tenant, &ix, reference.as_deref())
+                            .map_err(|e| e.to_string())
+                    }),
+                (PaymentMatched::FULL_NAME, Some(payments)) => decoded
+                    .to::<PaymentMatched>()
+                    .map(|m| {
+                        let allocations = payments
+                            .matched
+                            .entry((m.tenant.clone(), m.payment_id.clone()))
+                            .or_default();
+                        // A repeat of the same allocation (a redelivered decision) counts once.
+                        if !allocations.iter().any(|a| a.invoice_id == m.invoice_id) {
+                            allocations.push(m);
+                        }
+                    })
+                    .map_err(|e| e.to_string()),
+                (PaymentUnmatched::FULL_NAME, Some(payments)) => decoded
+                    .to::<PaymentUnmatched>()
+                    .map(|u| {
+                        payments.unmatched.insert((u.tenant.clone(), u.payment_id.clone()), u);
+                    })
+                    .map_err(|e| e.to_string()),
+                (other, _) => Err(format!("record type '{other}' is not one the matcher rebuilds from")),
+            };
+            if let Err(e) = read {
+                self.skipped += 1;
+                tracing::error!(partition, offset = c.offset, error = %e, "record left out of the rebuild");
+            }
+        }
+        if !pipe.is_empty() {
+            pipe.query_async::<()>(&mut self.rebuild.redis.clone()).await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self, _partition: i32, _end: i64) -> Result<(), Failure> {
+        Ok(())
+    }
+}
