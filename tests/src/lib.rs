@@ -39,6 +39,7 @@ pub fn day(y: i32, m: u32, d: u32) -> NaiveDate {
     NaiveDate::from_ymd_opt(y, m, d).expect("valid date")
 }
 
+#[derive(Debug, Clone)]
 pub struct Sample<'a> {
     pub tenant: &'a str,
     pub invoice_id: &'a str,
@@ -733,12 +734,77 @@ pub const WATCHER_KEY_KINDS: [&str; 10] = [
 
 /// Every key of the watcher's state under `config`'s prefix.
 pub async fn watcher_keys(config: &CommonConfig) -> anyhow::Result<Vec<String>> {
+    scan_keys(config, &WATCHER_KEY_KINDS).await
+}
+
+/// Every key under `config`'s prefix: all services' state, as a flush loses it.
+pub async fn stack_keys(config: &CommonConfig) -> anyhow::Result<Vec<String>> {
+    scan_keys(config, &[""]).await
+}
+
+/// Redis is flushed: every service loses its state (the test's keys only; the server is shared).
+pub async fn flush_stack_state(config: &CommonConfig) -> anyhow::Result<usize> {
+    let keys = stack_keys(config).await?;
+    let mut redis = redis::Client::open(config.redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    for chunk in keys.chunks(1000) {
+        let _: () = redis::cmd("DEL").arg(chunk).query_async(&mut redis).await?;
+    }
+    Ok(keys.len())
+}
+
+/// A copy of every key under `config`'s prefix (DUMP, with its time to live), as a Redis
+/// snapshot holds them.
+pub async fn snapshot_stack_state(config: &CommonConfig) -> anyhow::Result<Vec<(String, Vec<u8>, i64)>> {
+    let keys = stack_keys(config).await?;
+    let mut redis = redis::Client::open(config.redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let mut copy = Vec::with_capacity(keys.len());
+    for key in keys {
+        let (dump, pttl): (Option<Vec<u8>>, i64) = redis::pipe()
+            .cmd("DUMP")
+            .arg(&key)
+            .cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await?;
+        if let Some(dump) = dump {
+            copy.push((key, dump, pttl.max(0)));
+        }
+    }
+    Ok(copy)
+}
+
+/// Redis comes back from an older snapshot: everything under the prefix is as `copy` had it.
+pub async fn restore_stack_state(config: &CommonConfig, copy: &[(String, Vec<u8>, i64)]) -> anyhow::Result<()> {
+    flush_stack_state(config).await?;
+    let mut redis = redis::Client::open(config.redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    for chunk in copy.chunks(500) {
+        let mut pipe = redis::pipe();
+        for (key, dump, pttl) in chunk {
+            pipe.cmd("RESTORE")
+                .arg(key)
+                .arg(*pttl)
+                .arg(dump.as_slice())
+                .arg("REPLACE")
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut redis).await?;
+    }
+    Ok(())
+}
+
+async fn scan_keys(config: &CommonConfig, kinds: &[&str]) -> anyhow::Result<Vec<String>> {
     let mut redis = redis::Client::open(config.redis.url.as_str())?
         .get_multiplexed_async_connection()
         .await?;
     let prefix = &config.redis.key_prefix;
     let mut all = Vec::new();
-    for kind in WATCHER_KEY_KINDS {
+    for kind in kinds {
         let mut cursor = 0u64;
         loop {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")

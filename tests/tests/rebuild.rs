@@ -87,6 +87,7 @@ async fn finish_and_check(
     clock: &ManualClock,
     invoices: &[Sample<'static>],
     paid: &[&str],
+    paid_before_nudge: &[&str],
 ) -> anyhow::Result<()> {
     let unpaid: Vec<&Sample<'static>> = invoices.iter().filter(|s| !paid.contains(&s.invoice_id)).collect();
     for s in &unpaid {
@@ -114,7 +115,9 @@ async fn finish_and_check(
             .filter(|e| e.kind == "step_sent")
             .filter_map(|e| e.step.as_deref())
             .collect();
-        let want: &[&str] = if paid.contains(&s.invoice_id) {
+        let want: &[&str] = if paid_before_nudge.contains(&s.invoice_id) {
+            &[]
+        } else if paid.contains(&s.invoice_id) {
             &["nudge"]
         } else {
             &["nudge", "reminder-1"]
@@ -132,15 +135,17 @@ async fn finish_and_check(
     // invoice nothing after its nudge. (A reminder held for contact hours may end suppressed when
     // the hand-off overtakes it, as the clock runs in half days here.)
     let mut sent = std::collections::HashMap::<(String, String), usize>::new();
+    let mut outcome_ids = std::collections::HashSet::new();
     for o in dispatch_outcomes(stack).await? {
-        if o.status == forfall_platform::records::DispatchStatus::Sent {
+        // A redelivered action's outcome is the same event again (same id): counted once.
+        if o.status == forfall_platform::records::DispatchStatus::Sent && outcome_ids.insert(o.event_id.clone()) {
             *sent.entry((o.invoice_id.clone(), o.step.clone())).or_default() += 1;
         }
     }
     for ((invoice, step), n) in &sent {
         assert_eq!(*n, 1, "{invoice} {step} sent {n} times");
         assert!(
-            !(paid.contains(&invoice.as_str()) && step != "nudge"),
+            !(paid_before_nudge.contains(&invoice.as_str()) || paid.contains(&invoice.as_str()) && step != "nudge"),
             "{invoice} {step} sent after its payment"
         );
     }
@@ -197,7 +202,7 @@ async fn a_watcher_whose_redis_state_is_lost_mid_journey_rebuilds_it_and_nobody_
     pay(&stack, last).await?;
     status_is(&stack, last.tenant, last.invoice_id, "closed:paid").await?;
 
-    finish_and_check(&stack, &clock, &invoices, &paid).await?;
+    finish_and_check(&stack, &clock, &invoices, &paid, &[]).await?;
     stack.shutdown().await;
     Ok(())
 }
@@ -218,7 +223,7 @@ async fn a_redis_restored_from_an_older_snapshot_is_brought_up_to_date_from_the_
     for s in invoices.iter().filter(|s| paid.contains(&s.invoice_id)) {
         status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
     }
-    finish_and_check(&stack, &clock, &invoices, &paid).await?;
+    finish_and_check(&stack, &clock, &invoices, &paid, &[]).await?;
     stack.shutdown().await;
     Ok(())
 }
@@ -374,6 +379,191 @@ async fn a_payment_for_an_invoice_that_never_arrives_is_refused_after_waiting_fo
         Ok((parked().await? == 0).then_some(()))
     })
     .await?;
+    stack.shutdown().await;
+    Ok(())
+}
+
+/// A credit note billing sends for `s`.
+fn credit_note(s: &Sample<'_>, credit_note_id: &str, amount_minor: i64) -> forfall_platform::records::InvoiceCredited {
+    forfall_platform::records::InvoiceCredited {
+        event_id: forfall_platform::records::new_event_id(),
+        tenant: s.tenant.into(),
+        debtor_id: s.debtor_id(),
+        occurred_at: 0,
+        invoice_id: s.invoice_id.into(),
+        credit_note_id: credit_note_id.into(),
+        amount_minor,
+        currency: s.currency.into(),
+    }
+}
+
+/// The newest snapshot ingest published for `invoice_id`.
+async fn latest_snapshot(stack: &LocalStack, invoice_id: &str) -> anyhow::Result<forfall_platform::records::Invoice> {
+    stack
+        .read::<forfall_platform::records::Invoice>(&stack.topic(&stack.topics().invoices))
+        .await?
+        .into_iter()
+        .rfind(|i| i.invoice_id == invoice_id)
+        .ok_or_else(|| anyhow::anyhow!("no snapshot of {invoice_id}"))
+}
+
+/// `forfall rebuild` for every service, as an operator runs it.
+async fn forfall_rebuild(stack: &LocalStack) -> anyhow::Result<()> {
+    let args = forfall::tools::RebuildArgs {
+        services: ["watcher", "ingest", "matcher", "dispatch"].map(String::from).to_vec(),
+        partitions: None,
+        from_start: false,
+        ask_running: false,
+    };
+    forfall::tools::rebuild(&stack.rt, args).await
+}
+
+/// The thirteenth invoice: not issued when its payment arrives.
+fn late_invoice() -> Sample<'static> {
+    let reference = generate(ReferenceKind::Rf, "47110012").expect("an RF reference");
+    Sample {
+        reference: Box::leak(reference.value.into_boxed_str()),
+        amount_minor: 62_000,
+        ..danish("inv-12", "N-12", day(2026, 9, 21), "debtor-4@example.test")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flushed_redis_is_rebuilt_for_every_service_and_the_debtors_notice_nothing() -> anyhow::Result<()> {
+    let (clock, stack, invoices) = start("2026-09-01T06:00:00Z").await?;
+    let billing = stack.topic(&stack.topics().billing_invoice_events);
+    let by_id = |id: &str| invoices.iter().find(|s| s.invoice_id == id).expect("in the workload");
+    // Before the flush: three invoices paid (the matcher's index, allocations and decisions),
+    // a credit note applied (ingest's snapshot), a payment kept for an invoice not issued yet
+    // (the matcher's kept payments), every nudge mailed (dispatch's claims).
+    let paid = ["inv-01", "inv-05", "inv-08", "inv-10", "inv-11", "inv-12"];
+    for id in &paid[..3] {
+        pay(&stack, by_id(id)).await?;
+        status_is(&stack, "acme-energy", id, "closed:paid").await?;
+    }
+    let credited = by_id("inv-07");
+    stack
+        .produce(&billing, &credited.debtor_id(), &credit_note(credited, "CN-7", 5_000))
+        .await?;
+    journey_event(&stack, credited.invoice_id, "the credit note", |e| {
+        e.open_minor == credited.amount_minor - 5_000
+    })
+    .await?;
+    let late = late_invoice();
+    pay(&stack, &late).await?;
+    let unmatched = stack.topic(&stack.topics().payments_unmatched);
+    eventually("the early payment kept", WAIT, || async {
+        Ok(stack
+            .read::<forfall_platform::records::PaymentUnmatched>(&unmatched)
+            .await?
+            .into_iter()
+            .find(|u| u.payment_id == "pay-inv-12"))
+    })
+    .await?;
+    consumed_to_end(&stack, "dispatch", &[stack.topic(&stack.topics().journey_actions)]).await?;
+
+    let lost = flush_stack_state(&stack.rt.config).await?;
+    assert!(lost > 50, "the flush removed the services' state ({lost} keys)");
+    forfall_rebuild(&stack).await?;
+
+    // Ingest: the credit note sent again is not applied twice; a new one for an invoice issued
+    // before the flush is applied (not refused as an unknown invoice).
+    stack
+        .produce(&billing, &credited.debtor_id(), &credit_note(credited, "CN-7", 5_000))
+        .await?;
+    let other = by_id("inv-02");
+    stack
+        .produce(&billing, &other.debtor_id(), &credit_note(other, "CN-2", 2_000))
+        .await?;
+    journey_event(&stack, other.invoice_id, "the credit note after the flush", |e| {
+        e.open_minor == other.amount_minor - 2_000
+    })
+    .await?;
+    consumed_to_end(&stack, "ingest", std::slice::from_ref(&billing)).await?;
+    assert_eq!(
+        latest_snapshot(&stack, credited.invoice_id).await?.credited_minor,
+        5_000,
+        "a credit note repeated after the flush is applied once"
+    );
+    // Dispatch: a nudge delivered again after the flush is not mailed again.
+    let actions = stack.topic(&stack.topics().journey_actions);
+    let nudge = stack
+        .read::<forfall_platform::records::JourneyAction>(&actions)
+        .await?
+        .into_iter()
+        .find(|a| a.invoice_id == "inv-06" && a.step == "nudge")
+        .ok_or_else(|| anyhow::anyhow!("no nudge for inv-06"))?;
+    let mails_before = stack.mail.to(by_id("inv-06").email).len();
+    stack.produce(&actions, &nudge.debtor_id, &nudge).await?;
+    consumed_to_end(&stack, "dispatch", std::slice::from_ref(&actions)).await?;
+    assert_eq!(
+        stack.mail.to(by_id("inv-06").email).len(),
+        mails_before,
+        "the redelivered nudge was not mailed again"
+    );
+    // The matcher: payments for invoices indexed before the flush still find them, and the
+    // payment kept before the flush pays its invoice when it is issued.
+    for id in &paid[3..5] {
+        pay(&stack, by_id(id)).await?;
+        status_is(&stack, "acme-energy", id, "closed:paid").await?;
+    }
+    issue_invoice(&stack, &late).await?;
+    status_is(&stack, late.tenant, late.invoice_id, "closed:paid").await?;
+
+    let mut all = invoices.clone();
+    all.push(late);
+    finish_and_check(&stack, &clock, &all, &paid, &["inv-12"]).await?;
+    stack.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_service_notices_a_redis_restored_from_an_older_snapshot_and_rebuilds() -> anyhow::Result<()> {
+    let (clock, stack, invoices) = start("2026-09-01T06:00:00Z").await?;
+    let billing = stack.topic(&stack.topics().billing_invoice_events);
+    let by_id = |id: &str| invoices.iter().find(|s| s.invoice_id == id).expect("in the workload");
+    let older = snapshot_stack_state(&stack.rt.config).await?;
+    // After the snapshot: two payments, a credit note and the thirteenth invoice.
+    let paid = ["inv-02", "inv-06", "inv-09", "inv-12"];
+    for id in &paid[..2] {
+        pay(&stack, by_id(id)).await?;
+        status_is(&stack, "acme-energy", id, "closed:paid").await?;
+    }
+    let credited = by_id("inv-03");
+    stack
+        .produce(&billing, &credited.debtor_id(), &credit_note(credited, "CN-3", 4_000))
+        .await?;
+    journey_event(&stack, credited.invoice_id, "the credit note", |e| {
+        e.open_minor == credited.amount_minor - 4_000
+    })
+    .await?;
+    let late = late_invoice();
+    issue_invoice(&stack, &late).await?;
+    status_is(&stack, late.tenant, late.invoice_id, "open").await?;
+
+    // Redis comes back from the snapshot, without anyone running `forfall rebuild`.
+    restore_stack_state(&stack.rt.config, &older).await?;
+    // A second credit note: ingest's snapshot has the first again, so both count.
+    stack
+        .produce(&billing, &credited.debtor_id(), &credit_note(credited, "CN-3b", 1_000))
+        .await?;
+    consumed_to_end(&stack, "ingest", std::slice::from_ref(&billing)).await?;
+    assert_eq!(
+        latest_snapshot(&stack, credited.invoice_id).await?.credited_minor,
+        5_000,
+        "the credit note applied after the snapshot still counts"
+    );
+    // A payment for the invoice indexed after the snapshot finds it; another one too.
+    for id in ["inv-09"] {
+        pay(&stack, by_id(id)).await?;
+        status_is(&stack, "acme-energy", id, "closed:paid").await?;
+    }
+    pay(&stack, &late).await?;
+    status_is(&stack, late.tenant, late.invoice_id, "closed:paid").await?;
+
+    let mut all = invoices.clone();
+    all.push(late);
+    finish_and_check(&stack, &clock, &all, &paid, &["inv-12"]).await?;
     stack.shutdown().await;
     Ok(())
 }

@@ -76,7 +76,8 @@ fn main() -> anyhow::Result<()> {
             Command::Payments(cmd) => forfall::tools::payments(cmd).await,
             Command::Rebuild(args) => {
                 telemetry::init(&common.log);
-                forfall::tools::rebuild(&common, args).await
+                let rt = Runtime::new(common, figment, Arc::new(SystemClock), CancellationToken::new());
+                forfall::tools::rebuild(&rt, args).await
             }
             Command::Reference(_) | Command::Law(_) | Command::Calendar(_) | Command::Policy(_) => Ok(()),
         }

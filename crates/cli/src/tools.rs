@@ -328,7 +328,11 @@ pub async fn payments(cmd: PaymentsCommand) -> anyhow::Result<()> {
 /// `forfall rebuild`.
 #[derive(clap::Args, Debug)]
 pub struct RebuildArgs {
-    /// Only these partitions (comma-separated); all by default.
+    /// The services whose state to rebuild (comma-separated: watcher, ingest, matcher,
+    /// dispatch); all by default.
+    #[arg(long, value_delimiter = ',', default_value = "watcher,ingest,matcher,dispatch")]
+    pub services: Vec<String>,
+    /// Only these partitions of the watcher's changelog (comma-separated); all by default.
     #[arg(long, value_delimiter = ',')]
     pub partitions: Option<Vec<i32>>,
     /// Replay every partition from the start, whatever Redis says it holds.
@@ -340,21 +344,91 @@ pub struct RebuildArgs {
     pub ask_running: bool,
 }
 
-pub async fn rebuild(config: &forfall_platform::config::CommonConfig, args: RebuildArgs) -> anyhow::Result<()> {
-    let request = forfall_watcher::rebuild::Request {
-        partitions: args.partitions,
-        from_start: args.from_start,
-        ask_running: args.ask_running,
-    };
-    let progress =
-        forfall_watcher::rebuild::rebuild_deployment(config, &request, |p| eprintln!("watcher: {p}")).await?;
-    if request.ask_running {
-        println!(
-            "watcher: {} partitions marked for rebuilding; the running watchers rebuild them at their next read",
-            progress.partitions
+pub async fn rebuild(rt: &forfall_platform::service::Runtime, args: RebuildArgs) -> anyhow::Result<()> {
+    const KNOWN: [&str; 4] = ["watcher", "ingest", "matcher", "dispatch"];
+    if let Some(unknown) = args.services.iter().find(|s| !KNOWN.contains(&s.as_str())) {
+        anyhow::bail!(
+            "--services: '{unknown}' keeps no state to rebuild; choose from {}",
+            KNOWN.join(", ")
         );
-    } else {
-        println!("watcher: rebuilt, {progress}");
     }
+    let wants = |s: &str| args.services.iter().any(|w| w == s);
+    if wants("watcher") {
+        let request = forfall_watcher::rebuild::Request {
+            partitions: args.partitions.clone(),
+            from_start: args.from_start,
+            ask_running: args.ask_running,
+        };
+        let progress =
+            forfall_watcher::rebuild::rebuild_deployment(&rt.config, &request, |p| eprintln!("watcher: {p}")).await?;
+        if request.ask_running {
+            println!(
+                "watcher: {} partitions marked for rebuilding; the running watchers rebuild them at their next read",
+                progress.partitions
+            );
+        } else {
+            println!("watcher: rebuilt, {progress}");
+        }
+    }
+    let redis = forfall_platform::redis_store::connect(&rt.config.redis).await?;
+    if wants("ingest") {
+        let rebuilder = forfall_ingest::rebuilder(rt, redis.clone())?;
+        rebuild_derived(rt, forfall_ingest::SERVICE, redis.clone(), rebuilder, args.ask_running).await?;
+    }
+    if wants("matcher") {
+        let rebuilder = forfall_matcher::rebuilder(rt, redis.clone());
+        rebuild_derived(rt, forfall_matcher::SERVICE, redis.clone(), rebuilder, args.ask_running).await?;
+    }
+    if wants("dispatch") {
+        let settings: forfall_dispatch::DispatchSettings =
+            forfall_platform::config::section(&rt.figment, forfall_dispatch::SERVICE)?;
+        let rebuilder = forfall_dispatch::rebuilder(rt, &settings, redis.clone());
+        rebuild_derived(
+            rt,
+            forfall_dispatch::SERVICE,
+            redis.clone(),
+            rebuilder,
+            args.ask_running,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Rebuilds one service's derived state here (or, with `ask_running`, has its running
+/// instances do it), waiting while a running instance is already at it.
+async fn rebuild_derived<R: forfall_platform::derived_state::Rebuild>(
+    rt: &forfall_platform::service::Runtime,
+    service: &'static str,
+    redis: redis::aio::ConnectionManager,
+    rebuilder: R,
+    ask_running: bool,
+) -> anyhow::Result<()> {
+    use forfall_platform::derived_state::{DerivedState, ask_rebuild};
+    if ask_running {
+        ask_rebuild(&mut redis.clone(), &rt.keys(), service).await?;
+        println!("{service}: marked for rebuilding; its running instances rebuild it at once");
+        return Ok(());
+    }
+    let state = DerivedState::new(
+        &rt.keys(),
+        service,
+        redis,
+        forfall_platform::admin::Readiness::default(),
+        rebuilder,
+    );
+    let started = std::time::Instant::now();
+    let mut result = state.rebuild_now().await;
+    // A running instance may have taken the rebuild on (it saw the marker go): wait for it.
+    while let Err(e) = result {
+        anyhow::ensure!(
+            started.elapsed() < std::time::Duration::from_secs(1800),
+            "{service}: not rebuilt after 30 minutes: {e:?}"
+        );
+        eprintln!("{service}: {e:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        result = state.ensure_ready().await;
+    }
+    println!("{service}: rebuilt in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }

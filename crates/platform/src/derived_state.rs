@@ -3,11 +3,14 @@
 //! never acted on while missing.
 //!
 //! One marker per service (`<prefix>:<service>:state`) says whether Redis holds the state:
-//! `ready`, `rebuilding:<token>` while one instance rebuilds it, nothing when Redis lost it.
-//! Every write a service decides on checks the marker in the same script (see
-//! [`DerivedState::marker_key`]) and is refused without it, so a decision is never booked on
-//! an empty Redis; reads that could decide alone (a rejection for a missing key) read the
-//! marker in the same round trip. A missing marker makes the instance rebuild: one instance at
+//! `ready:<epoch>:<writes>` (the epoch is when the state was last rebuilt, the count grows
+//! with every write), `rebuilding:<token>` while one instance rebuilds it, nothing when Redis
+//! lost it. Every write a service decides on checks the marker in the same script (see
+//! [`guard_lua`]) and is refused without it, so a decision is never booked on an empty Redis;
+//! reads that could decide alone (a rejection for a missing key) read the marker in the same
+//! round trip. Each instance remembers the highest marker it has seen: a marker lower than
+//! that is a Redis restored from an older copy (or restarted having lost its last writes),
+//! behind the topics, and is rebuilt like a lost one. A missing marker makes the instance rebuild: one instance at
 //! a time (a lease in Redis), the others wait and are not ready meanwhile. A fresh deployment
 //! finds no marker either, and its rebuild of empty topics takes a moment.
 //!
@@ -27,8 +30,42 @@ use crate::changelog::Progress;
 use crate::kafka::Failure;
 use crate::redis_store::Keys;
 
-/// The marker's value when Redis holds the whole state.
-pub const READY: &str = "ready";
+/// What a marker says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marker {
+    /// Redis holds the state: (epoch, writes).
+    Ready(i64, i64),
+    /// Being rebuilt, or lost.
+    NotReady,
+}
+
+impl Marker {
+    pub fn parse(value: Option<&str>) -> Marker {
+        let parsed = value.and_then(|v| v.strip_prefix("ready:")).and_then(|v| {
+            let (epoch, writes) = v.split_once(':')?;
+            Some(Marker::Ready(epoch.parse().ok()?, writes.parse().ok()?))
+        });
+        parsed.unwrap_or(Marker::NotReady)
+    }
+}
+
+/// The Lua that starts every write script of a service's derived state: it returns -2 (the
+/// service then calls [`DerivedState::missing`]) when the marker (`marker`, a `KEYS[..]`
+/// expression) is not ready or is lower than what the instance has seen (`seen_epoch`,
+/// `seen_writes`: `ARGV[..]` expressions given [`DerivedState::seen`]), and counts the write.
+pub fn guard_lua(marker: &str, seen_epoch: &str, seen_writes: &str) -> String {
+    format!(
+        r"local marker = redis.call('GET', {marker})
+if not marker then return -2 end
+local epoch_text, writes_text = string.match(marker, '^ready:(%d+):(%d+)$')
+if not epoch_text then return -2 end
+local epoch, writes = tonumber(epoch_text), tonumber(writes_text)
+local seen_epoch, seen_writes = tonumber({seen_epoch}), tonumber({seen_writes})
+if epoch < seen_epoch or (epoch == seen_epoch and writes < seen_writes) then return -2 end
+redis.call('SET', {marker}, 'ready:' .. epoch_text .. ':' .. string.format('%d', writes + 1))
+"
+    )
+}
 
 /// How a service rebuilds its state from its topics.
 pub trait Rebuild: Send + Sync + 'static {
@@ -50,6 +87,8 @@ pub struct DerivedState<R> {
     rebuilder: R,
     /// This instance saw the marker ready and has not seen it missing since.
     known_ready: AtomicBool,
+    /// The highest ready marker this instance has seen (epoch, writes).
+    seen: std::sync::Mutex<(i64, i64)>,
     one_at_a_time: tokio::sync::Mutex<()>,
 }
 
@@ -83,14 +122,41 @@ impl<R: Rebuild> DerivedState<R> {
             readiness,
             rebuilder,
             known_ready: AtomicBool::new(false),
+            seen: std::sync::Mutex::new((0, 0)),
             one_at_a_time: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// The marker key, for scripts that refuse to write without it: they compare its value
-    /// with [`READY`] and return a distinct code (the service then calls [`Self::missing`]).
+    /// The marker key, for the scripts that refuse to write without it ([`guard_lua`]).
     pub fn marker_key(&self) -> &str {
         &self.marker
+    }
+
+    /// The highest marker this instance has seen, for [`guard_lua`]'s arguments.
+    pub fn seen(&self) -> (i64, i64) {
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a marker read is ready and not behind what this instance has seen (which it
+    /// then raises to it).
+    fn observe(&self, marker: Marker) -> bool {
+        let Marker::Ready(epoch, writes) = marker else {
+            return false;
+        };
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if (epoch, writes) < *seen {
+            tracing::warn!(
+                service = self.service,
+                marker_epoch = epoch,
+                marker_writes = writes,
+                seen_epoch = seen.0,
+                seen_writes = seen.1,
+                "Redis holds an older state than this instance has seen (restored from an older copy?)"
+            );
+            return false;
+        }
+        *seen = (epoch, writes);
+        true
     }
 
     /// What a write refused for a missing marker becomes: a transient failure (the record is
@@ -107,9 +173,9 @@ impl<R: Rebuild> DerivedState<R> {
         ))
     }
 
-    /// A marker value read together with other keys: `Err` when it is not ready.
+    /// A marker value read together with other keys: `Err` when it is not ready or behind.
     pub fn check(&self, marker: Option<&str>) -> Result<(), Failure> {
-        if marker == Some(READY) {
+        if self.observe(Marker::parse(marker)) {
             Ok(())
         } else {
             Err(self.missing())
@@ -128,7 +194,8 @@ impl<R: Rebuild> DerivedState<R> {
             .arg(&self.marker)
             .query_async(&mut self.redis.clone())
             .await?;
-        if marker.as_deref() == Some(READY) {
+        let marker = Marker::parse(marker.as_deref());
+        if self.observe(marker) {
             self.known_ready.store(true, Ordering::SeqCst);
             return Ok(());
         }
@@ -179,10 +246,19 @@ impl<R: Rebuild> DerivedState<R> {
                   return 1",
             )
         });
+        // A new epoch, later than any before it: instances that saw the old state accept it.
+        let previous = match marker {
+            Marker::Ready(epoch, _) => epoch,
+            Marker::NotReady => 0,
+        };
+        let epoch = chrono::Utc::now()
+            .timestamp_millis()
+            .max(previous + 1)
+            .max(self.seen().0 + 1);
         let finished: i32 = FINISH
             .key(&self.marker)
             .arg(&rebuilding)
-            .arg(READY)
+            .arg(format!("ready:{epoch}:0"))
             .invoke_async(&mut self.redis.clone())
             .await?;
         self.release(&token).await;
@@ -190,6 +266,7 @@ impl<R: Rebuild> DerivedState<R> {
             return Err(self.missing());
         }
         tracing::info!(service = self.service, progress = %progress, "state rebuilt from the topics");
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = (epoch, 0);
         self.known_ready.store(true, Ordering::SeqCst);
         Ok(())
     }
@@ -205,7 +282,7 @@ impl<R: Rebuild> DerivedState<R> {
                 .query_async(&mut self.redis.clone())
                 .await;
             match marker {
-                Ok(Some(m)) if m == READY => continue,
+                Ok(m) if self.observe(Marker::parse(m.as_deref())) => continue,
                 Ok(_) => {
                     self.known_ready.store(false, Ordering::SeqCst);
                     if let Err(e) = self.ensure_ready().await {

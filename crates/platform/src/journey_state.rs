@@ -113,7 +113,9 @@ pub fn status_accepts_contact(status: Option<&str>) -> bool {
 
 /// What the last look needs: the status, and whether the stored journey already includes the
 /// action's own step. The watcher produces an action before it writes the journey (so that
-/// nothing is lost on a crash), so for a moment the stored state can lag the action.
+/// nothing is lost on a crash), so for a moment the stored state can lag the action. A journey
+/// not there at all is lagging too (a new journey not written yet, or the watcher's state lost
+/// and being rebuilt), never a reason to suppress at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LastLook {
     pub status: Option<String>,
@@ -125,8 +127,7 @@ impl LastLook {
         let header = value.and_then(decode).map(|(h, _)| h);
         let caught_up = header
             .as_ref()
-            .and_then(|h| h.next_step)
-            .is_none_or(|next| next > i64::from(step_index));
+            .is_some_and(|h| h.next_step.is_none_or(|next| next > i64::from(step_index)));
         LastLook {
             status: header.map(|h| h.status),
             caught_up,
@@ -252,7 +253,10 @@ mod tests {
         };
         assert!(!LastLook::of(Some(&at(Some(1))), 1).caught_up);
         assert!(LastLook::of(Some(&at(Some(2))), 1).caught_up);
-        assert!(LastLook::of(None, 1).caught_up, "nothing stored: nothing to wait for");
+        assert!(
+            !LastLook::of(None, 1).caught_up,
+            "nothing stored: the journey is not written yet or is being rebuilt"
+        );
         assert_eq!(LastLook::of(Some(&at(None)), 1).status.as_deref(), Some("nudged"));
     }
 

@@ -33,7 +33,7 @@ pub mod content;
 mod deferral;
 mod message;
 mod ratelimit;
-mod rebuild;
+pub mod rebuild;
 mod receipts;
 mod smtp;
 
@@ -46,7 +46,7 @@ use content::Templates;
 use forfall_domain::Jurisdiction;
 use forfall_domain::calendar::{ContactHours, next_contact_moment};
 use forfall_platform::changelog::{self, Changelog};
-use forfall_platform::derived_state::DerivedState;
+use forfall_platform::derived_state::{DerivedState, guard_lua};
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::records::{DispatchOutcome, DispatchStatus, JourneyAction, derived_id};
 use forfall_platform::redis_store::{self, Keys};
@@ -353,22 +353,23 @@ impl<'a> Attempt<'a> {
     /// that lost dispatch's state: a claim missing for that reason is not a message unsent.
     async fn claim(&self) -> Result<bool, Failure> {
         static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
-            redis::Script::new(
-                r"if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
-                  if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-                  return 0",
-            )
+            redis::Script::new(&format!(
+                "{}if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end\nreturn 0",
+                guard_lua("KEYS[2]", "ARGV[3]", "ARGV[4]")
+            ))
         });
+        let (epoch, writes) = self.dispatch.state.seen();
         let claimed: i32 = CLAIM
             .key(self.key)
             .key(self.dispatch.state.marker_key())
             .arg(&self.lease)
             .arg(self.dispatch.settings.claim_lease_ms)
-            .arg(forfall_platform::derived_state::READY)
+            .arg(epoch)
+            .arg(writes)
             .invoke_async(&mut self.dispatch.redis.clone())
             .await?;
         match claimed {
-            -1 => Err(self.dispatch.state.missing()),
+            -2 => Err(self.dispatch.state.missing()),
             claimed => Ok(claimed == 1),
         }
     }
@@ -1078,6 +1079,20 @@ fn sms_providers(settings: &SmsSettings) -> anyhow::Result<Vec<SmsProvider>> {
     Ok(providers)
 }
 
+/// What rebuilds dispatch's state (see [`rebuild`]).
+pub fn rebuilder(rt: &Runtime, settings: &DispatchSettings, redis: ConnectionManager) -> rebuild::DispatchRebuild {
+    rebuild::DispatchRebuild {
+        kafka: rt.config.kafka.clone(),
+        outcomes_topic: rt.topic(&rt.config.topics.dispatch_outcomes),
+        changelog_topic: rt.topic(&rt.config.topics.dispatch_changelog),
+        codec: rt.codec.clone(),
+        redis,
+        keys: rt.keys(),
+        idempotency_ttl_secs: settings.idempotency_ttl_days * 86_400,
+        remember_sent_secs: settings.receipts.remember_days * 86_400,
+    }
+}
+
 /// Runs dispatch until shutdown.
 pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let settings: DispatchSettings = config::section(&rt.figment, SERVICE)?;
@@ -1147,16 +1162,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         SERVICE,
         redis.clone(),
         shell.readiness.clone(),
-        rebuild::DispatchRebuild {
-            kafka: rt.config.kafka.clone(),
-            outcomes_topic: outcomes_topic.clone(),
-            changelog_topic: changelog_topic.clone(),
-            codec: rt.codec.clone(),
-            redis: redis.clone(),
-            keys: rt.keys(),
-            idempotency_ttl_secs: settings.idempotency_ttl_days * 86_400,
-            remember_sent_secs: settings.receipts.remember_days * 86_400,
-        },
+        rebuilder(&rt, &settings, redis.clone()),
     ));
     receipts.set_state(state.clone());
     let watching = tokio::spawn(state.clone().watch(Duration::from_secs(1)));

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use forfall_domain::Money;
 use forfall_domain::invoice::{self, Contact, InvoiceSnapshot, IssuedInput, RevisionDecision};
 use forfall_platform::config;
-use forfall_platform::derived_state::DerivedState;
+use forfall_platform::derived_state::{DerivedState, guard_lua};
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, run_consumer};
 use forfall_platform::records::{
     self, InvoiceCancelled, InvoiceChange, InvoiceCredited, InvoiceIssued, Record, derived_id,
@@ -212,19 +212,20 @@ impl Ingest {
     /// Writes the snapshot (kept for the retention from now), refused without the marker.
     async fn save(&self, stored: &Stored) -> Result<(), Failure> {
         static SAVE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-            redis::Script::new(
-                r"if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
-                  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-                  return 1",
-            )
+            redis::Script::new(&format!(
+                "{}redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])\nreturn 1",
+                guard_lua("KEYS[2]", "ARGV[3]", "ARGV[4]")
+            ))
         });
         let json = serde_json::to_string(stored).map_err(|e| Failure::Fatal(e.into()))?;
+        let (epoch, writes) = self.state.seen();
         let saved: i32 = SAVE
             .key(self.keys.stored(&stored.snapshot.tenant, &stored.snapshot.invoice_id))
             .key(self.state.marker_key())
             .arg(json)
             .arg(self.retention.secs)
-            .arg(forfall_platform::derived_state::READY)
+            .arg(epoch)
+            .arg(writes)
             .invoke_async(&mut self.redis.clone())
             .await?;
         if saved != 1 {
@@ -410,6 +411,21 @@ impl Handler for Ingest {
     }
 }
 
+/// What rebuilds ingest's state (see [`rebuild`]).
+pub fn rebuilder(rt: &Runtime, redis: ConnectionManager) -> anyhow::Result<rebuild::IngestRebuild> {
+    let settings: IngestSettings = config::section(&rt.figment, SERVICE)?;
+    Ok(rebuild::IngestRebuild {
+        kafka: rt.config.kafka.clone(),
+        topic: rt.topic(&rt.config.topics.invoices),
+        codec: rt.codec.clone(),
+        redis,
+        keys: StoredKeys::new(rt.keys()),
+        retention: Retention {
+            secs: settings.snapshot_retention_days * 86_400,
+        },
+    })
+}
+
 /// Runs ingest until shutdown.
 pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let billing_topic = rt.topic(&rt.config.topics.billing_invoice_events);
@@ -430,26 +446,16 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         &["change"],
     )?;
     shell.metrics.registry.register(Box::new(changes.clone()))?;
-    let settings: IngestSettings = config::section(&rt.figment, SERVICE)?;
     let redis = redis_store::connect(&rt.config.redis).await?;
-    let keys = StoredKeys::new(rt.keys());
-    let retention = Retention {
-        secs: settings.snapshot_retention_days * 86_400,
-    };
-    let invoices_topic = rt.topic(&rt.config.topics.invoices);
+    let rebuilder = rebuilder(&rt, redis.clone())?;
+    let (keys, retention) = (rebuilder.keys.clone(), rebuilder.retention);
+    let invoices_topic = rebuilder.topic.clone();
     let state = Arc::new(DerivedState::new(
         &rt.keys(),
         SERVICE,
         redis.clone(),
         shell.readiness.clone(),
-        rebuild::IngestRebuild {
-            kafka: rt.config.kafka.clone(),
-            topic: invoices_topic.clone(),
-            codec: rt.codec.clone(),
-            redis: redis.clone(),
-            keys: keys.clone(),
-            retention,
-        },
+        rebuilder,
     ));
     let watching = tokio::spawn(state.clone().watch(std::time::Duration::from_secs(1)));
     let ingest = Ingest {

@@ -31,7 +31,7 @@ use forfall_domain::invoice::date_from_epoch_days;
 use forfall_domain::matching::{self, Allocation, Candidates, IncomingPayment, MatchDecision, OpenInvoice};
 use forfall_domain::reference::normalise;
 use forfall_domain::{Currency, Money};
-use forfall_platform::derived_state::DerivedState;
+use forfall_platform::derived_state::{DerivedState, guard_lua};
 use forfall_platform::kafka::{self, Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::records::{
     self, HandoffRecall, PaymentMatched, PaymentReceived, PaymentUnmatched, Record, derived_id,
@@ -173,11 +173,6 @@ impl Matcher {
 
     fn key(&self, kind: &str, tenant: &str, id: &str) -> String {
         MatcherKeys(&self.0.keys).key(kind, tenant, id)
-    }
-
-    async fn get_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, Failure> {
-        let raw: Option<String> = redis::cmd("GET").arg(key).query_async(&mut self.conn()).await?;
-        Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
     }
 
     async fn members(&self, key: &str) -> Result<Vec<String>, Failure> {
@@ -377,11 +372,10 @@ impl Matcher {
     /// pending until its events are acknowledged (see [`Matcher::announce_manual`]).
     async fn book(&self, d: &Decided, seen: &Seen, replace: bool) -> Result<Booked, Failure> {
         static BOOK: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-            redis::Script::new(
-                r"
-local n = tonumber(ARGV[5])
-if redis.call('GET', KEYS[6 + n]) ~= ARGV[8 + 2 * n] then return -2 end
-if ARGV[4] == 'new' and redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+            redis::Script::new(&format!(
+                "local n = tonumber(ARGV[5])\n{}{}",
+                guard_lua("KEYS[6 + n]", "ARGV[8 + 2 * n]", "ARGV[9 + 2 * n]"),
+                r"if ARGV[4] == 'new' and redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 if ARGV[4] == 'replace' and redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return -1 end
 for i = 1, n do
   local current = tonumber(redis.call('GET', KEYS[4 + i]) or '0')
@@ -400,8 +394,8 @@ else
   if ARGV[7 + 2 * n] == 'pending' then redis.call('SADD', KEYS[5 + n], ARGV[2]) end
 end
 redis.call('SET', KEYS[1], ARGV[1])
-return 1",
-            )
+return 1"
+            ))
         });
         let p = &d.payment;
         let mut added: BTreeMap<&str, i64> = BTreeMap::new();
@@ -461,9 +455,8 @@ return 1",
             .key(self.manual_pending_key(&p.tenant))
             .arg(if d.matched_by.is_some() { "pending" } else { "" });
         // Nothing is booked on a Redis that lost the state (see `rebuild`).
-        invocation
-            .key(self.0.state.marker_key())
-            .arg(forfall_platform::derived_state::READY);
+        let (epoch, writes) = self.0.state.seen();
+        invocation.key(self.0.state.marker_key()).arg(epoch).arg(writes);
         let booked: i32 = invocation.invoke_async(&mut self.conn()).await?;
         let booked = match booked {
             1 => Booked::Done,
@@ -495,8 +488,16 @@ return 1",
         Ok(booked)
     }
 
+    /// A payment's booked decision, read with the state marker: a decision missing because
+    /// Redis lost it (or went back to an older copy) is never taken for a payment not decided.
     async fn decided(&self, tenant: &str, payment_id: &str) -> Result<Option<Decided>, Failure> {
-        self.get_json(&self.key("payment", tenant, payment_id)).await
+        let (raw, marker): (Option<String>, Option<String>) = redis::pipe()
+            .get(self.key("payment", tenant, payment_id))
+            .get(self.0.state.marker_key())
+            .query_async(&mut self.conn())
+            .await?;
+        self.0.state.check(marker.as_deref())?;
+        Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
     }
 
     async fn payment(&self, p: PaymentReceived, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
@@ -539,19 +540,21 @@ return 1",
     /// Indexes an invoice snapshot, then tries the payments kept for its reference.
     async fn index(&self, inv: records::Invoice, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
         static INDEX: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-            redis::Script::new(
-                r"if redis.call('GET', KEYS[5]) ~= ARGV[4] then return -2 end
-                  redis.call('SET', KEYS[1], ARGV[1])
+            redis::Script::new(&format!(
+                "{}{}",
+                guard_lua("KEYS[5]", "ARGV[4]", "ARGV[5]"),
+                r"redis.call('SET', KEYS[1], ARGV[1])
                   redis.call('SADD', KEYS[2], ARGV[2])
                   if ARGV[3] == '1' then redis.call('SADD', KEYS[3], ARGV[2]) end
-                  if ARGV[5] == '1' then redis.call('SET', KEYS[4], ARGV[2]) end
-                  return 1",
-            )
+                  if ARGV[6] == '1' then redis.call('SET', KEYS[4], ARGV[2]) end
+                  return 1"
+            ))
         });
         let (ix, reference) = indexed_of(&inv)?;
         let number = normalise(&inv.invoice_number);
         let json = serde_json::to_string(&ix).map_err(|e| Failure::Fatal(e.into()))?;
         // One script: nothing is indexed on a Redis that lost the state.
+        let (epoch, writes) = self.0.state.seen();
         let indexed: i32 = INDEX
             .key(self.key("inv", &inv.tenant, &inv.invoice_id))
             .key(self.key("debtor", &inv.tenant, &inv.debtor_id))
@@ -561,7 +564,8 @@ return 1",
             .arg(json)
             .arg(&inv.invoice_id)
             .arg(if number.is_empty() { "0" } else { "1" })
-            .arg(forfall_platform::derived_state::READY)
+            .arg(epoch)
+            .arg(writes)
             .arg(if reference.is_some() { "1" } else { "0" })
             .invoke_async(&mut self.conn())
             .await?;
@@ -880,6 +884,19 @@ impl Handler for Matcher {
     }
 }
 
+/// What rebuilds the matcher's state (see [`rebuild`]).
+pub fn rebuilder(rt: &Runtime, redis: ConnectionManager) -> rebuild::MatcherRebuild {
+    rebuild::MatcherRebuild {
+        kafka: rt.config.kafka.clone(),
+        invoices_topic: rt.topic(&rt.config.topics.invoices),
+        matched_topic: rt.topic(&rt.config.topics.payments_matched),
+        unmatched_topic: rt.topic(&rt.config.topics.payments_unmatched),
+        codec: rt.codec.clone(),
+        redis,
+        keys: rt.keys(),
+    }
+}
+
 /// Runs the matcher until shutdown.
 pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let redis = redis_store::connect(&rt.config.redis).await?;
@@ -904,15 +921,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             SERVICE,
             redis.clone(),
             readiness.clone(),
-            rebuild::MatcherRebuild {
-                kafka: rt.config.kafka.clone(),
-                invoices_topic: rt.topic(&rt.config.topics.invoices),
-                matched_topic: rt.topic(&rt.config.topics.payments_matched),
-                unmatched_topic: rt.topic(&rt.config.topics.payments_unmatched),
-                codec: rt.codec.clone(),
-                redis: redis.clone(),
-                keys: rt.keys(),
-            },
+            rebuilder(&rt, redis.clone()),
         ));
         let m = Matcher(Arc::new(Inner {
             rt: rt.clone(),

@@ -201,7 +201,7 @@ pub async fn play(supervisor: Arc<Supervisor>, seed: u64, stop: CancellationToke
             _ = tokio::time::sleep(pause) => {}
         }
         supervisor.reap().await?;
-        match rng.random_range(0..9) {
+        match rng.random_range(0..10) {
             0 => {
                 let service = SERVICES[rng.random_range(0..SERVICES.len())];
                 supervisor.count("kill_9").await;
@@ -267,11 +267,16 @@ pub async fn play(supervisor: Arc<Supervisor>, seed: u64, stop: CancellationToke
                     .after_accepting_next(&[AfterAccept::Delay(Duration::from_secs(12))]);
             }
             7 => {
-                // Redis loses the watcher's state (what a flush or a failover to an empty
-                // replica does to it; the other services' state is not yet kept on changelogs,
-                // so only the watcher's keys go): the watchers rebuild it from their changelog.
+                // Redis loses the watcher's state alone: the watchers rebuild the partitions
+                // they own from their changelog, the other services carry on.
                 supervisor.count("watcher_state_lost").await;
                 crate::lose_watcher_state(&infra.config).await?;
+            }
+            8 => {
+                // Redis is flushed (or fails over to an empty replica): every service finds its
+                // state missing and rebuilds it from the topics before acting again.
+                supervisor.count("redis_flushed").await;
+                crate::flush_stack_state(&infra.config).await?;
             }
             _ => {
                 // Longer than dispatch's SMTP timeout (10 s): the server has the message, the
