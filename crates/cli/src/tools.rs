@@ -376,7 +376,9 @@ pub async fn rebuild(rt: &forfall_platform::service::Runtime, args: RebuildArgs)
         rebuild_derived(rt, forfall_ingest::SERVICE, redis.clone(), rebuilder, args.ask_running).await?;
     }
     if wants("matcher") {
-        let rebuilder = forfall_matcher::rebuilder(rt, redis.clone());
+        let settings: forfall_matcher::MatcherSettings =
+            forfall_platform::config::section(&rt.figment, forfall_matcher::SERVICE)?;
+        let rebuilder = forfall_matcher::rebuilder(rt, &settings, redis.clone());
         rebuild_derived(rt, forfall_matcher::SERVICE, redis.clone(), rebuilder, args.ask_running).await?;
     }
     if wants("dispatch") {

@@ -79,6 +79,8 @@ pub(crate) struct Inner {
     redis: ConnectionManager,
     keys: Keys,
     state: Arc<DerivedState<rebuild::MatcherRebuild>>,
+    /// `matcher.retention_days`, in seconds.
+    retention_secs: u64,
     producer: Producer,
     metrics: Metrics,
 }
@@ -393,7 +395,7 @@ else
   redis.call('HDEL', KEYS[2], ARGV[2])
   if ARGV[7 + 2 * n] == 'pending' then redis.call('SADD', KEYS[5 + n], ARGV[2]) end
 end
-redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[10 + 2 * n])
 return 1"
             ))
         });
@@ -456,7 +458,11 @@ return 1"
             .arg(if d.matched_by.is_some() { "pending" } else { "" });
         // Nothing is booked on a Redis that lost the state (see `rebuild`).
         let (epoch, writes) = self.0.state.seen();
-        invocation.key(self.0.state.marker_key()).arg(epoch).arg(writes);
+        invocation
+            .key(self.0.state.marker_key())
+            .arg(epoch)
+            .arg(writes)
+            .arg(self.0.retention_secs);
         let booked: i32 = invocation.invoke_async(&mut self.conn()).await?;
         let booked = match booked {
             1 => Booked::Done,
@@ -481,7 +487,11 @@ return 1"
             // Learning who pays for whom: a hint for later payments, not part of the booking.
             let mut pipe = redis::pipe();
             for a in allocations {
-                pipe.sadd(self.key("acct", &p.tenant, &account), &a.debtor_id).ignore();
+                let hints = self.key("acct", &p.tenant, &account);
+                pipe.sadd(&hints, &a.debtor_id)
+                    .ignore()
+                    .expire(&hints, self.0.retention_secs as i64)
+                    .ignore();
             }
             let _: () = pipe.query_async(&mut self.conn()).await?;
         }
@@ -832,6 +842,12 @@ pub struct MatcherSettings {
     /// How often (seconds) the events of manual matches booked but not acknowledged (a stop or
     /// a broker outage right after booking) are sent again; also once at start.
     pub manual_resend_secs: u64,
+    /// Days a payment's decision (what a repeat of it is told) and a payer account's hint are
+    /// kept. A bank reports a payment again within days, a re-imported statement comes within
+    /// months: 400 days covers them; longer would keep debtors' payments beyond need. Unmatched
+    /// payments stay until a person matches them (they are a work list, not history). The index
+    /// and allocations of invoices are kept: an invoice may stay open for years.
+    pub retention_days: u64,
 }
 
 impl Default for MatcherSettings {
@@ -839,6 +855,7 @@ impl Default for MatcherSettings {
         Self {
             concurrency: 16,
             manual_resend_secs: 10,
+            retention_days: 400,
         }
     }
 }
@@ -885,7 +902,7 @@ impl Handler for Matcher {
 }
 
 /// What rebuilds the matcher's state (see [`rebuild`]).
-pub fn rebuilder(rt: &Runtime, redis: ConnectionManager) -> rebuild::MatcherRebuild {
+pub fn rebuilder(rt: &Runtime, settings: &MatcherSettings, redis: ConnectionManager) -> rebuild::MatcherRebuild {
     rebuild::MatcherRebuild {
         kafka: rt.config.kafka.clone(),
         invoices_topic: rt.topic(&rt.config.topics.invoices),
@@ -894,6 +911,7 @@ pub fn rebuilder(rt: &Runtime, redis: ConnectionManager) -> rebuild::MatcherRebu
         codec: rt.codec.clone(),
         redis,
         keys: rt.keys(),
+        retention_secs: settings.retention_days * 86_400,
     }
 }
 
@@ -914,6 +932,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         )
         .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
     )?;
+    let settings: MatcherSettings = config::section(&rt.figment, SERVICE)?;
     let mut core = None;
     let shell = ServiceShell::start_with_routes(&rt, SERVICE, PORT_OFFSET, |_, producer, readiness| {
         let state = Arc::new(DerivedState::new(
@@ -921,13 +940,14 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             SERVICE,
             redis.clone(),
             readiness.clone(),
-            rebuilder(&rt, redis.clone()),
+            rebuilder(&rt, &settings, redis.clone()),
         ));
         let m = Matcher(Arc::new(Inner {
             rt: rt.clone(),
             redis: redis.clone(),
             keys: rt.keys(),
             state,
+            retention_secs: settings.retention_days * 86_400,
             producer: producer.clone(),
             metrics: Metrics {
                 results: results.clone(),
@@ -949,7 +969,6 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let mut ctx = shell.loop_context(&rt);
     // Payments are decided concurrently (booking re-checks what a decision was based on);
     // a bank's feed often has one key for all, so they spread by content, not by key.
-    let settings: MatcherSettings = config::section(&rt.figment, SERVICE)?;
     ctx.key_concurrency = settings.concurrency.max(1);
     tokio::spawn(
         matcher

@@ -40,17 +40,26 @@ pub struct MatcherRebuild {
     pub codec: Arc<Codec>,
     pub redis: ConnectionManager,
     pub keys: Keys,
+    /// `matcher.retention_days`, in seconds: what is older is not brought back.
+    pub retention_secs: u64,
 }
 
-/// Payments as their records tell them, by (tenant, payment id).
+/// Payments as their records tell them, by (tenant, payment id), with when each was written.
 #[derive(Default)]
 struct Payments {
-    matched: HashMap<(String, String), Vec<PaymentMatched>>,
-    unmatched: HashMap<(String, String), PaymentUnmatched>,
+    matched: HashMap<(String, String), (Vec<PaymentMatched>, i64)>,
+    unmatched: HashMap<(String, String), (PaymentUnmatched, i64)>,
+}
+
+/// What is left of `ttl_secs` for a key written at `written_ms`; `None` when it has run out.
+fn remaining(ttl_secs: u64, written_ms: i64, now_ms: i64) -> Option<u64> {
+    let age = u64::try_from((now_ms - written_ms).max(0) / 1000).unwrap_or(0);
+    ttl_secs.checked_sub(age).filter(|left| *left > 0)
 }
 
 impl Rebuild for MatcherRebuild {
     async fn rebuild(&self, report: &(dyn Fn(&Progress) + Send + Sync)) -> anyhow::Result<Progress> {
+        let started = std::time::Instant::now();
         let mut total = Progress::default();
         let mut index = Restorer {
             rebuild: self,
@@ -73,6 +82,7 @@ impl Rebuild for MatcherRebuild {
         }
         let decided = payments.payments.take().unwrap_or_default();
         self.write_decisions(decided).await?;
+        total.elapsed = started.elapsed();
         Ok(total)
     }
 }
@@ -91,69 +101,95 @@ impl MatcherRebuild {
 
     /// Writes every payment's decision, each invoice's allocated total, the unmatched payments
     /// and the kept ones. Totals are written, not added, so a rebuild run twice gives the same.
+    /// Each key lives what is left of the retention since its last record.
     async fn write_decisions(&self, payments: Payments) -> anyhow::Result<()> {
         let keys = MatcherKeys(&self.keys);
+        let now_ms = chrono::Utc::now().timestamp_millis();
         let Payments { matched, mut unmatched } = payments;
         let mut allocated: BTreeMap<(String, String), i64> = BTreeMap::new();
-        let mut pipe = redis::pipe();
-        let mut queued = 0;
-        for ((tenant, payment_id), allocations) in matched {
-            let first_seen = unmatched.remove(&(tenant.clone(), payment_id.clone()));
+        let mut batch = Batch::new(self.redis.clone());
+        for ((tenant, payment_id), (allocations, at)) in matched {
+            let first_seen = unmatched.remove(&(tenant.clone(), payment_id.clone())).map(|(u, _)| u);
             for a in &allocations {
                 *allocated.entry((tenant.clone(), a.invoice_id.clone())).or_default() += a.amount_minor;
             }
+            // The allocations count however old they are (the invoice may still be open); the
+            // decision is forgotten after its retention.
+            let Some(ttl) = remaining(self.retention_secs, at, now_ms) else {
+                continue;
+            };
             let decided = decided_matched(&allocations, first_seen)?;
-            pipe.set(
-                keys.key("payment", &tenant, &payment_id),
-                serde_json::to_string(&decided)?,
-            )
-            .ignore();
-            queued += 1;
-            if queued >= BATCH {
-                if !pipe.is_empty() {
-                    pipe.query_async::<()>(&mut self.redis.clone()).await?;
-                }
-                pipe = redis::pipe();
-                queued = 0;
-            }
+            batch
+                .pipe
+                .set_ex(
+                    keys.key("payment", &tenant, &payment_id),
+                    serde_json::to_string(&decided)?,
+                    ttl,
+                )
+                .ignore();
+            batch.one_more().await?;
         }
         for ((tenant, invoice_id), total) in allocated {
-            pipe.set(keys.key("alloc", &tenant, &invoice_id), total).ignore();
-            queued += 1;
-            if queued >= BATCH {
-                if !pipe.is_empty() {
-                    pipe.query_async::<()>(&mut self.redis.clone()).await?;
-                }
-                pipe = redis::pipe();
-                queued = 0;
-            }
+            batch.pipe.set(keys.key("alloc", &tenant, &invoice_id), total).ignore();
+            batch.one_more().await?;
         }
-        for ((tenant, payment_id), u) in unmatched {
+        for ((tenant, payment_id), (u, at)) in unmatched {
+            // Unmatched payments wait for a person however old they are.
+            let ttl = remaining(self.retention_secs, at, now_ms).unwrap_or(self.retention_secs.max(1));
             let decided = decided_unmatched(u);
             let payment_json = serde_json::to_string(&decided.payment)?;
-            pipe.set(
-                keys.key("payment", &tenant, &payment_id),
-                serde_json::to_string(&decided)?,
-            )
-            .ignore()
-            .hset(keys.key("unmatched", &tenant, "all"), &payment_id, payment_json)
-            .ignore();
+            batch
+                .pipe
+                .set_ex(
+                    keys.key("payment", &tenant, &payment_id),
+                    serde_json::to_string(&decided)?,
+                    ttl,
+                )
+                .ignore()
+                .hset(keys.key("unmatched", &tenant, "all"), &payment_id, payment_json)
+                .ignore();
             if let Some(reference) = &decided.payment.reference {
-                pipe.sadd(keys.key("kept", &tenant, &kept_reference(reference)), &payment_id)
+                batch
+                    .pipe
+                    .sadd(keys.key("kept", &tenant, &kept_reference(reference)), &payment_id)
                     .ignore();
             }
-            queued += 1;
-            if queued >= BATCH {
-                if !pipe.is_empty() {
-                    pipe.query_async::<()>(&mut self.redis.clone()).await?;
-                }
-                pipe = redis::pipe();
-                queued = 0;
-            }
+            batch.one_more().await?;
         }
-        if !pipe.is_empty() {
-            pipe.query_async::<()>(&mut self.redis.clone()).await?;
+        batch.flush().await
+    }
+}
+
+/// Writes queued in one pipeline, sent every [`BATCH`].
+struct Batch {
+    redis: ConnectionManager,
+    pipe: redis::Pipeline,
+    queued: usize,
+}
+
+impl Batch {
+    fn new(redis: ConnectionManager) -> Self {
+        Self {
+            redis,
+            pipe: redis::pipe(),
+            queued: 0,
         }
+    }
+
+    async fn one_more(&mut self) -> anyhow::Result<()> {
+        self.queued += 1;
+        if self.queued >= BATCH {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        if !self.pipe.is_empty() {
+            self.pipe.query_async::<()>(&mut self.redis.clone()).await?;
+        }
+        self.pipe = redis::pipe();
+        self.queued = 0;
         Ok(())
     }
 }
@@ -305,10 +341,11 @@ impl Restore for Restorer<'_> {
                 (PaymentMatched::FULL_NAME, Some(payments)) => decoded
                     .to::<PaymentMatched>()
                     .map(|m| {
-                        let allocations = payments
+                        let (allocations, at) = payments
                             .matched
                             .entry((m.tenant.clone(), m.payment_id.clone()))
                             .or_default();
+                        *at = (*at).max(c.timestamp_ms);
                         // A repeat of the same allocation (a redelivered decision) counts once.
                         if !allocations.iter().any(|a| a.invoice_id == m.invoice_id) {
                             allocations.push(m);
@@ -318,7 +355,9 @@ impl Restore for Restorer<'_> {
                 (PaymentUnmatched::FULL_NAME, Some(payments)) => decoded
                     .to::<PaymentUnmatched>()
                     .map(|u| {
-                        payments.unmatched.insert((u.tenant.clone(), u.payment_id.clone()), u);
+                        payments
+                            .unmatched
+                            .insert((u.tenant.clone(), u.payment_id.clone()), (u, c.timestamp_ms));
                     })
                     .map_err(|e| e.to_string()),
                 (other, _) => Err(format!("record type '{other}' is not one the matcher rebuilds from")),

@@ -91,14 +91,17 @@ async fn baseline(stack: &LocalStack, topics: &[String]) -> anyhow::Result<Progr
     Ok(total)
 }
 
-fn report(service: &str, rebuilt: &Progress, base: &Progress) {
+fn report(service: &str, rebuilt: &Progress, base: &Progress, memory: (i64, i64), per: (usize, &str)) {
     println!(
-        "{service}: {} records rebuilt in {:.1} s ({:.0} records/s, {:.2}x the read-only baseline's {:.0} records/s)",
+        "{service}: {} records rebuilt in {:.1} s ({:.0} records/s, {:.2}x the read-only baseline's {:.0} records/s); Redis +{:.1} MB, {:.0} bytes per {}",
         rebuilt.records,
         rebuilt.elapsed.as_secs_f64(),
         rebuilt.records_per_second(),
         rebuilt.records_per_second() / base.records_per_second().max(1e-9),
-        base.records_per_second()
+        base.records_per_second(),
+        (memory.1 - memory.0) as f64 / 1e6,
+        (memory.1 - memory.0) as f64 / per.0.max(1) as f64,
+        per.1
     );
 }
 
@@ -204,12 +207,19 @@ async fn main() -> anyhow::Result<()> {
     let mut conn = stack.redis();
 
     let base = baseline(&stack, std::slice::from_ref(&invoices)).await?;
+    let before = used_memory(&mut conn).await?;
     let ingest = forfall_ingest::rebuilder(&stack.rt, redis.clone())?
         .rebuild(&|p| eprintln!("ingest: {p}"))
         .await?;
     let stored = keys_matching(&mut conn, &format!("{prefix}ingest:invoice:*")).await?;
     anyhow::ensure!(stored == n as u64, "ingest rebuilt {stored} of {n} snapshots");
-    report("ingest", &ingest, &base);
+    report(
+        "ingest",
+        &ingest,
+        &base,
+        (before, used_memory(&mut conn).await?),
+        (n, "invoice"),
+    );
 
     let base = baseline(
         &stack,
@@ -220,7 +230,8 @@ async fn main() -> anyhow::Result<()> {
         ],
     )
     .await?;
-    let matcher = forfall_matcher::rebuilder(&stack.rt, redis.clone())
+    let before = used_memory(&mut conn).await?;
+    let matcher = forfall_matcher::rebuilder(&stack.rt, &forfall_matcher::MatcherSettings::default(), redis.clone())
         .rebuild(&|p| eprintln!("matcher: {p}"))
         .await?;
     let indexed = keys_matching(&mut conn, &format!("{prefix}matcher:inv:*")).await?;
@@ -230,7 +241,13 @@ async fn main() -> anyhow::Result<()> {
         "matcher rebuilt {indexed} of {n} invoices, {decided} of {} payments",
         n.div_ceil(2)
     );
-    report("matcher", &matcher, &base);
+    report(
+        "matcher",
+        &matcher,
+        &base,
+        (before, used_memory(&mut conn).await?),
+        (n, "invoice (its index, and every other one paid)"),
+    );
 
     let changelog_topic = stack.topic(&topics.dispatch_changelog);
     changelog::ensure(
@@ -240,6 +257,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let base = baseline(&stack, &[outcomes.clone(), changelog_topic]).await?;
+    let before = used_memory(&mut conn).await?;
     let settings = forfall_dispatch::DispatchSettings::default();
     let dispatch = forfall_dispatch::rebuilder(&stack.rt, &settings, redis.clone())
         .rebuild(&|p| eprintln!("dispatch: {p}"))
@@ -250,7 +268,13 @@ async fn main() -> anyhow::Result<()> {
         "dispatch rebuilt {claims} of {} claims",
         n / 2
     );
-    report("dispatch", &dispatch, &base);
+    report(
+        "dispatch",
+        &dispatch,
+        &base,
+        (before, used_memory(&mut conn).await?),
+        (n / 2, "message claim"),
+    );
 
     remove_keys(&mut conn, &prefix).await?;
     stack.shutdown().await;
