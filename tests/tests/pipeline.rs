@@ -243,6 +243,18 @@ async fn an_unpaid_invoice_reaches_the_agency_as_one_case_once() -> anyhow::Resu
     .await?;
     assert_eq!(outcome.status, HandoffStatus::Accepted);
     assert_eq!(outcome.agency_reference.as_deref(), Some("AG-1"));
+    // Remembered for `handoff.remember_days` (400), not forever.
+    let remembered: i64 = redis::cmd("TTL")
+        .arg(format!(
+            "{}handoff:accepted:{}",
+            stack.rt.config.redis.key_prefix, outcome.case_id
+        ))
+        .query_async(&mut stack.redis())
+        .await?;
+    assert!(
+        remembered > 399 * 86_400 && remembered <= 400 * 86_400,
+        "the acceptance expires after 400 days (TTL {remembered} s)"
+    );
     let mark = issue_timer_mark(&stack, &s, day(2026, 10, 29)).await?;
     clock.advance(Days::days(30));
     timer_mark_fired(&stack, &mark).await?;

@@ -4,6 +4,10 @@
 //! Once: a case already accepted (remembered in Redis) is not posted again, and every POST
 //! carries the case id as `Idempotency-Key`, so an agency that honours it also absorbs the
 //! one remaining window (a crash after the agency accepted, before we recorded it).
+//!
+//! The accepted and recalled marks in Redis are a cache of what the agency already has: they
+//! expire after `handoff.remember_days`, and a mark lost with Redis costs one POST that the
+//! agency answers from its idempotency record (a 409 counts as accepted). They are not rebuilt.
 
 use std::time::Duration;
 
@@ -30,6 +34,9 @@ pub struct HandoffSettings {
     /// Bearer token for the agency API (never logged).
     pub agency_token: Option<String>,
     pub timeout_ms: u64,
+    /// Days a case's or recall's acceptance is remembered: longer than a case is redelivered
+    /// or recalled (a claim with an agency rarely outlives a year).
+    pub remember_days: u64,
 }
 
 impl Default for HandoffSettings {
@@ -39,6 +46,7 @@ impl Default for HandoffSettings {
             agency_recall_url: "http://127.0.0.1:8089/recalls".into(),
             agency_token: None,
             timeout_ms: 10_000,
+            remember_days: 400,
         }
     }
 }
@@ -203,6 +211,8 @@ impl Handoff {
                 let _: () = redis::cmd("SET")
                     .arg(&key)
                     .arg("1")
+                    .arg("EX")
+                    .arg(self.settings.remember_days * 86_400)
                     .query_async(&mut self.redis.clone())
                     .await?;
             }
@@ -253,6 +263,8 @@ impl Handoff {
                     let _: () = redis::cmd("SET")
                         .arg(&key)
                         .arg(reference)
+                        .arg("EX")
+                        .arg(self.settings.remember_days * 86_400)
                         .query_async(&mut self.redis.clone())
                         .await?;
                 }
