@@ -853,3 +853,21 @@ pub fn opened_new_customer(
     };
     forfall_watcher::opened(policy, snapshot, &facts, today).0
 }
+
+/// Reads a changelog without applying anything: the baseline of the rebuild benchmarks.
+pub struct DiscardChanges;
+
+impl forfall_platform::changelog::Restore for DiscardChanges {
+    async fn apply(
+        &mut self,
+        _: i32,
+        changes: Vec<forfall_platform::changelog::Change>,
+    ) -> Result<(), forfall_platform::kafka::Failure> {
+        std::hint::black_box(changes);
+        Ok(())
+    }
+
+    async fn finish(&mut self, _: i32, _: i64) -> Result<(), forfall_platform::kafka::Failure> {
+        Ok(())
+    }
+}

@@ -397,6 +397,24 @@ fn credit_note(s: &Sample<'_>, credit_note_id: &str, amount_minor: i64) -> forfa
     }
 }
 
+/// Billing credits `s` and the watcher applies it (its open amount goes down by `amount_minor`).
+async fn credit_and_wait(
+    stack: &LocalStack,
+    s: &Sample<'_>,
+    credit_note_id: &str,
+    amount_minor: i64,
+) -> anyhow::Result<()> {
+    let billing = stack.topic(&stack.topics().billing_invoice_events);
+    stack
+        .produce(&billing, &s.debtor_id(), &credit_note(s, credit_note_id, amount_minor))
+        .await?;
+    journey_event(stack, s.invoice_id, "the credit note", |e| {
+        e.open_minor == s.amount_minor - amount_minor
+    })
+    .await?;
+    Ok(())
+}
+
 /// The newest snapshot ingest published for `invoice_id`.
 async fn latest_snapshot(stack: &LocalStack, invoice_id: &str) -> anyhow::Result<forfall_platform::records::Invoice> {
     stack
@@ -442,13 +460,7 @@ async fn a_flushed_redis_is_rebuilt_for_every_service_and_the_debtors_notice_not
         status_is(&stack, "acme-energy", id, "closed:paid").await?;
     }
     let credited = by_id("inv-07");
-    stack
-        .produce(&billing, &credited.debtor_id(), &credit_note(credited, "CN-7", 5_000))
-        .await?;
-    journey_event(&stack, credited.invoice_id, "the credit note", |e| {
-        e.open_minor == credited.amount_minor - 5_000
-    })
-    .await?;
+    credit_and_wait(&stack, credited, "CN-7", 5_000).await?;
     let late = late_invoice();
     pay(&stack, &late).await?;
     let unmatched = stack.topic(&stack.topics().payments_unmatched);
@@ -471,14 +483,7 @@ async fn a_flushed_redis_is_rebuilt_for_every_service_and_the_debtors_notice_not
     stack
         .produce(&billing, &credited.debtor_id(), &credit_note(credited, "CN-7", 5_000))
         .await?;
-    let other = by_id("inv-02");
-    stack
-        .produce(&billing, &other.debtor_id(), &credit_note(other, "CN-2", 2_000))
-        .await?;
-    journey_event(&stack, other.invoice_id, "the credit note after the flush", |e| {
-        e.open_minor == other.amount_minor - 2_000
-    })
-    .await?;
+    credit_and_wait(&stack, by_id("inv-02"), "CN-2", 2_000).await?;
     consumed_to_end(&stack, "ingest", std::slice::from_ref(&billing)).await?;
     assert_eq!(
         latest_snapshot(&stack, credited.invoice_id).await?.credited_minor,
@@ -530,13 +535,7 @@ async fn every_service_notices_a_redis_restored_from_an_older_snapshot_and_rebui
         status_is(&stack, "acme-energy", id, "closed:paid").await?;
     }
     let credited = by_id("inv-03");
-    stack
-        .produce(&billing, &credited.debtor_id(), &credit_note(credited, "CN-3", 4_000))
-        .await?;
-    journey_event(&stack, credited.invoice_id, "the credit note", |e| {
-        e.open_minor == credited.amount_minor - 4_000
-    })
-    .await?;
+    credit_and_wait(&stack, credited, "CN-3", 4_000).await?;
     let late = late_invoice();
     issue_invoice(&stack, &late).await?;
     status_is(&stack, late.tenant, late.invoice_id, "open").await?;

@@ -114,6 +114,19 @@ pub async fn partition_count(config: &KafkaConfig, topic: &str) -> anyhow::Resul
     .await?
 }
 
+/// [`replay`] of every partition of `topic` from its start: for state rebuilt whole.
+pub async fn replay_whole<R: Restore>(
+    config: &KafkaConfig,
+    topic: &str,
+    batch: usize,
+    restore: &mut R,
+    report: impl FnMut(&Progress),
+) -> anyhow::Result<Progress> {
+    let count = partition_count(config, topic).await?;
+    let partitions: Vec<(i32, i64)> = (0..count).map(|p| (p, 0)).collect();
+    replay(config, topic, &partitions, batch, restore, report).await
+}
+
 /// One replayed change.
 #[derive(Debug, Clone)]
 pub struct Change {

@@ -67,6 +67,13 @@ redis.call('SET', {marker}, 'ready:' .. epoch_text .. ':' .. string.format('%d',
     )
 }
 
+/// What is left of `ttl_secs` for a key written at `written_ms` (a record's timestamp), so that
+/// a rebuilt key expires when the lost one would have; `None` when it has run out.
+pub fn remaining_ttl(ttl_secs: u64, written_ms: i64, now_ms: i64) -> Option<u64> {
+    let age = u64::try_from((now_ms - written_ms).max(0) / 1000).unwrap_or(0);
+    ttl_secs.checked_sub(age).filter(|left| *left > 0)
+}
+
 /// How a service rebuilds its state from its topics.
 pub trait Rebuild: Send + Sync + 'static {
     /// Replays the service's topics into Redis (idempotent: replaying twice is harmless),

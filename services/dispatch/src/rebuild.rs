@@ -16,7 +16,7 @@ use std::sync::Arc;
 use forfall_platform::avro::Codec;
 use forfall_platform::changelog::{self, Change, Progress, Restore};
 use forfall_platform::config::KafkaConfig;
-use forfall_platform::derived_state::Rebuild;
+use forfall_platform::derived_state::{Rebuild, remaining_ttl};
 use forfall_platform::kafka::Failure;
 use forfall_platform::records::{DispatchOutcome, DispatchStatus, Record};
 use forfall_platform::redis_store::Keys;
@@ -68,9 +68,7 @@ impl Rebuild for DispatchRebuild {
         };
         for (topic, from_changelog) in [(&self.outcomes_topic, false), (&self.changelog_topic, true)] {
             restore.from_changelog = from_changelog;
-            let count = changelog::partition_count(&self.kafka, topic).await?;
-            let partitions: Vec<(i32, i64)> = (0..count).map(|p| (p, 0)).collect();
-            total.add(&changelog::replay(&self.kafka, topic, &partitions, BATCH, &mut restore, report).await?);
+            total.add(&changelog::replay_whole(&self.kafka, topic, BATCH, &mut restore, report).await?);
         }
         if restore.skipped > 0 {
             tracing::error!(
@@ -89,12 +87,6 @@ struct Restorer<'a> {
     skipped: u64,
 }
 
-/// What is left of `ttl_secs` for a key written at `written_ms`; `None` when it has run out.
-fn remaining(ttl_secs: u64, written_ms: i64, now_ms: i64) -> Option<u64> {
-    let age = u64::try_from((now_ms - written_ms).max(0) / 1000).unwrap_or(0);
-    ttl_secs.checked_sub(age).filter(|left| *left > 0)
-}
-
 impl Restorer<'_> {
     async fn outcome(&mut self, pipe: &mut redis::Pipeline, c: &Change, now_ms: i64) -> Result<(), Failure> {
         let Some(value) = &c.value else { return Ok(()) };
@@ -109,7 +101,7 @@ impl Restorer<'_> {
         };
         match decoded {
             Ok(o) => {
-                let Some(ttl) = remaining(self.rebuild.idempotency_ttl_secs, c.timestamp_ms, now_ms) else {
+                let Some(ttl) = remaining_ttl(self.rebuild.idempotency_ttl_secs, c.timestamp_ms, now_ms) else {
                     return Ok(());
                 };
                 pipe.cmd("SET")
@@ -149,7 +141,7 @@ impl Restorer<'_> {
             let redis_key = sent_key(keys, provider, message_id);
             match (
                 &c.value,
-                remaining(self.rebuild.remember_sent_secs, c.timestamp_ms, now_ms),
+                remaining_ttl(self.rebuild.remember_sent_secs, c.timestamp_ms, now_ms),
             ) {
                 (Some(v), Some(ttl)) => {
                     pipe.cmd("SET")

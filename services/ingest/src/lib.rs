@@ -70,8 +70,7 @@ pub struct Retention {
 impl Retention {
     /// What is left of the retention of a snapshot written at `written_ms`; `None` when over.
     pub fn remaining_secs(&self, written_ms: i64, now_ms: i64) -> Option<u64> {
-        let age = u64::try_from((now_ms - written_ms).max(0) / 1000).unwrap_or(0);
-        self.secs.checked_sub(age).filter(|left| *left > 0)
+        forfall_platform::derived_state::remaining_ttl(self.secs, written_ms, now_ms)
     }
 }
 

@@ -80,13 +80,11 @@ pub struct IngestRebuild {
 
 impl Rebuild for IngestRebuild {
     async fn rebuild(&self, report: &(dyn Fn(&Progress) + Send + Sync)) -> anyhow::Result<Progress> {
-        let count = changelog::partition_count(&self.kafka, &self.topic).await?;
-        let partitions: Vec<(i32, i64)> = (0..count).map(|p| (p, 0)).collect();
         let mut restore = Restorer {
             rebuild: self,
             skipped: 0,
         };
-        let progress = changelog::replay(&self.kafka, &self.topic, &partitions, BATCH, &mut restore, report).await?;
+        let progress = changelog::replay_whole(&self.kafka, &self.topic, BATCH, &mut restore, report).await?;
         if restore.skipped > 0 {
             tracing::error!(skipped = restore.skipped, topic = %self.topic, "records on the invoices topic ingest cannot read were left out of the rebuild");
         }

@@ -20,7 +20,7 @@ use forfall_domain::{Currency, Money};
 use forfall_platform::avro::Codec;
 use forfall_platform::changelog::{self, Change, Progress, Restore};
 use forfall_platform::config::KafkaConfig;
-use forfall_platform::derived_state::Rebuild;
+use forfall_platform::derived_state::{Rebuild, remaining_ttl};
 use forfall_platform::kafka::Failure;
 use forfall_platform::records::{self, PaymentMatched, PaymentReceived, PaymentUnmatched, Record};
 use forfall_platform::redis_store::Keys;
@@ -49,12 +49,6 @@ pub struct MatcherRebuild {
 struct Payments {
     matched: HashMap<(String, String), (Vec<PaymentMatched>, i64)>,
     unmatched: HashMap<(String, String), (PaymentUnmatched, i64)>,
-}
-
-/// What is left of `ttl_secs` for a key written at `written_ms`; `None` when it has run out.
-fn remaining(ttl_secs: u64, written_ms: i64, now_ms: i64) -> Option<u64> {
-    let age = u64::try_from((now_ms - written_ms).max(0) / 1000).unwrap_or(0);
-    ttl_secs.checked_sub(age).filter(|left| *left > 0)
 }
 
 impl Rebuild for MatcherRebuild {
@@ -94,9 +88,7 @@ impl MatcherRebuild {
         restore: &mut Restorer<'_>,
         report: &(dyn Fn(&Progress) + Send + Sync),
     ) -> anyhow::Result<Progress> {
-        let count = changelog::partition_count(&self.kafka, topic).await?;
-        let partitions: Vec<(i32, i64)> = (0..count).map(|p| (p, 0)).collect();
-        changelog::replay(&self.kafka, topic, &partitions, BATCH, restore, report).await
+        changelog::replay_whole(&self.kafka, topic, BATCH, restore, report).await
     }
 
     /// Writes every payment's decision, each invoice's allocated total, the unmatched payments
@@ -115,7 +107,7 @@ impl MatcherRebuild {
             }
             // The allocations count however old they are (the invoice may still be open); the
             // decision is forgotten after its retention.
-            let Some(ttl) = remaining(self.retention_secs, at, now_ms) else {
+            let Some(ttl) = remaining_ttl(self.retention_secs, at, now_ms) else {
                 continue;
             };
             let decided = decided_matched(&allocations, first_seen)?;
@@ -135,7 +127,7 @@ impl MatcherRebuild {
         }
         for ((tenant, payment_id), (u, at)) in unmatched {
             // Unmatched payments wait for a person however old they are.
-            let ttl = remaining(self.retention_secs, at, now_ms).unwrap_or(self.retention_secs.max(1));
+            let ttl = remaining_ttl(self.retention_secs, at, now_ms).unwrap_or(self.retention_secs.max(1));
             let decided = decided_unmatched(u);
             let payment_json = serde_json::to_string(&decided.payment)?;
             batch

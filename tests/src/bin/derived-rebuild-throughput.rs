@@ -13,27 +13,12 @@
 use std::time::Instant;
 
 use forfall_e2e::*;
-use forfall_platform::changelog::{self, Change, Progress, Restore};
+use forfall_platform::changelog::{self, Progress};
 use forfall_platform::clock::ManualClock;
 use forfall_platform::derived_state::Rebuild;
-use forfall_platform::kafka::Failure;
 use forfall_platform::records::{DispatchOutcome, DispatchStatus, InvoiceChange, PaymentMatched, Record, new_event_id};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-
-/// Reads without applying: the baseline.
-struct Discard;
-
-impl Restore for Discard {
-    async fn apply(&mut self, _: i32, changes: Vec<Change>) -> Result<(), Failure> {
-        std::hint::black_box(changes);
-        Ok(())
-    }
-
-    async fn finish(&mut self, _: i32, _: i64) -> Result<(), Failure> {
-        Ok(())
-    }
-}
 
 async fn keys_matching(redis: &mut redis::aio::ConnectionManager, pattern: &str) -> anyhow::Result<u64> {
     let mut n = 0u64;
@@ -84,9 +69,7 @@ async fn produce_all<T: Record>(
 async fn baseline(stack: &LocalStack, topics: &[String]) -> anyhow::Result<Progress> {
     let mut total = Progress::default();
     for topic in topics {
-        let count = changelog::partition_count(&stack.rt.config.kafka, topic).await?;
-        let all: Vec<(i32, i64)> = (0..count).map(|p| (p, 0)).collect();
-        total.add(&changelog::replay(&stack.rt.config.kafka, topic, &all, 2000, &mut Discard, |_| {}).await?);
+        total.add(&changelog::replay_whole(&stack.rt.config.kafka, topic, 2000, &mut DiscardChanges, |_| {}).await?);
     }
     Ok(total)
 }

@@ -16,24 +16,9 @@ use std::time::Instant;
 use forfall_domain::journey::TimerChange;
 use forfall_domain::policy;
 use forfall_e2e::*;
-use forfall_platform::changelog::{self, Change, Restore};
+use forfall_platform::changelog;
 use forfall_platform::clock::ManualClock;
-use forfall_platform::kafka::Failure;
 use forfall_watcher::store::{Save, Stored};
-
-/// Reads without applying: the baseline.
-struct Discard;
-
-impl Restore for Discard {
-    async fn apply(&mut self, _: i32, changes: Vec<Change>) -> Result<(), Failure> {
-        std::hint::black_box(changes);
-        Ok(())
-    }
-
-    async fn finish(&mut self, _: i32, _: i64) -> Result<(), Failure> {
-        Ok(())
-    }
-}
 
 /// How many journeys and timers Redis holds under `prefix`.
 async fn count(redis: &mut redis::aio::ConnectionManager, prefix: &str, partitions: i32) -> anyhow::Result<(u64, u64)> {
@@ -133,7 +118,7 @@ async fn main() -> anyhow::Result<()> {
         &topic,
         &all,
         forfall_watcher::rebuild::BATCH,
-        &mut Discard,
+        &mut DiscardChanges,
         |_| {},
     )
     .await?;
