@@ -425,6 +425,46 @@ async fn latest_snapshot(stack: &LocalStack, invoice_id: &str) -> anyhow::Result
         .ok_or_else(|| anyhow::anyhow!("no snapshot of {invoice_id}"))
 }
 
+/// How the matcher keeps an invoice in its index: the time to live (seconds; -1 never
+/// expires, -2 gone) of its entry and of its reference, and whether its debtor's set lists it.
+async fn matcher_index(stack: &LocalStack, s: &Sample<'_>) -> anyhow::Result<(i64, i64, bool)> {
+    let key = |kind: &str, id: &str| {
+        format!(
+            "{}matcher:{kind}:{{{}}}:{id}",
+            stack.rt.config.redis.key_prefix, s.tenant
+        )
+    };
+    let reference = forfall_domain::matching::structured_reference(s.reference)?.value;
+    let (entry, reference, listed): (i64, i64, bool) = redis::pipe()
+        .ttl(key("inv", s.invoice_id))
+        .ttl(key("ref", &reference))
+        .sismember(key("debtor", &s.debtor_id()), s.invoice_id)
+        .query_async(&mut stack.redis())
+        .await?;
+    Ok((entry, reference, listed))
+}
+
+/// An invoice paid in full leaves its debtor's set at once and the rest of the matcher's index
+/// after `matcher.retention_days` (400); an open one stays for good.
+async fn index_keeps_open_and_expires_paid(
+    stack: &LocalStack,
+    open: &Sample<'_>,
+    paid: &Sample<'_>,
+) -> anyhow::Result<()> {
+    let year = 400 * 86_400;
+    let (entry, reference, listed) = matcher_index(stack, paid).await?;
+    assert!(
+        (year - 600..=year).contains(&entry) && (year - 600..=year).contains(&reference) && !listed,
+        "a paid invoice leaves the index after 400 days: entry TTL {entry}, reference TTL {reference}, listed {listed}"
+    );
+    assert_eq!(
+        matcher_index(stack, open).await?,
+        (-1, -1, true),
+        "an open invoice stays in the index for good"
+    );
+    Ok(())
+}
+
 /// `forfall rebuild` for every service, as an operator runs it.
 async fn forfall_rebuild(stack: &LocalStack) -> anyhow::Result<()> {
     let args = forfall::tools::RebuildArgs {
@@ -473,10 +513,12 @@ async fn a_flushed_redis_is_rebuilt_for_every_service_and_the_debtors_notice_not
     })
     .await?;
     consumed_to_end(&stack, "dispatch", &[stack.topic(&stack.topics().journey_actions)]).await?;
+    index_keeps_open_and_expires_paid(&stack, by_id("inv-02"), by_id("inv-01")).await?;
 
     let lost = flush_stack_state(&stack.rt.config).await?;
     assert!(lost > 50, "the flush removed the services' state ({lost} keys)");
     forfall_rebuild(&stack).await?;
+    index_keeps_open_and_expires_paid(&stack, by_id("inv-02"), by_id("inv-01")).await?;
 
     // Ingest: the credit note sent again is not applied twice; a new one for an invoice issued
     // before the flush is applied (not refused as an unknown invoice).

@@ -20,6 +20,7 @@
 //! HTTP request, stays marked pending until its events are acknowledged and is sent again from
 //! that mark (at start and periodically) after a stop or a broker outage.
 
+mod closing;
 mod http;
 pub mod rebuild;
 
@@ -93,6 +94,8 @@ pub struct Matcher(pub(crate) Arc<Inner>);
 #[derive(Default)]
 struct Seen {
     allocated: BTreeMap<String, i64>,
+    /// Each invoice as indexed when read (what closing it needs).
+    indexed: BTreeMap<String, Indexed>,
     missing_reference: Option<String>,
 }
 
@@ -120,25 +123,47 @@ impl MatcherKeys<'_> {
         self.0.key(&["matcher", kind, &tagged(tenant, id)])
     }
 
-    /// An invoice's index entries: the invoice, its debtor's invoices, its number and its
-    /// reference (the index script's writes, for the rebuild).
+    /// An invoice's index entries, as the index script writes them (for the rebuild): the
+    /// invoice, its debtor's invoices, its number and its reference; for an invoice closed by
+    /// its own terms (credited in full), its entry and reference expiring after `closed_ttl`
+    /// seconds (0: at once) and out of the sets (see `closing`).
     pub(crate) fn add_index(
         &self,
         pipe: &mut redis::Pipeline,
         tenant: &str,
         ix: &Indexed,
-        reference: Option<&str>,
+        closed_ttl: Option<u64>,
     ) -> Result<(), serde_json::Error> {
-        pipe.set(self.key("inv", tenant, &ix.invoice_id), serde_json::to_string(ix)?)
-            .ignore()
-            .sadd(self.key("debtor", tenant, &ix.debtor_id), &ix.invoice_id)
-            .ignore();
-        let number = normalise(&ix.invoice_number);
-        if !number.is_empty() {
-            pipe.sadd(self.key("num", tenant, &number), &ix.invoice_id).ignore();
-        }
-        if let Some(reference) = reference {
-            pipe.set(self.key("ref", tenant, reference), &ix.invoice_id).ignore();
+        let k = self.of_invoice(tenant, ix);
+        let json = serde_json::to_string(ix)?;
+        match closed_ttl {
+            None => {
+                pipe.set(&k.inv, json).ignore().sadd(&k.debtor, &ix.invoice_id).ignore();
+                if let Some(num) = &k.num {
+                    pipe.sadd(num, &ix.invoice_id).ignore();
+                }
+                if let Some(reference) = &k.reference {
+                    pipe.set(reference, &ix.invoice_id).ignore();
+                }
+            }
+            Some(ttl) => {
+                // SET with EX 0 is refused; a key that expires now is simply not there.
+                if ttl > 0 {
+                    pipe.set_ex(&k.inv, json, ttl).ignore();
+                    if let Some(reference) = &k.reference {
+                        pipe.set_ex(reference, &ix.invoice_id, ttl).ignore();
+                    }
+                } else {
+                    pipe.del(&k.inv).ignore();
+                    if let Some(reference) = &k.reference {
+                        pipe.del(reference).ignore();
+                    }
+                }
+                pipe.srem(&k.debtor, &ix.invoice_id).ignore();
+                if let Some(num) = &k.num {
+                    pipe.srem(num, &ix.invoice_id).ignore();
+                }
+            }
         }
         Ok(())
     }
@@ -208,6 +233,7 @@ impl Matcher {
                 let status = journey_state::status_of(journey.as_deref());
                 let ix: Indexed = serde_json::from_str(&ix?).ok()?;
                 seen.allocated.insert(ix.invoice_id.clone(), allocated.unwrap_or(0));
+                seen.indexed.insert(ix.invoice_id.clone(), ix.clone());
                 Some(OpenInvoice {
                     tenant: tenant.to_owned(),
                     debtor_id: ix.debtor_id,
@@ -479,6 +505,16 @@ return 1"
             self.0.metrics.results.with_label_values(&[result]).inc();
         }
         if booked == Booked::Done
+            && let MatchDecision::Matched { allocations, .. } = &d.decision
+        {
+            self.close_settled(
+                &p.tenant,
+                allocations.iter().map(|a| a.invoice_id.as_str()),
+                &seen.indexed,
+            )
+            .await?;
+        }
+        if booked == Booked::Done
             && let (MatchDecision::Matched { allocations, .. }, Some(account)) = (
                 &d.decision,
                 p.payer_account.as_deref().map(normalise).filter(|a| !a.is_empty()),
@@ -551,32 +587,37 @@ return 1"
     async fn index(&self, inv: records::Invoice, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
         static INDEX: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
             redis::Script::new(&format!(
-                "{}{}",
+                "{}{}{}",
                 guard_lua("KEYS[5]", "ARGV[4]", "ARGV[5]"),
+                closing::CLOSE_OR_KEEP_LUA,
                 r"redis.call('SET', KEYS[1], ARGV[1])
-                  redis.call('SADD', KEYS[2], ARGV[2])
-                  if ARGV[3] == '1' then redis.call('SADD', KEYS[3], ARGV[2]) end
                   if ARGV[6] == '1' then redis.call('SET', KEYS[4], ARGV[2]) end
+                  close_or_keep(KEYS[1], KEYS[6], KEYS[2], KEYS[3], KEYS[4], ARGV[2], ARGV[3] == '1',
+                    ARGV[6] == '1', tonumber(ARGV[7]), tonumber(ARGV[8]))
                   return 1"
             ))
         });
         let (ix, reference) = indexed_of(&inv)?;
-        let number = normalise(&inv.invoice_number);
+        let keys = MatcherKeys(&self.0.keys).of_invoice(&inv.tenant, &ix);
         let json = serde_json::to_string(&ix).map_err(|e| Failure::Fatal(e.into()))?;
-        // One script: nothing is indexed on a Redis that lost the state.
+        // One script: nothing is indexed on a Redis that lost the state, and an invoice a
+        // revision closes (credited in full) or reopens leaves or rejoins the index with it.
         let (epoch, writes) = self.0.state.seen();
         let indexed: i32 = INDEX
-            .key(self.key("inv", &inv.tenant, &inv.invoice_id))
-            .key(self.key("debtor", &inv.tenant, &inv.debtor_id))
-            .key(self.key("num", &inv.tenant, if number.is_empty() { "-" } else { &number }))
-            .key(self.key("ref", &inv.tenant, reference.as_deref().unwrap_or("-")))
+            .key(&keys.inv)
+            .key(&keys.debtor)
+            .key(keys.num.as_deref().unwrap_or("-"))
+            .key(keys.reference.as_deref().unwrap_or("-"))
             .key(self.0.state.marker_key())
+            .key(&keys.alloc)
             .arg(json)
             .arg(&inv.invoice_id)
-            .arg(if number.is_empty() { "0" } else { "1" })
+            .arg(if keys.num.is_some() { "1" } else { "0" })
             .arg(epoch)
             .arg(writes)
             .arg(if reference.is_some() { "1" } else { "0" })
+            .arg(ix.open_minor)
+            .arg(self.0.retention_secs)
             .invoke_async(&mut self.conn())
             .await?;
         if indexed != 1 {
@@ -845,8 +886,10 @@ pub struct MatcherSettings {
     /// Days a payment's decision (what a repeat of it is told) and a payer account's hint are
     /// kept. A bank reports a payment again within days, a re-imported statement comes within
     /// months: 400 days covers them; longer would keep debtors' payments beyond need. Unmatched
-    /// payments stay until a person matches them (they are a work list, not history). The index
-    /// and allocations of invoices are kept: an invoice may stay open for years.
+    /// payments stay until a person matches them (they are a work list, not history). An
+    /// invoice's index entry, reference and allocated total are kept as long as it is open
+    /// (however many years) and this long once it is paid or credited in full: a revision or a
+    /// repeated payment quoting it comes within the same year.
     pub retention_days: u64,
 }
 

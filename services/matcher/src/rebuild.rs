@@ -26,7 +26,8 @@ use forfall_platform::records::{self, PaymentMatched, PaymentReceived, PaymentUn
 use forfall_platform::redis_store::Keys;
 use redis::aio::ConnectionManager;
 
-use crate::{Decided, MatcherKeys, indexed_of, kept_reference};
+use crate::closing::{Writer, settle_invocation};
+use crate::{Decided, Indexed, MatcherKeys, indexed_of, kept_reference};
 
 /// Records per Redis round trip.
 const BATCH: usize = 2000;
@@ -98,12 +99,15 @@ impl MatcherRebuild {
         let keys = MatcherKeys(&self.keys);
         let now_ms = chrono::Utc::now().timestamp_millis();
         let Payments { matched, mut unmatched } = payments;
-        let mut allocated: BTreeMap<(String, String), i64> = BTreeMap::new();
+        // Per invoice: the total allocated, and when the last allocation was written.
+        let mut allocated: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
         let mut batch = Batch::new(self.redis.clone());
         for ((tenant, payment_id), (allocations, at)) in matched {
             let first_seen = unmatched.remove(&(tenant.clone(), payment_id.clone())).map(|(u, _)| u);
             for a in &allocations {
-                *allocated.entry((tenant.clone(), a.invoice_id.clone())).or_default() += a.amount_minor;
+                let (total, last) = allocated.entry((tenant.clone(), a.invoice_id.clone())).or_default();
+                *total += a.amount_minor;
+                *last = (*last).max(at);
             }
             // The allocations count however old they are (the invoice may still be open); the
             // decision is forgotten after its retention.
@@ -121,8 +125,8 @@ impl MatcherRebuild {
                 .ignore();
             batch.one_more().await?;
         }
-        for ((tenant, invoice_id), total) in allocated {
-            batch.pipe.set(keys.key("alloc", &tenant, &invoice_id), total).ignore();
+        for ((tenant, invoice_id), (total, _)) in &allocated {
+            batch.pipe.set(keys.key("alloc", tenant, invoice_id), total).ignore();
             batch.one_more().await?;
         }
         for ((tenant, payment_id), (u, at)) in unmatched {
@@ -148,7 +152,55 @@ impl MatcherRebuild {
             }
             batch.one_more().await?;
         }
-        batch.flush().await
+        batch.flush().await?;
+        self.close_settled(&allocated, now_ms).await
+    }
+
+    /// The invoices paid in full leave the index as they did when their last allocation was
+    /// booked (see `closing`): expiring what is left of the retention since then, or at once.
+    async fn close_settled(
+        &self,
+        allocated: &BTreeMap<(String, String), (i64, i64)>,
+        now_ms: i64,
+    ) -> anyhow::Result<()> {
+        let keys = MatcherKeys(&self.keys);
+        let allocated: Vec<_> = allocated.iter().collect();
+        for chunk in allocated.chunks(BATCH) {
+            let mut read = redis::pipe();
+            for ((tenant, invoice_id), _) in chunk {
+                read.get(keys.key("inv", tenant, invoice_id));
+            }
+            let indexed: Vec<Option<String>> = read.query_async(&mut self.redis.clone()).await?;
+            let mut by_tenant: BTreeMap<&str, Vec<(Indexed, u64)>> = BTreeMap::new();
+            let mut orphans = redis::pipe();
+            for (((tenant, invoice_id), (_, last)), ix) in chunk.iter().zip(indexed) {
+                let ttl = remaining_ttl(self.retention_secs, *last, now_ms).unwrap_or(0);
+                match ix.and_then(|raw| serde_json::from_str::<Indexed>(&raw).ok()) {
+                    Some(ix) => by_tenant.entry(tenant.as_str()).or_default().push((ix, ttl)),
+                    // The invoice itself is gone (closed and expired before): so is its total.
+                    None => {
+                        orphans
+                            .expire(keys.key("alloc", tenant, invoice_id), ttl as i64)
+                            .ignore();
+                    }
+                }
+            }
+            if !orphans.is_empty() {
+                orphans.query_async::<()>(&mut self.redis.clone()).await?;
+            }
+            for (tenant, invoices) in &by_tenant {
+                let marker = forfall_platform::derived_state::marker_key(&self.keys, crate::SERVICE);
+                let invocation = settle_invocation(
+                    &keys,
+                    &marker,
+                    Writer::Rebuild,
+                    tenant,
+                    invoices.iter().map(|(ix, ttl)| (ix, *ttl)),
+                );
+                let _closed: i64 = invocation.invoke_async(&mut self.redis.clone()).await?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -309,6 +361,7 @@ struct Restorer<'a> {
 impl Restore for Restorer<'_> {
     async fn apply(&mut self, partition: i32, changes: Vec<Change>) -> Result<(), Failure> {
         let keys = MatcherKeys(&self.rebuild.keys);
+        let now_ms = chrono::Utc::now().timestamp_millis();
         let mut pipe = redis::pipe();
         for c in &changes {
             let Some(value) = &c.value else { continue };
@@ -326,8 +379,10 @@ impl Restore for Restorer<'_> {
                     .to::<records::Invoice>()
                     .map_err(|e| e.to_string())
                     .and_then(|inv| {
-                        let (ix, reference) = indexed_of(&inv).map_err(|f| format!("{f:?}"))?;
-                        keys.add_index(&mut pipe, &inv.tenant, &ix, reference.as_deref())
+                        let (ix, _) = indexed_of(&inv).map_err(|f| format!("{f:?}"))?;
+                        let closed_ttl = (ix.open_minor <= 0)
+                            .then(|| remaining_ttl(self.rebuild.retention_secs, c.timestamp_ms, now_ms).unwrap_or(0));
+                        keys.add_index(&mut pipe, &inv.tenant, &ix, closed_ttl)
                             .map_err(|e| e.to_string())
                     }),
                 (PaymentMatched::FULL_NAME, Some(payments)) => decoded

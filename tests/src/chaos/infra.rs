@@ -34,8 +34,25 @@ step = [
 ]
 "#;
 
-/// A free port on loopback (bound and released; good enough for a test's own servers).
+/// A free port on loopback for a server started later (bound and released).
+///
+/// Chosen below the kernel's ephemeral range: a port from that range (what binding port 0
+/// gives) can be taken by any outgoing connection between choosing and binding, and a run
+/// opens thousands of them, so a restarted service would now and then find its port in use.
 pub fn free_port() -> anyhow::Result<u16> {
+    use rand::Rng;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let (low, high) = (10_000, ephemeral_low.max(10_001));
+    let mut rng = rand::rng();
+    for _ in 0..1_000 {
+        let port = rng.random_range(low..high);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
