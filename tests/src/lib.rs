@@ -9,6 +9,7 @@ use forfall_platform::records::{InvoiceIssued, JourneyAction, PaymentReceived, d
 use forfall_platform::redis_store::Keys;
 
 pub mod chaos;
+pub mod servers;
 
 pub use forfall::devstack::{LocalStack, eventually};
 

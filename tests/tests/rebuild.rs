@@ -5,6 +5,7 @@
 //! journey ending where it would have.
 
 use forfall_domain::reference::{ReferenceKind, generate};
+use forfall_e2e::servers::RedisServer;
 use forfall_e2e::*;
 use forfall_platform::clock::ManualClock;
 use forfall_platform::records::{HandoffCase, JourneyEvent};
@@ -53,9 +54,16 @@ fn workload() -> Vec<Sample<'static>> {
         .collect()
 }
 
-async fn start(start: &str) -> anyhow::Result<(std::sync::Arc<ManualClock>, LocalStack, Vec<Sample<'static>>)> {
+type Started = (std::sync::Arc<ManualClock>, LocalStack, Vec<Sample<'static>>);
+
+async fn start(start: &str) -> anyhow::Result<Started> {
+    start_on(base_config(), start).await
+}
+
+/// The workload issued and nudged on a stack with `config`.
+async fn start_on(config: forfall_platform::config::CommonConfig, start: &str) -> anyhow::Result<Started> {
     let clock = ManualClock::new(at(start));
-    let stack = LocalStack::start(base_config(), clock.clone()).await?;
+    let stack = LocalStack::start(config, clock.clone()).await?;
     stack.start_all();
     let invoices = workload();
     for s in &invoices {
@@ -564,12 +572,47 @@ async fn a_flushed_redis_is_rebuilt_for_every_service_and_the_debtors_notice_not
     Ok(())
 }
 
+/// How Redis goes back to an older state.
+enum GoingBack {
+    /// The services' keys copied (`DUMP`) and later put back (`RESTORE`) on the shared Redis.
+    Copied(Vec<(String, Vec<u8>, i64)>),
+    /// A Redis of the test's own that crashes and starts again from its last RDB snapshot.
+    Restarted(RedisServer),
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_service_notices_a_redis_restored_from_an_older_snapshot_and_rebuilds() -> anyhow::Result<()> {
-    let (clock, stack, invoices) = start("2026-09-01T06:00:00Z").await?;
+    services_notice_an_older_redis(GoingBack::Copied(Vec::new())).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_service_notices_a_redis_restarted_from_its_last_rdb_snapshot_and_rebuilds() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!(
+        "forfall-rdb-{}-{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+    ));
+    let redis = RedisServer::start(&dir).await?;
+    let outcome = services_notice_an_older_redis(GoingBack::Restarted(redis)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    outcome
+}
+
+/// The workload runs; Redis goes back to a state from before two payments, a credit note and
+/// an invoice; the services notice it by themselves (nobody runs `forfall rebuild`), rebuild,
+/// and the debtors see nothing of it.
+async fn services_notice_an_older_redis(mut back: GoingBack) -> anyhow::Result<()> {
+    let mut config = base_config();
+    if let GoingBack::Restarted(redis) = &back {
+        config.redis.url = redis.url();
+    }
+    let (clock, stack, invoices) = start_on(config, "2026-09-01T06:00:00Z").await?;
     let billing = stack.topic(&stack.topics().billing_invoice_events);
     let by_id = |id: &str| invoices.iter().find(|s| s.invoice_id == id).expect("in the workload");
-    let older = snapshot_stack_state(&stack.rt.config).await?;
+    match &mut back {
+        GoingBack::Copied(older) => *older = snapshot_stack_state(&stack.rt.config).await?,
+        GoingBack::Restarted(redis) => redis.save().await?,
+    }
     // After the snapshot: two payments, a credit note and the thirteenth invoice.
     let paid = ["inv-02", "inv-06", "inv-09", "inv-12"];
     for id in &paid[..2] {
@@ -583,7 +626,17 @@ async fn every_service_notices_a_redis_restored_from_an_older_snapshot_and_rebui
     status_is(&stack, late.tenant, late.invoice_id, "open").await?;
 
     // Redis comes back from the snapshot, without anyone running `forfall rebuild`.
-    restore_stack_state(&stack.rt.config, &older).await?;
+    match &mut back {
+        GoingBack::Copied(older) => restore_stack_state(&stack.rt.config, older).await?,
+        GoingBack::Restarted(redis) => {
+            redis.crash_and_restart().await?;
+            // The test's own connection meets the crash once (a broken pipe), then reconnects.
+            eventually("the test's connection to Redis back", WAIT, || async {
+                Ok(redis::cmd("PING").query_async::<String>(&mut stack.redis()).await.ok())
+            })
+            .await?;
+        }
+    }
     // A second credit note: ingest's snapshot has the first again, so both count.
     stack
         .produce(&billing, &credited.debtor_id(), &credit_note(credited, "CN-3b", 1_000))

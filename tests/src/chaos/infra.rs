@@ -12,6 +12,8 @@ use forfall_devsinks::{HttpRecorder, MailSink};
 use forfall_platform::config::CommonConfig;
 use tokio::process::{Child, Command};
 
+pub use crate::servers::{free_port, wait_port};
+
 const SMS_TOKEN: &str = "chaos-gatewayapi-token";
 
 /// The customer base's policy: the default one with an SMS nudge three banking days after the
@@ -33,37 +35,6 @@ step = [
   { name = "handoff", offset_banking_days = 20, handoff = true },
 ]
 "#;
-
-/// A free port on loopback for a server started later (bound and released).
-///
-/// Chosen below the kernel's ephemeral range: a port from that range (what binding port 0
-/// gives) can be taken by any outgoing connection between choosing and binding, and a run
-/// opens thousands of them, so a restarted service would now and then find its port in use.
-pub fn free_port() -> anyhow::Result<u16> {
-    use rand::Rng;
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
-    let (low, high) = (10_000, ephemeral_low.max(10_001));
-    let mut rng = rand::rng();
-    for _ in 0..1_000 {
-        let port = rng.random_range(low..high);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-async fn wait_port(port: u16, what: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "{what} did not listen on 127.0.0.1:{port}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
 
 /// Sends a signal to a process by pid (SIGSTOP and SIGCONT have no std API).
 pub fn signal(pid: u32, sig: &str) {
