@@ -14,6 +14,9 @@
 //! a time (a lease in Redis), the others wait and are not ready meanwhile. A fresh deployment
 //! finds no marker either, and its rebuild of empty topics takes a moment.
 //!
+//! A rebuild interrupted (a crash, a failing broker) goes on where it stopped the next time
+//! (see [`crate::rebuild_resume`]); any other rebuild starts from the beginning.
+//!
 //! The watcher has its own partition-scoped markers (its state is large and partitioned like
 //! its input); the services here keep state by tenant or by key that a partition does not
 //! bound, and replay their topics whole.
@@ -28,6 +31,7 @@ use redis::aio::ConnectionManager;
 use crate::admin::Readiness;
 use crate::changelog::Progress;
 use crate::kafka::Failure;
+use crate::rebuild_resume::Resume;
 use crate::redis_store::Keys;
 
 /// What a marker says.
@@ -77,9 +81,10 @@ pub fn remaining_ttl(ttl_secs: u64, written_ms: i64, now_ms: i64) -> Option<u64>
 /// How a service rebuilds its state from its topics.
 pub trait Rebuild: Send + Sync + 'static {
     /// Replays the service's topics into Redis (idempotent: replaying twice is harmless),
-    /// calling `report` about once a second.
+    /// going on from `resume` where it can, calling `report` about once a second.
     fn rebuild(
         &self,
+        resume: &Resume,
         report: &(dyn Fn(&Progress) + Send + Sync),
     ) -> impl Future<Output = anyhow::Result<Progress>> + Send;
 }
@@ -89,6 +94,8 @@ pub struct DerivedState<R> {
     service: &'static str,
     marker: String,
     lease: String,
+    /// How far an interrupted rebuild got.
+    resume: Resume,
     redis: ConnectionManager,
     readiness: Readiness,
     rebuilder: R,
@@ -125,6 +132,7 @@ impl<R: Rebuild> DerivedState<R> {
             service,
             marker: marker_key(keys, service),
             lease: keys.key(&[service, "rebuild-lease"]),
+            resume: Resume::new(redis.clone(), keys, service),
             redis,
             readiness,
             rebuilder,
@@ -201,6 +209,8 @@ impl<R: Rebuild> DerivedState<R> {
             .arg(&self.marker)
             .query_async(&mut self.redis.clone())
             .await?;
+        // A rebuild that did not finish left its own marker: the next goes on from its progress.
+        let interrupted = marker.as_deref().is_some_and(|m| m.starts_with("rebuilding:"));
         let marker = Marker::parse(marker.as_deref());
         if self.observe(marker) {
             self.known_ready.store(true, Ordering::SeqCst);
@@ -222,6 +232,9 @@ impl<R: Rebuild> DerivedState<R> {
                 self.service
             )));
         }
+        if !interrupted {
+            self.resume.clear().await?;
+        }
         let rebuilding = format!("rebuilding:{token}");
         let _: () = redis::cmd("SET")
             .arg(&self.marker)
@@ -232,7 +245,7 @@ impl<R: Rebuild> DerivedState<R> {
         let service = self.service;
         let report = move |p: &Progress| tracing::info!(parent: &span, service, progress = %p, "rebuilding state from the topics");
         let rebuilt = tokio::select! {
-            rebuilt = self.rebuilder.rebuild(&report) => rebuilt,
+            rebuilt = self.rebuilder.rebuild(&self.resume, &report) => rebuilt,
             never = self.keep_lease(&token) => match never {},
         };
         let progress = match rebuilt {
@@ -271,6 +284,10 @@ impl<R: Rebuild> DerivedState<R> {
         self.release(&token).await;
         if finished != 1 {
             return Err(self.missing());
+        }
+        if let Err(e) = self.resume.clear().await {
+            // Harmless: the next rebuild that is not a resumed one clears it first.
+            tracing::warn!(service = self.service, error = %e, "cannot clear the finished rebuild's progress");
         }
         tracing::info!(service = self.service, progress = %progress, "state rebuilt from the topics");
         *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = (epoch, 0);
@@ -340,10 +357,18 @@ impl<R: Rebuild> DerivedState<R> {
     }
 
     /// Rebuilds now, whatever the marker says (`forfall rebuild`): forgets it, then rebuilds.
+    /// An interrupted rebuild's marker is kept, so that this one goes on from its progress.
     pub async fn rebuild_now(&self) -> Result<(), Failure> {
-        let _: () = redis::cmd("DEL")
-            .arg(&self.marker)
-            .query_async(&mut self.redis.clone())
+        static FORGET_UNLESS_INTERRUPTED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"local m = redis.call('GET', KEYS[1])
+                  if m and string.sub(m, 1, 11) == 'rebuilding:' then return 0 end
+                  return redis.call('DEL', KEYS[1])",
+            )
+        });
+        let _: i64 = FORGET_UNLESS_INTERRUPTED
+            .key(&self.marker)
+            .invoke_async(&mut self.redis.clone())
             .await?;
         self.known_ready.store(false, Ordering::SeqCst);
         self.ensure_ready().await

@@ -14,10 +14,11 @@
 use std::sync::Arc;
 
 use forfall_platform::avro::Codec;
-use forfall_platform::changelog::{self, Change, Progress, Restore};
+use forfall_platform::changelog::{Change, Progress, Restore};
 use forfall_platform::config::KafkaConfig;
 use forfall_platform::derived_state::{Rebuild, remaining_ttl};
 use forfall_platform::kafka::Failure;
+use forfall_platform::rebuild_resume::Resume;
 use forfall_platform::records::{DispatchOutcome, DispatchStatus, Record};
 use forfall_platform::redis_store::Keys;
 use redis::aio::ConnectionManager;
@@ -59,7 +60,7 @@ pub fn sent_changelog_key(provider: &str, message_id: &str) -> String {
 }
 
 impl Rebuild for DispatchRebuild {
-    async fn rebuild(&self, report: &(dyn Fn(&Progress) + Send + Sync)) -> anyhow::Result<Progress> {
+    async fn rebuild(&self, resume: &Resume, report: &(dyn Fn(&Progress) + Send + Sync)) -> anyhow::Result<Progress> {
         let mut total = Progress::default();
         let mut restore = Restorer {
             rebuild: self,
@@ -68,7 +69,8 @@ impl Rebuild for DispatchRebuild {
         };
         for (topic, from_changelog) in [(&self.outcomes_topic, false), (&self.changelog_topic, true)] {
             restore.from_changelog = from_changelog;
-            total.add(&changelog::replay_whole(&self.kafka, topic, BATCH, &mut restore, report).await?);
+            // Both are written batch by batch: resumable.
+            total.add(&resume.replay(&self.kafka, topic, BATCH, &mut restore, report).await?);
         }
         if restore.skipped > 0 {
             tracing::error!(

@@ -8,10 +8,11 @@ use std::collections::HashMap;
 use forfall_domain::invoice::{Contact, InvoiceSnapshot, InvoiceStatus};
 use forfall_domain::{DebtorKind, Jurisdiction, Money};
 use forfall_platform::avro::Codec;
-use forfall_platform::changelog::{self, Change, Progress, Restore};
+use forfall_platform::changelog::{Change, Progress, Restore};
 use forfall_platform::config::KafkaConfig;
 use forfall_platform::derived_state::Rebuild;
 use forfall_platform::kafka::Failure;
+use forfall_platform::rebuild_resume::Resume;
 use forfall_platform::records::{self, InvoiceChange, Record};
 use redis::aio::ConnectionManager;
 
@@ -79,12 +80,15 @@ pub struct IngestRebuild {
 }
 
 impl Rebuild for IngestRebuild {
-    async fn rebuild(&self, report: &(dyn Fn(&Progress) + Send + Sync)) -> anyhow::Result<Progress> {
+    async fn rebuild(&self, resume: &Resume, report: &(dyn Fn(&Progress) + Send + Sync)) -> anyhow::Result<Progress> {
         let mut restore = Restorer {
             rebuild: self,
             skipped: 0,
         };
-        let progress = changelog::replay_whole(&self.kafka, &self.topic, BATCH, &mut restore, report).await?;
+        // Each batch is written with what Redis holds of its invoices: resumable.
+        let progress = resume
+            .replay(&self.kafka, &self.topic, BATCH, &mut restore, report)
+            .await?;
         if restore.skipped > 0 {
             tracing::error!(skipped = restore.skipped, topic = %self.topic, "records on the invoices topic ingest cannot read were left out of the rebuild");
         }

@@ -22,6 +22,7 @@ use forfall_platform::changelog::{self, Change, Progress, Restore};
 use forfall_platform::config::KafkaConfig;
 use forfall_platform::derived_state::{Rebuild, remaining_ttl};
 use forfall_platform::kafka::Failure;
+use forfall_platform::rebuild_resume::Resume;
 use forfall_platform::records::{self, PaymentMatched, PaymentReceived, PaymentUnmatched, Record};
 use forfall_platform::redis_store::Keys;
 use redis::aio::ConnectionManager;
@@ -53,7 +54,7 @@ struct Payments {
 }
 
 impl Rebuild for MatcherRebuild {
-    async fn rebuild(&self, report: &(dyn Fn(&Progress) + Send + Sync)) -> anyhow::Result<Progress> {
+    async fn rebuild(&self, resume: &Resume, report: &(dyn Fn(&Progress) + Send + Sync)) -> anyhow::Result<Progress> {
         let started = std::time::Instant::now();
         let mut total = Progress::default();
         let mut index = Restorer {
@@ -61,7 +62,13 @@ impl Rebuild for MatcherRebuild {
             payments: None,
             skipped: 0,
         };
-        total.add(&self.replay_all(&self.invoices_topic, &mut index, report).await?);
+        // The index is written batch by batch (resumable); the decisions are summed up over
+        // all payments first, so their topics are replayed whole each time.
+        total.add(
+            &resume
+                .replay(&self.kafka, &self.invoices_topic, BATCH, &mut index, report)
+                .await?,
+        );
         let mut payments = Restorer {
             rebuild: self,
             payments: Some(Payments::default()),

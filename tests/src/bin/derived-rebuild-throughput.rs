@@ -16,6 +16,7 @@ use forfall_e2e::*;
 use forfall_platform::changelog::{self, Progress};
 use forfall_platform::clock::ManualClock;
 use forfall_platform::derived_state::Rebuild;
+use forfall_platform::rebuild_resume::Resume;
 use forfall_platform::records::{DispatchOutcome, DispatchStatus, InvoiceChange, PaymentMatched, Record, new_event_id};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -192,7 +193,7 @@ async fn main() -> anyhow::Result<()> {
     let base = baseline(&stack, std::slice::from_ref(&invoices)).await?;
     let before = used_memory(&mut conn).await?;
     let ingest = forfall_ingest::rebuilder(&stack.rt, redis.clone())?
-        .rebuild(&|p| eprintln!("ingest: {p}"))
+        .rebuild(&fresh(&redis, &stack, "ingest").await?, &|p| eprintln!("ingest: {p}"))
         .await?;
     let stored = keys_matching(&mut conn, &format!("{prefix}ingest:invoice:*")).await?;
     anyhow::ensure!(stored == n as u64, "ingest rebuilt {stored} of {n} snapshots");
@@ -215,7 +216,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let before = used_memory(&mut conn).await?;
     let matcher = forfall_matcher::rebuilder(&stack.rt, &forfall_matcher::MatcherSettings::default(), redis.clone())
-        .rebuild(&|p| eprintln!("matcher: {p}"))
+        .rebuild(&fresh(&redis, &stack, "matcher").await?, &|p| eprintln!("matcher: {p}"))
         .await?;
     let indexed = keys_matching(&mut conn, &format!("{prefix}matcher:inv:*")).await?;
     let decided = keys_matching(&mut conn, &format!("{prefix}matcher:payment:*")).await?;
@@ -243,7 +244,9 @@ async fn main() -> anyhow::Result<()> {
     let before = used_memory(&mut conn).await?;
     let settings = forfall_dispatch::DispatchSettings::default();
     let dispatch = forfall_dispatch::rebuilder(&stack.rt, &settings, redis.clone())
-        .rebuild(&|p| eprintln!("dispatch: {p}"))
+        .rebuild(&fresh(&redis, &stack, "dispatch").await?, &|p| {
+            eprintln!("dispatch: {p}")
+        })
         .await?;
     let claims = keys_matching(&mut conn, &format!("{prefix}dispatch:claim:*")).await?;
     anyhow::ensure!(
@@ -262,4 +265,11 @@ async fn main() -> anyhow::Result<()> {
     remove_keys(&mut conn, &prefix).await?;
     stack.shutdown().await;
     Ok(())
+}
+
+/// No progress of an earlier rebuild: the whole replay is measured.
+async fn fresh(redis: &redis::aio::ConnectionManager, stack: &LocalStack, service: &str) -> anyhow::Result<Resume> {
+    let resume = Resume::new(redis.clone(), &stack.rt.keys(), service);
+    resume.clear().await?;
+    Ok(resume)
 }
