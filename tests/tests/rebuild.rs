@@ -476,7 +476,9 @@ async fn index_keeps_open_and_expires_paid(
 /// `forfall rebuild` for every service, as an operator runs it.
 async fn forfall_rebuild(stack: &LocalStack) -> anyhow::Result<()> {
     let args = forfall::tools::RebuildArgs {
-        services: ["watcher", "ingest", "matcher", "dispatch"].map(String::from).to_vec(),
+        services: ["watcher", "ingest", "matcher", "dispatch", "portal"]
+            .map(String::from)
+            .to_vec(),
         partitions: None,
         from_start: false,
         ask_running: false,

@@ -8,7 +8,7 @@ pub mod tools;
 use forfall_platform::service::Runtime;
 use tokio::task::JoinSet;
 
-pub const TARGETS: [&str; 5] = ["ingest", "watcher", "dispatch", "matcher", "handoff"];
+pub const TARGETS: [&str; 6] = ["ingest", "watcher", "dispatch", "matcher", "handoff", "portal"];
 
 /// `all` or a comma-separated list of service names.
 pub fn parse_targets(spec: &str) -> anyhow::Result<Vec<&'static str>> {
@@ -36,6 +36,7 @@ pub async fn run_target(rt: Runtime, target: &str) -> anyhow::Result<()> {
         "dispatch" => forfall_dispatch::run(rt).await,
         "matcher" => forfall_matcher::run(rt).await,
         "handoff" => forfall_handoff::run(rt).await,
+        "portal" => forfall_portal::run(rt).await,
         other => anyhow::bail!("unknown target '{other}'"),
     }
 }

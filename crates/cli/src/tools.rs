@@ -329,8 +329,12 @@ pub async fn payments(cmd: PaymentsCommand) -> anyhow::Result<()> {
 #[derive(clap::Args, Debug)]
 pub struct RebuildArgs {
     /// The services whose state to rebuild (comma-separated: watcher, ingest, matcher,
-    /// dispatch); all by default.
-    #[arg(long, value_delimiter = ',', default_value = "watcher,ingest,matcher,dispatch")]
+    /// dispatch, portal); all by default.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "watcher,ingest,matcher,dispatch,portal"
+    )]
     pub services: Vec<String>,
     /// Only these partitions of the watcher's changelog (comma-separated); all by default.
     #[arg(long, value_delimiter = ',')]
@@ -345,7 +349,7 @@ pub struct RebuildArgs {
 }
 
 pub async fn rebuild(rt: &forfall_platform::service::Runtime, args: RebuildArgs) -> anyhow::Result<()> {
-    const KNOWN: [&str; 4] = ["watcher", "ingest", "matcher", "dispatch"];
+    const KNOWN: [&str; 5] = ["watcher", "ingest", "matcher", "dispatch", "portal"];
     if let Some(unknown) = args.services.iter().find(|s| !KNOWN.contains(&s.as_str())) {
         anyhow::bail!(
             "--services: '{unknown}' keeps no state to rebuild; choose from {}",
@@ -393,6 +397,12 @@ pub async fn rebuild(rt: &forfall_platform::service::Runtime, args: RebuildArgs)
             args.ask_running,
         )
         .await?;
+    }
+    if wants("portal") {
+        let settings: forfall_portal::PortalSettings =
+            forfall_platform::config::section(&rt.figment, forfall_portal::SERVICE)?;
+        let rebuilder = forfall_portal::rebuilder(rt, &settings, redis.clone());
+        rebuild_derived(rt, forfall_portal::SERVICE, redis.clone(), rebuilder, args.ask_running).await?;
     }
     Ok(())
 }

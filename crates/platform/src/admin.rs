@@ -106,7 +106,8 @@ pub async fn serve(bind: &str, port: u16, router: Router, shutdown: Cancellation
         .map_err(|e| anyhow::anyhow!("cannot bind admin/HTTP port {bind}:{port}: {e}"))?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
-        let served = axum::serve(listener, router)
+        // The peer's address reaches handlers that limit requests per client.
+        let served = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await;
         if let Err(error) = served {

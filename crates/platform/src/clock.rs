@@ -95,7 +95,16 @@ impl SharedRedisClock {
         let client = redis::Client::open(redis_url)?;
         let mut redis = client.get_connection_manager().await?;
         let read = |v: Option<i64>| v.ok_or_else(|| anyhow::anyhow!("the shared clock's key '{key}' is not set"));
-        let first: Option<i64> = redis::cmd("GET").arg(key).query_async(&mut redis).await?;
+        // The driver sets it again after a fault that flushed Redis; a process started in
+        // between waits for it rather than failing.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let first = loop {
+            let first: Option<i64> = redis::cmd("GET").arg(key).query_async(&mut redis).await?;
+            if first.is_some() || std::time::Instant::now() > deadline {
+                break first;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
         let millis = Arc::new(AtomicI64::new(read(first)?));
         let (follower, key) = (millis.clone(), key.to_owned());
         tokio::spawn(async move {

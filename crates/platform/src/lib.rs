@@ -14,6 +14,7 @@ pub mod derived_state;
 pub mod journey_state;
 pub mod kafka;
 pub mod metrics;
+pub mod pay_links;
 pub mod rebuild_resume;
 pub mod records;
 pub mod redis_settings;

@@ -104,27 +104,8 @@ pub struct TenantProfile {
     pub sms_provider: Option<channels::SmsProviderKind>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct PayLinkSettings {
-    /// The self-service page; the token is appended.
-    pub base_url: String,
-    pub key_id: String,
-    /// Signing secret (set `FORFALL_DISPATCH__PAY_LINK__SECRET` in production; never logged).
-    pub secret: String,
-    pub ttl_days: i64,
-}
-
-impl Default for PayLinkSettings {
-    fn default() -> Self {
-        Self {
-            base_url: "http://127.0.0.1:8096/pay/".into(),
-            key_id: "dev".into(),
-            secret: "forfall-dev-pay-link-secret".into(),
-            ttl_days: 60,
-        }
-    }
-}
+use forfall_platform::pay_links::PayLinkKeys;
+pub use forfall_platform::pay_links::PayLinkSettings;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -251,6 +232,8 @@ pub struct Dispatch {
     changelog: Changelog,
     producer: Producer,
     settings: DispatchSettings,
+    /// The keys the pay links are signed with (`dispatch.pay_link`).
+    pay_links: PayLinkKeys,
     templates: Templates,
     from: Mailbox,
     mailer: smtp::SmtpClient,
@@ -376,19 +359,25 @@ impl<'a> Attempt<'a> {
 
     /// Moves the claim to `to` (deletes it when `to` is empty) only while it is still this
     /// attempt's (its lease or its `sending`). `false`: it is not, and nothing was written.
+    /// A final state (`Expiry::Remembered`: what became of the message) is also written over a
+    /// claim that is gone: only a Redis that lost its state loses a claim this attempt held
+    /// (the lease is renewed, `sending` does not expire), and a message sent must be on record
+    /// before its outcome is, or a redelivery after a crash would send it again.
     async fn transition(&self, to: &str, expiry: Expiry) -> Result<bool, Failure> {
         static TRANSITION: LazyLock<redis::Script> = LazyLock::new(|| {
             redis::Script::new(
                 r"local v = redis.call('GET', KEYS[1])
-                  if v ~= ARGV[1] and v ~= ARGV[2] then return 0 end
+                  local lost = (v == false) and ARGV[6] == 'final'
+                  if v ~= ARGV[1] and v ~= ARGV[2] and not lost then return 0 end
                   if ARGV[3] == '' then redis.call('DEL', KEYS[1])
                   else redis.call('SET', KEYS[1], ARGV[3], ARGV[4], ARGV[5]) end
                   return 1",
             )
         });
-        let (unit, ttl) = match expiry {
-            Expiry::Lease => ("PX", self.dispatch.settings.claim_lease_ms),
-            Expiry::Remembered => ("EX", self.dispatch.ttl_secs()),
+        let (unit, ttl, kind) = match expiry {
+            Expiry::Lease => ("PX", self.dispatch.settings.claim_lease_ms, "lease"),
+            Expiry::Remembered if to.starts_with("sending:") => ("EX", self.dispatch.ttl_secs(), "commit"),
+            Expiry::Remembered => ("EX", self.dispatch.ttl_secs(), "final"),
         };
         let moved: i32 = TRANSITION
             .key(self.key)
@@ -397,6 +386,7 @@ impl<'a> Attempt<'a> {
             .arg(to)
             .arg(unit)
             .arg(ttl)
+            .arg(kind)
             .invoke_async(&mut self.dispatch.redis.clone())
             .await?;
         Ok(moved == 1)
@@ -831,7 +821,7 @@ impl Dispatch {
         attempt: &Attempt<'_>,
     ) -> Result<String, SendError> {
         let profile = self.profile(&action.tenant);
-        let ctx = message::context(action, &profile, &self.settings.pay_link, self.rt.clock.now());
+        let ctx = message::context(action, &profile, &self.pay_links, self.rt.clock.now());
         let content = self
             .templates
             .render(&action.tenant, &ctx)
@@ -1103,6 +1093,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         "dispatch.claim_lease_ms is {} ms: it must be at least 300 ms",
         settings.claim_lease_ms
     );
+    let pay_links = PayLinkKeys::new(settings.pay_link.clone())?;
     let templates = Templates::load(
         settings.templates_dir.as_deref().map(std::path::Path::new),
         settings.max_sms_segments,
@@ -1180,6 +1171,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         templates,
         receipts_base,
         settings,
+        pay_links,
         outcomes_topic,
         outcomes,
         deferred,

@@ -6,13 +6,13 @@ use chrono::{DateTime, Utc};
 use forfall_domain::invoice::date_from_epoch_days;
 use forfall_domain::locale::format_date;
 use forfall_domain::money::format;
-use forfall_domain::paylink::{self, LinkClaims, LinkKey};
 use forfall_domain::{Currency, Locale, Money};
 use forfall_platform::journey_state;
 use forfall_platform::records::{CoveredInvoice, JourneyAction};
 
+use crate::TenantProfile;
 use crate::content::{Content, InvoiceLine, MessageContext};
-use crate::{PayLinkSettings, TenantProfile};
+use forfall_platform::pay_links::PayLinkKeys;
 
 /// The action as it may still go out, given the journey status of each of its invoices (main
 /// first, then its covers in order): covered invoices settled since are left out, and when the
@@ -45,26 +45,16 @@ pub fn still_open(action: &JourneyAction, statuses: &[Option<String>]) -> Option
 }
 
 /// The signed link to the self-service page for the debtor and the action's invoices.
-pub fn pay_link(action: &JourneyAction, settings: &PayLinkSettings, now: DateTime<Utc>) -> String {
+pub fn pay_link(action: &JourneyAction, keys: &PayLinkKeys, now: DateTime<Utc>) -> String {
     let mut invoices = vec![action.invoice_id.clone()];
     invoices.extend(action.covers.iter().map(|c| c.invoice_id.clone()));
-    let claims = LinkClaims {
-        tenant: action.tenant.clone(),
-        debtor_id: action.debtor_id.clone(),
-        invoices,
-        expires_at: now.timestamp() + settings.ttl_days * 86_400,
-    };
-    let key = LinkKey {
-        id: settings.key_id.clone(),
-        secret: settings.secret.as_bytes().to_vec(),
-    };
-    format!("{}{}", settings.base_url, paylink::issue(&key, &claims))
+    keys.link(&action.tenant, &action.debtor_id, invoices, now)
 }
 
 pub fn context(
     action: &JourneyAction,
     profile: &TenantProfile,
-    link: &PayLinkSettings,
+    link: &PayLinkKeys,
     now: DateTime<Utc>,
 ) -> MessageContext {
     let language = action.language.clone().unwrap_or_else(|| "en".to_owned());

@@ -1,0 +1,269 @@
+//! The debtor-facing HTTP endpoint: `GET /pay/<token>[?lang=xx]`.
+//!
+//! Answers: 200 the page; 410 a genuine link that expired (with whom to ask for a new one);
+//! 403 a link that is forged, altered or signed with an unknown key (a plain refusal that says
+//! nothing of what the link claims); 429 too many pages for the link or the client address;
+//! 503 while the read model is being rebuilt. Pages are never cached and send no referrer, so
+//! the token in the address does not travel further; only a fingerprint of it is logged.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use forfall_domain::paylink::{LinkClaims, LinkError};
+use forfall_platform::kafka::Failure;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tracing::Instrument;
+
+use crate::Portal;
+use crate::page::{self, Creditor};
+use crate::view::InvoiceView;
+
+/// At most this many invoices of one link are shown (a message covers a handful).
+const MAX_INVOICES: usize = 50;
+
+pub fn routes(portal: Portal) -> Router {
+    Router::new()
+        .route("/pay/{token}", get(page_for_link))
+        .with_state(portal)
+}
+
+#[derive(Debug, Deserialize)]
+struct PageQuery {
+    lang: Option<String>,
+}
+
+/// A short, one-way name for a token: enough to follow one link through the logs, useless to
+/// open the page with.
+fn fingerprint(secret: &str) -> String {
+    hex::encode(&Sha256::digest(secret.as_bytes())[..8])
+}
+
+async fn page_for_link(
+    State(portal): State<Portal>,
+    Path(token): Path<String>,
+    Query(query): Query<PageQuery>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let link = fingerprint(&token);
+    let span = tracing::info_span!("page", link = %link);
+    async move {
+        let client = portal.client_address(&headers, peer);
+        let (response, result) = match portal.over_limit(&fingerprint(&client), &link).await {
+            Ok(Some(retry_after)) => (limited(retry_after), "limited"),
+            Ok(None) => portal.answer(&token, query.lang.as_deref()).await,
+            Err(e) => {
+                tracing::warn!(error = ?e, "cannot count pages; answering unavailable");
+                (unavailable(), "unavailable")
+            }
+        };
+        portal.0.metrics.pages.with_label_values(&[result]).inc();
+        tracing::info!(result, "page answered");
+        response
+    }
+    .instrument(span)
+    .await
+}
+
+impl Portal {
+    /// The client's address: the trusted proxy's header when configured, else the peer.
+    fn client_address(&self, headers: &HeaderMap, peer: SocketAddr) -> String {
+        self.0
+            .settings
+            .client_address_header
+            .as_deref()
+            .and_then(|name| headers.get(name))
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| peer.ip().to_string())
+    }
+
+    /// Counts a page for the client and the link in this minute's window (in Redis, so that
+    /// every instance counts together); the seconds until the window ends when either is over.
+    async fn over_limit(&self, client: &str, link: &str) -> Result<Option<u64>, Failure> {
+        let now = self.0.rt.clock.now().timestamp();
+        let window = now / 60;
+        let keys = &self.0.keys.0;
+        let by_client = keys.key(&["portal", "limit", "client", client, &window.to_string()]);
+        let by_link = keys.key(&["portal", "limit", "link", link, &window.to_string()]);
+        let (client_count, link_count): (u64, u64) = redis::pipe()
+            .incr(&by_client, 1)
+            .expire(&by_client, 120)
+            .ignore()
+            .incr(&by_link, 1)
+            .expire(&by_link, 120)
+            .ignore()
+            .query_async(&mut self.0.redis.clone())
+            .await?;
+        let s = &self.0.settings;
+        Ok(
+            (client_count > s.per_address_per_minute || link_count > s.per_link_per_minute)
+                .then(|| u64::try_from(60 - now.rem_euclid(60)).unwrap_or(60)),
+        )
+    }
+
+    async fn answer(&self, token: &str, lang: Option<&str>) -> (Response, &'static str) {
+        let now = self.0.rt.clock.now();
+        match self.0.links.verify(token, now) {
+            Ok(claims) => match self.views(&claims).await {
+                Ok(views) => (self.page(&claims, &views, lang), "shown"),
+                Err(e) => {
+                    tracing::warn!(error = ?e, "the read model is not ready");
+                    (unavailable(), "unavailable")
+                }
+            },
+            Err(LinkError::Expired(_)) => match self.0.links.verify_signature(token) {
+                Ok(claims) => {
+                    // Only to speak the debtor's language: nothing of the invoices is shown.
+                    let views = self.views(&claims).await.unwrap_or_default();
+                    (self.expired(&claims, &views, lang), "expired")
+                }
+                Err(_) => (refused(), "refused"),
+            },
+            Err(why) => {
+                tracing::info!(why = %why, "link refused");
+                (refused(), "refused")
+            }
+        }
+    }
+
+    /// The claimed invoices' views, read with the state marker in one round trip.
+    async fn views(&self, claims: &LinkClaims) -> Result<Vec<InvoiceView>, Failure> {
+        self.0.state.ensure_ready().await?;
+        let mut pipe = redis::pipe();
+        for invoice_id in claims.invoices.iter().take(MAX_INVOICES) {
+            pipe.hgetall(self.0.keys.invoice(&claims.tenant, invoice_id));
+        }
+        pipe.get(self.0.state.marker_key());
+        let mut got: Vec<redis::Value> = pipe.query_async(&mut self.0.redis.clone()).await?;
+        let marker: Option<String> = redis::from_redis_value(got.pop().unwrap_or(redis::Value::Nil))
+            .map_err(|e| Failure::Transient(e.into()))?;
+        self.0.state.check(marker.as_deref())?;
+        got.into_iter()
+            .map(|v| {
+                let fields: HashMap<String, String> =
+                    redis::from_redis_value(v).map_err(|e| Failure::Transient(e.into()))?;
+                Ok(InvoiceView::from_fields(fields))
+            })
+            .collect()
+    }
+
+    fn creditor(&self, tenant: &str) -> Creditor {
+        self.0.creditors.get(tenant).cloned().unwrap_or_default()
+    }
+
+    fn page(&self, claims: &LinkClaims, views: &[InvoiceView], lang: Option<&str>) -> Response {
+        let language = page::language(lang, views);
+        let page = page::build(
+            &claims.debtor_id,
+            views,
+            &self.creditor(&claims.tenant),
+            &claims.tenant,
+            language,
+            &self.0.texts,
+        );
+        match self.0.renderer.page(&page) {
+            Ok(html) => html_response(StatusCode::OK, html),
+            Err(e) => {
+                tracing::error!(error = %e, "the page cannot be rendered");
+                unavailable()
+            }
+        }
+    }
+
+    fn expired(&self, claims: &LinkClaims, views: &[InvoiceView], lang: Option<&str>) -> Response {
+        let page = page::expired(
+            &self.creditor(&claims.tenant),
+            &claims.tenant,
+            page::language(lang, views),
+            &self.0.texts,
+        );
+        match self.0.renderer.expired(&page) {
+            Ok(html) => html_response(StatusCode::GONE, html),
+            Err(e) => {
+                tracing::error!(error = %e, "the expired page cannot be rendered");
+                unavailable()
+            }
+        }
+    }
+}
+
+/// Headers every answer carries: never cached, no referrer (the token is in the address),
+/// nothing loaded from elsewhere, never framed.
+fn html_response(status: StatusCode, html: String) -> Response {
+    let mut response = (status, html).into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+        ),
+    );
+    response
+}
+
+const PLAIN: &str = "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>Forfall</title></head><body><main><h1>";
+
+fn refused() -> Response {
+    html_response(
+        StatusCode::FORBIDDEN,
+        format!(
+            "{PLAIN}This link is not valid.</h1><p>Please use the link in the message you received, or contact the company that sent it.</p></main></body></html>"
+        ),
+    )
+}
+
+fn limited(retry_after: u64) -> Response {
+    let mut response = html_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!("{PLAIN}Too many requests.</h1><p>Please try again in a minute.</p></main></body></html>"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    response
+}
+
+fn unavailable() -> Response {
+    let mut response = html_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "{PLAIN}This page is not available right now.</h1><p>Please try again in a few minutes.</p></main></body></html>"
+        ),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fingerprint_names_a_token_without_revealing_it() {
+        let token = "v1.dev.eyJ0IjoiYWNtZSJ9.c2lnbmF0dXJl";
+        let f = fingerprint(token);
+        assert_eq!(f.len(), 16);
+        assert_eq!(f, fingerprint(token));
+        assert_ne!(f, fingerprint("v1.dev.eyJ0IjoiYWNtZSJ9.c2lnbmF0dXJm"));
+        assert!(!token.contains(&f));
+    }
+}

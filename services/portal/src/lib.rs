@@ -1,0 +1,219 @@
+//! Portal: the debtor's page behind the signed link in every message.
+//!
+//! It owns a read model of what the page shows (see [`view`]), kept in its own Redis keys from
+//! the topics (invoices, journey events, matched payments, dispatch outcomes) and rebuilt from
+//! them when Redis loses it, and it answers `GET /pay/<token>`: the link is verified in
+//! constant time against the keys dispatch signs with (`dispatch.pay_link`), and the page
+//! shows the creditor, each invoice the link names (of that debtor only), what is paid and
+//! left, how to pay by bank transfer with the exact reference, and what has happened so far,
+//! in the debtor's language. The token is never logged (a short fingerprint is), and requests
+//! are limited per link and per client address.
+
+mod http;
+pub mod page;
+pub mod rebuild;
+pub mod view;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use forfall_platform::config;
+use forfall_platform::derived_state::DerivedState;
+use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, run_consumer};
+use forfall_platform::pay_links::{PayLinkKeys, PayLinkSettings};
+use forfall_platform::redis_store;
+use forfall_platform::service::{Runtime, ServiceShell};
+use prometheus::{IntCounterVec, Opts};
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+
+use crate::page::{Creditor, Renderer, Texts};
+use crate::view::{APPLY, ViewKeys};
+
+pub const SERVICE: &str = "portal";
+/// The page listens on `admin.base_port + 6`, where dispatch's default links point.
+pub const PORT_OFFSET: u16 = 6;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PortalSettings {
+    /// Days a closed invoice's page stays answerable after it closed: a debtor who opens an
+    /// old message sees "paid" rather than nothing. As long as the watcher keeps a closed
+    /// journey (`watcher.closed_retention_days`), no longer (it names what the debtor paid).
+    pub closed_retention_days: u64,
+    /// Pages per client address per minute.
+    pub per_address_per_minute: u64,
+    /// Pages per link per minute.
+    pub per_link_per_minute: u64,
+    /// The header a trusted proxy in front of the portal puts the client's address in (e.g.
+    /// `x-forwarded-for`, its first entry is taken); the connection's peer address when unset.
+    pub client_address_header: Option<String>,
+}
+
+impl Default for PortalSettings {
+    fn default() -> Self {
+        Self {
+            closed_retention_days: 120,
+            per_address_per_minute: 120,
+            per_link_per_minute: 30,
+            client_address_header: None,
+        }
+    }
+}
+
+/// What the portal reads of dispatch's settings: the keys its links are signed with and what
+/// the creditors' messages say about them, so that the page and the messages agree.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+struct CreditorSettings {
+    pay_link: PayLinkSettings,
+    tenants: BTreeMap<String, Creditor>,
+}
+
+pub(crate) struct Metrics {
+    /// Pages answered, by result: shown, expired, refused, limited, unavailable.
+    pages: IntCounterVec,
+    /// Records applied to the read model, by type.
+    applied: IntCounterVec,
+}
+
+pub(crate) struct Inner {
+    rt: Runtime,
+    redis: ConnectionManager,
+    keys: ViewKeys,
+    state: Arc<DerivedState<rebuild::PortalRebuild>>,
+    settings: PortalSettings,
+    links: PayLinkKeys,
+    creditors: BTreeMap<String, Creditor>,
+    texts: Texts,
+    renderer: Renderer,
+    metrics: Metrics,
+}
+
+#[derive(Clone)]
+pub struct Portal(pub(crate) Arc<Inner>);
+
+impl Portal {
+    fn retention_secs(&self) -> u64 {
+        self.0.settings.closed_retention_days.max(1) * 86_400
+    }
+
+    /// Applies one record to the read model (idempotent; see [`view`]).
+    async fn apply(&self, record: &Inbound) -> Result<(), Failure> {
+        self.0.state.ensure_ready().await?;
+        let decoded = self.0.rt.codec.decode(record.payload.as_deref()).await?;
+        let changes = view::changes_of(&decoded.name, &decoded)
+            .map_err(|e| Failure::reject("unreadable_record", format!("{e:#}")))?;
+        let span = tracing::info_span!("apply", record = %decoded.name, changes = changes.len());
+        let _entered = span.enter();
+        for (tenant, invoice_id, change) in &changes {
+            let applied: i64 = view::invocation(
+                &APPLY,
+                &self.0.keys.invoice(tenant, invoice_id),
+                self.0.state.marker_key(),
+                self.0.state.seen(),
+                change,
+                self.retention_secs(),
+            )
+            .invoke_async(&mut self.0.redis.clone())
+            .await?;
+            if applied == -2 {
+                return Err(self.0.state.missing());
+            }
+        }
+        self.0.metrics.applied.with_label_values(&[&decoded.name]).inc();
+        Ok(())
+    }
+}
+
+impl Handler for Portal {
+    async fn handle(&self, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
+        self.apply(record).await?;
+        Ok(Vec::new())
+    }
+}
+
+/// What rebuilds the portal's read model (see [`rebuild`]).
+pub fn rebuilder(rt: &Runtime, settings: &PortalSettings, redis: ConnectionManager) -> rebuild::PortalRebuild {
+    rebuild::PortalRebuild {
+        kafka: rt.config.kafka.clone(),
+        topics: read_model_topics(rt),
+        codec: rt.codec.clone(),
+        redis,
+        keys: ViewKeys(rt.keys()),
+        retention_secs: settings.closed_retention_days.max(1) * 86_400,
+    }
+}
+
+/// The topics the read model follows.
+fn read_model_topics(rt: &Runtime) -> Vec<String> {
+    let t = &rt.config.topics;
+    [
+        &t.invoices,
+        &t.journey_events,
+        &t.payments_matched,
+        &t.dispatch_outcomes,
+    ]
+    .into_iter()
+    .map(|name| rt.topic(name))
+    .collect()
+}
+
+/// Runs the portal until shutdown.
+pub async fn run(rt: Runtime) -> anyhow::Result<()> {
+    let settings: PortalSettings = config::section(&rt.figment, SERVICE)?;
+    let creditors: CreditorSettings = config::section(&rt.figment, "dispatch")?;
+    let links = PayLinkKeys::new(creditors.pay_link)?;
+    let texts = Texts::built_in()?;
+    let renderer = Renderer::new()?;
+    let redis = redis_store::connect(&rt.config.redis).await?;
+    let metrics = Metrics {
+        pages: IntCounterVec::new(
+            Opts::new("portal_pages_total", "Debtor pages answered, by result"),
+            &["result"],
+        )?,
+        applied: IntCounterVec::new(
+            Opts::new(
+                "portal_read_model_records_total",
+                "Records applied to the page's read model",
+            ),
+            &["record"],
+        )?,
+    };
+    let (pages, applied) = (metrics.pages.clone(), metrics.applied.clone());
+    let mut core = None;
+    let shell = ServiceShell::start_with_routes(&rt, SERVICE, PORT_OFFSET, |_, _, readiness| {
+        let state = Arc::new(DerivedState::new(
+            &rt.keys(),
+            SERVICE,
+            redis.clone(),
+            readiness.clone(),
+            rebuilder(&rt, &settings, redis.clone()),
+        ));
+        let portal = Portal(Arc::new(Inner {
+            rt: rt.clone(),
+            redis: redis.clone(),
+            keys: ViewKeys(rt.keys()),
+            state,
+            settings: settings.clone(),
+            links,
+            creditors: creditors.tenants,
+            texts,
+            renderer,
+            metrics,
+        }));
+        core = Some(portal.clone());
+        http::routes(portal)
+    })
+    .await?;
+    shell.metrics.registry.register(Box::new(pages))?;
+    shell.metrics.registry.register(Box::new(applied))?;
+    let portal = core.ok_or_else(|| anyhow::anyhow!("portal routes were not built"))?;
+    let consumer = shell.consumer(&rt, SERVICE, &read_model_topics(&rt))?;
+    let watching = tokio::spawn(portal.0.state.clone().watch(Duration::from_secs(1)));
+    let consumed = run_consumer(consumer, portal, shell.loop_context(&rt)).await;
+    watching.abort();
+    consumed?;
+    Ok(())
+}

@@ -1,0 +1,511 @@
+//! What the debtor's page says, decided from the read model: a pure function from the link's
+//! claims, the invoices' views, the creditor and the language to a page model, and its
+//! rendering as HTML (server-side, no script, no external assets).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use forfall_domain::invoice::date_from_epoch_days;
+use forfall_domain::locale::format_date;
+use forfall_domain::money::format;
+use forfall_domain::{Currency, Locale, Money};
+use serde::{Deserialize, Serialize};
+
+use crate::view::InvoiceView;
+
+/// The languages the page speaks, in the order the switcher lists them.
+pub const LANGUAGES: [&str; 5] = ["da", "nb", "sv", "fi", "en"];
+
+/// What the creditor's messages and page say about it (`dispatch.tenants.<tenant>`, the same
+/// settings the messages use).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Creditor {
+    pub name: Option<String>,
+    pub contact: Option<String>,
+    /// Bank details for a transfer, e.g. "Reg. 1234 konto 0001234567" or an IBAN.
+    pub bank_account: Option<String>,
+}
+
+/// Every language's texts (`templates/texts.toml`).
+#[derive(Debug, Clone)]
+pub struct Texts(BTreeMap<String, BTreeMap<String, String>>);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TextsError {
+    #[error("the page's texts are not valid TOML: {0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("the page's texts have no language '{0}'")]
+    MissingLanguage(&'static str),
+    #[error("the page's texts in '{language}' lack '{key}' (English has it)")]
+    MissingText { language: &'static str, key: String },
+}
+
+impl Texts {
+    /// The built-in texts, checked: every language has every key English has.
+    pub fn built_in() -> Result<Self, TextsError> {
+        Self::parse(include_str!("../templates/texts.toml"))
+    }
+
+    pub fn parse(toml_text: &str) -> Result<Self, TextsError> {
+        let all: BTreeMap<String, BTreeMap<String, String>> = toml::from_str(toml_text)?;
+        let english = all.get("en").ok_or(TextsError::MissingLanguage("en"))?;
+        for language in LANGUAGES {
+            let texts = all.get(language).ok_or(TextsError::MissingLanguage(language))?;
+            if let Some(key) = english.keys().find(|k| !texts.contains_key(*k)) {
+                return Err(TextsError::MissingText {
+                    language,
+                    key: key.clone(),
+                });
+            }
+        }
+        Ok(Self(all))
+    }
+
+    /// One language's texts with the creditor's name put in.
+    fn for_language(&self, language: &str, creditor: &str) -> BTreeMap<String, String> {
+        let texts = self
+            .0
+            .get(language)
+            .or_else(|| self.0.get("en"))
+            .cloned()
+            .unwrap_or_default();
+        texts
+            .into_iter()
+            .map(|(k, v)| (k, v.replace("{creditor}", creditor)))
+            .collect()
+    }
+
+    fn language_name(&self, language: &str) -> String {
+        self.0
+            .get(language)
+            .and_then(|t| t.get("language_name"))
+            .cloned()
+            .unwrap_or_else(|| language.to_owned())
+    }
+}
+
+/// The language the page is shown in: the one asked for if the page speaks it, else the first
+/// invoice's, else English.
+pub fn language(asked: Option<&str>, views: &[InvoiceView]) -> &'static str {
+    let known = |code: &str| {
+        let code = match code
+            .split(['-', '_'])
+            .next()
+            .unwrap_or("")
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "no" | "nn" => "nb".to_owned(),
+            other => other.to_owned(),
+        };
+        LANGUAGES.into_iter().find(|l| *l == code)
+    };
+    asked
+        .and_then(known)
+        .or_else(|| {
+            views
+                .iter()
+                .find_map(|v| v.snapshot.as_ref()?.language.as_deref())
+                .and_then(known)
+        })
+        .unwrap_or("en")
+}
+
+/// The page, ready to render.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Page {
+    pub lang: String,
+    pub t: BTreeMap<String, String>,
+    pub creditor: String,
+    pub contact: Option<String>,
+    pub invoices: Vec<Line>,
+    /// What is left to pay on the invoices that can be paid here, when any.
+    pub total: Option<String>,
+    pub bank_account: Option<String>,
+    pub history: Vec<String>,
+    pub languages: Vec<LanguageLink>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Line {
+    pub number: String,
+    pub description: Option<String>,
+    pub amount: String,
+    pub due: String,
+    pub fees: Option<String>,
+    pub paid: Option<String>,
+    pub left: String,
+    /// Why it cannot be paid here (paid, credited, with the agency...); `None` when it can.
+    pub status: Option<String>,
+    pub reference: Option<String>,
+    /// What the debtor's bank calls the reference in the invoice's country.
+    pub reference_label: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LanguageLink {
+    pub code: String,
+    pub name: String,
+    pub current: bool,
+}
+
+/// How the banks of a country name a payment's structured reference.
+fn reference_label(jurisdiction: &str, t: &BTreeMap<String, String>) -> String {
+    match jurisdiction {
+        "NO" => "KID".to_owned(),
+        "SE" => "OCR".to_owned(),
+        "DK" => "FIK / betalings-ID".to_owned(),
+        "FI" => "Viitenumero / referens".to_owned(),
+        _ => t.get("reference").cloned().unwrap_or_else(|| "Reference".to_owned()),
+    }
+}
+
+fn at_date(at_ms: i64) -> Option<chrono::NaiveDate> {
+    DateTime::<Utc>::from_timestamp_millis(at_ms).map(|d| d.date_naive())
+}
+
+/// What kind of message a plan step sends, as far as its name tells (plans name steps freely;
+/// the defaults and the examples use these words).
+fn message_text<'t>(step: &str, t: &'t BTreeMap<String, String>) -> &'t str {
+    let step = step.to_ascii_lowercase();
+    let key = if step.contains("warning") || step.contains("varsel") || step.contains("inkasso") {
+        "sent_warning"
+    } else if step.contains("remind") || step.contains("paamin") || step.contains("purring") {
+        "sent_reminder"
+    } else if step.contains("nudge") {
+        "sent_nudge"
+    } else {
+        "sent_other"
+    };
+    t.get(key).map(String::as_str).unwrap_or(key)
+}
+
+/// The page for a link's invoices. `views` are the claimed invoices' views, in the claims'
+/// order; an invoice of another debtor than the link's, or one the read model does not know,
+/// is shown as not available.
+pub fn build(
+    debtor_id: &str,
+    views: &[InvoiceView],
+    creditor: &Creditor,
+    tenant: &str,
+    language: &str,
+    texts: &Texts,
+) -> Page {
+    let creditor_name = creditor.name.clone().unwrap_or_else(|| tenant.to_owned());
+    let t = texts.for_language(language, &creditor_name);
+    let locale = Locale::from_language(language);
+    let text = |key: &str| t.get(key).cloned().unwrap_or_else(|| key.to_owned());
+    let mut lines = Vec::new();
+    let mut history: Vec<(i64, String)> = Vec::new();
+    let mut total: Option<(Currency, i64)> = None;
+    let mut mixed_currencies = false;
+    for view in views {
+        let Some(s) = view.snapshot.as_ref().filter(|s| s.debtor_id == debtor_id) else {
+            continue;
+        };
+        let Ok(currency) = s.currency.parse::<Currency>() else {
+            continue;
+        };
+        let money = |minor: i64| format(Money::new(minor, currency), locale);
+        let day = |days: i32| {
+            date_from_epoch_days(days)
+                .map(|d| format_date(d, locale))
+                .unwrap_or_default()
+        };
+        let paid = view.paid_minor();
+        let left = view
+            .journey
+            .as_ref()
+            .map_or((s.open_minor - paid).max(0), |j| j.outstanding_minor.max(0));
+        let fees = (left + paid - s.open_minor).max(0);
+        let state = view.journey.as_ref().map(|j| j.state.as_str()).unwrap_or("open");
+        let status = match state {
+            "closed:paid" => Some(text("status_paid")),
+            "closed:credited" => Some(text("status_credited")),
+            "closed:cancelled" => Some(text("status_cancelled")),
+            "handed_over" => Some(text("status_handed_over")),
+            _ if left == 0 => Some(text("nothing_to_pay")),
+            _ => None,
+        };
+        if status.is_none() {
+            match total {
+                None => total = Some((currency, left)),
+                Some((c, sum)) if c == currency => total = Some((c, sum + left)),
+                Some(_) => mixed_currencies = true,
+            }
+        }
+        lines.push(Line {
+            number: s.number.clone(),
+            description: s.description.clone(),
+            amount: money(s.open_minor),
+            due: day(s.due_date),
+            fees: (fees > 0).then(|| money(fees)),
+            paid: (paid > 0).then(|| money(paid)),
+            left: money(left),
+            reference: s.reference.clone().filter(|_| status.is_none()),
+            reference_label: reference_label(&s.jurisdiction, &t),
+            status,
+        });
+        // Each message once, however many outcomes it had: sent, then delivered.
+        let mut told = std::collections::BTreeSet::new();
+        for m in &view.messages {
+            if !matches!(m.status.as_str(), "sent" | "delivered") || !told.insert((m.step.clone(), m.channel.clone())) {
+                continue;
+            }
+            let channel = match m.channel.as_str() {
+                "email" => text("by_email"),
+                "sms" => text("by_sms"),
+                _ => text("by_webhook"),
+            };
+            if let Some(d) = at_date(m.at_ms) {
+                history.push((
+                    m.at_ms,
+                    format!("{} {} {channel}", message_text(&m.step, &t), format_date(d, locale)),
+                ));
+            }
+        }
+        for p in &view.payments {
+            let when = date_from_epoch_days(p.value_date).or_else(|| at_date(p.at_ms));
+            if let (Ok(c), Some(d)) = (p.currency.parse::<Currency>(), when) {
+                history.push((
+                    p.at_ms,
+                    format!(
+                        "{}: {} ({})",
+                        text("payment_received"),
+                        format(Money::new(p.amount_minor, c), locale),
+                        format_date(d, locale)
+                    ),
+                ));
+            }
+        }
+        for h in view.happened.iter().filter(|h| h.kind == "handed_over") {
+            if let Some(d) = at_date(h.at_ms) {
+                history.push((h.at_ms, format!("{} {}", text("handed_over"), format_date(d, locale))));
+            }
+        }
+    }
+    history.sort_by_key(|(at, _)| *at);
+    Page {
+        lang: language.to_owned(),
+        creditor: creditor_name,
+        contact: creditor.contact.clone(),
+        invoices: lines,
+        total: if mixed_currencies {
+            None
+        } else {
+            total
+                .filter(|(_, sum)| *sum > 0)
+                .map(|(c, sum)| format(Money::new(sum, c), locale))
+        },
+        bank_account: creditor.bank_account.clone(),
+        history: history.into_iter().map(|(_, line)| line).collect(),
+        languages: LANGUAGES
+            .iter()
+            .map(|code| LanguageLink {
+                code: (*code).to_owned(),
+                name: texts.language_name(code),
+                current: *code == language,
+            })
+            .collect(),
+        t,
+    }
+}
+
+/// The page for a genuine link that expired.
+pub fn expired(creditor: &Creditor, tenant: &str, language: &str, texts: &Texts) -> Page {
+    build("", &[], creditor, tenant, language, texts)
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the page cannot be rendered: {0}")]
+pub struct RenderError(#[from] minijinja::Error);
+
+/// The page's templates, compiled once.
+pub struct Renderer {
+    env: minijinja::Environment<'static>,
+}
+
+impl Renderer {
+    pub fn new() -> Result<Self, RenderError> {
+        let mut env = minijinja::Environment::new();
+        env.set_auto_escape_callback(|_| minijinja::AutoEscape::Html);
+        env.add_template("style.html", include_str!("../templates/style.html"))?;
+        env.add_template("page.html", include_str!("../templates/page.html"))?;
+        env.add_template("expired.html", include_str!("../templates/expired.html"))?;
+        Ok(Self { env })
+    }
+
+    pub fn page(&self, page: &Page) -> Result<String, RenderError> {
+        Ok(self.env.get_template("page.html")?.render(page)?)
+    }
+
+    pub fn expired(&self, page: &Page) -> Result<String, RenderError> {
+        Ok(self.env.get_template("expired.html")?.render(page)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::{JourneyNow, Message, Paid, Snapshot};
+
+    fn snapshot(number: &str, debtor: &str, open_minor: i64) -> Snapshot {
+        Snapshot {
+            revision: 1,
+            debtor_id: debtor.into(),
+            number: number.into(),
+            description: Some("Strøm mars".into()),
+            issue_date: 20_500,
+            due_date: 20_514,
+            amount_minor: open_minor,
+            credited_minor: 0,
+            open_minor,
+            currency: "NOK".into(),
+            jurisdiction: "NO".into(),
+            status: "open".into(),
+            reference: Some("70001234".into()),
+            language: Some("nb".into()),
+        }
+    }
+
+    fn creditor() -> Creditor {
+        Creditor {
+            name: Some("Nordkraft AS".into()),
+            contact: Some("kundeservice@nordkraft.example".into()),
+            bank_account: Some("1234.56.78903".into()),
+        }
+    }
+
+    fn texts() -> Texts {
+        Texts::built_in().expect("the built-in texts are complete")
+    }
+
+    #[test]
+    fn every_language_has_every_text() {
+        let all = texts();
+        for language in LANGUAGES {
+            let t = all.for_language(language, "X");
+            assert_eq!(t.len(), all.for_language("en", "X").len(), "{language}");
+        }
+        let missing = Texts::parse("[en]\na = \"1\"\n[da]\n[nb]\na=\"\"\n[sv]\na=\"\"\n[fi]\na=\"\"\n").unwrap_err();
+        assert_eq!(
+            missing.to_string(),
+            "the page's texts in 'da' lack 'a' (English has it)"
+        );
+    }
+
+    #[test]
+    fn an_open_invoice_shows_fees_payments_and_what_is_left_in_the_debtors_locale() {
+        let view = InvoiceView {
+            snapshot: Some(snapshot("7000123", "d1", 125_000)),
+            journey: Some(JourneyNow {
+                state: "reminded:1".into(),
+                outstanding_minor: 125_000 - 40_000 + 3_500,
+                at_ms: 1_773_000_000_000,
+            }),
+            happened: vec![],
+            messages: vec![
+                Message {
+                    step: "reminder-1".into(),
+                    channel: "email".into(),
+                    status: "sent".into(),
+                    at_ms: 1_772_600_000_000,
+                },
+                Message {
+                    step: "reminder-1".into(),
+                    channel: "email".into(),
+                    status: "delivered".into(),
+                    at_ms: 1_772_600_100_000,
+                },
+            ],
+            payments: vec![Paid {
+                amount_minor: 40_000,
+                currency: "NOK".into(),
+                at_ms: 1_772_700_000_000,
+                value_date: 20_520,
+            }],
+        };
+        let page = build("d1", &[view], &creditor(), "nordkraft", "nb", &texts());
+        let line = &page.invoices[0];
+        assert_eq!(line.amount, "kr\u{a0}1\u{a0}250,00");
+        assert_eq!(line.fees.as_deref(), Some("kr\u{a0}35,00"));
+        assert_eq!(line.paid.as_deref(), Some("kr\u{a0}400,00"));
+        assert_eq!(line.left, "kr\u{a0}885,00");
+        assert_eq!(line.due, "02.03.2026");
+        assert_eq!((line.reference_label.as_str(), line.status.as_ref()), ("KID", None));
+        assert_eq!(page.total.as_deref(), Some("kr\u{a0}885,00"));
+        assert_eq!(
+            page.history,
+            vec![
+                "Betalingspåminnelse sendt 04.03.2026 på e-post".to_owned(),
+                "Betaling mottatt: kr\u{a0}400,00 (08.03.2026)".to_owned()
+            ]
+        );
+    }
+
+    #[test]
+    fn a_paid_invoice_shows_its_status_and_no_reference_to_pay_with() {
+        let view = InvoiceView {
+            snapshot: Some(snapshot("7000123", "d1", 125_000)),
+            journey: Some(JourneyNow {
+                state: "closed:paid".into(),
+                outstanding_minor: 0,
+                at_ms: 1,
+            }),
+            ..InvoiceView::default()
+        };
+        let page = build("d1", &[view], &creditor(), "nordkraft", "en", &texts());
+        assert_eq!(page.invoices[0].status.as_deref(), Some("Paid. Thank you!"));
+        assert_eq!(page.invoices[0].reference, None);
+        assert_eq!(page.total, None);
+    }
+
+    #[test]
+    fn another_debtors_invoice_is_not_shown() {
+        let view = InvoiceView {
+            snapshot: Some(snapshot("7000123", "someone-else", 125_000)),
+            ..InvoiceView::default()
+        };
+        let page = build("d1", &[view], &creditor(), "nordkraft", "en", &texts());
+        assert!(page.invoices.is_empty());
+    }
+
+    #[test]
+    fn the_language_asked_for_wins_then_the_invoices_then_english() {
+        let nb = InvoiceView {
+            snapshot: Some(snapshot("1", "d1", 1)),
+            ..InvoiceView::default()
+        };
+        assert_eq!(language(Some("sv"), std::slice::from_ref(&nb)), "sv");
+        assert_eq!(language(Some("xx"), std::slice::from_ref(&nb)), "nb");
+        assert_eq!(language(Some("no"), &[]), "nb");
+        assert_eq!(language(None, &[]), "en");
+    }
+
+    #[test]
+    fn the_page_renders_in_every_language_and_escapes_what_billing_wrote() {
+        let renderer = Renderer::new().unwrap();
+        let mut s = snapshot("7000123", "d1", 125_000);
+        s.description = Some("<script>alert(1)</script>".into());
+        let view = InvoiceView {
+            snapshot: Some(s),
+            ..InvoiceView::default()
+        };
+        for language in LANGUAGES {
+            let page = build(
+                "d1",
+                std::slice::from_ref(&view),
+                &creditor(),
+                "nordkraft",
+                language,
+                &texts(),
+            );
+            let html = renderer.page(&page).unwrap();
+            assert!(html.starts_with("<!doctype html>"), "{language}");
+            assert!(html.contains(&format!("<html lang=\"{language}\">")), "{language}");
+            assert!(html.contains("7000123") && html.contains("70001234"), "{language}");
+            assert!(!html.contains("<script>alert"), "{language}: billing's text is escaped");
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The debtor's page on the dev stack: the link in the nudge the SMTP sink received opens the
+//! page in the debtor's language with what they owe and how to pay it; after the payment it
+//! says paid; an altered, forged or expired link, or one naming another debtor's invoice,
+//! shows nothing of the invoice; and pages are limited per link.
+
+use forfall_domain::paylink::{self, LinkClaims, LinkKey};
+use forfall_domain::reference::{self, ReferenceKind};
+use forfall_e2e::*;
+use forfall_platform::clock::ManualClock;
+
+/// The dev profile's pay-link key (`dispatch.pay_link` defaults).
+fn dev_key() -> LinkKey {
+    LinkKey {
+        id: "dev".into(),
+        secret: b"forfall-dev-pay-link-secret".to_vec(),
+    }
+}
+
+fn norwegian(kid: &'static str) -> Sample<'static> {
+    Sample {
+        tenant: "nordkraft",
+        invoice_id: "no-portal-1",
+        number: "7000123",
+        due: day(2026, 3, 2),
+        amount_minor: 125_000,
+        currency: "NOK",
+        jurisdiction: "NO",
+        email: "kari@example.test",
+        reference: kid,
+        language: "nb",
+    }
+}
+
+struct Answer {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+}
+
+async fn get(stack: &LocalStack, path: &str) -> anyhow::Result<Answer> {
+    let addr = stack.rt.admin_addr("portal").expect("the portal serves HTTP");
+    let r = reqwest::get(format!("http://{addr}{path}")).await?;
+    Ok(Answer {
+        status: r.status().as_u16(),
+        headers: r.headers().clone(),
+        body: r.text().await?,
+    })
+}
+
+/// The page once it shows `want` (the read model follows the topics).
+async fn page_showing(stack: &LocalStack, path: &str, want: &str) -> anyhow::Result<Answer> {
+    eventually(&format!("the page to show '{want}'"), WAIT, || async {
+        let answer = get(stack, path).await?;
+        Ok((answer.status == 200 && answer.body.contains(want)).then_some(answer))
+    })
+    .await
+}
+
+async fn stack_with_creditor(clock: std::sync::Arc<ManualClock>) -> anyhow::Result<LocalStack> {
+    let mut stack = LocalStack::start(base_config(), clock).await?;
+    stack.set("dispatch.tenants.nordkraft.name", "Nordkraft AS");
+    stack.set("dispatch.tenants.nordkraft.bank_account", "1234.56.78903");
+    stack.set("dispatch.tenants.nordkraft.contact", "kundeservice@nordkraft.example");
+    Ok(stack)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_link_in_the_nudge_opens_the_debtors_page_until_it_is_paid_and_no_other_link_shows_it() -> anyhow::Result<()>
+{
+    let clock = ManualClock::new(at("2026-03-01T08:00:00Z"));
+    let mut stack = stack_with_creditor(clock.clone()).await?;
+    // The simulated clock stands still while the test polls the page.
+    stack.set("portal.per_link_per_minute", 100_000);
+    stack.set("portal.per_address_per_minute", 100_000);
+    stack.start_all();
+    let kid = Box::leak(
+        reference::generate(ReferenceKind::KidMod10, "7000123")?
+            .value
+            .into_boxed_str(),
+    );
+    let s = norwegian(kid);
+    issue_invoice(&stack, &s).await?;
+    status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    clock.set(at("2026-03-02T08:00:01Z"));
+    status_is(&stack, s.tenant, s.invoice_id, "nudged").await?;
+
+    // The link as the debtor gets it: in the e-mail the SMTP sink received.
+    let mail = eventually("the nudge", WAIT, || async {
+        Ok(stack.mail.to(s.email).into_iter().next())
+    })
+    .await?;
+    let body = mail.body();
+    let link = body
+        .split_whitespace()
+        .find(|w| w.contains("/pay/v1."))
+        .unwrap_or_else(|| panic!("no pay link in\n{body}"));
+    let token = link.rsplit("/pay/").next().unwrap_or_default().to_owned();
+    let path = format!("/pay/{token}");
+
+    // In Norwegian (the invoice's language): the creditor, the invoice, how to pay, and the
+    // nudge just sent.
+    let page = page_showing(&stack, &path, "Vennlig påminnelse sendt 02.03.2026 på e-post").await?;
+    for want in [
+        "<html lang=\"nb\">",
+        "Nordkraft AS",
+        "Faktura 7000123",
+        "Electricity, February",
+        "kr\u{a0}1\u{a0}250,00",
+        "02.03.2026",
+        "KID",
+        kid,
+        "Slik betaler du",
+        "1234.56.78903",
+        "kundeservice@nordkraft.example",
+    ] {
+        assert!(page.body.contains(want), "the page shows '{want}':\n{}", page.body);
+    }
+    let header = |name: &str| {
+        page.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(header("cache-control"), "no-store");
+    assert_eq!(header("referrer-policy"), "no-referrer");
+    assert!(header("content-security-policy").starts_with("default-src 'none'"));
+    assert!(
+        page.body.len() < 16 * 1024,
+        "the page stays within its 16 KiB budget ({} bytes)",
+        page.body.len()
+    );
+    // Switched to English.
+    let english = get(&stack, &format!("{path}?lang=en")).await?;
+    assert!(english.body.contains("<html lang=\"en\">") && english.body.contains("How to pay"));
+
+    // Altered, forged, or naming another debtor's invoice: nothing of the invoice shows.
+    let mut altered = token.clone();
+    let last = altered.pop().unwrap_or('A');
+    altered.push(if last == 'A' { 'B' } else { 'A' });
+    let forged_key = LinkKey {
+        id: "dev".into(),
+        secret: b"a guess".to_vec(),
+    };
+    let claims = LinkClaims {
+        tenant: s.tenant.into(),
+        debtor_id: s.debtor_id(),
+        invoices: vec![s.invoice_id.into()],
+        expires_at: at("2026-05-01T00:00:00Z").timestamp(),
+    };
+    let forged = paylink::issue(&forged_key, &claims);
+    for bad in [altered.as_str(), forged.as_str(), "not-a-link"] {
+        let refused = get(&stack, &format!("/pay/{bad}")).await?;
+        assert_eq!(refused.status, 403, "{bad}");
+        assert!(
+            !refused.body.contains("7000123") && !refused.body.contains("Nordkraft"),
+            "a refusal shows nothing: {}",
+            refused.body
+        );
+    }
+    let someone_else = paylink::issue(
+        &dev_key(),
+        &LinkClaims {
+            debtor_id: "nordkraft:someone-else".into(),
+            ..claims.clone()
+        },
+    );
+    let other = get(&stack, &format!("/pay/{someone_else}")).await?;
+    assert_eq!(other.status, 200);
+    assert!(
+        !other.body.contains("7000123"),
+        "another debtor's link shows not this invoice"
+    );
+
+    // Paid: the page says so and offers no way to pay it again.
+    stack
+        .produce(
+            &stack.topic(&stack.topics().payments),
+            "bank",
+            &s.payment("pay-portal-1", s.amount_minor, kid),
+        )
+        .await?;
+    status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
+    let paid = page_showing(&stack, &path, "Betalt. Takk!").await?;
+    assert!(
+        paid.body.contains("Betaling mottatt: kr\u{a0}1\u{a0}250,00"),
+        "{}",
+        paid.body
+    );
+    assert!(
+        !paid.body.contains("Slik betaler du"),
+        "no pay instructions for a paid invoice"
+    );
+
+    // Expired (links work 60 days): the creditor to ask, nothing of the invoice.
+    clock.advance(chrono::Duration::days(61));
+    let expired = get(&stack, &path).await?;
+    assert_eq!(expired.status, 410);
+    assert!(
+        expired.body.contains("Lenken er utløpt"),
+        "in the debtor's language: {}",
+        expired.body
+    );
+    assert!(expired.body.contains("kundeservice@nordkraft.example"));
+    assert!(!expired.body.contains("7000123"));
+    stack.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pages_are_limited_per_link() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-03-01T08:00:00Z"));
+    let mut stack = stack_with_creditor(clock).await?;
+    stack.set("portal.per_link_per_minute", 3);
+    stack.start_service("portal");
+    stack
+        .wait_ready(&["portal"], std::time::Duration::from_secs(60))
+        .await?;
+    let token = paylink::issue(
+        &dev_key(),
+        &LinkClaims {
+            tenant: "nordkraft".into(),
+            debtor_id: "nordkraft:d1".into(),
+            invoices: vec!["i1".into()],
+            expires_at: at("2026-04-01T00:00:00Z").timestamp(),
+        },
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(get(&stack, &format!("/pay/{token}")).await?.status);
+    }
+    assert_eq!(statuses, vec![200, 200, 200, 429]);
+    let limited = get(&stack, &format!("/pay/{token}")).await?;
+    assert!(limited.headers.contains_key("retry-after"));
+    // Another link from the same address is still answered.
+    assert_eq!(get(&stack, "/pay/another").await?.status, 403);
+    stack.shutdown().await;
+    Ok(())
+}
