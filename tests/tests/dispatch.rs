@@ -7,7 +7,8 @@ use forfall_devsinks::HttpRecorder;
 use forfall_devsinks::sms::{Provider, SmsProviderSim};
 use forfall_domain::paylink::{self, LinkKey};
 use forfall_e2e::{
-    WAIT, at, base_config, dispatch_outcomes, journey_header, journeys_after, nudge_action, outcome_for,
+    WAIT, at, base_config, consumed_to_end, dispatch_outcomes, flush_stack_state, journey_header, journeys_after,
+    nudge_action, outcome_for,
 };
 use forfall_platform::clock::ManualClock;
 use forfall_platform::records::{DispatchOutcome, DispatchStatus, JourneyAction, derived_id};
@@ -690,6 +691,43 @@ step = [
     let texted: Vec<String> = sims.gatewayapi.accepted().into_iter().map(|s| s.to).collect();
     assert_eq!(texted.len(), 2, "{texted:?}");
     assert!(texted.contains(&"4520000101".to_owned()) && texted.contains(&"4520000102".to_owned()));
+    stack.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_the_provider_has_is_not_sent_again_when_redis_and_dispatch_are_lost_together() -> anyhow::Result<()>
+{
+    let stack = stack_with_profile().await?;
+    stack.start_service("dispatch");
+    let action = nudge_action(TENANT, "lost-together-1", "lt1@example.test");
+    // The mail server takes the message and is slow to say so: dispatch is inside the provider
+    // call when it dies, and Redis loses its state at the same moment.
+    stack
+        .mail
+        .stall_reply_after_next_message(std::time::Duration::from_secs(30));
+    send(&stack, &action).await?;
+    eventually("the mail server to have the nudge", WAIT, || async {
+        Ok((stack.mail.to("lt1@example.test").len() == 1).then_some(()))
+    })
+    .await?;
+    stack.kill_service("dispatch").await;
+    flush_stack_state(&stack.rt.config).await?;
+    // The redelivered action meets a rebuilt state: no outcome says what became of the
+    // message, the commit record on dispatch's changelog does.
+    journeys_open(&stack, std::slice::from_ref(&action)).await?;
+    stack.restart_service("dispatch").await;
+    let unknown = outcome_for(&stack, &action, "email", DispatchStatus::Duplicate).await?;
+    assert!(
+        unknown.reason.as_deref().unwrap_or_default().contains("not sent again"),
+        "{unknown:?}"
+    );
+    consumed_to_end(&stack, "dispatch", &[stack.topic(&stack.topics().journey_actions)]).await?;
+    assert_eq!(
+        stack.mail.to("lt1@example.test").len(),
+        1,
+        "the message the provider had was not sent a second time"
+    );
     stack.shutdown().await;
     Ok(())
 }

@@ -307,6 +307,8 @@ enum Expiry {
 struct Attempt<'a> {
     dispatch: &'a Dispatch,
     key: &'a str,
+    /// The changelog key that records the commit point (see [`Attempt::commit`]).
+    record: String,
     /// `claimed:<attempt id>`.
     lease: String,
     /// `sending:<attempt id>`.
@@ -316,11 +318,12 @@ struct Attempt<'a> {
 }
 
 impl<'a> Attempt<'a> {
-    fn new(dispatch: &'a Dispatch, key: &'a str) -> Self {
+    fn new(dispatch: &'a Dispatch, key: &'a str, action_id: &str, channel: &str) -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string();
         Self {
             dispatch,
             key,
+            record: rebuild::sending_changelog_key(action_id, channel),
             lease: format!("claimed:{id}"),
             sending: format!("sending:{id}"),
             lost: AtomicBool::new(false),
@@ -395,15 +398,50 @@ impl<'a> Attempt<'a> {
     /// The commit point, right before the provider can have the message: the claim moves from
     /// this attempt's lease to `sending` (and stops expiring). Idempotent: a retried send whose
     /// first commit went through but whose answer was lost commits again harmlessly.
+    ///
+    /// The commit is also on dispatch's changelog, acknowledged before the provider is called:
+    /// should Redis lose the claim while the provider has the message and before its outcome
+    /// is on its topic (Redis flushed or failed over as the process dies), the rebuild brings
+    /// the claim back as `sending` and the redelivered action is not sent a second time.
     async fn commit(&self) -> Result<(), SendError> {
         if !self.enabled() {
             return Ok(());
         }
         match self.transition(&self.sending, Expiry::Remembered).await {
-            Ok(true) => Ok(()),
+            Ok(true) => {}
             // The lease ran out and the claim moved on: this attempt must not send.
-            Ok(false) => Err(SendError::ClaimLost),
-            Err(e) => Err(SendError::Transient(format!("cannot record the send's start: {e:?}"))),
+            Ok(false) => return Err(SendError::ClaimLost),
+            Err(e) => return Err(SendError::Transient(format!("cannot record the send's start: {e:?}"))),
+        }
+        let change = self
+            .dispatch
+            .changelog
+            .put_keyed(self.record.clone(), self.sending.clone().into_bytes());
+        let ack = self.dispatch.producer.send(&change).await;
+        ack.await
+            .map(|_| ())
+            .map_err(|e| SendError::Transient(format!("cannot record the send's start on the changelog: {e}")))
+    }
+
+    /// Once the claim holds what became of the message, its commit record is no longer
+    /// needed (the outcome is the fact from here on): a tombstone, not waited for. Before a
+    /// retry (the provider did not take the message) it is waited for, so that a rebuild never
+    /// takes a message that was not sent for one whose delivery is unknown.
+    async fn forget_commit(&self, wait: bool) {
+        if !self.enabled() {
+            return;
+        }
+        let tombstone = self.dispatch.changelog.delete_keyed(self.record.clone());
+        let ack = self.dispatch.producer.send(&tombstone).await;
+        let written = async move {
+            if let Err(e) = ack.await {
+                tracing::warn!(error = %e, "a commit record's tombstone was not written");
+            }
+        };
+        if wait {
+            written.await;
+        } else {
+            tokio::spawn(written);
         }
     }
 
@@ -415,7 +453,10 @@ impl<'a> Attempt<'a> {
             return Ok(());
         }
         match self.transition(&self.lease, Expiry::Lease).await {
-            Ok(true) => Ok(()),
+            Ok(true) => {
+                self.forget_commit(true).await;
+                Ok(())
+            }
             Ok(false) => Err(SendError::ClaimLost),
             Err(e) => {
                 // The claim stays as it is, this attempt's either way; the next commit decides.
@@ -680,7 +721,7 @@ impl Dispatch {
     /// owns the action (nothing to report, no fallback).
     async fn deliver(&self, action: &JourneyAction, channel: &str) -> Result<Option<ChannelResult>, Failure> {
         let key = self.claim_key(&action.action_id, channel);
-        let attempt = Attempt::new(self, &key);
+        let attempt = Attempt::new(self, &key, &action.action_id, channel);
         if !attempt.enabled() {
             return Ok(Some(match self.send_with_retries(action, channel, &attempt).await {
                 Ok(id) => ChannelResult::sent(id),
@@ -735,6 +776,7 @@ impl Dispatch {
                 if !attempt.settle(&format!("sent:{message_id}")).await? {
                     tracing::error!(channel, %message_id, "sent, but the claim was no longer this attempt's to record it");
                 }
+                attempt.forget_commit(false).await;
                 self.remember_sent(action, channel, &message_id).await?;
                 Ok(Some(ChannelResult::sent(message_id)))
             }
@@ -750,12 +792,14 @@ impl Dispatch {
                         "delivery unknown, and the claim was no longer this attempt's to record it"
                     );
                 }
+                attempt.forget_commit(false).await;
                 Ok(Some(result))
             }
             Err(SendError::Permanent(reason)) => {
                 if !attempt.settle(&format!("failed:{reason}")).await? {
                     return self.claim_lost(&key).await;
                 }
+                attempt.forget_commit(false).await;
                 Ok(Some(ChannelResult::new(DispatchStatus::Failed, reason)))
             }
             Err(SendError::Transient(reason)) => {
@@ -769,6 +813,7 @@ impl Dispatch {
                 if !attempt.settle(&format!("failed:{reason}")).await? {
                     return self.claim_lost(&key).await;
                 }
+                attempt.forget_commit(false).await;
                 Ok(Some(ChannelResult::new(DispatchStatus::Failed, reason)))
             }
             Err(SendError::ClaimLost) => self.claim_lost(&key).await,

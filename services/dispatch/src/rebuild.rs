@@ -59,6 +59,12 @@ pub fn sent_changelog_key(provider: &str, message_id: &str) -> String {
     format!("s/{provider}/{message_id}")
 }
 
+/// The changelog key of a message handed to its provider whose outcome may not be on its
+/// topic yet (see `Attempt::commit`).
+pub fn sending_changelog_key(action_id: &str, channel: &str) -> String {
+    format!("c/{action_id}/{channel}")
+}
+
 impl Rebuild for DispatchRebuild {
     async fn rebuild(&self, resume: &Resume, report: &(dyn Fn(&Progress) + Send + Sync)) -> anyhow::Result<Progress> {
         let mut total = Progress::default();
@@ -156,6 +162,21 @@ impl Restorer<'_> {
                 _ => {
                     pipe.del(redis_key).ignore();
                 }
+            }
+        } else if let Some((action_id, channel)) = key.strip_prefix("c/").and_then(|k| k.rsplit_once('/')) {
+            // A message handed to its provider: `sending` unless its outcome (replayed before
+            // the changelog) already says what became of it. A tombstone changes nothing.
+            if let (Some(v), Some(ttl)) = (
+                &c.value,
+                remaining_ttl(self.rebuild.idempotency_ttl_secs, c.timestamp_ms, now_ms),
+            ) {
+                pipe.cmd("SET")
+                    .arg(claim_key(keys, action_id, channel))
+                    .arg(v.as_slice())
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(ttl)
+                    .ignore();
             }
         } else {
             self.skip(c, "a changelog key dispatch does not know");
