@@ -184,11 +184,11 @@ async fn every_language_and_tone_arrives_with_what_the_law_requires() -> anyhow:
         // The pay link verifies and is scoped to this debtor and invoice.
         let link = text
             .split_whitespace()
-            .find(|w| w.starts_with("http://127.0.0.1:8096/pay/"))
+            .find(|w| w.starts_with("http://127.0.0.1:9606/pay/"))
             .unwrap_or_else(|| panic!("{language}/{tone}: no pay link in\n{text}"));
         let claims = paylink::verify(
             std::slice::from_ref(&key),
-            link.trim_start_matches("http://127.0.0.1:8096/pay/"),
+            link.trim_start_matches("http://127.0.0.1:9606/pay/"),
             at("2026-09-05T00:00:00Z").timestamp(),
         )?;
         assert_eq!(claims.debtor_id, action.debtor_id);
@@ -271,7 +271,7 @@ async fn each_sms_provider_gets_exactly_what_its_api_documents() -> anyhow::Resu
         "{}",
         sms.text
     );
-    assert!(sms.text.contains("http://127.0.0.1:8096/pay/v1.dev."), "{}", sms.text);
+    assert!(sms.text.contains("http://127.0.0.1:9606/pay/v1.dev."), "{}", sms.text);
     assert!(
         sms.callback_url
             .as_deref()

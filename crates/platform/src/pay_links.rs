@@ -42,7 +42,7 @@ pub struct ExtraKey {
 impl Default for PayLinkSettings {
     fn default() -> Self {
         Self {
-            base_url: "http://127.0.0.1:8096/pay/".into(),
+            base_url: "http://127.0.0.1:9606/pay/".into(),
             key_id: "dev".into(),
             secret: "forfall-dev-pay-link-secret".into(),
             ttl_days: 60,

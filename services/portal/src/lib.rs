@@ -32,7 +32,7 @@ use crate::page::{Creditor, Renderer, Texts};
 use crate::view::{APPLY, ViewKeys};
 
 pub const SERVICE: &str = "portal";
-/// The page listens on `admin.base_port + 6`, where dispatch's default links point.
+/// The page listens on `admin.base_port + 6` (9606), where dispatch's default links point.
 pub const PORT_OFFSET: u16 = 6;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
