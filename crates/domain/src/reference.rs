@@ -608,7 +608,7 @@ fn rf_check_digits(base: &str) -> String {
 
 /// The remainder is folded in per character so references far longer than any integer type
 /// still work. Callers pass only ASCII letters and digits.
-fn mod97(chars: impl Iterator<Item = char>) -> u32 {
+pub(crate) fn mod97(chars: impl Iterator<Item = char>) -> u32 {
     chars.fold(0, |r, c| match c.to_digit(36) {
         Some(v) if v < 10 => (r * 10 + v) % 97,
         Some(v) => (r * 100 + v) % 97,

@@ -25,6 +25,13 @@ pub struct Creditor {
     pub contact: Option<String>,
     /// Bank details for a transfer, e.g. "Reg. 1234 konto 0001234567" or an IBAN.
     pub bank_account: Option<String>,
+    /// For the EPC QR code and the Finnish bank barcode.
+    pub iban: Option<String>,
+    pub bic: Option<String>,
+    /// Denmark: the FI-kort creditor number (8 digits) for the `+71` payment line.
+    pub fik_creditor: Option<String>,
+    /// Sweden: the bankgiro number the OCR reference is paid to.
+    pub bankgiro: Option<String>,
 }
 
 /// Every language's texts (`templates/texts.toml`).
@@ -141,6 +148,17 @@ pub struct Line {
     pub reference: Option<String>,
     /// What the debtor's bank calls the reference in the invoice's country.
     pub reference_label: String,
+    /// What the debtor's bank reads in the invoice's country (label, value): the account,
+    /// the Finnish bank barcode, the Danish payment line...
+    pub codes: Vec<Code>,
+    /// The EPC QR code (inline SVG, drawn here) for a euro transfer.
+    pub qr: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Code {
+    pub label: String,
+    pub value: String,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -179,6 +197,109 @@ fn message_text<'t>(step: &str, t: &'t BTreeMap<String, String>) -> &'t str {
         "sent_other"
     };
     t.get(key).map(String::as_str).unwrap_or(key)
+}
+
+/// What banks and apps in the invoice's country read to pay `left` with the invoice's
+/// reference; a code the creditor's settings or the reference cannot make is left out.
+fn payment_codes(
+    s: &crate::view::Snapshot,
+    left: i64,
+    currency: Currency,
+    creditor: &Creditor,
+    creditor_name: &str,
+    t: &BTreeMap<String, String>,
+) -> (Vec<Code>, Option<String>) {
+    use forfall_domain::bank_codes;
+    use forfall_domain::reference::{ReferenceKind, validate};
+    let text = |key: &str| t.get(key).cloned().unwrap_or_else(|| key.to_owned());
+    let mut codes = Vec::new();
+    let mut qr = None;
+    let amount = Money::new(left, currency);
+    let reference = |kinds: &[ReferenceKind]| {
+        s.reference
+            .as_deref()
+            .and_then(|r| kinds.iter().find_map(|k| validate(*k, r).ok()))
+    };
+    match s.jurisdiction.as_str() {
+        "FI" => {
+            if let (Some(iban), Some(r)) = (&creditor.iban, reference(&[ReferenceKind::Finnish, ReferenceKind::Rf])) {
+                let due = date_from_epoch_days(s.due_date);
+                if let Ok(code) = bank_codes::finnish_virtual_barcode(iban, amount, &r, due) {
+                    codes.push(Code {
+                        label: text("barcode"),
+                        value: code,
+                    });
+                }
+                let transfer = bank_codes::SepaTransfer {
+                    beneficiary: creditor_name,
+                    iban,
+                    bic: creditor.bic.as_deref(),
+                    amount,
+                    reference: Some(&r),
+                    text: None,
+                };
+                qr = bank_codes::epc_qr_payload(&transfer)
+                    .ok()
+                    .and_then(|payload| qr_svg(&payload, &text("scan")));
+            }
+        }
+        "DK" => {
+            if let (Some(number), Some(r)) = (&creditor.fik_creditor, reference(&[ReferenceKind::Fik71]))
+                && let Ok(line) = bank_codes::fik71_line(&r, number)
+            {
+                codes.push(Code {
+                    label: text("fik_line"),
+                    value: line,
+                });
+            }
+        }
+        "SE" => {
+            if let Some(bankgiro) = &creditor.bankgiro {
+                codes.push(Code {
+                    label: "Bankgiro".to_owned(),
+                    value: bankgiro.clone(),
+                });
+            }
+        }
+        "NO" => {
+            if let Some(account) = &creditor.bank_account {
+                codes.push(Code {
+                    label: text("account_no"),
+                    value: account.clone(),
+                });
+            }
+        }
+        _ => {}
+    }
+    (codes, qr)
+}
+
+/// A QR code as inline SVG: one path of horizontal runs (a few kilobytes), with a quiet zone
+/// of four modules, labelled for screen readers.
+pub fn qr_svg(payload: &str, label: &str) -> Option<String> {
+    let code = qrcode::QrCode::with_error_correction_level(payload.as_bytes(), qrcode::EcLevel::M).ok()?;
+    let width = code.width();
+    let colors = code.to_colors();
+    let mut path = String::new();
+    for y in 0..width {
+        let mut x = 0;
+        while x < width {
+            if colors[y * width + x] == qrcode::Color::Dark {
+                let start = x;
+                while x < width && colors[y * width + x] == qrcode::Color::Dark {
+                    x += 1;
+                }
+                path.push_str(&format!("M{} {}h{}v1h-{}z", start + 4, y + 4, x - start, x - start));
+            } else {
+                x += 1;
+            }
+        }
+    }
+    let size = width + 8;
+    let label = label.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;");
+    Some(format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {size} {size}\" width=\"220\" height=\"220\" role=\"img\" aria-label=\"{label}\" shape-rendering=\"crispEdges\"><rect width=\"{size}\" height=\"{size}\" fill=\"#fff\"/><path d=\"{path}\" fill=\"#000\"/></svg>"
+    ))
 }
 
 /// The page for a link's invoices. `views` are the claimed invoices' views, in the claims'
@@ -235,7 +356,14 @@ pub fn build(
                 Some(_) => mixed_currencies = true,
             }
         }
+        let (codes, qr) = if status.is_none() {
+            payment_codes(s, left, currency, creditor, &creditor_name, &t)
+        } else {
+            (Vec::new(), None)
+        };
         lines.push(Line {
+            codes,
+            qr,
             number: s.number.clone(),
             description: s.description.clone(),
             amount: money(s.open_minor),
@@ -374,6 +502,7 @@ mod tests {
             name: Some("Nordkraft AS".into()),
             contact: Some("kundeservice@nordkraft.example".into()),
             bank_account: Some("1234.56.78903".into()),
+            ..Creditor::default()
         }
     }
 
@@ -459,6 +588,58 @@ mod tests {
         assert_eq!(page.invoices[0].status.as_deref(), Some("Paid. Thank you!"));
         assert_eq!(page.invoices[0].reference, None);
         assert_eq!(page.total, None);
+    }
+
+    #[test]
+    fn a_finnish_invoice_carries_the_bank_barcode_and_the_epc_qr_code_and_a_danish_one_the_fik_line() {
+        let mut s = snapshot("2026-0042", "d1", 12_345);
+        s.currency = "EUR".into();
+        s.jurisdiction = "FI".into();
+        s.reference = Some("11112".into());
+        let finnish = Creditor {
+            name: Some("Nordlys Energia Oy".into()),
+            iban: Some("FI37 1590 3000 0007 76".into()),
+            bic: Some("NDEAFIHH".into()),
+            ..Creditor::default()
+        };
+        let view = InvoiceView {
+            snapshot: Some(s.clone()),
+            ..InvoiceView::default()
+        };
+        let page = build("d1", std::slice::from_ref(&view), &finnish, "nordlys", "fi", &texts());
+        let line = &page.invoices[0];
+        assert_eq!(line.reference_label, "Viitenumero / referens");
+        assert_eq!(
+            line.codes[0].value, "437159030000007760001234500000000000000000011112260302",
+            "the barcode pays what is left by the due date"
+        );
+        let qr = line.qr.as_deref().expect("an EPC QR code for a euro invoice");
+        assert!(qr.starts_with("<svg") && qr.contains("aria-label=\"Skannaa pankkisovelluksellasi\""));
+        let html = Renderer::new().unwrap().page(&page).unwrap();
+        assert!(
+            html.len() < 16 * 1024,
+            "within the page budget with a QR code: {} bytes",
+            html.len()
+        );
+
+        s.currency = "DKK".into();
+        s.jurisdiction = "DK".into();
+        let fik =
+            forfall_domain::reference::generate(forfall_domain::reference::ReferenceKind::Fik71, "12345678901234")
+                .unwrap();
+        s.reference = Some(fik.value.clone());
+        let danish = Creditor {
+            fik_creditor: Some("85386489".into()),
+            ..Creditor::default()
+        };
+        let view = InvoiceView {
+            snapshot: Some(s),
+            ..InvoiceView::default()
+        };
+        let page = build("d1", &[view], &danish, "acme", "da", &texts());
+        assert_eq!(page.invoices[0].codes[0].label, "Betalingslinje (FIK)");
+        assert_eq!(page.invoices[0].codes[0].value, format!("+71<{}+85386489<", fik.value));
+        assert_eq!(page.invoices[0].qr, None, "no EPC code for kroner");
     }
 
     #[test]
