@@ -324,6 +324,28 @@ async fn drive(stack: &LocalStack, timeout_secs: u64) -> anyhow::Result<()> {
     summary(stack, &cases).await
 }
 
+/// The debtor's page behind the pay link in their first e-mail, as the portal answered it
+/// while the demo ran.
+async fn pay_page(stack: &LocalStack, email: &str) -> Option<String> {
+    let body = stack.mail.to(email).first()?.body();
+    let token = body
+        .split_whitespace()
+        .find_map(|w| w.split_once("/pay/").map(|(_, t)| t.to_owned()))?;
+    let url = format!("http://{}/pay/{token}", stack.rt.admin_addr("portal")?);
+    let answer = reqwest::get(&url).await.ok()?;
+    let status = answer.status().as_u16();
+    let html = answer.text().await.unwrap_or_default();
+    // What the page says instead of how to pay (paid, with the agency...), if anything.
+    let shows = html
+        .split_once("<p class=\"status\" role=\"status\">")
+        .and_then(|(_, rest)| rest.split_once("</p>"))
+        .map_or_else(
+            || "what is owed and how to pay it".to_owned(),
+            |(status, _)| format!("\"{status}\""),
+        );
+    Some(format!("pay page (HTTP {status}, shows {shows}): {url}"))
+}
+
 async fn summary(stack: &LocalStack, cases: &[Case]) -> anyhow::Result<()> {
     let events = stack
         .read::<JourneyEvent>(&stack.topic(&stack.topics().journey_events))
@@ -370,6 +392,9 @@ async fn summary(stack: &LocalStack, cases: &[Case]) -> anyhow::Result<()> {
         }
         for m in stack.mail.to(c.email) {
             println!("    e-mail received: \"{}\"", m.header("Subject").unwrap_or_default());
+        }
+        if let Some(page) = pay_page(stack, c.email).await {
+            println!("    {page}");
         }
         for a in agency.iter().filter(|a| a.json()["invoice_id"] == c.invoice_id) {
             let case = a.json();
