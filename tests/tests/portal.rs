@@ -61,6 +61,8 @@ async fn stack_with_creditor(clock: std::sync::Arc<ManualClock>) -> anyhow::Resu
     stack.set("dispatch.tenants.nordkraft.name", "Nordkraft AS");
     stack.set("dispatch.tenants.nordkraft.bank_account", "1234.56.78903");
     stack.set("dispatch.tenants.nordkraft.contact", "kundeservice@nordkraft.example");
+    stack.set("dispatch.tenants.nordkraft.iban", "FI37 1590 3000 0007 76");
+    stack.set("dispatch.tenants.nordkraft.bic", "NDEAFIHH");
     Ok(stack)
 }
 
@@ -234,6 +236,162 @@ async fn pages_are_limited_per_link() -> anyhow::Result<()> {
     assert!(limited.headers.contains_key("retry-after"));
     // Another link from the same address is still answered.
     assert_eq!(get(&stack, "/pay/another").await?.status, 403);
+    stack.shutdown().await;
+    Ok(())
+}
+
+/// Where the screenshots go: next to the build's output, kept after the run.
+fn artifacts() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")))
+        .join("artifacts")
+        .join("portal")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_a_real_browser_the_page_passes_an_accessibility_audit_in_every_language_and_works_by_keyboard()
+-> anyhow::Result<()> {
+    let tools = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/browser"));
+    anyhow::ensure!(
+        tools.join("node_modules/playwright-core").exists() && std::path::Path::new("/usr/bin/chromium").exists(),
+        "the browser tools are missing: `make devstack` installs Chromium and tools/browser's npm packages"
+    );
+    let clock = ManualClock::new(at("2026-03-01T08:00:00Z"));
+    let mut stack = stack_with_creditor(clock.clone()).await?;
+    stack.set("portal.per_link_per_minute", 100_000);
+    stack.start_all();
+    let kid = Box::leak(
+        reference::generate(ReferenceKind::KidMod10, "7000123")?
+            .value
+            .into_boxed_str(),
+    );
+    let s = norwegian(kid);
+    issue_invoice(&stack, &s).await?;
+    status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    clock.set(at("2026-03-02T08:00:01Z"));
+    status_is(&stack, s.tenant, s.invoice_id, "nudged").await?;
+    let token = paylink::issue(
+        &dev_key(),
+        &LinkClaims {
+            tenant: s.tenant.into(),
+            debtor_id: s.debtor_id(),
+            invoices: vec![s.invoice_id.into()],
+            expires_at: at("2026-04-01T00:00:00Z").timestamp(),
+        },
+    );
+    let path = format!("/pay/{token}");
+    page_showing(&stack, &path, "Vennlig påminnelse sendt").await?;
+    let addr = stack.rt.admin_addr("portal").expect("the portal serves HTTP");
+    let shots = artifacts();
+    let out = tokio::process::Command::new("node")
+        .arg(tools.join("check-page.mjs"))
+        .arg(format!("http://{addr}{path}"))
+        .arg(&shots)
+        .args(["nb", "da", "sv", "fi", "en"])
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the browser check failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    for language in ["nb", "da", "sv", "fi", "en"] {
+        let r = &report["languages"][language];
+        assert_eq!(
+            (r["status"].as_u64(), r["lang"].as_str()),
+            (Some(200), Some(language)),
+            "{r}"
+        );
+        let serious: Vec<&serde_json::Value> = r["violations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| matches!(v["impact"].as_str(), Some("serious" | "critical")))
+            .collect();
+        assert!(serious.is_empty(), "{language}: WCAG 2.1 AA violations: {serious:?}");
+        assert!(r["passes"].as_u64().unwrap_or(0) > 10, "axe ran its checks: {r}");
+        let shot = r["screenshot"].as_str().unwrap_or_default();
+        assert!(
+            std::fs::metadata(shot).is_ok_and(|m| m.len() > 10_000),
+            "{language}: screenshot {shot}"
+        );
+        println!("{language}: screenshot {shot}, {} bytes of HTML", r["bytes"]);
+    }
+    // A Finnish invoice: the page's EPC QR code reads back as the transfer itself.
+    let finnish_reference = reference::generate(ReferenceKind::Finnish, "2026042")?;
+    let fi = Sample {
+        invoice_id: "fi-portal-1",
+        number: "2026-042",
+        currency: "EUR",
+        jurisdiction: "FI",
+        email: "aino@example.test",
+        reference: Box::leak(finnish_reference.value.clone().into_boxed_str()),
+        language: "fi",
+        amount_minor: 12_345,
+        ..s.clone()
+    };
+    issue_invoice(&stack, &fi).await?;
+    let fi_token = paylink::issue(
+        &dev_key(),
+        &LinkClaims {
+            tenant: fi.tenant.into(),
+            debtor_id: fi.debtor_id(),
+            invoices: vec![fi.invoice_id.into()],
+            expires_at: at("2026-04-01T00:00:00Z").timestamp(),
+        },
+    );
+    page_showing(&stack, &format!("/pay/{fi_token}"), "Lasku 2026-042").await?;
+    let out = tokio::process::Command::new("node")
+        .arg(tools.join("check-page.mjs"))
+        .arg(format!("http://{addr}/pay/{fi_token}"))
+        .arg(shots.join("finnish-invoice"))
+        .arg("fi")
+        .output()
+        .await?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let finnish: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let transfer = forfall_domain::bank_codes::SepaTransfer {
+        beneficiary: "Nordkraft AS",
+        iban: "FI37 1590 3000 0007 76",
+        bic: Some("NDEAFIHH"),
+        amount: forfall_domain::Money::new(12_345, forfall_domain::Currency::EUR),
+        reference: Some(&finnish_reference),
+        text: None,
+    };
+    assert_eq!(
+        finnish["languages"]["fi"]["qr"].as_str(),
+        Some(forfall_domain::bank_codes::epc_qr_payload(&transfer)?.as_str()),
+        "the QR code a banking app scans is the transfer"
+    );
+    let violations = &finnish["languages"]["fi"]["violations"];
+    assert!(
+        violations.as_array().is_some_and(|v| v
+            .iter()
+            .all(|v| !matches!(v["impact"].as_str(), Some("serious" | "critical")))),
+        "{violations}"
+    );
+
+    // Everything it loads comes from the page itself (no fonts, scripts or images elsewhere).
+    for request in report["requests"].as_array().into_iter().flatten() {
+        assert!(
+            request
+                .as_str()
+                .unwrap_or_default()
+                .starts_with(&format!("http://{addr}/pay/")),
+            "the page loaded {request}"
+        );
+    }
+    // By keyboard alone: every other language is reached, and the focus can be seen.
+    let walk = report["keyboard"].as_array().cloned().unwrap_or_default();
+    for other in ["?lang=da", "?lang=sv", "?lang=fi", "?lang=en"] {
+        let stop = walk.iter().find(|f| f["href"].as_str() == Some(other));
+        assert!(
+            stop.is_some_and(|f| f["visible"] == true),
+            "Tab reaches {other} with a visible focus: {walk:?}"
+        );
+    }
     stack.shutdown().await;
     Ok(())
 }

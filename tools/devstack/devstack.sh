@@ -107,6 +107,29 @@ start_redis() {
   wait_port 127.0.0.1 "$REDIS_PORT" "redis"
 }
 
+# The browser tests drive Debian's Chromium through playwright-core (no bundled browser) and
+# run axe-core in the page: the packages come from Debian and the npm registry.
+ensure_browser() {
+  local here; here="$(cd "$(dirname "${BASH_SOURCE[0]}")/../browser" && pwd)"
+  if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      log "installing chromium and chromium-driver (apt) for the browser tests"
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+      log "chromium is missing: install the Debian packages 'chromium' and 'chromium-driver' for the browser tests"
+    fi
+  fi
+  if [ ! -d "$here/node_modules/playwright-core" ] || [ ! -d "$here/node_modules/axe-core" ]; then
+    if command -v npm >/dev/null 2>&1; then
+      log "installing the browser tests' npm packages (tools/browser)"
+      (cd "$here" && npm ci --no-audit --no-fund --silent) || log "npm could not install tools/browser's packages"
+    else
+      log "npm is missing: the browser tests need Node.js and npm"
+    fi
+  fi
+}
+
 stop_pid() {
   local f="$STATE_DIR/$1.pid"
   [ -f "$f" ] || return 0
@@ -116,11 +139,11 @@ stop_pid() {
 }
 
 case "${1:-up}" in
-  up) start_broker; start_redis ;;
+  up) start_broker; start_redis; ensure_browser ;;
   down) stop_pid tansu; stop_pid redis ;;
   status)
     port_open "$BROKER_HOST" "$BROKER_PORT" && echo "broker: up on $BROKER_HOST:$BROKER_PORT" || echo "broker: down"
     port_open 127.0.0.1 "$REDIS_PORT" && echo "redis: up on 127.0.0.1:$REDIS_PORT" || echo "redis: down" ;;
-  install) ensure_tansu ;;
+  install) ensure_tansu; ensure_browser ;;
   *) die "usage: $0 up|down|status|install" ;;
 esac

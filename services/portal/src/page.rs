@@ -261,14 +261,7 @@ fn payment_codes(
                 });
             }
         }
-        "NO" => {
-            if let Some(account) = &creditor.bank_account {
-                codes.push(Code {
-                    label: text("account_no"),
-                    value: account.clone(),
-                });
-            }
-        }
+        // Norway: KID and the account, which the transfer section already shows.
         _ => {}
     }
     (codes, qr)
@@ -321,6 +314,8 @@ pub fn build(
     let mut history: Vec<(i64, String)> = Vec::new();
     let mut total: Option<(Currency, i64)> = None;
     let mut mixed_currencies = false;
+    // A SEPA transfer (euro invoices) goes to the IBAN when the creditor gives one.
+    let mut sepa = false;
     for view in views {
         let Some(s) = view.snapshot.as_ref().filter(|s| s.debtor_id == debtor_id) else {
             continue;
@@ -350,6 +345,7 @@ pub fn build(
             _ => None,
         };
         if status.is_none() {
+            sepa |= currency == Currency::EUR;
             match total {
                 None => total = Some((currency, left)),
                 Some((c, sum)) if c == currency => total = Some((c, sum + left)),
@@ -426,7 +422,10 @@ pub fn build(
                 .filter(|(_, sum)| *sum > 0)
                 .map(|(c, sum)| format(Money::new(sum, c), locale))
         },
-        bank_account: creditor.bank_account.clone(),
+        bank_account: match (&creditor.iban, sepa) {
+            (Some(iban), true) => Some(iban.clone()),
+            _ => creditor.bank_account.clone(),
+        },
         history: history.into_iter().map(|(_, line)| line).collect(),
         languages: LANGUAGES
             .iter()
