@@ -395,3 +395,116 @@ async fn in_a_real_browser_the_page_passes_an_accessibility_audit_in_every_langu
     stack.shutdown().await;
     Ok(())
 }
+
+/// The page's form token for an invoice, as the page carries it.
+fn form_token_in(html: &str) -> Option<String> {
+    let (_, rest) = html.split_once("name=\"form_token\" value=\"")?;
+    rest.split_once('"').map(|(token, _)| token.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_debtor_says_it_is_paid_from_the_page_and_the_page_tells_what_became_of_it() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-03-01T08:00:00Z"));
+    let mut stack = stack_with_creditor(clock.clone()).await?;
+    stack.set("portal.per_link_per_minute", 100_000);
+    stack.start_all();
+    let kid = Box::leak(
+        reference::generate(ReferenceKind::KidMod10, "7000124")?
+            .value
+            .into_boxed_str(),
+    );
+    let s = Sample {
+        invoice_id: "no-portal-2",
+        number: "7000124",
+        email: "ola@example.test",
+        ..norwegian(kid)
+    };
+    issue_invoice(&stack, &s).await?;
+    status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    clock.set(at("2026-03-02T08:00:01Z"));
+    status_is(&stack, s.tenant, s.invoice_id, "nudged").await?;
+    let token = paylink::issue(
+        &dev_key(),
+        &LinkClaims {
+            tenant: s.tenant.into(),
+            debtor_id: s.debtor_id(),
+            invoices: vec![s.invoice_id.into()],
+            expires_at: at("2026-04-01T00:00:00Z").timestamp(),
+        },
+    );
+    let path = format!("/pay/{token}");
+    let page = page_showing(&stack, &path, "Vennlig påminnelse sendt").await?;
+    let form_token = form_token_in(&page.body).expect("the page has request forms");
+    let addr = stack.rt.admin_addr("portal").expect("the portal serves HTTP");
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let post = |fields: Vec<(&'static str, String)>, origin: Option<&'static str>| {
+        let mut request = client.post(format!("http://{addr}{path}/requests")).form(&fields);
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        request.send()
+    };
+    let fields = |kind: &str, token: &str| {
+        vec![
+            ("invoice", s.invoice_id.to_owned()),
+            ("form_token", token.to_owned()),
+            ("kind", kind.to_owned()),
+            ("lang", "nb".to_owned()),
+        ]
+    };
+
+    // Forged: another token, another site, an invoice the link does not name.
+    assert_eq!(post(fields("claims_paid", "bm90IGl0"), None).await?.status(), 403);
+    assert_eq!(
+        post(fields("claims_paid", &form_token), Some("https://evil.example"))
+            .await?
+            .status(),
+        403
+    );
+    let mut other_invoice = fields("claims_paid", &form_token);
+    other_invoice[0].1 = "someone-elses".into();
+    assert_eq!(post(other_invoice, None).await?.status(), 403);
+    // An objection needs its text.
+    assert_eq!(post(fields("dispute", &form_token), None).await?.status(), 422);
+
+    // "I have paid": received, then the watcher pauses the reminders and the page says so.
+    let same_origin = format!("http://{addr}");
+    let answer = client
+        .post(format!("http://{addr}{path}/requests"))
+        .header("origin", same_origin)
+        .form(&fields("claims_paid", &form_token))
+        .send()
+        .await?;
+    assert_eq!(answer.status(), 303);
+    let location = answer
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(location, format!("{path}?lang=nb&received=1"));
+    let received = get(&stack, &location).await?;
+    assert!(received.body.contains("Takk. Vi har mottatt forespørselen din."));
+    status_is(&stack, s.tenant, s.invoice_id, "paused:claims_paid").await?;
+    let told = page_showing(&stack, &path, "Du har sagt at du har betalt").await?;
+    assert!(
+        form_token_in(&told.body).is_none(),
+        "no new request while this one pauses the reminders"
+    );
+    // The same form sent again (a double click) is the same request: applied once.
+    post(fields("claims_paid", &form_token), None).await?;
+    consumed_to_end(&stack, "watcher", &[stack.topic(&stack.topics().debtor_requests)]).await?;
+    let events = stack
+        .read::<forfall_platform::records::JourneyEvent>(&stack.topic(&stack.topics().journey_events))
+        .await?;
+    let kinds: Vec<&str> = events
+        .iter()
+        .filter(|e| e.invoice_id == s.invoice_id && (e.kind == "claims_paid" || e.kind == "request_refused"))
+        .map(|e| e.kind.as_str())
+        .collect();
+    assert_eq!(kinds, vec!["claims_paid"], "applied once");
+    stack.shutdown().await;
+    Ok(())
+}

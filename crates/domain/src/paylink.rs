@@ -99,6 +99,20 @@ pub fn verify_signature(keys: &[LinkKey], token: &str) -> Result<LinkClaims, Lin
     serde_json::from_slice(&json).map_err(|_| LinkError::Malformed("claims are not valid"))
 }
 
+/// A form's anti-forgery token for one link's page and `scope` (e.g. the invoice a request is
+/// about): base64url(HMAC-SHA256(key, "form.<scope>")). Only a page served for the link carries
+/// it, so a form posted from elsewhere cannot.
+pub fn form_token(key: &LinkKey, scope: &str) -> String {
+    URL_SAFE_NO_PAD.encode(mac(key, &format!("form.{scope}")).finalize().into_bytes())
+}
+
+/// Checks a form token in constant time.
+pub fn verify_form_token(key: &LinkKey, scope: &str, token: &str) -> bool {
+    URL_SAFE_NO_PAD
+        .decode(token)
+        .is_ok_and(|bytes| mac(key, &format!("form.{scope}")).verify_slice(&bytes).is_ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +132,15 @@ mod tests {
             invoices: vec!["inv-1".into(), "inv-2".into()],
             expires_at: 2_000_000_000,
         }
+    }
+
+    #[test]
+    fn a_form_token_is_bound_to_its_key_and_scope() {
+        let token = form_token(&key("k1"), "link-a/inv-1");
+        assert!(verify_form_token(&key("k1"), "link-a/inv-1", &token));
+        assert!(!verify_form_token(&key("k1"), "link-a/inv-2", &token));
+        assert!(!verify_form_token(&key("k2"), "link-a/inv-1", &token));
+        assert!(!verify_form_token(&key("k1"), "link-a/inv-1", "not base64!"));
     }
 
     #[test]

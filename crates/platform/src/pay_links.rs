@@ -154,6 +154,23 @@ impl PayLinkKeys {
         )
     }
 
+    /// The anti-forgery token of a form on a link's page (`scope`: the link's fingerprint and
+    /// what the form is about), keyed by the current signing key.
+    pub fn form_token(&self, scope: &str) -> String {
+        paylink::form_token(&self.form_key(), scope)
+    }
+
+    pub fn verify_form_token(&self, scope: &str, token: &str) -> bool {
+        paylink::verify_form_token(&self.form_key(), scope, token)
+    }
+
+    fn form_key(&self) -> LinkKey {
+        LinkKey {
+            id: self.settings.key_id.clone(),
+            secret: self.settings.secret.as_bytes().to_vec(),
+        }
+    }
+
     /// The claims of a valid link: signed by a known key that may sign for the tenant it
     /// names, and not expired.
     pub fn verify(&self, token: &str, now: DateTime<Utc>) -> Result<LinkClaims, LinkError> {

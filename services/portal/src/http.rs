@@ -30,17 +30,23 @@ const MAX_INVOICES: usize = 50;
 pub fn routes(portal: Portal) -> Router {
     Router::new()
         .route("/pay/{token}", get(page_for_link))
+        .route(
+            "/pay/{token}/requests",
+            axum::routing::post(crate::requests::post_request),
+        )
         .with_state(portal)
 }
 
 #[derive(Debug, Deserialize)]
 struct PageQuery {
     lang: Option<String>,
+    /// Set by the redirect after a request was received.
+    received: Option<String>,
 }
 
 /// A short, one-way name for a token: enough to follow one link through the logs, useless to
 /// open the page with.
-fn fingerprint(secret: &str) -> String {
+pub(crate) fn fingerprint(secret: &str) -> String {
     hex::encode(&Sha256::digest(secret.as_bytes())[..8])
 }
 
@@ -57,7 +63,11 @@ async fn page_for_link(
         let client = portal.client_address(&headers, peer);
         let (response, result) = match portal.over_limit(&fingerprint(&client), &link).await {
             Ok(Some(retry_after)) => (limited(retry_after), "limited"),
-            Ok(None) => portal.answer(&token, query.lang.as_deref()).await,
+            Ok(None) => {
+                portal
+                    .answer(&token, query.lang.as_deref(), query.received.is_some())
+                    .await
+            }
             Err(e) => {
                 tracing::warn!(error = ?e, "cannot count pages; answering unavailable");
                 (unavailable(), "unavailable")
@@ -73,7 +83,7 @@ async fn page_for_link(
 
 impl Portal {
     /// The client's address: the trusted proxy's header when configured, else the peer.
-    fn client_address(&self, headers: &HeaderMap, peer: SocketAddr) -> String {
+    pub(crate) fn client_address(&self, headers: &HeaderMap, peer: SocketAddr) -> String {
         self.0
             .settings
             .client_address_header
@@ -88,7 +98,7 @@ impl Portal {
 
     /// Counts a page for the client and the link in this minute's window (in Redis, so that
     /// every instance counts together); the seconds until the window ends when either is over.
-    async fn over_limit(&self, client: &str, link: &str) -> Result<Option<u64>, Failure> {
+    pub(crate) async fn over_limit(&self, client: &str, link: &str) -> Result<Option<u64>, Failure> {
         let now = self.0.rt.clock.now().timestamp();
         let window = now / 60;
         let keys = &self.0.keys.0;
@@ -110,11 +120,11 @@ impl Portal {
         )
     }
 
-    async fn answer(&self, token: &str, lang: Option<&str>) -> (Response, &'static str) {
+    async fn answer(&self, token: &str, lang: Option<&str>, received: bool) -> (Response, &'static str) {
         let now = self.0.rt.clock.now();
         match self.0.links.verify(token, now) {
             Ok(claims) => match self.views(&claims).await {
-                Ok(views) => (self.page(&claims, &views, lang), "shown"),
+                Ok(views) => (self.page(token, &claims, &views, lang, received), "shown"),
                 Err(e) => {
                     tracing::warn!(error = ?e, "the read model is not ready");
                     (unavailable(), "unavailable")
@@ -148,10 +158,11 @@ impl Portal {
             .map_err(|e| Failure::Transient(e.into()))?;
         self.0.state.check(marker.as_deref())?;
         got.into_iter()
-            .map(|v| {
+            .zip(&claims.invoices)
+            .map(|(v, invoice_id)| {
                 let fields: HashMap<String, String> =
                     redis::from_redis_value(v).map_err(|e| Failure::Transient(e.into()))?;
-                Ok(InvoiceView::from_fields(fields))
+                Ok(InvoiceView::from_fields(invoice_id, fields))
             })
             .collect()
     }
@@ -160,8 +171,23 @@ impl Portal {
         self.0.creditors.get(tenant).cloned().unwrap_or_default()
     }
 
-    fn page(&self, claims: &LinkClaims, views: &[InvoiceView], lang: Option<&str>) -> Response {
+    fn page(
+        &self,
+        token: &str,
+        claims: &LinkClaims,
+        views: &[InvoiceView],
+        lang: Option<&str>,
+        received: bool,
+    ) -> Response {
         let language = page::language(lang, views);
+        let link = fingerprint(token);
+        let token_for = |invoice: &str| self.0.links.form_token(&format!("{link}/{invoice}"));
+        let forms = page::Forms {
+            action: format!("{token}/requests"),
+            token_for: &token_for,
+            today: self.0.rt.clock.now().date_naive(),
+            received,
+        };
         let page = page::build(
             &claims.debtor_id,
             views,
@@ -169,6 +195,7 @@ impl Portal {
             &claims.tenant,
             language,
             &self.0.texts,
+            &forms,
         );
         match self.0.renderer.page(&page) {
             Ok(html) => html_response(StatusCode::OK, html),
@@ -198,7 +225,7 @@ impl Portal {
 
 /// Headers every answer carries: never cached, no referrer (the token is in the address),
 /// nothing loaded from elsewhere, never framed.
-fn html_response(status: StatusCode, html: String) -> Response {
+pub(crate) fn html_response(status: StatusCode, html: String) -> Response {
     let mut response = (status, html).into_response();
     let h = response.headers_mut();
     h.insert(
@@ -218,9 +245,9 @@ fn html_response(status: StatusCode, html: String) -> Response {
     response
 }
 
-const PLAIN: &str = "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>Forfall</title></head><body><main><h1>";
+pub(crate) const PLAIN: &str = "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>Forfall</title></head><body><main><h1>";
 
-fn refused() -> Response {
+pub(crate) fn refused() -> Response {
     html_response(
         StatusCode::FORBIDDEN,
         format!(
@@ -229,7 +256,7 @@ fn refused() -> Response {
     )
 }
 
-fn limited(retry_after: u64) -> Response {
+pub(crate) fn limited(retry_after: u64) -> Response {
     let mut response = html_response(
         StatusCode::TOO_MANY_REQUESTS,
         format!("{PLAIN}Too many requests.</h1><p>Please try again in a minute.</p></main></body></html>"),
@@ -240,7 +267,7 @@ fn limited(retry_after: u64) -> Response {
     response
 }
 
-fn unavailable() -> Response {
+pub(crate) fn unavailable() -> Response {
     let mut response = html_response(
         StatusCode::SERVICE_UNAVAILABLE,
         format!(

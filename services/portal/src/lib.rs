@@ -12,6 +12,7 @@
 mod http;
 pub mod page;
 pub mod rebuild;
+mod requests;
 pub mod view;
 
 use std::collections::BTreeMap;
@@ -20,7 +21,7 @@ use std::time::Duration;
 
 use forfall_platform::config;
 use forfall_platform::derived_state::DerivedState;
-use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, run_consumer};
+use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::pay_links::{PayLinkKeys, PayLinkSettings};
 use forfall_platform::redis_store;
 use forfall_platform::service::{Runtime, ServiceShell};
@@ -76,6 +77,9 @@ pub(crate) struct Metrics {
     pages: IntCounterVec,
     /// Records applied to the read model, by type.
     applied: IntCounterVec,
+    /// Requests from the page's forms, by result: claims_paid, promise_to_pay, dispute,
+    /// invalid, forged, refused, expired, limited, unavailable.
+    requests: IntCounterVec,
 }
 
 pub(crate) struct Inner {
@@ -86,6 +90,8 @@ pub(crate) struct Inner {
     settings: PortalSettings,
     links: PayLinkKeys,
     creditors: BTreeMap<String, Creditor>,
+    /// Writes the debtors' requests.
+    producer: Producer,
     texts: Texts,
     renderer: Renderer,
     metrics: Metrics,
@@ -180,10 +186,14 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             ),
             &["record"],
         )?,
+        requests: IntCounterVec::new(
+            Opts::new("portal_requests_total", "Debtors' requests from the page, by result"),
+            &["result"],
+        )?,
     };
-    let (pages, applied) = (metrics.pages.clone(), metrics.applied.clone());
+    let (pages, applied, requests_counted) = (metrics.pages.clone(), metrics.applied.clone(), metrics.requests.clone());
     let mut core = None;
-    let shell = ServiceShell::start_with_routes(&rt, SERVICE, PORT_OFFSET, |_, _, readiness| {
+    let shell = ServiceShell::start_with_routes(&rt, SERVICE, PORT_OFFSET, |_, producer, readiness| {
         let state = Arc::new(DerivedState::new(
             &rt.keys(),
             SERVICE,
@@ -199,6 +209,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             settings: settings.clone(),
             links,
             creditors: creditors.tenants,
+            producer: producer.clone(),
             texts,
             renderer,
             metrics,
@@ -209,6 +220,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     .await?;
     shell.metrics.registry.register(Box::new(pages))?;
     shell.metrics.registry.register(Box::new(applied))?;
+    shell.metrics.registry.register(Box::new(requests_counted))?;
     let portal = core.ok_or_else(|| anyhow::anyhow!("portal routes were not built"))?;
     let consumer = shell.consumer(&rt, SERVICE, &read_model_topics(&rt))?;
     let watching = tokio::spawn(portal.0.state.clone().watch(Duration::from_secs(1)));

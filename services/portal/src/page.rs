@@ -132,10 +132,17 @@ pub struct Page {
     pub bank_account: Option<String>,
     pub history: Vec<String>,
     pub languages: Vec<LanguageLink>,
+    /// Where the forms post to, relative to the page (`<token>/requests`).
+    pub action: String,
+    /// A request was just received (shown once, after the form's redirect).
+    pub received: bool,
+    /// Today in the debtor's calendar (the earliest day a promise may name).
+    pub today: String,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Line {
+    pub invoice_id: String,
     pub number: String,
     pub description: Option<String>,
     pub amount: String,
@@ -153,6 +160,9 @@ pub struct Line {
     pub codes: Vec<Code>,
     /// The EPC QR code (inline SVG, drawn here) for a euro transfer.
     pub qr: Option<String>,
+    /// The anti-forgery token of this invoice's request forms; `None` when no request can be
+    /// made here (nothing to pay, or a request already pauses the journey).
+    pub form_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -295,6 +305,27 @@ pub fn qr_svg(payload: &str, label: &str) -> Option<String> {
     ))
 }
 
+/// What the page's request forms need from the link: where they post, each invoice's
+/// anti-forgery token, and today's date in the debtor's calendar.
+pub struct Forms<'a> {
+    pub action: String,
+    pub token_for: &'a dyn Fn(&str) -> String,
+    pub today: chrono::NaiveDate,
+    pub received: bool,
+}
+
+impl Forms<'_> {
+    /// No forms (an expired link's page).
+    pub fn none() -> Forms<'static> {
+        Forms {
+            action: String::new(),
+            token_for: &|_| String::new(),
+            today: chrono::NaiveDate::MIN,
+            received: false,
+        }
+    }
+}
+
 /// The page for a link's invoices. `views` are the claimed invoices' views, in the claims'
 /// order; an invoice of another debtor than the link's, or one the read model does not know,
 /// is shown as not available.
@@ -305,6 +336,7 @@ pub fn build(
     tenant: &str,
     language: &str,
     texts: &Texts,
+    forms: &Forms<'_>,
 ) -> Page {
     let creditor_name = creditor.name.clone().unwrap_or_else(|| tenant.to_owned());
     let t = texts.for_language(language, &creditor_name);
@@ -357,7 +389,11 @@ pub fn build(
         } else {
             (Vec::new(), None)
         };
+        let form_token = (status.is_none() && !state.starts_with("paused:") && !forms.action.is_empty())
+            .then(|| (forms.token_for)(&view.invoice_id));
         lines.push(Line {
+            invoice_id: view.invoice_id.clone(),
+            form_token,
             codes,
             qr,
             number: s.number.clone(),
@@ -403,10 +439,19 @@ pub fn build(
                 ));
             }
         }
-        for h in view.happened.iter().filter(|h| h.kind == "handed_over") {
-            if let Some(d) = at_date(h.at_ms) {
-                history.push((h.at_ms, format!("{} {}", text("handed_over"), format_date(d, locale))));
-            }
+        for h in &view.happened {
+            let Some(d) = at_date(h.at_ms) else { continue };
+            let told = match h.kind.as_str() {
+                "handed_over" => text("handed_over"),
+                "claims_paid" => text("req_claims_paid"),
+                "disputed" => text("req_disputed"),
+                "promised_to_pay" => text("req_promised"),
+                "postponed" | "instalment_plan_agreed" | "dispute_resolved" => text("req_changed"),
+                // The watcher's reason is in English for now (it names the policy's limit).
+                "request_refused" => format!("{}: {}", text("req_refused"), h.reason.as_deref().unwrap_or_default()),
+                _ => continue,
+            };
+            history.push((h.at_ms, format!("{told} ({})", format_date(d, locale))));
         }
     }
     history.sort_by_key(|(at, _)| *at);
@@ -427,6 +472,9 @@ pub fn build(
             _ => creditor.bank_account.clone(),
         },
         history: history.into_iter().map(|(_, line)| line).collect(),
+        action: forms.action.clone(),
+        received: forms.received,
+        today: forms.today.format("%Y-%m-%d").to_string(),
         languages: LANGUAGES
             .iter()
             .map(|code| LanguageLink {
@@ -441,7 +489,7 @@ pub fn build(
 
 /// The page for a genuine link that expired.
 pub fn expired(creditor: &Creditor, tenant: &str, language: &str, texts: &Texts) -> Page {
-    build("", &[], creditor, tenant, language, texts)
+    build("", &[], creditor, tenant, language, texts, &Forms::none())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -532,6 +580,7 @@ mod tests {
                 outstanding_minor: 125_000 - 40_000 + 3_500,
                 at_ms: 1_773_000_000_000,
             }),
+            invoice_id: "i1".into(),
             happened: vec![],
             messages: vec![
                 Message {
@@ -554,7 +603,7 @@ mod tests {
                 value_date: 20_520,
             }],
         };
-        let page = build("d1", &[view], &creditor(), "nordkraft", "nb", &texts());
+        let page = build("d1", &[view], &creditor(), "nordkraft", "nb", &texts(), &Forms::none());
         let line = &page.invoices[0];
         assert_eq!(line.amount, "kr\u{a0}1\u{a0}250,00");
         assert_eq!(line.fees.as_deref(), Some("kr\u{a0}35,00"));
@@ -583,7 +632,7 @@ mod tests {
             }),
             ..InvoiceView::default()
         };
-        let page = build("d1", &[view], &creditor(), "nordkraft", "en", &texts());
+        let page = build("d1", &[view], &creditor(), "nordkraft", "en", &texts(), &Forms::none());
         assert_eq!(page.invoices[0].status.as_deref(), Some("Paid. Thank you!"));
         assert_eq!(page.invoices[0].reference, None);
         assert_eq!(page.total, None);
@@ -605,7 +654,15 @@ mod tests {
             snapshot: Some(s.clone()),
             ..InvoiceView::default()
         };
-        let page = build("d1", std::slice::from_ref(&view), &finnish, "nordlys", "fi", &texts());
+        let page = build(
+            "d1",
+            std::slice::from_ref(&view),
+            &finnish,
+            "nordlys",
+            "fi",
+            &texts(),
+            &Forms::none(),
+        );
         let line = &page.invoices[0];
         assert_eq!(line.reference_label, "Viitenumero / referens");
         assert_eq!(
@@ -635,7 +692,7 @@ mod tests {
             snapshot: Some(s),
             ..InvoiceView::default()
         };
-        let page = build("d1", &[view], &danish, "acme", "da", &texts());
+        let page = build("d1", &[view], &danish, "acme", "da", &texts(), &Forms::none());
         assert_eq!(page.invoices[0].codes[0].label, "Betalingslinje (FIK)");
         assert_eq!(page.invoices[0].codes[0].value, format!("+71<{}+85386489<", fik.value));
         assert_eq!(page.invoices[0].qr, None, "no EPC code for kroner");
@@ -647,7 +704,7 @@ mod tests {
             snapshot: Some(snapshot("7000123", "someone-else", 125_000)),
             ..InvoiceView::default()
         };
-        let page = build("d1", &[view], &creditor(), "nordkraft", "en", &texts());
+        let page = build("d1", &[view], &creditor(), "nordkraft", "en", &texts(), &Forms::none());
         assert!(page.invoices.is_empty());
     }
 
@@ -680,6 +737,7 @@ mod tests {
                 "nordkraft",
                 language,
                 &texts(),
+                &Forms::none(),
             );
             let html = renderer.page(&page).unwrap();
             assert!(html.starts_with("<!doctype html>"), "{language}");

@@ -55,6 +55,9 @@ pub struct Happened {
     pub kind: String,
     pub step: Option<String>,
     pub at_ms: i64,
+    /// Why (a refused request's reason).
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -78,6 +81,8 @@ pub struct Paid {
 /// Everything the read model holds of one invoice.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct InvoiceView {
+    /// The invoice the view is of (its key).
+    pub invoice_id: String,
     pub snapshot: Option<Snapshot>,
     pub journey: Option<JourneyNow>,
     pub happened: Vec<Happened>,
@@ -87,8 +92,11 @@ pub struct InvoiceView {
 
 impl InvoiceView {
     /// From the invoice's hash (`HGETALL`); fields that do not parse are left out.
-    pub fn from_fields(fields: HashMap<String, String>) -> Self {
-        let mut view = InvoiceView::default();
+    pub fn from_fields(invoice_id: &str, fields: HashMap<String, String>) -> Self {
+        let mut view = InvoiceView {
+            invoice_id: invoice_id.to_owned(),
+            ..InvoiceView::default()
+        };
         for (field, value) in fields {
             match field.split_once(':').map_or((field.as_str(), ""), |(a, b)| (a, b)) {
                 ("snap", _) => view.snapshot = serde_json::from_str(&value).ok(),
@@ -182,13 +190,25 @@ pub fn changes_of(
             // The moments a debtor recognises; messages come from dispatch's outcomes.
             if matches!(
                 e.kind.as_str(),
-                "opened" | "paid" | "partly_paid" | "handed_over" | "closed" | "resumed"
-            ) || e.kind.starts_with("request")
-            {
+                "opened"
+                    | "paid"
+                    | "partly_paid"
+                    | "handed_over"
+                    | "closed"
+                    | "resumed"
+                    | "claims_paid"
+                    | "disputed"
+                    | "dispute_resolved"
+                    | "promised_to_pay"
+                    | "postponed"
+                    | "instalment_plan_agreed"
+                    | "request_refused"
+            ) {
                 let happened = Happened {
                     kind: e.kind.clone(),
                     step: e.step.clone(),
                     at_ms: e.occurred_at,
+                    reason: e.reason.clone(),
                 };
                 out.push((
                     e.tenant,

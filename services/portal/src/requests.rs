@@ -1,0 +1,273 @@
+//! The debtor's requests from the page: "I have paid", a promise to pay by a date, and an
+//! objection (dispute). `POST /pay/<token>/requests` turns a form into a `DebtorRequest` on
+//! `forfall.debtor.requests.v1`; the watcher decides it under the policy's limits and the law,
+//! and the page then tells what became of it from the journey's events.
+//!
+//! A form is accepted only with the anti-forgery token its page carried (HMAC of the link's
+//! fingerprint and the invoice, see `paylink::form_token`), for an invoice the link names, and
+//! from the page's own origin when the browser says where it posts from. The same request sent
+//! twice on a day (a double click, a reload) is one request: its id derives from it.
+
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use forfall_domain::invoice::epoch_days;
+use forfall_domain::paylink::LinkError;
+use forfall_platform::kafka::Failure;
+use forfall_platform::records::{DebtorRequest, derived_id};
+use forfall_platform::telemetry::TraceContext;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use tracing::Instrument;
+
+use crate::Portal;
+use crate::http::{fingerprint, limited, refused, unavailable};
+
+/// What a debtor may write in an objection.
+const MAX_REASON_CHARS: usize = 1000;
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct RequestForm {
+    invoice: String,
+    form_token: String,
+    kind: String,
+    lang: Option<String>,
+    reason: Option<String>,
+    promise_date: Option<String>,
+}
+
+/// Why a form was not taken.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub(crate) enum FormError {
+    #[error("unknown request kind '{0}'")]
+    Kind(String),
+    #[error("an objection needs a text of 1 to {MAX_REASON_CHARS} characters")]
+    Reason,
+    #[error("a promise needs a date as YYYY-MM-DD, not '{0}'")]
+    Date(String),
+}
+
+/// The request a form asks for (kind, promise date, reason), checked for shape only: whether
+/// it is granted is the watcher's decision.
+pub(crate) fn request_of(form: &RequestForm) -> Result<(&'static str, Option<i32>, Option<String>), FormError> {
+    match form.kind.as_str() {
+        "claims_paid" => Ok(("claims_paid", None, None)),
+        "promise_to_pay" => {
+            let raw = form.promise_date.as_deref().unwrap_or_default();
+            let day = chrono::NaiveDate::parse_from_str(raw.trim(), "%Y-%m-%d")
+                .map_err(|_| FormError::Date(raw.chars().take(20).collect()))?;
+            Ok(("promise_to_pay", Some(epoch_days(day)), None))
+        }
+        "dispute" => {
+            let reason = form.reason.as_deref().unwrap_or_default().trim();
+            if reason.is_empty() || reason.chars().count() > MAX_REASON_CHARS {
+                return Err(FormError::Reason);
+            }
+            Ok(("dispute", None, Some(reason.to_owned())))
+        }
+        other => Err(FormError::Kind(other.chars().take(40).collect())),
+    }
+}
+
+/// Whether the browser says the form came from elsewhere (`Origin` or `Sec-Fetch-Site`).
+fn cross_site(headers: &HeaderMap) -> bool {
+    let site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+    if matches!(site, Some("cross-site" | "same-site")) {
+        return true;
+    }
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    match (origin, host) {
+        (Some("null"), _) => true,
+        (Some(origin), Some(host)) => origin.split_once("://").map(|(_, h)| h) != Some(host),
+        _ => false,
+    }
+}
+
+pub(crate) async fn post_request(
+    State(portal): State<Portal>,
+    Path(token): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    axum::Form(form): axum::Form<RequestForm>,
+) -> Response {
+    let link = fingerprint(&token);
+    let span = tracing::info_span!("request", link = %link, kind = %form.kind);
+    async move {
+        let client = portal.client_address(&headers, peer);
+        let (response, result) = match portal.over_limit(&fingerprint(&client), &link).await {
+            Ok(Some(retry_after)) => (limited(retry_after), "limited"),
+            Ok(None) => portal.take_request(&token, &link, &headers, &form).await,
+            Err(e) => {
+                tracing::warn!(error = ?e, "cannot count requests; answering unavailable");
+                (unavailable(), "unavailable")
+            }
+        };
+        portal.0.metrics.requests.with_label_values(&[result]).inc();
+        tracing::info!(result, "request answered");
+        response
+    }
+    .instrument(span)
+    .await
+}
+
+impl Portal {
+    async fn take_request(
+        &self,
+        token: &str,
+        link: &str,
+        headers: &HeaderMap,
+        form: &RequestForm,
+    ) -> (Response, &'static str) {
+        let claims = match self.0.links.verify(token, self.0.rt.clock.now()) {
+            Ok(claims) => claims,
+            Err(LinkError::Expired(_)) => return (refused_with(StatusCode::GONE), "expired"),
+            Err(_) => return (refused(), "refused"),
+        };
+        if cross_site(headers)
+            || !claims.invoices.contains(&form.invoice)
+            || !self
+                .0
+                .links
+                .verify_form_token(&format!("{link}/{}", form.invoice), &form.form_token)
+        {
+            return (refused(), "forged");
+        }
+        let (kind, promise_date, reason) = match request_of(form) {
+            Ok(request) => request,
+            Err(e) => {
+                return (
+                    crate::http::html_response(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        format!(
+                            "{}{e}</h1><p><a href=\"/pay/{token}\">Back</a></p></main></body></html>",
+                            crate::http::PLAIN
+                        ),
+                    ),
+                    "invalid",
+                );
+            }
+        };
+        let now = self.0.rt.clock.now();
+        let day = now.date_naive().to_string();
+        let request = DebtorRequest {
+            event_id: derived_id("debtor-request", &[&claims.tenant, &form.invoice, kind, link, &day]),
+            tenant: claims.tenant.clone(),
+            debtor_id: claims.debtor_id.clone(),
+            occurred_at: now.timestamp_millis(),
+            invoice_id: form.invoice.clone(),
+            kind: kind.to_owned(),
+            new_due_date: None,
+            promise_date,
+            instalments: Vec::new(),
+            reason,
+            source: "portal".to_owned(),
+        };
+        if let Err(e) = self.send(&request).await {
+            tracing::warn!(error = ?e, "the request could not be written");
+            return (unavailable(), "unavailable");
+        }
+        let lang = form
+            .lang
+            .as_deref()
+            .filter(|l| crate::page::LANGUAGES.contains(l))
+            .unwrap_or("en");
+        let mut response = StatusCode::SEE_OTHER.into_response();
+        if let Ok(location) = HeaderValue::from_str(&format!("/pay/{token}?lang={lang}&received=1")) {
+            response.headers_mut().insert(header::LOCATION, location);
+        }
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+            .headers_mut()
+            .insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+        (response, kind_result(kind))
+    }
+
+    /// Writes the request and waits for the broker's acknowledgement: the page says it was
+    /// received only when it is.
+    async fn send(&self, request: &DebtorRequest) -> Result<(), Failure> {
+        let topic = self.0.rt.topic(&self.0.rt.config.topics.debtor_requests);
+        let out = self
+            .0
+            .rt
+            .codec
+            .outbound(&topic, &request.debtor_id, request, TraceContext::new_root())
+            .await?;
+        self.0
+            .producer
+            .send_all(std::slice::from_ref(&out))
+            .await
+            .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))
+    }
+}
+
+fn kind_result(kind: &str) -> &'static str {
+    match kind {
+        "claims_paid" => "claims_paid",
+        "promise_to_pay" => "promise_to_pay",
+        _ => "dispute",
+    }
+}
+
+fn refused_with(status: StatusCode) -> Response {
+    let mut response = refused();
+    *response.status_mut() = status;
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn form(kind: &str) -> RequestForm {
+        RequestForm {
+            invoice: "i1".into(),
+            form_token: "t".into(),
+            kind: kind.into(),
+            lang: None,
+            reason: None,
+            promise_date: None,
+        }
+    }
+
+    #[test]
+    fn each_form_becomes_its_request_or_says_what_is_missing() {
+        assert_eq!(request_of(&form("claims_paid")), Ok(("claims_paid", None, None)));
+        assert_eq!(request_of(&form("dispute")), Err(FormError::Reason));
+        let dispute = RequestForm {
+            reason: Some("  I cancelled in January  ".into()),
+            ..form("dispute")
+        };
+        assert_eq!(
+            request_of(&dispute),
+            Ok(("dispute", None, Some("I cancelled in January".into())))
+        );
+        let promise = RequestForm {
+            promise_date: Some("2026-03-20".into()),
+            ..form("promise_to_pay")
+        };
+        let day = chrono::NaiveDate::from_ymd_opt(2026, 3, 20).unwrap();
+        assert_eq!(
+            request_of(&promise),
+            Ok(("promise_to_pay", Some(epoch_days(day)), None))
+        );
+        assert_eq!(request_of(&form("promise_to_pay")), Err(FormError::Date(String::new())));
+        assert_eq!(request_of(&form("refund")), Err(FormError::Kind("refund".into())));
+    }
+
+    #[test]
+    fn a_form_from_another_site_is_told_apart() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("pay.example.com"));
+        assert!(!cross_site(&h), "no Origin: an older browser, the token decides");
+        h.insert(header::ORIGIN, HeaderValue::from_static("https://pay.example.com"));
+        assert!(!cross_site(&h));
+        h.insert(header::ORIGIN, HeaderValue::from_static("https://evil.example"));
+        assert!(cross_site(&h));
+        let mut h = HeaderMap::new();
+        h.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
+        assert!(cross_site(&h));
+    }
+}
