@@ -66,25 +66,45 @@ async fn stack_with_creditor(clock: std::sync::Arc<ManualClock>) -> anyhow::Resu
     Ok(stack)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_link_in_the_nudge_opens_the_debtors_page_until_it_is_paid_and_no_other_link_shows_it() -> anyhow::Result<()>
-{
+/// A fresh stack with `s` issued and its nudge sent; the portal's limits are lifted because
+/// the simulated clock stands still while a test polls the page.
+async fn nudged(s: &Sample<'_>) -> anyhow::Result<(std::sync::Arc<ManualClock>, LocalStack)> {
     let clock = ManualClock::new(at("2026-03-01T08:00:00Z"));
     let mut stack = stack_with_creditor(clock.clone()).await?;
-    // The simulated clock stands still while the test polls the page.
     stack.set("portal.per_link_per_minute", 100_000);
     stack.set("portal.per_address_per_minute", 100_000);
     stack.start_all();
+    issue_invoice(&stack, s).await?;
+    status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    clock.set(at("2026-03-02T08:00:01Z"));
+    status_is(&stack, s.tenant, s.invoice_id, "nudged").await?;
+    Ok((clock, stack))
+}
+
+/// The page's path for a link to `s` signed with the dev key, as dispatch would sign it.
+fn signed_path(s: &Sample<'_>) -> String {
+    let token = paylink::issue(
+        &dev_key(),
+        &LinkClaims {
+            tenant: s.tenant.into(),
+            debtor_id: s.debtor_id(),
+            invoices: vec![s.invoice_id.into()],
+            expires_at: at("2026-04-01T00:00:00Z").timestamp(),
+        },
+    );
+    format!("/pay/{token}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_link_in_the_nudge_opens_the_debtors_page_until_it_is_paid_and_no_other_link_shows_it() -> anyhow::Result<()>
+{
     let kid = Box::leak(
         reference::generate(ReferenceKind::KidMod10, "7000123")?
             .value
             .into_boxed_str(),
     );
     let s = norwegian(kid);
-    issue_invoice(&stack, &s).await?;
-    status_is(&stack, s.tenant, s.invoice_id, "open").await?;
-    clock.set(at("2026-03-02T08:00:01Z"));
-    status_is(&stack, s.tenant, s.invoice_id, "nudged").await?;
+    let (clock, stack) = nudged(&s).await?;
 
     // The link as the debtor gets it: in the e-mail the SMTP sink received.
     let mail = eventually("the nudge", WAIT, || async {
@@ -257,30 +277,14 @@ async fn in_a_real_browser_the_page_passes_an_accessibility_audit_in_every_langu
         tools.join("node_modules/playwright-core").exists() && std::path::Path::new("/usr/bin/chromium").exists(),
         "the browser tools are missing: `make devstack` installs Chromium and tools/browser's npm packages"
     );
-    let clock = ManualClock::new(at("2026-03-01T08:00:00Z"));
-    let mut stack = stack_with_creditor(clock.clone()).await?;
-    stack.set("portal.per_link_per_minute", 100_000);
-    stack.start_all();
     let kid = Box::leak(
         reference::generate(ReferenceKind::KidMod10, "7000123")?
             .value
             .into_boxed_str(),
     );
     let s = norwegian(kid);
-    issue_invoice(&stack, &s).await?;
-    status_is(&stack, s.tenant, s.invoice_id, "open").await?;
-    clock.set(at("2026-03-02T08:00:01Z"));
-    status_is(&stack, s.tenant, s.invoice_id, "nudged").await?;
-    let token = paylink::issue(
-        &dev_key(),
-        &LinkClaims {
-            tenant: s.tenant.into(),
-            debtor_id: s.debtor_id(),
-            invoices: vec![s.invoice_id.into()],
-            expires_at: at("2026-04-01T00:00:00Z").timestamp(),
-        },
-    );
-    let path = format!("/pay/{token}");
+    let (_clock, stack) = nudged(&s).await?;
+    let path = signed_path(&s);
     page_showing(&stack, &path, "Vennlig påminnelse sendt").await?;
     let addr = stack.rt.admin_addr("portal").expect("the portal serves HTTP");
     let shots = artifacts();
@@ -333,19 +337,11 @@ async fn in_a_real_browser_the_page_passes_an_accessibility_audit_in_every_langu
         ..s.clone()
     };
     issue_invoice(&stack, &fi).await?;
-    let fi_token = paylink::issue(
-        &dev_key(),
-        &LinkClaims {
-            tenant: fi.tenant.into(),
-            debtor_id: fi.debtor_id(),
-            invoices: vec![fi.invoice_id.into()],
-            expires_at: at("2026-04-01T00:00:00Z").timestamp(),
-        },
-    );
-    page_showing(&stack, &format!("/pay/{fi_token}"), "Lasku 2026-042").await?;
+    let fi_path = signed_path(&fi);
+    page_showing(&stack, &fi_path, "Lasku 2026-042").await?;
     let out = tokio::process::Command::new("node")
         .arg(tools.join("check-page.mjs"))
-        .arg(format!("http://{addr}/pay/{fi_token}"))
+        .arg(format!("http://{addr}{fi_path}"))
         .arg(shots.join("finnish-invoice"))
         .arg("fi")
         .output()
@@ -404,10 +400,6 @@ fn form_token_in(html: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_debtor_says_it_is_paid_from_the_page_and_the_page_tells_what_became_of_it() -> anyhow::Result<()> {
-    let clock = ManualClock::new(at("2026-03-01T08:00:00Z"));
-    let mut stack = stack_with_creditor(clock.clone()).await?;
-    stack.set("portal.per_link_per_minute", 100_000);
-    stack.start_all();
     let kid = Box::leak(
         reference::generate(ReferenceKind::KidMod10, "7000124")?
             .value
@@ -419,20 +411,8 @@ async fn the_debtor_says_it_is_paid_from_the_page_and_the_page_tells_what_became
         email: "ola@example.test",
         ..norwegian(kid)
     };
-    issue_invoice(&stack, &s).await?;
-    status_is(&stack, s.tenant, s.invoice_id, "open").await?;
-    clock.set(at("2026-03-02T08:00:01Z"));
-    status_is(&stack, s.tenant, s.invoice_id, "nudged").await?;
-    let token = paylink::issue(
-        &dev_key(),
-        &LinkClaims {
-            tenant: s.tenant.into(),
-            debtor_id: s.debtor_id(),
-            invoices: vec![s.invoice_id.into()],
-            expires_at: at("2026-04-01T00:00:00Z").timestamp(),
-        },
-    );
-    let path = format!("/pay/{token}");
+    let (_clock, stack) = nudged(&s).await?;
+    let path = signed_path(&s);
     let page = page_showing(&stack, &path, "Vennlig påminnelse sendt").await?;
     let form_token = form_token_in(&page.body).expect("the page has request forms");
     let addr = stack.rt.admin_addr("portal").expect("the portal serves HTTP");

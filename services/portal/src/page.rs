@@ -506,6 +506,7 @@ impl Renderer {
         let mut env = minijinja::Environment::new();
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::Html);
         env.add_template("style.html", include_str!("../templates/style.html"))?;
+        env.add_template("base.html", include_str!("../templates/base.html"))?;
         env.add_template("page.html", include_str!("../templates/page.html"))?;
         env.add_template("expired.html", include_str!("../templates/expired.html"))?;
         Ok(Self { env })
