@@ -93,17 +93,23 @@ impl SharedRedisClock {
         stop: tokio_util::sync::CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
         let client = redis::Client::open(redis_url)?;
-        let mut redis = client.get_connection_manager().await?;
         let read = |v: Option<i64>| v.ok_or_else(|| anyhow::anyhow!("the shared clock's key '{key}' is not set"));
-        // The driver sets it again after a fault that flushed Redis; a process started in
-        // between waits for it rather than failing.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let first = loop {
-            let first: Option<i64> = redis::cmd("GET").arg(key).query_async(&mut redis).await?;
-            if first.is_some() || std::time::Instant::now() > deadline {
-                break first;
+        // A process started while the driver's Redis is paused, or before the driver set the
+        // key, waits for it rather than failing.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let (mut redis, first) = loop {
+            let attempt: anyhow::Result<_> = async {
+                let mut redis = client.get_connection_manager().await?;
+                let first: Option<i64> = redis::cmd("GET").arg(key).query_async(&mut redis).await?;
+                Ok((redis, first))
             }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            .await;
+            match attempt {
+                Ok((redis, Some(first))) => break (redis, Some(first)),
+                Ok((redis, None)) if std::time::Instant::now() > deadline => break (redis, None),
+                Err(e) if std::time::Instant::now() > deadline => return Err(e),
+                _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
         };
         let millis = Arc::new(AtomicI64::new(read(first)?));
         let (follower, key) = (millis.clone(), key.to_owned());

@@ -28,12 +28,32 @@ pub async fn connect(config: &RedisConfig) -> Result<ConnectionManager, ConnectE
         source,
     };
     let client = redis::Client::open(config.url.as_str()).map_err(err)?;
-    let con = client.get_connection_manager().await.map_err(err)?;
+    // A Redis that is away at start (restarting, failing over, paused) is waited out like one
+    // that goes away later; a wrong address or a refused login is not.
+    let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
+    let mut backoff = std::time::Duration::from_millis(200);
+    let con = loop {
+        match client.get_connection_manager().await {
+            Ok(con) => break con,
+            Err(e)
+                if (e.is_timeout() || e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped())
+                    && tokio::time::Instant::now() + backoff < deadline =>
+            {
+                tracing::warn!(error = %e, "Redis does not answer yet; waiting for it");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => return Err(err(e)),
+        }
+    };
     if first_connection_to(&config.url) {
         crate::redis_settings::check_and_warn(&con).await;
     }
     Ok(con)
 }
+
+/// How long a service waits at start for a Redis that does not answer.
+const CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Whether this process has not connected to `url` before.
 fn first_connection_to(url: &str) -> bool {

@@ -276,7 +276,7 @@ pub async fn play(supervisor: Arc<Supervisor>, seed: u64, stop: CancellationToke
                 // Redis is flushed (or fails over to an empty replica): every service finds its
                 // state missing and rebuilds it from the topics before acting again.
                 supervisor.count("redis_flushed").await;
-                crate::flush_stack_state(&infra.config).await?;
+                infra.flush_redis().await?;
             }
             _ => {
                 // Longer than dispatch's SMTP timeout (10 s): the server has the message, the

@@ -177,6 +177,24 @@ impl Infra {
         })
     }
 
+    /// Redis is flushed: every service loses its state. The simulated clock (the harness's,
+    /// not a service's) is put back at once, as a real clock does not stop with Redis.
+    pub async fn flush_redis(&self) -> anyhow::Result<()> {
+        let mut redis = redis::Client::open(self.config.redis.url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?;
+        let now: Option<i64> = redis::cmd("GET").arg(&self.clock_key).query_async(&mut redis).await?;
+        crate::flush_stack_state(&self.config).await?;
+        if let Some(now) = now {
+            let _: () = redis::cmd("SET")
+                .arg(&self.clock_key)
+                .arg(now)
+                .query_async(&mut redis)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Sets the simulated clock every service follows (waiting while Redis is frozen).
     pub async fn set_clock(
         &self,
