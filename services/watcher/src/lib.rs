@@ -1301,7 +1301,10 @@ impl Watcher {
             .send_all(&tombstones)
             .await
             .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
-        let _: () = pipe.query_async(&mut self.conn()).await?;
+        // Every journey due may be busy (its stripe held): then there is nothing to write.
+        if !pipe.is_empty() {
+            let _: () = pipe.query_async(&mut self.conn()).await?;
+        }
         drop(guards);
         if !tombstones.is_empty() {
             tracing::info!(
