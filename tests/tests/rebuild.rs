@@ -663,3 +663,77 @@ async fn services_notice_an_older_redis(mut back: GoingBack) -> anyhow::Result<(
     stack.shutdown().await;
     Ok(())
 }
+
+/// Keeps what a replay hands over.
+#[derive(Default)]
+struct Collected {
+    changes: Vec<forfall_platform::changelog::Change>,
+    end: i64,
+}
+
+impl forfall_platform::changelog::Restore for Collected {
+    async fn apply(
+        &mut self,
+        _partition: i32,
+        changes: Vec<forfall_platform::changelog::Change>,
+    ) -> Result<(), forfall_platform::kafka::Failure> {
+        self.changes.extend(changes);
+        Ok(())
+    }
+
+    async fn finish(&mut self, _partition: i32, end: i64) -> Result<(), forfall_platform::kafka::Failure> {
+        self.end = end;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_during_which_redis_loses_the_state_again_is_not_taken_for_done() -> anyhow::Result<()> {
+    use forfall_platform::changelog::{self, Changelog, Restore};
+    let (_clock, stack, _invoices) = start("2026-09-01T06:00:00Z").await?;
+    stack.stop_service("watcher").await?;
+    let topic = stack.topic(&stack.topics().watcher_changelog);
+    let store = forfall_watcher::store::Store::new(stack.redis(), stack.rt.keys(), Changelog::new(topic.clone()));
+    // Partition 0's changelog, as a rebuild reads it.
+    let mut partition = Collected::default();
+    changelog::replay(
+        &stack.rt.config.kafka,
+        &topic,
+        &[(0, 0)],
+        100_000,
+        &mut partition,
+        |_| {},
+    )
+    .await?;
+    anyhow::ensure!(
+        !partition.changes.is_empty(),
+        "the workload wrote partition 0's changelog"
+    );
+
+    lose_watcher_state(&stack.rt.config).await?;
+    let mut rebuild = forfall_watcher::rebuild::WatcherRestore::new(
+        &store,
+        stack.redis(),
+        std::collections::HashMap::from([(0, None)]),
+    );
+    rebuild
+        .apply(0, partition.changes.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    // Redis loses the state again before the rebuild finishes.
+    lose_watcher_state(&stack.rt.config).await?;
+    assert!(
+        rebuild.finish(0, partition.end).await.is_err(),
+        "the rebuild notices that what it wrote is gone"
+    );
+    let marker: Option<String> = redis::cmd("GET")
+        .arg(store.state_key(0))
+        .query_async(&mut stack.redis())
+        .await?;
+    assert_eq!(
+        marker, None,
+        "the partition is not declared rebuilt: the next rebuild starts over"
+    );
+    stack.shutdown().await;
+    Ok(())
+}

@@ -23,14 +23,47 @@ use crate::store::{ChangeKey, StateMarker, Store, Stored, decode_value};
 pub const BATCH: usize = 4000;
 
 /// Applies changelog records to Redis.
+///
+/// Each batch moves its partition's marker on (`rebuilding:<offset>`, at the end
+/// `ready:<offset>`) only from the value this rebuild last saw there: should Redis lose the
+/// state while it is rebuilt (a flush, a failover), the marker is gone and the rebuild stops
+/// instead of declaring done what was lost; the next one starts over.
 pub struct WatcherRestore<'a> {
     store: &'a Store,
     redis: ConnectionManager,
+    /// Each partition's marker as this rebuild last saw or wrote it.
+    marks: HashMap<i32, Option<String>>,
 }
 
 impl<'a> WatcherRestore<'a> {
-    pub fn new(store: &'a Store, redis: ConnectionManager) -> Self {
-        Self { store, redis }
+    pub fn new(store: &'a Store, redis: ConnectionManager, marks: HashMap<i32, Option<String>>) -> Self {
+        Self { store, redis, marks }
+    }
+
+    /// Moves a partition's marker from what this rebuild last saw to `to`.
+    async fn advance(&mut self, partition: i32, to: String) -> Result<(), Failure> {
+        static ADVANCE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"local v = redis.call('GET', KEYS[1]) or ''
+                  if v ~= ARGV[1] then return 0 end
+                  redis.call('SET', KEYS[1], ARGV[2])
+                  return 1",
+            )
+        });
+        let seen = self.marks.get(&partition).cloned().flatten().unwrap_or_default();
+        let moved: i32 = ADVANCE
+            .key(self.store.state_key(partition))
+            .arg(&seen)
+            .arg(&to)
+            .invoke_async(&mut self.redis)
+            .await?;
+        if moved != 1 {
+            return Err(Failure::Fatal(anyhow::anyhow!(
+                "the journey state of partition {partition} changed while it was rebuilt (lost again?): the rebuild starts over"
+            )));
+        }
+        self.marks.insert(partition, Some(to));
+        Ok(())
     }
 }
 
@@ -124,54 +157,56 @@ impl Restore for WatcherRestore<'_> {
                 }
             }
         }
-        if let Some(offset) = last {
-            pipe.set(self.store.state_key(partition), format!("rebuilding:{offset}"))
-                .ignore();
-        }
-        match pipe.query_async::<()>(&mut self.redis).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                self.store.prepare_scripts().await?;
-                pipe.query_async::<()>(&mut self.redis).await?;
+        if !pipe.is_empty() {
+            match pipe.query_async::<()>(&mut self.redis).await {
+                Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                    self.store.prepare_scripts().await?;
+                    pipe.query_async::<()>(&mut self.redis).await?;
+                }
+                other => other?,
             }
-            other => other?,
+        }
+        if let Some(offset) = last {
+            self.advance(partition, format!("rebuilding:{offset}")).await?;
         }
         Ok(())
     }
 
     async fn finish(&mut self, partition: i32, end: i64) -> Result<(), Failure> {
         let checkpoint = end - 1;
-        let _: () = redis::cmd("SET")
-            .arg(self.store.state_key(partition))
-            .arg(format!("ready:{checkpoint}"))
-            .query_async(&mut self.redis)
-            .await?;
+        self.advance(partition, format!("ready:{checkpoint}")).await?;
         self.store.saw_checkpoint(partition, checkpoint);
         Ok(())
     }
 }
 
-/// Where each partition's replay starts: after its marker's offset, or from the start.
-pub async fn starts(
+/// Each partition's marker as Redis holds it now.
+async fn markers(
     store: &Store,
     redis: &mut ConnectionManager,
     partitions: &[i32],
-) -> Result<Vec<(i32, i64)>, Failure> {
+) -> Result<HashMap<i32, Option<String>>, Failure> {
     let mut pipe = redis::pipe();
     for p in partitions {
         pipe.get(store.state_key(*p));
     }
     let markers: Vec<Option<String>> = pipe.query_async(redis).await?;
-    Ok(partitions
+    Ok(partitions.iter().copied().zip(markers).collect())
+}
+
+/// Where each partition's replay starts: after its marker's offset, or from the start.
+fn starts(partitions: &[i32], marks: &HashMap<i32, Option<String>>) -> Vec<(i32, i64)> {
+    partitions
         .iter()
-        .zip(markers)
-        .map(|(p, m)| {
-            let from = match Store::parse_state(m.as_deref()) {
+        .map(|p| {
+            let marker = marks.get(p).cloned().flatten();
+            let from = match Store::parse_state(marker.as_deref()) {
                 StateMarker::Missing => 0,
                 StateMarker::Ready(at) | StateMarker::Rebuilding(at) => at + 1,
             };
             (*p, from)
         })
-        .collect())
+        .collect()
 }
 
 /// Rebuilds `partitions` from the changelog `topic`, each from where its marker says.
@@ -188,10 +223,11 @@ pub async fn rebuild(
         .await
         .map_err(|e| anyhow::anyhow!("loading the journey scripts into Redis: {e:?}"))?;
     let mut conn = redis.clone();
-    let from = starts(store, &mut conn, partitions)
+    let marks = markers(store, &mut conn, partitions)
         .await
         .map_err(|e| anyhow::anyhow!("reading the partitions' state markers: {e:?}"))?;
-    let mut restore = WatcherRestore::new(store, redis);
+    let from = starts(partitions, &marks);
+    let mut restore = WatcherRestore::new(store, redis, marks);
     changelog::replay(kafka, topic, &from, BATCH, &mut restore, report).await
 }
 
