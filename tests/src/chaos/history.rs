@@ -110,6 +110,9 @@ pub struct Findings {
     /// follows the event): dispatch's last look should have stopped them.
     pub messages_after_payment: usize,
     pub cases_twice: usize,
+    /// Records refused: the workload sends nothing invalid, so each is a fault (a lost state,
+    /// a broker away) turned into a rejection instead of being waited out.
+    pub records_rejected: usize,
     /// Informational: messages that reached a provider after the settling payment was matched
     /// but before the watcher had recorded it (the window between the matcher's decision and
     /// the journey's state, which the last look reads), and the longest such lag.
@@ -129,6 +132,7 @@ impl Findings {
             && self.messages_twice == 0
             && self.messages_after_payment == 0
             && self.cases_twice == 0
+            && self.records_rejected == 0
     }
 }
 
@@ -166,6 +170,16 @@ pub async fn check(infra: &Infra, workload: &Workload) -> anyhow::Result<Finding
         .map(|(_, r)| (r.source_topic.clone(), r.source_partition, r.source_offset))
         .collect();
     f.seen.insert("rejections", rejected.len());
+    f.records_rejected = rejected.len();
+    for (_, r) in rejected.iter().take(5) {
+        example(
+            &mut f,
+            format!(
+                "rejected by {}: {} ({}) from {}[{}]@{}",
+                r.service, r.reason_code, r.detail, r.source_topic, r.source_partition, r.source_offset
+            ),
+        );
+    }
 
     // Payments: each one matched, kept as unmatched, or rejected.
     let payments_topic = t(&c.topics.payments);

@@ -414,6 +414,7 @@ pub fn describe(baseline: &Report, faulty: &Report) -> String {
          \x20 messages that reached a provider after the watcher recorded the settling payment: {}\n\
          \x20 (messages in flight while the payment was matched, before the watcher recorded it: {}, longest {} ms)\n\
          \x20 cases twice: {}\n\
+         \x20 records rejected (the workload sends nothing invalid): {}\n\
          \x20 services that exited by themselves: {} {:?}\n\
          \x20 services slow to stop on SIGTERM: {:?}\n\
          \x20 throughput under faults: {:.2} of the same workload without faults ({:.1} s vs {:.1} s)\n\
@@ -429,6 +430,7 @@ pub fn describe(baseline: &Report, faulty: &Report) -> String {
         f.messages_racing_payment,
         f.longest_race_ms,
         f.cases_twice,
+        f.records_rejected,
         faulty.unexpected_exits.len(),
         faulty.unexpected_exits,
         faulty.slow_stops,
