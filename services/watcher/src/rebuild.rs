@@ -33,11 +33,18 @@ pub struct WatcherRestore<'a> {
     redis: ConnectionManager,
     /// Each partition's marker as this rebuild last saw or wrote it.
     marks: HashMap<i32, Option<String>>,
+    /// A marker had moved under this rebuild (lost, or advanced by another rebuilder).
+    moved: bool,
 }
 
 impl<'a> WatcherRestore<'a> {
     pub fn new(store: &'a Store, redis: ConnectionManager, marks: HashMap<i32, Option<String>>) -> Self {
-        Self { store, redis, marks }
+        Self {
+            store,
+            redis,
+            marks,
+            moved: false,
+        }
     }
 
     /// Moves a partition's marker from what this rebuild last saw to `to`.
@@ -58,6 +65,7 @@ impl<'a> WatcherRestore<'a> {
             .invoke_async(&mut self.redis)
             .await?;
         if moved != 1 {
+            self.moved = true;
             return Err(Failure::Fatal(anyhow::anyhow!(
                 "the journey state of partition {partition} changed while it was rebuilt (lost again?): the rebuild starts over"
             )));
@@ -223,12 +231,25 @@ pub async fn rebuild(
         .await
         .map_err(|e| anyhow::anyhow!("loading the journey scripts into Redis: {e:?}"))?;
     let mut conn = redis.clone();
-    let marks = markers(store, &mut conn, partitions)
-        .await
-        .map_err(|e| anyhow::anyhow!("reading the partitions' state markers: {e:?}"))?;
-    let from = starts(partitions, &marks);
-    let mut restore = WatcherRestore::new(store, redis, marks);
-    changelog::replay(kafka, topic, &from, BATCH, &mut restore, report).await
+    let mut report = report;
+    // A marker that moves under the rebuild was lost again (start over) or advanced by another
+    // rebuilder of the same partition (a running watcher while `forfall rebuild` runs): either
+    // way the rebuild reads the markers again and goes on from them.
+    let mut attempts = 0;
+    loop {
+        let marks = markers(store, &mut conn, partitions)
+            .await
+            .map_err(|e| anyhow::anyhow!("reading the partitions' state markers: {e:?}"))?;
+        let from = starts(partitions, &marks);
+        let mut restore = WatcherRestore::new(store, redis.clone(), marks);
+        match changelog::replay(kafka, topic, &from, BATCH, &mut restore, &mut report).await {
+            Err(e) if restore.moved && attempts < 20 => {
+                attempts += 1;
+                tracing::info!(error = %e, "a partition's marker moved during the rebuild; reading it again");
+            }
+            other => return other,
+        }
+    }
 }
 
 /// What `forfall rebuild` is asked to do for the watcher.
