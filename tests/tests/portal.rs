@@ -3,10 +3,13 @@
 //! says paid; an altered, forged or expired link, or one naming another debtor's invoice,
 //! shows nothing of the invoice; and pages are limited per link.
 
+use forfall_devsinks::vipps::{VippsMerchant, VippsSim};
 use forfall_domain::paylink::{self, LinkClaims, LinkKey};
 use forfall_domain::reference::{self, ReferenceKind};
+use forfall_e2e::servers::Forwarder;
 use forfall_e2e::*;
 use forfall_platform::clock::ManualClock;
+use forfall_platform::records::PaymentReceived;
 
 /// The dev profile's pay-link key (`dispatch.pay_link` defaults).
 fn dev_key() -> LinkKey {
@@ -69,8 +72,19 @@ async fn stack_with_creditor(clock: std::sync::Arc<ManualClock>) -> anyhow::Resu
 /// A fresh stack with `s` issued and its nudge sent; the portal's limits are lifted because
 /// the simulated clock stands still while a test polls the page.
 async fn nudged(s: &Sample<'_>) -> anyhow::Result<(std::sync::Arc<ManualClock>, LocalStack)> {
+    nudged_with(s, &[]).await
+}
+
+/// [`nudged`], with these settings (`section.key`, value) besides.
+async fn nudged_with(
+    s: &Sample<'_>,
+    settings: &[(String, serde_json::Value)],
+) -> anyhow::Result<(std::sync::Arc<ManualClock>, LocalStack)> {
     let clock = ManualClock::new(at("2026-03-01T08:00:00Z"));
     let mut stack = stack_with_creditor(clock.clone()).await?;
+    for (key, value) in settings {
+        stack.set(key, value);
+    }
     stack.set("portal.per_link_per_minute", 100_000);
     stack.set("portal.per_address_per_minute", 100_000);
     stack.start_all();
@@ -485,6 +499,290 @@ async fn the_debtor_says_it_is_paid_from_the_page_and_the_page_tells_what_became
         .map(|e| e.kind.as_str())
         .collect();
     assert_eq!(kinds, vec!["claims_paid"], "applied once");
+    stack.shutdown().await;
+    Ok(())
+}
+
+/// The stand-in's test merchant.
+fn vipps_merchant() -> VippsMerchant {
+    VippsMerchant {
+        client_id: "forfall-test-client".into(),
+        client_secret: "forfall-test-client-secret".into(),
+        subscription_key: "forfall-test-subscription".into(),
+        msn: "123456".into(),
+    }
+}
+
+/// A stack whose creditor takes Vipps MobilePay (the stand-in), reached from outside through an
+/// ingress that also serves the links; the webhook is registered with the ingress's URL, once,
+/// as an operator would.
+async fn with_vipps(s: &Sample<'_>) -> anyhow::Result<(std::sync::Arc<ManualClock>, LocalStack, VippsSim, Forwarder)> {
+    let sim = VippsSim::start(vipps_merchant()).await?;
+    // The ingress finds the portal once the stack runs.
+    let portal_addr: std::sync::Arc<std::sync::Mutex<Option<std::net::SocketAddr>>> = std::sync::Arc::default();
+    let found = portal_addr.clone();
+    let ingress = Forwarder::start(move || *found.lock().unwrap_or_else(|p| p.into_inner())).await?;
+    let secret = sim
+        .register_webhook(
+            &format!("http://{}/providers/vipps/{}", ingress.addr, s.tenant),
+            &[
+                "epayments.payment.authorized.v1",
+                "epayments.payment.captured.v1",
+                "epayments.payment.aborted.v1",
+            ],
+        )
+        .await?;
+    let m = vipps_merchant();
+    let merchant = format!("portal.vipps.{}", s.tenant);
+    let settings = [
+        (format!("{merchant}.base_url"), sim.url().into()),
+        (format!("{merchant}.client_id"), m.client_id.into()),
+        (format!("{merchant}.client_secret"), m.client_secret.into()),
+        (format!("{merchant}.subscription_key"), m.subscription_key.into()),
+        (format!("{merchant}.merchant_serial_number"), m.msn.into()),
+        (format!("{merchant}.webhook_secret"), secret.into()),
+        (
+            "dispatch.pay_link.base_url".to_owned(),
+            format!("http://{}/pay/", ingress.addr).into(),
+        ),
+    ];
+    let (clock, stack) = nudged_with(s, &settings).await?;
+    *portal_addr.lock().unwrap_or_else(|p| p.into_inner()) = stack.rt.admin_addr("portal");
+    Ok((clock, stack, sim, ingress))
+}
+
+/// The first pay-now form's invoice and anti-forgery token.
+fn pay_form_in(html: &str) -> Option<(String, String)> {
+    let (_, form) = html.split_once("class=\"pay-now\"")?;
+    let form = form.split("</form>").next()?;
+    let field = |name: &str| {
+        let (_, rest) = form.split_once(&format!("name=\"{name}\" value=\""))?;
+        rest.split_once('"').map(|(v, _)| v.to_owned())
+    };
+    Some((field("invoice")?, field("form_token")?))
+}
+
+fn location(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Pays from the page through the stand-in as the debtor's browser would: the pay-now form,
+/// the provider's page (`choice`: approve or cancel), back to the portal. The provider's
+/// reference and the page the debtor comes back to.
+async fn pay_through_vipps(
+    ingress: &Forwarder,
+    path: &str,
+    page: &str,
+    amount: &str,
+    choice: &str,
+) -> anyhow::Result<(String, u16, String)> {
+    let (invoice, form_token) = pay_form_in(page).ok_or_else(|| anyhow::anyhow!("no pay-now form in\n{page}"))?;
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let started = browser
+        .post(format!("http://{}{path}/checkout", ingress.addr))
+        .form(&[
+            ("invoice", invoice.as_str()),
+            ("form_token", form_token.as_str()),
+            ("lang", "nb"),
+            ("amount", amount),
+            ("provider", "vipps"),
+        ])
+        .send()
+        .await?;
+    anyhow::ensure!(started.status().as_u16() == 303, "checkout: {}", started.status());
+    let landing = location(&started);
+    let reference = landing.rsplit('/').next().unwrap_or_default().to_owned();
+    let chosen = browser.post(format!("{landing}/{choice}")).send().await?;
+    anyhow::ensure!(chosen.status().as_u16() == 303, "the app: {}", chosen.status());
+    let back = browser.get(location(&chosen)).send().await?;
+    let status = back.status().as_u16();
+    Ok((reference, status, back.text().await?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paid_with_vipps_from_the_page_the_invoice_is_settled_and_no_reminder_follows() -> anyhow::Result<()> {
+    let kid = Box::leak(
+        reference::generate(ReferenceKind::KidMod10, "7000125")?
+            .value
+            .into_boxed_str(),
+    );
+    let s = Sample {
+        invoice_id: "no-portal-vipps-1",
+        number: "7000125",
+        email: "nora@example.test",
+        ..norwegian(kid)
+    };
+    let (clock, stack, sim, ingress) = with_vipps(&s).await?;
+    let path = signed_path(&s);
+    let page = page_showing(&stack, &path, "Betal med Vipps").await?;
+
+    let (reference, status, back) = pay_through_vipps(&ingress, &path, &page.body, "", "approve").await?;
+    assert_eq!(status, 200, "{back}");
+    assert!(
+        back.contains("Takk!") && back.contains("kr\u{a0}1\u{a0}250,00"),
+        "the debtor is told it is paid: {back}"
+    );
+    let payment = sim
+        .payments()
+        .into_iter()
+        .find(|p| p.reference == reference)
+        .expect("the stand-in has the payment");
+    assert_eq!(
+        (
+            payment.state.as_str(),
+            payment.value,
+            payment.captured,
+            payment.currency.as_str()
+        ),
+        ("AUTHORIZED", 125_000, 125_000, "NOK"),
+        "the whole invoice is authorized and captured"
+    );
+    status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
+    let paid = page_showing(&stack, &path, "Betalt. Takk!").await?;
+    assert!(!paid.body.contains("Betal med Vipps"), "no pay button once paid");
+
+    // The webhooks came too (authorized, captured): the payment is on record once however
+    // often it was finished.
+    eventually("both webhooks taken", WAIT, || async {
+        let got = sim.delivered();
+        Ok((["AUTHORIZED", "CAPTURED"]
+            .iter()
+            .all(|n| got.iter().any(|(name, r)| name == n && *r == reference)))
+        .then_some(()))
+    })
+    .await?;
+    let received: Vec<PaymentReceived> = stack
+        .read::<PaymentReceived>(&stack.topic(&stack.topics().payments))
+        .await?
+        .into_iter()
+        .filter(|p| p.payment_id == format!("vipps:{reference}"))
+        .collect();
+    assert!(!received.is_empty());
+    assert!(
+        received.iter().all(|p| p.event_id == received[0].event_id
+            && p.amount_minor == 125_000
+            && p.reference.as_deref() == Some(kid)
+            && p.debtor_id.as_deref() == Some(s.debtor_id().as_str())),
+        "one payment, by the invoice's KID: {received:?}"
+    );
+
+    // The reminder falls due: it is not sent.
+    let mark = issue_timer_mark(&stack, &s, day(2026, 3, 16)).await?;
+    clock.set(at("2026-03-16T08:00:01Z"));
+    timer_mark_fired(&stack, &mark).await?;
+    dispatch_caught_up(&stack, &s).await?;
+    assert_eq!(stack.mail.to(s.email).len(), 1, "no reminder after paying with Vipps");
+
+    // A webhook not signed with the merchant's secret is refused.
+    let forged = reqwest::Client::new()
+        .post(format!("http://{}/providers/vipps/{}", ingress.addr, s.tenant))
+        .header("x-ms-date", "Thu, 05 Mar 2026 08:00:00 GMT")
+        .header("x-ms-content-sha256", "bm90IHRoZSBoYXNo")
+        .header("authorization", "HMAC-SHA256 SignedHeaders=x-ms-date;host;x-ms-content-sha256&Signature=Zm9yZ2Vk")
+        .body(r#"{"msn":"123456","reference":"ff-x","pspReference":"1","name":"CAPTURED","amount":{"currency":"NOK","value":1},"success":true}"#)
+        .send()
+        .await?;
+    assert_eq!(forged.status().as_u16(), 401);
+    let metrics = stack.metrics("portal").await?;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "forfall_portal_provider_webhooks_total",
+            &["result=\"unsigned\""]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&metrics, "forfall_portal_payments_total", &["result=\"started\""]),
+        Some(1.0)
+    );
+    stack.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_part_payment_is_booked_when_the_debtor_comes_back_though_every_webhook_is_lost_and_a_cancelled_one_changes_nothing()
+-> anyhow::Result<()> {
+    let kid = Box::leak(
+        reference::generate(ReferenceKind::KidMod10, "7000126")?
+            .value
+            .into_boxed_str(),
+    );
+    let s = Sample {
+        invoice_id: "no-portal-vipps-2",
+        number: "7000126",
+        email: "per@example.test",
+        ..norwegian(kid)
+    };
+    let (_clock, stack, sim, ingress) = with_vipps(&s).await?;
+    sim.lose_webhooks("AUTHORIZED");
+    sim.lose_webhooks("CAPTURED");
+    let path = signed_path(&s);
+    let page = page_showing(&stack, &path, "Betal med Vipps").await?;
+
+    // Cancelled in the app: nothing is charged, nothing is booked.
+    let (cancelled, status, back) = pay_through_vipps(&ingress, &path, &page.body, "400,50", "cancel").await?;
+    assert_eq!(status, 200);
+    assert!(back.contains("Betalingen ble avbrutt"), "{back}");
+    // The return page finished the payment before it answered, so this is the whole record.
+    let booked = |reference: &str| {
+        let id = format!("vipps:{reference}");
+        let stack = &stack;
+        async move {
+            anyhow::Ok(
+                stack
+                    .read::<PaymentReceived>(&stack.topic(&stack.topics().payments))
+                    .await?
+                    .into_iter()
+                    .filter(|p| p.payment_id == id)
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    assert!(
+        booked(&cancelled).await?.is_empty(),
+        "a cancelled payment is not booked"
+    );
+
+    // Part of it, with the point phones offer: captured and booked by the return alone.
+    let (reference, status, back) = pay_through_vipps(&ingress, &path, &page.body, "400.50", "approve").await?;
+    assert_eq!(status, 200);
+    assert!(back.contains("kr\u{a0}400,50"), "{back}");
+    let part = booked(&reference).await?;
+    assert!(
+        !part.is_empty() && part.iter().all(|p| p.amount_minor == 40_050),
+        "{part:?}"
+    );
+    let page = page_showing(&stack, &path, "kr\u{a0}849,50").await?;
+    assert!(page.body.contains("Betal med Vipps"), "the rest can still be paid");
+    assert!(
+        sim.delivered()
+            .iter()
+            .all(|(name, _)| name != "AUTHORIZED" && name != "CAPTURED")
+    );
+
+    // More than is owed is refused, with what is owed.
+    let (invoice, form_token) = pay_form_in(&page.body).expect("a pay-now form");
+    let too_much = reqwest::Client::new()
+        .post(format!("http://{}{path}/checkout", ingress.addr))
+        .form(&[
+            ("invoice", invoice.as_str()),
+            ("form_token", form_token.as_str()),
+            ("lang", "nb"),
+            ("amount", "5000"),
+            ("provider", "vipps"),
+        ])
+        .send()
+        .await?;
+    assert_eq!(too_much.status().as_u16(), 422);
+    assert!(too_much.text().await?.contains("849,50"));
+    assert_eq!(sim.payments().len(), 2, "nothing was started at the provider for it");
     stack.shutdown().await;
     Ok(())
 }

@@ -35,7 +35,7 @@ impl Locale {
 
     /// (group separator, decimal separator). The Nordic groupings use a no-break space so a
     /// number never wraps across lines (CLDR).
-    pub(crate) fn separators(self) -> (char, char) {
+    pub fn separators(self) -> (char, char) {
         match self {
             Locale::DaDk => ('.', ','),
             Locale::NbNo | Locale::SvSe | Locale::FiFi => ('\u{a0}', ','),

@@ -152,6 +152,9 @@ pub struct Topics {
     /// Dispatch's held messages and sent-message receipts' keys (compacted). Not in
     /// [`Topics::all`]: dispatch creates it.
     pub dispatch_changelog: String,
+    /// The portal's payments under way at providers (compacted). Not in [`Topics::all`]: the
+    /// portal creates it.
+    pub portal_changelog: String,
 }
 
 impl Default for Topics {
@@ -172,6 +175,7 @@ impl Default for Topics {
             debtor_requests: "forfall.debtor.requests.v1".into(),
             watcher_changelog: "forfall.watcher.changelog.v1".into(),
             dispatch_changelog: "forfall.dispatch.changelog.v1".into(),
+            portal_changelog: "forfall.portal.changelog.v1".into(),
         }
     }
 }

@@ -34,6 +34,15 @@ pub fn routes(portal: Portal) -> Router {
             "/pay/{token}/requests",
             axum::routing::post(crate::requests::post_request),
         )
+        .route(
+            "/pay/{token}/checkout",
+            axum::routing::post(crate::checkout::post_checkout),
+        )
+        .route("/pay/return/{reference}", get(crate::checkout::returned))
+        .route(
+            "/providers/vipps/{tenant}",
+            axum::routing::post(crate::webhook::vipps_webhook),
+        )
         .with_state(portal)
 }
 
@@ -146,7 +155,7 @@ impl Portal {
     }
 
     /// The claimed invoices' views, read with the state marker in one round trip.
-    async fn views(&self, claims: &LinkClaims) -> Result<Vec<InvoiceView>, Failure> {
+    pub(crate) async fn views(&self, claims: &LinkClaims) -> Result<Vec<InvoiceView>, Failure> {
         self.0.state.ensure_ready().await?;
         let mut pipe = redis::pipe();
         for invoice_id in claims.invoices.iter().take(MAX_INVOICES) {
@@ -167,7 +176,16 @@ impl Portal {
             .collect()
     }
 
-    fn creditor(&self, tenant: &str) -> Creditor {
+    /// The payment providers the page offers for the tenant.
+    fn providers(&self, tenant: &str) -> Vec<crate::checkout::Provider> {
+        if self.0.settings.vipps.contains_key(tenant) {
+            vec![crate::checkout::Provider::Vipps]
+        } else {
+            Vec::new()
+        }
+    }
+
+    pub(crate) fn creditor(&self, tenant: &str) -> Creditor {
         self.0.creditors.get(tenant).cloned().unwrap_or_default()
     }
 
@@ -187,6 +205,7 @@ impl Portal {
             token_for: &token_for,
             today: self.0.rt.clock.now().date_naive(),
             received,
+            providers: self.providers(&claims.tenant),
         };
         let page = page::build(
             &claims.debtor_id,

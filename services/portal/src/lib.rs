@@ -9,16 +9,20 @@
 //! in the debtor's language. The token is never logged (a short fingerprint is), and requests
 //! are limited per link and per client address.
 
+pub mod checkout;
 mod http;
 pub mod page;
 pub mod rebuild;
 mod requests;
 pub mod view;
+pub mod vipps;
+mod webhook;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use forfall_platform::changelog::{self, Changelog};
 use forfall_platform::config;
 use forfall_platform::derived_state::DerivedState;
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
@@ -50,6 +54,9 @@ pub struct PortalSettings {
     /// The header a trusted proxy in front of the portal puts the client's address in (e.g.
     /// `x-forwarded-for`, its first entry is taken); the connection's peer address when unset.
     pub client_address_header: Option<String>,
+    /// Each tenant's Vipps MobilePay merchant, by tenant: the page offers to pay with the app
+    /// for the tenants named here (NOK, DKK and EUR invoices).
+    pub vipps: BTreeMap<String, vipps::VippsMerchant>,
 }
 
 impl Default for PortalSettings {
@@ -59,6 +66,7 @@ impl Default for PortalSettings {
             per_address_per_minute: 120,
             per_link_per_minute: 30,
             client_address_header: None,
+            vipps: BTreeMap::new(),
         }
     }
 }
@@ -80,6 +88,11 @@ pub(crate) struct Metrics {
     /// Requests from the page's forms, by result: claims_paid, promise_to_pay, dispute,
     /// invalid, forged, refused, expired, limited, unavailable.
     requests: IntCounterVec,
+    /// Payments through providers, by provider and result: started, completed, abandoned,
+    /// pending, invalid, forged, refused, provider_refused, unavailable.
+    payments: IntCounterVec,
+    /// Providers' webhook requests, by provider and result.
+    webhooks: IntCounterVec,
 }
 
 pub(crate) struct Inner {
@@ -95,6 +108,12 @@ pub(crate) struct Inner {
     texts: Texts,
     renderer: Renderer,
     metrics: Metrics,
+    vipps: vipps::VippsClient,
+    /// Where payments under way are kept (see [`checkout`]).
+    changelog: Changelog,
+    /// The links' base (`dispatch.pay_link.base_url`, ending in `/`): providers send the
+    /// debtor back under it.
+    pay_base_url: String,
 }
 
 #[derive(Clone)]
@@ -149,6 +168,7 @@ pub fn rebuilder(rt: &Runtime, settings: &PortalSettings, redis: ConnectionManag
         redis,
         keys: ViewKeys(rt.keys()),
         retention_secs: settings.closed_retention_days.max(1) * 86_400,
+        changelog: rt.topic(&rt.config.topics.portal_changelog),
     }
 }
 
@@ -170,7 +190,20 @@ fn read_model_topics(rt: &Runtime) -> Vec<String> {
 pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let settings: PortalSettings = config::section(&rt.figment, SERVICE)?;
     let creditors: CreditorSettings = config::section(&rt.figment, "dispatch")?;
+    let mut pay_base_url = creditors.pay_link.base_url.clone();
+    if !pay_base_url.ends_with('/') {
+        pay_base_url.push('/');
+    }
     let links = PayLinkKeys::new(creditors.pay_link)?;
+    let changelog_topic = rt.topic(&rt.config.topics.portal_changelog);
+    // Payments under way are few (one a click); one partition keeps them in order.
+    changelog::ensure(&rt.config.kafka, &changelog_topic, 1).await?;
+    for (tenant, merchant) in &settings.vipps {
+        anyhow::ensure!(
+            !merchant.base_url.is_empty() && !merchant.client_secret.is_empty() && !merchant.webhook_secret.is_empty(),
+            "portal.vipps.{tenant}: base_url, client_id, client_secret, subscription_key, merchant_serial_number and webhook_secret are all needed"
+        );
+    }
     let texts = Texts::built_in()?;
     let renderer = Renderer::new()?;
     let redis = redis_store::connect(&rt.config.redis).await?;
@@ -190,8 +223,29 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             Opts::new("portal_requests_total", "Debtors' requests from the page, by result"),
             &["result"],
         )?,
+        payments: IntCounterVec::new(
+            Opts::new(
+                "portal_payments_total",
+                "Payments through providers, by provider and result",
+            ),
+            &["provider", "result"],
+        )?,
+        webhooks: IntCounterVec::new(
+            Opts::new(
+                "portal_provider_webhooks_total",
+                "Providers' webhook requests, by provider and result",
+            ),
+            &["provider", "result"],
+        )?,
     };
-    let (pages, applied, requests_counted) = (metrics.pages.clone(), metrics.applied.clone(), metrics.requests.clone());
+    let counters = [
+        metrics.pages.clone(),
+        metrics.applied.clone(),
+        metrics.requests.clone(),
+        metrics.payments.clone(),
+        metrics.webhooks.clone(),
+    ];
+    let vipps_client = vipps::VippsClient::new()?;
     let mut core = None;
     let shell = ServiceShell::start_with_routes(&rt, SERVICE, PORT_OFFSET, |_, producer, readiness| {
         let state = Arc::new(DerivedState::new(
@@ -213,14 +267,17 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             texts,
             renderer,
             metrics,
+            vipps: vipps_client,
+            changelog: Changelog::new(changelog_topic.clone()),
+            pay_base_url,
         }));
         core = Some(portal.clone());
         http::routes(portal)
     })
     .await?;
-    shell.metrics.registry.register(Box::new(pages))?;
-    shell.metrics.registry.register(Box::new(applied))?;
-    shell.metrics.registry.register(Box::new(requests_counted))?;
+    for counter in counters {
+        shell.metrics.registry.register(Box::new(counter))?;
+    }
     let portal = core.ok_or_else(|| anyhow::anyhow!("portal routes were not built"))?;
     let consumer = shell.consumer(&rt, SERVICE, &read_model_topics(&rt))?;
     let watching = tokio::spawn(portal.0.state.clone().watch(Duration::from_secs(1)));

@@ -11,7 +11,8 @@ use forfall_domain::money::format;
 use forfall_domain::{Currency, Locale, Money};
 use serde::{Deserialize, Serialize};
 
-use crate::view::InvoiceView;
+use crate::checkout::{ALL_INVOICES, Provider};
+use crate::view::{InvoiceView, Snapshot};
 
 /// The languages the page speaks, in the order the switcher lists them.
 pub const LANGUAGES: [&str; 5] = ["da", "nb", "sv", "fi", "en"];
@@ -70,7 +71,7 @@ impl Texts {
     }
 
     /// One language's texts with the creditor's name put in.
-    fn for_language(&self, language: &str, creditor: &str) -> BTreeMap<String, String> {
+    pub(crate) fn for_language(&self, language: &str, creditor: &str) -> BTreeMap<String, String> {
         let texts = self
             .0
             .get(language)
@@ -134,6 +135,10 @@ pub struct Page {
     pub languages: Vec<LanguageLink>,
     /// Where the forms post to, relative to the page (`<token>/requests`).
     pub action: String,
+    /// Where the pay-now forms post to (`<token>/checkout`).
+    pub pay_action: String,
+    /// One payment for all the link's open invoices, when there are several.
+    pub pay_all: Option<PayAll>,
     /// A request was just received (shown once, after the form's redirect).
     pub received: bool,
     /// Today in the debtor's calendar (the earliest day a promise may name).
@@ -163,6 +168,24 @@ pub struct Line {
     /// The anti-forgery token of this invoice's request forms; `None` when no request can be
     /// made here (nothing to pay, or a request already pauses the journey).
     pub form_token: Option<String>,
+    /// The pay-now buttons (one per provider that pays the invoice's currency), and the
+    /// anti-forgery token of their form; empty when it cannot be paid here.
+    pub pay: Vec<PayButton>,
+    pub pay_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PayButton {
+    pub provider: String,
+    pub label: String,
+}
+
+/// Paying every open invoice of the link in one payment.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PayAll {
+    pub invoice: String,
+    pub form_token: String,
+    pub buttons: Vec<PayButton>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -305,6 +328,49 @@ pub fn qr_svg(payload: &str, label: &str) -> Option<String> {
     ))
 }
 
+/// What is left to pay on an invoice (fees included, payments taken off), and the text key of
+/// why it cannot be paid here (paid, credited, with the agency...), `None` when it can.
+pub fn standing(view: &InvoiceView, s: &Snapshot) -> (i64, Option<&'static str>) {
+    let left = view
+        .journey
+        .as_ref()
+        .map_or((s.open_minor - view.paid_minor()).max(0), |j| {
+            j.outstanding_minor.max(0)
+        });
+    let why_not = match view.journey.as_ref().map(|j| j.state.as_str()).unwrap_or("open") {
+        "closed:paid" => Some("status_paid"),
+        "closed:credited" => Some("status_credited"),
+        "closed:cancelled" => Some("status_cancelled"),
+        "handed_over" => Some("status_handed_over"),
+        _ if left == 0 => Some("nothing_to_pay"),
+        _ => None,
+    };
+    (left, why_not)
+}
+
+/// The pay-now buttons for an invoice: one per provider of the creditor that pays `currency`.
+fn pay_buttons(
+    payable: bool,
+    currency: Currency,
+    jurisdiction: &str,
+    forms: &Forms<'_>,
+    t: &BTreeMap<String, String>,
+) -> Vec<PayButton> {
+    if !payable {
+        return Vec::new();
+    }
+    let with = t.get("pay_with").map(String::as_str).unwrap_or("{provider}");
+    forms
+        .providers
+        .iter()
+        .filter(|p| p.pays(currency))
+        .map(|p| PayButton {
+            provider: p.code().to_owned(),
+            label: with.replace("{provider}", p.name(jurisdiction)),
+        })
+        .collect()
+}
+
 /// What the page's request forms need from the link: where they post, each invoice's
 /// anti-forgery token, and today's date in the debtor's calendar.
 pub struct Forms<'a> {
@@ -312,6 +378,8 @@ pub struct Forms<'a> {
     pub token_for: &'a dyn Fn(&str) -> String,
     pub today: chrono::NaiveDate,
     pub received: bool,
+    /// The payment providers of the link's creditor.
+    pub providers: Vec<Provider>,
 }
 
 impl Forms<'_> {
@@ -322,6 +390,7 @@ impl Forms<'_> {
             token_for: &|_| String::new(),
             today: chrono::NaiveDate::MIN,
             received: false,
+            providers: Vec::new(),
         }
     }
 }
@@ -348,6 +417,8 @@ pub fn build(
     let mut mixed_currencies = false;
     // A SEPA transfer (euro invoices) goes to the IBAN when the creditor gives one.
     let mut sepa = false;
+    // The currency and country of each invoice that can be paid now.
+    let mut payable: Vec<(Currency, String)> = Vec::new();
     for view in views {
         let Some(s) = view.snapshot.as_ref().filter(|s| s.debtor_id == debtor_id) else {
             continue;
@@ -362,20 +433,10 @@ pub fn build(
                 .unwrap_or_default()
         };
         let paid = view.paid_minor();
-        let left = view
-            .journey
-            .as_ref()
-            .map_or((s.open_minor - paid).max(0), |j| j.outstanding_minor.max(0));
+        let (left, why_not) = standing(view, s);
         let fees = (left + paid - s.open_minor).max(0);
         let state = view.journey.as_ref().map(|j| j.state.as_str()).unwrap_or("open");
-        let status = match state {
-            "closed:paid" => Some(text("status_paid")),
-            "closed:credited" => Some(text("status_credited")),
-            "closed:cancelled" => Some(text("status_cancelled")),
-            "handed_over" => Some(text("status_handed_over")),
-            _ if left == 0 => Some(text("nothing_to_pay")),
-            _ => None,
-        };
+        let status = why_not.map(text);
         if status.is_none() {
             sepa |= currency == Currency::EUR;
             match total {
@@ -391,9 +452,22 @@ pub fn build(
         };
         let form_token = (status.is_none() && !state.starts_with("paused:") && !forms.action.is_empty())
             .then(|| (forms.token_for)(&view.invoice_id));
+        let pay = pay_buttons(
+            status.is_none() && !forms.action.is_empty(),
+            currency,
+            &s.jurisdiction,
+            forms,
+            &t,
+        );
+        if !pay.is_empty() {
+            payable.push((currency, s.jurisdiction.clone()));
+        }
+        let pay_token = (!pay.is_empty()).then(|| (forms.token_for)(&view.invoice_id));
         lines.push(Line {
             invoice_id: view.invoice_id.clone(),
             form_token,
+            pay,
+            pay_token,
             codes,
             qr,
             number: s.number.clone(),
@@ -455,7 +529,29 @@ pub fn build(
         }
     }
     history.sort_by_key(|(at, _)| *at);
+    let pay_all = match payable.as_slice() {
+        [(currency, jurisdiction), rest @ ..] if !rest.is_empty() && rest.iter().all(|(c, _)| c == currency) => {
+            let with = text("pay_all_with");
+            let buttons = forms
+                .providers
+                .iter()
+                .filter(|p| p.pays(*currency))
+                .map(|p| PayButton {
+                    provider: p.code().to_owned(),
+                    label: with.replace("{provider}", p.name(jurisdiction)),
+                })
+                .collect();
+            Some(PayAll {
+                invoice: ALL_INVOICES.to_owned(),
+                form_token: (forms.token_for)(ALL_INVOICES),
+                buttons,
+            })
+        }
+        _ => None,
+    };
     Page {
+        pay_action: forms.action.replace("/requests", "/checkout"),
+        pay_all,
         lang: language.to_owned(),
         creditor: creditor_name,
         contact: creditor.contact.clone(),

@@ -12,6 +12,7 @@ use forfall_platform::kafka::Failure;
 use forfall_platform::rebuild_resume::Resume;
 use redis::aio::ConnectionManager;
 
+use crate::checkout::ATTEMPT_TTL_SECS;
 use crate::view::{self, APPLY_REBUILDING, ViewKeys};
 
 /// Records per Redis round trip.
@@ -24,6 +25,8 @@ pub struct PortalRebuild {
     pub redis: ConnectionManager,
     pub keys: ViewKeys,
     pub retention_secs: u64,
+    /// The portal's changelog: payments under way at providers.
+    pub changelog: String,
 }
 
 impl Rebuild for PortalRebuild {
@@ -36,6 +39,12 @@ impl Rebuild for PortalRebuild {
         for topic in &self.topics {
             total.add(&resume.replay(&self.kafka, topic, BATCH, &mut restore, report).await?);
         }
+        let mut attempts = Attempts { rebuild: self };
+        total.add(
+            &resume
+                .replay(&self.kafka, &self.changelog, BATCH, &mut attempts, report)
+                .await?,
+        );
         if restore.skipped > 0 {
             tracing::error!(
                 skipped = restore.skipped,
@@ -91,6 +100,41 @@ impl Restore for Restorer<'_> {
             }
         }
         if queued > 0 {
+            pipe.query_async::<()>(&mut self.rebuild.redis.clone()).await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self, _partition: i32, _end: i64) -> Result<(), Failure> {
+        Ok(())
+    }
+}
+
+/// Puts back the payments under way, each for what is left of its time.
+struct Attempts<'a> {
+    rebuild: &'a PortalRebuild,
+}
+
+impl Restore for Attempts<'_> {
+    async fn apply(&mut self, _partition: i32, changes: Vec<Change>) -> Result<(), Failure> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut pipe = redis::pipe();
+        for c in &changes {
+            let Some(reference) = std::str::from_utf8(&c.key).ok().and_then(|k| k.strip_prefix("pay/")) else {
+                continue;
+            };
+            let key = self.rebuild.keys.attempt(reference);
+            let left_ms = ATTEMPT_TTL_SECS as i64 * 1000 - (now_ms - c.timestamp_ms);
+            match &c.value {
+                Some(value) if left_ms > 0 => {
+                    pipe.cmd("SET").arg(&key).arg(value).arg("PX").arg(left_ms).ignore();
+                }
+                _ => {
+                    pipe.del(&key).ignore();
+                }
+            }
+        }
+        if !pipe.is_empty() {
             pipe.query_async::<()>(&mut self.rebuild.redis.clone()).await?;
         }
         Ok(())

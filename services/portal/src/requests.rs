@@ -70,7 +70,7 @@ pub(crate) fn request_of(form: &RequestForm) -> Result<(&'static str, Option<i32
 }
 
 /// Whether the browser says the form came from elsewhere (`Origin` or `Sec-Fetch-Site`).
-fn cross_site(headers: &HeaderMap) -> bool {
+pub(crate) fn cross_site(headers: &HeaderMap) -> bool {
     let site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
     if matches!(site, Some("cross-site" | "same-site")) {
         return true;

@@ -127,6 +127,11 @@ impl ViewKeys {
         // One hash tag per tenant, as the other services do, for Redis Cluster.
         self.0.key(&["portal", "inv", &format!("{{{tenant}}}:{invoice_id}")])
     }
+
+    /// A payment under way at a provider, by the reference the provider knows it by.
+    pub fn attempt(&self, reference: &str) -> String {
+        self.0.key(&["portal", "pay", reference])
+    }
 }
 
 /// One change to an invoice's hash.

@@ -4,8 +4,10 @@
 //!   command held before the message is sent).
 //! - [`HttpRecorder`]: an HTTP server keeping every request and answering with a scripted status.
 //! - [`sms::SmsProviderSim`]: the SMS providers' APIs, strict as their documentation.
+//! - [`vipps::VippsSim`]: the Vipps MobilePay ePayment and webhooks APIs, likewise.
 
 pub mod sms;
+pub mod vipps;
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr, TcpListener};
