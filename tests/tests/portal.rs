@@ -786,3 +786,148 @@ async fn a_part_payment_is_booked_when_the_debtor_comes_back_though_every_webhoo
     stack.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_debtor_chooses_instalments_or_postpones_from_the_page_within_the_policy_and_the_watcher_grants_it()
+-> anyhow::Result<()> {
+    let kid = Box::leak(
+        reference::generate(ReferenceKind::KidMod10, "7000127")?
+            .value
+            .into_boxed_str(),
+    );
+    let s = Sample {
+        invoice_id: "no-portal-plan-1",
+        number: "7000127",
+        email: "liv@example.test",
+        ..norwegian(kid)
+    };
+    let (_clock, stack) = nudged(&s).await?;
+    let later_kid = Box::leak(
+        reference::generate(ReferenceKind::KidMod10, "7000128")?
+            .value
+            .into_boxed_str(),
+    );
+    // Due later: still open, so its due date may move.
+    let later = Sample {
+        invoice_id: "no-portal-plan-2",
+        number: "7000128",
+        email: "tor@example.test",
+        due: day(2026, 3, 20),
+        ..norwegian(later_kid)
+    };
+    issue_invoice(&stack, &later).await?;
+    status_is(&stack, later.tenant, later.invoice_id, "open").await?;
+    let addr = stack.rt.admin_addr("portal").expect("the portal serves HTTP");
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+
+    // Instalments: the page offers 2 to 6 (the default policy), shows the plan asked for with
+    // every date, amount and the reference, and the debtor agrees to it.
+    let path = signed_path(&s);
+    let page = page_showing(&stack, &path, "Vennlig påminnelse sendt").await?;
+    for n in 2..=6 {
+        assert!(
+            page.body.contains(&format!("<option value=\"{n}\"")),
+            "{n} instalments offered"
+        );
+    }
+    assert!(
+        !page.body.contains("<option value=\"7\""),
+        "no more than the policy allows"
+    );
+    let plan = get(&stack, &format!("{path}?lang=nb&plan_for={}&plan=3", s.invoice_id)).await?;
+    for want in [
+        "Din avdragsplan",
+        "16.03.2026",
+        "16.04.2026",
+        "16.05.2026",
+        "kr\u{a0}416,67",
+        "kr\u{a0}416,66",
+        kid,
+    ] {
+        assert!(plan.body.contains(want), "the plan shows '{want}':\n{}", plan.body);
+    }
+    let form_token = form_token_in(&plan.body).expect("a form token");
+    let agreed = client
+        .post(format!("http://{addr}{path}/requests"))
+        .form(&[
+            ("invoice", s.invoice_id),
+            ("form_token", form_token.as_str()),
+            ("kind", "instalment_plan"),
+            ("count", "3"),
+            ("lang", "nb"),
+        ])
+        .send()
+        .await?;
+    assert_eq!(agreed.status(), 303);
+    status_is(&stack, s.tenant, s.invoice_id, "paused:instalments").await?;
+    page_showing(&stack, &path, "Forespørselen din er innvilget").await?;
+    let events = stack
+        .read::<forfall_platform::records::JourneyEvent>(&stack.topic(&stack.topics().journey_events))
+        .await?;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.invoice_id == s.invoice_id && e.kind == "instalment_plan_agreed"),
+        "{events:?}"
+    );
+    // A count the page does not offer is not sent.
+    let seven = client
+        .post(format!("http://{addr}{path}/requests"))
+        .form(&[
+            ("invoice", s.invoice_id),
+            ("form_token", form_token.as_str()),
+            ("kind", "instalment_plan"),
+            ("count", "7"),
+        ])
+        .send()
+        .await?;
+    assert_eq!(seven.status(), 422);
+
+    // Postponing: from the day after the due date to 30 days past it, once.
+    let later_path = signed_path(&later);
+    let page = page_showing(&stack, &later_path, "Faktura 7000128").await?;
+    assert!(
+        page.body
+            .contains("name=\"postpone_date\" min=\"2026-03-21\" max=\"2026-04-19\""),
+        "{}",
+        page.body
+    );
+    let form_token = form_token_in(&page.body).expect("a form token");
+    let moved = client
+        .post(format!("http://{addr}{later_path}/requests"))
+        .form(&[
+            ("invoice", later.invoice_id),
+            ("form_token", form_token.as_str()),
+            ("kind", "postpone"),
+            ("postpone_date", "2026-04-19"),
+            ("lang", "nb"),
+        ])
+        .send()
+        .await?;
+    assert_eq!(moved.status(), 303);
+    let page = page_showing(&stack, &later_path, "Forespørselen din er innvilget").await?;
+    assert!(
+        !page.body.contains("name=\"postpone_date\""),
+        "the policy allows one postponement: {}",
+        page.body
+    );
+    let postponed = eventually("the postponement", WAIT, || async {
+        Ok(stack
+            .read::<forfall_platform::records::JourneyEvent>(&stack.topic(&stack.topics().journey_events))
+            .await?
+            .into_iter()
+            .find(|e| e.invoice_id == later.invoice_id && e.kind == "postponed"))
+    })
+    .await?;
+    assert!(
+        postponed
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.ends_with("to 2026-04-19")),
+        "{postponed:?}"
+    );
+    stack.shutdown().await;
+    Ok(())
+}

@@ -1632,6 +1632,54 @@ mod tests {
     }
 
     #[test]
+    fn what_the_page_offers_the_watcher_grants() {
+        use crate::self_service::{instalment_counts, instalment_plan, postpone_window};
+        let limits = PauseLimits::default();
+        let today = date(2026, 3, 16);
+        let (j, plan) = opened();
+        let owed = j.outstanding();
+        let counts = instalment_counts(owed, today, &limits);
+        assert_eq!(counts, vec![2, 3, 4, 5, 6]);
+        for n in counts {
+            let parts = instalment_plan(owed, today, n, &limits).unwrap();
+            let d = on_request(j.clone(), "r", Request::InstalmentPlan { parts }, &plan, &limits, today);
+            assert_eq!(
+                d.transitions[0].kind, "instalment_plan_agreed",
+                "{n}: {:?}",
+                d.transitions
+            );
+        }
+        let (earliest, latest) =
+            postpone_window(j.invoice.due_date, j.anchor_due(), j.postponements, today, &limits).unwrap();
+        for to in [earliest, latest] {
+            let d = on_request(j.clone(), "p", Request::Postpone { to }, &plan, &limits, today);
+            assert_eq!(d.transitions[0].kind, "postponed", "{to}: {:?}", d.transitions);
+        }
+        let beyond = on_request(
+            j.clone(),
+            "p",
+            Request::Postpone {
+                to: latest.succ_opt().unwrap(),
+            },
+            &plan,
+            &limits,
+            today,
+        );
+        assert_eq!(beyond.transitions[0].kind, "request_refused");
+        let once = on_request(j, "p", Request::Postpone { to: latest }, &plan, &limits, today).journey;
+        assert_eq!(
+            postpone_window(
+                once.invoice.due_date,
+                once.anchor_due(),
+                once.postponements,
+                today,
+                &limits
+            ),
+            None
+        );
+    }
+
+    #[test]
     fn instalments_hold_the_journey_while_paid_and_a_missed_one_resumes_it() {
         let (j, plan) = opened();
         let limits = PauseLimits::default();

@@ -15,6 +15,7 @@ pub mod money;
 pub mod paylink;
 pub mod policy;
 pub mod reference;
+pub mod self_service;
 pub mod sms;
 
 pub use invoice::{InvoiceSnapshot, InvoiceStatus, Rejection};

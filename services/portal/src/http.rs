@@ -51,6 +51,9 @@ struct PageQuery {
     lang: Option<String>,
     /// Set by the redirect after a request was received.
     received: Option<String>,
+    /// An instalment plan to show: the invoice and the number of instalments.
+    plan_for: Option<String>,
+    plan: Option<usize>,
 }
 
 /// A short, one-way name for a token: enough to follow one link through the logs, useless to
@@ -73,8 +76,9 @@ async fn page_for_link(
         let (response, result) = match portal.over_limit(&fingerprint(&client), &link).await {
             Ok(Some(retry_after)) => (limited(retry_after), "limited"),
             Ok(None) => {
+                let plan_asked = query.plan_for.clone().zip(query.plan);
                 portal
-                    .answer(&token, query.lang.as_deref(), query.received.is_some())
+                    .answer(&token, query.lang.as_deref(), query.received.is_some(), plan_asked)
                     .await
             }
             Err(e) => {
@@ -129,11 +133,17 @@ impl Portal {
         )
     }
 
-    async fn answer(&self, token: &str, lang: Option<&str>, received: bool) -> (Response, &'static str) {
+    async fn answer(
+        &self,
+        token: &str,
+        lang: Option<&str>,
+        received: bool,
+        plan_asked: Option<(String, usize)>,
+    ) -> (Response, &'static str) {
         let now = self.0.rt.clock.now();
         match self.0.links.verify(token, now) {
             Ok(claims) => match self.views(&claims).await {
-                Ok(views) => (self.page(token, &claims, &views, lang, received), "shown"),
+                Ok(views) => (self.page(token, &claims, &views, lang, received, plan_asked), "shown"),
                 Err(e) => {
                     tracing::warn!(error = ?e, "the read model is not ready");
                     (unavailable(), "unavailable")
@@ -196,6 +206,7 @@ impl Portal {
         views: &[InvoiceView],
         lang: Option<&str>,
         received: bool,
+        plan_asked: Option<(String, usize)>,
     ) -> Response {
         let language = page::language(lang, views);
         let link = fingerprint(token);
@@ -206,6 +217,8 @@ impl Portal {
             today: self.0.rt.clock.now().date_naive(),
             received,
             providers: self.providers(&claims.tenant),
+            pauses: self.0.pauses,
+            plan_asked,
         };
         let page = page::build(
             &claims.debtor_id,

@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use forfall_domain::journey::PauseLimits;
 use forfall_platform::changelog::{self, Changelog};
 use forfall_platform::config;
 use forfall_platform::derived_state::DerivedState;
@@ -114,6 +115,9 @@ pub(crate) struct Inner {
     /// The links' base (`dispatch.pay_link.base_url`, ending in `/`): providers send the
     /// debtor back under it.
     pay_base_url: String,
+    /// The policy's limits on what a debtor may ask for: the page offers only what the
+    /// watcher grants.
+    pauses: PauseLimits,
 }
 
 #[derive(Clone)]
@@ -157,6 +161,30 @@ impl Handler for Portal {
         self.apply(record).await?;
         Ok(Vec::new())
     }
+}
+
+/// The watcher's policy file, as far as the page needs it: the limits of what a debtor may ask
+/// for (the built-in default policy's when no file is configured). The watcher checks the
+/// whole policy and decides each request; the page only offers within these limits.
+#[derive(Debug, Default, Deserialize)]
+struct PolicyPauses {
+    #[serde(default)]
+    pauses: PauseLimits,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+struct WatcherPolicyFile {
+    policy_file: Option<String>,
+}
+
+fn pause_limits(rt: &Runtime) -> anyhow::Result<PauseLimits> {
+    let watcher: WatcherPolicyFile = config::section(&rt.figment, "watcher")?;
+    let text = match &watcher.policy_file {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("the policy file {path}: {e}"))?,
+        None => forfall_domain::policy::DEFAULT_POLICY.to_owned(),
+    };
+    let parsed: PolicyPauses = toml::from_str(&text).map_err(|e| anyhow::anyhow!("the policy's [pauses]: {e}"))?;
+    Ok(parsed.pauses)
 }
 
 /// What rebuilds the portal's read model (see [`rebuild`]).
@@ -205,6 +233,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         );
     }
     let texts = Texts::built_in()?;
+    let pauses = pause_limits(&rt)?;
     let renderer = Renderer::new()?;
     let redis = redis_store::connect(&rt.config.redis).await?;
     let metrics = Metrics {
@@ -270,6 +299,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             vipps: vipps_client,
             changelog: Changelog::new(changelog_topic.clone()),
             pay_base_url,
+            pauses,
         }));
         core = Some(portal.clone());
         http::routes(portal)

@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkout::{ALL_INVOICES, Provider};
 use crate::view::{InvoiceView, Snapshot};
+use forfall_domain::journey::PauseLimits;
+use forfall_domain::self_service::{instalment_counts, instalment_plan, postpone_window};
 
 /// The languages the page speaks, in the order the switcher lists them.
 pub const LANGUAGES: [&str; 5] = ["da", "nb", "sv", "fi", "en"];
@@ -172,6 +174,19 @@ pub struct Line {
     /// anti-forgery token of their form; empty when it cannot be paid here.
     pub pay: Vec<PayButton>,
     pub pay_token: Option<String>,
+    /// The days the due date may move to (`YYYY-MM-DD`), when it may move.
+    pub postpone: Option<(String, String)>,
+    /// The numbers of instalments offered (none when no plan can be made here).
+    pub instalment_counts: Vec<usize>,
+    /// The plan the debtor asked to see, to agree to.
+    pub plan: Option<PlanPreview>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PlanPreview {
+    pub count: usize,
+    /// (date, amount), in the debtor's locale.
+    pub rows: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -380,6 +395,10 @@ pub struct Forms<'a> {
     pub received: bool,
     /// The payment providers of the link's creditor.
     pub providers: Vec<Provider>,
+    /// The policy's limits on what may be asked for.
+    pub pauses: PauseLimits,
+    /// The instalment plan the debtor asked to see: (invoice, number of instalments).
+    pub plan_asked: Option<(String, usize)>,
 }
 
 impl Forms<'_> {
@@ -391,6 +410,8 @@ impl Forms<'_> {
             today: chrono::NaiveDate::MIN,
             received: false,
             providers: Vec::new(),
+            pauses: PauseLimits::default(),
+            plan_asked: None,
         }
     }
 }
@@ -463,11 +484,52 @@ pub fn build(
             payable.push((currency, s.jurisdiction.clone()));
         }
         let pay_token = (!pay.is_empty()).then(|| (forms.token_for)(&view.invoice_id));
+        let (postpone, instalment_counts, plan) = match (&form_token, date_from_epoch_days(s.due_date)) {
+            (Some(_), Some(original)) => {
+                let owed = Money::new(left, currency);
+                let moved: Vec<&crate::view::Happened> =
+                    view.happened.iter().filter(|h| h.kind == "postponed").collect();
+                // The watcher says where it moved the due date: "... to YYYY-MM-DD".
+                let current = moved
+                    .last()
+                    .and_then(|h| {
+                        h.reason
+                            .as_deref()?
+                            .rsplit(' ')
+                            .next()?
+                            .parse::<chrono::NaiveDate>()
+                            .ok()
+                    })
+                    .unwrap_or(original);
+                let postpone = postpone_window(original, current, moved.len() as u32, forms.today, &forms.pauses)
+                    .map(|(a, b)| (a.format("%Y-%m-%d").to_string(), b.format("%Y-%m-%d").to_string()));
+                let counts = instalment_counts(owed, forms.today, &forms.pauses);
+                let plan = forms
+                    .plan_asked
+                    .as_ref()
+                    .filter(|(invoice, n)| *invoice == view.invoice_id && counts.contains(n))
+                    .and_then(|(_, n)| {
+                        let rows = instalment_plan(owed, forms.today, *n, &forms.pauses)?;
+                        Some(PlanPreview {
+                            count: *n,
+                            rows: rows
+                                .into_iter()
+                                .map(|(d, m)| (format_date(d, locale), format(m, locale)))
+                                .collect(),
+                        })
+                    });
+                (postpone, counts, plan)
+            }
+            _ => (None, Vec::new(), None),
+        };
         lines.push(Line {
             invoice_id: view.invoice_id.clone(),
             form_token,
             pay,
             pay_token,
+            postpone,
+            instalment_counts,
+            plan,
             codes,
             qr,
             number: s.number.clone(),

@@ -1,7 +1,10 @@
-//! The debtor's requests from the page: "I have paid", a promise to pay by a date, and an
-//! objection (dispute). `POST /pay/<token>/requests` turns a form into a `DebtorRequest` on
-//! `forfall.debtor.requests.v1`; the watcher decides it under the policy's limits and the law,
-//! and the page then tells what became of it from the journey's events.
+//! The debtor's requests from the page: "I have paid", a promise to pay by a date, an
+//! objection (dispute), a later due date, and an instalment plan. `POST /pay/<token>/requests`
+//! turns a form into a `DebtorRequest` on `forfall.debtor.requests.v1`; the watcher decides it
+//! under the policy's limits and the law, and the page then tells what became of it from the
+//! journey's events. The page offers only postponements and plans within the policy's limits
+//! (`forfall_domain::self_service`); a plan is sent as the page showed it, instalment by
+//! instalment, so the debtor agrees to exactly what they saw.
 //!
 //! A form is accepted only with the anti-forgery token its page carried (HMAC of the link's
 //! fingerprint and the invoice, see `paylink::form_token`), for an invoice the link names, and
@@ -14,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use forfall_domain::invoice::epoch_days;
 use forfall_domain::paylink::LinkError;
 use forfall_platform::kafka::Failure;
-use forfall_platform::records::{DebtorRequest, derived_id};
+use forfall_platform::records::{DebtorRequest, Instalment, derived_id};
 use forfall_platform::telemetry::TraceContext;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -34,6 +37,9 @@ pub(crate) struct RequestForm {
     lang: Option<String>,
     reason: Option<String>,
     promise_date: Option<String>,
+    postpone_date: Option<String>,
+    /// How many instalments (the plan itself is the one the page showed for that number).
+    count: Option<String>,
 }
 
 /// Why a form was not taken.
@@ -43,27 +49,59 @@ pub(crate) enum FormError {
     Kind(String),
     #[error("an objection needs a text of 1 to {MAX_REASON_CHARS} characters")]
     Reason,
-    #[error("a promise needs a date as YYYY-MM-DD, not '{0}'")]
+    #[error("a date is needed as YYYY-MM-DD, not '{0}'")]
     Date(String),
+    #[error("the number of instalments must be one of those offered, not '{0}'")]
+    Count(String),
 }
 
-/// The request a form asks for (kind, promise date, reason), checked for shape only: whether
-/// it is granted is the watcher's decision.
-pub(crate) fn request_of(form: &RequestForm) -> Result<(&'static str, Option<i32>, Option<String>), FormError> {
+/// What a form asks for, checked for shape only: whether it is granted is the watcher's
+/// decision.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Wanted {
+    ClaimsPaid,
+    Promise(chrono::NaiveDate),
+    Dispute(String),
+    Postpone(chrono::NaiveDate),
+    Instalments(usize),
+}
+
+impl Wanted {
+    fn kind(&self) -> &'static str {
+        match self {
+            Wanted::ClaimsPaid => "claims_paid",
+            Wanted::Promise(_) => "promise_to_pay",
+            Wanted::Dispute(_) => "dispute",
+            Wanted::Postpone(_) => "postpone",
+            Wanted::Instalments(_) => "instalment_plan",
+        }
+    }
+}
+
+fn date_field(raw: Option<&str>) -> Result<chrono::NaiveDate, FormError> {
+    let raw = raw.unwrap_or_default();
+    chrono::NaiveDate::parse_from_str(raw.trim(), "%Y-%m-%d")
+        .map_err(|_| FormError::Date(raw.chars().take(20).collect()))
+}
+
+pub(crate) fn request_of(form: &RequestForm) -> Result<Wanted, FormError> {
     match form.kind.as_str() {
-        "claims_paid" => Ok(("claims_paid", None, None)),
-        "promise_to_pay" => {
-            let raw = form.promise_date.as_deref().unwrap_or_default();
-            let day = chrono::NaiveDate::parse_from_str(raw.trim(), "%Y-%m-%d")
-                .map_err(|_| FormError::Date(raw.chars().take(20).collect()))?;
-            Ok(("promise_to_pay", Some(epoch_days(day)), None))
+        "claims_paid" => Ok(Wanted::ClaimsPaid),
+        "promise_to_pay" => Ok(Wanted::Promise(date_field(form.promise_date.as_deref())?)),
+        "postpone" => Ok(Wanted::Postpone(date_field(form.postpone_date.as_deref())?)),
+        "instalment_plan" => {
+            let raw = form.count.as_deref().unwrap_or_default();
+            raw.trim()
+                .parse::<usize>()
+                .map(Wanted::Instalments)
+                .map_err(|_| FormError::Count(raw.chars().take(10).collect()))
         }
         "dispute" => {
             let reason = form.reason.as_deref().unwrap_or_default().trim();
             if reason.is_empty() || reason.chars().count() > MAX_REASON_CHARS {
                 return Err(FormError::Reason);
             }
-            Ok(("dispute", None, Some(reason.to_owned())))
+            Ok(Wanted::Dispute(reason.to_owned()))
         }
         other => Err(FormError::Kind(other.chars().take(40).collect())),
     }
@@ -133,23 +171,40 @@ impl Portal {
         {
             return (refused(), "forged");
         }
-        let (kind, promise_date, reason) = match request_of(form) {
-            Ok(request) => request,
-            Err(e) => {
-                return (
-                    crate::http::html_response(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        format!(
-                            "{}{e}</h1><p><a href=\"/pay/{token}\">Back</a></p></main></body></html>",
-                            crate::http::PLAIN
-                        ),
+        let invalid = |e: &dyn std::fmt::Display| {
+            (
+                crate::http::html_response(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!(
+                        "{}{e}</h1><p><a href=\"/pay/{token}\">Back</a></p></main></body></html>",
+                        crate::http::PLAIN
                     ),
-                    "invalid",
-                );
-            }
+                ),
+                "invalid",
+            )
+        };
+        let wanted = match request_of(form) {
+            Ok(w) => w,
+            Err(e) => return invalid(&e),
         };
         let now = self.0.rt.clock.now();
-        let day = now.date_naive().to_string();
+        let today = now.date_naive();
+        let instalments = match &wanted {
+            Wanted::Instalments(count) => match self.plan_for(&claims, &form.invoice, *count, today).await {
+                Ok(Some(plan)) => plan
+                    .into_iter()
+                    .map(|(day, amount)| Instalment {
+                        due_date: epoch_days(day),
+                        amount_minor: amount.minor,
+                    })
+                    .collect(),
+                Ok(None) => return invalid(&FormError::Count(count.to_string())),
+                Err(_) => return (unavailable(), "unavailable"),
+            },
+            _ => Vec::new(),
+        };
+        let kind = wanted.kind();
+        let day = today.to_string();
         let request = DebtorRequest {
             event_id: derived_id("debtor-request", &[&claims.tenant, &form.invoice, kind, link, &day]),
             tenant: claims.tenant.clone(),
@@ -157,10 +212,19 @@ impl Portal {
             occurred_at: now.timestamp_millis(),
             invoice_id: form.invoice.clone(),
             kind: kind.to_owned(),
-            new_due_date: None,
-            promise_date,
-            instalments: Vec::new(),
-            reason,
+            new_due_date: match &wanted {
+                Wanted::Postpone(d) => Some(epoch_days(*d)),
+                _ => None,
+            },
+            promise_date: match &wanted {
+                Wanted::Promise(d) => Some(epoch_days(*d)),
+                _ => None,
+            },
+            instalments,
+            reason: match &wanted {
+                Wanted::Dispute(r) => Some(r.clone()),
+                _ => None,
+            },
             source: "portal".to_owned(),
         };
         if let Err(e) = self.send(&request).await {
@@ -182,7 +246,25 @@ impl Portal {
         response
             .headers_mut()
             .insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
-        (response, kind_result(kind))
+        (response, kind)
+    }
+
+    /// The plan of `count` instalments the page offers for the invoice today, if it offers one.
+    async fn plan_for(
+        &self,
+        claims: &forfall_domain::paylink::LinkClaims,
+        invoice: &str,
+        count: usize,
+        today: chrono::NaiveDate,
+    ) -> Result<Option<Vec<(chrono::NaiveDate, forfall_domain::Money)>>, Failure> {
+        let views = self.views(claims).await?;
+        let owed = views.iter().find(|v| v.invoice_id == invoice).and_then(|v| {
+            let s = v.snapshot.as_ref().filter(|s| s.debtor_id == claims.debtor_id)?;
+            let currency = s.currency.parse::<forfall_domain::Currency>().ok()?;
+            let (left, why_not) = crate::page::standing(v, s);
+            why_not.is_none().then(|| forfall_domain::Money::new(left, currency))
+        });
+        Ok(owed.and_then(|owed| forfall_domain::self_service::instalment_plan(owed, today, count, &self.0.pauses)))
     }
 
     /// Writes the request and waits for the broker's acknowledgement: the page says it was
@@ -200,14 +282,6 @@ impl Portal {
             .send_all(std::slice::from_ref(&out))
             .await
             .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))
-    }
-}
-
-fn kind_result(kind: &str) -> &'static str {
-    match kind {
-        "claims_paid" => "claims_paid",
-        "promise_to_pay" => "promise_to_pay",
-        _ => "dispute",
     }
 }
 
@@ -229,12 +303,15 @@ mod tests {
             lang: None,
             reason: None,
             promise_date: None,
+            postpone_date: None,
+            count: None,
         }
     }
 
     #[test]
     fn each_form_becomes_its_request_or_says_what_is_missing() {
-        assert_eq!(request_of(&form("claims_paid")), Ok(("claims_paid", None, None)));
+        let day = chrono::NaiveDate::from_ymd_opt(2026, 3, 20).unwrap();
+        assert_eq!(request_of(&form("claims_paid")), Ok(Wanted::ClaimsPaid));
         assert_eq!(request_of(&form("dispute")), Err(FormError::Reason));
         let dispute = RequestForm {
             reason: Some("  I cancelled in January  ".into()),
@@ -242,18 +319,29 @@ mod tests {
         };
         assert_eq!(
             request_of(&dispute),
-            Ok(("dispute", None, Some("I cancelled in January".into())))
+            Ok(Wanted::Dispute("I cancelled in January".into()))
         );
         let promise = RequestForm {
             promise_date: Some("2026-03-20".into()),
             ..form("promise_to_pay")
         };
-        let day = chrono::NaiveDate::from_ymd_opt(2026, 3, 20).unwrap();
-        assert_eq!(
-            request_of(&promise),
-            Ok(("promise_to_pay", Some(epoch_days(day)), None))
-        );
+        assert_eq!(request_of(&promise), Ok(Wanted::Promise(day)));
         assert_eq!(request_of(&form("promise_to_pay")), Err(FormError::Date(String::new())));
+        let postpone = RequestForm {
+            postpone_date: Some("2026-03-20".into()),
+            ..form("postpone")
+        };
+        assert_eq!(request_of(&postpone), Ok(Wanted::Postpone(day)));
+        let plan = RequestForm {
+            count: Some("3".into()),
+            ..form("instalment_plan")
+        };
+        assert_eq!(request_of(&plan), Ok(Wanted::Instalments(3)));
+        let nonsense = RequestForm {
+            count: Some("three".into()),
+            ..form("instalment_plan")
+        };
+        assert_eq!(request_of(&nonsense), Err(FormError::Count("three".into())));
         assert_eq!(request_of(&form("refund")), Err(FormError::Kind("refund".into())));
     }
 
