@@ -3,6 +3,7 @@
 //! says paid; an altered, forged or expired link, or one naming another debtor's invoice,
 //! shows nothing of the invoice; and pages are limited per link.
 
+use forfall_devsinks::stripe::StripeSim;
 use forfall_devsinks::vipps::{VippsMerchant, VippsSim};
 use forfall_domain::paylink::{self, LinkClaims, LinkKey};
 use forfall_domain::reference::{self, ReferenceKind};
@@ -513,11 +514,21 @@ fn vipps_merchant() -> VippsMerchant {
     }
 }
 
-/// A stack whose creditor takes Vipps MobilePay (the stand-in), reached from outside through an
-/// ingress that also serves the links; the webhook is registered with the ingress's URL, once,
-/// as an operator would.
-async fn with_vipps(s: &Sample<'_>) -> anyhow::Result<(std::sync::Arc<ManualClock>, LocalStack, VippsSim, Forwarder)> {
+const STRIPE_KEY: &str = "sk_test_forfall";
+
+/// The payment providers' stand-ins and the ingress they reach the portal through.
+struct Providers {
+    vipps: VippsSim,
+    stripe: StripeSim,
+    ingress: Forwarder,
+}
+
+/// A stack whose creditor takes Vipps MobilePay and cards through Stripe (the stand-ins),
+/// reached from outside through an ingress that also serves the links; the webhooks are
+/// registered with the ingress's URL, once, as an operator would.
+async fn with_providers(s: &Sample<'_>) -> anyhow::Result<(std::sync::Arc<ManualClock>, LocalStack, Providers)> {
     let sim = VippsSim::start(vipps_merchant()).await?;
+    let stripe = StripeSim::start(STRIPE_KEY).await?;
     // The ingress finds the portal once the stack runs.
     let portal_addr: std::sync::Arc<std::sync::Mutex<Option<std::net::SocketAddr>>> = std::sync::Arc::default();
     let found = portal_addr.clone();
@@ -532,8 +543,15 @@ async fn with_vipps(s: &Sample<'_>) -> anyhow::Result<(std::sync::Arc<ManualCloc
             ],
         )
         .await?;
+    let stripe_secret = stripe
+        .register_webhook(
+            &format!("http://{}/providers/stripe/{}", ingress.addr, s.tenant),
+            &["checkout.session.completed", "checkout.session.expired"],
+        )
+        .await?;
     let m = vipps_merchant();
     let merchant = format!("portal.vipps.{}", s.tenant);
+    let account = format!("portal.stripe.{}", s.tenant);
     let settings = [
         (format!("{merchant}.base_url"), sim.url().into()),
         (format!("{merchant}.client_id"), m.client_id.into()),
@@ -541,6 +559,9 @@ async fn with_vipps(s: &Sample<'_>) -> anyhow::Result<(std::sync::Arc<ManualCloc
         (format!("{merchant}.subscription_key"), m.subscription_key.into()),
         (format!("{merchant}.merchant_serial_number"), m.msn.into()),
         (format!("{merchant}.webhook_secret"), secret.into()),
+        (format!("{account}.base_url"), stripe.url().into()),
+        (format!("{account}.secret_key"), STRIPE_KEY.into()),
+        (format!("{account}.webhook_secret"), stripe_secret.into()),
         (
             "dispatch.pay_link.base_url".to_owned(),
             format!("http://{}/pay/", ingress.addr).into(),
@@ -548,7 +569,46 @@ async fn with_vipps(s: &Sample<'_>) -> anyhow::Result<(std::sync::Arc<ManualCloc
     ];
     let (clock, stack) = nudged_with(s, &settings).await?;
     *portal_addr.lock().unwrap_or_else(|p| p.into_inner()) = stack.rt.admin_addr("portal");
-    Ok((clock, stack, sim, ingress))
+    Ok((
+        clock,
+        stack,
+        Providers {
+            vipps: sim,
+            stripe,
+            ingress,
+        },
+    ))
+}
+
+fn no_redirects() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?)
+}
+
+/// Posts the page's first pay-now form for `provider`; where the portal sends the browser.
+async fn checkout(
+    browser: &reqwest::Client,
+    ingress: &Forwarder,
+    path: &str,
+    page: &str,
+    amount: &str,
+    provider: &str,
+) -> anyhow::Result<String> {
+    let (invoice, form_token) = pay_form_in(page).ok_or_else(|| anyhow::anyhow!("no pay-now form in\n{page}"))?;
+    let started = browser
+        .post(format!("http://{}{path}/checkout", ingress.addr))
+        .form(&[
+            ("invoice", invoice.as_str()),
+            ("form_token", form_token.as_str()),
+            ("lang", "nb"),
+            ("amount", amount),
+            ("provider", provider),
+        ])
+        .send()
+        .await?;
+    anyhow::ensure!(started.status().as_u16() == 303, "checkout: {}", started.status());
+    Ok(location(&started))
 }
 
 /// The first pay-now form's invoice and anti-forgery token.
@@ -580,23 +640,8 @@ async fn pay_through_vipps(
     amount: &str,
     choice: &str,
 ) -> anyhow::Result<(String, u16, String)> {
-    let (invoice, form_token) = pay_form_in(page).ok_or_else(|| anyhow::anyhow!("no pay-now form in\n{page}"))?;
-    let browser = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()?;
-    let started = browser
-        .post(format!("http://{}{path}/checkout", ingress.addr))
-        .form(&[
-            ("invoice", invoice.as_str()),
-            ("form_token", form_token.as_str()),
-            ("lang", "nb"),
-            ("amount", amount),
-            ("provider", "vipps"),
-        ])
-        .send()
-        .await?;
-    anyhow::ensure!(started.status().as_u16() == 303, "checkout: {}", started.status());
-    let landing = location(&started);
+    let browser = no_redirects()?;
+    let landing = checkout(&browser, ingress, path, page, amount, "vipps").await?;
     let reference = landing.rsplit('/').next().unwrap_or_default().to_owned();
     let chosen = browser.post(format!("{landing}/{choice}")).send().await?;
     anyhow::ensure!(chosen.status().as_u16() == 303, "the app: {}", chosen.status());
@@ -618,7 +663,13 @@ async fn paid_with_vipps_from_the_page_the_invoice_is_settled_and_no_reminder_fo
         email: "nora@example.test",
         ..norwegian(kid)
     };
-    let (clock, stack, sim, ingress) = with_vipps(&s).await?;
+    let (
+        clock,
+        stack,
+        Providers {
+            vipps: sim, ingress, ..
+        },
+    ) = with_providers(&s).await?;
     let path = signed_path(&s);
     let page = page_showing(&stack, &path, "Betal med Vipps").await?;
 
@@ -720,7 +771,13 @@ async fn a_part_payment_is_booked_when_the_debtor_comes_back_though_every_webhoo
         email: "per@example.test",
         ..norwegian(kid)
     };
-    let (_clock, stack, sim, ingress) = with_vipps(&s).await?;
+    let (
+        _clock,
+        stack,
+        Providers {
+            vipps: sim, ingress, ..
+        },
+    ) = with_providers(&s).await?;
     sim.lose_webhooks("AUTHORIZED");
     sim.lose_webhooks("CAPTURED");
     let path = signed_path(&s);
@@ -928,6 +985,94 @@ async fn the_debtor_chooses_instalments_or_postpones_from_the_page_within_the_po
             .is_some_and(|r| r.ends_with("to 2026-04-19")),
         "{postponed:?}"
     );
+    stack.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paid_by_card_through_stripe_checkout_after_a_decline_and_a_turn_back_the_invoice_is_settled_once()
+-> anyhow::Result<()> {
+    let kid = Box::leak(
+        reference::generate(ReferenceKind::KidMod10, "7000129")?
+            .value
+            .into_boxed_str(),
+    );
+    let s = Sample {
+        invoice_id: "no-portal-card-1",
+        number: "7000129",
+        email: "siri@example.test",
+        ..norwegian(kid)
+    };
+    let (_clock, stack, Providers { stripe, ingress, .. }) = with_providers(&s).await?;
+    let path = signed_path(&s);
+    let page = page_showing(&stack, &path, "Betal med kort").await?;
+    let browser = no_redirects()?;
+
+    // Turned back on Stripe's page: nothing is charged, nothing is booked.
+    let checkout_page = checkout(&browser, &ingress, &path, &page.body, "", "stripe").await?;
+    let back = browser.get(format!("{checkout_page}/back")).send().await?;
+    assert_eq!(back.status().as_u16(), 303);
+    let returned = browser.get(location(&back)).send().await?.text().await?;
+    assert!(returned.contains("Betalingen ble avbrutt"), "{returned}");
+
+    // Declined, then paid with the test card.
+    let checkout_page = checkout(&browser, &ingress, &path, &page.body, "", "stripe").await?;
+    let session_id = checkout_page.rsplit('/').next().unwrap_or_default().to_owned();
+    let declined = browser
+        .post(format!("{checkout_page}/pay"))
+        .form(&[("card", "4000 0000 0000 0002")])
+        .send()
+        .await?;
+    assert_eq!(declined.status().as_u16(), 402);
+    let paid = browser
+        .post(format!("{checkout_page}/pay"))
+        .form(&[("card", "4242 4242 4242 4242")])
+        .send()
+        .await?;
+    assert_eq!(paid.status().as_u16(), 303);
+    let success = location(&paid);
+    assert!(success.ends_with(&format!("?session_id={session_id}")), "{success}");
+    let returned = browser.get(&success).send().await?.text().await?;
+    assert!(
+        returned.contains("Takk!") && returned.contains("kr\u{a0}1\u{a0}250,00"),
+        "{returned}"
+    );
+    status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
+    eventually("the completed session's webhook taken", WAIT, || async {
+        Ok(stripe
+            .delivered()
+            .iter()
+            .any(|(kind, id)| kind == "checkout.session.completed" && *id == session_id)
+            .then_some(()))
+    })
+    .await?;
+    let sessions = stripe.sessions();
+    assert_eq!(sessions.len(), 2);
+    let session = sessions.iter().find(|x| x.id == session_id).expect("the paid session");
+    assert_eq!(
+        (
+            session.amount_total,
+            session.currency.as_str(),
+            session.locale.as_deref()
+        ),
+        (125_000, "nok", Some("nb"))
+    );
+    let received: Vec<PaymentReceived> = stack
+        .read::<PaymentReceived>(&stack.topic(&stack.topics().payments))
+        .await?
+        .into_iter()
+        .filter(|p| p.payment_id.starts_with("stripe:"))
+        .collect();
+    assert!(
+        !received.is_empty()
+            && received.iter().all(|p| p.payment_id == received[0].payment_id
+                && p.event_id == received[0].event_id
+                && p.amount_minor == 125_000
+                && p.reference.as_deref() == Some(kid)),
+        "one card payment, by the invoice's KID: {received:?}"
+    );
+    let settled = page_showing(&stack, &path, "Betalt. Takk!").await?;
+    assert!(!settled.body.contains("Betal med kort"));
     stack.shutdown().await;
     Ok(())
 }

@@ -1,116 +1,71 @@
 //! Paying now, through a payment provider: `POST /pay/<token>/checkout` starts a payment of
 //! one invoice, of all the link's open invoices, or of an amount the debtor chose (a part
-//! payment), and sends the browser to the provider; the provider's webhook and the page the
-//! provider returns the debtor to (`GET /pay/return/<reference>`) both finish it. A completed
-//! payment becomes a `PaymentReceived` on `payments.events.v1` with the provider's reference,
-//! which the matcher settles like any other; an abandoned or failed one changes nothing.
-//!
-//! A payment under way is an [`Attempt`]: what it pays, for whom. It is written to the
-//! portal's changelog (acknowledged) before the provider hears of it, then to Redis, so that
-//! neither a lost Redis nor a restart loses what a payment was for. Finishing is idempotent:
-//! the webhook and the return page may both finish the same payment, and the record they
-//! write has the same event id and payment id (`<provider>:<reference>`) either way.
+//! payment), and sends the browser to the provider: Vipps MobilePay's app (NO, DK, FI) or a
+//! card through Stripe Checkout. How a payment then ends is [`crate::payments`].
 
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use forfall_domain::invoice::epoch_days;
 use forfall_domain::money::parse;
 use forfall_domain::paylink::LinkError;
 use forfall_domain::{Currency, Locale, Money};
-use forfall_platform::kafka::Failure;
-use forfall_platform::records::{PaymentReceived, derived_id};
-use forfall_platform::telemetry::TraceContext;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::net::SocketAddr;
 use tracing::Instrument;
 
 use crate::Portal;
 use crate::http::{PLAIN, fingerprint, html_response, limited, refused, unavailable};
 use crate::page;
+use crate::payments::Attempt;
+use crate::stripe::{NewSession, StripeError};
 use crate::view::InvoiceView;
-use crate::vipps::{PaymentState, VippsError};
+use crate::vipps::VippsError;
 
 /// The form's `invoice` when the debtor pays every open invoice of the link.
 pub const ALL_INVOICES: &str = "*";
 
-/// How long a payment under way is remembered: longer than any provider keeps one open.
-pub const ATTEMPT_TTL_SECS: u64 = 30 * 86_400;
-
 /// The payment providers the page offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Provider {
+    /// Vipps MobilePay's app (ePayment API).
     Vipps,
+    /// Card, through Stripe Checkout.
+    Stripe,
 }
 
 impl Provider {
     pub fn code(self) -> &'static str {
         match self {
             Provider::Vipps => "vipps",
+            Provider::Stripe => "stripe",
         }
     }
 
     fn parse(code: &str) -> Option<Self> {
-        (code == "vipps").then_some(Provider::Vipps)
+        match code {
+            "vipps" => Some(Provider::Vipps),
+            "stripe" => Some(Provider::Stripe),
+            _ => None,
+        }
     }
 
-    /// What the debtor knows the app as in the invoice's country.
-    pub fn name(self, jurisdiction: &str) -> &'static str {
-        match (self, jurisdiction) {
-            (Provider::Vipps, "NO") => "Vipps",
-            (Provider::Vipps, _) => "MobilePay",
-        }
+    /// The button's text: the app's name as the invoice's country knows it, or the debtor's
+    /// word for a card (`t` the page's texts).
+    pub fn label(self, jurisdiction: &str, t: &std::collections::BTreeMap<String, String>) -> String {
+        let name = match (self, jurisdiction) {
+            (Provider::Vipps, "NO") => "Vipps".to_owned(),
+            (Provider::Vipps, _) => "MobilePay".to_owned(),
+            (Provider::Stripe, _) => return t.get("pay_card").cloned().unwrap_or_else(|| "Card".to_owned()),
+        };
+        t.get("pay_with")
+            .map(|w| w.replace("{provider}", &name))
+            .unwrap_or(name)
     }
 
     pub fn pays(self, currency: Currency) -> bool {
         match self {
             Provider::Vipps => matches!(currency, Currency::NOK | Currency::DKK | Currency::EUR),
-        }
-    }
-}
-
-/// A payment under way at a provider.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Attempt {
-    pub provider: String,
-    /// The reference the provider knows the payment by (ours, unique).
-    pub reference: String,
-    pub tenant: String,
-    pub debtor_id: String,
-    pub invoices: Vec<String>,
-    /// The invoices' numbers, for the remittance text the matcher reads.
-    pub numbers: Vec<String>,
-    /// The invoice's structured reference (KID, FIK, OCR...) when one invoice is paid.
-    pub structured_reference: Option<String>,
-    pub amount_minor: i64,
-    pub currency: String,
-    pub lang: String,
-    pub created_ms: i64,
-}
-
-impl Attempt {
-    /// The payment as the matcher reads it: the invoice's own reference for one invoice, the
-    /// invoices' numbers in the remittance text (paid in that order) for several.
-    pub fn received(&self, captured_minor: i64, at_ms: i64, day: i32) -> PaymentReceived {
-        let payment_id = format!("{}:{}", self.provider, self.reference);
-        PaymentReceived {
-            event_id: derived_id("provider-payment", &[&self.tenant, &payment_id]),
-            tenant: self.tenant.clone(),
-            debtor_id: Some(self.debtor_id.clone()),
-            occurred_at: at_ms,
-            payment_id,
-            amount_minor: captured_minor,
-            currency: self.currency.clone(),
-            reference: self.structured_reference.clone(),
-            remittance_text: Some(format!(
-                "{} {}",
-                if self.numbers.len() == 1 { "Invoice" } else { "Invoices" },
-                self.numbers.join(" ")
-            )),
-            payer_name: None,
-            payer_account: None,
-            booking_date: day,
-            value_date: day,
+            Provider::Stripe => true,
         }
     }
 }
@@ -276,9 +231,9 @@ impl Portal {
         {
             return (refused(), "forged");
         }
-        let Some(merchant) = self.0.settings.vipps.get(&claims.tenant) else {
+        if !self.providers(&claims.tenant).contains(&provider) {
             return (refused(), "refused");
-        };
+        }
         let views = match self.views(&claims).await {
             Ok(views) => views,
             Err(_) => return (unavailable(), "unavailable"),
@@ -310,9 +265,10 @@ impl Portal {
             }
         };
         let now = self.0.rt.clock.now();
-        let attempt = Attempt {
+        let mut attempt = Attempt {
             provider: provider.code().to_owned(),
             reference: format!("ff-{}", uuid::Uuid::new_v4().simple()),
+            provider_id: None,
             tenant: claims.tenant.clone(),
             debtor_id: claims.debtor_id.clone(),
             invoices: selection.invoices.clone(),
@@ -334,19 +290,66 @@ impl Portal {
             attempt.numbers.join(", ")
         );
         let return_url = format!("{}return/{}", self.0.pay_base_url, attempt.reference);
-        match self
-            .0
-            .vipps
-            .create(
-                merchant,
-                &attempt.reference,
-                attempt.amount_minor,
-                &attempt.currency,
-                &description,
-                &return_url,
-            )
-            .await
-        {
+        let started = match provider {
+            Provider::Vipps => match self.0.settings.vipps.get(&claims.tenant) {
+                Some(merchant) => self
+                    .0
+                    .vipps
+                    .create(
+                        merchant,
+                        &attempt.reference,
+                        attempt.amount_minor,
+                        &attempt.currency,
+                        &description,
+                        &return_url,
+                    )
+                    .await
+                    .map_err(|e| match e {
+                        VippsError::Refused { status, detail } => Started::Refused(status, detail),
+                        e => Started::Unavailable(e.to_string()),
+                    }),
+                None => Err(Started::Refused(0, "no merchant".into())),
+            },
+            Provider::Stripe => match self.0.settings.stripe.get(&claims.tenant) {
+                Some(account) => {
+                    let session = self
+                        .0
+                        .stripe
+                        .create(
+                            account,
+                            &NewSession {
+                                reference: &attempt.reference,
+                                amount_minor: attempt.amount_minor,
+                                currency: &attempt.currency,
+                                description: &description,
+                                success_url: &format!("{return_url}?session_id={{CHECKOUT_SESSION_ID}}"),
+                                cancel_url: &return_url,
+                                locale: stripe_locale(&attempt.lang),
+                            },
+                        )
+                        .await
+                        .map_err(|e| match e {
+                            StripeError::Refused { status, detail } => Started::Refused(status, detail),
+                            e => Started::Unavailable(e.to_string()),
+                        });
+                    match session {
+                        Ok(session) => {
+                            // Kept so that the return without a session id can still ask.
+                            attempt.provider_id = Some(session.id.clone());
+                            if let Err(e) = self.remember(&attempt).await {
+                                tracing::warn!(error = ?e, "the session id could not be kept; the webhook and the return still carry it");
+                            }
+                            session
+                                .url
+                                .ok_or_else(|| Started::Unavailable("the session has no url".into()))
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                None => Err(Started::Refused(0, "no account".into())),
+            },
+        };
+        match started {
             Ok(redirect) => match HeaderValue::from_str(&redirect) {
                 Ok(location) => {
                     let mut response = StatusCode::SEE_OTHER.into_response();
@@ -358,155 +361,33 @@ impl Portal {
                 }
                 Err(_) => (unavailable(), "unavailable"),
             },
-            Err(VippsError::Refused { status, detail }) => {
+            Err(Started::Refused(status, detail)) => {
                 tracing::error!(status, detail = %detail, "the provider refused the payment");
                 (unavailable(), "provider_refused")
             }
-            Err(e) => {
+            Err(Started::Unavailable(e)) => {
                 tracing::warn!(error = %e, "the provider is unavailable");
                 (unavailable(), "unavailable")
             }
         }
     }
-
-    /// Writes the attempt to the changelog (acknowledged), then to Redis.
-    async fn remember(&self, attempt: &Attempt) -> Result<(), Failure> {
-        let value = serde_json::to_vec(attempt).map_err(|e| Failure::Transient(e.into()))?;
-        let out = self
-            .0
-            .changelog
-            .put_keyed(attempt_changelog_key(&attempt.reference), value.clone());
-        self.0
-            .producer
-            .send_all(std::slice::from_ref(&out))
-            .await
-            .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
-        redis::cmd("SET")
-            .arg(self.0.keys.attempt(&attempt.reference))
-            .arg(value)
-            .arg("EX")
-            .arg(ATTEMPT_TTL_SECS)
-            .query_async::<()>(&mut self.0.redis.clone())
-            .await?;
-        Ok(())
-    }
-
-    /// The attempt with this reference; `None` when the portal started no such payment.
-    pub(crate) async fn attempt(&self, reference: &str) -> Result<Option<Attempt>, Failure> {
-        self.0.state.ensure_ready().await?;
-        let raw: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(self.0.keys.attempt(reference))
-            .query_async(&mut self.0.redis.clone())
-            .await?;
-        Ok(raw.and_then(|r| serde_json::from_slice(&r).ok()))
-    }
-
-    /// Asks the provider where the payment is, captures it once authorized, and writes the
-    /// payment received once captured. Safe to call any number of times.
-    pub(crate) async fn finish(&self, attempt: &Attempt) -> Result<PaymentState, Failure> {
-        let merchant = self.0.settings.vipps.get(&attempt.tenant).ok_or_else(|| {
-            Failure::Transient(anyhow::anyhow!(
-                "no Vipps MobilePay merchant for tenant {}",
-                attempt.tenant
-            ))
-        })?;
-        let provider_failure = |e: VippsError| Failure::Transient(anyhow::anyhow!(e));
-        let mut state = self
-            .0
-            .vipps
-            .state(merchant, &attempt.reference)
-            .await
-            .map_err(provider_failure)?;
-        if state.state == "AUTHORIZED" && state.captured_minor < state.authorized_minor {
-            state = self
-                .0
-                .vipps
-                .capture_rest(merchant, &attempt.reference, &state)
-                .await
-                .map_err(provider_failure)?;
-        }
-        if state.captured_minor > 0 {
-            let now = self.0.rt.clock.now();
-            let record = attempt.received(
-                state.captured_minor,
-                now.timestamp_millis(),
-                epoch_days(now.date_naive()),
-            );
-            let topic = self.0.rt.topic(&self.0.rt.config.topics.payments);
-            let out = self
-                .0
-                .rt
-                .codec
-                .outbound(&topic, &attempt.tenant, &record, TraceContext::new_root())
-                .await?;
-            self.0
-                .producer
-                .send_all(std::slice::from_ref(&out))
-                .await
-                .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
-        }
-        Ok(state)
-    }
 }
 
-/// The changelog's key of an attempt.
-pub fn attempt_changelog_key(reference: &str) -> String {
-    format!("pay/{reference}")
+/// Why a payment could not be started at the provider.
+enum Started {
+    Refused(u16, String),
+    Unavailable(String),
 }
 
-/// `GET /pay/return/<reference>`: where the provider sends the debtor back. It finishes the
-/// payment (in case the webhook is late or lost) and says how it went.
-pub(crate) async fn returned(State(portal): State<Portal>, Path(reference): Path<String>) -> Response {
-    let span = tracing::info_span!("payment_return", reference = %reference);
-    async move {
-        let attempt = match portal.attempt(&reference).await {
-            Ok(Some(a)) => a,
-            Ok(None) => return refused(),
-            Err(_) => return unavailable(),
-        };
-        let t = portal.0.texts.for_language(&attempt.lang, "");
-        let text = |key: &str| t.get(key).cloned().unwrap_or_else(|| key.to_owned());
-        let (heading, detail, result) = match portal.finish(&attempt).await {
-            Ok(state) if state.captured_minor > 0 => {
-                let amount = attempt
-                    .currency
-                    .parse::<Currency>()
-                    .map(|c| {
-                        forfall_domain::money::format(
-                            Money::new(state.captured_minor, c),
-                            Locale::from_language(&attempt.lang),
-                        )
-                    })
-                    .unwrap_or_default();
-                (text("return_paid_title"), format!("{} {amount}", text("return_paid")), "completed")
-            }
-            Ok(state) if matches!(state.state.as_str(), "ABORTED" | "EXPIRED" | "TERMINATED" | "CANCELLED") => {
-                (text("return_cancelled_title"), text("return_cancelled"), "abandoned")
-            }
-            Ok(_) | Err(_) => (text("return_pending_title"), text("return_pending"), "pending"),
-        };
-        portal
-            .0
-            .metrics
-            .payments
-            .with_label_values(&[attempt.provider.as_str(), result])
-            .inc();
-        tracing::info!(result, "payment return answered");
-        let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;");
-        html_response(
-            StatusCode::OK,
-            format!(
-                "<!doctype html><html lang=\"{}\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{}</title></head><body><main><h1>{}</h1><p role=\"status\">{}</p><p>{}</p></main></body></html>",
-                esc(&attempt.lang),
-                esc(&heading),
-                esc(&heading),
-                esc(&detail),
-                esc(&text("return_link_again"))
-            ),
-        )
+/// The language Stripe Checkout is shown in (Stripe's `locale` codes).
+fn stripe_locale(lang: &str) -> &'static str {
+    match lang {
+        "da" => "da",
+        "nb" => "nb",
+        "sv" => "sv",
+        "fi" => "fi",
+        _ => "en",
     }
-    .instrument(span)
-    .await
 }
 
 #[cfg(test)]
@@ -608,29 +489,5 @@ mod tests {
             select("d1", &mixed, ALL_INVOICES, None, Locale::NbNo),
             Err(SelectionError::MixedCurrencies)
         );
-    }
-
-    #[test]
-    fn a_finished_payment_reads_as_the_same_record_however_often_it_is_finished() {
-        let attempt = Attempt {
-            provider: "vipps".into(),
-            reference: "ff-0123456789abcdef".into(),
-            tenant: "nordkraft".into(),
-            debtor_id: "d1".into(),
-            invoices: vec!["i1".into(), "i2".into()],
-            numbers: vec!["1001".into(), "1002".into()],
-            structured_reference: None,
-            amount_minor: 155_000,
-            currency: "NOK".into(),
-            lang: "nb".into(),
-            created_ms: 0,
-        };
-        let first = attempt.received(155_000, 1, 20_000);
-        let again = attempt.received(155_000, 2, 20_001);
-        assert_eq!(first.event_id, again.event_id);
-        assert_eq!(first.payment_id, "vipps:ff-0123456789abcdef");
-        assert_eq!(first.payment_id, again.payment_id);
-        assert_eq!(first.debtor_id.as_deref(), Some("d1"));
-        assert_eq!(first.remittance_text.as_deref(), Some("Invoices 1001 1002"));
     }
 }

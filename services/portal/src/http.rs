@@ -38,10 +38,14 @@ pub fn routes(portal: Portal) -> Router {
             "/pay/{token}/checkout",
             axum::routing::post(crate::checkout::post_checkout),
         )
-        .route("/pay/return/{reference}", get(crate::checkout::returned))
+        .route("/pay/return/{reference}", get(crate::payments::returned))
         .route(
             "/providers/vipps/{tenant}",
             axum::routing::post(crate::webhook::vipps_webhook),
+        )
+        .route(
+            "/providers/stripe/{tenant}",
+            axum::routing::post(crate::webhook::stripe_webhook),
         )
         .with_state(portal)
 }
@@ -187,12 +191,16 @@ impl Portal {
     }
 
     /// The payment providers the page offers for the tenant.
-    fn providers(&self, tenant: &str) -> Vec<crate::checkout::Provider> {
+    pub(crate) fn providers(&self, tenant: &str) -> Vec<crate::checkout::Provider> {
+        use crate::checkout::Provider;
+        let mut providers = Vec::new();
         if self.0.settings.vipps.contains_key(tenant) {
-            vec![crate::checkout::Provider::Vipps]
-        } else {
-            Vec::new()
+            providers.push(Provider::Vipps);
         }
+        if self.0.settings.stripe.contains_key(tenant) {
+            providers.push(Provider::Stripe);
+        }
+        providers
     }
 
     pub(crate) fn creditor(&self, tenant: &str) -> Creditor {

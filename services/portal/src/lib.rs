@@ -12,8 +12,10 @@
 pub mod checkout;
 mod http;
 pub mod page;
+pub mod payments;
 pub mod rebuild;
 mod requests;
+pub mod stripe;
 pub mod view;
 pub mod vipps;
 mod webhook;
@@ -58,6 +60,8 @@ pub struct PortalSettings {
     /// Each tenant's Vipps MobilePay merchant, by tenant: the page offers to pay with the app
     /// for the tenants named here (NOK, DKK and EUR invoices).
     pub vipps: BTreeMap<String, vipps::VippsMerchant>,
+    /// Each tenant's Stripe account, by tenant: the page offers to pay by card for these.
+    pub stripe: BTreeMap<String, stripe::StripeAccount>,
 }
 
 impl Default for PortalSettings {
@@ -68,6 +72,7 @@ impl Default for PortalSettings {
             per_link_per_minute: 30,
             client_address_header: None,
             vipps: BTreeMap::new(),
+            stripe: BTreeMap::new(),
         }
     }
 }
@@ -110,6 +115,7 @@ pub(crate) struct Inner {
     renderer: Renderer,
     metrics: Metrics,
     vipps: vipps::VippsClient,
+    stripe: stripe::StripeClient,
     /// Where payments under way are kept (see [`checkout`]).
     changelog: Changelog,
     /// The links' base (`dispatch.pay_link.base_url`, ending in `/`): providers send the
@@ -232,6 +238,12 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             "portal.vipps.{tenant}: base_url, client_id, client_secret, subscription_key, merchant_serial_number and webhook_secret are all needed"
         );
     }
+    for (tenant, account) in &settings.stripe {
+        anyhow::ensure!(
+            !account.base_url.is_empty() && !account.secret_key.is_empty() && !account.webhook_secret.is_empty(),
+            "portal.stripe.{tenant}: base_url, secret_key and webhook_secret are all needed"
+        );
+    }
     let texts = Texts::built_in()?;
     let pauses = pause_limits(&rt)?;
     let renderer = Renderer::new()?;
@@ -275,6 +287,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         metrics.webhooks.clone(),
     ];
     let vipps_client = vipps::VippsClient::new()?;
+    let stripe_client = stripe::StripeClient::new()?;
     let mut core = None;
     let shell = ServiceShell::start_with_routes(&rt, SERVICE, PORT_OFFSET, |_, producer, readiness| {
         let state = Arc::new(DerivedState::new(
@@ -297,6 +310,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             renderer,
             metrics,
             vipps: vipps_client,
+            stripe: stripe_client,
             changelog: Changelog::new(changelog_topic.clone()),
             pay_base_url,
             pauses,

@@ -374,14 +374,13 @@ fn pay_buttons(
     if !payable {
         return Vec::new();
     }
-    let with = t.get("pay_with").map(String::as_str).unwrap_or("{provider}");
     forms
         .providers
         .iter()
         .filter(|p| p.pays(currency))
         .map(|p| PayButton {
             provider: p.code().to_owned(),
-            label: with.replace("{provider}", p.name(jurisdiction)),
+            label: p.label(jurisdiction, t),
         })
         .collect()
 }
@@ -593,14 +592,18 @@ pub fn build(
     history.sort_by_key(|(at, _)| *at);
     let pay_all = match payable.as_slice() {
         [(currency, jurisdiction), rest @ ..] if !rest.is_empty() && rest.iter().all(|(c, _)| c == currency) => {
-            let with = text("pay_all_with");
+            // The same providers, their buttons saying "everything".
+            let mut all_texts = t.clone();
+            for (key, all_key) in [("pay_with", "pay_all_with"), ("pay_card", "pay_all_card")] {
+                all_texts.insert(key.to_owned(), text(all_key));
+            }
             let buttons = forms
                 .providers
                 .iter()
                 .filter(|p| p.pays(*currency))
                 .map(|p| PayButton {
                     provider: p.code().to_owned(),
-                    label: with.replace("{provider}", p.name(jurisdiction)),
+                    label: p.label(jurisdiction, &all_texts),
                 })
                 .collect();
             Some(PayAll {

@@ -12,7 +12,7 @@ use forfall_platform::kafka::Failure;
 use forfall_platform::rebuild_resume::Resume;
 use redis::aio::ConnectionManager;
 
-use crate::checkout::ATTEMPT_TTL_SECS;
+use crate::payments::ATTEMPT_TTL_SECS;
 use crate::view::{self, APPLY_REBUILDING, ViewKeys};
 
 /// Records per Redis round trip.

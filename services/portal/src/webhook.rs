@@ -1,9 +1,9 @@
-//! `POST /providers/vipps/<tenant>`: the Vipps MobilePay webhooks API telling of a payment's
-//! state. A request not signed with the tenant's webhook secret is refused (401) and changes
-//! nothing. An authorized or captured payment is finished (captured, and written as a payment
-//! received); an aborted, expired, cancelled or terminated one is counted and changes nothing.
-//! Anything the portal cannot do now (Redis, the broker or the provider away) answers 503, so
-//! that the webhooks API sends the event again.
+//! Providers telling of a payment's state: `POST /providers/vipps/<tenant>` (the Vipps
+//! MobilePay webhooks API) and `POST /providers/stripe/<tenant>` (a Stripe webhook endpoint).
+//! A request not signed with the tenant's secret is refused (401) and changes nothing. A
+//! payment that may have the money is finished (see [`crate::payments`]); an abandoned one is
+//! counted and changes nothing. Anything the portal cannot do now (Redis, the broker or the
+//! provider away) answers 503, so that the provider sends the event again.
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -12,6 +12,8 @@ use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
 use crate::Portal;
+use crate::payments::{Attempt, Finished};
+use crate::stripe::{Session, verify_signature};
 use crate::vipps::{WebhookEvent, verify_webhook};
 
 pub(crate) async fn vipps_webhook(
@@ -76,7 +78,7 @@ impl Portal {
                 _ => return (StatusCode::OK, "noted"),
             }
             let attempt = match self.attempt(&event.reference).await {
-                Ok(Some(a)) if a.tenant == tenant => a,
+                Ok(Some(a)) if a.tenant == tenant && a.provider == "vipps" => a,
                 Ok(_) => {
                     tracing::warn!("a payment the portal did not start; left alone");
                     return (StatusCode::OK, "not_ours");
@@ -86,16 +88,89 @@ impl Portal {
                     return (StatusCode::SERVICE_UNAVAILABLE, "unavailable");
                 }
             };
-            match self.finish(&attempt).await {
-                Ok(state) if state.captured_minor > 0 => (StatusCode::OK, "completed"),
-                Ok(_) => (StatusCode::OK, "noted"),
-                Err(e) => {
-                    tracing::warn!(error = ?e, "cannot finish the payment now; the provider will send it again");
-                    (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-                }
-            }
+            self.finish_from_webhook(&attempt, None).await
         }
         .instrument(span)
         .await
     }
+
+    async fn finish_from_webhook(&self, attempt: &Attempt, session: Option<&str>) -> (StatusCode, &'static str) {
+        match self.finish(attempt, session).await {
+            Ok(Finished::Taken(_)) => (StatusCode::OK, "completed"),
+            Ok(_) => (StatusCode::OK, "noted"),
+            Err(e) => {
+                tracing::warn!(error = ?e, "cannot finish the payment now; the provider will send it again");
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
+        }
+    }
+
+    async fn take_stripe_event(&self, tenant: &str, headers: &HeaderMap, body: &[u8]) -> (StatusCode, &'static str) {
+        let Some(account) = self.0.settings.stripe.get(tenant) else {
+            return (StatusCode::NOT_FOUND, "unknown_tenant");
+        };
+        let signature = headers
+            .get("stripe-signature")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        // Freshness is of the delivery, in real time, whatever clock the journeys run on.
+        if account.webhook_secret.is_empty()
+            || !verify_signature(&account.webhook_secret, signature, body, chrono::Utc::now().timestamp())
+        {
+            return (StatusCode::UNAUTHORIZED, "unsigned");
+        }
+        let event: serde_json::Value = match serde_json::from_slice(body) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "a signed webhook that is not JSON");
+                return (StatusCode::BAD_REQUEST, "unreadable");
+            }
+        };
+        let kind = event["type"].as_str().unwrap_or_default().to_owned();
+        let session = Session::from_json(&event["data"]["object"]);
+        let span = tracing::info_span!("payment", event = %kind);
+        async move {
+            match kind.as_str() {
+                "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {}
+                "checkout.session.expired" | "checkout.session.async_payment_failed" => {
+                    return (StatusCode::OK, "abandoned");
+                }
+                _ => return (StatusCode::OK, "noted"),
+            }
+            let Some(reference) = session.client_reference_id.clone() else {
+                return (StatusCode::OK, "not_ours");
+            };
+            let attempt = match self.attempt(&reference).await {
+                Ok(Some(a)) if a.tenant == tenant && a.provider == "stripe" => a,
+                Ok(_) => {
+                    tracing::warn!("a payment the portal did not start; left alone");
+                    return (StatusCode::OK, "not_ours");
+                }
+                Err(e) => {
+                    tracing::warn!(error = ?e, "cannot read the payment now; the provider will send it again");
+                    return (StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+                }
+            };
+            self.finish_from_webhook(&attempt, Some(&session.id)).await
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+pub(crate) async fn stripe_webhook(
+    State(portal): State<Portal>,
+    Path(tenant): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let span = tracing::info_span!("provider_webhook", provider = "stripe", tenant = %tenant);
+    async move {
+        let (status, result) = portal.take_stripe_event(&tenant, &headers, &body).await;
+        portal.0.metrics.webhooks.with_label_values(&["stripe", result]).inc();
+        tracing::info!(result, "webhook answered");
+        status.into_response()
+    }
+    .instrument(span)
+    .await
 }

@@ -5,8 +5,10 @@
 //! - [`HttpRecorder`]: an HTTP server keeping every request and answering with a scripted status.
 //! - [`sms::SmsProviderSim`]: the SMS providers' APIs, strict as their documentation.
 //! - [`vipps::VippsSim`]: the Vipps MobilePay ePayment and webhooks APIs, likewise.
+//! - [`stripe::StripeSim`]: Stripe Checkout and its webhook endpoints, likewise.
 
 pub mod sms;
+pub mod stripe;
 pub mod vipps;
 
 use std::collections::VecDeque;
