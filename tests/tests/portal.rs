@@ -298,7 +298,7 @@ async fn in_a_real_browser_the_page_passes_an_accessibility_audit_in_every_langu
             .into_boxed_str(),
     );
     let s = norwegian(kid);
-    let (_clock, stack) = nudged(&s).await?;
+    let (_clock, stack, Providers { ingress, .. }) = with_providers(&s).await?;
     let path = signed_path(&s);
     page_showing(&stack, &path, "Vennlig påminnelse sendt").await?;
     let addr = stack.rt.admin_addr("portal").expect("the portal serves HTTP");
@@ -403,6 +403,40 @@ async fn in_a_real_browser_the_page_passes_an_accessibility_audit_in_every_langu
             "Tab reaches {other} with a visible focus: {walk:?}"
         );
     }
+
+    // Paying by keyboard alone: Tab to "Betal med Vipps", Enter; approve in the app (the
+    // stand-in's page), Enter; back on the portal's page, which says it is paid.
+    let shot = shots.join("portal-paid-nb.png");
+    let out = tokio::process::Command::new("node")
+        .arg(tools.join("pay-by-keyboard.mjs"))
+        .arg(format!("http://{}{path}", ingress.addr))
+        .arg("Betal med Vipps")
+        .arg("approve")
+        .arg(&shot)
+        .output()
+        .await?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let walk: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(
+        walk["pay_button"]["reached"], true,
+        "Tab reaches the pay button: {walk}"
+    );
+    assert_eq!(walk["pay_button"]["focus_visible"], true, "{walk}");
+    assert_eq!(walk["approve_button"]["reached"], true, "{walk}");
+    assert_eq!(walk["lang"], "nb", "{walk}");
+    assert!(
+        walk["status"]
+            .as_str()
+            .is_some_and(|t| t.contains("kr\u{a0}1\u{a0}250,00")),
+        "the return page says what was paid: {walk}"
+    );
+    assert!(std::fs::metadata(&shot).is_ok_and(|m| m.len() > 5_000));
+    println!(
+        "paid by keyboard in {} tabs; screenshot {}",
+        walk["pay_button"]["tabs"],
+        shot.display()
+    );
+    status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
     stack.shutdown().await;
     Ok(())
 }

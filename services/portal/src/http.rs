@@ -203,6 +203,44 @@ impl Portal {
         providers
     }
 
+    /// The origin the links are published under (`dispatch.pay_link.base_url`'s).
+    pub(crate) fn public_origin(&self) -> String {
+        let url = &self.0.pay_base_url;
+        match url.split_once("://") {
+            Some((scheme, rest)) => format!("{scheme}://{}", rest.split('/').next().unwrap_or_default()),
+            None => String::new(),
+        }
+    }
+
+    /// The origins the page's pay-now forms end up at (the providers' pages): the browser
+    /// follows the portal's redirect there only if the page's form-action policy names them.
+    fn form_targets(&self, tenant: &str) -> Vec<String> {
+        let origin = |url: &str| -> Option<String> {
+            let (scheme, rest) = url.split_once("://")?;
+            Some(format!("{scheme}://{}", rest.split('/').next()?))
+        };
+        let mut targets = Vec::new();
+        if let Some(m) = self.0.settings.vipps.get(tenant) {
+            targets.extend(origin(&m.base_url));
+            if m.redirect_origins.is_empty() {
+                targets.extend(crate::vipps::LANDING_ORIGINS.map(str::to_owned));
+            }
+            targets.extend(m.redirect_origins.iter().cloned());
+        }
+        if let Some(a) = self.0.settings.stripe.get(tenant) {
+            targets.extend(origin(&a.base_url));
+            if a.redirect_origins.is_empty() {
+                targets.extend(crate::stripe::CHECKOUT_ORIGINS.map(str::to_owned));
+            }
+            targets.extend(a.redirect_origins.iter().cloned());
+        }
+        // Only what a CSP source may be: no spaces, quotes or separators smuggled in.
+        targets.retain(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || ":/.-[]".contains(c)));
+        targets.sort();
+        targets.dedup();
+        targets
+    }
+
     pub(crate) fn creditor(&self, tenant: &str) -> Creditor {
         self.0.creditors.get(tenant).cloned().unwrap_or_default()
     }
@@ -238,7 +276,7 @@ impl Portal {
             &forms,
         );
         match self.0.renderer.page(&page) {
-            Ok(html) => html_response(StatusCode::OK, html),
+            Ok(html) => html_response_posting_to(StatusCode::OK, html, &self.form_targets(&claims.tenant)),
             Err(e) => {
                 tracing::error!(error = %e, "the page cannot be rendered");
                 unavailable()
@@ -266,6 +304,12 @@ impl Portal {
 /// Headers every answer carries: never cached, no referrer (the token is in the address),
 /// nothing loaded from elsewhere, never framed.
 pub(crate) fn html_response(status: StatusCode, html: String) -> Response {
+    html_response_posting_to(status, html, &[])
+}
+
+/// [`html_response`] for a page whose forms may end up at these origins too (a payment
+/// provider the portal redirects a pay-now form to).
+pub(crate) fn html_response_posting_to(status: StatusCode, html: String, form_targets: &[String]) -> Response {
     let mut response = (status, html).into_response();
     let h = response.headers_mut();
     h.insert(
@@ -276,12 +320,14 @@ pub(crate) fn html_response(status: StatusCode, html: String) -> Response {
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
-        ),
+    let policy = format!(
+        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'{}{}; base-uri 'none'; frame-ancestors 'none'",
+        if form_targets.is_empty() { "" } else { " " },
+        form_targets.join(" ")
     );
+    if let Ok(policy) = HeaderValue::from_str(&policy) {
+        h.insert(header::CONTENT_SECURITY_POLICY, policy);
+    }
     response
 }
 

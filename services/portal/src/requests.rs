@@ -107,18 +107,23 @@ pub(crate) fn request_of(form: &RequestForm) -> Result<Wanted, FormError> {
     }
 }
 
-/// Whether the browser says the form came from elsewhere (`Origin` or `Sec-Fetch-Site`).
-pub(crate) fn cross_site(headers: &HeaderMap) -> bool {
-    let site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
-    if matches!(site, Some("cross-site" | "same-site")) {
-        return true;
+/// Whether the browser says the form came from elsewhere. `Sec-Fetch-Site` decides where the
+/// browser sends it (every current browser): only `same-origin` (or `none`, typed by the user)
+/// passes. Older browsers send only `Origin`: it must be the links' public origin,
+/// `public_origin`, or the host asked for (a proxy in front of the portal may rewrite `Host`).
+/// `Origin: null` alone is no proof of another site: the page's `Referrer-Policy: no-referrer`
+/// makes browsers send it for the page's own forms.
+pub(crate) fn cross_site(headers: &HeaderMap, public_origin: &str) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        return !matches!(site, "same-origin" | "none");
     }
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
-    match (origin, host) {
-        (Some("null"), _) => true,
-        (Some(origin), Some(host)) => origin.split_once("://").map(|(_, h)| h) != Some(host),
-        _ => false,
+    match origin {
+        None => false,
+        Some("null") => true,
+        Some(origin) if origin == public_origin => false,
+        Some(origin) => origin.split_once("://").map(|(_, h)| h) != host,
     }
 }
 
@@ -162,7 +167,7 @@ impl Portal {
             Err(LinkError::Expired(_)) => return (refused_with(StatusCode::GONE), "expired"),
             Err(_) => return (refused(), "refused"),
         };
-        if cross_site(headers)
+        if cross_site(headers, &self.public_origin())
             || !claims.invoices.contains(&form.invoice)
             || !self
                 .0
@@ -349,13 +354,31 @@ mod tests {
     fn a_form_from_another_site_is_told_apart() {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("pay.example.com"));
-        assert!(!cross_site(&h), "no Origin: an older browser, the token decides");
+        let public = "https://pay.example.com";
+        assert!(
+            !cross_site(&h, public),
+            "no Origin: an older browser, the token decides"
+        );
         h.insert(header::ORIGIN, HeaderValue::from_static("https://pay.example.com"));
-        assert!(!cross_site(&h));
+        assert!(!cross_site(&h, public));
         h.insert(header::ORIGIN, HeaderValue::from_static("https://evil.example"));
-        assert!(cross_site(&h));
+        assert!(cross_site(&h, public));
+        // Behind a proxy that rewrites Host, the links' public origin is still the page's.
+        h.insert(header::HOST, HeaderValue::from_static("portal.internal:9606"));
+        h.insert(header::ORIGIN, HeaderValue::from_static("https://pay.example.com"));
+        assert!(!cross_site(&h, public));
         let mut h = HeaderMap::new();
         h.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
-        assert!(cross_site(&h));
+        assert!(cross_site(&h, "https://pay.example.com"));
+        // What Chromium sends for the page's own form under `Referrer-Policy: no-referrer`.
+        let mut h = HeaderMap::new();
+        h.insert(header::ORIGIN, HeaderValue::from_static("null"));
+        h.insert("sec-fetch-site", HeaderValue::from_static("same-origin"));
+        assert!(!cross_site(&h, "https://pay.example.com"));
+        h.insert("sec-fetch-site", HeaderValue::from_static("same-site"));
+        assert!(
+            cross_site(&h, "https://pay.example.com"),
+            "a sibling subdomain is another site"
+        );
     }
 }

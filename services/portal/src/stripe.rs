@@ -26,7 +26,13 @@ pub struct StripeAccount {
     /// The webhook endpoint's signing secret (`whsec_...`), from registering this portal's
     /// `/providers/stripe/<tenant>` URL.
     pub webhook_secret: String,
+    /// Where a session's `url` leads, for the page's form-action policy; [`CHECKOUT_ORIGINS`]
+    /// and the API's own origin when empty.
+    pub redirect_origins: Vec<String>,
 }
+
+/// Where Stripe Checkout's pages are.
+pub const CHECKOUT_ORIGINS: [&str; 1] = ["https://checkout.stripe.com"];
 
 impl std::fmt::Debug for StripeAccount {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

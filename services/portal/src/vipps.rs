@@ -29,7 +29,17 @@ pub struct VippsMerchant {
     /// The secret the webhooks API answered when the merchant's webhook was registered
     /// (`POST /webhooks/v1/webhooks` with this portal's `/providers/vipps/<tenant>` URL).
     pub webhook_secret: String,
+    /// Where the `redirectUrl`s lead (the landing pages), for the page's form-action policy;
+    /// [`LANDING_ORIGINS`] and the API's own origin when empty.
+    pub redirect_origins: Vec<String>,
 }
+
+/// Where Vipps MobilePay's landing pages are (`redirectUrl`'s origin in production).
+pub const LANDING_ORIGINS: [&str; 3] = [
+    "https://pay.vipps.no",
+    "https://pay.mobilepay.dk",
+    "https://pay.mobilepay.fi",
+];
 
 impl std::fmt::Debug for VippsMerchant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
