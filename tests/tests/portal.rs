@@ -3,11 +3,12 @@
 //! says paid; an altered, forged or expired link, or one naming another debtor's invoice,
 //! shows nothing of the invoice; and pages are limited per link.
 
+use forfall::pay_flow;
+use forfall_devsinks::ingress::Forwarder;
 use forfall_devsinks::stripe::StripeSim;
 use forfall_devsinks::vipps::{VippsMerchant, VippsSim};
 use forfall_domain::paylink::{self, LinkClaims, LinkKey};
 use forfall_domain::reference::{self, ReferenceKind};
-use forfall_e2e::servers::Forwarder;
 use forfall_e2e::*;
 use forfall_platform::clock::ManualClock;
 use forfall_platform::records::PaymentReceived;
@@ -614,59 +615,8 @@ async fn with_providers(s: &Sample<'_>) -> anyhow::Result<(std::sync::Arc<Manual
     ))
 }
 
-fn no_redirects() -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()?)
-}
-
-/// Posts the page's first pay-now form for `provider`; where the portal sends the browser.
-async fn checkout(
-    browser: &reqwest::Client,
-    ingress: &Forwarder,
-    path: &str,
-    page: &str,
-    amount: &str,
-    provider: &str,
-) -> anyhow::Result<String> {
-    let (invoice, form_token) = pay_form_in(page).ok_or_else(|| anyhow::anyhow!("no pay-now form in\n{page}"))?;
-    let started = browser
-        .post(format!("http://{}{path}/checkout", ingress.addr))
-        .form(&[
-            ("invoice", invoice.as_str()),
-            ("form_token", form_token.as_str()),
-            ("lang", "nb"),
-            ("amount", amount),
-            ("provider", provider),
-        ])
-        .send()
-        .await?;
-    anyhow::ensure!(started.status().as_u16() == 303, "checkout: {}", started.status());
-    Ok(location(&started))
-}
-
-/// The first pay-now form's invoice and anti-forgery token.
-fn pay_form_in(html: &str) -> Option<(String, String)> {
-    let (_, form) = html.split_once("class=\"pay-now\"")?;
-    let form = form.split("</form>").next()?;
-    let field = |name: &str| {
-        let (_, rest) = form.split_once(&format!("name=\"{name}\" value=\""))?;
-        rest.split_once('"').map(|(v, _)| v.to_owned())
-    };
-    Some((field("invoice")?, field("form_token")?))
-}
-
-fn location(r: &reqwest::Response) -> String {
-    r.headers()
-        .get("location")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned()
-}
-
-/// Pays from the page through the stand-in as the debtor's browser would: the pay-now form,
-/// the provider's page (`choice`: approve or cancel), back to the portal. The provider's
-/// reference and the page the debtor comes back to.
+/// Pays from the page at `path` (through the ingress) with the Vipps MobilePay stand-in; the
+/// provider's reference, and the return page's status and body.
 async fn pay_through_vipps(
     ingress: &Forwarder,
     path: &str,
@@ -674,14 +624,8 @@ async fn pay_through_vipps(
     amount: &str,
     choice: &str,
 ) -> anyhow::Result<(String, u16, String)> {
-    let browser = no_redirects()?;
-    let landing = checkout(&browser, ingress, path, page, amount, "vipps").await?;
-    let reference = landing.rsplit('/').next().unwrap_or_default().to_owned();
-    let chosen = browser.post(format!("{landing}/{choice}")).send().await?;
-    anyhow::ensure!(chosen.status().as_u16() == 303, "the app: {}", chosen.status());
-    let back = browser.get(location(&chosen)).send().await?;
-    let status = back.status().as_u16();
-    Ok((reference, status, back.text().await?))
+    let paid = pay_flow::pay_with_vipps(&format!("http://{}{path}", ingress.addr), page, amount, choice).await?;
+    Ok((paid.reference, paid.status, paid.body))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -859,7 +803,7 @@ async fn a_part_payment_is_booked_when_the_debtor_comes_back_though_every_webhoo
     );
 
     // More than is owed is refused, with what is owed.
-    let (invoice, form_token) = pay_form_in(&page.body).expect("a pay-now form");
+    let (invoice, form_token) = pay_flow::pay_form(&page.body).expect("a pay-now form");
     let too_much = reqwest::Client::new()
         .post(format!("http://{}{path}/checkout", ingress.addr))
         .form(&[
@@ -1040,17 +984,31 @@ async fn paid_by_card_through_stripe_checkout_after_a_decline_and_a_turn_back_th
     let (_clock, stack, Providers { stripe, ingress, .. }) = with_providers(&s).await?;
     let path = signed_path(&s);
     let page = page_showing(&stack, &path, "Betal med kort").await?;
-    let browser = no_redirects()?;
+    let browser = pay_flow::no_redirects()?;
 
     // Turned back on Stripe's page: nothing is charged, nothing is booked.
-    let checkout_page = checkout(&browser, &ingress, &path, &page.body, "", "stripe").await?;
+    let checkout_page = pay_flow::checkout(
+        &browser,
+        &format!("http://{}{path}", ingress.addr),
+        &page.body,
+        "",
+        "stripe",
+    )
+    .await?;
     let back = browser.get(format!("{checkout_page}/back")).send().await?;
     assert_eq!(back.status().as_u16(), 303);
-    let returned = browser.get(location(&back)).send().await?.text().await?;
+    let returned = browser.get(pay_flow::location(&back)).send().await?.text().await?;
     assert!(returned.contains("Betalingen ble avbrutt"), "{returned}");
 
     // Declined, then paid with the test card.
-    let checkout_page = checkout(&browser, &ingress, &path, &page.body, "", "stripe").await?;
+    let checkout_page = pay_flow::checkout(
+        &browser,
+        &format!("http://{}{path}", ingress.addr),
+        &page.body,
+        "",
+        "stripe",
+    )
+    .await?;
     let session_id = checkout_page.rsplit('/').next().unwrap_or_default().to_owned();
     let declined = browser
         .post(format!("{checkout_page}/pay"))
@@ -1064,7 +1022,7 @@ async fn paid_by_card_through_stripe_checkout_after_a_decline_and_a_turn_back_th
         .send()
         .await?;
     assert_eq!(paid.status().as_u16(), 303);
-    let success = location(&paid);
+    let success = pay_flow::location(&paid);
     assert!(success.ends_with(&format!("?session_id={session_id}")), "{success}");
     let returned = browser.get(&success).send().await?.text().await?;
     assert!(

@@ -15,6 +15,9 @@ use forfall_platform::records::{
     Rejected, new_event_id,
 };
 
+use forfall_devsinks::ingress::Forwarder;
+use forfall_devsinks::vipps::{VippsMerchant, VippsSim};
+
 use crate::devstack::LocalStack;
 
 #[derive(Debug, clap::Args)]
@@ -28,6 +31,32 @@ pub struct DemoArgs {
 }
 
 const TENANT: &str = "demo-utility";
+
+/// The demo creditor's Vipps MobilePay test merchant (the stand-in's credentials; dev only).
+struct DemoMerchant {
+    client_id: &'static str,
+    client_secret: &'static str,
+    subscription_key: &'static str,
+    msn: &'static str,
+}
+
+const DEMO_MERCHANT: DemoMerchant = DemoMerchant {
+    client_id: "demo-client",
+    client_secret: "demo-client-secret",
+    subscription_key: "demo-subscription",
+    msn: "654321",
+};
+
+impl DemoMerchant {
+    fn merchant(&self) -> VippsMerchant {
+        VippsMerchant {
+            client_id: self.client_id.into(),
+            client_secret: self.client_secret.into(),
+            subscription_key: self.subscription_key.into(),
+            msn: self.msn.into(),
+        }
+    }
+}
 
 /// One demo debtor and what they do.
 struct Case {
@@ -47,7 +76,7 @@ struct Case {
 #[derive(Clone, Copy, PartialEq)]
 enum Behaviour {
     PaysBeforeDue,
-    PaysAfterNudge,
+    PaysOnThePage,
     NeverPays,
     PaysHalfAfterNudge,
     CreditedBeforeDue,
@@ -80,8 +109,8 @@ fn demo_cases() -> Vec<Case> {
             language: "nb",
             amount_minor: 129_000,
             reference: "1000025",
-            story: "pays after the friendly nudge",
-            behaviour: PaysAfterNudge,
+            story: "pays with Vipps on his page, from the link in the friendly nudge",
+            behaviour: PaysOnThePage,
         },
         Case {
             invoice_id: "d-3",
@@ -189,7 +218,7 @@ fn payment(c: &Case, amount_minor: i64, now: DateTime<Utc>) -> PaymentReceived {
 
 fn done(c: &Case, status: Option<&str>, rejected: &[Rejected]) -> bool {
     match c.behaviour {
-        Behaviour::PaysBeforeDue | Behaviour::PaysAfterNudge => status == Some("closed:paid"),
+        Behaviour::PaysBeforeDue | Behaviour::PaysOnThePage => status == Some("closed:paid"),
         Behaviour::NeverPays | Behaviour::PaysHalfAfterNudge => status == Some("handed_over"),
         Behaviour::CreditedBeforeDue => status == Some("closed:credited"),
         Behaviour::Invalid => rejected.iter().any(|r| {
@@ -220,6 +249,29 @@ pub async fn run(mut common: CommonConfig, _figment: Figment, args: DemoArgs) ->
         "IBAN DK50 0040 0440 1162 43",
     );
     stack.set("dispatch.tenants.demo-utility.contact", "kundeservice@nordlys.example");
+    // Vipps MobilePay (its dev stand-in) for paying on the page, and an ingress in front of the
+    // portal whose address the links and the provider's webhook name.
+    let vipps = VippsSim::start(DEMO_MERCHANT.merchant()).await?;
+    let rt = stack.rt.clone();
+    let ingress = Forwarder::start(move || rt.admin_addr("portal")).await?;
+    let webhook_secret = vipps
+        .register_webhook(
+            &format!("http://{}/providers/vipps/{TENANT}", ingress.addr),
+            &["epayments.payment.authorized.v1", "epayments.payment.captured.v1"],
+        )
+        .await?;
+    let merchant = format!("portal.vipps.{TENANT}");
+    for (key, value) in [
+        ("base_url", vipps.url()),
+        ("client_id", DEMO_MERCHANT.client_id.to_owned()),
+        ("client_secret", DEMO_MERCHANT.client_secret.to_owned()),
+        ("subscription_key", DEMO_MERCHANT.subscription_key.to_owned()),
+        ("merchant_serial_number", DEMO_MERCHANT.msn.to_owned()),
+        ("webhook_secret", webhook_secret),
+    ] {
+        stack.set(&format!("{merchant}.{key}"), value);
+    }
+    stack.set("dispatch.pay_link.base_url", format!("http://{}/pay/", ingress.addr));
     let stack = stack;
     stack.start_all();
     stack.wait_ready(&crate::TARGETS, Duration::from_secs(60)).await?;
@@ -275,10 +327,8 @@ async fn drive(stack: &LocalStack, timeout_secs: u64) -> anyhow::Result<()> {
                         .await?;
                     paid.insert(c.invoice_id, true);
                 }
-                Behaviour::PaysAfterNudge if nudged && !paid.contains_key(c.invoice_id) => {
-                    stack
-                        .produce(&payments, "bank", &payment(c, c.amount_minor, now))
-                        .await?;
+                Behaviour::PaysOnThePage if nudged && !paid.contains_key(c.invoice_id) => {
+                    println!("  {} {}", c.who, pay_on_the_page(stack, c.email).await?);
                     paid.insert(c.invoice_id, true);
                 }
                 Behaviour::PaysHalfAfterNudge if nudged && !paid.contains_key(c.invoice_id) => {
@@ -324,14 +374,35 @@ async fn drive(stack: &LocalStack, timeout_secs: u64) -> anyhow::Result<()> {
     summary(stack, &cases).await
 }
 
+/// The pay link in the debtor's first e-mail.
+fn pay_link(stack: &LocalStack, email: &str) -> Option<String> {
+    let body = stack.mail.to(email).first()?.body();
+    body.split_whitespace()
+        .find(|w| w.contains("/pay/v1."))
+        .map(str::to_owned)
+}
+
+/// What the debtor does on their page: opens the link from the nudge, taps "pay with Vipps",
+/// approves in the app (the stand-in), and comes back to the portal's page.
+async fn pay_on_the_page(stack: &LocalStack, email: &str) -> anyhow::Result<String> {
+    let url = pay_link(stack, email).ok_or_else(|| anyhow::anyhow!("no pay link in the nudge to {email}"))?;
+    let page = reqwest::get(&url).await?.text().await?;
+    let paid = crate::pay_flow::pay_with_vipps(&url, &page, "", "approve").await?;
+    let said = paid
+        .body
+        .split_once("role=\"status\">")
+        .and_then(|(_, rest)| rest.split_once('<'))
+        .map_or("", |(text, _)| text);
+    Ok(format!(
+        "opened the link in the nudge, paid with Vipps on the page; it said (HTTP {}): \"{said}\"",
+        paid.status
+    ))
+}
+
 /// The debtor's page behind the pay link in their first e-mail, as the portal answered it
 /// while the demo ran.
 async fn pay_page(stack: &LocalStack, email: &str) -> Option<String> {
-    let body = stack.mail.to(email).first()?.body();
-    let token = body
-        .split_whitespace()
-        .find_map(|w| w.split_once("/pay/").map(|(_, t)| t.to_owned()))?;
-    let url = format!("http://{}/pay/{token}", stack.rt.admin_addr("portal")?);
+    let url = pay_link(stack, email)?;
     let answer = reqwest::get(&url).await.ok()?;
     let status = answer.status().as_u16();
     let html = answer.text().await.unwrap_or_default();

@@ -3,6 +3,7 @@
 
 pub mod demo;
 pub mod devstack;
+pub mod pay_flow;
 pub mod tools;
 
 use forfall_platform::service::Runtime;

@@ -6,7 +6,9 @@
 //! - [`sms::SmsProviderSim`]: the SMS providers' APIs, strict as their documentation.
 //! - [`vipps::VippsSim`]: the Vipps MobilePay ePayment and webhooks APIs, likewise.
 //! - [`stripe::StripeSim`]: Stripe Checkout and its webhook endpoints, likewise.
+//! - [`ingress::Forwarder`]: a reverse proxy that keeps `Host`, for fixed public URLs.
 
+pub mod ingress;
 pub mod sms;
 pub mod stripe;
 pub mod vipps;
