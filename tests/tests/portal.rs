@@ -550,6 +550,7 @@ fn vipps_merchant() -> VippsMerchant {
 }
 
 const STRIPE_KEY: &str = "sk_test_forfall";
+const STAFF_TOKEN: &str = "staff-token-for-tests";
 
 /// The payment providers' stand-ins and the ingress they reach the portal through.
 struct Providers {
@@ -601,6 +602,7 @@ async fn with_providers(s: &Sample<'_>) -> anyhow::Result<(std::sync::Arc<Manual
             "dispatch.pay_link.base_url".to_owned(),
             format!("http://{}/pay/", ingress.addr).into(),
         ),
+        ("portal.staff_token".to_owned(), STAFF_TOKEN.into()),
     ];
     let (clock, stack) = nudged_with(s, &settings).await?;
     *portal_addr.lock().unwrap_or_else(|p| p.into_inner()) = stack.rt.admin_addr("portal");
@@ -707,6 +709,72 @@ async fn paid_with_vipps_from_the_page_the_invoice_is_settled_and_no_reminder_fo
     timer_mark_fired(&stack, &mark).await?;
     dispatch_caught_up(&stack, &s).await?;
     assert_eq!(stack.mail.to(s.email).len(), 1, "no reminder after paying with Vipps");
+
+    // The creditor's staff see the whole story: the nudge, the payment, the close.
+    let timeline_url = format!("http://{}/v1/timeline/{}/{}", ingress.addr, s.tenant, s.invoice_id);
+    let staff = reqwest::Client::new();
+    assert_eq!(staff.get(&timeline_url).send().await?.status().as_u16(), 401);
+    assert_eq!(
+        staff
+            .get(&timeline_url)
+            .bearer_auth("a guess")
+            .send()
+            .await?
+            .status()
+            .as_u16(),
+        401
+    );
+    let story: serde_json::Value = eventually("the timeline to show the close", WAIT, || async {
+        let story: serde_json::Value = staff
+            .get(&timeline_url)
+            .bearer_auth(STAFF_TOKEN)
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok((story["state"] == "closed:paid").then_some(story))
+    })
+    .await?;
+    let said: Vec<String> = story["entries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            format!(
+                "{} {} {}",
+                e["source"].as_str().unwrap_or(""),
+                e["what"].as_str().unwrap_or(""),
+                e["detail"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    for want in [
+        "journey opened",
+        "journey step_sent nudge (open → nudged)",
+        "message nudge by email: sent",
+        &format!("payment 1250.00 NOK matched payment vipps:{reference}; matched by exact_reference"),
+        "journey paid (nudged → closed:paid)",
+    ] {
+        assert!(
+            said.iter().any(|l| l.starts_with(want)),
+            "the timeline tells '{want}': {said:#?}"
+        );
+    }
+    let forfall_cli = forfall_e2e::chaos::binaries_dir()?.join("forfall");
+    let printed = tokio::process::Command::new(&forfall_cli)
+        .args(["timeline", s.tenant, s.invoice_id, "--portal"])
+        .arg(format!("http://{}", ingress.addr))
+        .env("FORFALL_STAFF_TOKEN", STAFF_TOKEN)
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&printed.stdout);
+    assert!(printed.status.success(), "{}", String::from_utf8_lossy(&printed.stderr));
+    assert!(
+        text.starts_with(&format!("invoice {} (7000125) of nordkraft", s.invoice_id)),
+        "{text}"
+    );
+    assert!(text.contains("message  nudge by email: sent"), "{text}");
+    println!("{text}");
 
     // A webhook not signed with the merchant's secret is refused.
     let forged = reqwest::Client::new()

@@ -41,6 +41,9 @@ enum Command {
     /// Journey policies: check one against the law before deploying it.
     #[command(subcommand)]
     Policy(forfall::tools::PolicyCommand),
+    /// An invoice's whole story (journey, messages, payments, requests), as the portal tells
+    /// it to the creditor's staff.
+    Timeline(forfall::tools::TimelineArgs),
     /// Payments: import camt.054 files, list and match unmatched payments.
     #[command(subcommand)]
     Payments(forfall::tools::PaymentsCommand),
@@ -74,6 +77,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Demo(args) => forfall::demo::run(common, figment, args).await,
             Command::Payments(cmd) => forfall::tools::payments(cmd).await,
+            Command::Timeline(args) => forfall::tools::timeline(args).await,
             Command::Rebuild(args) => {
                 telemetry::init(&common.log);
                 let rt = Runtime::new(common, figment, Arc::new(SystemClock), CancellationToken::new());

@@ -444,3 +444,51 @@ async fn rebuild_derived<R: forfall_platform::derived_state::Rebuild>(
     println!("{service}: rebuilt in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
+
+#[derive(Debug, clap::Args)]
+pub struct TimelineArgs {
+    pub tenant: String,
+    pub invoice: String,
+    /// The portal's HTTP address.
+    #[arg(long, env = "FORFALL_PORTAL_URL", default_value = "http://127.0.0.1:9606")]
+    pub portal: String,
+    /// The portal's staff token (`portal.staff_token`).
+    #[arg(long, env = "FORFALL_STAFF_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `forfall timeline`: an invoice's whole story, as the portal tells it to staff.
+pub async fn timeline(args: TimelineArgs) -> anyhow::Result<()> {
+    let url = format!(
+        "{}/v1/timeline/{}/{}",
+        args.portal.trim_end_matches('/'),
+        urlencode(&args.tenant),
+        urlencode(&args.invoice)
+    );
+    let response = reqwest::Client::new()
+        .get(&url)
+        .query(&[("format", if args.json { "json" } else { "text" })])
+        .bearer_auth(&args.token)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the portal at {}: {e}", args.portal))?;
+    let status = response.status();
+    let body = response.text().await?;
+    anyhow::ensure!(status.is_success(), "the portal answered {status}: {}", body.trim());
+    print!("{body}");
+    Ok(())
+}
+
+/// A path segment, percent-encoded (tenant and invoice ids are free text from billing).
+fn urlencode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -43,6 +43,7 @@ pub fn routes(portal: Portal) -> Router {
             "/providers/vipps/{tenant}",
             axum::routing::post(crate::webhook::vipps_webhook),
         )
+        .route("/v1/timeline/{tenant}/{invoice}", get(crate::timeline::get_timeline))
         .route(
             "/providers/stripe/{tenant}",
             axum::routing::post(crate::webhook::stripe_webhook),
@@ -239,6 +240,19 @@ impl Portal {
         targets.sort();
         targets.dedup();
         targets
+    }
+
+    /// One invoice's view, read with the state marker; `None` when the portal knows nothing
+    /// of it.
+    pub(crate) async fn view_of(&self, tenant: &str, invoice_id: &str) -> Result<Option<InvoiceView>, Failure> {
+        self.0.state.ensure_ready().await?;
+        let (fields, marker): (HashMap<String, String>, Option<String>) = redis::pipe()
+            .hgetall(self.0.keys.invoice(tenant, invoice_id))
+            .get(self.0.state.marker_key())
+            .query_async(&mut self.0.redis.clone())
+            .await?;
+        self.0.state.check(marker.as_deref())?;
+        Ok((!fields.is_empty()).then(|| InvoiceView::from_fields(invoice_id, fields)))
     }
 
     pub(crate) fn creditor(&self, tenant: &str) -> Creditor {

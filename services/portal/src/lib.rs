@@ -16,6 +16,7 @@ pub mod payments;
 pub mod rebuild;
 mod requests;
 pub mod stripe;
+pub mod timeline;
 pub mod view;
 pub mod vipps;
 mod webhook;
@@ -43,7 +44,7 @@ pub const SERVICE: &str = "portal";
 /// The page listens on `admin.base_port + 6` (9606), where dispatch's default links point.
 pub const PORT_OFFSET: u16 = 6;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PortalSettings {
     /// Days a closed invoice's page stays answerable after it closed: a debtor who opens an
@@ -62,6 +63,24 @@ pub struct PortalSettings {
     pub vipps: BTreeMap<String, vipps::VippsMerchant>,
     /// Each tenant's Stripe account, by tenant: the page offers to pay by card for these.
     pub stripe: BTreeMap<String, stripe::StripeAccount>,
+    /// The bearer token of the staff endpoints (`/v1/timeline/...`); they answer nothing
+    /// without one.
+    pub staff_token: Option<String>,
+}
+
+/// Without the secrets (the staff token; the providers' own `Debug` leaves theirs out).
+impl std::fmt::Debug for PortalSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PortalSettings")
+            .field("closed_retention_days", &self.closed_retention_days)
+            .field("per_address_per_minute", &self.per_address_per_minute)
+            .field("per_link_per_minute", &self.per_link_per_minute)
+            .field("client_address_header", &self.client_address_header)
+            .field("vipps", &self.vipps)
+            .field("stripe", &self.stripe)
+            .field("staff_token", &self.staff_token.as_ref().map(|_| "(set)"))
+            .finish()
+    }
 }
 
 impl Default for PortalSettings {
@@ -73,6 +92,7 @@ impl Default for PortalSettings {
             client_address_header: None,
             vipps: BTreeMap::new(),
             stripe: BTreeMap::new(),
+            staff_token: None,
         }
     }
 }
@@ -138,7 +158,7 @@ impl Portal {
     async fn apply(&self, record: &Inbound) -> Result<(), Failure> {
         self.0.state.ensure_ready().await?;
         let decoded = self.0.rt.codec.decode(record.payload.as_deref()).await?;
-        let changes = view::changes_of(&decoded.name, &decoded)
+        let changes = view::changes_of(&decoded.name, &decoded, record.offset)
             .map_err(|e| Failure::reject("unreadable_record", format!("{e:#}")))?;
         let span = tracing::info_span!("apply", record = %decoded.name, changes = changes.len());
         let _entered = span.enter();
@@ -214,6 +234,7 @@ fn read_model_topics(rt: &Runtime) -> Vec<String> {
         &t.journey_events,
         &t.payments_matched,
         &t.dispatch_outcomes,
+        &t.debtor_requests,
     ]
     .into_iter()
     .map(|name| rt.topic(name))

@@ -750,12 +750,14 @@ mod tests {
                     channel: "email".into(),
                     status: "sent".into(),
                     at_ms: 1_772_600_000_000,
+                    reason: None,
                 },
                 Message {
                     step: "reminder-1".into(),
                     channel: "email".into(),
                     status: "delivered".into(),
                     at_ms: 1_772_600_100_000,
+                    reason: None,
                 },
             ],
             payments: vec![Paid {
@@ -763,7 +765,10 @@ mod tests {
                 currency: "NOK".into(),
                 at_ms: 1_772_700_000_000,
                 value_date: 20_520,
+                payment_id: None,
+                rule: None,
             }],
+            requests: vec![],
         };
         let page = build("d1", &[view], &creditor(), "nordkraft", "nb", &texts(), &Forms::none());
         let line = &page.invoices[0];

@@ -76,7 +76,7 @@ impl Restore for Restorer<'_> {
                     continue;
                 }
             };
-            let applied = match view::changes_of(&decoded.name, &decoded) {
+            let applied = match view::changes_of(&decoded.name, &decoded, c.offset) {
                 Ok(applied) => applied,
                 Err(e) => {
                     self.skipped += 1;

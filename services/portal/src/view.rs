@@ -16,7 +16,9 @@
 use std::collections::HashMap;
 
 use forfall_platform::derived_state::guard_lua;
-use forfall_platform::records::{self, DispatchOutcome, DispatchStatus, JourneyEvent, PaymentMatched, Record};
+use forfall_platform::records::{
+    self, DebtorRequest, DispatchOutcome, DispatchStatus, JourneyEvent, PaymentMatched, Record,
+};
 use forfall_platform::redis_store::Keys;
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +60,16 @@ pub struct Happened {
     /// Why (a refused request's reason).
     #[serde(default)]
     pub reason: Option<String>,
+    /// The journey's states around it, and what was left to pay after it.
+    #[serde(default)]
+    pub from_state: Option<String>,
+    #[serde(default)]
+    pub to_state: Option<String>,
+    #[serde(default)]
+    pub open_minor: Option<i64>,
+    /// The event's offset on its partition: the order of events of the same moment.
+    #[serde(default)]
+    pub seq: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -67,6 +79,9 @@ pub struct Message {
     /// `sent`, `delivered`, `bounced`, `failed`, `suppressed`, `duplicate`.
     pub status: String,
     pub at_ms: i64,
+    /// Why it was not sent, when it was not.
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -76,6 +91,21 @@ pub struct Paid {
     pub at_ms: i64,
     /// The day the bank booked it (days since the epoch).
     pub value_date: i32,
+    #[serde(default)]
+    pub payment_id: Option<String>,
+    /// The matching rule, or `manual`.
+    #[serde(default)]
+    pub rule: Option<String>,
+}
+
+/// A debtor's request about the invoice, as the portal (or an agent) sent it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Asked {
+    pub kind: String,
+    pub at_ms: i64,
+    pub source: String,
+    /// What was asked, in a few words (the date, the number of instalments, the objection).
+    pub detail: Option<String>,
 }
 
 /// Everything the read model holds of one invoice.
@@ -88,6 +118,7 @@ pub struct InvoiceView {
     pub happened: Vec<Happened>,
     pub messages: Vec<Message>,
     pub payments: Vec<Paid>,
+    pub requests: Vec<Asked>,
 }
 
 impl InvoiceView {
@@ -104,12 +135,14 @@ impl InvoiceView {
                 ("ev", _) => view.happened.extend(serde_json::from_str(&value).ok()),
                 ("out", _) => view.messages.extend(serde_json::from_str(&value).ok()),
                 ("pay", _) => view.payments.extend(serde_json::from_str(&value).ok()),
+                ("req", _) => view.requests.extend(serde_json::from_str(&value).ok()),
                 _ => {}
             }
         }
-        view.happened.sort_by_key(|h| h.at_ms);
+        view.happened.sort_by_key(|h| (h.at_ms, h.seq));
         view.messages.sort_by_key(|m| m.at_ms);
         view.payments.sort_by_key(|p| p.at_ms);
+        view.requests.sort_by_key(|r| r.at_ms);
         view
     }
 
@@ -144,9 +177,13 @@ pub enum Change {
 
 /// What a record changes: the invoice's key parts and the change(s); `None` for a record the
 /// page has nothing to show of.
+///
+/// `offset` is the record's offset: an invoice's journey events share a partition (they are
+/// keyed by debtor), so it orders events of the same millisecond.
 pub fn changes_of(
     name: &str,
     decoded: &forfall_platform::avro::Decoded,
+    offset: i64,
 ) -> anyhow::Result<Vec<(String, String, Change)>> {
     Ok(match name {
         records::Invoice::FULL_NAME => {
@@ -192,38 +229,26 @@ pub fn changes_of(
                     closed: e.to_state.starts_with("closed:"),
                 },
             )];
-            // The moments a debtor recognises; messages come from dispatch's outcomes.
-            if matches!(
-                e.kind.as_str(),
-                "opened"
-                    | "paid"
-                    | "partly_paid"
-                    | "handed_over"
-                    | "closed"
-                    | "resumed"
-                    | "claims_paid"
-                    | "disputed"
-                    | "dispute_resolved"
-                    | "promised_to_pay"
-                    | "postponed"
-                    | "instalment_plan_agreed"
-                    | "request_refused"
-            ) {
-                let happened = Happened {
-                    kind: e.kind.clone(),
-                    step: e.step.clone(),
-                    at_ms: e.occurred_at,
-                    reason: e.reason.clone(),
-                };
-                out.push((
-                    e.tenant,
-                    e.invoice_id,
-                    Change::Field {
-                        field: format!("ev:{}", e.event_id),
-                        json: serde_json::to_string(&happened)?,
-                    },
-                ));
-            }
+            // Every transition: the page tells the debtor the moments they recognise, the
+            // timeline tells the creditor's staff all of it.
+            let happened = Happened {
+                kind: e.kind.clone(),
+                step: e.step.clone(),
+                at_ms: e.occurred_at,
+                reason: e.reason.clone(),
+                from_state: Some(e.from_state.clone()),
+                to_state: Some(e.to_state.clone()),
+                open_minor: Some(e.open_minor),
+                seq: Some(offset),
+            };
+            out.push((
+                e.tenant,
+                e.invoice_id,
+                Change::Field {
+                    field: format!("ev:{}", e.event_id),
+                    json: serde_json::to_string(&happened)?,
+                },
+            ));
             out
         }
         PaymentMatched::FULL_NAME => {
@@ -233,6 +258,12 @@ pub fn changes_of(
                 currency: p.currency.clone(),
                 at_ms: p.occurred_at,
                 value_date: p.value_date,
+                payment_id: Some(p.payment_id.clone()),
+                rule: Some(
+                    p.matched_by
+                        .as_ref()
+                        .map_or_else(|| p.rule.clone(), |by| format!("manual by {by}")),
+                ),
             };
             vec![(
                 p.tenant,
@@ -258,6 +289,7 @@ pub fn changes_of(
                 channel: o.channel.clone(),
                 status: status.to_owned(),
                 at_ms: o.occurred_at,
+                reason: o.reason.clone(),
             };
             vec![(
                 o.tenant,
@@ -265,6 +297,33 @@ pub fn changes_of(
                 Change::Field {
                     field: format!("out:{}", o.event_id),
                     json: serde_json::to_string(&message)?,
+                },
+            )]
+        }
+        DebtorRequest::FULL_NAME => {
+            let r: DebtorRequest = decoded.to()?;
+            let day = |d: Option<i32>| {
+                d.and_then(forfall_domain::invoice::date_from_epoch_days)
+                    .map(|d| d.to_string())
+            };
+            let detail = match r.kind.as_str() {
+                "postpone" => day(r.new_due_date).map(|d| format!("to {d}")),
+                "promise_to_pay" => day(r.promise_date).map(|d| format!("by {d}")),
+                "instalment_plan" => Some(format!("{} instalments", r.instalments.len())),
+                _ => r.reason.clone(),
+            };
+            let asked = Asked {
+                kind: r.kind.clone(),
+                at_ms: r.occurred_at,
+                source: r.source.clone(),
+                detail,
+            };
+            vec![(
+                r.tenant,
+                r.invoice_id,
+                Change::Field {
+                    field: format!("req:{}", r.event_id),
+                    json: serde_json::to_string(&asked)?,
                 },
             )]
         }

@@ -29,6 +29,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
 pub use history::{Findings, read_all};
+pub use infra::binaries_dir;
 
 use faults::Supervisor;
 use infra::Infra;
