@@ -7,7 +7,7 @@ export CARGO_TARGET_DIR
 export CARGO_TERM_COLOR ?= never
 NEXTEST_PROFILE ?= default
 
-.PHONY: run test devstack devstack-down build check fmt bench chaos
+.PHONY: run test devstack devstack-down build check fmt bench bench-portal chaos
 
 devstack:
 	bash tools/devstack/devstack.sh up
@@ -42,6 +42,10 @@ fmt:
 
 bench: devstack
 	cargo run --release -p forfall-e2e --bin ingest-throughput
+
+# The debtor's page at a steady 300 requests/s, next to a static answer of the same server.
+bench-portal: devstack
+	cargo run --release -p forfall-e2e --bin portal-load -- 300 20
 
 # The fault suite at full size: three runs of 2,000 debtors, each with its baseline; a seed is
 # printed for each, `make chaos CHAOS_ARGS="--seed N --runs 1"` replays one.
