@@ -1031,6 +1031,27 @@ async fn the_debtor_chooses_instalments_or_postpones_from_the_page_within_the_po
             .is_some_and(|r| r.ends_with("to 2026-04-19")),
         "{postponed:?}"
     );
+
+    // A promise further ahead than the policy allows (14 days): refused, and the page says why
+    // in the debtor's language.
+    let promised = client
+        .post(format!("http://{addr}{later_path}/requests"))
+        .form(&[
+            ("invoice", later.invoice_id),
+            ("form_token", form_token.as_str()),
+            ("kind", "promise_to_pay"),
+            ("promise_date", "2026-04-30"),
+            ("lang", "nb"),
+        ])
+        .send()
+        .await?;
+    assert_eq!(promised.status(), 303);
+    page_showing(
+        &stack,
+        &later_path,
+        "Forespørselen din kunne ikke innvilges: datoen er lenger fram enn tillatt",
+    )
+    .await?;
     stack.shutdown().await;
     Ok(())
 }

@@ -574,6 +574,56 @@ pub enum Request {
     ClaimsPaid,
 }
 
+/// Why a debtor's request was refused, as a stable code (`request_refused` events carry it as
+/// their rule) that the debtor's page words in the debtor's language.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalCode {
+    /// Paid, credited, cancelled or with the agency.
+    Closed,
+    AlreadyDisputed,
+    NoDispute,
+    /// Another pause holds the invoice.
+    Paused,
+    /// The invoice is disputed: nothing else is decided until the dispute is.
+    Disputed,
+    /// No more postponements are allowed.
+    Postponed,
+    /// The new due date is not after the current one.
+    NotLater,
+    /// Further ahead than the policy allows.
+    TooFar,
+    /// The instalments are not within the policy's limits or do not add up.
+    PlanOutsideLimits,
+}
+
+impl RefusalCode {
+    pub const ALL: [RefusalCode; 9] = [
+        RefusalCode::Closed,
+        RefusalCode::AlreadyDisputed,
+        RefusalCode::NoDispute,
+        RefusalCode::Paused,
+        RefusalCode::Disputed,
+        RefusalCode::Postponed,
+        RefusalCode::NotLater,
+        RefusalCode::TooFar,
+        RefusalCode::PlanOutsideLimits,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalCode::Closed => "closed",
+            RefusalCode::AlreadyDisputed => "already_disputed",
+            RefusalCode::NoDispute => "no_dispute",
+            RefusalCode::Paused => "paused",
+            RefusalCode::Disputed => "disputed",
+            RefusalCode::Postponed => "postponed_already",
+            RefusalCode::NotLater => "not_later",
+            RefusalCode::TooFar => "too_far",
+            RefusalCode::PlanOutsideLimits => "plan_outside_limits",
+        }
+    }
+}
+
 /// A debtor's request. A request the policy's limits do not allow is refused, and the
 /// refusal, with its reason, is the transition.
 pub fn on_request(
@@ -594,8 +644,11 @@ pub fn on_request(
         };
     }
     journey.applied_requests.push(request_id.to_owned());
-    let refuse = |journey: Journey, why: String| {
+    // The refusal's code (in the transition's `rule`) says which rule refused, for the page to
+    // tell the debtor in their language; the reason says it in English for staff.
+    let refuse = |journey: Journey, code: RefusalCode, why: String| {
         let mut t = transition("request_refused", from, from);
+        t.rule = Some(code.as_str().to_owned());
         t.reason = Some(why);
         Decision {
             journey,
@@ -605,7 +658,7 @@ pub fn on_request(
         }
     };
     if from.is_final() {
-        return refuse(journey, format!("the invoice is {}", from.label()));
+        return refuse(journey, RefusalCode::Closed, format!("the invoice is {}", from.label()));
     }
     let disputed = from == JourneyState::Paused(PauseReason::Dispute);
     let pause = |journey: &mut Journey, reason, until, instalments| {
@@ -622,14 +675,22 @@ pub fn on_request(
     let (kind, reason) = match request {
         Request::Dispute { reason } => {
             if disputed {
-                return refuse(journey, "the invoice is already disputed".into());
+                return refuse(
+                    journey,
+                    RefusalCode::AlreadyDisputed,
+                    "the invoice is already disputed".into(),
+                );
             }
             pause(&mut journey, PauseReason::Dispute, None, Vec::new());
             ("disputed", reason)
         }
         Request::DisputeResolved { resolution } => {
             if !disputed {
-                return refuse(journey, "no dispute is open on the invoice".into());
+                return refuse(
+                    journey,
+                    RefusalCode::NoDispute,
+                    "no dispute is open on the invoice".into(),
+                );
             }
             journey.state = journey
                 .pause
@@ -641,11 +702,12 @@ pub fn on_request(
         }
         Request::Postpone { to } => {
             if matches!(from, JourneyState::Paused(_)) {
-                return refuse(journey, format!("the invoice is {}", from.label()));
+                return refuse(journey, RefusalCode::Paused, format!("the invoice is {}", from.label()));
             }
             if journey.postponements >= limits.max_postponements {
                 return refuse(
                     journey,
+                    RefusalCode::Postponed,
                     format!("at most {} postponement(s) per invoice", limits.max_postponements),
                 );
             }
@@ -654,12 +716,14 @@ pub fn on_request(
             if to <= current {
                 return refuse(
                     journey,
+                    RefusalCode::NotLater,
                     format!("the new due date {to} must be after the current one {current}"),
                 );
             }
             if (to - original).num_days() > limits.max_postpone_days {
                 return refuse(
                     journey,
+                    RefusalCode::TooFar,
                     format!(
                         "a due date may move at most {} days past the original {original}",
                         limits.max_postpone_days
@@ -673,7 +737,7 @@ pub fn on_request(
         }
         Request::InstalmentPlan { parts } => {
             if disputed {
-                return refuse(journey, "the invoice is disputed".into());
+                return refuse(journey, RefusalCode::Disputed, "the invoice is disputed".into());
             }
             let owed = journey.outstanding();
             let problem = if parts.is_empty() {
@@ -706,7 +770,7 @@ pub fn on_request(
                 None
             };
             if let Some(why) = problem {
-                return refuse(journey, why);
+                return refuse(journey, RefusalCode::PlanOutsideLimits, why);
             }
             let n = parts.len();
             let first = parts[0];
@@ -723,11 +787,12 @@ pub fn on_request(
         }
         Request::PromiseToPay { by } => {
             if disputed {
-                return refuse(journey, "the invoice is disputed".into());
+                return refuse(journey, RefusalCode::Disputed, "the invoice is disputed".into());
             }
             if by < today || (by - today).num_days() > limits.max_promise_days {
                 return refuse(
                     journey,
+                    RefusalCode::TooFar,
                     format!(
                         "a promise must be for a day from today to {} days ahead",
                         limits.max_promise_days
@@ -739,7 +804,7 @@ pub fn on_request(
         }
         Request::ClaimsPaid => {
             if disputed {
-                return refuse(journey, "the invoice is disputed".into());
+                return refuse(journey, RefusalCode::Disputed, "the invoice is disputed".into());
             }
             let until = today + Duration::days(limits.claims_paid_days);
             pause(&mut journey, PauseReason::ClaimsPaid, Some(until), Vec::new());
@@ -1530,6 +1595,7 @@ mod tests {
             date(2026, 3, 11),
         );
         assert_eq!(again.transitions[0].kind, "request_refused");
+        assert_eq!(again.transitions[0].rule.as_deref(), Some("already_disputed"));
         let resolved = on_request(
             d.journey,
             "r13",
@@ -1629,6 +1695,7 @@ mod tests {
             date(2026, 3, 16),
         );
         assert_eq!(too_far.transitions[0].kind, "request_refused");
+        assert_eq!(too_far.transitions[0].rule.as_deref(), Some("too_far"));
     }
 
     #[test]
@@ -1666,6 +1733,10 @@ mod tests {
             today,
         );
         assert_eq!(beyond.transitions[0].kind, "request_refused");
+        assert_eq!(
+            beyond.transitions[0].rule.as_deref(),
+            Some(RefusalCode::TooFar.as_str())
+        );
         let once = on_request(j, "p", Request::Postpone { to: latest }, &plan, &limits, today).journey;
         assert_eq!(
             postpone_window(

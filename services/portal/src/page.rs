@@ -582,8 +582,12 @@ pub fn build(
                 "disputed" => text("req_disputed"),
                 "promised_to_pay" => text("req_promised"),
                 "postponed" | "instalment_plan_agreed" | "dispute_resolved" => text("req_changed"),
-                // The watcher's reason is in English for now (it names the policy's limit).
-                "request_refused" => format!("{}: {}", text("req_refused"), h.reason.as_deref().unwrap_or_default()),
+                // Why, in the debtor's words, from the refusal's code; the watcher's English
+                // reason is for staff (the timeline).
+                "request_refused" => match h.rule.as_deref().and_then(|code| t.get(&format!("refused_{code}"))) {
+                    Some(why) => format!("{}: {why}", text("req_refused")),
+                    None => text("req_refused"),
+                },
                 _ => continue,
             };
             history.push((h.at_ms, format!("{told} ({})", format_date(d, locale))));
@@ -725,6 +729,13 @@ mod tests {
         for language in LANGUAGES {
             let t = all.for_language(language, "X");
             assert_eq!(t.len(), all.for_language("en", "X").len(), "{language}");
+        }
+        // Every reason the watcher can refuse a request for is worded for the debtor.
+        for code in forfall_domain::journey::RefusalCode::ALL {
+            for language in LANGUAGES {
+                let key = format!("refused_{}", code.as_str());
+                assert!(all.for_language(language, "X").contains_key(&key), "{language}: {key}");
+            }
         }
         let missing = Texts::parse("[en]\na = \"1\"\n[da]\n[nb]\na=\"\"\n[sv]\na=\"\"\n[fi]\na=\"\"\n").unwrap_err();
         assert_eq!(

@@ -256,6 +256,7 @@ mod tests {
                     to_state: Some("nudged".into()),
                     open_minor: Some(125_000),
                     seq: Some(7),
+                    rule: None,
                 },
                 Happened {
                     kind: "paid".into(),
@@ -266,6 +267,7 @@ mod tests {
                     to_state: Some("closed:paid".into()),
                     open_minor: Some(0),
                     seq: Some(9),
+                    rule: None,
                 },
             ],
             messages: vec![Message {

@@ -70,6 +70,9 @@ pub struct Happened {
     /// The event's offset on its partition: the order of events of the same moment.
     #[serde(default)]
     pub seq: Option<i64>,
+    /// The rule behind it (a refused request's refusal code).
+    #[serde(default)]
+    pub rule: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -240,6 +243,7 @@ pub fn changes_of(
                 to_state: Some(e.to_state.clone()),
                 open_minor: Some(e.open_minor),
                 seq: Some(offset),
+                rule: e.rule.clone(),
             };
             out.push((
                 e.tenant,
