@@ -405,6 +405,17 @@ async fn in_a_real_browser_the_page_passes_an_accessibility_audit_in_every_langu
         );
     }
 
+    // The copy buttons work under the page's own policy: the KID is on the clipboard.
+    let copy = &report["copy"];
+    assert!(copy["buttons"].as_u64().unwrap_or(0) >= 2, "{copy}");
+    assert_eq!(copy["copied"].as_str(), Some(&*kid), "{copy}");
+    assert_eq!(copy["label_after"], "Kopiert", "{copy}");
+    assert_eq!(
+        copy["console_errors"],
+        serde_json::json!([]),
+        "no script refused: {copy}"
+    );
+
     // Paying by keyboard alone: Tab to "Betal med Vipps", Enter; approve in the app (the
     // stand-in's page), Enter; back on the portal's page, which says it is paid.
     let shot = shots.join("portal-paid-nb.png");
@@ -1052,6 +1063,21 @@ async fn the_debtor_chooses_instalments_or_postpones_from_the_page_within_the_po
         "Forespørselen din kunne ikke innvilges: datoen er lenger fram enn tillatt",
     )
     .await?;
+    // Corrected the same day: a new request, granted.
+    let corrected = client
+        .post(format!("http://{addr}{later_path}/requests"))
+        .form(&[
+            ("invoice", later.invoice_id),
+            ("form_token", form_token.as_str()),
+            ("kind", "promise_to_pay"),
+            ("promise_date", "2026-03-10"),
+            ("lang", "nb"),
+        ])
+        .send()
+        .await?;
+    assert_eq!(corrected.status(), 303);
+    status_is(&stack, later.tenant, later.invoice_id, "paused:promise").await?;
+    page_showing(&stack, &later_path, "Betalingsløftet ditt er registrert").await?;
     stack.shutdown().await;
     Ok(())
 }

@@ -1,7 +1,8 @@
 // Opens the debtor's page in Debian's Chromium (headless) as a phone would, once per language:
 // an axe-core audit against WCAG 2.1 A and AA, a screenshot, and a keyboard walk (Tab from the
 // top) that records what takes focus and whether the focus can be seen; a payment QR code on the
-// page is read back. Prints one JSON object.
+// page is read back; and, under the page's own Content-Security-Policy, a copy button is clicked
+// and the clipboard read. Prints one JSON object.
 //
 // Usage: node check-page.mjs <page url> <screenshot dir> <language>...
 import { chromium } from "playwright-core";
@@ -78,16 +79,40 @@ try {
       const el = document.activeElement;
       if (!el || el === document.body) return null;
       const style = getComputedStyle(el);
+      // Back at an element already passed: the walk has gone round.
+      const again = el.dataset.walked === "1";
+      el.dataset.walked = "1";
       return {
         tag: el.tagName.toLowerCase(),
         text: (el.textContent ?? "").trim().slice(0, 60),
         href: el.getAttribute("href"),
         visible: style.outlineStyle !== "none" && parseFloat(style.outlineWidth) > 0,
+        again,
       };
     });
-    if (!focused) break;
-    if (result.keyboard.some((f) => f.href === focused.href && f.text === focused.text)) break;
+    if (!focused || focused.again) break;
     result.keyboard.push(focused);
+  }
+  // The copy buttons, under the page's own policy (no bypass): its one script runs, the
+  // buttons show, and a click puts the reference on the clipboard.
+  const strict = await browser.newContext({
+    viewport: { width: 360, height: 740 },
+    permissions: ["clipboard-read", "clipboard-write"],
+  });
+  const plain = await strict.newPage();
+  const consoleErrors = [];
+  plain.on("console", (m) => {
+    if (m.type() === "error") consoleErrors.push(m.text());
+  });
+  await plain.goto(`${url}?lang=${languages[0]}`, { waitUntil: "load" });
+  const buttons = await plain.$$("button.copy:not([hidden])");
+  result.copy = { buttons: buttons.length, console_errors: consoleErrors };
+  if (buttons.length > 0) {
+    result.copy.expected = await buttons[0].getAttribute("data-copy");
+    await buttons[0].click();
+    await plain.waitForFunction((b) => b.textContent === b.dataset.done, buttons[0]);
+    result.copy.copied = await plain.evaluate(() => navigator.clipboard.readText());
+    result.copy.label_after = await buttons[0].textContent();
   }
 } finally {
   await browser.close();

@@ -315,8 +315,11 @@ impl Portal {
     }
 }
 
+/// The page's one script, by its hash.
+static COPY_SCRIPT_SOURCE: std::sync::LazyLock<String> = std::sync::LazyLock::new(page::copy_script_source);
+
 /// Headers every answer carries: never cached, no referrer (the token is in the address),
-/// nothing loaded from elsewhere, never framed.
+/// nothing loaded from elsewhere but the page's own script, never framed.
 pub(crate) fn html_response(status: StatusCode, html: String) -> Response {
     html_response_posting_to(status, html, &[])
 }
@@ -335,7 +338,8 @@ pub(crate) fn html_response_posting_to(status: StatusCode, html: String, form_ta
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     let policy = format!(
-        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'{}{}; base-uri 'none'; frame-ancestors 'none'",
+        "default-src 'none'; script-src {}; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'{}{}; base-uri 'none'; frame-ancestors 'none'",
+        COPY_SCRIPT_SOURCE.as_str(),
         if form_targets.is_empty() { "" } else { " " },
         form_targets.join(" ")
     );

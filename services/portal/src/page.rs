@@ -122,6 +122,21 @@ pub fn language(asked: Option<&str>, views: &[InvoiceView]) -> &'static str {
         .unwrap_or("en")
 }
 
+/// The page's only script, progressive enhancement: the copy buttons (hidden without it) put a
+/// reference or account on the clipboard. The page's policy allows exactly this script, by its
+/// hash ([`copy_script_source`]).
+pub const COPY_SCRIPT: &str = "document.querySelectorAll('button.copy').forEach(function(b){if(!navigator.clipboard){return;}b.hidden=false;b.addEventListener('click',function(){navigator.clipboard.writeText(b.dataset.copy).then(function(){b.textContent=b.dataset.done;});});});";
+
+/// The `script-src` source that allows [`COPY_SCRIPT`] and nothing else.
+pub fn copy_script_source() -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    format!(
+        "'sha256-{}'",
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(COPY_SCRIPT.as_bytes()))
+    )
+}
+
 /// The page, ready to render.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Page {
@@ -145,6 +160,8 @@ pub struct Page {
     pub received: bool,
     /// Today in the debtor's calendar (the earliest day a promise may name).
     pub today: String,
+    /// [`COPY_SCRIPT`].
+    pub copy_script: &'static str,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -619,6 +636,7 @@ pub fn build(
         _ => None,
     };
     Page {
+        copy_script: COPY_SCRIPT,
         pay_action: forms.action.replace("/requests", "/checkout"),
         pay_all,
         lang: language.to_owned(),

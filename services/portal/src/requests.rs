@@ -9,7 +9,8 @@
 //! A form is accepted only with the anti-forgery token its page carried (HMAC of the link's
 //! fingerprint and the invoice, see `paylink::form_token`), for an invoice the link names, and
 //! from the page's own origin when the browser says where it posts from. The same request sent
-//! twice on a day (a double click, a reload) is one request: its id derives from it.
+//! twice on a day (a double click, a reload) is one request: its id derives from it and what it
+//! asks, so a corrected request (another date) is a new one.
 
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -210,8 +211,14 @@ impl Portal {
         };
         let kind = wanted.kind();
         let day = today.to_string();
+        // What was asked is part of the id: the same form twice is one request, a corrected
+        // one (another date, another plan) is a new one.
+        let asked = format!("{wanted:?}");
         let request = DebtorRequest {
-            event_id: derived_id("debtor-request", &[&claims.tenant, &form.invoice, kind, link, &day]),
+            event_id: derived_id(
+                "debtor-request",
+                &[&claims.tenant, &form.invoice, kind, link, &day, &asked],
+            ),
             tenant: claims.tenant.clone(),
             debtor_id: claims.debtor_id.clone(),
             occurred_at: now.timestamp_millis(),
