@@ -58,6 +58,31 @@ impl Supervisor {
         self.fleet.lock().await.contains_key(&(service, slot))
     }
 
+    /// Waits, up to `patience`, until every running instance of `service` is ready (joined
+    /// its group): a member leaving while another is still joining is what tansu 0.6.0 may
+    /// never complete, after which no instance of the service is ever assigned partitions
+    /// again. A real Kafka completes such rebalances; the faults still come, one at a time.
+    pub async fn settled(&self, service: &'static str, patience: Duration) {
+        let deadline = tokio::time::Instant::now() + patience;
+        while tokio::time::Instant::now() < deadline {
+            let mut all_ready = true;
+            {
+                let fleet = self.fleet.lock().await;
+                for (key, p) in fleet.iter() {
+                    if key.0 == service && !p.ready(&self.http).await {
+                        all_ready = false;
+                        break;
+                    }
+                }
+            }
+            if all_ready {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tracing::warn!(service, "chaos: not settled; the next fault comes anyway");
+    }
+
     /// `kill -9`: nothing is drained or committed.
     pub async fn kill9(&self, service: &'static str, slot: u16) {
         if let Some(mut p) = self.fleet.lock().await.remove(&(service, slot)) {
@@ -204,6 +229,7 @@ pub async fn play(supervisor: Arc<Supervisor>, seed: u64, stop: CancellationToke
         match rng.random_range(0..10) {
             0 => {
                 let service = SERVICES[rng.random_range(0..SERVICES.len())];
+                supervisor.settled(service, Duration::from_secs(30)).await;
                 supervisor.count("kill_9").await;
                 supervisor.kill9(service, 0).await;
                 // A killed member is evicted after the session timeout; a join before that can
@@ -213,6 +239,7 @@ pub async fn play(supervisor: Arc<Supervisor>, seed: u64, stop: CancellationToke
             }
             1 => {
                 let service = ["watcher", "dispatch", "matcher"][rng.random_range(0..3)];
+                supervisor.settled(service, Duration::from_secs(30)).await;
                 if supervisor.is_running(service, 1).await {
                     supervisor.count("second_instance_leaves").await;
                     supervisor.stop(service, 1, Duration::from_secs(20)).await;
@@ -245,6 +272,7 @@ pub async fn play(supervisor: Arc<Supervisor>, seed: u64, stop: CancellationToke
             }
             5 => {
                 let service = SERVICES[rng.random_range(0..SERVICES.len())];
+                supervisor.settled(service, Duration::from_secs(30)).await;
                 supervisor.count("sigterm_while_redis_frozen").await;
                 signal(infra.redis.pid(), "STOP");
                 tokio::time::sleep(Duration::from_secs(1)).await;
