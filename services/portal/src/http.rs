@@ -206,30 +206,22 @@ impl Portal {
 
     /// The origin the links are published under (`dispatch.pay_link.base_url`'s).
     pub(crate) fn public_origin(&self) -> String {
-        let url = &self.0.pay_base_url;
-        match url.split_once("://") {
-            Some((scheme, rest)) => format!("{scheme}://{}", rest.split('/').next().unwrap_or_default()),
-            None => String::new(),
-        }
+        origin_of(&self.0.pay_base_url).unwrap_or_default()
     }
 
     /// The origins the page's pay-now forms end up at (the providers' pages): the browser
     /// follows the portal's redirect there only if the page's form-action policy names them.
     fn form_targets(&self, tenant: &str) -> Vec<String> {
-        let origin = |url: &str| -> Option<String> {
-            let (scheme, rest) = url.split_once("://")?;
-            Some(format!("{scheme}://{}", rest.split('/').next()?))
-        };
         let mut targets = Vec::new();
         if let Some(m) = self.0.settings.vipps.get(tenant) {
-            targets.extend(origin(&m.base_url));
+            targets.extend(origin_of(&m.base_url));
             if m.redirect_origins.is_empty() {
                 targets.extend(crate::vipps::LANDING_ORIGINS.map(str::to_owned));
             }
             targets.extend(m.redirect_origins.iter().cloned());
         }
         if let Some(a) = self.0.settings.stripe.get(tenant) {
-            targets.extend(origin(&a.base_url));
+            targets.extend(origin_of(&a.base_url));
             if a.redirect_origins.is_empty() {
                 targets.extend(crate::stripe::CHECKOUT_ORIGINS.map(str::to_owned));
             }
@@ -313,6 +305,12 @@ impl Portal {
             }
         }
     }
+}
+
+/// A URL's origin (`scheme://host[:port]`).
+fn origin_of(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    Some(format!("{scheme}://{}", rest.split('/').next()?))
 }
 
 /// The page's one script, by its hash.

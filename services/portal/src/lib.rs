@@ -150,6 +150,33 @@ pub(crate) struct Inner {
 pub struct Portal(pub(crate) Arc<Inner>);
 
 impl Portal {
+    /// Writes `record` to the topic named `topic` (its base name) under `key`, and waits for the
+    /// broker's acknowledgement: the page says something was received only when it is.
+    pub(crate) async fn publish<T: forfall_platform::records::Record + Serialize>(
+        &self,
+        topic: &str,
+        key: &str,
+        record: &T,
+    ) -> Result<(), Failure> {
+        let topic = self.0.rt.topic(topic);
+        let out = self
+            .0
+            .rt
+            .codec
+            .outbound(
+                &topic,
+                key,
+                record,
+                forfall_platform::telemetry::TraceContext::new_root(),
+            )
+            .await?;
+        self.0
+            .producer
+            .send_all(std::slice::from_ref(&out))
+            .await
+            .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))
+    }
+
     fn retention_secs(&self) -> u64 {
         self.0.settings.closed_retention_days.max(1) * 86_400
     }

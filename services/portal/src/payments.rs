@@ -17,7 +17,6 @@ use forfall_domain::invoice::epoch_days;
 use forfall_domain::{Currency, Locale, Money};
 use forfall_platform::kafka::Failure;
 use forfall_platform::records::{PaymentReceived, derived_id};
-use forfall_platform::telemetry::TraceContext;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
@@ -193,18 +192,8 @@ impl Portal {
     async fn record_received(&self, attempt: &Attempt, taken_minor: i64) -> Result<(), Failure> {
         let now = self.0.rt.clock.now();
         let record = attempt.received(taken_minor, now.timestamp_millis(), epoch_days(now.date_naive()));
-        let topic = self.0.rt.topic(&self.0.rt.config.topics.payments);
-        let out = self
-            .0
-            .rt
-            .codec
-            .outbound(&topic, &attempt.tenant, &record, TraceContext::new_root())
-            .await?;
-        self.0
-            .producer
-            .send_all(std::slice::from_ref(&out))
+        self.publish(&self.0.rt.config.topics.payments, &attempt.tenant, &record)
             .await
-            .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))
     }
 }
 

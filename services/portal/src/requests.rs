@@ -19,7 +19,6 @@ use forfall_domain::invoice::epoch_days;
 use forfall_domain::paylink::LinkError;
 use forfall_platform::kafka::Failure;
 use forfall_platform::records::{DebtorRequest, Instalment, derived_id};
-use forfall_platform::telemetry::TraceContext;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use tracing::Instrument;
@@ -282,18 +281,8 @@ impl Portal {
     /// Writes the request and waits for the broker's acknowledgement: the page says it was
     /// received only when it is.
     async fn send(&self, request: &DebtorRequest) -> Result<(), Failure> {
-        let topic = self.0.rt.topic(&self.0.rt.config.topics.debtor_requests);
-        let out = self
-            .0
-            .rt
-            .codec
-            .outbound(&topic, &request.debtor_id, request, TraceContext::new_root())
-            .await?;
-        self.0
-            .producer
-            .send_all(std::slice::from_ref(&out))
+        self.publish(&self.0.rt.config.topics.debtor_requests, &request.debtor_id, request)
             .await
-            .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))
     }
 }
 
