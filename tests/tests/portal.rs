@@ -150,6 +150,8 @@ async fn the_link_in_the_nudge_opens_the_debtors_page_until_it_is_paid_and_no_ot
         "Slik betaler du",
         "1234.56.78903",
         "kundeservice@nordkraft.example",
+        // What happens next and when: the plan's reminder, ten banking days after the due date.
+        "Er den fortsatt ubetalt, sender vi en purring 16.03.2026.",
     ] {
         assert!(page.body.contains(want), "the page shows '{want}':\n{}", page.body);
     }

@@ -34,6 +34,16 @@ pub enum StepKind {
     Handoff,
 }
 
+impl StepKind {
+    /// What the step is, as a debtor's page words it: the tone of a message, or `handoff`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StepKind::Message { tone, .. } => tone.code(),
+            StepKind::Handoff => "handoff",
+        }
+    }
+}
+
 /// What a step charges.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FeeSpec {

@@ -223,6 +223,13 @@ pub struct JourneyEvent {
     pub reason: Option<String>,
     pub open_minor: i64,
     pub currency: String,
+    /// What the journey does next if nothing changes, and when: the debtor's page says it.
+    #[serde(default)]
+    pub next_step: Option<String>,
+    #[serde(default)]
+    pub next_kind: Option<String>,
+    #[serde(default)]
+    pub next_at: Option<i64>,
 }
 record!(JourneyEvent, "JourneyEvent.avsc");
 
@@ -559,6 +566,9 @@ mod tests {
             reason: None,
             open_minor: 1,
             currency: "DKK".into(),
+            next_step: Some("reminder_1".into()),
+            next_kind: Some("reminder".into()),
+            next_at: Some(86_400_000),
         });
         round_trip(DispatchOutcome {
             event_id: "e".into(),

@@ -460,6 +460,7 @@ mod tests {
             state: "closed:paid".into(),
             outstanding_minor: 0,
             at_ms: 0,
+            next: None,
         });
         let mut other = open("i4", "1004", 10_000, "NOK", None);
         other.snapshot.as_mut().unwrap().debtor_id = "d2".into();

@@ -197,6 +197,8 @@ pub struct Line {
     pub instalment_counts: Vec<usize>,
     /// The plan the debtor asked to see, to agree to.
     pub plan: Option<PlanPreview>,
+    /// What happens next if it stays unpaid, and when ("a reminder on 14 March").
+    pub next: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -242,6 +244,19 @@ fn reference_label(jurisdiction: &str, t: &BTreeMap<String, String>) -> String {
         "FI" => "Viitenumero / referens".to_owned(),
         _ => t.get("reference").cloned().unwrap_or_else(|| "Reference".to_owned()),
     }
+}
+
+/// What the journey does next if the invoice stays unpaid, on which day of the debtor's
+/// calendar, in the debtor's words; `None` when nothing is planned or the step is unknown.
+fn next_step(view: &InvoiceView, jurisdiction: &str, t: &BTreeMap<String, String>, locale: Locale) -> Option<String> {
+    let next = view.journey.as_ref()?.next.as_ref()?;
+    let at = DateTime::<Utc>::from_timestamp_millis(next.at_ms)?;
+    let day = match jurisdiction.parse::<forfall_domain::jurisdiction::Jurisdiction>() {
+        Ok(j) => at.with_timezone(&j.time_zone()).date_naive(),
+        Err(_) => at.date_naive(),
+    };
+    let words = t.get(&format!("next_{}", next.kind))?;
+    Some(words.replace("{date}", &format_date(day, locale)))
 }
 
 fn at_date(at_ms: i64) -> Option<chrono::NaiveDate> {
@@ -538,7 +553,12 @@ pub fn build(
             }
             _ => (None, Vec::new(), None),
         };
+        let next = status
+            .is_none()
+            .then(|| next_step(view, &s.jurisdiction, &t, locale))
+            .flatten();
         lines.push(Line {
+            next,
             invoice_id: view.invoice_id.clone(),
             form_token,
             pay,
@@ -707,7 +727,7 @@ impl Renderer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::view::{JourneyNow, Message, Paid, Snapshot};
+    use crate::view::{JourneyNow, Message, Paid, Snapshot, Upcoming};
 
     fn snapshot(number: &str, debtor: &str, open_minor: i64) -> Snapshot {
         Snapshot {
@@ -770,6 +790,12 @@ mod tests {
                 state: "reminded:1".into(),
                 outstanding_minor: 125_000 - 40_000 + 3_500,
                 at_ms: 1_773_000_000_000,
+                // 2026-03-18 23:30 UTC is already the 19th in Oslo.
+                next: Some(Upcoming {
+                    kind: "collection_warning".into(),
+                    step: "inkassovarsel".into(),
+                    at_ms: 1_773_876_600_000,
+                }),
             }),
             invoice_id: "i1".into(),
             happened: vec![],
@@ -806,6 +832,13 @@ mod tests {
         assert_eq!(line.paid.as_deref(), Some("kr\u{a0}400,00"));
         assert_eq!(line.left, "kr\u{a0}885,00");
         assert_eq!(line.due, "02.03.2026");
+        assert_eq!(
+            line.next.as_deref(),
+            Some("Er den fortsatt ubetalt, sender vi et inkassovarsel 19.03.2026."),
+            "what happens next, on the debtor's calendar day"
+        );
+        let html = Renderer::new().unwrap().page(&page).unwrap();
+        assert!(html.contains("sender vi et inkassovarsel 19.03.2026"));
         assert_eq!((line.reference_label.as_str(), line.status.as_ref()), ("KID", None));
         assert_eq!(page.total.as_deref(), Some("kr\u{a0}885,00"));
         assert_eq!(
@@ -825,12 +858,18 @@ mod tests {
                 state: "closed:paid".into(),
                 outstanding_minor: 0,
                 at_ms: 1,
+                next: Some(Upcoming {
+                    kind: "reminder".into(),
+                    step: "reminder-1".into(),
+                    at_ms: 2,
+                }),
             }),
             ..InvoiceView::default()
         };
         let page = build("d1", &[view], &creditor(), "nordkraft", "en", &texts(), &Forms::none());
         assert_eq!(page.invoices[0].status.as_deref(), Some("Paid. Thank you!"));
         assert_eq!(page.invoices[0].reference, None);
+        assert_eq!(page.invoices[0].next, None, "nothing comes next for a paid invoice");
         assert_eq!(page.total, None);
     }
 

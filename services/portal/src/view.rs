@@ -50,6 +50,17 @@ pub struct JourneyNow {
     /// What is left to pay, fees included.
     pub outstanding_minor: i64,
     pub at_ms: i64,
+    /// What the journey does next if nothing changes, and when.
+    #[serde(default)]
+    pub next: Option<Upcoming>,
+}
+
+/// The step a journey takes next: `nudge`, `reminder`, `collection_warning` or `handoff`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Upcoming {
+    pub kind: String,
+    pub step: String,
+    pub at_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -222,6 +233,14 @@ pub fn changes_of(
                 state: e.to_state.clone(),
                 outstanding_minor: e.open_minor,
                 at_ms: e.occurred_at,
+                next: match (&e.next_kind, &e.next_step, e.next_at) {
+                    (Some(kind), Some(step), Some(at_ms)) => Some(Upcoming {
+                        kind: kind.clone(),
+                        step: step.clone(),
+                        at_ms,
+                    }),
+                    _ => None,
+                },
             };
             let mut out = vec![(
                 e.tenant.clone(),

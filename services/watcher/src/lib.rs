@@ -302,9 +302,22 @@ impl Watcher {
             .unwrap_or_else(|| StepFee::plain(Money::zero(j.invoice.amount.currency)))
     }
 
-    fn event(&self, journey: &Journey, t: &Transition, cause: &str, index: usize, at: DateTime<Utc>) -> JourneyEvent {
+    #[allow(clippy::too_many_arguments)]
+    fn event(
+        &self,
+        journey: &Journey,
+        plan: &Plan,
+        upcoming: Option<(usize, i64)>,
+        t: &Transition,
+        cause: &str,
+        index: usize,
+        at: DateTime<Utc>,
+    ) -> JourneyEvent {
         let inv = &journey.invoice;
         let outstanding = journey.outstanding();
+        let next = upcoming
+            .filter(|_| !journey.state.is_final())
+            .and_then(|(i, at_ms)| plan.steps.get(i).map(|step| (step, at_ms)));
         JourneyEvent {
             event_id: derived_id(
                 "journey-event",
@@ -323,11 +336,15 @@ impl Watcher {
             reason: t.reason.clone(),
             open_minor: outstanding.minor,
             currency: outstanding.currency.code().to_owned(),
+            next_step: next.map(|(step, _)| step.name.clone()),
+            next_kind: next.map(|(step, _)| step.kind.code().to_owned()),
+            next_at: next.map(|(_, at_ms)| at_ms),
         }
     }
 
-    /// The records a decision produces: its transitions as events, and its emit.
-    async fn outputs(&self, e: &Emission<'_>) -> Result<Vec<Outbound>, Failure> {
+    /// The records a decision produces: its transitions as events (each saying what is
+    /// `upcoming` after the decision), and its emit.
+    async fn outputs(&self, e: &Emission<'_>, upcoming: Option<(usize, i64)>) -> Result<Vec<Outbound>, Failure> {
         let Emission {
             decision: d,
             plan,
@@ -342,7 +359,7 @@ impl Watcher {
         let mut outs = Vec::new();
         for (i, t) in d.transitions.iter().enumerate() {
             self.0.metrics.transitions.with_label_values(&[t.kind]).inc();
-            let e = self.event(&d.journey, t, cause, i, now);
+            let e = self.event(&d.journey, plan, upcoming, t, cause, i, now);
             outs.push(self.0.rt.codec.outbound(&events_topic, &debtor, &e, trace).await?);
         }
         match &d.emit {
@@ -483,7 +500,7 @@ impl Watcher {
             },
             self.0.rt.clock.now().timestamp_millis(),
         )?;
-        let mut outs = self.outputs(&e).await?;
+        let mut outs = self.outputs(&e, prepared.upcoming).await?;
         outs.extend_from_slice(extra);
         let mut changes = vec![self.0.store.change(&prepared)];
         changes.extend_from_slice(extra_changes);
@@ -931,18 +948,6 @@ impl Watcher {
                     }
                     Role::Alone => Vec::new(),
                 };
-                let cause = format!("timer:{step_index}");
-                outs.extend(
-                    self.outputs(&Emission {
-                        decision: d,
-                        plan: &input.plan,
-                        fee: input.fee,
-                        cause: &cause,
-                        trace: TraceContext::new_root(),
-                        covers: &covers,
-                    })
-                    .await?,
-                );
                 let late = |s: JourneyState| {
                     matches!(
                         s,
@@ -964,6 +969,21 @@ impl Watcher {
                     },
                     now.timestamp_millis(),
                 )?;
+                let cause = format!("timer:{step_index}");
+                outs.extend(
+                    self.outputs(
+                        &Emission {
+                            decision: d,
+                            plan: &input.plan,
+                            fee: input.fee,
+                            cause: &cause,
+                            trace: TraceContext::new_root(),
+                            covers: &covers,
+                        },
+                        prepared.upcoming,
+                    )
+                    .await?,
+                );
                 change_at.push(changes.len());
                 changes.push(self.0.store.change(&prepared));
                 if let Some((tenant, debtor, invoice_id)) = &became_late {
@@ -1659,7 +1679,16 @@ impl Watcher {
             }),
         };
         let at = chrono::DateTime::from_timestamp_millis(rec.occurred_at).unwrap_or_else(|| self.0.rt.clock.now());
-        let event = self.event(journey, &t, &format!("outcome:{}", rec.event_id), 0, at);
+        let upcoming = loaded.stored.pending_step.zip(loaded.stored.pending_fire_ms);
+        let event = self.event(
+            journey,
+            &self.plan_of(journey),
+            upcoming,
+            &t,
+            &format!("outcome:{}", rec.event_id),
+            0,
+            at,
+        );
         self.0.metrics.transitions.with_label_values(&[kind]).inc();
         let topic = self.0.rt.topic(&self.0.topics.journey_events);
         let out = self

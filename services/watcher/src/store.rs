@@ -199,6 +199,8 @@ pub struct Prepared {
     open: bool,
     /// When it closed (ms), for a journey that is closed: its retention counts from then.
     closed_at: Option<i64>,
+    /// The step pending after this write and when it fires (ms), if any.
+    pub upcoming: Option<(usize, i64)>,
 }
 
 /// What became of a prepared write.
@@ -611,6 +613,7 @@ impl Store {
             open: !stored.journey.state.is_final(),
             closed_at: matches!(stored.journey.state, JourneyState::Closed(_)).then_some(now_ms),
             invoice_id,
+            upcoming: stored.pending_step.zip(stored.pending_fire_ms),
         })
     }
 

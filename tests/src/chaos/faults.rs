@@ -193,8 +193,9 @@ impl Supervisor {
                     self.count("restarted_unready").await;
                     self.kill9(service, *slot).await;
                     // Not before the killed member's session ran out: tansu 0.6.0 may never
-                    // complete a join that overlaps a member's leaving.
-                    tokio::time::sleep(Duration::from_millis(3_000)).await;
+                    // complete a join that overlaps a member's leaving, and a join that comes
+                    // while the dead member still counts wedges the group again.
+                    tokio::time::sleep(self.session_ran_out()).await;
                     self.start(service, *slot).await?;
                 }
             }
@@ -204,6 +205,11 @@ impl Supervisor {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// How long a member killed without leaving still counts in its group, and a moment more.
+    fn session_ran_out(&self) -> Duration {
+        Duration::from_millis(u64::from(self.infra.config.kafka.session_timeout_ms) + 1_500)
     }
 
     pub async fn stop_all(&self) {

@@ -560,9 +560,14 @@ pub async fn run_consumer<H: Handler + 'static>(
             }
             _ = ctx.shutdown.cancelled() => break,
             _ = lag_tick.tick() => record_lag(&consumer, &ctx.metrics),
-            _ = readiness_tick.tick(), if !ctx.readiness.has_joined() => {
-                if consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
-                    ctx.readiness.set_ready(true);
+            // Consuming means owning partitions. After a revoke (a rebalance, or a session lost
+            // while the broker was away) the service is not ready until the group assigns it
+            // partitions again, so whoever watches `/readyz` (an orchestrator rolling the
+            // deployment, the fault suite) does not take a member away mid-rebalance.
+            _ = readiness_tick.tick() => {
+                let owns = consumer.assignment().map(|a| a.count() > 0).unwrap_or(false);
+                if owns != ctx.readiness.has_joined() {
+                    ctx.readiness.set_ready(owns);
                 }
             }
             // Always polled, even when full: rebalances are served inside `recv`. When full, the
@@ -577,7 +582,6 @@ pub async fn run_consumer<H: Handler + 'static>(
                         continue;
                     }
                 };
-                ctx.readiness.set_ready(true);
                 let record = Inbound::from_message(&message);
                 let Some(ticket) = ownership.take(&record.topic, record.partition, record.offset) else {
                     tracing::debug!(topic = %record.topic, partition = record.partition, offset = record.offset,
