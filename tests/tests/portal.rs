@@ -10,7 +10,7 @@ use forfall_devsinks::vipps::{VippsMerchant, VippsSim};
 use forfall_domain::paylink::{self, LinkClaims, LinkKey};
 use forfall_domain::reference::{self, ReferenceKind};
 use forfall_e2e::*;
-use forfall_platform::clock::ManualClock;
+use forfall_platform::clock::{Clock, ManualClock};
 use forfall_platform::records::PaymentReceived;
 
 /// The dev profile's pay-link key (`dispatch.pay_link` defaults).
@@ -106,6 +106,7 @@ fn signed_path(s: &Sample<'_>) -> String {
             debtor_id: s.debtor_id(),
             invoices: vec![s.invoice_id.into()],
             expires_at: at("2026-04-01T00:00:00Z").timestamp(),
+            issued_at: None,
         },
     );
     format!("/pay/{token}")
@@ -120,7 +121,7 @@ async fn the_link_in_the_nudge_opens_the_debtors_page_until_it_is_paid_and_no_ot
             .into_boxed_str(),
     );
     let s = norwegian(kid);
-    let (clock, stack) = nudged(&s).await?;
+    let (clock, stack) = nudged_with(&s, &[("portal.staff_token".to_owned(), STAFF_TOKEN.into())]).await?;
 
     // The link as the debtor gets it: in the e-mail the SMTP sink received.
     let mail = eventually("the nudge", WAIT, || async {
@@ -137,8 +138,11 @@ async fn the_link_in_the_nudge_opens_the_debtors_page_until_it_is_paid_and_no_ot
 
     // In Norwegian (the invoice's language): the creditor, the invoice, how to pay, and the
     // nudge just sent.
-    let page = page_showing(&stack, &path, "Vennlig påminnelse sendt 02.03.2026 på e-post").await?;
+    page_showing(&stack, &path, "Vennlig påminnelse sendt 02.03.2026 på e-post").await?;
+    // The read model follows the journey's events and dispatch's outcomes separately.
+    let page = page_showing(&stack, &path, "sender vi en purring").await?;
     for want in [
+        "Vennlig påminnelse sendt 02.03.2026 på e-post",
         "<html lang=\"nb\">",
         "Nordkraft AS",
         "Faktura 7000123",
@@ -187,6 +191,7 @@ async fn the_link_in_the_nudge_opens_the_debtors_page_until_it_is_paid_and_no_ot
         debtor_id: s.debtor_id(),
         invoices: vec![s.invoice_id.into()],
         expires_at: at("2026-05-01T00:00:00Z").timestamp(),
+        issued_at: None,
     };
     let forged = paylink::issue(&forged_key, &claims);
     for bad in [altered.as_str(), forged.as_str(), "not-a-link"] {
@@ -232,6 +237,52 @@ async fn the_link_in_the_nudge_opens_the_debtors_page_until_it_is_paid_and_no_ot
         "no pay instructions for a paid invoice"
     );
 
+    // Withdrawn by the creditor's staff (it reached the wrong person): the link is refused
+    // without a word of the invoice, and so is a form posted from it; a link signed afterwards
+    // (the next message's) works.
+    let addr = stack.rt.admin_addr("portal").expect("the portal serves HTTP");
+    let revoke_url = format!("http://{addr}/v1/links/revoke/{}/{}", s.tenant, s.debtor_id());
+    let http = reqwest::Client::new();
+    assert_eq!(http.post(&revoke_url).send().await?.status(), 401, "staff only");
+    let revoked = http.post(&revoke_url).bearer_auth(STAFF_TOKEN).send().await?;
+    assert_eq!(revoked.status(), 200);
+    let withdrawn = get(&stack, &path).await?;
+    assert_eq!(withdrawn.status, 410);
+    assert!(
+        withdrawn.body.contains("withdrawn")
+            && !withdrawn.body.contains("7000123")
+            && !withdrawn.body.contains("Nordkraft"),
+        "{}",
+        withdrawn.body
+    );
+    let posted = http
+        .post(format!("http://{addr}{path}/requests"))
+        .form(&[("kind", "claims_paid"), ("invoice", s.invoice_id), ("form_token", "x")])
+        .send()
+        .await?;
+    assert_eq!(posted.status(), 410, "no request from a withdrawn link");
+    // Redis lost: the portal rebuilds from the topics and its changelog, and the link stays
+    // withdrawn (never shown meanwhile).
+    assert!(forfall_e2e::flush_stack_state(&stack.rt.config).await? > 0);
+    eventually("the link withdrawn after the rebuild", WAIT, || async {
+        let answer = get(&stack, &path).await?;
+        anyhow::ensure!(answer.status != 200, "a withdrawn link was shown after Redis was lost");
+        Ok((answer.status == 410).then_some(()))
+    })
+    .await?;
+    clock.advance(chrono::Duration::seconds(1));
+    let next_message = paylink::issue(
+        &dev_key(),
+        &LinkClaims {
+            tenant: s.tenant.into(),
+            debtor_id: s.debtor_id(),
+            invoices: vec![s.invoice_id.into()],
+            expires_at: clock.now().timestamp() + 86_400,
+            issued_at: Some(clock.now().timestamp()),
+        },
+    );
+    page_showing(&stack, &format!("/pay/{next_message}"), "Betalt. Takk!").await?;
+
     // Expired (links work 60 days): the creditor to ask, nothing of the invoice.
     clock.advance(chrono::Duration::days(61));
     let expired = get(&stack, &path).await?;
@@ -263,6 +314,7 @@ async fn pages_are_limited_per_link() -> anyhow::Result<()> {
             debtor_id: "nordkraft:d1".into(),
             invoices: vec!["i1".into()],
             expires_at: at("2026-04-01T00:00:00Z").timestamp(),
+            issued_at: None,
         },
     );
     let mut statuses = Vec::new();

@@ -25,6 +25,10 @@ pub struct LinkClaims {
     /// Expiry, Unix seconds.
     #[serde(rename = "x")]
     pub expires_at: i64,
+    /// When it was signed, Unix seconds: a withdrawal covers the links signed before it. Links
+    /// signed before the field existed lack it.
+    #[serde(rename = "a", default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<i64>,
 }
 
 /// A signing key and its id.
@@ -131,6 +135,7 @@ mod tests {
             debtor_id: "acme:c-1".into(),
             invoices: vec!["inv-1".into(), "inv-2".into()],
             expires_at: 2_000_000_000,
+            issued_at: None,
         }
     }
 

@@ -139,6 +139,19 @@ impl PayLinkKeys {
         }
     }
 
+    /// When a genuine link was signed: its own claim, or for a link signed before links said
+    /// so, its expiry less today's `ttl_days` (a later, longer ttl only moves that earlier).
+    pub fn issued_at(&self, claims: &LinkClaims) -> i64 {
+        claims
+            .issued_at
+            .unwrap_or(claims.expires_at - self.settings.ttl_days * 86_400)
+    }
+
+    /// How long a link works, in seconds.
+    pub fn ttl_secs(&self) -> i64 {
+        self.settings.ttl_days * 86_400
+    }
+
     /// A signed link for the debtor and the invoices, expiring `ttl_days` from `now`.
     pub fn link(&self, tenant: &str, debtor_id: &str, invoices: Vec<String>, now: DateTime<Utc>) -> String {
         let claims = LinkClaims {
@@ -146,6 +159,7 @@ impl PayLinkKeys {
             debtor_id: debtor_id.to_owned(),
             invoices,
             expires_at: now.timestamp() + self.settings.ttl_days * 86_400,
+            issued_at: Some(now.timestamp()),
         };
         format!(
             "{}{}",
@@ -252,6 +266,7 @@ mod tests {
             debtor_id: "other:d1".into(),
             invoices: vec!["i1".into()],
             expires_at: now().timestamp() + 60,
+            issued_at: None,
         };
         let forged = paylink::issue(&acme_key, &claims);
         assert_eq!(keys.verify(&forged, now()), Err(LinkError::BadSignature));
@@ -269,6 +284,7 @@ mod tests {
             debtor_id: "other:d1".into(),
             invoices: vec!["i1".into()],
             expires_at: now().timestamp() + 60,
+            issued_at: None,
         };
         let old = paylink::issue(&retired, &claims);
         assert!(keys.verify(&old, now()).is_ok());
@@ -289,5 +305,21 @@ mod tests {
         s.tenant_keys.insert("beta".into(), "acme-1".into());
         let refused = PayLinkKeys::new(s).unwrap_err().to_string();
         assert!(refused.contains("belongs to tenant 'acme'"), "{refused}");
+    }
+
+    #[test]
+    fn a_link_says_when_it_was_signed_and_an_older_one_is_dated_by_its_expiry() {
+        let keys = PayLinkKeys::new(PayLinkSettings::default()).unwrap();
+        let link = keys.link("acme", "acme:d1", vec!["i1".into()], now());
+        let token = link.rsplit('/').next().unwrap();
+        let claims = keys.verify(token, now()).unwrap();
+        assert_eq!(claims.issued_at, Some(now().timestamp()));
+        assert_eq!(keys.issued_at(&claims), now().timestamp());
+        let older = LinkClaims {
+            issued_at: None,
+            expires_at: claims.expires_at - 10,
+            ..claims
+        };
+        assert_eq!(keys.issued_at(&older), now().timestamp() - 10);
     }
 }

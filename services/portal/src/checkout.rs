@@ -14,9 +14,10 @@ use std::net::SocketAddr;
 use tracing::Instrument;
 
 use crate::Portal;
-use crate::http::{PLAIN, fingerprint, html_response, limited, refused, unavailable};
+use crate::http::{PLAIN, fingerprint, html_response, limited, refused, unavailable, withdrawn};
 use crate::page;
 use crate::payments::Attempt;
+use crate::revocation::LinkRefusal;
 use crate::stripe::{NewSession, StripeError};
 use crate::view::InvoiceView;
 use crate::vipps::VippsError;
@@ -214,10 +215,12 @@ impl Portal {
         headers: &HeaderMap,
         form: &CheckoutForm,
     ) -> (Response, &'static str) {
-        let claims = match self.0.links.verify(token, self.0.rt.clock.now()) {
+        let claims = match self.open_link(token).await {
             Ok(claims) => claims,
-            Err(LinkError::Expired(_)) => return (refused(), "expired"),
-            Err(_) => return (refused(), "refused"),
+            Err(LinkRefusal::Invalid(LinkError::Expired(_))) => return (refused(), "expired"),
+            Err(LinkRefusal::Withdrawn) => return (withdrawn(), "withdrawn"),
+            Err(LinkRefusal::Unavailable(_)) => return (unavailable(), "unavailable"),
+            Err(LinkRefusal::Invalid(_)) => return (refused(), "refused"),
         };
         let Some(provider) = Provider::parse(&form.provider) else {
             return (refused(), "refused");

@@ -22,6 +22,7 @@ use tracing::Instrument;
 
 use crate::Portal;
 use crate::page::{self, Creditor};
+use crate::revocation::LinkRefusal;
 use crate::view::InvoiceView;
 
 /// At most this many invoices of one link are shown (a message covers a handful).
@@ -44,6 +45,10 @@ pub fn routes(portal: Portal) -> Router {
             axum::routing::post(crate::webhook::vipps_webhook),
         )
         .route("/v1/timeline/{tenant}/{invoice}", get(crate::timeline::get_timeline))
+        .route(
+            "/v1/links/revoke/{tenant}/{debtor}",
+            axum::routing::post(crate::revocation::post_revoke),
+        )
         .route(
             "/providers/stripe/{tenant}",
             axum::routing::post(crate::webhook::stripe_webhook),
@@ -145,8 +150,7 @@ impl Portal {
         received: bool,
         plan_asked: Option<(String, usize)>,
     ) -> (Response, &'static str) {
-        let now = self.0.rt.clock.now();
-        match self.0.links.verify(token, now) {
+        match self.open_link(token).await {
             Ok(claims) => match self.views(&claims).await {
                 Ok(views) => (self.page(token, &claims, &views, lang, received, plan_asked), "shown"),
                 Err(e) => {
@@ -154,7 +158,12 @@ impl Portal {
                     (unavailable(), "unavailable")
                 }
             },
-            Err(LinkError::Expired(_)) => match self.0.links.verify_signature(token) {
+            Err(LinkRefusal::Withdrawn) => (withdrawn(), "withdrawn"),
+            Err(LinkRefusal::Unavailable(e)) => {
+                tracing::warn!(error = ?e, "whether the link was withdrawn cannot be told");
+                (unavailable(), "unavailable")
+            }
+            Err(LinkRefusal::Invalid(LinkError::Expired(_))) => match self.0.links.verify_signature(token) {
                 Ok(claims) => {
                     // Only to speak the debtor's language: nothing of the invoices is shown.
                     let views = self.views(&claims).await.unwrap_or_default();
@@ -162,7 +171,7 @@ impl Portal {
                 }
                 Err(_) => (refused(), "refused"),
             },
-            Err(why) => {
+            Err(LinkRefusal::Invalid(why)) => {
                 tracing::info!(why = %why, "link refused");
                 (refused(), "refused")
             }
@@ -354,6 +363,16 @@ pub(crate) fn refused() -> Response {
         StatusCode::FORBIDDEN,
         format!(
             "{PLAIN}This link is not valid.</h1><p>Please use the link in the message you received, or contact the company that sent it.</p></main></body></html>"
+        ),
+    )
+}
+
+/// A genuine link the creditor withdrew: nothing of what it claims is shown.
+pub(crate) fn withdrawn() -> Response {
+    html_response(
+        StatusCode::GONE,
+        format!(
+            "{PLAIN}This link has been withdrawn.</h1><p>Please use the link in the latest message you received, or contact the company that sent it.</p></main></body></html>"
         ),
     )
 }

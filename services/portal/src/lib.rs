@@ -15,6 +15,7 @@ pub mod page;
 pub mod payments;
 pub mod rebuild;
 mod requests;
+pub mod revocation;
 pub mod stripe;
 pub mod timeline;
 pub mod view;
@@ -250,6 +251,11 @@ pub fn rebuilder(rt: &Runtime, settings: &PortalSettings, redis: ConnectionManag
         keys: ViewKeys(rt.keys()),
         retention_secs: settings.closed_retention_days.max(1) * 86_400,
         changelog: rt.topic(&rt.config.topics.portal_changelog),
+        // The portal reads its settings at start and stops on bad ones; the default is only
+        // for a tool that rebuilds without them.
+        link_ttl_secs: config::section::<CreditorSettings>(&rt.figment, "dispatch")
+            .map_or(PayLinkSettings::default().ttl_days, |c| c.pay_link.ttl_days)
+            * 86_400,
     }
 }
 

@@ -25,8 +25,10 @@ pub struct PortalRebuild {
     pub redis: ConnectionManager,
     pub keys: ViewKeys,
     pub retention_secs: u64,
-    /// The portal's changelog: payments under way at providers.
+    /// The portal's changelog: payments under way at providers, withdrawn links.
     pub changelog: String,
+    /// How long a link lives (a withdrawal is kept as long).
+    pub link_ttl_secs: i64,
 }
 
 impl Rebuild for PortalRebuild {
@@ -110,7 +112,32 @@ impl Restore for Restorer<'_> {
     }
 }
 
-/// Puts back the payments under way, each for what is left of its time.
+/// Puts back a debtor's withdrawal of links for what is left of its time (as long as a link
+/// lives, from when it was made).
+fn restore_revocation(pipe: &mut redis::Pipeline, rebuild: &PortalRebuild, c: &Change, now_ms: i64) {
+    let Some(revocation) = c
+        .value
+        .as_deref()
+        .and_then(|v| serde_json::from_slice::<crate::revocation::Revocation>(v).ok())
+    else {
+        return;
+    };
+    let key = rebuild.keys.revoked(&revocation.tenant, &revocation.debtor_id);
+    // Counted from when it was written, on the same clock as `now_ms` (the record's time).
+    let left_ms = rebuild.link_ttl_secs * 1000 - (now_ms - c.timestamp_ms);
+    if left_ms > 0 {
+        pipe.cmd("SET")
+            .arg(&key)
+            .arg(c.value.as_deref().unwrap_or_default())
+            .arg("PX")
+            .arg(left_ms)
+            .ignore();
+    } else {
+        pipe.del(&key).ignore();
+    }
+}
+
+/// Puts back the payments under way and the withdrawn links, each for what is left of its time.
 struct Attempts<'a> {
     rebuild: &'a PortalRebuild,
 }
@@ -120,7 +147,12 @@ impl Restore for Attempts<'_> {
         let now_ms = chrono::Utc::now().timestamp_millis();
         let mut pipe = redis::pipe();
         for c in &changes {
-            let Some(reference) = std::str::from_utf8(&c.key).ok().and_then(|k| k.strip_prefix("pay/")) else {
+            let key = std::str::from_utf8(&c.key).unwrap_or_default();
+            if key.starts_with(crate::revocation::CHANGELOG_PREFIX) {
+                restore_revocation(&mut pipe, self.rebuild, c, now_ms);
+                continue;
+            }
+            let Some(reference) = key.strip_prefix("pay/") else {
                 continue;
             };
             let key = self.rebuild.keys.attempt(reference);

@@ -24,7 +24,8 @@ use std::net::SocketAddr;
 use tracing::Instrument;
 
 use crate::Portal;
-use crate::http::{fingerprint, limited, refused, unavailable};
+use crate::http::{fingerprint, limited, refused, unavailable, withdrawn};
+use crate::revocation::LinkRefusal;
 
 /// What a debtor may write in an objection.
 const MAX_REASON_CHARS: usize = 1000;
@@ -162,10 +163,12 @@ impl Portal {
         headers: &HeaderMap,
         form: &RequestForm,
     ) -> (Response, &'static str) {
-        let claims = match self.0.links.verify(token, self.0.rt.clock.now()) {
+        let claims = match self.open_link(token).await {
             Ok(claims) => claims,
-            Err(LinkError::Expired(_)) => return (refused_with(StatusCode::GONE), "expired"),
-            Err(_) => return (refused(), "refused"),
+            Err(LinkRefusal::Invalid(LinkError::Expired(_))) => return (refused_with(StatusCode::GONE), "expired"),
+            Err(LinkRefusal::Withdrawn) => return (withdrawn(), "withdrawn"),
+            Err(LinkRefusal::Unavailable(_)) => return (unavailable(), "unavailable"),
+            Err(LinkRefusal::Invalid(_)) => return (refused(), "refused"),
         };
         if cross_site(headers, &self.public_origin())
             || !claims.invoices.contains(&form.invoice)

@@ -162,14 +162,11 @@ pub(crate) struct TimelineQuery {
     format: Option<String>,
 }
 
-pub(crate) async fn get_timeline(
-    State(portal): State<Portal>,
-    Path((tenant, invoice)): Path<(String, String)>,
-    Query(query): Query<TimelineQuery>,
-    headers: HeaderMap,
-) -> Response {
+/// The refusal of a request without the staff token as its bearer token, if it has not; the
+/// staff API answers nothing while no token is configured.
+pub(crate) fn staff_refusal(portal: &Portal, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = portal.0.settings.staff_token.as_deref().filter(|t| !t.is_empty()) else {
-        return (StatusCode::NOT_FOUND, "the staff API is off: set portal.staff_token\n").into_response();
+        return Some((StatusCode::NOT_FOUND, "the staff API is off: set portal.staff_token\n").into_response());
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -182,6 +179,18 @@ pub(crate) async fn get_timeline(
         refused
             .headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return Some(refused);
+    }
+    None
+}
+
+pub(crate) async fn get_timeline(
+    State(portal): State<Portal>,
+    Path((tenant, invoice)): Path<(String, String)>,
+    Query(query): Query<TimelineQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = staff_refusal(&portal, &headers) {
         return refused;
     }
     let span = tracing::info_span!("timeline", tenant = %tenant);

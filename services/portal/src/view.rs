@@ -176,6 +176,11 @@ impl ViewKeys {
     }
 
     /// A payment under way at a provider, by the reference the provider knows it by.
+    /// A debtor's withdrawal of links (see [`crate::revocation`]).
+    pub fn revoked(&self, tenant: &str, debtor_id: &str) -> String {
+        self.0.key(&["portal", "revoked", &format!("{{{tenant}}}:{debtor_id}")])
+    }
+
     pub fn attempt(&self, reference: &str) -> String {
         self.0.key(&["portal", "pay", reference])
     }

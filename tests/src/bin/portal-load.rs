@@ -109,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
             debtor_id: s.debtor_id(),
             invoices: vec![s.invoice_id.into()],
             expires_at: at("2026-04-01T00:00:00Z").timestamp(),
+            issued_at: None,
         },
     );
     let addr = stack
