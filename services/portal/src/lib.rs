@@ -171,11 +171,38 @@ impl Portal {
                 forfall_platform::telemetry::TraceContext::new_root(),
             )
             .await?;
+        self.send_acknowledged(out).await
+    }
+
+    /// Sends one record and waits for the broker's acknowledgement.
+    async fn send_acknowledged(&self, out: forfall_platform::kafka::Outbound) -> Result<(), Failure> {
         self.0
             .producer
             .send_all(std::slice::from_ref(&out))
             .await
             .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))
+    }
+
+    /// Keeps a fact of the portal's own (a payment under way, a withdrawal): on its changelog
+    /// under `changelog_key` (acknowledged) first, so a rebuild finds it, then in Redis under
+    /// `redis_key` for `ttl_secs`.
+    pub(crate) async fn keep(
+        &self,
+        changelog_key: String,
+        redis_key: String,
+        value: Vec<u8>,
+        ttl_secs: u64,
+    ) -> Result<(), Failure> {
+        self.send_acknowledged(self.0.changelog.put_keyed(changelog_key, value.clone()))
+            .await?;
+        redis::cmd("SET")
+            .arg(redis_key)
+            .arg(value)
+            .arg("EX")
+            .arg(ttl_secs.max(1))
+            .query_async::<()>(&mut self.0.redis.clone())
+            .await?;
+        Ok(())
     }
 
     fn retention_secs(&self) -> u64 {

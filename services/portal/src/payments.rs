@@ -96,23 +96,13 @@ impl Portal {
     /// Writes the attempt to the changelog (acknowledged), then to Redis.
     pub(crate) async fn remember(&self, attempt: &Attempt) -> Result<(), Failure> {
         let value = serde_json::to_vec(attempt).map_err(|e| Failure::Transient(e.into()))?;
-        let out = self
-            .0
-            .changelog
-            .put_keyed(attempt_changelog_key(&attempt.reference), value.clone());
-        self.0
-            .producer
-            .send_all(std::slice::from_ref(&out))
-            .await
-            .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
-        redis::cmd("SET")
-            .arg(self.0.keys.attempt(&attempt.reference))
-            .arg(value)
-            .arg("EX")
-            .arg(ATTEMPT_TTL_SECS)
-            .query_async::<()>(&mut self.0.redis.clone())
-            .await?;
-        Ok(())
+        self.keep(
+            attempt_changelog_key(&attempt.reference),
+            self.0.keys.attempt(&attempt.reference),
+            value,
+            ATTEMPT_TTL_SECS,
+        )
+        .await
     }
 
     /// The attempt with this reference; `None` when the portal started no such payment.

@@ -123,17 +123,21 @@ fn restore_revocation(pipe: &mut redis::Pipeline, rebuild: &PortalRebuild, c: &C
         return;
     };
     let key = rebuild.keys.revoked(&revocation.tenant, &revocation.debtor_id);
-    // Counted from when it was written, on the same clock as `now_ms` (the record's time).
-    let left_ms = rebuild.link_ttl_secs * 1000 - (now_ms - c.timestamp_ms);
-    if left_ms > 0 {
-        pipe.cmd("SET")
-            .arg(&key)
-            .arg(c.value.as_deref().unwrap_or_default())
-            .arg("PX")
-            .arg(left_ms)
-            .ignore();
-    } else {
-        pipe.del(&key).ignore();
+    restore_for_what_is_left(pipe, &key, c, rebuild.link_ttl_secs, now_ms);
+}
+
+/// Puts a changelog record's value back under `key` for what is left of `ttl_secs`, counted
+/// from when it was written (the record's time, on the same clock as `now_ms`); removes it
+/// when nothing is left or the record is a tombstone.
+fn restore_for_what_is_left(pipe: &mut redis::Pipeline, key: &str, c: &Change, ttl_secs: i64, now_ms: i64) {
+    let left_ms = ttl_secs * 1000 - (now_ms - c.timestamp_ms);
+    match &c.value {
+        Some(value) if left_ms > 0 => {
+            pipe.cmd("SET").arg(key).arg(value).arg("PX").arg(left_ms).ignore();
+        }
+        _ => {
+            pipe.del(key).ignore();
+        }
     }
 }
 
@@ -156,15 +160,7 @@ impl Restore for Attempts<'_> {
                 continue;
             };
             let key = self.rebuild.keys.attempt(reference);
-            let left_ms = ATTEMPT_TTL_SECS as i64 * 1000 - (now_ms - c.timestamp_ms);
-            match &c.value {
-                Some(value) if left_ms > 0 => {
-                    pipe.cmd("SET").arg(&key).arg(value).arg("PX").arg(left_ms).ignore();
-                }
-                _ => {
-                    pipe.del(&key).ignore();
-                }
-            }
+            restore_for_what_is_left(&mut pipe, &key, c, ATTEMPT_TTL_SECS as i64, now_ms);
         }
         if !pipe.is_empty() {
             pipe.query_async::<()>(&mut self.rebuild.redis.clone()).await?;

@@ -88,22 +88,14 @@ impl Portal {
             revoked_at: self.0.rt.clock.now().timestamp(),
         };
         let value = serde_json::to_vec(&revocation).map_err(|e| Failure::Transient(e.into()))?;
-        let out = self
-            .0
-            .changelog
-            .put_keyed(changelog_key(tenant, debtor_id), value.clone());
-        self.0
-            .producer
-            .send_all(std::slice::from_ref(&out))
-            .await
-            .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
-        redis::cmd("SET")
-            .arg(self.0.keys.revoked(tenant, debtor_id))
-            .arg(value)
-            .arg("EX")
-            .arg(self.0.links.ttl_secs().max(1))
-            .query_async::<()>(&mut self.0.redis.clone())
-            .await?;
+        let ttl_secs = u64::try_from(self.0.links.ttl_secs()).unwrap_or(1);
+        self.keep(
+            changelog_key(tenant, debtor_id),
+            self.0.keys.revoked(tenant, debtor_id),
+            value,
+            ttl_secs,
+        )
+        .await?;
         Ok(revocation)
     }
 }
