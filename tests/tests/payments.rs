@@ -86,6 +86,16 @@ async fn a_bank_file_settles_the_invoice_before_its_reminder_and_a_second_import
         "{body}"
     );
     status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
+    // The contact stop the watcher put up before its "paid" event is gone with the journey
+    // write that followed: the journey itself says it now.
+    let keys = forfall_platform::redis_store::Keys::new(&stack.rt.config.redis.key_prefix);
+    let stop = forfall_platform::journey_state::stop_location(&keys, s.tenant, s.invoice_id);
+    let left: Option<Vec<u8>> = redis::cmd("HGET")
+        .arg(&stop.key)
+        .arg(&stop.field)
+        .query_async(&mut stack.redis())
+        .await?;
+    assert_eq!(left, None, "no contact stop left behind");
 
     // The reminder falls due a moment later: it is not sent.
     let mark = issue_timer_mark(&stack, &s, day(2026, 3, 16)).await?;

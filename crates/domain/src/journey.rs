@@ -329,6 +329,15 @@ pub struct Decision {
     pub emit: Option<Emit>,
 }
 
+impl Decision {
+    /// Whether this decision takes a journey that accepted contact to one that does not (paid,
+    /// credited, paused, handed over): such a decision must be seen by senders before any of
+    /// its effects, since a message sent in between cannot be taken back.
+    pub fn stops_contact(&self) -> bool {
+        !self.journey.state.accepts_contact() && self.transitions.iter().any(|t| t.from.accepts_contact())
+    }
+}
+
 fn transition(kind: &'static str, from: JourneyState, to: JourneyState) -> Transition {
     Transition {
         kind,
@@ -1309,6 +1318,26 @@ mod tests {
             }
         );
         assert_eq!(d.journey.state, JourneyState::Open);
+    }
+
+    #[test]
+    fn only_decisions_that_end_contact_stop_it() {
+        let (j, plan) = opened();
+        let nudge = on_timer(
+            j.clone(),
+            0,
+            &plan,
+            Money::zero(Currency::DKK),
+            on_time(&opened_timer()),
+        );
+        assert!(!nudge.stops_contact(), "a nudge keeps the journey contactable");
+        let amount = j.invoice.amount;
+        let paid = on_payment(j, "p1", amount).unwrap();
+        assert_eq!(paid.journey.state, JourneyState::Closed(CloseReason::Paid));
+        assert!(paid.stops_contact());
+        // A payment on a journey already closed changes no contact.
+        let again = on_payment(paid.journey.clone(), "p2", amount).unwrap();
+        assert!(!again.stops_contact(), "{:?}", again.transitions);
     }
 
     #[test]

@@ -58,6 +58,28 @@ pub fn location(keys: &Keys, tenant: &str, invoice_id: &str) -> Location {
     bucketed(keys, "journeys", tenant, invoice_id)
 }
 
+/// Where the watcher marks, ahead of its outputs, that a journey stops accepting contact.
+///
+/// The watcher produces a decision's outputs before it writes the journey, so for a moment
+/// (seconds, when the broker is slow to acknowledge) the journey event "closed: paid" is out
+/// while the stored status still says "nudged". Dispatch must not send in that moment: so a
+/// decision that stops contact (paid, credited, paused, handed over) first writes this stop,
+/// `version|status` with the version the journey write will have. Readers take it while the
+/// stored journey is older than it; the journey write removes it.
+pub fn stop_location(keys: &Keys, tenant: &str, invoice_id: &str) -> Location {
+    bucketed(keys, "contact-stops", tenant, invoice_id)
+}
+
+/// A contact stop's value: the version the journey write will have, and its status.
+pub fn encode_stop(version: u64, status: &str) -> Vec<u8> {
+    format!("{version}|{status}").into_bytes()
+}
+
+fn decode_stop(value: &[u8]) -> Option<(u64, String)> {
+    let (version, status) = std::str::from_utf8(value).ok()?.split_once('|')?;
+    Some((version.parse().ok()?, status.to_owned()))
+}
+
 /// The readable head of a stored journey.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
@@ -123,8 +145,19 @@ pub struct LastLook {
 }
 
 impl LastLook {
-    fn of(value: Option<&[u8]>, step_index: i32) -> Self {
+    /// From the stored journey and its contact stop, if any: a stop newer than the journey is
+    /// the watcher's decision already made, so it wins, and nothing is left to wait for.
+    fn of(value: Option<&[u8]>, stop: Option<&[u8]>, step_index: i32) -> Self {
         let header = value.and_then(decode).map(|(h, _)| h);
+        if let Some((_, status)) = stop
+            .and_then(decode_stop)
+            .filter(|(version, _)| header.as_ref().is_none_or(|h| h.version < *version))
+        {
+            return LastLook {
+                status: Some(status),
+                caught_up: true,
+            };
+        }
         let caught_up = header
             .as_ref()
             .is_some_and(|h| h.next_step.is_none_or(|next| next > i64::from(step_index)));
@@ -156,13 +189,17 @@ pub async fn last_looks(
     let mut pipe = redis::pipe();
     for (invoice_id, _) in invoices {
         let at = location(keys, tenant, invoice_id);
-        pipe.hget(at.key, at.field);
+        let stop = stop_location(keys, tenant, invoice_id);
+        pipe.hget(at.key, at.field).hget(stop.key, stop.field);
     }
     let values: Vec<Option<Vec<u8>>> = pipe.query_async(conn).await?;
     Ok(values
-        .iter()
+        .chunks(2)
         .zip(invoices)
-        .map(|(v, (_, step))| LastLook::of(v.as_deref(), *step))
+        .map(|(v, (_, step))| {
+            let (journey, stop) = (v.first().cloned().flatten(), v.get(1).cloned().flatten());
+            LastLook::of(journey.as_deref(), stop.as_deref(), *step)
+        })
         .collect())
 }
 
@@ -251,13 +288,46 @@ mod tests {
                 b"",
             )
         };
-        assert!(!LastLook::of(Some(&at(Some(1))), 1).caught_up);
-        assert!(LastLook::of(Some(&at(Some(2))), 1).caught_up);
+        assert!(!LastLook::of(Some(&at(Some(1))), None, 1).caught_up);
+        assert!(LastLook::of(Some(&at(Some(2))), None, 1).caught_up);
         assert!(
-            !LastLook::of(None, 1).caught_up,
+            !LastLook::of(None, None, 1).caught_up,
             "nothing stored: the journey is not written yet or is being rebuilt"
         );
-        assert_eq!(LastLook::of(Some(&at(None)), 1).status.as_deref(), Some("nudged"));
+        assert_eq!(LastLook::of(Some(&at(None)), None, 1).status.as_deref(), Some("nudged"));
+    }
+
+    #[test]
+    fn a_contact_stop_newer_than_the_journey_wins_and_an_older_one_is_ignored() {
+        let journey = |version| {
+            encode(
+                &Header {
+                    version,
+                    status: "nudged".into(),
+                    next_step: Some(1),
+                },
+                b"",
+            )
+        };
+        let stop = encode_stop(4, "closed:paid");
+        // The watcher decided "paid" (version 4) and has not written the journey yet.
+        let ahead = LastLook::of(Some(&journey(3)), Some(&stop), 1);
+        assert_eq!(ahead.status.as_deref(), Some("closed:paid"));
+        assert!(ahead.caught_up, "a stop is a decision made: nothing to wait for");
+        assert!(!status_accepts_contact(ahead.status.as_deref()));
+        // A journey not written at all yet is stopped too.
+        assert_eq!(
+            LastLook::of(None, Some(&stop), 1).status.as_deref(),
+            Some("closed:paid")
+        );
+        // Written (or written again since, by a later decision): the journey speaks.
+        for version in [4, 5] {
+            let look = LastLook::of(Some(&journey(version)), Some(&stop), 1);
+            assert_eq!(look.status.as_deref(), Some("nudged"), "version {version}");
+        }
+        // Something that is not a stop is not one.
+        let junk = LastLook::of(Some(&journey(3)), Some(b"closed"), 2);
+        assert_eq!(junk.status.as_deref(), Some("nudged"));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! is put back: a Redis that lost it gets it back from there (see [`crate::rebuild`]).
 
 use std::time::Duration;
+use tracing::Instrument;
 
 use chrono::{DateTime, Utc};
 use forfall_platform::changelog::Changelog;
@@ -135,27 +136,31 @@ async fn release_once(
                 None => (serde_json::from_str::<JourneyAction>(&json)?, false),
             };
             let span = tracing::info_span!("release_held", step = %held.step);
-            let _entered = span.enter();
-            let released = JourneyAction {
-                event_id: derived_id("action-released", &[&held.event_id]),
-                ..held
-            };
-            let out = rt
-                .codec
-                .outbound(topic, &released.debtor_id, &released, TraceContext::new_root())
-                .await?;
-            producer
-                .send(&out)
-                .await
-                .await
-                .map_err(|e| anyhow::anyhow!("putting a held action back: {e}"))?;
-            if on_changelog {
-                let gone = changelog.delete_keyed(Held::changelog_key(&event_id));
+            async {
+                let released = JourneyAction {
+                    event_id: derived_id("action-released", &[&held.event_id]),
+                    ..held
+                };
+                let out = rt
+                    .codec
+                    .outbound(topic, &released.debtor_id, &released, TraceContext::new_root())
+                    .await?;
                 producer
-                    .send_all(std::slice::from_ref(&gone))
+                    .send(&out)
                     .await
-                    .map_err(|e| anyhow::anyhow!("removing a released action from the changelog: {e}"))?;
+                    .await
+                    .map_err(|e| anyhow::anyhow!("putting a held action back: {e}"))?;
+                if on_changelog {
+                    let gone = changelog.delete_keyed(Held::changelog_key(&event_id));
+                    producer
+                        .send_all(std::slice::from_ref(&gone))
+                        .await
+                        .map_err(|e| anyhow::anyhow!("removing a released action from the changelog: {e}"))?;
+                }
+                Ok::<(), anyhow::Error>(())
             }
+            .instrument(span)
+            .await?;
         }
         let _: () = redis::pipe()
             .atomic()

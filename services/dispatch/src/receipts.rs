@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use tracing::Instrument;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -315,58 +316,61 @@ impl ReceiptState {
             Verdict::Pending => return Ok(true),
         };
         let span = tracing::info_span!("receipt", provider, step = %action.step, channel = %channel, status = label);
-        let _entered = span.enter();
-        let trace = TraceContext::new_root();
-        let outcome = crate::outcome_of(
-            &action,
-            &channel,
-            status,
-            reason.clone(),
-            Some(provider_message_id.to_owned()),
-            r.rt.clock.now().timestamp_millis(),
-        );
-        let mut outs = vec![
-            r.rt.codec
-                .outbound(&r.outcomes_topic, &action.debtor_id, &outcome, trace)
-                .await?,
-        ];
-        if status == DispatchStatus::Bounced {
-            // The bounced channel is done for this action; the next one is its fallback.
-            let _: () = redis::cmd("SET")
-                .arg(crate::claim_key(&r.keys, &action.action_id, &channel))
-                .arg(format!("failed:{}", reason.unwrap_or_default()))
-                .arg("EX")
-                .arg(r.settings.idempotency_ttl_days * 86_400)
-                .query_async(&mut r.redis.clone())
-                .await?;
-            let rest: Vec<String> = action
-                .channels
-                .iter()
-                .skip_while(|c| **c != channel)
-                .skip(1)
-                .cloned()
-                .collect();
-            if !rest.is_empty() {
-                let fallback = JourneyAction {
-                    event_id: derived_id("action-fallback", &[&action.action_id, &channel]),
-                    channels: rest,
-                    ..action.clone()
-                };
-                outs.push(
-                    r.rt.codec
-                        .outbound(&r.actions_topic, &action.debtor_id, &fallback, trace)
-                        .await?,
-                );
+        async move {
+            let trace = TraceContext::new_root();
+            let outcome = crate::outcome_of(
+                &action,
+                &channel,
+                status,
+                reason.clone(),
+                Some(provider_message_id.to_owned()),
+                r.rt.clock.now().timestamp_millis(),
+            );
+            let mut outs = vec![
+                r.rt.codec
+                    .outbound(&r.outcomes_topic, &action.debtor_id, &outcome, trace)
+                    .await?,
+            ];
+            if status == DispatchStatus::Bounced {
+                // The bounced channel is done for this action; the next one is its fallback.
+                let _: () = redis::cmd("SET")
+                    .arg(crate::claim_key(&r.keys, &action.action_id, &channel))
+                    .arg(format!("failed:{}", reason.unwrap_or_default()))
+                    .arg("EX")
+                    .arg(r.settings.idempotency_ttl_days * 86_400)
+                    .query_async(&mut r.redis.clone())
+                    .await?;
+                let rest: Vec<String> = action
+                    .channels
+                    .iter()
+                    .skip_while(|c| **c != channel)
+                    .skip(1)
+                    .cloned()
+                    .collect();
+                if !rest.is_empty() {
+                    let fallback = JourneyAction {
+                        event_id: derived_id("action-fallback", &[&action.action_id, &channel]),
+                        channels: rest,
+                        ..action.clone()
+                    };
+                    outs.push(
+                        r.rt.codec
+                            .outbound(&r.actions_topic, &action.debtor_id, &fallback, trace)
+                            .await?,
+                    );
+                }
             }
+            for out in &outs {
+                self.producer
+                    .send(out)
+                    .await
+                    .await
+                    .map_err(|e| anyhow::anyhow!("producing the receipt's outcome: {e}"))?;
+            }
+            tracing::info!("delivery receipt recorded");
+            Ok(true)
         }
-        for out in &outs {
-            self.producer
-                .send(out)
-                .await
-                .await
-                .map_err(|e| anyhow::anyhow!("producing the receipt's outcome: {e}"))?;
-        }
-        tracing::info!("delivery receipt recorded");
-        Ok(true)
+        .instrument(span)
+        .await
     }
 }

@@ -25,6 +25,7 @@ mod webhook;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use forfall_domain::journey::PauseLimits;
 use forfall_platform::changelog::{self, Changelog};
@@ -215,23 +216,29 @@ impl Portal {
         let decoded = self.0.rt.codec.decode(record.payload.as_deref()).await?;
         let changes = view::changes_of(&decoded.name, &decoded, record.offset)
             .map_err(|e| Failure::reject("unreadable_record", format!("{e:#}")))?;
+        // A span entered across an await leaks into whatever else runs on the thread meanwhile
+        // (and can corrupt the registry): the work is instrumented instead.
         let span = tracing::info_span!("apply", record = %decoded.name, changes = changes.len());
-        let _entered = span.enter();
-        for (tenant, invoice_id, change) in &changes {
-            let applied: i64 = view::invocation(
-                &APPLY,
-                &self.0.keys.invoice(tenant, invoice_id),
-                self.0.state.marker_key(),
-                self.0.state.seen(),
-                change,
-                self.retention_secs(),
-            )
-            .invoke_async(&mut self.0.redis.clone())
-            .await?;
-            if applied == -2 {
-                return Err(self.0.state.missing());
+        async {
+            for (tenant, invoice_id, change) in &changes {
+                let applied: i64 = view::invocation(
+                    &APPLY,
+                    &self.0.keys.invoice(tenant, invoice_id),
+                    self.0.state.marker_key(),
+                    self.0.state.seen(),
+                    change,
+                    self.retention_secs(),
+                )
+                .invoke_async(&mut self.0.redis.clone())
+                .await?;
+                if applied == -2 {
+                    return Err(self.0.state.missing());
+                }
             }
+            Ok(())
         }
+        .instrument(span)
+        .await?;
         self.0.metrics.applied.with_label_values(&[&decoded.name]).inc();
         Ok(())
     }

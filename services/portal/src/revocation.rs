@@ -16,6 +16,7 @@ use forfall_domain::paylink::{LinkClaims, LinkError};
 use forfall_platform::kafka::Failure;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 
 use crate::Portal;
 
@@ -110,8 +111,10 @@ pub(crate) async fn post_revoke(
         return refused;
     }
     let span = tracing::info_span!("revoke_links", tenant = %tenant);
+    let revoked = portal.revoke(&tenant, &debtor_id).instrument(span.clone()).await;
+    // Entered only once nothing is awaited any more (an entered span must not cross an await).
     let _entered = span.enter();
-    match portal.revoke(&tenant, &debtor_id).await {
+    match revoked {
         Ok(revocation) => {
             tracing::info!(revoked_at = revocation.revoked_at, "a debtor's links withdrawn");
             axum::Json(revocation).into_response()

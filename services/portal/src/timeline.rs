@@ -13,6 +13,7 @@ use forfall_domain::invoice::date_from_epoch_days;
 use forfall_domain::{Currency, Money};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 
 use crate::Portal;
 use crate::view::InvoiceView;
@@ -194,8 +195,10 @@ pub(crate) async fn get_timeline(
         return refused;
     }
     let span = tracing::info_span!("timeline", tenant = %tenant);
+    let found = portal.view_of(&tenant, &invoice).instrument(span.clone()).await;
+    // Entered only once nothing is awaited any more (an entered span must not cross an await).
     let _entered = span.enter();
-    let view = match portal.view_of(&tenant, &invoice).await {
+    let view = match found {
         Ok(Some(view)) => view,
         Ok(None) => {
             return (

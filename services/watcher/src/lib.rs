@@ -497,9 +497,11 @@ impl Watcher {
                 stored,
                 timer: e.decision.timer.clone(),
                 fired_step: None,
+                stops_contact: e.decision.stops_contact(),
             },
             self.0.rt.clock.now().timestamp_millis(),
         )?;
+        self.0.store.stop_contact(&[&prepared]).await?;
         let mut outs = self.outputs(&e, prepared.upcoming).await?;
         outs.extend_from_slice(extra);
         let mut changes = vec![self.0.store.change(&prepared)];
@@ -966,6 +968,7 @@ impl Watcher {
                         },
                         timer: d.timer.clone(),
                         fired_step: input.fired_step,
+                        stops_contact: d.stops_contact(),
                     },
                     now.timestamp_millis(),
                 )?;
@@ -997,6 +1000,7 @@ impl Watcher {
                 after_save.push((timer.clone(), became_late));
             }
         }
+        self.0.store.stop_contact(&saves.iter().collect::<Vec<_>>()).await?;
         let logged = self.produce_then_log(&outs, &changes).await?;
         let offsets: Vec<i64> = change_at
             .iter()

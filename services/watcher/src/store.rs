@@ -114,8 +114,9 @@ end
 /// Writes one journey if its version is still the expected one and its partition's state is
 /// present (KEYS[4] `ready:<changelog offset>`; -1 when it is missing or being rebuilt), moves
 /// its timer, keeps the debtor's list of open invoices and the partition's closed journeys
-/// (KEYS[5], by when they closed: ARGV[12]), and records the journey's changelog offset
-/// (ARGV[11]) as the partition's checkpoint.
+/// (KEYS[5], by when they closed: ARGV[12]), removes the journey's contact stop (KEYS[6]: the
+/// journey now says what it said), and records the journey's changelog offset (ARGV[11]) as the
+/// partition's checkpoint.
 fn save_script() -> String {
     format!(
         r"
@@ -133,6 +134,7 @@ if ARGV[5] ~= '' then redis.call('ZREM', KEYS[2], ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('ZADD', KEYS[2], ARGV[7], ARGV[6]) end
 {DEBTOR_OPEN_LUA}
 if ARGV[12] ~= '' then redis.call('ZADD', KEYS[5], ARGV[12], ARGV[1]) else redis.call('ZREM', KEYS[5], ARGV[1]) end
+redis.call('HDEL', KEYS[6], ARGV[1])
 if tonumber(ARGV[11]) > tonumber(checkpoint) then redis.call('SET', KEYS[4], 'ready:' .. ARGV[11]) end
 return 1
 "
@@ -181,6 +183,9 @@ pub struct Save {
     pub stored: Stored,
     pub timer: TimerChange,
     pub fired_step: Option<usize>,
+    /// The decision ends contact ([`forfall_domain::journey::Decision::stops_contact`]): a
+    /// contact stop goes to Redis before the decision's outputs (see [`Store::stop_contact`]).
+    pub stops_contact: bool,
 }
 
 /// A journey write made ready: its Redis value (also its changelog value) and what moves with it.
@@ -201,6 +206,10 @@ pub struct Prepared {
     closed_at: Option<i64>,
     /// The step pending after this write and when it fires (ms), if any.
     pub upcoming: Option<(usize, i64)>,
+    /// Where this journey's contact stop lives (removed by the write), and the stop itself
+    /// when the decision ends contact.
+    stop_at: journey_state::Location,
+    stop: Option<Vec<u8>>,
 }
 
 /// What became of a prepared write.
@@ -563,6 +572,7 @@ impl Store {
             mut stored,
             timer,
             fired_step,
+            stops_contact,
         } = s;
         let inv = &stored.journey.invoice;
         let (tenant, invoice_id, debtor_id) = (inv.tenant.clone(), inv.invoice_id.clone(), inv.debtor_id.clone());
@@ -599,8 +609,11 @@ impl Store {
             status: stored.journey.state.label(),
             next_step: Some(stored.journey.next_step as i64),
         };
+        let stop = stops_contact.then(|| journey_state::encode_stop(header.version, &header.status));
         let value = journey_state::encode(&header, &encode_body(&stored)?);
         Ok(Prepared {
+            stop_at: journey_state::stop_location(&self.keys, &tenant, &invoice_id),
+            stop,
             partition: stored.partition,
             changelog_key: journey_change_key(&tenant, &invoice_id),
             value,
@@ -621,6 +634,26 @@ impl Store {
     pub fn change(&self, p: &Prepared) -> Outbound {
         self.changelog
             .put(p.partition, p.changelog_key.clone(), p.value.clone())
+    }
+
+    /// Marks the journeys whose decisions end contact as stopped, in one round trip, before
+    /// their outputs are produced: dispatch's last look sees "paid" from the moment the
+    /// journey event could say so, however long the journey write then waits on the broker.
+    /// A decision that is not written after all (a crash, a conflict) leaves the stop to the
+    /// decision made again, whose journey write removes it.
+    pub async fn stop_contact(&self, prepared: &[&Prepared]) -> Result<(), Failure> {
+        let mut pipe = redis::pipe();
+        let mut any = false;
+        for p in prepared {
+            if let Some(stop) = &p.stop {
+                pipe.hset(&p.stop_at.key, &p.stop_at.field, stop).ignore();
+                any = true;
+            }
+        }
+        if any {
+            let _: () = pipe.query_async(&mut self.conn()).await?;
+        }
+        Ok(())
     }
 
     /// Writes prepared journeys of one partition, each only if nobody wrote it since it was
@@ -678,12 +711,13 @@ impl Store {
         let (add_member, add_score) = p.add.clone().unwrap_or_default();
         pipe.cmd("EVALSHA")
             .arg(self.save.get_hash())
-            .arg(5)
+            .arg(6)
             .arg(&p.at.key)
             .arg(self.timers_key(p.partition))
             .arg(&p.debtor.0)
             .arg(self.state_key(p.partition))
             .arg(self.closed_key(p.partition))
+            .arg(&p.stop_at.key)
             .arg(&p.at.field)
             .arg(p.expected.map(|v| v.to_string()).unwrap_or_default())
             .arg(&p.value)

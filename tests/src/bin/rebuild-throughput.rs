@@ -91,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
                 },
                 timer: d.timer,
                 fired_step: None,
+                stops_contact: false,
             });
         }
         write_journeys(&store, &producer, saves).await?;
@@ -176,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
                 },
                 timer: paid.timer,
                 fired_step: None,
+                stops_contact: false,
             });
         }
         write_journeys(&store, &producer, saves).await?;

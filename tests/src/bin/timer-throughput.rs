@@ -68,6 +68,7 @@ async fn schedule(
                 },
                 timer,
                 fired_step: None,
+                stops_contact: false,
             });
         }
         write_journeys(store, producer, saves).await?;

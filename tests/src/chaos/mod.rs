@@ -412,7 +412,7 @@ pub fn describe(baseline: &Report, faulty: &Report) -> String {
          \x20 invoices lost: {}\n\
          \x20 records neither applied nor rejected: {}\n\
          \x20 messages twice per (invoice, step, channel): {}\n\
-         \x20 messages that reached a provider after the watcher recorded the settling payment: {}\n\
+         \x20 messages sent after a last look that came after the watcher recorded the settling payment: {}\n\
          \x20 (messages in flight while the payment was matched, before the watcher recorded it: {}, longest {} ms)\n\
          \x20 cases twice: {}\n\
          \x20 records rejected (the workload sends nothing invalid): {}\n\

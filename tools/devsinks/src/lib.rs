@@ -32,6 +32,9 @@ pub struct ReceivedMail {
     pub raw: String,
     /// When the server accepted it (the end of DATA).
     pub received_at: std::time::Instant,
+    /// When the server asked for it (right before its 354 reply to DATA). A sender that looks
+    /// once more before writing a message looks after this: whatever was true by then, it saw.
+    pub asked_at: std::time::Instant,
 }
 
 impl ReceivedMail {
@@ -167,6 +170,7 @@ impl Handler for MailHandler {
             to: to.to_vec(),
             raw: String::new(),
             received_at: std::time::Instant::now(),
+            asked_at: std::time::Instant::now(),
         });
         response::OK
     }
@@ -495,6 +499,7 @@ mod tests {
             to: vec![],
             raw: "Content-Transfer-Encoding: quoted-printable\r\n\r\nBel=C3=B8b: 1.234,50=C2=A0kr.=\r\n ok".into(),
             received_at: std::time::Instant::now(),
+            asked_at: std::time::Instant::now(),
         };
         assert_eq!(mail.body(), "Beløb: 1.234,50\u{a0}kr. ok");
     }
