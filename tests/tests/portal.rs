@@ -55,6 +55,9 @@ async fn get(stack: &LocalStack, path: &str) -> anyhow::Result<Answer> {
 /// The page once it shows `want` (the read model follows the topics).
 async fn page_showing(stack: &LocalStack, path: &str, want: &str) -> anyhow::Result<Answer> {
     eventually(&format!("the page to show '{want}'"), WAIT, || async {
+        if stack.rt.admin_addr("portal").is_none() {
+            return Ok(None); // not listening yet (a loaded machine starts it late)
+        }
         let answer = get(stack, path).await?;
         Ok((answer.status == 200 && answer.body.contains(want)).then_some(answer))
     })
@@ -283,9 +286,11 @@ async fn the_link_in_the_nudge_opens_the_debtors_page_until_it_is_paid_and_no_ot
     );
     page_showing(&stack, &format!("/pay/{next_message}"), "Betalt. Takk!").await?;
 
-    // Expired (links work 60 days): the creditor to ask, nothing of the invoice.
+    // Expired (links work 60 days): nothing of the invoice. The withdrawn link stays
+    // withdrawn; the later one says it expired.
     clock.advance(chrono::Duration::days(61));
-    let expired = get(&stack, &path).await?;
+    assert!(get(&stack, &path).await?.body.contains("withdrawn"));
+    let expired = get(&stack, &format!("/pay/{next_message}")).await?;
     assert_eq!(expired.status, 410);
     assert!(
         expired.body.contains("Lenken er utløpt"),
@@ -503,6 +508,116 @@ async fn in_a_real_browser_the_page_passes_an_accessibility_audit_in_every_langu
         shot.display()
     );
     status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
+    stack.shutdown().await;
+    Ok(())
+}
+
+/// An expired link's page offers to send a fresh link to the contact on file: the debtor asks,
+/// the watcher records it and dispatch sends a new link by e-mail, which opens the page. A live
+/// link cannot ask for one, and the same request twice sends one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_link_asks_for_a_fresh_one_which_goes_to_the_contact_on_file() -> anyhow::Result<()> {
+    let kid = Box::leak(
+        reference::generate(ReferenceKind::KidMod10, "7000129")?
+            .value
+            .into_boxed_str(),
+    );
+    let s = Sample {
+        invoice_id: "no-portal-fresh",
+        number: "7000129",
+        email: "nora@example.test",
+        ..norwegian(kid)
+    };
+    let (clock, stack) = nudged(&s).await?;
+    eventually("the nudge", WAIT, || async {
+        Ok((stack.mail.to(s.email).len() == 1).then_some(()))
+    })
+    .await?;
+    // A link that works for an hour, then the debtor comes back two hours later.
+    let short = paylink::issue(
+        &dev_key(),
+        &LinkClaims {
+            tenant: s.tenant.into(),
+            debtor_id: s.debtor_id(),
+            invoices: vec![s.invoice_id.into()],
+            expires_at: clock.now().timestamp() + 3600,
+            issued_at: Some(clock.now().timestamp()),
+        },
+    );
+    let path = format!("/pay/{short}");
+    let live_token =
+        form_token_in(&page_showing(&stack, &path, "Faktura 7000129").await?.body).expect("the live page has forms");
+    let addr = stack.rt.admin_addr("portal").expect("the portal serves HTTP");
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let ask = |token: String| {
+        let http = http.clone();
+        let url = format!("http://{addr}{path}/requests");
+        async move {
+            http.post(url)
+                .form(&[
+                    ("kind", "fresh_link"),
+                    ("invoice", s.invoice_id),
+                    ("form_token", token.as_str()),
+                    ("lang", "nb"),
+                ])
+                .send()
+                .await
+        }
+    };
+    assert_eq!(
+        ask(live_token).await?.status(),
+        403,
+        "a live link has no need of a new one"
+    );
+    clock.advance(chrono::Duration::hours(2));
+    let expired = get(&stack, &path).await?;
+    assert_eq!(expired.status, 410);
+    assert!(
+        expired.body.contains("Lenken er utløpt") && expired.body.contains("Send meg en ny lenke"),
+        "{}",
+        expired.body
+    );
+    assert!(
+        !expired.body.contains("7000129"),
+        "nothing of the invoice on an expired link's page"
+    );
+    let token = form_token_in(&expired.body).expect("the expired page has the form");
+    let asked = ask(token.clone()).await?;
+    assert_eq!(asked.status(), 303);
+    let told = get(&stack, &format!("{path}?lang=nb&received=1")).await?;
+    assert!(told.body.contains("En ny lenke er på vei"), "{}", told.body);
+    // Sent by e-mail, to the address on file, with a link that opens the page.
+    let fresh = eventually("the fresh link", WAIT, || async {
+        Ok(stack.mail.to(s.email).into_iter().nth(1))
+    })
+    .await?;
+    assert_eq!(
+        fresh.header("Subject").as_deref(),
+        Some("Din nye lenke til faktura 7000129 fra Nordkraft AS")
+    );
+    let body = fresh.body();
+    let link = body
+        .split_whitespace()
+        .find(|w| w.contains("/pay/v1."))
+        .unwrap_or_else(|| panic!("no pay link in\n{body}"));
+    let fresh_path = format!("/pay/{}", link.rsplit("/pay/").next().unwrap_or_default());
+    assert_ne!(fresh_path, path);
+    page_showing(&stack, &fresh_path, "Faktura 7000129").await?;
+    // The same form again (a reload): the same request, no second message.
+    assert_eq!(ask(token).await?.status(), 303);
+    consumed_to_end(&stack, "watcher", &[stack.topic(&stack.topics().debtor_requests)]).await?;
+    consumed_to_end(&stack, "dispatch", &[stack.topic(&stack.topics().journey_actions)]).await?;
+    assert_eq!(stack.mail.to(s.email).len(), 2, "one fresh link per request");
+    let events = stack
+        .read::<forfall_platform::records::JourneyEvent>(&stack.topic(&stack.topics().journey_events))
+        .await?;
+    let sent = events
+        .iter()
+        .filter(|e| e.invoice_id == s.invoice_id && e.kind == "fresh_link_sent")
+        .count();
+    assert_eq!(sent, 1, "on the journey's story once");
     stack.shutdown().await;
     Ok(())
 }

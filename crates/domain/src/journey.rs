@@ -319,6 +319,11 @@ pub enum Emit {
     Handoff {
         step: PlannedStep,
     },
+    /// A fresh link to the debtor's page, sent to the contact on file because the one they
+    /// followed had expired: no step of the plan, no fee.
+    FreshLink {
+        channels: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -585,12 +590,24 @@ pub fn on_payment(mut journey: Journey, payment_id: &str, amount: Money) -> Resu
 /// What a debtor asked for about an invoice.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    Dispute { reason: Option<String> },
-    DisputeResolved { resolution: Option<String> },
-    Postpone { to: NaiveDate },
-    InstalmentPlan { parts: Vec<(NaiveDate, Money)> },
-    PromiseToPay { by: NaiveDate },
+    Dispute {
+        reason: Option<String>,
+    },
+    DisputeResolved {
+        resolution: Option<String>,
+    },
+    Postpone {
+        to: NaiveDate,
+    },
+    InstalmentPlan {
+        parts: Vec<(NaiveDate, Money)>,
+    },
+    PromiseToPay {
+        by: NaiveDate,
+    },
     ClaimsPaid,
+    /// The link the debtor followed had expired: send a fresh one to the contact on file.
+    FreshLink,
 }
 
 /// Why a debtor's request was refused, as a stable code (`request_refused` events carry it as
@@ -820,6 +837,27 @@ pub fn on_request(
             }
             pause(&mut journey, PauseReason::PromiseToPay, Some(by), Vec::new());
             ("promised_to_pay", Some(format!("promised to pay by {by}")))
+        }
+        Request::FreshLink => {
+            // A message like any other: not while the journey is paused (dispatch's last look
+            // would hold it back anyway), and never for a closed or handed-over invoice.
+            if !from.accepts_contact() {
+                return refuse(
+                    journey,
+                    RefusalCode::Paused,
+                    format!("the invoice is {}: no message goes out while it is", from.label()),
+                );
+            }
+            let mut t = transition("fresh_link_sent", from, from);
+            t.reason = Some("the debtor's link had expired: a fresh one goes to the contact on file".into());
+            return Decision {
+                journey,
+                transitions: vec![t],
+                timer: TimerChange::Keep,
+                emit: Some(Emit::FreshLink {
+                    channels: vec!["email".to_owned(), "sms".to_owned()],
+                }),
+            };
         }
         Request::ClaimsPaid => {
             if disputed {
@@ -1318,6 +1356,40 @@ mod tests {
             }
         );
         assert_eq!(d.journey.state, JourneyState::Open);
+    }
+
+    #[test]
+    fn a_fresh_link_is_a_message_without_a_step_or_fee_and_only_while_contact_is_allowed() {
+        let (j, plan) = opened();
+        let limits = PauseLimits::default();
+        let today = NaiveDate::from_ymd_opt(2026, 3, 20).unwrap();
+        let d = on_request(j.clone(), "r1", Request::FreshLink, &plan, &limits, today);
+        assert!(matches!(&d.emit, Some(Emit::FreshLink { channels }) if channels == &["email", "sms"]));
+        assert_eq!(d.timer, TimerChange::Keep, "the plan goes on as it was");
+        assert_eq!(
+            (d.journey.state, d.journey.next_step, d.journey.fees_minor),
+            (j.state, j.next_step, j.fees_minor)
+        );
+        assert_eq!(d.transitions[0].kind, "fresh_link_sent");
+        // The same request again (a redelivery) sends nothing more.
+        let again = on_request(d.journey, "r1", Request::FreshLink, &plan, &limits, today);
+        assert!(again.emit.is_none() && again.transitions.is_empty());
+        // Paused or paid: refused, nothing sent.
+        let paused = on_request(j.clone(), "r2", Request::ClaimsPaid, &plan, &limits, today).journey;
+        let refused = on_request(paused, "r3", Request::FreshLink, &plan, &limits, today);
+        assert!(refused.emit.is_none());
+        assert_eq!(
+            refused.transitions[0].rule.as_deref(),
+            Some(RefusalCode::Paused.as_str())
+        );
+        let amount = j.invoice.amount;
+        let paid = on_payment(j, "p1", amount).unwrap().journey;
+        let refused = on_request(paid, "r4", Request::FreshLink, &plan, &limits, today);
+        assert!(refused.emit.is_none());
+        assert_eq!(
+            refused.transitions[0].rule.as_deref(),
+            Some(RefusalCode::Closed.as_str())
+        );
     }
 
     #[test]

@@ -121,6 +121,7 @@ fn sent(fired: &[Fired]) -> Vec<(DateTime<Utc>, String)> {
         .iter()
         .filter_map(|f| match &f.decision.emit {
             Some(Emit::Message { step, .. }) | Some(Emit::Handoff { step }) => Some((f.at, step.name.clone())),
+            Some(Emit::FreshLink { .. }) => Some((f.at, "fresh_link".to_owned())),
             None => None,
         })
         .collect()

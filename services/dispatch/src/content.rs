@@ -20,7 +20,7 @@ use minijinja::{Environment, UndefinedBehavior};
 use serde::{Deserialize, Serialize};
 
 pub const LANGUAGES: [&str; 5] = ["da", "nb", "sv", "fi", "en"];
-pub const TONES: [&str; 3] = ["nudge", "reminder", "collection_warning"];
+pub const TONES: [&str; 4] = ["nudge", "reminder", "collection_warning", "fresh_link"];
 const DEFAULT_TENANT: &str = "_default";
 
 const BUILTIN_LANGUAGES: [(&str, &str); 5] = [
@@ -90,6 +90,9 @@ struct LanguageFile {
     reminder: Option<ToneParts>,
     #[serde(default)]
     collection_warning: Option<ToneParts>,
+    /// A fresh link the debtor asked for on an expired link's page.
+    #[serde(default)]
+    fresh_link: Option<ToneParts>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -111,6 +114,7 @@ impl LanguageFile {
             "nudge" => self.nudge.as_ref(),
             "reminder" => self.reminder.as_ref(),
             "collection_warning" => self.collection_warning.as_ref(),
+            "fresh_link" => self.fresh_link.as_ref(),
             _ => None,
         }
     }
@@ -357,7 +361,7 @@ fn sample(language: &str, tone: &str, invoices: usize) -> MessageContext {
         due_date: "SAMPLE-DUE 31.12.2026".into(),
         reference: Some(format!("SAMPLE-REF-+71<000000001234567{i}+12345678<")),
     };
-    let collection = tone != "nudge";
+    let collection = matches!(tone, "reminder" | "collection_warning");
     MessageContext {
         language: language.to_owned(),
         tone: tone.to_owned(),

@@ -163,13 +163,18 @@ impl Portal {
                 tracing::warn!(error = ?e, "whether the link was withdrawn cannot be told");
                 (unavailable(), "unavailable")
             }
-            Err(LinkRefusal::Invalid(LinkError::Expired(_))) => match self.0.links.verify_signature(token) {
+            Err(LinkRefusal::Invalid(LinkError::Expired(_))) => match self.open_expired_link(token).await {
                 Ok(claims) => {
                     // Only to speak the debtor's language: nothing of the invoices is shown.
                     let views = self.views(&claims).await.unwrap_or_default();
-                    (self.expired(&claims, &views, lang), "expired")
+                    (self.expired(token, &claims, &views, lang, received), "expired")
                 }
-                Err(_) => (refused(), "refused"),
+                Err(LinkRefusal::Withdrawn) => (withdrawn(), "withdrawn"),
+                Err(LinkRefusal::Unavailable(e)) => {
+                    tracing::warn!(error = ?e, "whether the link was withdrawn cannot be told");
+                    (unavailable(), "unavailable")
+                }
+                Err(LinkRefusal::Invalid(_)) => (refused(), "refused"),
             },
             Err(LinkRefusal::Invalid(why)) => {
                 tracing::info!(why = %why, "link refused");
@@ -299,12 +304,28 @@ impl Portal {
         }
     }
 
-    fn expired(&self, claims: &LinkClaims, views: &[InvoiceView], lang: Option<&str>) -> Response {
+    fn expired(
+        &self,
+        token: &str,
+        claims: &LinkClaims,
+        views: &[InvoiceView],
+        lang: Option<&str>,
+        received: bool,
+    ) -> Response {
+        // The fresh link is asked for the link's first invoice; the message lists what is
+        // open of the debtor's then, like any other.
+        let fresh_link = claims.invoices.first().map(|invoice_id| page::FreshLinkForm {
+            invoice_id: invoice_id.clone(),
+            form_token: self.0.links.form_token(&format!("{}/{invoice_id}", fingerprint(token))),
+        });
         let page = page::expired(
             &self.creditor(&claims.tenant),
             &claims.tenant,
             page::language(lang, views),
             &self.0.texts,
+            format!("{token}/requests"),
+            fresh_link,
+            received,
         );
         match self.0.renderer.expired(&page) {
             Ok(html) => html_response(StatusCode::GONE, html),

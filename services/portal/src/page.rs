@@ -162,6 +162,15 @@ pub struct Page {
     pub today: String,
     /// [`COPY_SCRIPT`].
     pub copy_script: &'static str,
+    /// On an expired link's page: the form that asks for a fresh link.
+    pub fresh_link: Option<FreshLinkForm>,
+}
+
+/// What the expired page's "send me a new link" form posts, besides its kind.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FreshLinkForm {
+    pub invoice_id: String,
+    pub form_token: String,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -267,7 +276,9 @@ fn at_date(at_ms: i64) -> Option<chrono::NaiveDate> {
 /// the defaults and the examples use these words).
 fn message_text<'t>(step: &str, t: &'t BTreeMap<String, String>) -> &'t str {
     let step = step.to_ascii_lowercase();
-    let key = if step.contains("warning") || step.contains("varsel") || step.contains("inkasso") {
+    let key = if step == "fresh_link" {
+        "sent_fresh_link"
+    } else if step.contains("warning") || step.contains("varsel") || step.contains("inkasso") {
         "sent_warning"
     } else if step.contains("remind") || step.contains("paamin") || step.contains("purring") {
         "sent_reminder"
@@ -657,6 +668,7 @@ pub fn build(
     };
     Page {
         copy_script: COPY_SCRIPT,
+        fresh_link: None,
         pay_action: forms.action.replace("/requests", "/checkout"),
         pay_all,
         lang: language.to_owned(),
@@ -690,9 +702,23 @@ pub fn build(
     }
 }
 
-/// The page for a genuine link that expired.
-pub fn expired(creditor: &Creditor, tenant: &str, language: &str, texts: &Texts) -> Page {
-    build("", &[], creditor, tenant, language, texts, &Forms::none())
+/// The page for a genuine link that expired: nothing of the invoices, and a form that asks
+/// for a fresh link to the contact on file (posting to `action`), or, once asked, that it is
+/// on its way.
+pub fn expired(
+    creditor: &Creditor,
+    tenant: &str,
+    language: &str,
+    texts: &Texts,
+    action: String,
+    fresh_link: Option<FreshLinkForm>,
+    received: bool,
+) -> Page {
+    let mut page = build("", &[], creditor, tenant, language, texts, &Forms::none());
+    page.action = action;
+    page.fresh_link = fresh_link;
+    page.received = received;
+    page
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -65,6 +65,8 @@ pub(crate) enum Wanted {
     Dispute(String),
     Postpone(chrono::NaiveDate),
     Instalments(usize),
+    /// From an expired link's page: a fresh link to the contact on file.
+    FreshLink,
 }
 
 impl Wanted {
@@ -75,6 +77,7 @@ impl Wanted {
             Wanted::Dispute(_) => "dispute",
             Wanted::Postpone(_) => "postpone",
             Wanted::Instalments(_) => "instalment_plan",
+            Wanted::FreshLink => "fresh_link",
         }
     }
 }
@@ -88,6 +91,7 @@ fn date_field(raw: Option<&str>) -> Result<chrono::NaiveDate, FormError> {
 pub(crate) fn request_of(form: &RequestForm) -> Result<Wanted, FormError> {
     match form.kind.as_str() {
         "claims_paid" => Ok(Wanted::ClaimsPaid),
+        "fresh_link" => Ok(Wanted::FreshLink),
         "promise_to_pay" => Ok(Wanted::Promise(date_field(form.promise_date.as_deref())?)),
         "postpone" => Ok(Wanted::Postpone(date_field(form.postpone_date.as_deref())?)),
         "instalment_plan" => {
@@ -163,9 +167,17 @@ impl Portal {
         headers: &HeaderMap,
         form: &RequestForm,
     ) -> (Response, &'static str) {
-        let claims = match self.open_link(token).await {
-            Ok(claims) => claims,
+        // An expired link asks for a fresh one and nothing else; a live one has no need to.
+        let opened = match self.open_link(token).await {
+            Err(LinkRefusal::Invalid(LinkError::Expired(_))) if form.kind == "fresh_link" => {
+                self.open_expired_link(token).await
+            }
             Err(LinkRefusal::Invalid(LinkError::Expired(_))) => return (refused_with(StatusCode::GONE), "expired"),
+            Ok(_) if form.kind == "fresh_link" => return (refused(), "forged"),
+            other => other,
+        };
+        let claims = match opened {
+            Ok(claims) => claims,
             Err(LinkRefusal::Withdrawn) => return (withdrawn(), "withdrawn"),
             Err(LinkRefusal::Unavailable(_)) => return (unavailable(), "unavailable"),
             Err(LinkRefusal::Invalid(_)) => return (refused(), "refused"),

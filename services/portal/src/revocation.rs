@@ -58,6 +58,17 @@ impl Portal {
             .links
             .verify(token, self.0.rt.clock.now())
             .map_err(LinkRefusal::Invalid)?;
+        self.unless_withdrawn(claims).await
+    }
+
+    /// The claims of a link that is genuine and not withdrawn, however old: an expired one may
+    /// still ask for a fresh link to the contact on file, and nothing more.
+    pub(crate) async fn open_expired_link(&self, token: &str) -> Result<LinkClaims, LinkRefusal> {
+        let claims = self.0.links.verify_signature(token).map_err(LinkRefusal::Invalid)?;
+        self.unless_withdrawn(claims).await
+    }
+
+    async fn unless_withdrawn(&self, claims: LinkClaims) -> Result<LinkClaims, LinkRefusal> {
         match self.revoked_at(&claims.tenant, &claims.debtor_id).await {
             Ok(Some(at)) if self.0.links.issued_at(&claims) <= at => Err(LinkRefusal::Withdrawn),
             Ok(_) => Ok(claims),

@@ -383,6 +383,26 @@ impl Watcher {
                 let topic = self.0.rt.topic(&self.0.topics.journey_actions);
                 outs.push(self.0.rt.codec.outbound(&topic, &debtor, &action, trace).await?);
             }
+            Some(Emit::FreshLink { channels }) => {
+                // No step of the plan: no deadline, no fee, and an id of its own cause (the
+                // debtor's request), so each request is one message and a redelivery none.
+                let mut action = self.action(
+                    &d.journey,
+                    plan,
+                    usize::MAX,
+                    FRESH_LINK,
+                    FRESH_LINK,
+                    channels,
+                    Money::zero(fee.currency),
+                    now,
+                );
+                action.step_index = -1;
+                action.send_at = now.timestamp_millis();
+                action.action_id = derived_id("action", &[&debtor, cause, FRESH_LINK]);
+                action.event_id = derived_id("action-event", &[&debtor, cause, FRESH_LINK]);
+                let topic = self.0.rt.topic(&self.0.topics.journey_actions);
+                outs.push(self.0.rt.codec.outbound(&topic, &debtor, &action, trace).await?);
+            }
             Some(Emit::Handoff { .. }) => {
                 let case = self.case(&d.journey, now);
                 let topic = self.0.rt.topic(&self.0.topics.handoff_cases);
@@ -1492,6 +1512,7 @@ impl Watcher {
                     by: date(rec.promise_date, "promise_date")?,
                 },
                 "claims_paid" => Request::ClaimsPaid,
+                "fresh_link" => Request::FreshLink,
                 "instalment_plan" => Request::InstalmentPlan {
                     parts: rec
                         .instalments
@@ -1506,7 +1527,7 @@ impl Watcher {
                     return Err(reject(
                         "unknown_request_kind",
                         format!(
-                            "request kind '{other}': expected dispute, dispute_resolved, postpone, instalment_plan, promise_to_pay or claims_paid"
+                            "request kind '{other}': expected dispute, dispute_resolved, postpone, instalment_plan, promise_to_pay, claims_paid or fresh_link"
                         ),
                     ));
                 }
@@ -1546,6 +1567,9 @@ impl Watcher {
         }
     }
 }
+
+/// The step and tone of a fresh link sent on the debtor's request.
+const FRESH_LINK: &str = "fresh_link";
 
 impl Watcher {
     /// Makes sure partition `partition`'s state is in Redis before anything of it is decided:
