@@ -461,7 +461,7 @@ fn validate_digits(scheme: &DigitScheme, chars: &[(usize, char)]) -> Result<Stri
 /// Luhn / MOD10: from the right, every other digit starting with the rightmost payload digit is
 /// doubled and the digits of the product summed; the check digit tops the sum up to a multiple
 /// of ten. Used by Norwegian KID MOD10 and Swedish OCR alike.
-fn luhn_check_digit(payload: &[u8]) -> Option<u8> {
+pub(crate) fn luhn_check_digit(payload: &[u8]) -> Option<u8> {
     let sum: u32 = payload
         .iter()
         .rev()
@@ -482,7 +482,7 @@ fn luhn_check_digit(payload: &[u8]) -> Option<u8> {
 /// Norwegian KID MOD11: weights 2,3,4,5,6,7 repeating from the right, check = 11 - (sum mod 11).
 /// Remainder 0 gives 11, written 0; remainder 1 gives 10, which has no digit, so generation
 /// must refuse the number (validation accepts the '-' Norwegian banks print in its place).
-fn mod11_check_digit(payload: &[u8]) -> Option<u8> {
+pub(crate) fn mod11_check_digit(payload: &[u8]) -> Option<u8> {
     let sum: u32 = payload
         .iter()
         .rev()

@@ -312,6 +312,11 @@ fn read_model_topics(rt: &Runtime) -> Vec<String> {
 pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let settings: PortalSettings = config::section(&rt.figment, SERVICE)?;
     let creditors: CreditorSettings = config::section(&rt.figment, "dispatch")?;
+    for (tenant, creditor) in &creditors.tenants {
+        creditor
+            .check()
+            .map_err(|e| anyhow::anyhow!("dispatch.tenants.{tenant}: {e}"))?;
+    }
     let mut pay_base_url = creditors.pay_link.base_url.clone();
     if !pay_base_url.ends_with('/') {
         pay_base_url.push('/');

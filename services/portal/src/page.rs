@@ -37,6 +37,33 @@ pub struct Creditor {
     pub bankgiro: Option<String>,
 }
 
+impl Creditor {
+    /// Refuses account details a debtor's bank would refuse: an IBAN with wrong check digits, a
+    /// bankgiro number failing its MOD 10, a Norwegian account number (`NNNN.NN.NNNNN`) failing
+    /// its MOD 11. A mistyped digit here sends every debtor's money nowhere, so the portal
+    /// does not start with one.
+    pub fn check(&self) -> Result<(), forfall_domain::bank_codes::BankCodeError> {
+        use forfall_domain::bank_codes;
+        if let Some(iban) = &self.iban {
+            bank_codes::iban(iban)?;
+        }
+        if let Some(bankgiro) = &self.bankgiro {
+            bank_codes::bankgiro(bankgiro)?;
+        }
+        if let Some(account) = self.bank_account.as_deref().filter(|a| norwegian_layout(a)) {
+            bank_codes::norwegian_account(account)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether an account is written the Norwegian way, `NNNN.NN.NNNNN` (other countries' accounts
+/// are free text: "Reg. 1234 konto 0001234567").
+fn norwegian_layout(account: &str) -> bool {
+    let parts: Vec<&str> = account.trim().split('.').collect();
+    parts.iter().map(|p| p.len()).eq([4, 2, 5]) && parts.iter().all(|p| p.chars().all(|c| c.is_ascii_digit()))
+}
+
 /// Every language's texts (`templates/texts.toml`).
 #[derive(Debug, Clone)]
 pub struct Texts(BTreeMap<String, BTreeMap<String, String>>);
@@ -752,6 +779,27 @@ impl Renderer {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_creditor_with_a_mistyped_account_is_refused_naming_it() {
+        assert!(creditor().check().is_ok());
+        let with = |f: &dyn Fn(&mut Creditor)| {
+            let mut c = creditor();
+            f(&mut c);
+            c.check().map_err(|e| e.to_string())
+        };
+        let bad_bankgiro = with(&|c| c.bankgiro = Some("5050-1056".into())).unwrap_err();
+        assert!(
+            bad_bankgiro.contains("'5050-1056' is not a bankgiro number"),
+            "{bad_bankgiro}"
+        );
+        let bad_account = with(&|c| c.bank_account = Some("1234.56.78904".into())).unwrap_err();
+        assert!(bad_account.contains("Norwegian account number"), "{bad_account}");
+        assert!(with(&|c| c.iban = Some("FI37 1590 3000 0007 77".into())).is_err());
+        // Free-text details of other countries are left as they are written.
+        assert!(with(&|c| c.bank_account = Some("Reg. 1234 konto 0001234567".into())).is_ok());
+    }
+
     use super::*;
     use crate::view::{JourneyNow, Message, Paid, Snapshot, Upcoming};
 
