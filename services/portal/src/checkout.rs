@@ -230,7 +230,7 @@ impl Portal {
         let token_holds = self
             .0
             .links
-            .verify_form_token(&format!("{link}/{}", form.invoice), &form.form_token);
+            .verify_form_token(&crate::http::form_scope(link, &form.invoice), &form.form_token);
         if cross_site || !named || !token_holds {
             tracing::warn!(cross_site, named, token_holds, "a pay-now form refused as forged");
             return (refused(), "forged");

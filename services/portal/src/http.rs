@@ -72,6 +72,17 @@ pub(crate) fn fingerprint(secret: &str) -> String {
     hex::encode(&Sha256::digest(secret.as_bytes())[..8])
 }
 
+/// What a page's forms are signed for: one link (by its fingerprint) and one invoice of it.
+/// The page signs with it and every form handler checks it.
+pub(crate) fn form_scope(link: &str, invoice: &str) -> String {
+    format!("{link}/{invoice}")
+}
+
+/// Where a page's request forms post to, relative to the page.
+fn requests_action(token: &str) -> String {
+    format!("{token}/requests")
+}
+
 async fn page_for_link(
     State(portal): State<Portal>,
     Path(token): Path<String>,
@@ -276,9 +287,9 @@ impl Portal {
     ) -> Response {
         let language = page::language(lang, views);
         let link = fingerprint(token);
-        let token_for = |invoice: &str| self.0.links.form_token(&format!("{link}/{invoice}"));
+        let token_for = |invoice: &str| self.0.links.form_token(&form_scope(&link, invoice));
         let forms = page::Forms {
-            action: format!("{token}/requests"),
+            action: requests_action(token),
             token_for: &token_for,
             today: self.0.rt.clock.now().date_naive(),
             received,
@@ -316,14 +327,14 @@ impl Portal {
         // open of the debtor's then, like any other.
         let fresh_link = claims.invoices.first().map(|invoice_id| page::FreshLinkForm {
             invoice_id: invoice_id.clone(),
-            form_token: self.0.links.form_token(&format!("{}/{invoice_id}", fingerprint(token))),
+            form_token: self.0.links.form_token(&form_scope(&fingerprint(token), invoice_id)),
         });
         let page = page::expired(
             &self.creditor(&claims.tenant),
             &claims.tenant,
             page::language(lang, views),
             &self.0.texts,
-            format!("{token}/requests"),
+            requests_action(token),
             fresh_link,
             received,
         );

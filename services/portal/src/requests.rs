@@ -187,7 +187,7 @@ impl Portal {
             || !self
                 .0
                 .links
-                .verify_form_token(&format!("{link}/{}", form.invoice), &form.form_token)
+                .verify_form_token(&crate::http::form_scope(link, &form.invoice), &form.form_token)
         {
             return (refused(), "forged");
         }

@@ -384,8 +384,8 @@ impl Watcher {
                 outs.push(self.0.rt.codec.outbound(&topic, &debtor, &action, trace).await?);
             }
             Some(Emit::FreshLink { channels }) => {
-                // No step of the plan: no deadline, no fee, and an id of its own cause (the
-                // debtor's request), so each request is one message and a redelivery none.
+                // No step of the plan (so no deadline, and sent now), no fee, and an id of its
+                // own cause (the debtor's request): each request is one message, a redelivery none.
                 let mut action = self.action(
                     &d.journey,
                     plan,
@@ -397,7 +397,6 @@ impl Watcher {
                     now,
                 );
                 action.step_index = -1;
-                action.send_at = now.timestamp_millis();
                 action.action_id = derived_id("action", &[&debtor, cause, FRESH_LINK]);
                 action.event_id = derived_id("action-event", &[&debtor, cause, FRESH_LINK]);
                 let topic = self.0.rt.topic(&self.0.topics.journey_actions);
@@ -521,7 +520,7 @@ impl Watcher {
             },
             self.0.rt.clock.now().timestamp_millis(),
         )?;
-        self.0.store.stop_contact(&[&prepared]).await?;
+        self.0.store.stop_contact([&prepared]).await?;
         let mut outs = self.outputs(&e, prepared.upcoming).await?;
         outs.extend_from_slice(extra);
         let mut changes = vec![self.0.store.change(&prepared)];
@@ -1020,7 +1019,7 @@ impl Watcher {
                 after_save.push((timer.clone(), became_late));
             }
         }
-        self.0.store.stop_contact(&saves.iter().collect::<Vec<_>>()).await?;
+        self.0.store.stop_contact(&saves).await?;
         let logged = self.produce_then_log(&outs, &changes).await?;
         let offsets: Vec<i64> = change_at
             .iter()

@@ -641,7 +641,7 @@ impl Store {
     /// journey event could say so, however long the journey write then waits on the broker.
     /// A decision that is not written after all (a crash, a conflict) leaves the stop to the
     /// decision made again, whose journey write removes it.
-    pub async fn stop_contact(&self, prepared: &[&Prepared]) -> Result<(), Failure> {
+    pub async fn stop_contact<'a>(&self, prepared: impl IntoIterator<Item = &'a Prepared>) -> Result<(), Failure> {
         let mut pipe = redis::pipe();
         let mut any = false;
         for p in prepared {
