@@ -6,6 +6,8 @@
 use forfall::pay_flow;
 use forfall_devsinks::ingress::Forwarder;
 use forfall_devsinks::stripe::StripeSim;
+use forfall_devsinks::swish::SwishSim;
+use forfall_devsinks::tls::TestPki;
 use forfall_devsinks::vipps::{VippsMerchant, VippsSim};
 use forfall_domain::paylink::{self, LinkClaims, LinkKey};
 use forfall_domain::reference::{self, ReferenceKind};
@@ -335,6 +337,47 @@ async fn pages_are_limited_per_link() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Lets the clock run to 08:00:01 UTC on `until`, waits until every timer due by then has fired
+/// and dispatch has caught up, and checks that `s`'s debtor got no message but the nudge.
+async fn only_the_nudge_by(
+    stack: &LocalStack,
+    clock: &ManualClock,
+    s: &Sample<'_>,
+    until: chrono::NaiveDate,
+) -> anyhow::Result<()> {
+    let mark = issue_timer_mark(stack, s, until).await?;
+    clock.set(until.and_hms_opt(8, 0, 1).expect("a time of day").and_utc());
+    timer_mark_fired(stack, &mark).await?;
+    dispatch_caught_up(stack, s).await?;
+    let got = stack.mail.to(s.email);
+    anyhow::ensure!(
+        got.len() == 1,
+        "only the nudge was sent by {until}, not {} messages",
+        got.len()
+    );
+    Ok(())
+}
+
+/// The browser scripts (`tools/browser`), once Chromium and their npm packages are there.
+fn browser_tools() -> anyhow::Result<&'static std::path::Path> {
+    let tools = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/browser"));
+    anyhow::ensure!(
+        tools.join("node_modules/playwright-core").exists() && std::path::Path::new("/usr/bin/chromium").exists(),
+        "the browser tools are missing: `make devstack` installs Chromium and tools/browser's npm packages"
+    );
+    Ok(tools)
+}
+
+/// The serious and critical violations of an axe-core report's `violations`.
+fn serious_violations(violations: &serde_json::Value) -> Vec<&serde_json::Value> {
+    violations
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| matches!(v["impact"].as_str(), Some("serious" | "critical")))
+        .collect()
+}
+
 /// Where the screenshots go: next to the build's output, kept after the run.
 fn artifacts() -> std::path::PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
@@ -347,11 +390,7 @@ fn artifacts() -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn in_a_real_browser_the_page_passes_an_accessibility_audit_in_every_language_and_works_by_keyboard()
 -> anyhow::Result<()> {
-    let tools = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/browser"));
-    anyhow::ensure!(
-        tools.join("node_modules/playwright-core").exists() && std::path::Path::new("/usr/bin/chromium").exists(),
-        "the browser tools are missing: `make devstack` installs Chromium and tools/browser's npm packages"
-    );
+    let tools = browser_tools()?;
     let kid = Box::leak(
         reference::generate(ReferenceKind::KidMod10, "7000123")?
             .value
@@ -383,12 +422,7 @@ async fn in_a_real_browser_the_page_passes_an_accessibility_audit_in_every_langu
             (Some(200), Some(language)),
             "{r}"
         );
-        let serious: Vec<&serde_json::Value> = r["violations"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|v| matches!(v["impact"].as_str(), Some("serious" | "critical")))
-            .collect();
+        let serious = serious_violations(&r["violations"]);
         assert!(serious.is_empty(), "{language}: WCAG 2.1 AA violations: {serious:?}");
         assert!(r["passes"].as_u64().unwrap_or(0) > 10, "axe ran its checks: {r}");
         let shot = r["screenshot"].as_str().unwrap_or_default();
@@ -438,9 +472,7 @@ async fn in_a_real_browser_the_page_passes_an_accessibility_audit_in_every_langu
     );
     let violations = &finnish["languages"]["fi"]["violations"];
     assert!(
-        violations.as_array().is_some_and(|v| v
-            .iter()
-            .all(|v| !matches!(v["impact"].as_str(), Some("serious" | "critical")))),
+        violations.is_array() && serious_violations(violations).is_empty(),
         "{violations}"
     );
 
@@ -884,11 +916,7 @@ async fn paid_with_vipps_from_the_page_the_invoice_is_settled_and_no_reminder_fo
     );
 
     // The reminder falls due: it is not sent.
-    let mark = issue_timer_mark(&stack, &s, day(2026, 3, 16)).await?;
-    clock.set(at("2026-03-16T08:00:01Z"));
-    timer_mark_fired(&stack, &mark).await?;
-    dispatch_caught_up(&stack, &s).await?;
-    assert_eq!(stack.mail.to(s.email).len(), 1, "no reminder after paying with Vipps");
+    only_the_nudge_by(&stack, &clock, &s, day(2026, 3, 16)).await?;
 
     // The creditor's staff see the whole story: the nudge, the payment, the close.
     let timeline_url = format!("http://{}/v1/timeline/{}/{}", ingress.addr, s.tenant, s.invoice_id);
@@ -1349,6 +1377,342 @@ async fn paid_by_card_through_stripe_checkout_after_a_decline_and_a_turn_back_th
     );
     let settled = page_showing(&stack, &path, "Betalt. Takk!").await?;
     assert!(!settled.body.contains("Betal med kort"));
+    stack.shutdown().await;
+    Ok(())
+}
+
+/// The Swish number of the stand-in's test merchant (the simulator's own, 123…).
+const SWISH_NUMBER: &str = "1231181189";
+
+/// A Swedish invoice of `nordkraft`, with its OCR.
+fn swedish(invoice_id: &'static str, number: &'static str) -> anyhow::Result<Sample<'static>> {
+    let ocr = Box::leak(reference::generate(ReferenceKind::Ocr, number)?.value.into_boxed_str());
+    Ok(Sample {
+        tenant: "nordkraft",
+        invoice_id,
+        number,
+        due: day(2026, 3, 2),
+        amount_minor: 125_000,
+        currency: "SEK",
+        jurisdiction: "SE",
+        email: "sven@example.test",
+        reference: ocr,
+        language: "sv",
+    })
+}
+
+/// Swish's stand-in (mutual TLS, with a certificate authority of this test), the ingress that
+/// serves the links, and the HTTPS ingress Swish calls back through.
+struct SwishSetup {
+    pki: TestPki,
+    sim: SwishSim,
+    ingress: Forwarder,
+    callbacks: Forwarder,
+}
+
+/// A stack whose creditor takes Swish, with the merchant's certificate and key in files as an
+/// operator would mount them.
+async fn with_swish(s: &Sample<'_>) -> anyhow::Result<(std::sync::Arc<ManualClock>, LocalStack, SwishSetup)> {
+    let pki = TestPki::new()?;
+    let sim = SwishSim::start(&pki, SWISH_NUMBER).await?;
+    let portal_addr: std::sync::Arc<std::sync::Mutex<Option<std::net::SocketAddr>>> = std::sync::Arc::default();
+    let (found, found_too) = (portal_addr.clone(), portal_addr.clone());
+    let ingress = Forwarder::start(move || *found.lock().unwrap_or_else(|p| p.into_inner())).await?;
+    let callbacks = Forwarder::start_tls(&pki, move || *found_too.lock().unwrap_or_else(|p| p.into_inner())).await?;
+    let dir = std::env::temp_dir().join(format!("forfall-swish-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    let (certificate, key) = pki.client(SWISH_NUMBER)?.write_to(&dir, "swish-merchant")?;
+    let ca = dir.join("swish-ca.pem");
+    std::fs::write(&ca, &pki.ca_pem)?;
+    let merchant = format!("portal.swish.{}", s.tenant);
+    let settings = [
+        (format!("{merchant}.base_url"), sim.url().into()),
+        (format!("{merchant}.payee_alias"), SWISH_NUMBER.into()),
+        (format!("{merchant}.certificate_file"), certificate.into()),
+        (format!("{merchant}.key_file"), key.into()),
+        (format!("{merchant}.ca_file"), ca.display().to_string().into()),
+        (
+            format!("{merchant}.callback_url"),
+            format!("https://{}/providers/swish/{}", callbacks.addr, s.tenant).into(),
+        ),
+        (
+            "dispatch.pay_link.base_url".to_owned(),
+            format!("http://{}/pay/", ingress.addr).into(),
+        ),
+    ];
+    let (clock, stack) = nudged_with(s, &settings).await?;
+    *portal_addr.lock().unwrap_or_else(|p| p.into_inner()) = stack.rt.admin_addr("portal");
+    Ok((
+        clock,
+        stack,
+        SwishSetup {
+            pki,
+            sim,
+            ingress,
+            callbacks,
+        },
+    ))
+}
+
+/// Starts a Swish payment from the page and opens the page the browser is sent to; that
+/// page's body and the token in its `swish://` link.
+async fn start_swish(ingress: &Forwarder, path: &str) -> anyhow::Result<(String, String, String)> {
+    let page_url = format!("http://{}{path}", ingress.addr);
+    let browser = pay_flow::no_redirects()?;
+    let page = browser.get(&page_url).send().await?.text().await?;
+    let next = pay_flow::checkout(&browser, &page_url, &page, "", "swish").await?;
+    let shown = browser.get(&next).send().await?;
+    anyhow::ensure!(
+        shown.status().as_u16() == 200,
+        "the Swish page answered {}",
+        shown.status()
+    );
+    let body = shown.text().await?;
+    let token = body
+        .split_once("swish://paymentrequest?token=")
+        .and_then(|(_, rest)| rest.split_once("&amp;callbackurl="))
+        .map(|(token, _)| token.to_owned())
+        .ok_or_else(|| anyhow::anyhow!("no link to the Swish app on the page: {body}"))?;
+    Ok((next, body, token))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paid_with_swish_from_the_page_after_a_decline_and_a_forged_callback_the_invoice_is_settled_once()
+-> anyhow::Result<()> {
+    let s = swedish("se-portal-swish-1", "7000127")?;
+    let (
+        clock,
+        stack,
+        SwishSetup {
+            pki,
+            sim,
+            ingress,
+            callbacks,
+        },
+    ) = with_swish(&s).await?;
+    let path = signed_path(&s);
+    page_showing(&stack, &path, "Betala med Swish").await?;
+
+    // Declined in the app: the return page says so, nothing is booked.
+    let (declined_page, body, token) = start_swish(&ingress, &path).await?;
+    assert!(
+        body.contains("Betala i Swish-appen")
+            && body.contains("<svg")
+            && body.contains("Öppna Swish")
+            && body.contains("1\u{a0}250,00"),
+        "the page opens the app or shows its QR code: {body}"
+    );
+    let declined_id = sim.decline(&token).await?;
+    let back = reqwest::get(&declined_page).await?.text().await?;
+    assert!(back.contains("Betalningen avbröts"), "{back}");
+
+    // The request as Swish got it: the whole invoice in kronor, the invoice's OCR, our
+    // callback over HTTPS, opened by its token (no payer number asked for).
+    let (paid_page, _, token) = start_swish(&ingress, &path).await?;
+    let request = sim
+        .requests()
+        .into_iter()
+        .find(|r| r.token.as_deref() == Some(token.as_str()))
+        .expect("the stand-in has the request");
+    assert_eq!(request.body["amount"], "1250.00");
+    assert_eq!(request.body["currency"], "SEK");
+    assert_eq!(request.body["payeePaymentReference"], s.reference);
+    assert_eq!(request.body["payeeAlias"], SWISH_NUMBER);
+    assert!(request.body.get("payerAlias").is_none());
+    assert!(
+        request.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Nordkraft AS") && m.contains("7000127")),
+        "{}",
+        request.body
+    );
+
+    // A callback saying "paid" is only a reason to ask Swish: without the payment's
+    // identifier it is refused, and with it, Swish (still CREATED) has the last word.
+    let outside = pki.client_trusting()?;
+    let callback_url = format!("https://{}/providers/swish/{}", callbacks.addr, s.tenant);
+    let forged = serde_json::json!({ "id": request.id, "status": "PAID", "amount": 1250.00, "currency": "SEK" });
+    let refused = outside
+        .post(&callback_url)
+        .header("callbackIdentifier", "0000000000000000000000000000000A")
+        .json(&forged)
+        .send()
+        .await?;
+    assert_eq!(refused.status().as_u16(), 401);
+    let identifier = request.body["callbackIdentifier"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let asked = outside
+        .post(&callback_url)
+        .header("callbackIdentifier", &identifier)
+        .json(&forged)
+        .send()
+        .await?;
+    assert_eq!(asked.status().as_u16(), 200);
+    // The portal answers once whatever it books is on the topic: nothing is.
+    let booked = stack
+        .read::<PaymentReceived>(&stack.topic(&stack.topics().payments))
+        .await?
+        .into_iter()
+        .filter(|p| p.payment_id.starts_with("swish:"))
+        .count();
+    assert_eq!(booked, 0, "a callback Swish does not confirm books nothing");
+
+    // Approved in the app: Swish calls back, the portal asks, the payment is booked.
+    let paid_id = sim.pay(&token).await?;
+    eventually("the callback to be taken", WAIT, || async {
+        Ok(sim
+            .delivered()
+            .iter()
+            .any(|(id, status)| *id == paid_id && status == "PAID")
+            .then_some(()))
+    })
+    .await?;
+    status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
+    let back = reqwest::get(&paid_page).await?.text().await?;
+    assert!(back.contains("Tack!") && back.contains("1\u{a0}250,00"), "{back}");
+    let paid = page_showing(&stack, &path, "Betald. Tack!").await?;
+    assert!(!paid.body.contains("Betala med Swish"), "no pay button once paid");
+
+    let reference = |id: &str| format!("swish:ff-{}", id.to_ascii_lowercase());
+    let received: Vec<PaymentReceived> = stack
+        .read::<PaymentReceived>(&stack.topic(&stack.topics().payments))
+        .await?
+        .into_iter()
+        .filter(|p| p.payment_id.starts_with("swish:"))
+        .collect();
+    assert!(!received.is_empty());
+    assert!(
+        received.iter().all(|p| p.payment_id == reference(&paid_id)
+            && p.event_id == received[0].event_id
+            && p.amount_minor == 125_000
+            && p.currency == "SEK"
+            && p.reference.as_deref() == Some(s.reference)),
+        "one payment, by the invoice's OCR, none for the declined {declined_id}: {received:?}"
+    );
+
+    // Later steps of the plan fall due: nothing more is sent.
+    only_the_nudge_by(&stack, &clock, &s, day(2026, 6, 1)).await?;
+
+    let metrics = stack.metrics("portal").await?;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "forfall_portal_provider_webhooks_total",
+            &["provider=\"swish\"", "result=\"unsigned\""]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        metric_value(
+            &metrics,
+            "forfall_portal_payments_total",
+            &["provider=\"swish\"", "result=\"started\""]
+        ) == Some(2.0)
+    );
+
+    // Swish's API takes no request without the merchant's certificate, nor one for another
+    // Swish number.
+    let put = |client: &reqwest::Client| {
+        client
+            .put(format!(
+                "{}/api/v2/paymentrequests/{}",
+                sim.url(),
+                "0123456789ABCDEF0123456789ABCDEF"
+            ))
+            .json(&request.body)
+            .send()
+    };
+    assert!(
+        put(&outside).await.is_err(),
+        "no handshake without a client certificate"
+    );
+    let other = pki.client("1239999999")?;
+    let imposter = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(pki.ca_pem.as_bytes())?])
+        .identity(reqwest::Identity::from_pkcs8_pem(
+            other.cert_pem.as_bytes(),
+            other.key_pem.as_bytes(),
+        )?)
+        .build()?;
+    assert_eq!(put(&imposter).await?.status().as_u16(), 403);
+    stack.shutdown().await;
+    Ok(())
+}
+
+/// In Chromium, by keyboard: "Betala med Swish", the page that opens the app or shows its QR
+/// code (audited, the code read back as the app reads it), the payer approves in the app, and
+/// "Jag har godkänt" shows the payment taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_a_real_browser_swish_is_paid_by_keyboard_from_the_page_that_shows_its_qr_code() -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let tools = browser_tools()?;
+    let s = swedish("se-portal-swish-2", "7000128")?;
+    let (_clock, stack, SwishSetup { sim, ingress, .. }) = with_swish(&s).await?;
+    let path = signed_path(&s);
+    page_showing(&stack, &path, "Betala med Swish").await?;
+    let shots = artifacts();
+    std::fs::create_dir_all(&shots)?;
+    let mut node = tokio::process::Command::new("node")
+        .arg(tools.join("pay-with-swish.mjs"))
+        .arg(format!("http://{}{path}", ingress.addr))
+        .arg("Betala med Swish")
+        .arg("Jag har godkänt: visa resultatet")
+        .arg(&shots)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stdin = node.stdin.take().expect("piped");
+    let mut lines = tokio::io::BufReader::new(node.stdout.take().expect("piped")).lines();
+    let shown: serde_json::Value = match lines.next_line().await? {
+        Some(line) => serde_json::from_str(&line)?,
+        None => {
+            let out = node.wait_with_output().await?;
+            anyhow::bail!("the browser stopped: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    };
+    assert_eq!(shown["pay_button"]["reached"], true, "{shown}");
+    assert_eq!(shown["heading"], "Betala i Swish-appen", "{shown}");
+    let token = shown["app_link"]
+        .as_str()
+        .and_then(|l| l.strip_prefix("swish://paymentrequest?token="))
+        .and_then(|l| l.split_once('&'))
+        .map(|(token, _)| token.to_owned())
+        .ok_or_else(|| anyhow::anyhow!("no app link: {shown}"))?;
+    assert_eq!(
+        shown["qr"].as_str(),
+        Some(format!("D{token}").as_str()),
+        "the QR code is what the Swish app scans"
+    );
+    let serious = serious_violations(&shown["violations"]);
+    assert!(serious.is_empty(), "WCAG 2.1 AA violations: {serious:?}");
+    assert!(shown["passes"].as_u64().unwrap_or(0) > 5, "axe ran: {shown}");
+
+    sim.pay(&token).await?;
+    status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
+    stdin.write_all(b"paid\n").await?;
+    let result: serde_json::Value = serde_json::from_str(
+        &lines
+            .next_line()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the browser stopped after the QR page"))?,
+    )?;
+    assert_eq!(result["check_link"]["reached"], true, "{result}");
+    assert_eq!(result["check_link"]["focus_visible"], true, "{result}");
+    assert_eq!(result["heading"], "Tack!", "{result}");
+    assert!(
+        result["status"].as_str().is_some_and(|t| t.contains("1\u{a0}250,00")),
+        "{result}"
+    );
+    println!(
+        "Swish by keyboard; screenshots {} and {}",
+        shown["screenshot"], result["screenshot"]
+    );
+    drop(stdin);
+    let _ = node.wait().await;
     stack.shutdown().await;
     Ok(())
 }

@@ -5,7 +5,7 @@
 // and the clipboard read. Prints one JSON object.
 //
 // Usage: node check-page.mjs <page url> <screenshot dir> <language>...
-import { chromium } from "playwright-core";
+import { launch } from "./keyboard.mjs";
 import { createRequire } from "node:module";
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
@@ -21,18 +21,7 @@ if (!url || !shots || languages.length === 0) {
 }
 mkdirSync(shots, { recursive: true });
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  args: [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-  ],
-});
+const browser = await launch();
 const result = { languages: {}, keyboard: [], requests: [] };
 try {
   // A small phone: the page is mobile first.

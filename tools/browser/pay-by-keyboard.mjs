@@ -4,7 +4,7 @@
 // page, its heading and status are read and a screenshot is taken. Prints one JSON object.
 //
 // Usage: node pay-by-keyboard.mjs <page url> <button text> <approve button id> <screenshot file>
-import { chromium } from "playwright-core";
+import { launch, tabTo } from "./keyboard.mjs";
 
 const [url, buttonText, approveId, screenshot] = process.argv.slice(2);
 if (!url || !buttonText || !approveId || !screenshot) {
@@ -12,34 +12,7 @@ if (!url || !buttonText || !approveId || !screenshot) {
   process.exit(2);
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
-
-// Tab until `matches` holds for the focused element; the stops on the way.
-async function tabTo(page, matches) {
-  const stops = [];
-  for (let i = 0; i < 80; i++) {
-    await page.keyboard.press("Tab");
-    const focused = await page.evaluate(() => {
-      const el = document.activeElement;
-      if (!el || el === document.body) return null;
-      const style = getComputedStyle(el);
-      return {
-        tag: el.tagName.toLowerCase(),
-        id: el.id,
-        text: (el.textContent ?? "").trim().slice(0, 60),
-        visible: style.outlineStyle !== "none" && parseFloat(style.outlineWidth) > 0,
-      };
-    });
-    if (!focused) continue;
-    stops.push(focused);
-    if (matches(focused)) return { reached: true, stops };
-  }
-  return { reached: false, stops };
-}
-
+const browser = await launch();
 const result = {};
 try {
   const context = await browser.newContext({ viewport: { width: 360, height: 740 }, deviceScaleFactor: 2 });

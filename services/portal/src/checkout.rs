@@ -1,7 +1,8 @@
 //! Paying now, through a payment provider: `POST /pay/<token>/checkout` starts a payment of
 //! one invoice, of all the link's open invoices, or of an amount the debtor chose (a part
 //! payment), and sends the browser to the provider: Vipps MobilePay's app (NO, DK, FI) or a
-//! card through Stripe Checkout. How a payment then ends is [`crate::payments`].
+//! card through Stripe Checkout; or, for Swish (SE), creates the payment request and sends
+//! the browser to the return page, which opens the app or shows its QR code. How a payment then ends is [`crate::payments`].
 
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -19,6 +20,7 @@ use crate::page;
 use crate::payments::Attempt;
 use crate::revocation::LinkRefusal;
 use crate::stripe::{NewSession, StripeError};
+use crate::swish::SwishError;
 use crate::view::InvoiceView;
 use crate::vipps::VippsError;
 
@@ -32,6 +34,8 @@ pub enum Provider {
     Vipps,
     /// Card, through Stripe Checkout.
     Stripe,
+    /// Swish (Sweden): the app opens or scans the payment request.
+    Swish,
 }
 
 impl Provider {
@@ -39,6 +43,7 @@ impl Provider {
         match self {
             Provider::Vipps => "vipps",
             Provider::Stripe => "stripe",
+            Provider::Swish => "swish",
         }
     }
 
@@ -46,6 +51,7 @@ impl Provider {
         match code {
             "vipps" => Some(Provider::Vipps),
             "stripe" => Some(Provider::Stripe),
+            "swish" => Some(Provider::Swish),
             _ => None,
         }
     }
@@ -56,6 +62,7 @@ impl Provider {
         let name = match (self, jurisdiction) {
             (Provider::Vipps, "NO") => "Vipps".to_owned(),
             (Provider::Vipps, _) => "MobilePay".to_owned(),
+            (Provider::Swish, _) => "Swish".to_owned(),
             (Provider::Stripe, _) => return t.get("pay_card").cloned().unwrap_or_else(|| "Card".to_owned()),
         };
         t.get("pay_with")
@@ -67,6 +74,7 @@ impl Provider {
         match self {
             Provider::Vipps => matches!(currency, Currency::NOK | Currency::DKK | Currency::EUR),
             Provider::Stripe => true,
+            Provider::Swish => currency == Currency::SEK,
         }
     }
 }
@@ -269,10 +277,16 @@ impl Portal {
             }
         };
         let now = self.0.rt.clock.now();
+        let reference = uuid::Uuid::new_v4().simple().to_string();
         let mut attempt = Attempt {
             provider: provider.code().to_owned(),
-            reference: format!("ff-{}", uuid::Uuid::new_v4().simple()),
-            provider_id: None,
+            reference: format!("ff-{reference}"),
+            // Swish knows the payment by the reference's hex, and calls back with an
+            // identifier only the attempt holds.
+            provider_id: (provider == Provider::Swish).then(|| reference.to_ascii_uppercase()),
+            provider_token: None,
+            callback_identifier: (provider == Provider::Swish)
+                .then(|| uuid::Uuid::new_v4().simple().to_string().to_ascii_uppercase()),
             tenant: claims.tenant.clone(),
             debtor_id: claims.debtor_id.clone(),
             invoices: selection.invoices.clone(),
@@ -352,6 +366,7 @@ impl Portal {
                 }
                 None => Err(Started::Refused(0, "no account".into())),
             },
+            Provider::Swish => self.start_swish(&mut attempt, &description, &return_url).await,
         };
         match started {
             Ok(redirect) => match HeaderValue::from_str(&redirect) {
@@ -374,6 +389,51 @@ impl Portal {
                 (unavailable(), "unavailable")
             }
         }
+    }
+}
+
+impl Portal {
+    /// Creates the Swish payment request and keeps its token with the attempt; where the
+    /// browser goes next (the return page, which opens the app or shows the QR code).
+    async fn start_swish(&self, attempt: &mut Attempt, description: &str, return_url: &str) -> Result<String, Started> {
+        let Some(merchant) = self.0.settings.swish.get(&attempt.tenant) else {
+            return Err(Started::Refused(0, "no merchant".into()));
+        };
+        let (Some(instruction_id), Some(callback_identifier)) =
+            (attempt.provider_id.clone(), attempt.callback_identifier.clone())
+        else {
+            return Err(Started::Unavailable("the attempt has no Swish ids".into()));
+        };
+        // The creditor's books know one invoice by its OCR; several, by our reference.
+        let payee_reference = attempt
+            .structured_reference
+            .clone()
+            .filter(|r| (1..=35).contains(&r.len()) && r.chars().all(|c| c.is_ascii_alphanumeric()))
+            .unwrap_or_else(|| instruction_id.clone());
+        let token = self
+            .0
+            .swish
+            .create(
+                &attempt.tenant,
+                merchant,
+                &crate::swish::NewRequest {
+                    instruction_id: &instruction_id,
+                    payee_reference: &payee_reference,
+                    amount_minor: attempt.amount_minor,
+                    message: description,
+                    callback_identifier: &callback_identifier,
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                SwishError::Refused { status, detail } => Started::Refused(status, detail),
+                e => Started::Unavailable(e.to_string()),
+            })?;
+        attempt.provider_token = Some(token);
+        self.remember(attempt)
+            .await
+            .map_err(|e| Started::Unavailable(format!("the token could not be kept: {e:?}")))?;
+        Ok(return_url.to_owned())
     }
 }
 

@@ -53,6 +53,10 @@ pub fn routes(portal: Portal) -> Router {
             "/providers/stripe/{tenant}",
             axum::routing::post(crate::webhook::stripe_webhook),
         )
+        .route(
+            "/providers/swish/{tenant}",
+            axum::routing::post(crate::webhook::swish_callback),
+        )
         .with_state(portal)
 }
 
@@ -64,6 +68,15 @@ struct PageQuery {
     /// An instalment plan to show: the invoice and the number of instalments.
     plan_for: Option<String>,
     plan: Option<usize>,
+}
+
+/// Whether a secret given in a request is the one kept: their digests are compared, so the
+/// time taken tells nothing of the secret. An empty one is never the same.
+pub(crate) fn same_secret(given: &str, kept: &str) -> bool {
+    use sha2::Digest;
+    !given.is_empty()
+        && !kept.is_empty()
+        && sha2::Sha256::digest(given.as_bytes()) == sha2::Sha256::digest(kept.as_bytes())
 }
 
 /// A short, one-way name for a token: enough to follow one link through the logs, useless to
@@ -225,6 +238,9 @@ impl Portal {
         }
         if self.0.settings.stripe.contains_key(tenant) {
             providers.push(Provider::Stripe);
+        }
+        if self.0.settings.swish.contains_key(tenant) {
+            providers.push(Provider::Swish);
         }
         providers
     }

@@ -17,6 +17,7 @@ pub mod rebuild;
 mod requests;
 pub mod revocation;
 pub mod stripe;
+pub mod swish;
 pub mod timeline;
 pub mod view;
 pub mod vipps;
@@ -65,6 +66,9 @@ pub struct PortalSettings {
     pub vipps: BTreeMap<String, vipps::VippsMerchant>,
     /// Each tenant's Stripe account, by tenant: the page offers to pay by card for these.
     pub stripe: BTreeMap<String, stripe::StripeAccount>,
+    /// Each tenant's Swish number and certificate, by tenant: the page offers Swish for
+    /// these (SEK invoices).
+    pub swish: BTreeMap<String, swish::SwishMerchant>,
     /// The bearer token of the staff endpoints (`/v1/timeline/...`); they answer nothing
     /// without one.
     pub staff_token: Option<String>,
@@ -80,6 +84,7 @@ impl std::fmt::Debug for PortalSettings {
             .field("client_address_header", &self.client_address_header)
             .field("vipps", &self.vipps)
             .field("stripe", &self.stripe)
+            .field("swish", &self.swish)
             .field("staff_token", &self.staff_token.as_ref().map(|_| "(set)"))
             .finish()
     }
@@ -94,6 +99,7 @@ impl Default for PortalSettings {
             client_address_header: None,
             vipps: BTreeMap::new(),
             stripe: BTreeMap::new(),
+            swish: BTreeMap::new(),
             staff_token: None,
         }
     }
@@ -138,6 +144,7 @@ pub(crate) struct Inner {
     metrics: Metrics,
     vipps: vipps::VippsClient,
     stripe: stripe::StripeClient,
+    swish: swish::SwishClient,
     /// Where payments under way are kept (see [`checkout`]).
     changelog: Changelog,
     /// The links' base (`dispatch.pay_link.base_url`, ending in `/`): providers send the
@@ -381,6 +388,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     ];
     let vipps_client = vipps::VippsClient::new()?;
     let stripe_client = stripe::StripeClient::new()?;
+    let swish_client = swish::SwishClient::new(&settings.swish)?;
     let mut core = None;
     let shell = ServiceShell::start_with_routes(&rt, SERVICE, PORT_OFFSET, |_, producer, readiness| {
         let state = Arc::new(DerivedState::new(
@@ -404,6 +412,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             metrics,
             vipps: vipps_client,
             stripe: stripe_client,
+            swish: swish_client,
             changelog: Changelog::new(changelog_topic.clone()),
             pay_base_url,
             pauses,

@@ -29,13 +29,21 @@ pub const ATTEMPT_TTL_SECS: u64 = 30 * 86_400;
 /// A payment under way at a provider.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Attempt {
-    /// `vipps`, `stripe`.
+    /// `vipps`, `stripe`, `swish`.
     pub provider: String,
     /// The reference the provider knows the payment by (ours, unique).
     pub reference: String,
-    /// The provider's own id for it when it has one (a Stripe Checkout Session's id).
+    /// The provider's own id for it when it has one (a Stripe Checkout Session's id, a
+    /// Swish instruction id).
     #[serde(default)]
     pub provider_id: Option<String>,
+    /// What the payer's app opens the payment by (a Swish payment request token).
+    #[serde(default)]
+    pub provider_token: Option<String>,
+    /// What the provider's callback must carry to be taken as about this payment (Swish's
+    /// `callbackIdentifier`).
+    #[serde(default)]
+    pub callback_identifier: Option<String>,
     pub tenant: String,
     pub debtor_id: String,
     pub invoices: Vec<String>,
@@ -171,6 +179,31 @@ impl Portal {
                         _ => Finished::Pending,
                     }
                 }
+                "swish" => {
+                    let merchant = self
+                        .0
+                        .settings
+                        .swish
+                        .get(&attempt.tenant)
+                        .ok_or_else(|| unavailable(&format!("no Swish merchant for {}", attempt.tenant)))?;
+                    let Some(id) = attempt.provider_id.as_deref() else {
+                        return Ok(Finished::Pending);
+                    };
+                    let s = self
+                        .0
+                        .swish
+                        .state(&attempt.tenant, merchant, id)
+                        .await
+                        .map_err(|e| unavailable(&e))?;
+                    match s.status.as_str() {
+                        "PAID" if s.currency.eq_ignore_ascii_case(&attempt.currency) => match s.amount_minor {
+                            Some(minor) if minor > 0 => Finished::Taken(minor),
+                            _ => return Err(unavailable(&"Swish says paid without a readable amount")),
+                        },
+                        "DECLINED" | "ERROR" | "CANCELLED" => Finished::Abandoned,
+                        _ => Finished::Pending,
+                    }
+                }
                 other => return Err(unavailable(&format!("unknown provider {other}"))),
             };
         if let Finished::Taken(minor) = finished {
@@ -210,21 +243,37 @@ pub(crate) async fn returned(
         let t = portal.0.texts.for_language(&attempt.lang, "");
         let text = |key: &str| t.get(key).cloned().unwrap_or_else(|| key.to_owned());
         let finished = portal.finish(&attempt, query.session_id.as_deref()).await;
+        let amount = |minor: i64| {
+            attempt
+                .currency
+                .parse::<Currency>()
+                .map(|c| forfall_domain::money::format(Money::new(minor, c), Locale::from_language(&attempt.lang)))
+                .unwrap_or_default()
+        };
         let (heading, detail, result) = match finished {
-            Ok(Finished::Taken(minor)) => {
-                let amount = attempt
-                    .currency
-                    .parse::<Currency>()
-                    .map(|c| forfall_domain::money::format(Money::new(minor, c), Locale::from_language(&attempt.lang)))
-                    .unwrap_or_default();
-                (text("return_paid_title"), format!("{} {amount}", text("return_paid")), "completed")
-            }
+            Ok(Finished::Taken(minor)) => (
+                text("return_paid_title"),
+                format!("{} {}", text("return_paid"), amount(minor)),
+                "completed",
+            ),
             Ok(Finished::Abandoned) => (text("return_cancelled_title"), text("return_cancelled"), "abandoned"),
             // Stripe sends the debtor back without a session when they turned back.
             Ok(Finished::Pending) if attempt.provider == "stripe" && query.session_id.is_none() => {
                 (text("return_cancelled_title"), text("return_cancelled"), "abandoned")
             }
             Ok(Finished::Pending) | Err(_) => (text("return_pending_title"), text("return_pending"), "pending"),
+        };
+        // A Swish request not yet answered: the app opens it here, or scans it from here.
+        let swish = match (&finished, &attempt.provider_token) {
+            (Ok(Finished::Pending) | Err(_), Some(token)) if attempt.provider == "swish" => {
+                let here = format!("{}return/{}", portal.0.pay_base_url, attempt.reference);
+                Some(swish_panel(token, &here, &amount(attempt.amount_minor), &text))
+            }
+            _ => None,
+        };
+        let (heading, detail) = match &swish {
+            Some(_) => (text("swish_title"), text("swish_open_or_scan")),
+            None => (heading, detail),
         };
         portal
             .0
@@ -237,17 +286,34 @@ pub(crate) async fn returned(
         html_response(
             StatusCode::OK,
             format!(
-                "<!doctype html><html lang=\"{}\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{}</title></head><body><main><h1>{}</h1><p role=\"status\">{}</p><p>{}</p></main></body></html>",
+                "<!doctype html><html lang=\"{}\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{}</title></head><body><main><h1>{}</h1><p role=\"status\">{}</p>{}<p>{}</p></main></body></html>",
                 esc(&attempt.lang),
                 esc(&heading),
                 esc(&heading),
                 esc(&detail),
+                swish.unwrap_or_default(),
                 esc(&text("return_link_again"))
             ),
         )
     }
     .instrument(span)
     .await
+}
+
+/// The link that opens the Swish app on this phone, the QR code its app scans from another
+/// screen, and a link to ask again once it is answered (no script: the page is static).
+fn swish_panel(token: &str, here: &str, amount: &str, text: &dyn Fn(&str) -> String) -> String {
+    let attr = |s: &str| s.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;");
+    let qr = crate::page::qr_svg(&crate::swish::qr_payload(token), &text("swish_scan")).unwrap_or_default();
+    format!(
+        "<p><strong>{}</strong></p><p><a class=\"swish-app\" href=\"{}\">{}</a></p><figure>{qr}<figcaption>{}</figcaption></figure><p><a href=\"{}\">{}</a></p>",
+        attr(amount),
+        attr(&crate::swish::app_link(token, here)),
+        attr(&text("swish_open_app")),
+        attr(&text("swish_scan")),
+        attr(here),
+        attr(&text("swish_check")),
+    )
 }
 
 #[cfg(test)]
@@ -260,6 +326,8 @@ mod tests {
             provider: "vipps".into(),
             reference: "ff-0123456789abcdef".into(),
             provider_id: None,
+            provider_token: None,
+            callback_identifier: None,
             tenant: "nordkraft".into(),
             debtor_id: "d1".into(),
             invoices: vec!["i1".into(), "i2".into()],

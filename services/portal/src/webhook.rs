@@ -1,6 +1,9 @@
 //! Providers telling of a payment's state: `POST /providers/vipps/<tenant>` (the Vipps
-//! MobilePay webhooks API) and `POST /providers/stripe/<tenant>` (a Stripe webhook endpoint).
-//! A request not signed with the tenant's secret is refused (401) and changes nothing. A
+//! MobilePay webhooks API), `POST /providers/stripe/<tenant>` (a Stripe webhook endpoint) and
+//! `POST /providers/swish/<tenant>` (Swish's callback, behind an HTTPS ingress).
+//! A request not signed with the tenant's secret (for Swish: without the payment's own
+//! `callbackIdentifier`) is refused (401) and changes nothing. Whatever a request says, the
+//! payment's state is then asked of the provider itself. A
 //! payment that may have the money is finished (see [`crate::payments`]); an abandoned one is
 //! counted and changes nothing. Anything the portal cannot do now (Redis, the broker or the
 //! provider away) answers 503, so that the provider sends the event again.
@@ -152,6 +155,61 @@ impl Portal {
                 }
             };
             self.finish_from_webhook(&attempt, Some(&session.id)).await
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+pub(crate) async fn swish_callback(
+    State(portal): State<Portal>,
+    Path(tenant): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let span = tracing::info_span!("provider_webhook", provider = "swish", tenant = %tenant);
+    async move {
+        let (status, result) = portal.take_swish_callback(&tenant, &headers, &body).await;
+        portal.0.metrics.webhooks.with_label_values(&["swish", result]).inc();
+        tracing::info!(result, "webhook answered");
+        status.into_response()
+    }
+    .instrument(span)
+    .await
+}
+
+impl Portal {
+    async fn take_swish_callback(&self, tenant: &str, headers: &HeaderMap, body: &[u8]) -> (StatusCode, &'static str) {
+        if !self.0.settings.swish.contains_key(tenant) {
+            return (StatusCode::NOT_FOUND, "unknown_tenant");
+        }
+        let Some(reference) = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["id"].as_str().and_then(crate::swish::reference_of))
+        else {
+            return (StatusCode::BAD_REQUEST, "unreadable");
+        };
+        let span = tracing::info_span!("payment", reference = %reference);
+        async move {
+            let attempt = match self.attempt(&reference).await {
+                Ok(Some(a)) if a.tenant == tenant && a.provider == "swish" => a,
+                Ok(_) => {
+                    tracing::warn!("a payment the portal did not start; left alone");
+                    return (StatusCode::OK, "not_ours");
+                }
+                Err(e) => {
+                    tracing::warn!(error = ?e, "cannot read the payment now; Swish will send it again");
+                    return (StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+                }
+            };
+            let said = headers
+                .get("callbackidentifier")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            if !crate::http::same_secret(said, attempt.callback_identifier.as_deref().unwrap_or_default()) {
+                return (StatusCode::UNAUTHORIZED, "unsigned");
+            }
+            self.finish_from_webhook(&attempt, None).await
         }
         .instrument(span)
         .await

@@ -12,6 +12,31 @@ impl Forwarder {
     pub async fn start(
         target: impl Fn() -> Option<std::net::SocketAddr> + Send + Sync + 'static,
     ) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let app = Self::app(target)?;
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { addr })
+    }
+
+    /// The same over HTTPS, with a server certificate of `pki` (for a provider that calls back
+    /// only over HTTPS).
+    pub async fn start_tls(
+        pki: &crate::tls::TestPki,
+        target: impl Fn() -> Option<std::net::SocketAddr> + Send + Sync + 'static,
+    ) -> anyhow::Result<Self> {
+        let listener = crate::tls::TlsListener::bind(pki.acceptor(false)?).await?;
+        let addr = listener.addr()?;
+        let app = Self::app(target)?;
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { addr })
+    }
+
+    fn app(target: impl Fn() -> Option<std::net::SocketAddr> + Send + Sync + 'static) -> anyhow::Result<axum::Router> {
         use axum::body::Bytes;
         use axum::http::{HeaderMap, Method, StatusCode, Uri};
         use axum::response::IntoResponse;
@@ -45,12 +70,6 @@ impl Forwarder {
                 }
             }
         };
-        let app = axum::Router::new().fallback(forward);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Ok(Self { addr })
+        Ok(axum::Router::new().fallback(forward))
     }
 }

@@ -6,11 +6,15 @@
 //! - [`sms::SmsProviderSim`]: the SMS providers' APIs, strict as their documentation.
 //! - [`vipps::VippsSim`]: the Vipps MobilePay ePayment and webhooks APIs, likewise.
 //! - [`stripe::StripeSim`]: Stripe Checkout and its webhook endpoints, likewise.
-//! - [`ingress::Forwarder`]: a reverse proxy that keeps `Host`, for fixed public URLs.
+//! - [`swish::SwishSim`]: the Swish Commerce API, over mutual TLS, likewise.
+//! - [`ingress::Forwarder`]: a reverse proxy that keeps `Host`, for fixed public URLs (also
+//!   over HTTPS, with a certificate of a [`tls::TestPki`]).
 
 pub mod ingress;
 pub mod sms;
 pub mod stripe;
+pub mod swish;
+pub mod tls;
 pub mod vipps;
 
 use std::collections::VecDeque;
