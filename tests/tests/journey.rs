@@ -37,6 +37,9 @@ async fn plan_chosen(stack: &LocalStack, invoice: &str) -> anyhow::Result<Journe
 const NORWAY: &str = r#"
 version = "e2e-norway-1"
 
+[claims]
+late_interest = "statutory"
+
 [[segment]]
 name = "norway"
 when = { jurisdiction = ["NO"] }
@@ -146,6 +149,46 @@ async fn a_segment_plan_with_a_statutory_fee_runs_to_hand_off() -> anyhow::Resul
     let case = stack.agency.requests()[0].json();
     assert_eq!(case["principal_minor"], 89_900);
     assert_eq!(case["fees_minor"], 3_500);
+    // The claim, itemised as of the hand-off day in Oslo: the purring's fee with its rule, and
+    // late interest from the due date at Norges Bank's rate + 8 pp for 2026 H1.
+    let handed_over = when(2).with_timezone(&Jurisdiction::NO.time_zone()).date_naive();
+    let epoch = |d: chrono::NaiveDate| forfall_domain::invoice::epoch_days(d);
+    let purring_day = when(1).with_timezone(&Jurisdiction::NO.time_zone()).date_naive();
+    assert_eq!(case["claim_date"], epoch(handed_over));
+    assert_eq!(case["original_principal_minor"], 89_900);
+    assert_eq!(case["fee_lines"][0]["step"], "purring");
+    assert_eq!(case["fee_lines"][0]["amount_minor"], 3_500);
+    assert_eq!(case["fee_lines"][0]["date"], epoch(purring_day));
+    assert!(
+        case["fee_lines"][0]["citation"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("inkassoforskriften § 1-2")),
+        "{case}"
+    );
+    let law = LawBook::builtin()?;
+    let reference_bp = law
+        .rates()
+        .iter()
+        .find(|r| r.series == "no.norges_bank_policy" && r.period.to_string() == "2026-H1")
+        .expect("the 2026 H1 rate")
+        .rate_bp;
+    let days = (handed_over - s.due).num_days();
+    let exact = 89_900i128 * i128::from(reference_bp + 800) * i128::from(days);
+    let interest = i64::try_from((exact * 2 + 3_650_000) / 7_300_000)?;
+    let line = &case["interest_lines"][0];
+    assert_eq!(case["interest_lines"].as_array().map(Vec::len), Some(1), "{case}");
+    assert_eq!(line["first_day"], epoch(s.due) + 1);
+    assert_eq!(line["last_day"], epoch(handed_over));
+    assert_eq!(line["days"], days);
+    assert_eq!(line["reference_bp"], reference_bp);
+    assert_eq!(line["margin_bp"], 800);
+    assert_eq!(line["amount_minor"], interest);
+    assert_eq!(line["citation"], "forsinkelsesrenteloven § 3");
+    assert!(interest > 0);
+    assert_eq!(case["interest_minor"], interest);
+    assert_eq!(case["interest_note"], serde_json::Value::Null);
+    assert_eq!(case["compensation_minor"], 0, "a consumer owes no compensation");
+    assert_eq!(case["total_minor"], 89_900 + 3_500 + interest);
     assert_eq!(case["steps_taken"], serde_json::json!(["nudge", "purring", "handoff"]));
     let chosen = plan_chosen(&stack, s.invoice_id).await?;
     assert_eq!(

@@ -469,11 +469,15 @@ async fn summary(stack: &LocalStack, cases: &[Case]) -> anyhow::Result<()> {
         }
         for a in agency.iter().filter(|a| a.json()["invoice_id"] == c.invoice_id) {
             let case = a.json();
-            let principal = case["currency"]
-                .as_str()
-                .and_then(|c| c.parse::<forfall_domain::Currency>().ok())
-                .map(|c| forfall_domain::Money::new(case["principal_minor"].as_i64().unwrap_or(0), c).to_string())
-                .unwrap_or_default();
+            let money = |minor: &serde_json::Value| {
+                case["currency"]
+                    .as_str()
+                    .and_then(|c| c.parse::<forfall_domain::Currency>().ok())
+                    .map(|c| forfall_domain::Money::new(minor.as_i64().unwrap_or(0), c).to_string())
+                    .unwrap_or_default()
+            };
+            let amount = |field: &str| money(&case[field]);
+            let principal = amount("principal_minor");
             let steps: Vec<&str> = case["steps_taken"]
                 .as_array()
                 .into_iter()
@@ -481,6 +485,21 @@ async fn summary(stack: &LocalStack, cases: &[Case]) -> anyhow::Result<()> {
                 .filter_map(|s| s.as_str())
                 .collect();
             println!("    handed to the agency: {principal} after {}", steps.join(", "));
+            for line in case["interest_lines"].as_array().into_iter().flatten() {
+                let rate = line["reference_bp"].as_i64().unwrap_or(0) + line["margin_bp"].as_i64().unwrap_or(0);
+                println!(
+                    "      + late interest, {} days at {}.{:02} %: {} ({})",
+                    line["days"],
+                    rate / 100,
+                    rate % 100,
+                    money(&line["amount_minor"]),
+                    line["citation"].as_str().unwrap_or_default()
+                );
+            }
+            if let Some(note) = case["interest_note"].as_str() {
+                println!("      ({note})");
+            }
+            println!("      claimed in all: {}", amount("total_minor"));
         }
         println!("    final state: {}", status.unwrap_or_else(|| "unknown".into()));
     }

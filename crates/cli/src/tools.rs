@@ -90,9 +90,15 @@ pub fn law(cmd: LawCommand) -> anyhow::Result<()> {
             Limit::SecondFeeNeedsMissedDeadline { days, .. } => {
                 format!("second fee only after a missed {days}-day deadline")
             }
-            Limit::Compensation { amount_minor, currency } => {
-                format!("compensation {}", amount(*amount_minor, *currency))
-            }
+            Limit::Compensation {
+                amount_minor,
+                currency,
+                offsets_fees,
+            } => format!(
+                "compensation {}{}",
+                amount(*amount_minor, *currency),
+                if *offsets_fees { ", instead of fees charged" } else { "" }
+            ),
             Limit::LateInterest { series: s, margin_bp } => {
                 series.push(s.clone());
                 format!("{s} + {}.{:02} pp", margin_bp / 100, margin_bp % 100)

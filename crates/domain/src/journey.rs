@@ -250,6 +250,20 @@ pub struct Journey {
     /// The debtor's local days on which fees were charged: the law spaces fees apart.
     #[serde(default)]
     pub fee_dates: Vec<NaiveDate>,
+    /// Each fee charged, for the claim a hand-off carries (journeys from before it was kept
+    /// have only `fee_dates` and `fees_minor`).
+    #[serde(default)]
+    pub fees: Vec<FeeCharged>,
+}
+
+/// A fee a step charged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeeCharged {
+    /// The debtor's local day.
+    pub date: NaiveDate,
+    pub step: String,
+    pub kind: crate::law::FeeStep,
+    pub minor: i64,
 }
 
 /// Why and until when a journey waits, and the state it returns to.
@@ -476,6 +490,7 @@ pub fn on_invoice(existing: Option<Journey>, snapshot: InvoiceSnapshot, plan: &P
             applied_payments: Vec::new(),
             steps_taken: Vec::new(),
             fee_dates: Vec::new(),
+            fees: Vec::new(),
         };
         let mut transitions = vec![transition("opened", JourneyState::Open, JourneyState::Open)];
         if let Some(reason) = closed_by_invoice(&journey.invoice) {
@@ -1046,6 +1061,14 @@ fn on_timer_active(mut journey: Journey, step_index: usize, plan: &Plan, fee: St
     if charges {
         journey.fees_minor += fee.amount.minor;
         journey.fee_dates.push(today);
+        if let StepKind::Message { tone, .. } = &step.kind {
+            journey.fees.push(FeeCharged {
+                date: today,
+                step: step.name.clone(),
+                kind: crate::policy::law_step(*tone),
+                minor: fee.amount.minor,
+            });
+        }
     }
     let (to, emit) = match &step.kind {
         StepKind::Message { tone, channels } => {

@@ -98,11 +98,20 @@ pub enum Limit {
     Compensation {
         amount_minor: i64,
         currency: Currency,
+        /// The fees already charged on the claim count against it: the creditor gets the
+        /// compensation instead of them, not on top.
+        #[serde(default = "offsets_fees_by_default")]
+        offsets_fees: bool,
     },
     LateInterest {
         series: String,
         margin_bp: i64,
     },
+}
+
+/// Where the data does not say, the compensation replaces the fees (never claims more).
+fn offsets_fees_by_default() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -312,7 +321,9 @@ impl LawBook {
                 Limit::MaxFee {
                     amount_minor, currency, ..
                 }
-                | Limit::Compensation { amount_minor, currency } => {
+                | Limit::Compensation {
+                    amount_minor, currency, ..
+                } => {
                     if *amount_minor <= 0 {
                         return Err(invalid(format!("amount {amount_minor} must be positive")));
                     }
@@ -365,7 +376,8 @@ impl LawBook {
     }
 
     /// The rules that apply to this debtor on this date.
-    pub fn applicable<'a>(&'a self, ctx: &'a DebtorContext, on: NaiveDate) -> impl Iterator<Item = &'a Rule> + 'a {
+    pub fn applicable<'a>(&'a self, ctx: &DebtorContext, on: NaiveDate) -> impl Iterator<Item = &'a Rule> + 'a {
+        let ctx = *ctx;
         self.rules
             .iter()
             .filter(move |r| r.jurisdiction == ctx.jurisdiction && r.debtor.covers(ctx.kind) && r.in_force(on))
@@ -374,24 +386,42 @@ impl LawBook {
     /// The highest fee the law allows on a step ("statutory maximum"); `None` when no rule caps
     /// it, which is not the same as allowing any fee: check the plan.
     pub fn max_fee(&self, ctx: &DebtorContext, step: FeeStep, on: NaiveDate) -> Option<Money> {
+        self.max_fee_rule(ctx, step, on).map(|(fee, _)| fee)
+    }
+
+    /// [`LawBook::max_fee`], with the rule that sets it (for its citation).
+    pub fn max_fee_rule<'a>(
+        &'a self,
+        ctx: &'a DebtorContext,
+        step: FeeStep,
+        on: NaiveDate,
+    ) -> Option<(Money, &'a Rule)> {
         self.applicable(ctx, on)
             .filter_map(|r| match &r.limit {
                 Limit::MaxFee {
                     step: s,
                     amount_minor,
                     currency,
-                } if *s == step => Some(Money::new(*amount_minor, *currency)),
+                } if *s == step => Some((Money::new(*amount_minor, *currency), r)),
                 _ => None,
             })
-            .min_by_key(|m| m.minor)
+            .min_by_key(|(m, _)| m.minor)
     }
 
     /// Fixed compensation for a business debtor, when the jurisdiction has one.
     pub fn compensation<'a>(&'a self, ctx: &'a DebtorContext, on: NaiveDate) -> Option<(Money, &'a Rule)> {
         self.applicable(ctx, on).find_map(|r| match &r.limit {
-            Limit::Compensation { amount_minor, currency } => Some((Money::new(*amount_minor, *currency), r)),
+            Limit::Compensation {
+                amount_minor, currency, ..
+            } => Some((Money::new(*amount_minor, *currency), r)),
             _ => None,
         })
+    }
+
+    /// The late-interest rule in force for this debtor on `on`.
+    pub fn interest_rule(&self, ctx: &DebtorContext, on: NaiveDate) -> Option<&Rule> {
+        self.applicable(ctx, on)
+            .find(|r| matches!(r.limit, Limit::LateInterest { .. }))
     }
 
     /// Every way the plan breaks the law for this debtor; empty when it is lawful.
@@ -571,6 +601,53 @@ impl LawBook {
         self.rates.iter().find(|r| r.series == series && r.period == period)
     }
 
+    /// The stretches of days after `from` up to and including `to`, one per half-year, each
+    /// with the rule and published rate in force for it, or why it has none.
+    fn interest_periods(
+        &self,
+        ctx: &DebtorContext,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Vec<Result<InterestPeriod<'_>, LawError>> {
+        let mut periods = Vec::new();
+        let mut day = from;
+        while day < to {
+            let first = day + Duration::days(1);
+            let half = HalfYear::of(first);
+            let last = half.last_day().min(to);
+            let days = (last - day).num_days();
+            day = last;
+            let Some(rule) = self.interest_rule(ctx, first) else {
+                periods.push(Err(LawError::NoInterestRule {
+                    jurisdiction: ctx.jurisdiction,
+                    kind: ctx.kind.code(),
+                    on: first,
+                }));
+                continue;
+            };
+            let Limit::LateInterest { series, margin_bp } = &rule.limit else {
+                continue;
+            };
+            periods.push(
+                self.rate(series, half)
+                    .map(|rate| InterestPeriod {
+                        first_day: first,
+                        last_day: last,
+                        days,
+                        rate,
+                        margin_bp: *margin_bp,
+                        rule,
+                    })
+                    .ok_or(LawError::RateMissing {
+                        series: series.clone(),
+                        period: half,
+                        jurisdiction: ctx.jurisdiction,
+                    }),
+            );
+        }
+        periods
+    }
+
     /// Statutory late interest on `principal` for each day after `from` up to and including
     /// `to`: actual/365, each day at the rate of its half-year. The exact sum is rounded once,
     /// half away from zero, to the minor unit.
@@ -581,39 +658,102 @@ impl LawBook {
         from: NaiveDate,
         to: NaiveDate,
     ) -> Result<Money, LawError> {
-        if to <= from {
-            return Ok(Money::zero(principal.currency));
-        }
         let mut numerator: i128 = 0;
-        let mut day = from;
-        while day < to {
-            let first = day + Duration::days(1);
-            let period = HalfYear::of(first);
-            let last = period.last_day().min(to);
-            let days = i128::from((last - day).num_days());
-            let (series, margin) = self
-                .applicable(ctx, first)
-                .find_map(|r| match &r.limit {
-                    Limit::LateInterest { series, margin_bp } => Some((series.clone(), *margin_bp)),
-                    _ => None,
-                })
-                .ok_or(LawError::NoInterestRule {
-                    jurisdiction: ctx.jurisdiction,
-                    kind: ctx.kind.code(),
-                    on: first,
-                })?;
-            let rate = self.rate(&series, period).ok_or(LawError::RateMissing {
-                series: series.clone(),
-                period,
-                jurisdiction: ctx.jurisdiction,
-            })?;
-            numerator += i128::from(principal.minor) * i128::from(rate.rate_bp + margin) * days;
-            day = last;
+        for period in self.interest_periods(ctx, from, to) {
+            numerator += period?.numerator(principal);
         }
-        let denominator: i128 = 365 * 10_000;
-        let rounded = (numerator.abs() * 2 + denominator) / (2 * denominator) * numerator.signum();
-        let minor = i64::try_from(rounded).map_err(|_| money::MoneyError::Overflow)?;
-        Ok(Money::new(minor, principal.currency))
+        Ok(Money::new(rounded_interest(numerator)?, principal.currency))
+    }
+
+    /// The same interest, line by line as a claim shows it: one line per half-year with its
+    /// rate, rule and source, each rounded to the minor unit (the claim's total is their sum).
+    /// A half-year without a published rate (or rule) has no line; it is named in `missing`,
+    /// so what is known is claimed and what is not is said.
+    pub fn late_interest_lines(
+        &self,
+        ctx: &DebtorContext,
+        principal: Money,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<InterestLines, LawError> {
+        let mut out = InterestLines::default();
+        for period in self.interest_periods(ctx, from, to) {
+            match period {
+                Ok(p) => out.lines.push(InterestLine {
+                    first_day: p.first_day,
+                    last_day: p.last_day,
+                    days: p.days,
+                    reference_bp: p.rate.rate_bp,
+                    margin_bp: p.margin_bp,
+                    amount: Money::new(rounded_interest(p.numerator(principal))?, principal.currency),
+                    rule_id: p.rule.id.clone(),
+                    citation: p.rule.citation.clone(),
+                    rate_source: p.rate.source.clone(),
+                }),
+                Err(e) => out.missing.push(e),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Days at one rule and rate.
+struct InterestPeriod<'a> {
+    first_day: NaiveDate,
+    last_day: NaiveDate,
+    days: i64,
+    rate: &'a Rate,
+    margin_bp: i64,
+    rule: &'a Rule,
+}
+
+impl InterestPeriod<'_> {
+    /// Interest in minor units times 365 × 10 000 (exact).
+    fn numerator(&self, principal: Money) -> i128 {
+        i128::from(principal.minor) * i128::from(self.rate.rate_bp + self.margin_bp) * i128::from(self.days)
+    }
+}
+
+/// An exact interest numerator (see [`InterestPeriod::numerator`]) rounded half away from zero.
+fn rounded_interest(numerator: i128) -> Result<i64, LawError> {
+    let denominator: i128 = 365 * 10_000;
+    let rounded = (numerator.abs() * 2 + denominator) / (2 * denominator) * numerator.signum();
+    Ok(i64::try_from(rounded).map_err(|_| money::MoneyError::Overflow)?)
+}
+
+/// One half-year's late interest on a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterestLine {
+    /// The first and last day that earn interest at this rate.
+    pub first_day: NaiveDate,
+    pub last_day: NaiveDate,
+    pub days: i64,
+    /// The published reference rate, and the law's margin on top, in basis points.
+    pub reference_bp: i64,
+    pub margin_bp: i64,
+    pub amount: Money,
+    pub rule_id: String,
+    pub citation: String,
+    /// Where the reference rate was published.
+    pub rate_source: String,
+}
+
+impl InterestLine {
+    pub fn rate_bp(&self) -> i64 {
+        self.reference_bp + self.margin_bp
+    }
+}
+
+/// Late interest as lines, and the half-years it could not be computed for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InterestLines {
+    pub lines: Vec<InterestLine>,
+    pub missing: Vec<LawError>,
+}
+
+impl InterestLines {
+    pub fn total_minor(&self) -> i64 {
+        self.lines.iter().map(|l| l.amount.minor).sum()
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod bank_codes;
 pub mod calendar;
+pub mod claim;
 pub mod invoice;
 pub mod journey;
 pub mod jurisdiction;

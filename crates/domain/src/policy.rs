@@ -189,6 +189,8 @@ pub struct Policy {
     pub pauses: PauseLimits,
     /// A debtor's messages of one tone due within this many days of each other go out as one.
     pub combine_within_days: u32,
+    /// What a hand-off claims beyond the plan's fees: late interest, compensation.
+    pub claims: crate::claim::ClaimTerms,
 }
 
 /// Days within which a debtor's steps are combined when a policy does not say.
@@ -292,6 +294,8 @@ struct RawPolicy {
     pauses: PauseLimits,
     #[serde(default = "default_combine_within_days")]
     combine_within_days: u32,
+    #[serde(default)]
+    claims: crate::claim::ClaimTerms,
 }
 
 #[derive(Debug, Deserialize)]
@@ -353,7 +357,8 @@ struct RawVariant {
     holdout: bool,
 }
 
-fn law_step(tone: Tone) -> FeeStep {
+/// The kind of step the law sees in a message of this tone.
+pub(crate) fn law_step(tone: Tone) -> FeeStep {
     match tone {
         Tone::Nudge | Tone::Reminder => FeeStep::Reminder,
         Tone::CollectionWarning => FeeStep::CollectionWarning,
@@ -604,6 +609,10 @@ pub fn load(text: &str, law: &LawBook, on: NaiveDate) -> Result<Policy, PolicyEr
         }
     }
 
+    for message in crate::claim::check_terms(&raw.claims, law, on) {
+        problem("claims".into(), message);
+    }
+
     if problems.is_empty() {
         Ok(Policy {
             version: raw.version,
@@ -613,6 +622,7 @@ pub fn load(text: &str, law: &LawBook, on: NaiveDate) -> Result<Policy, PolicyEr
             experiments,
             pauses: raw.pauses,
             combine_within_days: raw.combine_within_days,
+            claims: raw.claims,
         })
     } else {
         Err(PolicyError(problems))

@@ -353,8 +353,57 @@ pub struct HandoffCase {
     pub email: Option<String>,
     pub phone: Option<String>,
     pub language: Option<String>,
+    /// The claim as of the hand-off day (cases written before it was itemised have none).
+    #[serde(default)]
+    pub claim_date: Option<i32>,
+    #[serde(default)]
+    pub original_principal_minor: Option<i64>,
+    #[serde(default)]
+    pub paid_minor: Option<i64>,
+    #[serde(default)]
+    pub fee_lines: Vec<CaseFee>,
+    #[serde(default)]
+    pub interest_lines: Vec<CaseInterest>,
+    #[serde(default)]
+    pub interest_minor: i64,
+    #[serde(default)]
+    pub interest_note: Option<String>,
+    #[serde(default)]
+    pub compensation_minor: i64,
+    #[serde(default)]
+    pub compensation_rule_id: Option<String>,
+    #[serde(default)]
+    pub compensation_citation: Option<String>,
+    #[serde(default)]
+    pub total_minor: Option<i64>,
 }
 record!(HandoffCase, "HandoffCase.avsc");
+
+/// A fee on a handed-over claim.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaseFee {
+    pub date: Option<i32>,
+    pub step: String,
+    pub kind: Option<String>,
+    pub amount_minor: i64,
+    pub rule_id: Option<String>,
+    pub citation: Option<String>,
+}
+
+/// Late interest for one half-year of a handed-over claim.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaseInterest {
+    pub first_day: i32,
+    pub last_day: i32,
+    pub days: i32,
+    pub reference_bp: i64,
+    pub margin_bp: i64,
+    pub principal_minor: i64,
+    pub amount_minor: i64,
+    pub rule_id: String,
+    pub citation: String,
+    pub rate_source: String,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -684,6 +733,35 @@ mod tests {
             email: None,
             phone: None,
             language: None,
+            claim_date: Some(20_000),
+            original_principal_minor: Some(3),
+            paid_minor: Some(0),
+            fee_lines: vec![CaseFee {
+                date: Some(19_990),
+                step: "reminder-1".into(),
+                kind: Some("reminder".into()),
+                amount_minor: 3_500,
+                rule_id: Some("no.reminder.max_fee".into()),
+                citation: Some("inkassoforskriften § 1-2".into()),
+            }],
+            interest_lines: vec![CaseInterest {
+                first_day: 19_980,
+                last_day: 20_000,
+                days: 21,
+                reference_bp: 400,
+                margin_bp: 800,
+                principal_minor: 3,
+                amount_minor: 0,
+                rule_id: "no.late_interest".into(),
+                citation: "forsinkelsesrenteloven § 3".into(),
+                rate_source: "FOR-2024-12-19-3279".into(),
+            }],
+            interest_minor: 0,
+            interest_note: Some("none for 2026-H2".into()),
+            compensation_minor: 0,
+            compensation_rule_id: None,
+            compensation_citation: None,
+            total_minor: Some(3),
         });
         round_trip(HandoffOutcome {
             event_id: "e".into(),

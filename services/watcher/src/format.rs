@@ -90,6 +90,7 @@ impl From<StoredV1> for Stored {
                 // Format 1 did not record them; a fee charged before the upgrade is not
                 // spaced from (the plan's own spacing, checked at policy load, still holds).
                 fee_dates: Vec::new(),
+                fees: Vec::new(),
             },
             partition: v1.partition,
             pending_step: v1.pending_step,

@@ -32,6 +32,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use forfall_domain::claim;
 use forfall_domain::invoice::{self, Contact, InvoiceSnapshot, InvoiceStatus};
 use forfall_domain::journey::{
     self, DebtorInvoice, Decision, Emit, Journey, JourneyState, Plan, Request, Role, StepFee, TimerChange, Transition,
@@ -46,8 +47,8 @@ use forfall_platform::journey_state;
 use forfall_platform::kafka::KafkaConsumer;
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::records::{
-    self, CoveredInvoice, DebtorRequest, DispatchOutcome, DispatchStatus, HandoffCase, JourneyAction, JourneyEvent,
-    PaymentMatched, Record, derived_id,
+    self, CaseFee, CaseInterest, CoveredInvoice, DebtorRequest, DispatchOutcome, DispatchStatus, HandoffCase,
+    JourneyAction, JourneyEvent, PaymentMatched, Record, derived_id,
 };
 use forfall_platform::redis_store;
 use forfall_platform::service::{Runtime, ServiceShell};
@@ -467,8 +468,14 @@ impl Watcher {
         }
     }
 
+    /// The case handed to the agency: the invoice, the debtor, and the claim as of the
+    /// debtor's local day of the hand-off under the policy's `[claims]` (see
+    /// [`forfall_domain::claim`]).
     fn case(&self, j: &Journey, now: DateTime<Utc>) -> HandoffCase {
         let inv = &j.invoice;
+        let today = now.with_timezone(&inv.jurisdiction.time_zone()).date_naive();
+        let claim = claim::compose(j, &self.0.law, &self.policy().claims, &Self::law_context(j), today);
+        let days = invoice::epoch_days;
         HandoffCase {
             event_id: derived_id("case-event", &[&inv.tenant, &inv.invoice_id]),
             tenant: inv.tenant.clone(),
@@ -477,10 +484,10 @@ impl Watcher {
             case_id: derived_id("case", &[&inv.tenant, &inv.invoice_id]),
             invoice_id: inv.invoice_id.clone(),
             invoice_number: inv.invoice_number.clone(),
-            issue_date: invoice::epoch_days(inv.issue_date),
-            due_date: invoice::epoch_days(inv.due_date),
-            principal_minor: (j.outstanding().minor - j.fees_minor).max(0),
-            fees_minor: j.fees_minor.min(j.outstanding().minor),
+            issue_date: days(inv.issue_date),
+            due_date: days(inv.due_date),
+            principal_minor: claim.remaining_principal.minor,
+            fees_minor: claim.remaining_fees.minor,
             currency: inv.amount.currency.code().to_owned(),
             jurisdiction: inv.jurisdiction.code().to_owned(),
             debtor_kind: inv.debtor_kind.code().to_owned(),
@@ -491,6 +498,44 @@ impl Watcher {
             email: inv.contact.email.clone(),
             phone: inv.contact.phone.clone(),
             language: inv.contact.language.clone(),
+            claim_date: Some(days(today)),
+            original_principal_minor: Some(claim.principal.minor),
+            paid_minor: Some(claim.paid.minor),
+            fee_lines: claim
+                .fees
+                .iter()
+                .map(|f| CaseFee {
+                    date: f.date.map(days),
+                    step: f.step.clone(),
+                    kind: f.kind.map(|k| k.label().to_owned()),
+                    amount_minor: f.amount.minor,
+                    rule_id: f.rule_id.clone(),
+                    citation: f.citation.clone(),
+                })
+                .collect(),
+            interest_lines: claim
+                .interest
+                .iter()
+                .map(|l| CaseInterest {
+                    first_day: days(l.first_day),
+                    last_day: days(l.last_day),
+                    // A half-year has at most 184 days.
+                    days: i32::try_from(l.days).unwrap_or(i32::MAX),
+                    reference_bp: l.reference_bp,
+                    margin_bp: l.margin_bp,
+                    principal_minor: claim.remaining_principal.minor,
+                    amount_minor: l.amount.minor,
+                    rule_id: l.rule_id.clone(),
+                    citation: l.citation.clone(),
+                    rate_source: l.rate_source.clone(),
+                })
+                .collect(),
+            interest_minor: claim.interest_total.minor,
+            interest_note: claim.interest_note.clone(),
+            compensation_minor: claim.compensation.as_ref().map_or(0, |c| c.amount.minor),
+            compensation_rule_id: claim.compensation.as_ref().map(|c| c.rule_id.clone()),
+            compensation_citation: claim.compensation.as_ref().map(|c| c.citation.clone()),
+            total_minor: Some(claim.total.minor),
         }
     }
 
