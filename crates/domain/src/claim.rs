@@ -259,27 +259,14 @@ mod tests {
             .collect();
         // Norges Bank's policy rate + 8 pp: 12.50 % for 2025 H1, 12.25 % for 2025 H2, 12.00 %
         // for 2026 H1 (rates.toml, each with its source).
-        let h1 = law
-            .rates()
-            .iter()
-            .find(|r| r.series == "no.norges_bank_policy" && r.period.to_string() == "2025-H1")
-            .unwrap()
-            .rate_bp
-            + 800;
-        let h2 = law
-            .rates()
-            .iter()
-            .find(|r| r.series == "no.norges_bank_policy" && r.period.to_string() == "2025-H2")
-            .unwrap()
-            .rate_bp
-            + 800;
-        let h3 = law
-            .rates()
-            .iter()
-            .find(|r| r.series == "no.norges_bank_policy" && r.period.to_string() == "2026-H1")
-            .unwrap()
-            .rate_bp
-            + 800;
+        let rate = |period: &str| {
+            law.rates()
+                .iter()
+                .find(|r| r.series == "no.norges_bank_policy" && r.period.to_string() == period)
+                .map(|r| r.rate_bp + 800)
+                .unwrap()
+        };
+        let (h1, h2, h3) = (rate("2025-H1"), rate("2025-H2"), rate("2026-H1"));
         assert_eq!(
             lines,
             vec![
