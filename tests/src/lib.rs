@@ -82,6 +82,8 @@ impl Sample<'_> {
             language: Some(self.language.into()),
             preferred_channels: Vec::new(),
             declined_channels: Vec::new(),
+            debtor_details: None,
+            reminder_fee_agreed: None,
         }
     }
 
@@ -683,6 +685,7 @@ pub fn household_invoice(
                 language: Some("da".into()),
                 ..forfall_domain::invoice::Contact::default()
             },
+            reminder_fee_agreed: false,
         },
     )?)
 }

@@ -39,7 +39,21 @@ async fn each_kind_of_bad_input_lands_on_the_rejected_topic_with_its_reason() ->
     long.invoice_id = "inv-long".into();
     long.description = Some("Electricity ".repeat(80_000));
     stack.produce(&billing, &good.debtor_id(), &long).await?;
-    // 7. And a good one after all of them: the service is still running.
+    // 7. A debtor's address with a country that is no ISO code.
+    let mut address = good.issued();
+    address.invoice_id = "inv-addr".into();
+    address.debtor_details = Some(forfall_platform::records::DebtorDetails {
+        address: Some(forfall_platform::records::PostalAddress {
+            lines: vec!["Vesterbrogade 1".into()],
+            postal_code: "1620".into(),
+            city: "København V".into(),
+            country: "Danmark".into(),
+        }),
+        national_id: None,
+        company_id: None,
+    });
+    stack.produce(&billing, &good.debtor_id(), &address).await?;
+    // 8. And a good one after all of them: the service is still running.
     stack.produce(&billing, &good.debtor_id(), &good.issued()).await?;
 
     let invoices_topic = stack.topic(&stack.topics().invoices);
@@ -51,9 +65,9 @@ async fn each_kind_of_bad_input_lands_on_the_rejected_topic_with_its_reason() ->
     assert_eq!(invoices[0].invoice_number, "INV-5001");
 
     let rejected_topic = stack.topic(&stack.topics().rejected);
-    let rejected = eventually("six rejections", WAIT, || async {
+    let rejected = eventually("seven rejections", WAIT, || async {
         let r = stack.read::<Rejected>(&rejected_topic).await?;
-        Ok(Some(r).filter(|r| r.len() >= 6))
+        Ok(Some(r).filter(|r| r.len() >= 7))
     })
     .await?;
     let by_reason: BTreeMap<&str, &Rejected> = rejected.iter().map(|r| (r.reason_code.as_str(), r)).collect();
@@ -63,6 +77,7 @@ async fn each_kind_of_bad_input_lands_on_the_rejected_topic_with_its_reason() ->
         [
             "field_too_long",
             "invalid_amount",
+            "invalid_debtor_details",
             "not_avro",
             "undecodable",
             "unknown_currency",
@@ -110,6 +125,13 @@ async fn each_kind_of_bad_input_lands_on_the_rejected_topic_with_its_reason() ->
     );
     assert_eq!(by_reason["invalid_amount"].tenant.as_deref(), Some("acme-energy"));
     assert!(by_reason["unknown_currency"].detail.contains("XYZ"));
+    assert!(
+        by_reason["invalid_debtor_details"]
+            .detail
+            .contains("field 'debtor_details.address.country' is 'Danmark'"),
+        "{}",
+        by_reason["invalid_debtor_details"].detail
+    );
 
     // Once everything is handled, the sampled consumer lag of each billing partition is 0.
     let topic_label = format!("topic=\"{billing}\"");

@@ -104,11 +104,24 @@ async fn a_segment_plan_with_a_statutory_fee_runs_to_hand_off() -> anyhow::Resul
         reference: "1234567890128",
         language: "nb",
     };
+    // Billing knows where the debtor lives and who they are: the agency gets it.
+    let mut issued = s.issued();
+    let details = forfall_platform::records::DebtorDetails {
+        address: Some(forfall_platform::records::PostalAddress {
+            lines: vec!["Storgata 1".into()],
+            postal_code: "0155".into(),
+            city: "Oslo".into(),
+            country: "NO".into(),
+        }),
+        national_id: Some("01019012345".into()),
+        company_id: None,
+    };
+    issued.debtor_details = Some(details.clone());
     stack
         .produce(
             &stack.topic(&stack.topics().billing_invoice_events),
             &s.debtor_id(),
-            &s.issued(),
+            &issued,
         )
         .await?;
     status_is(&stack, s.tenant, s.invoice_id, "open").await?;
@@ -189,11 +202,103 @@ async fn a_segment_plan_with_a_statutory_fee_runs_to_hand_off() -> anyhow::Resul
     assert_eq!(case["interest_note"], serde_json::Value::Null);
     assert_eq!(case["compensation_minor"], 0, "a consumer owes no compensation");
     assert_eq!(case["total_minor"], 89_900 + 3_500 + interest);
+    assert_eq!(case["debtor_details"], serde_json::to_value(&details)?);
     assert_eq!(case["steps_taken"], serde_json::json!(["nudge", "purring", "handoff"]));
     let chosen = plan_chosen(&stack, s.invoice_id).await?;
     assert_eq!(
         chosen.rule.as_deref(),
         Some("policy e2e-norway-1 segment 'norway' → plan 'no-firm'")
+    );
+    stack.shutdown().await;
+    Ok(())
+}
+
+const SWEDEN: &str = r#"
+version = "e2e-sweden-1"
+
+[[segment]]
+name = "se-agreed-fee"
+when = { jurisdiction = ["SE"], fee_agreed = true }
+plan = "se-fee"
+
+[[segment]]
+name = "rest"
+plan = "gentle"
+
+[plan.se-fee]
+step = [
+  { name = "nudge", offset_banking_days = 0, channels = ["email"], tone = "nudge" },
+  { name = "paminnelse", offset_banking_days = 10, channels = ["email"], tone = "reminder", fee = "statutory_maximum", days_to_pay = 10 },
+  { name = "handoff", offset_banking_days = 30, handoff = true },
+]
+
+[plan.gentle]
+step = [
+  { name = "nudge", offset_banking_days = 0, channels = ["email"], tone = "nudge" },
+  { name = "handoff", offset_banking_days = 20, handoff = true },
+]
+"#;
+
+/// Sweden allows a reminder fee only when it was agreed when the debt arose: the invoice says
+/// so, the policy's segment reads it, and only that debtor's reminder carries the 60 SEK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_swedish_reminder_fee_is_charged_only_where_the_invoice_says_it_was_agreed() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-03-01T08:00:00Z"));
+    let mut stack = LocalStack::start(base_config(), clock.clone()).await?;
+    let path = policy_file(&stack, SWEDEN);
+    stack.set("watcher.policy_file", &path);
+    stack.start_all();
+    let swede = |invoice_id: &'static str, email: &'static str| Sample {
+        tenant: "nordkraft",
+        invoice_id,
+        number: "80001",
+        due: day(2026, 3, 2),
+        amount_minor: 49_900,
+        currency: "SEK",
+        jurisdiction: "SE",
+        email,
+        reference: "80001",
+        language: "sv",
+    };
+    let (agreed, not_agreed) = (
+        swede("se-agreed", "sara@example.test"),
+        swede("se-plain", "olle@example.test"),
+    );
+    let billing = stack.topic(&stack.topics().billing_invoice_events);
+    let mut issued = agreed.issued();
+    issued.reminder_fee_agreed = Some(true);
+    stack.produce(&billing, &agreed.debtor_id(), &issued).await?;
+    stack
+        .produce(&billing, &not_agreed.debtor_id(), &not_agreed.issued())
+        .await?;
+    assert_eq!(
+        plan_chosen(&stack, "se-agreed").await?.rule.as_deref(),
+        Some("policy e2e-sweden-1 segment 'se-agreed-fee' → plan 'se-fee'")
+    );
+    assert_eq!(
+        plan_chosen(&stack, "se-plain").await?.rule.as_deref(),
+        Some("policy e2e-sweden-1 segment 'rest' → plan 'gentle'")
+    );
+    let plan = policy::load(SWEDEN, &LawBook::builtin()?, day(2026, 3, 1))?.plans["se-fee"].clone();
+    let when = |i: usize| plan.fire_at(i, agreed.due, Jurisdiction::SE).expect("the step's time");
+    clock.set(when(0));
+    eventually("both nudges", WAIT, || async {
+        Ok((stack.mail.to(agreed.email).len() == 1 && stack.mail.to(not_agreed.email).len() == 1).then_some(()))
+    })
+    .await?;
+    clock.set(when(1));
+    let reminder = eventually("the påminnelse", WAIT, || async {
+        Ok(stack
+            .read::<JourneyAction>(&stack.topic(&stack.topics().journey_actions))
+            .await?
+            .into_iter()
+            .find(|a| a.step == "paminnelse"))
+    })
+    .await?;
+    assert_eq!(reminder.invoice_id, "se-agreed");
+    assert_eq!(
+        reminder.fee_minor, 6_000,
+        "lag (1981:739) 2 §: at most 60 SEK, when agreed"
     );
     stack.shutdown().await;
     Ok(())

@@ -195,6 +195,22 @@ fn issued(c: &Case, now: DateTime<Utc>) -> InvoiceIssued {
         language: Some(c.language.into()),
         preferred_channels: Vec::new(),
         declined_channels: Vec::new(),
+        // What an agency needs to act on the claim, as billing knows it.
+        debtor_details: Some(forfall_platform::records::DebtorDetails {
+            address: Some(forfall_platform::records::PostalAddress {
+                lines: vec![format!(
+                    "Demovägen {}",
+                    c.number.trim_start_matches('1').trim_start_matches('0')
+                )],
+                postal_code: "1000".into(),
+                city: "Demo".into(),
+                country: c.jurisdiction.into(),
+            }),
+            national_id: None,
+            company_id: None,
+        }),
+        // The tenant's terms agree a reminder fee from the start (it matters in Sweden).
+        reminder_fee_agreed: Some(true),
     }
 }
 

@@ -221,6 +221,7 @@ mod tests {
                 payment_reference: None,
                 description: None,
                 contact: Contact::default(),
+                reminder_fee_agreed: false,
             },
             &crate::journey::Plan::builtin(),
         )

@@ -72,6 +72,83 @@ pub struct Contact {
     /// Channels the debtor asked not to be contacted on.
     #[serde(default)]
     pub declined_channels: Vec<String>,
+    /// Who the debtor is, when billing says: what an agency needs to act on a claim.
+    #[serde(default)]
+    pub details: Option<DebtorDetails>,
+}
+
+/// Who the debtor is beyond how to reach them (personal data, never logged).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DebtorDetails {
+    pub address: Option<PostalAddress>,
+    /// Personal identity number (fødselsnummer, CPR-nummer, personnummer, henkilötunnus).
+    pub national_id: Option<String>,
+    /// Company registration number (organisasjonsnummer, CVR-nummer, organisationsnummer,
+    /// Y-tunnus).
+    pub company_id: Option<String>,
+}
+
+/// A postal address.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostalAddress {
+    /// Street, building, c/o: one to four lines.
+    pub lines: Vec<String>,
+    pub postal_code: String,
+    pub city: String,
+    /// ISO 3166-1 alpha-2 (NO, DK, SE, FI...).
+    pub country: String,
+}
+
+/// What is wrong with the debtor's details, as a rejection naming the field.
+fn check_details(details: &DebtorDetails) -> Result<(), Rejection> {
+    let bad = |field: &str, why: String| {
+        Rejection::new(
+            "invalid_debtor_details",
+            format!("field 'debtor_details.{field}' {why}"),
+        )
+    };
+    let text = |field: &str, value: &str, max: usize| {
+        if value.trim().is_empty() {
+            Err(bad(field, "is empty".into()))
+        } else if value.chars().count() > max {
+            Err(bad(field, format!("is longer than {max} characters")))
+        } else if value.chars().any(char::is_control) {
+            Err(bad(field, "holds a control character".into()))
+        } else {
+            Ok(())
+        }
+    };
+    if let Some(a) = &details.address {
+        if a.lines.is_empty() || a.lines.len() > 4 {
+            return Err(bad(
+                "address.lines",
+                format!("has {} lines: one to four are needed", a.lines.len()),
+            ));
+        }
+        for (i, line) in a.lines.iter().enumerate() {
+            text(&format!("address.lines[{i}]"), line, 70)?;
+        }
+        text("address.postal_code", &a.postal_code, 10)?;
+        text("address.city", &a.city, 50)?;
+        if a.country.len() != 2 || !a.country.chars().all(|c| c.is_ascii_uppercase()) {
+            return Err(bad(
+                "address.country",
+                format!("is '{}': an ISO 3166 code like NO is needed", a.country),
+            ));
+        }
+    }
+    for (field, value) in [
+        ("national_id", &details.national_id),
+        ("company_id", &details.company_id),
+    ] {
+        if let Some(id) = value {
+            text(field, id, 32)?;
+            if !id.chars().all(|c| c.is_ascii_alphanumeric() || " +-.".contains(c)) {
+                return Err(bad(field, "holds characters an identity number has not".into()));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The channels a message can be sent on.
@@ -128,6 +205,8 @@ pub struct IssuedInput {
     pub payment_reference: Option<String>,
     pub description: Option<String>,
     pub contact: Contact,
+    /// Sweden: the reminder fee was agreed no later than when the debt arose.
+    pub reminder_fee_agreed: bool,
 }
 
 /// The normalised state of one invoice as billing knows it.
@@ -150,6 +229,10 @@ pub struct InvoiceSnapshot {
     pub payment_reference: Option<String>,
     pub description: Option<String>,
     pub contact: Contact,
+    /// Sweden: the reminder fee was agreed no later than when the debt arose (lag (1981:739)
+    /// 2 §); without it, no reminder fee.
+    #[serde(default)]
+    pub reminder_fee_agreed: bool,
 }
 
 impl InvoiceSnapshot {
@@ -261,6 +344,9 @@ pub fn validate_issued(input: IssuedInput) -> Result<InvoiceSnapshot, Rejection>
     }
     check_channels("preferred_channels", &input.contact.preferred_channels)?;
     check_channels("declined_channels", &input.contact.declined_channels)?;
+    if let Some(details) = &input.contact.details {
+        check_details(details)?;
+    }
     Ok(InvoiceSnapshot {
         tenant: input.tenant,
         debtor_id: input.debtor_id,
@@ -277,6 +363,7 @@ pub fn validate_issued(input: IssuedInput) -> Result<InvoiceSnapshot, Rejection>
         payment_reference: input.payment_reference.filter(|r| !r.trim().is_empty()),
         description: input.description,
         contact: input.contact,
+        reminder_fee_agreed: input.reminder_fee_agreed,
     })
 }
 
@@ -389,6 +476,71 @@ pub(crate) mod tests {
             payment_reference: Some("+71<000000001000014+".into()),
             description: Some("Electricity, February".into()),
             contact: Contact::default(),
+            reminder_fee_agreed: false,
+        }
+    }
+
+    #[test]
+    fn the_debtors_details_are_checked_and_each_fault_names_its_field() {
+        let address = PostalAddress {
+            lines: vec!["Storgata 1".into()],
+            postal_code: "0155".into(),
+            city: "Oslo".into(),
+            country: "NO".into(),
+        };
+        let with = |details: DebtorDetails| {
+            let mut i = input();
+            i.contact.details = Some(details);
+            validate_issued(i).map(|s| s.contact.details)
+        };
+        let good = DebtorDetails {
+            address: Some(address.clone()),
+            national_id: Some("010190 12345".into()),
+            company_id: None,
+        };
+        assert_eq!(with(good.clone()).unwrap(), Some(good.clone()));
+        for (details, field) in [
+            (
+                DebtorDetails {
+                    address: Some(PostalAddress {
+                        country: "Norway".into(),
+                        ..address.clone()
+                    }),
+                    ..good.clone()
+                },
+                "debtor_details.address.country",
+            ),
+            (
+                DebtorDetails {
+                    address: Some(PostalAddress {
+                        lines: vec!["a".into(); 5],
+                        ..address.clone()
+                    }),
+                    ..good.clone()
+                },
+                "debtor_details.address.lines",
+            ),
+            (
+                DebtorDetails {
+                    address: Some(PostalAddress {
+                        city: " ".into(),
+                        ..address.clone()
+                    }),
+                    ..good.clone()
+                },
+                "debtor_details.address.city",
+            ),
+            (
+                DebtorDetails {
+                    company_id: Some("985 <script>".into()),
+                    ..good.clone()
+                },
+                "debtor_details.company_id",
+            ),
+        ] {
+            let e = with(details).unwrap_err();
+            assert_eq!(e.code, "invalid_debtor_details");
+            assert!(e.detail.contains(&format!("'{field}'")), "{e:?}");
         }
     }
 

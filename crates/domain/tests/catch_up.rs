@@ -27,6 +27,7 @@ fn invoice(due: NaiveDate) -> IssuedInput {
         payment_reference: Some("+71<000000001000014+".into()),
         description: Some("Electricity, February".into()),
         contact: Contact::default(),
+        reminder_fee_agreed: false,
     }
 }
 

@@ -4,6 +4,8 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use forfall_domain::invoice::{DebtorDetails, PostalAddress};
+
 /// An Avro record type: its full name and its schema text.
 pub trait Record: Serialize + DeserializeOwned + Send + Sync {
     const FULL_NAME: &'static str;
@@ -63,6 +65,10 @@ pub struct InvoiceIssued {
     pub preferred_channels: Vec<String>,
     #[serde(default)]
     pub declined_channels: Vec<String>,
+    #[serde(default)]
+    pub debtor_details: Option<DebtorDetails>,
+    #[serde(default)]
+    pub reminder_fee_agreed: Option<bool>,
 }
 record!(InvoiceIssued, "InvoiceIssued.avsc");
 
@@ -140,6 +146,10 @@ pub struct Invoice {
     /// The credit note a `Credited` snapshot applied.
     #[serde(default)]
     pub credit_note_id: Option<String>,
+    #[serde(default)]
+    pub debtor_details: Option<DebtorDetails>,
+    #[serde(default)]
+    pub reminder_fee_agreed: Option<bool>,
 }
 record!(Invoice, "Invoice.avsc");
 
@@ -376,6 +386,8 @@ pub struct HandoffCase {
     pub compensation_citation: Option<String>,
     #[serde(default)]
     pub total_minor: Option<i64>,
+    #[serde(default)]
+    pub debtor_details: Option<DebtorDetails>,
 }
 record!(HandoffCase, "HandoffCase.avsc");
 
@@ -502,6 +514,17 @@ mod tests {
             language: Some("da".into()),
             preferred_channels: vec!["sms".into(), "email".into()],
             declined_channels: vec!["webhook".into()],
+            debtor_details: Some(DebtorDetails {
+                address: Some(PostalAddress {
+                    lines: vec!["Storgata 1".into(), "c/o Hansen".into()],
+                    postal_code: "0155".into(),
+                    city: "Oslo".into(),
+                    country: "NO".into(),
+                }),
+                national_id: Some("01019012345".into()),
+                company_id: None,
+            }),
+            reminder_fee_agreed: Some(true),
         });
         round_trip(InvoiceCredited {
             event_id: "e".into(),
@@ -549,6 +572,12 @@ mod tests {
             preferred_channels: Vec::new(),
             declined_channels: Vec::new(),
             credit_note_id: Some("cn-1".into()),
+            debtor_details: Some(DebtorDetails {
+                address: None,
+                national_id: None,
+                company_id: Some("556016-0680".into()),
+            }),
+            reminder_fee_agreed: None,
         });
         round_trip(Rejected {
             event_id: "e".into(),
@@ -762,6 +791,7 @@ mod tests {
             compensation_rule_id: None,
             compensation_citation: None,
             total_minor: Some(3),
+            debtor_details: None,
         });
         round_trip(HandoffOutcome {
             event_id: "e".into(),

@@ -59,6 +59,11 @@ pub struct InvoiceJson {
     pub preferred_channels: Vec<String>,
     #[serde(default)]
     pub declined_channels: Vec<String>,
+    /// Address, national or company id (see `schemas/InvoiceIssued.avsc`).
+    #[serde(default)]
+    pub debtor_details: Option<forfall_platform::records::DebtorDetails>,
+    #[serde(default)]
+    pub reminder_fee_agreed: Option<bool>,
 }
 
 fn problem(status: StatusCode, code: &str, detail: &str) -> Response {
@@ -92,6 +97,8 @@ async fn post_invoice(State(state): State<HttpState>, body: axum::body::Bytes) -
             language: j.language,
             preferred_channels: j.preferred_channels,
             declined_channels: j.declined_channels,
+            debtor_details: j.debtor_details,
+            reminder_fee_agreed: j.reminder_fee_agreed,
         };
         // Validate now, so the caller hears what is wrong; the consumer validates again.
         invoice::validate_issued(crate::to_input(issued.clone())).map_err(|r| (r.code, r.detail))?;

@@ -122,7 +122,9 @@ fn to_input(e: InvoiceIssued) -> IssuedInput {
             language: e.language,
             preferred_channels: e.preferred_channels,
             declined_channels: e.declined_channels,
+            details: e.debtor_details,
         },
+        reminder_fee_agreed: e.reminder_fee_agreed.unwrap_or(false),
     }
 }
 
@@ -179,6 +181,8 @@ pub fn invoice_record(s: &InvoiceSnapshot, change: InvoiceChange, source: Source
         preferred_channels: s.contact.preferred_channels.clone(),
         declined_channels: s.contact.declined_channels.clone(),
         credit_note_id: credit_note_id.map(str::to_owned),
+        debtor_details: s.contact.details.clone(),
+        reminder_fee_agreed: Some(s.reminder_fee_agreed),
     }
 }
 

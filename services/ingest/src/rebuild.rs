@@ -64,7 +64,9 @@ pub fn snapshot_of(r: &records::Invoice) -> Result<InvoiceSnapshot, String> {
             language: r.language.clone(),
             preferred_channels: r.preferred_channels.clone(),
             declined_channels: r.declined_channels.clone(),
+            details: r.debtor_details.clone(),
         },
+        reminder_fee_agreed: r.reminder_fee_agreed.unwrap_or(false),
     })
 }
 

@@ -216,7 +216,9 @@ fn snapshot(rec: &records::Invoice) -> Result<InvoiceSnapshot, Failure> {
             language: rec.language.clone(),
             preferred_channels: rec.preferred_channels.clone(),
             declined_channels: rec.declined_channels.clone(),
+            details: rec.debtor_details.clone(),
         },
+        reminder_fee_agreed: rec.reminder_fee_agreed.unwrap_or(false),
     })
 }
 
@@ -264,7 +266,7 @@ impl Watcher {
         DebtorContext {
             jurisdiction: j.invoice.jurisdiction,
             kind: j.invoice.debtor_kind,
-            fee_agreed_in_advance: false,
+            fee_agreed_in_advance: j.invoice.reminder_fee_agreed,
         }
     }
 
@@ -536,6 +538,7 @@ impl Watcher {
             compensation_rule_id: claim.compensation.as_ref().map(|c| c.rule_id.clone()),
             compensation_citation: claim.compensation.as_ref().map(|c| c.citation.clone()),
             total_minor: Some(claim.total.minor),
+            debtor_details: inv.contact.details.clone(),
         }
     }
 
@@ -1110,7 +1113,7 @@ impl Watcher {
             late_last_12m: self.late_last_12m(&incoming.tenant, &incoming.debtor_id).await?,
             propensity: None,
             amount: incoming.amount,
-            fee_agreed: false,
+            fee_agreed: incoming.reminder_fee_agreed,
         };
         let (d, plan) = opened(&self.policy(), incoming, &facts, self.0.rt.clock.now().date_naive());
         if let Some(e) = &d.journey.experiment {

@@ -930,6 +930,7 @@ pub(crate) mod tests {
                 language: Some("da".into()),
                 ..Contact::default()
             },
+            reminder_fee_agreed: false,
         }
     }
 

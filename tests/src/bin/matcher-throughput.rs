@@ -100,6 +100,8 @@ async fn main() -> anyhow::Result<()> {
             preferred_channels: Vec::new(),
             declined_channels: Vec::new(),
             credit_note_id: None,
+            debtor_details: None,
+            reminder_fee_agreed: None,
         };
         let payload = stack.rt.codec.encode(&invoices_topic, &inv).await?;
         acks.push(

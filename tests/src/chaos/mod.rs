@@ -152,7 +152,7 @@ async fn drive(
         let mut camt = Vec::new();
         for happening in workload.on(day) {
             match happening {
-                Happening::Issue(i) => produce(&producer, &codec, &billing, &i.debtor_id.clone(), &i).await?,
+                Happening::Issue(i) => produce(&producer, &codec, &billing, &i.debtor_id.clone(), &*i).await?,
                 Happening::Credit(c) => produce(&producer, &codec, &billing, &c.debtor_id.clone(), &c).await?,
                 Happening::Dispute(r) => produce(&producer, &codec, &requests, &r.debtor_id.clone(), &r).await?,
                 Happening::Pay {

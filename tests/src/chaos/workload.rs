@@ -62,7 +62,7 @@ pub struct Debtor {
 /// One thing that happens on a simulated day.
 #[derive(Debug, Clone)]
 pub enum Happening {
-    Issue(InvoiceIssued),
+    Issue(Box<InvoiceIssued>),
     Pay { payment: PaymentReceived, route: Route },
     Credit(InvoiceCredited),
     Dispute(DebtorRequest),
@@ -124,7 +124,7 @@ impl Workload {
         let mut out = Vec::new();
         for d in &self.debtors {
             if day == self.first_day {
-                out.push(Happening::Issue(d.issued()));
+                out.push(Happening::Issue(Box::new(d.issued())));
             }
             let pay = |amount: i64, n: u32| Happening::Pay {
                 payment: d.payment(amount, n, day),
