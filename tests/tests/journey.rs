@@ -53,7 +53,8 @@ plan = "gentle"
 step = [
   { name = "nudge", offset_banking_days = 0, channels = ["email"], tone = "nudge" },
   { name = "purring", offset_banking_days = 14, channels = ["email"], tone = "reminder", fee = "statutory_maximum", days_to_pay = 14 },
-  { name = "handoff", offset_banking_days = 30, handoff = true },
+  { name = "inkassovarsel", offset_banking_days = 25, channels = ["email"], tone = "collection_warning", days_to_pay = 14 },
+  { name = "handoff", offset_banking_days = 36, handoff = true },
 ]
 
 [plan.gentle]
@@ -139,6 +140,11 @@ async fn a_segment_plan_with_a_statutory_fee_runs_to_hand_off() -> anyhow::Resul
     })
     .await?;
     clock.set(when(2));
+    eventually("the inkassovarsel", WAIT, || async {
+        Ok((stack.mail.to(s.email).len() == 3).then_some(()))
+    })
+    .await?;
+    clock.set(when(3));
     status_is(&stack, s.tenant, s.invoice_id, "handed_over").await?;
 
     let actions = stack
@@ -164,7 +170,7 @@ async fn a_segment_plan_with_a_statutory_fee_runs_to_hand_off() -> anyhow::Resul
     assert_eq!(case["fees_minor"], 3_500);
     // The claim, itemised as of the hand-off day in Oslo: the purring's fee with its rule, and
     // late interest from the due date at Norges Bank's rate + 8 pp for 2026 H1.
-    let handed_over = when(2).with_timezone(&Jurisdiction::NO.time_zone()).date_naive();
+    let handed_over = when(3).with_timezone(&Jurisdiction::NO.time_zone()).date_naive();
     let epoch = |d: chrono::NaiveDate| forfall_domain::invoice::epoch_days(d);
     let purring_day = when(1).with_timezone(&Jurisdiction::NO.time_zone()).date_naive();
     assert_eq!(case["claim_date"], epoch(handed_over));
@@ -203,7 +209,21 @@ async fn a_segment_plan_with_a_statutory_fee_runs_to_hand_off() -> anyhow::Resul
     assert_eq!(case["compensation_minor"], 0, "a consumer owes no compensation");
     assert_eq!(case["total_minor"], 89_900 + 3_500 + interest);
     assert_eq!(case["debtor_details"], serde_json::to_value(&details)?);
-    assert_eq!(case["steps_taken"], serde_json::json!(["nudge", "purring", "handoff"]));
+    // The inkassovarsel went out with 14 days to pay, as inkassoloven § 9 asks: the agency
+    // may act on the case.
+    let varsel_day = when(2).with_timezone(&Jurisdiction::NO.time_zone()).date_naive();
+    let warning = &case["collection_warning"];
+    assert_eq!(warning["given"], true, "{case}");
+    assert_eq!(warning["step"], "inkassovarsel");
+    assert_eq!(warning["sent_on"], epoch(varsel_day));
+    assert_eq!(warning["deadline"], epoch(varsel_day) + 14);
+    assert_eq!(warning["days_to_pay"], 14);
+    assert_eq!(warning["required_days"], 14);
+    assert_eq!(warning["citation"], "inkassoloven § 9");
+    assert_eq!(
+        case["steps_taken"],
+        serde_json::json!(["nudge", "purring", "inkassovarsel", "handoff"])
+    );
     let chosen = plan_chosen(&stack, s.invoice_id).await?;
     assert_eq!(
         chosen.rule.as_deref(),

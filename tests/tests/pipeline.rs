@@ -133,6 +133,16 @@ async fn an_invoice_paid_before_its_due_date_gets_no_message_at_all() -> anyhow:
     );
     let requests = stack.agency.requests();
     assert!(!requests.is_empty(), "the mark reached the agency");
+    // The default plan sends no påkrav: the case tells the agency that it must (inkassoloven
+    // § 10, 10 days) before collecting.
+    let mark_case = requests
+        .iter()
+        .map(|r| r.json())
+        .find(|c| c["invoice_id"] == mark.invoice_id)
+        .expect("the mark's case");
+    assert_eq!(mark_case["collection_warning"]["given"], false, "{mark_case}");
+    assert_eq!(mark_case["collection_warning"]["required_days"], 10);
+    assert_eq!(mark_case["collection_warning"]["citation"], "inkassoloven § 10");
     assert!(
         !requests.iter().any(|r| r.json()["invoice_id"] == s.invoice_id),
         "the paid invoice never reached the agency"

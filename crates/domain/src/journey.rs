@@ -254,6 +254,20 @@ pub struct Journey {
     /// have only `fee_dates` and `fees_minor`).
     #[serde(default)]
     pub fees: Vec<FeeCharged>,
+    /// The collection warning the creditor gave (the last, if several), for the hand-off.
+    #[serde(default)]
+    pub warning: Option<WarningGiven>,
+}
+
+/// A collection warning sent (NO inkassovarsel, DK påkrav): when, and the deadline it gave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarningGiven {
+    /// The debtor's local day it went out.
+    pub date: NaiveDate,
+    pub step: String,
+    pub days_to_pay: Option<u32>,
+    /// The last day to pay it gave, counted in the debtor's calendar from `date`.
+    pub deadline: Option<NaiveDate>,
 }
 
 /// A fee a step charged.
@@ -491,6 +505,7 @@ pub fn on_invoice(existing: Option<Journey>, snapshot: InvoiceSnapshot, plan: &P
             steps_taken: Vec::new(),
             fee_dates: Vec::new(),
             fees: Vec::new(),
+            warning: None,
         };
         let mut transitions = vec![transition("opened", JourneyState::Open, JourneyState::Open)];
         if let Some(reason) = closed_by_invoice(&journey.invoice) {
@@ -1058,6 +1073,20 @@ fn on_timer_active(mut journey: Journey, step_index: usize, plan: &Plan, fee: St
     }
     journey.next_step += 1;
     journey.steps_taken.push(step.name.clone());
+    if let StepKind::Message {
+        tone: Tone::CollectionWarning,
+        ..
+    } = &step.kind
+    {
+        journey.warning = Some(WarningGiven {
+            date: today,
+            step: step.name.clone(),
+            days_to_pay: step.days_to_pay,
+            deadline: step
+                .days_to_pay
+                .and_then(|days| today.checked_add_signed(chrono::Duration::days(i64::from(days)))),
+        });
+    }
     if charges {
         journey.fees_minor += fee.amount.minor;
         journey.fee_dates.push(today);

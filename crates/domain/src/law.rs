@@ -418,6 +418,14 @@ impl LawBook {
         })
     }
 
+    /// The fewest days to pay a `step` must give this debtor, and the rule that says so.
+    pub fn min_days_to_pay(&self, ctx: &DebtorContext, step: FeeStep, on: NaiveDate) -> Option<(u32, &Rule)> {
+        self.applicable(ctx, on).find_map(|r| match &r.limit {
+            Limit::MinDaysToPay { step: s, days } if *s == step => Some((*days, r)),
+            _ => None,
+        })
+    }
+
     /// The late-interest rule in force for this debtor on `on`.
     pub fn interest_rule(&self, ctx: &DebtorContext, on: NaiveDate) -> Option<&Rule> {
         self.applicable(ctx, on)

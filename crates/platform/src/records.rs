@@ -388,8 +388,23 @@ pub struct HandoffCase {
     pub total_minor: Option<i64>,
     #[serde(default)]
     pub debtor_details: Option<DebtorDetails>,
+    #[serde(default)]
+    pub collection_warning: Option<CollectionWarning>,
 }
 record!(HandoffCase, "HandoffCase.avsc");
+
+/// The statutory warning before collection, as a handed-over case tells it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CollectionWarning {
+    pub given: bool,
+    pub sent_on: Option<i32>,
+    pub step: Option<String>,
+    pub days_to_pay: Option<i32>,
+    pub deadline: Option<i32>,
+    pub required_days: Option<i32>,
+    pub rule_id: Option<String>,
+    pub citation: Option<String>,
+}
 
 /// A fee on a handed-over claim.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -792,6 +807,16 @@ mod tests {
             compensation_citation: None,
             total_minor: Some(3),
             debtor_details: None,
+            collection_warning: Some(CollectionWarning {
+                given: true,
+                sent_on: Some(19_990),
+                step: Some("inkassovarsel".into()),
+                days_to_pay: Some(14),
+                deadline: Some(20_004),
+                required_days: Some(14),
+                rule_id: Some("no.warning.days_to_pay".into()),
+                citation: Some("inkassoloven § 9".into()),
+            }),
         });
         round_trip(HandoffOutcome {
             event_id: "e".into(),

@@ -91,6 +91,7 @@ impl From<StoredV1> for Stored {
                 // spaced from (the plan's own spacing, checked at policy load, still holds).
                 fee_dates: Vec::new(),
                 fees: Vec::new(),
+                warning: None,
             },
             partition: v1.partition,
             pending_step: v1.pending_step,

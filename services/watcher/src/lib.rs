@@ -47,8 +47,8 @@ use forfall_platform::journey_state;
 use forfall_platform::kafka::KafkaConsumer;
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::records::{
-    self, CaseFee, CaseInterest, CoveredInvoice, DebtorRequest, DispatchOutcome, DispatchStatus, HandoffCase,
-    JourneyAction, JourneyEvent, PaymentMatched, Record, derived_id,
+    self, CaseFee, CaseInterest, CollectionWarning, CoveredInvoice, DebtorRequest, DispatchOutcome, DispatchStatus,
+    HandoffCase, JourneyAction, JourneyEvent, PaymentMatched, Record, derived_id,
 };
 use forfall_platform::redis_store;
 use forfall_platform::service::{Runtime, ServiceShell};
@@ -539,6 +539,47 @@ impl Watcher {
             compensation_citation: claim.compensation.as_ref().map(|c| c.citation.clone()),
             total_minor: Some(claim.total.minor),
             debtor_details: inv.contact.details.clone(),
+            collection_warning: self.warning_of(j, today),
+        }
+    }
+
+    /// What the case says of the statutory warning before collection: the one the plan sent,
+    /// or, where the law asks for one and none went out, that the agency must send it.
+    fn warning_of(&self, j: &Journey, today: chrono::NaiveDate) -> Option<CollectionWarning> {
+        let ctx = Self::law_context(j);
+        let required = self
+            .0
+            .law
+            .min_days_to_pay(&ctx, forfall_domain::law::FeeStep::CollectionWarning, today);
+        let (required_days, rule_id, citation) = match required {
+            Some((days, rule)) => (
+                i32::try_from(days).ok(),
+                Some(rule.id.clone()),
+                Some(rule.citation.clone()),
+            ),
+            None => (None, None, None),
+        };
+        match &j.warning {
+            Some(w) => Some(CollectionWarning {
+                given: true,
+                sent_on: Some(invoice::epoch_days(w.date)),
+                step: Some(w.step.clone()),
+                days_to_pay: w.days_to_pay.and_then(|d| i32::try_from(d).ok()),
+                deadline: w.deadline.map(invoice::epoch_days),
+                required_days,
+                rule_id,
+                citation,
+            }),
+            None => required.map(|_| CollectionWarning {
+                given: false,
+                sent_on: None,
+                step: None,
+                days_to_pay: None,
+                deadline: None,
+                required_days,
+                rule_id,
+                citation,
+            }),
         }
     }
 
