@@ -34,6 +34,8 @@ async fn plan_chosen(stack: &LocalStack, invoice: &str) -> anyhow::Result<Journe
     .await
 }
 
+const STAFF_TOKEN: &str = "staff-token-for-tests";
+
 const NORWAY: &str = r#"
 version = "e2e-norway-1"
 
@@ -92,6 +94,7 @@ async fn a_segment_plan_with_a_statutory_fee_runs_to_hand_off() -> anyhow::Resul
     let mut stack = LocalStack::start(base_config(), clock.clone()).await?;
     let path = policy_file(&stack, NORWAY);
     stack.set("watcher.policy_file", &path);
+    stack.set("watcher.staff_token", STAFF_TOKEN);
     stack.start_all();
     let s = Sample {
         tenant: "nordkraft",
@@ -144,6 +147,44 @@ async fn a_segment_plan_with_a_statutory_fee_runs_to_hand_off() -> anyhow::Resul
         Ok((stack.mail.to(s.email).len() == 3).then_some(()))
     })
     .await?;
+    // Staff ask what would go to the agency today: every amount with its rule, sent nowhere.
+    let watcher = stack.rt.admin_addr("watcher").expect("the watcher serves HTTP");
+    let preview_url = format!("http://{watcher}/v1/handoff/preview/{}/{}", s.tenant, s.debtor_id());
+    let staff = reqwest::Client::new();
+    assert_eq!(staff.get(&preview_url).send().await?.status().as_u16(), 401);
+    let preview: Vec<serde_json::Value> = staff
+        .get(&preview_url)
+        .bearer_auth(STAFF_TOKEN)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(preview.len(), 1, "{preview:?}");
+    let varsel_day = when(2).with_timezone(&Jurisdiction::NO.time_zone()).date_naive();
+    assert_eq!(
+        preview[0]["claim_date"],
+        forfall_domain::invoice::epoch_days(varsel_day)
+    );
+    let printed = tokio::process::Command::new(forfall_e2e::chaos::binaries_dir()?.join("forfall"))
+        .args(["handoff", "preview", s.tenant, &s.debtor_id(), "--watcher"])
+        .arg(format!("http://{watcher}"))
+        .env("FORFALL_STAFF_TOKEN", STAFF_TOKEN)
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&printed.stdout);
+    assert!(printed.status.success(), "{}", String::from_utf8_lossy(&printed.stderr));
+    for want in [
+        "invoice 70001 (no-1) of nordkraft",
+        "fee          35.00 NOK",
+        "inkassoforskriften § 1-2",
+        "forsinkelsesrenteloven § 3",
+        "warning      'inkassovarsel' sent",
+        "inkassoloven § 9",
+    ] {
+        assert!(text.contains(want), "the preview shows '{want}':\n{text}");
+    }
+    println!("{text}");
+    assert!(stack.agency.requests().is_empty(), "a preview sends nothing");
     clock.set(when(3));
     status_is(&stack, s.tenant, s.invoice_id, "handed_over").await?;
 
@@ -211,7 +252,6 @@ async fn a_segment_plan_with_a_statutory_fee_runs_to_hand_off() -> anyhow::Resul
     assert_eq!(case["debtor_details"], serde_json::to_value(&details)?);
     // The inkassovarsel went out with 14 days to pay, as inkassoloven § 9 asks: the agency
     // may act on the case.
-    let varsel_day = when(2).with_timezone(&Jurisdiction::NO.time_zone()).date_naive();
     let warning = &case["collection_warning"];
     assert_eq!(warning["given"], true, "{case}");
     assert_eq!(warning["step"], "inkassovarsel");
@@ -220,6 +260,11 @@ async fn a_segment_plan_with_a_statutory_fee_runs_to_hand_off() -> anyhow::Resul
     assert_eq!(warning["days_to_pay"], 14);
     assert_eq!(warning["required_days"], 14);
     assert_eq!(warning["citation"], "inkassoloven § 9");
+    assert_eq!(
+        case["fee_lines"], preview[0]["fee_lines"],
+        "the preview's fees are the case's"
+    );
+    assert_eq!(case["collection_warning"], preview[0]["collection_warning"]);
     assert_eq!(
         case["steps_taken"],
         serde_json::json!(["nudge", "purring", "inkassovarsel", "handoff"])

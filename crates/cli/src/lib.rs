@@ -3,6 +3,7 @@
 
 pub mod demo;
 pub mod devstack;
+pub mod handoff_preview;
 pub mod pay_flow;
 pub mod tools;
 

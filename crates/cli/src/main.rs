@@ -44,6 +44,9 @@ enum Command {
     /// An invoice's whole story (journey, messages, payments, requests), as the portal tells
     /// it to the creditor's staff.
     Timeline(forfall::tools::TimelineArgs),
+    /// Hand-off: the cases that would go to the agency today, with every amount and citation.
+    #[command(subcommand)]
+    Handoff(forfall::handoff_preview::HandoffCommand),
     /// Payments: import camt.054 files, list and match unmatched payments.
     #[command(subcommand)]
     Payments(forfall::tools::PaymentsCommand),
@@ -78,6 +81,7 @@ fn main() -> anyhow::Result<()> {
             Command::Demo(args) => forfall::demo::run(common, figment, args).await,
             Command::Payments(cmd) => forfall::tools::payments(cmd).await,
             Command::Timeline(args) => forfall::tools::timeline(args).await,
+            Command::Handoff(cmd) => forfall::handoff_preview::handoff(cmd).await,
             Command::Rebuild(args) => {
                 telemetry::init(&common.log);
                 let rt = Runtime::new(common, figment, Arc::new(SystemClock), CancellationToken::new());

@@ -474,22 +474,42 @@ pub async fn timeline(args: TimelineArgs) -> anyhow::Result<()> {
         urlencode(&args.tenant),
         urlencode(&args.invoice)
     );
-    let response = reqwest::Client::new()
-        .get(&url)
-        .query(&[("format", if args.json { "json" } else { "text" })])
-        .bearer_auth(&args.token)
-        .send()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the portal at {}: {e}", args.portal))?;
-    let status = response.status();
-    let body = response.text().await?;
-    anyhow::ensure!(status.is_success(), "the portal answered {status}: {}", body.trim());
+    let body = staff_get(
+        &url,
+        &[("format", if args.json { "json" } else { "text" })],
+        &args.token,
+        "portal",
+        &args.portal,
+    )
+    .await?;
     print!("{body}");
     Ok(())
 }
 
+/// GETs a staff endpoint of `service` (at `base`) with the staff token; the body of a 2xx
+/// answer, or what the service said.
+pub(crate) async fn staff_get(
+    url: &str,
+    query: &[(&str, &str)],
+    token: &str,
+    service: &str,
+    base: &str,
+) -> anyhow::Result<String> {
+    let response = reqwest::Client::new()
+        .get(url)
+        .query(query)
+        .bearer_auth(token)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the {service} at {base}: {e}"))?;
+    let status = response.status();
+    let body = response.text().await?;
+    anyhow::ensure!(status.is_success(), "the {service} answered {status}: {}", body.trim());
+    Ok(body)
+}
+
 /// A path segment, percent-encoded (tenant and invoice ids are free text from billing).
-fn urlencode(segment: &str) -> String {
+pub(crate) fn urlencode(segment: &str) -> String {
     segment
         .bytes()
         .map(|b| match b {

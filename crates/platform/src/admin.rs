@@ -116,3 +116,40 @@ pub async fn serve(bind: &str, port: u16, router: Router, shutdown: Cancellation
     });
     Ok(addr)
 }
+
+/// Whether a secret given in a request is the one kept: their digests are compared, so the
+/// time taken tells nothing of the secret. An empty one is never the same.
+pub fn same_secret(given: &str, kept: &str) -> bool {
+    use sha2::Digest;
+    !given.is_empty()
+        && !kept.is_empty()
+        && sha2::Sha256::digest(given.as_bytes()) == sha2::Sha256::digest(kept.as_bytes())
+}
+
+/// The answer to a staff request that does not carry `token` as its bearer token (401), or to
+/// any while no token is configured (404, naming the `setting` that turns the API on); `None`
+/// when the request may go on.
+pub fn staff_refusal(
+    token: Option<&str>,
+    setting: &str,
+    headers: &axum::http::HeaderMap,
+) -> Option<axum::response::Response> {
+    use axum::http::header;
+    use axum::response::IntoResponse;
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        return Some((StatusCode::NOT_FOUND, format!("the staff API is off: set {setting}\n")).into_response());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    (!same_secret(given, token)).then(|| {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "a staff token is needed\n",
+        )
+            .into_response()
+    })
+}

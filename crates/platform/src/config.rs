@@ -262,6 +262,24 @@ pub fn figment(file: Option<&Path>) -> Figment {
 }
 
 /// Extracts one section (a service's own settings) with its defaults.
+/// A secret setting (a token, a password): read like a string, never shown by `Debug`, so
+/// settings can be logged whole.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("(secret)")
+    }
+}
+
 pub fn section<T: DeserializeOwned + Default + Serialize>(figment: &Figment, name: &str) -> Result<T, ConfigError> {
     Figment::from(Serialized::defaults(T::default()))
         .merge(figment.focus(name))

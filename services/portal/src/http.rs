@@ -70,14 +70,7 @@ struct PageQuery {
     plan: Option<usize>,
 }
 
-/// Whether a secret given in a request is the one kept: their digests are compared, so the
-/// time taken tells nothing of the secret. An empty one is never the same.
-pub(crate) fn same_secret(given: &str, kept: &str) -> bool {
-    use sha2::Digest;
-    !given.is_empty()
-        && !kept.is_empty()
-        && sha2::Sha256::digest(given.as_bytes()) == sha2::Sha256::digest(kept.as_bytes())
-}
+pub(crate) use forfall_platform::admin::same_secret;
 
 /// A short, one-way name for a token: enough to follow one link through the logs, useless to
 /// open the page with.

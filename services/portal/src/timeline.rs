@@ -165,22 +165,7 @@ pub(crate) struct TimelineQuery {
 /// The refusal of a request without the staff token as its bearer token, if it has not; the
 /// staff API answers nothing while no token is configured.
 pub(crate) fn staff_refusal(portal: &Portal, headers: &HeaderMap) -> Option<Response> {
-    let Some(token) = portal.0.settings.staff_token.as_deref().filter(|t| !t.is_empty()) else {
-        return Some((StatusCode::NOT_FOUND, "the staff API is off: set portal.staff_token\n").into_response());
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    if !crate::http::same_secret(given, token) {
-        let mut refused = (StatusCode::UNAUTHORIZED, "a staff token is needed\n").into_response();
-        refused
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return Some(refused);
-    }
-    None
+    forfall_platform::admin::staff_refusal(portal.0.settings.staff_token.as_deref(), "portal.staff_token", headers)
 }
 
 pub(crate) async fn get_timeline(

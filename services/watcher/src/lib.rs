@@ -22,6 +22,7 @@
 //! changed meanwhile is decided again instead of overwritten). See [`store`] for the layout.
 
 mod format;
+mod preview;
 pub mod rebuild;
 pub mod store;
 
@@ -103,6 +104,9 @@ pub struct WatcherSettings {
     /// the service's clock) before it is refused (`invoice_never_arrived`, with its record): an
     /// invoice normally follows within seconds, a billing backlog within days.
     pub parked_retention_days: u32,
+    /// The bearer token of the staff endpoint (`/v1/handoff/preview/...`); it answers nothing
+    /// without one, since a case names the debtor.
+    pub staff_token: Option<config::Secret>,
 }
 
 impl Default for WatcherSettings {
@@ -120,6 +124,7 @@ impl Default for WatcherSettings {
             closed_retention_days: 120,
             retention_sweep_secs: 60,
             parked_retention_days: 30,
+            staff_token: None,
         }
     }
 }
@@ -1899,7 +1904,11 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let law = load_law(&settings)?;
     let policy = load_policy(&settings, &law, rt.clock.now().date_naive())?;
     tracing::info!(version = %policy.version, segments = policy.segments.len(), "policy loaded");
-    let shell = ServiceShell::start(&rt, SERVICE, PORT_OFFSET, None).await?;
+    // The staff endpoint answers once the watcher below exists.
+    let handle: Arc<std::sync::OnceLock<Watcher>> = Arc::default();
+    let staff_token = settings.staff_token.clone();
+    let routes = preview::routes(handle.clone(), staff_token);
+    let shell = ServiceShell::start(&rt, SERVICE, PORT_OFFSET, Some(routes)).await?;
     let transitions = IntCounterVec::new(
         Opts::new("watcher_transitions_total", "Journey transitions, by kind"),
         &["kind"],
@@ -1972,6 +1981,8 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         topics: topics.clone(),
         rt: rt.clone(),
     }));
+    // The staff endpoint answers from here on.
+    let _ = handle.set(watcher.clone());
     let consumer = shell.consumer(
         &rt,
         SERVICE,
