@@ -1,5 +1,6 @@
-//! Hand-off: delivers each `HandoffCase` to the collection agency's HTTP API, once, and
-//! records the agency's answer as a `HandoffOutcome`.
+//! Hand-off: delivers each `HandoffCase` to the collection agency, once, through its adapter
+//! (its HTTP API, or daily files: [`file_export`]), and records the answer as a
+//! `HandoffOutcome`.
 //!
 //! Once: a case already accepted (remembered in Redis) is not posted again, and every POST
 //! carries the case id as `Idempotency-Key`, so an agency that honours it also absorbs the
@@ -8,6 +9,8 @@
 //! The accepted and recalled marks in Redis are a cache of what the agency already has: they
 //! expire after `handoff.remember_days`, and a mark lost with Redis costs one POST that the
 //! agency answers from its idempotency record (a 409 counts as accepted). They are not rebuilt.
+
+pub mod file_export;
 
 use std::time::Duration;
 
@@ -37,6 +40,20 @@ pub struct HandoffSettings {
     /// Days a case's or recall's acceptance is remembered: longer than a case is redelivered
     /// or recalled (a claim with an agency rarely outlives a year).
     pub remember_days: u64,
+    /// How the agency takes cases: `http` (its API at `agency_url`) or `file` (daily files in
+    /// `export_dir`).
+    pub adapter: Adapter,
+    /// Where the file adapter writes (the agency collects from here).
+    pub export_dir: Option<String>,
+    /// The agency's name in the files' names.
+    pub agency_name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Adapter {
+    Http,
+    File,
 }
 
 impl Default for HandoffSettings {
@@ -47,6 +64,9 @@ impl Default for HandoffSettings {
             agency_token: None,
             timeout_ms: 10_000,
             remember_days: 400,
+            adapter: Adapter::Http,
+            export_dir: None,
+            agency_name: "agency".into(),
         }
     }
 }
@@ -57,6 +77,8 @@ pub struct Handoff {
     keys: Keys,
     http: reqwest::Client,
     settings: HandoffSettings,
+    /// Set when the agency takes files.
+    export: Option<file_export::FileExport>,
     outcomes_topic: String,
     results: IntCounterVec,
 }
@@ -138,6 +160,32 @@ impl Handoff {
     }
 }
 
+impl Handoff {
+    /// What writing to the agency's files came to: accepted (the file named as the reference),
+    /// or a fault to wait out; a case is never dropped for a full disk or a broken file.
+    fn exported(
+        &self,
+        written: Result<Result<(String, file_export::Exported), file_export::ExportError>, tokio::task::JoinError>,
+    ) -> Result<AgencyAnswer, Failure> {
+        match written {
+            Ok(Ok((file, how))) => Ok(AgencyAnswer {
+                status: HandoffStatus::Accepted,
+                http_status: None,
+                agency_reference: Some(file),
+                detail: Some(match how {
+                    file_export::Exported::Added => "written to the agency's file".into(),
+                    file_export::Exported::AlreadyThere => "in the agency's file already".into(),
+                }),
+            }),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot write the agency's file; waiting it out");
+                Err(Failure::Transient(anyhow::anyhow!(e)))
+            }
+            Err(e) => Err(Failure::Transient(anyhow::anyhow!("the file writer stopped: {e}"))),
+        }
+    }
+}
+
 impl Handler for Handoff {
     async fn handle(&self, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
         let decoded = self.rt.codec.decode(record.payload.as_deref()).await?;
@@ -199,14 +247,24 @@ impl Handoff {
                 detail: Some("recall already delivered".into()),
             }
         } else {
-            let mut answer = self
-                .post(
-                    &self.settings.agency_recall_url,
-                    &r.event_id,
-                    &r,
-                    &record.trace.child().header(),
-                )
-                .await?;
+            let mut answer = match &self.export {
+                Some(export) => {
+                    let (export, written) = (export.clone(), r.clone());
+                    let day = chrono::DateTime::from_timestamp_millis(r.occurred_at)
+                        .unwrap_or_else(|| self.rt.clock.now())
+                        .date_naive();
+                    self.exported(tokio::task::spawn_blocking(move || export.recall(&written, day)).await)?
+                }
+                None => {
+                    self.post(
+                        &self.settings.agency_recall_url,
+                        &r.event_id,
+                        &r,
+                        &record.trace.child().header(),
+                    )
+                    .await?
+                }
+            };
             if answer.status == HandoffStatus::Accepted {
                 let _: () = redis::cmd("SET")
                     .arg(&key)
@@ -250,14 +308,21 @@ impl Handoff {
                 }
             }
             None => {
-                let answer = self
-                    .post(
-                        &self.settings.agency_url,
-                        &case.case_id,
-                        &case,
-                        &record.trace.child().header(),
-                    )
-                    .await?;
+                let answer = match &self.export {
+                    Some(export) => {
+                        let (export, written) = (export.clone(), case.clone());
+                        self.exported(tokio::task::spawn_blocking(move || export.case(&written)).await)?
+                    }
+                    None => {
+                        self.post(
+                            &self.settings.agency_url,
+                            &case.case_id,
+                            &case,
+                            &record.trace.child().header(),
+                        )
+                        .await?
+                    }
+                };
                 if answer.status == HandoffStatus::Accepted {
                     let reference = answer.agency_reference.clone().unwrap_or_default();
                     let _: () = redis::cmd("SET")
@@ -296,6 +361,30 @@ impl Handoff {
 /// Runs hand-off until shutdown.
 pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let settings: HandoffSettings = config::section(&rt.figment, SERVICE)?;
+    let export = match settings.adapter {
+        Adapter::Http => None,
+        Adapter::File => {
+            let dir = settings
+                .export_dir
+                .clone()
+                .filter(|d| !d.trim().is_empty())
+                .ok_or_else(|| anyhow::anyhow!("handoff.adapter is file, but handoff.export_dir is not set"))?;
+            anyhow::ensure!(
+                !settings.agency_name.is_empty()
+                    && settings
+                        .agency_name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                "handoff.agency_name '{}' must be letters, digits, - or _ (it names the files)",
+                settings.agency_name
+            );
+            std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("handoff.export_dir {dir}: {e}"))?;
+            Some(file_export::FileExport {
+                dir: dir.into(),
+                agency: settings.agency_name.clone(),
+            })
+        }
+    };
     let shell = ServiceShell::start(&rt, SERVICE, PORT_OFFSET, None).await?;
     let results = IntCounterVec::new(Opts::new("handoff_cases_total", "Cases by result"), &["result"])?;
     shell.metrics.registry.register(Box::new(results.clone()))?;
@@ -306,6 +395,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             .timeout(Duration::from_millis(settings.timeout_ms))
             .build()?,
         settings,
+        export,
         outcomes_topic: rt.topic(&rt.config.topics.handoff_outcomes),
         results,
         rt: rt.clone(),
