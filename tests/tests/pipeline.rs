@@ -298,6 +298,29 @@ async fn an_unpaid_invoice_reaches_the_agency_as_one_case_once() -> anyhow::Resu
         serde_json::json!(["nudge", "reminder-1", "handoff"])
     );
     assert_eq!(requests[0].header("idempotency-key"), Some(outcome.case_id.as_str()));
+    // Signed as the agency API documents it: the body with its timestamp, under the shared secret.
+    let (timestamp, signature) = (
+        requests[0].header("x-forfall-timestamp").unwrap_or_default(),
+        requests[0].header("x-forfall-signature").unwrap_or_default(),
+    );
+    let now = chrono::Utc::now().timestamp();
+    assert!(
+        forfall_platform::signing::verify(
+            forfall::devstack::AGENCY_SIGNING_SECRET,
+            timestamp,
+            signature,
+            &requests[0].body,
+            now
+        ),
+        "signed: {timestamp} {signature}"
+    );
+    assert!(!forfall_platform::signing::verify(
+        "another secret",
+        timestamp,
+        signature,
+        &requests[0].body,
+        now
+    ));
     assert_eq!(stack.mail.to("late@example.test").len(), 2, "nudge and reminder");
     stack.shutdown().await;
     Ok(())

@@ -59,6 +59,9 @@ pub fn local_config(base: CommonConfig, prefix: &str, registry_url: &str) -> Com
     c
 }
 
+/// DEV AND TEST ONLY: the secret the dev stack's agency stand-in and hand-off sign with.
+pub const AGENCY_SIGNING_SECRET: &str = "forfall-dev-agency-signing-secret";
+
 impl LocalStack {
     pub async fn start(base: CommonConfig, clock: SharedClock) -> anyhow::Result<Self> {
         forfall_platform::telemetry::init(&base.log);
@@ -72,6 +75,10 @@ impl LocalStack {
             .merge(Serialized::default("dispatch.smtp.port", mail.addr.port()))
             .merge(Serialized::default("handoff.agency_url", agency.url("/cases")))
             .merge(Serialized::default("handoff.agency_recall_url", agency.url("/recalls")))
+            .merge(Serialized::default(
+                "handoff.agency_signing_secret",
+                AGENCY_SIGNING_SECRET,
+            ))
             .merge(Serialized::default("handoff.timeout_ms", 3000))
             .merge(Serialized::default("watcher.tick_ms", 50));
         kafka::ensure_topics(&config.kafka, &config.topics.all()).await?;

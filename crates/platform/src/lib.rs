@@ -21,6 +21,7 @@ pub mod redis_settings;
 pub mod redis_store;
 pub mod service;
 pub mod shutdown;
+pub mod signing;
 pub mod telemetry;
 
 pub use clock::{Clock, SharedClock};

@@ -19,6 +19,7 @@ use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, run_consumer}
 use forfall_platform::records::{HandoffCase, HandoffOutcome, HandoffRecall, HandoffStatus, Record, derived_id};
 use forfall_platform::redis_store::{self, Keys};
 use forfall_platform::service::{Runtime, ServiceShell};
+use forfall_platform::signing;
 use forfall_platform::telemetry::TRACEPARENT;
 use prometheus::{IntCounterVec, Opts};
 use redis::aio::ConnectionManager;
@@ -35,7 +36,10 @@ pub struct HandoffSettings {
     /// Where the agency is told that money arrived for a case it holds.
     pub agency_recall_url: String,
     /// Bearer token for the agency API (never logged).
-    pub agency_token: Option<String>,
+    pub agency_token: Option<config::Secret>,
+    /// The secret the agency and Forfall sign request bodies with (see
+    /// [`forfall_platform::signing`]); unsigned requests when unset.
+    pub agency_signing_secret: Option<config::Secret>,
     pub timeout_ms: u64,
     /// Days a case's or recall's acceptance is remembered: longer than a case is redelivered
     /// or recalled (a claim with an agency rarely outlives a year).
@@ -62,6 +66,7 @@ impl Default for HandoffSettings {
             agency_url: "http://127.0.0.1:8089/cases".into(),
             agency_recall_url: "http://127.0.0.1:8089/recalls".into(),
             agency_token: None,
+            agency_signing_secret: None,
             timeout_ms: 10_000,
             remember_days: 400,
             adapter: Adapter::Http,
@@ -114,15 +119,25 @@ impl Handoff {
         body: &T,
         traceparent: &str,
     ) -> Result<AgencyAnswer, Failure> {
+        // The bytes signed are the bytes sent.
+        let body = serde_json::to_vec(body).map_err(|e| Failure::Fatal(anyhow::anyhow!(e)))?;
         let mut request = self
             .http
             .post(url)
             .header("Idempotency-Key", idempotency_key)
             .header(TRACEPARENT, traceparent)
-            .json(body);
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
         if let Some(token) = &self.settings.agency_token {
-            request = request.bearer_auth(token);
+            request = request.bearer_auth(token.expose());
         }
+        if let Some(secret) = &self.settings.agency_signing_secret {
+            // Real time, whatever clock the journeys run on: the agency checks it against its own.
+            let now = chrono::Utc::now().timestamp();
+            request = request
+                .header(signing::TIMESTAMP_HEADER, now.to_string())
+                .header(signing::SIGNATURE_HEADER, signing::sign(secret.expose(), now, &body));
+        }
+        let request = request.body(body);
         let response = request
             .send()
             .await
