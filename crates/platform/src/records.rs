@@ -438,6 +438,32 @@ pub enum HandoffStatus {
     Accepted,
     Rejected,
     Failed,
+    /// The agency works the case.
+    InCollection,
+    /// The agency collected part of it (`collected_minor`).
+    PartlyPaid,
+    /// The agency collected all of it.
+    Paid,
+    /// The agency gave the case back to the creditor.
+    Returned,
+    /// The agency closed the case.
+    Closed,
+}
+
+impl HandoffStatus {
+    /// The agency's word for it on its webhook (`in_collection`...).
+    pub fn parse_agency(word: &str) -> Option<Self> {
+        Some(match word {
+            "accepted" => HandoffStatus::Accepted,
+            "rejected" => HandoffStatus::Rejected,
+            "in_collection" => HandoffStatus::InCollection,
+            "partly_paid" => HandoffStatus::PartlyPaid,
+            "paid" => HandoffStatus::Paid,
+            "returned" => HandoffStatus::Returned,
+            "closed" => HandoffStatus::Closed,
+            _ => return None,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -452,6 +478,10 @@ pub struct HandoffOutcome {
     pub agency_reference: Option<String>,
     pub http_status: Option<i32>,
     pub detail: Option<String>,
+    #[serde(default)]
+    pub collected_minor: Option<i64>,
+    #[serde(default)]
+    pub currency: Option<String>,
 }
 record!(HandoffOutcome, "HandoffOutcome.avsc");
 
@@ -829,6 +859,22 @@ mod tests {
             agency_reference: Some("X1".into()),
             http_status: Some(201),
             detail: None,
+            collected_minor: None,
+            currency: None,
+        });
+        round_trip(HandoffOutcome {
+            event_id: "e2".into(),
+            tenant: "t".into(),
+            debtor_id: "d".into(),
+            occurred_at: 2,
+            case_id: "c".into(),
+            invoice_id: "i".into(),
+            status: HandoffStatus::PartlyPaid,
+            agency_reference: Some("X1".into()),
+            http_status: None,
+            detail: Some("instalment 1 of 3".into()),
+            collected_minor: Some(30_000),
+            currency: Some("NOK".into()),
         });
     }
 

@@ -10,6 +10,7 @@
 //! expire after `handoff.remember_days`, and a mark lost with Redis costs one POST that the
 //! agency answers from its idempotency record (a 409 counts as accepted). They are not rebuilt.
 
+mod agency_events;
 pub mod file_export;
 
 use std::time::Duration;
@@ -240,6 +241,8 @@ impl Handoff {
             agency_reference: answer.agency_reference,
             http_status: answer.http_status,
             detail: answer.detail,
+            collected_minor: None,
+            currency: None,
         };
         Ok(vec![
             self.rt
@@ -400,9 +403,28 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             })
         }
     };
-    let shell = ServiceShell::start(&rt, SERVICE, PORT_OFFSET, None).await?;
+    let agency_events = IntCounterVec::new(
+        Opts::new(
+            "handoff_agency_events_total",
+            "The agency's events on its cases, by result",
+        ),
+        &["result"],
+    )?;
+    let outcomes_topic = rt.topic(&rt.config.topics.handoff_outcomes);
+    let (secret, counted) = (settings.agency_signing_secret.clone(), agency_events.clone());
+    let shell = ServiceShell::start_with_routes(&rt, SERVICE, PORT_OFFSET, |_, producer, _| {
+        agency_events::routes(agency_events::AgencyEvents {
+            rt: rt.clone(),
+            producer: producer.clone(),
+            secret,
+            topic: outcomes_topic,
+            results: counted,
+        })
+    })
+    .await?;
     let results = IntCounterVec::new(Opts::new("handoff_cases_total", "Cases by result"), &["result"])?;
     shell.metrics.registry.register(Box::new(results.clone()))?;
+    shell.metrics.registry.register(Box::new(agency_events))?;
     let handoff = Handoff {
         redis: redis_store::connect(&rt.config.redis).await?,
         keys: rt.keys(),
