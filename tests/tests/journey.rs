@@ -70,16 +70,27 @@ step = [
 async fn an_unlawful_policy_is_refused_at_start_with_the_cited_rule() -> anyhow::Result<()> {
     let mut stack = LocalStack::start(base_config(), ManualClock::new(at("2026-03-01T08:00:00Z"))).await?;
     // Two fee-bearing Danish reminders five banking days apart.
+    let purring = r#"{ name = "purring", offset_banking_days = 14, channels = ["email"], tone = "reminder", fee = "statutory_maximum", days_to_pay = 14 },"#;
+    assert!(NORWAY.contains(purring), "the policy this test changes");
     let unlawful = NORWAY.replace(r#"jurisdiction = ["NO"]"#, r#"jurisdiction = ["DK"]"#).replace(
-        r#"{ name = "handoff", offset_banking_days = 30, handoff = true },"#,
-        r#"{ name = "purring-2", offset_banking_days = 19, channels = ["email"], tone = "reminder", fee = "statutory_maximum", days_to_pay = 14 },
-  { name = "handoff", offset_banking_days = 30, handoff = true },"#,
+        purring,
+        &format!(
+            r#"{purring}
+  {{ name = "purring-2", offset_banking_days = 19, channels = ["email"], tone = "reminder", fee = "statutory_maximum", days_to_pay = 14 }},"#
+        ),
     );
     let path = policy_file(&stack, &unlawful);
     stack.set("watcher.policy_file", &path);
-    let err = forfall::run_target(stack.rt.clone(), "watcher")
-        .await
-        .expect_err("the watcher refuses to start");
+    // A watcher that starts after all runs until stopped: give it a minute, not forever.
+    let started = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        forfall::run_target(stack.rt.clone(), "watcher"),
+    )
+    .await;
+    let Ok(Err(err)) = started else {
+        stack.rt.shutdown.cancel();
+        anyhow::bail!("the watcher started with the unlawful policy:\n{unlawful}");
+    };
     let text = format!("{err:#}");
     assert!(
         text.contains("plan 'no-firm' (segment 'norway') for DK consumer debtors: renteloven § 9 b stk. 2: fee-bearing reminders must be at least 10 days apart; 'purring-2' comes 5 days after 'purring'"),
