@@ -266,8 +266,14 @@ pub struct WarningGiven {
     pub date: NaiveDate,
     pub step: String,
     pub days_to_pay: Option<u32>,
-    /// The last day to pay it gave, counted in the debtor's calendar from `date`.
-    pub deadline: Option<NaiveDate>,
+}
+
+impl WarningGiven {
+    /// The last day to pay it gave, counted in the debtor's calendar from the day it went out.
+    pub fn deadline(&self) -> Option<NaiveDate> {
+        self.days_to_pay
+            .and_then(|days| self.date.checked_add_signed(chrono::Duration::days(i64::from(days))))
+    }
 }
 
 /// A fee a step charged.
@@ -1082,9 +1088,6 @@ fn on_timer_active(mut journey: Journey, step_index: usize, plan: &Plan, fee: St
             date: today,
             step: step.name.clone(),
             days_to_pay: step.days_to_pay,
-            deadline: step
-                .days_to_pay
-                .and_then(|days| today.checked_add_signed(chrono::Duration::days(i64::from(days)))),
         });
     }
     if charges {

@@ -759,12 +759,6 @@ pub struct InterestLines {
     pub missing: Vec<LawError>,
 }
 
-impl InterestLines {
-    pub fn total_minor(&self) -> i64 {
-        self.lines.iter().map(|l| l.amount.minor).sum()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

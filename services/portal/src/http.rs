@@ -70,8 +70,6 @@ struct PageQuery {
     plan: Option<usize>,
 }
 
-pub(crate) use forfall_platform::admin::same_secret;
-
 /// A short, one-way name for a token: enough to follow one link through the logs, useless to
 /// open the page with.
 pub(crate) fn fingerprint(secret: &str) -> String {

@@ -385,6 +385,11 @@ fn payment_codes(
     (codes, qr)
 }
 
+/// Text made safe inside HTML, in element content and in double-quoted attributes alike.
+pub fn escape_html(text: &str) -> String {
+    text.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;")
+}
+
 /// A QR code as inline SVG: one path of horizontal runs (a few kilobytes), with a quiet zone
 /// of four modules, labelled for screen readers.
 pub fn qr_svg(payload: &str, label: &str) -> Option<String> {
@@ -407,7 +412,7 @@ pub fn qr_svg(payload: &str, label: &str) -> Option<String> {
         }
     }
     let size = width + 8;
-    let label = label.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;");
+    let label = escape_html(label);
     Some(format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {size} {size}\" width=\"220\" height=\"220\" role=\"img\" aria-label=\"{label}\" shape-rendering=\"crispEdges\"><rect width=\"{size}\" height=\"{size}\" fill=\"#fff\"/><path d=\"{path}\" fill=\"#000\"/></svg>"
     ))

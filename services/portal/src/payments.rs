@@ -282,7 +282,7 @@ pub(crate) async fn returned(
             .with_label_values(&[attempt.provider.as_str(), result])
             .inc();
         tracing::info!(result, "payment return answered");
-        let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;");
+        let esc = crate::page::escape_html;
         html_response(
             StatusCode::OK,
             format!(
@@ -303,7 +303,7 @@ pub(crate) async fn returned(
 /// The link that opens the Swish app on this phone, the QR code its app scans from another
 /// screen, and a link to ask again once it is answered (no script: the page is static).
 fn swish_panel(token: &str, here: &str, amount: &str, text: &dyn Fn(&str) -> String) -> String {
-    let attr = |s: &str| s.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;");
+    let attr = crate::page::escape_html;
     let qr = crate::page::qr_svg(&crate::swish::qr_payload(token), &text("swish_scan")).unwrap_or_default();
     format!(
         "<p><strong>{}</strong></p><p><a class=\"swish-app\" href=\"{}\">{}</a></p><figure>{qr}<figcaption>{}</figcaption></figure><p><a href=\"{}\">{}</a></p>",

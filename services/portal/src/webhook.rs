@@ -80,21 +80,36 @@ impl Portal {
                 "ABORTED" | "EXPIRED" | "CANCELLED" | "TERMINATED" => return (StatusCode::OK, "abandoned"),
                 _ => return (StatusCode::OK, "noted"),
             }
-            let attempt = match self.attempt(&event.reference).await {
-                Ok(Some(a)) if a.tenant == tenant && a.provider == "vipps" => a,
-                Ok(_) => {
-                    tracing::warn!("a payment the portal did not start; left alone");
-                    return (StatusCode::OK, "not_ours");
-                }
-                Err(e) => {
-                    tracing::warn!(error = ?e, "cannot read the payment now; the provider will send it again");
-                    return (StatusCode::SERVICE_UNAVAILABLE, "unavailable");
-                }
+            let attempt = match self.attempt_started_here(&event.reference, tenant, "vipps").await {
+                Ok(a) => a,
+                Err(answer) => return answer,
             };
             self.finish_from_webhook(&attempt, None).await
         }
         .instrument(span)
         .await
+    }
+
+    /// The payment a provider's request is about, if this portal started it for that tenant
+    /// and provider; otherwise the answer to give (200 "not ours", so the provider stops, or 503
+    /// while it cannot be read, so it sends the request again).
+    async fn attempt_started_here(
+        &self,
+        reference: &str,
+        tenant: &str,
+        provider: &str,
+    ) -> Result<Attempt, (StatusCode, &'static str)> {
+        match self.attempt(reference).await {
+            Ok(Some(a)) if a.tenant == tenant && a.provider == provider => Ok(a),
+            Ok(_) => {
+                tracing::warn!("a payment the portal did not start; left alone");
+                Err((StatusCode::OK, "not_ours"))
+            }
+            Err(e) => {
+                tracing::warn!(error = ?e, "cannot read the payment now; the provider will send it again");
+                Err((StatusCode::SERVICE_UNAVAILABLE, "unavailable"))
+            }
+        }
     }
 
     async fn finish_from_webhook(&self, attempt: &Attempt, session: Option<&str>) -> (StatusCode, &'static str) {
@@ -143,16 +158,9 @@ impl Portal {
             let Some(reference) = session.client_reference_id.clone() else {
                 return (StatusCode::OK, "not_ours");
             };
-            let attempt = match self.attempt(&reference).await {
-                Ok(Some(a)) if a.tenant == tenant && a.provider == "stripe" => a,
-                Ok(_) => {
-                    tracing::warn!("a payment the portal did not start; left alone");
-                    return (StatusCode::OK, "not_ours");
-                }
-                Err(e) => {
-                    tracing::warn!(error = ?e, "cannot read the payment now; the provider will send it again");
-                    return (StatusCode::SERVICE_UNAVAILABLE, "unavailable");
-                }
+            let attempt = match self.attempt_started_here(&reference, tenant, "stripe").await {
+                Ok(a) => a,
+                Err(answer) => return answer,
             };
             self.finish_from_webhook(&attempt, Some(&session.id)).await
         }
@@ -191,22 +199,15 @@ impl Portal {
         };
         let span = tracing::info_span!("payment", reference = %reference);
         async move {
-            let attempt = match self.attempt(&reference).await {
-                Ok(Some(a)) if a.tenant == tenant && a.provider == "swish" => a,
-                Ok(_) => {
-                    tracing::warn!("a payment the portal did not start; left alone");
-                    return (StatusCode::OK, "not_ours");
-                }
-                Err(e) => {
-                    tracing::warn!(error = ?e, "cannot read the payment now; Swish will send it again");
-                    return (StatusCode::SERVICE_UNAVAILABLE, "unavailable");
-                }
+            let attempt = match self.attempt_started_here(&reference, tenant, "swish").await {
+                Ok(a) => a,
+                Err(answer) => return answer,
             };
             let said = headers
                 .get("callbackidentifier")
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default();
-            if !crate::http::same_secret(said, attempt.callback_identifier.as_deref().unwrap_or_default()) {
+            if !forfall_platform::admin::same_secret(said, attempt.callback_identifier.as_deref().unwrap_or_default()) {
                 return (StatusCode::UNAUTHORIZED, "unsigned");
             }
             self.finish_from_webhook(&attempt, None).await

@@ -570,7 +570,7 @@ impl Watcher {
                 sent_on: Some(invoice::epoch_days(w.date)),
                 step: Some(w.step.clone()),
                 days_to_pay: w.days_to_pay.and_then(|d| i32::try_from(d).ok()),
-                deadline: w.deadline.map(invoice::epoch_days),
+                deadline: w.deadline().map(invoice::epoch_days),
                 required_days,
                 rule_id,
                 citation,
