@@ -41,13 +41,25 @@ async fn cases_and_recalls_reach_the_agencys_daily_files_once_each() -> anyhow::
         amount_minor: 89_900,
         currency: "NOK".into(),
         reason: "paid in full to the creditor".into(),
+        remaining_minor: Some(0),
     };
     stack.produce(&cases, &recall.debtor_id, &recall).await?;
+    let part = HandoffRecall {
+        event_id: "payment-1".into(),
+        case_id: "case-2".into(),
+        invoice_id: "inv-case-2".into(),
+        payment_id: "bank-78".into(),
+        amount_minor: 2_000,
+        reason: "part paid to the creditor".into(),
+        remaining_minor: Some(10_000),
+        ..recall.clone()
+    };
+    stack.produce(&cases, &part.debtor_id, &part).await?;
 
     let outcomes_topic = stack.topic(&stack.topics().handoff_outcomes);
-    let outcomes = eventually("four answers", WAIT, || async {
+    let outcomes = eventually("five answers", WAIT, || async {
         let all = stack.read::<HandoffOutcome>(&outcomes_topic).await?;
-        Ok(Some(all).filter(|a| a.len() >= 4))
+        Ok(Some(all).filter(|a| a.len() >= 5))
     })
     .await?;
     assert!(
@@ -74,7 +86,26 @@ async fn cases_and_recalls_reach_the_agencys_daily_files_once_each() -> anyhow::
     assert!(lines[1].contains(",2026-04-20,NOK,89900,"), "{csv}");
     let recalls: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(dir.join("nordinkasso-2026-04-21-recalls.json"))?)?;
-    assert_eq!(recalls, vec![serde_json::to_value(&recall)?]);
+    assert_eq!(
+        recalls,
+        vec![serde_json::to_value(&recall)?, serde_json::to_value(&part)?]
+    );
+    let csv = std::fs::read_to_string(dir.join("nordinkasso-2026-04-21-recalls.csv"))?;
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(lines[0].ends_with(",remaining_minor,kind"), "{csv}");
+    assert!(
+        lines[1].starts_with("recall-1,") && lines[1].ends_with(",0,recall"),
+        "{csv}"
+    );
+    assert!(
+        lines[2].starts_with("payment-1,") && lines[2].ends_with(",10000,payment_on_case"),
+        "a part payment is booked on the case, not recalled:\n{csv}"
+    );
+    let regarding: Vec<Option<&str>> = outcomes.iter().map(|o| o.regarding.as_deref()).collect();
+    assert!(
+        regarding.contains(&Some("recall")) && regarding.contains(&Some("payment_on_case")),
+        "{regarding:?}"
+    );
     let leftovers: Vec<String> = std::fs::read_dir(&dir)?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use figment::Figment;
 use figment::providers::Serialized;
-use forfall_devsinks::{HttpRecorder, MailSink};
+use forfall_devsinks::MailSink;
+use forfall_devsinks::agency::AgencyApi;
 use forfall_platform::clock::SharedClock;
 use forfall_platform::config::CommonConfig;
 use forfall_platform::journey_state;
@@ -34,7 +35,7 @@ pub struct LocalStack {
     pub prefix: String,
     pub rt: Runtime,
     pub mail: MailSink,
-    pub agency: HttpRecorder,
+    pub agency: AgencyApi,
     pub registry_url: String,
     producer: FutureProducer,
     redis: redis::aio::ConnectionManager,
@@ -69,12 +70,16 @@ impl LocalStack {
         let registry = forfall_schema_registry_emulator::spawn("127.0.0.1:0").await?;
         let registry_url = format!("http://{registry}");
         let mail = MailSink::start()?;
-        let agency = HttpRecorder::start().await?;
+        let agency = AgencyApi::start(Some(AGENCY_SIGNING_SECRET)).await?;
         let config = local_config(base, &prefix, &registry_url);
         let figment = Figment::from(Serialized::defaults(&config))
             .merge(Serialized::default("dispatch.smtp.port", mail.addr.port()))
             .merge(Serialized::default("handoff.agency_url", agency.url("/cases")))
             .merge(Serialized::default("handoff.agency_recall_url", agency.url("/recalls")))
+            .merge(Serialized::default(
+                "handoff.agency_payments_url",
+                agency.url("/payments"),
+            ))
             .merge(Serialized::default(
                 "handoff.agency_signing_secret",
                 AGENCY_SIGNING_SECRET,

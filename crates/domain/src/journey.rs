@@ -160,6 +160,9 @@ pub enum JourneyState {
     Reminded(u32),
     Warned,
     HandedOver,
+    /// The agency rejected or returned the case, or closed it unpaid: the journey waits for a
+    /// person at the creditor (see [`crate::agency`]).
+    NeedsPerson,
     Closed(CloseReason),
     /// No steps while the pause lasts; see [`Pause`].
     Paused(PauseReason),
@@ -192,6 +195,7 @@ impl JourneyState {
             JourneyState::Reminded(n) => format!("reminded-{n}"),
             JourneyState::Warned => "warned".into(),
             JourneyState::HandedOver => "handed_over".into(),
+            JourneyState::NeedsPerson => "needs_person".into(),
             JourneyState::Closed(CloseReason::Paid) => "closed:paid".into(),
             JourneyState::Closed(CloseReason::Credited) => "closed:credited".into(),
             JourneyState::Closed(CloseReason::Cancelled) => "closed:cancelled".into(),
@@ -199,16 +203,19 @@ impl JourneyState {
         }
     }
 
-    /// Closed or with an agency: nothing the journey does changes any more.
+    /// Closed, with an agency, or waiting for a person: the plan takes no more steps.
     pub fn is_final(self) -> bool {
-        matches!(self, JourneyState::Closed(_) | JourneyState::HandedOver)
+        matches!(
+            self,
+            JourneyState::Closed(_) | JourneyState::HandedOver | JourneyState::NeedsPerson
+        )
     }
 
     /// Whether a message may still be sent for this invoice (dispatch's last look asks this).
     pub fn accepts_contact(self) -> bool {
         !matches!(
             self,
-            JourneyState::Closed(_) | JourneyState::HandedOver | JourneyState::Paused(_)
+            JourneyState::Closed(_) | JourneyState::HandedOver | JourneyState::NeedsPerson | JourneyState::Paused(_)
         )
     }
 }

@@ -3,6 +3,7 @@
 //! Everything here is pure: no I/O, no async, no clock reads. Services in `services/` read
 //! inputs, ask this crate what to do, and write the outputs. Time is always passed in.
 
+pub mod agency;
 pub mod bank_codes;
 pub mod calendar;
 pub mod claim;

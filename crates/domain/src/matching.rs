@@ -155,6 +155,11 @@ pub struct Allocation {
     pub amount: Money,
     /// The invoice is with an agency: the service sends the hand-off a recall or notification.
     pub handed_over: bool,
+    /// For an invoice with an agency, what stays open of it after this allocation: nothing, and
+    /// the agency recalls the case; something, and it books a payment on the case. (Decisions
+    /// stored before this was kept have none, and are read as recalls.)
+    #[serde(default)]
+    pub case_remaining: Option<Money>,
 }
 
 /// Why a payment was not matched automatically; `code` is stable, `explain` is for a person.
@@ -411,6 +416,9 @@ fn allocate(rule: MatchRule, amount: Money, invoices: &[&OpenInvoice]) -> Result
             debtor_id: invoice.debtor_id.clone(),
             amount: applied,
             handed_over: invoice.handed_over,
+            case_remaining: invoice
+                .handed_over
+                .then(|| Money::new((invoice.open.minor - applied.minor).max(0), applied.currency)),
         })
         .collect();
     Ok(MatchDecision::Matched {
@@ -756,16 +764,20 @@ mod tests {
                     debtor_id: "d1".into(),
                     amount: *amount,
                     handed_over: false,
+                    case_remaining: None,
                 })
                 .collect(),
             overpayment,
         }
     }
 
-    fn flag_handed_over(mut decision: MatchDecision, id: &str) -> MatchDecision {
+    /// Marks the allocation to `id` as one to an invoice with an agency that leaves
+    /// `remaining` open.
+    fn flag_handed_over(mut decision: MatchDecision, id: &str, remaining: Money) -> MatchDecision {
         if let MatchDecision::Matched { allocations, .. } = &mut decision {
             for a in allocations.iter_mut().filter(|a| a.invoice_id == id) {
                 a.handed_over = true;
+                a.case_remaining = Some(remaining);
             }
         }
         decision
@@ -837,6 +849,7 @@ mod tests {
                 expected: flag_handed_over(
                     matched(ExactReference, &[("inv-1001", dkk(100_000))], dkk(0)),
                     "inv-1001",
+                    dkk(0),
                 ),
             },
             Case {
@@ -961,6 +974,7 @@ mod tests {
                         dkk(0),
                     ),
                     "inv-1002",
+                    dkk(0),
                 ),
             },
             Case {
@@ -1144,7 +1158,11 @@ mod tests {
                 name: "a handed-over invoice matched by amount is flagged",
                 payment: pay(dkk(1_000)),
                 candidates: by_payer(vec![handed_over(inv("inv-1", dkk(1_000), day(1, 1)))]),
-                expected: flag_handed_over(matched(PayerAccountAmount, &[("inv-1", dkk(1_000))], dkk(0)), "inv-1"),
+                expected: flag_handed_over(
+                    matched(PayerAccountAmount, &[("inv-1", dkk(1_000))], dkk(0)),
+                    "inv-1",
+                    dkk(0),
+                ),
             },
             // --- unmatched -----------------------------------------------------------------
             Case {
@@ -1330,6 +1348,7 @@ mod tests {
                     dkk(7),
                 ),
                 "inv-2",
+                dkk(3),
             ),
             why(UnmatchedReason::CurrencyMismatch {
                 payment: Currency::DKK,
@@ -1394,14 +1413,25 @@ mod tests {
             manual(&pay(dkk(400)), &[newer.clone(), older.clone()]),
             Ok(flag_handed_over(
                 matched(MatchRule::Manual, &[("inv-2", dkk(300)), ("inv-1", dkk(100))], dkk(0)),
-                "inv-2"
+                "inv-2",
+                dkk(0)
             ))
         );
         assert_eq!(
             manual(&pay(dkk(1_000)), &[older.clone(), newer.clone()]),
             Ok(flag_handed_over(
                 matched(MatchRule::Manual, &[("inv-1", dkk(500)), ("inv-2", dkk(300))], dkk(200)),
-                "inv-2"
+                "inv-2",
+                dkk(0)
+            ))
+        );
+        // Part of a claim with an agency: what stays open goes with it, for a payment on the case.
+        assert_eq!(
+            manual(&pay(dkk(100)), std::slice::from_ref(&newer)),
+            Ok(flag_handed_over(
+                matched(MatchRule::Manual, &[("inv-2", dkk(100))], dkk(0)),
+                "inv-2",
+                dkk(200)
             ))
         );
         // The money runs out before the second invoice: it stays open and gets no allocation.

@@ -238,6 +238,7 @@ mod tests {
             JourneyState::Reminded(2),
             JourneyState::Warned,
             JourneyState::HandedOver,
+            JourneyState::NeedsPerson,
             JourneyState::Closed(CloseReason::Paid),
             JourneyState::Closed(CloseReason::Credited),
             JourneyState::Closed(CloseReason::Cancelled),

@@ -337,8 +337,18 @@ pub struct HandoffRecall {
     pub amount_minor: i64,
     pub currency: String,
     pub reason: String,
+    #[serde(default)]
+    pub remaining_minor: Option<i64>,
 }
 record!(HandoffRecall, "HandoffRecall.avsc");
+
+impl HandoffRecall {
+    /// The claim is paid in full, and the agency is to recall the case (rather than book a
+    /// payment on it).
+    pub fn recalls_case(&self) -> bool {
+        self.remaining_minor.is_none_or(|r| r <= 0)
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HandoffCase {
@@ -482,8 +492,51 @@ pub struct HandoffOutcome {
     pub collected_minor: Option<i64>,
     #[serde(default)]
     pub currency: Option<String>,
+    /// See [`Regarding`]; absent from producers before the field.
+    #[serde(default)]
+    pub regarding: Option<String>,
 }
 record!(HandoffOutcome, "HandoffOutcome.avsc");
+
+/// What a `HandoffOutcome` answers (its `regarding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Regarding {
+    /// Hand-off's delivery of the case.
+    Case,
+    /// Hand-off's report that the creditor was paid in full after hand-off: a recall.
+    Recall,
+    /// Hand-off's report of a part payment the creditor received after hand-off.
+    PaymentOnCase,
+    /// The agency's own word on the case, from its webhook.
+    Agency,
+}
+
+impl Regarding {
+    pub fn code(self) -> &'static str {
+        match self {
+            Regarding::Case => "case",
+            Regarding::Recall => "recall",
+            Regarding::PaymentOnCase => "payment_on_case",
+            Regarding::Agency => "agency",
+        }
+    }
+}
+
+impl HandoffOutcome {
+    /// What this outcome answers; outcomes from before the field tell by their status.
+    pub fn regarding(&self) -> Regarding {
+        match self.regarding.as_deref() {
+            Some("recall") => Regarding::Recall,
+            Some("payment_on_case") => Regarding::PaymentOnCase,
+            Some("agency") => Regarding::Agency,
+            Some(_) => Regarding::Case,
+            None => match self.status {
+                HandoffStatus::Accepted | HandoffStatus::Rejected | HandoffStatus::Failed => Regarding::Case,
+                _ => Regarding::Agency,
+            },
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Instalment {
@@ -784,6 +837,7 @@ mod tests {
             amount_minor: 9,
             currency: "NOK".into(),
             reason: "paid".into(),
+            remaining_minor: Some(1_200),
         });
         round_trip(HandoffCase {
             event_id: "e".into(),
@@ -861,6 +915,7 @@ mod tests {
             detail: None,
             collected_minor: None,
             currency: None,
+            regarding: None,
         });
         round_trip(HandoffOutcome {
             event_id: "e2".into(),
@@ -875,6 +930,7 @@ mod tests {
             detail: Some("instalment 1 of 3".into()),
             collected_minor: Some(30_000),
             currency: Some("NOK".into()),
+            regarding: Some("agency".into()),
         });
     }
 

@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use forfall_platform::config::Secret;
 use forfall_platform::kafka::Producer;
-use forfall_platform::records::{HandoffOutcome, HandoffStatus, derived_id};
+use forfall_platform::records::{HandoffOutcome, HandoffStatus, Regarding, derived_id};
 use forfall_platform::service::Runtime;
 use forfall_platform::signing;
 use prometheus::IntCounterVec;
@@ -103,6 +103,7 @@ fn outcome_of(e: AgencyEvent, now_ms: i64) -> Result<HandoffOutcome, String> {
         detail: e.reason,
         collected_minor: e.collected_minor,
         currency: e.currency,
+        regarding: Some(Regarding::Agency.code().to_owned()),
     })
 }
 

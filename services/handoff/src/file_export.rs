@@ -227,9 +227,18 @@ fn recall_row(r: &Value) -> Vec<(&'static str, String)> {
         "amount_minor",
         "currency",
         "reason",
+        "remaining_minor",
     ]
     .into_iter()
     .map(|field| (field, text(&r[field])))
+    .chain(std::iter::once((
+        "kind",
+        if r["remaining_minor"].as_i64().is_some_and(|left| left > 0) {
+            "payment_on_case".to_owned()
+        } else {
+            "recall".to_owned()
+        },
+    )))
     .collect()
 }
 

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use forfall_platform::config;
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, run_consumer};
-use forfall_platform::records::{HandoffCase, HandoffOutcome, HandoffRecall, HandoffStatus, Record, derived_id};
+use forfall_platform::records::{
+    HandoffCase, HandoffOutcome, HandoffRecall, HandoffStatus, Record, Regarding, derived_id,
+};
 use forfall_platform::redis_store::{self, Keys};
 use forfall_platform::service::{Runtime, ServiceShell};
 use forfall_platform::signing;
@@ -34,8 +36,12 @@ pub const PORT_OFFSET: u16 = 5;
 pub struct HandoffSettings {
     /// The agency's case intake endpoint.
     pub agency_url: String,
-    /// Where the agency is told that money arrived for a case it holds.
+    /// Where the agency is told that a claim it holds was paid in full to the creditor, and is
+    /// to be recalled.
     pub agency_recall_url: String,
+    /// Where the agency is told of a part payment the creditor received on a claim it holds, to
+    /// book on the case.
+    pub agency_payments_url: String,
     /// Bearer token for the agency API (never logged).
     pub agency_token: Option<config::Secret>,
     /// The secret the agency and Forfall sign request bodies with (see
@@ -66,6 +72,7 @@ impl Default for HandoffSettings {
         Self {
             agency_url: "http://127.0.0.1:8089/cases".into(),
             agency_recall_url: "http://127.0.0.1:8089/recalls".into(),
+            agency_payments_url: "http://127.0.0.1:8089/payments".into(),
             agency_token: None,
             agency_signing_secret: None,
             timeout_ms: 10_000,
@@ -221,7 +228,8 @@ impl Handoff {
         &self,
         of: CaseOf<'_>,
         answer: AgencyAnswer,
-        kind: &str,
+        regarding: Regarding,
+        subject_id: &str,
         record: &Inbound,
     ) -> Result<Vec<Outbound>, Failure> {
         let CaseOf {
@@ -231,7 +239,11 @@ impl Handoff {
             debtor_id,
         } = of;
         let outcome = HandoffOutcome {
-            event_id: derived_id("handoff-outcome", &[case_id, kind, &format!("{:?}", answer.status)]),
+            // A case has one delivery; a payment report is one per payment.
+            event_id: derived_id(
+                "handoff-outcome",
+                &[subject_id, regarding.code(), &format!("{:?}", answer.status)],
+            ),
             tenant: tenant.to_owned(),
             debtor_id: debtor_id.to_owned(),
             occurred_at: self.rt.clock.now().timestamp_millis(),
@@ -243,6 +255,7 @@ impl Handoff {
             detail: answer.detail,
             collected_minor: None,
             currency: None,
+            regarding: Some(regarding.code().to_owned()),
         };
         Ok(vec![
             self.rt
@@ -274,13 +287,12 @@ impl Handoff {
                     self.exported(tokio::task::spawn_blocking(move || export.recall(&written, day)).await)?
                 }
                 None => {
-                    self.post(
-                        &self.settings.agency_recall_url,
-                        &r.event_id,
-                        &r,
-                        &record.trace.child().header(),
-                    )
-                    .await?
+                    let url = if r.recalls_case() {
+                        &self.settings.agency_recall_url
+                    } else {
+                        &self.settings.agency_payments_url
+                    };
+                    self.post(url, &r.event_id, &r, &record.trace.child().header()).await?
                 }
             };
             if answer.status == HandoffStatus::Accepted {
@@ -292,10 +304,16 @@ impl Handoff {
                     .query_async(&mut self.redis.clone())
                     .await?;
             }
-            self.results.with_label_values(&["recall"]).inc();
-            answer
-                .detail
-                .get_or_insert_with(|| format!("recall: {} paid {} minor units", r.payment_id, r.amount_minor));
+            let what = if r.recalls_case() { "recall" } else { "payment_on_case" };
+            self.results.with_label_values(&[what]).inc();
+            answer.detail.get_or_insert_with(|| {
+                format!(
+                    "{}: {} paid {} minor units",
+                    what.replace('_', " "),
+                    r.payment_id,
+                    r.amount_minor
+                )
+            });
             answer
         };
         self.outcome(
@@ -306,7 +324,12 @@ impl Handoff {
                 debtor_id: &r.debtor_id,
             },
             answer,
-            "recall",
+            if r.recalls_case() {
+                Regarding::Recall
+            } else {
+                Regarding::PaymentOnCase
+            },
+            &r.event_id,
             record,
         )
         .await
@@ -369,7 +392,8 @@ impl Handoff {
                 debtor_id: &case.debtor_id,
             },
             answer,
-            "case",
+            Regarding::Case,
+            &case.case_id,
             record,
         )
         .await

@@ -383,6 +383,7 @@ impl Matcher {
             amount_minor,
             currency: a.amount.currency.code().to_owned(),
             reason: format!("payment '{}' received after hand-off", p.payment_id),
+            remaining_minor: a.case_remaining.map(|r| r.minor),
         };
         let topic = self.0.rt.topic(&self.0.rt.config.topics.handoff_cases);
         Ok(self.0.rt.codec.outbound(&topic, &a.debtor_id, &r, trace).await?)

@@ -290,6 +290,7 @@ fn decided_matched(allocations: &[PaymentMatched], first_seen: Option<PaymentUnm
                     debtor_id: a.debtor_id.clone(),
                     amount: Money::new(a.amount_minor, currency),
                     handed_over: false,
+                    case_remaining: None,
                 })
                 .collect(),
             overpayment: Money::new(0, currency),

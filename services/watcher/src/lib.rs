@@ -1,8 +1,8 @@
 //! Watcher: owns each invoice's journey. It applies invoice snapshots, matched payments and
 //! debtors' requests, keeps a timer per invoice for its next plan step, and when a timer falls
 //! due emits the step as a `JourneyAction` (or a `HandoffCase` for the last step), with every
-//! transition, and what became of each message (dispatch's outcomes), on
-//! `forfall.journey.events.v1`. Its Redis state is rebuilt from its changelog when lost
+//! transition, and what became of each message (dispatch's outcomes) and of each case (the
+//! agency's word, hand-off's outcomes: see [`agency`]), on `forfall.journey.events.v1`. Its Redis state is rebuilt from its changelog when lost
 //! (see [`rebuild`]).
 //!
 //! Ordering rule: outputs are produced and acknowledged *before* the journey is written, and
@@ -21,6 +21,7 @@
 //! journey is written in one pipelined round trip (compare-and-set on a version, so a journey
 //! changed meanwhile is decided again instead of overwritten). See [`store`] for the layout.
 
+mod agency;
 mod format;
 mod preview;
 pub mod rebuild;
@@ -49,7 +50,7 @@ use forfall_platform::kafka::KafkaConsumer;
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::records::{
     self, CaseFee, CaseInterest, CollectionWarning, CoveredInvoice, DebtorRequest, DispatchOutcome, DispatchStatus,
-    HandoffCase, JourneyAction, JourneyEvent, PaymentMatched, Record, derived_id,
+    HandoffCase, HandoffOutcome, JourneyAction, JourneyEvent, PaymentMatched, Record, derived_id,
 };
 use forfall_platform::redis_store;
 use forfall_platform::service::{Runtime, ServiceShell};
@@ -1743,6 +1744,10 @@ impl Watcher {
             records::Invoice::FULL_NAME => self.on_invoice(decoded.to()?, record.partition, record.trace).await?,
             PaymentMatched::FULL_NAME => self.on_payment(decoded.to()?, record).await?,
             DispatchOutcome::FULL_NAME => self.on_outcome(decoded.to()?, record.partition, record.trace).await?,
+            HandoffOutcome::FULL_NAME => {
+                self.on_handoff_outcome(decoded.to()?, record.partition, record.trace)
+                    .await?
+            }
             other => {
                 return Err(Failure::reject(
                     "unexpected_record_type",
@@ -1991,6 +1996,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             rt.topic(&topics.payments_matched),
             rt.topic(&topics.debtor_requests),
             rt.topic(&topics.dispatch_outcomes),
+            rt.topic(&topics.handoff_outcomes),
         ],
     )?;
     tokio::spawn(watcher.clone().reload_policy(settings.clone()));

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use forfall_devsinks::MailSink;
+use forfall_devsinks::agency::AgencyApi;
 use forfall_devsinks::sms::{Provider, SmsProviderSim};
-use forfall_devsinks::{HttpRecorder, MailSink};
 use forfall_platform::config::CommonConfig;
 use tokio::process::{Child, Command};
 
@@ -99,7 +100,7 @@ pub struct Infra {
     pub mail: MailSink,
     /// GatewayAPI's stand-in, strict as its documentation.
     pub sms: SmsProviderSim,
-    pub agency: HttpRecorder,
+    pub agency: AgencyApi,
     /// The configuration the services get (as `FORFALL_*` variables) and the checker reads with.
     pub config: CommonConfig,
     pub clock_key: String,
@@ -147,7 +148,7 @@ impl Infra {
         let registry_url = format!("http://{registry}");
         let mail = MailSink::start()?;
         let sms = SmsProviderSim::start(Provider::GatewayApi, "", SMS_TOKEN).await?;
-        let agency = HttpRecorder::start().await?;
+        let agency = AgencyApi::start(None).await?;
         std::fs::write(dir.join("policy.toml"), POLICY)?;
         let prefix = format!("chaos{run}");
         let mut config = crate::base_config();
@@ -260,6 +261,7 @@ impl Infra {
             ),
             ("FORFALL_HANDOFF__AGENCY_URL", self.agency.url("/cases")),
             ("FORFALL_HANDOFF__AGENCY_RECALL_URL", self.agency.url("/recalls")),
+            ("FORFALL_HANDOFF__AGENCY_PAYMENTS_URL", self.agency.url("/payments")),
             ("FORFALL_HANDOFF__TIMEOUT_MS", "3000".into()),
         ];
         let mut env: Vec<(String, String)> = env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();

@@ -3,6 +3,8 @@
 //!   it plays a mail server's faults (a reply to the end of data that comes too late, a DATA
 //!   command held before the message is sent).
 //! - [`HttpRecorder`]: an HTTP server keeping every request and answering with a scripted status.
+//! - [`agency::AgencyApi`]: a collection agency's case API, strict as the README's generic agency
+//!   API, with its faults on request.
 //! - [`sms::SmsProviderSim`]: the SMS providers' APIs, strict as their documentation.
 //! - [`vipps::VippsSim`]: the Vipps MobilePay ePayment and webhooks APIs, likewise.
 //! - [`stripe::StripeSim`]: Stripe Checkout and its webhook endpoints, likewise.
@@ -10,6 +12,7 @@
 //! - [`ingress::Forwarder`]: a reverse proxy that keeps `Host`, for fixed public URLs (also
 //!   over HTTPS, with a certificate of a [`tls::TestPki`]).
 
+pub mod agency;
 pub mod ingress;
 pub mod sms;
 pub mod stripe;
