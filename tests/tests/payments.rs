@@ -337,7 +337,7 @@ async fn partial_and_over_payments_and_a_payment_matched_by_hand() -> anyhow::Re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn money_for_a_claim_with_the_agency_recalls_it() -> anyhow::Result<()> {
+async fn money_for_a_claim_with_the_agency_is_booked_on_the_case_then_recalls_it() -> anyhow::Result<()> {
     let clock = ManualClock::new(at("2026-09-01T06:00:00Z"));
     let stack = LocalStack::start(base_config(), clock.clone()).await?;
     stack.start_all();
@@ -364,11 +364,44 @@ async fn money_for_a_claim_with_the_agency_recalls_it() -> anyhow::Result<()> {
     })
     .await?;
 
+    // Part of it first: a payment on the case, saying what remains.
+    let file = camt054(
+        "DK-0",
+        &[CamtCredit {
+            transaction_id: "DK-TX-0",
+            amount: "234.50",
+            currency: "DKK",
+            reference: Some(s.reference),
+            text: None,
+            payer_account: None,
+            date: "2026-10-01",
+        }],
+    );
+    let (status, body) = import(&stack, s.tenant, &file, false).await?;
+    assert_eq!(status, 200, "{body}");
+    let payment = eventually("the payment booked at the agency", WAIT, || async {
+        Ok(stack.agency.payments().into_iter().next())
+    })
+    .await?;
+    assert_eq!(
+        (payment["amount_minor"].as_i64(), payment["remaining_minor"].as_i64()),
+        (Some(23_450), Some(100_000))
+    );
+    assert!(stack.agency.recalls().is_empty(), "part of a claim is not a recall");
+    let reported = eventually("the report on the timeline", WAIT, || async {
+        let events = stack
+            .read::<JourneyEvent>(&stack.topic(&stack.topics().journey_events))
+            .await?;
+        Ok(events.into_iter().find(|e| e.kind == "payment_reported_to_agency"))
+    })
+    .await?;
+    assert_eq!(reported.to_state, "handed_over", "still the agency's");
+
     let file = camt054(
         "DK-1",
         &[CamtCredit {
             transaction_id: "DK-TX-1",
-            amount: "1234.50",
+            amount: "1000.00",
             currency: "DKK",
             reference: Some(s.reference),
             text: None,
@@ -384,11 +417,23 @@ async fn money_for_a_claim_with_the_agency_recalls_it() -> anyhow::Result<()> {
     .await?;
     let body = recall.json();
     assert_eq!(
-        (body["invoice_id"].as_str(), body["amount_minor"].as_i64()),
-        (Some("inv-late"), Some(123_450))
+        (
+            body["invoice_id"].as_str(),
+            body["amount_minor"].as_i64(),
+            body["remaining_minor"].as_i64()
+        ),
+        (Some("inv-late"), Some(100_000), Some(0))
     );
     assert!(recall.header("idempotency-key").is_some());
+    assert_eq!(stack.agency.recalls().len(), 1, "{:?}", stack.agency.recalls());
     status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
+    eventually("the recall on the timeline", WAIT, || async {
+        let events = stack
+            .read::<JourneyEvent>(&stack.topic(&stack.topics().journey_events))
+            .await?;
+        Ok(events.into_iter().find(|e| e.kind == "case_recalled"))
+    })
+    .await?;
     stack.shutdown().await;
     Ok(())
 }

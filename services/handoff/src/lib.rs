@@ -173,7 +173,13 @@ impl Handoff {
         {
             return Err(Failure::Transient(anyhow::anyhow!("agency answered {status}")));
         }
-        let detail: String = body.chars().take(500).collect();
+        // The agency's reason when it gives one in JSON, else what it said.
+        let reason = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| {
+            ["error", "reason", "message", "detail"]
+                .iter()
+                .find_map(|k| v.get(*k).and_then(|r| r.as_str()).map(str::to_owned))
+        });
+        let detail: String = reason.unwrap_or(body).chars().take(500).collect();
         Ok(AgencyAnswer {
             status: HandoffStatus::Rejected,
             http_status: code,

@@ -200,7 +200,10 @@ async fn handle(State(shared): State<Shared>, method: Method, uri: Uri, headers:
                 .collect(),
             body: body.to_vec(),
         });
-        (books.failures.pop_front(), books.stalls.pop_front())
+        match books.failures.pop_front() {
+            Some(status) => (Some(status), None),
+            None => (None, books.stalls.pop_front()),
+        }
     };
     if let Some(status) = failure {
         return refuse(status, "the agency is unavailable; try again");
