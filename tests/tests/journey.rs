@@ -163,13 +163,19 @@ async fn a_segment_plan_with_a_statutory_fee_runs_to_hand_off() -> anyhow::Resul
     let preview_url = format!("http://{watcher}/v1/handoff/preview/{}/{}", s.tenant, s.debtor_id());
     let staff = reqwest::Client::new();
     assert_eq!(staff.get(&preview_url).send().await?.status().as_u16(), 401);
-    let preview: Vec<serde_json::Value> = staff
-        .get(&preview_url)
-        .bearer_auth(STAFF_TOKEN)
-        .send()
-        .await?
-        .json()
-        .await?;
+    // Once the watcher has heard what became of the three messages, the case lists them.
+    let preview: Vec<serde_json::Value> = eventually("the messages in the preview", WAIT, || async {
+        let preview: Vec<serde_json::Value> = staff
+            .get(&preview_url)
+            .bearer_auth(STAFF_TOKEN)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let listed = preview.first().and_then(|p| p["messages"].as_array().map(Vec::len));
+        Ok((listed == Some(3)).then_some(preview))
+    })
+    .await?;
     assert_eq!(preview.len(), 1, "{preview:?}");
     let varsel_day = when(2).with_timezone(&Jurisdiction::NO.time_zone()).date_naive();
     assert_eq!(
@@ -191,6 +197,7 @@ async fn a_segment_plan_with_a_statutory_fee_runs_to_hand_off() -> anyhow::Resul
         "forsinkelsesrenteloven § 3",
         "warning      'inkassovarsel' sent",
         "inkassoloven § 9",
+        "message      'purring' (reminder) by email",
     ] {
         assert!(text.contains(want), "the preview shows '{want}':\n{text}");
     }
@@ -280,6 +287,49 @@ async fn a_segment_plan_with_a_statutory_fee_runs_to_hand_off() -> anyhow::Resul
         case["steps_taken"],
         serde_json::json!(["nudge", "purring", "inkassovarsel", "handoff"])
     );
+    // The evidence: each message, its day, tone, channel, what became of it, and a digest of
+    // what it said (each different; the e-mails the debtor got are the ones listed).
+    let messages = case["messages"].as_array().cloned().unwrap_or_default();
+    let listed: Vec<(&str, &str, &str, &str)> = messages
+        .iter()
+        .map(|m| {
+            (
+                m["step"].as_str().unwrap_or(""),
+                m["tone"].as_str().unwrap_or(""),
+                m["channel"].as_str().unwrap_or(""),
+                m["delivery"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("nudge", "nudge", "email", "sent"),
+            ("purring", "reminder", "email", "sent"),
+            ("inkassovarsel", "collection_warning", "email", "sent"),
+        ],
+        "{case}"
+    );
+    assert_eq!(messages[2]["sent_on"], epoch(varsel_day));
+    let digests: std::collections::HashSet<&str> = messages
+        .iter()
+        .filter_map(|m| m["content_sha256"].as_str())
+        .filter(|d| d.len() == 64 && d.chars().all(|c| c.is_ascii_hexdigit()))
+        .collect();
+    assert_eq!(digests.len(), 3, "a digest each, all different: {case}");
+    let mail_ids: Vec<String> = stack
+        .mail
+        .to(s.email)
+        .iter()
+        .filter_map(|m| m.header("Message-ID"))
+        .collect();
+    for m in &messages {
+        let id = m["provider_message_id"].as_str().unwrap_or("");
+        assert!(
+            mail_ids.iter().any(|h| h.contains(id) && !id.is_empty()),
+            "{id} in {mail_ids:?}"
+        );
+    }
     let chosen = plan_chosen(&stack, s.invoice_id).await?;
     assert_eq!(
         chosen.rule.as_deref(),

@@ -142,6 +142,22 @@ pub fn render(tenant: &str, debtor: &str, cases: &[Value]) -> String {
                 text(&warning["citation"])
             ));
         }
+        for m in case["messages"].as_array().into_iter().flatten() {
+            let digest = text(&m["content_sha256"]);
+            out.push_str(&format!(
+                "  message      '{}' ({}) by {} on {}: {}; sha256 {}\n",
+                text(&m["step"]),
+                m["tone"].as_str().unwrap_or("no tone"),
+                text(&m["channel"]),
+                day(&m["sent_on"]),
+                text(&m["delivery"]),
+                if digest.is_empty() {
+                    "not kept".to_owned()
+                } else {
+                    digest
+                }
+            ));
+        }
     }
     out
 }
@@ -171,7 +187,10 @@ mod tests {
             "interest_note": null, "compensation_minor": 0, "total_minor": 94_848,
             "collection_warning": {"given": true, "step": "inkassovarsel", "sent_on": 20_549,
                                    "days_to_pay": 14, "deadline": 20_563, "required_days": 14,
-                                   "citation": "inkassoloven § 9"}
+                                   "citation": "inkassoloven § 9"},
+            "messages": [{"sent_at": 0, "sent_on": 20_528, "step": "purring", "tone": "reminder",
+                          "channel": "sms", "delivery": "delivered", "content_sha256": "ab12",
+                          "provider_message_id": "gw-1"}]
         });
         let text = render("nordkraft", "nordkraft:kari@example.test", &[case]);
         for want in [
@@ -181,6 +200,7 @@ mod tests {
             "interest     14.48 NOK for 2026-03-03 to 2026-04-20 (49 days at 12.00 % = 4.00 % reference + 8.00 %): forsinkelsesrenteloven § 3",
             "total        948.48 NOK",
             "warning      'inkassovarsel' sent 2026-04-06, 14 days to pay (by 2026-04-20); the law asks 14 (inkassoloven § 9)",
+            "message      'purring' (reminder) by sms on 2026-03-16: delivered; sha256 ab12",
         ] {
             assert!(text.contains(want), "missing '{want}' in:\n{text}");
         }

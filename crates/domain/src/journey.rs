@@ -160,12 +160,13 @@ pub enum JourneyState {
     Reminded(u32),
     Warned,
     HandedOver,
-    /// The agency rejected or returned the case, or closed it unpaid: the journey waits for a
-    /// person at the creditor (see [`crate::agency`]).
-    NeedsPerson,
     Closed(CloseReason),
     /// No steps while the pause lasts; see [`Pause`].
     Paused(PauseReason),
+    /// The agency rejected or returned the case, or closed it unpaid: the journey waits for a
+    /// person at the creditor (see [`crate::agency`]). Last, so that journeys stored before it
+    /// existed keep their states' encodings.
+    NeedsPerson,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -264,6 +265,9 @@ pub struct Journey {
     /// The collection warning the creditor gave (the last, if several), for the hand-off.
     #[serde(default)]
     pub warning: Option<WarningGiven>,
+    /// Every message of the journey and what became of it: the hand-off's evidence.
+    #[serde(default)]
+    pub messages: Vec<crate::evidence::MessageEvidence>,
 }
 
 /// A collection warning sent (NO inkassovarsel, DK påkrav): when, and the deadline it gave.
@@ -519,6 +523,7 @@ pub fn on_invoice(existing: Option<Journey>, snapshot: InvoiceSnapshot, plan: &P
             fee_dates: Vec::new(),
             fees: Vec::new(),
             warning: None,
+            messages: Vec::new(),
         };
         let mut transitions = vec![transition("opened", JourneyState::Open, JourneyState::Open)];
         if let Some(reason) = closed_by_invoice(&journey.invoice) {

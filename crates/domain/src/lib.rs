@@ -7,6 +7,7 @@ pub mod agency;
 pub mod bank_codes;
 pub mod calendar;
 pub mod claim;
+pub mod evidence;
 pub mod invoice;
 pub mod journey;
 pub mod jurisdiction;

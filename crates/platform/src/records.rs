@@ -267,6 +267,10 @@ pub struct DispatchOutcome {
     pub status: DispatchStatus,
     pub reason: Option<String>,
     pub provider_message_id: Option<String>,
+    #[serde(default)]
+    pub content_sha256: Option<String>,
+    #[serde(default)]
+    pub covered_invoice_ids: Vec<String>,
 }
 record!(DispatchOutcome, "DispatchOutcome.avsc");
 
@@ -400,8 +404,23 @@ pub struct HandoffCase {
     pub debtor_details: Option<DebtorDetails>,
     #[serde(default)]
     pub collection_warning: Option<CollectionWarning>,
+    #[serde(default)]
+    pub messages: Vec<CaseMessage>,
 }
 record!(HandoffCase, "HandoffCase.avsc");
+
+/// One message of a handed-over claim's journey, as evidence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaseMessage {
+    pub sent_at: i64,
+    pub sent_on: i32,
+    pub step: String,
+    pub tone: Option<String>,
+    pub channel: String,
+    pub delivery: String,
+    pub content_sha256: Option<String>,
+    pub provider_message_id: Option<String>,
+}
 
 /// The statutory warning before collection, as a handed-over case tells it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -758,6 +777,8 @@ mod tests {
             status: DispatchStatus::Suppressed,
             reason: Some("paid".into()),
             provider_message_id: None,
+            content_sha256: Some("ab".repeat(32)),
+            covered_invoice_ids: vec!["i2".into()],
         });
         round_trip(PaymentReceived {
             event_id: "e".into(),
@@ -901,6 +922,16 @@ mod tests {
                 rule_id: Some("no.warning.days_to_pay".into()),
                 citation: Some("inkassoloven § 9".into()),
             }),
+            messages: vec![CaseMessage {
+                sent_at: 1_700_000_000_000,
+                sent_on: 19_676,
+                step: "inkassovarsel".into(),
+                tone: Some("collection_warning".into()),
+                channel: "email".into(),
+                delivery: "delivered".into(),
+                content_sha256: Some("0f".repeat(32)),
+                provider_message_id: Some("<a.email@forfall.test>".into()),
+            }],
         });
         round_trip(HandoffOutcome {
             event_id: "e".into(),

@@ -75,6 +75,21 @@ pub struct Content {
     pub consequence: String,
 }
 
+impl Content {
+    /// SHA-256 (hex) of what `channel` carries of this message (the e-mail's subject, text and
+    /// HTML; the SMS text; a webhook's subject and text): the evidence a hand-off lists, to be
+    /// checked against the creditor's copy of what was sent.
+    pub fn digest(&self, channel: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let carried = match channel {
+            "sms" => self.sms.clone(),
+            "email" => format!("{}\n\n{}\n\n{}", self.subject, self.text, self.html),
+            _ => format!("{}\n\n{}", self.subject, self.text),
+        };
+        hex::encode(Sha256::digest(carried.as_bytes()))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("message templates refused:\n  {}", .0.join("\n  "))]
 pub struct TemplateError(pub Vec<String>);

@@ -253,6 +253,8 @@ struct ChannelResult {
     status: DispatchStatus,
     reason: Option<String>,
     provider_message_id: Option<String>,
+    /// SHA-256 of the content sent (see [`content::Content::digest`]), when known.
+    content_sha256: Option<String>,
     /// A redelivered action: nothing was sent this time (counted as a duplicate).
     redelivered: bool,
     /// This attempt handed the message over and cannot tell whether the provider took it.
@@ -265,14 +267,16 @@ impl ChannelResult {
             status,
             reason: reason.into(),
             provider_message_id: None,
+            content_sha256: None,
             redelivered: false,
             unknown: false,
         }
     }
 
-    fn sent(provider_message_id: String) -> Self {
+    fn sent(sent: Sent) -> Self {
         Self {
-            provider_message_id: Some(provider_message_id),
+            provider_message_id: Some(sent.message_id),
+            content_sha256: Some(sent.content_sha256),
             ..Self::new(DispatchStatus::Sent, None::<String>)
         }
     }
@@ -286,6 +290,35 @@ impl ChannelResult {
                 DispatchStatus::Duplicate,
                 format!("delivery unknown, not sent again and no fallback: {detail}"),
             )
+        }
+    }
+}
+
+/// A message a provider took: its id there, and the digest of what it carried.
+pub(crate) struct Sent {
+    pub(crate) message_id: String,
+    pub(crate) content_sha256: String,
+}
+
+impl Sent {
+    const DIGEST: &'static str = " sha256=";
+
+    /// As the claim's final state keeps it, after `sent:`.
+    pub(crate) fn claim_value(&self) -> String {
+        format!("{}{}{}", self.message_id, Self::DIGEST, self.content_sha256)
+    }
+
+    /// From a claim's final state (claims settled before digests were kept have none).
+    fn from_claim(value: &str) -> Self {
+        match value.rsplit_once(Self::DIGEST) {
+            Some((message_id, digest)) => Self {
+                message_id: message_id.to_owned(),
+                content_sha256: digest.to_owned(),
+            },
+            None => Self {
+                message_id: value.to_owned(),
+                content_sha256: String::new(),
+            },
         }
     }
 }
@@ -558,6 +591,8 @@ pub(crate) fn outcome_of(
         status,
         reason,
         provider_message_id,
+        content_sha256: None,
+        covered_invoice_ids: action.covers.iter().map(|c| c.invoice_id.clone()).collect(),
     }
 }
 
@@ -646,17 +681,22 @@ impl Dispatch {
             status,
             reason: Some(reason),
             provider_message_id,
+            content_sha256: None,
             redelivered: true,
             unknown: false,
         };
-        if let Some(message_id) = state.strip_prefix("sent:") {
+        if let Some(sent) = state.strip_prefix("sent:") {
             // Sent before, perhaps by an attempt that died before reporting it: report SENT
             // again under the same event id, so the outcome is never lost, and send nothing.
-            return Ok(redelivered(
-                DispatchStatus::Sent,
-                "redelivered action: already sent, not sent again".to_owned(),
-                Some(message_id.to_owned()),
-            ));
+            let sent = Sent::from_claim(sent);
+            return Ok(ChannelResult {
+                content_sha256: Some(sent.content_sha256).filter(|d| !d.is_empty()),
+                ..redelivered(
+                    DispatchStatus::Sent,
+                    "redelivered action: already sent, not sent again".to_owned(),
+                    Some(sent.message_id),
+                )
+            });
         }
         if let Some(reason) = state.strip_prefix("suppressed:") {
             // Suppressed before, perhaps by an attempt that died before reporting it.
@@ -724,7 +764,7 @@ impl Dispatch {
         let attempt = Attempt::new(self, &key, &action.action_id, channel);
         if !attempt.enabled() {
             return Ok(Some(match self.send_with_retries(action, channel, &attempt).await {
-                Ok(id) => ChannelResult::sent(id),
+                Ok(sent) => ChannelResult::sent(sent),
                 Err(SendError::Unknown(detail)) => ChannelResult::unknown(&detail),
                 Err(SendError::Permanent(reason) | SendError::Transient(reason)) => {
                     ChannelResult::new(DispatchStatus::Failed, reason)
@@ -770,15 +810,15 @@ impl Dispatch {
             .renewing(self.send_with_retries(action, channel, &attempt))
             .await;
         match sent {
-            Ok(message_id) => {
+            Ok(sent) => {
                 // The message went out under this attempt's own `sending`, which no other attempt
                 // can take: the claim is still this attempt's unless someone removed it by hand.
-                if !attempt.settle(&format!("sent:{message_id}")).await? {
-                    tracing::error!(channel, %message_id, "sent, but the claim was no longer this attempt's to record it");
+                if !attempt.settle(&format!("sent:{}", sent.claim_value())).await? {
+                    tracing::error!(channel, message_id = %sent.message_id, "sent, but the claim was no longer this attempt's to record it");
                 }
                 attempt.forget_commit(false).await;
-                self.remember_sent(action, channel, &message_id).await?;
-                Ok(Some(ChannelResult::sent(message_id)))
+                self.remember_sent(action, channel, &sent.message_id).await?;
+                Ok(Some(ChannelResult::sent(sent)))
             }
             Err(SendError::Unknown(detail)) => {
                 // After the commit point, without proof either way: never again on this channel
@@ -838,7 +878,7 @@ impl Dispatch {
         action: &JourneyAction,
         channel: &str,
         attempt: &Attempt<'_>,
-    ) -> Result<String, SendError> {
+    ) -> Result<Sent, SendError> {
         let retry = &self.settings.retry;
         let mut tries = 0u32;
         loop {
@@ -859,21 +899,36 @@ impl Dispatch {
         }
     }
 
-    async fn send_once(
-        &self,
-        action: &JourneyAction,
-        channel: &str,
-        attempt: &Attempt<'_>,
-    ) -> Result<String, SendError> {
+    async fn send_once(&self, action: &JourneyAction, channel: &str, attempt: &Attempt<'_>) -> Result<Sent, SendError> {
         let profile = self.profile(&action.tenant);
         let ctx = message::context(action, &profile, &self.pay_links, self.rt.clock.now());
         let content = self
             .templates
             .render(&action.tenant, &ctx)
             .map_err(|e| SendError::Permanent(format!("the message cannot be rendered: {e}")))?;
+        let content_sha256 = content.digest(channel);
+        let message_id = self
+            .send_content(action, channel, attempt, &profile, &ctx, &content)
+            .await?;
+        Ok(Sent {
+            message_id,
+            content_sha256,
+        })
+    }
+
+    /// Sends rendered `content` on `channel`; the provider's message id.
+    async fn send_content(
+        &self,
+        action: &JourneyAction,
+        channel: &str,
+        attempt: &Attempt<'_>,
+        profile: &TenantProfile,
+        ctx: &content::MessageContext,
+        content: &content::Content,
+    ) -> Result<String, SendError> {
         let reference = format!("{}:{channel}", action.action_id);
         match channel {
-            "email" => self.send_email(action, &content, attempt).await,
+            "email" => self.send_email(action, content, attempt).await,
             "sms" => {
                 let Some(provider) = self.sms_provider(&action.tenant) else {
                     return Err(SendError::Permanent("no SMS provider is configured".into()));
@@ -904,7 +959,7 @@ impl Dispatch {
                 let Some(url) = profile.webhook_url.as_deref() else {
                     return Err(SendError::Permanent("the tenant has no webhook_url".into()));
                 };
-                let body = message::webhook_body(action, &ctx, &content);
+                let body = message::webhook_body(action, ctx, content);
                 self.webhook
                     .send(url, &reference, &body, self.rt.clock.now().timestamp(), || {
                         self.commit_if_still_open(action, attempt)
@@ -1067,7 +1122,7 @@ impl Handler for Dispatch {
                 .with_label_values(&[&action.step, channel, metric_label])
                 .inc();
             tracing::info!(step = %action.step, channel = %channel, status = %status_label, "dispatch outcome");
-            let outcome = outcome_of(
+            let mut outcome = outcome_of(
                 &action,
                 channel,
                 result.status,
@@ -1075,6 +1130,7 @@ impl Handler for Dispatch {
                 result.provider_message_id,
                 self.rt.clock.now().timestamp_millis(),
             );
+            outcome.content_sha256 = result.content_sha256;
             outs.push(
                 self.rt
                     .codec

@@ -46,7 +46,14 @@ pub fn claim_state(o: &DispatchOutcome) -> String {
     let reason = o.reason.clone().unwrap_or_default();
     match o.status {
         DispatchStatus::Sent | DispatchStatus::Delivered => {
-            format!("sent:{}", o.provider_message_id.clone().unwrap_or_default())
+            let sent = crate::Sent {
+                message_id: o.provider_message_id.clone().unwrap_or_default(),
+                content_sha256: o.content_sha256.clone().unwrap_or_default(),
+            };
+            match o.content_sha256 {
+                Some(_) => format!("sent:{}", sent.claim_value()),
+                None => format!("sent:{}", sent.message_id),
+            }
         }
         DispatchStatus::Suppressed => format!("suppressed:{reason}"),
         DispatchStatus::Failed | DispatchStatus::Bounced => format!("failed:{reason}"),

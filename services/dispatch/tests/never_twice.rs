@@ -297,7 +297,11 @@ async fn an_attempt_whose_lease_ran_out_with_no_successor_sends_the_message_once
     assert_eq!(mails_of(&stack, &expired), 1, "sent exactly once");
     assert_eq!(
         claim_state(&stack, &expired, "email").await?,
-        Some(format!("sent:{}", sent.provider_message_id.unwrap_or_default()))
+        Some(format!(
+            "sent:{} sha256={}",
+            sent.provider_message_id.unwrap_or_default(),
+            sent.content_sha256.unwrap_or_default()
+        ))
     );
     let recorded = outcomes_of(&stack, &expired).await?;
     assert!(

@@ -211,6 +211,8 @@ fn case_row(c: &Value) -> Vec<(&'static str, String)> {
         ("warning_given", text(&warning["given"])),
         ("warning_sent_on", day(&warning["sent_on"])),
         ("warning_deadline", day(&warning["deadline"])),
+        // Each message with its digest is in the JSON file; the row counts them.
+        ("messages", c["messages"].as_array().map_or(0, Vec::len).to_string()),
         ("policy_version", text(&c["policy_version"])),
     ]
 }
@@ -292,6 +294,7 @@ mod tests {
                 company_id: None,
             }),
             collection_warning: None,
+            messages: Vec::new(),
         }
     }
 

@@ -6,7 +6,7 @@
 
 use chrono::NaiveDate;
 use forfall_domain::invoice::InvoiceSnapshot;
-use forfall_domain::journey::{Journey, JourneyState, Pause};
+use forfall_domain::journey::{FeeCharged, Journey, JourneyState, Pause, WarningGiven};
 use forfall_platform::kafka::Failure;
 use serde::Deserialize;
 
@@ -14,10 +14,12 @@ use crate::store::Stored;
 
 /// Before fees' days were recorded (`Journey::fee_dates`).
 const FORMAT_POSTCARD_V1: u8 = 1;
+/// Before messages were kept as evidence (`Journey::messages`).
 const FORMAT_POSTCARD_V2: u8 = 2;
+const FORMAT_POSTCARD_V3: u8 = 3;
 
 pub fn encode_body(stored: &Stored) -> Result<Vec<u8>, Failure> {
-    let mut body = vec![FORMAT_POSTCARD_V2];
+    let mut body = vec![FORMAT_POSTCARD_V3];
     let encoded =
         postcard::to_allocvec(stored).map_err(|e| Failure::Fatal(anyhow::anyhow!("encoding a journey: {e}")))?;
     body.extend_from_slice(&encoded);
@@ -28,7 +30,10 @@ pub fn decode_body(body: &[u8]) -> Result<Stored, Failure> {
     let corrupt =
         |tag: u8, e: postcard::Error| Failure::Fatal(anyhow::anyhow!("corrupt journey state (postcard v{tag}): {e}"));
     match body.split_first() {
-        Some((&FORMAT_POSTCARD_V2, rest)) => postcard::from_bytes(rest).map_err(|e| corrupt(2, e)),
+        Some((&FORMAT_POSTCARD_V3, rest)) => postcard::from_bytes(rest).map_err(|e| corrupt(3, e)),
+        Some((&FORMAT_POSTCARD_V2, rest)) => postcard::from_bytes::<StoredV2>(rest)
+            .map(Stored::from)
+            .map_err(|e| corrupt(2, e)),
         Some((&FORMAT_POSTCARD_V1, rest)) => postcard::from_bytes::<StoredV1>(rest)
             .map(Stored::from)
             .map_err(|e| corrupt(1, e)),
@@ -36,6 +41,71 @@ pub fn decode_body(body: &[u8]) -> Result<Stored, Failure> {
             "journey state in format {tag}, which this watcher does not read (newer than it?)"
         ))),
         None => Err(Failure::Fatal(anyhow::anyhow!("journey state without a body"))),
+    }
+}
+
+/// [`Stored`] as format 2 wrote it.
+#[derive(Deserialize)]
+struct StoredV2 {
+    journey: JourneyV2,
+    partition: i32,
+    pending_step: Option<usize>,
+    pending_fire_ms: Option<i64>,
+}
+
+/// [`Journey`] as format 2 wrote it: the same fields, in the same order, without `messages`.
+#[derive(Deserialize)]
+struct JourneyV2 {
+    state: JourneyState,
+    invoice: InvoiceSnapshot,
+    plan_version: String,
+    plan: String,
+    segment: Option<String>,
+    experiment: Option<String>,
+    fees_minor: i64,
+    pause: Option<Pause>,
+    due_override: Option<NaiveDate>,
+    postponements: u32,
+    applied_requests: Vec<String>,
+    next_step: usize,
+    paid_minor: i64,
+    applied_payments: Vec<String>,
+    steps_taken: Vec<String>,
+    fee_dates: Vec<NaiveDate>,
+    fees: Vec<FeeCharged>,
+    warning: Option<WarningGiven>,
+}
+
+impl From<StoredV2> for Stored {
+    fn from(v2: StoredV2) -> Self {
+        let j = v2.journey;
+        Stored {
+            journey: Journey {
+                state: j.state,
+                invoice: j.invoice,
+                plan_version: j.plan_version,
+                plan: j.plan,
+                segment: j.segment,
+                experiment: j.experiment,
+                fees_minor: j.fees_minor,
+                pause: j.pause,
+                due_override: j.due_override,
+                postponements: j.postponements,
+                applied_requests: j.applied_requests,
+                next_step: j.next_step,
+                paid_minor: j.paid_minor,
+                applied_payments: j.applied_payments,
+                steps_taken: j.steps_taken,
+                fee_dates: j.fee_dates,
+                fees: j.fees,
+                warning: j.warning,
+                // Format 2 did not keep them: the hand-off's evidence starts with the upgrade.
+                messages: Vec::new(),
+            },
+            partition: v2.partition,
+            pending_step: v2.pending_step,
+            pending_fire_ms: v2.pending_fire_ms,
+        }
     }
 }
 
@@ -92,6 +162,7 @@ impl From<StoredV1> for Stored {
                 fee_dates: Vec::new(),
                 fees: Vec::new(),
                 warning: None,
+                messages: Vec::new(),
             },
             partition: v1.partition,
             pending_step: v1.pending_step,
@@ -169,7 +240,77 @@ mod tests {
         assert_eq!((read.partition, read.pending_step), (5, Some(1)));
         // Read as format 2 the same bytes would be garbage or an error: the tag is what tells.
         let current = encode_body(&read).unwrap();
-        assert_eq!(current[0], FORMAT_POSTCARD_V2);
+        assert_eq!(current[0], FORMAT_POSTCARD_V3);
         assert_eq!(decode_body(&current).unwrap(), read);
+    }
+
+    /// Format 2's writer, frozen: what a watcher before `messages` stored.
+    #[derive(Serialize)]
+    struct WrittenV2<'a> {
+        journey: JourneyV2Out<'a>,
+        partition: i32,
+        pending_step: Option<usize>,
+        pending_fire_ms: Option<i64>,
+    }
+
+    #[derive(Serialize)]
+    struct JourneyV2Out<'a> {
+        v1: JourneyV1Out<'a>,
+        fee_dates: &'a [NaiveDate],
+        fees: &'a [FeeCharged],
+        warning: Option<&'a WarningGiven>,
+    }
+
+    #[test]
+    fn a_journey_stored_in_format_2_still_reads() {
+        let plan = forfall_domain::journey::Plan::builtin();
+        let snapshot = forfall_domain::invoice::validate_issued(crate::store::tests::sample_input()).unwrap();
+        let mut journey = forfall_domain::journey::on_invoice(None, snapshot, &plan).journey;
+        journey.state = JourneyState::Paused(forfall_domain::journey::PauseReason::Dispute);
+        journey.fees_minor = 6_000;
+        journey.steps_taken = vec!["nudge".into(), "reminder-1".into()];
+        journey.fee_dates = vec![NaiveDate::from_ymd_opt(2026, 3, 16).unwrap()];
+        journey.warning = Some(WarningGiven {
+            date: NaiveDate::from_ymd_opt(2026, 3, 16).unwrap(),
+            step: "reminder-1".into(),
+            days_to_pay: Some(14),
+        });
+        let j = &journey;
+        let old = WrittenV2 {
+            // Serialised in order, a nested struct adds no bytes: V1's fields, then V2's.
+            journey: JourneyV2Out {
+                v1: JourneyV1Out {
+                    state: j.state,
+                    invoice: &j.invoice,
+                    plan_version: &j.plan_version,
+                    plan: &j.plan,
+                    segment: j.segment.as_deref(),
+                    experiment: j.experiment.as_deref(),
+                    fees_minor: j.fees_minor,
+                    pause: j.pause.as_ref(),
+                    due_override: j.due_override,
+                    postponements: j.postponements,
+                    applied_requests: &j.applied_requests,
+                    next_step: j.next_step,
+                    paid_minor: j.paid_minor,
+                    applied_payments: &j.applied_payments,
+                    steps_taken: &j.steps_taken,
+                },
+                fee_dates: &j.fee_dates,
+                fees: &j.fees,
+                warning: j.warning.as_ref(),
+            },
+            partition: 2,
+            pending_step: Some(2),
+            pending_fire_ms: Some(1_774_000_000_000),
+        };
+        let mut body = vec![FORMAT_POSTCARD_V2];
+        body.extend(postcard::to_allocvec(&old).unwrap());
+        let read = decode_body(&body).unwrap();
+        assert_eq!(read.journey, journey, "a paused journey keeps its state's encoding");
+        assert_eq!(
+            (read.partition, read.pending_step, read.pending_fire_ms),
+            (2, Some(2), Some(1_774_000_000_000))
+        );
     }
 }

@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use forfall_domain::claim;
+use forfall_domain::evidence::{Delivery, MessageEvidence};
 use forfall_domain::invoice::{self, Contact, InvoiceSnapshot, InvoiceStatus};
 use forfall_domain::journey::{
     self, DebtorInvoice, Decision, Emit, Journey, JourneyState, Plan, Request, Role, StepFee, TimerChange, Transition,
@@ -49,8 +50,8 @@ use forfall_platform::journey_state;
 use forfall_platform::kafka::KafkaConsumer;
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::records::{
-    self, CaseFee, CaseInterest, CollectionWarning, CoveredInvoice, DebtorRequest, DispatchOutcome, DispatchStatus,
-    HandoffCase, HandoffOutcome, JourneyAction, JourneyEvent, PaymentMatched, Record, derived_id,
+    self, CaseFee, CaseInterest, CaseMessage, CollectionWarning, CoveredInvoice, DebtorRequest, DispatchOutcome,
+    DispatchStatus, HandoffCase, HandoffOutcome, JourneyAction, JourneyEvent, PaymentMatched, Record, derived_id,
 };
 use forfall_platform::redis_store;
 use forfall_platform::service::{Runtime, ServiceShell};
@@ -546,7 +547,37 @@ impl Watcher {
             total_minor: Some(claim.total.minor),
             debtor_details: inv.contact.details.clone(),
             collection_warning: self.warning_of(j, today),
+            messages: self.messages_of(j),
         }
+    }
+
+    /// The journey's messages as the case's evidence, each with its tone from the plan.
+    fn messages_of(&self, j: &Journey) -> Vec<CaseMessage> {
+        let plan = self.plan_of(j);
+        let zone = j.invoice.jurisdiction.time_zone();
+        j.messages
+            .iter()
+            .map(|m| {
+                let at = DateTime::<Utc>::from_timestamp_millis(m.at_ms).unwrap_or_default();
+                CaseMessage {
+                    sent_at: m.at_ms,
+                    sent_on: invoice::epoch_days(at.with_timezone(&zone).date_naive()),
+                    step: m.step.clone(),
+                    tone: plan
+                        .steps
+                        .iter()
+                        .find(|s| s.name == m.step)
+                        .and_then(|s| match &s.kind {
+                            journey::StepKind::Message { tone, .. } => Some(tone.code().to_owned()),
+                            journey::StepKind::Handoff => None,
+                        }),
+                    channel: m.channel.clone(),
+                    delivery: m.delivery.code().to_owned(),
+                    content_sha256: m.content_sha256.clone(),
+                    provider_message_id: m.provider_message_id.clone(),
+                }
+            })
+            .collect()
     }
 
     /// What the case says of the statutory warning before collection: the one the plan sent,
@@ -1761,29 +1792,10 @@ impl Watcher {
 
 impl Watcher {
     /// What became of a message (sent, delivered, bounced, failed, suppressed, a duplicate held
-    /// back): part of the invoice's timeline, and later of the agency's evidence. It changes no
-    /// state: retries and fallback channels are dispatch's; the journey goes on by its plan.
+    /// back): part of the invoice's timeline, and kept in its journey (and in those of the
+    /// other invoices a combined message listed) as the hand-off's evidence. The journey goes
+    /// on by its plan: retries and fallback channels are dispatch's.
     async fn on_outcome(&self, rec: DispatchOutcome, partition: i32, trace: TraceContext) -> Result<(), Failure> {
-        let loaded = match self.load(partition, &rec.tenant, &rec.invoice_id).await {
-            // Only a timeline entry depends on it: refused with the reason, not fatal.
-            Err(Failure::Fatal(e)) => {
-                return Err(Failure::Reject {
-                    code: "journey_unreadable",
-                    detail: format!(
-                        "outcome for invoice '{}': its journey cannot be read: {e}",
-                        rec.invoice_id
-                    ),
-                    tenant: Some(rec.tenant.clone()),
-                    debtor_id: Some(rec.debtor_id.clone()),
-                });
-            }
-            other => other?,
-        };
-        let Some(loaded) = loaded else {
-            // Removed after its retention (or never ours): nothing to add it to.
-            return Ok(());
-        };
-        let journey = &loaded.stored.journey;
         let status = format!("{:?}", rec.status).to_lowercase();
         let kind = match rec.status {
             DispatchStatus::Sent => "message_sent",
@@ -1793,42 +1805,131 @@ impl Watcher {
             DispatchStatus::Suppressed => "message_suppressed",
             DispatchStatus::Duplicate => "message_duplicate",
         };
-        let t = Transition {
-            kind,
-            from: journey.state,
-            to: journey.state,
-            step: Some(rec.step.clone()),
-            rule: None,
-            reason: Some(match &rec.reason {
-                Some(r) => format!("{} {status}: {r}", rec.channel),
-                None => format!("{} {status}", rec.channel),
-            }),
-        };
-        let at = chrono::DateTime::from_timestamp_millis(rec.occurred_at).unwrap_or_else(|| self.0.rt.clock.now());
-        let upcoming = loaded.stored.pending_step.zip(loaded.stored.pending_fire_ms);
-        let event = self.event(
-            journey,
-            &self.plan_of(journey),
-            upcoming,
-            &t,
-            &format!("outcome:{}", rec.event_id),
-            0,
-            at,
-        );
-        self.0.metrics.transitions.with_label_values(&[kind]).inc();
-        let topic = self.0.rt.topic(&self.0.topics.journey_events);
-        let out = self
-            .0
-            .rt
-            .codec
-            .outbound(&topic, &journey.invoice.debtor_id, &event, trace)
-            .await?;
-        self.0
-            .producer
-            .send_all(std::slice::from_ref(&out))
-            .await
-            .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))
+        let evidence = evidence_of(&rec);
+        let mut invoices = vec![rec.invoice_id.as_str()];
+        invoices.extend(rec.covered_invoice_ids.iter().map(String::as_str));
+        for (i, invoice_id) in invoices.into_iter().enumerate() {
+            // The timeline entry is the lead invoice's, as before combined messages were kept.
+            let timeline = (i == 0).then(|| Transition {
+                kind,
+                from: JourneyState::Open,
+                to: JourneyState::Open,
+                step: Some(rec.step.clone()),
+                rule: None,
+                reason: Some(match &rec.reason {
+                    Some(r) => format!("{} {status}: {r}", rec.channel),
+                    None => format!("{} {status}", rec.channel),
+                }),
+            });
+            self.record_message(&rec, invoice_id, evidence.clone(), timeline, partition, trace)
+                .await?;
+        }
+        Ok(())
     }
+
+    /// Keeps `evidence` in the journey of `invoice_id` (written like any decision: events, then
+    /// the journey, compare-and-set) and puts `timeline` on its timeline; a redelivered outcome
+    /// changes nothing and produces the same event again.
+    async fn record_message(
+        &self,
+        rec: &DispatchOutcome,
+        invoice_id: &str,
+        evidence: Option<MessageEvidence>,
+        timeline: Option<Transition>,
+        partition: i32,
+        trace: TraceContext,
+    ) -> Result<(), Failure> {
+        let cause = format!("outcome:{}", rec.event_id);
+        let _guard = self.stripe(&rec.tenant, invoice_id).lock().await;
+        loop {
+            let loaded = match self.load(partition, &rec.tenant, invoice_id).await {
+                // Only the timeline and the evidence depend on it: refused with the reason.
+                Err(Failure::Fatal(e)) => {
+                    return Err(Failure::Reject {
+                        code: "journey_unreadable",
+                        detail: format!("outcome for invoice '{invoice_id}': its journey cannot be read: {e}"),
+                        tenant: Some(rec.tenant.clone()),
+                        debtor_id: Some(rec.debtor_id.clone()),
+                    });
+                }
+                other => other?,
+            };
+            let Some(loaded) = loaded else {
+                // Removed after its retention (or never ours): nothing to add it to.
+                return Ok(());
+            };
+            let mut journey = loaded.stored.journey.clone();
+            let changed = evidence
+                .clone()
+                .is_some_and(|e| forfall_domain::evidence::record(&mut journey.messages, e));
+            let transitions: Vec<Transition> = timeline
+                .iter()
+                .cloned()
+                .map(|t| Transition {
+                    from: journey.state,
+                    to: journey.state,
+                    ..t
+                })
+                .collect();
+            let d = Decision {
+                journey,
+                transitions,
+                timer: TimerChange::Keep,
+                emit: None,
+            };
+            let plan = self.plan_of(&d.journey);
+            let emission = Emission {
+                decision: &d,
+                plan: &plan,
+                fee: Money::zero(d.journey.invoice.amount.currency),
+                cause: &cause,
+                trace,
+                covers: &[],
+            };
+            if !changed {
+                let upcoming = loaded.stored.pending_step.zip(loaded.stored.pending_fire_ms);
+                let outs = self.outputs(&emission, upcoming).await?;
+                return self
+                    .0
+                    .producer
+                    .send_all(&outs)
+                    .await
+                    .map_err(|e| Failure::Transient(anyhow::anyhow!(e)));
+            }
+            let stored = Stored {
+                journey: d.journey.clone(),
+                ..loaded.stored
+            };
+            if self.emit_then_save(Some(loaded.version), stored, emission).await? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// What an outcome says of a message for the evidence: nothing for one never sent (suppressed,
+/// or no channel the debtor accepts).
+fn evidence_of(rec: &DispatchOutcome) -> Option<MessageEvidence> {
+    let delivery = match rec.status {
+        DispatchStatus::Sent => Delivery::Sent,
+        DispatchStatus::Delivered => Delivery::Delivered,
+        DispatchStatus::Bounced => Delivery::Bounced,
+        DispatchStatus::Failed if rec.channel != "none" => Delivery::Failed,
+        // Held back because it may have gone out already: it may have reached the debtor.
+        DispatchStatus::Duplicate if rec.reason.as_deref().is_some_and(|r| r.contains("delivery unknown")) => {
+            Delivery::Unknown
+        }
+        _ => return None,
+    };
+    Some(MessageEvidence {
+        action_id: rec.action_id.clone(),
+        step: rec.step.clone(),
+        channel: rec.channel.clone(),
+        at_ms: rec.occurred_at,
+        delivery,
+        content_sha256: rec.content_sha256.clone(),
+        provider_message_id: rec.provider_message_id.clone(),
+    })
 }
 
 impl Handler for Watcher {

@@ -175,6 +175,8 @@ async fn main() -> anyhow::Result<()> {
                     status: DispatchStatus::Sent,
                     reason: None,
                     provider_message_id: Some(format!("<{}@forfall.invalid>", s.invoice_id)),
+                    content_sha256: None,
+                    covered_invoice_ids: Vec::new(),
                 },
             )
         }),
