@@ -103,6 +103,7 @@ pub fn law(cmd: LawCommand) -> anyhow::Result<()> {
                 series.push(s.clone());
                 format!("{s} + {}.{:02} pp", margin_bp / 100, margin_bp % 100)
             }
+            Limit::MergeClaims => "claims handed over together form one case".to_owned(),
         };
         let dates = match r.valid_to {
             Some(to) => format!("{} to {to}", r.valid_from),

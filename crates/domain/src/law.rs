@@ -107,6 +107,9 @@ pub enum Limit {
         series: String,
         margin_bp: i64,
     },
+    /// A debtor's claims from one creditor handed over together form one case (the agency's
+    /// fees on the combined principal); a disputed claim stays apart.
+    MergeClaims,
 }
 
 /// Where the data does not say, the compensation replaces the fees (never claims more).
@@ -424,6 +427,11 @@ impl LawBook {
             Limit::MinDaysToPay { step: s, days } if *s == step => Some((*days, r)),
             _ => None,
         })
+    }
+
+    /// The rule that merges this debtor's claims at hand-off, where the law has one.
+    pub fn merge_rule(&self, ctx: &DebtorContext, on: NaiveDate) -> Option<&Rule> {
+        self.applicable(ctx, on).find(|r| matches!(r.limit, Limit::MergeClaims))
     }
 
     /// The late-interest rule in force for this debtor on `on`.

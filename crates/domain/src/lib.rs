@@ -14,6 +14,7 @@ pub mod jurisdiction;
 pub mod law;
 pub mod locale;
 pub mod matching;
+pub mod merge;
 pub mod money;
 pub mod paylink;
 pub mod policy;

@@ -189,6 +189,9 @@ pub struct Policy {
     pub pauses: PauseLimits,
     /// A debtor's messages of one tone due within this many days of each other go out as one.
     pub combine_within_days: u32,
+    /// Where the law merges a debtor's claims at hand-off (Norway), a claim whose own hand-off
+    /// falls within this many days of another's goes in the same case.
+    pub merge_within_days: u32,
     /// What a hand-off claims beyond the plan's fees: late interest, compensation.
     pub claims: crate::claim::ClaimTerms,
 }
@@ -200,10 +203,22 @@ fn default_combine_within_days() -> u32 {
     DEFAULT_COMBINE_WITHIN_DAYS
 }
 
+/// Days within which claims handed over are merged when a policy does not say.
+pub const DEFAULT_MERGE_WITHIN_DAYS: u32 = 14;
+
+fn default_merge_within_days() -> u32 {
+    DEFAULT_MERGE_WITHIN_DAYS
+}
+
 impl Policy {
     /// How far ahead a firing step gathers the debtor's other steps into one message.
     pub fn combine_window(&self) -> chrono::Duration {
         chrono::Duration::days(i64::from(self.combine_within_days))
+    }
+
+    /// How far ahead a hand-off gathers the debtor's other claims into one case.
+    pub fn merge_window(&self) -> chrono::Duration {
+        chrono::Duration::days(i64::from(self.merge_within_days))
     }
 }
 
@@ -294,6 +309,8 @@ struct RawPolicy {
     pauses: PauseLimits,
     #[serde(default = "default_combine_within_days")]
     combine_within_days: u32,
+    #[serde(default = "default_merge_within_days")]
+    merge_within_days: u32,
     #[serde(default)]
     claims: crate::claim::ClaimTerms,
 }
@@ -381,6 +398,14 @@ pub fn load(text: &str, law: &LawBook, on: NaiveDate) -> Result<Policy, PolicyEr
         problem(
             "combine_within_days".into(),
             format!("{} days: at most 14", raw.combine_within_days),
+        );
+    }
+    if raw.merge_within_days > 31 {
+        // A claim joins a case before its own hand-off day, once its warning's deadline has
+        // passed; a month is as far as a claim may reasonably be taken ahead of its plan.
+        problem(
+            "merge_within_days".into(),
+            format!("{} days: at most 31", raw.merge_within_days),
         );
     }
     let send_time = match raw.send_time.as_deref() {
@@ -622,6 +647,7 @@ pub fn load(text: &str, law: &LawBook, on: NaiveDate) -> Result<Policy, PolicyEr
             experiments,
             pauses: raw.pauses,
             combine_within_days: raw.combine_within_days,
+            merge_within_days: raw.merge_within_days,
             claims: raw.claims,
         })
     } else {
