@@ -725,3 +725,162 @@ async fn a_debtors_steps_within_the_window_go_out_as_one_message() -> anyhow::Re
     stack.shutdown().await;
     Ok(())
 }
+
+const NORWAY_MERGE: &str = r#"
+version = "e2e-norway-merge-1"
+merge_within_days = 14
+
+[[segment]]
+name = "norway"
+plan = "no-varsel"
+
+[plan.no-varsel]
+step = [
+  { name = "nudge", offset_banking_days = 0, channels = ["email"], tone = "nudge" },
+  { name = "inkassovarsel", offset_banking_days = 10, channels = ["email"], tone = "collection_warning", days_to_pay = 14 },
+  { name = "handoff", offset_banking_days = 25, handoff = true },
+]
+"#;
+
+/// Norway merges a debtor's claims at hand-off (Finanstilsynet's circular 1/2018): two claims a
+/// few days apart go to the agency as one case, led by the older, with the combined principal
+/// the agency's fees are computed on. Money for the merged claim is reported on that case, and
+/// the agency's word on the case reaches both invoices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn norwegian_claims_reaching_hand_off_together_go_as_one_merged_case() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-03-01T08:00:00Z"));
+    let mut stack = LocalStack::start(base_config(), clock.clone()).await?;
+    let path = policy_file(&stack, NORWAY_MERGE);
+    stack.set("watcher.policy_file", &path);
+    stack.start_all();
+    let older = Sample {
+        tenant: "nordkraft",
+        invoice_id: "no-a",
+        number: "71001",
+        due: day(2026, 3, 2),
+        amount_minor: 89_900,
+        currency: "NOK",
+        jurisdiction: "NO",
+        email: "kari@example.test",
+        reference: "1234567890128",
+        language: "nb",
+    };
+    let newer = Sample {
+        invoice_id: "no-b",
+        number: "71002",
+        due: day(2026, 3, 6),
+        amount_minor: 45_000,
+        reference: "1234567890136",
+        ..older.clone()
+    };
+    for s in [&older, &newer] {
+        stack
+            .produce(
+                &stack.topic(&stack.topics().billing_invoice_events),
+                &s.debtor_id(),
+                &s.issued(),
+            )
+            .await?;
+        status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    }
+    let plan = policy::load(NORWAY_MERGE, &LawBook::builtin()?, day(2026, 3, 1))?.plans["no-varsel"].clone();
+    let when = |s: &Sample<'_>, i: usize| plan.fire_at(i, s.due, Jurisdiction::NO).expect("step time");
+    // Each message in turn, up to the older claim's hand-off; the newer's is four days later.
+    let mut moments = vec![
+        (when(&older, 0), 1),
+        (when(&newer, 0), 2),
+        (when(&older, 1), 3),
+        (when(&newer, 1), 4),
+    ];
+    moments.sort();
+    for (moment, mails) in moments {
+        clock.set(moment);
+        eventually(&format!("{mails} e-mails"), WAIT, || async {
+            Ok((stack.mail.to(older.email).len() == mails).then_some(()))
+        })
+        .await?;
+    }
+    assert!(when(&newer, 2) > when(&older, 2) && when(&newer, 2) - when(&older, 2) < chrono::Duration::days(14));
+    clock.set(when(&older, 2));
+    for s in [&older, &newer] {
+        status_is(&stack, s.tenant, s.invoice_id, "handed_over").await?;
+    }
+    eventually("the case at the agency", WAIT, || async {
+        Ok((!stack.agency.cases().is_empty()).then_some(()))
+    })
+    .await?;
+    let cases = stack.agency.cases();
+    assert_eq!(cases.len(), 1, "one case for both claims: {cases:?}");
+    let case = &cases[0];
+    assert_eq!(case["invoice_id"], "no-a", "led by the older claim");
+    let merged = case["merged_claims"].as_array().cloned().unwrap_or_default();
+    assert_eq!(merged.len(), 1, "{case}");
+    assert_eq!(merged[0]["invoice_id"], "no-b");
+    assert_eq!(merged[0]["original_principal_minor"], 45_000);
+    assert_eq!(
+        merged[0]["collection_warning"]["given"], true,
+        "its own inkassovarsel ran out before it joined"
+    );
+    assert_eq!(case["combined_principal_minor"], 89_900 + 45_000);
+    let totals = case["total_minor"].as_i64().unwrap_or(0) + merged[0]["total_minor"].as_i64().unwrap_or(0);
+    assert_eq!(case["combined_total_minor"], totals);
+    assert!(
+        case["merge_citation"]
+            .as_str()
+            .is_some_and(|c| c.contains("rundskriv 1/2018")),
+        "{case}"
+    );
+    let events = events_of(&stack, "no-b").await?;
+    let joined = events.iter().find(|e| e.kind == "handed_over").expect("handed over");
+    assert!(
+        joined
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("merged into the case of invoice 71001")),
+        "{joined:?}"
+    );
+    let watcher = stack.metrics("watcher").await?;
+    assert_eq!(
+        metric_value(&watcher, "forfall_watcher_merged_claims_total", &[]),
+        Some(1.0)
+    );
+
+    // The debtor pays the newer claim to the creditor: reported on the case it went in.
+    stack
+        .produce(
+            &stack.topic(&stack.topics().payments),
+            &newer.debtor_id(),
+            &newer.payment("bank-9", 45_000, newer.reference),
+        )
+        .await?;
+    let recall = eventually("the recall at the agency", WAIT, || async {
+        Ok(stack.agency.recalls().into_iter().next())
+    })
+    .await?;
+    assert_eq!(recall["case_id"], case["case_id"], "{recall}");
+    assert_eq!(recall["invoice_id"], "no-b");
+    status_is(&stack, newer.tenant, newer.invoice_id, "closed:paid").await?;
+
+    // The agency collects the rest: its word on the case is on every claim in it.
+    let addr = stack.rt.admin_addr("handoff").expect("hand-off listens");
+    let answer = stack
+        .agency
+        .send_event(
+            &format!("http://{addr}/v1/agency/events"),
+            &serde_json::json!({
+                "event_id": "ag-merged-1", "case_id": case["case_id"], "tenant": older.tenant,
+                "debtor_id": older.debtor_id(), "invoice_id": older.invoice_id, "status": "paid",
+                "collected_minor": 95_000, "currency": "NOK",
+            }),
+        )
+        .await?;
+    assert_eq!(answer, 200);
+    status_is(&stack, older.tenant, older.invoice_id, "closed:paid").await?;
+    eventually("the agency's word on the merged claim too", WAIT, || async {
+        let events = events_of(&stack, "no-b").await?;
+        Ok(events.into_iter().find(|e| e.kind == "paid_at_agency"))
+    })
+    .await?;
+    stack.shutdown().await;
+    Ok(())
+}

@@ -406,8 +406,49 @@ pub struct HandoffCase {
     pub collection_warning: Option<CollectionWarning>,
     #[serde(default)]
     pub messages: Vec<CaseMessage>,
+    #[serde(default)]
+    pub merged_claims: Vec<CaseClaim>,
+    #[serde(default)]
+    pub combined_principal_minor: Option<i64>,
+    #[serde(default)]
+    pub combined_total_minor: Option<i64>,
+    #[serde(default)]
+    pub merge_citation: Option<String>,
 }
 record!(HandoffCase, "HandoffCase.avsc");
+
+impl HandoffCase {
+    /// Every invoice of the case: the lead's, then those merged into it.
+    pub fn invoice_ids(&self) -> Vec<String> {
+        std::iter::once(self.invoice_id.clone())
+            .chain(self.merged_claims.iter().map(|c| c.invoice_id.clone()))
+            .collect()
+    }
+}
+
+/// A claim merged into a case (see `HandoffCase::merged_claims`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaseClaim {
+    pub invoice_id: String,
+    pub invoice_number: String,
+    pub issue_date: i32,
+    pub due_date: i32,
+    pub description: Option<String>,
+    pub payment_reference: Option<String>,
+    pub original_principal_minor: i64,
+    pub paid_minor: i64,
+    pub principal_minor: i64,
+    pub fees_minor: i64,
+    pub fee_lines: Vec<CaseFee>,
+    pub interest_lines: Vec<CaseInterest>,
+    pub interest_minor: i64,
+    pub interest_note: Option<String>,
+    pub compensation_minor: i64,
+    pub total_minor: i64,
+    pub collection_warning: Option<CollectionWarning>,
+    pub messages: Vec<CaseMessage>,
+    pub steps_taken: Vec<String>,
+}
 
 /// One message of a handed-over claim's journey, as evidence.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -514,6 +555,8 @@ pub struct HandoffOutcome {
     /// See [`Regarding`]; absent from producers before the field.
     #[serde(default)]
     pub regarding: Option<String>,
+    #[serde(default)]
+    pub invoice_ids: Vec<String>,
 }
 record!(HandoffOutcome, "HandoffOutcome.avsc");
 
@@ -932,6 +975,30 @@ mod tests {
                 content_sha256: Some("0f".repeat(32)),
                 provider_message_id: Some("<a.email@forfall.test>".into()),
             }],
+            merged_claims: vec![CaseClaim {
+                invoice_id: "i2".into(),
+                invoice_number: "1002".into(),
+                issue_date: 19_990,
+                due_date: 20_004,
+                description: Some("Electricity, March".into()),
+                payment_reference: None,
+                original_principal_minor: 50_000,
+                paid_minor: 0,
+                principal_minor: 50_000,
+                fees_minor: 0,
+                fee_lines: Vec::new(),
+                interest_lines: Vec::new(),
+                interest_minor: 120,
+                interest_note: None,
+                compensation_minor: 0,
+                total_minor: 50_120,
+                collection_warning: None,
+                messages: Vec::new(),
+                steps_taken: vec!["nudge".into()],
+            }],
+            combined_principal_minor: Some(139_900),
+            combined_total_minor: Some(144_968),
+            merge_citation: Some("Finanstilsynet rundskriv 1/2018".into()),
         });
         round_trip(HandoffOutcome {
             event_id: "e".into(),
@@ -947,6 +1014,7 @@ mod tests {
             collected_minor: None,
             currency: None,
             regarding: None,
+            invoice_ids: vec!["i".into(), "i2".into()],
         });
         round_trip(HandoffOutcome {
             event_id: "e2".into(),
@@ -962,6 +1030,7 @@ mod tests {
             collected_minor: Some(30_000),
             currency: Some("NOK".into()),
             regarding: Some("agency".into()),
+            invoice_ids: Vec::new(),
         });
     }
 

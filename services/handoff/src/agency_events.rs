@@ -32,6 +32,9 @@ pub(crate) struct AgencyEvents {
     pub(crate) topic: String,
     /// Agency events, by result: applied, unsigned, invalid, unavailable, off.
     pub(crate) results: IntCounterVec,
+    /// Where a merged case's invoices are remembered (see [`crate::Handoff::remember_case`]).
+    pub(crate) redis: redis::aio::ConnectionManager,
+    pub(crate) keys: forfall_platform::redis_store::Keys,
 }
 
 pub(crate) fn routes(events: AgencyEvents) -> Router {
@@ -104,6 +107,7 @@ fn outcome_of(e: AgencyEvent, now_ms: i64) -> Result<HandoffOutcome, String> {
         collected_minor: e.collected_minor,
         currency: e.currency,
         regarding: Some(Regarding::Agency.code().to_owned()),
+        invoice_ids: Vec::new(),
     })
 }
 
@@ -148,11 +152,13 @@ impl AgencyEvents {
             Ok(e) => e,
             Err(e) => return (StatusCode::UNPROCESSABLE_ENTITY, "invalid", format!("{e}\n")),
         };
-        let outcome = match outcome_of(event, self.rt.clock.now().timestamp_millis()) {
+        let mut outcome = match outcome_of(event, self.rt.clock.now().timestamp_millis()) {
             Ok(o) => o,
             Err(why) => return (StatusCode::UNPROCESSABLE_ENTITY, "invalid", format!("{why}\n")),
         };
         let sent = async {
+            // A merged case: the agency's word is on every claim in it.
+            outcome.invoice_ids = crate::case_invoices(&mut self.redis.clone(), &self.keys, &outcome.case_id).await?;
             let out = self
                 .rt
                 .codec

@@ -213,6 +213,20 @@ fn case_row(c: &Value) -> Vec<(&'static str, String)> {
         ("warning_deadline", day(&warning["deadline"])),
         // Each message with its digest is in the JSON file; the row counts them.
         ("messages", c["messages"].as_array().map_or(0, Vec::len).to_string()),
+        // A merged case's other claims are itemised in the JSON file; the row names them and
+        // gives the sums the agency's fees are computed on.
+        (
+            "merged_invoice_numbers",
+            c["merged_claims"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| text(&m["invoice_number"]))
+                .collect::<Vec<_>>()
+                .join(";"),
+        ),
+        ("combined_principal_minor", text(&c["combined_principal_minor"])),
+        ("combined_total_minor", text(&c["combined_total_minor"])),
         ("policy_version", text(&c["policy_version"])),
     ]
 }
@@ -295,6 +309,10 @@ mod tests {
             }),
             collection_warning: None,
             messages: Vec::new(),
+            merged_claims: Vec::new(),
+            combined_principal_minor: Some(total),
+            combined_total_minor: Some(total),
+            merge_citation: None,
         }
     }
 

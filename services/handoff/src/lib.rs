@@ -103,6 +103,8 @@ struct CaseOf<'a> {
     invoice_id: &'a str,
     tenant: &'a str,
     debtor_id: &'a str,
+    /// Every invoice of a merged case; empty for one claim.
+    invoice_ids: &'a [String],
 }
 
 /// What the agency answered, reduced to what we record.
@@ -243,6 +245,7 @@ impl Handoff {
             invoice_id,
             tenant,
             debtor_id,
+            invoice_ids,
         } = of;
         let outcome = HandoffOutcome {
             // A case has one delivery; a payment report is one per payment.
@@ -262,6 +265,7 @@ impl Handoff {
             collected_minor: None,
             currency: None,
             regarding: Some(regarding.code().to_owned()),
+            invoice_ids: invoice_ids.to_vec(),
         };
         Ok(vec![
             self.rt
@@ -271,8 +275,64 @@ impl Handoff {
         ])
     }
 
-    /// Money arrived for a claim the agency holds: tell it, once per payment.
-    async fn recall(&self, r: HandoffRecall, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
+    /// Remembers, for as long as an acceptance, which invoices a merged case holds (so that the
+    /// agency's word on it reaches each) and which case each merged claim went in (so that
+    /// money for it is reported on that case).
+    async fn remember_case(&self, case: &HandoffCase) -> Result<(), Failure> {
+        if case.merged_claims.is_empty() {
+            return Ok(());
+        }
+        let ttl = self.settings.remember_days * 86_400;
+        let ids = serde_json::to_string(&case.invoice_ids()).map_err(|e| Failure::Fatal(e.into()))?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(self.keys.key(&["handoff", "claims", &case.case_id]))
+            .arg(ids)
+            .arg("EX")
+            .arg(ttl)
+            .ignore();
+        for claim in &case.merged_claims {
+            let own = derived_id("case", &[&case.tenant, &claim.invoice_id]);
+            pipe.cmd("SET")
+                .arg(self.keys.key(&["handoff", "merged-into", &own]))
+                .arg(&case.case_id)
+                .arg("EX")
+                .arg(ttl)
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut self.redis.clone()).await?;
+        Ok(())
+    }
+
+    /// The case a claim's money is reported on: the one it was merged into, if it was.
+    async fn case_of_claim(&self, own_case_id: &str) -> Result<String, Failure> {
+        let merged: Option<String> = redis::cmd("GET")
+            .arg(self.keys.key(&["handoff", "merged-into", own_case_id]))
+            .query_async(&mut self.redis.clone())
+            .await?;
+        Ok(merged.unwrap_or_else(|| own_case_id.to_owned()))
+    }
+}
+
+/// Every invoice of a case as remembered at its acceptance; empty for a case of one claim (or
+/// one whose memory expired: the outcome then names its lead invoice only).
+pub(crate) async fn case_invoices(
+    redis: &mut ConnectionManager,
+    keys: &Keys,
+    case_id: &str,
+) -> Result<Vec<String>, Failure> {
+    let ids: Option<String> = redis::cmd("GET")
+        .arg(keys.key(&["handoff", "claims", case_id]))
+        .query_async(redis)
+        .await?;
+    Ok(ids.and_then(|ids| serde_json::from_str(&ids).ok()).unwrap_or_default())
+}
+
+impl Handoff {
+    /// Money arrived for a claim the agency holds: tell it, once per payment, on the case the
+    /// claim went in.
+    async fn recall(&self, mut r: HandoffRecall, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
+        r.case_id = self.case_of_claim(&r.case_id).await?;
         let key = self.keys.key(&["handoff", "recalled", &r.event_id]);
         let known: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut self.redis.clone()).await?;
         let answer = if known.is_some() {
@@ -328,6 +388,7 @@ impl Handoff {
                 invoice_id: &r.invoice_id,
                 tenant: &r.tenant,
                 debtor_id: &r.debtor_id,
+                invoice_ids: &[],
             },
             answer,
             if r.recalls_case() {
@@ -371,6 +432,8 @@ impl Handoff {
                     }
                 };
                 if answer.status == HandoffStatus::Accepted {
+                    // Before the acceptance mark: a stop in between posts again and remembers again.
+                    self.remember_case(&case).await?;
                     let reference = answer.agency_reference.clone().unwrap_or_default();
                     let _: () = redis::cmd("SET")
                         .arg(&key)
@@ -390,12 +453,18 @@ impl Handoff {
                 answer
             }
         };
+        let merged = if case.merged_claims.is_empty() {
+            Vec::new()
+        } else {
+            case.invoice_ids()
+        };
         self.outcome(
             CaseOf {
                 case_id: &case.case_id,
                 invoice_id: &case.invoice_id,
                 tenant: &case.tenant,
                 debtor_id: &case.debtor_id,
+                invoice_ids: &merged,
             },
             answer,
             Regarding::Case,
@@ -441,7 +510,12 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         &["result"],
     )?;
     let outcomes_topic = rt.topic(&rt.config.topics.handoff_outcomes);
-    let (secret, counted) = (settings.agency_signing_secret.clone(), agency_events.clone());
+    let redis = redis_store::connect(&rt.config.redis).await?;
+    let (secret, counted, events_redis) = (
+        settings.agency_signing_secret.clone(),
+        agency_events.clone(),
+        redis.clone(),
+    );
     let shell = ServiceShell::start_with_routes(&rt, SERVICE, PORT_OFFSET, |_, producer, _| {
         agency_events::routes(agency_events::AgencyEvents {
             rt: rt.clone(),
@@ -449,6 +523,8 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             secret,
             topic: outcomes_topic,
             results: counted,
+            redis: events_redis,
+            keys: rt.keys(),
         })
     })
     .await?;
@@ -456,7 +532,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     shell.metrics.registry.register(Box::new(results.clone()))?;
     shell.metrics.registry.register(Box::new(agency_events))?;
     let handoff = Handoff {
-        redis: redis_store::connect(&rt.config.redis).await?,
+        redis,
         keys: rt.keys(),
         http: reqwest::Client::builder()
             .timeout(Duration::from_millis(settings.timeout_ms))

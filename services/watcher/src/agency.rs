@@ -65,15 +65,35 @@ impl Watcher {
         trace: TraceContext,
     ) -> Result<(), Failure> {
         let news = news_of(&rec)?;
+        // A merged case: its news is every claim's in it.
+        let invoices = if rec.invoice_ids.is_empty() {
+            vec![rec.invoice_id.clone()]
+        } else {
+            rec.invoice_ids.clone()
+        };
+        for invoice_id in &invoices {
+            self.apply_news(&rec, invoice_id, &news, partition, trace).await?;
+        }
+        Ok(())
+    }
+
+    async fn apply_news(
+        &self,
+        rec: &HandoffOutcome,
+        invoice_id: &str,
+        news: &AgencyNews,
+        partition: i32,
+        trace: TraceContext,
+    ) -> Result<(), Failure> {
         let cause = format!("agency:{}", rec.event_id);
-        let _guard = self.stripe(&rec.tenant, &rec.invoice_id).lock().await;
+        let _guard = self.stripe(&rec.tenant, invoice_id).lock().await;
         loop {
-            let Some(loaded) = self.load(partition, &rec.tenant, &rec.invoice_id).await? else {
+            let Some(loaded) = self.load(partition, &rec.tenant, invoice_id).await? else {
                 // Removed after its retention: nothing left to apply it to.
                 tracing::info!(case = %rec.case_id, "outcome for a journey no longer kept");
                 return Ok(());
             };
-            let d = agency::on_agency_news(loaded.stored.journey.clone(), &news);
+            let d = agency::on_agency_news(loaded.stored.journey.clone(), news);
             let kind = d.transitions.first().map_or("agency", |t| t.kind);
             if d.journey == loaded.stored.journey {
                 let plan = self.plan_of(&d.journey);
@@ -87,6 +107,7 @@ impl Watcher {
                             cause: &cause,
                             trace,
                             covers: &[],
+                            merged: &[],
                         },
                         upcoming,
                     )
@@ -111,6 +132,7 @@ impl Watcher {
                 cause: &cause,
                 trace,
                 covers: &[],
+                merged: &[],
             };
             if self.emit_then_save(Some(loaded.version), stored, emission).await? {
                 tracing::info!(case = %rec.case_id, kind, state = %d.journey.state.label(), "agency outcome applied");

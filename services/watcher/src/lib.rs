@@ -50,8 +50,9 @@ use forfall_platform::journey_state;
 use forfall_platform::kafka::KafkaConsumer;
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::records::{
-    self, CaseFee, CaseInterest, CaseMessage, CollectionWarning, CoveredInvoice, DebtorRequest, DispatchOutcome,
-    DispatchStatus, HandoffCase, HandoffOutcome, JourneyAction, JourneyEvent, PaymentMatched, Record, derived_id,
+    self, CaseClaim, CaseFee, CaseInterest, CaseMessage, CollectionWarning, CoveredInvoice, DebtorRequest,
+    DispatchOutcome, DispatchStatus, HandoffCase, HandoffOutcome, JourneyAction, JourneyEvent, PaymentMatched, Record,
+    derived_id,
 };
 use forfall_platform::redis_store;
 use forfall_platform::service::{Runtime, ServiceShell};
@@ -142,6 +143,8 @@ struct Emission<'a> {
     trace: TraceContext,
     /// The debtor's other invoices a combined action lists.
     covers: &'a [CoveredInvoice],
+    /// The debtor's other claims a hand-off takes into its case (as handed over).
+    merged: &'a [Journey],
 }
 
 struct Metrics {
@@ -150,6 +153,7 @@ struct Metrics {
     lateness: Histogram,
     policy_reloads: IntCounterVec,
     combined: prometheus::IntCounter,
+    merged: prometheus::IntCounter,
 }
 
 struct Inner {
@@ -362,6 +366,7 @@ impl Watcher {
             cause,
             trace,
             covers,
+            merged,
         } = *e;
         let now = self.0.rt.clock.now();
         let events_topic = self.0.rt.topic(&self.0.topics.journey_events);
@@ -413,7 +418,7 @@ impl Watcher {
                 outs.push(self.0.rt.codec.outbound(&topic, &debtor, &action, trace).await?);
             }
             Some(Emit::Handoff { .. }) => {
-                let case = self.case(&d.journey, now);
+                let case = self.case(&d.journey, merged, now);
                 let topic = self.0.rt.topic(&self.0.topics.handoff_cases);
                 outs.push(self.0.rt.codec.outbound(&topic, &debtor, &case, trace).await?);
             }
@@ -479,11 +484,28 @@ impl Watcher {
 
     /// The case handed to the agency: the invoice, the debtor, and the claim as of the
     /// debtor's local day of the hand-off under the policy's `[claims]` (see
-    /// [`forfall_domain::claim`]).
-    fn case(&self, j: &Journey, now: DateTime<Utc>) -> HandoffCase {
+    /// [`forfall_domain::claim`]), with the debtor's claims `merged` into it (see
+    /// [`forfall_domain::merge`]), each itemised the same way.
+    fn case(&self, j: &Journey, merged: &[Journey], now: DateTime<Utc>) -> HandoffCase {
         let inv = &j.invoice;
         let today = now.with_timezone(&inv.jurisdiction.time_zone()).date_naive();
         let claim = claim::compose(j, &self.0.law, &self.policy().claims, &Self::law_context(j), today);
+        let lead = self.case_claim(j, &claim, today);
+        let merged_claims: Vec<CaseClaim> = merged
+            .iter()
+            .map(|m| {
+                let c = claim::compose(m, &self.0.law, &self.policy().claims, &Self::law_context(m), today);
+                self.case_claim(m, &c, today)
+            })
+            .collect();
+        let merge_citation = (!merged.is_empty())
+            .then(|| {
+                self.0
+                    .law
+                    .merge_rule(&Self::law_context(j), today)
+                    .map(|r| r.citation.clone())
+            })
+            .flatten();
         let days = invoice::epoch_days;
         HandoffCase {
             event_id: derived_id("case-event", &[&inv.tenant, &inv.invoice_id]),
@@ -495,8 +517,8 @@ impl Watcher {
             invoice_number: inv.invoice_number.clone(),
             issue_date: days(inv.issue_date),
             due_date: days(inv.due_date),
-            principal_minor: claim.remaining_principal.minor,
-            fees_minor: claim.remaining_fees.minor,
+            principal_minor: lead.principal_minor,
+            fees_minor: lead.fees_minor,
             currency: inv.amount.currency.code().to_owned(),
             jurisdiction: inv.jurisdiction.code().to_owned(),
             debtor_kind: inv.debtor_kind.code().to_owned(),
@@ -508,8 +530,43 @@ impl Watcher {
             phone: inv.contact.phone.clone(),
             language: inv.contact.language.clone(),
             claim_date: Some(days(today)),
-            original_principal_minor: Some(claim.principal.minor),
-            paid_minor: Some(claim.paid.minor),
+            original_principal_minor: Some(lead.original_principal_minor),
+            paid_minor: Some(lead.paid_minor),
+            combined_principal_minor: Some(
+                lead.principal_minor + merged_claims.iter().map(|c| c.principal_minor).sum::<i64>(),
+            ),
+            combined_total_minor: Some(lead.total_minor + merged_claims.iter().map(|c| c.total_minor).sum::<i64>()),
+            merge_citation,
+            merged_claims,
+            fee_lines: lead.fee_lines,
+            interest_lines: lead.interest_lines,
+            interest_minor: lead.interest_minor,
+            interest_note: lead.interest_note,
+            compensation_minor: lead.compensation_minor,
+            compensation_rule_id: claim.compensation.as_ref().map(|c| c.rule_id.clone()),
+            compensation_citation: claim.compensation.as_ref().map(|c| c.citation.clone()),
+            total_minor: Some(lead.total_minor),
+            debtor_details: inv.contact.details.clone(),
+            collection_warning: lead.collection_warning,
+            messages: lead.messages,
+        }
+    }
+
+    /// One claim of a case, itemised as of `today`.
+    fn case_claim(&self, j: &Journey, claim: &claim::Claim, today: chrono::NaiveDate) -> CaseClaim {
+        let inv = &j.invoice;
+        let days = invoice::epoch_days;
+        CaseClaim {
+            invoice_id: inv.invoice_id.clone(),
+            invoice_number: inv.invoice_number.clone(),
+            issue_date: days(inv.issue_date),
+            due_date: days(inv.due_date),
+            description: inv.description.clone(),
+            payment_reference: inv.payment_reference.clone(),
+            original_principal_minor: claim.principal.minor,
+            paid_minor: claim.paid.minor,
+            principal_minor: claim.remaining_principal.minor,
+            fees_minor: claim.remaining_fees.minor,
             fee_lines: claim
                 .fees
                 .iter()
@@ -542,12 +599,10 @@ impl Watcher {
             interest_minor: claim.interest_total.minor,
             interest_note: claim.interest_note.clone(),
             compensation_minor: claim.compensation.as_ref().map_or(0, |c| c.amount.minor),
-            compensation_rule_id: claim.compensation.as_ref().map(|c| c.rule_id.clone()),
-            compensation_citation: claim.compensation.as_ref().map(|c| c.citation.clone()),
-            total_minor: Some(claim.total.minor),
-            debtor_details: inv.contact.details.clone(),
+            total_minor: claim.total.minor,
             collection_warning: self.warning_of(j, today),
             messages: self.messages_of(j),
+            steps_taken: j.steps_taken.clone(),
         }
     }
 
@@ -792,6 +847,7 @@ impl Watcher {
                     cause: &cause,
                     trace,
                     covers: &[],
+                    merged: &[],
                 };
                 self.emit_with_then_save(expected, stored, emission, &rejections, &unparked)
                     .await?
@@ -953,6 +1009,7 @@ impl Watcher {
                         cause: &rec.event_id,
                         trace,
                         covers: &[],
+                        merged: &[],
                     },
                 )
                 .await?
@@ -996,31 +1053,40 @@ impl Watcher {
         // The debtors' other open invoices: they may join a combined action.
         let keys: Vec<(String, String)> = debtors.keys().cloned().collect();
         let mut others = Vec::new();
+        let mut others_debtors = Vec::new();
         for (debtor, ids) in keys.iter().zip(self.0.store.open_invoices(&keys).await?) {
             let mine = &debtors[debtor];
             for id in ids {
                 if !mine.iter().any(|(l, _)| l.stored.journey.invoice.invoice_id == id) {
                     others.push((debtor.0.clone(), id));
+                    others_debtors.push(debtor.clone());
                 }
             }
         }
+        // Debtors with an invoice busy elsewhere (being written by the consume loop).
+        let mut busy: HashSet<(String, String)> = HashSet::new();
         if !others.is_empty() {
             // Taken only if free: waiting here, out of order, could deadlock with another batch.
             // An invoice busy elsewhere is not combined this time; its own timer still fires.
-            others.retain(|(tenant, id)| {
-                let i = self.stripe_index(tenant, id);
+            let mut free = Vec::with_capacity(others.len());
+            for ((tenant, id), debtor) in others.into_iter().zip(others_debtors) {
+                let i = self.stripe_index(&tenant, &id);
                 if held.contains(&i) {
-                    return true;
+                    free.push((tenant, id));
+                    continue;
                 }
                 match self.0.stripes[i].try_lock() {
                     Ok(g) => {
                         held.insert(i);
                         guards.push(g);
-                        true
+                        free.push((tenant, id));
                     }
-                    Err(_) => false,
+                    Err(_) => {
+                        busy.insert(debtor);
+                    }
                 }
-            });
+            }
+            others = free;
             for l in self.0.store.load_many(partition, &others).await?.into_iter().flatten() {
                 let j = &l.stored.journey;
                 let debtor = (j.invoice.tenant.clone(), j.invoice.debtor_id.clone());
@@ -1032,6 +1098,15 @@ impl Watcher {
 
         let policy = self.policy();
         let window = policy.combine_window();
+        let merges = |j: &Journey| {
+            let today = now.with_timezone(&j.invoice.jurisdiction.time_zone()).date_naive();
+            self.0
+                .law
+                .merge_rule(&Self::law_context(j), today)
+                .map(|r| r.citation.clone())
+        };
+        // Debtors decided again shortly: a claim that may belong in a hand-off's case was busy.
+        let mut deferred: Vec<Timer> = Vec::new();
         let mut outs = Vec::new();
         let mut saves = Vec::new();
         // The journeys' new values and the debtors' late history, for the changelog after the
@@ -1041,7 +1116,7 @@ impl Watcher {
         // Per save: the timer to decide again on a conflict, and the debtor who just became late.
         type LateMark = (String, String, String);
         let mut after_save: Vec<(Option<Timer>, Option<LateMark>)> = Vec::new();
-        for (_, members) in debtors {
+        for (debtor, members) in debtors {
             let invoices: Vec<DebtorInvoice> = members
                 .iter()
                 .map(|(l, timer)| {
@@ -1062,7 +1137,19 @@ impl Watcher {
                     }
                 })
                 .collect();
-            let fired = journey::fire_together(&invoices, now, window);
+            let merging_handoff = invoices.iter().any(|inv| {
+                inv.fired_step
+                    .and_then(|s| inv.plan.steps.get(s))
+                    .is_some_and(|s| s.kind == journey::StepKind::Handoff)
+                    && merges(&inv.journey).is_some()
+            });
+            if merging_handoff && busy.contains(&debtor) {
+                // Not a case without a claim that belongs in it: once the claim is free.
+                deferred.extend(members.into_iter().filter_map(|(_, timer)| timer));
+                continue;
+            }
+            let mut fired = journey::fire_together(&invoices, now, window);
+            forfall_domain::merge::merge_handoffs(&invoices, &mut fired, now, policy.merge_window(), &merges);
             let covered_line = |index: usize| {
                 let before = &invoices[index].journey;
                 let after = &fired.iter().find(|f| f.index == index)?.decision.journey;
@@ -1087,13 +1174,27 @@ impl Watcher {
                 ) {
                     self.0.metrics.fired.with_label_values(&[&step.name]).inc();
                 }
-                let covers: Vec<CoveredInvoice> = match &f.role {
-                    Role::Lead { covers } => covers.iter().filter_map(|c| covered_line(*c)).collect(),
+                let handoff = d.journey.state == JourneyState::HandedOver;
+                let (covers, merged): (Vec<CoveredInvoice>, Vec<Journey>) = match &f.role {
+                    // A hand-off's covers are the claims merged into its case.
+                    Role::Lead { covers } if handoff => (
+                        Vec::new(),
+                        covers
+                            .iter()
+                            .filter_map(|c| fired.iter().find(|g| g.index == *c))
+                            .map(|g| g.decision.journey.clone())
+                            .collect(),
+                    ),
+                    Role::Lead { covers } => (covers.iter().filter_map(|c| covered_line(*c)).collect(), Vec::new()),
                     Role::Covered { .. } => {
-                        self.0.metrics.combined.inc();
-                        Vec::new()
+                        if handoff {
+                            self.0.metrics.merged.inc();
+                        } else {
+                            self.0.metrics.combined.inc();
+                        }
+                        (Vec::new(), Vec::new())
                     }
-                    Role::Alone => Vec::new(),
+                    Role::Alone => (Vec::new(), Vec::new()),
                 };
                 let late = |s: JourneyState| {
                     matches!(
@@ -1127,6 +1228,7 @@ impl Watcher {
                             cause: &cause,
                             trace: TraceContext::new_root(),
                             covers: &covers,
+                            merged: &merged,
                         },
                         prepared.upcoming,
                     )
@@ -1180,6 +1282,7 @@ impl Watcher {
         if any_late {
             let _: () = late.query_async(&mut self.conn()).await?;
         }
+        conflicts.extend(deferred);
         Ok(conflicts)
     }
 
@@ -1685,6 +1788,7 @@ impl Watcher {
                 cause: &rec.event_id,
                 trace,
                 covers: &[],
+                merged: &[],
             };
             if self.emit_then_save(Some(loaded.version), stored, emission).await? {
                 return Ok(());
@@ -1885,6 +1989,7 @@ impl Watcher {
                 cause: &cause,
                 trace,
                 covers: &[],
+                merged: &[],
             };
             if !changed {
                 let upcoming = loaded.stored.pending_step.zip(loaded.stored.pending_fire_ms);
@@ -2052,6 +2157,11 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         "Invoices whose step went out in another invoice's combined message",
     )?;
     shell.metrics.registry.register(Box::new(combined.clone()))?;
+    let merged = prometheus::IntCounter::new(
+        "watcher_merged_claims_total",
+        "Claims handed over in another claim's case (merged where the law asks)",
+    )?;
+    shell.metrics.registry.register(Box::new(merged.clone()))?;
     let redis = redis_store::connect(&rt.config.redis).await?;
     let topics = rt.config.topics.clone();
     // The changelog follows the invoices topic's partitions (see [`rebuild`]).
@@ -2083,6 +2193,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             lateness,
             policy_reloads,
             combined,
+            merged,
         },
         topics: topics.clone(),
         rt: rt.clone(),

@@ -10,6 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use forfall_domain::JourneyState;
+use forfall_domain::journey::{Journey, PauseReason};
 use forfall_platform::config::Secret;
 use forfall_platform::kafka::Failure;
 use forfall_platform::records::HandoffCase;
@@ -71,7 +72,7 @@ impl Watcher {
             .unwrap_or_default();
         let pairs: Vec<(String, String)> = invoices.into_iter().map(|i| (tenant.to_owned(), i)).collect();
         let now = self.0.rt.clock.now();
-        Ok(self
+        let mut journeys: Vec<Journey> = self
             .0
             .store
             .read_journeys(&pairs)
@@ -80,7 +81,31 @@ impl Watcher {
             .flatten()
             .map(|loaded| loaded.stored.journey)
             .filter(|j| !matches!(j.state, JourneyState::Closed(_) | JourneyState::HandedOver))
-            .map(|j| self.case(&j, now))
-            .collect())
+            .collect();
+        journeys.sort_by_key(|j| (j.anchor_due(), j.invoice.invoice_id.clone()));
+        // Where the law merges a debtor's claims, they would go as one case, led by the oldest;
+        // a disputed claim stays apart.
+        let mut cases = Vec::new();
+        let mut groups: Vec<Vec<Journey>> = Vec::new();
+        for j in journeys {
+            let today = now.with_timezone(&j.invoice.jurisdiction.time_zone()).date_naive();
+            let merges = j.state != JourneyState::Paused(PauseReason::Dispute)
+                && self.0.law.merge_rule(&Self::law_context(&j), today).is_some();
+            let key = |g: &Journey| (g.invoice.jurisdiction, g.invoice.amount.currency);
+            match groups
+                .iter_mut()
+                .find(|g| merges && g.first().is_some_and(|l| key(l) == key(&j)))
+            {
+                Some(group) => group.push(j),
+                None if merges => groups.push(vec![j]),
+                None => cases.push(self.case(&j, &[], now)),
+            }
+        }
+        for group in groups {
+            if let Some((lead, merged)) = group.split_first() {
+                cases.push(self.case(lead, merged, now));
+            }
+        }
+        Ok(cases)
     }
 }
