@@ -152,6 +152,32 @@ fn demo_cases() -> Vec<Case> {
             behaviour: CreditedBeforeDue,
         },
         Case {
+            invoice_id: "d-7",
+            number: "100007",
+            who: "Gunnar (NO)",
+            email: "gunnar@example.test",
+            jurisdiction: "NO",
+            currency: "NOK",
+            language: "nb",
+            amount_minor: 64_000,
+            reference: "1000074",
+            story: "never pays his electricity bill",
+            behaviour: NeverPays,
+        },
+        Case {
+            invoice_id: "d-8",
+            number: "100008",
+            who: "Gunnar (NO)",
+            email: "gunnar@example.test",
+            jurisdiction: "NO",
+            currency: "NOK",
+            language: "nb",
+            amount_minor: 21_500,
+            reference: "1000082",
+            story: "nor his grid bill: in Norway both claims go to the agency as one case",
+            behaviour: NeverPays,
+        },
+        Case {
             invoice_id: "d-6",
             number: "100006",
             who: "Frida (SE)",
@@ -377,7 +403,8 @@ async fn drive(stack: &LocalStack, timeout_secs: u64) -> anyhow::Result<()> {
             .read::<PaymentUnmatched>(&stack.topic(&stack.topics().payments_unmatched))
             .await?
             .is_empty();
-        let handoffs_seen = stack.agency.requests().len() >= 2;
+        // Sweden's, Finland's, and Norway's two claims in one case.
+        let handoffs_seen = stack.agency.cases().len() >= 3;
         if all_done && stray_seen && handoffs_seen {
             break;
         }
@@ -441,7 +468,7 @@ async fn summary(stack: &LocalStack, cases: &[Case]) -> anyhow::Result<()> {
         .read::<DispatchOutcome>(&stack.topic(&stack.topics().dispatch_outcomes))
         .await?;
     let rejected = stack.read::<Rejected>(&stack.topic(&stack.topics().rejected)).await?;
-    let agency = stack.agency.requests();
+    let agency = stack.agency.cases();
     println!(
         "\nWhat happened (simulated time now {}):",
         stack.rt.clock.now().format("%Y-%m-%d")
@@ -483,8 +510,20 @@ async fn summary(stack: &LocalStack, cases: &[Case]) -> anyhow::Result<()> {
         if let Some(page) = pay_page(stack, c.email).await {
             println!("    {page}");
         }
-        for a in agency.iter().filter(|a| a.json()["invoice_id"] == c.invoice_id) {
-            let case = a.json();
+        for case in agency.iter().filter(|a| {
+            a["merged_claims"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|m| m["invoice_id"] == c.invoice_id)
+        }) {
+            println!(
+                "    handed to the agency in the case of invoice {} ({})",
+                case["invoice_number"].as_str().unwrap_or_default(),
+                case["merge_citation"].as_str().unwrap_or_default()
+            );
+        }
+        for case in agency.iter().filter(|a| a["invoice_id"] == c.invoice_id) {
             let money = |minor: &serde_json::Value| {
                 case["currency"]
                     .as_str()
@@ -516,6 +555,16 @@ async fn summary(stack: &LocalStack, cases: &[Case]) -> anyhow::Result<()> {
                 println!("      ({note})");
             }
             println!("      claimed in all: {}", amount("total_minor"));
+            for m in case["merged_claims"].as_array().into_iter().flatten() {
+                println!(
+                    "      with invoice {} merged in: {}; the case comes to {}",
+                    m["invoice_number"].as_str().unwrap_or_default(),
+                    money(&m["total_minor"]),
+                    amount("combined_total_minor")
+                );
+            }
+            let messages = case["messages"].as_array().map_or(0, Vec::len);
+            println!("      evidence: {messages} messages, each with what became of it and a SHA-256 of what it said");
         }
         println!("    final state: {}", status.unwrap_or_else(|| "unknown".into()));
     }
