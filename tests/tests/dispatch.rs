@@ -635,6 +635,10 @@ async fn the_debtors_channel_preferences_order_the_plans_channels() -> anyhow::R
         &policy,
         r#"
 version = "e2e-channels-1"
+# The agency sends the warning before collection where the law asks for one (see README).
+[handoff]
+agency_sends_warning = ["DK", "NO"]
+
 [[segment]]
 name = "all"
 plan = "both"

@@ -42,6 +42,10 @@ version = "e2e-norway-1"
 [claims]
 late_interest = "statutory"
 
+# The agency sends the warning before collection where the law asks for one (see README).
+[handoff]
+agency_sends_warning = ["DK", "NO"]
+
 [[segment]]
 name = "norway"
 when = { jurisdiction = ["NO"] }
@@ -342,6 +346,10 @@ async fn a_segment_plan_with_a_statutory_fee_runs_to_hand_off() -> anyhow::Resul
 const SWEDEN: &str = r#"
 version = "e2e-sweden-1"
 
+# The agency sends the warning before collection where the law asks for one (see README).
+[handoff]
+agency_sends_warning = ["DK", "NO"]
+
 [[segment]]
 name = "se-agreed-fee"
 when = { jurisdiction = ["SE"], fee_agreed = true }
@@ -432,6 +440,10 @@ async fn a_swedish_reminder_fee_is_charged_only_where_the_invoice_says_it_was_ag
 
 const EXPERIMENT: &str = r#"
 version = "e2e-exp-1"
+
+# The agency sends the warning before collection where the law asks for one (see README).
+[handoff]
+agency_sends_warning = ["DK", "NO"]
 
 [[segment]]
 name = "everyone"

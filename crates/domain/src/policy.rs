@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
 use chrono::{NaiveDate, NaiveTime};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::journey::{FeeSpec, PauseLimits, Plan, PlannedStep, StepFee, StepKind, Tone};
@@ -194,6 +194,18 @@ pub struct Policy {
     pub merge_within_days: u32,
     /// What a hand-off claims beyond the plan's fees: late interest, compensation.
     pub claims: crate::claim::ClaimTerms,
+    /// Who gives the statutory warning before collection (`[handoff]`).
+    pub handoff: HandoffTerms,
+}
+
+/// What a policy says of its hand-offs (`[handoff]` in the policy file).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HandoffTerms {
+    /// Where the agency, by its contract with the creditor, sends the statutory warning before
+    /// collection as its first step (NO inkassovarsel, DK påkrav): a plan may hand off there
+    /// without sending one, and the case tells the agency it was not given.
+    pub agency_sends_warning: Vec<Jurisdiction>,
 }
 
 /// Days within which a debtor's steps are combined when a policy does not say.
@@ -313,6 +325,8 @@ struct RawPolicy {
     merge_within_days: u32,
     #[serde(default)]
     claims: crate::claim::ClaimTerms,
+    #[serde(default)]
+    handoff: HandoffTerms,
 }
 
 #[derive(Debug, Deserialize)]
@@ -614,7 +628,8 @@ pub fn load(text: &str, law: &LawBook, on: NaiveDate) -> Result<Policy, PolicyEr
                             kind,
                             fee_agreed_in_advance: agreed,
                         };
-                        for v in law_violations(plan, &ctx, law, on) {
+                        let warning = warning_before_handoff(plan, &ctx, law, on, &raw.handoff);
+                        for v in law_violations(plan, &ctx, law, on).into_iter().chain(warning) {
                             let who = format!(
                                 "{j} {}{}",
                                 kind.code(),
@@ -649,6 +664,7 @@ pub fn load(text: &str, law: &LawBook, on: NaiveDate) -> Result<Policy, PolicyEr
             combine_within_days: raw.combine_within_days,
             merge_within_days: raw.merge_within_days,
             claims: raw.claims,
+            handoff: raw.handoff,
         })
     } else {
         Err(PolicyError(problems))
@@ -693,6 +709,44 @@ pub fn step_fee(
         },
         Err(_) => StepFee::plain(Money::zero(amount.currency)),
     }
+}
+
+/// Where the law asks for a warning before collection (NO inkassoloven § 9, DK § 10), a plan
+/// that hands off must send one first, giving the days the law asks, that many days before the
+/// hand-off (banking days count as calendar days: never fewer), unless the policy says the
+/// agency sends it.
+fn warning_before_handoff(
+    plan: &Plan,
+    ctx: &DebtorContext,
+    law: &LawBook,
+    on: NaiveDate,
+    terms: &HandoffTerms,
+) -> Option<String> {
+    let handoff_at = plan.steps.iter().position(|s| s.kind == StepKind::Handoff)?;
+    if terms.agency_sends_warning.contains(&ctx.jurisdiction) {
+        return None;
+    }
+    let (days, rule) = law.min_days_to_pay(ctx, FeeStep::CollectionWarning, on)?;
+    let handoff_day = plan.steps[handoff_at].offset_banking_days;
+    let warned = plan.steps[..handoff_at].iter().any(|s| {
+        matches!(
+            s.kind,
+            StepKind::Message {
+                tone: Tone::CollectionWarning,
+                ..
+            }
+        ) && s.days_to_pay.unwrap_or(0) >= days
+            && i64::from(handoff_day) - i64::from(s.offset_banking_days) >= i64::from(days)
+    });
+    (!warned).then(|| {
+        format!(
+            "{}: a hand-off in {j} needs the warning before collection first: a collection_warning step \
+             giving at least {days} days to pay, at least {days} days before the hand-off; or, where the \
+             agency sends it as its first step, [handoff] agency_sends_warning = [\"{j}\"]",
+            rule.citation,
+            j = ctx.jurisdiction
+        )
+    })
 }
 
 /// The law's objections to a plan for one kind of debtor, as "citation: words" lines.
@@ -756,6 +810,9 @@ version = "acme-2026-11"
 tenant = "acme-energy"
 send_time = "10:00"
 
+[handoff]
+agency_sends_warning = ["DK", "NO"]
+
 [[segment]]
 name = "danish-repeat"
 when = { jurisdiction = ["DK"], late_last_12m_min = 1 }
@@ -797,6 +854,54 @@ variant = [
   { name = "holdout", weight = 10, holdout = true },
 ]
 "#;
+
+    #[test]
+    fn a_hand_off_in_norway_or_denmark_needs_the_warning_first_or_the_agency_to_send_it() {
+        let plan = |warning: &str| {
+            format!(
+                r#"
+version = "w"
+[[segment]]
+name = "all"
+plan = "p"
+[plan.p]
+step = [
+  {{ name = "nudge", offset_banking_days = 0, channels = ["email"], tone = "nudge" }},
+  {warning}
+  {{ name = "handoff", offset_banking_days = 30, handoff = true }},
+]
+"#
+            )
+        };
+        // No warning at all: refused for Denmark and Norway, with the rule and the way out.
+        let refused = load(&plan(""), &law(), today()).unwrap_err().to_string();
+        for (j, citation) in [("DK", "inkassoloven § 10"), ("NO", "inkassoloven § 9")] {
+            assert!(
+                refused.contains(&format!(
+                    "{citation}: a hand-off in {j} needs the warning before collection first"
+                )) && refused.contains(&format!("agency_sends_warning = [\"{j}\"]")),
+                "{refused}"
+            );
+        }
+        assert!(
+            !refused.contains("hand-off in SE") && !refused.contains("hand-off in FI"),
+            "{refused}"
+        );
+        // The agency sends it: lawful.
+        let text = format!("{}\n[handoff]\nagency_sends_warning = [\"DK\", \"NO\"]\n", plan(""));
+        let p = load(&text, &law(), today()).expect("the agency warns");
+        assert_eq!(p.handoff.agency_sends_warning, vec![Jurisdiction::DK, Jurisdiction::NO]);
+        // A warning with 14 days, 20 banking days before the hand-off: lawful in both.
+        let warned = r#"{ name = "varsel", offset_banking_days = 10, channels = ["email"], tone = "collection_warning", days_to_pay = 14 },"#;
+        load(&plan(warned), &law(), today()).expect("warned in time");
+        // Too close to the hand-off for Norway's 14 days (fine for Denmark's 10).
+        let late = r#"{ name = "varsel", offset_banking_days = 18, channels = ["email"], tone = "collection_warning", days_to_pay = 14 },"#;
+        let refused = load(&plan(late), &law(), today()).unwrap_err().to_string();
+        assert!(
+            refused.contains("a hand-off in NO needs") && !refused.contains("a hand-off in DK needs"),
+            "{refused}"
+        );
+    }
 
     #[test]
     fn a_lawful_policy_loads_and_chooses_by_segment() {

@@ -24,6 +24,10 @@ version = "chaos-2026-12"
 send_time = "09:00"
 combine_within_days = 3
 
+# The agency sends the warning before collection where the law asks for one (see README).
+[handoff]
+agency_sends_warning = ["DK", "NO"]
+
 [[segment]]
 name = "default"
 plan = "chaos"
