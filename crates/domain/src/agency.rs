@@ -128,38 +128,20 @@ pub fn on_agency_news(mut journey: Journey, news: &AgencyNews) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::invoice::{Contact, InvoiceSnapshot, InvoiceStatus};
     use crate::journey::{PauseReason, Plan};
-    use crate::jurisdiction::{DebtorKind, Jurisdiction};
     use crate::money::Currency;
     use chrono::NaiveDate;
     use proptest::prelude::*;
 
     fn journey(state: JourneyState) -> Journey {
-        let due = NaiveDate::from_ymd_opt(2026, 3, 2).unwrap();
-        let mut journey = crate::journey::on_invoice(
-            None,
-            InvoiceSnapshot {
-                tenant: "t".into(),
-                debtor_id: "t:d".into(),
-                invoice_id: "i1".into(),
-                revision: 1,
-                invoice_number: "1001".into(),
-                issue_date: due - chrono::Duration::days(14),
-                due_date: due,
-                amount: Money::new(125_000, Currency::NOK),
-                credited_minor: 0,
-                jurisdiction: Jurisdiction::NO,
-                debtor_kind: DebtorKind::Consumer,
-                status: InvoiceStatus::Open,
-                payment_reference: None,
-                description: None,
-                contact: Contact::default(),
-                reminder_fee_agreed: false,
-            },
-            &Plan::builtin(),
-        )
-        .journey;
+        let mut input = crate::invoice::tests::input();
+        input.due_date_days = crate::invoice::epoch_days(NaiveDate::from_ymd_opt(2026, 3, 2).unwrap());
+        input.amount_minor = 125_000;
+        input.currency = "NOK".into();
+        input.jurisdiction = "NO".into();
+        input.payment_reference = None;
+        let snapshot = crate::invoice::validate_issued(input).unwrap();
+        let mut journey = crate::journey::on_invoice(None, snapshot, &Plan::builtin()).journey;
         journey.fees_minor = 3_500;
         journey.state = state;
         journey

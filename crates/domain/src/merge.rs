@@ -152,9 +152,8 @@ pub fn merge_handoffs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::invoice::{Contact, InvoiceSnapshot, InvoiceStatus};
     use crate::journey::{FeeSpec, Plan, PlannedStep, Tone, WarningGiven, fire_together};
-    use crate::jurisdiction::{DebtorKind, Jurisdiction};
+    use crate::jurisdiction::Jurisdiction;
     use crate::money::Currency;
     use chrono::{NaiveDate, TimeZone};
     use proptest::prelude::*;
@@ -195,29 +194,17 @@ mod tests {
 
     /// A claim waiting for its hand-off step, its warning sent on its due date.
     fn claim(id: &str, due: NaiveDate, jurisdiction: Jurisdiction, currency: Currency) -> Journey {
-        let mut j = crate::journey::on_invoice(
-            None,
-            InvoiceSnapshot {
-                tenant: "t".into(),
-                debtor_id: "t:d".into(),
-                invoice_id: id.into(),
-                revision: 1,
-                invoice_number: format!("N-{id}"),
-                issue_date: due - Duration::days(14),
-                due_date: due,
-                amount: Money::new(50_000, currency),
-                credited_minor: 0,
-                jurisdiction,
-                debtor_kind: DebtorKind::Consumer,
-                status: InvoiceStatus::Open,
-                payment_reference: None,
-                description: None,
-                contact: Contact::default(),
-                reminder_fee_agreed: false,
-            },
-            &plan(),
-        )
-        .journey;
+        let mut input = crate::invoice::tests::input();
+        input.invoice_id = id.into();
+        input.invoice_number = format!("N-{id}");
+        input.due_date_days = crate::invoice::epoch_days(due);
+        input.issue_date_days = crate::invoice::epoch_days(due - Duration::days(14));
+        input.amount_minor = 50_000;
+        input.currency = currency.code().into();
+        input.jurisdiction = jurisdiction.code().into();
+        input.payment_reference = None;
+        let snapshot = crate::invoice::validate_issued(input).unwrap();
+        let mut j = crate::journey::on_invoice(None, snapshot, &plan()).journey;
         j.state = JourneyState::Warned;
         j.next_step = 1;
         j.steps_taken = vec!["inkassovarsel".into()];

@@ -303,8 +303,11 @@ pub(crate) struct Sent {
 impl Sent {
     const DIGEST: &'static str = " sha256=";
 
-    /// As the claim's final state keeps it, after `sent:`.
+    /// As the claim's final state keeps it, after `sent:` (without a digest when none is known).
     pub(crate) fn claim_value(&self) -> String {
+        if self.content_sha256.is_empty() {
+            return self.message_id.clone();
+        }
         format!("{}{}{}", self.message_id, Self::DIGEST, self.content_sha256)
     }
 

@@ -50,10 +50,7 @@ pub fn claim_state(o: &DispatchOutcome) -> String {
                 message_id: o.provider_message_id.clone().unwrap_or_default(),
                 content_sha256: o.content_sha256.clone().unwrap_or_default(),
             };
-            match o.content_sha256 {
-                Some(_) => format!("sent:{}", sent.claim_value()),
-                None => format!("sent:{}", sent.message_id),
-            }
+            format!("sent:{}", sent.claim_value())
         }
         DispatchStatus::Suppressed => format!("suppressed:{reason}"),
         DispatchStatus::Failed | DispatchStatus::Bounced => format!("failed:{reason}"),

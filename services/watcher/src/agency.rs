@@ -9,8 +9,7 @@ use forfall_platform::kafka::Failure;
 use forfall_platform::records::{HandoffOutcome, HandoffStatus, Regarding};
 use forfall_platform::telemetry::TraceContext;
 
-use crate::store::Stored;
-use crate::{Emission, Watcher};
+use crate::Watcher;
 
 /// The outcome in the journey's terms.
 pub(crate) fn news_of(o: &HandoffOutcome) -> Result<AgencyNews, Failure> {
@@ -94,47 +93,8 @@ impl Watcher {
                 return Ok(());
             };
             let d = agency::on_agency_news(loaded.stored.journey.clone(), news);
-            let kind = d.transitions.first().map_or("agency", |t| t.kind);
-            if d.journey == loaded.stored.journey {
-                let plan = self.plan_of(&d.journey);
-                let upcoming = loaded.stored.pending_step.zip(loaded.stored.pending_fire_ms);
-                let outs = self
-                    .outputs(
-                        &Emission {
-                            decision: &d,
-                            plan: &plan,
-                            fee: Money::zero(d.journey.invoice.amount.currency),
-                            cause: &cause,
-                            trace,
-                            covers: &[],
-                            merged: &[],
-                        },
-                        upcoming,
-                    )
-                    .await?;
-                self.0
-                    .producer
-                    .send_all(&outs)
-                    .await
-                    .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
-                tracing::info!(case = %rec.case_id, kind, "agency outcome recorded");
-                return Ok(());
-            }
-            let plan = self.plan_of(&d.journey);
-            let stored = Stored {
-                journey: d.journey.clone(),
-                ..loaded.stored
-            };
-            let emission = Emission {
-                decision: &d,
-                plan: &plan,
-                fee: Money::zero(d.journey.invoice.amount.currency),
-                cause: &cause,
-                trace,
-                covers: &[],
-                merged: &[],
-            };
-            if self.emit_then_save(Some(loaded.version), stored, emission).await? {
+            if self.record(&loaded, &d, &cause, trace).await? {
+                let kind = d.transitions.first().map_or("agency", |t| t.kind);
                 tracing::info!(case = %rec.case_id, kind, state = %d.journey.state.label(), "agency outcome applied");
                 return Ok(());
             }

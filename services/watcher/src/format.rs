@@ -53,55 +53,48 @@ struct StoredV2 {
     pending_fire_ms: Option<i64>,
 }
 
-/// [`Journey`] as format 2 wrote it: the same fields, in the same order, without `messages`.
+/// [`Journey`] as format 2 wrote it: format 1's fields, then three more, in order (postcard
+/// writes a nested struct as its fields), without `messages`.
 #[derive(Deserialize)]
 struct JourneyV2 {
-    state: JourneyState,
-    invoice: InvoiceSnapshot,
-    plan_version: String,
-    plan: String,
-    segment: Option<String>,
-    experiment: Option<String>,
-    fees_minor: i64,
-    pause: Option<Pause>,
-    due_override: Option<NaiveDate>,
-    postponements: u32,
-    applied_requests: Vec<String>,
-    next_step: usize,
-    paid_minor: i64,
-    applied_payments: Vec<String>,
-    steps_taken: Vec<String>,
+    v1: JourneyV1,
     fee_dates: Vec<NaiveDate>,
     fees: Vec<FeeCharged>,
     warning: Option<WarningGiven>,
 }
 
+impl From<JourneyV2> for Journey {
+    fn from(v2: JourneyV2) -> Self {
+        let j = v2.v1;
+        Journey {
+            state: j.state,
+            invoice: j.invoice,
+            plan_version: j.plan_version,
+            plan: j.plan,
+            segment: j.segment,
+            experiment: j.experiment,
+            fees_minor: j.fees_minor,
+            pause: j.pause,
+            due_override: j.due_override,
+            postponements: j.postponements,
+            applied_requests: j.applied_requests,
+            next_step: j.next_step,
+            paid_minor: j.paid_minor,
+            applied_payments: j.applied_payments,
+            steps_taken: j.steps_taken,
+            fee_dates: v2.fee_dates,
+            fees: v2.fees,
+            warning: v2.warning,
+            // Format 2 did not keep them: the hand-off's evidence starts with the upgrade.
+            messages: Vec::new(),
+        }
+    }
+}
+
 impl From<StoredV2> for Stored {
     fn from(v2: StoredV2) -> Self {
-        let j = v2.journey;
         Stored {
-            journey: Journey {
-                state: j.state,
-                invoice: j.invoice,
-                plan_version: j.plan_version,
-                plan: j.plan,
-                segment: j.segment,
-                experiment: j.experiment,
-                fees_minor: j.fees_minor,
-                pause: j.pause,
-                due_override: j.due_override,
-                postponements: j.postponements,
-                applied_requests: j.applied_requests,
-                next_step: j.next_step,
-                paid_minor: j.paid_minor,
-                applied_payments: j.applied_payments,
-                steps_taken: j.steps_taken,
-                fee_dates: j.fee_dates,
-                fees: j.fees,
-                warning: j.warning,
-                // Format 2 did not keep them: the hand-off's evidence starts with the upgrade.
-                messages: Vec::new(),
-            },
+            journey: v2.journey.into(),
             partition: v2.partition,
             pending_step: v2.pending_step,
             pending_fire_ms: v2.pending_fire_ms,
@@ -139,31 +132,16 @@ struct JourneyV1 {
 
 impl From<StoredV1> for Stored {
     fn from(v1: StoredV1) -> Self {
-        let j = v1.journey;
         Stored {
-            journey: Journey {
-                state: j.state,
-                invoice: j.invoice,
-                plan_version: j.plan_version,
-                plan: j.plan,
-                segment: j.segment,
-                experiment: j.experiment,
-                fees_minor: j.fees_minor,
-                pause: j.pause,
-                due_override: j.due_override,
-                postponements: j.postponements,
-                applied_requests: j.applied_requests,
-                next_step: j.next_step,
-                paid_minor: j.paid_minor,
-                applied_payments: j.applied_payments,
-                steps_taken: j.steps_taken,
-                // Format 1 did not record them; a fee charged before the upgrade is not
-                // spaced from (the plan's own spacing, checked at policy load, still holds).
+            // Format 1 did not record fees or the warning; a fee charged before the upgrade is
+            // not spaced from (the plan's own spacing, checked at policy load, still holds).
+            journey: JourneyV2 {
+                v1: v1.journey,
                 fee_dates: Vec::new(),
                 fees: Vec::new(),
                 warning: None,
-                messages: Vec::new(),
-            },
+            }
+            .into(),
             partition: v1.partition,
             pending_step: v1.pending_step,
             // Format 1 kept the timer's moment only in the timer set.

@@ -1963,9 +1963,9 @@ impl Watcher {
                 return Ok(());
             };
             let mut journey = loaded.stored.journey.clone();
-            let changed = evidence
-                .clone()
-                .is_some_and(|e| forfall_domain::evidence::record(&mut journey.messages, e));
+            if let Some(e) = evidence.clone() {
+                forfall_domain::evidence::record(&mut journey.messages, e);
+            }
             let transitions: Vec<Transition> = timeline
                 .iter()
                 .cloned()
@@ -1981,34 +1981,42 @@ impl Watcher {
                 timer: TimerChange::Keep,
                 emit: None,
             };
-            let plan = self.plan_of(&d.journey);
-            let emission = Emission {
-                decision: &d,
-                plan: &plan,
-                fee: Money::zero(d.journey.invoice.amount.currency),
-                cause: &cause,
-                trace,
-                covers: &[],
-                merged: &[],
-            };
-            if !changed {
-                let upcoming = loaded.stored.pending_step.zip(loaded.stored.pending_fire_ms);
-                let outs = self.outputs(&emission, upcoming).await?;
-                return self
-                    .0
-                    .producer
-                    .send_all(&outs)
-                    .await
-                    .map_err(|e| Failure::Transient(anyhow::anyhow!(e)));
-            }
-            let stored = Stored {
-                journey: d.journey.clone(),
-                ..loaded.stored
-            };
-            if self.emit_then_save(Some(loaded.version), stored, emission).await? {
+            if self.record(&loaded, &d, &cause, trace).await? {
                 return Ok(());
             }
         }
+    }
+
+    /// Writes a decision that takes no step (a timeline entry, evidence, the agency's word):
+    /// its events alone when it leaves the journey as it was (news that changes nothing, or a
+    /// redelivery, whose events carry the same ids), else its events and then the journey,
+    /// compare-and-set. False when the journey changed since `loaded`: decide again.
+    async fn record(&self, loaded: &Loaded, d: &Decision, cause: &str, trace: TraceContext) -> Result<bool, Failure> {
+        let plan = self.plan_of(&d.journey);
+        let emission = Emission {
+            decision: d,
+            plan: &plan,
+            fee: Money::zero(d.journey.invoice.amount.currency),
+            cause,
+            trace,
+            covers: &[],
+            merged: &[],
+        };
+        if d.journey == loaded.stored.journey {
+            let upcoming = loaded.stored.pending_step.zip(loaded.stored.pending_fire_ms);
+            let outs = self.outputs(&emission, upcoming).await?;
+            self.0
+                .producer
+                .send_all(&outs)
+                .await
+                .map_err(|e| Failure::Transient(anyhow::anyhow!(e)))?;
+            return Ok(true);
+        }
+        let stored = Stored {
+            journey: d.journey.clone(),
+            ..loaded.stored.clone()
+        };
+        self.emit_then_save(Some(loaded.version), stored, emission).await
     }
 }
 

@@ -191,15 +191,9 @@ fn refuse(status: u16, error: impl Into<String>) -> Response {
 async fn handle(State(shared): State<Shared>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let (failure, stall) = {
         let mut books = shared.books();
-        books.requests.push(RecordedRequest {
-            method: method.to_string(),
-            path: uri.path().to_owned(),
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
-                .collect(),
-            body: body.to_vec(),
-        });
+        books
+            .requests
+            .push(RecordedRequest::new(&method, &uri, &headers, &body));
         match books.failures.pop_front() {
             Some(status) => (Some(status), None),
             None => (None, books.stalls.pop_front()),

@@ -296,6 +296,18 @@ pub struct RecordedRequest {
 }
 
 impl RecordedRequest {
+    pub(crate) fn new(method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Self {
+        Self {
+            method: method.to_string(),
+            path: uri.path().to_owned(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+                .collect(),
+            body: body.to_vec(),
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -355,15 +367,7 @@ async fn record(
     headers: HeaderMap,
     body: Bytes,
 ) -> impl IntoResponse {
-    let request = RecordedRequest {
-        method: method.to_string(),
-        path: uri.path().to_owned(),
-        headers: headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
-            .collect(),
-        body: body.to_vec(),
-    };
+    let request = RecordedRequest::new(&method, &uri, &headers, &body);
     let n = {
         let mut requests = script.requests.lock().unwrap_or_else(|p| p.into_inner());
         requests.push(request);
