@@ -229,6 +229,9 @@ pub fn nudge_action(tenant: &str, invoice: &str, email: &str) -> JourneyAction {
         phone: None,
         language: Some("da".into()),
         description: Some("El, august 2026".into()),
+        interest_minor: 0,
+        interest_rate_bp: None,
+        compensation_minor: 0,
         covers: Vec::new(),
     }
 }

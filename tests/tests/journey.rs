@@ -220,6 +220,31 @@ async fn a_segment_plan_with_a_statutory_fee_runs_to_hand_off() -> anyhow::Resul
     );
     assert_eq!(purring.open_minor, 89_900 + 3_500);
     assert!(purring.pay_by.is_some(), "the purring gives a deadline");
+    // The policy claims statutory interest: the purring says what has accrued by its day, at
+    // Norges Bank's rate + 8 pp (2026 H1: 4 % + 8 pp), apart from the amount to pay.
+    let law = LawBook::builtin()?;
+    let purring_on = when(1).with_timezone(&Jurisdiction::NO.time_zone()).date_naive();
+    let accrued = law.late_interest(
+        &forfall_domain::law::DebtorContext {
+            jurisdiction: Jurisdiction::NO,
+            kind: forfall_domain::DebtorKind::Consumer,
+            fee_agreed_in_advance: false,
+        },
+        forfall_domain::Money::new(89_900, forfall_domain::Currency::NOK),
+        s.due,
+        purring_on,
+    )?;
+    assert!(accrued.minor > 0);
+    assert_eq!(purring.interest_minor, accrued.minor);
+    assert_eq!(purring.interest_rate_bp, Some(1_200));
+    assert_eq!(purring.compensation_minor, 0, "a consumer owes no compensation");
+    let purring_mail = stack.mail.to(s.email)[1].body();
+    let shown = format!(
+        "Forsinkelsesrente så langt (12 % per år): {}",
+        forfall_domain::money::format(accrued, forfall_domain::Locale::NbNo)
+    );
+    assert!(purring_mail.contains(&shown), "'{shown}' in:\n{purring_mail}");
+    assert!(purring_mail.contains("Rente og kompensasjon er ikke med i beløpet å betale"));
     eventually("the agency's answer", WAIT, || async {
         Ok(stack
             .read::<HandoffOutcome>(&stack.topic(&stack.topics().handoff_outcomes))
@@ -247,7 +272,6 @@ async fn a_segment_plan_with_a_statutory_fee_runs_to_hand_off() -> anyhow::Resul
             .is_some_and(|c| c.starts_with("inkassoforskriften § 1-2")),
         "{case}"
     );
-    let law = LawBook::builtin()?;
     let reference_bp = law
         .rates()
         .iter()

@@ -366,6 +366,9 @@ async fn the_last_look_waits_for_the_journey_to_include_the_action() -> anyhow::
         phone: None,
         language: Some("da".into()),
         description: None,
+        interest_minor: 0,
+        interest_rate_bp: None,
+        compensation_minor: 0,
         covers: Vec::new(),
     };
     stack

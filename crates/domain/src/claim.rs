@@ -165,6 +165,37 @@ pub fn compose(journey: &Journey, law: &LawBook, terms: &ClaimTerms, ctx: &Debto
     }
 }
 
+/// What a message tells the debtor the creditor claims beyond the amount to pay: the late
+/// interest accrued so far and the yearly rate now in force, and the fixed compensation. Both
+/// are claimed if the invoice goes to collection; neither is part of what the journey counts
+/// as owed, so paying the amount shown settles the invoice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Accrued {
+    pub interest_minor: i64,
+    /// The yearly rate in force on the day, in basis points, when the policy claims interest
+    /// (it runs from the due date on).
+    pub rate_bp: Option<i64>,
+    pub compensation_minor: i64,
+}
+
+/// What the claim of `journey` adds as of `on` (see [`Accrued`]); nothing when the policy
+/// claims neither interest nor compensation.
+pub fn accrued(journey: &Journey, law: &LawBook, terms: &ClaimTerms, ctx: &DebtorContext, on: NaiveDate) -> Accrued {
+    if *terms == ClaimTerms::default() {
+        return Accrued::default();
+    }
+    let claim = compose(journey, law, terms, ctx, on);
+    let interest_minor = claim.interest_total.minor;
+    Accrued {
+        interest_minor,
+        rate_bp: match terms.late_interest {
+            InterestTerms::Statutory => law.late_interest_rate_bp(ctx, on),
+            InterestTerms::None => None,
+        },
+        compensation_minor: claim.compensation.map_or(0, |c| c.amount.minor),
+    }
+}
+
 /// What is wrong with `terms` under `law` as of `on`: statutory interest needs a late-interest
 /// rule in force for every jurisdiction and kind of debtor the policy may meet.
 pub fn check_terms(terms: &ClaimTerms, law: &LawBook, on: NaiveDate) -> Vec<String> {
@@ -407,6 +438,49 @@ mod tests {
             "{problems:?}"
         );
         assert!(check_terms(&ClaimTerms::default(), &none, d(2026, 12, 3)).is_empty());
+    }
+
+    #[test]
+    fn a_message_shows_the_interest_accrued_so_far_and_the_compensation_claimed() {
+        let law = LawBook::builtin().unwrap();
+        let terms = ClaimTerms {
+            late_interest: InterestTerms::Statutory,
+            compensation: true,
+        };
+        let due = d(2026, 3, 2);
+        let business = journey(
+            Jurisdiction::SE,
+            DebtorKind::Business,
+            Money::new(1_000_000, Currency::SEK),
+            due,
+        );
+        let on_due = accrued(&business, &law, &terms, &ctx(&business), due);
+        assert_eq!(on_due.interest_minor, 0, "nothing accrues by the due date");
+        assert!(on_due.rate_bp.is_some(), "but the rate that will run is said");
+        assert_eq!(on_due.compensation_minor, 45_000);
+        let later = accrued(&business, &law, &terms, &ctx(&business), d(2026, 4, 1));
+        let claim = compose(&business, &law, &terms, &ctx(&business), d(2026, 4, 1));
+        assert!(later.interest_minor > 0);
+        assert_eq!(
+            later.interest_minor, claim.interest_total.minor,
+            "what the hand-off would claim"
+        );
+        assert_eq!(later.rate_bp, Some(claim.interest[0].rate_bp()));
+        let consumer = journey(
+            Jurisdiction::SE,
+            DebtorKind::Consumer,
+            Money::new(1_000_000, Currency::SEK),
+            due,
+        );
+        assert_eq!(
+            accrued(&consumer, &law, &terms, &ctx(&consumer), d(2026, 4, 1)).compensation_minor,
+            0
+        );
+        assert_eq!(
+            accrued(&business, &law, &ClaimTerms::default(), &ctx(&business), d(2026, 4, 1)),
+            Accrued::default(),
+            "a policy claiming neither shows neither"
+        );
     }
 
     proptest! {

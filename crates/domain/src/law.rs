@@ -681,6 +681,15 @@ impl LawBook {
         Ok(Money::new(rounded_interest(numerator)?, principal.currency))
     }
 
+    /// The yearly statutory late-interest rate (basis points) for the day `on`: the reference
+    /// rate of its half-year plus the law's margin; `None` without a rule or a published rate.
+    pub fn late_interest_rate_bp(&self, ctx: &DebtorContext, on: NaiveDate) -> Option<i64> {
+        match self.interest_periods(ctx, on - Duration::days(1), on).pop()? {
+            Ok(p) => Some(p.rate.rate_bp + p.margin_bp),
+            Err(_) => None,
+        }
+    }
+
     /// The same interest, line by line as a claim shows it: one line per half-year with its
     /// rate, rule and source, each rounded to the minor unit (the claim's total is their sum).
     /// A half-year without a published rate (or rule) has no line; it is named in `missing`,

@@ -200,6 +200,15 @@ pub struct JourneyAction {
     pub language: Option<String>,
     #[serde(default)]
     pub description: Option<String>,
+    /// Late interest accrued to the send day, claimed if the invoice goes to collection; not
+    /// part of `open_minor`.
+    #[serde(default)]
+    pub interest_minor: i64,
+    #[serde(default)]
+    pub interest_rate_bp: Option<i32>,
+    /// The fixed compensation between businesses claimed if the invoice goes to collection.
+    #[serde(default)]
+    pub compensation_minor: i64,
     #[serde(default)]
     pub covers: Vec<CoveredInvoice>,
 }
@@ -215,6 +224,10 @@ pub struct CoveredInvoice {
     pub fee_minor: i64,
     pub due_date: i32,
     pub payment_reference: Option<String>,
+    #[serde(default)]
+    pub interest_minor: i64,
+    #[serde(default)]
+    pub compensation_minor: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -779,6 +792,9 @@ mod tests {
             phone: None,
             language: None,
             description: Some("Electricity, August".into()),
+            interest_minor: 0,
+            interest_rate_bp: None,
+            compensation_minor: 0,
             covers: vec![CoveredInvoice {
                 invoice_id: "i2".into(),
                 invoice_number: "n2".into(),
@@ -787,6 +803,8 @@ mod tests {
                 fee_minor: 0,
                 due_date: 3,
                 payment_reference: Some("r".into()),
+                interest_minor: 0,
+                compensation_minor: 0,
             }],
         });
         round_trip(JourneyEvent {

@@ -55,6 +55,11 @@ pub struct MessageContext {
     pub due_date: String,
     pub fee: Option<String>,
     pub total: String,
+    /// Late interest accrued so far and the yearly rate, and the fixed compensation, where the
+    /// policy claims them: not part of the total, claimed if the debt goes to collection.
+    pub interest: Option<String>,
+    pub interest_rate: Option<String>,
+    pub compensation: Option<String>,
     pub pay_by: Option<String>,
     pub pay_link: String,
     pub bank_account: Option<String>,
@@ -386,6 +391,9 @@ fn sample(language: &str, tone: &str, invoices: usize) -> MessageContext {
         due_date: "SAMPLE-DUE 31.12.2026".into(),
         fee: collection.then(|| "SAMPLE-FEE 100,00 kr.".to_owned()),
         total: "SAMPLE-TOT 1.234.667,89 kr.".into(),
+        interest: collection.then(|| "SAMPLE-INT 12.345,67 kr.".to_owned()),
+        interest_rate: collection.then(|| "10,75 %".to_owned()),
+        compensation: collection.then(|| "SAMPLE-COMP 310,00 kr.".to_owned()),
         pay_by: collection.then(|| "SAMPLE-BY 14.01.2027".to_owned()),
         // As long as a real link: base URL plus a v1 token for a long tenant, debtor and invoice.
         pay_link: format!("https://pay.example.invalid/p/{}", "x".repeat(150)),
@@ -454,6 +462,12 @@ fn missing_required(content: &Content, ctx: &MessageContext) -> Vec<String> {
     require("the pay link", &ctx.pay_link, true);
     if let Some(fee) = &ctx.fee {
         require("the fee", fee, false);
+    }
+    if let Some(interest) = &ctx.interest {
+        require("the late interest claimed", interest, false);
+    }
+    if let Some(compensation) = &ctx.compensation {
+        require("the compensation claimed", compensation, false);
     }
     if let Some(pay_by) = &ctx.pay_by {
         require("the deadline", pay_by, ctx.tone == "collection_warning");

@@ -37,6 +37,8 @@ pub fn still_open(action: &JourneyAction, statuses: &[Option<String>]) -> Option
         current.description = first.description;
         current.open_minor = first.open_minor;
         current.fee_minor = first.fee_minor;
+        current.interest_minor = first.interest_minor;
+        current.compensation_minor = first.compensation_minor;
         current.due_date = first.due_date;
         current.payment_reference = first.payment_reference;
     }
@@ -79,6 +81,8 @@ pub fn context(
     }];
     let mut total = action.open_minor;
     let mut fee = action.fee_minor;
+    let mut interest = action.interest_minor;
+    let mut compensation = action.compensation_minor;
     let mut earliest_due = action.due_date;
     for c in &action.covers {
         invoices.push(InvoiceLine {
@@ -90,6 +94,8 @@ pub fn context(
         });
         total += c.open_minor;
         fee += c.fee_minor;
+        interest += c.interest_minor;
+        compensation += c.compensation_minor;
         earliest_due = earliest_due.min(c.due_date);
     }
     MessageContext {
@@ -100,6 +106,10 @@ pub fn context(
         due_date: date(earliest_due),
         fee: (fee > 0).then(|| money(fee)),
         total: money(total),
+        interest: (interest > 0).then(|| money(interest)),
+        interest_rate: action.interest_rate_bp.map(|bp| percent(bp, locale)),
+        // A friendly nudge on the due date does not threaten what collection would cost.
+        compensation: (compensation > 0 && action.tone != "nudge").then(|| money(compensation)),
         pay_by: action.pay_by.map(date),
         pay_link: pay_link(action, link, now),
         bank_account: profile.bank_account.clone(),
@@ -111,6 +121,19 @@ pub fn context(
         contact: profile.contact.clone(),
         invoices,
     }
+}
+
+/// A yearly rate in basis points as the debtor's locale writes a percentage: `10,5 %`.
+fn percent(bp: i32, locale: Locale) -> String {
+    let whole = bp / 100;
+    let hundredths = (bp % 100).abs();
+    let separator = if locale == Locale::En { "." } else { "," };
+    let fraction = match hundredths {
+        0 => String::new(),
+        h if h % 10 == 0 => format!("{separator}{}", h / 10),
+        h => format!("{separator}{h:02}"),
+    };
+    format!("{whole}{fraction} %")
 }
 
 /// What the tenant's webhook receives: the rendered message and the facts behind it.
@@ -128,6 +151,9 @@ pub fn webhook_body(action: &JourneyAction, ctx: &MessageContext, content: &Cont
         "currency": action.currency,
         "open_minor": action.open_minor + action.covers.iter().map(|c| c.open_minor).sum::<i64>(),
         "fee_minor": action.fee_minor + action.covers.iter().map(|c| c.fee_minor).sum::<i64>(),
+        "interest_minor": action.interest_minor + action.covers.iter().map(|c| c.interest_minor).sum::<i64>(),
+        "interest_rate_bp": action.interest_rate_bp,
+        "compensation_minor": action.compensation_minor + action.covers.iter().map(|c| c.compensation_minor).sum::<i64>(),
         "pay_by": action.pay_by.and_then(date_from_epoch_days).map(|d| d.to_string()),
         "pay_link": ctx.pay_link,
         "subject": content.subject,
@@ -150,12 +176,67 @@ mod tests {
             fee_minor: 0,
             due_date: 20_000,
             payment_reference: Some(format!("ref-{id}")),
+            interest_minor: 0,
+            compensation_minor: 0,
         }
+    }
+
+    #[test]
+    fn a_reminder_shows_the_interest_and_compensation_claimed_a_nudge_not_the_compensation() {
+        let keys = PayLinkKeys::new(forfall_platform::pay_links::PayLinkSettings::default()).unwrap();
+        let reminder = JourneyAction {
+            tone: "reminder".into(),
+            interest_minor: 1_234,
+            interest_rate_bp: Some(1_050),
+            compensation_minor: 31_000,
+            covers: vec![CoveredInvoice {
+                interest_minor: 100,
+                compensation_minor: 31_000,
+                ..cover("b", 200)
+            }],
+            ..forfall_e2e::nudge_action("acme", "a", "a@example.test")
+        };
+        let ctx = context(&reminder, &TenantProfile::default(), &keys, Utc::now());
+        assert_eq!(
+            ctx.interest.as_deref(),
+            Some("13,34\u{a0}kr."),
+            "both invoices' interest"
+        );
+        assert_eq!(ctx.interest_rate.as_deref(), Some("10,5 %"));
+        assert_eq!(ctx.compensation.as_deref(), Some("620,00\u{a0}kr."));
+        assert_eq!(
+            ctx.total,
+            context(
+                &JourneyAction {
+                    interest_minor: 0,
+                    compensation_minor: 0,
+                    ..reminder.clone()
+                },
+                &TenantProfile::default(),
+                &keys,
+                Utc::now()
+            )
+            .total,
+            "neither is in the total"
+        );
+        let nudge = JourneyAction {
+            tone: "nudge".into(),
+            ..reminder
+        };
+        assert_eq!(
+            context(&nudge, &TenantProfile::default(), &keys, Utc::now()).compensation,
+            None
+        );
+        assert_eq!(percent(1_200, Locale::NbNo), "12 %");
+        assert_eq!(percent(1_225, Locale::En), "12.25 %");
     }
 
     #[test]
     fn settled_invoices_leave_a_combined_message() {
         let action = JourneyAction {
+            interest_minor: 0,
+            interest_rate_bp: None,
+            compensation_minor: 0,
             covers: vec![cover("b", 200), cover("c", 300)],
             ..forfall_e2e::nudge_action("acme", "a", "a@example.test")
         };

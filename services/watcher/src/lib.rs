@@ -449,6 +449,7 @@ impl Watcher {
             .and_then(|s| s.days_to_pay)
             .and_then(|days| local_today.checked_add_signed(chrono::Duration::days(i64::from(days))))
             .map(invoice::epoch_days);
+        let accrued = self.accrued(j, local_today);
         JourneyAction {
             event_id: derived_id("action-event", &[&inv.tenant, &inv.invoice_id, step]),
             tenant: inv.tenant.clone(),
@@ -478,8 +479,16 @@ impl Watcher {
             phone: inv.contact.phone.clone(),
             language: inv.contact.language.clone(),
             description: inv.description.clone(),
+            interest_minor: accrued.interest_minor,
+            interest_rate_bp: accrued.rate_bp.and_then(|bp| i32::try_from(bp).ok()),
+            compensation_minor: accrued.compensation_minor,
             covers: Vec::new(),
         }
+    }
+
+    /// What the policy's `[claims]` add to a message about `j` sent on the debtor's day `today`.
+    fn accrued(&self, j: &Journey, today: chrono::NaiveDate) -> claim::Accrued {
+        claim::accrued(j, &self.0.law, &self.policy().claims, &Self::law_context(j), today)
     }
 
     /// The case handed to the agency: the invoice, the debtor, and the claim as of the
@@ -1153,6 +1162,8 @@ impl Watcher {
             let covered_line = |index: usize| {
                 let before = &invoices[index].journey;
                 let after = &fired.iter().find(|f| f.index == index)?.decision.journey;
+                let today = now.with_timezone(&after.invoice.jurisdiction.time_zone()).date_naive();
+                let accrued = self.accrued(after, today);
                 Some(CoveredInvoice {
                     invoice_id: after.invoice.invoice_id.clone(),
                     invoice_number: after.invoice.invoice_number.clone(),
@@ -1161,6 +1172,8 @@ impl Watcher {
                     fee_minor: after.fees_minor - before.fees_minor,
                     due_date: invoice::epoch_days(after.invoice.due_date),
                     payment_reference: after.invoice.payment_reference.clone(),
+                    interest_minor: accrued.interest_minor,
+                    compensation_minor: accrued.compensation_minor,
                 })
             };
             for f in &fired {
