@@ -104,6 +104,12 @@ pub fn law(cmd: LawCommand) -> anyhow::Result<()> {
                 format!("{s} + {}.{:02} pp", margin_bp / 100, margin_bp % 100)
             }
             Limit::MergeClaims => "claims handed over together form one case".to_owned(),
+            Limit::AgreedInterest {
+                at_most_statutory: true,
+            } => "agreed interest, at most the statutory rate".to_owned(),
+            Limit::AgreedInterest {
+                at_most_statutory: false,
+            } => "agreed interest".to_owned(),
         };
         let dates = match r.valid_to {
             Some(to) => format!("{} to {to}", r.valid_from),

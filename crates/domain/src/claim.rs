@@ -21,15 +21,63 @@ pub struct ClaimTerms {
     pub compensation: bool,
 }
 
-/// Which late interest a policy claims.
+/// Which late interest a policy claims: `"none"`, `"statutory"`, or
+/// `{ agreed_rate_bp = 1200 }` (basis points a year).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "RawInterestTerms", into = "RawInterestTerms")]
 pub enum InterestTerms {
     /// None: the agency may claim it from the hand-off on.
     #[default]
     None,
     /// The statutory rate (reference rate + the law's margin), half-year by half-year.
     Statutory,
+    /// A rate agreed with every debtor in advance (the creditor's terms of sale), claimed as far
+    /// as the law lets it be: for consumers in some countries never above the statutory rate.
+    Agreed { rate_bp: i64 },
+}
+
+/// The highest agreed rate a policy may state: far above any lawful consumer rate, a guard
+/// against a rate written in the wrong unit (1200 means 12 %).
+pub const MAX_AGREED_RATE_BP: i64 = 5_000;
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum RawInterestTerms {
+    Word(String),
+    Agreed { agreed_rate_bp: i64 },
+}
+
+impl TryFrom<RawInterestTerms> for InterestTerms {
+    type Error = String;
+    fn try_from(raw: RawInterestTerms) -> Result<Self, String> {
+        match raw {
+            RawInterestTerms::Word(w) if w == "none" => Ok(InterestTerms::None),
+            RawInterestTerms::Word(w) if w == "statutory" => Ok(InterestTerms::Statutory),
+            RawInterestTerms::Word(w) => Err(format!(
+                "late_interest '{w}': expected \"none\", \"statutory\" or {{ agreed_rate_bp = <basis points a year> }}"
+            )),
+            RawInterestTerms::Agreed { agreed_rate_bp } if (1..=MAX_AGREED_RATE_BP).contains(&agreed_rate_bp) => {
+                Ok(InterestTerms::Agreed {
+                    rate_bp: agreed_rate_bp,
+                })
+            }
+            RawInterestTerms::Agreed { agreed_rate_bp } => Err(format!(
+                "late_interest agreed_rate_bp = {agreed_rate_bp}: a yearly rate in basis points from 1 to {MAX_AGREED_RATE_BP} (1200 is 12 %)"
+            )),
+        }
+    }
+}
+
+impl From<InterestTerms> for RawInterestTerms {
+    fn from(terms: InterestTerms) -> Self {
+        match terms {
+            InterestTerms::None => RawInterestTerms::Word("none".into()),
+            InterestTerms::Statutory => RawInterestTerms::Word("statutory".into()),
+            InterestTerms::Agreed { rate_bp } => RawInterestTerms::Agreed {
+                agreed_rate_bp: rate_bp,
+            },
+        }
+    }
 }
 
 /// A fee charged on the claim.
@@ -114,20 +162,27 @@ pub fn compose(journey: &Journey, law: &LawBook, terms: &ClaimTerms, ctx: &Debto
             citation: None,
         });
     }
-    let (interest, interest_note) = match terms.late_interest {
-        InterestTerms::Statutory if remaining_principal > 0 => {
-            match law.late_interest_lines(ctx, money(remaining_principal), journey.anchor_due(), on) {
-                Ok(found) => {
-                    let note = (!found.missing.is_empty()).then(|| {
-                        let why: Vec<String> = found.missing.iter().map(ToString::to_string).collect();
-                        format!("interest not claimed for part of the time: {}", why.join("; "))
-                    });
-                    (found.lines, note)
-                }
-                Err(e) => (Vec::new(), Some(format!("interest not claimed: {e}"))),
-            }
+    let owed = money(remaining_principal);
+    let lines = match terms.late_interest {
+        _ if remaining_principal <= 0 => None,
+        InterestTerms::None => None,
+        InterestTerms::Statutory => Some(law.late_interest_lines(ctx, owed, journey.anchor_due(), on)),
+        InterestTerms::Agreed { rate_bp } => {
+            Some(law.agreed_interest_lines(ctx, owed, rate_bp, journey.anchor_due(), on))
         }
-        _ => (Vec::new(), None),
+    };
+    let (interest, interest_note) = match lines {
+        Some(lines) => match lines {
+            Ok(found) => {
+                let note = (!found.missing.is_empty()).then(|| {
+                    let why: Vec<String> = found.missing.iter().map(ToString::to_string).collect();
+                    format!("interest not claimed for part of the time: {}", why.join("; "))
+                });
+                (found.lines, note)
+            }
+            Err(e) => (Vec::new(), Some(format!("interest not claimed: {e}"))),
+        },
+        None => (Vec::new(), None),
     };
     let interest_total = money(interest.iter().map(|l| l.amount.minor).sum());
     let compensation = terms
@@ -190,30 +245,56 @@ pub fn accrued(journey: &Journey, law: &LawBook, terms: &ClaimTerms, ctx: &Debto
         interest_minor,
         rate_bp: match terms.late_interest {
             InterestTerms::Statutory => law.late_interest_rate_bp(ctx, on),
+            InterestTerms::Agreed { rate_bp } => agreed_rate_bp(law, ctx, rate_bp, on),
             InterestTerms::None => None,
         },
         compensation_minor: claim.compensation.map_or(0, |c| c.amount.minor),
     }
 }
 
+/// The agreed rate as far as the law lets it be claimed from this debtor on `on`.
+fn agreed_rate_bp(law: &LawBook, ctx: &DebtorContext, agreed_bp: i64, on: NaiveDate) -> Option<i64> {
+    match law.agreed_interest_rule(ctx, on)?.limit {
+        crate::law::Limit::AgreedInterest {
+            at_most_statutory: true,
+        } => law
+            .late_interest_rate_bp(ctx, on)
+            .map(|statutory| statutory.min(agreed_bp)),
+        _ => Some(agreed_bp),
+    }
+}
+
 /// What is wrong with `terms` under `law` as of `on`: statutory interest needs a late-interest
-/// rule in force for every jurisdiction and kind of debtor the policy may meet.
+/// rule in force for every jurisdiction and kind of debtor the policy may meet; an agreed rate
+/// needs a rule saying whether it may be claimed, and where the law caps it at the statutory
+/// rate, the statutory rule too.
 pub fn check_terms(terms: &ClaimTerms, law: &LawBook, on: NaiveDate) -> Vec<String> {
     let mut problems = Vec::new();
-    if terms.late_interest == InterestTerms::Statutory {
-        for jurisdiction in crate::jurisdiction::Jurisdiction::ALL {
-            for kind in [crate::DebtorKind::Consumer, crate::DebtorKind::Business] {
-                let ctx = DebtorContext {
-                    jurisdiction,
-                    kind,
-                    fee_agreed_in_advance: false,
-                };
-                if law.interest_rule(&ctx, on).is_none() {
-                    problems.push(format!(
-                        "statutory late interest is claimed, but the law book has no late-interest rule for {jurisdiction} {} debtors on {on}",
-                        kind.code()
-                    ));
-                }
+    for jurisdiction in crate::jurisdiction::Jurisdiction::ALL {
+        for kind in [crate::DebtorKind::Consumer, crate::DebtorKind::Business] {
+            let ctx = DebtorContext {
+                jurisdiction,
+                kind,
+                fee_agreed_in_advance: false,
+            };
+            let debtors = format!("{jurisdiction} {} debtors on {on}", kind.code());
+            let needs_statutory = match terms.late_interest {
+                InterestTerms::None => false,
+                InterestTerms::Statutory => true,
+                InterestTerms::Agreed { .. } => match law.agreed_interest_rule(&ctx, on).map(|r| &r.limit) {
+                    Some(crate::law::Limit::AgreedInterest { at_most_statutory }) => *at_most_statutory,
+                    _ => {
+                        problems.push(format!(
+                            "an agreed late-interest rate is claimed, but the law book does not say whether one may be claimed from {debtors}"
+                        ));
+                        false
+                    }
+                },
+            };
+            if needs_statutory && law.interest_rule(&ctx, on).is_none() {
+                problems.push(format!(
+                    "late interest is claimed, but the law book has no late-interest rule for {debtors}"
+                ));
             }
         }
     }
@@ -483,6 +564,110 @@ mod tests {
         );
     }
 
+    #[test]
+    fn an_agreed_rate_is_claimed_where_the_law_allows_it_and_capped_where_it_caps_it() {
+        let law = LawBook::builtin().unwrap();
+        let due = d(2026, 1, 15);
+        let on = d(2026, 3, 16);
+        let agreed = |bp| ClaimTerms {
+            late_interest: InterestTerms::Agreed { rate_bp: bp },
+            compensation: false,
+        };
+        // Sweden: räntelagen lets the agreed rate stand.
+        let se = journey(
+            Jurisdiction::SE,
+            DebtorKind::Consumer,
+            Money::new(1_000_000, Currency::SEK),
+            due,
+        );
+        let claim = compose(&se, &law, &agreed(1_800), &ctx(&se), on);
+        assert_eq!(claim.interest.len(), 1);
+        let line = &claim.interest[0];
+        assert_eq!((line.rate_bp(), line.days), (1_800, 60));
+        assert_eq!(line.amount.minor, (1_000_000 * 1_800 * 60 * 2 + 3_650_000) / 7_300_000);
+        assert_eq!(line.citation, "räntelagen (1975:635) 1 §");
+        assert_eq!(line.rate_source, "agreed with the debtor");
+        // Finland: a consumer never pays more than the statutory rate; a business pays what it agreed.
+        let statutory_fi = law
+            .late_interest_rate_bp(
+                &DebtorContext {
+                    jurisdiction: Jurisdiction::FI,
+                    kind: DebtorKind::Consumer,
+                    fee_agreed_in_advance: false,
+                },
+                on,
+            )
+            .unwrap();
+        let fi = journey(
+            Jurisdiction::FI,
+            DebtorKind::Consumer,
+            Money::new(100_000, Currency::EUR),
+            due,
+        );
+        let capped = compose(&fi, &law, &agreed(2_000), &ctx(&fi), on);
+        assert_eq!(capped.interest[0].rate_bp(), statutory_fi);
+        assert_eq!(
+            capped.interest[0].citation, "korkolaki (633/1982) 4 §",
+            "the statutory rule sets it"
+        );
+        assert_eq!(
+            accrued(&fi, &law, &agreed(2_000), &ctx(&fi), on).rate_bp,
+            Some(statutory_fi)
+        );
+        let lower = compose(&fi, &law, &agreed(500), &ctx(&fi), on);
+        assert_eq!(
+            lower.interest[0].rate_bp(),
+            500,
+            "an agreed rate below the statutory one stands"
+        );
+        assert_eq!(lower.interest[0].citation, "korkolaki (633/1982) 2 § 2 mom.");
+        let fi_business = journey(
+            Jurisdiction::FI,
+            DebtorKind::Business,
+            Money::new(100_000, Currency::EUR),
+            due,
+        );
+        let free = compose(&fi_business, &law, &agreed(2_000), &ctx(&fi_business), on);
+        assert_eq!(free.interest[0].rate_bp(), 2_000);
+        assert_eq!(free.interest[0].citation, "korkolaki (633/1982) 2 § 1 mom.");
+    }
+
+    #[test]
+    fn a_policy_states_an_agreed_rate_in_basis_points_and_the_law_book_must_cover_it() {
+        #[derive(Deserialize)]
+        struct File {
+            claims: ClaimTerms,
+        }
+        let read = |text: &str| toml::from_str::<File>(text).map(|f| f.claims.late_interest);
+        assert_eq!(
+            read("[claims]\nlate_interest = { agreed_rate_bp = 1200 }").unwrap(),
+            InterestTerms::Agreed { rate_bp: 1_200 }
+        );
+        assert_eq!(
+            read("[claims]\nlate_interest = \"statutory\"").unwrap(),
+            InterestTerms::Statutory
+        );
+        let zero = read("[claims]\nlate_interest = { agreed_rate_bp = 0 }")
+            .unwrap_err()
+            .to_string();
+        assert!(zero.contains("from 1 to 5000 (1200 is 12 %)"), "{zero}");
+        let word = read("[claims]\nlate_interest = \"sometimes\"").unwrap_err().to_string();
+        assert!(word.contains("late_interest 'sometimes': expected"), "{word}");
+        let law = LawBook::builtin().unwrap();
+        let terms = ClaimTerms {
+            late_interest: InterestTerms::Agreed { rate_bp: 1_200 },
+            compensation: false,
+        };
+        assert!(check_terms(&terms, &law, d(2026, 12, 3)).is_empty());
+        let bare = LawBook::from_toml("rule = []", "").unwrap();
+        let problems = check_terms(&terms, &bare, d(2026, 12, 3));
+        assert_eq!(problems.len(), 8, "{problems:?}");
+        assert!(
+            problems[0].contains("does not say whether one may be claimed from DK consumer debtors"),
+            "{problems:?}"
+        );
+    }
+
     proptest! {
         /// Whatever was paid and charged: the total is exactly its parts, nothing is negative,
         /// and fees plus compensation never exceed the larger of the two.
@@ -508,6 +693,30 @@ mod tests {
             prop_assert!(c.remaining_principal.minor >= 0 && c.remaining_fees.minor >= 0 && c.interest_total.minor >= 0);
             prop_assert!(fee + compensation <= fee.max(45_000));
             prop_assert_eq!(c.remaining_principal.minor + c.remaining_fees.minor, j.outstanding().minor);
+        }
+
+        /// Where the law caps an agreed rate at the statutory one, no line of the claim ever
+        /// exceeds what the statutory rate gives, whatever rate was agreed.
+        #[test]
+        fn a_capped_agreed_rate_never_claims_more_than_the_statutory_rate(
+            agreed in 1i64..5_000,
+            amount in 1i64..10_000_000,
+            days in 1i64..400,
+            jurisdiction in prop::sample::select(vec![Jurisdiction::DK, Jurisdiction::NO, Jurisdiction::FI]),
+        ) {
+            let law = LawBook::builtin().unwrap();
+            let due = d(2025, 1, 10);
+            let j = journey(jurisdiction, DebtorKind::Consumer, Money::new(amount, jurisdiction.home_currency()), due);
+            let on = due + chrono::Duration::days(days);
+            let terms = ClaimTerms { late_interest: InterestTerms::Agreed { rate_bp: agreed }, compensation: false };
+            let c = compose(&j, &law, &terms, &ctx(&j), on);
+            let statutory = compose(&j, &law, &STATUTORY, &ctx(&j), on);
+            for line in &c.interest {
+                let same = statutory.interest.iter().find(|s| s.first_day == line.first_day);
+                prop_assert!(same.is_some(), "a capped line has a known statutory rate: {:?}", line);
+                prop_assert!(line.amount.minor <= same.map_or(0, |s| s.amount.minor));
+                prop_assert!(line.rate_bp() <= agreed);
+            }
         }
     }
 }

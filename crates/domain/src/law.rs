@@ -110,6 +110,12 @@ pub enum Limit {
     /// A debtor's claims from one creditor handed over together form one case (the agency's
     /// fees on the combined principal); a disputed claim stays apart.
     MergeClaims,
+    /// A late-interest rate agreed with the debtor in advance may be claimed instead of the
+    /// statutory one; `at_most_statutory`: never more than the statutory rate (consumers in
+    /// Denmark, Norway and Finland).
+    AgreedInterest {
+        at_most_statutory: bool,
+    },
 }
 
 /// Where the data does not say, the compensation replaces the fees (never claims more).
@@ -222,6 +228,12 @@ pub enum LawError {
     },
     #[error("no late-interest rule for {jurisdiction} {kind} debtors on {on}")]
     NoInterestRule {
+        jurisdiction: Jurisdiction,
+        kind: &'static str,
+        on: NaiveDate,
+    },
+    #[error("no rule on agreed late interest for {jurisdiction} {kind} debtors on {on}")]
+    NoAgreedInterestRule {
         jurisdiction: Jurisdiction,
         kind: &'static str,
         on: NaiveDate,
@@ -432,6 +444,13 @@ impl LawBook {
     /// The rule that merges this debtor's claims at hand-off, where the law has one.
     pub fn merge_rule(&self, ctx: &DebtorContext, on: NaiveDate) -> Option<&Rule> {
         self.applicable(ctx, on).find(|r| matches!(r.limit, Limit::MergeClaims))
+    }
+
+    /// The rule saying whether, and how far, an agreed late-interest rate may be claimed from
+    /// this debtor on `on`.
+    pub fn agreed_interest_rule(&self, ctx: &DebtorContext, on: NaiveDate) -> Option<&Rule> {
+        self.applicable(ctx, on)
+            .find(|r| matches!(r.limit, Limit::AgreedInterest { .. }))
     }
 
     /// The late-interest rule in force for this debtor on `on`.
@@ -716,6 +735,82 @@ impl LawBook {
                     rate_source: p.rate.source.clone(),
                 }),
                 Err(e) => out.missing.push(e),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl LawBook {
+    /// Late interest at a rate agreed with the debtor (`agreed_bp` a year), line by line as
+    /// [`LawBook::late_interest_lines`] gives the statutory one: one line per half-year, at the
+    /// agreed rate where the law lets it be claimed, at the statutory rate where the law caps
+    /// an agreed rate there and the agreed one is higher. Without a rule saying an agreed rate
+    /// may be claimed from this debtor, nothing is claimed and the reason is in `missing`.
+    pub fn agreed_interest_lines(
+        &self,
+        ctx: &DebtorContext,
+        principal: Money,
+        agreed_bp: i64,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<InterestLines, LawError> {
+        let mut out = InterestLines::default();
+        let mut day = from;
+        while day < to {
+            let first = day + Duration::days(1);
+            let last = HalfYear::of(first).last_day().min(to);
+            let days = (last - day).num_days();
+            day = last;
+            let Some(rule) = self.agreed_interest_rule(ctx, first) else {
+                out.missing.push(LawError::NoAgreedInterestRule {
+                    jurisdiction: ctx.jurisdiction,
+                    kind: ctx.kind.code(),
+                    on: first,
+                });
+                continue;
+            };
+            let capped = matches!(
+                rule.limit,
+                Limit::AgreedInterest {
+                    at_most_statutory: true
+                }
+            );
+            let line = |reference_bp: i64,
+                        margin_bp: i64,
+                        rule: &Rule,
+                        rate_source: String|
+             -> Result<InterestLine, LawError> {
+                let numerator = i128::from(principal.minor) * i128::from(reference_bp + margin_bp) * i128::from(days);
+                Ok(InterestLine {
+                    first_day: first,
+                    last_day: last,
+                    days,
+                    reference_bp,
+                    margin_bp,
+                    amount: Money::new(rounded_interest(numerator)?, principal.currency),
+                    rule_id: rule.id.clone(),
+                    citation: rule.citation.clone(),
+                    rate_source,
+                })
+            };
+            if !capped {
+                out.lines
+                    .push(line(0, agreed_bp, rule, "agreed with the debtor".to_owned())?);
+                continue;
+            }
+            // The cap is the statutory rate of this half-year: where it is not known, neither
+            // is what may be claimed.
+            match self.interest_periods(ctx, first - Duration::days(1), last).pop() {
+                Some(Ok(p)) if p.rate.rate_bp + p.margin_bp < agreed_bp => {
+                    out.lines
+                        .push(line(p.rate.rate_bp, p.margin_bp, p.rule, p.rate.source.clone())?)
+                }
+                Some(Ok(_)) => out
+                    .lines
+                    .push(line(0, agreed_bp, rule, "agreed with the debtor".to_owned())?),
+                Some(Err(e)) => out.missing.push(e),
+                None => {}
             }
         }
         Ok(out)
