@@ -387,6 +387,7 @@ plan = "gentle"
 step = [
   { name = "nudge", offset_banking_days = 0, channels = ["email"], tone = "nudge" },
   { name = "paminnelse", offset_banking_days = 10, channels = ["email"], tone = "reminder", fee = "statutory_maximum", days_to_pay = 10 },
+  { name = "inkassokrav", offset_banking_days = 20, channels = ["email"], tone = "payment_demand", fee = "statutory_maximum", days_to_pay = 10 },
   { name = "handoff", offset_banking_days = 30, handoff = true },
 ]
 
@@ -458,6 +459,38 @@ async fn a_swedish_reminder_fee_is_charged_only_where_the_invoice_says_it_was_ag
         reminder.fee_minor, 6_000,
         "lag (1981:739) 2 §: at most 60 SEK, when agreed"
     );
+    // The creditor's own inkassokrav: 180 SEK, a deadline, and what follows if it passes.
+    clock.set(when(2));
+    let demand = eventually("the inkassokrav", WAIT, || async {
+        Ok(stack
+            .read::<JourneyAction>(&stack.topic(&stack.topics().journey_actions))
+            .await?
+            .into_iter()
+            .find(|a| a.step == "inkassokrav"))
+    })
+    .await?;
+    assert_eq!(demand.tone, "payment_demand");
+    assert_eq!(demand.fee_minor, 18_000, "lag (1981:739) 4 §: at most 180 SEK");
+    assert_eq!(demand.open_minor, 49_900 + 6_000 + 18_000);
+    let sent_on = when(2).with_timezone(&Jurisdiction::SE.time_zone()).date_naive();
+    assert_eq!(
+        demand.pay_by,
+        Some(forfall_domain::invoice::epoch_days(
+            sent_on + chrono::Duration::days(10)
+        ))
+    );
+    status_is(&stack, agreed.tenant, agreed.invoice_id, "warned").await?;
+    let mail = eventually("the inkassokrav by e-mail", WAIT, || async {
+        Ok(stack.mail.to(agreed.email).get(2).map(|m| m.body()))
+    })
+    .await?;
+    for want in [
+        "Detta är ett inkassokrav.",
+        "kan vi ansöka om betalningsföreläggande hos Kronofogden",
+        "Att betala totalt: 739,00",
+    ] {
+        assert!(mail.contains(want), "'{want}' in:\n{mail}");
+    }
     stack.shutdown().await;
     Ok(())
 }

@@ -110,6 +110,16 @@ pub fn law(cmd: LawCommand) -> anyhow::Result<()> {
             Limit::AgreedInterest {
                 at_most_statutory: false,
             } => "agreed interest".to_owned(),
+            Limit::NeedsEarlierStep {
+                step,
+                earlier,
+                days,
+                after_its_deadline,
+            } => format!(
+                "{} {}",
+                step.label(),
+                forfall_domain::law::earlier_step_wording(earlier, *days, *after_its_deadline)
+            ),
         };
         let dates = match r.valid_to {
             Some(to) => format!("{} to {to}", r.valid_from),

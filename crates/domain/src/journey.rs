@@ -16,6 +16,9 @@ pub enum Tone {
     Nudge,
     Reminder,
     CollectionWarning,
+    /// The creditor's own demand for payment (NO betalingsoppfordring, SE inkassokrav, FI
+    /// maksuvaatimus): the last word before the claim goes to collection or to court.
+    PaymentDemand,
 }
 
 impl Tone {
@@ -24,6 +27,7 @@ impl Tone {
             Tone::Nudge => "nudge",
             Tone::Reminder => "reminder",
             Tone::CollectionWarning => "collection_warning",
+            Tone::PaymentDemand => "payment_demand",
         }
     }
 }
@@ -1122,7 +1126,8 @@ fn on_timer_active(mut journey: Journey, step_index: usize, plan: &Plan, fee: St
                     JourneyState::Reminded(n) => n + 1,
                     _ => 1,
                 }),
-                Tone::CollectionWarning => JourneyState::Warned,
+                // Both tell the debtor that collection follows.
+                Tone::CollectionWarning | Tone::PaymentDemand => JourneyState::Warned,
             };
             (
                 to,

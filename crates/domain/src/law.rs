@@ -26,7 +26,8 @@ pub enum FeeStep {
     Reminder,
     /// DK påkrav (inkassoloven § 10), NO inkassovarsel (inkassoloven § 9).
     CollectionWarning,
-    /// NO betalingsoppfordring.
+    /// The creditor's own payment demand: NO betalingsoppfordring, SE inkassokrav, FI
+    /// maksuvaatimus.
     PaymentDemand,
     /// DK inkassogebyr, SE inkassokrav.
     Collection,
@@ -116,6 +117,48 @@ pub enum Limit {
     AgreedInterest {
         at_most_statutory: bool,
     },
+    /// A `step` step only after an `earlier` one: `days` before it, or, with
+    /// `after_its_deadline`, after the end of a deadline of at least `days` that one gave.
+    NeedsEarlierStep {
+        step: FeeStep,
+        earlier: Vec<FeeStep>,
+        days: u32,
+        #[serde(default)]
+        after_its_deadline: bool,
+    },
+}
+
+/// When a step needing an earlier one may come, in words: "after the end of a deadline of at
+/// least 14 days given in a reminder or collection warning", "at least 14 days after a reminder".
+pub fn earlier_step_wording(earlier: &[FeeStep], days: u32, after_its_deadline: bool) -> String {
+    let kinds: Vec<&str> = earlier.iter().map(|k| k.label()).collect();
+    if after_its_deadline {
+        format!(
+            "after the end of a deadline of at least {days} days given in a {}",
+            kinds.join(" or ")
+        )
+    } else {
+        format!("at least {days} days after a {}", kinds.join(" or "))
+    }
+}
+
+impl Limit {
+    /// Whether this rule speaks of steps of kind `step`.
+    pub fn concerns(&self, step: FeeStep) -> bool {
+        match self {
+            Limit::MaxFee { step: s, .. } | Limit::MinDaysToPay { step: s, .. } => *s == step,
+            Limit::NeedsEarlierStep { step: s, .. } => *s == step,
+            Limit::FeeNeedsDaysAfterDue { steps, .. }
+            | Limit::MinDaysBetweenFees { steps, .. }
+            | Limit::MaxFeeBearingSteps { steps, .. }
+            | Limit::SecondFeeNeedsMissedDeadline { steps, .. } => steps.contains(&step),
+            Limit::FeeNeedsAgreement
+            | Limit::Compensation { .. }
+            | Limit::LateInterest { .. }
+            | Limit::MergeClaims
+            | Limit::AgreedInterest { .. } => false,
+        }
+    }
 }
 
 /// Where the data does not say, the compensation replaces the fees (never claims more).
@@ -354,6 +397,7 @@ impl LawBook {
                 | Limit::MinDaysBetweenFees { steps, .. }
                 | Limit::MaxFeeBearingSteps { steps, .. }
                 | Limit::SecondFeeNeedsMissedDeadline { steps, .. }
+                | Limit::NeedsEarlierStep { earlier: steps, .. }
                     if steps.is_empty() =>
                 {
                     return Err(invalid("names no steps".into()));
@@ -590,7 +634,49 @@ impl LawBook {
                         }
                     }
                 }
+                Limit::NeedsEarlierStep {
+                    step,
+                    earlier,
+                    days,
+                    after_its_deadline,
+                } => {
+                    for s in ordered.iter().filter(|s| s.step == *step) {
+                        // A message on or before the due date reminds of no arrears.
+                        let preceded = ordered.iter().any(|e| {
+                            earlier.contains(&e.step)
+                                && e.days_after_due > 0
+                                && e.days_after_due < s.days_after_due
+                                && if *after_its_deadline {
+                                    let deadline = e.days_to_pay.unwrap_or(0);
+                                    deadline >= *days && s.days_after_due > e.days_after_due + deadline as i32
+                                } else {
+                                    s.days_after_due - e.days_after_due >= *days as i32
+                                }
+                        });
+                        if !preceded {
+                            let what = earlier_step_wording(earlier, *days, *after_its_deadline);
+                            out.push(violation(r, format!("'{}' does not come {what}", s.name)));
+                        }
+                    }
+                }
                 _ => {}
+            }
+        }
+        // A step the law of this country does not know (a creditor's payment demand in
+        // Denmark, where the påkrav is the warning) cannot be checked, so it is not sent.
+        for s in ordered.iter().filter(|s| s.step == FeeStep::PaymentDemand) {
+            if !self
+                .applicable(ctx, on)
+                .any(|r| r.limit.concerns(FeeStep::PaymentDemand))
+            {
+                out.push(Violation {
+                    rule_id: "payment_demand.unknown".into(),
+                    citation: format!("{} law", ctx.jurisdiction),
+                    message: format!(
+                        "'{}' is a payment demand, which the law book does not know for {} debtors: use a collection_warning",
+                        s.name, ctx.jurisdiction
+                    ),
+                });
             }
         }
         out

@@ -393,6 +393,7 @@ pub(crate) fn law_step(tone: Tone) -> FeeStep {
     match tone {
         Tone::Nudge | Tone::Reminder => FeeStep::Reminder,
         Tone::CollectionWarning => FeeStep::CollectionWarning,
+        Tone::PaymentDemand => FeeStep::PaymentDemand,
     }
 }
 
@@ -489,10 +490,11 @@ pub fn load(text: &str, law: &LawBook, on: NaiveDate) -> Result<Policy, PolicyEr
                     Some("nudge") => Tone::Nudge,
                     Some("reminder") => Tone::Reminder,
                     Some("collection_warning") => Tone::CollectionWarning,
+                    Some("payment_demand") => Tone::PaymentDemand,
                     other => {
                         problem(
                             at(&st.name),
-                            format!("tone {other:?}: expected nudge, reminder or collection_warning"),
+                            format!("tone {other:?}: expected nudge, reminder, collection_warning or payment_demand"),
                         );
                         Tone::Reminder
                     }
@@ -901,6 +903,134 @@ step = [
             refused.contains("a hand-off in NO needs") && !refused.contains("a hand-off in DK needs"),
             "{refused}"
         );
+    }
+
+    /// A creditor collecting itself sends a payment demand: the law of each country says when,
+    /// with what deadline and fee; Denmark knows none (its påkrav is the warning).
+    #[test]
+    fn a_payment_demand_is_checked_against_each_countrys_rules() {
+        let policy = |jurisdiction: &str, steps: &str| {
+            format!(
+                r#"
+version = "demand"
+[handoff]
+agency_sends_warning = ["DK", "NO"]
+[[segment]]
+name = "here"
+when = {{ jurisdiction = ["{jurisdiction}"] }}
+plan = "p"
+[[segment]]
+name = "rest"
+plan = "p0"
+[plan.p0]
+step = [{{ name = "nudge", offset_banking_days = 0, channels = ["email"], tone = "nudge" }}]
+[plan.p]
+step = [
+  {{ name = "nudge", offset_banking_days = 0, channels = ["email"], tone = "nudge" }},
+  {steps}
+  {{ name = "handoff", offset_banking_days = 60, handoff = true }},
+]
+"#
+            )
+        };
+        let reminder = r#"{ name = "purring", offset_banking_days = 14, channels = ["email"], tone = "reminder", fee = "statutory_maximum", days_to_pay = 14 },"#;
+        let demand = |day: u32, days_to_pay: u32| {
+            format!(
+                r#"{{ name = "demand", offset_banking_days = {day}, channels = ["email"], tone = "payment_demand", fee = "statutory_maximum", days_to_pay = {days_to_pay} }},"#
+            )
+        };
+        // Norway: after the purring's 14-day deadline has passed, 14 days to pay, 105 NOK.
+        let p = load(
+            &policy("NO", &format!("{reminder}\n{}", demand(29, 14))),
+            &law(),
+            today(),
+        )
+        .expect("a lawful betalingsoppfordring");
+        let step = &p.plans["p"].steps[2];
+        assert_eq!(
+            step.kind,
+            StepKind::Message {
+                tone: Tone::PaymentDemand,
+                channels: vec!["email".into()]
+            }
+        );
+        let no = DebtorContext {
+            jurisdiction: Jurisdiction::NO,
+            kind: DebtorKind::Consumer,
+            fee_agreed_in_advance: false,
+        };
+        assert_eq!(
+            resolve_fee(step, &no, &law(), today()),
+            Money::new(10_500, Currency::NOK)
+        );
+        let early = load(
+            &policy("NO", &format!("{reminder}\n{}", demand(28, 14))),
+            &law(),
+            today(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            early.contains("inkassoforskriften § 1-2 tredje ledd") && early.contains("'demand' does not come after the end of a deadline of at least 14 days given in a reminder or collection warning"),
+            "{early}"
+        );
+        let alone = load(&policy("NO", &demand(29, 14)), &law(), today())
+            .unwrap_err()
+            .to_string();
+        assert!(alone.contains("inkassoforskriften § 1-2 tredje ledd"), "{alone}");
+        let short = load(
+            &policy("NO", &format!("{reminder}\n{}", demand(29, 10))),
+            &law(),
+            today(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            short.contains("inkassoloven § 10") && short.contains("'demand' gives 10 days to pay"),
+            "{short}"
+        );
+        // Sweden: the creditor's own inkassokrav, 180 SEK, a reasonable time; no reminder needed.
+        let p = load(&policy("SE", &demand(10, 8)), &law(), today()).expect("a lawful inkassokrav");
+        let se = DebtorContext {
+            jurisdiction: Jurisdiction::SE,
+            ..no
+        };
+        assert_eq!(
+            resolve_fee(&p.plans["p"].steps[1], &se, &law(), today()),
+            Money::new(18_000, Currency::SEK)
+        );
+        let hasty = load(&policy("SE", &demand(10, 5)), &law(), today())
+            .unwrap_err()
+            .to_string();
+        assert!(hasty.contains("inkassolagen (1974:182) 5 §"), "{hasty}");
+        // Finland: only 14 days after a reminder (10 for businesses).
+        let fi_reminder = r#"{ name = "muistutus", offset_banking_days = 14, channels = ["email"], tone = "reminder", fee = "statutory_maximum", days_to_pay = 14 },"#;
+        load(
+            &policy("FI", &format!("{fi_reminder}\n{}", demand(28, 14))),
+            &law(),
+            today(),
+        )
+        .expect("a lawful maksuvaatimus");
+        let soon = load(
+            &policy("FI", &format!("{fi_reminder}\n{}", demand(27, 14))),
+            &law(),
+            today(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            soon.contains("laki saatavien perinnästä (513/1999) 5 § ja 10 b §") && soon.contains("FI consumer"),
+            "{soon}"
+        );
+        assert!(
+            !soon.contains("FI business"),
+            "10 days are enough between businesses: {soon}"
+        );
+        // Denmark: no such step.
+        let dk = load(&policy("DK", &demand(20, 14)), &law(), today())
+            .unwrap_err()
+            .to_string();
+        assert!(dk.contains("DK law: 'demand' is a payment demand, which the law book does not know for DK debtors: use a collection_warning"), "{dk}");
     }
 
     #[test]

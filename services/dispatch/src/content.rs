@@ -20,7 +20,13 @@ use minijinja::{Environment, UndefinedBehavior};
 use serde::{Deserialize, Serialize};
 
 pub const LANGUAGES: [&str; 5] = ["da", "nb", "sv", "fi", "en"];
-pub const TONES: [&str; 4] = ["nudge", "reminder", "collection_warning", "fresh_link"];
+pub const TONES: [&str; 5] = [
+    "nudge",
+    "reminder",
+    "collection_warning",
+    "payment_demand",
+    "fresh_link",
+];
 const DEFAULT_TENANT: &str = "_default";
 
 const BUILTIN_LANGUAGES: [(&str, &str); 5] = [
@@ -110,6 +116,10 @@ struct LanguageFile {
     reminder: Option<ToneParts>,
     #[serde(default)]
     collection_warning: Option<ToneParts>,
+    /// The creditor's own payment demand (NO betalingsoppfordring, SE inkassokrav, FI
+    /// maksuvaatimus).
+    #[serde(default)]
+    payment_demand: Option<ToneParts>,
     /// A fresh link the debtor asked for on an expired link's page.
     #[serde(default)]
     fresh_link: Option<ToneParts>,
@@ -134,6 +144,7 @@ impl LanguageFile {
             "nudge" => self.nudge.as_ref(),
             "reminder" => self.reminder.as_ref(),
             "collection_warning" => self.collection_warning.as_ref(),
+            "payment_demand" => self.payment_demand.as_ref(),
             "fresh_link" => self.fresh_link.as_ref(),
             _ => None,
         }
@@ -381,7 +392,7 @@ fn sample(language: &str, tone: &str, invoices: usize) -> MessageContext {
         due_date: "SAMPLE-DUE 31.12.2026".into(),
         reference: Some(format!("SAMPLE-REF-+71<000000001234567{i}+12345678<")),
     };
-    let collection = matches!(tone, "reminder" | "collection_warning");
+    let collection = matches!(tone, "reminder" | "collection_warning" | "payment_demand");
     MessageContext {
         language: language.to_owned(),
         tone: tone.to_owned(),
@@ -438,6 +449,8 @@ fn html_escaped(text: &str) -> String {
 /// What the law asks a message of this tone to carry, and the rendered message lacks.
 fn missing_required(content: &Content, ctx: &MessageContext) -> Vec<String> {
     let mut missing = Vec::new();
+    // The last word before collection must say, also by SMS, by when and what follows.
+    let final_notice = matches!(ctx.tone.as_str(), "collection_warning" | "payment_demand");
     let mut require = |what: &str, needle: &str, in_sms: bool| {
         for (part, text, needle) in [
             ("text", &content.text, needle.to_owned()),
@@ -470,14 +483,17 @@ fn missing_required(content: &Content, ctx: &MessageContext) -> Vec<String> {
         require("the compensation claimed", compensation, false);
     }
     if let Some(pay_by) = &ctx.pay_by {
-        require("the deadline", pay_by, ctx.tone == "collection_warning");
+        require("the deadline", pay_by, final_notice);
     }
     if let Some(bank) = &ctx.bank_account {
         require("the bank details", bank, false);
     }
-    if ctx.tone == "collection_warning" {
+    if final_notice {
         if content.consequence.is_empty() {
-            missing.push("a collection warning has no `consequence`: what happens after the deadline".into());
+            missing.push(format!(
+                "a {} has no `consequence`: what happens after the deadline",
+                ctx.tone.replace('_', " ")
+            ));
         } else {
             require(
                 "what happens after the deadline (the consequence)",
