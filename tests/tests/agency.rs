@@ -6,7 +6,7 @@ use forfall_e2e::*;
 use forfall_platform::clock::ManualClock;
 use std::time::Duration;
 
-use forfall_platform::records::{HandoffOutcome, HandoffStatus, JourneyEvent, derived_id};
+use forfall_platform::records::{HandoffOutcome, HandoffStatus, derived_id};
 use forfall_platform::signing;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -176,20 +176,8 @@ async fn the_agencys_answers_move_the_journey_and_a_retried_case_is_one_case() -
     }
     clock.set(at("2026-09-30T07:00:01Z"));
     status_is(&stack, refused.tenant, refused.invoice_id, "needs_person").await?;
-    let events_topic = stack.topic(&stack.topics().journey_events);
-    let event = |invoice: &'static str, kind: &'static str| {
-        let (stack, topic) = (&stack, &events_topic);
-        async move {
-            eventually(&format!("{kind} for {invoice}"), WAIT, || async move {
-                Ok(stack
-                    .read::<JourneyEvent>(topic)
-                    .await?
-                    .into_iter()
-                    .find(|e| e.invoice_id == invoice && e.kind == kind))
-            })
-            .await
-        }
-    };
+    let event =
+        |invoice: &'static str, kind: &'static str| journey_event(&stack, invoice, kind, move |e| e.kind == kind);
     let rejected = event("inv-refused", "handoff_rejected").await?;
     assert_eq!(
         (rejected.from_state.as_str(), rejected.to_state.as_str()),

@@ -13,7 +13,11 @@ pub const SIGNATURE_HEADER: &str = "X-Forfall-Signature";
 pub const TOLERANCE_SECS: i64 = 300;
 
 fn mac(secret: &str, timestamp: i64, body: &[u8]) -> Option<Hmac<Sha256>> {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()).ok()?;
+    mac_with_key(secret.as_bytes(), timestamp, body)
+}
+
+fn mac_with_key(key: &[u8], timestamp: i64, body: &[u8]) -> Option<Hmac<Sha256>> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).ok()?;
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
@@ -26,6 +30,33 @@ pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
         .map(|m| m.finalize().into_bytes().to_vec())
         .unwrap_or_default();
     format!("v1={}", hex::encode(digest))
+}
+
+/// Whether one of the hex digests `given` is the HMAC-SHA256 of `"<timestamp>.<body>"` under
+/// the raw `key`, and `timestamp` is within [`TOLERANCE_SECS`] of `now`: the same scheme with
+/// the key as bytes and the header left to the caller (Debitura signs so, with
+/// `X-Debitura-Signature: t=<unix>,v1=<hex>` and a base64 secret).
+pub fn verify_key<'a>(
+    key: &[u8],
+    timestamp: i64,
+    given: impl IntoIterator<Item = &'a str>,
+    body: &[u8],
+    now: i64,
+) -> bool {
+    if key.is_empty() || (now - timestamp).abs() > TOLERANCE_SECS {
+        return false;
+    }
+    given
+        .into_iter()
+        .filter_map(|h| hex::decode(h.trim()).ok())
+        .any(|d| mac_with_key(key, timestamp, body).is_some_and(|m| m.verify_slice(&d).is_ok()))
+}
+
+/// The hex HMAC-SHA256 of `"<timestamp>.<body>"` under the raw `key` (see [`verify_key`]).
+pub fn sign_key(key: &[u8], timestamp: i64, body: &[u8]) -> String {
+    mac_with_key(key, timestamp, body)
+        .map(|m| hex::encode(m.finalize().into_bytes()))
+        .unwrap_or_default()
 }
 
 /// Whether `signature` (the header's value, with one or more comma-separated `v1=` entries,

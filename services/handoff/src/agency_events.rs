@@ -29,6 +29,8 @@ pub(crate) struct AgencyEvents {
     pub(crate) rt: Runtime,
     pub(crate) producer: Producer,
     pub(crate) secret: Option<Secret>,
+    /// Debitura's webhook secret (base64), when hand-off goes through Debitura.
+    pub(crate) debitura_secret: Option<Secret>,
     pub(crate) topic: String,
     /// Agency events, by result: applied, unsigned, invalid, unavailable, off.
     pub(crate) results: IntCounterVec,
@@ -40,6 +42,7 @@ pub(crate) struct AgencyEvents {
 pub(crate) fn routes(events: AgencyEvents) -> Router {
     Router::new()
         .route("/v1/agency/events", axum::routing::post(post_event))
+        .route("/v1/agency/debitura", axum::routing::post(post_debitura))
         .with_state(events)
 }
 
@@ -123,7 +126,83 @@ async fn post_event(State(events): State<AgencyEvents>, headers: HeaderMap, body
     .await
 }
 
+async fn post_debitura(State(events): State<AgencyEvents>, headers: HeaderMap, body: Bytes) -> Response {
+    let span = tracing::info_span!("debitura_event");
+    async move {
+        let (status, result, detail) = events.take_debitura(&headers, &body).await;
+        events.results.with_label_values(&[result]).inc();
+        tracing::info!(result, "Debitura event answered");
+        (status, detail).into_response()
+    }
+    .instrument(span)
+    .await
+}
+
 impl AgencyEvents {
+    /// Debitura's webhook: signed with its secret, naming its case by Debitura's id (which
+    /// hand-off remembered when Debitura took the case).
+    async fn take_debitura(&self, headers: &HeaderMap, body: &[u8]) -> (StatusCode, &'static str, String) {
+        let Some(secret) = self.debitura_secret.as_ref().filter(|s| !s.expose().is_empty()) else {
+            return (
+                StatusCode::NOT_FOUND,
+                "off",
+                "Debitura events are off: set handoff.debitura.webhook_secret\n".into(),
+            );
+        };
+        let signature = headers
+            .get("x-debitura-signature")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if !crate::debitura::signed(secret.expose(), signature, body, chrono::Utc::now().timestamp()) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                "unsigned",
+                "a valid X-Debitura-Signature is needed\n".into(),
+            );
+        }
+        let event: crate::debitura::WebhookEvent = match serde_json::from_slice(body) {
+            Ok(e) => e,
+            Err(e) => return (StatusCode::UNPROCESSABLE_ENTITY, "invalid", format!("{e}\n")),
+        };
+        let Some(debitura_id) = event.data["caseId"].as_str().map(str::to_owned) else {
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                "data.caseId is missing\n".into(),
+            );
+        };
+        let known: Result<Option<String>, redis::RedisError> = redis::cmd("GET")
+            .arg(crate::debitura_case_key(&self.keys, &debitura_id))
+            .query_async(&mut self.redis.clone())
+            .await;
+        let case = match known {
+            Ok(Some(json)) => match serde_json::from_str::<crate::debitura::CaseRef>(&json) {
+                Ok(case) => case,
+                Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, "invalid", format!("{e}\n")),
+            },
+            Ok(None) => {
+                return (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid",
+                    format!("case {debitura_id} is not one Forfall handed over (or is no longer remembered)\n"),
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look up Debitura's case now; it will send it again");
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "try again later\n".into(),
+                );
+            }
+        };
+        match crate::debitura::outcome_of(&event, &case, self.rt.clock.now().timestamp_millis()) {
+            Ok(Some(outcome)) => self.record(outcome).await,
+            Ok(None) => (StatusCode::OK, "ignored", "nothing to record\n".into()),
+            Err(why) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid", format!("{why}\n")),
+        }
+    }
+
     async fn take(&self, headers: &HeaderMap, body: &[u8]) -> (StatusCode, &'static str, String) {
         let Some(secret) = self.secret.as_ref().filter(|s| !s.expose().is_empty()) else {
             return (
@@ -152,10 +231,15 @@ impl AgencyEvents {
             Ok(e) => e,
             Err(e) => return (StatusCode::UNPROCESSABLE_ENTITY, "invalid", format!("{e}\n")),
         };
-        let mut outcome = match outcome_of(event, self.rt.clock.now().timestamp_millis()) {
+        let outcome = match outcome_of(event, self.rt.clock.now().timestamp_millis()) {
             Ok(o) => o,
             Err(why) => return (StatusCode::UNPROCESSABLE_ENTITY, "invalid", format!("{why}\n")),
         };
+        self.record(outcome).await
+    }
+
+    /// Writes the outcome (acknowledged) before the agency hears 200.
+    async fn record(&self, mut outcome: HandoffOutcome) -> (StatusCode, &'static str, String) {
         let sent = async {
             // A merged case: the agency's word is on every claim in it.
             outcome.invoice_ids = crate::case_invoices(&mut self.redis.clone(), &self.keys, &outcome.case_id).await?;

@@ -11,6 +11,7 @@
 //! agency answers from its idempotency record (a 409 counts as accepted). They are not rebuilt.
 
 mod agency_events;
+pub mod debitura;
 pub mod file_export;
 
 use std::time::Duration;
@@ -58,6 +59,8 @@ pub struct HandoffSettings {
     pub export_dir: Option<String>,
     /// The agency's name in the files' names.
     pub agency_name: String,
+    /// The Debitura adapter's settings (`adapter = "debitura"`).
+    pub debitura: debitura::DebituraSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +68,8 @@ pub struct HandoffSettings {
 pub enum Adapter {
     Http,
     File,
+    /// Debitura's Customer API (see [`debitura`]).
+    Debitura,
 }
 
 impl Default for HandoffSettings {
@@ -80,6 +85,7 @@ impl Default for HandoffSettings {
             adapter: Adapter::Http,
             export_dir: None,
             agency_name: "agency".into(),
+            debitura: debitura::DebituraSettings::default(),
         }
     }
 }
@@ -115,6 +121,40 @@ struct AgencyAnswer {
     detail: Option<String>,
 }
 
+/// The agency's reason in a JSON refusal: the generic API's `error` (or `reason`, `message`,
+/// `detail`), Debitura's `businessErrors` (`type: message`), or a validation map of field to
+/// messages.
+fn agency_reason(v: &serde_json::Value) -> Option<String> {
+    if let Some(errors) = v["businessErrors"].as_array() {
+        let said: Vec<String> = errors
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}: {}",
+                    e["type"].as_str().unwrap_or("?"),
+                    e["message"].as_str().unwrap_or("")
+                )
+            })
+            .collect();
+        return Some(said.join("; "));
+    }
+    if let Some(text) = ["error", "reason", "message", "detail"]
+        .iter()
+        .find_map(|k| v.get(*k).and_then(|r| r.as_str()))
+    {
+        return Some(text.to_owned());
+    }
+    let fields: Vec<String> = v
+        .as_object()?
+        .iter()
+        .filter_map(|(field, messages)| {
+            let m: Vec<&str> = messages.as_array()?.iter().filter_map(|m| m.as_str()).collect();
+            (!m.is_empty()).then(|| format!("{field}: {}", m.join(", ")))
+        })
+        .collect();
+    (!fields.is_empty()).then(|| fields.join("; "))
+}
+
 impl Handoff {
     fn accepted_key(&self, case_id: &str) -> String {
         self.keys.key(&["handoff", "accepted", case_id])
@@ -125,7 +165,7 @@ impl Handoff {
     async fn post<T: Serialize>(
         &self,
         url: &str,
-        idempotency_key: &str,
+        idempotency_key: Option<&str>,
         body: &T,
         traceparent: &str,
     ) -> Result<AgencyAnswer, Failure> {
@@ -134,13 +174,20 @@ impl Handoff {
         let mut request = self
             .http
             .post(url)
-            .header("Idempotency-Key", idempotency_key)
             .header(TRACEPARENT, traceparent)
             .header(reqwest::header::CONTENT_TYPE, "application/json");
-        if let Some(token) = &self.settings.agency_token {
+        if let Some(key) = idempotency_key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let debitura = self.settings.adapter == Adapter::Debitura;
+        if debitura {
+            if let Some(key) = &self.settings.debitura.api_key {
+                request = request.header("XApiKey", key.expose());
+            }
+        } else if let Some(token) = &self.settings.agency_token {
             request = request.bearer_auth(token.expose());
         }
-        if let Some(secret) = &self.settings.agency_signing_secret {
+        if let Some(secret) = self.settings.agency_signing_secret.as_ref().filter(|_| !debitura) {
             // Real time, whatever clock the journeys run on: the agency checks it against its own.
             let now = chrono::Utc::now().timestamp();
             request = request
@@ -155,11 +202,17 @@ impl Handoff {
         let status = response.status();
         let body = response.text().await.unwrap_or_default();
         let code = Some(i32::from(status.as_u16()));
+        let json = serde_json::from_str::<serde_json::Value>(&body).ok();
         if status.is_success() || status == reqwest::StatusCode::CONFLICT {
             // 409: the agency already has this case (our earlier attempt); that is success.
-            let reference = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| {
-                ["reference", "case_reference", "id"]
-                    .iter()
+            // Debitura's webhooks name its case by `id`, so that is the reference kept.
+            let keys: &[&str] = if debitura {
+                &["id"]
+            } else {
+                &["reference", "case_reference", "id"]
+            };
+            let reference = json.as_ref().and_then(|v| {
+                keys.iter()
                     .find_map(|k| v.get(*k).and_then(|r| r.as_str()).map(str::to_owned))
             });
             return Ok(AgencyAnswer {
@@ -175,13 +228,18 @@ impl Handoff {
         {
             return Err(Failure::Transient(anyhow::anyhow!("agency answered {status}")));
         }
-        // The agency's reason when it gives one in JSON, else what it said.
-        let reason = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| {
-            ["error", "reason", "message", "detail"]
-                .iter()
-                .find_map(|k| v.get(*k).and_then(|r| r.as_str()).map(str::to_owned))
-        });
-        let detail: String = reason.unwrap_or(body).chars().take(500).collect();
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            // Our credentials, not the debtor's case: waited out (and alerted on), never a rejection.
+            tracing::error!(%status, "the agency refuses our credentials; check handoff's key or token");
+            return Err(Failure::Transient(anyhow::anyhow!("agency answered {status}")));
+        }
+        let detail: String = json
+            .as_ref()
+            .and_then(agency_reason)
+            .unwrap_or(body)
+            .chars()
+            .take(500)
+            .collect();
         Ok(AgencyAnswer {
             status: HandoffStatus::Rejected,
             http_status: code,
@@ -352,13 +410,17 @@ impl Handoff {
                         .date_naive();
                     self.exported(tokio::task::spawn_blocking(move || export.recall(&written, day)).await)?
                 }
+                None if self.settings.adapter == Adapter::Debitura => {
+                    self.debitura_chat(&r, &record.trace.child().header()).await?
+                }
                 None => {
                     let url = if r.recalls_case() {
                         &self.settings.agency_recall_url
                     } else {
                         &self.settings.agency_payments_url
                     };
-                    self.post(url, &r.event_id, &r, &record.trace.child().header()).await?
+                    self.post(url, Some(&r.event_id), &r, &record.trace.child().header())
+                        .await?
                 }
             };
             if answer.status == HandoffStatus::Accepted {
@@ -421,10 +483,13 @@ impl Handoff {
                         let (export, written) = (export.clone(), case.clone());
                         self.exported(tokio::task::spawn_blocking(move || export.case(&written)).await)?
                     }
+                    None if self.settings.adapter == Adapter::Debitura => {
+                        self.debitura_case(&case, &record.trace.child().header()).await?
+                    }
                     None => {
                         self.post(
                             &self.settings.agency_url,
-                            &case.case_id,
+                            Some(&case.case_id),
                             &case,
                             &record.trace.child().header(),
                         )
@@ -475,11 +540,121 @@ impl Handoff {
     }
 }
 
+impl Handoff {
+    fn debitura_url(&self, path: &str) -> String {
+        format!("{}{path}", self.settings.debitura.base_url.trim_end_matches('/'))
+    }
+
+    /// A case to Debitura: a dry run first (a case it would not take is refused with its
+    /// reason, and nothing is created), then the case, its id remembered so that Debitura's
+    /// webhooks reach the claim.
+    async fn debitura_case(&self, case: &HandoffCase, traceparent: &str) -> Result<AgencyAnswer, Failure> {
+        let preview = self
+            .http
+            .post(self.debitura_url("/cases/preview"))
+            .header(TRACEPARENT, traceparent)
+            .header(
+                "XApiKey",
+                self.settings
+                    .debitura
+                    .api_key
+                    .as_ref()
+                    .map(|k| k.expose())
+                    .unwrap_or_default(),
+            )
+            .json(&debitura::preview_body(case))
+            .send()
+            .await
+            .map_err(|e| Failure::Transient(anyhow::anyhow!("Debitura unreachable: {e}")))?;
+        let status = preview.status();
+        if status.is_success() {
+            let said: serde_json::Value = preview.json().await.unwrap_or_default();
+            if let Some(reason) = debitura::ineligible(&said) {
+                return Ok(AgencyAnswer {
+                    status: HandoffStatus::Rejected,
+                    http_status: Some(i32::from(status.as_u16())),
+                    agency_reference: None,
+                    detail: Some(reason),
+                });
+            }
+        } else if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 401 {
+            return Err(Failure::Transient(anyhow::anyhow!(
+                "Debitura's preview answered {status}"
+            )));
+        }
+        let body = debitura::case_body(case, self.settings.debitura.is_test);
+        let answer = self
+            .post(&self.debitura_url("/cases"), Some(&case.case_id), &body, traceparent)
+            .await?;
+        if let (HandoffStatus::Accepted, Some(id)) = (answer.status, &answer.agency_reference) {
+            let known = debitura::CaseRef {
+                case_id: case.case_id.clone(),
+                tenant: case.tenant.clone(),
+                debtor_id: case.debtor_id.clone(),
+                invoice_id: case.invoice_id.clone(),
+            };
+            let value = serde_json::to_string(&known).map_err(|e| Failure::Fatal(e.into()))?;
+            let _: () = redis::cmd("SET")
+                .arg(debitura_case_key(&self.keys, id))
+                .arg(value)
+                .arg("EX")
+                .arg(self.settings.remember_days * 86_400)
+                .query_async(&mut self.redis.clone())
+                .await?;
+        }
+        Ok(answer)
+    }
+
+    /// Money the creditor got on a claim Debitura holds, told in the case's chat (the Customer
+    /// API's way for a creditor to report a direct payment).
+    async fn debitura_chat(&self, r: &HandoffRecall, traceparent: &str) -> Result<AgencyAnswer, Failure> {
+        let reference: Option<String> = redis::cmd("GET")
+            .arg(self.accepted_key(&r.case_id))
+            .query_async(&mut self.redis.clone())
+            .await?;
+        let Some(id) = reference.filter(|id| !id.is_empty()) else {
+            return Ok(AgencyAnswer {
+                status: HandoffStatus::Rejected,
+                http_status: None,
+                agency_reference: None,
+                detail: Some(
+                    "Debitura's id for this case is no longer known here: report the payment in Debitura's portal"
+                        .into(),
+                ),
+            });
+        };
+        let body = debitura::chat_body(r, self.settings.debitura.user_email.as_deref());
+        self.post(
+            &self.debitura_url(&format!("/cases/{id}/chats")),
+            None,
+            &body,
+            traceparent,
+        )
+        .await
+    }
+}
+
+/// Where a Debitura case's Forfall case is remembered.
+pub(crate) fn debitura_case_key(keys: &Keys, debitura_id: &str) -> String {
+    keys.key(&["handoff", "debitura", debitura_id])
+}
+
 /// Runs hand-off until shutdown.
 pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let settings: HandoffSettings = config::section(&rt.figment, SERVICE)?;
     let export = match settings.adapter {
         Adapter::Http => None,
+        Adapter::Debitura => {
+            anyhow::ensure!(
+                settings
+                    .debitura
+                    .api_key
+                    .as_ref()
+                    .is_some_and(|k| !k.expose().is_empty()),
+                "handoff.adapter is debitura, but handoff.debitura.api_key is not set"
+            );
+            None
+        }
         Adapter::File => {
             let dir = settings
                 .export_dir
@@ -511,8 +686,9 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     )?;
     let outcomes_topic = rt.topic(&rt.config.topics.handoff_outcomes);
     let redis = redis_store::connect(&rt.config.redis).await?;
-    let (secret, counted, events_redis) = (
+    let (secret, debitura_secret, counted, events_redis) = (
         settings.agency_signing_secret.clone(),
+        settings.debitura.webhook_secret.clone(),
         agency_events.clone(),
         redis.clone(),
     );
@@ -521,6 +697,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             rt: rt.clone(),
             producer: producer.clone(),
             secret,
+            debitura_secret,
             topic: outcomes_topic,
             results: counted,
             redis: events_redis,

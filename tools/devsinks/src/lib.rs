@@ -13,6 +13,7 @@
 //!   over HTTPS, with a certificate of a [`tls::TestPki`]).
 
 pub mod agency;
+pub mod debitura;
 pub mod ingress;
 pub mod sms;
 pub mod stripe;
