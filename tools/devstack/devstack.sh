@@ -130,6 +130,18 @@ ensure_browser() {
   fi
 }
 
+# The alert rules' unit tests run promtool, from Debian's prometheus package.
+ensure_promtool() {
+  command -v promtool >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing prometheus (apt) for promtool, which tests the alert rules"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  else
+    log "promtool is missing: install the Debian package 'prometheus' for the alert rules' tests"
+  fi
+}
+
 stop_pid() {
   local f="$STATE_DIR/$1.pid"
   [ -f "$f" ] || return 0
@@ -139,11 +151,11 @@ stop_pid() {
 }
 
 case "${1:-up}" in
-  up) start_broker; start_redis; ensure_browser ;;
+  up) start_broker; start_redis; ensure_browser; ensure_promtool ;;
   down) stop_pid tansu; stop_pid redis ;;
   status)
     port_open "$BROKER_HOST" "$BROKER_PORT" && echo "broker: up on $BROKER_HOST:$BROKER_PORT" || echo "broker: down"
     port_open 127.0.0.1 "$REDIS_PORT" && echo "redis: up on 127.0.0.1:$REDIS_PORT" || echo "redis: down" ;;
-  install) ensure_tansu; ensure_browser ;;
+  install) ensure_tansu; ensure_browser; ensure_promtool ;;
   *) die "usage: $0 up|down|status|install" ;;
 esac
