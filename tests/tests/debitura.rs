@@ -5,8 +5,10 @@
 
 use base64::Engine;
 use forfall_devsinks::debitura::DebituraApi;
+use forfall_domain::invoice::epoch_days;
 use forfall_e2e::*;
 use forfall_platform::clock::ManualClock;
+use forfall_platform::records::{CaseDispute, DebtorRequest, HandoffCase, new_event_id};
 use forfall_platform::records::{DebtorDetails, HandoffOutcome, HandoffStatus, PostalAddress, derived_id};
 
 const API_KEY: &str = "debitura-api-key-for-tests";
@@ -47,8 +49,43 @@ async fn debitura_takes_the_case_from_claim_lines_and_its_webhooks_move_the_jour
     }
     // Debitura has a bad minute: the first preview answers 503.
     debitura.fail_next(&[503]);
+    clock.set(at("2026-09-02T07:00:01Z"));
+    status_is(&stack, kept.tenant, kept.invoice_id, "nudged").await?;
+    // The debtor disputes the invoice, and the dispute is settled before the reminder is due:
+    // the agency is told of both.
+    let requests = stack.topic(&stack.topics().debtor_requests);
+    for (time, kind, words, state) in [
+        (
+            "2026-09-03T08:00:00Z",
+            "dispute",
+            "the meter was read wrong",
+            "paused:dispute",
+        ),
+        (
+            "2026-09-04T08:00:00Z",
+            "dispute_resolved",
+            "the reading was confirmed",
+            "nudged",
+        ),
+    ] {
+        clock.set(at(time));
+        let request = DebtorRequest {
+            event_id: new_event_id(),
+            tenant: kept.tenant.into(),
+            debtor_id: kept.debtor_id(),
+            occurred_at: 0,
+            invoice_id: kept.invoice_id.into(),
+            kind: kind.into(),
+            new_due_date: None,
+            promise_date: None,
+            instalments: Vec::new(),
+            reason: Some(words.into()),
+            source: "agent".into(),
+        };
+        stack.produce(&requests, &kept.debtor_id(), &request).await?;
+        status_is(&stack, kept.tenant, kept.invoice_id, state).await?;
+    }
     for (time, state) in [
-        ("2026-09-02T07:00:01Z", "nudged"),
         ("2026-09-16T07:00:01Z", "reminded-1"),
         ("2026-09-30T07:00:01Z", "handed_over"),
     ] {
@@ -99,6 +136,26 @@ async fn debitura_takes_the_case_from_claim_lines_and_its_webhooks_move_the_jour
     assert!(
         description.contains(&case_id) && description.contains("message(s) sent"),
         "{description}"
+    );
+    assert!(
+        description.contains("Invoice INV-7001: disputed on 2026-09-03 ('the meter was read wrong'), resolved on 2026-09-04 ('the reading was confirmed')."),
+        "{description}"
+    );
+    let handed = stack
+        .read::<HandoffCase>(&stack.topic(&stack.topics().handoff_cases))
+        .await?;
+    let ours = handed
+        .iter()
+        .find(|c| c.case_id == case_id)
+        .expect("the case on its topic");
+    assert_eq!(
+        ours.disputes,
+        vec![CaseDispute {
+            opened: epoch_days(day(2026, 9, 3)),
+            reason: Some("the meter was read wrong".into()),
+            resolved: Some(epoch_days(day(2026, 9, 4))),
+            resolution: Some("the reading was confirmed".into()),
+        }]
     );
     let requests = debitura.requests();
     assert!(requests.iter().all(|r| r.header("xapikey") == Some(API_KEY)));

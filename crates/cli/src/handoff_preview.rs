@@ -142,6 +142,21 @@ pub fn render(tenant: &str, debtor: &str, cases: &[Value]) -> String {
                 text(&warning["citation"])
             ));
         }
+        for d in case["disputes"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "  dispute      raised {}: {}; {}\n",
+                day(&d["opened"]),
+                d["reason"].as_str().unwrap_or("no reason given"),
+                match d["resolved"].as_i64() {
+                    Some(_) => format!(
+                        "resolved {}: {}",
+                        day(&d["resolved"]),
+                        d["resolution"].as_str().unwrap_or("no resolution given")
+                    ),
+                    None => "open".to_owned(),
+                }
+            ));
+        }
         for m in case["messages"].as_array().into_iter().flatten() {
             let digest = text(&m["content_sha256"]);
             out.push_str(&format!(
@@ -190,7 +205,8 @@ mod tests {
                                    "citation": "inkassoloven § 9"},
             "messages": [{"sent_at": 0, "sent_on": 20_528, "step": "purring", "tone": "reminder",
                           "channel": "sms", "delivery": "delivered", "content_sha256": "ab12",
-                          "provider_message_id": "gw-1"}]
+                          "provider_message_id": "gw-1"}],
+            "disputes": [{"opened": 20_530, "reason": "never ordered", "resolved": 20_535, "resolution": "delivered"}]
         });
         let text = render("nordkraft", "nordkraft:kari@example.test", &[case]);
         for want in [
@@ -201,6 +217,7 @@ mod tests {
             "total        948.48 NOK",
             "warning      'inkassovarsel' sent 2026-04-06, 14 days to pay (by 2026-04-20); the law asks 14 (inkassoloven § 9)",
             "message      'purring' (reminder) by sms on 2026-03-16: delivered; sha256 ab12",
+            "dispute      raised 2026-03-18: never ordered; resolved 2026-03-23: delivered",
         ] {
             assert!(text.contains(want), "missing '{want}' in:\n{text}");
         }

@@ -272,6 +272,20 @@ pub struct Journey {
     /// Every message of the journey and what became of it: the hand-off's evidence.
     #[serde(default)]
     pub messages: Vec<crate::evidence::MessageEvidence>,
+    /// Every dispute the debtor raised, and how it was resolved: the agency must know.
+    #[serde(default)]
+    pub disputes: Vec<DisputeRecord>,
+}
+
+/// A dispute the debtor raised on the invoice (personal data: never logged).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisputeRecord {
+    /// The debtor's local day it was raised.
+    pub opened: NaiveDate,
+    /// What the debtor wrote.
+    pub reason: Option<String>,
+    pub resolved: Option<NaiveDate>,
+    pub resolution: Option<String>,
 }
 
 /// A collection warning sent (NO inkassovarsel, DK påkrav): when, and the deadline it gave.
@@ -528,6 +542,7 @@ pub fn on_invoice(existing: Option<Journey>, snapshot: InvoiceSnapshot, plan: &P
             fees: Vec::new(),
             warning: None,
             messages: Vec::new(),
+            disputes: Vec::new(),
         };
         let mut transitions = vec![transition("opened", JourneyState::Open, JourneyState::Open)];
         if let Some(reason) = closed_by_invoice(&journey.invoice) {
@@ -770,6 +785,12 @@ pub fn on_request(
                 );
             }
             pause(&mut journey, PauseReason::Dispute, None, Vec::new());
+            journey.disputes.push(DisputeRecord {
+                opened: today,
+                reason: reason.clone(),
+                resolved: None,
+                resolution: None,
+            });
             ("disputed", reason)
         }
         Request::DisputeResolved { resolution } => {
@@ -786,6 +807,10 @@ pub fn on_request(
                 .map(|p| p.resume_state)
                 .unwrap_or(JourneyState::Open);
             reanchor_after_pause(&mut journey, plan, today);
+            if let Some(open) = journey.disputes.iter_mut().rev().find(|d| d.resolved.is_none()) {
+                open.resolved = Some(today);
+                open.resolution = resolution.clone();
+            }
             ("dispute_resolved", resolution)
         }
         Request::Postpone { to } => {
@@ -1797,6 +1822,17 @@ mod tests {
             plan.fire_at(0, date(2026, 3, 20), Jurisdiction::DK)
         );
         assert_eq!(resolved.journey.due_override, Some(date(2026, 3, 20)));
+        // Kept for the agency: when it was raised, what the debtor said, and how it ended.
+        assert_eq!(
+            resolved.journey.disputes,
+            vec![DisputeRecord {
+                opened: date(2026, 3, 10),
+                reason: Some("never ordered".into()),
+                resolved: Some(date(2026, 3, 20)),
+                resolution: Some("delivered".into()),
+            }]
+        );
+        assert_eq!(again.journey.disputes.len(), 1, "a refused second dispute is not one");
     }
 
     #[test]

@@ -420,6 +420,8 @@ pub struct HandoffCase {
     #[serde(default)]
     pub messages: Vec<CaseMessage>,
     #[serde(default)]
+    pub disputes: Vec<CaseDispute>,
+    #[serde(default)]
     pub merged_claims: Vec<CaseClaim>,
     #[serde(default)]
     pub combined_principal_minor: Option<i64>,
@@ -461,6 +463,17 @@ pub struct CaseClaim {
     pub collection_warning: Option<CollectionWarning>,
     pub messages: Vec<CaseMessage>,
     pub steps_taken: Vec<String>,
+    #[serde(default)]
+    pub disputes: Vec<CaseDispute>,
+}
+
+/// A dispute the debtor raised on a handed-over claim (personal data: never logged).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaseDispute {
+    pub opened: i32,
+    pub reason: Option<String>,
+    pub resolved: Option<i32>,
+    pub resolution: Option<String>,
 }
 
 /// One message of a handed-over claim's journey, as evidence.
@@ -993,6 +1006,12 @@ mod tests {
                 content_sha256: Some("0f".repeat(32)),
                 provider_message_id: Some("<a.email@forfall.test>".into()),
             }],
+            disputes: vec![CaseDispute {
+                opened: 19_995,
+                reason: Some("the meter was read wrong".into()),
+                resolved: Some(20_001),
+                resolution: Some("reading confirmed by the grid operator".into()),
+            }],
             merged_claims: vec![CaseClaim {
                 invoice_id: "i2".into(),
                 invoice_number: "1002".into(),
@@ -1013,6 +1032,7 @@ mod tests {
                 collection_warning: None,
                 messages: Vec::new(),
                 steps_taken: vec!["nudge".into()],
+                disputes: Vec::new(),
             }],
             combined_principal_minor: Some(139_900),
             combined_total_minor: Some(144_968),

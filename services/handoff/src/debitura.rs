@@ -90,34 +90,62 @@ fn description(case: &HandoffCase) -> String {
         case.policy_version,
         case.claim_date.map(day).unwrap_or_default().get(..10).unwrap_or("")
     )];
-    let mut claim =
-        |number: &str, fees: &[forfall_platform::records::CaseFee], interest: i64, note: &Option<String>| {
-            for f in fees {
-                out.push(format!(
-                    "Invoice {number}: fee {} for '{}'{}.",
-                    amount(f.amount_minor),
-                    f.step,
-                    f.citation.as_deref().map(|c| format!(" ({c})")).unwrap_or_default()
-                ));
-            }
-            if interest > 0 {
-                out.push(format!(
-                    "Invoice {number}: late interest {} to the claim date.",
-                    amount(interest)
-                ));
-            }
-            if let Some(note) = note {
-                out.push(format!("Invoice {number}: {note}."));
-            }
-        };
+    let date = |d: i32| day(d).get(..10).unwrap_or("").to_owned();
+    let said = |text: &Option<String>| text.as_deref().map(|t| format!(" ('{t}')")).unwrap_or_default();
+    let mut claim = |number: &str,
+                     fees: &[forfall_platform::records::CaseFee],
+                     interest: i64,
+                     note: &Option<String>,
+                     disputes: &[forfall_platform::records::CaseDispute]| {
+        for f in fees {
+            out.push(format!(
+                "Invoice {number}: fee {} for '{}'{}.",
+                amount(f.amount_minor),
+                f.step,
+                f.citation.as_deref().map(|c| format!(" ({c})")).unwrap_or_default()
+            ));
+        }
+        if interest > 0 {
+            out.push(format!(
+                "Invoice {number}: late interest {} to the claim date.",
+                amount(interest)
+            ));
+        }
+        if let Some(note) = note {
+            out.push(format!("Invoice {number}: {note}."));
+        }
+        for d in disputes {
+            out.push(match d.resolved {
+                Some(resolved) => format!(
+                    "Invoice {number}: disputed on {}{}, resolved on {}{}.",
+                    date(d.opened),
+                    said(&d.reason),
+                    date(resolved),
+                    said(&d.resolution)
+                ),
+                None => format!(
+                    "Invoice {number}: disputed on {}{}, not resolved.",
+                    date(d.opened),
+                    said(&d.reason)
+                ),
+            });
+        }
+    };
     claim(
         &case.invoice_number,
         &case.fee_lines,
         case.interest_minor,
         &case.interest_note,
+        &case.disputes,
     );
     for m in &case.merged_claims {
-        claim(&m.invoice_number, &m.fee_lines, m.interest_minor, &m.interest_note);
+        claim(
+            &m.invoice_number,
+            &m.fee_lines,
+            m.interest_minor,
+            &m.interest_note,
+            &m.disputes,
+        );
     }
     if case.compensation_minor > 0 {
         out.push(format!(

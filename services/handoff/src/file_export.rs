@@ -309,6 +309,7 @@ mod tests {
             }),
             collection_warning: None,
             messages: Vec::new(),
+            disputes: Vec::new(),
             merged_claims: Vec::new(),
             combined_principal_minor: Some(total),
             combined_total_minor: Some(total),

@@ -16,10 +16,12 @@ use crate::store::Stored;
 const FORMAT_POSTCARD_V1: u8 = 1;
 /// Before messages were kept as evidence (`Journey::messages`).
 const FORMAT_POSTCARD_V2: u8 = 2;
+/// Before disputes were kept (`Journey::disputes`).
 const FORMAT_POSTCARD_V3: u8 = 3;
+const FORMAT_POSTCARD_V4: u8 = 4;
 
 pub fn encode_body(stored: &Stored) -> Result<Vec<u8>, Failure> {
-    let mut body = vec![FORMAT_POSTCARD_V3];
+    let mut body = vec![FORMAT_POSTCARD_V4];
     let encoded =
         postcard::to_allocvec(stored).map_err(|e| Failure::Fatal(anyhow::anyhow!("encoding a journey: {e}")))?;
     body.extend_from_slice(&encoded);
@@ -30,7 +32,10 @@ pub fn decode_body(body: &[u8]) -> Result<Stored, Failure> {
     let corrupt =
         |tag: u8, e: postcard::Error| Failure::Fatal(anyhow::anyhow!("corrupt journey state (postcard v{tag}): {e}"));
     match body.split_first() {
-        Some((&FORMAT_POSTCARD_V3, rest)) => postcard::from_bytes(rest).map_err(|e| corrupt(3, e)),
+        Some((&FORMAT_POSTCARD_V4, rest)) => postcard::from_bytes(rest).map_err(|e| corrupt(4, e)),
+        Some((&FORMAT_POSTCARD_V3, rest)) => postcard::from_bytes::<StoredV3>(rest)
+            .map(Stored::from)
+            .map_err(|e| corrupt(3, e)),
         Some((&FORMAT_POSTCARD_V2, rest)) => postcard::from_bytes::<StoredV2>(rest)
             .map(Stored::from)
             .map_err(|e| corrupt(2, e)),
@@ -41,6 +46,63 @@ pub fn decode_body(body: &[u8]) -> Result<Stored, Failure> {
             "journey state in format {tag}, which this watcher does not read (newer than it?)"
         ))),
         None => Err(Failure::Fatal(anyhow::anyhow!("journey state without a body"))),
+    }
+}
+
+/// [`Stored`] as format 3 wrote it.
+#[derive(Deserialize)]
+struct StoredV3 {
+    journey: JourneyV3,
+    partition: i32,
+    pending_step: Option<usize>,
+    pending_fire_ms: Option<i64>,
+}
+
+/// [`Journey`] as format 3 wrote it: format 2's fields, then `messages`, without `disputes`.
+#[derive(Deserialize)]
+struct JourneyV3 {
+    v2: JourneyV2,
+    messages: Vec<forfall_domain::evidence::MessageEvidence>,
+}
+
+impl From<JourneyV3> for Journey {
+    fn from(v3: JourneyV3) -> Self {
+        let j = v3.v2.v1;
+        Journey {
+            state: j.state,
+            invoice: j.invoice,
+            plan_version: j.plan_version,
+            plan: j.plan,
+            segment: j.segment,
+            experiment: j.experiment,
+            fees_minor: j.fees_minor,
+            pause: j.pause,
+            due_override: j.due_override,
+            postponements: j.postponements,
+            applied_requests: j.applied_requests,
+            next_step: j.next_step,
+            paid_minor: j.paid_minor,
+            applied_payments: j.applied_payments,
+            steps_taken: j.steps_taken,
+            fee_dates: v3.v2.fee_dates,
+            fees: v3.v2.fees,
+            warning: v3.v2.warning,
+            messages: v3.messages,
+            // Format 3 did not keep them: disputes raised before the upgrade are on the
+            // invoice's timeline only.
+            disputes: Vec::new(),
+        }
+    }
+}
+
+impl From<StoredV3> for Stored {
+    fn from(v3: StoredV3) -> Self {
+        Stored {
+            journey: v3.journey.into(),
+            partition: v3.partition,
+            pending_step: v3.pending_step,
+            pending_fire_ms: v3.pending_fire_ms,
+        }
     }
 }
 
@@ -65,29 +127,12 @@ struct JourneyV2 {
 
 impl From<JourneyV2> for Journey {
     fn from(v2: JourneyV2) -> Self {
-        let j = v2.v1;
-        Journey {
-            state: j.state,
-            invoice: j.invoice,
-            plan_version: j.plan_version,
-            plan: j.plan,
-            segment: j.segment,
-            experiment: j.experiment,
-            fees_minor: j.fees_minor,
-            pause: j.pause,
-            due_override: j.due_override,
-            postponements: j.postponements,
-            applied_requests: j.applied_requests,
-            next_step: j.next_step,
-            paid_minor: j.paid_minor,
-            applied_payments: j.applied_payments,
-            steps_taken: j.steps_taken,
-            fee_dates: v2.fee_dates,
-            fees: v2.fees,
-            warning: v2.warning,
-            // Format 2 did not keep them: the hand-off's evidence starts with the upgrade.
+        // Format 2 did not keep messages: the hand-off's evidence starts with the upgrade.
+        JourneyV3 {
+            v2,
             messages: Vec::new(),
         }
+        .into()
     }
 }
 
@@ -182,6 +227,37 @@ mod tests {
         steps_taken: &'a [String],
     }
 
+    /// Format 1's journey fields of `j`, as its writer wrote them.
+    fn v1_out(j: &Journey) -> JourneyV1Out<'_> {
+        JourneyV1Out {
+            state: j.state,
+            invoice: &j.invoice,
+            plan_version: &j.plan_version,
+            plan: &j.plan,
+            segment: j.segment.as_deref(),
+            experiment: j.experiment.as_deref(),
+            fees_minor: j.fees_minor,
+            pause: j.pause.as_ref(),
+            due_override: j.due_override,
+            postponements: j.postponements,
+            applied_requests: &j.applied_requests,
+            next_step: j.next_step,
+            paid_minor: j.paid_minor,
+            applied_payments: &j.applied_payments,
+            steps_taken: &j.steps_taken,
+        }
+    }
+
+    /// Format 2's journey fields of `j`.
+    fn v2_out(j: &Journey) -> JourneyV2Out<'_> {
+        JourneyV2Out {
+            v1: v1_out(j),
+            fee_dates: &j.fee_dates,
+            fees: &j.fees,
+            warning: j.warning.as_ref(),
+        }
+    }
+
     #[test]
     fn a_journey_stored_in_format_1_still_reads() {
         let plan = forfall_domain::journey::Plan::builtin();
@@ -191,23 +267,7 @@ mod tests {
         journey.steps_taken = vec!["nudge".into()];
         let j = &journey;
         let old = WrittenV1 {
-            journey: JourneyV1Out {
-                state: j.state,
-                invoice: &j.invoice,
-                plan_version: &j.plan_version,
-                plan: &j.plan,
-                segment: j.segment.as_deref(),
-                experiment: j.experiment.as_deref(),
-                fees_minor: j.fees_minor,
-                pause: j.pause.as_ref(),
-                due_override: j.due_override,
-                postponements: j.postponements,
-                applied_requests: &j.applied_requests,
-                next_step: j.next_step,
-                paid_minor: j.paid_minor,
-                applied_payments: &j.applied_payments,
-                steps_taken: &j.steps_taken,
-            },
+            journey: v1_out(j),
             partition: 5,
             pending_step: Some(1),
         };
@@ -218,7 +278,7 @@ mod tests {
         assert_eq!((read.partition, read.pending_step), (5, Some(1)));
         // Read as format 2 the same bytes would be garbage or an error: the tag is what tells.
         let current = encode_body(&read).unwrap();
-        assert_eq!(current[0], FORMAT_POSTCARD_V3);
+        assert_eq!(current[0], FORMAT_POSTCARD_V4);
         assert_eq!(decode_body(&current).unwrap(), read);
     }
 
@@ -256,28 +316,7 @@ mod tests {
         let j = &journey;
         let old = WrittenV2 {
             // Serialised in order, a nested struct adds no bytes: V1's fields, then V2's.
-            journey: JourneyV2Out {
-                v1: JourneyV1Out {
-                    state: j.state,
-                    invoice: &j.invoice,
-                    plan_version: &j.plan_version,
-                    plan: &j.plan,
-                    segment: j.segment.as_deref(),
-                    experiment: j.experiment.as_deref(),
-                    fees_minor: j.fees_minor,
-                    pause: j.pause.as_ref(),
-                    due_override: j.due_override,
-                    postponements: j.postponements,
-                    applied_requests: &j.applied_requests,
-                    next_step: j.next_step,
-                    paid_minor: j.paid_minor,
-                    applied_payments: &j.applied_payments,
-                    steps_taken: &j.steps_taken,
-                },
-                fee_dates: &j.fee_dates,
-                fees: &j.fees,
-                warning: j.warning.as_ref(),
-            },
+            journey: v2_out(j),
             partition: 2,
             pending_step: Some(2),
             pending_fire_ms: Some(1_774_000_000_000),
@@ -290,5 +329,60 @@ mod tests {
             (read.partition, read.pending_step, read.pending_fire_ms),
             (2, Some(2), Some(1_774_000_000_000))
         );
+    }
+
+    /// Format 3's writer, frozen: what a watcher before `disputes` stored.
+    #[derive(Serialize)]
+    struct WrittenV3<'a> {
+        journey: JourneyV3Out<'a>,
+        partition: i32,
+        pending_step: Option<usize>,
+        pending_fire_ms: Option<i64>,
+    }
+
+    #[derive(Serialize)]
+    struct JourneyV3Out<'a> {
+        v2: JourneyV2Out<'a>,
+        messages: &'a [forfall_domain::evidence::MessageEvidence],
+    }
+
+    #[test]
+    fn a_journey_stored_in_format_3_still_reads() {
+        let plan = forfall_domain::journey::Plan::builtin();
+        let snapshot = forfall_domain::invoice::validate_issued(crate::store::tests::sample_input()).unwrap();
+        let mut journey = forfall_domain::journey::on_invoice(None, snapshot, &plan).journey;
+        journey.steps_taken = vec!["nudge".into()];
+        journey.messages = vec![forfall_domain::evidence::MessageEvidence {
+            action_id: "a1".into(),
+            step: "nudge".into(),
+            channel: "email".into(),
+            at_ms: 1_774_000_000_000,
+            delivery: forfall_domain::evidence::Delivery::Sent,
+            content_sha256: Some("ab".repeat(32)),
+            provider_message_id: Some("m-1".into()),
+        }];
+        let j = &journey;
+        let old = WrittenV3 {
+            journey: JourneyV3Out {
+                v2: v2_out(j),
+                messages: &j.messages,
+            },
+            partition: 7,
+            pending_step: Some(1),
+            pending_fire_ms: Some(1_775_000_000_000),
+        };
+        let mut body = vec![FORMAT_POSTCARD_V3];
+        body.extend(postcard::to_allocvec(&old).unwrap());
+        let read = decode_body(&body).unwrap();
+        assert_eq!(read.journey, journey, "messages kept, no disputes");
+        assert_eq!(read.partition, 7);
+        let mut disputed = read.clone();
+        disputed.journey.disputes = vec![forfall_domain::journey::DisputeRecord {
+            opened: NaiveDate::from_ymd_opt(2026, 3, 20).unwrap(),
+            reason: Some("never ordered".into()),
+            resolved: None,
+            resolution: None,
+        }];
+        assert_eq!(decode_body(&encode_body(&disputed).unwrap()).unwrap(), disputed);
     }
 }

@@ -50,7 +50,7 @@ use forfall_platform::journey_state;
 use forfall_platform::kafka::KafkaConsumer;
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::records::{
-    self, CaseClaim, CaseFee, CaseInterest, CaseMessage, CollectionWarning, CoveredInvoice, DebtorRequest,
+    self, CaseClaim, CaseDispute, CaseFee, CaseInterest, CaseMessage, CollectionWarning, CoveredInvoice, DebtorRequest,
     DispatchOutcome, DispatchStatus, HandoffCase, HandoffOutcome, JourneyAction, JourneyEvent, PaymentMatched, Record,
     derived_id,
 };
@@ -558,6 +558,7 @@ impl Watcher {
             debtor_details: inv.contact.details.clone(),
             collection_warning: lead.collection_warning,
             messages: lead.messages,
+            disputes: lead.disputes,
         }
     }
 
@@ -612,6 +613,16 @@ impl Watcher {
             collection_warning: self.warning_of(j, today),
             messages: self.messages_of(j),
             steps_taken: j.steps_taken.clone(),
+            disputes: j
+                .disputes
+                .iter()
+                .map(|d| CaseDispute {
+                    opened: days(d.opened),
+                    reason: d.reason.clone(),
+                    resolved: d.resolved.map(days),
+                    resolution: d.resolution.clone(),
+                })
+                .collect(),
         }
     }
 
