@@ -67,17 +67,40 @@ fn every_metric_the_rules_query_is_registered_by_a_service() -> anyhow::Result<(
     }
     for rules in files(&deploy().join("rules"))? {
         let text = std::fs::read_to_string(&rules)?;
-        let mut names: Vec<&str> = text
+        // The queries only: from each `expr:` to the rule's next key.
+        let mut queries = String::new();
+        let mut in_expr = false;
+        for line in text.lines() {
+            let key = line.trim_start();
+            if key.starts_with("expr:") {
+                in_expr = true;
+            } else if ["for:", "labels:", "annotations:", "- alert:"]
+                .iter()
+                .any(|k| key.starts_with(k))
+            {
+                in_expr = false;
+            }
+            if in_expr {
+                queries.push_str(line);
+                queries.push('\n');
+            }
+        }
+        let mut names: Vec<&str> = queries
             .match_indices("forfall_")
             .map(|(at, _)| {
-                let rest = &text[at..];
+                let rest = &queries[at..];
                 let end = rest
                     .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                     .unwrap_or(rest.len());
-                &rest[..end]
+                let name = &rest[..end];
+                // A histogram's series are its name plus a suffix.
+                ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(name)
             })
-            .filter(|n| n.ends_with("_total") || n.ends_with("_seconds") || n.ends_with("_bytes"))
             .collect();
+        names.sort_unstable();
         names.dedup();
         assert!(!names.is_empty(), "{}", rules.display());
         for name in names {
