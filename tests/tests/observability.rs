@@ -1,0 +1,187 @@
+//! What an SRE watches: the alert rules in `deploy/prometheus` (promtool, from Debian's
+//! `prometheus` package which the dev stack installs, loads them and runs their unit tests) and
+//! the dashboards in `deploy/grafana` (data source templated, units set). Every `forfall_*`
+//! metric either queries is one a service registers.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn files(dir: &Path, extension: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == extension))
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+fn promtool(args: &[&str], dir: &Path) -> anyhow::Result<String> {
+    let out = Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .map_err(|e| anyhow::anyhow!("promtool (Debian package 'prometheus'; `make devstack` installs it): {e}"))?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    anyhow::ensure!(out.status.success(), "promtool {}:\n{said}", args.join(" "));
+    Ok(said)
+}
+
+/// Every Rust source of the services and libraries, as one text.
+fn sources() -> anyhow::Result<String> {
+    let mut text = String::new();
+    let mut dirs = vec![root().join("services"), root().join("crates")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|x| x == "rs") {
+                text.push_str(&std::fs::read_to_string(&path)?);
+            }
+        }
+    }
+    Ok(text)
+}
+
+/// The `forfall_*` metrics a query reads, a histogram's series by the histogram's name.
+fn metrics_in(query: &str) -> Vec<String> {
+    let mut names: Vec<String> = query
+        .match_indices("forfall_")
+        .map(|(at, _)| {
+            let rest = &query[at..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            let name = &rest[..end];
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name)
+                .to_owned()
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+/// What in `where_` queries a metric no service registers (the exporter adds `forfall_`).
+fn unregistered(queries: &str, sources: &str, where_: &str) -> Vec<String> {
+    metrics_in(queries)
+        .into_iter()
+        .filter(|name| !sources.contains(&format!("\"{}\"", name.trim_start_matches("forfall_"))))
+        .map(|name| format!("{where_}: {name} is not registered by any service"))
+        .collect()
+}
+
+#[test]
+fn the_alert_rules_load_and_pass_their_unit_tests() -> anyhow::Result<()> {
+    let deploy = root().join("deploy/prometheus");
+    let rules = files(&deploy.join("rules"), "yml")?;
+    let tests = files(&deploy.join("tests"), "yml")?;
+    assert!(!rules.is_empty() && !tests.is_empty(), "rules and their tests");
+    for r in &rules {
+        promtool(&["check", "rules", &r.to_string_lossy()], &deploy)?;
+    }
+    for t in &tests {
+        let said = promtool(&["test", "rules", &t.to_string_lossy()], &deploy.join("tests"))?;
+        assert!(said.contains("SUCCESS"), "{said}");
+    }
+    Ok(())
+}
+
+/// A renamed metric fails here, not silently in Prometheus.
+#[test]
+fn every_metric_the_rules_query_is_registered_by_a_service() -> anyhow::Result<()> {
+    let sources = sources()?;
+    let mut problems = Vec::new();
+    for rules in files(&root().join("deploy/prometheus/rules"), "yml")? {
+        let text = std::fs::read_to_string(&rules)?;
+        // The queries only: from each `expr:` to the rule's next key.
+        let mut queries = String::new();
+        let mut in_expr = false;
+        for line in text.lines() {
+            let key = line.trim_start();
+            if key.starts_with("expr:") {
+                in_expr = true;
+            } else if ["for:", "labels:", "annotations:", "- alert:"]
+                .iter()
+                .any(|k| key.starts_with(k))
+            {
+                in_expr = false;
+            }
+            if in_expr {
+                queries.push_str(line);
+                queries.push('\n');
+            }
+        }
+        assert!(!metrics_in(&queries).is_empty(), "{}", rules.display());
+        problems.extend(unregistered(&queries, &sources, &rules.display().to_string()));
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+    Ok(())
+}
+
+/// Each dashboard works on any Prometheus (the data source is a variable), says what its
+/// numbers are (a unit on every panel), and shows only metrics the services export.
+#[test]
+fn every_dashboard_is_templated_has_units_and_queries_real_metrics() -> anyhow::Result<()> {
+    let sources = sources()?;
+    let dashboards = files(&root().join("deploy/grafana"), "json")?;
+    assert!(!dashboards.is_empty());
+    let mut problems = Vec::new();
+    for path in dashboards {
+        let at = path.display().to_string();
+        let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        let variables = dashboard["templating"]["list"].as_array().cloned().unwrap_or_default();
+        if !variables
+            .iter()
+            .any(|v| v["name"] == "datasource" && v["type"] == "datasource" && v["query"] == "prometheus")
+        {
+            problems.push(format!(
+                "{at}: no 'datasource' variable of type datasource (prometheus)"
+            ));
+        }
+        let panels = dashboard["panels"].as_array().cloned().unwrap_or_default();
+        if panels.is_empty() {
+            problems.push(format!("{at}: no panels"));
+        }
+        for panel in panels {
+            let title = panel["title"].as_str().unwrap_or("(untitled)").to_owned();
+            let here = format!("{at}, panel '{title}'");
+            if panel["datasource"]["uid"] != "${datasource}" {
+                problems.push(format!("{here}: the data source is not ${{datasource}}"));
+            }
+            if panel["fieldConfig"]["defaults"]["unit"]
+                .as_str()
+                .is_none_or(str::is_empty)
+            {
+                problems.push(format!("{here}: no unit"));
+            }
+            let targets = panel["targets"].as_array().cloned().unwrap_or_default();
+            if targets.is_empty() {
+                problems.push(format!("{here}: no query"));
+            }
+            for target in targets {
+                if target["datasource"]["uid"] != "${datasource}" {
+                    problems.push(format!("{here}: a query's data source is not ${{datasource}}"));
+                }
+                let expr = target["expr"].as_str().unwrap_or_default();
+                if metrics_in(expr).is_empty() {
+                    problems.push(format!("{here}: the query reads no forfall metric: {expr}"));
+                }
+                problems.extend(unregistered(expr, &sources, &here));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+    Ok(())
+}
