@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # One image with every service binary (forfall-ingest, -watcher, -dispatch, -matcher, -handoff,
 # -portal) and the `forfall` CLI; each Deployment runs its own as the command. Built on the
-# release profile; it runs as a non-root user on a read-only root filesystem and needs no shell.
+# release profile; it runs as a non-root user and needs no shell, and is meant for a read-only
+# root filesystem with a volume where a service writes (the file adapter's export_dir).
 #   docker build -t forfall:dev .
 
 FROM rust:1.95-bookworm AS build
