@@ -31,7 +31,7 @@ async fn debitura_takes_the_case_from_claim_lines_and_its_webhooks_move_the_jour
     let kept = danish("inv-db-1", "INV-7001", day(2026, 9, 2), "kept@example.test");
     let abroad = danish("inv-db-2", "INV-7002", day(2026, 9, 2), "abroad@example.test");
     let billing = stack.topic(&stack.topics().billing_invoice_events);
-    stack.produce(&billing, &kept.debtor_id(), &kept.issued()).await?;
+    issue_invoice(&stack, &kept).await?;
     let mut moved = abroad.issued();
     moved.debtor_details = Some(DebtorDetails {
         address: Some(PostalAddress {

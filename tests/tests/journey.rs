@@ -843,13 +843,7 @@ async fn norwegian_claims_reaching_hand_off_together_go_as_one_merged_case() -> 
         ..older.clone()
     };
     for s in [&older, &newer] {
-        stack
-            .produce(
-                &stack.topic(&stack.topics().billing_invoice_events),
-                &s.debtor_id(),
-                &s.issued(),
-            )
-            .await?;
+        issue_invoice(&stack, s).await?;
         status_is(&stack, s.tenant, s.invoice_id, "open").await?;
     }
     let plan = policy::load(NORWAY_MERGE, &LawBook::builtin()?, day(2026, 3, 1))?.plans["no-varsel"].clone();

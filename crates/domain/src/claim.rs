@@ -133,9 +133,7 @@ pub fn compose(journey: &Journey, law: &LawBook, terms: &ClaimTerms, ctx: &Debto
     let principal = journey.invoice.open();
     let currency = principal.currency;
     let money = |minor: i64| Money::new(minor, currency);
-    let outstanding = journey.outstanding().minor;
-    let remaining_fees = journey.fees_minor.clamp(0, outstanding);
-    let remaining_principal = (outstanding - remaining_fees).max(0);
+    let (remaining_principal, remaining_fees) = remaining(journey);
     let mut fees: Vec<FeeLine> = journey
         .fees
         .iter()
@@ -162,45 +160,9 @@ pub fn compose(journey: &Journey, law: &LawBook, terms: &ClaimTerms, ctx: &Debto
             citation: None,
         });
     }
-    let owed = money(remaining_principal);
-    let lines = match terms.late_interest {
-        _ if remaining_principal <= 0 => None,
-        InterestTerms::None => None,
-        InterestTerms::Statutory => Some(law.late_interest_lines(ctx, owed, journey.anchor_due(), on)),
-        InterestTerms::Agreed { rate_bp } => {
-            Some(law.agreed_interest_lines(ctx, owed, rate_bp, journey.anchor_due(), on))
-        }
-    };
-    let (interest, interest_note) = match lines {
-        Some(lines) => match lines {
-            Ok(found) => {
-                let note = (!found.missing.is_empty()).then(|| {
-                    let why: Vec<String> = found.missing.iter().map(ToString::to_string).collect();
-                    format!("interest not claimed for part of the time: {}", why.join("; "))
-                });
-                (found.lines, note)
-            }
-            Err(e) => (Vec::new(), Some(format!("interest not claimed: {e}"))),
-        },
-        None => (Vec::new(), None),
-    };
+    let (interest, interest_note) = interest(journey, law, terms, ctx, on);
     let interest_total = money(interest.iter().map(|l| l.amount.minor).sum());
-    let compensation = terms
-        .compensation
-        .then(|| law.compensation(ctx, on))
-        .flatten()
-        .filter(|(statutory, _)| statutory.currency == currency)
-        .and_then(|(statutory, rule)| {
-            let offsets = matches!(rule.limit, crate::law::Limit::Compensation { offsets_fees: true, .. });
-            let against = if offsets { journey.fees_minor } else { 0 };
-            let claimed = (statutory.minor - against).max(0);
-            (claimed > 0).then(|| CompensationLine {
-                amount: money(claimed),
-                statutory,
-                rule_id: rule.id.clone(),
-                citation: rule.citation.clone(),
-            })
-        });
+    let compensation = compensation(journey, law, terms, ctx, on);
     let total = remaining_principal
         + remaining_fees
         + interest_total.minor
@@ -218,6 +180,69 @@ pub fn compose(journey: &Journey, law: &LawBook, terms: &ClaimTerms, ctx: &Debto
         compensation,
         total: money(total),
     }
+}
+
+/// What is left of the principal and of the fees (payments go to the principal first).
+fn remaining(journey: &Journey) -> (i64, i64) {
+    let outstanding = journey.outstanding().minor;
+    let fees = journey.fees_minor.clamp(0, outstanding);
+    ((outstanding - fees).max(0), fees)
+}
+
+/// The late interest `terms` claim on the principal left, line by line, and why some is not
+/// claimed, if any is not.
+fn interest(
+    journey: &Journey,
+    law: &LawBook,
+    terms: &ClaimTerms,
+    ctx: &DebtorContext,
+    on: NaiveDate,
+) -> (Vec<InterestLine>, Option<String>) {
+    let (remaining_principal, _) = remaining(journey);
+    let owed = Money::new(remaining_principal, journey.invoice.open().currency);
+    let found = match terms.late_interest {
+        _ if remaining_principal <= 0 => return (Vec::new(), None),
+        InterestTerms::None => return (Vec::new(), None),
+        InterestTerms::Statutory => law.late_interest_lines(ctx, owed, journey.anchor_due(), on),
+        InterestTerms::Agreed { rate_bp } => law.agreed_interest_lines(ctx, owed, rate_bp, journey.anchor_due(), on),
+    };
+    match found {
+        Ok(found) => {
+            let note = (!found.missing.is_empty()).then(|| {
+                let why: Vec<String> = found.missing.iter().map(ToString::to_string).collect();
+                format!("interest not claimed for part of the time: {}", why.join("; "))
+            });
+            (found.lines, note)
+        }
+        Err(e) => (Vec::new(), Some(format!("interest not claimed: {e}"))),
+    }
+}
+
+/// The fixed compensation `terms` claim, less the fees it replaces where the law says so.
+fn compensation(
+    journey: &Journey,
+    law: &LawBook,
+    terms: &ClaimTerms,
+    ctx: &DebtorContext,
+    on: NaiveDate,
+) -> Option<CompensationLine> {
+    let currency = journey.invoice.open().currency;
+    terms
+        .compensation
+        .then(|| law.compensation(ctx, on))
+        .flatten()
+        .filter(|(statutory, _)| statutory.currency == currency)
+        .and_then(|(statutory, rule)| {
+            let offsets = matches!(rule.limit, crate::law::Limit::Compensation { offsets_fees: true, .. });
+            let against = if offsets { journey.fees_minor } else { 0 };
+            let claimed = (statutory.minor - against).max(0);
+            (claimed > 0).then(|| CompensationLine {
+                amount: Money::new(claimed, currency),
+                statutory,
+                rule_id: rule.id.clone(),
+                citation: rule.citation.clone(),
+            })
+        })
 }
 
 /// What a message tells the debtor the creditor claims beyond the amount to pay: the late
@@ -239,16 +264,16 @@ pub fn accrued(journey: &Journey, law: &LawBook, terms: &ClaimTerms, ctx: &Debto
     if *terms == ClaimTerms::default() {
         return Accrued::default();
     }
-    let claim = compose(journey, law, terms, ctx, on);
-    let interest_minor = claim.interest_total.minor;
+    // Only what a message shows: not the fee lines and their rules a case itemises.
+    let (lines, _) = interest(journey, law, terms, ctx, on);
     Accrued {
-        interest_minor,
+        interest_minor: lines.iter().map(|l| l.amount.minor).sum(),
         rate_bp: match terms.late_interest {
             InterestTerms::Statutory => law.late_interest_rate_bp(ctx, on),
             InterestTerms::Agreed { rate_bp } => agreed_rate_bp(law, ctx, rate_bp, on),
             InterestTerms::None => None,
         },
-        compensation_minor: claim.compensation.map_or(0, |c| c.amount.minor),
+        compensation_minor: compensation(journey, law, terms, ctx, on).map_or(0, |c| c.amount.minor),
     }
 }
 

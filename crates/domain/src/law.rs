@@ -731,13 +731,8 @@ impl LawBook {
         to: NaiveDate,
     ) -> Vec<Result<InterestPeriod<'_>, LawError>> {
         let mut periods = Vec::new();
-        let mut day = from;
-        while day < to {
-            let first = day + Duration::days(1);
+        for (first, last, days) in half_years(from, to) {
             let half = HalfYear::of(first);
-            let last = half.last_day().min(to);
-            let days = (last - day).num_days();
-            day = last;
             let Some(rule) = self.interest_rule(ctx, first) else {
                 periods.push(Err(LawError::NoInterestRule {
                     jurisdiction: ctx.jurisdiction,
@@ -842,12 +837,7 @@ impl LawBook {
         to: NaiveDate,
     ) -> Result<InterestLines, LawError> {
         let mut out = InterestLines::default();
-        let mut day = from;
-        while day < to {
-            let first = day + Duration::days(1);
-            let last = HalfYear::of(first).last_day().min(to);
-            let days = (last - day).num_days();
-            day = last;
+        for (first, last, days) in half_years(from, to) {
             let Some(rule) = self.agreed_interest_rule(ctx, first) else {
                 out.missing.push(LawError::NoAgreedInterestRule {
                     jurisdiction: ctx.jurisdiction,
@@ -901,6 +891,20 @@ impl LawBook {
         }
         Ok(out)
     }
+}
+
+/// The days after `from` up to and including `to`, one stretch per half-year: its first and
+/// last day and how many days it has.
+fn half_years(from: NaiveDate, to: NaiveDate) -> Vec<(NaiveDate, NaiveDate, i64)> {
+    let mut stretches = Vec::new();
+    let mut day = from;
+    while day < to {
+        let first = day + Duration::days(1);
+        let last = HalfYear::of(first).last_day().min(to);
+        stretches.push((first, last, (last - day).num_days()));
+        day = last;
+    }
+    stretches
 }
 
 /// Days at one rule and rate.

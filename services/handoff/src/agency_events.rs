@@ -172,7 +172,7 @@ impl AgencyEvents {
             );
         };
         let known: Result<Option<String>, redis::RedisError> = redis::cmd("GET")
-            .arg(crate::debitura_case_key(&self.keys, &debitura_id))
+            .arg(crate::debitura::case_key(&self.keys, &debitura_id))
             .query_async(&mut self.redis.clone())
             .await;
         let case = match known {

@@ -286,6 +286,11 @@ pub struct CaseRef {
     pub invoice_id: String,
 }
 
+/// Where a Debitura case's Forfall case is remembered.
+pub(crate) fn case_key(keys: &forfall_platform::redis_store::Keys, debitura_id: &str) -> String {
+    keys.key(&["handoff", "debitura", debitura_id])
+}
+
 /// Debitura's webhook body.
 #[derive(Debug, Deserialize)]
 pub struct WebhookEvent {

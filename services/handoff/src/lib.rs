@@ -160,6 +160,40 @@ impl Handoff {
         self.keys.key(&["handoff", "accepted", case_id])
     }
 
+    /// A POST of `body` as JSON, authenticated as the adapter's agency asks: Debitura's
+    /// `XApiKey`; otherwise the bearer token and, with a signing secret, the signature.
+    fn agency_request<T: Serialize>(
+        &self,
+        url: &str,
+        body: &T,
+        traceparent: &str,
+    ) -> Result<reqwest::RequestBuilder, Failure> {
+        // The bytes signed are the bytes sent.
+        let body = serde_json::to_vec(body).map_err(|e| Failure::Fatal(anyhow::anyhow!(e)))?;
+        let mut request = self
+            .http
+            .post(url)
+            .header(TRACEPARENT, traceparent)
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        if self.settings.adapter == Adapter::Debitura {
+            if let Some(key) = &self.settings.debitura.api_key {
+                request = request.header("XApiKey", key.expose());
+            }
+            return Ok(request.body(body));
+        }
+        if let Some(token) = &self.settings.agency_token {
+            request = request.bearer_auth(token.expose());
+        }
+        if let Some(secret) = &self.settings.agency_signing_secret {
+            // Real time, whatever clock the journeys run on: the agency checks it against its own.
+            let now = chrono::Utc::now().timestamp();
+            request = request
+                .header(signing::TIMESTAMP_HEADER, now.to_string())
+                .header(signing::SIGNATURE_HEADER, signing::sign(secret.expose(), now, &body));
+        }
+        Ok(request.body(body))
+    }
+
     /// POSTs `body` to the agency with an idempotency key; what the agency answered, or a
     /// transient failure to retry (unreachable, 5xx, 408, 429).
     async fn post<T: Serialize>(
@@ -169,32 +203,11 @@ impl Handoff {
         body: &T,
         traceparent: &str,
     ) -> Result<AgencyAnswer, Failure> {
-        // The bytes signed are the bytes sent.
-        let body = serde_json::to_vec(body).map_err(|e| Failure::Fatal(anyhow::anyhow!(e)))?;
-        let mut request = self
-            .http
-            .post(url)
-            .header(TRACEPARENT, traceparent)
-            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        let mut request = self.agency_request(url, body, traceparent)?;
         if let Some(key) = idempotency_key {
             request = request.header("Idempotency-Key", key);
         }
         let debitura = self.settings.adapter == Adapter::Debitura;
-        if debitura {
-            if let Some(key) = &self.settings.debitura.api_key {
-                request = request.header("XApiKey", key.expose());
-            }
-        } else if let Some(token) = &self.settings.agency_token {
-            request = request.bearer_auth(token.expose());
-        }
-        if let Some(secret) = self.settings.agency_signing_secret.as_ref().filter(|_| !debitura) {
-            // Real time, whatever clock the journeys run on: the agency checks it against its own.
-            let now = chrono::Utc::now().timestamp();
-            request = request
-                .header(signing::TIMESTAMP_HEADER, now.to_string())
-                .header(signing::SIGNATURE_HEADER, signing::sign(secret.expose(), now, &body));
-        }
-        let request = request.body(body);
         let response = request
             .send()
             .await
@@ -550,19 +563,11 @@ impl Handoff {
     /// webhooks reach the claim.
     async fn debitura_case(&self, case: &HandoffCase, traceparent: &str) -> Result<AgencyAnswer, Failure> {
         let preview = self
-            .http
-            .post(self.debitura_url("/cases/preview"))
-            .header(TRACEPARENT, traceparent)
-            .header(
-                "XApiKey",
-                self.settings
-                    .debitura
-                    .api_key
-                    .as_ref()
-                    .map(|k| k.expose())
-                    .unwrap_or_default(),
-            )
-            .json(&debitura::preview_body(case))
+            .agency_request(
+                &self.debitura_url("/cases/preview"),
+                &debitura::preview_body(case),
+                traceparent,
+            )?
             .send()
             .await
             .map_err(|e| Failure::Transient(anyhow::anyhow!("Debitura unreachable: {e}")))?;
@@ -595,7 +600,7 @@ impl Handoff {
             };
             let value = serde_json::to_string(&known).map_err(|e| Failure::Fatal(e.into()))?;
             let _: () = redis::cmd("SET")
-                .arg(debitura_case_key(&self.keys, id))
+                .arg(debitura::case_key(&self.keys, id))
                 .arg(value)
                 .arg("EX")
                 .arg(self.settings.remember_days * 86_400)
@@ -632,11 +637,6 @@ impl Handoff {
         )
         .await
     }
-}
-
-/// Where a Debitura case's Forfall case is remembered.
-pub(crate) fn debitura_case_key(keys: &Keys, debitura_id: &str) -> String {
-    keys.key(&["handoff", "debitura", debitura_id])
 }
 
 /// Runs hand-off until shutdown.
