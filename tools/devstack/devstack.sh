@@ -142,6 +142,24 @@ ensure_promtool() {
   fi
 }
 
+# The chart's checks run Helm's library and kubernetes-validate from PyPI, in a virtualenv of
+# their own (tools/helm/requirements.txt pins them).
+HELM_VENV=${FORFALL_HELM_VENV:-$HOME/.cache/forfall/helm-venv}
+ensure_helm_tools() {
+  local here; here="$(cd "$(dirname "${BASH_SOURCE[0]}")/../helm" && pwd)"
+  local stamp="$HELM_VENV/requirements.txt"
+  if [ -x "$HELM_VENV/bin/python" ] && cmp -s "$here/requirements.txt" "$stamp"; then
+    return 0
+  fi
+  log "installing the Helm chart's checks (helm-python-sdk, kubernetes-validate) into $HELM_VENV"
+  python3 -m venv "$HELM_VENV" || { log "python3 -m venv failed: the chart's checks need Python 3.10+ with venv"; return 0; }
+  if "$HELM_VENV/bin/pip" install -q --disable-pip-version-check -r "$here/requirements.txt"; then
+    cp "$here/requirements.txt" "$stamp"
+  else
+    log "pip could not install tools/helm/requirements.txt"
+  fi
+}
+
 stop_pid() {
   local f="$STATE_DIR/$1.pid"
   [ -f "$f" ] || return 0
@@ -151,11 +169,11 @@ stop_pid() {
 }
 
 case "${1:-up}" in
-  up) start_broker; start_redis; ensure_browser; ensure_promtool ;;
+  up) start_broker; start_redis; ensure_browser; ensure_promtool; ensure_helm_tools ;;
   down) stop_pid tansu; stop_pid redis ;;
   status)
     port_open "$BROKER_HOST" "$BROKER_PORT" && echo "broker: up on $BROKER_HOST:$BROKER_PORT" || echo "broker: down"
     port_open 127.0.0.1 "$REDIS_PORT" && echo "redis: up on 127.0.0.1:$REDIS_PORT" || echo "redis: down" ;;
-  install) ensure_tansu; ensure_browser; ensure_promtool ;;
+  install) ensure_tansu; ensure_browser; ensure_promtool; ensure_helm_tools ;;
   *) die "usage: $0 up|down|status|install" ;;
 esac

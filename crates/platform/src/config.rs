@@ -1,11 +1,12 @@
-//! Configuration: built-in defaults that work on the dev stack, then an optional TOML file
-//! (`FORFALL_CONFIG`, or `forfall.toml` in the working directory), then `FORFALL_*`
-//! environment variables, nested with `__` (for example `FORFALL_KAFKA__BROKERS`).
+//! Configuration: built-in defaults that work on the dev stack, then an optional file
+//! (`FORFALL_CONFIG`, or `forfall.toml` in the working directory; TOML, or JSON when its name
+//! ends in `.json`), then `FORFALL_*` environment variables, nested with `__` (for example
+//! `FORFALL_KAFKA__BROKERS`).
 
 use std::path::Path;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Env, Format, Json, Serialized, Toml};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -257,7 +258,13 @@ pub fn figment(file: Option<&Path>) -> Figment {
         .map(Path::to_path_buf)
         .or_else(|| std::env::var_os("FORFALL_CONFIG").map(Into::into))
         .unwrap_or_else(|| "forfall.toml".into());
-    figment = figment.merge(Toml::file(path));
+    // JSON for files generated from data, such as the Helm chart's ConfigMap: Helm keeps every
+    // number of its values as a float, and its TOML would write `500.0` where a count is meant.
+    figment = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
+        figment.merge(Json::file(path))
+    } else {
+        figment.merge(Toml::file(path))
+    };
     figment.merge(Env::prefixed("FORFALL_").split("__"))
 }
 
@@ -325,6 +332,23 @@ mod tests {
                     name: "from-env".into()
                 }
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_json_file_is_read_as_json() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "forfall.json",
+                r#"{"kafka": {"brokers": "10.0.0.2:9092", "fetch_wait_max_ms": 500}, "svc": {"port": 8}}"#,
+            )?;
+            let f = figment(Some(Path::new("forfall.json")));
+            let c = common(&f).unwrap();
+            assert_eq!(c.kafka.brokers, "10.0.0.2:9092");
+            assert_eq!(c.kafka.fetch_wait_max_ms, 500);
+            let s: Svc = section(&f, "svc").unwrap();
+            assert_eq!(s.port, 8);
             Ok(())
         });
     }
