@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # One image with every service binary (forfall-ingest, -watcher, -dispatch, -matcher, -handoff,
 # -portal) and the `forfall` CLI; each Deployment runs its own as the command. Built on the
-# release profile; it runs as a non-root user and needs no shell, and is meant for a read-only
+# release profile without the `demo` feature, so no development stand-in (mail and SMS sinks,
+# registry emulator) is in it; it runs as a non-root user and needs no shell, and is meant for a read-only
 # root filesystem with a volume where a service writes (the file adapter's export_dir).
 #   docker build -t forfall:dev .
 
@@ -14,7 +15,7 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked \
+    cargo build --release --locked --no-default-features \
       -p forfall-ingest -p forfall-watcher -p forfall-dispatch -p forfall-matcher \
       -p forfall-handoff -p forfall-portal -p forfall \
  && mkdir -p /out/bin /out/lib \

@@ -50,3 +50,56 @@ fn the_image_builds_and_ships_every_service_binary() -> anyhow::Result<()> {
     assert!(dockerfile.contains("USER nonroot"), "the image runs as a non-root user");
     Ok(())
 }
+
+/// What the image is built from (`--no-default-features`) links no development stand-in: no mail
+/// or SMS sink, agency or payment-provider simulator, no registry emulator.
+#[test]
+fn the_production_build_links_no_development_stand_in() -> anyhow::Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile"))?;
+    let build = dockerfile
+        .lines()
+        .find(|l| l.contains("cargo build"))
+        .ok_or_else(|| anyhow::anyhow!("the Dockerfile's cargo build"))?;
+    assert!(build.contains("--no-default-features"), "{build}");
+    let packages = [
+        "forfall",
+        "forfall-ingest",
+        "forfall-watcher",
+        "forfall-dispatch",
+        "forfall-matcher",
+        "forfall-handoff",
+        "forfall-portal",
+    ];
+    let tree = |features: &[&str]| -> anyhow::Result<String> {
+        let mut cargo = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo
+            .current_dir(&root)
+            .args(["tree", "--offline", "-e", "normal", "--prefix", "none"])
+            .args(features);
+        for p in packages {
+            cargo.args(["-p", p]);
+        }
+        let out = cargo.output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "cargo tree: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    let production = tree(&["--no-default-features"])?;
+    for stand_in in ["forfall-devsinks", "forfall-schema-registry-emulator"] {
+        assert!(
+            !production.lines().any(|l| l.starts_with(&format!("{stand_in} "))),
+            "the production build links {stand_in}"
+        );
+    }
+    // The check can see a stand-in: the development build (`forfall demo`) links both.
+    let development = tree(&[])?;
+    assert!(
+        development.lines().any(|l| l.starts_with("forfall-devsinks ")),
+        "{development}"
+    );
+    Ok(())
+}

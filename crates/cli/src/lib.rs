@@ -1,7 +1,9 @@
 //! The `forfall` command: runs any set of services in one process (dev, demo, small
 //! deployments), the way Loki runs as one binary or as microservices by target.
 
+#[cfg(feature = "demo")]
 pub mod demo;
+#[cfg(feature = "demo")]
 pub mod devstack;
 pub mod handoff_preview;
 pub mod pay_flow;

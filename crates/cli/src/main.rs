@@ -27,7 +27,8 @@ enum Command {
         target: String,
     },
     /// Run the whole pipeline on the dev stack with simulated time, feed a demo set of invoices
-    /// and payments, and print what happened to each.
+    /// and payments, and print what happened to each (development builds only).
+    #[cfg(feature = "demo")]
     Demo(forfall::demo::DemoArgs),
     /// Payment references: generate and validate KID, FIK, OCR, Finnish and RF references.
     #[command(subcommand)]
@@ -78,6 +79,7 @@ fn main() -> anyhow::Result<()> {
                 let rt = Runtime::new(common, figment, Arc::new(SystemClock), token);
                 forfall::run_targets(rt, &targets).await
             }
+            #[cfg(feature = "demo")]
             Command::Demo(args) => forfall::demo::run(common, figment, args).await,
             Command::Payments(cmd) => forfall::tools::payments(cmd).await,
             Command::Timeline(args) => forfall::tools::timeline(args).await,
