@@ -25,11 +25,15 @@ pub async fn status_is(stack: &LocalStack, tenant: &str, invoice: &str, want: &s
 }
 
 /// Dev-stack settings (`FORFALL_*` variables may point elsewhere).
+/// The dev stack's configuration: the development profile (its published secrets are fine
+/// here), then `FORFALL_*` variables.
 pub fn base_config() -> CommonConfig {
-    config::common(&config::figment(Some(std::path::Path::new(
+    let mut config = config::common(&config::figment(Some(std::path::Path::new(
         "/nonexistent/forfall.toml",
     ))))
-    .expect("valid FORFALL_* environment")
+    .expect("valid FORFALL_* environment");
+    config.profile = config::Profile::Development;
+    config
 }
 
 pub fn at(s: &str) -> DateTime<Utc> {

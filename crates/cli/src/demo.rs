@@ -272,6 +272,8 @@ fn done(c: &Case, status: Option<&str>, rejected: &[Rejected]) -> bool {
 }
 
 pub async fn run(mut common: CommonConfig, _figment: Figment, args: DemoArgs) -> anyhow::Result<()> {
+    // The demo runs on the dev stack with its stand-ins and published secrets.
+    common.profile = forfall_platform::config::Profile::Development;
     let started = Instant::now();
     // The story is the output; service logs only when something is wrong (RUST_LOG overrides).
     if common.log.level == "info" {

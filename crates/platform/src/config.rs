@@ -19,6 +19,8 @@ pub struct ConfigError(#[from] Box<figment::Error>);
 #[serde(default)]
 #[derive(Default)]
 pub struct CommonConfig {
+    /// `production` unless set: see [`Profile`].
+    pub profile: Profile,
     pub kafka: KafkaConfig,
     pub registry: RegistryConfig,
     pub redis: RedisConfig,
@@ -26,6 +28,56 @@ pub struct CommonConfig {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub clock: ClockConfig,
+}
+
+/// What a secret left at its built-in value means. The built-in values of secrets (the pay-link
+/// key, receipt tokens, webhook secrets) are published with the source code: on a developer's
+/// machine (`profile = "development"`: `make run`, the tests) they save setting up secrets; in
+/// production (the default, so that forgetting to choose cannot weaken it) a service refuses to
+/// start while one of its secrets still holds its published value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    Development,
+    #[default]
+    Production,
+}
+
+/// A secret still at its published development value, in production.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "refusing to start in the production profile with development secrets: {}",
+    .0.iter().map(|key| format!("{key} (set {})", env_name(key))).collect::<Vec<_>>().join(", ")
+)]
+pub struct DevelopmentSecrets(pub Vec<String>);
+
+impl Profile {
+    /// In production, refuses every `(setting, value, published development value)` whose value
+    /// is the published one, naming each setting and the variable that sets it.
+    pub fn refuse_development_secrets<K: AsRef<str>>(
+        self,
+        secrets: &[(K, &str, &str)],
+    ) -> Result<(), DevelopmentSecrets> {
+        if self == Profile::Development {
+            return Ok(());
+        }
+        let found: Vec<String> = secrets
+            .iter()
+            .filter(|(_, value, development)| value == development)
+            .map(|(key, _, _)| key.as_ref().to_owned())
+            .collect();
+        if found.is_empty() {
+            Ok(())
+        } else {
+            Err(DevelopmentSecrets(found))
+        }
+    }
+}
+
+/// The environment variable that sets a dotted setting: `dispatch.pay_link.secret` is
+/// `FORFALL_DISPATCH__PAY_LINK__SECRET`.
+pub fn env_name(key: &str) -> String {
+    format!("FORFALL_{}", key.to_uppercase().replace('.', "__"))
 }
 
 /// DEV AND TEST ONLY: where time comes from. Unset, it is the system clock (production).
@@ -334,6 +386,44 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    #[test]
+    fn production_is_the_profile_unless_development_is_chosen() {
+        figment::Jail::expect_with(|jail| {
+            assert_eq!(common(&figment(None)).unwrap().profile, Profile::Production);
+            jail.set_env("FORFALL_PROFILE", "development");
+            assert_eq!(common(&figment(None)).unwrap().profile, Profile::Development);
+            jail.set_env("FORFALL_PROFILE", "staging");
+            let err = common(&figment(None)).unwrap_err().to_string();
+            assert!(err.contains("staging"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn production_refuses_published_secrets_and_says_how_to_set_each() {
+        let secrets = [
+            (
+                "dispatch.pay_link.secret",
+                "forfall-dev-pay-link-secret",
+                "forfall-dev-pay-link-secret",
+            ),
+            ("dispatch.webhook.secret", "a real one", "forfall-dev-webhook-secret"),
+            (
+                "dispatch.receipts.elks46_token",
+                "forfall-dev-46elks",
+                "forfall-dev-46elks",
+            ),
+        ];
+        assert!(Profile::Development.refuse_development_secrets(&secrets).is_ok());
+        let err = Profile::Production.refuse_development_secrets(&secrets).unwrap_err();
+        assert_eq!(err.0, ["dispatch.pay_link.secret", "dispatch.receipts.elks46_token"]);
+        let said = err.to_string();
+        assert!(said.contains("FORFALL_DISPATCH__PAY_LINK__SECRET"), "{said}");
+        assert!(said.contains("FORFALL_DISPATCH__RECEIPTS__ELKS46_TOKEN"), "{said}");
+        assert!(!said.contains("forfall-dev"), "the error shows no secret: {said}");
+        assert!(Profile::Production.refuse_development_secrets(&secrets[1..2]).is_ok());
     }
 
     #[test]

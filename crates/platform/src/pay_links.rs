@@ -39,12 +39,27 @@ pub struct ExtraKey {
     pub tenant: Option<String>,
 }
 
+/// The key links are signed with on the dev stack, published with the source: refused in the
+/// production profile (see [`crate::config::Profile`]).
+pub const DEVELOPMENT_SECRET: &str = "forfall-dev-pay-link-secret";
+
+impl PayLinkSettings {
+    /// Every key's secret with its setting's name, for the production profile's check.
+    pub fn secrets(&self) -> Vec<(String, &str)> {
+        let mut found = vec![("dispatch.pay_link.secret".to_owned(), self.secret.as_str())];
+        for (id, key) in &self.keys {
+            found.push((format!("dispatch.pay_link.keys.{id}.secret"), key.secret.as_str()));
+        }
+        found
+    }
+}
+
 impl Default for PayLinkSettings {
     fn default() -> Self {
         Self {
             base_url: "http://127.0.0.1:9606/pay/".into(),
             key_id: "dev".into(),
-            secret: "forfall-dev-pay-link-secret".into(),
+            secret: DEVELOPMENT_SECRET.into(),
             ttl_days: 60,
             keys: BTreeMap::new(),
             tenant_keys: BTreeMap::new(),

@@ -394,10 +394,13 @@ pub struct WebhookSettings {
     pub burst: f64,
 }
 
+/// The webhook secret of the dev stack, published with the source: refused in production.
+pub const DEVELOPMENT_WEBHOOK_SECRET: &str = "forfall-dev-webhook-secret";
+
 impl Default for WebhookSettings {
     fn default() -> Self {
         Self {
-            secret: "forfall-dev-webhook-secret".into(),
+            secret: DEVELOPMENT_WEBHOOK_SECRET.into(),
             timeout_ms: 10_000,
             connect_timeout_ms: 3_000,
             rate_per_sec: 50.0,

@@ -150,12 +150,16 @@ pub struct ReceiptSettings {
     pub remember_days: u64,
 }
 
+/// The receipt secrets of the dev stack, published with the source: refused in production.
+pub const DEVELOPMENT_ELKS46_TOKEN: &str = "forfall-dev-46elks-receipt-token";
+pub const DEVELOPMENT_GATEWAYAPI_SECRET: &str = "forfall-dev-gatewayapi-receipt-secret";
+
 impl Default for ReceiptSettings {
     fn default() -> Self {
         Self {
             base_url: None,
-            elks46_token: "forfall-dev-46elks-receipt-token".into(),
-            gatewayapi_secret: "forfall-dev-gatewayapi-receipt-secret".into(),
+            elks46_token: DEVELOPMENT_ELKS46_TOKEN.into(),
+            gatewayapi_secret: DEVELOPMENT_GATEWAYAPI_SECRET.into(),
             remember_days: 14,
         }
     }
@@ -197,6 +201,41 @@ pub struct DispatchSettings {
     /// For benchmarks only: `false` sends without claims and without the last look, to measure
     /// what they cost. Never in production: messages may then go out twice or after payment.
     pub idempotency: bool,
+}
+
+impl DispatchSettings {
+    /// The secrets this configuration uses, each with its setting and its published development
+    /// value: the pay-link keys always, a provider's receipt secret when the provider is set up,
+    /// the webhook secret when a tenant has a webhook.
+    fn development_secrets(&self) -> Vec<(String, &str, &str)> {
+        let mut secrets: Vec<(String, &str, &str)> = self
+            .pay_link
+            .secrets()
+            .into_iter()
+            .map(|(key, value)| (key, value, forfall_platform::pay_links::DEVELOPMENT_SECRET))
+            .collect();
+        if self.sms.elks46.is_some() {
+            let token = self.receipts.elks46_token.as_str();
+            secrets.push(("dispatch.receipts.elks46_token".into(), token, DEVELOPMENT_ELKS46_TOKEN));
+        }
+        if self.sms.gatewayapi.is_some() {
+            let secret = self.receipts.gatewayapi_secret.as_str();
+            secrets.push((
+                "dispatch.receipts.gatewayapi_secret".into(),
+                secret,
+                DEVELOPMENT_GATEWAYAPI_SECRET,
+            ));
+        }
+        if self.tenants.values().any(|t| t.webhook_url.is_some()) {
+            let secret = self.webhook.secret.as_str();
+            secrets.push((
+                "dispatch.webhook.secret".into(),
+                secret,
+                channels::DEVELOPMENT_WEBHOOK_SECRET,
+            ));
+        }
+        secrets
+    }
 }
 
 impl Default for DispatchSettings {
@@ -1197,6 +1236,10 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         "dispatch.claim_lease_ms is {} ms: it must be at least 300 ms",
         settings.claim_lease_ms
     );
+    smtp::check(&settings.smtp)?;
+    rt.config
+        .profile
+        .refuse_development_secrets(&settings.development_secrets())?;
     let pay_links = PayLinkKeys::new(settings.pay_link.clone())?;
     let templates = Templates::load(
         settings.templates_dir.as_deref().map(std::path::Path::new),

@@ -18,6 +18,21 @@ use lettre::transport::smtp::extension::ClientId;
 use crate::SmtpSettings;
 use crate::channels::SendError;
 
+/// Refuses settings that cannot work or would leak the password.
+pub fn check(settings: &SmtpSettings) -> anyhow::Result<()> {
+    match settings.tls.as_str() {
+        "none" | "starttls" | "tls" => {}
+        other => anyhow::bail!("dispatch.smtp.tls is '{other}': expected none, starttls or tls"),
+    }
+    // AUTH PLAIN and LOGIN send the password as it is: only inside TLS.
+    anyhow::ensure!(
+        settings.tls != "none" || (settings.username.is_none() && settings.password.is_none()),
+        "dispatch.smtp has a username or password but dispatch.smtp.tls is none: the password \
+         would cross the network in clear; set tls to starttls or tls"
+    );
+    Ok(())
+}
+
 pub struct SmtpClient {
     settings: SmtpSettings,
     hello: ClientId,
@@ -27,10 +42,7 @@ pub struct SmtpClient {
 
 impl SmtpClient {
     pub fn new(settings: SmtpSettings, max_idle: usize) -> anyhow::Result<Self> {
-        match settings.tls.as_str() {
-            "none" | "starttls" | "tls" => {}
-            other => anyhow::bail!("dispatch.smtp.tls is '{other}': expected none, starttls or tls"),
-        }
+        check(&settings)?;
         Ok(Self {
             settings,
             hello: ClientId::default(),

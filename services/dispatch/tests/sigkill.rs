@@ -39,6 +39,7 @@ fn spawn_dispatch(stack: &LocalStack, config: &std::path::Path) -> anyhow::Resul
     let c = &stack.rt.config;
     Ok(Command::new(env!("CARGO_BIN_EXE_forfall-dispatch"))
         .env("FORFALL_CONFIG", config)
+        .env("FORFALL_PROFILE", "development")
         .env("FORFALL_REGISTRY__URL", &c.registry.url)
         .env("FORFALL_TOPICS__PREFIX", &c.topics.prefix)
         .env("FORFALL_REDIS__KEY_PREFIX", &c.redis.key_prefix)

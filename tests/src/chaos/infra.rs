@@ -228,6 +228,7 @@ impl Infra {
     fn env(&self, service: &str, admin_port: u16) -> Vec<(String, String)> {
         let c = &self.config;
         let env = vec![
+            ("FORFALL_PROFILE", "development".into()),
             ("FORFALL_KAFKA__BROKERS", c.kafka.brokers.clone()),
             ("FORFALL_KAFKA__GROUP_PREFIX", c.kafka.group_prefix.clone()),
             (
