@@ -430,8 +430,9 @@ impl LoopContext {
     }
 }
 
-/// Samples lag per assigned partition (high watermark minus position) on a blocking thread,
-/// so that the broker round trips never hold up the consume loop.
+/// Samples lag per assigned partition (high watermark minus position, and how long ago the
+/// record at the position was written) on a blocking thread, so that the broker round trips
+/// never hold up the consume loop.
 fn record_lag(consumer: &Arc<KafkaConsumer>, metrics: &Metrics) {
     let (consumer, metrics) = (consumer.clone(), metrics.clone());
     tokio::task::spawn_blocking(move || {
@@ -443,10 +444,13 @@ fn record_lag(consumer: &Arc<KafkaConsumer>, metrics: &Metrics) {
             if let Ok((_, high)) =
                 consumer.fetch_watermarks(element.topic(), element.partition(), Duration::from_secs(1))
             {
-                metrics
-                    .consumer_lag
-                    .with_label_values(&[element.topic(), &element.partition().to_string()])
-                    .set((high - position).max(0));
+                let lag = (high - position).max(0);
+                metrics.record_lag(
+                    element.topic(),
+                    element.partition(),
+                    lag,
+                    chrono::Utc::now().timestamp_millis(),
+                );
             }
         }
     });
@@ -583,6 +587,9 @@ pub async fn run_consumer<H: Handler + 'static>(
                     }
                 };
                 let record = Inbound::from_message(&message);
+                if let Some(written_ms) = rdkafka::Message::timestamp(&message).to_millis() {
+                    ctx.metrics.polled(&record.topic, record.partition, written_ms);
+                }
                 let Some(ticket) = ownership.take(&record.topic, record.partition, record.offset) else {
                     tracing::debug!(topic = %record.topic, partition = record.partition, offset = record.offset,
                         "record of a partition no longer owned, left to its owner");
