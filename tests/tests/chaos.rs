@@ -6,7 +6,8 @@ use forfall_e2e::chaos;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_lost_never_twice_never_after_payment_under_faults() -> anyhow::Result<()> {
-    forfall_platform::telemetry::init(&forfall_e2e::base_config().log);
+    let base = forfall_e2e::base_config();
+    forfall_platform::telemetry::init(&base.log, &base.traces, "chaos")?;
     let seed = std::env::var("FORFALL_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -65,7 +65,7 @@ pub const AGENCY_SIGNING_SECRET: &str = "forfall-dev-agency-signing-secret";
 
 impl LocalStack {
     pub async fn start(base: CommonConfig, clock: SharedClock) -> anyhow::Result<Self> {
-        forfall_platform::telemetry::init(&base.log);
+        forfall_platform::telemetry::init(&base.log, &base.traces, "forfall")?;
         let prefix = format!("ff{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let registry = forfall_schema_registry_emulator::spawn("127.0.0.1:0").await?;
         let registry_url = format!("http://{registry}");

@@ -67,12 +67,12 @@ fn main() -> anyhow::Result<()> {
         _ => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let figment = config::figment(cli.config.as_deref());
         let common = config::common(&figment)?;
         match cli.command {
             Command::Run { target } => {
-                telemetry::init(&common.log);
+                telemetry::init(&common.log, &common.traces, "forfall")?;
                 let targets = forfall::parse_targets(&target)?;
                 let token = CancellationToken::new();
                 shutdown::cancel_on_signals(token.clone());
@@ -85,11 +85,14 @@ fn main() -> anyhow::Result<()> {
             Command::Timeline(args) => forfall::tools::timeline(args).await,
             Command::Handoff(cmd) => forfall::handoff_preview::handoff(cmd).await,
             Command::Rebuild(args) => {
-                telemetry::init(&common.log);
+                telemetry::init(&common.log, &common.traces, "forfall")?;
                 let rt = Runtime::new(common, figment, Arc::new(SystemClock), CancellationToken::new());
                 forfall::tools::rebuild(&rt, args).await
             }
             Command::Reference(_) | Command::Law(_) | Command::Calendar(_) | Command::Policy(_) => Ok(()),
         }
-    })
+    });
+    // The spans still queued go out before the process ends.
+    telemetry::shutdown();
+    result
 }

@@ -159,7 +159,8 @@ impl Codec {
         })
     }
 
-    /// A record encoded for `topic`, keyed by `key`, continuing `trace` (a child span).
+    /// A record encoded for `topic`, keyed by `key`, continuing `trace` (the span that made it:
+    /// the next service's span is its child).
     pub async fn outbound<T: Record>(
         &self,
         topic: &str,
@@ -172,7 +173,7 @@ impl Codec {
             topic: topic.to_owned(),
             key: key.to_owned(),
             payload,
-            trace: trace.child(),
+            trace,
             partition: None,
         })
     }

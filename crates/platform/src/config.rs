@@ -27,7 +27,37 @@ pub struct CommonConfig {
     pub topics: Topics,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    pub traces: TracesConfig,
     pub clock: ClockConfig,
+}
+
+/// Where spans go: an OpenTelemetry collector (the OpenTelemetry Collector, Tempo, Jaeger) over
+/// OTLP/HTTP with protobuf. Off unless enabled; the `traceparent` of records flows either way.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TracesConfig {
+    pub enabled: bool,
+    /// The collector's traces endpoint, path included (OTLP/HTTP's is `/v1/traces`).
+    pub endpoint: String,
+    /// Share of the traces started here that are kept (0.0 to 1.0); a trace started upstream
+    /// keeps its upstream's decision.
+    pub sample_ratio: f64,
+    /// The `service.name` of this process; the binary's name when unset (`forfall-ingest`, ...).
+    pub service_name: Option<String>,
+    /// Longest a finished span waits to be sent with others.
+    pub flush_ms: u64,
+}
+
+impl Default for TracesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            endpoint: "http://127.0.0.1:4318/v1/traces".into(),
+            sample_ratio: 1.0,
+            service_name: None,
+            flush_ms: 5_000,
+        }
+    }
 }
 
 /// What a secret left at its built-in value means. The built-in values of secrets (the pay-link

@@ -148,10 +148,10 @@ where
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let figment = crate::config::figment(None);
         let config = crate::config::common(&figment)?;
-        crate::telemetry::init(&config.log);
+        crate::telemetry::init(&config.log, &config.traces, &format!("forfall-{name}"))?;
         let shutdown = CancellationToken::new();
         crate::shutdown::cancel_on_signals(shutdown.clone());
         let clock: crate::clock::SharedClock = match &config.clock.shared_redis_key {
@@ -168,5 +168,8 @@ where
             Err(error) => tracing::error!(service = name, error = format!("{error:#}"), "failed"),
         }
         result
-    })
+    });
+    // The spans still queued go out before the process ends.
+    crate::telemetry::shutdown();
+    result
 }

@@ -18,10 +18,12 @@ const FORMAT_POSTCARD_V1: u8 = 1;
 const FORMAT_POSTCARD_V2: u8 = 2;
 /// Before disputes were kept (`Journey::disputes`).
 const FORMAT_POSTCARD_V3: u8 = 3;
+/// Before the invoice's trace was kept (`Stored::trace`).
 const FORMAT_POSTCARD_V4: u8 = 4;
+const FORMAT_POSTCARD_V5: u8 = 5;
 
 pub fn encode_body(stored: &Stored) -> Result<Vec<u8>, Failure> {
-    let mut body = vec![FORMAT_POSTCARD_V4];
+    let mut body = vec![FORMAT_POSTCARD_V5];
     let encoded =
         postcard::to_allocvec(stored).map_err(|e| Failure::Fatal(anyhow::anyhow!("encoding a journey: {e}")))?;
     body.extend_from_slice(&encoded);
@@ -32,7 +34,10 @@ pub fn decode_body(body: &[u8]) -> Result<Stored, Failure> {
     let corrupt =
         |tag: u8, e: postcard::Error| Failure::Fatal(anyhow::anyhow!("corrupt journey state (postcard v{tag}): {e}"));
     match body.split_first() {
-        Some((&FORMAT_POSTCARD_V4, rest)) => postcard::from_bytes(rest).map_err(|e| corrupt(4, e)),
+        Some((&FORMAT_POSTCARD_V5, rest)) => postcard::from_bytes(rest).map_err(|e| corrupt(5, e)),
+        Some((&FORMAT_POSTCARD_V4, rest)) => postcard::from_bytes::<StoredV4>(rest)
+            .map(Stored::from)
+            .map_err(|e| corrupt(4, e)),
         Some((&FORMAT_POSTCARD_V3, rest)) => postcard::from_bytes::<StoredV3>(rest)
             .map(Stored::from)
             .map_err(|e| corrupt(3, e)),
@@ -46,6 +51,29 @@ pub fn decode_body(body: &[u8]) -> Result<Stored, Failure> {
             "journey state in format {tag}, which this watcher does not read (newer than it?)"
         ))),
         None => Err(Failure::Fatal(anyhow::anyhow!("journey state without a body"))),
+    }
+}
+
+/// [`Stored`] as format 4 wrote it: today's [`Journey`] (freeze it here as `JourneyV4` when
+/// `Journey` next changes), without `trace`.
+#[derive(Deserialize)]
+struct StoredV4 {
+    journey: Journey,
+    partition: i32,
+    pending_step: Option<usize>,
+    pending_fire_ms: Option<i64>,
+}
+
+impl From<StoredV4> for Stored {
+    fn from(v4: StoredV4) -> Self {
+        Stored {
+            journey: v4.journey,
+            partition: v4.partition,
+            pending_step: v4.pending_step,
+            pending_fire_ms: v4.pending_fire_ms,
+            // Steps fired after the upgrade start traces of their own.
+            trace: None,
+        }
     }
 }
 
@@ -102,6 +130,7 @@ impl From<StoredV3> for Stored {
             partition: v3.partition,
             pending_step: v3.pending_step,
             pending_fire_ms: v3.pending_fire_ms,
+            trace: None,
         }
     }
 }
@@ -143,6 +172,7 @@ impl From<StoredV2> for Stored {
             partition: v2.partition,
             pending_step: v2.pending_step,
             pending_fire_ms: v2.pending_fire_ms,
+            trace: None,
         }
     }
 }
@@ -191,6 +221,7 @@ impl From<StoredV1> for Stored {
             pending_step: v1.pending_step,
             // Format 1 kept the timer's moment only in the timer set.
             pending_fire_ms: None,
+            trace: None,
         }
     }
 }
@@ -278,7 +309,7 @@ mod tests {
         assert_eq!((read.partition, read.pending_step), (5, Some(1)));
         // Read as format 2 the same bytes would be garbage or an error: the tag is what tells.
         let current = encode_body(&read).unwrap();
-        assert_eq!(current[0], FORMAT_POSTCARD_V4);
+        assert_eq!(current[0], FORMAT_POSTCARD_V5);
         assert_eq!(decode_body(&current).unwrap(), read);
     }
 
@@ -384,5 +415,44 @@ mod tests {
             resolution: None,
         }];
         assert_eq!(decode_body(&encode_body(&disputed).unwrap()).unwrap(), disputed);
+    }
+
+    /// Format 4's writer, frozen: what a watcher before `trace` stored.
+    #[derive(Serialize)]
+    struct WrittenV4<'a> {
+        journey: &'a Journey,
+        partition: i32,
+        pending_step: Option<usize>,
+        pending_fire_ms: Option<i64>,
+    }
+
+    #[test]
+    fn a_journey_stored_in_format_4_still_reads_and_format_5_keeps_its_trace() {
+        let plan = forfall_domain::journey::Plan::builtin();
+        let snapshot = forfall_domain::invoice::validate_issued(crate::store::tests::sample_input()).unwrap();
+        let journey = forfall_domain::journey::on_invoice(None, snapshot, &plan).journey;
+        let old = WrittenV4 {
+            journey: &journey,
+            partition: 4,
+            pending_step: Some(0),
+            pending_fire_ms: Some(1_776_000_000_000),
+        };
+        let mut body = vec![FORMAT_POSTCARD_V4];
+        body.extend(postcard::to_allocvec(&old).unwrap());
+        let read = decode_body(&body).unwrap();
+        assert_eq!(read.journey, journey);
+        assert_eq!(
+            (read.partition, read.pending_fire_ms, read.trace),
+            (4, Some(1_776_000_000_000), None)
+        );
+        let traced = Stored {
+            trace: Some(forfall_platform::telemetry::TraceContext::new_root()),
+            ..read.clone()
+        };
+        let body = encode_body(&traced).unwrap();
+        assert_eq!(body[0], FORMAT_POSTCARD_V5);
+        assert_eq!(decode_body(&body).unwrap(), traced);
+        // Untraced (spans not exported, or not sampled), the trace costs one byte.
+        assert_eq!(encode_body(&read).unwrap().len() + 25, body.len());
     }
 }

@@ -770,14 +770,15 @@ impl Watcher {
             if same && parked.is_empty() {
                 return Ok(()); // the same snapshot again
             }
-            let (expected, partition, pending, pending_ms) = match &loaded {
+            let (expected, partition, pending, pending_ms, kept_trace) = match &loaded {
                 Some(l) => (
                     Some(l.version),
                     l.stored.partition,
                     l.stored.pending_step,
                     l.stored.pending_fire_ms,
+                    l.stored.trace,
                 ),
-                None => (None, partition, None, None),
+                None => (None, partition, None, None, None),
             };
             let (mut d, plan) = match loaded.map(|l| l.stored.journey) {
                 Some(existing) if same => {
@@ -852,6 +853,9 @@ impl Watcher {
                     partition,
                     pending_step: pending,
                     pending_fire_ms: pending_ms,
+                    // The trace the invoice first arrived in, kept only where it is exported.
+                    trace: kept_trace
+                        .or_else(|| (forfall_platform::telemetry::exporting() && trace.sampled).then_some(trace)),
                 };
                 // Event ids derive from the cause: payments applied on a redelivered snapshot
                 // must not take the ids of the events its first delivery produced.
@@ -1250,7 +1254,8 @@ impl Watcher {
                             plan: &input.plan,
                             fee: input.fee,
                             cause: &cause,
-                            trace: TraceContext::new_root(),
+                            // The step continues the invoice's trace where it was kept.
+                            trace: loaded.stored.trace.unwrap_or_else(TraceContext::new_root),
                             covers: &covers,
                             merged: &merged,
                         },

@@ -34,6 +34,9 @@ pub struct Stored {
     /// timer is rebuilt from these.
     pub pending_step: Option<usize>,
     pub pending_fire_ms: Option<i64>,
+    /// The trace the invoice arrived in, kept only while spans are exported and it was sampled
+    /// (so it costs nothing otherwise): the steps its timers fire, weeks later, continue it.
+    pub trace: Option<forfall_platform::telemetry::TraceContext>,
 }
 
 /// A stored journey with the version it was read at.
@@ -944,6 +947,7 @@ pub(crate) mod tests {
             partition: 3,
             pending_step: Some(0),
             pending_fire_ms: Some(1_700_000_000_000),
+            trace: None,
         };
         let body = encode_body(&stored).unwrap();
         assert_eq!(decode_body(&body).unwrap(), stored);

@@ -15,7 +15,8 @@ fn arg(name: &str) -> Option<u64> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    forfall_platform::telemetry::init(&forfall_e2e::base_config().log);
+    let base = forfall_e2e::base_config();
+    forfall_platform::telemetry::init(&base.log, &base.traces, "chaos")?;
     let runs = arg("--runs").unwrap_or(3);
     let debtors = arg("--debtors").unwrap_or(2000) as usize;
     let first_seed = arg("--seed").unwrap_or_else(|| u64::from(rand::random::<u32>()));

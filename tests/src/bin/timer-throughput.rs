@@ -65,6 +65,7 @@ async fn schedule(
                     partition: (k % 2) as i32,
                     pending_step: None,
                     pending_fire_ms: None,
+                    trace: None,
                 },
                 timer,
                 fired_step: None,

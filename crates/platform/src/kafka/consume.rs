@@ -476,7 +476,7 @@ struct Job<H> {
 impl<H: Handler + 'static> Job<H> {
     async fn run(self) -> anyhow::Result<()> {
         let Job {
-            record,
+            mut record,
             ticket,
             before,
             done,
@@ -486,8 +486,28 @@ impl<H: Handler + 'static> Job<H> {
             ownership,
             handlers,
         } = self;
-        let span = tracing::info_span!("handle", service = ctx.service, topic = %record.topic,
-            partition = record.partition, offset = record.offset, trace_id = %record.trace.trace_id_hex());
+        // One consumer span per record, by OpenTelemetry's messaging conventions, a child of the
+        // span that produced the record.
+        let span = tracing::info_span!(
+            "process",
+            "otel.name" = %format!("process {}", record.topic),
+            "otel.kind" = "consumer",
+            "messaging.system" = "kafka",
+            "messaging.operation.type" = "process",
+            "messaging.destination.name" = %record.topic,
+            "messaging.destination.partition.id" = %record.partition,
+            "messaging.kafka.offset" = record.offset,
+            "messaging.kafka.message.key" = %record.key_str().unwrap_or_default(),
+            service = ctx.service,
+            trace_id = tracing::field::Empty,
+        );
+        if let Some(parent) = &record.parent {
+            crate::telemetry::set_parent(&span, parent);
+        }
+        if let Some(own) = crate::telemetry::context_of(&span) {
+            record.trace = own;
+        }
+        span.record("trace_id", record.trace.trace_id_hex());
         let result: anyhow::Result<Settlement> = async {
             // A predecessor that did not finish blocks its partition's offsets until it is
             // redelivered, and this record with it (it is redelivered too, in order). One of

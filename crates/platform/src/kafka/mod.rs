@@ -16,7 +16,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
 
 pub use consume::{
     Failure, Handler, LaneOf, LoopContext, RAW_BYTES_KEPT, backoff, key_lane, payload_lane, run_consumer,
@@ -25,7 +25,7 @@ pub use producer::{Ack, Delivered, Outbound, ProduceError, Producer, producer};
 pub use rebalance::ConsumeContext;
 
 use crate::config::KafkaConfig;
-use crate::telemetry::{TRACEPARENT, TraceContext};
+use crate::telemetry::TraceContext;
 
 /// A consumer whose partitions the consume runtime tracks through rebalances.
 pub type KafkaConsumer = StreamConsumer<ConsumeContext>;
@@ -92,18 +92,17 @@ pub struct Inbound {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
-    /// The producer's trace context, or a new root when the record carried none.
+    /// The producer's trace context, or a new root when the record carried none; once the
+    /// record's span is open (and spans are exported), that span's.
     pub trace: TraceContext,
+    /// The producer's trace context, as the record's headers carried it.
+    pub parent: Option<TraceContext>,
 }
 
 impl Inbound {
     pub(crate) fn from_message(m: &OwnedMessage) -> Self {
-        let trace = m
-            .headers()
-            .and_then(|h| h.iter().find(|h| h.key == TRACEPARENT).and_then(|h| h.value))
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(TraceContext::parse)
-            .unwrap_or_else(TraceContext::new_root);
+        let parent = m.headers().and_then(TraceContext::extract);
+        let trace = parent.unwrap_or_else(TraceContext::new_root);
         Self {
             topic: m.topic().to_owned(),
             partition: m.partition(),
@@ -111,6 +110,7 @@ impl Inbound {
             key: m.key().map(<[u8]>::to_vec),
             payload: m.payload().map(<[u8]>::to_vec),
             trace,
+            parent,
         }
     }
 

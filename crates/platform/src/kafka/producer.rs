@@ -4,12 +4,12 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
-use crate::telemetry::{TRACEPARENT, TraceContext};
+use crate::telemetry::TraceContext;
 
 /// A record to produce.
 #[derive(Debug, Clone)]
@@ -107,14 +107,10 @@ impl Producer {
     /// Enqueues one record and returns a future of its acknowledgement. Waits while the
     /// client's local queue is full rather than failing.
     pub async fn send(&self, out: &Outbound) -> Ack {
-        let header = out.trace.header();
         loop {
             let mut record = FutureRecord::to(&out.topic)
                 .key(out.key.as_bytes())
-                .headers(OwnedHeaders::new().insert(Header {
-                    key: TRACEPARENT,
-                    value: Some(header.as_bytes()),
-                }));
+                .headers(out.trace.inject(OwnedHeaders::new()));
             if !out.payload.is_empty() {
                 record = record.payload(&out.payload);
             }
