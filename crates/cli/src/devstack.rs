@@ -94,7 +94,7 @@ impl LocalStack {
             .set("linger.ms", "1")
             .create()?;
         let redis = redis_store::connect(&config.redis).await?;
-        let rt = Runtime::new(config, figment, clock, CancellationToken::new());
+        let rt = Runtime::new(config, figment, clock, CancellationToken::new())?;
         Ok(Self {
             prefix,
             rt,

@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
                 let targets = forfall::parse_targets(&target)?;
                 let token = CancellationToken::new();
                 shutdown::cancel_on_signals(token.clone());
-                let rt = Runtime::new(common, figment, Arc::new(SystemClock), token);
+                let rt = Runtime::new(common, figment, Arc::new(SystemClock), token)?;
                 forfall::run_targets(rt, &targets).await
             }
             #[cfg(feature = "demo")]
@@ -86,7 +86,7 @@ fn main() -> anyhow::Result<()> {
             Command::Handoff(cmd) => forfall::handoff_preview::handoff(cmd).await,
             Command::Rebuild(args) => {
                 telemetry::init(&common.log, &common.traces, "forfall")?;
-                let rt = Runtime::new(common, figment, Arc::new(SystemClock), CancellationToken::new());
+                let rt = Runtime::new(common, figment, Arc::new(SystemClock), CancellationToken::new())?;
                 forfall::tools::rebuild(&rt, args).await
             }
             Command::Reference(_) | Command::Law(_) | Command::Calendar(_) | Command::Policy(_) => Ok(()),

@@ -224,6 +224,9 @@ pub enum PaymentsCommand {
         /// The matcher's HTTP address.
         #[arg(long, env = "FORFALL_MATCHER_URL", default_value = "http://127.0.0.1:9604")]
         matcher: String,
+        /// The tenant's API token (`api.tenants.<tenant>.token`).
+        #[arg(long, env = "FORFALL_TENANT_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// The payments no rule could match.
     Unmatched {
@@ -231,6 +234,9 @@ pub enum PaymentsCommand {
         tenant: String,
         #[arg(long, env = "FORFALL_MATCHER_URL", default_value = "http://127.0.0.1:9604")]
         matcher: String,
+        /// The tenant's API token (`api.tenants.<tenant>.token`).
+        #[arg(long, env = "FORFALL_TENANT_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Match a payment by hand to invoices, in the order given; records who did it.
     Match {
@@ -244,7 +250,18 @@ pub enum PaymentsCommand {
         by: String,
         #[arg(long, env = "FORFALL_MATCHER_URL", default_value = "http://127.0.0.1:9604")]
         matcher: String,
+        /// The tenant's API token (`api.tenants.<tenant>.token`).
+        #[arg(long, env = "FORFALL_TENANT_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
+}
+
+/// `request` with the tenant's token, when there is one.
+fn with_token(request: reqwest::RequestBuilder, token: Option<&str>) -> reqwest::RequestBuilder {
+    match token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    }
 }
 
 async fn answer(response: reqwest::Response) -> anyhow::Result<serde_json::Value> {
@@ -272,10 +289,10 @@ pub async fn payments(cmd: PaymentsCommand) -> anyhow::Result<()> {
             tenant,
             lenient,
             matcher,
+            token,
         } => {
             let bytes = std::fs::read(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
-            let response = client
-                .post(format!("{matcher}/v1/payments/camt054"))
+            let response = with_token(client.post(format!("{matcher}/v1/payments/camt054")), token.as_deref())
                 .query(&[
                     ("tenant", tenant.as_str()),
                     ("lenient", if lenient { "true" } else { "false" }),
@@ -302,9 +319,8 @@ pub async fn payments(cmd: PaymentsCommand) -> anyhow::Result<()> {
                 println!("  not imported: {}", p.as_str().unwrap_or_default());
             }
         }
-        PaymentsCommand::Unmatched { tenant, matcher } => {
-            let response = client
-                .get(format!("{matcher}/v1/payments/unmatched"))
+        PaymentsCommand::Unmatched { tenant, matcher, token } => {
+            let response = with_token(client.get(format!("{matcher}/v1/payments/unmatched")), token.as_deref())
                 .query(&[("tenant", &tenant)])
                 .send()
                 .await?;
@@ -328,12 +344,15 @@ pub async fn payments(cmd: PaymentsCommand) -> anyhow::Result<()> {
             tenant,
             by,
             matcher,
+            token,
         } => {
-            let response = client
-                .post(format!("{matcher}/v1/payments/{payment_id}/match"))
-                .json(&serde_json::json!({"tenant": tenant, "invoices": invoices, "by": by}))
-                .send()
-                .await?;
+            let response = with_token(
+                client.post(format!("{matcher}/v1/payments/{payment_id}/match")),
+                token.as_deref(),
+            )
+            .json(&serde_json::json!({"tenant": tenant, "invoices": invoices, "by": by}))
+            .send()
+            .await?;
             let body = answer(response).await?;
             for a in body["allocations"].as_array().into_iter().flatten() {
                 println!(

@@ -25,9 +25,19 @@ fn forfall(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// The tenant's API token the matcher knows and the commands send.
+const TOKEN: &str = "nordkraft-token-51c7";
+
 fn base_config() -> forfall_platform::CommonConfig {
     let figment = forfall_platform::config::figment(Some(std::path::Path::new("/nonexistent/forfall.toml")));
-    forfall_platform::config::common(&figment).expect("valid FORFALL_* environment")
+    let mut config = forfall_platform::config::common(&figment).expect("valid FORFALL_* environment");
+    config.api.tenants.insert(
+        "nordkraft".into(),
+        forfall_platform::api_auth::TenantCredentials {
+            token: Some(forfall_platform::config::Secret(TOKEN.into())),
+        },
+    );
+    config
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -50,6 +60,8 @@ async fn import_list_and_match_from_the_command_line() -> anyhow::Result<()> {
             &fixture,
             "--tenant",
             "nordkraft",
+            "--token",
+            TOKEN,
             "--matcher",
             &url,
         ])
@@ -72,7 +84,16 @@ async fn import_list_and_match_from_the_command_line() -> anyhow::Result<()> {
                 let url = url.clone();
                 async move {
                     let (code, out, _) = tokio::task::spawn_blocking(move || {
-                        forfall(&["payments", "unmatched", "--tenant", "nordkraft", "--matcher", &url])
+                        forfall(&[
+                            "payments",
+                            "unmatched",
+                            "--tenant",
+                            "nordkraft",
+                            "--token",
+                            TOKEN,
+                            "--matcher",
+                            &url,
+                        ])
                     })
                     .await?;
                     Ok((code == 0 && out.contains("2 unmatched payments for nordkraft")).then_some(out))
@@ -94,6 +115,8 @@ async fn import_list_and_match_from_the_command_line() -> anyhow::Result<()> {
             "nordkraft",
             "--by",
             "kari@ops",
+            "--token",
+            TOKEN,
             "--matcher",
             &u,
         ])
@@ -107,7 +130,17 @@ async fn import_list_and_match_from_the_command_line() -> anyhow::Result<()> {
 
     let bad = format!("{}/../camt054/tests/fixtures/amount_three_decimals.xml", manifest_dir());
     let (code, _, err) = tokio::task::spawn_blocking(move || {
-        forfall(&["payments", "import", &bad, "--tenant", "nordkraft", "--matcher", &url])
+        forfall(&[
+            "payments",
+            "import",
+            &bad,
+            "--tenant",
+            "nordkraft",
+            "--token",
+            TOKEN,
+            "--matcher",
+            &url,
+        ])
     })
     .await?;
     assert_eq!(code, 1);

@@ -13,6 +13,11 @@ use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameS
 
 use crate::records::Record;
 
+/// The registry client could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CodecError(String);
+
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
     /// The registry could not be reached; worth retrying.
@@ -124,6 +129,23 @@ pub struct Codec {
 impl Codec {
     pub fn new(registry_url: &str, auto_register: bool) -> Self {
         let settings = SrSettings::new(registry_url.trim_end_matches('/').to_owned());
+        Self::with_settings(settings, auto_register)
+    }
+
+    /// For `registry`'s URL, with its basic authentication when a username is set.
+    pub fn for_registry(registry: &crate::config::RegistryConfig) -> Result<Self, CodecError> {
+        let url = registry.url.trim_end_matches('/').to_owned();
+        let settings = match &registry.username {
+            None => SrSettings::new(url),
+            Some(username) => SrSettings::new_builder(url)
+                .set_basic_authorization(username, registry.password.as_ref().map(|p| p.expose()))
+                .build()
+                .map_err(|e| CodecError(format!("schema registry client: {e}")))?,
+        };
+        Ok(Self::with_settings(settings, registry.auto_register))
+    }
+
+    fn with_settings(settings: SrSettings, auto_register: bool) -> Self {
         Self {
             encoder: AvroEncoder::new(settings.clone()),
             decoder: AvroDecoder::new(settings),

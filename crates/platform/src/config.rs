@@ -3,6 +3,7 @@
 //! ends in `.json`), then `FORFALL_*` environment variables, nested with `__` (for example
 //! `FORFALL_KAFKA__BROKERS`).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use figment::Figment;
@@ -28,6 +29,8 @@ pub struct CommonConfig {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub traces: TracesConfig,
+    /// The tenants' tokens for their HTTP APIs (see [`crate::api_auth`]).
+    pub api: crate::api_auth::ApiConfig,
     pub clock: ClockConfig,
 }
 
@@ -156,6 +159,77 @@ pub struct KafkaConfig {
     /// On shutdown, how long records in hand may take to finish before the process commits what
     /// is done and exits (keep it under the pod's termination grace period).
     pub drain_timeout_ms: u32,
+    /// librdkafka settings passed through to every client (see [`KafkaProperties`]): TLS and
+    /// SASL above all.
+    pub properties: KafkaProperties,
+}
+
+/// librdkafka settings passed through as they are, e.g. `security.protocol = "SASL_SSL"`,
+/// `sasl.mechanism = "SCRAM-SHA-512"`, `sasl.username`, `sasl.password`, `ssl.ca.location`.
+/// They are set before Forfall's own consumer and producer settings, so the settings its
+/// guarantees rest on (offsets stored only after the outputs are acknowledged, idempotent
+/// producing) cannot be turned off by accident. Nested tables read as dotted names, which is
+/// what `FORFALL_KAFKA__PROPERTIES__SASL__PASSWORD` makes of `sasl.password`. Values of
+/// settings that name a secret never show in `Debug`.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct KafkaProperties(BTreeMap<String, PropertyValue>);
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+enum PropertyValue {
+    Flag(bool),
+    Integer(i64),
+    Number(f64),
+    Text(String),
+    Table(BTreeMap<String, PropertyValue>),
+}
+
+impl KafkaProperties {
+    /// Every setting with its dotted name and its value as librdkafka reads it.
+    pub fn flattened(&self) -> Vec<(String, String)> {
+        fn walk(prefix: &str, table: &BTreeMap<String, PropertyValue>, out: &mut Vec<(String, String)>) {
+            for (key, value) in table {
+                let name = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                match value {
+                    PropertyValue::Flag(b) => out.push((name, b.to_string())),
+                    PropertyValue::Integer(i) => out.push((name, i.to_string())),
+                    PropertyValue::Number(n) => out.push((name, n.to_string())),
+                    PropertyValue::Text(t) => out.push((name, t.clone())),
+                    PropertyValue::Table(inner) => walk(&name, inner, out),
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk("", &self.0, &mut out);
+        out
+    }
+}
+
+/// A librdkafka setting whose value is a credential (`sasl.password`, `ssl.key.password`,
+/// `sasl.oauthbearer.client.secret`, an inline `ssl.key.pem`, a JAAS line).
+fn names_a_secret(name: &str) -> bool {
+    ["password", "secret", "token", ".pem", "jaas"]
+        .iter()
+        .any(|part| name.contains(part))
+}
+
+impl std::fmt::Debug for KafkaProperties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut map = f.debug_map();
+        for (name, value) in self.flattened() {
+            if names_a_secret(&name) {
+                map.entry(&name, &"(secret)");
+            } else {
+                map.entry(&name, &value);
+            }
+        }
+        map.finish()
+    }
 }
 
 impl Default for KafkaConfig {
@@ -174,6 +248,7 @@ impl Default for KafkaConfig {
             message_max_bytes: 1_000_000,
             revoke_timeout_ms: 2_000,
             drain_timeout_ms: 10_000,
+            properties: KafkaProperties::default(),
         }
     }
 }
@@ -184,6 +259,10 @@ pub struct RegistryConfig {
     pub url: String,
     /// Register the service's schemas at start (dev, and the usual `auto.register.schemas`).
     pub auto_register: bool,
+    /// HTTP basic authentication (Confluent Cloud's API key and secret, Karapace, Apicurio).
+    pub username: Option<String>,
+    /// Its password (`FORFALL_REGISTRY__PASSWORD`, from a Secret).
+    pub password: Option<Secret>,
 }
 
 impl Default for RegistryConfig {
@@ -191,14 +270,21 @@ impl Default for RegistryConfig {
         Self {
             url: "http://127.0.0.1:8081".into(),
             auto_register: true,
+            username: None,
+            password: None,
         }
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RedisConfig {
+    /// `redis://host:port/db`, or `rediss://` for TLS.
     pub url: String,
+    /// The ACL user, when not `default`.
+    pub username: Option<String>,
+    /// Its password (`FORFALL_REDIS__PASSWORD`, from a Secret), rather than one in the URL.
+    pub password: Option<Secret>,
     /// Prefix of every key, so that several deployments (or tests) can share one Redis.
     pub key_prefix: String,
 }
@@ -207,8 +293,38 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379/".into(),
+            username: None,
+            password: None,
             key_prefix: "forfall:".into(),
         }
+    }
+}
+
+/// The URL without a password in it, and the password setting only as "(secret)".
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redacted_url(&self.url))
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
+}
+
+/// `url` with the password of its user information, if any, replaced: what may be logged of a
+/// URL such as `redis://:hunter2@redis:6379/`.
+pub fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info.split_once(':').map_or(user_info, |(user, _)| user);
+            format!("{scheme}://{user}:(secret)@{host}{}", &rest[authority_end..])
+        }
+        None => url.to_owned(),
     }
 }
 
@@ -454,6 +570,65 @@ mod tests {
         assert!(said.contains("FORFALL_DISPATCH__RECEIPTS__ELKS46_TOKEN"), "{said}");
         assert!(!said.contains("forfall-dev"), "the error shows no secret: {said}");
         assert!(Profile::Production.refuse_development_secrets(&secrets[1..2]).is_ok());
+    }
+
+    #[test]
+    fn kafka_properties_pass_through_with_dotted_names_from_files_and_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "forfall.toml",
+                "[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\"socket.keepalive.enable\" = true\n",
+            )?;
+            jail.set_env("FORFALL_KAFKA__PROPERTIES__SASL__USERNAME", "forfall");
+            jail.set_env("FORFALL_KAFKA__PROPERTIES__SASL__PASSWORD", "hunter2-kafka");
+            jail.set_env("FORFALL_KAFKA__PROPERTIES__MESSAGE__TIMEOUT__MS", "30000");
+            let c = common(&figment(None)).unwrap();
+            let mut found = c.kafka.properties.flattened();
+            found.sort();
+            let found: Vec<(&str, &str)> = found.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            assert_eq!(
+                found,
+                [
+                    ("message.timeout.ms", "30000"),
+                    ("sasl.mechanism", "SCRAM-SHA-512"),
+                    ("sasl.password", "hunter2-kafka"),
+                    ("sasl.username", "forfall"),
+                    ("security.protocol", "SASL_SSL"),
+                    ("socket.keepalive.enable", "true"),
+                ]
+            );
+            let shown = format!("{:?}", c.kafka);
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("sasl.username") && shown.contains("SASL_SSL"), "{shown}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn passwords_in_urls_and_settings_never_show() {
+        assert_eq!(
+            redacted_url("redis://:hunter2@redis:6379/0"),
+            "redis://:(secret)@redis:6379/0"
+        );
+        assert_eq!(
+            redacted_url("rediss://forfall:hunter2@redis.example:6380"),
+            "rediss://forfall:(secret)@redis.example:6380"
+        );
+        assert_eq!(redacted_url("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
+        let redis = RedisConfig {
+            url: "redis://:in-the-url@redis:6379/".into(),
+            password: Some(Secret("from-a-secret".into())),
+            ..RedisConfig::default()
+        };
+        let registry = RegistryConfig {
+            username: Some("key".into()),
+            password: Some(Secret("api-secret".into())),
+            ..RegistryConfig::default()
+        };
+        let shown = format!("{redis:?} {registry:?}");
+        for secret in ["in-the-url", "from-a-secret", "api-secret"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! would otherwise be copied between services lives here.
 
 pub mod admin;
+pub mod api_auth;
 pub mod avro;
 pub mod changelog;
 pub mod clock;

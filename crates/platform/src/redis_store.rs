@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
+use redis::IntoConnectionInfo;
 use redis::aio::ConnectionManager;
 
 use crate::config::RedisConfig;
@@ -15,6 +16,20 @@ pub struct ConnectError {
     source: redis::RedisError,
 }
 
+/// A client for `redis.url` (`rediss://` for TLS) with `redis.username` and `redis.password`
+/// when set (they win over any in the URL).
+pub fn client(config: &RedisConfig) -> redis::RedisResult<redis::Client> {
+    let info = config.url.as_str().into_connection_info()?;
+    let mut login = info.redis_settings().clone();
+    if let Some(username) = &config.username {
+        login = login.set_username(username);
+    }
+    if let Some(password) = &config.password {
+        login = login.set_password(password.expose());
+    }
+    redis::Client::open(info.set_redis_settings(login))
+}
+
 /// Connects with automatic reconnection; commands fail fast while Redis is away and the
 /// callers retry them as transient failures.
 ///
@@ -24,10 +39,10 @@ pub struct ConnectError {
 /// (`forfall run`) check once.
 pub async fn connect(config: &RedisConfig) -> Result<ConnectionManager, ConnectError> {
     let err = |source| ConnectError {
-        url: config.url.clone(),
+        url: crate::config::redacted_url(&config.url),
         source,
     };
-    let client = redis::Client::open(config.url.as_str()).map_err(err)?;
+    let client = client(config).map_err(err)?;
     // A Redis that is away at start (restarting, failing over, paused) is waited out like one
     // that goes away later; a wrong address or a refused login is not.
     let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
@@ -88,5 +103,31 @@ impl Keys {
             k.push_str(p);
         }
         k
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    #[test]
+    fn tls_urls_are_understood_and_the_password_setting_wins_over_the_url() {
+        let config = RedisConfig {
+            url: "rediss://:from-the-url@redis.example:6380/2".into(),
+            username: Some("forfall".into()),
+            password: Some(Secret("from-a-secret".into())),
+            ..RedisConfig::default()
+        };
+        let client = client(&config).unwrap();
+        let info = client.get_connection_info();
+        assert!(
+            matches!(info.addr(), redis::ConnectionAddr::TcpTls { host, port: 6380, .. } if host == "redis.example"),
+            "{:?}",
+            info.addr()
+        );
+        assert_eq!(info.redis_settings().username(), Some("forfall"));
+        assert_eq!(info.redis_settings().password(), Some("from-a-secret"));
+        assert_eq!(info.redis_settings().db(), 2);
     }
 }

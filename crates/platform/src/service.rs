@@ -33,9 +33,14 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    pub fn new(config: CommonConfig, figment: Figment, clock: SharedClock, shutdown: CancellationToken) -> Self {
-        let codec = Arc::new(Codec::new(&config.registry.url, config.registry.auto_register));
-        Self {
+    pub fn new(
+        config: CommonConfig,
+        figment: Figment,
+        clock: SharedClock,
+        shutdown: CancellationToken,
+    ) -> Result<Self, crate::avro::CodecError> {
+        let codec = Arc::new(Codec::for_registry(&config.registry)?);
+        Ok(Self {
             config,
             figment,
             clock,
@@ -43,7 +48,7 @@ impl Runtime {
             codec,
             admin_addrs: Arc::default(),
             instance: None,
-        }
+        })
     }
 
     pub fn admin_addr(&self, service: &str) -> Option<SocketAddr> {
@@ -161,7 +166,7 @@ where
                 crate::clock::SharedRedisClock::follow(&config.redis.url, key, shutdown.clone()).await?
             }
         };
-        let rt = Runtime::new(config, figment, clock, shutdown);
+        let rt = Runtime::new(config, figment, clock, shutdown)?;
         let result = run(rt).await;
         match &result {
             Ok(()) => tracing::info!(service = name, "stopped"),

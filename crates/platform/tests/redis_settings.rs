@@ -15,6 +15,7 @@ async fn connect(server: &PrivateRedis) -> anyhow::Result<ConnectionManager> {
     let config = RedisConfig {
         url: server.url.clone(),
         key_prefix: "test:".into(),
+        ..RedisConfig::default()
     };
     server.when_up(|| redis_store::connect(&config)).await
 }

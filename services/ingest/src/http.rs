@@ -1,7 +1,9 @@
 //! `POST /v1/invoices`: billing systems without Kafka post invoices as JSON. A valid invoice is
 //! published to the billing topic (so both paths share de-duplication and normalisation) and
 //! answered 202 once the broker has it; an invalid one is answered 422 with the reason and,
-//! like any rejected input, recorded on the rejected topic and counted.
+//! like any rejected input, recorded on the rejected topic and counted. The tenant is the one of
+//! the caller's token ([`forfall_platform::api_auth`]): an invoice naming another is refused
+//! (403) before anything is recorded.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -23,6 +25,7 @@ pub struct HttpState {
     pub billing_topic: String,
     pub producer: Producer,
     pub metrics: Metrics,
+    pub tokens: forfall_platform::api_auth::TenantTokens,
 }
 
 pub fn routes(state: HttpState) -> Router {
@@ -37,7 +40,9 @@ pub fn routes(state: HttpState) -> Router {
 #[serde(deny_unknown_fields)]
 pub struct InvoiceJson {
     pub event_id: Option<String>,
-    pub tenant: String,
+    /// The token's tenant when absent; when given, it must be the token's.
+    #[serde(default)]
+    pub tenant: Option<String>,
     pub debtor_id: String,
     pub invoice_id: String,
     #[serde(default)]
@@ -70,40 +75,57 @@ fn problem(status: StatusCode, code: &str, detail: &str) -> Response {
     (status, Json(json!({"error": code, "detail": detail}))).into_response()
 }
 
-async fn post_invoice(State(state): State<HttpState>, body: axum::body::Bytes) -> Response {
+async fn post_invoice(
+    State(state): State<HttpState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     let (producer, metrics) = (&state.producer, &state.metrics);
+    // Who calls, before anything of the body is read or recorded.
+    let caller = match state.tokens.caller(&headers) {
+        Ok(caller) => caller,
+        Err(refusal) => return refusal.into_response(),
+    };
     let trace = TraceContext::new_root();
-    let parsed: Result<InvoiceJson, _> = serde_json::from_slice(&body);
-    let issued = parsed.map_err(|e| ("invalid_json", e.to_string())).and_then(|j| {
-        let issued = InvoiceIssued {
-            event_id: j.event_id.unwrap_or_else(new_event_id),
-            tenant: j.tenant,
-            debtor_id: j.debtor_id,
-            occurred_at: state.rt.clock.now().timestamp_millis(),
-            invoice_id: j.invoice_id,
-            revision: j.revision,
-            invoice_number: j.invoice_number,
-            issue_date: invoice::epoch_days(j.issue_date),
-            due_date: invoice::epoch_days(j.due_date),
-            amount_minor: j.amount_minor,
-            currency: j.currency,
-            jurisdiction: j.jurisdiction,
-            debtor_kind: j.debtor_kind,
-            payment_reference: j.payment_reference,
-            description: j.description,
-            debtor_name: j.debtor_name,
-            email: j.email,
-            phone: j.phone,
-            language: j.language,
-            preferred_channels: j.preferred_channels,
-            declined_channels: j.declined_channels,
-            debtor_details: j.debtor_details,
-            reminder_fee_agreed: j.reminder_fee_agreed,
-        };
-        // Validate now, so the caller hears what is wrong; the consumer validates again.
-        invoice::validate_issued(crate::to_input(issued.clone())).map_err(|r| (r.code, r.detail))?;
-        Ok(issued)
-    });
+    let parsed = match serde_json::from_slice::<InvoiceJson>(&body) {
+        Ok(j) => match caller.tenant(j.tenant.as_deref()) {
+            Ok(tenant) => Ok((tenant, j)),
+            Err(refusal) => return refusal.into_response(),
+        },
+        Err(e) => Err(e),
+    };
+    let issued = parsed
+        .map_err(|e| ("invalid_json", e.to_string()))
+        .and_then(|(tenant, j)| {
+            let issued = InvoiceIssued {
+                event_id: j.event_id.unwrap_or_else(new_event_id),
+                tenant,
+                debtor_id: j.debtor_id,
+                occurred_at: state.rt.clock.now().timestamp_millis(),
+                invoice_id: j.invoice_id,
+                revision: j.revision,
+                invoice_number: j.invoice_number,
+                issue_date: invoice::epoch_days(j.issue_date),
+                due_date: invoice::epoch_days(j.due_date),
+                amount_minor: j.amount_minor,
+                currency: j.currency,
+                jurisdiction: j.jurisdiction,
+                debtor_kind: j.debtor_kind,
+                payment_reference: j.payment_reference,
+                description: j.description,
+                debtor_name: j.debtor_name,
+                email: j.email,
+                phone: j.phone,
+                language: j.language,
+                preferred_channels: j.preferred_channels,
+                declined_channels: j.declined_channels,
+                debtor_details: j.debtor_details,
+                reminder_fee_agreed: j.reminder_fee_agreed,
+            };
+            // Validate now, so the caller hears what is wrong; the consumer validates again.
+            invoice::validate_issued(crate::to_input(issued.clone())).map_err(|r| (r.code, r.detail))?;
+            Ok(issued)
+        });
     match issued {
         Ok(issued) => {
             let payload = match state.rt.codec.encode(&state.billing_topic, &issued).await {

@@ -438,6 +438,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             billing_topic: billing_topic.clone(),
             producer: producer.clone(),
             metrics: metrics.clone(),
+            tokens: forfall_platform::api_auth::TenantTokens::new(&rt.config.api, rt.config.profile),
         })
     })
     .await?;

@@ -9,15 +9,19 @@
 //!   not acknowledged yet (they are sent again until they are); 409 with the reason when it is
 //!   refused (already matched, matched by someone else meanwhile, an invoice with nothing open
 //!   any more, ...), in which case nothing was booked and no event went out.
+//!
+//! Each acts for the tenant of the caller's bearer token ([`forfall_platform::api_auth`]); a
+//! `tenant` the request names must be that one (403 otherwise), and may be left out.
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use forfall_domain::invoice::epoch_days;
 use forfall_domain::matching::MatchDecision;
+use forfall_platform::api_auth::{Refusal, TenantTokens};
 use forfall_platform::kafka::Outbound;
 use forfall_platform::records::{PaymentReceived, derived_id};
 use forfall_platform::telemetry::TraceContext;
@@ -34,25 +38,36 @@ pub fn routes(m: Matcher) -> Router {
         .with_state(m)
 }
 
+/// The tenant the request acts for, or the answer refusing it.
+fn tenant_of(m: &Matcher, headers: &HeaderMap, named: Option<&str>) -> Result<String, Refusal> {
+    tokens(m).tenant(headers, named)
+}
+
+fn tokens(m: &Matcher) -> TenantTokens {
+    TenantTokens::new(&m.0.rt.config.api, m.0.rt.config.profile)
+}
+
 fn problem(status: StatusCode, code: &str, detail: impl Into<String>) -> Response {
     (status, Json(json!({"error": code, "detail": detail.into()}))).into_response()
 }
 
 #[derive(Deserialize)]
 struct ImportQuery {
-    tenant: String,
+    tenant: Option<String>,
     #[serde(default)]
     lenient: bool,
 }
 
-async fn import_camt054(State(m): State<Matcher>, Query(q): Query<ImportQuery>, body: Bytes) -> Response {
-    if q.tenant.trim().is_empty() {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "missing_tenant",
-            "the query parameter 'tenant' is empty",
-        );
-    }
+async fn import_camt054(
+    State(m): State<Matcher>,
+    headers: HeaderMap,
+    Query(q): Query<ImportQuery>,
+    body: Bytes,
+) -> Response {
+    let tenant = match tenant_of(&m, &headers, q.tenant.as_deref()) {
+        Ok(tenant) => tenant,
+        Err(refused) => return refused.into_response(),
+    };
     let parsed = if q.lenient {
         forfall_camt054::parse_bytes_lenient(&body)
     } else {
@@ -75,14 +90,14 @@ async fn import_camt054(State(m): State<Matcher>, Query(q): Query<ImportQuery>, 
     let mut outs = Vec::new();
     let mut already_known = 0;
     for p in &import.payments {
-        match m.decided(&q.tenant, &p.transaction_id).await {
+        match m.decided(&tenant, &p.transaction_id).await {
             Ok(Some(_)) => already_known += 1,
             Ok(None) => {}
             Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("{e:?}")),
         }
         let record = PaymentReceived {
-            event_id: derived_id("camt054", &[&q.tenant, &p.transaction_id]),
-            tenant: q.tenant.clone(),
+            event_id: derived_id("camt054", &[&tenant, &p.transaction_id]),
+            tenant: tenant.clone(),
             debtor_id: None,
             occurred_at: now,
             payment_id: p.transaction_id.clone(),
@@ -98,7 +113,7 @@ async fn import_camt054(State(m): State<Matcher>, Query(q): Query<ImportQuery>, 
         match m.0.rt.codec.encode(&topic, &record).await {
             Ok(payload) => outs.push(Outbound {
                 topic: topic.clone(),
-                key: q.tenant.clone(),
+                key: tenant.clone(),
                 payload,
                 trace: TraceContext::new_root(),
                 partition: None,
@@ -125,11 +140,15 @@ async fn import_camt054(State(m): State<Matcher>, Query(q): Query<ImportQuery>, 
 
 #[derive(Deserialize)]
 struct TenantQuery {
-    tenant: String,
+    tenant: Option<String>,
 }
 
-async fn list_unmatched(State(m): State<Matcher>, Query(q): Query<TenantQuery>) -> Response {
-    match m.unmatched(&q.tenant).await {
+async fn list_unmatched(State(m): State<Matcher>, headers: HeaderMap, Query(q): Query<TenantQuery>) -> Response {
+    let tenant = match tenant_of(&m, &headers, q.tenant.as_deref()) {
+        Ok(tenant) => tenant,
+        Err(refused) => return refused.into_response(),
+    };
+    match m.unmatched(&tenant).await {
         Ok(payments) => {
             let rows: Vec<serde_json::Value> = payments
                 .iter()
@@ -141,7 +160,7 @@ async fn list_unmatched(State(m): State<Matcher>, Query(q): Query<TenantQuery>) 
                     })
                 })
                 .collect();
-            Json(json!({"tenant": q.tenant, "unmatched": rows})).into_response()
+            Json(json!({"tenant": tenant, "unmatched": rows})).into_response()
         }
         Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("{e:?}")),
     }
@@ -150,15 +169,29 @@ async fn list_unmatched(State(m): State<Matcher>, Query(q): Query<TenantQuery>) 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MatchBody {
-    tenant: String,
+    #[serde(default)]
+    tenant: Option<String>,
     invoices: Vec<String>,
     by: String,
 }
 
-async fn match_by_hand(State(m): State<Matcher>, Path(payment_id): Path<String>, body: Bytes) -> Response {
+async fn match_by_hand(
+    State(m): State<Matcher>,
+    headers: HeaderMap,
+    Path(payment_id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let caller = match tokens(&m).caller(&headers) {
+        Ok(caller) => caller,
+        Err(refusal) => return refusal.into_response(),
+    };
     let body: MatchBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => return problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_json", e.to_string()),
+    };
+    let tenant = match caller.tenant(body.tenant.as_deref()) {
+        Ok(tenant) => tenant,
+        Err(refusal) => return refusal.into_response(),
     };
     if body.by.trim().is_empty() {
         return problem(
@@ -167,10 +200,7 @@ async fn match_by_hand(State(m): State<Matcher>, Path(payment_id): Path<String>,
             "say who matches the payment: field 'by' is empty",
         );
     }
-    match m
-        .match_by_hand(&body.tenant, &payment_id, &body.invoices, &body.by)
-        .await
-    {
+    match m.match_by_hand(&tenant, &payment_id, &body.invoices, &body.by).await {
         Ok((d, events_pending)) => {
             let allocations: Vec<serde_json::Value> = match &d.decision {
                 MatchDecision::Matched { allocations, .. } => allocations

@@ -40,6 +40,11 @@ fn base(config: &KafkaConfig) -> ClientConfig {
     c.set("bootstrap.servers", &config.brokers);
     // Tansu listens on IPv4 only; resolving "localhost" to ::1 first would stall connects.
     c.set("broker.address.family", "v4");
+    // The deployment's own (TLS, SASL, ...), before the consumer's and producer's settings
+    // that the guarantees rest on.
+    for (name, value) in config.properties.flattened() {
+        c.set(name, value);
+    }
     c
 }
 

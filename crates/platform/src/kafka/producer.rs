@@ -178,6 +178,37 @@ impl Producer {
 mod tests {
     use super::*;
 
+    fn with_properties(properties: serde_json::Value) -> KafkaConfig {
+        KafkaConfig {
+            properties: serde_json::from_value(properties).unwrap(),
+            ..KafkaConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn tls_and_sasl_settings_reach_librdkafka_and_a_wrong_one_is_named() {
+        // librdkafka checks these when the client is made: SASL_SSL with SCRAM needs OpenSSL
+        // built in, which is what the `ssl` feature brings.
+        let secured = with_properties(serde_json::json!({
+            "security.protocol": "SASL_SSL",
+            "sasl": {"mechanism": "SCRAM-SHA-512", "username": "forfall", "password": "hunter2"},
+            "ssl.endpoint.identification.algorithm": "https",
+        }));
+        Producer::new(&secured, Metrics::new("t").unwrap()).unwrap();
+        let wrong = with_properties(serde_json::json!({"sasl.mechanisms.typo": "PLAIN"}));
+        let err = Producer::new(&wrong, Metrics::new("t").unwrap())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("sasl.mechanisms.typo"), "{err}");
+        let unsupported = with_properties(serde_json::json!({"security.protocol": "SASL_TLS"}));
+        let err = Producer::new(&unsupported, Metrics::new("t").unwrap())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("security.protocol"), "{err}");
+    }
+
     fn out() -> Outbound {
         Outbound {
             topic: "t".into(),
