@@ -64,6 +64,18 @@ async fn nudge_is_mailed_then_payment_closes_the_invoice_and_silences_it() -> an
         .produce(&stack.topic(&stack.topics().payments), "bank", &payment)
         .await?;
     status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
+    // Credit control sees where it was paid: after the nudge, before any reminder.
+    let watcher = stack.rt.admin_addr("watcher").expect("the watcher serves HTTP");
+    let metrics = reqwest::get(format!("http://{watcher}/metrics")).await?.text().await?;
+    let settled: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("forfall_watcher_settlements_total{"))
+        .collect();
+    assert_eq!(settled.len(), 1, "{metrics}");
+    assert!(
+        settled[0].contains("stage=\"after_nudge\"") && settled[0].ends_with(" 1"),
+        "{settled:?}"
+    );
 
     // Past the reminder and the hand-off dates: nothing more happens.
     let mark = issue_timer_mark(&stack, &s, day(2026, 4, 20)).await?;

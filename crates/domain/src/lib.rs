@@ -20,6 +20,7 @@ pub mod paylink;
 pub mod policy;
 pub mod reference;
 pub mod self_service;
+pub mod settlement;
 pub mod sms;
 
 pub use invoice::{InvoiceSnapshot, InvoiceStatus, Rejection};

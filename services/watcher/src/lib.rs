@@ -149,6 +149,9 @@ struct Emission<'a> {
 
 struct Metrics {
     transitions: IntCounterVec,
+    /// Invoices paid in full, by the stage of their journey
+    /// ([`forfall_domain::settlement::stage`]).
+    settlements: IntCounterVec,
     fired: IntCounterVec,
     lateness: Histogram,
     policy_reloads: IntCounterVec,
@@ -374,6 +377,11 @@ impl Watcher {
         let mut outs = Vec::new();
         for (i, t) in d.transitions.iter().enumerate() {
             self.0.metrics.transitions.with_label_values(&[t.kind]).inc();
+            // Paid in full to the creditor, or collected in full by the agency.
+            if t.kind == "paid" || t.kind == "paid_at_agency" {
+                let stage = forfall_domain::settlement::stage(t.from);
+                self.0.metrics.settlements.with_label_values(&[stage]).inc();
+            }
             let e = self.event(&d.journey, plan, upcoming, t, cause, i, now);
             outs.push(self.0.rt.codec.outbound(&events_topic, &debtor, &e, trace).await?);
         }
@@ -2161,6 +2169,13 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         Opts::new("watcher_transitions_total", "Journey transitions, by kind"),
         &["kind"],
     )?;
+    let settlements = IntCounterVec::new(
+        Opts::new(
+            "watcher_settlements_total",
+            "Invoices paid in full, by where in the journey (before any message, after the nudge, after reminder N, at the agency, ...)",
+        ),
+        &["stage"],
+    )?;
     let fired = IntCounterVec::new(
         Opts::new("watcher_steps_fired_total", "Plan steps fired, by step"),
         &["step"],
@@ -2183,6 +2198,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     )?;
     for c in [
         Box::new(transitions.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(settlements.clone()),
         Box::new(fired.clone()),
         Box::new(lateness.clone()),
         Box::new(policy_reloads.clone()),
@@ -2226,6 +2242,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         stripes: (0..4096).map(|_| Mutex::new(())).collect(),
         metrics: Metrics {
             transitions,
+            settlements,
             fired,
             lateness,
             policy_reloads,
