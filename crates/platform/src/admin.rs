@@ -126,6 +126,15 @@ pub fn same_secret(given: &str, kept: &str) -> bool {
         && sha2::Sha256::digest(given.as_bytes()) == sha2::Sha256::digest(kept.as_bytes())
 }
 
+/// The bearer token a request carries (`Authorization: Bearer ...`); empty when none.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> &str {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+}
+
 /// The answer to a staff request that does not carry `token` as its bearer token (401), or to
 /// any while no token is configured (404, naming the `setting` that turns the API on); `None`
 /// when the request may go on.
@@ -139,12 +148,7 @@ pub fn staff_refusal(
     let Some(token) = token.filter(|t| !t.is_empty()) else {
         return Some((StatusCode::NOT_FOUND, format!("the staff API is off: set {setting}\n")).into_response());
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    (!same_secret(given, token)).then(|| {
+    (!same_secret(bearer_token(headers), token)).then(|| {
         (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],

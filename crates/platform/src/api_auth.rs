@@ -89,11 +89,7 @@ impl TenantTokens {
                 )),
             };
         }
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
+        let given = crate::admin::bearer_token(headers);
         if given.is_empty() {
             return Err(Refusal::Unauthenticated("a tenant's bearer token is needed"));
         }

@@ -26,8 +26,9 @@ pub struct Metrics {
     /// The same lag in time: how long ago the record at the position was written (0 when
     /// caught up), sampled. Comparable across topics of any rate, unlike a count of records.
     pub consumer_lag_seconds: GaugeVec,
-    /// When the last record polled from each topic/partition was written (ms since the epoch).
-    last_polled: Arc<Mutex<HashMap<(String, i32), i64>>>,
+    /// When the last record polled from each topic and partition was written (ms since the
+    /// epoch); by topic first, so that noting a record allocates nothing once its topic is known.
+    last_polled: Arc<Mutex<HashMap<String, HashMap<i32, i64>>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,10 +99,15 @@ impl Metrics {
 
     /// Notes when the record just polled from `topic`/`partition` was written.
     pub fn polled(&self, topic: &str, partition: i32, written_ms: i64) {
-        self.last_polled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert((topic.to_owned(), partition), written_ms);
+        let mut last = self.last_polled.lock().unwrap_or_else(|p| p.into_inner());
+        match last.get_mut(topic) {
+            Some(partitions) => {
+                partitions.insert(partition, written_ms);
+            }
+            None => {
+                last.insert(topic.to_owned(), HashMap::from([(partition, written_ms)]));
+            }
+        }
     }
 
     /// Sets a partition's lag: `records` behind the high watermark, and in time the age of the
@@ -114,7 +120,8 @@ impl Metrics {
             .last_polled
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&(topic.to_owned(), partition))
+            .get(topic)
+            .and_then(|partitions| partitions.get(&partition))
             .copied();
         let seconds = match written {
             _ if records == 0 => 0.0,

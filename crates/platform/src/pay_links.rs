@@ -44,11 +44,20 @@ pub struct ExtraKey {
 pub const DEVELOPMENT_SECRET: &str = "forfall-dev-pay-link-secret";
 
 impl PayLinkSettings {
-    /// Every key's secret with its setting's name, for the production profile's check.
-    pub fn secrets(&self) -> Vec<(String, &str)> {
-        let mut found = vec![("dispatch.pay_link.secret".to_owned(), self.secret.as_str())];
+    /// Every key's secret with its setting's name and the published development value, for
+    /// the production profile's check ([`crate::config::Profile::refuse_development_secrets`]).
+    pub fn development_secrets(&self) -> Vec<(String, &str, &'static str)> {
+        let mut found = vec![(
+            "dispatch.pay_link.secret".to_owned(),
+            self.secret.as_str(),
+            DEVELOPMENT_SECRET,
+        )];
         for (id, key) in &self.keys {
-            found.push((format!("dispatch.pay_link.keys.{id}.secret"), key.secret.as_str()));
+            found.push((
+                format!("dispatch.pay_link.keys.{id}.secret"),
+                key.secret.as_str(),
+                DEVELOPMENT_SECRET,
+            ));
         }
         found
     }

@@ -208,12 +208,7 @@ impl DispatchSettings {
     /// value: the pay-link keys always, a provider's receipt secret when the provider is set up,
     /// the webhook secret when a tenant has a webhook.
     fn development_secrets(&self) -> Vec<(String, &str, &str)> {
-        let mut secrets: Vec<(String, &str, &str)> = self
-            .pay_link
-            .secrets()
-            .into_iter()
-            .map(|(key, value)| (key, value, forfall_platform::pay_links::DEVELOPMENT_SECRET))
-            .collect();
+        let mut secrets = self.pay_link.development_secrets();
         if self.sms.elks46.is_some() {
             let token = self.receipts.elks46_token.as_str();
             secrets.push(("dispatch.receipts.elks46_token".into(), token, DEVELOPMENT_ELKS46_TOKEN));

@@ -21,7 +21,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use forfall_domain::invoice::epoch_days;
 use forfall_domain::matching::MatchDecision;
-use forfall_platform::api_auth::{Refusal, TenantTokens};
+use forfall_platform::api_auth::Refusal;
 use forfall_platform::kafka::Outbound;
 use forfall_platform::records::{PaymentReceived, derived_id};
 use forfall_platform::telemetry::TraceContext;
@@ -40,11 +40,7 @@ pub fn routes(m: Matcher) -> Router {
 
 /// The tenant the request acts for, or the answer refusing it.
 fn tenant_of(m: &Matcher, headers: &HeaderMap, named: Option<&str>) -> Result<String, Refusal> {
-    tokens(m).tenant(headers, named)
-}
-
-fn tokens(m: &Matcher) -> TenantTokens {
-    TenantTokens::new(&m.0.rt.config.api, m.0.rt.config.profile)
+    m.0.tokens.tenant(headers, named)
 }
 
 fn problem(status: StatusCode, code: &str, detail: impl Into<String>) -> Response {
@@ -181,7 +177,7 @@ async fn match_by_hand(
     Path(payment_id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let caller = match tokens(&m).caller(&headers) {
+    let caller = match m.0.tokens.caller(&headers) {
         Ok(caller) => caller,
         Err(refusal) => return refusal.into_response(),
     };

@@ -84,6 +84,8 @@ pub(crate) struct Inner {
     retention_secs: u64,
     producer: Producer,
     metrics: Metrics,
+    /// Who may call the HTTP API, for which tenant.
+    tokens: forfall_platform::api_auth::TenantTokens,
 }
 
 #[derive(Clone)]
@@ -997,6 +999,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
                 results: results.clone(),
                 decided_after: decided_after.clone(),
             },
+            tokens: forfall_platform::api_auth::TenantTokens::new(&rt.config.api, rt.config.profile),
         }));
         core = Some(m.clone());
         http::routes(m)

@@ -319,13 +319,9 @@ fn read_model_topics(rt: &Runtime) -> Vec<String> {
 pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let settings: PortalSettings = config::section(&rt.figment, SERVICE)?;
     let creditors: CreditorSettings = config::section(&rt.figment, "dispatch")?;
-    let secrets: Vec<_> = creditors
-        .pay_link
-        .secrets()
-        .into_iter()
-        .map(|(key, value)| (key, value, forfall_platform::pay_links::DEVELOPMENT_SECRET))
-        .collect();
-    rt.config.profile.refuse_development_secrets(&secrets)?;
+    rt.config
+        .profile
+        .refuse_development_secrets(&creditors.pay_link.development_secrets())?;
     for (tenant, creditor) in &creditors.tenants {
         creditor
             .check()
