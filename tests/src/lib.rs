@@ -237,6 +237,8 @@ pub fn nudge_action(tenant: &str, invoice: &str, email: &str) -> JourneyAction {
         interest_rate_bp: None,
         compensation_minor: 0,
         covers: Vec::new(),
+        segment: Some("standard".into()),
+        experiment: None,
     }
 }
 
@@ -730,7 +732,8 @@ pub async fn remove_keys(redis: &mut redis::aio::ConnectionManager, prefix: &str
 
 /// The kinds of the watcher's Redis keys (journeys, timers and their locks, debtors' open
 /// invoices, late history, parked payments, closed index, partition markers): what Redis loses.
-pub const WATCHER_KEY_KINDS: [&str; 10] = [
+pub const WATCHER_KEY_KINDS: [&str; 11] = [
+    "open-counts:",
     "journeys:",
     "timers:",
     "timers-lock:",
@@ -807,6 +810,22 @@ pub async fn restore_stack_state(config: &CommonConfig, copy: &[(String, Vec<u8>
         let _: () = pipe.query_async(&mut redis).await?;
     }
     Ok(())
+}
+
+/// The watcher's open-invoice counts in Redis, all partitions summed: `status|tenant` → count.
+pub async fn open_invoice_counts(config: &CommonConfig) -> anyhow::Result<std::collections::BTreeMap<String, i64>> {
+    let mut redis = redis::Client::open(config.redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let mut sum = std::collections::BTreeMap::new();
+    for key in scan_keys(config, &["open-counts:"]).await? {
+        let counts: std::collections::HashMap<String, i64> =
+            redis::cmd("HGETALL").arg(&key).query_async(&mut redis).await?;
+        for (field, n) in counts {
+            *sum.entry(field).or_insert(0) += n;
+        }
+    }
+    Ok(sum)
 }
 
 async fn scan_keys(config: &CommonConfig, kinds: &[&str]) -> anyhow::Result<Vec<String>> {

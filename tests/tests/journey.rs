@@ -553,6 +553,28 @@ async fn experiment_assignment_is_stable_across_invoices_and_restarts() -> anyho
                 .expect("an experiment variant is recorded"),
         );
     }
+    // The experiment comparison counts each debtor under its variant; every variant's
+    // outcomes are there from the start, at zero until one happens.
+    let m = stack.metrics("watcher").await?;
+    for variant in ["control", "late"] {
+        let assigned = first
+            .iter()
+            .filter(|v| v.starts_with(&format!("experiment nudge-timing/{variant} ")))
+            .count();
+        let counted = |outcome: &str| {
+            metric_value(
+                &m,
+                "forfall_watcher_experiment_invoices_total{",
+                &[
+                    "experiment=\"nudge-timing\"",
+                    &format!("variant=\"{variant}\""),
+                    &format!("outcome=\"{outcome}\""),
+                ],
+            )
+        };
+        assert_eq!(counted("assigned"), Some(assigned as f64), "{variant}: {first:?}\n{m}");
+        assert_eq!(counted("paid_without_fee"), Some(0.0), "{variant}\n{m}");
+    }
     stack.stop_service("watcher").await?;
     stack.restart_service("watcher").await;
     for (i, email) in debtors.iter().enumerate() {

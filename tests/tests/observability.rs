@@ -1,7 +1,8 @@
 //! What an SRE watches: the alert rules in `deploy/prometheus` (promtool, from Debian's
 //! `prometheus` package which the dev stack installs, loads them and runs their unit tests) and
 //! the dashboards in `deploy/grafana` (data source templated, units set). Every `forfall_*`
-//! metric either queries is one a service registers.
+//! metric either queries is one a service registers, and one the running services export
+//! after a small day of work on the dev stack (scraped from their `/metrics`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -86,6 +87,28 @@ fn unregistered(queries: &str, sources: &str, where_: &str) -> Vec<String> {
         .collect()
 }
 
+/// The queries of a rules file only: from each `expr:` to the rule's next key.
+fn rule_queries(text: &str) -> String {
+    let mut queries = String::new();
+    let mut in_expr = false;
+    for line in text.lines() {
+        let key = line.trim_start();
+        if key.starts_with("expr:") {
+            in_expr = true;
+        } else if ["for:", "labels:", "annotations:", "- alert:", "- record:"]
+            .iter()
+            .any(|k| key.starts_with(k))
+        {
+            in_expr = false;
+        }
+        if in_expr {
+            queries.push_str(line);
+            queries.push('\n');
+        }
+    }
+    queries
+}
+
 #[test]
 fn the_alert_rules_load_and_pass_their_unit_tests() -> anyhow::Result<()> {
     let deploy = root().join("deploy/prometheus");
@@ -108,25 +131,7 @@ fn every_metric_the_rules_query_is_registered_by_a_service() -> anyhow::Result<(
     let sources = sources()?;
     let mut problems = Vec::new();
     for rules in files(&root().join("deploy/prometheus/rules"), "yml")? {
-        let text = std::fs::read_to_string(&rules)?;
-        // The queries only: from each `expr:` to the rule's next key.
-        let mut queries = String::new();
-        let mut in_expr = false;
-        for line in text.lines() {
-            let key = line.trim_start();
-            if key.starts_with("expr:") {
-                in_expr = true;
-            } else if ["for:", "labels:", "annotations:", "- alert:"]
-                .iter()
-                .any(|k| key.starts_with(k))
-            {
-                in_expr = false;
-            }
-            if in_expr {
-                queries.push_str(line);
-                queries.push('\n');
-            }
-        }
+        let queries = rule_queries(&std::fs::read_to_string(&rules)?);
         assert!(!metrics_in(&queries).is_empty(), "{}", rules.display());
         problems.extend(unregistered(&queries, &sources, &rules.display().to_string()));
     }
@@ -187,5 +192,151 @@ fn every_dashboard_is_templated_has_units_and_queries_real_metrics() -> anyhow::
         }
     }
     assert!(problems.is_empty(), "{problems:#?}");
+    Ok(())
+}
+
+/// What the running services export: every `forfall_*` family in their `/metrics`.
+async fn exported_families(stack: &forfall_e2e::LocalStack) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let mut families = std::collections::BTreeSet::new();
+    for service in forfall::TARGETS {
+        let text = stack.metrics(service).await?;
+        families.extend(
+            text.lines()
+                .filter_map(|l| l.strip_prefix("# TYPE "))
+                .filter_map(|l| l.split(' ').next())
+                .filter(|name| name.starts_with("forfall_"))
+                .map(str::to_owned),
+        );
+    }
+    Ok(families)
+}
+
+/// A policy with an experiment, on a plan short enough to reach the agency in a few days.
+const POLICY: &str = r#"
+version = "observability-1"
+
+[handoff]
+agency_sends_warning = ["DK", "NO"]
+
+[[segment]]
+name = "everyone"
+plan = "short"
+
+[plan.short]
+step = [
+  { name = "nudge", offset_banking_days = 0, channels = ["email"], tone = "nudge" },
+  { name = "handoff", offset_banking_days = 3, handoff = true },
+]
+
+[[experiment]]
+name = "nudge-copy"
+segments = ["everyone"]
+start = "2026-01-01"
+end = "2026-12-31"
+variant = [
+  { name = "control", weight = 50 },
+  { name = "warm", weight = 50 },
+]
+"#;
+
+/// The dashboards and the alert rules against the running services: a day of a small customer
+/// base (an invoice paid after its nudge, one handed to the agency, a malformed record, an
+/// unsigned agency call) on every service, then every metric a panel or a rule queries must be
+/// among the families the services export. A metric renamed, or one only named in the
+/// sources but never registered, fails here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_metric_the_dashboards_and_rules_query_is_exported_by_the_running_services() -> anyhow::Result<()> {
+    use forfall_e2e::*;
+    let clock = forfall_platform::clock::ManualClock::new(at("2026-03-10T08:00:00Z"));
+    let mut stack = LocalStack::start(base_config(), clock.clone()).await?;
+    let policy = std::env::temp_dir().join(format!("{}-policy.toml", stack.prefix));
+    std::fs::write(&policy, POLICY)?;
+    stack.set("watcher.policy_file", &policy);
+    stack.set("watcher.open_invoices_refresh_ms", 100);
+    stack.start_all();
+    stack.wait_ready(&forfall::TARGETS, WAIT).await?;
+
+    let paid = danish("obs-paid", "OBS-1", day(2026, 3, 12), "paid@example.test");
+    let unpaid = Sample {
+        reference: "RF61123456789012",
+        ..danish("obs-unpaid", "OBS-2", day(2026, 3, 12), "unpaid@example.test")
+    };
+    for s in [&paid, &unpaid] {
+        issue_invoice(&stack, s).await?;
+        status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    }
+    let billing = stack.topic(&stack.topics().billing_invoice_events);
+    stack.produce_raw(&billing, "junk", b"not an invoice").await?;
+    clock.set(at("2026-03-12T08:00:01Z"));
+    for s in [&paid, &unpaid] {
+        status_is(&stack, s.tenant, s.invoice_id, "nudged").await?;
+    }
+    let payment = paid.payment("obs-tx-1", paid.amount_minor, paid.reference);
+    stack
+        .produce(&stack.topic(&stack.topics().payments), "bank", &payment)
+        .await?;
+    status_is(&stack, paid.tenant, paid.invoice_id, "closed:paid").await?;
+    advance_until_status(
+        &stack,
+        &clock,
+        &unpaid.debtor_id(),
+        unpaid.tenant,
+        unpaid.invoice_id,
+        "handed_over",
+        10,
+    )
+    .await?;
+    let handoff = stack
+        .rt
+        .admin_addr("handoff")
+        .ok_or_else(|| anyhow::anyhow!("hand-off serves HTTP"))?;
+    let refused = reqwest::Client::new()
+        .post(format!("http://{handoff}/v1/agency/events"))
+        .body("{}")
+        .send()
+        .await?;
+    assert_eq!(refused.status().as_u16(), 401);
+
+    let mut queried = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for path in files(&root().join("deploy/grafana"), "json")? {
+        let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        for panel in dashboard["panels"].as_array().cloned().unwrap_or_default() {
+            for target in panel["targets"].as_array().cloned().unwrap_or_default() {
+                for name in metrics_in(target["expr"].as_str().unwrap_or_default()) {
+                    queried.entry(name).or_default().push(format!(
+                        "{}: '{}'",
+                        path.display(),
+                        panel["title"].as_str().unwrap_or_default()
+                    ));
+                }
+            }
+        }
+    }
+    for path in files(&root().join("deploy/prometheus/rules"), "yml")? {
+        for name in metrics_in(&rule_queries(&std::fs::read_to_string(&path)?)) {
+            queried.entry(name).or_default().push(path.display().to_string());
+        }
+    }
+    assert!(queried.len() > 10, "{queried:?}");
+    // Each family shows once its first series exists: wait for the last of them (the gauges
+    // refresh, the lag is sampled) rather than for a fixed time.
+    let missing = || async {
+        let exported = exported_families(&stack).await?;
+        anyhow::Ok(
+            queried
+                .iter()
+                .filter(|(name, _)| !exported.contains(*name))
+                .map(|(name, by)| format!("{name} (queried by {})", by.join(", ")))
+                .collect::<Vec<String>>(),
+        )
+    };
+    let all_there = eventually("every queried metric exported", WAIT, || async {
+        Ok(missing().await?.is_empty().then_some(()))
+    })
+    .await;
+    if all_there.is_err() {
+        panic!("not exported by any running service: {:#?}", missing().await?);
+    }
+    stack.shutdown().await;
     Ok(())
 }

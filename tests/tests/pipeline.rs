@@ -13,7 +13,8 @@ use forfall_platform::records::{
 /// The whole pipeline on a manual clock set to `start`.
 async fn pipeline(start: &str) -> anyhow::Result<(std::sync::Arc<ManualClock>, LocalStack)> {
     let clock = ManualClock::new(at(start));
-    let stack = LocalStack::start(base_config(), clock.clone()).await?;
+    let mut stack = LocalStack::start(base_config(), clock.clone()).await?;
+    stack.set("watcher.open_invoices_refresh_ms", 100);
     stack.start_all();
     Ok((clock, stack))
 }
@@ -58,6 +59,32 @@ async fn nudge_is_mailed_then_payment_closes_the_invoice_and_silences_it() -> an
         "body carries the payment reference: {body}"
     );
 
+    // An SRE sees it open after its nudge, and the nudge among the messages of its segment
+    // (outside any experiment).
+    let tenant = format!("tenant=\"{}\"", s.tenant);
+    eventually("the invoice counted open after its nudge", WAIT, || async {
+        let m = stack.metrics("watcher").await?;
+        let open = metric_value(
+            &m,
+            "forfall_watcher_open_invoices{",
+            &[&tenant, "stage=\"after_nudge\""],
+        );
+        Ok((open == Some(1.0)).then_some(()))
+    })
+    .await?;
+    let m = stack.metrics("dispatch").await?;
+    let nudges = metric_value(
+        &m,
+        "forfall_dispatch_messages_total{",
+        &[
+            "step=\"nudge\"",
+            "channel=\"email\"",
+            "experiment=\"none\"",
+            "variant=\"none\"",
+        ],
+    );
+    assert_eq!(nudges, Some(1.0), "{m}");
+
     // The bank quotes the reference with spaces, as printed.
     let payment = s.payment("bank-tx-1", 123_450, "RF18 5390 0754 7034");
     stack
@@ -67,15 +94,37 @@ async fn nudge_is_mailed_then_payment_closes_the_invoice_and_silences_it() -> an
     // Credit control sees where it was paid: after the nudge, before any reminder.
     let watcher = stack.rt.admin_addr("watcher").expect("the watcher serves HTTP");
     let metrics = reqwest::get(format!("http://{watcher}/metrics")).await?.text().await?;
+    // Every stage is there from the start (at zero), so a rate sees the first settlement.
     let settled: Vec<&str> = metrics
         .lines()
-        .filter(|l| l.starts_with("forfall_watcher_settlements_total{"))
+        .filter(|l| l.starts_with("forfall_watcher_settlements_total{") && !l.ends_with(" 0"))
         .collect();
     assert_eq!(settled.len(), 1, "{metrics}");
     assert!(
         settled[0].contains("stage=\"after_nudge\"") && settled[0].ends_with(" 1"),
         "{settled:?}"
     );
+    assert!(
+        metric_value(
+            &metrics,
+            "forfall_watcher_settlements_total{",
+            &["stage=\"before_any_message\""]
+        ) == Some(0.0),
+        "{metrics}"
+    );
+    // How long the paid debtor could still have been messaged: one payment measured.
+    assert_eq!(
+        metric_value(&metrics, "forfall_watcher_payment_to_stop_seconds_count", &[]),
+        Some(1.0),
+        "{metrics}"
+    );
+    // Paid: no longer open in any stage.
+    eventually("the paid invoice no longer counted open", WAIT, || async {
+        let m = stack.metrics("watcher").await?;
+        let open = metric_value(&m, "forfall_watcher_open_invoices{", &[&tenant]);
+        Ok(open.is_none_or(|n| n == 0.0).then_some(()))
+    })
+    .await?;
 
     // Past the reminder and the hand-off dates: nothing more happens.
     let mark = issue_timer_mark(&stack, &s, day(2026, 4, 20)).await?;
@@ -382,6 +431,8 @@ async fn the_last_look_waits_for_the_journey_to_include_the_action() -> anyhow::
         interest_rate_bp: None,
         compensation_minor: 0,
         covers: Vec::new(),
+        segment: None,
+        experiment: None,
     };
     stack
         .produce(

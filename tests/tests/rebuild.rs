@@ -174,6 +174,11 @@ async fn a_watcher_whose_redis_state_is_lost_mid_journey_rebuilds_it_and_nobody_
         status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
     }
 
+    // Eight open, all nudged: what the open-invoice gauge reads.
+    let open = open_invoice_counts(&stack.rt.config).await?;
+    let nudged = format!("nudged|{}", invoices[0].tenant);
+    assert_eq!(open, [(nudged.clone(), 8)].into(), "{open:?}");
+
     lose_watcher_state(&stack.rt.config).await?;
     // Noticed without any record arriving: the journeys come back as they were.
     for s in &invoices {
@@ -184,6 +189,8 @@ async fn a_watcher_whose_redis_state_is_lost_mid_journey_rebuilds_it_and_nobody_
         };
         status_is(&stack, s.tenant, s.invoice_id, want).await?;
     }
+    // And the counts with them, each journey counted once.
+    assert_eq!(open_invoice_counts(&stack.rt.config).await?, open);
     // Lost again, and this time a record is what finds it: a revision of an unpaid invoice
     // (its amount credited down) must continue its journey, not open it anew at step 0.
     lose_watcher_state(&stack.rt.config).await?;
@@ -231,6 +238,9 @@ async fn a_redis_restored_from_an_older_snapshot_is_brought_up_to_date_from_the_
     for s in invoices.iter().filter(|s| paid.contains(&s.invoice_id)) {
         status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
     }
+    // The snapshot counted twelve open; brought up to date, the counts say nine.
+    let nudged = format!("nudged|{}", invoices[0].tenant);
+    assert_eq!(open_invoice_counts(&stack.rt.config).await?, [(nudged, 9)].into());
     finish_and_check(&stack, &clock, &invoices, &paid, &[]).await?;
     stack.shutdown().await;
     Ok(())

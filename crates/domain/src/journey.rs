@@ -208,6 +208,25 @@ impl JourneyState {
         }
     }
 
+    /// The state a [`JourneyState::label`] names (a stored journey's header carries it).
+    pub fn from_label(label: &str) -> Option<Self> {
+        Some(match label {
+            "open" => JourneyState::Open,
+            "nudged" => JourneyState::Nudged,
+            "warned" => JourneyState::Warned,
+            "handed_over" => JourneyState::HandedOver,
+            "needs_person" => JourneyState::NeedsPerson,
+            "closed:paid" => JourneyState::Closed(CloseReason::Paid),
+            "closed:credited" => JourneyState::Closed(CloseReason::Credited),
+            "closed:cancelled" => JourneyState::Closed(CloseReason::Cancelled),
+            "paused:dispute" => JourneyState::Paused(PauseReason::Dispute),
+            "paused:promise" => JourneyState::Paused(PauseReason::PromiseToPay),
+            "paused:instalments" => JourneyState::Paused(PauseReason::Instalments),
+            "paused:claims_paid" => JourneyState::Paused(PauseReason::ClaimsPaid),
+            other => JourneyState::Reminded(other.strip_prefix("reminded-")?.parse().ok()?),
+        })
+    }
+
     /// Closed, with an agency, or waiting for a person: the plan takes no more steps.
     pub fn is_final(self) -> bool {
         matches!(

@@ -243,6 +243,15 @@ pub struct Choice {
     pub experiment: Option<String>,
 }
 
+/// The experiment and variant of a journey's recorded assignment (`experiment/variant`), as
+/// metric labels: `("none", "none")` for a journey no experiment assigned.
+pub fn experiment_labels(assignment: Option<&str>) -> (&str, &str) {
+    match assignment.and_then(|a| a.split_once('/')) {
+        Some((experiment, variant)) => (experiment, variant),
+        None => ("none", "none"),
+    }
+}
+
 impl Policy {
     /// A plan by the name a journey recorded (`name+holdout` for a holdout's message-free copy).
     pub fn plan_named(&self, name: &str) -> Option<Plan> {
@@ -567,6 +576,12 @@ pub fn load(text: &str, law: &LawBook, on: NaiveDate) -> Result<Policy, PolicyEr
     let mut experiments = Vec::new();
     for e in &raw.experiments {
         let at = format!("experiment '{}'", e.name);
+        if e.name.is_empty() || e.name.contains('/') {
+            problem(
+                at.clone(),
+                "its name must be non-empty and without '/' (journeys record 'experiment/variant')".into(),
+            );
+        }
         if e.end < e.start {
             problem(at.clone(), format!("ends {} before it starts {}", e.end, e.start));
         }
@@ -580,6 +595,9 @@ pub fn load(text: &str, law: &LawBook, on: NaiveDate) -> Result<Policy, PolicyEr
         }
         let mut names = HashSet::new();
         for v in &e.variants {
+            if v.name.is_empty() || v.name.contains('/') {
+                problem(at.clone(), format!("variant '{}' must be named, without '/'", v.name));
+            }
             if !names.insert(v.name.as_str()) {
                 problem(at.clone(), format!("variant '{}' is defined twice", v.name));
             }
@@ -1099,6 +1117,19 @@ step = [
             .filter(|i| bucket("acme-energy", &format!("d{i}"), "x") != bucket("other", &format!("d{i}"), "x"))
             .count();
         assert_eq!(differs, 200);
+    }
+
+    #[test]
+    fn an_assignment_reads_back_as_experiment_and_variant_labels_and_names_with_a_slash_are_refused() {
+        assert_eq!(experiment_labels(Some("sms-first/holdout")), ("sms-first", "holdout"));
+        assert_eq!(experiment_labels(None), ("none", "none"));
+        let slashed = POLICY.replacen("name = \"sms-first\"", "name = \"sms/first\"", 1);
+        assert_ne!(slashed, POLICY, "the test policy names its experiment");
+        let refused = load(&slashed, &law(), today()).unwrap_err().to_string();
+        assert!(
+            refused.contains("experiment 'sms/first'") && refused.contains("without '/'"),
+            "{refused}"
+        );
     }
 
     #[test]

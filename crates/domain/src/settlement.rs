@@ -45,6 +45,30 @@ pub const STAGES: [&str; 15] = [
     "after_closing",
 ];
 
+/// What a journey transition counts for in an experiment's comparison: the debtor assigned,
+/// paid in full without or after a fee-bearing step (the Danish utility's measure: settled
+/// before any fee), handed to the agency, collected there. `fees_charged`: the journey had
+/// been charged a fee by then.
+pub fn experiment_outcome(transition_kind: &str, fees_charged: bool) -> Option<&'static str> {
+    match transition_kind {
+        "plan_chosen" => Some("assigned"),
+        "paid" if fees_charged => Some("paid_after_fee"),
+        "paid" => Some("paid_without_fee"),
+        "handed_over" => Some("handed_over"),
+        "paid_at_agency" => Some("paid_at_agency"),
+        _ => None,
+    }
+}
+
+/// Every outcome [`experiment_outcome`] can give.
+pub const EXPERIMENT_OUTCOMES: [&str; 5] = [
+    "assigned",
+    "paid_without_fee",
+    "paid_after_fee",
+    "handed_over",
+    "paid_at_agency",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,6 +107,35 @@ mod tests {
         #[test]
         fn every_state_has_one_of_the_known_stages(state in any_state()) {
             prop_assert!(STAGES.contains(&stage(state)));
+        }
+
+        /// The stored header's status reads back as the state it was written from, so the
+        /// open-invoice counts kept by status give every state's stage.
+        #[test]
+        fn every_state_label_reads_back(state in any_state()) {
+            prop_assert_eq!(JourneyState::from_label(&state.label()), Some(state));
+        }
+    }
+
+    #[test]
+    fn an_unknown_label_is_no_state() {
+        for label in ["", "reminded-", "reminded-x", "closed:", "paused:nap", "Open"] {
+            assert_eq!(JourneyState::from_label(label), None, "{label}");
+        }
+    }
+
+    #[test]
+    fn experiments_are_compared_on_assignment_settlement_with_and_without_fee_and_hand_off() {
+        assert_eq!(experiment_outcome("plan_chosen", false), Some("assigned"));
+        assert_eq!(experiment_outcome("paid", false), Some("paid_without_fee"));
+        assert_eq!(experiment_outcome("paid", true), Some("paid_after_fee"));
+        assert_eq!(experiment_outcome("handed_over", true), Some("handed_over"));
+        assert_eq!(experiment_outcome("paid_at_agency", true), Some("paid_at_agency"));
+        assert_eq!(experiment_outcome("step_sent", true), None);
+        for kind in ["plan_chosen", "paid", "handed_over", "paid_at_agency"] {
+            for fee in [false, true] {
+                assert!(EXPERIMENT_OUTCOMES.contains(&experiment_outcome(kind, fee).unwrap_or_default()));
+            }
         }
     }
 }

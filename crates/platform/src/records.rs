@@ -211,6 +211,12 @@ pub struct JourneyAction {
     pub compensation_minor: i64,
     #[serde(default)]
     pub covers: Vec<CoveredInvoice>,
+    /// The policy segment whose plan the journey follows.
+    #[serde(default)]
+    pub segment: Option<String>,
+    /// `experiment/variant` when an experiment assigned the debtor.
+    #[serde(default)]
+    pub experiment: Option<String>,
 }
 record!(JourneyAction, "JourneyAction.avsc");
 
@@ -819,6 +825,8 @@ mod tests {
                 interest_minor: 0,
                 compensation_minor: 0,
             }],
+            segment: Some("consumers".into()),
+            experiment: Some("friendly/variant".into()),
         });
         round_trip(JourneyEvent {
             event_id: "e".into(),

@@ -45,6 +45,7 @@ use channels::{SendError, Sms, SmsProvider, SmsProviderKind, Webhook};
 use content::Templates;
 use forfall_domain::Jurisdiction;
 use forfall_domain::calendar::{ContactHours, next_contact_moment};
+use forfall_domain::policy::experiment_labels;
 use forfall_platform::changelog::{self, Changelog};
 use forfall_platform::derived_state::{DerivedState, guard_lua};
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
@@ -276,6 +277,8 @@ pub struct Dispatch {
     receipts_base: String,
     outcomes_topic: String,
     outcomes: IntCounterVec,
+    /// Messages sent, by step, channel, segment and experiment variant.
+    messages: IntCounterVec,
     deferred: IntCounterVec,
     suppression_lag: Histogram,
     /// Actions whose journey write has not landed yet, and since when (real time).
@@ -1158,6 +1161,13 @@ impl Handler for Dispatch {
             self.outcomes
                 .with_label_values(&[&action.step, channel, metric_label])
                 .inc();
+            if matches!(metric_label, "sent" | "delivered") {
+                let (experiment, variant) = experiment_labels(action.experiment.as_deref());
+                let segment = action.segment.as_deref().unwrap_or("none");
+                self.messages
+                    .with_label_values(&[&action.step, channel, segment, experiment, variant])
+                    .inc();
+            }
             tracing::info!(step = %action.step, channel = %channel, status = %status_label, "dispatch outcome");
             let mut outcome = outcome_of(
                 &action,
@@ -1265,7 +1275,16 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         ),
         &["jurisdiction"],
     )?;
+    // The labels are bounded by the policy (its steps, segments, experiments and variants).
+    let messages = IntCounterVec::new(
+        Opts::new(
+            "dispatch_messages_total",
+            "Messages sent, by step, channel, policy segment, experiment and variant ('none' outside experiments)",
+        ),
+        &["step", "channel", "segment", "experiment", "variant"],
+    )?;
     shell.metrics.registry.register(Box::new(outcomes.clone()))?;
+    shell.metrics.registry.register(Box::new(messages.clone()))?;
     shell.metrics.registry.register(Box::new(deferred.clone()))?;
     shell.metrics.registry.register(Box::new(suppression_lag.clone()))?;
     let from: Mailbox = settings
@@ -1316,6 +1335,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         pay_links,
         outcomes_topic,
         outcomes,
+        messages,
         deferred,
         suppression_lag,
         lagging: std::sync::Mutex::default(),

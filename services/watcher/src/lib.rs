@@ -41,7 +41,7 @@ use forfall_domain::journey::{
     self, DebtorInvoice, Decision, Emit, Journey, JourneyState, Plan, Request, Role, StepFee, TimerChange, Transition,
 };
 use forfall_domain::law::{DebtorContext, LawBook};
-use forfall_domain::policy::{self, DebtorFacts, Policy};
+use forfall_domain::policy::{self, DebtorFacts, Policy, experiment_labels};
 use forfall_domain::{Currency, DebtorKind, Jurisdiction, Money};
 use forfall_platform::admin::Readiness;
 use forfall_platform::changelog::{self, Changelog};
@@ -58,7 +58,7 @@ use forfall_platform::redis_store;
 use forfall_platform::service::{Runtime, ServiceShell};
 use forfall_platform::telemetry::TraceContext;
 use futures::StreamExt;
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts};
 use rdkafka::consumer::Consumer;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
@@ -110,6 +110,8 @@ pub struct WatcherSettings {
     /// The bearer token of the staff endpoint (`/v1/handoff/preview/...`); it answers nothing
     /// without one, since a case names the debtor.
     pub staff_token: Option<config::Secret>,
+    /// How often (real time) the open-invoice gauge is read from the partitions' counts.
+    pub open_invoices_refresh_ms: u64,
 }
 
 impl Default for WatcherSettings {
@@ -128,6 +130,7 @@ impl Default for WatcherSettings {
             retention_sweep_secs: 60,
             parked_retention_days: 30,
             staff_token: None,
+            open_invoices_refresh_ms: 15_000,
         }
     }
 }
@@ -149,6 +152,13 @@ struct Emission<'a> {
 
 struct Metrics {
     transitions: IntCounterVec,
+    /// Per experiment variant: debtors assigned, paid without or after a fee, handed over,
+    /// collected by the agency ([`forfall_domain::settlement::experiment_outcome`]).
+    experiment_outcomes: IntCounterVec,
+    /// Open invoices by tenant and stage, over the partitions this instance owns.
+    open_invoices: IntGaugeVec,
+    /// From a payment's match (its record's time) to the journey's contact stop written.
+    payment_to_stop: Histogram,
     /// Invoices paid in full, by the stage of their journey
     /// ([`forfall_domain::settlement::stage`]).
     settlements: IntCounterVec,
@@ -157,6 +167,20 @@ struct Metrics {
     policy_reloads: IntCounterVec,
     combined: prometheus::IntCounter,
     merged: prometheus::IntCounter,
+}
+
+impl Metrics {
+    /// Every outcome of every variant of the policy's experiments at zero: a comparison reads
+    /// a variant's first settlement as an increase, not as a series appearing.
+    fn zero_experiments(&self, policy: &Policy) {
+        for e in &policy.experiments {
+            for v in &e.variants {
+                for outcome in forfall_domain::settlement::EXPERIMENT_OUTCOMES {
+                    self.experiment_outcomes.with_label_values(&[&e.name, &v.name, outcome]);
+                }
+            }
+        }
+    }
 }
 
 struct Inner {
@@ -382,6 +406,14 @@ impl Watcher {
                 let stage = forfall_domain::settlement::stage(t.from);
                 self.0.metrics.settlements.with_label_values(&[stage]).inc();
             }
+            if let Some(outcome) = forfall_domain::settlement::experiment_outcome(t.kind, d.journey.fees_minor > 0) {
+                let (experiment, variant) = experiment_labels(d.journey.experiment.as_deref());
+                self.0
+                    .metrics
+                    .experiment_outcomes
+                    .with_label_values(&[experiment, variant, outcome])
+                    .inc();
+            }
             let e = self.event(&d.journey, plan, upcoming, t, cause, i, now);
             outs.push(self.0.rt.codec.outbound(&events_topic, &debtor, &e, trace).await?);
         }
@@ -491,6 +523,8 @@ impl Watcher {
             interest_rate_bp: accrued.rate_bp.and_then(|bp| i32::try_from(bp).ok()),
             compensation_minor: accrued.compensation_minor,
             covers: Vec::new(),
+            segment: j.segment.clone(),
+            experiment: j.experiment.clone(),
         }
     }
 
@@ -1046,6 +1080,12 @@ impl Watcher {
                 )
                 .await?
             {
+                if d.stops_contact() {
+                    if let Some(matched_ms) = record.timestamp_ms {
+                        let waited_ms = (Utc::now().timestamp_millis() - matched_ms).max(0);
+                        self.0.metrics.payment_to_stop.observe(waited_ms as f64 / 1000.0);
+                    }
+                }
                 return Ok(());
             }
         }
@@ -1353,6 +1393,7 @@ impl Watcher {
         let mut attempt = 0u32;
         let mut polled: HashSet<i32> = HashSet::new();
         let mut last_sweep = std::time::Instant::now();
+        let mut last_counted: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = self.0.rt.shutdown.cancelled() => break,
@@ -1404,6 +1445,13 @@ impl Watcher {
                         let e = self.noticing_missing_state(p, e);
                         tracing::warn!(error = ?e, partition = p, "removing closed journeys past their retention failed; the next sweep retries");
                     }
+                }
+            }
+            if last_counted.is_none_or(|t| t.elapsed() >= Duration::from_millis(settings.open_invoices_refresh_ms)) {
+                last_counted = Some(std::time::Instant::now());
+                let ready: Vec<i32> = partitions.iter().copied().filter(|p| self.is_ready(*p)).collect();
+                if let Err(e) = self.count_open(&ready).await {
+                    tracing::warn!(error = ?e, "could not read the open-invoice counts; the next refresh retries");
                 }
             }
             if let Err(e) = self.ensure_ready_all(&partitions).await {
@@ -1572,6 +1620,28 @@ impl Watcher {
         let _: () = pipe.query_async(&mut self.conn()).await?;
         tracing::info!(partition, removed = old.len(), "late history past 12 months removed");
         Ok(old.len())
+    }
+
+    /// Sets the open-invoice gauge from the counts of the partitions this instance owns (each
+    /// instance its own, so that their sum is the whole).
+    async fn count_open(&self, partitions: &[i32]) -> Result<(), Failure> {
+        let counts = self.0.store.open_counts(partitions).await?;
+        let mut by_stage: BTreeMap<(String, &'static str), i64> = BTreeMap::new();
+        for ((tenant, status), n) in counts {
+            let Some(state) = JourneyState::from_label(&status) else {
+                tracing::warn!(status = %status, "an open-invoice count of an unknown status; not shown");
+                continue;
+            };
+            *by_stage
+                .entry((tenant, forfall_domain::settlement::stage(state)))
+                .or_insert(0) += n;
+        }
+        let gauge = &self.0.metrics.open_invoices;
+        gauge.reset();
+        for ((tenant, stage), n) in by_stage {
+            gauge.with_label_values(&[&tenant, stage]).set(n);
+        }
+        Ok(())
     }
 
     /// Removes the closed journeys of `partitions` whose retention has passed: each leaves the
@@ -2143,6 +2213,7 @@ impl Watcher {
                 Ok(p) => {
                     tracing::info!(version = %p.version, "policy reloaded");
                     self.0.metrics.policy_reloads.with_label_values(&["applied"]).inc();
+                    self.0.metrics.zero_experiments(&p);
                     *self.0.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
                 }
                 Err(e) => {
@@ -2196,8 +2267,36 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         ),
         &["result"],
     )?;
+    let experiment_outcomes = IntCounterVec::new(
+        Opts::new(
+            "watcher_experiment_invoices_total",
+            "Invoices by experiment, variant and outcome (assigned, paid_without_fee, paid_after_fee, handed_over, paid_at_agency); 'none' outside experiments",
+        ),
+        &["experiment", "variant", "outcome"],
+    )?;
+    let open_invoices = IntGaugeVec::new(
+        Opts::new(
+            "watcher_open_invoices",
+            "Open invoices (not paid, credited or cancelled; with the agency included) by tenant and stage, over the partitions this instance owns",
+        ),
+        &["tenant", "stage"],
+    )?;
+    let payment_to_stop = Histogram::with_opts(
+        HistogramOpts::new(
+            "watcher_payment_to_stop_seconds",
+            "From a payment's match (its record's time) to the paid journey written (its contact stop goes first): how long a paid debtor could still be messaged, at most",
+        )
+        .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+    )?;
+    // Zero from the start, so that the first increment shows in rate() and increase().
+    for stage in forfall_domain::settlement::STAGES {
+        settlements.with_label_values(&[stage]);
+    }
     for c in [
         Box::new(transitions.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(experiment_outcomes.clone()),
+        Box::new(open_invoices.clone()),
+        Box::new(payment_to_stop.clone()),
         Box::new(settlements.clone()),
         Box::new(fired.clone()),
         Box::new(lateness.clone()),
@@ -2242,6 +2341,9 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         stripes: (0..4096).map(|_| Mutex::new(())).collect(),
         metrics: Metrics {
             transitions,
+            experiment_outcomes,
+            open_invoices,
+            payment_to_stop,
             settlements,
             fired,
             lateness,
@@ -2252,6 +2354,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         topics: topics.clone(),
         rt: rt.clone(),
     }));
+    watcher.0.metrics.zero_experiments(&watcher.policy());
     // The staff endpoint answers from here on.
     let _ = handle.set(watcher.clone());
     let consumer = shell.consumer(

@@ -114,13 +114,41 @@ elseif ARGV[10] ~= 'open' and at then
 end
 ";
 
+/// Keeps the partition's open-invoice counts (hash `{counts}`, fields `status|tenant`) in step
+/// with one journey's value changing from `cur` (false when absent) to ARGV[3] (empty when
+/// removed); the journey's field ARGV[1] names its tenant. Closed journeys are not counted.
+/// Shared by the save and restore scripts, so that a rebuild leaves the counts as the writes
+/// did.
+fn open_counts_lua(counts: &str) -> String {
+    format!(
+        r"
+local function open_status(value)
+  if not value or value == '' then return nil end
+  local s = string.match(value, '^%d+|([^|]*)|')
+  if not s or string.sub(s, 1, 7) == 'closed:' then return nil end
+  return s
+end
+local len, rest = string.match(ARGV[1], '^(%d+):(.*)$')
+local tenant = string.sub(rest, 1, tonumber(len))
+local was, now = open_status(cur), open_status(ARGV[3])
+if was ~= now then
+  if was and redis.call('HINCRBY', {counts}, was .. '|' .. tenant, -1) <= 0 then
+    redis.call('HDEL', {counts}, was .. '|' .. tenant)
+  end
+  if now then redis.call('HINCRBY', {counts}, now .. '|' .. tenant, 1) end
+end
+"
+    )
+}
+
 /// Writes one journey if its version is still the expected one and its partition's state is
 /// present (KEYS[4] `ready:<changelog offset>`; -1 when it is missing or being rebuilt), moves
 /// its timer, keeps the debtor's list of open invoices and the partition's closed journeys
 /// (KEYS[5], by when they closed: ARGV[12]), removes the journey's contact stop (KEYS[6]: the
 /// journey now says what it said), and records the journey's changelog offset (ARGV[11]) as the
-/// partition's checkpoint.
+/// partition's checkpoint, and the partition's open-invoice counts (KEYS[7]).
 fn save_script() -> String {
+    let open_counts = open_counts_lua("KEYS[7]");
     format!(
         r"
 local state = redis.call('GET', KEYS[4])
@@ -131,6 +159,7 @@ local cur = redis.call('HGET', KEYS[1], ARGV[1])
 local v = ''
 if cur then v = string.match(cur, '^(%d+)|') or '' end
 if v ~= ARGV[2] then return 0 end
+{open_counts}
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 if ARGV[4] ~= '' then redis.call('ZREM', KEYS[2], ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('ZREM', KEYS[2], ARGV[5]) end
@@ -148,10 +177,14 @@ return 1
 /// is the truth, and nothing else writes the partition while it is rebuilt): its value (ARGV[3],
 /// empty to delete), its timer (old member ARGV[4] out, ARGV[6] in at ARGV[7]), and the
 /// debtor's list of open invoices, and the closed index (KEYS[4]; ARGV[11], when it closed).
-/// ARGV[2] and ARGV[5] are unused (the save script's layout).
+/// ARGV[2] and ARGV[5] are unused (the save script's layout). The open-invoice counts (KEYS[5])
+/// move from what Redis holds to the changelog's value.
 fn restore_script() -> String {
+    let open_counts = open_counts_lua("KEYS[5]");
     format!(
         r"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+{open_counts}
 if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
 if ARGV[4] ~= '' and ARGV[4] ~= ARGV[6] then redis.call('ZREM', KEYS[2], ARGV[4]) end
 if ARGV[6] ~= '' then redis.call('ZADD', KEYS[2], ARGV[7], ARGV[6]) end
@@ -378,6 +411,27 @@ impl Store {
     /// Payments that arrived before their invoice, by payment id.
     pub fn parked_key(&self, tenant: &str, invoice_id: &str) -> String {
         self.keys.key(&["parked", &format!("{{{tenant}:{invoice_id}}}")])
+    }
+
+    /// A partition's open invoices counted by status and tenant (see [`open_counts_lua`]).
+    pub fn open_counts_key(&self, partition: i32) -> String {
+        self.keys.key(&["open-counts", &partition.to_string()])
+    }
+
+    /// The open invoices of `partitions` by (tenant, status label), summed.
+    pub async fn open_counts(&self, partitions: &[i32]) -> Result<HashMap<(String, String), i64>, Failure> {
+        let mut pipe = redis::pipe();
+        for p in partitions {
+            pipe.hgetall(self.open_counts_key(*p));
+        }
+        let per_partition: Vec<HashMap<String, i64>> = pipe.query_async(&mut self.conn()).await?;
+        let mut sum = HashMap::new();
+        for (field, n) in per_partition.into_iter().flatten() {
+            if let Some((status, tenant)) = field.split_once('|') {
+                *sum.entry((tenant.to_owned(), status.to_owned())).or_insert(0) += n;
+            }
+        }
+        Ok(sum)
     }
 
     /// Whether a partition's state is present: `ready:<checkpoint>` once built,
@@ -714,13 +768,14 @@ impl Store {
         let (add_member, add_score) = p.add.clone().unwrap_or_default();
         pipe.cmd("EVALSHA")
             .arg(self.save.get_hash())
-            .arg(6)
+            .arg(7)
             .arg(&p.at.key)
             .arg(self.timers_key(p.partition))
             .arg(&p.debtor.0)
             .arg(self.state_key(p.partition))
             .arg(self.closed_key(p.partition))
             .arg(&p.stop_at.key)
+            .arg(self.open_counts_key(p.partition))
             .arg(&p.at.field)
             .arg(p.expected.map(|v| v.to_string()).unwrap_or_default())
             .arg(&p.value)
@@ -778,7 +833,7 @@ impl Store {
             .unwrap_or_default();
         pipe.cmd("EVALSHA")
             .arg(self.restore.get_hash())
-            .arg(4)
+            .arg(5)
             .arg(&at.key)
             .arg(self.timers_key(partition))
             .arg(if debtor.0.is_empty() {
@@ -787,6 +842,7 @@ impl Store {
                 debtor.0.clone()
             })
             .arg(self.closed_key(partition))
+            .arg(self.open_counts_key(partition))
             .arg(&at.field)
             .arg("")
             .arg(value)

@@ -97,6 +97,8 @@ pub struct Inbound {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
+    /// When the record was written (its producer's create time, ms since the epoch), if known.
+    pub timestamp_ms: Option<i64>,
     /// The producer's trace context, or a new root when the record carried none; once the
     /// record's span is open (and spans are exported), that span's.
     pub trace: TraceContext,
@@ -114,6 +116,7 @@ impl Inbound {
             offset: m.offset(),
             key: m.key().map(<[u8]>::to_vec),
             payload: m.payload().map(<[u8]>::to_vec),
+            timestamp_ms: m.timestamp().to_millis(),
             trace,
             parent,
         }
