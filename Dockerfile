@@ -7,9 +7,10 @@
 #   docker build -t forfall:dev .
 
 FROM rust:1.95-bookworm AS build
-# librdkafka is built from source (rdkafka's bundled build): it needs a C toolchain and zlib.
+# librdkafka is built from source with cmake (rdkafka's bundled build), libcurl with it for
+# OAUTHBEARER/OIDC: they need a C toolchain, cmake, OpenSSL's and zlib's headers.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends build-essential pkg-config libssl-dev zlib1g-dev \
+ && apt-get install -y --no-install-recommends build-essential cmake pkg-config libssl-dev zlib1g-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .

@@ -130,6 +130,19 @@ ensure_browser() {
   fi
 }
 
+# Building needs cmake: librdkafka is built with it, with libcurl built in for SASL/OAUTHBEARER's
+# OIDC token endpoint (rdkafka's `cmake-build` and `curl-static` features).
+ensure_build_tools() {
+  command -v cmake >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing cmake (apt), which builds librdkafka"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cmake >/dev/null
+  else
+    log "cmake is missing: install it (Debian package 'cmake'); librdkafka is built with it"
+  fi
+}
+
 # The alert rules' unit tests run promtool, from Debian's prometheus package.
 ensure_promtool() {
   command -v promtool >/dev/null 2>&1 && return 0
@@ -169,11 +182,12 @@ stop_pid() {
 }
 
 case "${1:-up}" in
-  up) start_broker; start_redis; ensure_browser; ensure_promtool; ensure_helm_tools ;;
+  up) ensure_build_tools; start_broker; start_redis; ensure_browser; ensure_promtool; ensure_helm_tools ;;
+  build-tools) ensure_build_tools ;;
   down) stop_pid tansu; stop_pid redis ;;
   status)
     port_open "$BROKER_HOST" "$BROKER_PORT" && echo "broker: up on $BROKER_HOST:$BROKER_PORT" || echo "broker: down"
     port_open 127.0.0.1 "$REDIS_PORT" && echo "redis: up on 127.0.0.1:$REDIS_PORT" || echo "redis: down" ;;
-  install) ensure_tansu; ensure_browser; ensure_promtool; ensure_helm_tools ;;
-  *) die "usage: $0 up|down|status|install" ;;
+  install) ensure_build_tools; ensure_tansu; ensure_browser; ensure_promtool; ensure_helm_tools ;;
+  *) die "usage: $0 up|down|status|install|build-tools" ;;
 esac

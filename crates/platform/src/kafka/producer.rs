@@ -209,6 +209,92 @@ mod tests {
         assert!(err.contains("security.protocol"), "{err}");
     }
 
+    /// One request to a token endpoint on loopback, answered with an unsigned JWT valid for an
+    /// hour (librdkafka reads its `exp` and `sub`); the request as it came.
+    async fn token_endpoint() -> (String, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/oauth2/token", listener.local_addr().unwrap());
+        let served = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Headers, then as many body bytes as they announce.
+            loop {
+                let n = conn.read(&mut buf).await.unwrap();
+                request.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&request).to_string();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let length: usize = text
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().to_owned())
+                        })
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    if request.len() >= end + 4 + length || n == 0 {
+                        break;
+                    }
+                }
+            }
+            let b64 = |v: serde_json::Value| {
+                use base64::Engine;
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+            };
+            let exp = chrono::Utc::now().timestamp() + 3600;
+            let jwt = format!(
+                "{}.{}.",
+                b64(serde_json::json!({"alg": "none", "typ": "JWT"})),
+                b64(serde_json::json!({"sub": "forfall", "exp": exp, "iat": exp - 3600}))
+            );
+            let body = serde_json::json!({"access_token": jwt, "token_type": "bearer", "expires_in": 3600}).to_string();
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            conn.write_all(response.as_bytes()).await.unwrap();
+            String::from_utf8_lossy(&request).to_string()
+        });
+        (url, served)
+    }
+
+    #[tokio::test]
+    async fn oauthbearer_with_an_oidc_token_endpoint_fetches_a_token_with_the_client_credentials() {
+        // `sasl.oauthbearer.method=oidc` needs librdkafka built with libcurl (the `curl-static`
+        // feature): without it the client is refused when made. With it, the client asks the
+        // token endpoint for a token with its credentials before it talks to any broker.
+        let (url, served) = token_endpoint().await;
+        let oidc = with_properties(serde_json::json!({
+            "bootstrap.servers": "127.0.0.1:1",
+            "security.protocol": "SASL_PLAINTEXT",
+            "sasl.mechanism": "OAUTHBEARER",
+            "sasl.oauthbearer.method": "oidc",
+            "sasl.oauthbearer.client.id": "forfall-watcher",
+            "sasl.oauthbearer.client.secret": "s3cret",
+            "sasl.oauthbearer.scope": "kafka",
+            "sasl.oauthbearer.token.endpoint.url": url,
+        }));
+        let producer = Producer::new(&oidc, Metrics::new("t").unwrap()).unwrap();
+        let request = tokio::time::timeout(Duration::from_secs(30), served)
+            .await
+            .expect("the token endpoint is asked within 30 s")
+            .unwrap();
+        drop(producer);
+        assert!(request.starts_with("POST /oauth2/token "), "{request}");
+        assert!(request.contains("grant_type=client_credentials"), "{request}");
+        assert!(request.contains("scope=kafka"), "{request}");
+        use base64::Engine;
+        let basic = base64::engine::general_purpose::STANDARD.encode("forfall-watcher:s3cret");
+        assert!(
+            request
+                .to_ascii_lowercase()
+                .contains(&format!("authorization: basic {}", basic.to_ascii_lowercase())),
+            "{request}"
+        );
+    }
+
     fn out() -> Outbound {
         Outbound {
             topic: "t".into(),
