@@ -105,7 +105,8 @@ async fn the_registry_is_reached_with_basic_authentication() -> anyhow::Result<(
 
 /// Each tenant's systems call with their own token and act for that tenant only: the invoice
 /// intake and the matcher's API take the tenant from the token, and refuse a request naming
-/// another (403, nothing recorded) or carrying no token (401).
+/// another (403, nothing recorded) or carrying no token (401); the portal's timeline answers a
+/// tenant's token for its own invoices only, and the staff token for any.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_tenant_is_the_tokens_not_the_requests() -> anyhow::Result<()> {
     use forfall_platform::api_auth::TenantCredentials;
@@ -119,10 +120,12 @@ async fn the_tenant_is_the_tokens_not_the_requests() -> anyhow::Result<()> {
         );
     }
     let clock = forfall_platform::clock::ManualClock::new(at("2026-03-01T08:00:00Z"));
-    let stack = LocalStack::start(config, clock).await?;
+    let mut stack = LocalStack::start(config, clock).await?;
+    stack.set("portal.staff_token", "staff-token-77ab");
     stack.start_service("ingest");
     stack.start_service("matcher");
-    stack.wait_ready(&["ingest", "matcher"], WAIT).await?;
+    stack.start_service("portal");
+    stack.wait_ready(&["ingest", "matcher", "portal"], WAIT).await?;
     let ingest = stack.rt.admin_addr("ingest").expect("ingest serves HTTP");
     let matcher = stack.rt.admin_addr("matcher").expect("the matcher serves HTTP");
     let url = format!("http://{ingest}/v1/invoices");
@@ -202,6 +205,24 @@ async fn the_tenant_is_the_tokens_not_the_requests() -> anyhow::Result<()> {
         .send()
         .await?;
     assert_eq!(matched.status(), 401);
+
+    let portal = stack.rt.admin_addr("portal").expect("the portal serves HTTP");
+    let timeline = format!("http://{portal}/v1/timeline/acme-energy/inv-token-1");
+    assert_eq!(client.get(&timeline).send().await?.status(), 401);
+    let other = client.get(&timeline).bearer_auth("nordlys-token-9c2e").send().await?;
+    assert_eq!(other.status(), 403, "another tenant's token");
+    let own: serde_json::Value = eventually("acme's timeline of its invoice", WAIT, || async {
+        let answer = client.get(&timeline).bearer_auth("acme-token-4d1f").send().await?;
+        Ok(if answer.status() == 200 {
+            Some(answer.json().await?)
+        } else {
+            None
+        })
+    })
+    .await?;
+    assert_eq!(own["tenant"], "acme-energy", "{own}");
+    let staff = client.get(&timeline).bearer_auth("staff-token-77ab").send().await?;
+    assert_eq!(staff.status(), 200);
     stack.shutdown().await;
     Ok(())
 }

@@ -481,6 +481,103 @@ async fn the_webhook_channel_signs_what_it_sends() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A tenant with its own webhook secret: its messages are signed with it, not the shared one,
+/// and its system's receipts count only on its own route, signed with it. The shared secret
+/// (another tenant's system holds it) can speak of none of its messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenants_own_webhook_secret_signs_its_messages_and_alone_verifies_its_receipts() -> anyhow::Result<()> {
+    use forfall_dispatch::channels::{verify_webhook_signature, webhook_signature};
+    let mut stack = stack_with_profile().await?;
+    let hook = HttpRecorder::start().await?;
+    hook.answer_with(&[200]);
+    stack.set(
+        "dispatch.tenants.acme-energy.webhook_url",
+        hook.url("/forfall/messages"),
+    );
+    stack.set("dispatch.tenants.acme-energy.webhook_secret", "acme-own-secret");
+    stack.set("dispatch.tenants.nordkraft.webhook_url", hook.url("/nordkraft"));
+    stack.set("dispatch.webhook.secret", "tenant-shared-secret");
+    stack.start_service("dispatch");
+    let action = sms_action("hook-own", "da", &["webhook"]).build("own@example.test", "+4520000021");
+    send(&stack, &action).await?;
+    let sent = outcome_for(&stack, &action, "webhook", DispatchStatus::Sent).await?;
+    let requests = hook.requests();
+    assert_eq!(requests.len(), 1);
+    let signature = requests[0].header("forfall-signature").unwrap_or_default();
+    let now = at("2026-09-04T07:00:00Z").timestamp();
+    assert!(verify_webhook_signature(
+        "acme-own-secret",
+        signature,
+        &requests[0].body,
+        now,
+        300
+    ));
+    assert!(!verify_webhook_signature(
+        "tenant-shared-secret",
+        signature,
+        &requests[0].body,
+        now,
+        300
+    ));
+
+    let message_id = sent.provider_message_id.clone().unwrap_or_default();
+    let receipt = serde_json::to_vec(&serde_json::json!({"message_id": message_id, "status": "delivered"}))?;
+    let dispatch = stack
+        .rt
+        .admin_addr("dispatch")
+        .ok_or_else(|| anyhow::anyhow!("dispatch serves HTTP"))?;
+    let http = reqwest::Client::new();
+    let post = |path: &str, secret: &str| {
+        http.post(format!("http://{dispatch}{path}"))
+            .header("Forfall-Signature", webhook_signature(secret, now, &receipt))
+            .body(receipt.clone())
+            .send()
+    };
+    // The shared secret on the shared route: not a message it may speak of.
+    assert_eq!(
+        post("/v1/receipts/webhook", "tenant-shared-secret")
+            .await?
+            .status()
+            .as_u16(),
+        404
+    );
+    // Acme's secret on another tenant's route: that route verifies with the other's secret.
+    assert_eq!(
+        post("/v1/receipts/webhook/nordkraft", "acme-own-secret")
+            .await?
+            .status()
+            .as_u16(),
+        401
+    );
+    // The shared secret on the other tenant's route verifies, but the message is not its.
+    assert_eq!(
+        post("/v1/receipts/webhook/nordkraft", "tenant-shared-secret")
+            .await?
+            .status()
+            .as_u16(),
+        404
+    );
+    assert_eq!(
+        post("/v1/receipts/webhook/acme-energy", "tenant-shared-secret")
+            .await?
+            .status()
+            .as_u16(),
+        401
+    );
+    assert!(
+        !dispatch_outcomes(&stack)
+            .await?
+            .iter()
+            .any(|o| o.status == DispatchStatus::Delivered),
+        "nothing recorded from a receipt its tenant did not sign"
+    );
+    let taken = post("/v1/receipts/webhook/acme-energy", "acme-own-secret").await?;
+    assert_eq!(taken.status().as_u16(), 200, "{}", taken.text().await?);
+    outcome_for(&stack, &action, "webhook", DispatchStatus::Delivered).await?;
+    stack.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_message_due_outside_contact_hours_waits_for_the_next_allowed_moment() -> anyhow::Result<()> {
     // Friday 4 September 2026, 21:30 in Copenhagen: after the weekday window (08:00–21:00).

@@ -383,7 +383,8 @@ fn provider_error(kind: SmsProviderKind, body: &str) -> String {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct WebhookSettings {
-    /// Shared secret for the `Forfall-Signature` header.
+    /// Shared secret for the `Forfall-Signature` header, for tenants without their own
+    /// (`dispatch.tenants.<tenant>.webhook_secret`).
     pub secret: String,
     /// The whole request, answer included (a timeout after the request was written leaves the
     /// delivery unknown).
@@ -450,7 +451,6 @@ pub fn verify_webhook_signature(secret: &str, header: &str, body: &[u8], now: i6
 }
 
 pub struct Webhook {
-    settings: WebhookSettings,
     client: reqwest::Client,
     limiter: TokenBucket,
 }
@@ -462,18 +462,15 @@ impl Webhook {
             .connect_timeout(connect_timeout(settings.connect_timeout_ms, settings.timeout_ms))
             .build()?;
         let limiter = TokenBucket::new(settings.rate_per_sec, settings.burst);
-        Ok(Self {
-            settings,
-            client,
-            limiter,
-        })
+        Ok(Self { client, limiter })
     }
 
-    /// Posts `body` to `url`; the receiver's id for it (or the idempotency key). `commit` runs
-    /// right before the request is written (see [`SmsProvider::send`]).
+    /// Posts `body` to `url`, signed with `secret`; the receiver's id for it (or the idempotency
+    /// key). `commit` runs right before the request is written (see [`SmsProvider::send`]).
     pub async fn send<F, Fut>(
         &self,
         url: &str,
+        secret: &str,
         idempotency_key: &str,
         body: &serde_json::Value,
         now: i64,
@@ -490,7 +487,7 @@ impl Webhook {
             .post(url)
             .header("Content-Type", "application/json")
             .header("Idempotency-Key", idempotency_key)
-            .header("Forfall-Signature", webhook_signature(&self.settings.secret, now, &raw))
+            .header("Forfall-Signature", webhook_signature(secret, now, &raw))
             .body(raw);
         self.limiter.acquire().await;
         commit().await?;

@@ -101,6 +101,10 @@ pub struct TenantProfile {
     pub contact: Option<String>,
     /// The tenant's own endpoint for the webhook channel.
     pub webhook_url: Option<String>,
+    /// The tenant's own secret for the webhook channel's `Forfall-Signature` (its requests and
+    /// its receipts, at `/v1/receipts/webhook/<tenant>`), instead of `dispatch.webhook.secret`:
+    /// one tenant's system can then neither verify nor forge another's.
+    pub webhook_secret: Option<forfall_platform::config::Secret>,
     /// SMS provider for this tenant, overriding `dispatch.sms.provider`.
     pub sms_provider: Option<channels::SmsProviderKind>,
 }
@@ -205,6 +209,14 @@ pub struct DispatchSettings {
 }
 
 impl DispatchSettings {
+    /// The secret of `tenant`'s webhook channel: its own, else the shared one.
+    pub fn webhook_secret(&self, tenant: &str) -> &str {
+        self.tenants
+            .get(tenant)
+            .and_then(|t| t.webhook_secret.as_ref())
+            .map_or(self.webhook.secret.as_str(), |s| s.expose())
+    }
+
     /// The secrets this configuration uses, each with its setting and its published development
     /// value: the pay-link keys always, a provider's receipt secret when the provider is set up,
     /// the webhook secret when a tenant has a webhook.
@@ -222,7 +234,20 @@ impl DispatchSettings {
                 DEVELOPMENT_GATEWAYAPI_SECRET,
             ));
         }
-        if self.tenants.values().any(|t| t.webhook_url.is_some()) {
+        // Each tenant with a webhook signs with its own secret or the shared one: whichever it
+        // uses must not be the published one.
+        let mut shared_used = false;
+        for (tenant, profile) in self.tenants.iter().filter(|(_, t)| t.webhook_url.is_some()) {
+            match &profile.webhook_secret {
+                Some(own) => secrets.push((
+                    format!("dispatch.tenants.{tenant}.webhook_secret"),
+                    own.expose(),
+                    channels::DEVELOPMENT_WEBHOOK_SECRET,
+                )),
+                None => shared_used = true,
+            }
+        }
+        if shared_used {
             let secret = self.webhook.secret.as_str();
             secrets.push((
                 "dispatch.webhook.secret".into(),
@@ -1000,8 +1025,9 @@ impl Dispatch {
                     return Err(SendError::Permanent("the tenant has no webhook_url".into()));
                 };
                 let body = message::webhook_body(action, ctx, content);
+                let secret = self.settings.webhook_secret(&action.tenant);
                 self.webhook
-                    .send(url, &reference, &body, self.rt.clock.now().timestamp(), || {
+                    .send(url, secret, &reference, &body, self.rt.clock.now().timestamp(), || {
                         self.commit_if_still_open(action, attempt)
                     })
                     .await
@@ -1357,4 +1383,59 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     result?;
     shell.producer.flush(Duration::from_secs(5)).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use forfall_platform::config::Secret;
+
+    fn with_webhook(secret: Option<&str>) -> TenantProfile {
+        TenantProfile {
+            webhook_url: Some("https://billing.example/hooks".into()),
+            webhook_secret: secret.map(|s| Secret(s.into())),
+            ..TenantProfile::default()
+        }
+    }
+
+    /// Whichever secret a tenant's webhook uses is checked against the published one, by the
+    /// setting a platform team would change.
+    #[test]
+    fn each_tenant_webhook_secret_in_use_is_checked_and_named() {
+        let mut settings = DispatchSettings::default();
+        settings.tenants.insert("acme".into(), with_webhook(Some("acme-own")));
+        settings.tenants.insert("nordkraft".into(), with_webhook(None));
+        settings.tenants.insert("quiet".into(), TenantProfile::default());
+        let names = |s: &DispatchSettings| -> Vec<String> {
+            s.development_secrets()
+                .into_iter()
+                .filter(|(name, _, _)| name.contains("webhook"))
+                .map(|(name, _, _)| name)
+                .collect()
+        };
+        assert_eq!(
+            names(&settings),
+            ["dispatch.tenants.acme.webhook_secret", "dispatch.webhook.secret"]
+        );
+        assert_eq!(settings.webhook_secret("acme"), "acme-own");
+        assert_eq!(
+            settings.webhook_secret("nordkraft"),
+            channels::DEVELOPMENT_WEBHOOK_SECRET
+        );
+        // Every tenant with a webhook has its own: the shared one is not in use.
+        settings
+            .tenants
+            .insert("nordkraft".into(), with_webhook(Some("nk-own")));
+        assert_eq!(
+            names(&settings),
+            [
+                "dispatch.tenants.acme.webhook_secret",
+                "dispatch.tenants.nordkraft.webhook_secret"
+            ]
+        );
+        assert!(
+            !format!("{settings:?}").contains("acme-own"),
+            "a tenant's secret is not in Debug"
+        );
+    }
 }

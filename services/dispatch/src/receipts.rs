@@ -102,6 +102,7 @@ impl Receipts {
             .route("/v1/receipts/46elks", post(elks46))
             .route("/v1/receipts/twilio", post(twilio))
             .route("/v1/receipts/{channel}", post(signed))
+            .route("/v1/receipts/webhook/{tenant}", post(signed_by_tenant))
             .with_state(state)
     }
 }
@@ -219,25 +220,58 @@ struct SignedReceipt {
     reason: Option<String>,
 }
 
-/// E-mail bounces (from the mail system's bounce processor) and the tenant's webhook receiver,
-/// signed with the webhook secret.
+/// Who signed a `Forfall-Signature` receipt, and so whose messages it may speak of.
+#[derive(Clone, Copy)]
+enum Signer<'a> {
+    /// The shared webhook secret: e-mail bounces (our own bounce processor), and the webhook
+    /// receipts of tenants without a secret of their own.
+    Shared,
+    /// A tenant's webhook secret (its own, or the shared one when it has none): its messages only.
+    Tenant(&'a str),
+}
+
+/// E-mail bounces (from the mail system's bounce processor) and the webhook receipts of tenants
+/// without a secret of their own, signed with the shared webhook secret.
 async fn signed(State(s): State<ReceiptState>, Path(channel): Path<String>, headers: HeaderMap, body: Bytes) -> Reply {
     if channel != "email" && channel != "webhook" {
         return reply(StatusCode::NOT_FOUND, format!("no receipts for '{channel}'"));
     }
+    let secret = s.receipts.settings.webhook.secret.clone();
+    take_signed(&s, &channel, Signer::Shared, &secret, &headers, &body).await
+}
+
+/// A tenant's webhook receiver reporting on its messages, signed with the tenant's secret.
+async fn signed_by_tenant(
+    State(s): State<ReceiptState>,
+    Path(tenant): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Reply {
+    let secret = s.receipts.settings.webhook_secret(&tenant).to_owned();
+    take_signed(&s, "webhook", Signer::Tenant(&tenant), &secret, &headers, &body).await
+}
+
+async fn take_signed(
+    s: &ReceiptState,
+    channel: &str,
+    signer: Signer<'_>,
+    secret: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Reply {
     let now = s.receipts.rt.clock.now().timestamp();
     let valid = headers
         .get("Forfall-Signature")
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|h| verify_webhook_signature(&s.receipts.settings.webhook.secret, h, &body, now, 300));
+        .is_some_and(|h| verify_webhook_signature(secret, h, body, now, 300));
     if !valid {
-        s.counted.with_label_values(&[&channel, "refused"]).inc();
+        s.counted.with_label_values(&[channel, "refused"]).inc();
         return reply(
             StatusCode::UNAUTHORIZED,
             "Forfall-Signature is missing, stale or does not verify",
         );
     }
-    let receipt: SignedReceipt = match serde_json::from_slice(&body) {
+    let receipt: SignedReceipt = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {
             return reply(
@@ -259,7 +293,7 @@ async fn signed(State(s): State<ReceiptState>, Path(channel): Path<String>, head
             );
         }
     };
-    s.record(&channel, &receipt.message_id, verdict).await
+    s.record_signed(channel, &receipt.message_id, verdict, signer).await
 }
 
 /// `application/x-www-form-urlencoded` pairs, in order (Twilio signs over them all).
@@ -269,6 +303,18 @@ fn serde_urlencoded_pairs(body: &[u8]) -> Vec<(String, String)> {
 
 impl ReceiptState {
     async fn record(&self, provider: &str, provider_message_id: &str, verdict: Verdict) -> Reply {
+        self.record_signed(provider, provider_message_id, verdict, Signer::Shared)
+            .await
+    }
+
+    /// Records a receipt about a message the signer may speak of; any other is unknown to it.
+    async fn record_signed(
+        &self,
+        provider: &str,
+        provider_message_id: &str,
+        verdict: Verdict,
+        signer: Signer<'_>,
+    ) -> Reply {
         let result = match &verdict {
             Verdict::Delivered => "delivered",
             Verdict::Bounced(_) => "bounced",
@@ -278,7 +324,7 @@ impl ReceiptState {
             self.counted.with_label_values(&[provider, result]).inc();
             return reply(StatusCode::OK, "noted");
         }
-        match self.apply(provider, provider_message_id, verdict).await {
+        match self.apply(provider, provider_message_id, verdict, signer).await {
             Ok(true) => {
                 self.counted.with_label_values(&[provider, result]).inc();
                 reply(StatusCode::OK, "recorded")
@@ -294,7 +340,13 @@ impl ReceiptState {
         }
     }
 
-    async fn apply(&self, provider: &str, provider_message_id: &str, verdict: Verdict) -> anyhow::Result<bool> {
+    async fn apply(
+        &self,
+        provider: &str,
+        provider_message_id: &str,
+        verdict: Verdict,
+        signer: Signer<'_>,
+    ) -> anyhow::Result<bool> {
         let r = &self.receipts;
         if let Some(state) = r.state.get() {
             state
@@ -310,6 +362,20 @@ impl ReceiptState {
             return Ok(false);
         };
         let SentMessage { action, channel } = serde_json::from_str(&stored)?;
+        let own_secret = |tenant: &str| {
+            r.settings
+                .tenants
+                .get(tenant)
+                .is_some_and(|t| t.webhook_secret.is_some())
+        };
+        let signer_may_speak = match signer {
+            Signer::Tenant(tenant) => action.tenant == tenant,
+            // A tenant with its own secret reports on its own route, signed with it.
+            Signer::Shared => provider != "webhook" || !own_secret(&action.tenant),
+        };
+        if !signer_may_speak {
+            return Ok(false);
+        }
         let (status, label, reason) = match verdict {
             Verdict::Delivered => (DispatchStatus::Delivered, "delivered", None),
             Verdict::Bounced(reason) => (DispatchStatus::Bounced, "bounced", Some(reason)),

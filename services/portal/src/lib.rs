@@ -153,6 +153,8 @@ pub(crate) struct Inner {
     /// The policy's limits on what a debtor may ask for: the page offers only what the
     /// watcher grants.
     pauses: PauseLimits,
+    /// The tenants' bearer tokens: a tenant's systems read its own invoices' timelines.
+    tokens: forfall_platform::api_auth::TenantTokens,
 }
 
 #[derive(Clone)]
@@ -419,6 +421,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             changelog: Changelog::new(changelog_topic.clone()),
             pay_base_url,
             pauses,
+            tokens: forfall_platform::api_auth::TenantTokens::new(&rt.config.api, rt.config.profile),
         }));
         core = Some(portal.clone());
         http::routes(portal)

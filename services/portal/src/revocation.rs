@@ -118,7 +118,7 @@ pub(crate) async fn post_revoke(
     Path((tenant, debtor_id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(refused) = crate::timeline::staff_refusal(&portal, &headers) {
+    if let Some(refused) = crate::timeline::tenant_or_staff_refusal(&portal, &headers, &tenant) {
         return refused;
     }
     let span = tracing::info_span!("revoke_links", tenant = %tenant);

@@ -3,7 +3,8 @@
 //! payment matched to it and every request the debtor made, in the order they happened.
 //! `GET /v1/timeline/<tenant>/<invoice>` answers it as JSON or, with `?format=text`, as text;
 //! `forfall timeline TENANT INVOICE` prints the text. The endpoint sits on the debtors' port,
-//! so it answers only with the staff token (`portal.staff_token`), and not at all without one.
+//! so it answers only with the staff token (`portal.staff_token`) or the tenant's own API token
+//! (its own invoices only), and not at all without one.
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -162,10 +163,22 @@ pub(crate) struct TimelineQuery {
     format: Option<String>,
 }
 
-/// The refusal of a request without the staff token as its bearer token, if it has not; the
-/// staff API answers nothing while no token is configured.
-pub(crate) fn staff_refusal(portal: &Portal, headers: &HeaderMap) -> Option<Response> {
-    forfall_platform::admin::staff_refusal(portal.0.settings.staff_token.as_deref(), "portal.staff_token", headers)
+/// The refusal of a request about `tenant`'s debtors, if it has neither the staff token nor
+/// the tenant's own token (`api.tenants.<tenant>.token`) as its bearer token: a tenant's systems
+/// see their own invoices only (403 for another's). Nothing is answered while neither kind of
+/// token is configured, in any profile: the answers name debtors.
+pub(crate) fn tenant_or_staff_refusal(portal: &Portal, headers: &HeaderMap, tenant: &str) -> Option<Response> {
+    use forfall_platform::api_auth::Caller;
+    let staff = forfall_platform::admin::staff_refusal(
+        portal.0.settings.staff_token.as_deref(),
+        "portal.staff_token",
+        headers,
+    )?;
+    match portal.0.tokens.caller(headers) {
+        Ok(caller @ Caller::Tenant(_)) => caller.tenant(Some(tenant)).err().map(IntoResponse::into_response),
+        // A trusted caller (development, no tenant tokens) is not enough for debtors' data.
+        Ok(Caller::Trusted) | Err(_) => Some(staff),
+    }
 }
 
 pub(crate) async fn get_timeline(
@@ -174,7 +187,7 @@ pub(crate) async fn get_timeline(
     Query(query): Query<TimelineQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(refused) = staff_refusal(&portal, &headers) {
+    if let Some(refused) = tenant_or_staff_refusal(&portal, &headers, &tenant) {
         return refused;
     }
     let span = tracing::info_span!("timeline", tenant = %tenant);
