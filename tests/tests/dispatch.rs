@@ -431,8 +431,9 @@ async fn transient_provider_errors_are_retried_and_permanent_ones_fall_back() ->
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_webhook_channel_signs_what_it_sends() -> anyhow::Result<()> {
+/// Acme's webhook channel to a recording receiver (answering 200), the shared secret
+/// `tenant-shared-secret`; dispatch not started yet.
+async fn stack_with_webhook() -> anyhow::Result<(LocalStack, HttpRecorder)> {
     let mut stack = stack_with_profile().await?;
     let hook = HttpRecorder::start().await?;
     hook.answer_with(&[200]);
@@ -441,6 +442,12 @@ async fn the_webhook_channel_signs_what_it_sends() -> anyhow::Result<()> {
         hook.url("/forfall/messages"),
     );
     stack.set("dispatch.webhook.secret", "tenant-shared-secret");
+    Ok((stack, hook))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_webhook_channel_signs_what_it_sends() -> anyhow::Result<()> {
+    let (stack, hook) = stack_with_webhook().await?;
     stack.start_service("dispatch");
     let action = sms_action("hook-1", "nb", &["webhook"]).build("w@example.test", "+4790000001");
     send(&stack, &action).await?;
@@ -487,16 +494,9 @@ async fn the_webhook_channel_signs_what_it_sends() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tenants_own_webhook_secret_signs_its_messages_and_alone_verifies_its_receipts() -> anyhow::Result<()> {
     use forfall_dispatch::channels::{verify_webhook_signature, webhook_signature};
-    let mut stack = stack_with_profile().await?;
-    let hook = HttpRecorder::start().await?;
-    hook.answer_with(&[200]);
-    stack.set(
-        "dispatch.tenants.acme-energy.webhook_url",
-        hook.url("/forfall/messages"),
-    );
+    let (mut stack, hook) = stack_with_webhook().await?;
     stack.set("dispatch.tenants.acme-energy.webhook_secret", "acme-own-secret");
     stack.set("dispatch.tenants.nordkraft.webhook_url", hook.url("/nordkraft"));
-    stack.set("dispatch.webhook.secret", "tenant-shared-secret");
     stack.start_service("dispatch");
     let action = sms_action("hook-own", "da", &["webhook"]).build("own@example.test", "+4520000021");
     send(&stack, &action).await?;
