@@ -5,6 +5,8 @@
 pub mod demo;
 #[cfg(feature = "demo")]
 pub mod devstack;
+pub mod experiment;
+pub mod experiment_html;
 pub mod handoff_preview;
 pub mod pay_flow;
 pub mod tools;

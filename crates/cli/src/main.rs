@@ -51,6 +51,9 @@ enum Command {
     /// Payments: import camt.054 files, list and match unmatched payments.
     #[command(subcommand)]
     Payments(forfall::tools::PaymentsCommand),
+    /// Experiments of the policy: what each variant did, with honest statistics.
+    #[command(subcommand)]
+    Experiment(forfall::experiment::ExperimentCommand),
     /// Rebuild Redis from the topics (after Redis was lost, flushed or restored from an older
     /// copy), with progress; resumes where an interrupted rebuild stopped.
     Rebuild(forfall::tools::RebuildArgs),
@@ -84,6 +87,10 @@ fn main() -> anyhow::Result<()> {
             Command::Payments(cmd) => forfall::tools::payments(cmd).await,
             Command::Timeline(args) => forfall::tools::timeline(args).await,
             Command::Handoff(cmd) => forfall::handoff_preview::handoff(cmd).await,
+            Command::Experiment(cmd) => {
+                let rt = Runtime::new(common, figment, Arc::new(SystemClock), CancellationToken::new())?;
+                forfall::experiment::run(&rt, cmd).await
+            }
             Command::Rebuild(args) => {
                 telemetry::init(&common.log, &common.traces, "forfall")?;
                 let rt = Runtime::new(common, figment, Arc::new(SystemClock), CancellationToken::new())?;

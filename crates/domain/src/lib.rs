@@ -8,6 +8,7 @@ pub mod bank_codes;
 pub mod calendar;
 pub mod claim;
 pub mod evidence;
+pub mod experiment;
 pub mod invoice;
 pub mod journey;
 pub mod jurisdiction;
@@ -22,6 +23,7 @@ pub mod reference;
 pub mod self_service;
 pub mod settlement;
 pub mod sms;
+pub mod stats;
 
 pub use invoice::{InvoiceSnapshot, InvoiceStatus, Rejection};
 pub use journey::{JourneyState, Plan, PlannedStep, StepKind, Tone};

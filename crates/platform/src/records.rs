@@ -259,6 +259,14 @@ pub struct JourneyEvent {
     pub next_kind: Option<String>,
     #[serde(default)]
     pub next_at: Option<i64>,
+    /// The policy segment and experiment assignment (`experiment/variant`) of the journey.
+    #[serde(default)]
+    pub segment: Option<String>,
+    #[serde(default)]
+    pub experiment: Option<String>,
+    /// The fee this transition charged (a fee-bearing step sent).
+    #[serde(default)]
+    pub fee_minor: i64,
 }
 record!(JourneyEvent, "JourneyEvent.avsc");
 
@@ -846,6 +854,9 @@ mod tests {
             next_step: Some("reminder_1".into()),
             next_kind: Some("reminder".into()),
             next_at: Some(86_400_000),
+            segment: Some("consumers".into()),
+            experiment: Some("friendly/variant".into()),
+            fee_minor: 6_000,
         });
         round_trip(DispatchOutcome {
             event_id: "e".into(),

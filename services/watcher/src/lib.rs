@@ -380,6 +380,9 @@ impl Watcher {
             next_step: next.map(|(step, _)| step.name.clone()),
             next_kind: next.map(|(step, _)| step.kind.code().to_owned()),
             next_at: next.map(|(_, at_ms)| at_ms),
+            segment: journey.segment.clone(),
+            experiment: journey.experiment.clone(),
+            fee_minor: 0,
         }
     }
 
@@ -414,7 +417,11 @@ impl Watcher {
                     .with_label_values(&[experiment, variant, outcome])
                     .inc();
             }
-            let e = self.event(&d.journey, plan, upcoming, t, cause, i, now);
+            let mut e = self.event(&d.journey, plan, upcoming, t, cause, i, now);
+            // The step this decision takes charges the emission's fee.
+            if matches!(t.kind, "step_sent" | "handed_over") {
+                e.fee_minor = fee.minor;
+            }
             outs.push(self.0.rt.codec.outbound(&events_topic, &debtor, &e, trace).await?);
         }
         match &d.emit {
