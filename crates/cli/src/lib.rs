@@ -9,6 +9,7 @@ pub mod experiment;
 pub mod experiment_html;
 pub mod handoff_preview;
 pub mod pay_flow;
+pub mod simulate;
 pub mod tools;
 
 use forfall_platform::service::Runtime;

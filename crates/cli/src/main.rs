@@ -51,6 +51,9 @@ enum Command {
     /// Payments: import camt.054 files, list and match unmatched payments.
     #[command(subcommand)]
     Payments(forfall::tools::PaymentsCommand),
+    /// A synthetic customer base driven through the real policy, journey and law code with
+    /// a stated behaviour model (domain core, millions of debtors); reports its experiment.
+    Simulate(forfall::simulate::SimulateArgs),
     /// Experiments of the policy: what each variant did, with honest statistics.
     #[command(subcommand)]
     Experiment(forfall::experiment::ExperimentCommand),
@@ -67,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         Command::Law(cmd) => return forfall::tools::law(cmd),
         Command::Calendar(cmd) => return forfall::tools::calendar(cmd),
         Command::Policy(cmd) => return forfall::tools::policy(cmd),
+        Command::Simulate(args) => return forfall::simulate::command(args, &config::figment(cli.config.as_deref())),
         _ => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -96,7 +100,11 @@ fn main() -> anyhow::Result<()> {
                 let rt = Runtime::new(common, figment, Arc::new(SystemClock), CancellationToken::new())?;
                 forfall::tools::rebuild(&rt, args).await
             }
-            Command::Reference(_) | Command::Law(_) | Command::Calendar(_) | Command::Policy(_) => Ok(()),
+            Command::Reference(_)
+            | Command::Law(_)
+            | Command::Calendar(_)
+            | Command::Policy(_)
+            | Command::Simulate(_) => Ok(()),
         }
     });
     // The spans still queued go out before the process ends.

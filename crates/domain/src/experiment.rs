@@ -39,22 +39,28 @@ pub enum Observation {
     Disputed { invoice: InvoiceKey },
 }
 
-/// What is known of one invoice, whatever order its facts came in.
-#[derive(Debug, Clone, Default)]
-struct InvoiceFacts {
-    variant: Option<String>,
-    debtor_id: Option<String>,
-    fees: BTreeMap<String, i64>,
-    settled_days: Option<i64>,
-    handed_over: bool,
-    disputed: bool,
-    messages: BTreeMap<String, u64>,
+/// What is known of one invoice: gathered fact by fact from the topics, or whole from a
+/// simulation ([`Collector::add_story`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InvoiceFacts {
+    pub variant: Option<String>,
+    pub debtor_id: Option<String>,
+    /// Fees charged, by currency.
+    pub fees: BTreeMap<String, i64>,
+    /// Days from the due date to payment in full, when paid.
+    pub settled_days: Option<i64>,
+    pub handed_over: bool,
+    pub disputed: bool,
+    /// Messages sent, by channel.
+    pub messages: BTreeMap<String, u64>,
 }
 
 /// Collects observations; [`Collector::report`] compares the variants.
 #[derive(Debug, Default)]
 pub struct Collector {
     invoices: BTreeMap<InvoiceKey, InvoiceFacts>,
+    /// Whole stories, tallied as they come (a simulation of millions keeps no invoice).
+    tallied: BTreeMap<String, Tally>,
 }
 
 impl Collector {
@@ -104,11 +110,25 @@ impl Collector {
         }
     }
 
+    /// An invoice whose whole story is known (a simulated one): counted at once, not kept.
+    pub fn add_story(&mut self, story: &InvoiceFacts) {
+        if let Some(variant) = &story.variant {
+            self.tallied.entry(variant.clone()).or_default().add(story);
+        }
+    }
+
     /// The report: `variants` with their weights in the policy's order, the first compared
     /// against (control), at level `alpha`.
     pub fn report(&self, experiment: &str, variants: &[(String, f64)], alpha: f64) -> Result<Report, StatsError> {
-        let mut per_variant: BTreeMap<&str, Tally> = BTreeMap::new();
+        let mut per_variant: BTreeMap<String, Tally> = BTreeMap::new();
         let mut unknown_variants = BTreeSet::new();
+        for (variant, tally) in &self.tallied {
+            if variants.iter().any(|(v, _)| v == variant) {
+                per_variant.insert(variant.clone(), tally.clone());
+            } else {
+                unknown_variants.insert(variant.clone());
+            }
+        }
         for facts in self.invoices.values() {
             let Some(variant) = facts.variant.as_deref() else {
                 // A fact about an invoice the experiment did not assign (another experiment's,
@@ -119,7 +139,7 @@ impl Collector {
                 unknown_variants.insert(variant.to_owned());
                 continue;
             }
-            per_variant.entry(variant).or_default().add(facts);
+            per_variant.entry(variant.to_owned()).or_default().add(facts);
         }
         let empty = Tally::default();
         let tallies: Vec<(&str, &Tally)> = variants
@@ -163,7 +183,7 @@ impl Collector {
 }
 
 /// One variant's counts.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct Tally {
     debtors: BTreeSet<String>,
     invoices: u64,

@@ -5,6 +5,7 @@
 
 pub mod agency;
 pub mod bank_codes;
+pub mod behaviour;
 pub mod calendar;
 pub mod claim;
 pub mod evidence;
