@@ -969,3 +969,77 @@ async fn norwegian_claims_reaching_hand_off_together_go_as_one_merged_case() -> 
     stack.shutdown().await;
     Ok(())
 }
+
+const BY_PROPENSITY: &str = r#"
+version = "e2e-propensity-1"
+
+[handoff]
+agency_sends_warning = ["DK", "NO"]
+
+[[segment]]
+name = "likely-payers"
+when = { propensity_min = 80 }
+plan = "gentle"
+
+[[segment]]
+name = "everyone"
+plan = "standard"
+
+[plan.gentle]
+step = [
+  { name = "nudge", offset_banking_days = 0, channels = ["email"], tone = "nudge" },
+  { name = "handoff", offset_banking_days = 30, handoff = true },
+]
+
+[plan.standard]
+step = [
+  { name = "nudge", offset_banking_days = 0, channels = ["email"], tone = "nudge" },
+  { name = "reminder-1", offset_banking_days = 10, channels = ["email"], tone = "reminder", days_to_pay = 10 },
+  { name = "handoff", offset_banking_days = 20, handoff = true },
+]
+"#;
+
+/// With a propensity model configured, the watcher scores each new invoice, the policy's
+/// propensity band picks the plan, and the plan choice records the score and the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_propensity_model_scores_each_new_invoice_and_its_band_picks_the_plan() -> anyhow::Result<()> {
+    use forfall_domain::propensity::{FEATURE_NAMES, ModelMetrics, PropensityModel};
+    let clock = ManualClock::new(at("2026-04-01T08:00:00Z"));
+    let mut stack = LocalStack::start(base_config(), clock).await?;
+    // Debtors never late score sigmoid(3) = 95; each late invoice in 12 months takes 3 off z.
+    let mut coefficients = vec![0.0; FEATURE_NAMES.len()];
+    coefficients[0] = -3.0;
+    let model = PropensityModel {
+        version: "e2e-model-7".into(),
+        label: "paid in full without collection".into(),
+        features: FEATURE_NAMES.iter().map(|s| (*s).to_owned()).collect(),
+        intercept: 3.0,
+        coefficients,
+        metrics: ModelMetrics {
+            auc: 0.8,
+            brier: 0.1,
+            calibration: Vec::new(),
+            trained_on: 1,
+            tested_on: 1,
+            base_rate: 0.9,
+        },
+    };
+    let model_path = std::env::temp_dir().join(format!("{}-propensity.json", stack.prefix));
+    std::fs::write(&model_path, serde_json::to_vec(&model)?)?;
+    stack.set("watcher.policy_file", policy_file(&stack, BY_PROPENSITY));
+    stack.set("watcher.propensity_model", &model_path);
+    stack.start_service("ingest");
+    stack.start_service("watcher");
+    let s = danish("prop-1", "P-1", day(2026, 4, 20), "likely@example.test");
+    issue_invoice(&stack, &s).await?;
+    let chosen = plan_chosen(&stack, "prop-1").await?;
+    assert_eq!(chosen.propensity, Some(95), "{chosen:?}");
+    assert_eq!(chosen.propensity_model.as_deref(), Some("e2e-model-7"));
+    assert_eq!(chosen.segment.as_deref(), Some("likely-payers"));
+    assert!(
+        chosen.rule.as_deref().unwrap_or_default().contains("plan 'gentle'"),
+        "{chosen:?}"
+    );
+    stack.shutdown().await;
+    Ok(())
+}

@@ -8,6 +8,7 @@ pub mod devstack;
 pub mod experiment;
 pub mod experiment_html;
 pub mod handoff_preview;
+pub mod model;
 pub mod pay_flow;
 pub mod simulate;
 pub mod tools;

@@ -54,6 +54,9 @@ enum Command {
     /// A synthetic customer base driven through the real policy, journey and law code with
     /// a stated behaviour model (domain core, millions of debtors); reports its experiment.
     Simulate(forfall::simulate::SimulateArgs),
+    /// The propensity-to-pay model: fit it and write the file the watcher scores with.
+    #[command(subcommand)]
+    Model(forfall::model::ModelCommand),
     /// Experiments of the policy: what each variant did, with honest statistics.
     #[command(subcommand)]
     Experiment(forfall::experiment::ExperimentCommand),
@@ -71,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         Command::Calendar(cmd) => return forfall::tools::calendar(cmd),
         Command::Policy(cmd) => return forfall::tools::policy(cmd),
         Command::Simulate(args) => return forfall::simulate::command(args, &config::figment(cli.config.as_deref())),
+        Command::Model(cmd) => return forfall::model::command(cmd, &config::figment(cli.config.as_deref())),
         _ => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -104,7 +108,8 @@ fn main() -> anyhow::Result<()> {
             | Command::Law(_)
             | Command::Calendar(_)
             | Command::Policy(_)
-            | Command::Simulate(_) => Ok(()),
+            | Command::Simulate(_)
+            | Command::Model(_) => Ok(()),
         }
     });
     // The spans still queued go out before the process ends.

@@ -16,6 +16,7 @@ use forfall_domain::invoice::{self, Contact, IssuedInput};
 use forfall_domain::journey::{self, Emit, JourneyState, TimerChange};
 use forfall_domain::law::{DebtorContext, LawBook};
 use forfall_domain::policy::{self, DebtorFacts, Policy};
+use forfall_domain::propensity::Features;
 use forfall_domain::{DebtorKind, Jurisdiction};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -156,7 +157,7 @@ fn simulate_one(
     model: &BehaviourModel,
     experiment: Option<&str>,
     rng: &mut StdRng,
-) -> anyhow::Result<(InvoiceFacts, PayerType)> {
+) -> anyhow::Result<Simulated> {
     let debtor = draw_debtor(i, model, rng);
     let due = args.due;
     let issued = due - chrono::Duration::days(14);
@@ -196,6 +197,7 @@ fn simulate_one(
         amount: snapshot.amount,
         fee_agreed: debtor.fee_agreed,
     };
+    let features = Features::of(&snapshot, facts.late_last_12m);
     let (mut d, plan) = forfall_watcher::opened(policy, snapshot, &facts, issued);
     let ctx = DebtorContext {
         jurisdiction: debtor.jurisdiction,
@@ -270,7 +272,38 @@ fn simulate_one(
             break;
         }
     }
-    Ok((story, debtor.payer))
+    Ok(Simulated {
+        story,
+        payer: debtor.payer,
+        features,
+    })
+}
+
+/// One simulated invoice: its story, its debtor's kind of payer, and what was known of the
+/// debtor when the invoice arrived (a propensity model's inputs).
+pub struct Simulated {
+    pub story: InvoiceFacts,
+    pub payer: PayerType,
+    pub features: Features,
+}
+
+/// Invoices one by one, for what needs each (training a model): `each` gets every one.
+pub fn for_each(
+    args: &SimulateArgs,
+    policy: &Policy,
+    law: &LawBook,
+    model: &BehaviourModel,
+    mut each: impl FnMut(Simulated),
+) -> anyhow::Result<()> {
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let name = args
+        .experiment
+        .as_deref()
+        .or(policy.experiments.first().map(|e| e.name.as_str()));
+    for i in 0..args.debtors {
+        each(simulate_one(i, args, policy, law, model, name, &mut rng)?);
+    }
+    Ok(())
 }
 
 /// Runs the simulation; progress goes to stderr about every tenth of the base.
@@ -303,7 +336,7 @@ pub fn run(args: &SimulateArgs, policy: &Policy, law: &LawBook, model: &Behaviou
     };
     let tenth = (args.debtors / 10).max(1);
     for i in 0..args.debtors {
-        let (story, payer) = simulate_one(i, args, policy, law, model, name, &mut rng)?;
+        let Simulated { story, payer, .. } = simulate_one(i, args, policy, law, model, name, &mut rng)?;
         let before_fee = story.settled_days.is_some() && story.fees.values().all(|f| *f == 0);
         outcome.settled += u64::from(story.settled_days.is_some());
         outcome.settled_before_any_fee += u64::from(before_fee);
@@ -339,14 +372,21 @@ pub fn run(args: &SimulateArgs, policy: &Policy, law: &LawBook, model: &Behaviou
     Ok(outcome)
 }
 
-/// The command: loads the policy and the model, runs, prints, writes the report.
-pub fn command(args: SimulateArgs, figment: &figment::Figment) -> anyhow::Result<()> {
+/// The policy (`--policy`, else the watcher's) and the law book, as the watcher loads them,
+/// as of the invoices' issue day.
+pub fn policy_and_law(args: &SimulateArgs, figment: &figment::Figment) -> anyhow::Result<(Policy, LawBook)> {
     let mut settings: forfall_watcher::WatcherSettings = forfall_platform::config::section(figment, "watcher")?;
     if let Some(p) = &args.policy {
         settings.policy_file = Some(p.display().to_string());
     }
     let law = forfall_watcher::load_law(&settings)?;
     let policy = forfall_watcher::load_policy(&settings, &law, args.due - chrono::Duration::days(14))?;
+    Ok((policy, law))
+}
+
+/// The command: loads the policy and the model, runs, prints, writes the report.
+pub fn command(args: SimulateArgs, figment: &figment::Figment) -> anyhow::Result<()> {
+    let (policy, law) = policy_and_law(&args, figment)?;
     let model = load_model(args.model.as_deref())?;
     eprintln!(
         "simulating {} debtors (seed {}) on policy {}; behaviour: {}",

@@ -91,3 +91,49 @@ fn the_report_finds_the_effect_the_model_puts_in_and_none_where_it_puts_none() {
         "no effect, none found: {none:?}"
     );
 }
+
+/// The propensity model fitted on the simulator's customer base tells its payer types apart on
+/// invoices it was not fitted to: AUC well above chance, and early payers score above the
+/// unwilling.
+#[test]
+fn a_model_trained_on_simulated_debtors_separates_the_payer_types() {
+    use forfall_domain::behaviour::PayerType;
+    let law = LawBook::builtin().expect("the law book");
+    let policy = policy(&law);
+    let args = SimulateArgs {
+        debtors: 20_000,
+        seed: 21,
+        policy: None,
+        model: None,
+        experiment: None,
+        due: chrono::NaiveDate::from_ymd_opt(2026, 3, 4).expect("a date"),
+        out: std::env::temp_dir(),
+    };
+    let mut samples = Vec::new();
+    let mut by_payer: Vec<(PayerType, forfall_domain::propensity::Features)> = Vec::new();
+    forfall::simulate::for_each(&args, &policy, &law, &BehaviourModel::default(), |s| {
+        samples.push((s.features, s.story.settled_days.is_some()));
+        by_payer.push((s.payer, s.features));
+    })
+    .expect("the run");
+    let model = forfall::model::fit(&samples, "test").expect("a fit");
+    model.check().expect("a model this version can score with");
+    assert!(model.metrics.auc > 0.75, "held-out AUC {}", model.metrics.auc);
+    assert!(model.metrics.brier < model.metrics.base_rate * (1.0 - model.metrics.base_rate));
+    assert_eq!(model.metrics.tested_on, 4_000);
+    let mean = |payer: PayerType| {
+        let scores: Vec<f64> = by_payer
+            .iter()
+            .filter(|(p, _)| *p == payer)
+            .map(|(_, f)| f64::from(model.score(f)))
+            .collect();
+        scores.iter().sum::<f64>() / scores.len() as f64
+    };
+    assert!(
+        mean(PayerType::Early) > mean(PayerType::Unwilling) + 20.0,
+        "early {} vs unwilling {}",
+        mean(PayerType::Early),
+        mean(PayerType::Unwilling)
+    );
+    assert_eq!(model.top_features()[0].0, "late_last_12m", "{:?}", model.top_features());
+}

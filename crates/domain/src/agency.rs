@@ -115,6 +115,7 @@ pub fn on_agency_news(mut journey: Journey, news: &AgencyNews) -> Decision {
             step: None,
             rule: None,
             reason: news.reason(),
+            propensity: None,
         }],
         timer: if to == from {
             TimerChange::Keep

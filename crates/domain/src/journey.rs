@@ -381,6 +381,15 @@ pub struct Transition {
     pub step: Option<String>,
     pub rule: Option<String>,
     pub reason: Option<String>,
+    /// On a plan choice: the debtor's propensity score and the model that gave it.
+    pub propensity: Option<Scored>,
+}
+
+/// A propensity score (0 to 100) with the version of the model that gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scored {
+    pub score: u8,
+    pub model_version: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -433,6 +442,7 @@ fn transition(kind: &'static str, from: JourneyState, to: JourneyState) -> Trans
         step: None,
         rule: None,
         reason: None,
+        propensity: None,
     }
 }
 

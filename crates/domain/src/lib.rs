@@ -20,6 +20,7 @@ pub mod merge;
 pub mod money;
 pub mod paylink;
 pub mod policy;
+pub mod propensity;
 pub mod reference;
 pub mod self_service;
 pub mod settlement;

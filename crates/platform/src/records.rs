@@ -267,6 +267,11 @@ pub struct JourneyEvent {
     /// The fee this transition charged (a fee-bearing step sent).
     #[serde(default)]
     pub fee_minor: i64,
+    /// On `plan_chosen`: the propensity score the plan was chosen with, and its model.
+    #[serde(default)]
+    pub propensity: Option<i32>,
+    #[serde(default)]
+    pub propensity_model: Option<String>,
 }
 record!(JourneyEvent, "JourneyEvent.avsc");
 
@@ -857,6 +862,8 @@ mod tests {
             segment: Some("consumers".into()),
             experiment: Some("friendly/variant".into()),
             fee_minor: 6_000,
+            propensity: Some(73),
+            propensity_model: Some("propensity-2026-12-03".into()),
         });
         round_trip(DispatchOutcome {
             event_id: "e".into(),

@@ -38,10 +38,12 @@ use forfall_domain::claim;
 use forfall_domain::evidence::{Delivery, MessageEvidence};
 use forfall_domain::invoice::{self, Contact, InvoiceSnapshot, InvoiceStatus};
 use forfall_domain::journey::{
-    self, DebtorInvoice, Decision, Emit, Journey, JourneyState, Plan, Request, Role, StepFee, TimerChange, Transition,
+    self, DebtorInvoice, Decision, Emit, Journey, JourneyState, Plan, Request, Role, Scored, StepFee, TimerChange,
+    Transition,
 };
 use forfall_domain::law::{DebtorContext, LawBook};
 use forfall_domain::policy::{self, DebtorFacts, Policy, experiment_labels};
+use forfall_domain::propensity::{Features, PropensityModel};
 use forfall_domain::{Currency, DebtorKind, Jurisdiction, Money};
 use forfall_platform::admin::Readiness;
 use forfall_platform::changelog::{self, Changelog};
@@ -112,6 +114,9 @@ pub struct WatcherSettings {
     pub staff_token: Option<config::Secret>,
     /// How often (real time) the open-invoice gauge is read from the partitions' counts.
     pub open_invoices_refresh_ms: u64,
+    /// A propensity model file (`forfall model train`): each new invoice is scored with it, so
+    /// that segments by `propensity_min` / `propensity_max` match; without one no score exists.
+    pub propensity_model: Option<String>,
 }
 
 impl Default for WatcherSettings {
@@ -131,6 +136,7 @@ impl Default for WatcherSettings {
             parked_retention_days: 30,
             staff_token: None,
             open_invoices_refresh_ms: 15_000,
+            propensity_model: None,
         }
     }
 }
@@ -185,6 +191,8 @@ impl Metrics {
 
 struct Inner {
     rt: Runtime,
+    /// The propensity model new invoices are scored with, if one is configured.
+    propensity: Option<PropensityModel>,
     producer: Producer,
     readiness: Readiness,
     /// Partitions whose state this instance found ready (see [`rebuild`]).
@@ -383,6 +391,8 @@ impl Watcher {
             segment: journey.segment.clone(),
             experiment: journey.experiment.clone(),
             fee_minor: 0,
+            propensity: t.propensity.as_ref().map(|p| i32::from(p.score)),
+            propensity_model: t.propensity.as_ref().map(|p| p.model_version.clone()),
         }
     }
 
@@ -1372,15 +1382,23 @@ impl Watcher {
 
     /// A new invoice: the policy chooses its plan (segment, experiment), recorded as an event.
     async fn open_journey(&self, incoming: InvoiceSnapshot) -> Result<(Decision, Plan), Failure> {
+        let late_last_12m = self.late_last_12m(&incoming.tenant, &incoming.debtor_id).await?;
+        let scored = self.0.propensity.as_ref().map(|m| Scored {
+            score: m.score(&Features::of(&incoming, late_last_12m)),
+            model_version: m.version.clone(),
+        });
         let facts = DebtorFacts {
             jurisdiction: incoming.jurisdiction,
             kind: incoming.debtor_kind,
-            late_last_12m: self.late_last_12m(&incoming.tenant, &incoming.debtor_id).await?,
-            propensity: None,
+            late_last_12m,
+            propensity: scored.as_ref().map(|s| s.score),
             amount: incoming.amount,
             fee_agreed: incoming.reminder_fee_agreed,
         };
-        let (d, plan) = opened(&self.policy(), incoming, &facts, self.0.rt.clock.now().date_naive());
+        let (mut d, plan) = opened(&self.policy(), incoming, &facts, self.0.rt.clock.now().date_naive());
+        if let Some(chosen) = d.transitions.iter_mut().find(|t| t.kind == "plan_chosen") {
+            chosen.propensity = scored;
+        }
         if let Some(e) = &d.journey.experiment {
             self.0
                 .metrics
@@ -1782,6 +1800,7 @@ pub fn opened(
             reason: choice
                 .experiment
                 .map(|e| format!("experiment {e} (late invoices in 12 months: {})", facts.late_last_12m)),
+            propensity: None,
         },
     );
     (d, choice.plan)
@@ -2038,6 +2057,7 @@ impl Watcher {
                     Some(r) => format!("{} {status}: {r}", rec.channel),
                     None => format!("{} {status}", rec.channel),
                 }),
+                propensity: None,
             });
             self.record_message(&rec, invoice_id, evidence.clone(), timeline, partition, trace)
                 .await?;
@@ -2187,6 +2207,21 @@ pub fn load_law(settings: &WatcherSettings) -> anyhow::Result<LawBook> {
 }
 
 /// The configured policy, checked against the law as of `on`; any problem refuses it.
+/// The propensity model the settings name, checked against the features this version computes.
+pub fn load_propensity(settings: &WatcherSettings) -> anyhow::Result<Option<PropensityModel>> {
+    let Some(path) = &settings.propensity_model else {
+        return Ok(None);
+    };
+    let text = read_file(path, "propensity model")?;
+    let model: PropensityModel =
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("propensity model {path}: {e}"))?;
+    model
+        .check()
+        .map_err(|e| anyhow::anyhow!("propensity model {path}: {e}"))?;
+    tracing::info!(version = %model.version, auc = model.metrics.auc, "propensity model loaded");
+    Ok(Some(model))
+}
+
 pub fn load_policy(settings: &WatcherSettings, law: &LawBook, on: chrono::NaiveDate) -> anyhow::Result<Policy> {
     let text = match &settings.policy_file {
         Some(p) => read_file(p, "policy")?,
@@ -2334,7 +2369,9 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         .prepare_scripts()
         .await
         .map_err(|e| anyhow::anyhow!("loading the journey scripts into Redis: {e:?}"))?;
+    let propensity = load_propensity(&settings)?;
     let watcher = Watcher(Arc::new(Inner {
+        propensity,
         producer: shell.producer.clone(),
         readiness: shell.readiness.clone(),
         ready: std::sync::Mutex::default(),
