@@ -7,7 +7,7 @@ export CARGO_TARGET_DIR
 export CARGO_TERM_COLOR ?= never
 NEXTEST_PROFILE ?= default
 
-.PHONY: run test devstack devstack-down build check fmt bench bench-portal chaos
+.PHONY: run test devstack devstack-down build check fmt bench bench-portal chaos simulate
 
 devstack:
 	bash tools/devstack/devstack.sh up
@@ -51,3 +51,8 @@ bench-portal: devstack
 # printed for each, `make chaos CHAOS_ARGS="--seed N --runs 1"` replays one.
 chaos: devstack build
 	$(CARGO_TARGET_DIR)/debug/chaos $(CHAOS_ARGS)
+
+# A million simulated debtors through the domain core on the example experiment, with its report
+# in target/simulation (SIMULATE_ARGS adds or overrides options, e.g. --seed 7).
+simulate:
+	cargo run --release -p forfall -- simulate --policy deploy/policies/fee-free-reminder.toml --debtors 1000000 --seed 2026 --out $(CARGO_TARGET_DIR)/simulation $(SIMULATE_ARGS)
