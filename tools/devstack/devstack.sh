@@ -86,17 +86,23 @@ start_broker() {
   wait_port "$BROKER_HOST" "$BROKER_PORT" "tansu"
 }
 
+# Installs Debian packages (apt options may come first) when this is root on Debian, saying why;
+# fails otherwise, for the caller to say what is missing.
+apt_install() {
+  local why=$1; shift
+  [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 || return 1
+  log "installing ${*#--no-install-recommends } (apt) $why"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
 start_redis() {
   if port_open 127.0.0.1 "$REDIS_PORT"; then
     log "redis already listening on 127.0.0.1:$REDIS_PORT (reusing it)"
     return 0
   fi
   if ! command -v redis-server >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-      log "installing redis-server (apt)"
-      DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-    else
+    if ! apt_install "for the dev stack" redis-server; then
       die "redis-server is missing: install the Debian package 'redis-server' (needs root), or start Redis on 127.0.0.1:$REDIS_PORT"
     fi
   fi
@@ -112,11 +118,7 @@ start_redis() {
 ensure_browser() {
   local here; here="$(cd "$(dirname "${BASH_SOURCE[0]}")/../browser" && pwd)"
   if [ ! -x /usr/bin/chromium ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-      log "installing chromium and chromium-driver (apt) for the browser tests"
-      DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
-    else
+    if ! apt_install "for the browser tests" chromium chromium-driver; then
       log "chromium is missing: install the Debian packages 'chromium' and 'chromium-driver' for the browser tests"
     fi
   fi
@@ -134,11 +136,7 @@ ensure_browser() {
 # OIDC token endpoint (rdkafka's `cmake-build` and `curl-static` features).
 ensure_build_tools() {
   command -v cmake >/dev/null 2>&1 && return 0
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    log "installing cmake (apt), which builds librdkafka"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cmake >/dev/null
-  else
+  if ! apt_install "to build librdkafka" --no-install-recommends cmake; then
     log "cmake is missing: install it (Debian package 'cmake'); librdkafka is built with it"
   fi
 }
@@ -146,11 +144,7 @@ ensure_build_tools() {
 # The alert rules' unit tests run promtool, from Debian's prometheus package.
 ensure_promtool() {
   command -v promtool >/dev/null 2>&1 && return 0
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    log "installing prometheus (apt) for promtool, which tests the alert rules"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-  else
+  if ! apt_install "for promtool, which tests the alert rules" --no-install-recommends prometheus; then
     log "promtool is missing: install the Debian package 'prometheus' for the alert rules' tests"
   fi
 }

@@ -57,30 +57,11 @@ pub async fn run(rt: &Runtime, cmd: ExperimentCommand) -> anyhow::Result<()> {
 
 /// The experiment's variants and weights, in the policy's order (the first is control).
 fn variants(rt: &Runtime, args: &ReportArgs) -> anyhow::Result<Vec<(String, f64)>> {
-    let mut settings: forfall_watcher::WatcherSettings = forfall_platform::config::section(&rt.figment, "watcher")?;
-    if let Some(p) = &args.policy {
-        settings.policy_file = Some(p.display().to_string());
-    }
-    let law = forfall_watcher::load_law(&settings)?;
-    let policy = forfall_watcher::load_policy(&settings, &law, rt.clock.now().date_naive())?;
-    let experiment = policy.experiments.iter().find(|e| e.name == args.name).ok_or_else(|| {
-        let known: Vec<&str> = policy.experiments.iter().map(|e| e.name.as_str()).collect();
-        anyhow::anyhow!(
-            "policy {} has no experiment '{}' (it has: {})",
-            policy.version,
-            args.name,
-            if known.is_empty() {
-                "none".to_owned()
-            } else {
-                known.join(", ")
-            }
-        )
-    })?;
-    Ok(experiment
-        .variants
-        .iter()
-        .map(|v| (v.name.clone(), f64::from(v.weight)))
-        .collect())
+    let (policy, _) =
+        crate::simulate::policy_and_law(&rt.figment, args.policy.as_deref(), rt.clock.now().date_naive())?;
+    Ok(crate::simulate::variants(crate::simulate::named_experiment(
+        &policy, &args.name,
+    )?))
 }
 
 /// Reads the topics, writes the report's files, and returns them.

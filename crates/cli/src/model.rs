@@ -75,10 +75,14 @@ pub fn fit(samples: &[(Features, bool)], version: &str) -> anyhow::Result<Propen
 
 pub fn command(cmd: ModelCommand, figment: &figment::Figment) -> anyhow::Result<()> {
     let ModelCommand::Train(args) = cmd;
-    let (policy, law) = simulate::policy_and_law(&args.simulation, figment)?;
+    let (policy, law) = simulate::policy_and_law(
+        figment,
+        args.simulation.policy.as_deref(),
+        simulate::issue_day(&args.simulation),
+    )?;
     let behaviour = simulate::load_model(args.simulation.model.as_deref())?;
     let mut samples = Vec::with_capacity(args.simulation.debtors as usize);
-    simulate::for_each(&args.simulation, &policy, &law, &behaviour, |s| {
+    simulate::for_each(&args.simulation, &policy, &law, &behaviour, |_, s| {
         samples.push((s.features, s.story.settled_days.is_some()));
     })?;
     let version = format!(

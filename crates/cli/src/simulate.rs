@@ -160,7 +160,7 @@ fn simulate_one(
 ) -> anyhow::Result<Simulated> {
     let debtor = draw_debtor(i, model, rng);
     let due = args.due;
-    let issued = due - chrono::Duration::days(14);
+    let issued = issue_day(args);
     let snapshot = invoice::validate_issued(IssuedInput {
         tenant: "sim".into(),
         debtor_id: format!("sim:d{i}"),
@@ -293,34 +293,52 @@ pub fn for_each(
     policy: &Policy,
     law: &LawBook,
     model: &BehaviourModel,
-    mut each: impl FnMut(Simulated),
+    mut each: impl FnMut(u64, Simulated),
 ) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(args.seed);
-    let name = args
-        .experiment
-        .as_deref()
-        .or(policy.experiments.first().map(|e| e.name.as_str()));
+    let name = experiment(policy, args.experiment.as_deref())?.map(|e| e.name.as_str());
     for i in 0..args.debtors {
-        each(simulate_one(i, args, policy, law, model, name, &mut rng)?);
+        each(i, simulate_one(i, args, policy, law, model, name, &mut rng)?);
     }
     Ok(())
 }
 
+/// The experiment named (it must be in the policy), else the policy's first, if any.
+pub fn experiment<'p>(policy: &'p Policy, name: Option<&str>) -> anyhow::Result<Option<&'p policy::Experiment>> {
+    match name {
+        Some(name) => named_experiment(policy, name).map(Some),
+        None => Ok(policy.experiments.first()),
+    }
+}
+
+/// The policy's experiment `name`, or an error listing the ones it has.
+pub fn named_experiment<'p>(policy: &'p Policy, name: &str) -> anyhow::Result<&'p policy::Experiment> {
+    policy.experiments.iter().find(|e| e.name == name).ok_or_else(|| {
+        let known: Vec<&str> = policy.experiments.iter().map(|e| e.name.as_str()).collect();
+        anyhow::anyhow!(
+            "policy {} has no experiment '{name}' (it has: {})",
+            policy.version,
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        )
+    })
+}
+
+/// An experiment's variants and weights, in the policy's order (the first is control).
+pub fn variants(e: &policy::Experiment) -> Vec<(String, f64)> {
+    e.variants
+        .iter()
+        .map(|v| (v.name.clone(), f64::from(v.weight)))
+        .collect()
+}
+
 /// Runs the simulation; progress goes to stderr about every tenth of the base.
 pub fn run(args: &SimulateArgs, policy: &Policy, law: &LawBook, model: &BehaviourModel) -> anyhow::Result<Outcome> {
-    let experiment = match &args.experiment {
-        Some(name) => Some(
-            policy
-                .experiments
-                .iter()
-                .find(|e| &e.name == name)
-                .ok_or_else(|| anyhow::anyhow!("policy {} has no experiment '{name}'", policy.version))?,
-        ),
-        None => policy.experiments.first(),
-    };
-    let name = experiment.map(|e| e.name.as_str());
+    let experiment = experiment(policy, args.experiment.as_deref())?;
     let started = Instant::now();
-    let mut rng = StdRng::seed_from_u64(args.seed);
     let mut collector = Collector::default();
     let mut outcome = Outcome {
         debtors: args.debtors,
@@ -335,8 +353,7 @@ pub fn run(args: &SimulateArgs, policy: &Policy, law: &LawBook, model: &Behaviou
         report: None,
     };
     let tenth = (args.debtors / 10).max(1);
-    for i in 0..args.debtors {
-        let Simulated { story, payer, .. } = simulate_one(i, args, policy, law, model, name, &mut rng)?;
+    for_each(args, policy, law, model, |i, Simulated { story, payer, .. }| {
         let before_fee = story.settled_days.is_some() && story.fees.values().all(|f| *f == 0);
         outcome.settled += u64::from(story.settled_days.is_some());
         outcome.settled_before_any_fee += u64::from(before_fee);
@@ -357,14 +374,9 @@ pub fn run(args: &SimulateArgs, policy: &Policy, law: &LawBook, model: &Behaviou
                 (i + 1) as f64 / elapsed.max(1e-9)
             );
         }
-    }
+    })?;
     if let Some(e) = experiment {
-        let variants: Vec<(String, f64)> = e
-            .variants
-            .iter()
-            .map(|v| (v.name.clone(), f64::from(v.weight)))
-            .collect();
-        outcome.report = Some(collector.report(&e.name, &variants, 0.05)?);
+        outcome.report = Some(collector.report(&e.name, &variants(e), 0.05)?);
     }
     outcome.wall_seconds = started.elapsed().as_secs_f64();
     outcome.debtors_per_second = args.debtors as f64 / outcome.wall_seconds.max(1e-9);
@@ -372,21 +384,30 @@ pub fn run(args: &SimulateArgs, policy: &Policy, law: &LawBook, model: &Behaviou
     Ok(outcome)
 }
 
-/// The policy (`--policy`, else the watcher's) and the law book, as the watcher loads them,
-/// as of the invoices' issue day.
-pub fn policy_and_law(args: &SimulateArgs, figment: &figment::Figment) -> anyhow::Result<(Policy, LawBook)> {
+/// The policy (`policy`, else the watcher's `watcher.policy_file`) and the law book, loaded and
+/// checked as the watcher loads them, as of `on`.
+pub fn policy_and_law(
+    figment: &figment::Figment,
+    policy: Option<&std::path::Path>,
+    on: NaiveDate,
+) -> anyhow::Result<(Policy, LawBook)> {
     let mut settings: forfall_watcher::WatcherSettings = forfall_platform::config::section(figment, "watcher")?;
-    if let Some(p) = &args.policy {
+    if let Some(p) = policy {
         settings.policy_file = Some(p.display().to_string());
     }
     let law = forfall_watcher::load_law(&settings)?;
-    let policy = forfall_watcher::load_policy(&settings, &law, args.due - chrono::Duration::days(14))?;
+    let policy = forfall_watcher::load_policy(&settings, &law, on)?;
     Ok((policy, law))
+}
+
+/// The day the simulated invoices are issued: the policy is read as of then.
+pub fn issue_day(args: &SimulateArgs) -> NaiveDate {
+    args.due - chrono::Duration::days(14)
 }
 
 /// The command: loads the policy and the model, runs, prints, writes the report.
 pub fn command(args: SimulateArgs, figment: &figment::Figment) -> anyhow::Result<()> {
-    let (policy, law) = policy_and_law(&args, figment)?;
+    let (policy, law) = policy_and_law(figment, args.policy.as_deref(), issue_day(&args))?;
     let model = load_model(args.model.as_deref())?;
     eprintln!(
         "simulating {} debtors (seed {}) on policy {}; behaviour: {}",

@@ -111,7 +111,7 @@ fn a_model_trained_on_simulated_debtors_separates_the_payer_types() {
     };
     let mut samples = Vec::new();
     let mut by_payer: Vec<(PayerType, forfall_domain::propensity::Features)> = Vec::new();
-    forfall::simulate::for_each(&args, &policy, &law, &BehaviourModel::default(), |s| {
+    forfall::simulate::for_each(&args, &policy, &law, &BehaviourModel::default(), |_, s| {
         samples.push((s.features, s.story.settled_days.is_some()));
         by_payer.push((s.payer, s.features));
     })
