@@ -420,6 +420,10 @@ impl Store {
 
     /// The open invoices of `partitions` by (tenant, status label), summed.
     pub async fn open_counts(&self, partitions: &[i32]) -> Result<HashMap<(String, String), i64>, Failure> {
+        if partitions.is_empty() {
+            // No partition ready yet: nothing open here (and Redis refuses an empty pipeline).
+            return Ok(HashMap::new());
+        }
         let mut pipe = redis::pipe();
         for p in partitions {
             pipe.hgetall(self.open_counts_key(*p));
