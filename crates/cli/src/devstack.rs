@@ -328,6 +328,53 @@ impl LocalStack {
         .await?
     }
 
+    /// Whether the watcher has a timer due by `now` on any partition (one it has yet to fire:
+    /// a fired timer leaves only after its outputs are acknowledged and its journey written).
+    pub async fn timers_due(&self, now: chrono::DateTime<chrono::Utc>) -> anyhow::Result<bool> {
+        let keys = Keys::new(&self.rt.config.redis.key_prefix);
+        let mut redis = self.redis.clone();
+        for p in 0..self.rt.config.kafka.partitions {
+            let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(keys.key(&["timers", &p.to_string()]))
+                .arg("-inf")
+                .arg(now.timestamp_millis())
+                .arg("LIMIT")
+                .arg(0)
+                .arg(1)
+                .query_async(&mut redis)
+                .await?;
+            if !due.is_empty() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// A reader of `topic` from its start; each [`TopicTail::next`] returns what was written
+    /// since the last.
+    pub async fn tail(&self, topic: &str) -> anyhow::Result<TopicTail> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.rt.config.kafka.brokers)
+            .set("broker.address.family", "v4")
+            .set("group.id", format!("tail-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            // Read as soon as written: a fetch waiting for more would hold each day back.
+            .set("fetch.wait.max.ms", "10")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..self.rt.config.kafka.partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        Ok(TopicTail {
+            consumer: std::sync::Arc::new(consumer),
+            topic: topic.to_owned(),
+            partitions: self.rt.config.kafka.partitions,
+            next: HashMap::new(),
+            codec: self.rt.codec.clone(),
+        })
+    }
+
     /// A Redis connection to this stack's Redis (keys under its own prefix).
     pub fn redis(&self) -> redis::aio::ConnectionManager {
         self.redis.clone()
@@ -337,6 +384,71 @@ impl LocalStack {
     pub async fn journey_status(&self, tenant: &str, invoice_id: &str) -> anyhow::Result<Option<String>> {
         let keys = Keys::new(&self.rt.config.redis.key_prefix);
         Ok(journey_state::read_status(&mut self.redis.clone(), &keys, tenant, invoice_id).await?)
+    }
+}
+
+/// DEV AND TEST ONLY: a topic read as it grows (see [`LocalStack::tail`]).
+pub struct TopicTail {
+    consumer: std::sync::Arc<BaseConsumer>,
+    topic: String,
+    partitions: i32,
+    /// The next offset to read on each partition.
+    next: HashMap<i32, i64>,
+    codec: std::sync::Arc<forfall_platform::avro::Codec>,
+}
+
+impl TopicTail {
+    /// Every record of type `T` written since the last call, up to each partition's end as the
+    /// broker reports it now (records acknowledged before this call are among them), in
+    /// partition order.
+    pub async fn next<T: Record>(&mut self) -> anyhow::Result<Vec<T>> {
+        let consumer = self.consumer.clone();
+        let (topic, partitions, mut next) = (self.topic.clone(), self.partitions, self.next.clone());
+        let (payloads, next) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let mut high = HashMap::new();
+            for p in 0..partitions {
+                high.insert(p, consumer.fetch_watermarks(&topic, p, Duration::from_secs(5))?.1);
+            }
+            let mut by_partition: HashMap<i32, Vec<Vec<u8>>> = HashMap::new();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            // The reported high watermark is a floor (tansu 0.6.0 counts a multi-record batch as
+            // one offset); a fetch delivers whole batches, so once past it, what is left of the
+            // last batch is already here: drained until a poll finds nothing.
+            loop {
+                let behind = high.iter().any(|(p, h)| next.get(p).copied().unwrap_or(0) < *h);
+                let wait = if behind { 100 } else { 20 };
+                match consumer.poll(Duration::from_millis(wait)) {
+                    Some(m) => {
+                        let m = m?;
+                        let at = next.entry(m.partition()).or_insert(0);
+                        if m.offset() >= *at {
+                            *at = m.offset() + 1;
+                            by_partition
+                                .entry(m.partition())
+                                .or_default()
+                                .push(m.payload().unwrap_or_default().to_vec());
+                        }
+                    }
+                    None if !behind => break,
+                    None => anyhow::ensure!(Instant::now() < deadline, "timed out reading {topic} to its end"),
+                }
+            }
+            let mut out = Vec::new();
+            for p in 0..partitions {
+                out.extend(by_partition.remove(&p).unwrap_or_default());
+            }
+            Ok((out, next))
+        })
+        .await??;
+        self.next = next;
+        let mut out = Vec::new();
+        for payload in payloads {
+            let decoded = self.codec.decode(Some(&payload)).await?;
+            if decoded.name == T::FULL_NAME {
+                out.push(decoded.to::<T>()?);
+            }
+        }
+        Ok(out)
     }
 }
 

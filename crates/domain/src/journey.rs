@@ -30,6 +30,18 @@ impl Tone {
             Tone::PaymentDemand => "payment_demand",
         }
     }
+
+    /// The tone a [`Tone::code`] names (as journey actions carry it).
+    pub fn from_code(code: &str) -> Option<Tone> {
+        [
+            Tone::Nudge,
+            Tone::Reminder,
+            Tone::CollectionWarning,
+            Tone::PaymentDemand,
+        ]
+        .into_iter()
+        .find(|t| t.code() == code)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1444,6 +1456,20 @@ mod tests {
     use super::*;
     use crate::invoice::{apply_cancel, apply_credit, tests::input, validate_issued};
     use crate::money::Currency;
+
+    #[test]
+    fn a_tone_reads_back_from_its_code() {
+        for tone in [
+            Tone::Nudge,
+            Tone::Reminder,
+            Tone::CollectionWarning,
+            Tone::PaymentDemand,
+        ] {
+            assert_eq!(Tone::from_code(tone.code()), Some(tone));
+        }
+        assert_eq!(Tone::from_code("Reminder"), None);
+        assert_eq!(Tone::from_code(""), None);
+    }
 
     fn far_future() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).unwrap()

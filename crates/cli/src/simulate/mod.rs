@@ -3,7 +3,12 @@
 //! the domain-core mode, for millions of debtors in one process: each invoice's whole journey
 //! (plan chosen, steps fired with their lawful fees, payment or hand-off) runs through
 //! `forfall_domain::journey` and the watcher's own plan choice, and its story goes straight
-//! into the experiment report. A seed makes a run repeatable.
+//! into the experiment report. A seed makes a run repeatable, and each debtor draws from a
+//! generator of its own (seeded from the run's seed and its number), so the pipeline mode
+//! ([`pipeline`], `--pipeline`) gives the same debtors the same lives through the real services.
+
+#[cfg(feature = "demo")]
+pub mod pipeline;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -44,6 +49,10 @@ pub struct SimulateArgs {
     /// Where the experiment report goes (`<out>/<experiment>.json` and `.html`).
     #[arg(long, default_value = ".")]
     pub out: PathBuf,
+    /// Through the real pipeline (every service, the broker, Redis, the mail and SMS stand-ins)
+    /// on the dev stack, for thousands of debtors, instead of the domain core alone.
+    #[arg(long)]
+    pub pipeline: bool,
 }
 
 /// What a run found and cost.
@@ -61,6 +70,35 @@ pub struct Outcome {
     /// The process's peak resident memory (Linux: VmHWM), in MiB.
     pub peak_rss_mib: Option<f64>,
     pub report: Option<Report>,
+}
+
+impl Outcome {
+    fn new(args: &SimulateArgs) -> Self {
+        Self {
+            debtors: args.debtors,
+            seed: args.seed,
+            settled_before_any_fee: 0,
+            settled: 0,
+            handed_over: 0,
+            by_payer: PayerType::ALL.iter().map(|p| (p.code(), (0, 0, 0))).collect(),
+            wall_seconds: 0.0,
+            debtors_per_second: 0.0,
+            peak_rss_mib: None,
+            report: None,
+        }
+    }
+
+    /// One debtor's end: paid (without any fee charged, or after one), or handed over.
+    fn count(&mut self, payer: PayerType, settled: bool, before_any_fee: bool, handed_over: bool) {
+        self.settled += u64::from(settled);
+        self.settled_before_any_fee += u64::from(before_any_fee);
+        self.handed_over += u64::from(handed_over);
+        if let Some(row) = self.by_payer.get_mut(payer.code()) {
+            row.0 += 1;
+            row.1 += u64::from(before_any_fee);
+            row.2 += u64::from(handed_over);
+        }
+    }
 }
 
 fn peak_rss_mib() -> Option<f64> {
@@ -98,6 +136,23 @@ struct Debtor {
     payer: PayerType,
 }
 
+/// The generator of debtor `i`'s draws (who they are, then what they do), seeded from the run's
+/// seed and the debtor's number, so that a debtor's life does not depend on the order in which
+/// the debtors are simulated.
+pub fn debtor_rng(seed: u64, i: u64) -> StdRng {
+    StdRng::seed_from_u64(seed ^ i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// A phone number in the form of the debtor's country (E.164).
+fn phone_number(j: Jurisdiction, i: u64) -> String {
+    match j {
+        Jurisdiction::DK => format!("+4520{:06}", i % 1_000_000),
+        Jurisdiction::NO => format!("+4740{:06}", i % 1_000_000),
+        Jurisdiction::SE => format!("+4670{:07}", i % 10_000_000),
+        Jurisdiction::FI => format!("+35840{:07}", i % 10_000_000),
+    }
+}
+
 /// A Nordic utility's mix: a third Danish, a fifth Norwegian, three in ten Swedish, the rest
 /// Finnish; one in ten a business; bills of a few hundred to a few thousand in the home
 /// currency (businesses ten times more); most reachable by e-mail and by phone.
@@ -133,7 +188,7 @@ fn draw_debtor(i: u64, model: &BehaviourModel, rng: &mut StdRng) -> Debtor {
         contact: Contact {
             name: Some(format!("Debtor {i}")),
             email: email.then(|| format!("d{i}@example.test")),
-            phone: phone.then(|| format!("+4670{:07}", i % 10_000_000)),
+            phone: phone.then(|| phone_number(jurisdiction, i)),
             language: Some(language.into()),
             ..Contact::default()
         },
@@ -147,6 +202,86 @@ fn day_of(at: chrono::DateTime<chrono::Utc>, due: NaiveDate, j: Jurisdiction) ->
     (at.with_timezone(&j.time_zone()).date_naive() - due).num_days()
 }
 
+/// Debtor `i` as drawn: who they are, their invoice as billing issues it, whether they were
+/// late before, and when they would pay with no message at all.
+pub struct Drawn {
+    debtor: Debtor,
+    pub invoice: IssuedInput,
+    pub late_last_12m: u32,
+    /// Days after the due date (negative: before), if ever.
+    pub own_payment_day: Option<i64>,
+}
+
+impl Drawn {
+    pub fn payer(&self) -> PayerType {
+        self.debtor.payer
+    }
+
+    pub fn jurisdiction(&self) -> Jurisdiction {
+        self.debtor.jurisdiction
+    }
+}
+
+/// Draws debtor `i` from its generator (the draws come first, in this order, in both modes).
+pub fn draw(i: u64, args: &SimulateArgs, model: &BehaviourModel, rng: &mut StdRng) -> anyhow::Result<Drawn> {
+    let debtor = draw_debtor(i, model, rng);
+    // Who was late before: the short of cash and the unwilling, mostly.
+    let late_last_12m = match debtor.payer {
+        PayerType::Early => 0,
+        PayerType::Forgetful => u32::from(rng.random::<f64>() < 0.3),
+        PayerType::ShortOfCash => rng.random_range(0..=3),
+        PayerType::Unwilling => rng.random_range(1..=4),
+    };
+    let own_payment_day = model.own_payment_day(debtor.payer, rng);
+    let reference = forfall_domain::reference::generate(
+        forfall_domain::reference::ReferenceKind::Rf,
+        &format!("{}", 5_150_000_000u64 + i),
+    )
+    .map_err(|e| anyhow::anyhow!("debtor {i}'s payment reference: {e}"))?;
+    let invoice = IssuedInput {
+        tenant: SIM_TENANT.into(),
+        debtor_id: format!("{SIM_TENANT}:d{i}"),
+        invoice_id: format!("sim-{i}"),
+        revision: 1,
+        invoice_number: format!("S-{i}"),
+        issue_date_days: invoice::epoch_days(issue_day(args)),
+        due_date_days: invoice::epoch_days(args.due),
+        amount_minor: debtor.amount_minor,
+        currency: debtor.jurisdiction.home_currency().code().into(),
+        jurisdiction: debtor.jurisdiction.code().into(),
+        debtor_kind: match debtor.kind {
+            DebtorKind::Consumer => "consumer",
+            DebtorKind::Business => "business",
+        }
+        .into(),
+        payment_reference: Some(reference.value),
+        description: Some("Electricity".into()),
+        contact: debtor.contact.clone(),
+        reminder_fee_agreed: debtor.fee_agreed,
+    };
+    Ok(Drawn {
+        debtor,
+        invoice,
+        late_last_12m,
+        own_payment_day,
+    })
+}
+
+/// The tenant whose invoices the simulator issues.
+pub const SIM_TENANT: &str = "sim";
+
+/// The channel a message goes out on: the first of the step's channels (in the debtor's order of
+/// preference) that the debtor has an address for, as dispatch falls back from one to the next.
+pub fn channel_reached(channels: &[String], contact: &Contact) -> Option<String> {
+    invoice::channels_for(channels, contact)
+        .into_iter()
+        .find(|c| match c.as_str() {
+            "email" => contact.email.is_some(),
+            "sms" => contact.phone.is_some(),
+            _ => false,
+        })
+}
+
 /// One debtor's invoice through its whole journey: its story for the report, and whether it
 /// was settled before any fee.
 fn simulate_one(
@@ -158,41 +293,15 @@ fn simulate_one(
     experiment: Option<&str>,
     rng: &mut StdRng,
 ) -> anyhow::Result<Simulated> {
-    let debtor = draw_debtor(i, model, rng);
+    let drawn = draw(i, args, model, rng)?;
+    let debtor = &drawn.debtor;
     let due = args.due;
     let issued = issue_day(args);
-    let snapshot = invoice::validate_issued(IssuedInput {
-        tenant: "sim".into(),
-        debtor_id: format!("sim:d{i}"),
-        invoice_id: format!("sim-{i}"),
-        revision: 1,
-        invoice_number: format!("S-{i}"),
-        issue_date_days: invoice::epoch_days(issued),
-        due_date_days: invoice::epoch_days(due),
-        amount_minor: debtor.amount_minor,
-        currency: debtor.jurisdiction.home_currency().code().into(),
-        jurisdiction: debtor.jurisdiction.code().into(),
-        debtor_kind: match debtor.kind {
-            DebtorKind::Consumer => "consumer",
-            DebtorKind::Business => "business",
-        }
-        .into(),
-        payment_reference: None,
-        description: None,
-        contact: debtor.contact.clone(),
-        reminder_fee_agreed: debtor.fee_agreed,
-    })
-    .map_err(|e| anyhow::anyhow!("debtor {i}: {e:?}"))?;
+    let snapshot = invoice::validate_issued(drawn.invoice.clone()).map_err(|e| anyhow::anyhow!("debtor {i}: {e:?}"))?;
     let facts = DebtorFacts {
         jurisdiction: debtor.jurisdiction,
         kind: debtor.kind,
-        // Who was late before: the short of cash and the unwilling, mostly.
-        late_last_12m: match debtor.payer {
-            PayerType::Early => 0,
-            PayerType::Forgetful => u32::from(rng.random::<f64>() < 0.3),
-            PayerType::ShortOfCash => rng.random_range(0..=3),
-            PayerType::Unwilling => rng.random_range(1..=4),
-        },
+        late_last_12m: drawn.late_last_12m,
         propensity: None,
         amount: snapshot.amount,
         fee_agreed: debtor.fee_agreed,
@@ -216,7 +325,7 @@ fn simulate_one(
         debtor_id: Some(d.journey.invoice.debtor_id.clone()),
         ..InvoiceFacts::default()
     };
-    let mut pays_on = model.own_payment_day(debtor.payer, rng);
+    let mut pays_on = drawn.own_payment_day;
     loop {
         let TimerChange::Schedule { step_index, fire_at } = d.timer.clone() else {
             // No step left (a plan without a hand-off): paid when the debtor pays, if ever.
@@ -248,8 +357,7 @@ fn simulate_one(
         }
         match &d.emit {
             Some(Emit::Message { tone, channels, .. }) => {
-                // Dispatch sends on the first channel the debtor can be reached on.
-                if let Some(channel) = invoice::channels_for(channels, &debtor.contact).first() {
+                if let Some(channel) = channel_reached(channels, &debtor.contact) {
                     *story.messages.entry(channel.clone()).or_default() += 1;
                     let seen = MessageSeen {
                         tone: *tone,
@@ -295,9 +403,9 @@ pub fn for_each(
     model: &BehaviourModel,
     mut each: impl FnMut(u64, Simulated),
 ) -> anyhow::Result<()> {
-    let mut rng = StdRng::seed_from_u64(args.seed);
     let name = experiment(policy, args.experiment.as_deref())?.map(|e| e.name.as_str());
     for i in 0..args.debtors {
+        let mut rng = debtor_rng(args.seed, i);
         each(i, simulate_one(i, args, policy, law, model, name, &mut rng)?);
     }
     Ok(())
@@ -340,29 +448,11 @@ pub fn run(args: &SimulateArgs, policy: &Policy, law: &LawBook, model: &Behaviou
     let experiment = experiment(policy, args.experiment.as_deref())?;
     let started = Instant::now();
     let mut collector = Collector::default();
-    let mut outcome = Outcome {
-        debtors: args.debtors,
-        seed: args.seed,
-        settled_before_any_fee: 0,
-        settled: 0,
-        handed_over: 0,
-        by_payer: PayerType::ALL.iter().map(|p| (p.code(), (0, 0, 0))).collect(),
-        wall_seconds: 0.0,
-        debtors_per_second: 0.0,
-        peak_rss_mib: None,
-        report: None,
-    };
+    let mut outcome = Outcome::new(args);
     let tenth = (args.debtors / 10).max(1);
     for_each(args, policy, law, model, |i, Simulated { story, payer, .. }| {
-        let before_fee = story.settled_days.is_some() && story.fees.values().all(|f| *f == 0);
-        outcome.settled += u64::from(story.settled_days.is_some());
-        outcome.settled_before_any_fee += u64::from(before_fee);
-        outcome.handed_over += u64::from(story.handed_over);
-        if let Some(row) = outcome.by_payer.get_mut(payer.code()) {
-            row.0 += 1;
-            row.1 += u64::from(before_fee);
-            row.2 += u64::from(story.handed_over);
-        }
+        let paid_without_fee = story.settled_days.is_some() && story.fees.values().all(|f| *f == 0);
+        outcome.count(payer, story.settled_days.is_some(), paid_without_fee, story.handed_over);
         collector.add_story(&story);
         if (i + 1) % tenth == 0 {
             let elapsed = started.elapsed().as_secs_f64();
@@ -382,6 +472,29 @@ pub fn run(args: &SimulateArgs, policy: &Policy, law: &LawBook, model: &Behaviou
     outcome.debtors_per_second = args.debtors as f64 / outcome.wall_seconds.max(1e-9);
     outcome.peak_rss_mib = peak_rss_mib();
     Ok(outcome)
+}
+
+#[cfg(feature = "demo")]
+fn through_pipeline(
+    args: &SimulateArgs,
+    figment: &figment::Figment,
+    policy: &Policy,
+    model: &BehaviourModel,
+) -> anyhow::Result<Outcome> {
+    let common = forfall_platform::config::common(figment)?;
+    let settings: forfall_watcher::WatcherSettings = forfall_platform::config::section(figment, "watcher")?;
+    let policy_file = match &args.policy {
+        Some(p) => Some(std::fs::canonicalize(p)?.display().to_string()),
+        None => settings.policy_file,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let (outcome, _) = runtime.block_on(pipeline::run(args, common, policy, policy_file.as_deref(), model))?;
+    Ok(outcome)
+}
+
+#[cfg(not(feature = "demo"))]
+fn through_pipeline(_: &SimulateArgs, _: &figment::Figment, _: &Policy, _: &BehaviourModel) -> anyhow::Result<Outcome> {
+    anyhow::bail!("--pipeline runs on the dev stack, which this build leaves out (the `demo` feature)")
 }
 
 /// The policy (`policy`, else the watcher's `watcher.policy_file`) and the law book, loaded and
@@ -410,13 +523,18 @@ pub fn command(args: SimulateArgs, figment: &figment::Figment) -> anyhow::Result
     let (policy, law) = policy_and_law(figment, args.policy.as_deref(), issue_day(&args))?;
     let model = load_model(args.model.as_deref())?;
     eprintln!(
-        "simulating {} debtors (seed {}) on policy {}; behaviour: {}",
+        "simulating {} debtors (seed {}) on policy {}{}; behaviour: {}",
         args.debtors,
         args.seed,
         policy.version,
+        if args.pipeline { " through the pipeline" } else { "" },
         serde_json::to_string(&model)?
     );
-    let outcome = run(&args, &policy, &law, &model)?;
+    let outcome = if args.pipeline {
+        through_pipeline(&args, figment, &policy, &model)?
+    } else {
+        run(&args, &policy, &law, &model)?
+    };
     let share = |n: u64| n as f64 * 100.0 / outcome.debtors.max(1) as f64;
     println!(
         "{} debtors in {:.1} s ({:.0} debtors/s), peak memory {}",
