@@ -49,6 +49,8 @@ variant = [
 ]
 "#;
 
+const STAFF_TOKEN: &str = "staff-token-for-the-report";
+
 /// The bank pays `s` in full; returns once its journey is closed as paid.
 /// `fee_minor`: the reminder fee charged meanwhile, which the payment includes.
 async fn pay(stack: &LocalStack, s: &Sample<'_>, tx: &str, fee_minor: i64) -> anyhow::Result<()> {
@@ -66,6 +68,7 @@ async fn the_report_counts_what_each_variant_did() -> anyhow::Result<()> {
     let policy = std::env::temp_dir().join(format!("{}-report-policy.toml", stack.prefix));
     std::fs::write(&policy, POLICY)?;
     stack.set("watcher.policy_file", &policy);
+    stack.set("watcher.staff_token", STAFF_TOKEN);
     stack.start_all();
 
     // Sixteen debtors, one invoice each, due Wednesday 4 March 2026.
@@ -117,6 +120,7 @@ async fn the_report_counts_what_each_variant_did() -> anyhow::Result<()> {
     for s in &invoices {
         status_is(&stack, s.tenant, s.invoice_id, "nudged").await?;
     }
+    consumed_to_end(&stack, "dispatch", &[stack.topic(&stack.topics().journey_actions)]).await?;
     let early: Vec<usize> = (0..16).filter(|i| i % 4 == 0).collect();
     for &i in &early {
         pay(&stack, &invoices[i], &format!("early-{i}"), 0).await?;
@@ -128,6 +132,9 @@ async fn the_report_counts_what_each_variant_did() -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("{i}: {e}"))?;
     }
+    // Every reminder sent before anyone pays (as every nudge was): dispatch's last look would
+    // rightly hold back a message whose invoice was paid meanwhile.
+    consumed_to_end(&stack, "dispatch", &[stack.topic(&stack.topics().journey_actions)]).await?;
     let late: Vec<usize> = (0..16).filter(|i| i % 4 == 1).collect();
     for &i in &late {
         let fee = if variants[i] == "control" { 10_000 } else { 0 };
@@ -185,6 +192,36 @@ async fn the_report_counts_what_each_variant_did() -> anyhow::Result<()> {
     assert!(html.contains("<svg") && html.contains("no-fee") && html.contains("Settled before any fee"));
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&written.json)?)?;
     assert_eq!(json["experiment"], "fee-free-reminder");
+
+    // Dashboards ask the watcher: the same report, for staff only.
+    let watcher = stack.rt.admin_addr("watcher").expect("the watcher serves HTTP");
+    let url = format!("http://{watcher}/v1/experiments/fee-free-reminder/report");
+    let http = reqwest::Client::new();
+    assert_eq!(http.get(&url).send().await?.status().as_u16(), 401);
+    let unknown = http
+        .get(format!("http://{watcher}/v1/experiments/no-such-thing/report"))
+        .bearer_auth(STAFF_TOKEN)
+        .send()
+        .await?;
+    assert_eq!(unknown.status().as_u16(), 404);
+    assert!(unknown.text().await?.contains("it has: fee-free-reminder"));
+    // The first ask starts reading the topics; until the copy is there it is asked to come back.
+    let served: serde_json::Value = eventually("the watcher's report", WAIT, || async {
+        let answer = http.get(&url).bearer_auth(STAFF_TOKEN).send().await?;
+        if answer.status() == 503 {
+            assert!(answer.headers().contains_key("retry-after"));
+            return Ok(None);
+        }
+        assert_eq!(answer.status().as_u16(), 200);
+        Ok(Some(answer.json().await?))
+    })
+    .await?;
+    assert_eq!(served, json, "the endpoint and the command agree");
+    let page = http.get(format!("{url}.html")).bearer_auth(STAFF_TOKEN).send().await?;
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page.headers()["content-type"].to_str()?.starts_with("text/html"));
+    assert!(page.headers().contains_key("age"));
+    assert!(page.text().await?.contains("<svg"));
     stack.shutdown().await;
     Ok(())
 }

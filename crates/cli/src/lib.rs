@@ -6,7 +6,6 @@ pub mod demo;
 #[cfg(feature = "demo")]
 pub mod devstack;
 pub mod experiment;
-pub mod experiment_html;
 pub mod handoff_preview;
 pub mod model;
 pub mod pay_flow;

@@ -22,6 +22,8 @@
 //! changed meanwhile is decided again instead of overwritten). See [`store`] for the layout.
 
 mod agency;
+pub mod experiment_page;
+pub mod experiments;
 mod format;
 mod preview;
 pub mod rebuild;
@@ -114,6 +116,9 @@ pub struct WatcherSettings {
     pub staff_token: Option<config::Secret>,
     /// How often (real time) the open-invoice gauge is read from the partitions' counts.
     pub open_invoices_refresh_ms: u64,
+    /// How old (real time) an experiment report served at `/v1/experiments/<name>/report` may
+    /// be before it is read anew from the topics (in the background; the old one meanwhile).
+    pub experiment_report_max_age_secs: u64,
     /// A propensity model file (`forfall model train`): each new invoice is scored with it, so
     /// that segments by `propensity_min` / `propensity_max` match; without one no score exists.
     pub propensity_model: Option<String>,
@@ -136,6 +141,7 @@ impl Default for WatcherSettings {
             parked_retention_days: 30,
             staff_token: None,
             open_invoices_refresh_ms: 15_000,
+            experiment_report_max_age_secs: 300,
             propensity_model: None,
         }
     }
@@ -2276,7 +2282,11 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     // The staff endpoint answers once the watcher below exists.
     let handle: Arc<std::sync::OnceLock<Watcher>> = Arc::default();
     let staff_token = settings.staff_token.clone();
-    let routes = preview::routes(handle.clone(), staff_token);
+    let routes = preview::routes(handle.clone(), staff_token.clone()).merge(experiments::routes(
+        handle.clone(),
+        staff_token,
+        std::time::Duration::from_secs(settings.experiment_report_max_age_secs),
+    ));
     let shell = ServiceShell::start(&rt, SERVICE, PORT_OFFSET, Some(routes)).await?;
     let transitions = IntCounterVec::new(
         Opts::new("watcher_transitions_total", "Journey transitions, by kind"),

@@ -419,29 +419,7 @@ pub fn experiment<'p>(policy: &'p Policy, name: Option<&str>) -> anyhow::Result<
     }
 }
 
-/// The policy's experiment `name`, or an error listing the ones it has.
-pub fn named_experiment<'p>(policy: &'p Policy, name: &str) -> anyhow::Result<&'p policy::Experiment> {
-    policy.experiments.iter().find(|e| e.name == name).ok_or_else(|| {
-        let known: Vec<&str> = policy.experiments.iter().map(|e| e.name.as_str()).collect();
-        anyhow::anyhow!(
-            "policy {} has no experiment '{name}' (it has: {})",
-            policy.version,
-            if known.is_empty() {
-                "none".to_owned()
-            } else {
-                known.join(", ")
-            }
-        )
-    })
-}
-
-/// An experiment's variants and weights, in the policy's order (the first is control).
-pub fn variants(e: &policy::Experiment) -> Vec<(String, f64)> {
-    e.variants
-        .iter()
-        .map(|v| (v.name.clone(), f64::from(v.weight)))
-        .collect()
-}
+pub use forfall_watcher::experiments::{named_experiment, variants};
 
 /// Runs the simulation; progress goes to stderr about every tenth of the base.
 pub fn run(args: &SimulateArgs, policy: &Policy, law: &LawBook, model: &BehaviourModel) -> anyhow::Result<Outcome> {
@@ -559,12 +537,12 @@ pub fn command(args: SimulateArgs, figment: &figment::Figment) -> anyhow::Result
         );
     }
     if let Some(report) = &outcome.report {
-        print!("{}", crate::experiment_html::summary(report));
+        print!("{}", forfall_watcher::experiment_page::summary(report));
         std::fs::create_dir_all(&args.out)?;
         let json = args.out.join(format!("{}.json", report.experiment));
         let html = args.out.join(format!("{}.html", report.experiment));
         std::fs::write(&json, serde_json::to_vec_pretty(report)?)?;
-        std::fs::write(&html, crate::experiment_html::page(report))?;
+        std::fs::write(&html, forfall_watcher::experiment_page::page(report))?;
         println!("report: {}\n        {}", html.display(), json.display());
     }
     Ok(())
