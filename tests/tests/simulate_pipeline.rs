@@ -1,9 +1,9 @@
 //! `forfall simulate --pipeline` on the example experiment (`deploy/policies/fee-free-reminder.toml`):
 //! hundreds of simulated debtors through every real service, and the experiment report read
 //! back from the topics. The services must do what the domain core does (the same seed gives
-//! the same counts in both modes), and the report must find the effect the behaviour model
-//! puts in: its interval for the no-fee variant covers the effect that a large domain-core run
-//! measures, and excludes no effect.
+//! the same counts in both modes, disputes and part payments included), and the report must
+//! find the effect the behaviour model puts in: its interval for the no-fee variant covers the
+//! effect that a large domain-core run measures, and excludes no effect.
 
 use forfall::simulate::{self, SimulateArgs};
 use forfall_domain::behaviour::BehaviourModel;
@@ -83,6 +83,13 @@ async fn the_pipeline_lives_the_domain_cores_lives_and_the_report_finds_the_mode
         "the pipeline and the domain core differ"
     );
     assert_eq!(piped.by_payer, core.by_payer);
+    // Disputes (settled by the creditor, then the journey goes on) and payments in two parts
+    // happened, the same in both.
+    assert!(piped.disputed > 0 && piped.paid_in_parts > 0, "{piped:?}");
+    assert_eq!(
+        (piped.disputed, piped.paid_in_parts),
+        (core.disputed, core.paid_in_parts)
+    );
 
     let no_fee = &report.variants[1];
     assert_eq!(no_fee.variant, "no-fee");

@@ -5,7 +5,11 @@
 //! sooner if a message finds them with it) and unwilling ones (rarely pay before collection).
 //! A message's pull depends on its channel (an SMS is read sooner than an e-mail), its tone
 //! (a reminder weighs more than a nudge, a collection warning most) and whether it charged a
-//! fee. Every figure is a parameter with its default here, so a run says what it assumed.
+//! fee, and the hour it arrives (an evening message finds people at home with their bank app).
+//! Some debtors dispute the invoice when the first message reaches them (the creditor settles
+//! the dispute some days later, and the journey goes on); some of the short of cash pay part
+//! first and the rest a few weeks later. Every figure is a parameter with its default here, so
+//! a run says what it assumed.
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -61,6 +65,62 @@ pub struct BehaviourModel {
     pub fee_lift: f64,
     /// Days from a message that worked to the payment (uniform, inclusive).
     pub response_days: (i64, i64),
+    /// Multipliers on a message's pull by the debtor's local hour when it arrives.
+    pub time_of_day: TimeOfDayLifts,
+    /// The chance that a debtor disputes the invoice when the first message reaches them.
+    pub dispute_share: f64,
+    /// Days from that message to the dispute, and from the dispute to the creditor settling it
+    /// (uniform, inclusive).
+    pub dispute_days: (i64, i64),
+    pub dispute_resolution_days: (i64, i64),
+    /// The chance that a short-of-cash debtor pays half first, and the rest this many days
+    /// later (uniform, inclusive).
+    pub part_payment_share: f64,
+    pub part_payment_gap_days: (i64, i64),
+}
+
+/// Multipliers on a message's pull by the local hour it arrives: morning 06–12, afternoon
+/// 12–17, evening 17–22, night otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimeOfDayLifts {
+    pub morning: f64,
+    pub afternoon: f64,
+    pub evening: f64,
+    pub night: f64,
+}
+
+impl Default for TimeOfDayLifts {
+    fn default() -> Self {
+        Self {
+            morning: 1.0,
+            afternoon: 1.05,
+            evening: 1.2,
+            night: 0.8,
+        }
+    }
+}
+
+impl TimeOfDayLifts {
+    pub fn at(&self, local_hour: u32) -> f64 {
+        match local_hour {
+            6..=11 => self.morning,
+            12..=16 => self.afternoon,
+            17..=21 => self.evening,
+            _ => self.night,
+        }
+    }
+}
+
+/// What a debtor will do besides paying, drawn when the debtor is (the same draws whatever
+/// the debtor's kind, so that a run's draws stay in step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Habits {
+    /// Disputes the invoice this many days after the first message reaches them, and the
+    /// creditor settles the dispute this many days after that.
+    pub dispute: Option<(i64, i64)>,
+    /// Pays half first, and the rest this many days later.
+    pub part_payment_gap: Option<i64>,
 }
 
 impl Default for BehaviourModel {
@@ -79,6 +139,12 @@ impl Default for BehaviourModel {
             warning_lift: 1.5,
             fee_lift: 1.1,
             response_days: (0, 3),
+            time_of_day: TimeOfDayLifts::default(),
+            dispute_share: 0.02,
+            dispute_days: (0, 2),
+            dispute_resolution_days: (7, 21),
+            part_payment_share: 0.3,
+            part_payment_gap_days: (10, 20),
         }
     }
 }
@@ -104,6 +170,8 @@ pub struct MessageSeen {
     pub fee_charged: bool,
     /// Days after the due date it arrived.
     pub day: i64,
+    /// The debtor's local hour when it arrived (0–23).
+    pub local_hour: u32,
 }
 
 impl BehaviourModel {
@@ -117,6 +185,8 @@ impl BehaviourModel {
             ("forgetful_response", self.forgetful_response),
             ("short_of_cash_response", self.short_of_cash_response),
             ("unwilling_response", self.unwilling_response),
+            ("dispute_share", self.dispute_share),
+            ("part_payment_share", self.part_payment_share),
         ];
         for (name, value) in shares {
             if !(0.0..=1.0).contains(&value) {
@@ -131,6 +201,9 @@ impl BehaviourModel {
             ("early_days_before_due", self.early_days_before_due),
             ("short_of_cash_days_after_due", self.short_of_cash_days_after_due),
             ("response_days", self.response_days),
+            ("dispute_days", self.dispute_days),
+            ("dispute_resolution_days", self.dispute_resolution_days),
+            ("part_payment_gap_days", self.part_payment_gap_days),
         ] {
             if low > high || low < 0 {
                 return Err(BehaviourError::Range { name, low, high });
@@ -141,6 +214,10 @@ impl BehaviourModel {
             ("reminder_lift", self.reminder_lift),
             ("warning_lift", self.warning_lift),
             ("fee_lift", self.fee_lift),
+            ("time_of_day.morning", self.time_of_day.morning),
+            ("time_of_day.afternoon", self.time_of_day.afternoon),
+            ("time_of_day.evening", self.time_of_day.evening),
+            ("time_of_day.night", self.time_of_day.night),
         ] {
             if !(value.is_finite() && value > 0.0) {
                 return Err(BehaviourError::Lift { name, value });
@@ -159,6 +236,19 @@ impl BehaviourModel {
             PayerType::ShortOfCash
         } else {
             PayerType::Unwilling
+        }
+    }
+
+    /// Whether the debtor will dispute and whether they pay in two parts (five draws, always).
+    pub fn draw_habits(&self, payer: PayerType, rng: &mut impl Rng) -> Habits {
+        let disputes = rng.random::<f64>() < self.dispute_share;
+        let dispute_after = rng.random_range(self.dispute_days.0..=self.dispute_days.1);
+        let resolved_after = rng.random_range(self.dispute_resolution_days.0..=self.dispute_resolution_days.1);
+        let in_parts = payer == PayerType::ShortOfCash && rng.random::<f64>() < self.part_payment_share;
+        let gap = rng.random_range(self.part_payment_gap_days.0..=self.part_payment_gap_days.1);
+        Habits {
+            dispute: disputes.then_some((dispute_after, resolved_after)),
+            part_payment_gap: in_parts.then_some(gap),
         }
     }
 
@@ -193,7 +283,8 @@ impl BehaviourModel {
         };
         let channel = if message.sms { self.sms_lift } else { 1.0 };
         let fee = if message.fee_charged { self.fee_lift } else { 1.0 };
-        (base * tone * channel * fee).min(0.98)
+        let hour = self.time_of_day.at(message.local_hour);
+        (base * tone * channel * fee * hour).min(0.98)
     }
 
     /// Whether `message` gets the debtor to pay, and if so the day (after the due date).
@@ -219,7 +310,55 @@ mod tests {
             sms: false,
             fee_charged: false,
             day,
+            local_hour: 9,
         }
+    }
+
+    #[test]
+    fn an_evening_message_pulls_harder_than_a_morning_one_and_a_night_one_least() {
+        let m = BehaviourModel::default();
+        let at = |local_hour| m.pull(PayerType::Forgetful, &MessageSeen { local_hour, ..nudge(0) });
+        assert!(
+            at(19) > at(14) && at(14) > at(9) && at(9) > at(23),
+            "{} {} {} {}",
+            at(19),
+            at(14),
+            at(9),
+            at(23)
+        );
+        assert!((at(9) - 0.6).abs() < 1e-12, "a morning message is the baseline");
+    }
+
+    #[test]
+    fn disputes_and_part_payments_come_in_the_stated_shares() {
+        let m = BehaviourModel::default();
+        let mut rng = StdRng::seed_from_u64(5);
+        let n = 100_000;
+        let (mut disputes, mut short_in_parts, mut others_in_parts) = (0, 0, 0);
+        for i in 0..n {
+            let payer = if i % 2 == 0 {
+                PayerType::ShortOfCash
+            } else {
+                PayerType::Forgetful
+            };
+            let h = m.draw_habits(payer, &mut rng);
+            if let Some((after, resolved)) = h.dispute {
+                disputes += 1;
+                assert!((0..=2).contains(&after) && (7..=21).contains(&resolved), "{h:?}");
+            }
+            match (payer, h.part_payment_gap) {
+                (PayerType::ShortOfCash, Some(gap)) => {
+                    short_in_parts += 1;
+                    assert!((10..=20).contains(&gap));
+                }
+                (_, Some(_)) => others_in_parts += 1,
+                _ => {}
+            }
+        }
+        let share = |k: i32, of: i32| f64::from(k) / f64::from(of);
+        assert!((share(disputes, n) - 0.02).abs() < 0.003, "{disputes}");
+        assert!((share(short_in_parts, n / 2) - 0.3).abs() < 0.01, "{short_in_parts}");
+        assert_eq!(others_in_parts, 0, "only the short of cash pay in parts");
     }
 
     #[test]
@@ -286,6 +425,20 @@ mod tests {
                 name: "response_days",
                 low: 3,
                 high: 1
+            })
+        );
+        let dark = BehaviourModel {
+            time_of_day: TimeOfDayLifts {
+                night: 0.0,
+                ..TimeOfDayLifts::default()
+            },
+            ..BehaviourModel::default()
+        };
+        assert_eq!(
+            dark.check(),
+            Err(BehaviourError::Lift {
+                name: "time_of_day.night",
+                value: 0.0
             })
         );
         assert!(BehaviourModel::default().check().is_ok());

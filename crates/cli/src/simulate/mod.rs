@@ -13,16 +13,17 @@ pub mod pipeline;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Timelike, Utc};
 use clap::Args;
-use forfall_domain::behaviour::{BehaviourModel, MessageSeen, PayerType};
+use forfall_domain::behaviour::{BehaviourModel, Habits, MessageSeen, PayerType};
 use forfall_domain::experiment::{Collector, InvoiceFacts, Report};
 use forfall_domain::invoice::{self, Contact, IssuedInput};
-use forfall_domain::journey::{self, Emit, JourneyState, TimerChange};
+use forfall_domain::journey::{self, Emit, Journey, PauseLimits, Plan, TimerChange};
 use forfall_domain::law::{DebtorContext, LawBook};
 use forfall_domain::policy::{self, DebtorFacts, Policy};
 use forfall_domain::propensity::Features;
-use forfall_domain::{DebtorKind, Jurisdiction};
+
+use forfall_domain::{DebtorKind, Jurisdiction, Money};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -63,6 +64,9 @@ pub struct Outcome {
     pub settled_before_any_fee: u64,
     pub settled: u64,
     pub handed_over: u64,
+    /// Debtors who disputed the invoice, and who paid in two parts.
+    pub disputed: u64,
+    pub paid_in_parts: u64,
     /// Per payer type: debtors, settled before any fee, handed over.
     pub by_payer: std::collections::BTreeMap<&'static str, (u64, u64, u64)>,
     pub wall_seconds: f64,
@@ -80,6 +84,8 @@ impl Outcome {
             settled_before_any_fee: 0,
             settled: 0,
             handed_over: 0,
+            disputed: 0,
+            paid_in_parts: 0,
             by_payer: PayerType::ALL.iter().map(|p| (p.code(), (0, 0, 0))).collect(),
             wall_seconds: 0.0,
             debtors_per_second: 0.0,
@@ -88,17 +94,31 @@ impl Outcome {
         }
     }
 
-    /// One debtor's end: paid (without any fee charged, or after one), or handed over.
-    fn count(&mut self, payer: PayerType, settled: bool, before_any_fee: bool, handed_over: bool) {
-        self.settled += u64::from(settled);
+    /// One debtor's end.
+    fn count(&mut self, end: &End) {
+        let before_any_fee = end.settled && !end.charged_a_fee;
+        self.settled += u64::from(end.settled);
         self.settled_before_any_fee += u64::from(before_any_fee);
-        self.handed_over += u64::from(handed_over);
-        if let Some(row) = self.by_payer.get_mut(payer.code()) {
+        self.handed_over += u64::from(end.handed_over);
+        self.disputed += u64::from(end.disputed);
+        self.paid_in_parts += u64::from(end.paid_in_parts);
+        if let Some(row) = self.by_payer.get_mut(end.payer.code()) {
             row.0 += 1;
             row.1 += u64::from(before_any_fee);
-            row.2 += u64::from(handed_over);
+            row.2 += u64::from(end.handed_over);
         }
     }
+}
+
+/// How one debtor's invoice ended.
+struct End {
+    payer: PayerType,
+    /// Paid in full.
+    settled: bool,
+    charged_a_fee: bool,
+    handed_over: bool,
+    disputed: bool,
+    paid_in_parts: bool,
 }
 
 fn peak_rss_mib() -> Option<f64> {
@@ -210,6 +230,8 @@ pub struct Drawn {
     pub late_last_12m: u32,
     /// Days after the due date (negative: before), if ever.
     pub own_payment_day: Option<i64>,
+    /// Whether they will dispute, and pay in two parts.
+    pub habits: Habits,
 }
 
 impl Drawn {
@@ -233,6 +255,7 @@ pub fn draw(i: u64, args: &SimulateArgs, model: &BehaviourModel, rng: &mut StdRn
         PayerType::Unwilling => rng.random_range(1..=4),
     };
     let own_payment_day = model.own_payment_day(debtor.payer, rng);
+    let habits = model.draw_habits(debtor.payer, rng);
     let reference = forfall_domain::reference::generate(
         forfall_domain::reference::ReferenceKind::Rf,
         &format!("{}", 5_150_000_000u64 + i),
@@ -264,6 +287,7 @@ pub fn draw(i: u64, args: &SimulateArgs, model: &BehaviourModel, rng: &mut StdRn
         invoice,
         late_last_12m,
         own_payment_day,
+        habits,
     })
 }
 
@@ -307,13 +331,8 @@ fn simulate_one(
         fee_agreed: debtor.fee_agreed,
     };
     let features = Features::of(&snapshot, facts.late_last_12m);
-    let (mut d, plan) = forfall_watcher::opened(policy, snapshot, &facts, issued);
-    let ctx = DebtorContext {
-        jurisdiction: debtor.jurisdiction,
-        kind: debtor.kind,
-        fee_agreed_in_advance: debtor.fee_agreed,
-    };
-    let mut story = InvoiceFacts {
+    let (d, plan) = forfall_watcher::opened(policy, snapshot, &facts, issued);
+    let story = InvoiceFacts {
         variant: experiment.and_then(|name| {
             d.journey
                 .experiment
@@ -325,66 +344,218 @@ fn simulate_one(
         debtor_id: Some(d.journey.invoice.debtor_id.clone()),
         ..InvoiceFacts::default()
     };
-    let mut pays_on = drawn.own_payment_day;
-    loop {
-        let TimerChange::Schedule { step_index, fire_at } = d.timer.clone() else {
-            // No step left (a plan without a hand-off): paid when the debtor pays, if ever.
-            story.settled_days = pays_on;
+    let mut life = Life {
+        plan: &plan,
+        law,
+        limits: &policy.pauses,
+        model,
+        ctx: DebtorContext {
+            jurisdiction: debtor.jurisdiction,
+            kind: debtor.kind,
+            fee_agreed_in_advance: debtor.fee_agreed,
+        },
+        debtor,
+        habits: drawn.habits,
+        due,
+        journey: d.journey,
+        timer: None,
+        story,
+        pays_on: drawn.own_payment_day,
+        dispute_on: None,
+        resolve_on: None,
+        paid_in_part: false,
+        reached_before: false,
+    };
+    life.follow(&d.timer);
+    let mut last_day = i64::MIN;
+    while !life.journey.state.is_final() {
+        // The next day anything happens: a step, the dispute or its settling, a payment (none
+        // while the invoice is disputed).
+        let payment = if life.resolve_on.is_some() { None } else { life.pays_on };
+        let step = life.timer.map(|(_, at)| day_of(at, due, debtor.jurisdiction));
+        let Some(next) = [step, payment, life.dispute_on, life.resolve_on]
+            .into_iter()
+            .flatten()
+            .min()
+        else {
             break;
         };
-        let step_day = day_of(fire_at, due, debtor.jurisdiction);
-        if let Some(day) = pays_on.filter(|day| *day < step_day) {
-            let paid = journey::on_payment(d.journey.clone(), "sim-payment", d.journey.outstanding())
-                .map_err(|e| anyhow::anyhow!("debtor {i}: {e}"))?;
-            debug_assert!(matches!(paid.journey.state, JourneyState::Closed(_)));
-            story.settled_days = Some(day);
+        let today = next.max(last_day);
+        if today > HORIZON_DAYS {
             break;
         }
-        let today = fire_at.with_timezone(&debtor.jurisdiction.time_zone()).date_naive();
-        let fee = plan
-            .steps
-            .get(step_index)
-            .map(|step| policy::step_fee(step, &ctx, law, d.journey.anchor_due(), &d.journey.fee_dates, today))
-            .unwrap_or_else(|| journey::StepFee::plain(forfall_domain::Money::zero(d.journey.invoice.amount.currency)));
-        let fees_before = d.journey.fees_minor;
-        d = journey::on_timer_with(d.journey, step_index, &plan, fee, fire_at);
-        let charged = d.journey.fees_minor - fees_before;
-        if charged > 0 {
-            *story
-                .fees
-                .entry(d.journey.invoice.amount.currency.code().to_owned())
-                .or_default() += charged;
+        last_day = today;
+        // A day goes as the pipeline mode runs it: the day's steps, the creditor settling a
+        // dispute (and a step that falls due again with it), a new dispute, the payment.
+        life.fire_due(today, rng)?;
+        if life.resolve_on == Some(today) {
+            life.resolve_on = None;
+            life.request(
+                today,
+                "sim-dispute-resolved",
+                journey::Request::DisputeResolved { resolution: None },
+            );
+            life.fire_due(today, rng)?;
         }
-        match &d.emit {
-            Some(Emit::Message { tone, channels, .. }) => {
-                if let Some(channel) = channel_reached(channels, &debtor.contact) {
-                    *story.messages.entry(channel.clone()).or_default() += 1;
+        if life.dispute_on == Some(today) && !life.journey.state.is_final() {
+            life.dispute_on = None;
+            life.request(today, "sim-dispute", journey::Request::Dispute { reason: None });
+            life.story.disputed = true;
+            life.resolve_on = life
+                .habits
+                .dispute
+                .map(|(_, resolved_after)| settling_day(debtor.jurisdiction, due, today + resolved_after));
+        }
+        if life.resolve_on.is_none() && life.pays_on.is_some_and(|p| p <= today) && !life.journey.state.is_final() {
+            let outstanding = life.journey.outstanding();
+            let part = match life.habits.part_payment_gap {
+                Some(gap) if !life.paid_in_part && outstanding.minor >= 2 => Some((outstanding.minor / 2, gap)),
+                _ => None,
+            };
+            if let Some((half, gap)) = part {
+                life.pay(i, 1, Money::new(half, outstanding.currency))?;
+                life.paid_in_part = true;
+                life.pays_on = Some(today + gap);
+            } else {
+                life.pay(i, 2, outstanding)?;
+                life.story.settled_days = Some(today);
+            }
+        }
+    }
+    Ok(Simulated {
+        paid_in_parts: life.paid_in_part,
+        story: life.story,
+        payer: debtor.payer,
+        features,
+    })
+}
+
+/// The day (after the due date) the creditor's staff settle a dispute planned for `day`: the
+/// next banking day in the debtor's calendar, when they work.
+pub fn settling_day(j: Jurisdiction, due: NaiveDate, day: i64) -> i64 {
+    let date = forfall_domain::calendar::roll_forward(j, due + chrono::Duration::days(day));
+    (date - due).num_days()
+}
+
+/// Debtors still open this many days after the due date are left where they are.
+pub const HORIZON_DAYS: i64 = 150;
+
+/// One debtor's invoice as the domain core lives it.
+struct Life<'a> {
+    plan: &'a Plan,
+    law: &'a LawBook,
+    limits: &'a PauseLimits,
+    model: &'a BehaviourModel,
+    ctx: DebtorContext,
+    debtor: &'a Debtor,
+    habits: Habits,
+    due: NaiveDate,
+    journey: Journey,
+    /// The next step and when it falls due.
+    timer: Option<(usize, DateTime<Utc>)>,
+    story: InvoiceFacts,
+    /// Days after the due date (negative: before).
+    pays_on: Option<i64>,
+    dispute_on: Option<i64>,
+    resolve_on: Option<i64>,
+    paid_in_part: bool,
+    /// Whether a message has reached the debtor yet (the first may start a dispute).
+    reached_before: bool,
+}
+
+impl Life<'_> {
+    fn follow(&mut self, change: &TimerChange) {
+        match change {
+            TimerChange::Schedule { step_index, fire_at } => self.timer = Some((*step_index, *fire_at)),
+            TimerChange::Cancel => self.timer = None,
+            TimerChange::Keep => {}
+        }
+    }
+
+    /// Every step due by the end of day `today` (days after the due date), as the watcher fires them.
+    fn fire_due(&mut self, today: i64, rng: &mut StdRng) -> anyhow::Result<()> {
+        let j = self.debtor.jurisdiction;
+        while let Some((step_index, fire_at)) = self.timer {
+            let step_day = day_of(fire_at, self.due, j);
+            if step_day > today || self.journey.state.is_final() {
+                break;
+            }
+            let local = fire_at.with_timezone(&j.time_zone());
+            let fee = self
+                .plan
+                .steps
+                .get(step_index)
+                .map(|step| {
+                    policy::step_fee(
+                        step,
+                        &self.ctx,
+                        self.law,
+                        self.journey.anchor_due(),
+                        &self.journey.fee_dates,
+                        local.date_naive(),
+                    )
+                })
+                .unwrap_or_else(|| journey::StepFee::plain(Money::zero(self.journey.invoice.amount.currency)));
+            let fees_before = self.journey.fees_minor;
+            let d = journey::on_timer_with(self.journey.clone(), step_index, self.plan, fee, fire_at);
+            self.journey = d.journey;
+            self.follow(&d.timer);
+            let charged = self.journey.fees_minor - fees_before;
+            if charged > 0 {
+                *self
+                    .story
+                    .fees
+                    .entry(self.journey.invoice.amount.currency.code().to_owned())
+                    .or_default() += charged;
+            }
+            match &d.emit {
+                Some(Emit::Message { tone, channels, .. }) => {
+                    let Some(channel) = channel_reached(channels, &self.debtor.contact) else {
+                        continue;
+                    };
+                    *self.story.messages.entry(channel.clone()).or_default() += 1;
                     let seen = MessageSeen {
                         tone: *tone,
                         sms: channel == "sms",
                         fee_charged: charged > 0,
                         day: step_day,
+                        local_hour: local.hour(),
                     };
-                    if let Some(day) = model.respond(debtor.payer, &seen, rng) {
-                        pays_on = Some(pays_on.map_or(day, |p| p.min(day)));
-                    }
+                    self.seen(&seen, rng);
                 }
+                Some(Emit::Handoff { .. }) => self.story.handed_over = true,
+                _ => {}
             }
-            Some(Emit::Handoff { .. }) => {
-                story.handed_over = true;
-                break;
-            }
-            _ => {}
         }
-        if d.journey.state.is_final() {
-            break;
+        Ok(())
+    }
+
+    /// A message reached the debtor: whether (and when) it gets them to pay, and whether the
+    /// first one starts a dispute.
+    fn seen(&mut self, seen: &MessageSeen, rng: &mut StdRng) {
+        if let Some(day) = self.model.respond(self.debtor.payer, seen, rng) {
+            self.pays_on = Some(self.pays_on.map_or(day, |p| p.min(day)));
+        }
+        if !self.reached_before {
+            self.reached_before = true;
+            self.dispute_on = self.habits.dispute.map(|(after, _)| seen.day + after);
         }
     }
-    Ok(Simulated {
-        story,
-        payer: debtor.payer,
-        features,
-    })
+
+    fn request(&mut self, today: i64, id: &str, request: journey::Request) {
+        let date = self.due + chrono::Duration::days(today);
+        let d = journey::on_request(self.journey.clone(), id, request, self.plan, self.limits, date);
+        self.journey = d.journey;
+        self.follow(&d.timer);
+    }
+
+    fn pay(&mut self, i: u64, n: u32, amount: Money) -> anyhow::Result<()> {
+        let d = journey::on_payment(self.journey.clone(), &format!("sim-payment-{n}"), amount)
+            .map_err(|e| anyhow::anyhow!("debtor {i}: {e}"))?;
+        self.journey = d.journey;
+        self.follow(&d.timer);
+        Ok(())
+    }
 }
 
 /// One simulated invoice: its story, its debtor's kind of payer, and what was known of the
@@ -393,6 +564,8 @@ pub struct Simulated {
     pub story: InvoiceFacts,
     pub payer: PayerType,
     pub features: Features,
+    /// Paid half first (and perhaps the rest later).
+    pub paid_in_parts: bool,
 }
 
 /// Invoices one by one, for what needs each (training a model): `each` gets every one.
@@ -428,21 +601,39 @@ pub fn run(args: &SimulateArgs, policy: &Policy, law: &LawBook, model: &Behaviou
     let mut collector = Collector::default();
     let mut outcome = Outcome::new(args);
     let tenth = (args.debtors / 10).max(1);
-    for_each(args, policy, law, model, |i, Simulated { story, payer, .. }| {
-        let paid_without_fee = story.settled_days.is_some() && story.fees.values().all(|f| *f == 0);
-        outcome.count(payer, story.settled_days.is_some(), paid_without_fee, story.handed_over);
-        collector.add_story(&story);
-        if (i + 1) % tenth == 0 {
-            let elapsed = started.elapsed().as_secs_f64();
-            eprintln!(
-                "simulated {} of {} debtors ({:.0} %), {:.0} debtors/s",
-                i + 1,
-                args.debtors,
-                (i + 1) as f64 * 100.0 / args.debtors as f64,
-                (i + 1) as f64 / elapsed.max(1e-9)
-            );
-        }
-    })?;
+    for_each(
+        args,
+        policy,
+        law,
+        model,
+        |i,
+         Simulated {
+             story,
+             payer,
+             paid_in_parts,
+             ..
+         }| {
+            outcome.count(&End {
+                payer,
+                settled: story.settled_days.is_some(),
+                charged_a_fee: story.fees.values().any(|f| *f > 0),
+                handed_over: story.handed_over,
+                disputed: story.disputed,
+                paid_in_parts,
+            });
+            collector.add_story(&story);
+            if (i + 1) % tenth == 0 {
+                let elapsed = started.elapsed().as_secs_f64();
+                eprintln!(
+                    "simulated {} of {} debtors ({:.0} %), {:.0} debtors/s",
+                    i + 1,
+                    args.debtors,
+                    (i + 1) as f64 * 100.0 / args.debtors as f64,
+                    (i + 1) as f64 / elapsed.max(1e-9)
+                );
+            }
+        },
+    )?;
     if let Some(e) = experiment {
         outcome.report = Some(collector.report(&e.name, &variants(e), 0.05)?);
     }
@@ -524,10 +715,12 @@ pub fn command(args: SimulateArgs, figment: &figment::Figment) -> anyhow::Result
             .map_or_else(|| "unknown".into(), |m| format!("{m:.0} MiB"))
     );
     println!(
-        "settled before any fee {:.1} %, settled {:.1} %, handed over {:.1} %",
+        "settled before any fee {:.1} %, settled {:.1} %, handed over {:.1} %, disputed {:.1} %, paid in parts {:.1} %",
         share(outcome.settled_before_any_fee),
         share(outcome.settled),
-        share(outcome.handed_over)
+        share(outcome.handed_over),
+        share(outcome.disputed),
+        share(outcome.paid_in_parts)
     );
     for (payer, (n, before_fee, handed)) in &outcome.by_payer {
         println!(

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, NaiveDate, TimeZone, Timelike, Utc};
 use forfall_devsinks::sms::{Provider, SmsProviderSim};
 use forfall_domain::behaviour::{BehaviourModel, MessageSeen};
 use forfall_domain::invoice::epoch_days;
@@ -23,7 +23,8 @@ use forfall_domain::policy::Policy;
 use forfall_platform::clock::ManualClock;
 use forfall_platform::config::{CommonConfig, Profile};
 use forfall_platform::records::{
-    DispatchOutcome, DispatchStatus, InvoiceIssued, JourneyAction, JourneyEvent, PaymentReceived, new_event_id,
+    DebtorRequest, DispatchOutcome, DispatchStatus, InvoiceIssued, JourneyAction, JourneyEvent, PaymentReceived,
+    new_event_id,
 };
 use futures::StreamExt;
 use rand::rngs::StdRng;
@@ -36,8 +37,6 @@ use crate::experiment::{ReportArgs, Written};
 const SMS_TOKEN: &str = "forfall-sim-gatewayapi-token";
 /// How long one simulated day may take the pipeline before the run gives up.
 const DAY_PATIENCE: Duration = Duration::from_secs(120);
-/// Debtors still open this long after the due date are left where they are.
-const HORIZON_DAYS: i64 = 150;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fate {
@@ -50,9 +49,31 @@ enum Fate {
 struct Life {
     drawn: Drawn,
     rng: StdRng,
+    /// Days after the due date (negative: before).
     pays_on: Option<i64>,
+    dispute_on: Option<i64>,
+    /// While disputed: the day the creditor settles it.
+    resolve_on: Option<i64>,
     fees_minor: i64,
+    paid_minor: i64,
+    paid_in_part: bool,
+    disputed: bool,
+    reached_before: bool,
     fate: Fate,
+}
+
+impl Life {
+    fn is_open(&self) -> bool {
+        self.fate == Fate::Open
+    }
+
+    fn invoice_id(&self) -> &str {
+        &self.drawn.invoice.invoice_id
+    }
+
+    fn outstanding(&self) -> i64 {
+        self.drawn.invoice.amount_minor + self.fees_minor - self.paid_minor
+    }
 }
 
 /// Noon UTC: after every Nordic jurisdiction's morning send time, within its contact hours.
@@ -124,23 +145,28 @@ struct Watch {
     events: TopicTail,
     /// Dispatch's outcomes by action (some may be read before their action).
     outcomes_of: HashMap<String, Vec<DispatchOutcome>>,
-    /// Journey events of interest by invoice: opened, paid, handed over.
-    opened: std::collections::HashSet<String>,
-    paid: std::collections::HashSet<String>,
-    handed_over: std::collections::HashSet<String>,
+    /// The kinds of journey event each invoice has had (`plan_chosen`, `paid`, ...), with how many.
+    events_of: HashMap<String, HashMap<String, u32>>,
 }
 
 impl Watch {
     async fn read_events(&mut self) -> anyhow::Result<()> {
         for e in self.events.next::<JourneyEvent>().await? {
-            match e.kind.as_str() {
-                "plan_chosen" => self.opened.insert(e.invoice_id),
-                "paid" => self.paid.insert(e.invoice_id),
-                "handed_over" => self.handed_over.insert(e.invoice_id),
-                _ => false,
-            };
+            *self
+                .events_of
+                .entry(e.invoice_id)
+                .or_default()
+                .entry(e.kind)
+                .or_default() += 1;
         }
         Ok(())
+    }
+
+    fn had(&self, invoice: &str, kind: &str, times: u32) -> bool {
+        self.events_of
+            .get(invoice)
+            .and_then(|kinds| kinds.get(kind))
+            .is_some_and(|n| *n >= times)
     }
 
     async fn read_outcomes(&mut self) -> anyhow::Result<()> {
@@ -219,69 +245,118 @@ async fn drive(
     started: Instant,
 ) -> anyhow::Result<Outcome> {
     let topics = stack.topics();
-    let mut watch = Watch {
-        actions: stack.tail(&stack.topic(&topics.journey_actions)).await?,
-        outcomes: stack.tail(&stack.topic(&topics.dispatch_outcomes)).await?,
-        events: stack.tail(&stack.topic(&topics.journey_events)).await?,
-        outcomes_of: HashMap::new(),
-        opened: Default::default(),
-        paid: Default::default(),
-        handed_over: Default::default(),
+    let mut run = Run {
+        stack,
+        clock,
+        model,
+        watch: Watch {
+            actions: stack.tail(&stack.topic(&topics.journey_actions)).await?,
+            outcomes: stack.tail(&stack.topic(&topics.dispatch_outcomes)).await?,
+            events: stack.tail(&stack.topic(&topics.journey_events)).await?,
+            outcomes_of: HashMap::new(),
+            events_of: HashMap::new(),
+        },
+        lives: Vec::new(),
+        by_invoice: HashMap::new(),
+        due: args.due,
     };
-    let mut lives = Vec::new();
     for i in 0..args.debtors {
         let mut rng = super::debtor_rng(args.seed, i);
         let drawn = super::draw(i, args, model, &mut rng)?;
-        lives.push(Life {
+        run.by_invoice.insert(drawn.invoice.invoice_id.clone(), run.lives.len());
+        run.lives.push(Life {
             pays_on: drawn.own_payment_day,
             drawn,
             rng,
+            dispute_on: None,
+            resolve_on: None,
             fees_minor: 0,
+            paid_minor: 0,
+            paid_in_part: false,
+            disputed: false,
+            reached_before: false,
             fate: Fate::Open,
         });
     }
-    let by_invoice: HashMap<String, usize> = lives
-        .iter()
-        .enumerate()
-        .map(|(n, l)| (l.drawn.invoice.invoice_id.clone(), n))
-        .collect();
-
-    // Billing's run: every invoice, then every journey open.
-    let billing = stack.topic(&topics.billing_invoice_events);
-    let now = clock_now(clock);
-    let mut sends = futures::stream::iter(lives.iter().map(|l| {
-        let record = issued_record(&l.drawn, now);
-        let billing = billing.clone();
-        async move { stack.produce(&billing, &record.debtor_id, &record).await }
-    }))
-    .buffer_unordered(64);
-    while let Some(sent) = sends.next().await {
-        sent?;
-    }
-    drop(sends);
-    eprintln!("issued {} invoices due {}", lives.len(), args.due);
-    until(format!("every one of the {} journeys open", lives.len()), async || {
-        watch.read_events().await?;
-        Ok(lives.iter().all(|l| watch.opened.contains(&l.drawn.invoice.invoice_id)))
-    })
-    .await?;
-
-    let payments = stack.topic(&topics.payments);
+    run.issue(args).await?;
     let mut day = first_day;
     loop {
         let offset = (day - args.due).num_days();
-        let open = lives.iter().filter(|l| l.fate == Fate::Open).count();
-        if open == 0 || offset > HORIZON_DAYS {
+        if !run.lives.iter().any(Life::is_open) || offset > super::HORIZON_DAYS {
             break;
         }
         clock.set(noon(day));
-        // The day's steps: every timer due fired (its outputs acknowledged), every message's
-        // outcome on record.
+        // A day goes as the domain core lives it: the day's steps, the creditor settling
+        // disputes (and the steps that fall due again with them), new disputes, payments.
+        run.steps(day, offset).await?;
+        if run.settle_disputes(day, offset).await? {
+            run.steps(day, offset).await?;
+        }
+        run.open_disputes(day, offset).await?;
+        let paid = run.pay(day, offset).await?;
+        if offset % 7 == 0 || paid > 0 && offset < 0 {
+            let count = |fate| run.lives.iter().filter(|l| l.fate == fate).count();
+            eprintln!(
+                "day {offset:+} ({day}): {} open, {} paid, {} handed over, {:.0} s",
+                count(Fate::Open),
+                count(Fate::Paid),
+                count(Fate::HandedOver),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        day = day
+            .succ_opt()
+            .ok_or_else(|| anyhow::anyhow!("the calendar ends after {day}"))?;
+    }
+    Ok(tally(args, &run.lives))
+}
+
+/// The run under way: the stack, the debtors, and what was read back.
+struct Run<'a> {
+    stack: &'a LocalStack,
+    clock: &'a ManualClock,
+    model: &'a BehaviourModel,
+    watch: Watch,
+    lives: Vec<Life>,
+    by_invoice: HashMap<String, usize>,
+    due: NaiveDate,
+}
+
+impl Run<'_> {
+    /// Billing's run: every invoice, then every journey open.
+    async fn issue(&mut self, args: &SimulateArgs) -> anyhow::Result<()> {
+        let billing = self.stack.topic(&self.stack.topics().billing_invoice_events);
+        let now = clock_now(self.clock);
+        let stack = self.stack;
+        let mut sends = futures::stream::iter(self.lives.iter().map(|l| {
+            let record = issued_record(&l.drawn, now);
+            let billing = billing.clone();
+            async move { stack.produce(&billing, &record.debtor_id, &record).await }
+        }))
+        .buffer_unordered(64);
+        while let Some(sent) = sends.next().await {
+            sent?;
+        }
+        drop(sends);
+        eprintln!("issued {} invoices due {}", self.lives.len(), args.due);
+        let (watch, lives) = (&mut self.watch, &self.lives);
+        until(format!("every one of the {} journeys open", lives.len()), async || {
+            watch.read_events().await?;
+            Ok(lives.iter().all(|l| watch.had(l.invoice_id(), "plan_chosen", 1)))
+        })
+        .await
+    }
+
+    /// The steps due by noon: every timer fired (its outputs acknowledged), every message's
+    /// outcome on record, and the debtors' answers to those that reached them.
+    async fn steps(&mut self, day: NaiveDate, offset: i64) -> anyhow::Result<()> {
+        let stack = self.stack;
         until(format!("every timer due by noon of {day} fired"), async || {
             Ok(!stack.timers_due(noon(day)).await?)
         })
         .await?;
-        let actions: Vec<JourneyAction> = watch.actions.next().await?;
+        let actions: Vec<JourneyAction> = self.watch.actions.next().await?;
+        let watch = &mut self.watch;
         until(
             format!("the outcome of every one of the {} messages of {day}", actions.len()),
             async || {
@@ -292,68 +367,162 @@ async fn drive(
             },
         )
         .await?;
-        watch.read_events().await?;
+        self.watch.read_events().await?;
         for a in &actions {
-            let Some(&n) = by_invoice.get(&a.invoice_id) else {
+            let Some(&n) = self.by_invoice.get(&a.invoice_id) else {
                 continue;
             };
-            let life = &mut lives[n];
+            let life = &mut self.lives[n];
             life.fees_minor += a.fee_minor;
-            let Some(channel) = watch.outcomes_of.get(&a.action_id).and_then(|o| reached(o)) else {
+            let Some(channel) = self.watch.outcomes_of.get(&a.action_id).and_then(|o| reached(o)) else {
                 continue;
             };
             let tone = Tone::from_code(&a.tone)
                 .ok_or_else(|| anyhow::anyhow!("action {} has an unknown tone '{}'", a.action_id, a.tone))?;
+            let send_at = DateTime::from_timestamp_millis(a.send_at)
+                .ok_or_else(|| anyhow::anyhow!("action {} has no send time", a.action_id))?;
             let seen = MessageSeen {
                 tone,
                 sms: channel == "sms",
                 fee_charged: a.fee_minor > 0,
                 day: offset,
+                local_hour: send_at.with_timezone(&life.drawn.jurisdiction().time_zone()).hour(),
             };
-            if let Some(pay_day) = model.respond(life.drawn.payer(), &seen, &mut life.rng) {
+            if let Some(pay_day) = self.model.respond(life.drawn.payer(), &seen, &mut life.rng) {
                 life.pays_on = Some(life.pays_on.map_or(pay_day, |p| p.min(pay_day)));
             }
+            if !life.reached_before {
+                life.reached_before = true;
+                life.dispute_on = life.drawn.habits.dispute.map(|(after, _)| offset + after);
+            }
         }
-        for life in &mut lives {
-            if life.fate == Fate::Open && watch.handed_over.contains(&life.drawn.invoice.invoice_id) {
+        for life in &mut self.lives {
+            if life.is_open() && self.watch.had(life.invoice_id(), "handed_over", 1) {
                 life.fate = Fate::HandedOver;
             }
         }
-        // The day's payments, in full (the invoice and the fees charged), and their journeys closed.
-        let paying: Vec<usize> = (0..lives.len())
-            .filter(|&n| lives[n].fate == Fate::Open && lives[n].pays_on.is_some_and(|p| p <= offset))
-            .collect();
-        for &n in &paying {
-            let payment = payment_of(&lives[n], day, clock_now(clock));
-            stack.produce(&payments, "bank", &payment).await?;
+        Ok(())
+    }
+
+    /// The debtors' requests of `kind` for the invoices `who`, each answered by a journey
+    /// event of `answer`.
+    async fn request(&mut self, day: NaiveDate, who: &[usize], kind: &str, answer: &str) -> anyhow::Result<()> {
+        let topic = self.stack.topic(&self.stack.topics().debtor_requests);
+        let now = clock_now(self.clock).timestamp_millis();
+        for &n in who {
+            let i = &self.lives[n].drawn.invoice;
+            let request = DebtorRequest {
+                event_id: new_event_id(),
+                tenant: i.tenant.clone(),
+                debtor_id: i.debtor_id.clone(),
+                occurred_at: now,
+                invoice_id: i.invoice_id.clone(),
+                kind: kind.to_owned(),
+                new_due_date: None,
+                promise_date: None,
+                instalments: Vec::new(),
+                reason: None,
+                // The debtor disputes on their page; the creditor's staff settle it.
+                source: if kind == "dispute" { "portal" } else { "staff" }.to_owned(),
+            };
+            self.stack.produce(&topic, &request.debtor_id, &request).await?;
         }
+        let (watch, lives) = (&mut self.watch, &self.lives);
         until(
-            format!("the journeys of the {} payments of {day} closed", paying.len()),
+            format!("the {} '{kind}' requests of {day} answered", who.len()),
             async || {
                 watch.read_events().await?;
-                Ok(paying
-                    .iter()
-                    .all(|&n| watch.paid.contains(&lives[n].drawn.invoice.invoice_id)))
+                Ok(who.iter().all(|&n| watch.had(lives[n].invoice_id(), answer, 1)))
+            },
+        )
+        .await
+    }
+
+    /// The disputes the creditor settles today; whether there were any.
+    async fn settle_disputes(&mut self, day: NaiveDate, offset: i64) -> anyhow::Result<bool> {
+        let who: Vec<usize> = (0..self.lives.len())
+            .filter(|&n| self.lives[n].is_open() && self.lives[n].resolve_on == Some(offset))
+            .collect();
+        if who.is_empty() {
+            return Ok(false);
+        }
+        self.request(day, &who, "dispute_resolved", "dispute_resolved").await?;
+        for &n in &who {
+            self.lives[n].resolve_on = None;
+        }
+        Ok(true)
+    }
+
+    async fn open_disputes(&mut self, day: NaiveDate, offset: i64) -> anyhow::Result<()> {
+        let who: Vec<usize> = (0..self.lives.len())
+            .filter(|&n| self.lives[n].is_open() && self.lives[n].dispute_on == Some(offset))
+            .collect();
+        if who.is_empty() {
+            return Ok(());
+        }
+        self.request(day, &who, "dispute", "disputed").await?;
+        for &n in &who {
+            let life = &mut self.lives[n];
+            life.dispute_on = None;
+            life.disputed = true;
+            let (j, due) = (life.drawn.jurisdiction(), self.due);
+            life.resolve_on = life
+                .drawn
+                .habits
+                .dispute
+                .map(|(_, resolved_after)| super::settling_day(j, due, offset + resolved_after));
+        }
+        Ok(())
+    }
+
+    /// The day's payments (half first for those who pay in parts, else what is owed: the
+    /// invoice and the fees charged, less what was paid), and their journeys' answers; how many.
+    async fn pay(&mut self, day: NaiveDate, offset: i64) -> anyhow::Result<usize> {
+        let payments = self.stack.topic(&self.stack.topics().payments);
+        let paying: Vec<usize> = (0..self.lives.len())
+            .filter(|&n| {
+                let l = &self.lives[n];
+                l.is_open() && l.resolve_on.is_none() && l.pays_on.is_some_and(|p| p <= offset)
+            })
+            .collect();
+        let mut in_full = Vec::new();
+        let mut in_part = Vec::new();
+        for &n in &paying {
+            let life = &mut self.lives[n];
+            let outstanding = life.outstanding();
+            let amount = match life.drawn.habits.part_payment_gap {
+                Some(gap) if !life.paid_in_part && outstanding >= 2 => {
+                    life.paid_in_part = true;
+                    life.pays_on = Some(offset + gap);
+                    in_part.push(n);
+                    outstanding / 2
+                }
+                _ => {
+                    in_full.push(n);
+                    outstanding
+                }
+            };
+            life.paid_minor += amount;
+            let payment = payment_of(life, amount, day, clock_now(self.clock));
+            self.stack.produce(&payments, "bank", &payment).await?;
+        }
+        let (watch, lives) = (&mut self.watch, &self.lives);
+        until(
+            format!("the journeys of the {} payments of {day} answered", paying.len()),
+            async || {
+                watch.read_events().await?;
+                Ok(in_full.iter().all(|&n| watch.had(lives[n].invoice_id(), "paid", 1))
+                    && in_part
+                        .iter()
+                        .all(|&n| watch.had(lives[n].invoice_id(), "partly_paid", 1)))
             },
         )
         .await?;
-        for &n in &paying {
-            lives[n].fate = Fate::Paid;
+        for &n in &in_full {
+            self.lives[n].fate = Fate::Paid;
         }
-        if offset % 7 == 0 || !paying.is_empty() && offset < 0 {
-            eprintln!(
-                "day {offset:+} ({day}): {} open, {} paid, {} handed over, {:.0} s",
-                watch_count(&lives, |f| f == Fate::Open),
-                watch_count(&lives, |f| f == Fate::Paid),
-                watch_count(&lives, |f| f == Fate::HandedOver),
-                started.elapsed().as_secs_f64()
-            );
-        }
-        day = day
-            .succ_opt()
-            .ok_or_else(|| anyhow::anyhow!("the calendar ends after {day}"))?;
+        Ok(paying.len())
     }
-    Ok(tally(args, &lives))
 }
 
 fn clock_now(clock: &ManualClock) -> DateTime<Utc> {
@@ -361,19 +530,16 @@ fn clock_now(clock: &ManualClock) -> DateTime<Utc> {
     clock.now()
 }
 
-fn watch_count(lives: &[Life], fate: impl Fn(Fate) -> bool) -> usize {
-    lives.iter().filter(|l| fate(l.fate)).count()
-}
-
-fn payment_of(life: &Life, day: NaiveDate, now: DateTime<Utc>) -> PaymentReceived {
+fn payment_of(life: &Life, amount_minor: i64, day: NaiveDate, now: DateTime<Utc>) -> PaymentReceived {
     let i = &life.drawn.invoice;
     PaymentReceived {
         event_id: new_event_id(),
         tenant: i.tenant.clone(),
         debtor_id: None,
         occurred_at: now.timestamp_millis(),
-        payment_id: format!("sim-payment-{}", i.invoice_id),
-        amount_minor: i.amount_minor + life.fees_minor,
+        // One a day at most: the day tells the parts apart.
+        payment_id: format!("sim-payment-{}-{day}", i.invoice_id),
+        amount_minor,
         currency: i.currency.clone(),
         reference: i.payment_reference.clone(),
         remittance_text: None,
@@ -388,13 +554,14 @@ fn payment_of(life: &Life, day: NaiveDate, now: DateTime<Utc>) -> PaymentReceive
 fn tally(args: &SimulateArgs, lives: &[Life]) -> Outcome {
     let mut outcome = Outcome::new(args);
     for life in lives {
-        let paid = life.fate == Fate::Paid;
-        outcome.count(
-            life.drawn.payer(),
-            paid,
-            paid && life.fees_minor == 0,
-            life.fate == Fate::HandedOver,
-        );
+        outcome.count(&super::End {
+            payer: life.drawn.payer(),
+            settled: life.fate == Fate::Paid,
+            charged_a_fee: life.fees_minor > 0,
+            handed_over: life.fate == Fate::HandedOver,
+            disputed: life.disputed,
+            paid_in_parts: life.paid_in_part,
+        });
     }
     outcome
 }
