@@ -145,28 +145,21 @@ struct Watch {
     events: TopicTail,
     /// Dispatch's outcomes by action (some may be read before their action).
     outcomes_of: HashMap<String, Vec<DispatchOutcome>>,
-    /// The kinds of journey event each invoice has had (`plan_chosen`, `paid`, ...), with how many.
-    events_of: HashMap<String, HashMap<String, u32>>,
+    /// The kinds of journey event each invoice has had (`plan_chosen`, `paid`, ...).
+    events_of: HashMap<String, std::collections::HashSet<String>>,
 }
 
 impl Watch {
     async fn read_events(&mut self) -> anyhow::Result<()> {
         for e in self.events.next::<JourneyEvent>().await? {
-            *self
-                .events_of
-                .entry(e.invoice_id)
-                .or_default()
-                .entry(e.kind)
-                .or_default() += 1;
+            self.events_of.entry(e.invoice_id).or_default().insert(e.kind);
         }
         Ok(())
     }
 
-    fn had(&self, invoice: &str, kind: &str, times: u32) -> bool {
-        self.events_of
-            .get(invoice)
-            .and_then(|kinds| kinds.get(kind))
-            .is_some_and(|n| *n >= times)
+    /// Whether the invoice's journey has had an event of `kind`.
+    fn had(&self, invoice: &str, kind: &str) -> bool {
+        self.events_of.get(invoice).is_some_and(|kinds| kinds.contains(kind))
     }
 
     async fn read_outcomes(&mut self) -> anyhow::Result<()> {
@@ -342,7 +335,7 @@ impl Run<'_> {
         let (watch, lives) = (&mut self.watch, &self.lives);
         until(format!("every one of the {} journeys open", lives.len()), async || {
             watch.read_events().await?;
-            Ok(lives.iter().all(|l| watch.had(l.invoice_id(), "plan_chosen", 1)))
+            Ok(lives.iter().all(|l| watch.had(l.invoice_id(), "plan_chosen")))
         })
         .await
     }
@@ -397,7 +390,7 @@ impl Run<'_> {
             }
         }
         for life in &mut self.lives {
-            if life.is_open() && self.watch.had(life.invoice_id(), "handed_over", 1) {
+            if life.is_open() && self.watch.had(life.invoice_id(), "handed_over") {
                 life.fate = Fate::HandedOver;
             }
         }
@@ -432,7 +425,7 @@ impl Run<'_> {
             format!("the {} '{kind}' requests of {day} answered", who.len()),
             async || {
                 watch.read_events().await?;
-                Ok(who.iter().all(|&n| watch.had(lives[n].invoice_id(), answer, 1)))
+                Ok(who.iter().all(|&n| watch.had(lives[n].invoice_id(), answer)))
             },
         )
         .await
@@ -511,10 +504,8 @@ impl Run<'_> {
             format!("the journeys of the {} payments of {day} answered", paying.len()),
             async || {
                 watch.read_events().await?;
-                Ok(in_full.iter().all(|&n| watch.had(lives[n].invoice_id(), "paid", 1))
-                    && in_part
-                        .iter()
-                        .all(|&n| watch.had(lives[n].invoice_id(), "partly_paid", 1)))
+                Ok(in_full.iter().all(|&n| watch.had(lives[n].invoice_id(), "paid"))
+                    && in_part.iter().all(|&n| watch.had(lives[n].invoice_id(), "partly_paid")))
             },
         )
         .await?;
