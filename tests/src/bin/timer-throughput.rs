@@ -11,6 +11,11 @@
 //! (each fire produces its journey events and the nudge action to Kafka, acknowledged, and
 //! writes the journey), and fires per second are reported.
 //!
+//! The baseline, in the same run: the plumbing of those N fires without any journey logic (the
+//! same number of pipelined Redis claims, reads and writes, and acknowledged produces of
+//! records the size of the watcher's), so that the drain is reported as a ratio to what this
+//! machine's Redis and broker allow today.
+//!
 //! Phase 2, steady: on a fresh stack, timers fall due at a steady rate while the clock runs in
 //! real time; each action's lateness is its production time (the watcher's clock) minus the
 //! moment its timer fell due, read back from the actions topic. Then the watcher is stopped
@@ -76,6 +81,89 @@ async fn schedule(
         i = end;
     }
     Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Bytes of a stored journey, a journey event and a nudge action, roughly as the watcher's are.
+const JOURNEY_BYTES: usize = 450;
+const EVENT_BYTES: usize = 250;
+const ACTION_BYTES: usize = 600;
+
+/// The plumbing of `n` fires without any journey logic, on `partitions` partitions at once as
+/// the watcher fires them: per claim of `batch` due timers (a sorted set read as the watcher
+/// claims), one pipelined read of their journeys, three acknowledged produces per fire (its
+/// event, its action, its changelog record), and one pipelined write of each journey with its
+/// timer removed. Returns fires per second.
+async fn plumbing_baseline(
+    stack: &LocalStack,
+    producer: &Producer,
+    n: usize,
+    batch: usize,
+    partitions: usize,
+) -> anyhow::Result<f64> {
+    use forfall_platform::kafka::Outbound;
+    let prefix = format!("{}baseline:", stack.rt.config.redis.key_prefix);
+    let topic = stack.topic("bench.baseline");
+    forfall_platform::kafka::ensure_topics(&stack.rt.config.kafka, std::slice::from_ref(&topic)).await?;
+    let mut redis = stack.redis();
+    let journey = vec![b'j'; JOURNEY_BYTES];
+    for chunk in (0..n).collect::<Vec<_>>().chunks(2000) {
+        let mut pipe = redis::pipe();
+        for &i in chunk {
+            pipe.set(format!("{prefix}j:{i}"), &journey).ignore();
+            pipe.zadd(format!("{prefix}timers:{}", i % partitions), i.to_string(), 0)
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut redis).await?;
+    }
+    let started = Instant::now();
+    let drains = (0..partitions).map(|p| {
+        let (mut redis, prefix, topic) = (stack.redis(), prefix.clone(), topic.clone());
+        async move {
+            let timers = format!("{prefix}timers:{p}");
+            loop {
+                let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                    .arg(&timers)
+                    .arg("-inf")
+                    .arg(1)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(batch)
+                    .query_async(&mut redis)
+                    .await?;
+                if due.is_empty() {
+                    return anyhow::Ok(());
+                }
+                let mut read = redis::pipe();
+                for m in &due {
+                    read.get(format!("{prefix}j:{m}"));
+                }
+                let journeys: Vec<Vec<u8>> = read.query_async(&mut redis).await?;
+                let mut outs = Vec::with_capacity(due.len() * 3);
+                for (m, j) in due.iter().zip(&journeys) {
+                    for payload in [vec![b'e'; EVENT_BYTES], vec![b'a'; ACTION_BYTES], j.clone()] {
+                        outs.push(Outbound {
+                            topic: topic.clone(),
+                            key: m.clone(),
+                            payload,
+                            trace: forfall_platform::telemetry::TraceContext::new_root(),
+                            partition: None,
+                        });
+                    }
+                }
+                producer.send_all(&outs).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                let mut write = redis::pipe();
+                for (m, j) in due.iter().zip(&journeys) {
+                    write.set(format!("{prefix}j:{m}"), j).ignore();
+                    write.zrem(&timers, m).ignore();
+                }
+                let _: () = write.query_async(&mut redis).await?;
+            }
+        }
+    });
+    for drained in futures::future::join_all(drains).await {
+        drained?;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
 async fn fired(stack: &LocalStack, service: &str) -> f64 {
@@ -151,6 +239,17 @@ async fn main() -> anyhow::Result<()> {
     );
     stack.shutdown().await;
     remove_keys(&mut redis, &stack.rt.config.redis.key_prefix).await?;
+    let watcher_rate = n as f64 / drain.as_secs_f64().max(1e-9);
+    let batch = match std::env::var("WATCHER_BATCH") {
+        Ok(b) => b.parse::<usize>()?,
+        Err(_) => forfall_watcher::WatcherSettings::default().batch,
+    };
+    let baseline = plumbing_baseline(&stack, &producer, n, batch, stack.rt.config.kafka.partitions as usize).await?;
+    remove_keys(&mut redis, &stack.rt.config.redis.key_prefix).await?;
+    println!(
+        "phase 1 baseline: the same {n} fires' plumbing without journey logic (claims of {batch}, pipelined reads and writes, three acknowledged produces each) at {baseline:.0}/s; the watcher's drain is {:.2}x the baseline",
+        watcher_rate / baseline.max(1e-9)
+    );
 
     // Phase 2: timers fall due at a steady rate, the clock running in real time.
     let steady = (rate * steady_secs) as usize;
