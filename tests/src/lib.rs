@@ -732,7 +732,7 @@ pub async fn remove_keys(redis: &mut redis::aio::ConnectionManager, prefix: &str
 
 /// The kinds of the watcher's Redis keys (journeys, timers and their locks, debtors' open
 /// invoices, late history, parked payments, closed index, partition markers): what Redis loses.
-pub const WATCHER_KEY_KINDS: [&str; 11] = [
+pub const WATCHER_KEY_KINDS: [&str; 12] = [
     "open-counts:",
     "journeys:",
     "timers:",
@@ -740,6 +740,7 @@ pub const WATCHER_KEY_KINDS: [&str; 11] = [
     "debtor-open:",
     "late:",
     "late-index:",
+    "history:",
     "parked:",
     "parked-index:",
     "closed:",

@@ -1014,6 +1014,7 @@ async fn a_propensity_model_scores_each_new_invoice_and_its_band_picks_the_plan(
         features: FEATURE_NAMES.iter().map(|s| (*s).to_owned()).collect(),
         intercept: 3.0,
         coefficients,
+        feature_sd: Vec::new(),
         metrics: ModelMetrics {
             auc: 0.8,
             brier: 0.1,
@@ -1039,6 +1040,160 @@ async fn a_propensity_model_scores_each_new_invoice_and_its_band_picks_the_plan(
         chosen.rule.as_deref().unwrap_or_default().contains("plan 'gentle'"),
         "{chosen:?}"
     );
+    stack.shutdown().await;
+    Ok(())
+}
+
+/// The invoices in the (one) debtor's history the watcher keeps in Redis.
+async fn history_fields(stack: &LocalStack) -> anyhow::Result<Vec<String>> {
+    let keys = watcher_keys(&stack.rt.config).await?;
+    let key = keys
+        .iter()
+        .find(|k| k.contains("history:"))
+        .ok_or_else(|| anyhow::anyhow!("no history key in {keys:?}"))?;
+    let mut fields: Vec<String> = redis::cmd("HKEYS").arg(key).query_async(&mut stack.redis()).await?;
+    fields.sort();
+    Ok(fields)
+}
+
+/// The value a `plan_chosen` event recorded for the propensity input `name`.
+fn input(chosen: &JourneyEvent, name: &str) -> f64 {
+    chosen
+        .propensity_features
+        .iter()
+        .find(|f| f.name == name)
+        .unwrap_or_else(|| panic!("no input {name} in {chosen:?}"))
+        .value
+}
+
+/// A debtor's own history reaches the plan choice of its next invoice: how late it paid, how
+/// large its invoices usually are, how long it has been a customer, the channel that bounced,
+/// the dispute and the page it used. Every plan choice records these inputs (with or without a
+/// model, for `forfall model train --from-topics`); the history is derived state, so it comes
+/// back from the changelog when Redis loses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_debtors_own_history_reaches_its_next_plan_choice_and_survives_losing_redis() -> anyhow::Result<()> {
+    use forfall_domain::reference::{ReferenceKind, generate};
+    use forfall_platform::records::{DebtorRequest, DispatchOutcome, DispatchStatus, new_event_id};
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let invoice = |id: &'static str, due, amount_minor: i64| Sample {
+        reference: leak(
+            generate(ReferenceKind::Rf, &format!("8121{amount_minor}"))
+                .expect("a reference")
+                .value,
+        ),
+        amount_minor,
+        ..danish(id, id, due, "history@example.test")
+    };
+    let first = invoice("hist-a", day(2026, 4, 20), 100_000);
+    let clock = ManualClock::new(at("2026-04-06T08:00:00Z"));
+    let mut stack = LocalStack::start(base_config(), clock.clone()).await?;
+    // Records leave 61 days after their invoice's issue date (when the next invoice arrives).
+    stack.set("watcher.history_retention_days", 61);
+    for service in ["ingest", "watcher", "matcher"] {
+        stack.start_service(service);
+    }
+    issue_invoice(&stack, &first).await?;
+    let opened = plan_chosen(&stack, first.invoice_id).await?;
+    assert_eq!(
+        input(&opened, "new_debtor"),
+        1.0,
+        "a first invoice has no history: {opened:?}"
+    );
+    assert_eq!(opened.propensity, None, "no model, no score");
+
+    // The debtor disputes it on the page, the e-mail bounces, and it is paid 5 days late.
+    let dispute = DebtorRequest {
+        event_id: new_event_id(),
+        tenant: first.tenant.into(),
+        debtor_id: first.debtor_id(),
+        occurred_at: 0,
+        invoice_id: first.invoice_id.into(),
+        kind: "dispute".into(),
+        new_due_date: None,
+        promise_date: None,
+        instalments: Vec::new(),
+        reason: Some("meter reading".into()),
+        source: "portal".into(),
+    };
+    stack
+        .produce(
+            &stack.topic(&stack.topics().debtor_requests),
+            &first.debtor_id(),
+            &dispute,
+        )
+        .await?;
+    journey_event(&stack, first.invoice_id, "the dispute", |e| e.kind == "disputed").await?;
+    let bounce = DispatchOutcome {
+        event_id: new_event_id(),
+        tenant: first.tenant.into(),
+        debtor_id: first.debtor_id(),
+        occurred_at: 0,
+        action_id: "hist-a-nudge".into(),
+        invoice_id: first.invoice_id.into(),
+        step: "nudge".into(),
+        channel: "email".into(),
+        status: DispatchStatus::Bounced,
+        reason: Some("mailbox unavailable".into()),
+        provider_message_id: None,
+        content_sha256: None,
+        covered_invoice_ids: Vec::new(),
+    };
+    stack
+        .produce(
+            &stack.topic(&stack.topics().dispatch_outcomes),
+            &first.debtor_id(),
+            &bounce,
+        )
+        .await?;
+    journey_event(&stack, first.invoice_id, "the bounce", |e| e.kind == "message_bounced").await?;
+    clock.set(at("2026-04-25T10:00:00Z"));
+    let payment = first.payment("hist-a-paid", first.amount_minor, first.reference);
+    stack
+        .produce(&stack.topic(&stack.topics().payments), "bank", &payment)
+        .await?;
+    status_is(&stack, first.tenant, first.invoice_id, "closed:paid").await?;
+
+    // A month later, an invoice twice the usual size.
+    clock.set(at("2026-05-06T08:00:00Z"));
+    let second = invoice("hist-b", day(2026, 5, 20), 200_000);
+    issue_invoice(&stack, &second).await?;
+    let chosen = plan_chosen(&stack, second.invoice_id).await?;
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-3;
+    assert_eq!(input(&chosen, "new_debtor"), 0.0, "{chosen:?}");
+    assert_eq!(input(&chosen, "avg_days_late"), 5.0, "{chosen:?}");
+    assert!(close(input(&chosen, "amount_vs_usual"), 2f64.ln()), "{chosen:?}");
+    assert!(close(input(&chosen, "tenure_years"), 30.0 / 365.0), "{chosen:?}");
+    assert_eq!(input(&chosen, "failed_channels"), 1.0, "{chosen:?}");
+    assert_eq!(input(&chosen, "past_disputes"), 1.0, "{chosen:?}");
+    assert_eq!(input(&chosen, "self_service"), 1.0, "{chosen:?}");
+
+    // Redis loses the watcher's state; the history comes back from the changelog.
+    lose_watcher_state(&stack.rt.config).await?;
+    clock.set(at("2026-06-06T08:00:00Z"));
+    let third = invoice("hist-c", day(2026, 6, 20), 150_000);
+    issue_invoice(&stack, &third).await?;
+    let chosen = plan_chosen(&stack, third.invoice_id).await?;
+    assert_eq!(input(&chosen, "avg_days_late"), 5.0, "{chosen:?}");
+    assert_eq!(input(&chosen, "past_disputes"), 1.0, "{chosen:?}");
+    assert_eq!(input(&chosen, "failed_channels"), 1.0, "{chosen:?}");
+    // The usual size is now the two invoices before: 150,000 is exactly it.
+    assert!(close(input(&chosen, "amount_vs_usual"), 0.0), "{chosen:?}");
+    assert!(close(input(&chosen, "tenure_years"), 61.0 / 365.0), "{chosen:?}");
+
+    // Four days on, the first invoice is past its retention: the next one takes it away, from
+    // Redis and from the changelog (it does not come back when Redis is lost again).
+    clock.set(at("2026-06-10T08:00:00Z"));
+    let fourth = invoice("hist-d", day(2026, 6, 24), 150_001);
+    issue_invoice(&stack, &fourth).await?;
+    let chosen = plan_chosen(&stack, fourth.invoice_id).await?;
+    assert_eq!(input(&chosen, "past_disputes"), 0.0, "{chosen:?}");
+    assert_eq!(input(&chosen, "avg_days_late"), 0.0, "{chosen:?}");
+    let kept = ["hist-b", "hist-c", "hist-d"];
+    assert_eq!(history_fields(&stack).await?, kept);
+    lose_watcher_state(&stack.rt.config).await?;
+    status_is(&stack, fourth.tenant, fourth.invoice_id, "open").await?;
+    assert_eq!(history_fields(&stack).await?, kept);
     stack.shutdown().await;
     Ok(())
 }

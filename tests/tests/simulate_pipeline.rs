@@ -22,6 +22,7 @@ fn args(debtors: u64, seed: u64, out: std::path::PathBuf) -> SimulateArgs {
         due: day(2026, 3, 4),
         out,
         pipeline: false,
+        fit_model: None,
     }
 }
 
@@ -51,7 +52,11 @@ async fn the_pipeline_lives_the_domain_cores_lives_and_the_report_finds_the_mode
     let (debtors, seed) = (600, 2026);
     let out = std::env::temp_dir().join(format!("forfall-sim-{}", uuid::Uuid::new_v4().simple()));
     let figment = forfall_platform::config::figment(Some(std::path::Path::new("/nonexistent/forfall.toml")));
-    let run_args = args(debtors, seed, out.clone());
+    let fitted = out.join("propensity-model.json");
+    let run_args = SimulateArgs {
+        fit_model: Some(fitted.clone()),
+        ..args(debtors, seed, out.clone())
+    };
     let (policy, _) = simulate::policy_and_law(&figment, run_args.policy.as_deref(), simulate::issue_day(&run_args))?;
 
     // The effect itself: the domain core on a base large enough to pin it down (another seed).
@@ -103,6 +108,22 @@ async fn the_pipeline_lives_the_domain_cores_lives_and_the_report_finds_the_mode
     let sample_ratio = report.sample_ratio.as_ref().expect("a sample-ratio check");
     assert!(!sample_ratio.mismatch, "{sample_ratio:?}");
     assert!(std::fs::read_to_string(&written.html)?.contains("<svg"));
+
+    // The propensity model fitted from the run's topics: every debtor's plan choice recorded
+    // its inputs, and every journey ended paid or handed over, so each is a labelled sample.
+    let model: forfall_domain::propensity::PropensityModel = serde_json::from_slice(&std::fs::read(&fitted)?)?;
+    model.check()?;
+    assert_eq!(
+        model.metrics.trained_on + model.metrics.tested_on,
+        debtors,
+        "{:?}",
+        model.metrics
+    );
+    assert!(
+        (0.0..=1.0).contains(&model.metrics.auc) && model.metrics.brier < 0.25,
+        "{:?}",
+        model.metrics
+    );
     let _ = std::fs::remove_dir_all(&out);
     Ok(())
 }

@@ -74,7 +74,9 @@ fn main() -> anyhow::Result<()> {
         Command::Calendar(cmd) => return forfall::tools::calendar(cmd),
         Command::Policy(cmd) => return forfall::tools::policy(cmd),
         Command::Simulate(args) => return forfall::simulate::command(args, &config::figment(cli.config.as_deref())),
-        Command::Model(cmd) => return forfall::model::command(cmd, &config::figment(cli.config.as_deref())),
+        Command::Model(cmd) if !cmd.reads_topics() => {
+            return forfall::model::command(cmd, &config::figment(cli.config.as_deref()));
+        }
         _ => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -99,6 +101,10 @@ fn main() -> anyhow::Result<()> {
                 let rt = Runtime::new(common, figment, Arc::new(SystemClock), CancellationToken::new())?;
                 forfall::experiment::run(&rt, cmd).await
             }
+            Command::Model(cmd) => {
+                let rt = Runtime::new(common, figment, Arc::new(SystemClock), CancellationToken::new())?;
+                forfall::model::train_from_topics(&rt, cmd).await.map(|_| ())
+            }
             Command::Rebuild(args) => {
                 telemetry::init(&common.log, &common.traces, "forfall")?;
                 let rt = Runtime::new(common, figment, Arc::new(SystemClock), CancellationToken::new())?;
@@ -108,8 +114,7 @@ fn main() -> anyhow::Result<()> {
             | Command::Law(_)
             | Command::Calendar(_)
             | Command::Policy(_)
-            | Command::Simulate(_)
-            | Command::Model(_) => Ok(()),
+            | Command::Simulate(_) => Ok(()),
         }
     });
     // The spans still queued go out before the process ends.

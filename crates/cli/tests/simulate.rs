@@ -32,6 +32,7 @@ fn simulate(debtors: u64, seed: u64, model: &BehaviourModel) -> Outcome {
         due: chrono::NaiveDate::from_ymd_opt(2026, 3, 4).expect("a date"),
         out: std::env::temp_dir(),
         pipeline: false,
+        fit_model: None,
     };
     run(&args, &policy(&law), &law, model).expect("the run")
 }
@@ -110,11 +111,12 @@ fn a_model_trained_on_simulated_debtors_separates_the_payer_types() {
         due: chrono::NaiveDate::from_ymd_opt(2026, 3, 4).expect("a date"),
         out: std::env::temp_dir(),
         pipeline: false,
+        fit_model: None,
     };
     let mut samples = Vec::new();
     let mut by_payer: Vec<(PayerType, forfall_domain::propensity::Features)> = Vec::new();
     forfall::simulate::for_each(&args, &policy, &law, &BehaviourModel::default(), |_, s| {
-        samples.push((s.features, s.story.settled_days.is_some()));
+        samples.push((s.features.vector(), s.story.settled_days.is_some()));
         by_payer.push((s.payer, s.features));
     })
     .expect("the run");
@@ -137,12 +139,17 @@ fn a_model_trained_on_simulated_debtors_separates_the_payer_types() {
         mean(PayerType::Early),
         mean(PayerType::Unwilling)
     );
-    // The two things that decide who pays here: a history of paying late (the short of cash and
-    // the unwilling), and an e-mail address (the example's nudges and friendly reminders go by
-    // e-mail only, so a debtor without one hears nothing before the agency).
+    // What decides who pays here: the debtor's own history (days late, late invoices), and an
+    // e-mail address (the example's nudges and friendly reminders go by e-mail only, so a
+    // debtor without one hears nothing before the agency).
     let top = model.top_features();
     let weight = |name: &str| top.iter().find(|(n, _)| n == name).map(|(_, w)| *w);
-    assert!(top[..3].iter().any(|(n, _)| n == "late_last_12m"), "{top:?}");
-    assert!(weight("late_last_12m").is_some_and(|w| w < 0.0), "{top:?}");
+    assert!(
+        top[..3]
+            .iter()
+            .any(|(n, _)| n == "avg_days_late" || n == "late_last_12m"),
+        "{top:?}"
+    );
+    assert!(weight("avg_days_late").is_some_and(|w| w < 0.0), "{top:?}");
     assert!(weight("has_email").is_some_and(|w| w > 0.0), "{top:?}");
 }

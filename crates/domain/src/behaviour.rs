@@ -10,9 +10,18 @@
 //! the dispute some days later, and the journey goes on); some of the short of cash pay part
 //! first and the rest a few weeks later. Every figure is a parameter with its default here, so
 //! a run says what it assumed.
+//!
+//! A debtor comes with a past: a tenure of monthly invoices lived by its kind (the early pay
+//! them before the due date, the forgetful mostly on time and now and then a week or two late,
+//! the short of cash weeks late and often through the page, the unwilling late or only in
+//! collection and more often disputing; a channel now and then bounced), which is the history
+//! the propensity model learns from.
 
+use chrono::{Months, NaiveDate};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+
+use crate::history::{InvoiceRecord, channel_bit};
 
 use crate::journey::Tone;
 
@@ -77,6 +86,10 @@ pub struct BehaviourModel {
     /// later (uniform, inclusive).
     pub part_payment_share: f64,
     pub part_payment_gap_days: (i64, i64),
+    /// How many monthly invoices a debtor had before this one (uniform, inclusive; 0: new).
+    pub history_months: (i64, i64),
+    /// The chance that a past invoice found a channel of the debtor failing.
+    pub failed_channel_share: f64,
 }
 
 /// Multipliers on a message's pull by the local hour it arrives: morning 06–12, afternoon
@@ -145,6 +158,8 @@ impl Default for BehaviourModel {
             dispute_resolution_days: (7, 21),
             part_payment_share: 0.3,
             part_payment_gap_days: (10, 20),
+            history_months: (0, 48),
+            failed_channel_share: 0.03,
         }
     }
 }
@@ -187,6 +202,7 @@ impl BehaviourModel {
             ("unwilling_response", self.unwilling_response),
             ("dispute_share", self.dispute_share),
             ("part_payment_share", self.part_payment_share),
+            ("failed_channel_share", self.failed_channel_share),
         ];
         for (name, value) in shares {
             if !(0.0..=1.0).contains(&value) {
@@ -204,6 +220,7 @@ impl BehaviourModel {
             ("dispute_days", self.dispute_days),
             ("dispute_resolution_days", self.dispute_resolution_days),
             ("part_payment_gap_days", self.part_payment_gap_days),
+            ("history_months", self.history_months),
         ] {
             if low > high || low < 0 {
                 return Err(BehaviourError::Range { name, low, high });
@@ -250,6 +267,62 @@ impl BehaviourModel {
             dispute: disputes.then_some((dispute_after, resolved_after)),
             part_payment_gap: in_parts.then_some(gap),
         }
+    }
+
+    /// The debtor's past invoices with the creditor, monthly before `issued`, each about
+    /// `amount_eur_cents` large, lived as its kind lives them (see the module's words).
+    pub fn draw_history(
+        &self,
+        payer: PayerType,
+        amount_eur_cents: u64,
+        issued: NaiveDate,
+        rng: &mut impl Rng,
+    ) -> Vec<InvoiceRecord> {
+        let months = rng.random_range(self.history_months.0..=self.history_months.1);
+        (1..=months)
+            .rev()
+            .filter_map(|m| issued.checked_sub_months(Months::new(u32::try_from(m).ok()?)))
+            .map(|past| {
+                let size = rng.random_range(0.6..1.4);
+                let u: f64 = rng.random();
+                let days_late = match payer {
+                    PayerType::Early => Some(rng.random_range(-10..=0)),
+                    PayerType::Forgetful if u < 0.7 => Some(rng.random_range(-5..=0)),
+                    PayerType::Forgetful => Some(rng.random_range(3..=14)),
+                    PayerType::ShortOfCash => Some(rng.random_range(5..=40)),
+                    PayerType::Unwilling if u < 0.5 => None,
+                    PayerType::Unwilling => Some(rng.random_range(20..=60)),
+                };
+                let dispute_share = match payer {
+                    PayerType::Unwilling => (self.dispute_share * 5.0).min(1.0),
+                    _ => self.dispute_share,
+                };
+                let self_service_share = match payer {
+                    PayerType::Early => 0.02,
+                    PayerType::Forgetful => 0.1,
+                    PayerType::ShortOfCash => 0.4,
+                    PayerType::Unwilling => 0.05,
+                };
+                let failed_share = match payer {
+                    PayerType::Unwilling => (self.failed_channel_share * 5.0).min(1.0),
+                    _ => self.failed_channel_share,
+                };
+                let disputed = rng.random::<f64>() < dispute_share;
+                let failed = rng.random::<f64>() < failed_share;
+                InvoiceRecord {
+                    issued: past,
+                    amount_eur_cents: (amount_eur_cents as f64 * size).round() as u64,
+                    days_late,
+                    disputed,
+                    self_service: disputed || rng.random::<f64>() < self_service_share,
+                    failed_channels: if failed {
+                        channel_bit(if u < 0.5 { "email" } else { "sms" })
+                    } else {
+                        0
+                    },
+                }
+            })
+            .collect()
     }
 
     /// When the debtor pays with no message at all, in days after the due date (negative:
@@ -327,6 +400,39 @@ mod tests {
             at(23)
         );
         assert!((at(9) - 0.6).abs() < 1e-12, "a morning message is the baseline");
+    }
+
+    #[test]
+    fn each_kind_has_the_past_its_kind_lives() {
+        let m = BehaviourModel::default();
+        let mut rng = StdRng::seed_from_u64(9);
+        let today: NaiveDate = "2026-12-01".parse().unwrap();
+        let mut facts = |payer| {
+            let mut sum = crate::history::HistoryFacts::default();
+            let n = 2_000;
+            let mut lengths = 0;
+            for _ in 0..n {
+                let past = m.draw_history(payer, 10_000, today, &mut rng);
+                assert!(past.iter().all(|r| r.issued < today));
+                assert!(past.windows(2).all(|w| w[0].issued < w[1].issued));
+                lengths += past.len();
+                let f = crate::history::HistoryFacts::of(&past, today);
+                sum.avg_days_late += f.avg_days_late / f64::from(n);
+                sum.disputes += f.disputes;
+                sum.self_service += f.self_service;
+                sum.failed_channels += f.failed_channels;
+            }
+            // history_months (0, 48): 24 invoices on average.
+            assert!((lengths as f64 / f64::from(n) - 24.0).abs() < 2.0, "{lengths}");
+            sum
+        };
+        let early = facts(PayerType::Early);
+        let short = facts(PayerType::ShortOfCash);
+        let unwilling = facts(PayerType::Unwilling);
+        assert_eq!(early.avg_days_late, 0.0);
+        assert!(short.avg_days_late > 15.0 && unwilling.avg_days_late > short.avg_days_late);
+        assert!(short.self_service > 5 * early.self_service);
+        assert!(unwilling.disputes > 3 * early.disputes && unwilling.failed_channels > early.failed_channels);
     }
 
     #[test]

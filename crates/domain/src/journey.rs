@@ -385,7 +385,7 @@ impl Journey {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Transition {
     pub kind: &'static str,
     pub from: JourneyState,
@@ -393,15 +393,17 @@ pub struct Transition {
     pub step: Option<String>,
     pub rule: Option<String>,
     pub reason: Option<String>,
-    /// On a plan choice: the debtor's propensity score and the model that gave it.
+    /// On a plan choice: what the propensity model knew of the debtor, and its score.
     pub propensity: Option<Scored>,
 }
 
-/// A propensity score (0 to 100) with the version of the model that gave it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The propensity model's inputs at a plan choice (recorded so that a model can be fitted on
+/// what was known then) and, when a model is configured, its score (0 to 100) and version.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Scored {
-    pub score: u8,
-    pub model_version: String,
+    pub features: Vec<(&'static str, f64)>,
+    pub score: Option<u8>,
+    pub model_version: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -429,7 +431,7 @@ pub enum Emit {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
     pub journey: Journey,
     pub transitions: Vec<Transition>,
@@ -1302,7 +1304,7 @@ pub enum Role {
 }
 
 /// The decision for one input invoice (by index) and its role.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Fired {
     pub index: usize,
     pub decision: Decision,

@@ -10,6 +10,7 @@ pub mod calendar;
 pub mod claim;
 pub mod evidence;
 pub mod experiment;
+pub mod history;
 pub mod invoice;
 pub mod journey;
 pub mod jurisdiction;

@@ -1,6 +1,8 @@
 //! Propensity to pay: a logistic model over what is known of a debtor when a new invoice
-//! arrives (late invoices in the last 12 months, the amount, business or consumer, country,
-//! the channels on file, a fee agreed in advance), scored 0 to 100 so that policy segments can
+//! arrives (its own history: late invoices in the last 12 months, average days late, the amount
+//! against its usual, tenure, channels that failed, disputes, self-service; and the invoice:
+//! the amount, business or consumer, country, the channels on file, a fee agreed in advance),
+//! scored 0 to 100 so that policy segments can
 //! say `propensity_min` / `propensity_max`. A model is a versioned file with its coefficients
 //! and the metrics it was accepted on (AUC, Brier score, a calibration table, measured on
 //! invoices it was not fitted to); this module scores with it and measures it. Fitting is the
@@ -8,12 +10,20 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::history::{self, HistoryFacts};
 use crate::invoice::InvoiceSnapshot;
-use crate::{Currency, DebtorKind, Jurisdiction};
+use crate::{DebtorKind, Jurisdiction};
 
 /// The model's inputs, in this order (a model file names them, and is refused if they differ).
-pub const FEATURE_NAMES: [&str; 9] = [
+pub const FEATURE_NAMES: [&str; 16] = [
     "late_last_12m",
+    "new_debtor",
+    "avg_days_late",
+    "amount_vs_usual",
+    "tenure_years",
+    "failed_channels",
+    "past_disputes",
+    "self_service",
     "log_amount_eur",
     "business",
     "norway",
@@ -28,6 +38,8 @@ pub const FEATURE_NAMES: [&str; 9] = [
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Features {
     pub late_last_12m: u32,
+    /// The rest of the debtor's own history.
+    pub history: HistoryFacts,
     /// The amount in euros, roughly (the Nordic crowns at fixed rates): a size, not a price.
     pub amount_eur: f64,
     pub kind: DebtorKind,
@@ -37,23 +49,12 @@ pub struct Features {
     pub fee_agreed: bool,
 }
 
-/// Euros per unit of each currency, fixed: the feature ranks sizes, it settles nothing.
-fn euros_per_unit(c: Currency) -> f64 {
-    match c.code() {
-        "EUR" => 1.0,
-        "DKK" => 1.0 / 7.46,
-        "NOK" => 1.0 / 11.5,
-        "SEK" => 1.0 / 11.2,
-        _ => 0.1,
-    }
-}
-
 impl Features {
-    pub fn of(invoice: &InvoiceSnapshot, late_last_12m: u32) -> Self {
-        let amount = invoice.amount;
+    pub fn of(invoice: &InvoiceSnapshot, late_last_12m: u32, history: HistoryFacts) -> Self {
         Self {
             late_last_12m,
-            amount_eur: amount.minor as f64 / 100.0 * euros_per_unit(amount.currency),
+            history,
+            amount_eur: history::euro_cents(invoice.amount) as f64 / 100.0,
             kind: invoice.debtor_kind,
             jurisdiction: invoice.jurisdiction,
             has_phone: invoice.contact.phone.is_some(),
@@ -62,11 +63,29 @@ impl Features {
         }
     }
 
+    /// The input vector with its names, as a `plan_chosen` event records it.
+    pub fn named(&self) -> Vec<(&'static str, f64)> {
+        FEATURE_NAMES.iter().copied().zip(self.vector()).collect()
+    }
+
     /// The model's input vector, in [`FEATURE_NAMES`]' order.
-    pub fn vector(&self) -> [f64; 9] {
+    pub fn vector(&self) -> [f64; FEATURE_NAMES.len()] {
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        let h = &self.history;
+        // Bounded, so that one extreme debtor does not carry the fit.
+        let amount_vs_usual = h
+            .usual_amount_eur
+            .filter(|u| *u > 0.0)
+            .map_or(0.0, |usual| (self.amount_eur.max(0.01) / usual).ln().clamp(-3.0, 3.0));
         [
             f64::from(self.late_last_12m.min(12)),
+            flag(h.invoices == 0),
+            h.avg_days_late.min(90.0),
+            amount_vs_usual,
+            (f64::from(h.tenure_days) / 365.0).min(10.0),
+            f64::from(h.failed_channels.min(4)),
+            f64::from(h.disputes.min(5)),
+            f64::from(h.self_service.min(5)),
             self.amount_eur.max(0.0).ln_1p(),
             flag(self.kind == DebtorKind::Business),
             flag(self.jurisdiction == Jurisdiction::NO),
@@ -77,6 +96,19 @@ impl Features {
             flag(self.fee_agreed),
         ]
     }
+}
+
+/// An input vector from named values (as a `plan_chosen` event records them): `None` when
+/// one of [`FEATURE_NAMES`] is missing, so that events from before a feature existed are
+/// left out of a fit rather than read as zero.
+pub fn vector_from_named<'a>(named: impl IntoIterator<Item = (&'a str, f64)>) -> Option<[f64; FEATURE_NAMES.len()]> {
+    let mut x = [f64::NAN; FEATURE_NAMES.len()];
+    for (name, value) in named {
+        if let Some(i) = FEATURE_NAMES.iter().position(|n| *n == name) {
+            x[i] = value;
+        }
+    }
+    x.iter().all(|v| v.is_finite()).then_some(x)
 }
 
 /// One band of predicted probabilities and how often those invoices were in fact paid.
@@ -110,6 +142,10 @@ pub struct PropensityModel {
     pub features: Vec<String>,
     pub intercept: f64,
     pub coefficients: Vec<f64>,
+    /// Each feature's standard deviation on the invoices it was fitted to: a coefficient times
+    /// it is the feature's weight on a comparable scale (a day late against an e-mail address).
+    #[serde(default)]
+    pub feature_sd: Vec<f64>,
     pub metrics: ModelMetrics,
 }
 
@@ -146,13 +182,12 @@ impl PropensityModel {
 
     /// The probability that the debtor pays without collection.
     pub fn probability(&self, f: &Features) -> f64 {
-        let z: f64 = self.intercept
-            + self
-                .coefficients
-                .iter()
-                .zip(f.vector())
-                .map(|(c, x)| c * x)
-                .sum::<f64>();
+        self.probability_of(&f.vector())
+    }
+
+    /// The probability for an input vector in [`FEATURE_NAMES`]' order.
+    pub fn probability_of(&self, x: &[f64]) -> f64 {
+        let z: f64 = self.intercept + self.coefficients.iter().zip(x).map(|(c, x)| c * x).sum::<f64>();
         1.0 / (1.0 + (-z).exp())
     }
 
@@ -161,13 +196,16 @@ impl PropensityModel {
         (self.probability(f) * 100.0).round().clamp(0.0, 100.0) as u8
     }
 
-    /// The features by the weight of their coefficient, strongest first.
+    /// The features by their weight (the coefficient per standard deviation of the feature,
+    /// where the file has them), strongest first.
     pub fn top_features(&self) -> Vec<(String, f64)> {
         let mut all: Vec<(String, f64)> = self
             .features
             .iter()
             .cloned()
             .zip(self.coefficients.iter().copied())
+            .enumerate()
+            .map(|(i, (name, c))| (name, c * self.feature_sd.get(i).copied().unwrap_or(1.0)))
             .collect();
         all.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
         all
@@ -275,6 +313,7 @@ mod tests {
             features: FEATURE_NAMES.iter().map(|s| (*s).to_owned()).collect(),
             intercept: 1.0,
             coefficients,
+            feature_sd: Vec::new(),
             metrics: ModelMetrics {
                 auc: 0.5,
                 brier: 0.25,
@@ -288,11 +327,38 @@ mod tests {
 
     #[test]
     fn a_model_file_for_other_features_is_refused() {
-        let mut m = model(vec![0.0; 9]);
+        let mut m = model(vec![0.0; FEATURE_NAMES.len()]);
         assert!(m.check().is_ok());
         m.features[0] = "days_late".into();
         assert!(matches!(m.check(), Err(ModelError::Features { .. })));
         assert!(matches!(model(vec![0.0; 3]).check(), Err(ModelError::Shape { .. })));
+    }
+
+    #[test]
+    fn named_values_make_the_vector_only_when_all_are_there() {
+        let f = Features {
+            late_last_12m: 2,
+            history: HistoryFacts {
+                invoices: 4,
+                avg_days_late: 6.5,
+                usual_amount_eur: Some(50.0),
+                tenure_days: 730,
+                failed_channels: 1,
+                disputes: 1,
+                self_service: 2,
+            },
+            amount_eur: 100.0,
+            kind: DebtorKind::Business,
+            jurisdiction: Jurisdiction::SE,
+            has_phone: true,
+            has_email: false,
+            fee_agreed: true,
+        };
+        let x = f.vector();
+        assert_eq!(&x[..8], &[2.0, 0.0, 6.5, 2f64.ln(), 2.0, 1.0, 1.0, 2.0]);
+        let named = f.named();
+        assert_eq!(vector_from_named(named.iter().rev().copied()), Some(x));
+        assert_eq!(vector_from_named(named[1..].iter().copied()), None);
     }
 
     proptest! {
@@ -300,12 +366,13 @@ mod tests {
         /// score stays in 0..=100.
         #[test]
         fn late_history_lowers_the_score(late in 0u32..20, eur in 0.0f64..100_000.0) {
-            let mut c = vec![0.0; 9];
+            let mut c = vec![0.0; FEATURE_NAMES.len()];
             c[0] = -0.8;
-            c[1] = 0.1;
+            c[8] = 0.1;
             let m = model(c);
             let f = Features {
                 late_last_12m: late,
+                history: HistoryFacts::default(),
                 amount_eur: eur,
                 kind: DebtorKind::Consumer,
                 jurisdiction: Jurisdiction::DK,

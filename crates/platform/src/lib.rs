@@ -24,6 +24,7 @@ pub mod service;
 pub mod shutdown;
 pub mod signing;
 pub mod telemetry;
+pub mod topic_read;
 
 pub use clock::{Clock, SharedClock};
 pub use config::{CommonConfig, Topics};

@@ -272,8 +272,18 @@ pub struct JourneyEvent {
     pub propensity: Option<i32>,
     #[serde(default)]
     pub propensity_model: Option<String>,
+    /// On `plan_chosen`: the propensity model's inputs by name, with or without a model.
+    #[serde(default)]
+    pub propensity_features: Vec<PropensityFeature>,
 }
 record!(JourneyEvent, "JourneyEvent.avsc");
+
+/// One input of the propensity model, by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PropensityFeature {
+    pub name: String,
+    pub value: f64,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -864,6 +874,16 @@ mod tests {
             fee_minor: 6_000,
             propensity: Some(73),
             propensity_model: Some("propensity-2026-12-03".into()),
+            propensity_features: vec![
+                PropensityFeature {
+                    name: "late_last_12m".into(),
+                    value: 2.0,
+                },
+                PropensityFeature {
+                    name: "amount_vs_usual".into(),
+                    value: -0.25,
+                },
+            ],
         });
         round_trip(DispatchOutcome {
             event_id: "e".into(),

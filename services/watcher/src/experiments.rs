@@ -20,11 +20,10 @@ use forfall_domain::Jurisdiction;
 use forfall_domain::experiment::{Collector, InvoiceKey, Observation, Report};
 use forfall_domain::invoice;
 use forfall_domain::policy::{Experiment, Policy};
-use forfall_platform::changelog::{self, Change, Restore};
 use forfall_platform::config::Secret;
-use forfall_platform::kafka::Failure;
 use forfall_platform::records::{DebtorRequest, DispatchOutcome, DispatchStatus, Invoice, JourneyEvent, Record};
 use forfall_platform::service::Runtime;
+use forfall_platform::topic_read;
 use tracing::Instrument;
 
 use crate::Watcher;
@@ -64,7 +63,6 @@ pub async fn read_report(
 ) -> anyhow::Result<Report> {
     let topics = &rt.config.topics;
     let mut reader = Reader {
-        rt,
         experiment: format!("{name}/"),
         seen: HashSet::new(),
         due: HashMap::new(),
@@ -79,10 +77,9 @@ pub async fn read_report(
         &topics.debtor_requests,
     ] {
         let topic = rt.topic(topic);
-        let done = changelog::replay_whole(&rt.config.kafka, &topic, 2_000, &mut reader, |p| {
-            progress(format!("{topic}: {p}"));
-        })
-        .await?;
+        let (done, undecodable) =
+            topic_read::read_whole(rt, &topic, |d| reader.take(d), |p| progress(format!("{topic}: {p}"))).await?;
+        reader.undecodable += undecodable;
         progress(format!("{topic}: {done}"));
     }
     reader.settle();
@@ -96,8 +93,7 @@ pub async fn read_report(
 }
 
 /// Turns the topics' records into the experiment's observations.
-struct Reader<'a> {
-    rt: &'a Runtime,
+struct Reader {
     /// `name/`: the prefix of this experiment's assignments.
     experiment: String,
     /// Event ids already taken: a redelivered record is the same event again.
@@ -110,7 +106,7 @@ struct Reader<'a> {
     undecodable: u64,
 }
 
-impl Reader<'_> {
+impl Reader {
     fn take(&mut self, decoded: &forfall_platform::avro::Decoded) -> anyhow::Result<()> {
         match decoded.name.as_str() {
             Invoice::FULL_NAME => {
@@ -192,30 +188,6 @@ impl Reader<'_> {
                 days_after_due: i64::from(paid_day) - i64::from(due),
             });
         }
-    }
-}
-
-impl Restore for Reader<'_> {
-    async fn apply(&mut self, _partition: i32, changes: Vec<Change>) -> Result<(), Failure> {
-        for change in changes {
-            let decoded = match self.rt.codec.decode(change.value.as_deref()).await {
-                Ok(d) => d,
-                // The registry away is waited out (the replay retries the batch), not counted.
-                Err(e) if e.is_transient() => return Err(Failure::Transient(e.into())),
-                Err(_) => {
-                    self.undecodable += 1;
-                    continue;
-                }
-            };
-            if self.take(&decoded).is_err() {
-                self.undecodable += 1;
-            }
-        }
-        Ok(())
-    }
-
-    async fn finish(&mut self, _partition: i32, _end: i64) -> Result<(), Failure> {
-        Ok(())
     }
 }
 

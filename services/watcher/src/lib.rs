@@ -38,6 +38,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use forfall_domain::claim;
 use forfall_domain::evidence::{Delivery, MessageEvidence};
+use forfall_domain::history::{HistoryFacts, InvoiceRecord};
 use forfall_domain::invoice::{self, Contact, InvoiceSnapshot, InvoiceStatus};
 use forfall_domain::journey::{
     self, DebtorInvoice, Decision, Emit, Journey, JourneyState, Plan, Request, Role, Scored, StepFee, TimerChange,
@@ -55,8 +56,8 @@ use forfall_platform::kafka::KafkaConsumer;
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::records::{
     self, CaseClaim, CaseDispute, CaseFee, CaseInterest, CaseMessage, CollectionWarning, CoveredInvoice, DebtorRequest,
-    DispatchOutcome, DispatchStatus, HandoffCase, HandoffOutcome, JourneyAction, JourneyEvent, PaymentMatched, Record,
-    derived_id,
+    DispatchOutcome, DispatchStatus, HandoffCase, HandoffOutcome, JourneyAction, JourneyEvent, PaymentMatched,
+    PropensityFeature, Record, derived_id,
 };
 use forfall_platform::redis_store;
 use forfall_platform::service::{Runtime, ServiceShell};
@@ -122,6 +123,10 @@ pub struct WatcherSettings {
     /// A propensity model file (`forfall model train`): each new invoice is scored with it, so
     /// that segments by `propensity_min` / `propensity_max` match; without one no score exists.
     pub propensity_model: Option<String>,
+    /// How long an invoice stays in its debtor's history (the propensity model's inputs), in
+    /// days from its issue date: long enough to know a customer, no longer, since how a person
+    /// paid is personal data. A debtor's older records leave when its next invoice arrives.
+    pub history_retention_days: u32,
 }
 
 impl Default for WatcherSettings {
@@ -143,6 +148,7 @@ impl Default for WatcherSettings {
             open_invoices_refresh_ms: 15_000,
             experiment_report_max_age_secs: 300,
             propensity_model: None,
+            history_retention_days: 1095,
         }
     }
 }
@@ -199,6 +205,7 @@ struct Inner {
     rt: Runtime,
     /// The propensity model new invoices are scored with, if one is configured.
     propensity: Option<PropensityModel>,
+    history_retention_days: u32,
     producer: Producer,
     readiness: Readiness,
     /// Partitions whose state this instance found ready (see [`rebuild`]).
@@ -397,8 +404,17 @@ impl Watcher {
             segment: journey.segment.clone(),
             experiment: journey.experiment.clone(),
             fee_minor: 0,
-            propensity: t.propensity.as_ref().map(|p| i32::from(p.score)),
-            propensity_model: t.propensity.as_ref().map(|p| p.model_version.clone()),
+            propensity: t.propensity.as_ref().and_then(|p| p.score).map(i32::from),
+            propensity_model: t.propensity.as_ref().and_then(|p| p.model_version.clone()),
+            propensity_features: t.propensity.as_ref().map_or_else(Vec::new, |p| {
+                p.features
+                    .iter()
+                    .map(|(name, value)| PropensityFeature {
+                        name: (*name).to_owned(),
+                        value: *value,
+                    })
+                    .collect()
+            }),
         }
     }
 
@@ -791,10 +807,20 @@ impl Watcher {
         outs.extend_from_slice(extra);
         let mut changes = vec![self.0.store.change(&prepared)];
         changes.extend_from_slice(extra_changes);
+        let history = self.history_write(e.decision).await?;
+        if let Some(h) = &history {
+            changes.extend(h.changes(self.0.store.changelog(), partition));
+        }
         let offsets = self.produce_then_log(&outs, &changes).await?;
         let offset = offsets.first().copied().unwrap_or(-1);
         let written = self.0.store.save_many(partition, &[prepared], &[offset]).await?;
-        Ok(written.first() == Some(&store::Written::Yes))
+        let saved = written.first() == Some(&store::Written::Yes);
+        if let (true, Some(h)) = (saved, history) {
+            // After the journey, as the late history: a stop in between leaves the record on
+            // the changelog, where a rebuild finds it.
+            h.apply(&mut self.conn()).await?;
+        }
+        Ok(saved)
     }
 
     /// Produces a decision's outputs and, once every one is acknowledged, its changelog records;
@@ -1386,24 +1412,28 @@ impl Watcher {
         Ok(conflicts)
     }
 
-    /// A new invoice: the policy chooses its plan (segment, experiment), recorded as an event.
+    /// A new invoice: the policy chooses its plan (segment, experiment), recorded as an event
+    /// with what the propensity model knew of the debtor (and its score, with a model).
     async fn open_journey(&self, incoming: InvoiceSnapshot) -> Result<(Decision, Plan), Failure> {
         let late_last_12m = self.late_last_12m(&incoming.tenant, &incoming.debtor_id).await?;
-        let scored = self.0.propensity.as_ref().map(|m| Scored {
-            score: m.score(&Features::of(&incoming, late_last_12m)),
-            model_version: m.version.clone(),
-        });
+        let history = self.history_of(&incoming).await?;
+        let features = Features::of(&incoming, late_last_12m, history);
+        let score = self.0.propensity.as_ref().map(|m| m.score(&features));
         let facts = DebtorFacts {
             jurisdiction: incoming.jurisdiction,
             kind: incoming.debtor_kind,
             late_last_12m,
-            propensity: scored.as_ref().map(|s| s.score),
+            propensity: score,
             amount: incoming.amount,
             fee_agreed: incoming.reminder_fee_agreed,
         };
         let (mut d, plan) = opened(&self.policy(), incoming, &facts, self.0.rt.clock.now().date_naive());
         if let Some(chosen) = d.transitions.iter_mut().find(|t| t.kind == "plan_chosen") {
-            chosen.propensity = scored;
+            chosen.propensity = Some(Scored {
+                features: features.named(),
+                score,
+                model_version: self.0.propensity.as_ref().map(|m| m.version.clone()),
+            });
         }
         if let Some(e) = &d.journey.experiment {
             self.0
@@ -1414,6 +1444,82 @@ impl Watcher {
             tracing::debug!(experiment = %e, "experiment assigned");
         }
         Ok((d, plan))
+    }
+
+    /// The debtor's history before `invoice`, summed up on the debtor's local day.
+    async fn history_of(&self, invoice: &InvoiceSnapshot) -> Result<HistoryFacts, Failure> {
+        let records: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(self.0.store.history_key(&invoice.tenant, &invoice.debtor_id))
+            .query_async(&mut self.conn())
+            .await?;
+        let today = self.today_of(invoice.jurisdiction);
+        let oldest = today - chrono::Duration::days(i64::from(self.0.history_retention_days));
+        let decoded: Vec<InvoiceRecord> = records
+            .iter()
+            .filter(|(invoice_id, _)| *invoice_id != invoice.invoice_id)
+            .filter_map(|(_, text)| {
+                InvoiceRecord::decode(text)
+                    .inspect_err(|e| tracing::warn!(error = %e, "a history record left out"))
+                    .ok()
+            })
+            .filter(|r| r.issued >= oldest)
+            .collect();
+        Ok(HistoryFacts::of(&decoded, today))
+    }
+
+    fn today_of(&self, j: forfall_domain::Jurisdiction) -> chrono::NaiveDate {
+        self.0.rt.clock.now().with_timezone(&j.time_zone()).date_naive()
+    }
+
+    /// The record a decision leaves in its debtor's history, when it changes it: on the
+    /// transitions that say something of the debtor (a new invoice's plan, paid, a request
+    /// from the page, a message that did not reach them). Derived from the journey and the
+    /// record before, so a decision made again writes the same record.
+    async fn history_write(&self, d: &Decision) -> Result<Option<HistoryWrite>, Failure> {
+        if !d.transitions.iter().any(|t| HISTORY_KINDS.contains(&t.kind)) {
+            return Ok(None);
+        }
+        let invoice = &d.journey.invoice;
+        let key = self.0.store.history_key(&invoice.tenant, &invoice.debtor_id);
+        let today = self.today_of(invoice.jurisdiction);
+        // A new invoice also takes the debtor's records past their retention away.
+        let opens = d.transitions.iter().any(|t| t.kind == "plan_chosen");
+        let records: Vec<(String, String)> = if opens {
+            redis::cmd("HGETALL").arg(&key).query_async(&mut self.conn()).await?
+        } else {
+            let one: Option<String> = redis::cmd("HGET")
+                .arg(&key)
+                .arg(&invoice.invoice_id)
+                .query_async(&mut self.conn())
+                .await?;
+            one.map(|text| vec![(invoice.invoice_id.clone(), text)])
+                .unwrap_or_default()
+        };
+        let oldest = today - chrono::Duration::days(i64::from(self.0.history_retention_days));
+        let mut before = None;
+        let mut pruned = Vec::new();
+        for (invoice_id, text) in records {
+            let record = InvoiceRecord::decode(&text)
+                .inspect_err(|e| tracing::warn!(error = %e, "a history record is written anew"))
+                .ok();
+            if invoice_id == invoice.invoice_id {
+                before = record;
+            } else if record.is_none_or(|r| r.issued < oldest) {
+                pruned.push(invoice_id);
+            }
+        }
+        let record = InvoiceRecord::observe(before.as_ref(), &d.journey, today);
+        if before == Some(record) && pruned.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(HistoryWrite {
+            key,
+            tenant: invoice.tenant.clone(),
+            debtor_id: invoice.debtor_id.clone(),
+            invoice_id: invoice.invoice_id.clone(),
+            record: record.encode(),
+            pruned,
+        }))
     }
 
     /// Polls the timer sets of the partitions this instance is assigned, until shutdown.
@@ -1810,6 +1916,51 @@ pub fn opened(
         },
     );
     (d, choice.plan)
+}
+
+/// The transitions after which an invoice's record in its debtor's history may change.
+const HISTORY_KINDS: [&str; 10] = [
+    "plan_chosen",
+    "paid",
+    "disputed",
+    "postponed",
+    "instalment_plan_agreed",
+    "promised_to_pay",
+    "claims_paid",
+    "fresh_link_sent",
+    "message_failed",
+    "message_bounced",
+];
+
+/// An invoice's new record in its debtor's history, and the debtor's records past retention.
+struct HistoryWrite {
+    key: String,
+    tenant: String,
+    debtor_id: String,
+    invoice_id: String,
+    record: String,
+    pruned: Vec<String>,
+}
+
+impl HistoryWrite {
+    /// The changelog records of the write: the record, and the pruned ones' deletions.
+    fn changes(&self, changelog: &forfall_platform::changelog::Changelog, partition: i32) -> Vec<Outbound> {
+        let key = |invoice_id: &str| store::history_change_key(&self.tenant, &self.debtor_id, invoice_id);
+        std::iter::once(changelog.put(partition, key(&self.invoice_id), self.record.clone().into_bytes()))
+            .chain(self.pruned.iter().map(|id| changelog.delete(partition, key(id))))
+            .collect()
+    }
+
+    /// Writes it to Redis.
+    async fn apply(&self, redis: &mut ConnectionManager) -> Result<(), Failure> {
+        let mut pipe = redis::pipe();
+        pipe.hset(&self.key, &self.invoice_id, &self.record).ignore();
+        if !self.pruned.is_empty() {
+            pipe.hdel(&self.key, &self.pruned).ignore();
+        }
+        let _: () = pipe.query_async(redis).await?;
+        Ok(())
+    }
 }
 
 /// The invoice a parked payment waits for.
@@ -2381,6 +2532,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("loading the journey scripts into Redis: {e:?}"))?;
     let propensity = load_propensity(&settings)?;
     let watcher = Watcher(Arc::new(Inner {
+        history_retention_days: settings.history_retention_days,
         propensity,
         producer: shell.producer.clone(),
         readiness: shell.readiness.clone(),

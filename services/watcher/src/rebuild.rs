@@ -1,5 +1,6 @@
 //! Rebuilding the watcher's Redis state from its changelog (`forfall.watcher.changelog.v1`):
-//! journeys, their timers, each debtor's open invoices, the late history and parked payments.
+//! journeys, their timers, each debtor's open invoices, the late history, each debtor's history
+//! of invoices and parked payments.
 //!
 //! A partition's state carries a marker in Redis: `ready:<offset>` (every change up to that
 //! changelog offset is in Redis), `rebuilding:<offset>` while a rebuild runs, nothing when
@@ -137,6 +138,17 @@ impl Restore for WatcherRestore<'_> {
                     match when {
                         Some(ms) => pipe.zadd(key, invoice_id, ms).ignore().zadd(index, member, ms).ignore(),
                         None => pipe.zrem(key, invoice_id).ignore().zrem(index, member).ignore(),
+                    };
+                }
+                Some(ChangeKey::History {
+                    tenant,
+                    debtor_id,
+                    invoice_id,
+                }) => {
+                    let key = self.store.history_key(&tenant, &debtor_id);
+                    match &change.value {
+                        Some(v) => pipe.hset(key, invoice_id, v.as_slice()).ignore(),
+                        None => pipe.hdel(key, invoice_id).ignore(),
                     };
                 }
                 Some(ChangeKey::Parked {

@@ -278,6 +278,13 @@ pub fn late_change_key(tenant: &str, debtor_id: &str, invoice_id: &str) -> Strin
     format!("l{}", journey_state::pair_field(&debtor, invoice_id))
 }
 
+/// The changelog key of one invoice's record in its debtor's history (value: the record,
+/// [`forfall_domain::history::InvoiceRecord::encode`]).
+pub fn history_change_key(tenant: &str, debtor_id: &str, invoice_id: &str) -> String {
+    let debtor = journey_state::pair_field(tenant, debtor_id);
+    format!("h{}", journey_state::pair_field(&debtor, invoice_id))
+}
+
 /// The changelog key of a payment parked until its invoice arrives (value: the parked payment).
 pub fn parked_change_key(tenant: &str, invoice_id: &str, payment_id: &str) -> String {
     let invoice = journey_state::pair_field(tenant, invoice_id);
@@ -301,6 +308,11 @@ pub enum ChangeKey {
         invoice_id: String,
         payment_id: String,
     },
+    History {
+        tenant: String,
+        debtor_id: String,
+        invoice_id: String,
+    },
 }
 
 impl ChangeKey {
@@ -317,6 +329,15 @@ impl ChangeKey {
                 let (debtor, invoice_id) = journey_state::split_pair(rest)?;
                 let (tenant, debtor_id) = owned(journey_state::split_pair(debtor)?);
                 Some(ChangeKey::Late {
+                    tenant,
+                    debtor_id,
+                    invoice_id: invoice_id.to_owned(),
+                })
+            }
+            "h" => {
+                let (debtor, invoice_id) = journey_state::split_pair(rest)?;
+                let (tenant, debtor_id) = owned(journey_state::split_pair(debtor)?);
+                Some(ChangeKey::History {
                     tenant,
                     debtor_id,
                     invoice_id: invoice_id.to_owned(),
@@ -395,6 +416,11 @@ impl Store {
     /// A debtor's late history: invoices that needed a reminder, scored by when.
     pub fn late_key(&self, tenant: &str, debtor_id: &str) -> String {
         self.keys.key(&["late", &format!("{{{tenant}:{debtor_id}}}")])
+    }
+
+    /// A debtor's history: one field per invoice, its record.
+    pub fn history_key(&self, tenant: &str, debtor_id: &str) -> String {
+        self.keys.key(&["history", &format!("{{{tenant}:{debtor_id}}}")])
     }
 
     /// A partition's late-history entries (their changelog keys) by when they were recorded:
@@ -936,6 +962,14 @@ pub(crate) mod tests {
             assert_eq!(
                 ChangeKey::parse(late_change_key(a, b, c).as_bytes()),
                 Some(ChangeKey::Late {
+                    tenant: a.into(),
+                    debtor_id: b.into(),
+                    invoice_id: c.into()
+                })
+            );
+            assert_eq!(
+                ChangeKey::parse(history_change_key(a, b, c).as_bytes()),
+                Some(ChangeKey::History {
                     tenant: a.into(),
                     debtor_id: b.into(),
                     invoice_id: c.into()

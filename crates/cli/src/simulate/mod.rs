@@ -17,6 +17,7 @@ use chrono::{DateTime, NaiveDate, Timelike, Utc};
 use clap::Args;
 use forfall_domain::behaviour::{BehaviourModel, Habits, MessageSeen, PayerType};
 use forfall_domain::experiment::{Collector, InvoiceFacts, Report};
+use forfall_domain::history::{self, HistoryFacts};
 use forfall_domain::invoice::{self, Contact, IssuedInput};
 use forfall_domain::journey::{self, Emit, Journey, PauseLimits, Plan, TimerChange};
 use forfall_domain::law::{DebtorContext, LawBook};
@@ -54,6 +55,10 @@ pub struct SimulateArgs {
     /// on the dev stack, for thousands of debtors, instead of the domain core alone.
     #[arg(long)]
     pub pipeline: bool,
+    /// With `--pipeline`: also fit the propensity model on the run's topics, as `forfall model
+    /// train --from-topics` would, and write it here.
+    #[arg(long = "fit-model")]
+    pub fit_model: Option<PathBuf>,
 }
 
 /// What a run found and cost.
@@ -228,6 +233,8 @@ pub struct Drawn {
     debtor: Debtor,
     pub invoice: IssuedInput,
     pub late_last_12m: u32,
+    /// The rest of their history with the creditor, summed up.
+    pub history: HistoryFacts,
     /// Days after the due date (negative: before), if ever.
     pub own_payment_day: Option<i64>,
     /// Whether they will dispute, and pay in two parts.
@@ -247,13 +254,17 @@ impl Drawn {
 /// Draws debtor `i` from its generator (the draws come first, in this order, in both modes).
 pub fn draw(i: u64, args: &SimulateArgs, model: &BehaviourModel, rng: &mut StdRng) -> anyhow::Result<Drawn> {
     let debtor = draw_debtor(i, model, rng);
-    // Who was late before: the short of cash and the unwilling, mostly.
-    let late_last_12m = match debtor.payer {
-        PayerType::Early => 0,
-        PayerType::Forgetful => u32::from(rng.random::<f64>() < 0.3),
-        PayerType::ShortOfCash => rng.random_range(0..=3),
-        PayerType::Unwilling => rng.random_range(1..=4),
-    };
+    // Their past with the creditor; late is what needed a reminder (a week past due, or never
+    // paid), counted over the last 12 months as the watcher counts it.
+    let issued = issue_day(args);
+    let amount = Money::new(debtor.amount_minor, debtor.jurisdiction.home_currency());
+    let past = model.draw_history(debtor.payer, history::euro_cents(amount), issued, rng);
+    let year_ago = issued - chrono::Duration::days(365);
+    let late_last_12m = past
+        .iter()
+        .filter(|r| r.issued >= year_ago && r.days_late.is_none_or(|d| d > 7))
+        .count() as u32;
+    let history = HistoryFacts::of(&past, issued);
     let own_payment_day = model.own_payment_day(debtor.payer, rng);
     let habits = model.draw_habits(debtor.payer, rng);
     let reference = forfall_domain::reference::generate(
@@ -286,6 +297,7 @@ pub fn draw(i: u64, args: &SimulateArgs, model: &BehaviourModel, rng: &mut StdRn
         debtor,
         invoice,
         late_last_12m,
+        history,
         own_payment_day,
         habits,
     })
@@ -330,7 +342,7 @@ fn simulate_one(
         amount: snapshot.amount,
         fee_agreed: debtor.fee_agreed,
     };
-    let features = Features::of(&snapshot, facts.late_last_12m);
+    let features = Features::of(&snapshot, facts.late_last_12m, drawn.history);
     let (d, plan) = forfall_watcher::opened(policy, snapshot, &facts, issued);
     let story = InvoiceFacts {
         variant: experiment.and_then(|name| {

@@ -218,6 +218,10 @@ pub async fn run(
         (Ok(outcome), None) => Ok((outcome, None)),
         (Err(e), _) => Err(e),
     };
+    let result = match (result, &args.fit_model) {
+        (Ok(done), Some(path)) => fit_model(&stack, path).await.map(|()| done),
+        (other, _) => other,
+    };
     stack.shutdown().await;
     let (mut outcome, written) = result?;
     outcome.report = written.as_ref().map(|w| w.report.clone());
@@ -225,6 +229,22 @@ pub async fn run(
     outcome.debtors_per_second = args.debtors as f64 / outcome.wall_seconds.max(1e-9);
     outcome.peak_rss_mib = super::peak_rss_mib();
     Ok((outcome, written))
+}
+
+/// Fits the propensity model on the run's journeys, read back from the topics.
+async fn fit_model(stack: &LocalStack, path: &std::path::Path) -> anyhow::Result<()> {
+    let set = crate::model::topics::read(&stack.rt, Some(super::SIM_TENANT), |p| eprintln!("{p}")).await?;
+    let version = format!("propensity-sim-pipeline-{}", set.samples.len());
+    let model = crate::model::fit(&set.samples, &version)?;
+    std::fs::write(path, serde_json::to_vec_pretty(&model)?)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    eprintln!(
+        "propensity model fitted on {} journeys from the topics: AUC {:.3}, written to {}",
+        set.samples.len(),
+        model.metrics.auc,
+        path.display()
+    );
+    Ok(())
 }
 
 /// Issues the invoices, then moves the clock a day at a time until every debtor has paid or

@@ -1,17 +1,23 @@
 //! `forfall model train`: fits the propensity-to-pay model (logistic regression, `linfa-logistic`)
 //! on invoices whose end is known, measures it on a fifth held out (AUC, Brier score, a
 //! calibration table) and writes the versioned model file the watcher scores new invoices with
-//! (`watcher.propensity_model`). The invoices come from the simulator (`forfall simulate`'s
-//! customer base and behaviour model), so a model can be tried before real history exists.
+//! (`watcher.propensity_model`). The invoices come from the topics (`--from-topics`: what each
+//! `plan_chosen` event recorded, labelled by how the journey ended, see [`topics`]) or from the
+//! simulator (`forfall simulate`'s customer base and behaviour model), so that a model can be
+//! tried before real history exists.
+
+pub mod topics;
 
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use forfall_domain::propensity::{self, FEATURE_NAMES, Features, ModelMetrics, PropensityModel};
+use forfall_domain::propensity::{self, FEATURE_NAMES, ModelMetrics, PropensityModel};
+use forfall_platform::service::Runtime;
 use linfa::prelude::*;
 use linfa_logistic::LogisticRegression;
 use ndarray::{Array1, Array2};
 
+use self::topics::Sample;
 use crate::simulate::{self, SimulateArgs};
 
 #[derive(Debug, Subcommand)]
@@ -20,8 +26,24 @@ pub enum ModelCommand {
     Train(TrainArgs),
 }
 
+impl ModelCommand {
+    /// Whether it reads the topics (and so needs the broker and the registry).
+    pub fn reads_topics(&self) -> bool {
+        let ModelCommand::Train(args) = self;
+        args.from_topics
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct TrainArgs {
+    /// Fit on the journeys on the topics instead of a simulated base: each plan's recorded
+    /// inputs, labelled paid (true) or handed over (false).
+    #[arg(long = "from-topics")]
+    pub from_topics: bool,
+    /// With `--from-topics`: only this tenant's journeys.
+    #[arg(long, requires = "from_topics")]
+    pub tenant: Option<String>,
+    /// Without `--from-topics`: the simulated base to fit on.
     #[command(flatten)]
     pub simulation: SimulateArgs,
     /// The model file to write.
@@ -30,16 +52,22 @@ pub struct TrainArgs {
 }
 
 /// Fits a model on labelled invoices (`paid`: settled without collection), every fifth held out.
-pub fn fit(samples: &[(Features, bool)], version: &str) -> anyhow::Result<PropensityModel> {
+pub fn fit(samples: &[Sample], version: &str) -> anyhow::Result<PropensityModel> {
     let (train, test): (Vec<_>, Vec<_>) = samples.iter().enumerate().partition(|(i, _)| i % 5 != 0);
-    let matrix = |rows: &[(usize, &(Features, bool))]| -> anyhow::Result<(Array2<f64>, Array1<bool>)> {
-        let flat: Vec<f64> = rows.iter().flat_map(|(_, (f, _))| f.vector()).collect();
+    anyhow::ensure!(
+        !test.is_empty(),
+        "{} invoices are too few to fit and test a model on",
+        samples.len()
+    );
+    let matrix = |rows: &[(usize, &Sample)]| -> anyhow::Result<(Array2<f64>, Array1<bool>)> {
+        let flat: Vec<f64> = rows.iter().flat_map(|(_, (x, _))| x.iter().copied()).collect();
         Ok((
             Array2::from_shape_vec((rows.len(), FEATURE_NAMES.len()), flat)?,
             rows.iter().map(|(_, (_, y))| *y).collect(),
         ))
     };
     let (x, y) = matrix(&train)?;
+    let feature_sd = x.std_axis(ndarray::Axis(0), 0.0).to_vec();
     anyhow::ensure!(
         y.iter().any(|v| *v) && y.iter().any(|v| !*v),
         "the training invoices must include paid and unpaid ones"
@@ -55,6 +83,7 @@ pub fn fit(samples: &[(Features, bool)], version: &str) -> anyhow::Result<Propen
         features: FEATURE_NAMES.iter().map(|s| (*s).to_owned()).collect(),
         intercept: fitted.intercept(),
         coefficients: fitted.params().to_vec(),
+        feature_sd,
         metrics: ModelMetrics {
             auc: 0.0,
             brier: 0.0,
@@ -65,7 +94,7 @@ pub fn fit(samples: &[(Features, bool)], version: &str) -> anyhow::Result<Propen
         },
     };
     model.check()?;
-    let scored: Vec<(f64, bool)> = test.iter().map(|(_, (f, y))| (model.probability(f), *y)).collect();
+    let scored: Vec<(f64, bool)> = test.iter().map(|(_, (x, y))| (model.probability_of(x), *y)).collect();
     model.metrics.auc = propensity::auc(&scored).unwrap_or(0.5);
     model.metrics.brier = propensity::brier(&scored);
     model.metrics.calibration = propensity::calibration(&scored, 10);
@@ -73,6 +102,7 @@ pub fn fit(samples: &[(Features, bool)], version: &str) -> anyhow::Result<Propen
     Ok(model)
 }
 
+/// `forfall model train` on a simulated base.
 pub fn command(cmd: ModelCommand, figment: &figment::Figment) -> anyhow::Result<()> {
     let ModelCommand::Train(args) = cmd;
     let (policy, law) = simulate::policy_and_law(
@@ -83,7 +113,7 @@ pub fn command(cmd: ModelCommand, figment: &figment::Figment) -> anyhow::Result<
     let behaviour = simulate::load_model(args.simulation.model.as_deref())?;
     let mut samples = Vec::with_capacity(args.simulation.debtors as usize);
     simulate::for_each(&args.simulation, &policy, &law, &behaviour, |_, s| {
-        samples.push((s.features, s.story.settled_days.is_some()));
+        samples.push((s.features.vector(), s.story.settled_days.is_some()));
     })?;
     let version = format!(
         "propensity-{}-sim-{}-seed-{}",
@@ -92,7 +122,33 @@ pub fn command(cmd: ModelCommand, figment: &figment::Figment) -> anyhow::Result<
         args.simulation.seed
     );
     let model = fit(&samples, &version)?;
-    std::fs::write(&args.model_out, serde_json::to_vec_pretty(&model)?)
+    write(&model, &args)
+}
+
+/// `forfall model train --from-topics`.
+pub async fn train_from_topics(rt: &Runtime, cmd: ModelCommand) -> anyhow::Result<PropensityModel> {
+    let ModelCommand::Train(args) = cmd;
+    let set = topics::read(rt, args.tenant.as_deref(), |p| eprintln!("{p}")).await?;
+    eprintln!(
+        "{} journeys ended paid or handed over; left out: {} still open or closed otherwise, {} without recorded inputs, {} undecodable",
+        set.samples.len(),
+        set.unresolved,
+        set.without_inputs,
+        set.undecodable
+    );
+    let version = format!(
+        "propensity-{}-topics-{}{}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
+        set.samples.len(),
+        args.tenant.as_deref().map(|t| format!("-{t}")).unwrap_or_default()
+    );
+    let model = fit(&set.samples, &version)?;
+    write(&model, &args)?;
+    Ok(model)
+}
+
+fn write(model: &PropensityModel, args: &TrainArgs) -> anyhow::Result<()> {
+    std::fs::write(&args.model_out, serde_json::to_vec_pretty(model)?)
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", args.model_out.display()))?;
     let m = &model.metrics;
     println!(
