@@ -1168,6 +1168,14 @@ async fn a_debtors_own_history_reaches_its_next_plan_choice_and_survives_losing_
     assert_eq!(input(&chosen, "past_disputes"), 1.0, "{chosen:?}");
     assert_eq!(input(&chosen, "self_service"), 1.0, "{chosen:?}");
 
+    // It is paid 5 days late too.
+    clock.set(at("2026-05-25T10:00:00Z"));
+    let payment = second.payment("hist-b-paid", second.amount_minor, second.reference);
+    stack
+        .produce(&stack.topic(&stack.topics().payments), "bank", &payment)
+        .await?;
+    status_is(&stack, second.tenant, second.invoice_id, "closed:paid").await?;
+
     // Redis loses the watcher's state; the history comes back from the changelog.
     lose_watcher_state(&stack.rt.config).await?;
     clock.set(at("2026-06-06T08:00:00Z"));
@@ -1177,19 +1185,27 @@ async fn a_debtors_own_history_reaches_its_next_plan_choice_and_survives_losing_
     assert_eq!(input(&chosen, "avg_days_late"), 5.0, "{chosen:?}");
     assert_eq!(input(&chosen, "past_disputes"), 1.0, "{chosen:?}");
     assert_eq!(input(&chosen, "failed_channels"), 1.0, "{chosen:?}");
-    // The usual size is now the two invoices before: 150,000 is exactly it.
+    // The usual size is now the two paid before: 150,000 is exactly it.
     assert!(close(input(&chosen, "amount_vs_usual"), 0.0), "{chosen:?}");
     assert!(close(input(&chosen, "tenure_years"), 61.0 / 365.0), "{chosen:?}");
 
-    // Four days on, the first invoice is past its retention: the next one takes it away, from
-    // Redis and from the changelog (it does not come back when Redis is lost again).
+    // Four days on, the first invoice is past its retention: the next change to the history
+    // (the third paid, early) takes it away, from Redis and from the changelog (it does not come
+    // back when Redis is lost again). A new invoice adds nothing to the history.
     clock.set(at("2026-06-10T08:00:00Z"));
+    let payment = third.payment("hist-c-paid", third.amount_minor, third.reference);
+    stack
+        .produce(&stack.topic(&stack.topics().payments), "bank", &payment)
+        .await?;
+    status_is(&stack, third.tenant, third.invoice_id, "closed:paid").await?;
     let fourth = invoice("hist-d", day(2026, 6, 24), 150_001);
     issue_invoice(&stack, &fourth).await?;
     let chosen = plan_chosen(&stack, fourth.invoice_id).await?;
     assert_eq!(input(&chosen, "past_disputes"), 0.0, "{chosen:?}");
-    assert_eq!(input(&chosen, "avg_days_late"), 0.0, "{chosen:?}");
-    let kept = ["hist-b", "hist-c", "hist-d"];
+    assert_eq!(input(&chosen, "failed_channels"), 0.0, "{chosen:?}");
+    // 5 days late and early (counted as 0).
+    assert_eq!(input(&chosen, "avg_days_late"), 2.5, "{chosen:?}");
+    let kept = ["hist-b", "hist-c"];
     assert_eq!(history_fields(&stack).await?, kept);
     lose_watcher_state(&stack.rt.config).await?;
     status_is(&stack, fourth.tenant, fourth.invoice_id, "open").await?;

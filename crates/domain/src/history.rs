@@ -1,7 +1,9 @@
 //! A debtor's own history with the creditor: one small record per invoice (when it was issued,
 //! how large it was, how late it was paid, whether it was disputed, whether the debtor served
-//! themselves on the page, which channels failed to reach them), kept up by the watcher as each
-//! journey moves, and summed up into the facts a new invoice's propensity score starts from.
+//! themselves on the page, which channels failed to reach them), kept up by the watcher once the
+//! debtor did something with an invoice (paid it, left it to an agency, disputed it, used the
+//! page, or a channel failed), and summed up into the facts a new invoice's propensity score
+//! starts from.
 //!
 //! A record is derived from its journey and the record before it, so that writing it again
 //! (a redelivered decision, a rebuild replaying the changelog) gives the same record.

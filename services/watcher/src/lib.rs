@@ -125,7 +125,7 @@ pub struct WatcherSettings {
     pub propensity_model: Option<String>,
     /// How long an invoice stays in its debtor's history (the propensity model's inputs), in
     /// days from its issue date: long enough to know a customer, no longer, since how a person
-    /// paid is personal data. A debtor's older records leave when its next invoice arrives.
+    /// paid is personal data. A debtor's older records leave when its history next changes.
     pub history_retention_days: u32,
 }
 
@@ -329,16 +329,32 @@ impl Watcher {
         }
     }
 
-    /// Late invoices of this debtor in the last 12 months, from its own history.
-    async fn late_last_12m(&self, tenant: &str, debtor_id: &str) -> Result<u32, Failure> {
+    /// What the debtor's own history says as a new invoice arrives: its late invoices in the
+    /// last 12 months, and its records summed up on its local day (one round trip).
+    async fn history_of(&self, invoice: &InvoiceSnapshot) -> Result<(u32, HistoryFacts), Failure> {
         let since = (self.0.rt.clock.now() - chrono::Duration::days(LATE_HISTORY_DAYS)).timestamp_millis();
-        let n: u32 = redis::cmd("ZCOUNT")
-            .arg(self.0.store.late_key(tenant, debtor_id))
+        let (late, records): (u32, Vec<(String, String)>) = redis::pipe()
+            .cmd("ZCOUNT")
+            .arg(self.0.store.late_key(&invoice.tenant, &invoice.debtor_id))
             .arg(since)
             .arg("+inf")
+            .cmd("HGETALL")
+            .arg(self.0.store.history_key(&invoice.tenant, &invoice.debtor_id))
             .query_async(&mut self.conn())
             .await?;
-        Ok(n)
+        let today = self.today_of(invoice.jurisdiction);
+        let oldest = today - chrono::Duration::days(i64::from(self.0.history_retention_days));
+        let decoded: Vec<InvoiceRecord> = records
+            .iter()
+            .filter(|(invoice_id, _)| *invoice_id != invoice.invoice_id)
+            .filter_map(|(_, text)| {
+                InvoiceRecord::decode(text)
+                    .inspect_err(|e| tracing::warn!(error = %e, "a history record left out"))
+                    .ok()
+            })
+            .filter(|r| r.issued >= oldest)
+            .collect();
+        Ok((late, HistoryFacts::of(&decoded, today)))
     }
 
     async fn load(&self, partition: i32, tenant: &str, invoice_id: &str) -> Result<Option<Loaded>, Failure> {
@@ -1415,8 +1431,7 @@ impl Watcher {
     /// A new invoice: the policy chooses its plan (segment, experiment), recorded as an event
     /// with what the propensity model knew of the debtor (and its score, with a model).
     async fn open_journey(&self, incoming: InvoiceSnapshot) -> Result<(Decision, Plan), Failure> {
-        let late_last_12m = self.late_last_12m(&incoming.tenant, &incoming.debtor_id).await?;
-        let history = self.history_of(&incoming).await?;
+        let (late_last_12m, history) = self.history_of(&incoming).await?;
         let features = Features::of(&incoming, late_last_12m, history);
         let score = self.0.propensity.as_ref().map(|m| m.score(&features));
         let facts = DebtorFacts {
@@ -1446,27 +1461,6 @@ impl Watcher {
         Ok((d, plan))
     }
 
-    /// The debtor's history before `invoice`, summed up on the debtor's local day.
-    async fn history_of(&self, invoice: &InvoiceSnapshot) -> Result<HistoryFacts, Failure> {
-        let records: Vec<(String, String)> = redis::cmd("HGETALL")
-            .arg(self.0.store.history_key(&invoice.tenant, &invoice.debtor_id))
-            .query_async(&mut self.conn())
-            .await?;
-        let today = self.today_of(invoice.jurisdiction);
-        let oldest = today - chrono::Duration::days(i64::from(self.0.history_retention_days));
-        let decoded: Vec<InvoiceRecord> = records
-            .iter()
-            .filter(|(invoice_id, _)| *invoice_id != invoice.invoice_id)
-            .filter_map(|(_, text)| {
-                InvoiceRecord::decode(text)
-                    .inspect_err(|e| tracing::warn!(error = %e, "a history record left out"))
-                    .ok()
-            })
-            .filter(|r| r.issued >= oldest)
-            .collect();
-        Ok(HistoryFacts::of(&decoded, today))
-    }
-
     fn today_of(&self, j: forfall_domain::Jurisdiction) -> chrono::NaiveDate {
         self.0.rt.clock.now().with_timezone(&j.time_zone()).date_naive()
     }
@@ -1482,19 +1476,8 @@ impl Watcher {
         let invoice = &d.journey.invoice;
         let key = self.0.store.history_key(&invoice.tenant, &invoice.debtor_id);
         let today = self.today_of(invoice.jurisdiction);
-        // A new invoice also takes the debtor's records past their retention away.
-        let opens = d.transitions.iter().any(|t| t.kind == "plan_chosen");
-        let records: Vec<(String, String)> = if opens {
-            redis::cmd("HGETALL").arg(&key).query_async(&mut self.conn()).await?
-        } else {
-            let one: Option<String> = redis::cmd("HGET")
-                .arg(&key)
-                .arg(&invoice.invoice_id)
-                .query_async(&mut self.conn())
-                .await?;
-            one.map(|text| vec![(invoice.invoice_id.clone(), text)])
-                .unwrap_or_default()
-        };
+        // The debtor's records past their retention leave with it (a few dozen at most).
+        let records: Vec<(String, String)> = redis::cmd("HGETALL").arg(&key).query_async(&mut self.conn()).await?;
         let oldest = today - chrono::Duration::days(i64::from(self.0.history_retention_days));
         let mut before = None;
         let mut pruned = Vec::new();
@@ -1919,9 +1902,11 @@ pub fn opened(
 }
 
 /// The transitions after which an invoice's record in its debtor's history may change.
+/// Not at a plan choice: an invoice counts once its debtor did something with it, so that a
+/// billing run's million new invoices write nothing here.
 const HISTORY_KINDS: [&str; 10] = [
-    "plan_chosen",
     "paid",
+    "handed_over",
     "disputed",
     "postponed",
     "instalment_plan_agreed",
