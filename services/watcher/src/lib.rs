@@ -1466,8 +1466,8 @@ impl Watcher {
     }
 
     /// The record a decision leaves in its debtor's history, when it changes it: on the
-    /// transitions that say something of the debtor (a new invoice's plan, paid, a request
-    /// from the page, a message that did not reach them). Derived from the journey and the
+    /// transitions that say something of the debtor (paid, a request from the page, a message
+    /// that did not reach them; see [`HISTORY_KINDS`]). Derived from the journey and the
     /// record before, so a decision made again writes the same record.
     async fn history_write(&self, d: &Decision) -> Result<Option<HistoryWrite>, Failure> {
         if !d.transitions.iter().any(|t| HISTORY_KINDS.contains(&t.kind)) {
