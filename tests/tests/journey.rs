@@ -889,6 +889,9 @@ async fn norwegian_claims_reaching_hand_off_together_go_as_one_merged_case() -> 
     for s in [&older, &newer] {
         status_is(&stack, s.tenant, s.invoice_id, "handed_over").await?;
     }
+    // Both claims went to the agency unpaid: the debtor's history keeps them, for its next
+    // invoice's propensity (it is no longer a new debtor).
+    assert_eq!(history_fields(&stack).await?, ["no-a", "no-b"]);
     eventually("the case at the agency", WAIT, || async {
         Ok((!stack.agency.cases().is_empty()).then_some(()))
     })

@@ -103,7 +103,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Model(cmd) => {
                 let rt = Runtime::new(common, figment, Arc::new(SystemClock), CancellationToken::new())?;
-                forfall::model::train_from_topics(&rt, cmd).await.map(|_| ())
+                forfall::model::command_from_topics(&rt, cmd).await.map(|_| ())
             }
             Command::Rebuild(args) => {
                 telemetry::init(&common.log, &common.traces, "forfall")?;

@@ -1128,7 +1128,7 @@ fn on_timer_active(mut journey: Journey, step_index: usize, plan: &Plan, fee: St
         };
     };
     let j = journey.invoice.jurisdiction;
-    let today = now.with_timezone(&j.time_zone()).date_naive();
+    let today = j.local_day(now);
     let due_moment = plan.due_moment(journey.anchor_due(), j);
     if step.offset_banking_days < 0 && due_moment.is_some_and(|due| now >= due) {
         journey.next_step += 1;
@@ -1155,9 +1155,7 @@ fn on_timer_active(mut journey: Journey, step_index: usize, plan: &Plan, fee: St
     }
     // Planned for an earlier day: the steps after this one count from today.
     let planned = plan.fire_at(step_index, journey.anchor_due(), j);
-    let late_from = planned
-        .map(|at| at.with_timezone(&j.time_zone()).date_naive())
-        .filter(|day| *day < today);
+    let late_from = planned.map(|at| j.local_day(at)).filter(|day| *day < today);
     if late_from.is_some() {
         reanchor_after_pause(&mut journey, plan, today);
     }
@@ -1389,7 +1387,7 @@ pub fn fire_together(invoices: &[DebtorInvoice], now: DateTime<Utc>, window: Dur
         let Some(StepKind::Message { tone, .. }) = inv.plan.steps.get(step_index).map(|s| &s.kind) else {
             continue;
         };
-        let today = now.with_timezone(&j.invoice.jurisdiction.time_zone()).date_naive();
+        let today = j.invoice.jurisdiction.local_day(now);
         if *tone != Tone::Nudge && today <= j.anchor_due() {
             continue;
         }

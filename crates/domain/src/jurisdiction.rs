@@ -3,6 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use chrono::{DateTime, NaiveDate, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +37,11 @@ impl Jurisdiction {
             Jurisdiction::SE => chrono_tz::Europe::Stockholm,
             Jurisdiction::FI => chrono_tz::Europe::Helsinki,
         }
+    }
+
+    /// The debtor's calendar day at the instant `at`.
+    pub fn local_day(self, at: DateTime<Utc>) -> NaiveDate {
+        at.with_timezone(&self.time_zone()).date_naive()
     }
 
     pub fn home_currency(self) -> Currency {

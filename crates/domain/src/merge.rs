@@ -115,7 +115,7 @@ pub fn merge_handoffs(
         if own_day > now + window {
             continue;
         }
-        let today = now.with_timezone(&j.invoice.jurisdiction.time_zone()).date_naive();
+        let today = j.invoice.jurisdiction.local_day(now);
         if j.warning
             .as_ref()
             .and_then(|w| w.deadline())

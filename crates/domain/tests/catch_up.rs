@@ -96,7 +96,7 @@ fn run(plan: &Plan, law: &LawBook, due: NaiveDate, down: (DateTime<Utc>, DateTim
         } else {
             fire_at
         };
-        let today = at.with_timezone(&journey.invoice.jurisdiction.time_zone()).date_naive();
+        let today = journey.invoice.jurisdiction.local_day(at);
         let fee = step_fee(
             &plan.steps[step_index],
             &ctx,

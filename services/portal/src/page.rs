@@ -288,7 +288,7 @@ fn next_step(view: &InvoiceView, jurisdiction: &str, t: &BTreeMap<String, String
     let next = view.journey.as_ref()?.next.as_ref()?;
     let at = DateTime::<Utc>::from_timestamp_millis(next.at_ms)?;
     let day = match jurisdiction.parse::<forfall_domain::jurisdiction::Jurisdiction>() {
-        Ok(j) => at.with_timezone(&j.time_zone()).date_naive(),
+        Ok(j) => j.local_day(at),
         Err(_) => at.date_naive(),
     };
     let words = t.get(&format!("next_{}", next.kind))?;

@@ -179,7 +179,7 @@ impl Reader {
                 continue;
             };
             let local = match jurisdiction {
-                Some(j) => paid.with_timezone(&j.time_zone()).date_naive(),
+                Some(j) => j.local_day(paid),
                 None => paid.date_naive(),
             };
             let paid_day = invoice::epoch_days(local);

@@ -342,16 +342,11 @@ impl Watcher {
             .arg(self.0.store.history_key(&invoice.tenant, &invoice.debtor_id))
             .query_async(&mut self.conn())
             .await?;
-        let today = self.today_of(invoice.jurisdiction);
-        let oldest = today - chrono::Duration::days(i64::from(self.0.history_retention_days));
-        let decoded: Vec<InvoiceRecord> = records
-            .iter()
+        let today = invoice.jurisdiction.local_day(self.0.rt.clock.now());
+        let oldest = self.oldest_kept(today);
+        let decoded: Vec<InvoiceRecord> = decode_history(records)
             .filter(|(invoice_id, _)| *invoice_id != invoice.invoice_id)
-            .filter_map(|(_, text)| {
-                InvoiceRecord::decode(text)
-                    .inspect_err(|e| tracing::warn!(error = %e, "a history record left out"))
-                    .ok()
-            })
+            .filter_map(|(_, record)| record)
             .filter(|r| r.issued >= oldest)
             .collect();
         Ok((late, HistoryFacts::of(&decoded, today)))
@@ -364,7 +359,7 @@ impl Watcher {
     /// The fee step `step_index` charges when sent now, as the law in force allows, and the
     /// first day the law lets it be charged after the fees charged before.
     fn fee_for(&self, j: &Journey, plan: &Plan, step_index: usize, now: DateTime<Utc>) -> StepFee {
-        let today = now.with_timezone(&j.invoice.jurisdiction.time_zone()).date_naive();
+        let today = j.invoice.jurisdiction.local_day(now);
         plan.steps
             .get(step_index)
             .map(|step| {
@@ -537,7 +532,7 @@ impl Watcher {
         let inv = &j.invoice;
         let open = j.outstanding();
         // The deadline counts from the day the message goes out, in the debtor's calendar.
-        let local_today = now.with_timezone(&inv.jurisdiction.time_zone()).date_naive();
+        let local_today = inv.jurisdiction.local_day(now);
         let pay_by = plan
             .steps
             .get(step_index)
@@ -594,7 +589,7 @@ impl Watcher {
     /// [`forfall_domain::merge`]), each itemised the same way.
     fn case(&self, j: &Journey, merged: &[Journey], now: DateTime<Utc>) -> HandoffCase {
         let inv = &j.invoice;
-        let today = now.with_timezone(&inv.jurisdiction.time_zone()).date_naive();
+        let today = inv.jurisdiction.local_day(now);
         let claim = claim::compose(j, &self.0.law, &self.policy().claims, &Self::law_context(j), today);
         let lead = self.case_claim(j, &claim, today);
         let merged_claims: Vec<CaseClaim> = merged
@@ -834,7 +829,9 @@ impl Watcher {
         if let (true, Some(h)) = (saved, history) {
             // After the journey, as the late history: a stop in between leaves the record on
             // the changelog, where a rebuild finds it.
-            h.apply(&mut self.conn()).await?;
+            let mut pipe = redis::pipe();
+            h.add_to(&mut pipe);
+            let _: () = pipe.query_async(&mut self.conn()).await?;
         }
         Ok(saved)
     }
@@ -1236,7 +1233,7 @@ impl Watcher {
         let policy = self.policy();
         let window = policy.combine_window();
         let merges = |j: &Journey| {
-            let today = now.with_timezone(&j.invoice.jurisdiction.time_zone()).date_naive();
+            let today = j.invoice.jurisdiction.local_day(now);
             self.0
                 .law
                 .merge_rule(&Self::law_context(j), today)
@@ -1253,6 +1250,8 @@ impl Watcher {
         // Per save: the timer to decide again on a conflict, and the debtor who just became late.
         type LateMark = (String, String, String);
         let mut after_save: Vec<(Option<Timer>, Option<LateMark>)> = Vec::new();
+        // Decisions that leave a record in their debtor's history (a hand-off), by save.
+        let mut history_due: Vec<(usize, Decision)> = Vec::new();
         for (debtor, members) in debtors {
             let invoices: Vec<DebtorInvoice> = members
                 .iter()
@@ -1290,7 +1289,7 @@ impl Watcher {
             let covered_line = |index: usize| {
                 let before = &invoices[index].journey;
                 let after = &fired.iter().find(|f| f.index == index)?.decision.journey;
-                let today = now.with_timezone(&after.invoice.jurisdiction.time_zone()).date_naive();
+                let today = after.invoice.jurisdiction.local_day(now);
                 let accrued = self.accrued(after, today);
                 Some(CoveredInvoice {
                     invoice_id: after.invoice.invoice_id.clone(),
@@ -1385,9 +1384,22 @@ impl Watcher {
                         now.timestamp_millis().to_string().into_bytes(),
                     ));
                 }
+                if leaves_history_record(d) {
+                    history_due.push((saves.len(), d.clone()));
+                }
                 saves.push(prepared);
                 after_save.push((timer.clone(), became_late));
             }
+        }
+        let due: Vec<&Decision> = history_due.iter().map(|(_, d)| d).collect();
+        let history: Vec<(usize, HistoryWrite)> = history_due
+            .iter()
+            .map(|(save, _)| *save)
+            .zip(self.history_writes(&due).await?)
+            .filter_map(|(save, write)| write.map(|w| (save, w)))
+            .collect();
+        for (_, write) in &history {
+            changes.extend(write.changes(self.0.store.changelog(), partition));
         }
         self.0.store.stop_contact(&saves).await?;
         let logged = self.produce_then_log(&outs, &changes).await?;
@@ -1398,31 +1410,41 @@ impl Watcher {
         let written = self.0.store.save_many(partition, &saves, &offsets).await?;
         drop(guards);
         let mut conflicts = Vec::new();
-        let mut late = redis::pipe();
-        let mut any_late = false;
+        let mut histories = redis::pipe();
+        // After the journeys, as on the consume path: a stop in between leaves the records
+        // on the changelog, where a rebuild finds them.
+        let mut any_history = false;
+        for (save, write) in &history {
+            if written.get(*save) == Some(&store::Written::Yes) {
+                write.add_to(&mut histories);
+                any_history = true;
+            }
+        }
         for (written, (timer, became_late)) in written.into_iter().zip(after_save) {
             if written == store::Written::Conflict {
                 // A covered invoice without a timer of its own keeps its pending one.
                 conflicts.extend(timer);
             } else if let Some((tenant, debtor, invoice_id)) = became_late {
                 // The debtor's history: an invoice that needed a reminder counts as late.
-                late.zadd(
-                    self.0.store.late_key(&tenant, &debtor),
-                    &invoice_id,
-                    now.timestamp_millis(),
-                )
-                .ignore();
-                late.zadd(
-                    self.0.store.late_index_key(partition),
-                    store::late_change_key(&tenant, &debtor, &invoice_id),
-                    now.timestamp_millis(),
-                )
-                .ignore();
-                any_late = true;
+                histories
+                    .zadd(
+                        self.0.store.late_key(&tenant, &debtor),
+                        &invoice_id,
+                        now.timestamp_millis(),
+                    )
+                    .ignore();
+                histories
+                    .zadd(
+                        self.0.store.late_index_key(partition),
+                        store::late_change_key(&tenant, &debtor, &invoice_id),
+                        now.timestamp_millis(),
+                    )
+                    .ignore();
+                any_history = true;
             }
         }
-        if any_late {
-            let _: () = late.query_async(&mut self.conn()).await?;
+        if any_history {
+            let _: () = histories.query_async(&mut self.conn()).await?;
         }
         conflicts.extend(deferred);
         Ok(conflicts)
@@ -1461,30 +1483,55 @@ impl Watcher {
         Ok((d, plan))
     }
 
-    fn today_of(&self, j: forfall_domain::Jurisdiction) -> chrono::NaiveDate {
-        self.0.rt.clock.now().with_timezone(&j.time_zone()).date_naive()
+    /// The issue date before which a debtor's records are no longer kept.
+    fn oldest_kept(&self, today: chrono::NaiveDate) -> chrono::NaiveDate {
+        today - chrono::Duration::days(i64::from(self.0.history_retention_days))
     }
 
     /// The record a decision leaves in its debtor's history, when it changes it: on the
-    /// transitions that say something of the debtor (paid, a request from the page, a message
-    /// that did not reach them; see [`HISTORY_KINDS`]). Derived from the journey and the
-    /// record before, so a decision made again writes the same record.
+    /// transitions that say something of the debtor (paid, handed over, a request from the
+    /// page, a message that did not reach them; see [`HISTORY_KINDS`]).
     async fn history_write(&self, d: &Decision) -> Result<Option<HistoryWrite>, Failure> {
-        if !d.transitions.iter().any(|t| HISTORY_KINDS.contains(&t.kind)) {
-            return Ok(None);
+        Ok(self.history_writes(&[d]).await?.into_iter().next().flatten())
+    }
+
+    /// [`Watcher::history_write`] for several decisions, their debtors' records read in one
+    /// round trip (none for decisions that leave no record). Each record is derived from the
+    /// journey and the record before, so a decision made again writes the same record.
+    async fn history_writes(&self, decisions: &[&Decision]) -> Result<Vec<Option<HistoryWrite>>, Failure> {
+        let leaves_record = leaves_history_record;
+        let mut reads = redis::pipe();
+        for d in decisions.iter().filter(|d| leaves_record(d)) {
+            let invoice = &d.journey.invoice;
+            reads.hgetall(self.0.store.history_key(&invoice.tenant, &invoice.debtor_id));
         }
+        let mut records: std::vec::IntoIter<Vec<(String, String)>> = if reads.is_empty() {
+            Vec::new().into_iter()
+        } else {
+            let read: Vec<Vec<(String, String)>> = reads.query_async(&mut self.conn()).await?;
+            read.into_iter()
+        };
+        let mut writes = Vec::with_capacity(decisions.len());
+        for d in decisions {
+            let write = if leaves_record(d) {
+                self.history_change(d, records.next().unwrap_or_default())
+            } else {
+                None
+            };
+            writes.push(write);
+        }
+        Ok(writes)
+    }
+
+    /// What `d` changes in a debtor's history read as `records`: its invoice's record, and
+    /// the records past their retention (a few dozen at most), which leave with it.
+    fn history_change(&self, d: &Decision, records: Vec<(String, String)>) -> Option<HistoryWrite> {
         let invoice = &d.journey.invoice;
-        let key = self.0.store.history_key(&invoice.tenant, &invoice.debtor_id);
-        let today = self.today_of(invoice.jurisdiction);
-        // The debtor's records past their retention leave with it (a few dozen at most).
-        let records: Vec<(String, String)> = redis::cmd("HGETALL").arg(&key).query_async(&mut self.conn()).await?;
-        let oldest = today - chrono::Duration::days(i64::from(self.0.history_retention_days));
+        let today = invoice.jurisdiction.local_day(self.0.rt.clock.now());
+        let oldest = self.oldest_kept(today);
         let mut before = None;
         let mut pruned = Vec::new();
-        for (invoice_id, text) in records {
-            let record = InvoiceRecord::decode(&text)
-                .inspect_err(|e| tracing::warn!(error = %e, "a history record is written anew"))
-                .ok();
+        for (invoice_id, record) in decode_history(records) {
             if invoice_id == invoice.invoice_id {
                 before = record;
             } else if record.is_none_or(|r| r.issued < oldest) {
@@ -1493,16 +1540,16 @@ impl Watcher {
         }
         let record = InvoiceRecord::observe(before.as_ref(), &d.journey, today);
         if before == Some(record) && pruned.is_empty() {
-            return Ok(None);
+            return None;
         }
-        Ok(Some(HistoryWrite {
-            key,
+        Some(HistoryWrite {
+            key: self.0.store.history_key(&invoice.tenant, &invoice.debtor_id),
             tenant: invoice.tenant.clone(),
             debtor_id: invoice.debtor_id.clone(),
             invoice_id: invoice.invoice_id.clone(),
             record: record.encode(),
             pruned,
-        }))
+        })
     }
 
     /// Polls the timer sets of the partitions this instance is assigned, until shutdown.
@@ -1936,16 +1983,29 @@ impl HistoryWrite {
             .collect()
     }
 
-    /// Writes it to Redis.
-    async fn apply(&self, redis: &mut ConnectionManager) -> Result<(), Failure> {
-        let mut pipe = redis::pipe();
+    /// Its Redis commands, added to `pipe`.
+    fn add_to(&self, pipe: &mut redis::Pipeline) {
         pipe.hset(&self.key, &self.invoice_id, &self.record).ignore();
         if !self.pruned.is_empty() {
             pipe.hdel(&self.key, &self.pruned).ignore();
         }
-        let _: () = pipe.query_async(redis).await?;
-        Ok(())
     }
+}
+
+/// Whether `d` says something of its debtor that the debtor's history keeps.
+fn leaves_history_record(d: &Decision) -> bool {
+    d.transitions.iter().any(|t| HISTORY_KINDS.contains(&t.kind))
+}
+
+/// A debtor's stored records by invoice, decoded; one that cannot be read is `None` (left out
+/// of the sums, and pruned or written anew at the next write).
+fn decode_history(records: Vec<(String, String)>) -> impl Iterator<Item = (String, Option<InvoiceRecord>)> {
+    records.into_iter().map(|(invoice_id, text)| {
+        let record = InvoiceRecord::decode(&text)
+            .inspect_err(|e| tracing::warn!(error = %e, "a history record cannot be read"))
+            .ok();
+        (invoice_id, record)
+    })
 }
 
 /// The invoice a parked payment waits for.

@@ -88,7 +88,7 @@ impl Watcher {
         let mut cases = Vec::new();
         let mut groups: Vec<Vec<Journey>> = Vec::new();
         for j in journeys {
-            let today = now.with_timezone(&j.invoice.jurisdiction.time_zone()).date_naive();
+            let today = j.invoice.jurisdiction.local_day(now);
             let merges = j.state != JourneyState::Paused(PauseReason::Dispute)
                 && self.0.law.merge_rule(&Self::law_context(&j), today).is_some();
             let key = |g: &Journey| (g.invoice.jurisdiction, g.invoice.amount.currency);

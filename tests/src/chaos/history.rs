@@ -2,7 +2,7 @@
 //! never happen.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use forfall_platform::avro::Codec;
 use forfall_platform::config::CommonConfig;
@@ -122,9 +122,11 @@ pub struct Findings {
     pub longest_race_ms: i64,
     /// Informational: what was seen, to tell a quiet run from a broken one.
     pub seen: BTreeMap<&'static str, usize>,
-    /// Informational: messages that reached the mail server after the settling payment was
-    /// matched but before the watcher had recorded it (ms of each).
+    /// Informational: what stands behind the counts, a few of each.
     pub examples: Vec<String>,
+    /// Informational: steps of the wall clock during the run (ms each). The moments of the
+    /// providers are placed among Kafka's stamps with the clock as it read then.
+    pub wall_clock_steps_ms: Vec<i64>,
 }
 
 impl Findings {
@@ -267,13 +269,8 @@ pub async fn check(infra: &Infra, workload: &Workload) -> anyhow::Result<Finding
             *at = (*at).max(*ts);
         }
     }
-    let (now_wall, now_mono) = (SystemTime::now(), Instant::now());
-    let wall_ms = |at: Instant| -> i64 {
-        let wall = now_wall - now_mono.duration_since(at);
-        wall.duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0)
-    };
+    let wall_ms = |at: Instant| infra.wall.wall_ms(at);
+    f.wall_clock_steps_ms = infra.wall.steps().into_iter().map(|(_, step)| step).collect();
     // Each message the providers took: its action and channel, a moment by which dispatch's
     // last look had not yet happened (e-mail) or had (SMS), and how far the look may lie after it.
     let mut sent: Vec<(String, &'static str, i64, i64)> = Vec::new();

@@ -111,6 +111,8 @@ pub struct Infra {
     pub bins: PathBuf,
     /// Where each instance's admin endpoint listens, by (service, slot).
     admin_ports: std::sync::Mutex<HashMap<(&'static str, u16), u16>>,
+    /// The wall clock through the run, to place the providers' moments among Kafka's stamps.
+    pub wall: super::wall_clock::WallTrail,
 }
 
 impl Infra {
@@ -179,6 +181,7 @@ impl Infra {
             clock_key,
             bins,
             admin_ports: std::sync::Mutex::default(),
+            wall: super::wall_clock::WallTrail::start(),
         })
     }
 

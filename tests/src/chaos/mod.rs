@@ -13,6 +13,7 @@
 mod faults;
 mod history;
 mod infra;
+mod wall_clock;
 mod workload;
 
 use std::collections::{BTreeMap, HashMap};
@@ -419,7 +420,8 @@ pub fn describe(baseline: &Report, faulty: &Report) -> String {
          \x20 services that exited by themselves: {} {:?}\n\
          \x20 services slow to stop on SIGTERM: {:?}\n\
          \x20 throughput under faults: {:.2} of the same workload without faults ({:.1} s vs {:.1} s)\n\
-         \x20 seen: {:?}\n",
+         \x20 seen: {:?}\n\
+         \x20 wall clock steps during the runs (ms): {:?} with faults, {:?} without\n",
         faulty.seed,
         faulty.debtors,
         faulty.seed,
@@ -439,6 +441,8 @@ pub fn describe(baseline: &Report, faulty: &Report) -> String {
         faulty.seconds,
         baseline.seconds,
         f.seen,
+        f.wall_clock_steps_ms,
+        baseline.findings.wall_clock_steps_ms,
     );
     for e in f.examples.iter().chain(&baseline.findings.examples) {
         out.push_str(&format!("    {e}\n"));

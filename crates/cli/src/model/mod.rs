@@ -8,7 +8,7 @@
 
 pub mod topics;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 use forfall_domain::propensity::{self, FEATURE_NAMES, ModelMetrics, PropensityModel};
@@ -122,13 +122,19 @@ pub fn command(cmd: ModelCommand, figment: &figment::Figment) -> anyhow::Result<
         args.simulation.seed
     );
     let model = fit(&samples, &version)?;
-    write(&model, &args)
+    write(&model, &args.model_out)
 }
 
 /// `forfall model train --from-topics`.
-pub async fn train_from_topics(rt: &Runtime, cmd: ModelCommand) -> anyhow::Result<PropensityModel> {
+pub async fn command_from_topics(rt: &Runtime, cmd: ModelCommand) -> anyhow::Result<PropensityModel> {
     let ModelCommand::Train(args) = cmd;
-    let set = topics::read(rt, args.tenant.as_deref(), |p| eprintln!("{p}")).await?;
+    train_from_topics(rt, args.tenant.as_deref(), &args.model_out).await
+}
+
+/// Fits a model on the journeys the topics hold (of `tenant`, or every tenant) and writes it
+/// to `out`.
+pub async fn train_from_topics(rt: &Runtime, tenant: Option<&str>, out: &Path) -> anyhow::Result<PropensityModel> {
+    let set = topics::read(rt, tenant, |p| eprintln!("{p}")).await?;
     eprintln!(
         "{} journeys ended paid or handed over; left out: {} still open or closed otherwise, {} without recorded inputs, {} undecodable",
         set.samples.len(),
@@ -140,16 +146,16 @@ pub async fn train_from_topics(rt: &Runtime, cmd: ModelCommand) -> anyhow::Resul
         "propensity-{}-topics-{}{}",
         chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
         set.samples.len(),
-        args.tenant.as_deref().map(|t| format!("-{t}")).unwrap_or_default()
+        tenant.map(|t| format!("-{t}")).unwrap_or_default()
     );
     let model = fit(&set.samples, &version)?;
-    write(&model, &args)?;
+    write(&model, out)?;
     Ok(model)
 }
 
-fn write(model: &PropensityModel, args: &TrainArgs) -> anyhow::Result<()> {
-    std::fs::write(&args.model_out, serde_json::to_vec_pretty(model)?)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", args.model_out.display()))?;
+fn write(model: &PropensityModel, out: &Path) -> anyhow::Result<()> {
+    std::fs::write(out, serde_json::to_vec_pretty(model)?)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
     let m = &model.metrics;
     println!(
         "model {}: AUC {:.3}, Brier {:.4} (always guessing the base rate {:.3}: {:.4}), trained on {}, tested on {}",
@@ -171,6 +177,6 @@ fn write(model: &PropensityModel, args: &TrainArgs) -> anyhow::Result<()> {
             b.from, b.to, b.invoices, b.predicted, b.observed
         );
     }
-    println!("written: {}", args.model_out.display());
+    println!("written: {}", out.display());
     Ok(())
 }

@@ -224,7 +224,7 @@ fn draw_debtor(i: u64, model: &BehaviourModel, rng: &mut StdRng) -> Debtor {
 
 /// Days from `due` to the debtor's local day of `at`.
 fn day_of(at: chrono::DateTime<chrono::Utc>, due: NaiveDate, j: Jurisdiction) -> i64 {
-    (at.with_timezone(&j.time_zone()).date_naive() - due).num_days()
+    (j.local_day(at) - due).num_days()
 }
 
 /// Debtor `i` as drawn: who they are, their invoice as billing issues it, whether they were

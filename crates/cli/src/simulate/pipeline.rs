@@ -233,17 +233,7 @@ pub async fn run(
 
 /// Fits the propensity model on the run's journeys, read back from the topics.
 async fn fit_model(stack: &LocalStack, path: &std::path::Path) -> anyhow::Result<()> {
-    let set = crate::model::topics::read(&stack.rt, Some(super::SIM_TENANT), |p| eprintln!("{p}")).await?;
-    let version = format!("propensity-sim-pipeline-{}", set.samples.len());
-    let model = crate::model::fit(&set.samples, &version)?;
-    std::fs::write(path, serde_json::to_vec_pretty(&model)?)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
-    eprintln!(
-        "propensity model fitted on {} journeys from the topics: AUC {:.3}, written to {}",
-        set.samples.len(),
-        model.metrics.auc,
-        path.display()
-    );
+    crate::model::train_from_topics(&stack.rt, Some(super::SIM_TENANT), path).await?;
     Ok(())
 }
 
