@@ -106,6 +106,10 @@ pub struct DerivedState<R> {
     one_at_a_time: tokio::sync::Mutex<()>,
 }
 
+/// What an instance had seen of the marker before a read; see [`DerivedState::read_floor`].
+#[derive(Debug, Clone, Copy)]
+pub struct ReadFloor((i64, i64));
+
 /// The marker key of `service`'s state.
 pub fn marker_key(keys: &Keys, service: &str) -> String {
     keys.key(&[service, "state"])
@@ -152,25 +156,33 @@ impl<R: Rebuild> DerivedState<R> {
         *self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether a marker read is ready and not behind what this instance has seen (which it
-    /// then raises to it).
-    fn observe(&self, marker: Marker) -> bool {
+    /// What this instance has seen, taken before it reads the marker: the read must not return
+    /// less. (Not what it has seen once the read returns: reads handled at once return in any
+    /// order, and one sent before another's write may come back after a later read raised it.)
+    pub fn read_floor(&self) -> ReadFloor {
+        ReadFloor(self.seen())
+    }
+
+    /// Whether a marker read is ready and not behind `floor` (what this instance had seen when
+    /// it sent the read: every write acknowledged by then is in what Redis returns, unless
+    /// Redis lost it). What it has seen is raised to the marker.
+    fn observe(&self, marker: Marker, floor: ReadFloor) -> bool {
         let Marker::Ready(epoch, writes) = marker else {
             return false;
         };
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if (epoch, writes) < *seen {
+        if (epoch, writes) < floor.0 {
             tracing::warn!(
                 service = self.service,
                 marker_epoch = epoch,
                 marker_writes = writes,
-                seen_epoch = seen.0,
-                seen_writes = seen.1,
+                seen_epoch = floor.0.0,
+                seen_writes = floor.0.1,
                 "Redis holds an older state than this instance has seen (restored from an older copy?)"
             );
             return false;
         }
-        *seen = (epoch, writes);
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        *seen = (*seen).max((epoch, writes));
         true
     }
 
@@ -188,9 +200,10 @@ impl<R: Rebuild> DerivedState<R> {
         ))
     }
 
-    /// A marker value read together with other keys: `Err` when it is not ready or behind.
-    pub fn check(&self, marker: Option<&str>) -> Result<(), Failure> {
-        if self.observe(Marker::parse(marker)) {
+    /// A marker value read together with other keys (sent after `floor` was taken): `Err`
+    /// when it is not ready or behind.
+    pub fn check(&self, marker: Option<&str>, floor: ReadFloor) -> Result<(), Failure> {
+        if self.observe(Marker::parse(marker), floor) {
             Ok(())
         } else {
             Err(self.missing())
@@ -205,6 +218,7 @@ impl<R: Rebuild> DerivedState<R> {
             return Ok(());
         }
         let _one = self.one_at_a_time.lock().await;
+        let floor = self.read_floor();
         let marker: Option<String> = redis::cmd("GET")
             .arg(&self.marker)
             .query_async(&mut self.redis.clone())
@@ -212,7 +226,7 @@ impl<R: Rebuild> DerivedState<R> {
         // A rebuild that did not finish left its own marker: the next goes on from its progress.
         let interrupted = marker.as_deref().is_some_and(|m| m.starts_with("rebuilding:"));
         let marker = Marker::parse(marker.as_deref());
-        if self.observe(marker) {
+        if self.observe(marker, floor) {
             self.known_ready.store(true, Ordering::SeqCst);
             return Ok(());
         }
@@ -301,12 +315,13 @@ impl<R: Rebuild> DerivedState<R> {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
+            let floor = self.read_floor();
             let marker: redis::RedisResult<Option<String>> = redis::cmd("GET")
                 .arg(&self.marker)
                 .query_async(&mut self.redis.clone())
                 .await;
             match marker {
-                Ok(m) if self.observe(Marker::parse(m.as_deref())) => continue,
+                Ok(m) if self.observe(Marker::parse(m.as_deref()), floor) => continue,
                 Ok(_) => {
                     self.known_ready.store(false, Ordering::SeqCst);
                     if let Err(e) = self.ensure_ready().await {

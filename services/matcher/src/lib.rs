@@ -540,12 +540,13 @@ return 1"
     /// A payment's booked decision, read with the state marker: a decision missing because
     /// Redis lost it (or went back to an older copy) is never taken for a payment not decided.
     async fn decided(&self, tenant: &str, payment_id: &str) -> Result<Option<Decided>, Failure> {
+        let floor = self.0.state.read_floor();
         let (raw, marker): (Option<String>, Option<String>) = redis::pipe()
             .get(self.key("payment", tenant, payment_id))
             .get(self.0.state.marker_key())
             .query_async(&mut self.conn())
             .await?;
-        self.0.state.check(marker.as_deref())?;
+        self.0.state.check(marker.as_deref(), floor)?;
         Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
     }
 

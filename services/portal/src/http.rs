@@ -201,6 +201,7 @@ impl Portal {
     /// The claimed invoices' views, read with the state marker in one round trip.
     pub(crate) async fn views(&self, claims: &LinkClaims) -> Result<Vec<InvoiceView>, Failure> {
         self.0.state.ensure_ready().await?;
+        let floor = self.0.state.read_floor();
         let mut pipe = redis::pipe();
         for invoice_id in claims.invoices.iter().take(MAX_INVOICES) {
             pipe.hgetall(self.0.keys.invoice(&claims.tenant, invoice_id));
@@ -209,7 +210,7 @@ impl Portal {
         let mut got: Vec<redis::Value> = pipe.query_async(&mut self.0.redis.clone()).await?;
         let marker: Option<String> = redis::from_redis_value(got.pop().unwrap_or(redis::Value::Nil))
             .map_err(|e| Failure::Transient(e.into()))?;
-        self.0.state.check(marker.as_deref())?;
+        self.0.state.check(marker.as_deref(), floor)?;
         got.into_iter()
             .zip(&claims.invoices)
             .map(|(v, invoice_id)| {
@@ -270,12 +271,13 @@ impl Portal {
     /// of it.
     pub(crate) async fn view_of(&self, tenant: &str, invoice_id: &str) -> Result<Option<InvoiceView>, Failure> {
         self.0.state.ensure_ready().await?;
+        let floor = self.0.state.read_floor();
         let (fields, marker): (HashMap<String, String>, Option<String>) = redis::pipe()
             .hgetall(self.0.keys.invoice(tenant, invoice_id))
             .get(self.0.state.marker_key())
             .query_async(&mut self.0.redis.clone())
             .await?;
-        self.0.state.check(marker.as_deref())?;
+        self.0.state.check(marker.as_deref(), floor)?;
         Ok((!fields.is_empty()).then(|| InvoiceView::from_fields(invoice_id, fields)))
     }
 

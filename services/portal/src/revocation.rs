@@ -80,12 +80,13 @@ impl Portal {
     /// the portal rebuilds.
     async fn revoked_at(&self, tenant: &str, debtor_id: &str) -> Result<Option<i64>, Failure> {
         self.0.state.ensure_ready().await?;
+        let floor = self.0.state.read_floor();
         let (raw, marker): (Option<Vec<u8>>, Option<String>) = redis::pipe()
             .get(self.0.keys.revoked(tenant, debtor_id))
             .get(self.0.state.marker_key())
             .query_async(&mut self.0.redis.clone())
             .await?;
-        self.0.state.check(marker.as_deref())?;
+        self.0.state.check(marker.as_deref(), floor)?;
         Ok(raw
             .and_then(|r| serde_json::from_slice::<Revocation>(&r).ok())
             .map(|r| r.revoked_at))

@@ -2,7 +2,7 @@
 //! consume-and-produce relay of the same bytes, measured in the same run on the same broker
 //! (the machine is shared and noisy, so the ratio is the figure to compare).
 //!
-//!     make bench                    # or: cargo run --release -p forfall-e2e --bin ingest-throughput -- 50000
+//!     make bench                    # or: cargo run --release -p forfall-e2e --bin ingest-throughput -- 50000 [DEBTORS [CONCURRENCY]]
 //!
 //! Both sides start on an already-filled topic with their own consumer group; each is timed
 //! from its first record to its last acknowledged output, so group joins are not counted.
@@ -81,13 +81,27 @@ async fn main() -> anyhow::Result<()> {
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(50_000);
+    // A billing run bills each customer once: most debtors have one invoice in it. Fewer
+    // debtors than invoices puts several invoices of a debtor in a row, which ingest handles
+    // one after another (each after the previous one's output is acknowledged).
+    let debtors: usize = std::env::args()
+        .nth(2)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(n)
+        .max(1);
+    // Ingest's `ingest.concurrency` (its default when not given).
+    let concurrency: Option<usize> = std::env::args().nth(3).map(|a| a.parse()).transpose()?;
     let mut config = base_config();
     config.log.level = "warn".into();
-    let stack = LocalStack::start(config, Arc::new(SystemClock)).await?;
+    let mut stack = LocalStack::start(config, Arc::new(SystemClock)).await?;
+    if let Some(c) = concurrency {
+        stack.set("ingest.concurrency", c);
+    }
     let billing = stack.topic(&stack.topics().billing_invoice_events);
     let brokers = stack.rt.config.kafka.brokers.clone();
 
-    // The input: n distinct invoices from 1,000 debtors, encoded once.
+    // The input: n distinct invoices of `debtors` debtors, encoded once.
     let template = danish("x", "x", day(2026, 3, 15), "x@example.test").issued();
     let producer: FutureProducer = client(&brokers).set("linger.ms", "5").create()?;
     let mut bytes = 0usize;
@@ -96,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
         let mut e = template.clone();
         e.invoice_id = format!("inv-{i}");
         e.invoice_number = format!("{}", 1_000_000 + i);
-        e.debtor_id = format!("acme-energy:c-{}", i % 1000);
+        e.debtor_id = format!("acme-energy:c-{}", i % debtors);
         let payload = stack.rt.codec.encode(&billing, &e).await?;
         bytes += payload.len();
         let key = e.debtor_id.clone();
@@ -119,7 +133,7 @@ async fn main() -> anyhow::Result<()> {
         ack.map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
     }
     println!(
-        "input: {n} InvoiceIssued records, {} bytes on average, {} partitions",
+        "input: {n} InvoiceIssued records of {debtors} debtors, {} bytes on average, {} partitions",
         bytes / n.max(1),
         stack.rt.config.kafka.partitions
     );
@@ -157,6 +171,14 @@ async fn main() -> anyhow::Result<()> {
         ingest_rate
     );
     println!("ratio ingest / relay: {:.3}", ingest_rate / relay_rate);
+    let m = stack.metrics("ingest").await.unwrap_or_default();
+    let sum = metric_value(&m, "forfall_handle_seconds_sum", &[]).unwrap_or(0.0);
+    let count = metric_value(&m, "forfall_handle_seconds_count", &[]).unwrap_or(0.0);
+    println!(
+        "ingest's handler: {:.2} ms a record on average, {:.1} records in the handler at once on average",
+        1000.0 * sum / count.max(1.0),
+        sum / ingest.as_secs_f64()
+    );
     stack.shutdown().await;
     Ok(())
 }
