@@ -209,3 +209,76 @@ async fn http_intake_answers_422_with_the_reason_and_202_for_a_good_invoice() ->
     stack.shutdown().await;
     Ok(())
 }
+
+/// One invoice id named under two debtors, both waiting when ingest starts (so they are likely
+/// taken in one batch): the invoice keeps one debtor. The later revision under the other is
+/// rejected (`debtor_mismatch`), or ignored as older, whichever order the two partitions give.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invoice_named_under_two_debtors_keeps_one_whatever_the_batch() -> anyhow::Result<()> {
+    let clock = ManualClock::new(at("2026-03-01T08:00:00Z"));
+    let stack = LocalStack::start(base_config(), clock).await?;
+    let billing = stack.topic(&stack.topics().billing_invoice_events);
+    let first = danish("inv-twice", "INV-7001", day(2026, 3, 20), "first@example.test");
+    let second = danish("inv-twice", "INV-7001", day(2026, 3, 20), "second@example.test");
+    let mut later = second.issued();
+    later.revision = 2;
+    // Other debtors' invoices around them, as in a billing run.
+    let others: Vec<_> = (0..40)
+        .map(|i| {
+            let mut e = first.issued();
+            e.invoice_id = format!("inv-other-{i}");
+            e.debtor_id = format!("acme-energy:other-{i}");
+            e
+        })
+        .collect();
+    for e in &others[..20] {
+        stack.produce(&billing, &e.debtor_id, e).await?;
+    }
+    stack.produce(&billing, &first.debtor_id(), &first.issued()).await?;
+    stack.produce(&billing, &second.debtor_id(), &later).await?;
+    for e in &others[20..] {
+        stack.produce(&billing, &e.debtor_id, e).await?;
+    }
+    stack.start_service("ingest");
+    let billing_label = format!("topic=\"{billing}\"");
+    eventually("every billing record handled", WAIT, || async {
+        // Not listening yet at first.
+        let m = stack.metrics("ingest").await.unwrap_or_default();
+        let n = |outcome: &str| {
+            metric_value(
+                &m,
+                "forfall_messages_total",
+                &[&billing_label, &format!("outcome=\"{outcome}\"")],
+            )
+            .unwrap_or(0.0)
+        };
+        Ok((n("applied") + n("rejected") >= 42.0).then_some(()))
+    })
+    .await?;
+    let invoices = stack.read::<Invoice>(&stack.topic(&stack.topics().invoices)).await?;
+    let debtors: std::collections::BTreeSet<&str> = invoices
+        .iter()
+        .filter(|i| i.invoice_id == "inv-twice")
+        .map(|i| i.debtor_id.as_str())
+        .collect();
+    assert_eq!(debtors.len(), 1, "published under {debtors:?}");
+    assert_eq!(
+        invoices
+            .iter()
+            .filter(|i| i.invoice_id.starts_with("inv-other-"))
+            .count(),
+        40
+    );
+    let rejected = stack.read::<Rejected>(&stack.topic(&stack.topics().rejected)).await?;
+    if debtors.contains(first.debtor_id().as_str()) {
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert_eq!(rejected[0].reason_code, "debtor_mismatch");
+    } else {
+        assert!(
+            rejected.is_empty(),
+            "the first revision came after the second: ignored as older"
+        );
+    }
+    stack.shutdown().await;
+    Ok(())
+}

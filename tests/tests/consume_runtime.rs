@@ -67,10 +67,16 @@ struct Harness {
     input: String,
     output: String,
     group: String,
+    /// Records decided together (`LoopContext::batch`).
+    batch: usize,
 }
 
 impl Harness {
     async fn new(partitions: i32) -> anyhow::Result<Self> {
+        Self::batched(partitions, 1).await
+    }
+
+    async fn batched(partitions: i32, batch: usize) -> anyhow::Result<Self> {
         let stack = LocalStack::start(base_config(), Arc::new(SystemClock)).await?;
         let input = stack.topic("runtime.in");
         let output = stack.topic("runtime.out");
@@ -83,6 +89,7 @@ impl Harness {
             input,
             output,
             group,
+            batch,
         })
     }
 
@@ -99,6 +106,7 @@ impl Harness {
             max_in_flight: 1000,
             key_concurrency: concurrency,
             lane: None,
+            batch: self.batch,
             drain_timeout: Duration::from_secs(1),
         })
     }
@@ -167,7 +175,17 @@ impl Harness {
 /// is committed although later records of its partition were handled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_record_is_never_committed_past() -> anyhow::Result<()> {
-    let h = Harness::new(1).await?;
+    a_failed_record_is_never_committed_past_case(1).await
+}
+
+/// The same, with records decided in batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_record_is_never_committed_past_in_batches() -> anyhow::Result<()> {
+    a_failed_record_is_never_committed_past_case(16).await
+}
+
+async fn a_failed_record_is_never_committed_past_case(batch: usize) -> anyhow::Result<()> {
+    let h = Harness::batched(1, batch).await?;
     let mut payloads: Vec<String> = (0..20).map(|i| format!("before-{i}")).collect();
     payloads.push("fatal".into());
     payloads.extend((0..20).map(|i| format!("after-{i}")));
@@ -200,7 +218,17 @@ async fn a_failed_record_is_never_committed_past() -> anyhow::Result<()> {
 /// next run, and so is everything after it on its partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_record_is_redelivered_with_everything_after_it() -> anyhow::Result<()> {
-    let h = Harness::new(1).await?;
+    an_interrupted_record_is_redelivered_with_everything_after_it_case(1).await
+}
+
+/// The same, with records decided in batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_record_is_redelivered_with_everything_after_it_in_batches() -> anyhow::Result<()> {
+    an_interrupted_record_is_redelivered_with_everything_after_it_case(16).await
+}
+
+async fn an_interrupted_record_is_redelivered_with_everything_after_it_case(batch: usize) -> anyhow::Result<()> {
+    let h = Harness::batched(1, batch).await?;
     let offsets = h.produce(&["a", "stuck", "b", "c", "d"]).await?;
     let handler = h.handler();
     let handled = handler.handled.clone();
@@ -239,7 +267,17 @@ async fn an_interrupted_record_is_redelivered_with_everything_after_it() -> anyh
 /// once both consumers settle, the group's offsets reach the end of every partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebalance_with_records_in_hand_loses_nothing_and_kills_nobody() -> anyhow::Result<()> {
-    let h = Harness::new(2).await?;
+    a_rebalance_with_records_in_hand_loses_nothing_and_kills_nobody_case(1).await
+}
+
+/// The same, with records decided in batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_with_records_in_hand_loses_nothing_and_kills_nobody_in_batches() -> anyhow::Result<()> {
+    a_rebalance_with_records_in_hand_loses_nothing_and_kills_nobody_case(16).await
+}
+
+async fn a_rebalance_with_records_in_hand_loses_nothing_and_kills_nobody_case(batch: usize) -> anyhow::Result<()> {
+    let h = Harness::batched(2, batch).await?;
     let payloads: Vec<String> = (0..300).map(|i| format!("r-{i}")).collect();
     // Spread over both partitions by key.
     let producer = Producer::new(&h.stack.rt.config.kafka, Metrics::new("feeder")?)?;

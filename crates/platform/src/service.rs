@@ -141,6 +141,7 @@ impl ServiceShell {
             max_in_flight: rt.config.kafka.max_in_flight,
             key_concurrency: 1,
             lane: None,
+            batch: 1,
             drain_timeout: std::time::Duration::from_millis(rt.config.kafka.drain_timeout_ms.into()),
         }
     }

@@ -12,6 +12,7 @@
 //! it applied), and ingest rebuilds them from there when Redis lost them (see [`rebuild`]). A
 //! snapshot is kept `ingest.snapshot_retention_days` after the invoice's last change.
 
+mod batch;
 mod http;
 pub mod rebuild;
 
@@ -19,6 +20,7 @@ use std::sync::Arc;
 
 use forfall_domain::Money;
 use forfall_domain::invoice::{self, Contact, InvoiceSnapshot, IssuedInput, RevisionDecision};
+use forfall_platform::avro::Decoded;
 use forfall_platform::config;
 use forfall_platform::derived_state::{DerivedState, guard_lua};
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, run_consumer};
@@ -54,6 +56,9 @@ pub struct IngestSettings {
     /// Records of different debtors handled at once (a debtor's records stay in order): a
     /// billing run is read at the speed of Redis round trips in flight, not of one at a time.
     pub concurrency: usize,
+    /// Most records decided together (one Redis round trip to read their snapshots, one to
+    /// write them); 1 decides one at a time.
+    pub batch: usize,
 }
 
 impl Default for IngestSettings {
@@ -61,6 +66,7 @@ impl Default for IngestSettings {
         Self {
             snapshot_retention_days: 400,
             concurrency: 64,
+            batch: 256,
         }
     }
 }
@@ -140,6 +146,48 @@ fn status(s: invoice::InvoiceStatus) -> records::InvoiceStatus {
     }
 }
 
+/// An issued revision, checked, with what its snapshot is published for.
+pub(crate) struct Issued {
+    tenant: String,
+    debtor: String,
+    event_id: String,
+    occurred_at: i64,
+    incoming: InvoiceSnapshot,
+}
+
+impl Issued {
+    fn of(e: InvoiceIssued) -> Result<Self, Failure> {
+        let (tenant, debtor, event_id, occurred_at) =
+            (e.tenant.clone(), e.debtor_id.clone(), e.event_id.clone(), e.occurred_at);
+        let incoming = invoice::validate_issued(to_input(e)).map_err(|r| reject_for(&tenant, &debtor, r))?;
+        Ok(Self {
+            tenant,
+            debtor,
+            event_id,
+            occurred_at,
+            incoming,
+        })
+    }
+
+    fn source(&self) -> Source<'_> {
+        Source {
+            event_id: &self.event_id,
+            occurred_at: self.occurred_at,
+            credit_note_id: None,
+        }
+    }
+}
+
+/// What an issued revision does.
+pub(crate) enum Step {
+    /// A new snapshot to write, then publish.
+    Save(Stored, InvoiceChange),
+    /// The same revision again: the snapshot held, published again.
+    Republish(Stored),
+    /// An older revision than the one held.
+    Ignore,
+}
+
 /// The upstream event a snapshot is published for.
 #[derive(Debug, Clone, Copy)]
 pub struct Source<'a> {
@@ -190,6 +238,23 @@ pub fn invoice_record(s: &InvoiceSnapshot, change: InvoiceChange, source: Source
     }
 }
 
+/// A snapshot as Redis holds it.
+fn parse_stored(raw: Option<String>) -> Result<Option<Stored>, Failure> {
+    raw.map(|r| {
+        serde_json::from_str(&r)
+            .map_err(|e| Failure::Fatal(anyhow::anyhow!("corrupt ingest state for an invoice: {e}")))
+    })
+    .transpose()
+}
+
+/// Writes a snapshot unless the state's marker is missing or behind (see `guard_lua`).
+static SAVE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "{}redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])\nreturn 1",
+        guard_lua("KEYS[2]", "ARGV[3]", "ARGV[4]")
+    ))
+});
+
 fn reject_for(tenant: &str, debtor_id: &str, r: invoice::Rejection) -> Failure {
     Failure::Reject {
         code: r.code,
@@ -210,32 +275,27 @@ impl Ingest {
             .query_async(&mut self.redis.clone())
             .await?;
         self.state.check(marker.as_deref(), floor)?;
-        raw.map(|r| {
-            serde_json::from_str(&r)
-                .map_err(|e| Failure::Fatal(anyhow::anyhow!("corrupt ingest state for an invoice: {e}")))
-        })
-        .transpose()
+        parse_stored(raw)
     }
 
-    /// Writes the snapshot (kept for the retention from now), refused without the marker.
-    async fn save(&self, stored: &Stored) -> Result<(), Failure> {
-        static SAVE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-            redis::Script::new(&format!(
-                "{}redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])\nreturn 1",
-                guard_lua("KEYS[2]", "ARGV[3]", "ARGV[4]")
-            ))
-        });
+    /// The script call that writes the snapshot (kept for the retention from now), refused
+    /// without the marker.
+    fn save_call(&self, stored: &Stored) -> Result<redis::ScriptInvocation<'static>, Failure> {
         let json = serde_json::to_string(stored).map_err(|e| Failure::Fatal(e.into()))?;
         let (epoch, writes) = self.state.seen();
-        let saved: i32 = SAVE
-            .key(self.keys.stored(&stored.snapshot.tenant, &stored.snapshot.invoice_id))
+        let mut call = SAVE.prepare_invoke();
+        call.key(self.keys.stored(&stored.snapshot.tenant, &stored.snapshot.invoice_id))
             .key(self.state.marker_key())
             .arg(json)
             .arg(self.retention.secs)
             .arg(epoch)
-            .arg(writes)
-            .invoke_async(&mut self.redis.clone())
-            .await?;
+            .arg(writes);
+        Ok(call)
+    }
+
+    /// Writes the snapshot (see [`Ingest::save_call`]).
+    async fn save(&self, stored: &Stored) -> Result<(), Failure> {
+        let saved: i32 = self.save_call(stored)?.invoke_async(&mut self.redis.clone()).await?;
         if saved != 1 {
             return Err(self.state.missing());
         }
@@ -266,18 +326,33 @@ impl Ingest {
     }
 
     async fn issued(&self, e: InvoiceIssued, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
-        let (tenant, debtor, event_id, at) = (e.tenant.clone(), e.debtor_id.clone(), e.event_id.clone(), e.occurred_at);
-        let incoming = invoice::validate_issued(to_input(e)).map_err(|r| reject_for(&tenant, &debtor, r))?;
-        let existing = self.load(&tenant, &incoming.invoice_id).await?;
-        let (stored, change) = match invoice::decide_revision(existing.as_ref().map(|s| &s.snapshot), incoming.revision)
-        {
-            RevisionDecision::New => (
+        let issued = Issued::of(e)?;
+        let existing = self.load(&issued.tenant, &issued.incoming.invoice_id).await?;
+        match self.revision_step(existing, &issued)? {
+            Step::Save(stored, change) => {
+                self.save(&stored).await?;
+                self.publish(&stored.snapshot, change, issued.source(), trace).await
+            }
+            Step::Republish(stored) => {
+                self.publish(&stored.snapshot, InvoiceChange::Issued, issued.source(), trace)
+                    .await
+            }
+            Step::Ignore => Ok(Vec::new()),
+        }
+    }
+
+    /// What an issued revision does to the snapshot held (`existing`).
+    fn revision_step(&self, existing: Option<Stored>, issued: &Issued) -> Result<Step, Failure> {
+        let incoming = issued.incoming.clone();
+        let (tenant, debtor) = (&issued.tenant, &issued.debtor);
+        match invoice::decide_revision(existing.as_ref().map(|s| &s.snapshot), incoming.revision) {
+            RevisionDecision::New => Ok(Step::Save(
                 Stored {
                     snapshot: incoming,
                     credit_notes: Vec::new(),
                 },
                 InvoiceChange::Issued,
-            ),
+            )),
             RevisionDecision::Newer => {
                 let mut stored = existing.unwrap_or_else(|| unreachable!("Newer implies an existing snapshot"));
                 if stored.snapshot.debtor_id != incoming.debtor_id {
@@ -287,48 +362,26 @@ impl Ingest {
                             "revision {} of invoice '{}' names another debtor than earlier revisions",
                             incoming.revision, incoming.invoice_id
                         ),
-                        tenant: Some(tenant),
-                        debtor_id: Some(debtor),
+                        tenant: Some(tenant.clone()),
+                        debtor_id: Some(debtor.clone()),
                     });
                 }
                 stored.snapshot =
-                    invoice::reissue(&stored.snapshot, incoming).map_err(|r| reject_for(&tenant, &debtor, r))?;
-                (stored, InvoiceChange::Reissued)
+                    invoice::reissue(&stored.snapshot, incoming).map_err(|r| reject_for(tenant, debtor, r))?;
+                Ok(Step::Save(stored, InvoiceChange::Reissued))
             }
             RevisionDecision::Duplicate => {
                 self.changes.with_label_values(&["duplicate"]).inc();
-                let stored = existing.unwrap_or_else(|| unreachable!("Duplicate implies an existing snapshot"));
-                return self
-                    .publish(
-                        &stored.snapshot,
-                        InvoiceChange::Issued,
-                        Source {
-                            event_id: &event_id,
-                            occurred_at: at,
-                            credit_note_id: None,
-                        },
-                        trace,
-                    )
-                    .await;
+                Ok(Step::Republish(existing.unwrap_or_else(|| {
+                    unreachable!("Duplicate implies an existing snapshot")
+                })))
             }
             RevisionDecision::Stale => {
                 self.changes.with_label_values(&["stale"]).inc();
                 tracing::info!("older revision than the one held; ignored");
-                return Ok(Vec::new());
+                Ok(Step::Ignore)
             }
-        };
-        self.save(&stored).await?;
-        self.publish(
-            &stored.snapshot,
-            change,
-            Source {
-                event_id: &event_id,
-                occurred_at: at,
-                credit_note_id: None,
-            },
-            trace,
-        )
-        .await
+        }
     }
 
     async fn require(&self, tenant: &str, debtor_id: &str, invoice_id: &str) -> Result<Stored, Failure> {
@@ -401,14 +454,12 @@ impl Ingest {
     }
 }
 
-impl Handler for Ingest {
-    async fn handle(&self, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
-        self.state.ensure_ready().await?;
-        let decoded = self.rt.codec.decode(record.payload.as_deref()).await?;
+impl Ingest {
+    async fn handle_decoded(&self, decoded: Decoded, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
         match decoded.name.as_str() {
-            InvoiceIssued::FULL_NAME => self.issued(decoded.to()?, record.trace).await,
-            InvoiceCredited::FULL_NAME => self.credited(decoded.to()?, record.trace).await,
-            InvoiceCancelled::FULL_NAME => self.cancelled(decoded.to()?, record.trace).await,
+            InvoiceIssued::FULL_NAME => self.issued(decoded.to()?, trace).await,
+            InvoiceCredited::FULL_NAME => self.credited(decoded.to()?, trace).await,
+            InvoiceCancelled::FULL_NAME => self.cancelled(decoded.to()?, trace).await,
             other => Err(Failure::reject(
                 "unexpected_record_type",
                 format!(
@@ -416,6 +467,18 @@ impl Handler for Ingest {
                 ),
             )),
         }
+    }
+}
+
+impl Handler for Ingest {
+    async fn handle(&self, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
+        self.state.ensure_ready().await?;
+        let decoded = self.rt.codec.decode(record.payload.as_deref()).await?;
+        self.handle_decoded(decoded, record.trace).await
+    }
+
+    async fn handle_batch(&self, records: &[Inbound]) -> Vec<Result<Vec<Outbound>, Failure>> {
+        batch::handle(self, records).await
     }
 }
 
@@ -479,6 +542,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     let settings: IngestSettings = config::section(&rt.figment, SERVICE)?;
     let mut loop_context = shell.loop_context(&rt);
     loop_context.key_concurrency = settings.concurrency.max(1);
+    loop_context.batch = settings.batch.max(1);
     let consumer = shell.consumer(&rt, SERVICE, &[billing_topic])?;
     let consumed = run_consumer(consumer, ingest, loop_context).await;
     watching.abort();

@@ -22,7 +22,7 @@
 //! records, lets those in hand finish within `kafka.drain_timeout_ms` (retries stop at once),
 //! commits what is settled and returns.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -142,6 +142,19 @@ impl From<ProduceError> for Failure {
 /// The body of a consume loop: decides what one record becomes.
 pub trait Handler: Send + Sync {
     fn handle(&self, record: &Inbound) -> impl Future<Output = Result<Vec<Outbound>, Failure>> + Send;
+
+    /// Decides records of different lanes together, one result each and in order, for a
+    /// handler that shares their round trips (`LoopContext::batch` > 1). A transient failure
+    /// of one is retried on its own, through [`Handler::handle`]. By default one after another.
+    fn handle_batch(&self, records: &[Inbound]) -> impl Future<Output = Vec<Result<Vec<Outbound>, Failure>>> + Send {
+        async move {
+            let mut results = Vec::with_capacity(records.len());
+            for record in records {
+                results.push(self.handle(record).await);
+            }
+            results
+        }
+    }
 }
 
 /// What a consume loop needs besides its consumer and handler.
@@ -161,6 +174,9 @@ pub struct LoopContext {
     pub key_concurrency: usize,
     /// Which records must wait for each other (same lane): by default those with the same key.
     pub lane: Option<LaneOf>,
+    /// Most records taken together (those the consumer has at hand, of different lanes) and
+    /// decided by one [`Handler::handle_batch`]; 1 takes them one at a time.
+    pub batch: usize,
     /// How long records in hand may take to finish on shutdown.
     pub drain_timeout: Duration,
 }
@@ -185,14 +201,17 @@ pub fn backoff(attempt: u32) -> Duration {
     cap.mul_f64(rand::random::<f64>().max(0.1))
 }
 
-/// Lanes records are spread over.
-const LANES: u64 = 4096;
+/// Lanes remembered before the finished ones are forgotten.
+const LANES_KEPT: usize = 16_384;
 
+/// A record's lane: the hash of its key (or content). Lanes are not folded into a few buckets:
+/// two debtors sharing one would wait for each other's acknowledgements for nothing, and a
+/// billing run's batches would chain on them.
 fn lane_hash(bytes: &Option<Vec<u8>>) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     bytes.hash(&mut h);
-    h.finish() % LANES
+    h.finish()
 }
 
 /// The default lane: records with the same key wait for each other.
@@ -313,6 +332,41 @@ impl LoopContext {
         }
     }
 
+    /// What a handler's result for `record` (decided in `seconds`) becomes: its outputs when
+    /// applied, its rejection when refused, or the failure to wait out or stop on (a rejection
+    /// that cannot be encoded is retried or fatal; handling again gives the same rejection).
+    async fn outcome(
+        &self,
+        record: &Inbound,
+        result: Result<Vec<Outbound>, Failure>,
+        seconds: f64,
+    ) -> Result<Handled, Failure> {
+        self.metrics
+            .handle_seconds
+            .with_label_values(&[&record.topic])
+            .observe(seconds);
+        match result {
+            Ok(outs) => {
+                self.metrics
+                    .messages
+                    .with_label_values(&[&record.topic, "applied"])
+                    .inc();
+                Ok(Handled::Outputs(outs))
+            }
+            Err(Failure::Reject {
+                code,
+                detail,
+                tenant,
+                debtor_id,
+            }) => {
+                self.count_rejection(record, code, &detail);
+                let rejection = self.rejection(record, code, detail, tenant, debtor_id).await?;
+                Ok(Handled::Outputs(vec![rejection]))
+            }
+            Err(f) => Err(f),
+        }
+    }
+
     /// Handles one record until it is applied or rejected, retrying transient failures.
     async fn outputs_for(
         &self,
@@ -325,32 +379,8 @@ impl LoopContext {
         loop {
             let started = Instant::now();
             let result = handler.handle(record).await;
-            self.metrics
-                .handle_seconds
-                .with_label_values(&[&record.topic])
-                .observe(started.elapsed().as_secs_f64());
-            let failure = match result {
-                Ok(outs) => {
-                    self.metrics
-                        .messages
-                        .with_label_values(&[&record.topic, "applied"])
-                        .inc();
-                    return Ok(Handled::Outputs(outs));
-                }
-                Err(Failure::Reject {
-                    code,
-                    detail,
-                    tenant,
-                    debtor_id,
-                }) => {
-                    self.count_rejection(record, code, &detail);
-                    match self.rejection(record, code, detail, tenant, debtor_id).await {
-                        Ok(out) => return Ok(Handled::Outputs(vec![out])),
-                        // A rejection that cannot be encoded is retried or fatal below; handling
-                        // again gives the same rejection.
-                        Err(f) => f,
-                    }
-                }
+            let failure = match self.outcome(record, result, started.elapsed().as_secs_f64()).await {
+                Ok(handled) => return Ok(handled),
                 Err(f) => f,
             };
             match failure {
@@ -461,53 +491,30 @@ type Settled = Shared<BoxFuture<'static, bool>>;
 
 /// One record in hand and what its task needs.
 struct Job<H> {
-    record: Inbound,
-    ticket: Ticket,
-    /// The previous record of its lane.
-    before: Option<(Ticket, Settled)>,
-    done: oneshot::Sender<bool>,
-    handler: Arc<H>,
-    ctx: LoopContext,
-    consumer: Arc<KafkaConsumer>,
-    ownership: Arc<Ownership>,
-    handlers: Arc<Semaphore>,
+    part: Part,
+    shared: TaskShared<H>,
 }
 
 impl<H: Handler + 'static> Job<H> {
     async fn run(self) -> anyhow::Result<()> {
         let Job {
-            mut record,
-            ticket,
-            before,
-            done,
-            handler,
-            ctx,
-            consumer,
-            ownership,
-            handlers,
+            part:
+                Part {
+                    mut record,
+                    ticket,
+                    before,
+                    done,
+                },
+            shared:
+                TaskShared {
+                    handler,
+                    ctx,
+                    consumer,
+                    ownership,
+                    handlers,
+                },
         } = self;
-        // One consumer span per record, by OpenTelemetry's messaging conventions, a child of the
-        // span that produced the record.
-        let span = tracing::info_span!(
-            "process",
-            "otel.name" = %format!("process {}", record.topic),
-            "otel.kind" = "consumer",
-            "messaging.system" = "kafka",
-            "messaging.operation.type" = "process",
-            "messaging.destination.name" = %record.topic,
-            "messaging.destination.partition.id" = %record.partition,
-            "messaging.kafka.offset" = record.offset,
-            "messaging.kafka.message.key" = %record.key_str().unwrap_or_default(),
-            service = ctx.service,
-            trace_id = tracing::field::Empty,
-        );
-        if let Some(parent) = &record.parent {
-            crate::telemetry::set_parent(&span, parent);
-        }
-        if let Some(own) = crate::telemetry::context_of(&span) {
-            record.trace = own;
-        }
-        span.record("trace_id", record.trace.trace_id_hex());
+        let span = record_span(&mut record, ctx.service);
         let result: anyhow::Result<Settlement> = async {
             // A predecessor that did not finish blocks its partition's offsets until it is
             // redelivered, and this record with it (it is redelivered too, in order). One of
@@ -526,7 +533,9 @@ impl<H: Handler + 'static> Job<H> {
                 return Ok(Settlement::Unfinished);
             }
             let still_ours = || ownership.may_start(&ticket);
-            let outs = match ctx.outputs_for(&*handler, &record, &still_ours).await? {
+            // Boxed: a task waiting for its lane or a slot holds a pointer, not the handler's
+            // whole state machine (thousands wait at once in a billing run).
+            let outs = match Box::pin(ctx.outputs_for(&*handler, &record, &still_ours)).await? {
                 Handled::Outputs(outs) => outs,
                 Handled::Interrupted => return Ok(Settlement::Unfinished),
             };
@@ -542,6 +551,202 @@ impl<H: Handler + 'static> Job<H> {
         let _ = done.send(settlement == Settlement::Done);
         result.map(|_| ())
     }
+}
+
+/// A record in hand: the record, its place, and its lane's previous record.
+struct Part {
+    record: Inbound,
+    ticket: Ticket,
+    /// The previous record of its lane.
+    before: Option<(Ticket, Settled)>,
+    done: oneshot::Sender<bool>,
+}
+
+/// Records of different lanes taken together and decided by one [`Handler::handle_batch`].
+/// Each keeps its own order, retries, rejection, acknowledgement and settlement, as a [`Job`].
+struct BatchJob<H> {
+    parts: Vec<Part>,
+    shared: TaskShared<H>,
+}
+
+impl<H: Handler + 'static> BatchJob<H> {
+    async fn run(self) -> anyhow::Result<()> {
+        let BatchJob { parts, shared } = self;
+        let (handler, ctx, ownership) = (&shared.handler, &shared.ctx, &shared.ownership);
+        let settle = |ticket: &Ticket, done: oneshot::Sender<bool>, settlement: Settlement| {
+            ownership.settle(&shared.consumer, ticket, settlement);
+            let _ = done.send(settlement == Settlement::Done);
+        };
+        // Those whose predecessor finished (or says nothing of them) go on; the others are
+        // redelivered with it, as in a `Job`.
+        let mut ready = Vec::with_capacity(parts.len());
+        for mut part in parts {
+            if let Some((previous, settled)) = part.before.take()
+                && !settled.await
+                && previous.same_assignment(&part.ticket)
+            {
+                settle(&part.ticket, part.done, Settlement::Unfinished);
+                continue;
+            }
+            ready.push(part);
+        }
+        let permit = shared.handlers.clone().acquire_owned().await?;
+        let (mut records, mut rest) = (Vec::with_capacity(ready.len()), Vec::with_capacity(ready.len()));
+        let mut spans = Vec::with_capacity(ready.len());
+        for mut part in ready {
+            if !ownership.may_start(&part.ticket) || ctx.shutdown.is_cancelled() {
+                settle(&part.ticket, part.done, Settlement::Unfinished);
+                continue;
+            }
+            spans.push(record_span(&mut part.record, ctx.service));
+            records.push(part.record);
+            rest.push((part.ticket, part.done));
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let batch_span = tracing::info_span!("process batch", service = ctx.service, records = records.len());
+        let results = handler.handle_batch(&records).instrument(batch_span).await;
+        let each = started.elapsed().as_secs_f64() / records.len() as f64;
+        anyhow::ensure!(
+            results.len() == records.len(),
+            "a batch handler gave {} results for {} records",
+            results.len(),
+            records.len()
+        );
+        // Each record's way to its outputs: decided, rejected, or retried on its own (at once,
+        // so that one record waiting out a fault holds up no other).
+        let handled = futures::future::join_all(records.iter().zip(results).zip(&rest).zip(&spans).map(
+            |(((record, result), (ticket, _)), span)| {
+                async move {
+                    let still_ours = || ownership.may_start(ticket);
+                    match ctx.outcome(record, result, each).await {
+                        Ok(handled) => Ok(handled),
+                        Err(Failure::Fatal(e)) => Err(e.context(format!(
+                            "handling {}[{}]@{}",
+                            record.topic, record.partition, record.offset
+                        ))),
+                        // Decided again on its own, waiting out the fault.
+                        Err(_) => Box::pin(ctx.outputs_for(&**handler, record, &still_ours)).await,
+                    }
+                }
+                .instrument(span.clone())
+            },
+        ))
+        .await;
+        let mut outputs = Vec::with_capacity(records.len());
+        let mut failure = None;
+        for h in handled {
+            match h {
+                Ok(h) => outputs.push(h),
+                Err(e) => {
+                    // Records after a fatal one are not delivered: they are redelivered with it.
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(permit);
+        let delivered = futures::future::join_all(records.iter().zip(outputs).zip(&rest).zip(&spans).map(
+            |(((record, handled), (ticket, _)), span)| async move {
+                let still_ours = || ownership.may_start(ticket);
+                match handled {
+                    Handled::Outputs(outs) => ctx.deliver(record, outs, &still_ours).instrument(span.clone()).await,
+                    Handled::Interrupted => Ok(Settlement::Unfinished),
+                }
+            },
+        ))
+        .await;
+        let mut delivered = delivered.into_iter();
+        for (ticket, done) in rest {
+            let settlement = match delivered.next() {
+                Some(Ok(s)) => s,
+                Some(Err(e)) => {
+                    failure.get_or_insert(e);
+                    Settlement::Unfinished
+                }
+                // Not handled: the batch stopped at a fatal error before it.
+                None => Settlement::Unfinished,
+            };
+            settle(&ticket, done, settlement);
+        }
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// One consumer span per record, by OpenTelemetry's messaging conventions, a child of the span
+/// that produced the record; the record's trace becomes the span's, for its outputs.
+fn record_span(record: &mut Inbound, service: &'static str) -> tracing::Span {
+    let span = tracing::info_span!(
+        "process",
+        "otel.name" = %format!("process {}", record.topic),
+        "otel.kind" = "consumer",
+        "messaging.system" = "kafka",
+        "messaging.operation.type" = "process",
+        "messaging.destination.name" = %record.topic,
+        "messaging.destination.partition.id" = %record.partition,
+        "messaging.kafka.offset" = record.offset,
+        "messaging.kafka.message.key" = %record.key_str().unwrap_or_default(),
+        service = service,
+        trace_id = tracing::field::Empty,
+    );
+    if let Some(parent) = &record.parent {
+        crate::telemetry::set_parent(&span, parent);
+    }
+    if let Some(own) = crate::telemetry::context_of(&span) {
+        record.trace = own;
+    }
+    span.record("trace_id", record.trace.trace_id_hex());
+    span
+}
+
+/// What every record's task shares.
+struct TaskShared<H> {
+    handler: Arc<H>,
+    ctx: LoopContext,
+    consumer: Arc<KafkaConsumer>,
+    ownership: Arc<Ownership>,
+    /// Slots for records (or batches) being decided: `key_concurrency`.
+    handlers: Arc<Semaphore>,
+}
+
+impl<H> Clone for TaskShared<H> {
+    fn clone(&self) -> Self {
+        Self {
+            handler: self.handler.clone(),
+            ctx: self.ctx.clone(),
+            consumer: self.consumer.clone(),
+            ownership: self.ownership.clone(),
+            handlers: self.handlers.clone(),
+        }
+    }
+}
+
+/// Spawns the task of `batch`: one record's [`Job`] without batching, else one [`BatchJob`].
+fn spawn_batch<H: Handler + 'static>(
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    mut batch: Vec<Part>,
+    shared: &TaskShared<H>,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    if shared.ctx.batch <= 1 && batch.len() == 1 {
+        if let Some(part) = batch.pop() {
+            let job = Job {
+                part,
+                shared: shared.clone(),
+            };
+            tasks.spawn(job.run());
+        }
+        return;
+    }
+    let job = BatchJob {
+        parts: batch,
+        shared: shared.clone(),
+    };
+    tasks.spawn(job.run());
 }
 
 /// Runs the consume runtime until shutdown (returns `Ok`) or a fatal error.
@@ -562,9 +767,19 @@ pub async fn run_consumer<H: Handler + 'static>(
         ..ctx.clone()
     };
     let handlers = Arc::new(Semaphore::new(ctx.key_concurrency.max(1)));
-    let limit = ctx.max_in_flight.max(1);
+    let batch_size = ctx.batch.max(1);
+    // Tasks in hand, each with up to a batch of records.
+    let limit = (ctx.max_in_flight / batch_size).max(1);
+    let shared = TaskShared {
+        handler: handler.clone(),
+        ctx: task_ctx.clone(),
+        consumer: consumer.clone(),
+        ownership: ownership.clone(),
+        handlers: handlers.clone(),
+    };
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
     let mut lanes: HashMap<u64, (Ticket, Settled)> = HashMap::new();
+    let mut lanes_kept = LANES_KEPT;
     let mut paused = false;
     let mut readiness_tick = tokio::time::interval(Duration::from_millis(250));
     let mut lag_tick = tokio::time::interval(Duration::from_secs(5));
@@ -606,31 +821,46 @@ pub async fn run_consumer<H: Handler + 'static>(
                         continue;
                     }
                 };
-                let record = Inbound::from_message(&message);
-                if let Some(written_ms) = rdkafka::Message::timestamp(&message).to_millis() {
-                    ctx.metrics.polled(&record.topic, record.partition, written_ms);
+                // Records the consumer already has join this one, up to a batch of different
+                // lanes; one at a time without batching.
+                let mut batch: Vec<Part> = Vec::new();
+                let mut batch_lanes: HashSet<u64> = HashSet::new();
+                let mut next = Some(message);
+                while let Some(message) = next.take() {
+                    let record = Inbound::from_message(&message);
+                    if let Some(written_ms) = rdkafka::Message::timestamp(&message).to_millis() {
+                        ctx.metrics.polled(&record.topic, record.partition, written_ms);
+                    }
+                    if let Some(ticket) = ownership.take(&record.topic, record.partition, record.offset) {
+                        let lane = ctx.lane.as_ref().map_or_else(|| key_lane(&record), |f| f(&record));
+                        if !batch_lanes.insert(lane) {
+                            // A lane's records are decided one after another: the next batch.
+                            spawn_batch(&mut tasks, std::mem::take(&mut batch), &shared);
+                            batch_lanes = HashSet::from([lane]);
+                        }
+                        let (done, settled) = oneshot::channel::<bool>();
+                        let settled: Settled = settled.map(|r| r.unwrap_or(false)).boxed().shared();
+                        let before = lanes.insert(lane, (ticket.clone(), settled));
+                        if lanes.len() > lanes_kept {
+                            // Lanes whose last record is done say nothing to a next one; those
+                            // in hand or unfinished (it must not overtake them) stay.
+                            lanes.retain(|_, (_, settled)| settled.peek() != Some(&true));
+                            lanes_kept = (2 * lanes.len()).max(LANES_KEPT);
+                        }
+                        batch.push(Part { record, ticket, before, done });
+                    } else {
+                        tracing::debug!(topic = %record.topic, partition = record.partition, offset = record.offset,
+                            "record of a partition no longer owned, left to its owner");
+                    }
+                    if batch.len() >= batch_size {
+                        spawn_batch(&mut tasks, std::mem::take(&mut batch), &shared);
+                        batch_lanes.clear();
+                    }
+                    if batch_size > 1 && tasks.len() < limit {
+                        next = consumer.recv().now_or_never().and_then(Result::ok).map(|m| m.detach());
+                    }
                 }
-                let Some(ticket) = ownership.take(&record.topic, record.partition, record.offset) else {
-                    tracing::debug!(topic = %record.topic, partition = record.partition, offset = record.offset,
-                        "record of a partition no longer owned, left to its owner");
-                    continue;
-                };
-                let lane = ctx.lane.as_ref().map_or_else(|| key_lane(&record), |f| f(&record) % LANES);
-                let (done, settled) = oneshot::channel::<bool>();
-                let settled: Settled = settled.map(|r| r.unwrap_or(false)).boxed().shared();
-                let before = lanes.insert(lane, (ticket.clone(), settled));
-                let job = Job {
-                    record,
-                    ticket,
-                    before,
-                    done,
-                    handler: handler.clone(),
-                    ctx: task_ctx.clone(),
-                    consumer: consumer.clone(),
-                    ownership: ownership.clone(),
-                    handlers: handlers.clone(),
-                };
-                tasks.spawn(job.run());
+                spawn_batch(&mut tasks, batch, &shared);
                 // Paused again on each record past the limit: a rebalance may have brought
                 // partitions that are not paused yet.
                 if tasks.len() >= limit {

@@ -1,0 +1,180 @@
+//! A poll's worth of billing records decided together: a billing run is almost all new
+//! invoices, so theirs are read in one Redis round trip and written in another, and their
+//! outputs go to the broker together. Credit notes and cancellations (rare) go one at a time.
+//! Records of one debtor never share a batch (the runtime keeps a lane's records apart), so no
+//! record of a batch decides on a snapshot another of the batch writes; the same invoice named
+//! under two debtors is the exception, and its second record is decided after the batch.
+
+use std::collections::HashSet;
+
+use forfall_platform::kafka::{Failure, Inbound, Outbound};
+use forfall_platform::records::{InvoiceIssued, Record};
+
+use crate::{Ingest, Issued, Step, parse_stored};
+
+type Outcome = Result<Vec<Outbound>, Failure>;
+
+/// One result per record, in order (see [`forfall_platform::kafka::Handler::handle_batch`]).
+pub(crate) async fn handle(ingest: &Ingest, records: &[Inbound]) -> Vec<Outcome> {
+    let mut results: Vec<Option<Outcome>> = records.iter().map(|_| None).collect();
+    if let Err(e) = ingest.state.ensure_ready().await {
+        // Each is retried on its own, which waits for the state as `handle` does.
+        let why = format!("{e:?}");
+        return records
+            .iter()
+            .map(|_| Err(Failure::Transient(anyhow::anyhow!("{why}"))))
+            .collect();
+    }
+    // The batch's new revisions, by their record's place.
+    let mut issued: Vec<(usize, Issued)> = Vec::with_capacity(records.len());
+    let mut named: HashSet<(String, String)> = HashSet::new();
+    for (i, record) in records.iter().enumerate() {
+        let decoded = match ingest.rt.codec.decode(record.payload.as_deref()).await {
+            Ok(d) => d,
+            Err(e) => {
+                results[i] = Some(Err(e.into()));
+                continue;
+            }
+        };
+        if decoded.name != InvoiceIssued::FULL_NAME {
+            results[i] = Some(ingest.handle_decoded(decoded, record.trace).await);
+            continue;
+        }
+        match decoded
+            .to::<InvoiceIssued>()
+            .map_err(Failure::from)
+            .and_then(Issued::of)
+        {
+            Err(f) => results[i] = Some(Err(f)),
+            Ok(one) => {
+                let invoice = (one.tenant.clone(), one.incoming.invoice_id.clone());
+                if named.insert(invoice) {
+                    issued.push((i, one));
+                } else {
+                    results[i] = Some(Err(Failure::Transient(anyhow::anyhow!(
+                        "invoice named twice in one batch (under two debtors): decided after it"
+                    ))));
+                }
+            }
+        }
+    }
+    for (i, outcome) in decide(ingest, records, issued).await {
+        results[i] = Some(outcome);
+    }
+    results
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(Failure::Fatal(anyhow::anyhow!(
+                    "a record of the batch was left undecided"
+                )))
+            })
+        })
+        .collect()
+}
+
+/// The new revisions' snapshots read together, their steps decided, the new ones written
+/// together, and their snapshots published.
+async fn decide(ingest: &Ingest, records: &[Inbound], issued: Vec<(usize, Issued)>) -> Vec<(usize, Outcome)> {
+    if issued.is_empty() {
+        return Vec::new();
+    }
+    let all_transient = |issued: Vec<(usize, Issued)>, why: String| -> Vec<(usize, Outcome)> {
+        issued
+            .into_iter()
+            .map(|(i, _)| (i, Err(Failure::Transient(anyhow::anyhow!("{why}")))))
+            .collect()
+    };
+    let floor = ingest.state.read_floor();
+    let mut reads = redis::pipe();
+    for (_, one) in &issued {
+        reads.get(ingest.keys.stored(&one.tenant, &one.incoming.invoice_id));
+    }
+    reads.get(ingest.state.marker_key());
+    let mut held: Vec<Option<String>> = match reads.query_async(&mut ingest.redis.clone()).await {
+        Ok(held) => held,
+        Err(e) => return all_transient(issued, format!("reading the invoices' snapshots: {e}")),
+    };
+    let marker = held.pop().flatten();
+    if let Err(e) = ingest.state.check(marker.as_deref(), floor) {
+        return all_transient(issued, format!("{e:?}"));
+    }
+    let mut out = Vec::with_capacity(issued.len());
+    let mut steps = Vec::with_capacity(issued.len());
+    for ((i, one), raw) in issued.into_iter().zip(held) {
+        match parse_stored(raw).and_then(|existing| ingest.revision_step(existing, &one)) {
+            Ok(step) => steps.push((i, one, step)),
+            Err(f) => out.push((i, Err(f))),
+        }
+    }
+    // The new snapshots, in one round trip (the script loaded first: a Redis that lost its
+    // scripts with its data still runs them).
+    let mut writes = redis::pipe();
+    let mut writing = 0usize;
+    for (_, _, step) in &steps {
+        if let Step::Save(stored, _) = step {
+            match ingest.save_call(stored) {
+                Ok(call) => {
+                    if writing == 0 {
+                        writes.load_script(&crate::SAVE).ignore();
+                    }
+                    writes.invoke_script(&call);
+                    writing += 1;
+                }
+                Err(f) => return out.into_iter().chain(fatal_all(steps, f)).collect(),
+            }
+        }
+    }
+    let mut saved: std::vec::IntoIter<i32> = if writing == 0 {
+        Vec::new().into_iter()
+    } else {
+        match writes.query_async::<Vec<i32>>(&mut ingest.redis.clone()).await {
+            Ok(saved) => saved.into_iter(),
+            Err(e) => {
+                let why = format!("writing the invoices' snapshots: {e}");
+                return out
+                    .into_iter()
+                    .chain(
+                        steps
+                            .into_iter()
+                            .map(|(i, _, _)| (i, Err(Failure::Transient(anyhow::anyhow!("{why}"))))),
+                    )
+                    .collect();
+            }
+        }
+    };
+    for (i, one, step) in steps {
+        let trace = records[i].trace;
+        let outcome = match step {
+            Step::Save(stored, change) => {
+                if saved.next() == Some(1) {
+                    ingest.publish(&stored.snapshot, change, one.source(), trace).await
+                } else {
+                    Err(ingest.state.missing())
+                }
+            }
+            Step::Republish(stored) => {
+                ingest
+                    .publish(
+                        &stored.snapshot,
+                        forfall_platform::records::InvoiceChange::Issued,
+                        one.source(),
+                        trace,
+                    )
+                    .await
+            }
+            Step::Ignore => Ok(Vec::new()),
+        };
+        out.push((i, outcome));
+    }
+    out
+}
+
+/// Every step's record failed with `f`'s reason (a bug: the whole batch stops).
+fn fatal_all(steps: Vec<(usize, Issued, Step)>, f: Failure) -> Vec<(usize, Outcome)> {
+    let why = format!("{f:?}");
+    steps
+        .into_iter()
+        .map(|(i, _, _)| (i, Err(Failure::Fatal(anyhow::anyhow!("{why}")))))
+        .collect()
+}
