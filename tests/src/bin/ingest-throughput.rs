@@ -180,5 +180,8 @@ async fn main() -> anyhow::Result<()> {
         sum / ingest.as_secs_f64()
     );
     stack.shutdown().await;
+    // 50,000 snapshots kept 400 days would stay in the shared dev Redis, and every test that
+    // scans its keys would slow down with them.
+    remove_keys(&mut stack.redis(), &stack.rt.config.redis.key_prefix).await?;
     Ok(())
 }
