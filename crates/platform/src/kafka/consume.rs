@@ -843,8 +843,10 @@ pub async fn run_consumer<H: Handler + 'static>(
                         let before = lanes.insert(lane, (ticket.clone(), settled));
                         if lanes.len() > lanes_kept {
                             // Lanes whose last record is done say nothing to a next one; those
-                            // in hand or unfinished (it must not overtake them) stay.
-                            lanes.retain(|_, (_, settled)| settled.peek() != Some(&true));
+                            // in hand or unfinished (it must not overtake them) stay. Polled
+                            // here: a lane without a next record is never polled elsewhere, and
+                            // `Shared::peek` only sees what some clone has polled.
+                            lanes.retain(|_, (_, settled)| settled.clone().now_or_never() != Some(true));
                             lanes_kept = (2 * lanes.len()).max(LANES_KEPT);
                         }
                         batch.push(Part { record, ticket, before, done });
