@@ -2,7 +2,7 @@
 //! records in hand, the drain deadline, outputs the broker cannot take, and a registry outage.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,8 @@ struct Scripted {
     output_topic: String,
     /// Per-record delay.
     delay: Duration,
+    /// Records named `held-…` wait until this is set.
+    released: Arc<AtomicBool>,
 }
 
 impl Handler for Scripted {
@@ -52,6 +54,12 @@ impl Handler for Scripted {
                 Ok(vec![])
             }
             "huge-output" => Ok(vec![out(vec![b'x'; 2_000_000])]),
+            t if t.starts_with("held") => {
+                while !self.released.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Ok(vec![out(text.clone().into_bytes())])
+            }
             t if t.starts_with("reject-me") => Err(Failure::reject("test_reason", "refused by the test")),
             _ => Ok(vec![out(text.clone().into_bytes())]),
         };
@@ -69,6 +77,8 @@ struct Harness {
     group: String,
     /// Records decided together (`LoopContext::batch`).
     batch: usize,
+    /// Records in hand at most (`LoopContext::max_in_flight`).
+    max_in_flight: usize,
 }
 
 impl Harness {
@@ -90,6 +100,7 @@ impl Harness {
             output,
             group,
             batch,
+            max_in_flight: 1000,
         })
     }
 
@@ -103,7 +114,7 @@ impl Harness {
             rejected_topic: self.stack.topic(&self.stack.topics().rejected),
             readiness: Readiness::default(),
             shutdown,
-            max_in_flight: 1000,
+            max_in_flight: self.max_in_flight,
             key_concurrency: concurrency,
             lane: None,
             batch: self.batch,
@@ -156,6 +167,34 @@ impl Harness {
             offsets.push(delivery.offset);
         }
         Ok(offsets)
+    }
+
+    /// Produces `payloads`, each under its own key, spread over the partitions by key.
+    async fn produce_spread(&self, payloads: &[String]) -> anyhow::Result<()> {
+        let producer = Producer::new(&self.stack.rt.config.kafka, Metrics::new("feeder")?)?;
+        let outs: Vec<Outbound> = payloads
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Outbound {
+                topic: self.input.clone(),
+                key: format!("debtor-{i}"),
+                payload: p.clone().into_bytes(),
+                trace: TraceContext::new_root(),
+                partition: None,
+            })
+            .collect();
+        producer.send_all(&outs).await?;
+        Ok(())
+    }
+
+    /// Waits until the group has committed `records` records over `partitions` partitions.
+    async fn committed_to_the_end(&self, partitions: i32, records: usize) -> anyhow::Result<()> {
+        eventually("the committed offsets to reach the end", WAIT, || async {
+            let committed = self.committed(partitions).await?;
+            let total: i64 = committed.values().map(|o| o.unwrap_or(0)).sum();
+            Ok((total == records as i64).then_some(()))
+        })
+        .await
     }
 
     /// The group's committed offset (the next offset it will read) per partition.
@@ -279,20 +318,7 @@ async fn a_rebalance_with_records_in_hand_loses_nothing_and_kills_nobody_in_batc
 async fn a_rebalance_with_records_in_hand_loses_nothing_and_kills_nobody_case(batch: usize) -> anyhow::Result<()> {
     let h = Harness::batched(2, batch).await?;
     let payloads: Vec<String> = (0..300).map(|i| format!("r-{i}")).collect();
-    // Spread over both partitions by key.
-    let producer = Producer::new(&h.stack.rt.config.kafka, Metrics::new("feeder")?)?;
-    let outs: Vec<Outbound> = payloads
-        .iter()
-        .enumerate()
-        .map(|(i, p)| Outbound {
-            topic: h.input.clone(),
-            key: format!("debtor-{i}"),
-            payload: p.clone().into_bytes(),
-            trace: TraceContext::new_root(),
-            partition: None,
-        })
-        .collect();
-    producer.send_all(&outs).await?;
+    h.produce_spread(&payloads).await?;
 
     let first = Scripted {
         delay: Duration::from_millis(20),
@@ -331,12 +357,7 @@ async fn a_rebalance_with_records_in_hand_loses_nothing_and_kills_nobody_case(ba
     })
     .await?;
     // Both settle their offsets; then every partition's committed offset is its end.
-    eventually("the committed offsets to reach the end", WAIT, || async {
-        let committed = h.committed(2).await?;
-        let total: i64 = committed.values().map(|o| o.unwrap_or(0)).sum();
-        Ok((total == payloads.len() as i64).then_some(()))
-    })
-    .await?;
+    h.committed_to_the_end(2, payloads.len()).await?;
     stop_first.cancel();
     stop_second.cancel();
     first_running.await??;
@@ -456,5 +477,57 @@ async fn a_registry_outage_is_waited_out_not_turned_into_rejections() -> anyhow:
     let rejected: Vec<Rejected> = stack.read(&stack.topic(&stack.topics().rejected)).await?;
     assert!(rejected.is_empty(), "nothing rejected: {rejected:?}");
     stack.shutdown().await;
+    Ok(())
+}
+
+/// A loop with as many records in hand as it may hold leaves the rest to the client; held
+/// full for longer (a fault waited out) it pauses its partitions and polls again, so that it
+/// stays in the group and a rebalance goes through: a member that stopped polling would hold
+/// the whole group up until `max.poll.interval.ms` (5 minutes) put it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_loop_still_serves_a_rebalance_and_loses_nothing() -> anyhow::Result<()> {
+    let mut h = Harness::new(2).await?;
+    h.max_in_flight = 6;
+    let payloads: Vec<String> = (0..40).map(|i| format!("held-{i}")).collect();
+    h.produce_spread(&payloads).await?;
+
+    let first = h.handler();
+    let (first_calls, first_handled, first_released) =
+        (first.calls.clone(), first.handled.clone(), first.released.clone());
+    let (stop_first, first_running) = h.start(first, 16)?;
+    eventually("the first consumer to be full", WAIT, || async {
+        Ok((first_calls.load(Ordering::SeqCst) >= h.max_in_flight).then_some(()))
+    })
+    .await?;
+    let second = h.handler();
+    second.released.store(true, Ordering::SeqCst);
+    let second_handled = second.handled.clone();
+    let (stop_second, second_running) = h.start(second, 16)?;
+    eventually(
+        "the second member to get a partition while the first is full",
+        Duration::from_secs(60),
+        || async {
+            anyhow::ensure!(!first_running.is_finished(), "the first consumer ended");
+            Ok((!second_handled.lock().expect("lock").is_empty()).then_some(()))
+        },
+    )
+    .await?;
+    first_released.store(true, Ordering::SeqCst);
+    eventually("every record to be handled", Duration::from_secs(60), || async {
+        let all: HashSet<String> = first_handled
+            .lock()
+            .expect("lock")
+            .iter()
+            .chain(second_handled.lock().expect("lock").iter())
+            .cloned()
+            .collect();
+        Ok((all.len() == payloads.len()).then_some(()))
+    })
+    .await?;
+    h.committed_to_the_end(2, payloads.len()).await?;
+    stop_first.cancel();
+    stop_second.cancel();
+    first_running.await??;
+    second_running.await??;
     Ok(())
 }

@@ -192,6 +192,9 @@ const DETAIL_KEPT: usize = 2048;
 /// How much of a rejected record's tenant and debtor id is kept.
 const IDENTIFIER_KEPT: usize = 256;
 
+/// How long the loop stays full before it pauses its partitions (see `run_consumer`).
+const FULL_BEFORE_PAUSE: Duration = Duration::from_secs(1);
+
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -723,30 +726,32 @@ impl<H> Clone for TaskShared<H> {
     }
 }
 
+/// Tasks of records in hand, each ending with its records' count and result.
+type Tasks = JoinSet<(usize, anyhow::Result<()>)>;
+
 /// Spawns the task of `batch`: one record's [`Job`] without batching, else one [`BatchJob`].
-fn spawn_batch<H: Handler + 'static>(
-    tasks: &mut JoinSet<anyhow::Result<()>>,
-    mut batch: Vec<Part>,
-    shared: &TaskShared<H>,
-) {
-    if batch.is_empty() {
-        return;
+/// Returns how many records it took.
+fn spawn_batch<H: Handler + 'static>(tasks: &mut Tasks, mut batch: Vec<Part>, shared: &TaskShared<H>) -> usize {
+    let records = batch.len();
+    if records == 0 {
+        return 0;
     }
-    if shared.ctx.batch <= 1 && batch.len() == 1 {
+    if shared.ctx.batch <= 1 && records == 1 {
         if let Some(part) = batch.pop() {
             let job = Job {
                 part,
                 shared: shared.clone(),
             };
-            tasks.spawn(job.run());
+            tasks.spawn(async move { (1, job.run().await) });
         }
-        return;
+        return records;
     }
     let job = BatchJob {
         parts: batch,
         shared: shared.clone(),
     };
-    tasks.spawn(job.run());
+    tasks.spawn(async move { (records, job.run().await) });
+    records
 }
 
 /// Runs the consume runtime until shutdown (returns `Ok`) or a fatal error.
@@ -768,8 +773,11 @@ pub async fn run_consumer<H: Handler + 'static>(
     };
     let handlers = Arc::new(Semaphore::new(ctx.key_concurrency.max(1)));
     let batch_size = ctx.batch.max(1);
-    // Tasks in hand, each with up to a batch of records.
-    let limit = (ctx.max_in_flight / batch_size).max(1);
+    // Records in hand, counted one by one whatever the batches they went in: most wait for
+    // their outputs' acknowledgement, and a limit on tasks of a few records each would keep
+    // only a few hundred records in flight and the loop paused most of the time.
+    let limit = ctx.max_in_flight.max(1);
+    let mut in_hand = 0usize;
     let shared = TaskShared {
         handler: handler.clone(),
         ctx: task_ctx.clone(),
@@ -777,10 +785,12 @@ pub async fn run_consumer<H: Handler + 'static>(
         ownership: ownership.clone(),
         handlers: handlers.clone(),
     };
-    let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    let mut tasks = Tasks::new();
     let mut lanes: HashMap<u64, (Ticket, Settled)> = HashMap::new();
     let mut lanes_kept = LANES_KEPT;
     let mut paused = false;
+    // Since when the loop has had `limit` records in hand.
+    let mut full_since: Option<Instant> = None;
     let mut readiness_tick = tokio::time::interval(Duration::from_millis(250));
     let mut lag_tick = tokio::time::interval(Duration::from_secs(5));
     let mut failure: Option<anyhow::Error> = None;
@@ -789,11 +799,18 @@ pub async fn run_consumer<H: Handler + 'static>(
         tokio::select! {
             biased;
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                let joined = joined.map(|(records, result)| {
+                    in_hand = in_hand.saturating_sub(records);
+                    result
+                });
                 if let Some(error) = task_error(joined) {
                     failure = Some(error);
                     break;
                 }
-                if paused && tasks.len() <= limit / 2 {
+                if in_hand < limit {
+                    full_since = None;
+                }
+                if paused && in_hand <= limit / 2 {
                     paused = !set_paused(&consumer, false);
                 }
             }
@@ -804,14 +821,21 @@ pub async fn run_consumer<H: Handler + 'static>(
             // partitions again, so whoever watches `/readyz` (an orchestrator rolling the
             // deployment, the fault suite) does not take a member away mid-rebalance.
             _ = readiness_tick.tick() => {
+                if !paused && full_since.is_some_and(|since| since.elapsed() >= FULL_BEFORE_PAUSE) {
+                    paused = set_paused(&consumer, true);
+                }
                 let owns = consumer.assignment().map(|a| a.count() > 0).unwrap_or(false);
                 if owns != ctx.readiness.has_joined() {
                     ctx.readiness.set_ready(owns);
                 }
             }
-            // Always polled, even when full: rebalances are served inside `recv`. When full, the
-            // partitions are paused, so at most what the client had fetched still arrives.
-            received = consumer.recv() => {
+            // Full, the loop leaves the records to the client, which stops fetching when its
+            // own queue is full, and takes them as soon as records in hand finish. Full for
+            // longer (a fault waited out), it pauses its partitions and polls again: rebalances
+            // are served inside `recv`, and a member that stops polling is put out of the
+            // group. Not at once: a paused partition's fetched records are dropped, and on
+            // resume the client takes up to a second to fetch again.
+            received = consumer.recv(), if paused || in_hand < limit => {
                 let message = match received {
                     Ok(m) => m.detach(),
                     Err(e) => {
@@ -835,7 +859,7 @@ pub async fn run_consumer<H: Handler + 'static>(
                         let lane = ctx.lane.as_ref().map_or_else(|| key_lane(&record), |f| f(&record));
                         if !batch_lanes.insert(lane) {
                             // A lane's records are decided one after another: the next batch.
-                            spawn_batch(&mut tasks, std::mem::take(&mut batch), &shared);
+                            in_hand += spawn_batch(&mut tasks, std::mem::take(&mut batch), &shared);
                             batch_lanes = HashSet::from([lane]);
                         }
                         let (done, settled) = oneshot::channel::<bool>();
@@ -855,17 +879,20 @@ pub async fn run_consumer<H: Handler + 'static>(
                             "record of a partition no longer owned, left to its owner");
                     }
                     if batch.len() >= batch_size {
-                        spawn_batch(&mut tasks, std::mem::take(&mut batch), &shared);
+                        in_hand += spawn_batch(&mut tasks, std::mem::take(&mut batch), &shared);
                         batch_lanes.clear();
                     }
-                    if batch_size > 1 && tasks.len() < limit {
+                    if batch_size > 1 && in_hand + batch.len() < limit {
                         next = consumer.recv().now_or_never().and_then(Result::ok).map(|m| m.detach());
                     }
                 }
-                spawn_batch(&mut tasks, batch, &shared);
+                in_hand += spawn_batch(&mut tasks, batch, &shared);
                 // Paused again on each record past the limit: a rebalance may have brought
                 // partitions that are not paused yet.
-                if tasks.len() >= limit {
+                if in_hand >= limit {
+                    full_since.get_or_insert_with(Instant::now);
+                }
+                if paused && in_hand >= limit {
                     paused = set_paused(&consumer, true) || paused;
                 }
             }
@@ -876,7 +903,7 @@ pub async fn run_consumer<H: Handler + 'static>(
     stop.cancel();
     let drained = tokio::time::timeout(ctx.drain_timeout, async {
         while let Some(joined) = tasks.join_next().await {
-            if let Some(error) = task_error(joined) {
+            if let Some(error) = task_error(joined.map(|(_, result)| result)) {
                 tracing::error!(error = format!("{error:#}"), "record failed while draining");
                 failure.get_or_insert(error);
             }

@@ -44,15 +44,12 @@ pub enum ProduceError {
 }
 
 impl ProduceError {
-    fn of(error: &KafkaError, out: &Outbound) -> Self {
-        let (topic, detail) = (out.topic.clone(), error.to_string());
+    /// `error` of a record of `bytes` (key and payload) for `topic`.
+    fn of(error: &KafkaError, topic: &str, bytes: usize) -> Self {
+        let (topic, detail) = (topic.to_owned(), error.to_string());
         match error.rdkafka_error_code() {
             Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge) => {
-                ProduceError::TooLarge {
-                    topic,
-                    bytes: out.key.len() + out.payload.len(),
-                    detail,
-                }
+                ProduceError::TooLarge { topic, bytes, detail }
             }
             Some(
                 RDKafkaErrorCode::Fatal
@@ -107,6 +104,7 @@ impl Producer {
     /// Enqueues one record and returns a future of its acknowledgement. Waits while the
     /// client's local queue is full rather than failing.
     pub async fn send(&self, out: &Outbound) -> Ack {
+        let bytes = out.key.len() + out.payload.len();
         loop {
             let mut record = FutureRecord::to(&out.topic)
                 .key(out.key.as_bytes())
@@ -120,16 +118,16 @@ impl Producer {
             match self.inner.send_result(record) {
                 Ok(delivery) => {
                     self.metrics.produced.with_label_values(&[&out.topic]).inc();
-                    let out = out.clone();
+                    let topic = out.topic.clone();
                     return async move {
                         match delivery.await {
                             Ok(Ok(d)) => Ok(Delivered {
                                 partition: d.partition,
                                 offset: d.offset,
                             }),
-                            Ok(Err((e, _))) => Err(ProduceError::of(&e, &out)),
+                            Ok(Err((e, _))) => Err(ProduceError::of(&e, &topic, bytes)),
                             Err(_) => Err(ProduceError::Transient {
-                                topic: out.topic.clone(),
+                                topic,
                                 detail: "delivery cancelled".into(),
                             }),
                         }
@@ -139,7 +137,7 @@ impl Producer {
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err((e, _)) => return futures::future::ready(Err(ProduceError::of(&e, out))).boxed(),
+                Err((e, _)) => return futures::future::ready(Err(ProduceError::of(&e, &out.topic, bytes))).boxed(),
             }
         }
     }
@@ -295,18 +293,8 @@ mod tests {
         );
     }
 
-    fn out() -> Outbound {
-        Outbound {
-            topic: "t".into(),
-            key: "k".into(),
-            payload: vec![0; 10],
-            trace: TraceContext::new_root(),
-            partition: None,
-        }
-    }
-
     fn kind(code: RDKafkaErrorCode) -> &'static str {
-        match ProduceError::of(&KafkaError::MessageProduction(code), &out()) {
+        match ProduceError::of(&KafkaError::MessageProduction(code), "t", 11) {
             ProduceError::Transient { .. } => "transient",
             ProduceError::TooLarge { .. } => "too large",
             ProduceError::Fatal { .. } => "fatal",
