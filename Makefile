@@ -41,7 +41,7 @@ fmt:
 	cargo fmt --all
 
 bench: devstack
-	cargo run --release -p forfall-e2e --bin ingest-throughput
+	cargo run --release -p forfall-e2e --bin ingest-throughput -- 300000
 
 # The debtor's page at a steady 300 requests/s, next to a static answer of the same server.
 bench-portal: devstack

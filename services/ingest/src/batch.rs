@@ -107,29 +107,27 @@ async fn decide(ingest: &Ingest, records: &[Inbound], issued: Vec<(usize, Issued
             Err(f) => out.push((i, Err(f))),
         }
     }
-    // The new snapshots, in one round trip (the script loaded first: a Redis that lost its
-    // scripts with its data still runs them).
-    let mut writes = redis::pipe();
-    let mut writing = 0usize;
-    for (_, _, step) in &steps {
-        if let Step::Save(stored, _) = step {
-            match ingest.save_call(stored) {
-                Ok(call) => {
-                    if writing == 0 {
-                        writes.load_script(&crate::SAVE).ignore();
-                    }
-                    writes.invoke_script(&call);
-                    writing += 1;
-                }
-                Err(f) => return out.into_iter().chain(fatal_all(steps, f)).collect(),
-            }
-        }
-    }
-    let mut saved: std::vec::IntoIter<i32> = if writing == 0 {
-        Vec::new().into_iter()
+    // The new snapshots, in one call (the script loaded first: a Redis that lost its scripts
+    // with its data still runs it).
+    let saving: Vec<&crate::Stored> = steps
+        .iter()
+        .filter_map(|(_, _, step)| match step {
+            Step::Save(stored, _) => Some(stored),
+            _ => None,
+        })
+        .collect();
+    let saved = if saving.is_empty() {
+        true
     } else {
-        match writes.query_async::<Vec<i32>>(&mut ingest.redis.clone()).await {
-            Ok(saved) => saved.into_iter(),
+        let call = match ingest.save_many_call(&saving) {
+            Ok(call) => call,
+            Err(f) => return out.into_iter().chain(fatal_all(steps, f)).collect(),
+        };
+        let mut writes = redis::pipe();
+        writes.load_script(&crate::SAVE_MANY).ignore();
+        writes.invoke_script(&call);
+        match writes.query_async::<(i32,)>(&mut ingest.redis.clone()).await {
+            Ok((saved,)) => saved == 1,
             Err(e) => {
                 let why = format!("writing the invoices' snapshots: {e}");
                 return out
@@ -147,7 +145,7 @@ async fn decide(ingest: &Ingest, records: &[Inbound], issued: Vec<(usize, Issued
         let trace = records[i].trace;
         let outcome = match step {
             Step::Save(stored, change) => {
-                if saved.next() == Some(1) {
+                if saved {
                     ingest.publish(&stored.snapshot, change, one.source(), trace).await
                 } else {
                     Err(ingest.state.missing())

@@ -255,6 +255,15 @@ static SAVE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     ))
 });
 
+/// Writes a batch's snapshots (`KEYS[2..]`, each with its `ARGV[i + 2]`) in one call, all or
+/// none: a call per snapshot cost Redis more than the writes themselves.
+static SAVE_MANY: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "{}for i = 2, #KEYS do\n  redis.call('SET', KEYS[i], ARGV[i + 2], 'EX', ARGV[1])\nend\nreturn 1",
+        guard_lua("KEYS[1]", "ARGV[2]", "ARGV[3]")
+    ))
+});
+
 fn reject_for(tenant: &str, debtor_id: &str, r: invoice::Rejection) -> Failure {
     Failure::Reject {
         code: r.code,
@@ -290,6 +299,22 @@ impl Ingest {
             .arg(self.retention.secs)
             .arg(epoch)
             .arg(writes);
+        Ok(call)
+    }
+
+    /// The call that writes `stored` snapshots together (see [`SAVE_MANY`]).
+    fn save_many_call(&self, stored: &[&Stored]) -> Result<redis::ScriptInvocation<'static>, Failure> {
+        let (epoch, writes) = self.state.seen();
+        let mut call = SAVE_MANY.prepare_invoke();
+        call.key(self.state.marker_key())
+            .arg(self.retention.secs)
+            .arg(epoch)
+            .arg(writes);
+        for one in stored {
+            let json = serde_json::to_string(one).map_err(|e| Failure::Fatal(e.into()))?;
+            call.key(self.keys.stored(&one.snapshot.tenant, &one.snapshot.invoice_id))
+                .arg(json);
+        }
         Ok(call)
     }
 
