@@ -6,7 +6,8 @@
 //!
 //!     cargo run --release -p forfall-e2e --bin dispatch-throughput -- 5000 2000 500
 //!
-//! Arguments: actions per run, payments, payments per second.
+//! Arguments: actions per run, payments, payments per second, `dispatch.concurrency` (its
+//! default when not given).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -28,12 +29,13 @@ fn action(i: usize, tenant: &str) -> JourneyAction {
 }
 
 /// Messages per second for `n` actions through one dispatch, with or without idempotency.
-async fn messages_per_second(n: usize, idempotency: bool) -> anyhow::Result<f64> {
+async fn messages_per_second(n: usize, idempotency: bool, concurrency: usize) -> anyhow::Result<f64> {
     let mut config = base_config();
     config.log.level = "warn".into();
     // Wednesday 09:00 in Copenhagen: inside contact hours.
     let mut stack = LocalStack::start(config, ManualClock::new(at("2026-09-02T07:00:00Z"))).await?;
     stack.set("dispatch.idempotency", idempotency);
+    stack.set("dispatch.concurrency", concurrency);
     let tenant = "acme-energy";
     let actions: Vec<JourneyAction> = (0..n).map(|i| action(i, tenant)).collect();
     journeys_after(&stack, &actions, |_, _| "nudged").await?;
@@ -175,16 +177,18 @@ async fn main() -> anyhow::Result<()> {
     let n = bench_arg(1, 5000.0)? as usize;
     let payments = bench_arg(2, 2000.0)? as usize;
     let rate = bench_arg(3, 500.0)?;
+    // `dispatch.concurrency` (its default when not given).
+    let concurrency = bench_arg(4, forfall_dispatch::DispatchSettings::default().concurrency as f64)? as usize;
     // Alternating runs, so that neither side always runs on a fresher broker; medians.
     let (mut with, mut without) = (Vec::new(), Vec::new());
     for _ in 0..3 {
-        without.push(messages_per_second(n, false).await?);
-        with.push(messages_per_second(n, true).await?);
+        without.push(messages_per_second(n, false, concurrency).await?);
+        with.push(messages_per_second(n, true, concurrency).await?);
     }
     with.sort_by(f64::total_cmp);
     without.sort_by(f64::total_cmp);
     let show = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
-    println!("dispatch to SMTP, {n} messages per run, concurrency 16, 3 alternating runs each:");
+    println!("dispatch to SMTP, {n} messages per run, concurrency {concurrency}, 3 alternating runs each:");
     println!(
         "  with idempotency (claim, last look, commit, sent record): median {:.0} messages/s ({})",
         with[1],
