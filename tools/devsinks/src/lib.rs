@@ -227,11 +227,13 @@ impl MailSink {
             faults: faults.clone(),
         };
         let mut server = Server::new(handler);
-        // One thread per open connection: senders keep pooled connections open, and a crashed
-        // sender's connections linger until the kernel notices, so leave plenty of room.
+        // One thread per open connection: senders keep pooled connections open (dispatch one
+        // per slot, `dispatch.concurrency`, which benchmarks raise to 128 and more), and a
+        // crashed sender's connections linger until the kernel notices, so leave plenty of
+        // room: a connection beyond the threads waits, unanswered, for one to free.
         server
             .with_name("forfall-mail-sink")
-            .with_num_threads(64)
+            .with_num_threads(256)
             .with_ssl(SslConfig::None)
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .with_tcp_listener(listener);
