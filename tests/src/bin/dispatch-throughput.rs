@@ -57,6 +57,8 @@ async fn messages_per_second(n: usize, idempotency: bool, concurrency: usize) ->
     })
     .await?;
     stack.shutdown().await;
+    // Left behind, the keys would slow every test that scans the shared dev Redis.
+    remove_keys(&mut stack.redis(), &stack.rt.config.redis.key_prefix).await?;
     Ok((n - 1) as f64 / last.duration_since(first).as_secs_f64())
 }
 
@@ -168,6 +170,8 @@ async fn payment_to_suppression(payments: usize, rate: f64) -> anyhow::Result<Ve
         a?.map_err(|(e, _)| e)?;
     }
     stack.shutdown().await;
+    // Left behind, the keys would slow every test that scans the shared dev Redis.
+    remove_keys(&mut stack.redis(), &stack.rt.config.redis.key_prefix).await?;
     latencies.sort_by(f64::total_cmp);
     Ok(latencies)
 }

@@ -350,5 +350,7 @@ async fn main() -> anyhow::Result<()> {
         (burst as f64 / burst_secs) / relay_rate
     );
     stack.shutdown().await;
+    // Left behind, the keys would slow every test that scans the shared dev Redis.
+    remove_keys(&mut stack.redis(), &stack.rt.config.redis.key_prefix).await?;
     Ok(())
 }
