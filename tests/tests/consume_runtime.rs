@@ -2,7 +2,7 @@
 //! records in hand, the drain deadline, outputs the broker cannot take, and a registry outage.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,8 +24,8 @@ struct Scripted {
     output_topic: String,
     /// Per-record delay.
     delay: Duration,
-    /// Records named `held-…` wait until this is set.
-    released: Arc<AtomicBool>,
+    /// Records named `held-…` wait until this is cancelled.
+    released: CancellationToken,
 }
 
 impl Handler for Scripted {
@@ -55,9 +55,7 @@ impl Handler for Scripted {
             }
             "huge-output" => Ok(vec![out(vec![b'x'; 2_000_000])]),
             t if t.starts_with("held") => {
-                while !self.released.load(Ordering::SeqCst) {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
+                self.released.cancelled().await;
                 Ok(vec![out(text.clone().into_bytes())])
             }
             t if t.starts_with("reject-me") => Err(Failure::reject("test_reason", "refused by the test")),
@@ -68,6 +66,13 @@ impl Handler for Scripted {
         }
         result
     }
+}
+
+/// The records either of two handlers handled, once each.
+fn handled_by_either(first: &Mutex<Vec<String>>, second: &Mutex<Vec<String>>) -> HashSet<String> {
+    let first = first.lock().expect("lock");
+    let second = second.lock().expect("lock");
+    first.iter().chain(second.iter()).cloned().collect()
 }
 
 struct Harness {
@@ -338,13 +343,7 @@ async fn a_rebalance_with_records_in_hand_loses_nothing_and_kills_nobody_case(ba
     let (stop_second, second_running) = h.start(second, 4)?;
 
     eventually("every record to be handled", Duration::from_secs(90), || async {
-        let all: HashSet<String> = first_handled
-            .lock()
-            .expect("lock")
-            .iter()
-            .chain(second_handled.lock().expect("lock").iter())
-            .cloned()
-            .collect();
+        let all = handled_by_either(&first_handled, &second_handled);
         anyhow::ensure!(
             !first_running.is_finished(),
             "the first consumer ended during the rebalance"
@@ -500,7 +499,7 @@ async fn a_full_loop_still_serves_a_rebalance_and_loses_nothing() -> anyhow::Res
     })
     .await?;
     let second = h.handler();
-    second.released.store(true, Ordering::SeqCst);
+    second.released.cancel();
     let second_handled = second.handled.clone();
     let (stop_second, second_running) = h.start(second, 16)?;
     eventually(
@@ -512,15 +511,9 @@ async fn a_full_loop_still_serves_a_rebalance_and_loses_nothing() -> anyhow::Res
         },
     )
     .await?;
-    first_released.store(true, Ordering::SeqCst);
+    first_released.cancel();
     eventually("every record to be handled", Duration::from_secs(60), || async {
-        let all: HashSet<String> = first_handled
-            .lock()
-            .expect("lock")
-            .iter()
-            .chain(second_handled.lock().expect("lock").iter())
-            .cloned()
-            .collect();
+        let all = handled_by_either(&first_handled, &second_handled);
         Ok((all.len() == payloads.len()).then_some(()))
     })
     .await?;

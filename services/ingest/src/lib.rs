@@ -247,16 +247,9 @@ fn parse_stored(raw: Option<String>) -> Result<Option<Stored>, Failure> {
     .transpose()
 }
 
-/// Writes a snapshot unless the state's marker is missing or behind (see `guard_lua`).
-static SAVE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(&format!(
-        "{}redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])\nreturn 1",
-        guard_lua("KEYS[2]", "ARGV[3]", "ARGV[4]")
-    ))
-});
-
-/// Writes a batch's snapshots (`KEYS[2..]`, each with its `ARGV[i + 2]`) in one call, all or
-/// none: a call per snapshot cost Redis more than the writes themselves.
+/// Writes snapshots (`KEYS[2..]`, each with its `ARGV[i + 2]`) unless the state's marker
+/// (`KEYS[1]`) is missing or behind: a batch's in one call, all or none (a call per snapshot
+/// cost Redis more than the writes themselves).
 static SAVE_MANY: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(&format!(
         "{}for i = 2, #KEYS do\n  redis.call('SET', KEYS[i], ARGV[i + 2], 'EX', ARGV[1])\nend\nreturn 1",
@@ -287,21 +280,6 @@ impl Ingest {
         parse_stored(raw)
     }
 
-    /// The script call that writes the snapshot (kept for the retention from now), refused
-    /// without the marker.
-    fn save_call(&self, stored: &Stored) -> Result<redis::ScriptInvocation<'static>, Failure> {
-        let json = serde_json::to_string(stored).map_err(|e| Failure::Fatal(e.into()))?;
-        let (epoch, writes) = self.state.seen();
-        let mut call = SAVE.prepare_invoke();
-        call.key(self.keys.stored(&stored.snapshot.tenant, &stored.snapshot.invoice_id))
-            .key(self.state.marker_key())
-            .arg(json)
-            .arg(self.retention.secs)
-            .arg(epoch)
-            .arg(writes);
-        Ok(call)
-    }
-
     /// The call that writes `stored` snapshots together (see [`SAVE_MANY`]).
     fn save_many_call(&self, stored: &[&Stored]) -> Result<redis::ScriptInvocation<'static>, Failure> {
         let (epoch, writes) = self.state.seen();
@@ -318,9 +296,12 @@ impl Ingest {
         Ok(call)
     }
 
-    /// Writes the snapshot (see [`Ingest::save_call`]).
+    /// Writes the snapshot unless the state's marker is missing or behind (see `guard_lua`).
     async fn save(&self, stored: &Stored) -> Result<(), Failure> {
-        let saved: i32 = self.save_call(stored)?.invoke_async(&mut self.redis.clone()).await?;
+        let saved: i32 = self
+            .save_many_call(&[stored])?
+            .invoke_async(&mut self.redis.clone())
+            .await?;
         if saved != 1 {
             return Err(self.state.missing());
         }
