@@ -133,6 +133,15 @@ pub fn metric_value(text: &str, name: &str, parts: &[&str]) -> Option<f64> {
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
+/// The sum of a Prometheus counter over every sample whose line contains every one of `parts`
+/// (a counter with labels the caller does not fix, such as each channel's messages).
+pub fn metric_sum(text: &str, name: &str, parts: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// One credit entry of a test camt.054 file.
 pub struct CamtCredit<'a> {
     pub transaction_id: &'a str,
@@ -280,6 +289,131 @@ pub async fn journeys_after(
     }
     let _: () = pipe.query_async(&mut stack.redis()).await?;
     Ok(())
+}
+
+fn bench_client(brokers: &str) -> rdkafka::ClientConfig {
+    let mut c = rdkafka::ClientConfig::new();
+    c.set("bootstrap.servers", brokers).set("broker.address.family", "v4");
+    c
+}
+
+/// The benchmarks' baseline: consumes `n` records from `from` and produces each payload
+/// unchanged to `to` with a plain rdkafka client (idempotent, acknowledged by all, as Forfall's
+/// producer); returns the time from the first record consumed to the last acknowledgement.
+pub async fn plain_relay(
+    brokers: &str,
+    group: &str,
+    from: &str,
+    to: &str,
+    n: usize,
+) -> anyhow::Result<std::time::Duration> {
+    use futures::StreamExt;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let consumer: StreamConsumer = bench_client(brokers)
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.offset.store", "false")
+        .set("session.timeout.ms", "2000")
+        .set("heartbeat.interval.ms", "300")
+        // By default a client whose local queue passed `queued.min.messages` (100,000) waits a
+        // second before it fetches again, which the relay's consumption (faster than that a
+        // second) then spends idle; the baseline would swing between two figures.
+        .set("fetch.queue.backoff.ms", "10")
+        .create()?;
+    consumer.subscribe(&[from])?;
+    let producer: FutureProducer = bench_client(brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .create()?;
+    let mut acks = futures::stream::FuturesUnordered::new();
+    let mut started = None;
+    let mut stream = consumer.stream();
+    let mut seen = 0;
+    while seen < n {
+        let m = stream
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("relay stream ended"))??;
+        started.get_or_insert_with(std::time::Instant::now);
+        let delivery = loop {
+            let record = FutureRecord::to(to)
+                .key(m.key().unwrap_or_default())
+                .payload(m.payload().unwrap_or_default());
+            match producer.send_result(record) {
+                Ok(d) => break d,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    _,
+                )) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                Err((e, _)) => anyhow::bail!("relay produce refused: {e}"),
+            }
+        };
+        acks.push(delivery);
+        seen += 1;
+    }
+    while let Some(ack) = acks.next().await {
+        ack?.map_err(|(e, _)| anyhow::anyhow!("relay produce failed: {e}"))?;
+    }
+    Ok(started.map(|s| s.elapsed()).unwrap_or_default())
+}
+
+type PendingAck = futures::future::BoxFuture<'static, Result<(), rdkafka::error::KafkaError>>;
+
+/// A billing system's producer in the benchmarks: records sent without waiting for each
+/// acknowledgement, at most 10,000 awaiting theirs.
+pub struct Publisher {
+    producer: rdkafka::producer::FutureProducer,
+    topic: String,
+    acks: futures::stream::FuturesUnordered<PendingAck>,
+    /// Payload bytes sent so far.
+    pub bytes: usize,
+}
+
+impl Publisher {
+    pub fn new(producer: rdkafka::producer::FutureProducer, topic: &str) -> Self {
+        Self {
+            producer,
+            topic: topic.to_owned(),
+            acks: futures::stream::FuturesUnordered::new(),
+            bytes: 0,
+        }
+    }
+
+    pub async fn send(&mut self, key: String, payload: Vec<u8>) -> anyhow::Result<()> {
+        use futures::StreamExt;
+        self.bytes += payload.len();
+        let (producer, topic) = (self.producer.clone(), self.topic.clone());
+        self.acks.push(Box::pin(async move {
+            producer
+                .send(
+                    rdkafka::producer::FutureRecord::to(&topic).key(&key).payload(&payload),
+                    std::time::Duration::from_secs(60),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| e)
+        }));
+        if self.acks.len() > 10_000
+            && let Some(ack) = self.acks.next().await
+        {
+            ack?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every acknowledgement; the payload bytes sent.
+    pub async fn finish(mut self) -> anyhow::Result<usize> {
+        use futures::StreamExt;
+        while let Some(ack) = self.acks.next().await {
+            ack?;
+        }
+        Ok(self.bytes)
+    }
 }
 
 /// A benchmark's positional argument `i` (1-based), or `default` when it is not given.
@@ -883,6 +1017,27 @@ pub fn opened_new_customer(
         fee_agreed: false,
     };
     forfall_watcher::opened(policy, snapshot, &facts, today).0
+}
+
+/// The write of a journey just opened, as the watcher saves it (no version before it).
+pub fn new_journey_save(
+    journey: forfall_domain::journey::Journey,
+    partition: i32,
+    timer: forfall_domain::journey::TimerChange,
+) -> forfall_watcher::store::Save {
+    forfall_watcher::store::Save {
+        expected: None,
+        stored: forfall_watcher::store::Stored {
+            journey,
+            partition,
+            pending_step: None,
+            pending_fire_ms: None,
+            trace: None,
+        },
+        timer,
+        fired_step: None,
+        stops_contact: false,
+    }
 }
 
 /// Reads a changelog without applying anything: the baseline of the rebuild benchmarks.

@@ -492,16 +492,17 @@ impl Store {
     }
 
     /// Fails with [`StateMissing`] unless the partition's state is ready and not behind what
-    /// this instance wrote.
-    fn check_state(&self, partition: i32, marker: StateMarker) -> Result<(), Failure> {
+    /// this instance had written when the marker was read: `seen_before`, taken before the read
+    /// was sent. (Taken after, it would race the instance's own writes: a write of a later
+    /// offset acknowledged between the read and the check is not in the marker read, and
+    /// every such race, frequent with hundreds of records in hand, made a needless rebuild.)
+    fn check_state(&self, partition: i32, marker: StateMarker, seen_before: Option<i64>) -> Result<(), Failure> {
         let missing = |detail: String| Failure::Transient(StateMissing { partition, detail }.into());
         match marker {
             StateMarker::Ready(checkpoint) => {
-                let seen = self.seen_checkpoint(partition);
-                if seen.is_some_and(|seen| checkpoint < seen) {
+                if let Some(seen) = seen_before.filter(|seen| checkpoint < *seen) {
                     return Err(missing(format!(
-                        "Redis says changelog offset {checkpoint}, this instance wrote {} already",
-                        seen.unwrap_or_default()
+                        "Redis says changelog offset {checkpoint}, this instance wrote {seen} already"
                     )));
                 }
                 Ok(())
@@ -521,12 +522,14 @@ impl Store {
         for p in partitions {
             cmd.arg(self.state_key(*p));
         }
+        let seen: Vec<Option<i64>> = partitions.iter().map(|p| self.seen_checkpoint(*p)).collect();
         let markers: Vec<Option<String>> = cmd.query_async(&mut self.conn()).await?;
         Ok(partitions
             .iter()
             .zip(markers)
-            .filter(|(p, m)| self.check_state(**p, Self::parse_state(m.as_deref())).is_err())
-            .map(|(p, _)| *p)
+            .zip(seen)
+            .filter(|((p, m), seen)| self.check_state(**p, Self::parse_state(m.as_deref()), *seen).is_err())
+            .map(|((p, _), _)| *p)
             .collect())
     }
 
@@ -604,6 +607,7 @@ impl Store {
         let mut pipe = redis::pipe();
         pipe.get(self.state_key(partition));
         self.add_reads(&mut pipe, invoices);
+        let seen = self.seen_checkpoint(partition);
         let (marker, values): (Option<String>, Vec<Option<Vec<u8>>>) = {
             let parse = |e: redis::ParsingError| Failure::Fatal(anyhow::anyhow!("unexpected reply from Redis: {e}"));
             let mut all = pipe
@@ -620,7 +624,7 @@ impl Store {
                 .map_err(parse)?;
             (marker, values)
         };
-        self.check_state(partition, Self::parse_state(marker.as_deref()))?;
+        self.check_state(partition, Self::parse_state(marker.as_deref()), seen)?;
         values
             .into_iter()
             .map(|v| v.map(|v| decode_value(&v)).transpose())

@@ -12,70 +12,13 @@ use std::time::{Duration, Instant};
 
 use forfall_e2e::*;
 use forfall_platform::clock::SystemClock;
-use futures::StreamExt;
 use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 
 fn client(brokers: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers).set("broker.address.family", "v4");
     c
-}
-
-/// Consumes `n` records from `from` and produces each payload unchanged to `to`; returns the
-/// time from the first record consumed to the last acknowledgement.
-async fn plain_relay(brokers: &str, group: &str, from: &str, to: &str, n: usize) -> anyhow::Result<Duration> {
-    let consumer: StreamConsumer = client(brokers)
-        .set("group.id", group)
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.offset.store", "false")
-        .set("session.timeout.ms", "2000")
-        .set("heartbeat.interval.ms", "300")
-        // By default a client whose local queue passed `queued.min.messages` (100,000) waits a
-        // second before it fetches again, which the relay's consumption (faster than that a
-        // second) then spends idle; the baseline would swing between two figures.
-        .set("fetch.queue.backoff.ms", "10")
-        .create()?;
-    consumer.subscribe(&[from])?;
-    let producer: FutureProducer = client(brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "1")
-        .create()?;
-    let mut acks = futures::stream::FuturesUnordered::new();
-    let mut started = None;
-    let mut stream = consumer.stream();
-    let mut seen = 0;
-    while seen < n {
-        let m = stream
-            .next()
-            .await
-            .ok_or_else(|| anyhow::anyhow!("relay stream ended"))??;
-        started.get_or_insert_with(Instant::now);
-        let delivery = loop {
-            let record = FutureRecord::to(to)
-                .key(m.key().unwrap_or_default())
-                .payload(m.payload().unwrap_or_default());
-            match producer.send_result(record) {
-                Ok(d) => break d,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    _,
-                )) => {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                Err((e, _)) => anyhow::bail!("relay produce refused: {e}"),
-            }
-        };
-        acks.push(delivery);
-        seen += 1;
-    }
-    while let Some(ack) = acks.next().await {
-        ack?.map_err(|(e, _)| anyhow::anyhow!("relay produce failed: {e}"))?;
-    }
-    Ok(started.map(|s| s.elapsed()).unwrap_or_default())
 }
 
 #[tokio::main]
@@ -108,34 +51,16 @@ async fn main() -> anyhow::Result<()> {
     // The input: n distinct invoices of `debtors` debtors, encoded once.
     let template = danish("x", "x", day(2026, 3, 15), "x@example.test").issued();
     let producer: FutureProducer = client(&brokers).set("linger.ms", "5").create()?;
-    let mut bytes = 0usize;
-    let mut acks = futures::stream::FuturesUnordered::new();
+    let mut publisher = Publisher::new(producer, &billing);
     for i in 0..n {
         let mut e = template.clone();
         e.invoice_id = format!("inv-{i}");
         e.invoice_number = format!("{}", 1_000_000 + i);
         e.debtor_id = format!("acme-energy:c-{}", i % debtors);
         let payload = stack.rt.codec.encode(&billing, &e).await?;
-        bytes += payload.len();
-        let key = e.debtor_id.clone();
-        let producer = producer.clone();
-        let topic = billing.clone();
-        acks.push(async move {
-            producer
-                .send(
-                    FutureRecord::to(&topic).key(&key).payload(&payload),
-                    Duration::from_secs(30),
-                )
-                .await
-                .map(|_| ())
-        });
-        if acks.len() > 10_000 {
-            acks.next().await.transpose().map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
-        }
+        publisher.send(e.debtor_id, payload).await?;
     }
-    while let Some(ack) = acks.next().await {
-        ack.map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
-    }
+    let bytes = publisher.finish().await?;
     println!(
         "input: {n} InvoiceIssued records of {debtors} debtors, {} bytes on average, {} partitions",
         bytes / n.max(1),

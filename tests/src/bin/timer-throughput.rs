@@ -32,7 +32,7 @@ use forfall_e2e::*;
 use forfall_platform::clock::{Clock, ManualClock};
 use forfall_platform::kafka::Producer;
 use forfall_platform::records::JourneyAction;
-use forfall_watcher::store::{Save, Store, Stored};
+use forfall_watcher::store::Store;
 
 /// Writes `count` journeys starting at `from` as the watcher would have them after their
 /// invoices arrived, each timer at `fire_at(i)` (or the plan's own moment); returns the rate.
@@ -63,19 +63,7 @@ async fn schedule(
                 },
                 (t, _) => t,
             };
-            saves.push(Save {
-                expected: None,
-                stored: Stored {
-                    journey: d.journey,
-                    partition: (k % 2) as i32,
-                    pending_step: None,
-                    pending_fire_ms: None,
-                    trace: None,
-                },
-                timer,
-                fired_step: None,
-                stops_contact: false,
-            });
+            saves.push(new_journey_save(d.journey, (k % 2) as i32, timer));
         }
         write_journeys(store, producer, saves).await?;
         i = end;

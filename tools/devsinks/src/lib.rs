@@ -247,6 +247,11 @@ impl MailSink {
         self.store.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// How many messages were received (without copying them: a benchmark polls this).
+    pub fn count(&self) -> usize {
+        self.store.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// Messages to one recipient.
     pub fn to(&self, address: &str) -> Vec<ReceivedMail> {
         self.messages()
