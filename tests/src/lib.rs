@@ -291,7 +291,8 @@ pub async fn journeys_after(
     Ok(())
 }
 
-fn bench_client(brokers: &str) -> rdkafka::ClientConfig {
+/// A plain rdkafka client of the dev broker, for the benchmarks' own producers and baselines.
+pub fn bench_client(brokers: &str) -> rdkafka::ClientConfig {
     let mut c = rdkafka::ClientConfig::new();
     c.set("bootstrap.servers", brokers).set("broker.address.family", "v4");
     c
@@ -370,8 +371,7 @@ pub struct Publisher {
     producer: rdkafka::producer::FutureProducer,
     topic: String,
     acks: futures::stream::FuturesUnordered<PendingAck>,
-    /// Payload bytes sent so far.
-    pub bytes: usize,
+    bytes: usize,
 }
 
 impl Publisher {

@@ -18,7 +18,6 @@ use forfall_platform::clock::ManualClock;
 use forfall_platform::derived_state::Rebuild;
 use forfall_platform::rebuild_resume::Resume;
 use forfall_platform::records::{DispatchOutcome, DispatchStatus, InvoiceChange, PaymentMatched, Record, new_event_id};
-use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 async fn keys_matching(redis: &mut redis::aio::ConnectionManager, pattern: &str) -> anyhow::Result<u64> {
@@ -103,9 +102,7 @@ async fn main() -> anyhow::Result<()> {
         stack.topic(&topics.payments_matched),
         stack.topic(&topics.dispatch_outcomes),
     );
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &stack.rt.config.kafka.brokers)
-        .set("broker.address.family", "v4")
+    let producer: FutureProducer = bench_client(&stack.rt.config.kafka.brokers)
         .set("linger.ms", "20")
         .create()?;
 

@@ -124,9 +124,7 @@ async fn payment_to_suppression(payments: usize, rate: f64) -> anyhow::Result<Ve
     let payments_topic = stack.topic(&stack.topics().payments);
     // Sent without waiting for each acknowledgement (as the importer does), so that a slow
     // acknowledgement neither lowers the rate nor delays the look at what has flipped.
-    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &stack.rt.config.kafka.brokers)
-        .set("broker.address.family", "v4")
+    let producer: rdkafka::producer::FutureProducer = bench_client(&stack.rt.config.kafka.brokers)
         .set("linger.ms", stack.rt.config.kafka.linger_ms.to_string())
         .create()?;
     let mut acks = Vec::with_capacity(payments);

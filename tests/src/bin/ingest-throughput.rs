@@ -12,14 +12,7 @@ use std::time::{Duration, Instant};
 
 use forfall_e2e::*;
 use forfall_platform::clock::SystemClock;
-use rdkafka::ClientConfig;
 use rdkafka::producer::FutureProducer;
-
-fn client(brokers: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers).set("broker.address.family", "v4");
-    c
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -50,7 +43,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The input: n distinct invoices of `debtors` debtors, encoded once.
     let template = danish("x", "x", day(2026, 3, 15), "x@example.test").issued();
-    let producer: FutureProducer = client(&brokers).set("linger.ms", "5").create()?;
+    let producer: FutureProducer = bench_client(&brokers).set("linger.ms", "5").create()?;
     let mut publisher = Publisher::new(producer, &billing);
     for i in 0..n {
         let mut e = template.clone();

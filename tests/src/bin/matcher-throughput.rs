@@ -21,16 +21,9 @@ use forfall_e2e::*;
 use forfall_platform::clock::SystemClock;
 use forfall_platform::records::{self, InvoiceChange, InvoiceStatus, JourneyEvent, PaymentReceived, new_event_id};
 use futures::StreamExt;
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-
-fn client(brokers: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers).set("broker.address.family", "v4");
-    c
-}
 
 async fn counter(stack: &LocalStack, service: &str, name: &str, parts: &[&str]) -> f64 {
     let m = stack.metrics(service).await.unwrap_or_default();
@@ -60,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
     let payments_topic = stack.topic(&stack.topics().payments);
     // Payments reach Forfall through its own importer (camt.054, HTTP), whose producer batches
     // as every Forfall producer does: the same linger here.
-    let producer: FutureProducer = client(&brokers)
+    let producer: FutureProducer = bench_client(&brokers)
         .set("linger.ms", stack.rt.config.kafka.linger_ms.to_string())
         .set("partitioner", "murmur2_random")
         .create()?;
@@ -297,7 +290,7 @@ async fn main() -> anyhow::Result<()> {
     // Baseline: a plain rdkafka consume-and-produce relay of the same payment bytes.
     let relay_topic = format!("{}.bench.relay", stack.prefix);
     forfall_platform::kafka::ensure_topics(&stack.rt.config.kafka, std::slice::from_ref(&relay_topic)).await?;
-    let consumer: StreamConsumer = client(&brokers)
+    let consumer: StreamConsumer = bench_client(&brokers)
         .set("group.id", format!("{}.relay", stack.prefix))
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "2000")
