@@ -842,26 +842,77 @@ pub async fn used_memory(redis: &mut redis::aio::ConnectionManager) -> anyhow::R
         .ok_or_else(|| anyhow::anyhow!("no used_memory in INFO"))
 }
 
+/// Redis' memory by kind of key under `prefix` (the name up to its first `:` or `{`, e.g.
+/// `journeys`): how many keys and the bytes `MEMORY USAGE` reports for them, largest first.
+/// The bytes are the keys' own (key, value, the allocator's rounding); Redis' per-key overhead
+/// in its main dictionary (some 50–70 bytes) is in `used_memory` but not here.
+pub async fn memory_by_kind(
+    redis: &mut redis::aio::ConnectionManager,
+    prefix: &str,
+) -> anyhow::Result<Vec<(String, u64, u64)>> {
+    let mut kinds: std::collections::BTreeMap<String, (u64, u64)> = std::collections::BTreeMap::new();
+    let mut scan = KeyScan::new(format!("{prefix}*"), 10_000);
+    while let Some(keys) = scan.next(redis).await? {
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("MEMORY").arg("USAGE").arg(key).arg("SAMPLES").arg(0);
+        }
+        let sizes: Vec<Option<u64>> = pipe.query_async(redis).await?;
+        for (key, size) in keys.iter().zip(sizes) {
+            let rest = key.strip_prefix(prefix).unwrap_or(key);
+            let kind = rest.split([':', '{']).next().unwrap_or(rest);
+            let entry = kinds.entry(kind.to_owned()).or_default();
+            entry.0 += 1;
+            entry.1 += size.unwrap_or(0);
+        }
+    }
+    let mut out: Vec<(String, u64, u64)> = kinds.into_iter().map(|(k, (n, b))| (k, n, b)).collect();
+    out.sort_by_key(|k| std::cmp::Reverse(k.2));
+    Ok(out)
+}
+
+/// The keys matching a pattern, a `SCAN` batch at a time (never empty).
+pub struct KeyScan {
+    pattern: String,
+    count: usize,
+    cursor: Option<u64>,
+}
+
+impl KeyScan {
+    pub fn new(pattern: String, count: usize) -> Self {
+        Self {
+            pattern,
+            count,
+            cursor: Some(0),
+        }
+    }
+
+    pub async fn next<C: redis::aio::ConnectionLike>(&mut self, redis: &mut C) -> anyhow::Result<Option<Vec<String>>> {
+        while let Some(cursor) = self.cursor {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&self.pattern)
+                .arg("COUNT")
+                .arg(self.count)
+                .query_async(redis)
+                .await?;
+            self.cursor = (next != 0).then_some(next);
+            if !keys.is_empty() {
+                return Ok(Some(keys));
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// Removes a stack's keys so a million journeys do not stay in the shared Redis.
 pub async fn remove_keys(redis: &mut redis::aio::ConnectionManager, prefix: &str) -> anyhow::Result<()> {
-    let mut cursor = 0u64;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(10_000)
-            .query_async(redis)
-            .await?;
-        if !keys.is_empty() {
-            let _: () = redis::cmd("UNLINK").arg(&keys).query_async(redis).await?;
-        }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
+    let mut scan = KeyScan::new(format!("{prefix}*"), 10_000);
+    while let Some(keys) = scan.next(redis).await? {
+        let _: () = redis::cmd("UNLINK").arg(&keys).query_async(redis).await?;
     }
+    Ok(())
 }
 
 /// The kinds of the watcher's Redis keys (journeys, timers and their locks, debtors' open
@@ -970,21 +1021,9 @@ async fn scan_keys(config: &CommonConfig, kinds: &[&str]) -> anyhow::Result<Vec<
     let prefix = &config.redis.key_prefix;
     let mut all = Vec::new();
     for kind in kinds {
-        let mut cursor = 0u64;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{prefix}{kind}*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut redis)
-                .await?;
+        let mut scan = KeyScan::new(format!("{prefix}{kind}*"), 1000);
+        while let Some(keys) = scan.next(&mut redis).await? {
             all.extend(keys);
-            if next == 0 {
-                break;
-            }
-            cursor = next;
         }
     }
     Ok(all)

@@ -13,7 +13,11 @@ async fn nothing_lost_never_twice_never_after_payment_under_faults() -> anyhow::
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| u64::from(rand::random::<u32>()));
     println!("chaos seed {seed} (FORFALL_CHAOS_SEED={seed} replays it)");
-    let (baseline, faulty) = chaos::baseline_and_faults(seed, 150).await?;
+    // The harness's own failure (a stage that never caught up, a service never ready) is
+    // printed where the test's output is kept, with the seed above it.
+    let (baseline, faulty) = chaos::baseline_and_faults(seed, 150)
+        .await
+        .inspect_err(|e| println!("chaos run {seed} failed: {e:#}"))?;
     let report = chaos::describe(&baseline, &faulty);
     println!("{report}");
     assert!(baseline.passed() && faulty.passed(), "{report}");

@@ -10,7 +10,8 @@ use std::collections::HashSet;
 use forfall_platform::kafka::{Failure, Inbound, Outbound};
 use forfall_platform::records::{InvoiceIssued, Record};
 
-use crate::{Ingest, Issued, Step, parse_stored};
+use crate::stored::parse_stored;
+use crate::{Ingest, Issued, Step};
 
 type Outcome = Result<Vec<Outbound>, Failure>;
 
@@ -91,11 +92,12 @@ async fn decide(ingest: &Ingest, records: &[Inbound], issued: Vec<(usize, Issued
         reads.get(ingest.keys.stored(&one.tenant, &one.incoming.invoice_id));
     }
     reads.get(ingest.state.marker_key());
-    let mut held: Vec<Option<String>> = match reads.query_async(&mut ingest.redis.clone()).await {
+    let mut held: Vec<Option<Vec<u8>>> = match reads.query_async(&mut ingest.redis.clone()).await {
         Ok(held) => held,
         Err(e) => return all_transient(issued, format!("reading the invoices' snapshots: {e}")),
     };
-    let marker = held.pop().flatten();
+    // The marker is text; what is not is judged by the check like any marker it cannot read.
+    let marker = held.pop().flatten().map(|m| String::from_utf8_lossy(&m).into_owned());
     if let Err(e) = ingest.state.check(marker.as_deref(), floor) {
         return all_transient(issued, format!("{e:?}"));
     }

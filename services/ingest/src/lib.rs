@@ -15,6 +15,7 @@
 mod batch;
 mod http;
 pub mod rebuild;
+mod stored;
 
 use std::sync::Arc;
 
@@ -34,15 +35,10 @@ use prometheus::IntCounterVec;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
+use stored::{Stored, parse_stored};
+
 pub const SERVICE: &str = "ingest";
 pub const PORT_OFFSET: u16 = 1;
-
-/// What ingest keeps per invoice: the snapshot and the credit notes already applied.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct Stored {
-    snapshot: InvoiceSnapshot,
-    credit_notes: Vec<String>,
-}
 
 /// Ingest's settings (`[ingest]`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -238,15 +234,6 @@ pub fn invoice_record(s: &InvoiceSnapshot, change: InvoiceChange, source: Source
     }
 }
 
-/// A snapshot as Redis holds it.
-fn parse_stored(raw: Option<String>) -> Result<Option<Stored>, Failure> {
-    raw.map(|r| {
-        serde_json::from_str(&r)
-            .map_err(|e| Failure::Fatal(anyhow::anyhow!("corrupt ingest state for an invoice: {e}")))
-    })
-    .transpose()
-}
-
 /// Writes snapshots (`KEYS[2..]`, each with its `ARGV[i + 2]`) unless the state's marker
 /// (`KEYS[1]`) is missing or behind: a batch's in one call, all or none (a call per snapshot
 /// cost Redis more than the writes themselves).
@@ -271,7 +258,7 @@ impl Ingest {
     /// it is never taken for an invoice not yet issued.
     async fn load(&self, tenant: &str, invoice_id: &str) -> Result<Option<Stored>, Failure> {
         let floor = self.state.read_floor();
-        let (raw, marker): (Option<String>, Option<String>) = redis::pipe()
+        let (raw, marker): (Option<Vec<u8>>, Option<String>) = redis::pipe()
             .get(self.keys.stored(tenant, invoice_id))
             .get(self.state.marker_key())
             .query_async(&mut self.redis.clone())
@@ -289,9 +276,8 @@ impl Ingest {
             .arg(epoch)
             .arg(writes);
         for one in stored {
-            let json = serde_json::to_string(one).map_err(|e| Failure::Fatal(e.into()))?;
             call.key(self.keys.stored(&one.snapshot.tenant, &one.snapshot.invoice_id))
-                .arg(json);
+                .arg(one.encode()?);
         }
         Ok(call)
     }

@@ -16,7 +16,8 @@ use forfall_platform::rebuild_resume::Resume;
 use forfall_platform::records::{self, InvoiceChange, Record};
 use redis::aio::ConnectionManager;
 
-use crate::{Retention, Stored, StoredKeys};
+use crate::stored::Stored;
+use crate::{Retention, StoredKeys};
 
 /// Records applied per Redis round trip.
 const BATCH: usize = 2000;
@@ -137,7 +138,7 @@ impl Restore for Restorer<'_> {
         let mut unique = keys.clone();
         unique.sort();
         unique.dedup();
-        let existing: Vec<Option<String>> = if unique.is_empty() {
+        let existing: Vec<Option<Vec<u8>>> = if unique.is_empty() {
             Vec::new()
         } else {
             redis::cmd("MGET")
@@ -148,7 +149,7 @@ impl Restore for Restorer<'_> {
         let mut before: HashMap<&str, Stored> = unique
             .iter()
             .zip(existing)
-            .filter_map(|(k, v)| Some((k.as_str(), serde_json::from_str::<Stored>(&v?).ok()?)))
+            .filter_map(|(k, v)| Some((k.as_str(), Stored::decode(&v?).ok()?)))
             .collect();
         for ((snapshot, record, at), key) in decoded.into_iter().zip(&keys) {
             let mut credit_notes = match latest.remove(key) {
@@ -170,8 +171,12 @@ impl Restore for Restorer<'_> {
                 pipe.del(&key).ignore();
                 continue;
             };
-            let json = serde_json::to_string(&stored).map_err(|e| Failure::Fatal(e.into()))?;
-            pipe.cmd("SET").arg(&key).arg(json).arg("EX").arg(ttl).ignore();
+            pipe.cmd("SET")
+                .arg(&key)
+                .arg(stored.encode()?)
+                .arg("EX")
+                .arg(ttl)
+                .ignore();
         }
         if !pipe.is_empty() {
             pipe.query_async::<()>(&mut self.rebuild.redis.clone()).await?;

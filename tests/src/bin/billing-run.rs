@@ -385,6 +385,7 @@ async fn main() -> anyhow::Result<()> {
     publishing[0].first = Some(Duration::ZERO);
     publishing[0].drained = Some(publish_time);
     let memory_open = used_memory(&mut redis).await?;
+    let open_by_kind = memory_by_kind(&mut redis, &stack.rt.config.redis.key_prefix).await?;
 
     // Stage 2: the due date's nudges, at once.
     clock.set(at("2026-11-02T10:00:00Z"));
@@ -498,6 +499,12 @@ async fn main() -> anyhow::Result<()> {
         (memory_open - memory_before) as f64 / n as f64,
         (memory_end - memory_before) as f64 / 1e6
     );
+    println!(
+        "Redis per open invoice by kind of key, once the invoices were open (MEMORY USAGE; keys, bytes per invoice):"
+    );
+    for (kind, keys, bytes) in &open_by_kind {
+        println!("  {kind}: {keys} keys, {:.0} bytes", *bytes as f64 / n as f64);
+    }
     println!("stand-ins: {mails} e-mails, {texts} texts");
     let slowest = phases
         .iter()

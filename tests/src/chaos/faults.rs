@@ -179,17 +179,18 @@ impl Supervisor {
             {
                 let fleet = self.fleet.lock().await;
                 for (key, p) in fleet.iter() {
-                    if !p.ready(&self.http).await {
-                        unready.push((*key, p.started.elapsed()));
+                    if let Err(why) = p.readiness(&self.http).await {
+                        unready.push((*key, p.started.elapsed(), why));
                     }
                 }
             }
             if unready.is_empty() {
                 return Ok(());
             }
-            for ((service, slot), age) in &unready {
+            for ((service, slot), age, why) in &unready {
                 if *age > Duration::from_secs(20) {
-                    tracing::warn!(service, slot, "chaos: not ready after 20 s, restarting it");
+                    let group = self.infra.describe_group(service).await;
+                    tracing::warn!(service, slot, why, group, "chaos: not ready after 20 s, restarting it");
                     self.count("restarted_unready").await;
                     self.kill9(service, *slot).await;
                     // Not before the killed member's session ran out: tansu 0.6.0 may never

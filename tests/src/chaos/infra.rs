@@ -132,8 +132,13 @@ impl Infra {
                     "--storage-engine",
                     "memory://tansu/",
                 ])
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.join("tansu.log"))?)
+                // The group coordinator's decisions (members that missed their heartbeat, new
+                // generations) are what a wedged consumer group is diagnosed from.
+                // tansu logs to stdout.
+                .env("RUST_LOG", "warn,tansu_broker::coordinator::group=info")
+                .env("NO_COLOR", "1")
+                .stdout(std::fs::File::create(dir.join("tansu.log"))?)
+                .stderr(Stdio::null())
                 .kill_on_drop(true)
                 .spawn()
                 .map_err(|e| anyhow::anyhow!("cannot start tansu ({}): {e}", tansu_binary().display()))?,
@@ -284,6 +289,39 @@ impl Infra {
         env
     }
 
+    /// The service's consumer group as the broker describes it (state, members and their
+    /// clients), for the log when an instance stays unready.
+    pub async fn describe_group(&self, service: &str) -> String {
+        let brokers = self.config.kafka.brokers.clone();
+        let group = format!("{}.{service}", self.config.kafka.group_prefix);
+        let described = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+            let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("broker.address.family", "v4")
+                .create()?;
+            let list = rdkafka::consumer::Consumer::fetch_group_list(&consumer, Some(&group), Duration::from_secs(5))?;
+            Ok(list
+                .groups()
+                .iter()
+                .map(|g| {
+                    let members: Vec<String> = g
+                        .members()
+                        .iter()
+                        .map(|m| format!("{} ({})", m.id(), m.client_id()))
+                        .collect();
+                    format!("{} {} {} members {:?}", g.name(), g.state(), g.protocol(), members)
+                })
+                .collect::<Vec<_>>()
+                .join("; "))
+        })
+        .await;
+        match described {
+            Ok(Ok(text)) => text,
+            Ok(Err(e)) => format!("not described: {e}"),
+            Err(e) => format!("not described: {e}"),
+        }
+    }
+
     /// Where an instance's admin endpoint listens (0 before it was started).
     pub fn admin_port(&self, service: &'static str, slot: u16) -> u16 {
         let ports = self.admin_ports.lock().unwrap_or_else(|p| p.into_inner());
@@ -343,11 +381,24 @@ impl ServiceProcess {
     }
 
     pub async fn ready(&self, http: &reqwest::Client) -> bool {
-        http.get(format!("http://127.0.0.1:{}/readyz", self.admin_port))
+        self.readiness(http).await.is_ok()
+    }
+
+    /// Ready, or why not in the service's own words (its `/readyz` answer, or why none came).
+    pub async fn readiness(&self, http: &reqwest::Client) -> Result<(), String> {
+        let answer = http
+            .get(format!("http://127.0.0.1:{}/readyz", self.admin_port))
             .timeout(Duration::from_millis(500))
             .send()
             .await
-            .is_ok_and(|r| r.status().is_success())
+            .map_err(|e| format!("no answer: {e}"))?;
+        if answer.status().is_success() {
+            return Ok(());
+        }
+        Err(answer
+            .text()
+            .await
+            .unwrap_or_else(|e| format!("unreadable answer: {e}")))
     }
 }
 
