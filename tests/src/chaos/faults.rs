@@ -154,6 +154,11 @@ impl Supervisor {
             .await;
         for service in SERVICES {
             if self.is_running(service, 1).await {
+                // Not while another instance is joining: when the group's leader leaves then,
+                // tansu 0.6.0 keeps the gone member as the leader for good, and no instance is
+                // assigned partitions again (seen in its coordinator's log: every join answered
+                // with the old leader, every sync with REBALANCE_IN_PROGRESS).
+                self.settled(service, Duration::from_secs(60)).await;
                 self.stop(service, 1, Duration::from_secs(20)).await;
             }
         }
