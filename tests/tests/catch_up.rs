@@ -78,3 +78,82 @@ async fn a_watcher_stopped_for_30_days_sends_one_message_when_it_is_back() -> an
     stack.shutdown().await;
     Ok(())
 }
+
+/// A billing run falls due at once on every partition: the watcher fires the partitions'
+/// batches at the same time, and an invoice a batch wants while another holds its lock is fired
+/// in a later round. Every invoice's nudge goes out once, and a debtor's two invoices due
+/// together still go as one message, however the batches met.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invoices_due_together_on_every_partition_go_once_each_and_a_debtors_as_one_message() -> anyhow::Result<()> {
+    use forfall_platform::records::JourneyAction;
+    let due = day(2026, 11, 2);
+    let clock = ManualClock::new(at("2026-11-02T06:00:00Z"));
+    let mut stack = LocalStack::start(base_config(), clock.clone()).await?;
+    // Small claims, so that each partition fires several batches while the others fire theirs,
+    // and few locks, so that they often want the same one.
+    stack.set("watcher.batch", 300);
+    stack.set("watcher.lock_stripes", 64);
+    let stack = stack;
+    let (store, producer) = watcher_store(&stack).await?;
+    let law = forfall_domain::law::LawBook::builtin()?;
+    let policy = forfall_domain::policy::load(forfall_domain::policy::DEFAULT_POLICY, &law, due)?;
+    let partitions = stack.rt.config.kafka.partitions;
+    let debtors = 1_500;
+    let mut invoices = Vec::new();
+    let mut saves = Vec::new();
+    for d in 0..debtors {
+        for k in 0..2 {
+            let mut snapshot = household_invoice("together-", 2 * d + k, due)?;
+            snapshot.debtor_id = format!("acme-energy:together-c-{d:06}");
+            invoices.push((snapshot.debtor_id.clone(), snapshot.invoice_id.clone()));
+            let partition = partition_of(&snapshot.debtor_id, partitions);
+            let opened = opened_new_customer(&policy, snapshot, due);
+            saves.push(new_journey_save(opened.journey, partition, opened.timer));
+        }
+        if saves.len() >= 1_000 || d + 1 == debtors {
+            write_journeys(&store, &producer, std::mem::take(&mut saves)).await?;
+        }
+    }
+
+    // 09:00 in Copenhagen: every nudge is due.
+    clock.set(at("2026-11-02T08:00:01Z"));
+    stack.start_service("watcher");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    for (_, invoice) in &invoices {
+        while stack.journey_status("acme-energy", invoice).await?.as_deref() != Some("nudged") {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{invoice} not nudged within 3 minutes"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    // Every journey is written, and its actions were acknowledged before it: all are on the topic.
+    let actions: Vec<JourneyAction> = stack.read(&stack.topic(&stack.topics().journey_actions)).await?;
+    let mut by_debtor: std::collections::HashMap<&str, Vec<&JourneyAction>> = std::collections::HashMap::new();
+    for a in &actions {
+        by_debtor.entry(a.debtor_id.as_str()).or_default().push(a);
+    }
+    let mut told = std::collections::HashMap::new();
+    let each_debtor: std::collections::BTreeSet<&String> = invoices.iter().map(|(d, _)| d).collect();
+    for debtor in each_debtor {
+        let mine = by_debtor.get(debtor.as_str()).map(Vec::as_slice).unwrap_or_default();
+        assert_eq!(
+            mine.len(),
+            1,
+            "{debtor}: one message for both invoices due together, got {mine:?}"
+        );
+        for a in mine {
+            *told.entry(a.invoice_id.clone()).or_insert(0) += 1;
+            for c in &a.covers {
+                *told.entry(c.invoice_id.clone()).or_insert(0) += 1;
+            }
+        }
+    }
+    for (_, invoice) in &invoices {
+        assert_eq!(told.get(invoice), Some(&1), "{invoice} in exactly one message");
+    }
+    assert_eq!(actions.len(), debtors, "no other action");
+    Ok(())
+}

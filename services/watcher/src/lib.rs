@@ -90,6 +90,10 @@ pub struct WatcherSettings {
     pub timer_lock_ms: u64,
     /// Partitions whose batches are fired at once.
     pub partitions_in_flight: usize,
+    /// Locks by invoice (hashed), shared by the consume loop and the timer batches. A batch
+    /// holds one for each invoice it fires, and one busy in another batch waits for the next
+    /// round: many keep concurrent batches of thousands from wanting the same one.
+    pub lock_stripes: usize,
     /// Debtors handled at once (records of one debtor stay in order).
     pub concurrency: usize,
     /// The tenant policy file (TOML); the built-in default policy when unset.
@@ -136,6 +140,7 @@ impl Default for WatcherSettings {
             batch: 4000,
             timer_lock_ms: 10_000,
             partitions_in_flight: 4,
+            lock_stripes: 65_536,
             concurrency: 256,
             policy_file: None,
             policy_reload_secs: 10,
@@ -1157,15 +1162,27 @@ impl Watcher {
     /// changed between reading and writing: they are decided again from what is stored.
     async fn fire_batch(&self, partition: i32, timers: Vec<Timer>) -> Result<Vec<Timer>, Failure> {
         let now = self.0.rt.clock.now();
-        // Each invoice's stripe, in order: the consume loop takes one stripe at a time, so
-        // holding several here cannot deadlock with it.
-        let mut held: BTreeSet<usize> = timers
-            .iter()
-            .map(|t| self.stripe_index(&t.tenant, &t.invoice_id))
-            .collect();
-        let mut guards = Vec::with_capacity(held.len());
-        for i in &held {
-            guards.push(self.0.stripes[*i].lock().await);
+        // Each invoice's stripe, taken only if free: other partitions' batches fire at the
+        // same time, and waiting for a stripe one of them holds would wait for its whole batch
+        // (a batch of thousands holds as many stripes). A debtor with a fired invoice busy is
+        // fired in the next round, whole, so that its invoices due together still go together.
+        let mut held: BTreeSet<usize> = BTreeSet::new();
+        let mut busy_stripes: HashSet<usize> = HashSet::new();
+        let mut guards = Vec::with_capacity(timers.len());
+        for t in &timers {
+            let i = self.stripe_index(&t.tenant, &t.invoice_id);
+            if held.contains(&i) || busy_stripes.contains(&i) {
+                continue;
+            }
+            match self.0.stripes[i].try_lock() {
+                Ok(g) => {
+                    held.insert(i);
+                    guards.push(g);
+                }
+                Err(_) => {
+                    busy_stripes.insert(i);
+                }
+            }
         }
         let pairs: Vec<(String, String)> = timers
             .iter()
@@ -1175,14 +1192,35 @@ impl Watcher {
         // Per debtor: its invoices (loaded), each with the timer that fired it, if one did.
         type Members = Vec<(Loaded, Option<Timer>)>;
         let mut debtors: BTreeMap<(String, String), Members> = BTreeMap::new();
+        let mut busy_debtors: BTreeMap<(String, String), Vec<Timer>> = BTreeMap::new();
         for (timer, loaded) in timers.into_iter().zip(loaded) {
+            let stripe = self.stripe_index(&timer.tenant, &timer.invoice_id);
             match loaded {
                 Some(l) => {
                     let debtor = (timer.tenant.clone(), l.stored.journey.invoice.debtor_id.clone());
-                    debtors.entry(debtor).or_default().push((l, Some(timer)));
+                    if busy_stripes.contains(&stripe) {
+                        // Read while another writes it: only its debtor is taken from it.
+                        busy_debtors.entry(debtor).or_default().push(timer);
+                    } else {
+                        debtors.entry(debtor).or_default().push((l, Some(timer)));
+                    }
+                }
+                None if busy_stripes.contains(&stripe) => {
+                    // Perhaps being written right now: looked at again in the next round.
+                    busy_debtors
+                        .entry((timer.tenant.clone(), String::new()))
+                        .or_default()
+                        .push(timer);
                 }
                 None => self.0.store.remove_timer(partition, &timer.member).await?,
             }
+        }
+        let mut next_round: Vec<Timer> = Vec::new();
+        for (debtor, mut busy) in busy_debtors {
+            if let Some(free) = debtors.remove(&debtor) {
+                next_round.extend(free.into_iter().filter_map(|(_, timer)| timer));
+            }
+            next_round.append(&mut busy);
         }
         // The debtors' other open invoices: they may join a combined action.
         let keys: Vec<(String, String)> = debtors.keys().cloned().collect();
@@ -1447,6 +1485,7 @@ impl Watcher {
             let _: () = histories.query_async(&mut self.conn()).await?;
         }
         conflicts.extend(deferred);
+        conflicts.extend(next_round);
         Ok(conflicts)
     }
 
@@ -1902,8 +1941,19 @@ impl Watcher {
             }
             let span = tracing::info_span!("fire_timers", service = SERVICE, partition, timers = timers.len());
             let mut redecided = 0;
+            let waiting_since = std::time::Instant::now();
             while !timers.is_empty() {
+                let before = timers.len();
                 timers = self.fire_batch(partition, timers).instrument(span.clone()).await?;
+                if timers.len() == before {
+                    // Every one busy in another batch or the consume loop: a moment for them,
+                    // then (well within the claim's lock) they are left due for the next poll.
+                    if waiting_since.elapsed() > Duration::from_millis(settings.timer_lock_ms / 4) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
                 redecided += 1;
                 if redecided > 10 && !timers.is_empty() {
                     // Journeys changing this fast are left due: the next poll takes them again.
@@ -2589,7 +2639,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         holder: format!("{}:{}", rt.instance.unwrap_or(SERVICE), uuid::Uuid::new_v4().simple()),
         law,
         policy: RwLock::new(Arc::new(policy)),
-        stripes: (0..4096).map(|_| Mutex::new(())).collect(),
+        stripes: (0..settings.lock_stripes.max(1)).map(|_| Mutex::new(())).collect(),
         metrics: Metrics {
             transitions,
             experiment_outcomes,

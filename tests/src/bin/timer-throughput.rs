@@ -39,6 +39,7 @@ use forfall_watcher::store::Store;
 async fn schedule(
     store: &Store,
     producer: &Producer,
+    partitions: usize,
     prefix: &str,
     range: std::ops::Range<usize>,
     due: chrono::NaiveDate,
@@ -63,7 +64,8 @@ async fn schedule(
                 },
                 (t, _) => t,
             };
-            saves.push(new_journey_save(d.journey, (k % 2) as i32, timer));
+            let partition = (k % partitions.max(1)) as i32;
+            saves.push(new_journey_save(d.journey, partition, timer));
         }
         write_journeys(store, producer, saves).await?;
         i = end;
@@ -189,7 +191,16 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     let (store, producer) = watcher_store(&stack).await?;
     let before = used_memory(&mut redis).await?;
-    let scheduled_per_s = schedule(&store, &producer, "", 0..n, due, |_| None).await?;
+    let scheduled_per_s = schedule(
+        &store,
+        &producer,
+        stack.rt.config.kafka.partitions as usize,
+        "",
+        0..n,
+        due,
+        |_| None,
+    )
+    .await?;
     let after = used_memory(&mut redis).await?;
     let per_invoice = (after - before) as f64 / n as f64;
     println!(
@@ -248,7 +259,16 @@ async fn main() -> anyhow::Result<()> {
     // Two seconds of head start after the clock starts, so the first timers are not due yet.
     let lead = chrono::Duration::seconds(2);
     let fire_at = |i: usize| start_at + lead + chrono::Duration::microseconds((i as f64 * 1e6 / rate) as i64);
-    schedule(&store, &producer, "s", 0..steady, due, |i| Some(fire_at(i))).await?;
+    schedule(
+        &store,
+        &producer,
+        stack.rt.config.kafka.partitions as usize,
+        "s",
+        0..steady,
+        due,
+        |i| Some(fire_at(i)),
+    )
+    .await?;
     stack.start_service("watcher");
     stack.wait_ready(&["watcher"], WAIT).await?;
     tokio::time::sleep(Duration::from_secs(3)).await; // the group settles
@@ -291,7 +311,16 @@ async fn main() -> anyhow::Result<()> {
     // A stop and a restart with timers due.
     stack.stop_service("watcher").await?;
     let now = clock.now();
-    schedule(&store, &producer, "r", 0..10_000, due, |_| Some(now)).await?;
+    schedule(
+        &store,
+        &producer,
+        stack.rt.config.kafka.partitions as usize,
+        "r",
+        0..10_000,
+        due,
+        |_| Some(now),
+    )
+    .await?;
     let restarted = Instant::now();
     stack.start_service("watcher");
     eventually("a fire after the restart", Duration::from_secs(300), || async {
