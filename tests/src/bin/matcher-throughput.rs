@@ -2,9 +2,10 @@
 //! invoice's journey state being updated, at a steady 5,000 payments/s, next to a plain
 //! rdkafka relay of the same payment bytes measured in the same run.
 //!
-//!     cargo run --release -p forfall-e2e --bin matcher-throughput -- 20000 5000 16
+//!     cargo run --release -p forfall-e2e --bin matcher-throughput -- 20000 5000 [CONCURRENCY]
 //!
-//! (invoices, steady payments per second, payments the matcher decides at once)
+//! (invoices, steady payments per second, payments the matcher decides at once: by default
+//! the matcher's own default)
 //!
 //! N invoices are indexed first (matcher and watcher both consume them); then N/2 payments are
 //! produced at 5,000/s and each one's latency is taken from its production to the watcher's
@@ -44,7 +45,11 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(5_000.0);
     let mut config = base_config();
     config.log.level = "warn".into();
-    let concurrency: usize = std::env::args().nth(3).map(|a| a.parse()).transpose()?.unwrap_or(16);
+    let concurrency: usize = std::env::args()
+        .nth(3)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or_else(|| forfall_matcher::MatcherSettings::default().concurrency);
     let mut stack = LocalStack::start(config, Arc::new(SystemClock)).await?;
     stack.set("matcher.concurrency", concurrency);
     let stack = stack;
