@@ -1159,18 +1159,22 @@ impl Watcher {
     }
 
     /// Fires a batch of due timers of one partition together. Returns the timers whose journey
-    /// changed between reading and writing: they are decided again from what is stored.
-    async fn fire_batch(&self, partition: i32, timers: Vec<Timer>) -> Result<Vec<Timer>, Failure> {
+    /// changed between reading and writing (decided again from what is stored), and apart from
+    /// them those not fired because an invoice of their debtor was busy elsewhere.
+    async fn fire_batch(&self, partition: i32, timers: Vec<Timer>) -> Result<(Vec<Timer>, Vec<Timer>), Failure> {
         let now = self.0.rt.clock.now();
         // Each invoice's stripe, taken only if free: other partitions' batches fire at the
         // same time, and waiting for a stripe one of them holds would wait for its whole batch
         // (a batch of thousands holds as many stripes). A debtor with a fired invoice busy is
         // fired in the next round, whole, so that its invoices due together still go together.
+        let stripes: Vec<usize> = timers
+            .iter()
+            .map(|t| self.stripe_index(&t.tenant, &t.invoice_id))
+            .collect();
         let mut held: BTreeSet<usize> = BTreeSet::new();
         let mut busy_stripes: HashSet<usize> = HashSet::new();
         let mut guards = Vec::with_capacity(timers.len());
-        for t in &timers {
-            let i = self.stripe_index(&t.tenant, &t.invoice_id);
+        for &i in &stripes {
             if held.contains(&i) || busy_stripes.contains(&i) {
                 continue;
             }
@@ -1193,8 +1197,7 @@ impl Watcher {
         type Members = Vec<(Loaded, Option<Timer>)>;
         let mut debtors: BTreeMap<(String, String), Members> = BTreeMap::new();
         let mut busy_debtors: BTreeMap<(String, String), Vec<Timer>> = BTreeMap::new();
-        for (timer, loaded) in timers.into_iter().zip(loaded) {
-            let stripe = self.stripe_index(&timer.tenant, &timer.invoice_id);
+        for ((timer, loaded), stripe) in timers.into_iter().zip(loaded).zip(stripes) {
             match loaded {
                 Some(l) => {
                     let debtor = (timer.tenant.clone(), l.stored.journey.invoice.debtor_id.clone());
@@ -1485,8 +1488,7 @@ impl Watcher {
             let _: () = histories.query_async(&mut self.conn()).await?;
         }
         conflicts.extend(deferred);
-        conflicts.extend(next_round);
-        Ok(conflicts)
+        Ok((conflicts, next_round))
     }
 
     /// A new invoice: the policy chooses its plan (segment, experiment), recorded as an event
@@ -1943,18 +1945,21 @@ impl Watcher {
             let mut redecided = 0;
             let waiting_since = std::time::Instant::now();
             while !timers.is_empty() {
-                let before = timers.len();
-                timers = self.fire_batch(partition, timers).instrument(span.clone()).await?;
-                if timers.len() == before {
-                    // Every one busy in another batch or the consume loop: a moment for them,
-                    // then (well within the claim's lock) they are left due for the next poll.
-                    if waiting_since.elapsed() > Duration::from_millis(settings.timer_lock_ms / 4) {
-                        break;
+                let (again, busy) = self.fire_batch(partition, timers).instrument(span.clone()).await?;
+                if again.is_empty() {
+                    // Only ones busy in another batch or the consume loop left: a moment for
+                    // them, then (well within the claim's lock) they are left due for the next poll.
+                    if !busy.is_empty() {
+                        if waiting_since.elapsed() > Duration::from_millis(settings.timer_lock_ms / 4) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                     }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
+                } else {
+                    redecided += 1;
                 }
-                redecided += 1;
+                timers = again;
+                timers.extend(busy);
                 if redecided > 10 && !timers.is_empty() {
                     // Journeys changing this fast are left due: the next poll takes them again.
                     tracing::warn!(partition, left = timers.len(), "timers still contended after 10 tries");

@@ -22,22 +22,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 async fn keys_matching(redis: &mut redis::aio::ConnectionManager, pattern: &str) -> anyhow::Result<u64> {
     let mut n = 0u64;
-    let mut cursor = 0u64;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(10_000)
-            .query_async(redis)
-            .await?;
+    let mut scan = KeyScan::new(pattern.to_owned(), 10_000);
+    while let Some(keys) = scan.next(redis).await? {
         n += keys.len() as u64;
-        if next == 0 {
-            return Ok(n);
-        }
-        cursor = next;
     }
+    Ok(n)
 }
 
 async fn produce_all<T: Record>(

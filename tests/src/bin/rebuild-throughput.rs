@@ -23,26 +23,14 @@ use forfall_watcher::store::{Save, Stored};
 /// How many journeys and timers Redis holds under `prefix`.
 async fn count(redis: &mut redis::aio::ConnectionManager, prefix: &str, partitions: i32) -> anyhow::Result<(u64, u64)> {
     let mut journeys = 0u64;
-    let mut cursor = 0u64;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}journeys:*"))
-            .arg("COUNT")
-            .arg(10_000)
-            .query_async(redis)
-            .await?;
+    let mut scan = KeyScan::new(format!("{prefix}journeys:*"), 10_000);
+    while let Some(keys) = scan.next(redis).await? {
         let mut pipe = redis::pipe();
         for k in &keys {
             pipe.hlen(k);
         }
         let lens: Vec<u64> = pipe.query_async(redis).await?;
         journeys += lens.iter().sum::<u64>();
-        if next == 0 {
-            break;
-        }
-        cursor = next;
     }
     let mut timers = 0u64;
     for p in 0..partitions {

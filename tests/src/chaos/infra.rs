@@ -295,10 +295,7 @@ impl Infra {
         let brokers = self.config.kafka.brokers.clone();
         let group = format!("{}.{service}", self.config.kafka.group_prefix);
         let described = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-            let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-                .set("bootstrap.servers", &brokers)
-                .set("broker.address.family", "v4")
-                .create()?;
+            let consumer: rdkafka::consumer::BaseConsumer = crate::bench_client(&brokers).create()?;
             let list = rdkafka::consumer::Consumer::fetch_group_list(&consumer, Some(&group), Duration::from_secs(5))?;
             Ok(list
                 .groups()
