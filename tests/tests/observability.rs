@@ -268,8 +268,14 @@ async fn every_metric_the_dashboards_and_rules_query_is_exported_by_the_running_
     let billing = stack.topic(&stack.topics().billing_invoice_events);
     stack.produce_raw(&billing, "junk", b"not an invoice").await?;
     clock.set(at("2026-03-12T08:00:01Z"));
+    // The nudges must be sent before the payment and the clock move on: dispatch's last look
+    // rightly suppresses a nudge whose journey has been paid or has moved past it meanwhile.
     for s in [&paid, &unpaid] {
         status_is(&stack, s.tenant, s.invoice_id, "nudged").await?;
+        eventually("the nudge e-mail", WAIT, || async {
+            Ok((!stack.mail.to(s.email).is_empty()).then_some(()))
+        })
+        .await?;
     }
     let payment = paid.payment("obs-tx-1", paid.amount_minor, paid.reference);
     stack
