@@ -431,6 +431,50 @@ async fn transient_provider_errors_are_retried_and_permanent_ones_fall_back() ->
     Ok(())
 }
 
+/// A recipient the SMTP server refuses (550): the e-mail fails for good with the server's
+/// reason, and its claim says so (a redelivery finds it final and sends nothing); nothing
+/// reached the server, and the next message goes out as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recipient_the_mail_server_refuses_fails_for_good_and_its_claim_says_so() -> anyhow::Result<()> {
+    let stack = stack_with_profile().await?;
+    stack.start_service("dispatch");
+    let nudge = |invoice| Action {
+        invoice,
+        number: invoice,
+        language: "en",
+        tone: "nudge",
+        step_index: 0,
+        channels: &["email"],
+        fee_minor: 0,
+        pay_by: None,
+    };
+    let nobody = format!("nobody@{}", forfall_devsinks::NO_SUCH_MAILBOX_DOMAIN);
+    let refused = nudge("no-mailbox-1").build(&nobody, "+4520000011");
+    send(&stack, &refused).await?;
+    let failed = outcome_for(&stack, &refused, "email", DispatchStatus::Failed).await?;
+    let reason = failed.reason.unwrap_or_default();
+    assert!(
+        reason.contains("refused") && reason.contains("Mailbox unavailable"),
+        "{reason}"
+    );
+    let keys = Keys::new(&stack.rt.config.redis.key_prefix);
+    let claim: Option<String> = redis::cmd("GET")
+        .arg(forfall_dispatch::claim_key(&keys, &refused.action_id, "email"))
+        .query_async(&mut stack.redis())
+        .await?;
+    assert!(
+        claim.as_deref().is_some_and(|c| c.starts_with("failed:")),
+        "the claim of a refused message: {claim:?}"
+    );
+    let fine = nudge("no-mailbox-2").build("fine@example.test", "+4520000012");
+    send(&stack, &fine).await?;
+    outcome_for(&stack, &fine, "email", DispatchStatus::Sent).await?;
+    assert!(stack.mail.to(&nobody).is_empty());
+    assert_eq!(stack.mail.to("fine@example.test").len(), 1);
+    stack.shutdown().await;
+    Ok(())
+}
+
 /// Acme's webhook channel to a recording receiver (answering 200), the shared secret
 /// `tenant-shared-secret`; dispatch not started yet.
 async fn stack_with_webhook() -> anyhow::Result<(LocalStack, HttpRecorder)> {

@@ -187,20 +187,31 @@ pub async fn last_looks(
     invoices: &[(&str, i32)],
 ) -> redis::RedisResult<Vec<LastLook>> {
     let mut pipe = redis::pipe();
+    add_last_looks(&mut pipe, keys, tenant, invoices);
+    let values: Vec<Option<Vec<u8>>> = pipe.query_async(conn).await?;
+    Ok(last_looks_from(&values, invoices))
+}
+
+/// Adds the reads of [`last_looks`] to `pipe` (two replies per invoice, after whatever `pipe`
+/// already holds), for a caller that sends them along with its own commands.
+pub fn add_last_looks(pipe: &mut redis::Pipeline, keys: &Keys, tenant: &str, invoices: &[(&str, i32)]) {
     for (invoice_id, _) in invoices {
         let at = location(keys, tenant, invoice_id);
         let stop = stop_location(keys, tenant, invoice_id);
         pipe.hget(at.key, at.field).hget(stop.key, stop.field);
     }
-    let values: Vec<Option<Vec<u8>>> = pipe.query_async(conn).await?;
-    Ok(values
+}
+
+/// The last looks from the replies [`add_last_looks`] asked for, in the order given.
+pub fn last_looks_from(values: &[Option<Vec<u8>>], invoices: &[(&str, i32)]) -> Vec<LastLook> {
+    values
         .chunks(2)
         .zip(invoices)
         .map(|(v, (_, step))| {
             let (journey, stop) = (v.first().cloned().flatten(), v.get(1).cloned().flatten());
             LastLook::of(journey.as_deref(), stop.as_deref(), *step)
         })
-        .collect())
+        .collect()
 }
 
 /// Reads the status for the last look.

@@ -28,6 +28,7 @@
 //! message. The e-mail's Message-ID is derived from the action, so even a message re-sent by
 //! hand is recognisably the same one.
 
+mod attempt;
 pub mod channels;
 pub mod content;
 mod deferral;
@@ -37,17 +38,17 @@ pub mod rebuild;
 mod receipts;
 mod smtp;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
+use attempt::Attempt;
 use channels::{SendError, Sms, SmsProvider, SmsProviderKind, Webhook};
 use content::Templates;
 use forfall_domain::Jurisdiction;
 use forfall_domain::calendar::{ContactHours, next_contact_moment};
 use forfall_domain::policy::experiment_labels;
 use forfall_platform::changelog::{self, Changelog};
-use forfall_platform::derived_state::{DerivedState, guard_lua};
+use forfall_platform::derived_state::DerivedState;
 use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, Producer, run_consumer};
 use forfall_platform::records::{DispatchOutcome, DispatchStatus, JourneyAction, derived_id};
 use forfall_platform::redis_store::{self, Keys};
@@ -397,251 +398,6 @@ impl Sent {
     }
 }
 
-/// How long a value written to a claim lives.
-#[derive(Clone, Copy)]
-enum Expiry {
-    /// `dispatch.claim_lease_ms`: the claim frees itself unless renewed.
-    Lease,
-    /// `dispatch.idempotency_ttl_days`: the claim's state is remembered.
-    Remembered,
-}
-
-/// One attempt at one (action, channel), and its hold on the claim: `claimed:<id>` (the lease,
-/// renewed while the attempt runs) up to the commit point, `sending:<id>` from it. Every write
-/// the attempt makes to the claim is a compare-and-set from one of these two values of its own,
-/// so an attempt whose claim was taken can change nothing: it does not send, does not write its
-/// result over its successor's state and does not fall back to another channel.
-struct Attempt<'a> {
-    dispatch: &'a Dispatch,
-    key: &'a str,
-    /// The changelog key that records the commit point (see [`Attempt::commit`]).
-    record: String,
-    /// `claimed:<attempt id>`.
-    lease: String,
-    /// `sending:<attempt id>`.
-    sending: String,
-    /// The renewal found the claim no longer this attempt's.
-    lost: AtomicBool,
-}
-
-impl<'a> Attempt<'a> {
-    fn new(dispatch: &'a Dispatch, key: &'a str, action_id: &str, channel: &str) -> Self {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        Self {
-            dispatch,
-            key,
-            record: rebuild::sending_changelog_key(action_id, channel),
-            lease: format!("claimed:{id}"),
-            sending: format!("sending:{id}"),
-            lost: AtomicBool::new(false),
-        }
-    }
-
-    /// Claims are off only in the benchmark mode `dispatch.idempotency = false`.
-    fn enabled(&self) -> bool {
-        self.dispatch.settings.idempotency
-    }
-
-    /// Takes the claim when nobody holds it (`SET NX` with the lease), and never on a Redis
-    /// that lost dispatch's state: a claim missing for that reason is not a message unsent.
-    async fn claim(&self) -> Result<bool, Failure> {
-        static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
-            redis::Script::new(&format!(
-                "{}if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end\nreturn 0",
-                guard_lua("KEYS[2]", "ARGV[3]", "ARGV[4]")
-            ))
-        });
-        let (epoch, writes) = self.dispatch.state.seen();
-        let claimed: i32 = CLAIM
-            .key(self.key)
-            .key(self.dispatch.state.marker_key())
-            .arg(&self.lease)
-            .arg(self.dispatch.settings.claim_lease_ms)
-            .arg(epoch)
-            .arg(writes)
-            .invoke_async(&mut self.dispatch.redis.clone())
-            .await?;
-        match claimed {
-            -2 => Err(self.dispatch.state.missing()),
-            claimed => Ok(claimed == 1),
-        }
-    }
-
-    /// Moves the claim to `to` (deletes it when `to` is empty) only while it is still this
-    /// attempt's (its lease or its `sending`). `false`: it is not, and nothing was written.
-    /// A final state (`Expiry::Remembered`: what became of the message) is also written over a
-    /// claim that is gone: only a Redis that lost its state loses a claim this attempt held
-    /// (the lease is renewed, `sending` does not expire), and a message sent must be on record
-    /// before its outcome is, or a redelivery after a crash would send it again.
-    async fn transition(&self, to: &str, expiry: Expiry) -> Result<bool, Failure> {
-        static TRANSITION: LazyLock<redis::Script> = LazyLock::new(|| {
-            redis::Script::new(
-                r"local v = redis.call('GET', KEYS[1])
-                  local lost = (v == false) and ARGV[6] == 'final'
-                  if v ~= ARGV[1] and v ~= ARGV[2] and not lost then return 0 end
-                  if ARGV[3] == '' then redis.call('DEL', KEYS[1])
-                  else redis.call('SET', KEYS[1], ARGV[3], ARGV[4], ARGV[5]) end
-                  return 1",
-            )
-        });
-        let (unit, ttl, kind) = match expiry {
-            Expiry::Lease => ("PX", self.dispatch.settings.claim_lease_ms, "lease"),
-            Expiry::Remembered if to.starts_with("sending:") => ("EX", self.dispatch.ttl_secs(), "commit"),
-            Expiry::Remembered => ("EX", self.dispatch.ttl_secs(), "final"),
-        };
-        let moved: i32 = TRANSITION
-            .key(self.key)
-            .arg(&self.lease)
-            .arg(&self.sending)
-            .arg(to)
-            .arg(unit)
-            .arg(ttl)
-            .arg(kind)
-            .invoke_async(&mut self.dispatch.redis.clone())
-            .await?;
-        Ok(moved == 1)
-    }
-
-    /// The commit point, right before the provider can have the message: the claim moves from
-    /// this attempt's lease to `sending` (and stops expiring). Idempotent: a retried send whose
-    /// first commit went through but whose answer was lost commits again harmlessly.
-    ///
-    /// The commit is also on dispatch's changelog, acknowledged before the provider is called:
-    /// should Redis lose the claim while the provider has the message and before its outcome
-    /// is on its topic (Redis flushed or failed over as the process dies), the rebuild brings
-    /// the claim back as `sending` and the redelivered action is not sent a second time.
-    async fn commit(&self) -> Result<(), SendError> {
-        if !self.enabled() {
-            return Ok(());
-        }
-        match self.transition(&self.sending, Expiry::Remembered).await {
-            Ok(true) => {}
-            // The lease ran out and the claim moved on: this attempt must not send.
-            Ok(false) => return Err(SendError::ClaimLost),
-            Err(e) => return Err(SendError::Transient(format!("cannot record the send's start: {e:?}"))),
-        }
-        let change = self
-            .dispatch
-            .changelog
-            .put_keyed(self.record.clone(), self.sending.clone().into_bytes());
-        let ack = self.dispatch.commit_producer.send(&change).await;
-        ack.await
-            .map(|_| ())
-            .map_err(|e| SendError::Transient(format!("cannot record the send's start on the changelog: {e}")))
-    }
-
-    /// Once the claim holds what became of the message, its commit record is no longer
-    /// needed (the outcome is the fact from here on): a tombstone, not waited for. Before a
-    /// retry (the provider did not take the message) it is waited for, so that a rebuild never
-    /// takes a message that was not sent for one whose delivery is unknown.
-    async fn forget_commit(&self, wait: bool) {
-        if !self.enabled() {
-            return;
-        }
-        let tombstone = self.dispatch.changelog.delete_keyed(self.record.clone());
-        let ack = self.dispatch.commit_producer.send(&tombstone).await;
-        let written = async move {
-            if let Err(e) = ack.await {
-                tracing::warn!(error = %e, "a commit record's tombstone was not written");
-            }
-        };
-        if wait {
-            written.await;
-        } else {
-            tokio::spawn(written);
-        }
-    }
-
-    /// Before a retry: the provider did not take the message (that is what a transient error
-    /// means), so the claim goes back from `sending` to the (renewed) lease. A stop while waiting
-    /// then frees the message for the redelivery instead of leaving its delivery "unknown".
-    async fn reopen(&self) -> Result<(), SendError> {
-        if !self.enabled() {
-            return Ok(());
-        }
-        match self.transition(&self.lease, Expiry::Lease).await {
-            Ok(true) => {
-                self.forget_commit(true).await;
-                Ok(())
-            }
-            Ok(false) => Err(SendError::ClaimLost),
-            Err(e) => {
-                // The claim stays as it is, this attempt's either way; the next commit decides.
-                tracing::warn!(error = ?e, "cannot reopen the claim before a retry");
-                Ok(())
-            }
-        }
-    }
-
-    /// Writes the attempt's result over its own claim. `false`: the claim was taken meanwhile
-    /// and nothing was written.
-    async fn settle(&self, state: &str) -> Result<bool, Failure> {
-        self.transition(state, Expiry::Remembered).await
-    }
-
-    /// Frees the claim for the next attempt (only while it is still this attempt's).
-    async fn release(&self) -> Result<bool, Failure> {
-        self.transition("", Expiry::Lease).await
-    }
-
-    fn lost(&self) -> bool {
-        self.lost.load(Ordering::SeqCst)
-    }
-
-    /// Runs `work` while renewing the lease every third of `dispatch.claim_lease_ms`.
-    async fn renewing<T>(&self, work: impl std::future::Future<Output = T>) -> T {
-        if !self.enabled() {
-            return work.await;
-        }
-        let renewal = async {
-            self.keep_alive().await;
-            std::future::pending::<T>().await
-        };
-        tokio::select! {
-            out = work => out,
-            out = renewal => out,
-        }
-    }
-
-    /// Renews the lease (a compare-and-set on this attempt's id) until the claim turns out to be
-    /// someone else's. While the claim is this attempt's `sending`, it does not expire and there
-    /// is nothing to renew.
-    async fn keep_alive(&self) {
-        static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
-            redis::Script::new(
-                r"local v = redis.call('GET', KEYS[1])
-                  if v == ARGV[1] then
-                    redis.call('PEXPIRE', KEYS[1], ARGV[3])
-                    return 1
-                  end
-                  if v == ARGV[2] then return 1 end
-                  return 0",
-            )
-        });
-        let lease_ms = self.dispatch.settings.claim_lease_ms;
-        let every = Duration::from_millis((lease_ms / 3).max(10));
-        loop {
-            tokio::time::sleep(every).await;
-            let renewed: Result<i32, redis::RedisError> = RENEW
-                .key(self.key)
-                .arg(&self.lease)
-                .arg(&self.sending)
-                .arg(lease_ms)
-                .invoke_async(&mut self.dispatch.redis.clone())
-                .await;
-            match renewed {
-                Ok(1) => {}
-                Ok(_) => {
-                    self.lost.store(true, Ordering::SeqCst);
-                    tracing::warn!("this attempt's claim ran out and is no longer its own: it sends nothing");
-                    return;
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot renew the claim's lease; trying again"),
-            }
-        }
-    }
-}
-
 /// An action's outcome on a channel. The event id derives from (action, channel, status), so
 /// a redelivered action's outcome is the same event.
 pub(crate) fn outcome_of(
@@ -675,6 +431,13 @@ pub(crate) fn outcome_of(
 pub(crate) struct SentMessage {
     pub action: JourneyAction,
     pub channel: String,
+}
+
+/// The invoices an action's last look reads: its own at its step, and a combined action's others.
+fn looked_at(action: &JourneyAction) -> Vec<(&str, i32)> {
+    let mut invoices = vec![(action.invoice_id.as_str(), action.step_index)];
+    invoices.extend(action.covers.iter().map(|c| (c.invoice_id.as_str(), -1)));
+    invoices
 }
 
 /// The idempotency claim of one (action, channel): its Redis key.
@@ -851,14 +614,11 @@ impl Dispatch {
         }
         // A short lease, renewed while this attempt runs: an attempt that stops before the
         // commit point frees the message for the redelivery once it runs out.
-        if !attempt.claim().await? {
+        // The last look, with the claim: a combined action's other invoices are looked at too.
+        // The provider is called only after one more look at the commit point.
+        let Some(looks) = attempt.claim_and_look(&action.tenant, &looked_at(action)).await? else {
             return self.claimed_before(&key).await.map(Some);
-        }
-        // The last look: as late as possible, right before the provider is called. A combined
-        // action's other invoices are looked at too, in the same round trip.
-        let mut invoices = vec![(action.invoice_id.as_str(), action.step_index)];
-        invoices.extend(action.covers.iter().map(|c| (c.invoice_id.as_str(), -1)));
-        let looks = journey_state::last_looks(&mut self.redis.clone(), &self.keys, &action.tenant, &invoices).await?;
+        };
         let caught_up = looks.first().is_none_or(|l| l.caught_up);
         if !caught_up && !self.waited_long_enough(&action.action_id) {
             // The watcher has produced this action but not yet stored the journey that includes
@@ -887,11 +647,15 @@ impl Dispatch {
             Ok(sent) => {
                 // The message went out under this attempt's own `sending`, which no other attempt
                 // can take: the claim is still this attempt's unless someone removed it by hand.
-                if !attempt.settle(&format!("sent:{}", sent.claim_value())).await? {
+                // What was sent is remembered for its receipt in the same round trip.
+                let remember = self.remember_sent(action, channel, &sent.message_id).await?;
+                if !attempt
+                    .settle_and(&format!("sent:{}", sent.claim_value()), remember)
+                    .await?
+                {
                     tracing::error!(channel, message_id = %sent.message_id, "sent, but the claim was no longer this attempt's to record it");
                 }
                 attempt.forget_commit(false).await;
-                self.remember_sent(action, channel, &sent.message_id).await?;
                 Ok(Some(ChannelResult::sent(sent)))
             }
             Err(SendError::Unknown(detail)) => {
@@ -1051,11 +815,10 @@ impl Dispatch {
     /// the action is looked at again from the start (suppressed, or rendered without them).
     async fn commit_if_still_open(&self, action: &JourneyAction, attempt: &Attempt<'_>) -> Result<(), SendError> {
         if attempt.enabled() {
-            let mut invoices = vec![(action.invoice_id.as_str(), action.step_index)];
-            invoices.extend(action.covers.iter().map(|c| (c.invoice_id.as_str(), -1)));
-            let looks = journey_state::last_looks(&mut self.redis.clone(), &self.keys, &action.tenant, &invoices)
-                .await
-                .map_err(|e| SendError::Transient(format!("cannot look at the journey once more: {e}")))?;
+            let looks =
+                journey_state::last_looks(&mut self.redis.clone(), &self.keys, &action.tenant, &looked_at(action))
+                    .await
+                    .map_err(|e| SendError::Transient(format!("cannot look at the journey once more: {e}")))?;
             let statuses: Vec<Option<String>> = looks.into_iter().map(|l| l.status).collect();
             let unchanged = message::still_open(action, &statuses)
                 .is_some_and(|now| now.invoice_id == action.invoice_id && now.covers.len() == action.covers.len());
@@ -1073,8 +836,14 @@ impl Dispatch {
         attempt.commit().await
     }
 
-    /// Remembers what was sent under the provider's id, for its delivery receipt.
-    async fn remember_sent(&self, action: &JourneyAction, channel: &str, message_id: &str) -> Result<(), Failure> {
+    /// Remembers what was sent under the provider's id, for its delivery receipt: on the
+    /// changelog, and the Redis write it returns for the caller to send.
+    async fn remember_sent(
+        &self,
+        action: &JourneyAction,
+        channel: &str,
+        message_id: &str,
+    ) -> Result<redis::Cmd, Failure> {
         let provider = match channel {
             "sms" => self
                 .sms_provider(&action.tenant)
@@ -1099,14 +868,13 @@ impl Dispatch {
                 tracing::warn!(error = %e, "a sent message did not reach dispatch's changelog; its receipt is lost if Redis is lost");
             }
         });
-        let _: () = redis::cmd("SET")
+        let mut remember = redis::cmd("SET");
+        remember
             .arg(sent_key(&self.keys, provider, message_id))
             .arg(value)
             .arg("EX")
-            .arg(self.settings.receipts.remember_days * 86_400)
-            .query_async(&mut self.redis.clone())
-            .await?;
-        Ok(())
+            .arg(self.settings.receipts.remember_days * 86_400);
+        Ok(remember)
     }
 
     async fn send_email(

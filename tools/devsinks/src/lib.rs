@@ -205,7 +205,20 @@ impl Handler for MailHandler {
     fn helo(&mut self, _ip: IpAddr, _domain: &str) -> Response {
         response::OK
     }
+
+    /// A mailbox on [`NO_SUCH_MAILBOX_DOMAIN`] does not exist: 550, as a real server answers.
+    fn rcpt(&mut self, to: &str) -> Response {
+        let domain = to.rsplit_once('@').map(|(_, d)| d.trim_end_matches('>'));
+        if domain.is_some_and(|d| d.eq_ignore_ascii_case(NO_SUCH_MAILBOX_DOMAIN)) {
+            response::NO_MAILBOX
+        } else {
+            response::OK
+        }
+    }
 }
+
+/// Recipients on this domain are refused by [`MailSink`] (550, mailbox unavailable).
+pub const NO_SUCH_MAILBOX_DOMAIN: &str = "no-such-mailbox.example.test";
 
 /// A real SMTP server on 127.0.0.1 (port chosen by the OS) keeping every message.
 #[derive(Clone)]
@@ -250,6 +263,12 @@ impl MailSink {
     /// How many messages were received (without copying them: a benchmark polls this).
     pub fn count(&self) -> usize {
         self.store.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// When each message was received, in order (without copying them: a benchmark reads this).
+    pub fn received_times(&self) -> Vec<std::time::Instant> {
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.iter().map(|m| m.received_at).collect()
     }
 
     /// Messages to one recipient.
