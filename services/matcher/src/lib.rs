@@ -250,17 +250,33 @@ impl Matcher {
             .collect())
     }
 
-    /// Everything the rules may need for this payment, and what was read to find it.
-    async fn candidates(&self, p: &PaymentReceived) -> Result<(Candidates, Seen), Failure> {
-        let mut c = Candidates::default();
-        let mut seen = Seen::default();
-        if let Some(r) = p
-            .reference
+    /// The index key of the payment's structured reference, if it has one.
+    fn reference_key(&self, p: &PaymentReceived) -> Option<String> {
+        p.reference
             .as_deref()
             .and_then(|r| matching::structured_reference(r).ok())
-        {
-            let ref_key = self.key("ref", &p.tenant, &r.value);
-            let id: Option<String> = redis::cmd("GET").arg(&ref_key).query_async(&mut self.conn()).await?;
+            .map(|r| self.key("ref", &p.tenant, &r.value))
+    }
+
+    /// Everything the rules may need for this payment, and what was read to find it.
+    async fn candidates(&self, p: &PaymentReceived) -> Result<(Candidates, Seen), Failure> {
+        self.candidates_with(p, None).await
+    }
+
+    /// [`Matcher::candidates`], with the invoice the payment's reference named when the caller
+    /// has just read it (`Some(None)`: it named none).
+    async fn candidates_with(
+        &self,
+        p: &PaymentReceived,
+        referenced: Option<Option<String>>,
+    ) -> Result<(Candidates, Seen), Failure> {
+        let mut c = Candidates::default();
+        let mut seen = Seen::default();
+        if let Some(ref_key) = self.reference_key(p) {
+            let id: Option<String> = match referenced {
+                Some(id) => id,
+                None => redis::cmd("GET").arg(&ref_key).query_async(&mut self.conn()).await?,
+            };
             match id {
                 Some(id) => c.by_reference = self.open_invoices(&p.tenant, vec![id], &mut seen).await?.pop(),
                 None => seen.missing_reference = Some(ref_key),
@@ -540,27 +556,52 @@ return 1"
     /// A payment's booked decision, read with the state marker: a decision missing because
     /// Redis lost it (or went back to an older copy) is never taken for a payment not decided.
     async fn decided(&self, tenant: &str, payment_id: &str) -> Result<Option<Decided>, Failure> {
+        Ok(self.decided_and_referenced(tenant, payment_id, None).await?.0)
+    }
+
+    /// [`Matcher::decided`], and in the same round trip the invoice id `ref_key` (a reference's
+    /// index key) names, if given: a new payment's first decision needs both.
+    async fn decided_and_referenced(
+        &self,
+        tenant: &str,
+        payment_id: &str,
+        ref_key: Option<&str>,
+    ) -> Result<(Option<Decided>, Option<String>), Failure> {
         let floor = self.0.state.read_floor();
-        let (raw, marker): (Option<String>, Option<String>) = redis::pipe()
-            .get(self.key("payment", tenant, payment_id))
-            .get(self.0.state.marker_key())
-            .query_async(&mut self.conn())
-            .await?;
+        let mut pipe = redis::pipe();
+        pipe.get(self.key("payment", tenant, payment_id))
+            .get(self.0.state.marker_key());
+        if let Some(ref_key) = ref_key {
+            pipe.get(ref_key);
+        }
+        let mut got: Vec<Option<String>> = pipe.query_async(&mut self.conn()).await?;
+        let referenced = if ref_key.is_some() { got.pop().flatten() } else { None };
+        let marker = got.pop().flatten();
+        let raw = got.pop().flatten();
         self.0.state.check(marker.as_deref(), floor)?;
-        Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+        Ok((raw.and_then(|r| serde_json::from_str(&r).ok()), referenced))
     }
 
     async fn payment(&self, p: PaymentReceived, trace: TraceContext) -> Result<Vec<Outbound>, Failure> {
-        if let Some(d) = self.decided(&p.tenant, &p.payment_id).await? {
+        // Whether it was decided before, and the invoice its reference names (most payments
+        // carry one), in one round trip.
+        let ref_key = self.reference_key(&p);
+        let (decided, referenced) = self
+            .decided_and_referenced(&p.tenant, &p.payment_id, ref_key.as_deref())
+            .await?;
+        if let Some(d) = decided {
             // The same bank transaction again: the same records, nothing booked twice.
             self.0.metrics.results.with_label_values(&["duplicate"]).inc();
             return self.records_for(&d, trace).await;
         }
         let incoming = Self::incoming(&p)?;
+        // What the reference named is used for the first decision only: a decision taken again
+        // reads everything afresh.
+        let mut referenced = ref_key.is_some().then_some(referenced);
         // Decided optimistically: another payment for the same invoice may be booked between
         // reading and booking; then this one is decided again on what is there now.
         for _ in 0..MAX_REDECISIONS {
-            let (candidates, seen) = self.candidates(&p).await?;
+            let (candidates, seen) = self.candidates_with(&p, referenced.take()).await?;
             let d = Decided {
                 payment: p.clone(),
                 decision: matching::decide(&incoming, &candidates),
