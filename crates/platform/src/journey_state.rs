@@ -202,6 +202,16 @@ pub fn add_last_looks(pipe: &mut redis::Pipeline, keys: &Keys, tenant: &str, inv
     }
 }
 
+/// The Lua pattern that finds a journey value's header (`version|status|next step|`), the part
+/// a last look's verdict depends on; matches what [`header_bytes`] returns.
+pub const HEADER_LUA_PATTERN: &str = "^[^|]*|[^|]*|[^|]*|";
+
+/// A journey value's header as stored (through its third `|`), if it has one.
+pub fn header_bytes(value: &[u8]) -> Option<&[u8]> {
+    let third = value.iter().enumerate().filter(|(_, b)| **b == b'|').nth(2)?.0;
+    value.get(..=third)
+}
+
 /// The last looks from the replies [`add_last_looks`] asked for, in the order given.
 pub fn last_looks_from(values: &[Option<Vec<u8>>], invoices: &[(&str, i32)]) -> Vec<LastLook> {
     values
@@ -228,6 +238,18 @@ pub async fn read_status(
 mod tests {
     use super::*;
     use forfall_domain::journey::{CloseReason, JourneyState};
+
+    #[test]
+    fn a_headers_bytes_are_what_decode_reads_the_header_from() {
+        let value = b"7|nudged|2|\x00binary|with|bars";
+        assert_eq!(header_bytes(value), Some(&b"7|nudged|2|"[..]));
+        assert!(decode(value).is_some());
+        assert_eq!(header_bytes(b"7|closed:paid||"), Some(&b"7|closed:paid||"[..]));
+        for short in [&b""[..], b"7", b"7|nudged", b"7|nudged|2"] {
+            assert_eq!(header_bytes(short), None);
+            assert!(decode(short).is_none());
+        }
+    }
 
     #[test]
     fn pairs_split_back_whatever_the_ids_hold() {

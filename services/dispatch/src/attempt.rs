@@ -38,6 +38,24 @@ pub(crate) struct Attempt<'a> {
     sending: String,
     /// The renewal found the claim no longer this attempt's.
     lost: AtomicBool,
+    /// What the first look found of each invoice: the journey's header and the contact stop,
+    /// as stored (see [`Attempt::commit_if_unchanged`]).
+    first_look: std::sync::OnceLock<Vec<Seen>>,
+}
+
+/// One invoice as a look found it, as stored.
+struct Seen {
+    invoice_id: String,
+    header: Option<Vec<u8>>,
+    stop: Option<Vec<u8>>,
+}
+
+/// A value for the commit script: `0` for none, `1` and the bytes for some.
+fn tagged(value: Option<&[u8]>) -> Vec<u8> {
+    match value {
+        None => b"0".to_vec(),
+        Some(v) => [&b"1"[..], v].concat(),
+    }
 }
 
 impl<'a> Attempt<'a> {
@@ -50,6 +68,7 @@ impl<'a> Attempt<'a> {
             lease: format!("claimed:{id}"),
             sending: format!("sending:{id}"),
             lost: AtomicBool::new(false),
+            first_look: std::sync::OnceLock::new(),
         }
     }
 
@@ -104,7 +123,23 @@ impl<'a> Attempt<'a> {
             .map_err(redis::RedisError::from)?;
         match claimed {
             -2 => Err(self.dispatch.state.missing()),
-            1 => Ok(Some(journey_state::last_looks_from(&looked, invoices))),
+            1 => {
+                let seen = looked
+                    .chunks(2)
+                    .zip(invoices)
+                    .map(|(v, (invoice_id, _))| Seen {
+                        invoice_id: (*invoice_id).to_owned(),
+                        header: v
+                            .first()
+                            .and_then(|j| j.as_deref())
+                            .and_then(journey_state::header_bytes)
+                            .map(<[u8]>::to_vec),
+                        stop: v.get(1).cloned().flatten(),
+                    })
+                    .collect();
+                let _ = self.first_look.set(seen);
+                Ok(Some(journey_state::last_looks_from(&looked, invoices)))
+            }
             _ => Ok(None),
         }
     }
@@ -181,6 +216,70 @@ impl<'a> Attempt<'a> {
             Ok(false) => return Err(SendError::ClaimLost),
             Err(e) => return Err(SendError::Transient(format!("cannot record the send's start: {e:?}"))),
         }
+        self.record_commit().await
+    }
+
+    /// [`Attempt::commit`] in one round trip with the look before it, when nothing the look's
+    /// verdict depends on changed since the first look: the script moves the claim to `sending`
+    /// only if every one of `invoices` still has the journey header and the contact stop the
+    /// first look found (the same statuses give the same verdict, which let the message go).
+    /// `Ok(false)`: something changed (or there was no first look), nothing moved, and the
+    /// caller looks again and decides as before.
+    pub(crate) async fn commit_if_unchanged(&self, tenant: &str, invoices: &[(&str, i32)]) -> Result<bool, SendError> {
+        static COMMIT: LazyLock<redis::Script> = LazyLock::new(|| {
+            redis::Script::new(&format!(
+                r"local n = tonumber(ARGV[4])
+                  for i = 1, n do
+                    local at = 4 + 4 * (i - 1)
+                    local journey = redis.call('HGET', KEYS[2 * i], ARGV[at + 1])
+                    local stop = redis.call('HGET', KEYS[2 * i + 1], ARGV[at + 2])
+                    local header = journey and string.match(journey, '{}')
+                    if (header and ('1' .. header) or '0') ~= ARGV[at + 3] then return 2 end
+                    if (stop and ('1' .. stop) or '0') ~= ARGV[at + 4] then return 2 end
+                  end
+                  local v = redis.call('GET', KEYS[1])
+                  if v ~= ARGV[1] and v ~= ARGV[2] then return 0 end
+                  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+                  return 1",
+                journey_state::HEADER_LUA_PATTERN
+            ))
+        });
+        let Some(first) = self.first_look.get() else {
+            return Ok(false);
+        };
+        let mut call = COMMIT.prepare_invoke();
+        call.key(self.key)
+            .arg(&self.lease)
+            .arg(&self.sending)
+            .arg(self.dispatch.ttl_secs())
+            .arg(invoices.len());
+        for (invoice_id, _) in invoices {
+            let Some(seen) = first.iter().find(|s| s.invoice_id == *invoice_id) else {
+                return Ok(false);
+            };
+            let at = journey_state::location(&self.dispatch.keys, tenant, invoice_id);
+            let stop = journey_state::stop_location(&self.dispatch.keys, tenant, invoice_id);
+            call.key(at.key)
+                .key(stop.key)
+                .arg(at.field)
+                .arg(stop.field)
+                .arg(tagged(seen.header.as_deref()))
+                .arg(tagged(seen.stop.as_deref()));
+        }
+        let moved: i32 = call
+            .invoke_async(&mut self.dispatch.redis.clone())
+            .await
+            .map_err(|e| SendError::Transient(format!("cannot record the send's start: {e}")))?;
+        match moved {
+            1 => self.record_commit().await.map(|()| true),
+            // The lease ran out and the claim moved on: this attempt must not send.
+            0 => Err(SendError::ClaimLost),
+            _ => Ok(false),
+        }
+    }
+
+    /// The commit point on dispatch's changelog, acknowledged (see [`Attempt::commit`]).
+    async fn record_commit(&self) -> Result<(), SendError> {
         let change = self
             .dispatch
             .changelog

@@ -312,6 +312,8 @@ pub struct Dispatch {
     receipts_base: String,
     outcomes_topic: String,
     outcomes: IntCounterVec,
+    /// Looks at the commit point: journeys as the first look found them, or changed since.
+    commit_looks: IntCounterVec,
     /// Messages sent, by step, channel, segment and experiment variant.
     messages: IntCounterVec,
     deferred: IntCounterVec,
@@ -815,6 +817,13 @@ impl Dispatch {
     /// the action is looked at again from the start (suppressed, or rendered without them).
     async fn commit_if_still_open(&self, action: &JourneyAction, attempt: &Attempt<'_>) -> Result<(), SendError> {
         if attempt.enabled() {
+            // Mostly nothing changed since the first look: then the look and the commit are one
+            // script. Otherwise the look is taken and judged here.
+            if attempt.commit_if_unchanged(&action.tenant, &looked_at(action)).await? {
+                self.commit_looks.with_label_values(&["unchanged"]).inc();
+                return Ok(());
+            }
+            self.commit_looks.with_label_values(&["changed"]).inc();
             let looks =
                 journey_state::last_looks(&mut self.redis.clone(), &self.keys, &action.tenant, &looked_at(action))
                     .await
@@ -1067,6 +1076,15 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         ),
         &["step", "channel", "status"],
     )?;
+    let commit_looks = IntCounterVec::new(
+        Opts::new(
+            "dispatch_commit_looks_total",
+            "Looks at the commit point, by whether the journeys were as the first look found them \
+             (unchanged: looked at and committed in one round trip) or had changed since (changed: \
+             judged again, e.g. a payment booked while the message waited)",
+        ),
+        &["journey"],
+    )?;
     let suppression_lag = Histogram::with_opts(HistogramOpts::new(
         "dispatch_suppressed_after_due_seconds",
         "For suppressed messages: time from the step falling due to the suppression (simulated time)",
@@ -1087,6 +1105,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         &["step", "channel", "segment", "experiment", "variant"],
     )?;
     shell.metrics.registry.register(Box::new(outcomes.clone()))?;
+    shell.metrics.registry.register(Box::new(commit_looks.clone()))?;
     shell.metrics.registry.register(Box::new(messages.clone()))?;
     shell.metrics.registry.register(Box::new(deferred.clone()))?;
     shell.metrics.registry.register(Box::new(suppression_lag.clone()))?;
@@ -1146,6 +1165,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         pay_links,
         outcomes_topic,
         outcomes,
+        commit_looks,
         messages,
         deferred,
         suppression_lag,

@@ -272,6 +272,47 @@ async fn an_attempt_whose_claim_was_taken_over_writes_nothing_and_does_not_fall_
     Ok(())
 }
 
+/// Never after payment: an e-mail held at the server's DATA after its first last look, while
+/// its invoice is paid (the watcher closes the journey). At the commit point the journey is no
+/// longer what the first look found, so it is judged again: nothing is sent, the action is
+/// handled again from the start and suppressed. The sentinel after it, whose journey did not
+/// change, is looked at and committed in one round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_email_whose_invoice_is_paid_while_it_waits_for_the_server_is_not_sent() -> anyhow::Result<()> {
+    let stack = stack().await?;
+    stack.mail.hold_next_data();
+    stack.start_service("dispatch");
+    let paid = action("mail-paid", "d-paid", &["email"]);
+    let mark = sentinel("sentinel-paid", &paid);
+    send(&stack, &[&paid, &mark]).await?;
+    eventually("the attempt to reach DATA", WAIT, || async {
+        Ok((stack.mail.holding() == 1).then_some(()))
+    })
+    .await?;
+    journeys_after(&stack, std::slice::from_ref(&paid), |_, _| "closed:paid").await?;
+    stack.mail.release_data();
+    outcome_for(&stack, &mark, "email", DispatchStatus::Sent).await?;
+
+    assert_eq!(mails_of(&stack, &paid), 0, "not sent after the payment");
+    let recorded = outcomes_of(&stack, &paid).await?;
+    assert!(
+        !recorded.is_empty() && recorded.iter().all(|o| o.status == DispatchStatus::Suppressed),
+        "{recorded:?}"
+    );
+    let metrics = stack.metrics("dispatch").await?;
+    let looks = |journey: &str| {
+        metric_value(
+            &metrics,
+            "forfall_dispatch_commit_looks_total",
+            &[&format!("journey=\"{journey}\"")],
+        )
+    };
+    assert_eq!(looks("changed"), Some(1.0), "{metrics}");
+    assert_eq!(looks("unchanged"), Some(1.0), "{metrics}");
+    stack.shutdown().await;
+    Ok(())
+}
+
 /// The same hold, but the claim simply runs out and nobody takes it: the attempt sends nothing
 /// and writes nothing, and the action is handled again from the start, so the message goes
 /// out once (nothing lost) and without a fallback.
