@@ -649,8 +649,10 @@ impl Dispatch {
             Ok(sent) => {
                 // The message went out under this attempt's own `sending`, which no other attempt
                 // can take: the claim is still this attempt's unless someone removed it by hand.
-                // What was sent is remembered for its receipt in the same round trip.
-                let remember = self.remember_sent(action, channel, &sent.message_id).await?;
+                // What was sent is remembered for its receipt in the same round trip; its
+                // changelog record goes once the claim says `sent` (a producer waiting for room
+                // must not hold the final state back).
+                let (remember, change) = self.remember_sent(action, channel, &sent.message_id)?;
                 if !attempt
                     .settle_and(&format!("sent:{}", sent.claim_value()), remember)
                     .await?
@@ -658,6 +660,7 @@ impl Dispatch {
                     tracing::error!(channel, message_id = %sent.message_id, "sent, but the claim was no longer this attempt's to record it");
                 }
                 attempt.forget_commit(false).await;
+                self.publish_sent(change).await;
                 Ok(Some(ChannelResult::sent(sent)))
             }
             Err(SendError::Unknown(detail)) => {
@@ -845,14 +848,15 @@ impl Dispatch {
         attempt.commit().await
     }
 
-    /// Remembers what was sent under the provider's id, for its delivery receipt: on the
-    /// changelog, and the Redis write it returns for the caller to send.
-    async fn remember_sent(
+    /// What remembers a sent message under the provider's id, for its delivery receipt: the
+    /// Redis write (for the caller to send with the claim's final state) and the changelog
+    /// record (for a Redis that loses it; see [`Dispatch::publish_sent`]).
+    fn remember_sent(
         &self,
         action: &JourneyAction,
         channel: &str,
         message_id: &str,
-    ) -> Result<redis::Cmd, Failure> {
+    ) -> Result<(redis::Cmd, Outbound), Failure> {
         let provider = match channel {
             "sms" => self
                 .sms_provider(&action.tenant)
@@ -865,25 +869,28 @@ impl Dispatch {
             channel: channel.to_owned(),
         })
         .map_err(|e| Failure::Fatal(e.into()))?;
-        // On the changelog too, for a Redis that loses it; not waited for: the message is out,
-        // and only its receipt needs this.
         let change = self.changelog.put_keyed(
             rebuild::sent_changelog_key(provider, message_id),
             value.clone().into_bytes(),
         );
-        let ack = self.producer.send(&change).await;
-        tokio::spawn(async move {
-            if let Err(e) = ack.await {
-                tracing::warn!(error = %e, "a sent message did not reach dispatch's changelog; its receipt is lost if Redis is lost");
-            }
-        });
         let mut remember = redis::cmd("SET");
         remember
             .arg(sent_key(&self.keys, provider, message_id))
             .arg(value)
             .arg("EX")
             .arg(self.settings.receipts.remember_days * 86_400);
-        Ok(remember)
+        Ok((remember, change))
+    }
+
+    /// A sent message's changelog record, not waited for: the message is out, and only its
+    /// receipt needs this (and only once Redis is lost).
+    async fn publish_sent(&self, change: Outbound) {
+        let ack = self.producer.send(&change).await;
+        tokio::spawn(async move {
+            if let Err(e) = ack.await {
+                tracing::warn!(error = %e, "a sent message did not reach dispatch's changelog; its receipt is lost if Redis is lost");
+            }
+        });
     }
 
     async fn send_email(
