@@ -9,6 +9,23 @@ use redis::aio::ConnectionManager;
 
 use crate::config::RedisConfig;
 
+/// Runs `pipe`, whose first command invokes `script`; when Redis does not know the script
+/// (restarted, or its scripts flushed) nothing of it ran: it is loaded and `pipe` runs once more.
+/// The pipeline's other commands then run twice, so they must be safe to repeat.
+pub async fn query_with_script<T: redis::FromRedisValue>(
+    conn: &mut ConnectionManager,
+    pipe: &redis::Pipeline,
+    script: &redis::ScriptInvocation<'_>,
+) -> redis::RedisResult<T> {
+    match pipe.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            pipe.query_async(conn).await
+        }
+        other => other,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("cannot connect to Redis at {url}: {source}")]
 pub struct ConnectError {

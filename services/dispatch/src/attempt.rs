@@ -9,6 +9,7 @@ use std::time::Duration;
 use forfall_platform::derived_state::guard_lua;
 use forfall_platform::journey_state::{self, LastLook};
 use forfall_platform::kafka::Failure;
+use forfall_platform::redis_store;
 
 use crate::channels::SendError;
 use crate::{Dispatch, rebuild};
@@ -38,17 +39,13 @@ pub(crate) struct Attempt<'a> {
     sending: String,
     /// The renewal found the claim no longer this attempt's.
     lost: AtomicBool,
-    /// What the first look found of each invoice: the journey's header and the contact stop,
-    /// as stored (see [`Attempt::commit_if_unchanged`]).
-    first_look: std::sync::OnceLock<Vec<Seen>>,
+    /// What the first look read, as stored: the invoices' ids, and for each its journey and
+    /// contact stop (see [`Attempt::commit_if_unchanged`]).
+    first_look: std::sync::OnceLock<(Vec<String>, Looked)>,
 }
 
-/// One invoice as a look found it, as stored.
-struct Seen {
-    invoice_id: String,
-    header: Option<Vec<u8>>,
-    stop: Option<Vec<u8>>,
-}
+/// A look's replies as read: per invoice its journey, then its contact stop.
+type Looked = Vec<Option<Vec<u8>>>;
 
 /// A value for the commit script: `0` for none, `1` and the bytes for some.
 fn tagged(value: Option<&[u8]>) -> Vec<u8> {
@@ -104,41 +101,22 @@ impl<'a> Attempt<'a> {
         let mut pipe = redis::pipe();
         pipe.invoke_script(&claim);
         journey_state::add_last_looks(&mut pipe, &self.dispatch.keys, tenant, invoices);
-        let mut conn = self.dispatch.redis.clone();
-        let replies: Vec<redis::Value> = match pipe.query_async(&mut conn).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                // Redis restarted or its scripts were flushed, and nothing was claimed: load
-                // the script and try once more.
-                claim.load_async(&mut conn).await?;
-                pipe.query_async(&mut conn).await?
-            }
-            other => other?,
-        };
+        let replies: Vec<redis::Value> =
+            redis_store::query_with_script(&mut self.dispatch.redis.clone(), &pipe, &claim).await?;
         let mut replies = replies.into_iter();
         let claimed: i32 =
             redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil)).map_err(redis::RedisError::from)?;
-        let looked: Vec<Option<Vec<u8>>> = replies
+        let looked: Looked = replies
             .map(redis::from_redis_value)
             .collect::<Result<_, _>>()
             .map_err(redis::RedisError::from)?;
         match claimed {
             -2 => Err(self.dispatch.state.missing()),
             1 => {
-                let seen = looked
-                    .chunks(2)
-                    .zip(invoices)
-                    .map(|(v, (invoice_id, _))| Seen {
-                        invoice_id: (*invoice_id).to_owned(),
-                        header: v
-                            .first()
-                            .and_then(|j| j.as_deref())
-                            .and_then(journey_state::header_bytes)
-                            .map(<[u8]>::to_vec),
-                        stop: v.get(1).cloned().flatten(),
-                    })
-                    .collect();
-                let _ = self.first_look.set(seen);
-                Ok(Some(journey_state::last_looks_from(&looked, invoices)))
+                let looks = journey_state::last_looks_from(&looked, invoices);
+                let ids = invoices.iter().map(|(id, _)| (*id).to_owned()).collect();
+                let _ = self.first_look.set((ids, looked));
+                Ok(Some(looks))
             }
             _ => Ok(None),
         }
@@ -186,15 +164,8 @@ impl<'a> Attempt<'a> {
         };
         let mut pipe = redis::pipe();
         pipe.invoke_script(&call).add_command(also).ignore();
-        let mut conn = self.dispatch.redis.clone();
-        let (moved,): (i32,) = match pipe.query_async(&mut conn).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                // Nothing moved (the script did not run); `also` is written again harmlessly.
-                call.load_async(&mut conn).await?;
-                pipe.query_async(&mut conn).await?
-            }
-            other => other?,
-        };
+        // Should the script be unknown, `also` (a plain write) is written again harmlessly.
+        let (moved,): (i32,) = redis_store::query_with_script(&mut self.dispatch.redis.clone(), &pipe, &call).await?;
         Ok(moved == 1)
     }
 
@@ -244,7 +215,7 @@ impl<'a> Attempt<'a> {
                 journey_state::HEADER_LUA_PATTERN
             ))
         });
-        let Some(first) = self.first_look.get() else {
+        let Some((ids, looked)) = self.first_look.get() else {
             return Ok(false);
         };
         let mut call = COMMIT.prepare_invoke();
@@ -254,7 +225,11 @@ impl<'a> Attempt<'a> {
             .arg(self.dispatch.ttl_secs())
             .arg(invoices.len());
         for (invoice_id, _) in invoices {
-            let Some(seen) = first.iter().find(|s| s.invoice_id == *invoice_id) else {
+            let seen = ids
+                .iter()
+                .position(|id| id == invoice_id)
+                .and_then(|i| Some((looked.get(2 * i)?.as_deref(), looked.get(2 * i + 1)?.as_deref())));
+            let Some((journey, stop_value)) = seen else {
                 return Ok(false);
             };
             let at = journey_state::location(&self.dispatch.keys, tenant, invoice_id);
@@ -263,8 +238,8 @@ impl<'a> Attempt<'a> {
                 .key(stop.key)
                 .arg(at.field)
                 .arg(stop.field)
-                .arg(tagged(seen.header.as_deref()))
-                .arg(tagged(seen.stop.as_deref()));
+                .arg(tagged(journey.and_then(journey_state::header_bytes)))
+                .arg(tagged(stop_value));
         }
         let moved: i32 = call
             .invoke_async(&mut self.dispatch.redis.clone())
