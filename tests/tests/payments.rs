@@ -136,6 +136,81 @@ async fn a_bank_file_settles_the_invoice_before_its_reminder_and_a_second_import
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_account_a_matched_payment_came_from_matches_that_debtors_next_payment_without_a_reference()
+-> anyhow::Result<()> {
+    let stack = LocalStack::start(base_config(), ManualClock::new(at("2026-03-01T08:00:00Z"))).await?;
+    stack.start_all();
+    let billing = stack.topic(&stack.topics().billing_invoice_events);
+    let first = norwegian(
+        "no-acct-1",
+        "7000201",
+        leak(reference::generate(ReferenceKind::KidMod10, "7000201")?.value),
+        "kari@example.test",
+    );
+    let second = Sample {
+        amount_minor: 80_000,
+        ..norwegian(
+            "no-acct-2",
+            "7000202",
+            leak(reference::generate(ReferenceKind::KidMod10, "7000202")?.value),
+            "kari@example.test",
+        )
+    };
+    for s in [&first, &second] {
+        stack.produce(&billing, &s.debtor_id(), &s.issued()).await?;
+        status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    }
+    let account = "NO9386011117947";
+    let credit = |tx, amount, reference| CamtCredit {
+        transaction_id: tx,
+        amount,
+        currency: "NOK",
+        reference,
+        text: None,
+        payer_account: Some(account),
+        date: "2026-03-04",
+    };
+    // The first payment quotes its KID: matched by reference, and the account is learned.
+    let (status, body) = import(
+        &stack,
+        first.tenant,
+        &camt054("NDEA-A1", &[credit("TX-A1", "1250.00", Some(first.reference))]),
+        false,
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    status_is(&stack, first.tenant, first.invoice_id, "closed:paid").await?;
+    // The next one from the same account quotes nothing: the account names the debtor, and
+    // the amount fits their one open invoice.
+    let (status, body) = import(
+        &stack,
+        first.tenant,
+        &camt054("NDEA-A2", &[credit("TX-A2", "800.00", None)]),
+        false,
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    status_is(&stack, second.tenant, second.invoice_id, "closed:paid").await?;
+    let matched = stack
+        .read::<PaymentMatched>(&stack.topic(&stack.topics().payments_matched))
+        .await?;
+    let rules: Vec<(&str, &str, &str)> = matched
+        .iter()
+        .map(|m| (m.payment_id.as_str(), m.invoice_id.as_str(), m.rule.as_str()))
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            ("TX-A1", "no-acct-1", "exact_reference"),
+            ("TX-A2", "no-acct-2", "payer_account_amount")
+        ],
+        "each payment matched once, the second by the account the first taught"
+    );
+    stack.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partly_invalid_file_imports_nothing_and_says_where_unless_lenient() -> anyhow::Result<()> {
     let stack = LocalStack::start(base_config(), ManualClock::new(at("2026-03-01T08:00:00Z"))).await?;
     stack.start_service("matcher");

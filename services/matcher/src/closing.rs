@@ -10,16 +10,12 @@
 //! invoice never expires, however old.
 //!
 //! The decision is taken in Redis, in the same script as the write that can close or reopen the
-//! invoice (the index) or right after it (a booked allocation), so that concurrent writers
-//! always leave the keys as the last state says.
-
-use std::collections::BTreeMap;
+//! invoice (the index, a booked allocation), so that concurrent writers always leave the keys as
+//! the last state says.
 
 use forfall_domain::reference::normalise;
-use forfall_platform::derived_state::guard_lua;
-use forfall_platform::kafka::Failure;
 
-use crate::{Indexed, Matcher, MatcherKeys};
+use crate::{Indexed, MatcherKeys};
 
 /// A Lua function `close_or_keep(inv, alloc, debtor, num, ref, id, has_num, has_ref, open, ttl)`:
 /// expires a closed invoice's keys and takes it out of the sets, or keeps an open one's for good.
@@ -68,54 +64,55 @@ impl MatcherKeys<'_> {
     }
 }
 
-/// Closes or keeps each invoice given, on the allocations and terms Redis holds now.
-/// `KEYS[1]` is the state marker; per invoice five keys and four arguments follow.
-const SETTLE_LUA: &str = r"local n = tonumber(ARGV[3])
-local closed = 0
-for i = 0, n - 1 do
-  local k, a = 1 + 5 * i, 3 + 4 * i
-  local raw = redis.call('GET', KEYS[k + 1])
-  if raw then
-    local open = tonumber(cjson.decode(raw)['open_minor'])
-    closed = closed + close_or_keep(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5],
-      ARGV[a + 1], ARGV[a + 2] == '1', ARGV[a + 3] == '1', open, tonumber(ARGV[a + 4]))
+/// A Lua function `settle_invoices(k0, a0, n)`: closes or keeps each of `n` invoices on the
+/// allocations and terms Redis holds now. Invoice `i` (from 0) has its five keys (entry,
+/// allocated, debtor's set, number's set, reference) from `KEYS[k0 + 5 * i + 1]` and its four
+/// arguments (id, has a number, has a reference, time to live once closed) from
+/// `ARGV[a0 + 4 * i + 1]`, as [`add_settled`] appends them. Returns how many it closed.
+pub(crate) const SETTLE_INVOICES_LUA: &str = r"
+local function settle_invoices(k0, a0, n)
+  local closed = 0
+  for i = 0, n - 1 do
+    local k, a = k0 + 5 * i, a0 + 4 * i
+    local raw = redis.call('GET', KEYS[k + 1])
+    if raw then
+      local open = tonumber(cjson.decode(raw)['open_minor'])
+      closed = closed + close_or_keep(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5],
+        ARGV[a + 1], ARGV[a + 2] == '1', ARGV[a + 3] == '1', open, tonumber(ARGV[a + 4]))
+    end
   end
+  return closed
 end
-return closed";
+";
 
-/// For booked allocations: guarded like every write.
-static SETTLE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+/// For the rebuild, which writes before the state marker exists (the running service settles
+/// the invoices a booking paid in the booking's own script).
+static SETTLE_REBUILDING: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(&format!(
-        "{}{CLOSE_OR_KEEP_LUA}{SETTLE_LUA}",
-        guard_lua("KEYS[1]", "ARGV[1]", "ARGV[2]")
+        "{CLOSE_OR_KEEP_LUA}{SETTLE_INVOICES_LUA}return settle_invoices(0, 1, tonumber(ARGV[1]))"
     ))
 });
 
-/// For the rebuild, which writes before the marker exists.
-static SETTLE_REBUILDING: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(&format!("{CLOSE_OR_KEEP_LUA}{SETTLE_LUA}")));
-
-/// Whether a settle call is one of the running service's writes or the rebuild's.
-#[derive(Clone, Copy)]
-pub(crate) enum Writer {
-    Service { epoch: i64, writes: i64 },
-    Rebuild,
-}
-
-/// One settle call for the invoices given, each with its time to live once closed (0 removes
-/// a closed invoice's keys at once).
-pub(crate) fn settle_invocation<'a>(
+/// The rebuild's settle call for the invoices given, each with its time to live once closed
+/// (0 removes a closed invoice's keys at once).
+pub(crate) fn rebuild_settle_invocation<'a>(
     keys: &MatcherKeys<'_>,
-    marker: &str,
-    writer: Writer,
     tenant: &str,
     invoices: impl IntoIterator<Item = (&'a Indexed, u64)>,
 ) -> redis::ScriptInvocation<'static> {
-    let (mut invocation, (epoch, writes)) = match writer {
-        Writer::Service { epoch, writes } => (SETTLE.prepare_invoke(), (epoch, writes)),
-        Writer::Rebuild => (SETTLE_REBUILDING.prepare_invoke(), (0, 0)),
-    };
-    invocation.key(marker).arg(epoch).arg(writes);
+    let mut invocation = SETTLE_REBUILDING.prepare_invoke();
+    add_settled(&mut invocation, keys, tenant, invoices);
+    invocation
+}
+
+/// Appends what [`SETTLE_INVOICES_LUA`] reads for the invoices given to `invocation`: their
+/// count as one argument, then each invoice's four arguments and five keys.
+pub(crate) fn add_settled<'a>(
+    invocation: &mut redis::ScriptInvocation<'_>,
+    keys: &MatcherKeys<'_>,
+    tenant: &str,
+    invoices: impl IntoIterator<Item = (&'a Indexed, u64)>,
+) {
     let invoices: Vec<(InvoiceKeys, &str, u64)> = invoices
         .into_iter()
         .map(|(ix, ttl)| (keys.of_invoice(tenant, ix), ix.invoice_id.as_str(), ttl))
@@ -132,39 +129,5 @@ pub(crate) fn settle_invocation<'a>(
             .key(k.debtor)
             .key(k.num.unwrap_or_else(|| "-".into()))
             .key(k.reference.unwrap_or_else(|| "-".into()));
-    }
-    invocation
-}
-
-impl Matcher {
-    /// After allocations are booked: the invoices they paid in full leave the index (see the
-    /// module). `indexed` holds what the decision read of each invoice.
-    pub(crate) async fn close_settled(
-        &self,
-        tenant: &str,
-        allocated: impl IntoIterator<Item = &str>,
-        indexed: &BTreeMap<String, Indexed>,
-    ) -> Result<(), Failure> {
-        let invoices: Vec<(&Indexed, u64)> = allocated
-            .into_iter()
-            .filter_map(|id| indexed.get(id))
-            .map(|ix| (ix, self.0.retention_secs))
-            .collect();
-        if invoices.is_empty() {
-            return Ok(());
-        }
-        let (epoch, writes) = self.0.state.seen();
-        let invocation = settle_invocation(
-            &MatcherKeys(&self.0.keys),
-            self.0.state.marker_key(),
-            Writer::Service { epoch, writes },
-            tenant,
-            invoices,
-        );
-        let closed: i64 = invocation.invoke_async(&mut self.conn()).await?;
-        if closed < 0 {
-            return Err(self.0.state.missing());
-        }
-        Ok(())
     }
 }

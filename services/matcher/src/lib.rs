@@ -108,6 +108,43 @@ enum Booked {
     Conflict,
 }
 
+/// The booking script (see [`Matcher::book`]). `KEYS`: the decision, the unmatched list, the
+/// kept list, the reference without an invoice, `n` allocated totals, the manual matches
+/// pending, the state marker, the payer account's hints, then the settled invoices' keys;
+/// `ARGV` as [`Matcher::book_invocation`] lays them out.
+static BOOK: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "local n = tonumber(ARGV[5])\n{}{}{}{}",
+        guard_lua("KEYS[6 + n]", "ARGV[8 + 2 * n]", "ARGV[9 + 2 * n]"),
+        closing::CLOSE_OR_KEEP_LUA,
+        closing::SETTLE_INVOICES_LUA,
+        r"if ARGV[4] == 'new' and redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+if ARGV[4] == 'replace' and redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return -1 end
+for i = 1, n do
+  local current = tonumber(redis.call('GET', KEYS[4 + i]) or '0')
+  if current ~= tonumber(ARGV[5 + i]) then return 0 end
+end
+if ARGV[3] == 'unmatched' then
+  if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[6 + 2 * n])
+  redis.call('SADD', KEYS[3], ARGV[2])
+else
+  for i = 1, n do
+    local add = tonumber(ARGV[5 + n + i])
+    if add ~= 0 then redis.call('INCRBY', KEYS[4 + i], add) end
+  end
+  redis.call('HDEL', KEYS[2], ARGV[2])
+  if ARGV[7 + 2 * n] == 'pending' then redis.call('SADD', KEYS[5 + n], ARGV[2]) end
+  local h = tonumber(ARGV[11 + 2 * n])
+  for i = 1, h do redis.call('SADD', KEYS[7 + n], ARGV[11 + 2 * n + i]) end
+  if h > 0 then redis.call('EXPIRE', KEYS[7 + n], ARGV[10 + 2 * n]) end
+  settle_invoices(7 + n, 12 + 2 * n + h, tonumber(ARGV[12 + 2 * n + h]))
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[10 + 2 * n])
+return 1"
+    ))
+});
+
 /// How often a payment is decided again when its invoices change under it before it gives
 /// way to the loop's retry with backoff.
 const MAX_REDECISIONS: usize = 20;
@@ -416,34 +453,22 @@ impl Matcher {
     /// that the payment was not decided by another attempt, and for a replacing one (a kept
     /// payment matched by a later invoice, or a person's match) that the payment is still
     /// unmatched, so that it is never matched twice. A person's decision is also marked as
-    /// pending until its events are acknowledged (see [`Matcher::announce_manual`]).
+    /// pending until its events are acknowledged (see [`Matcher::announce_manual`]). The same
+    /// script settles the invoices a match paid (see `closing`) and learns who pays for whom.
     async fn book(&self, d: &Decided, seen: &Seen, replace: bool) -> Result<Booked, Failure> {
-        static BOOK: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-            redis::Script::new(&format!(
-                "local n = tonumber(ARGV[5])\n{}{}",
-                guard_lua("KEYS[6 + n]", "ARGV[8 + 2 * n]", "ARGV[9 + 2 * n]"),
-                r"if ARGV[4] == 'new' and redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
-if ARGV[4] == 'replace' and redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return -1 end
-for i = 1, n do
-  local current = tonumber(redis.call('GET', KEYS[4 + i]) or '0')
-  if current ~= tonumber(ARGV[5 + i]) then return 0 end
-end
-if ARGV[3] == 'unmatched' then
-  if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
-  redis.call('HSET', KEYS[2], ARGV[2], ARGV[6 + 2 * n])
-  redis.call('SADD', KEYS[3], ARGV[2])
-else
-  for i = 1, n do
-    local add = tonumber(ARGV[5 + n + i])
-    if add ~= 0 then redis.call('INCRBY', KEYS[4 + i], add) end
-  end
-  redis.call('HDEL', KEYS[2], ARGV[2])
-  if ARGV[7 + 2 * n] == 'pending' then redis.call('SADD', KEYS[5 + n], ARGV[2]) end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[10 + 2 * n])
-return 1"
-            ))
-        });
+        let invocation = self.book_invocation(d, seen, replace)?;
+        let code: i32 = invocation.invoke_async(&mut self.conn()).await?;
+        self.booked(d, code)
+    }
+
+    /// The call of the booking script for `d` (see [`Matcher::book`]), for a caller that sends
+    /// it, or several, in one round trip; [`Matcher::booked`] reads its reply.
+    fn book_invocation(
+        &self,
+        d: &Decided,
+        seen: &Seen,
+        replace: bool,
+    ) -> Result<redis::ScriptInvocation<'static>, Failure> {
         let p = &d.payment;
         let mut added: BTreeMap<&str, i64> = BTreeMap::new();
         let (mode, unmatched_json, kept) = match &d.decision {
@@ -508,47 +533,50 @@ return 1"
             .arg(epoch)
             .arg(writes)
             .arg(self.0.retention_secs);
-        let booked: i32 = invocation.invoke_async(&mut self.conn()).await?;
-        let booked = match booked {
+        let allocations = match &d.decision {
+            MatchDecision::Matched { allocations, .. } => allocations.as_slice(),
+            MatchDecision::Unmatched { .. } => &[],
+        };
+        // Learning who pays for whom: a hint for later payments, kept as long as a decision.
+        let account = p.payer_account.as_deref().map(normalise).filter(|a| !a.is_empty());
+        let hinted: Vec<&str> = match &account {
+            Some(_) => allocations.iter().map(|a| a.debtor_id.as_str()).collect(),
+            None => Vec::new(),
+        };
+        invocation
+            .key(self.key("acct", &p.tenant, account.as_deref().unwrap_or("-")))
+            .arg(hinted.len());
+        for debtor in hinted {
+            invocation.arg(debtor);
+        }
+        // The invoices the match paid in full leave the index (see `closing`).
+        closing::add_settled(
+            &mut invocation,
+            &MatcherKeys(&self.0.keys),
+            &p.tenant,
+            allocations
+                .iter()
+                .filter_map(|a| seen.indexed.get(&a.invoice_id))
+                .map(|ix| (ix, self.0.retention_secs)),
+        );
+        Ok(invocation)
+    }
+
+    /// What the booking script's reply says of `d`; a booked decision is counted here, once (a
+    /// decision taken again after a conflict is one payment).
+    fn booked(&self, d: &Decided, reply: i32) -> Result<Booked, Failure> {
+        let booked = match reply {
             1 => Booked::Done,
             -2 => return Err(self.0.state.missing()),
             -1 => Booked::AlreadyDecided,
             _ => Booked::Conflict,
         };
         if booked == Booked::Done {
-            // Counted once, when booked: a decision taken again after a conflict is one payment.
             let result = match &d.decision {
                 MatchDecision::Matched { rule, .. } => rule.code(),
                 MatchDecision::Unmatched { reason } => reason.code(),
             };
             self.0.metrics.results.with_label_values(&[result]).inc();
-        }
-        if booked == Booked::Done
-            && let MatchDecision::Matched { allocations, .. } = &d.decision
-        {
-            self.close_settled(
-                &p.tenant,
-                allocations.iter().map(|a| a.invoice_id.as_str()),
-                &seen.indexed,
-            )
-            .await?;
-        }
-        if booked == Booked::Done
-            && let (MatchDecision::Matched { allocations, .. }, Some(account)) = (
-                &d.decision,
-                p.payer_account.as_deref().map(normalise).filter(|a| !a.is_empty()),
-            )
-        {
-            // Learning who pays for whom: a hint for later payments, not part of the booking.
-            let mut pipe = redis::pipe();
-            for a in allocations {
-                let hints = self.key("acct", &p.tenant, &account);
-                pipe.sadd(&hints, &a.debtor_id)
-                    .ignore()
-                    .expire(&hints, self.0.retention_secs as i64)
-                    .ignore();
-            }
-            let _: () = pipe.query_async(&mut self.conn()).await?;
         }
         Ok(booked)
     }

@@ -27,7 +27,7 @@ use forfall_platform::records::{self, PaymentMatched, PaymentReceived, PaymentUn
 use forfall_platform::redis_store::Keys;
 use redis::aio::ConnectionManager;
 
-use crate::closing::{Writer, settle_invocation};
+use crate::closing::rebuild_settle_invocation;
 use crate::{Decided, Indexed, MatcherKeys, indexed_of, kept_reference};
 
 /// Records per Redis round trip.
@@ -196,14 +196,7 @@ impl MatcherRebuild {
                 orphans.query_async::<()>(&mut self.redis.clone()).await?;
             }
             for (tenant, invoices) in &by_tenant {
-                let marker = forfall_platform::derived_state::marker_key(&self.keys, crate::SERVICE);
-                let invocation = settle_invocation(
-                    &keys,
-                    &marker,
-                    Writer::Rebuild,
-                    tenant,
-                    invoices.iter().map(|(ix, ttl)| (ix, *ttl)),
-                );
+                let invocation = rebuild_settle_invocation(&keys, tenant, invoices.iter().map(|(ix, ttl)| (ix, *ttl)));
                 let _closed: i64 = invocation.invoke_async(&mut self.redis.clone()).await?;
             }
         }
