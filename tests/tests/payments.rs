@@ -6,19 +6,25 @@ use std::time::Duration;
 use forfall_domain::reference::{self, ReferenceKind};
 use forfall_e2e::*;
 use forfall_platform::clock::ManualClock;
-use forfall_platform::records::{JourneyEvent, PaymentMatched, PaymentUnmatched};
+use forfall_platform::records::{JourneyEvent, PaymentMatched, PaymentReceived, PaymentUnmatched};
 use serde_json::{Value, json};
 
+/// Imports a camt.054 file as a bank integration does: a 503 (the matcher's state not built
+/// yet, just after its start) is tried again; any other answer is the test's.
 async fn import(stack: &LocalStack, tenant: &str, xml: &str, lenient: bool) -> anyhow::Result<(u16, Value)> {
     let addr = stack.rt.admin_addr("matcher").expect("the matcher serves HTTP");
-    let r = reqwest::Client::new()
-        .post(format!(
-            "http://{addr}/v1/payments/camt054?tenant={tenant}&lenient={lenient}"
-        ))
-        .body(xml.to_owned())
-        .send()
-        .await?;
-    Ok((r.status().as_u16(), r.json().await?))
+    eventually("the matcher to take the file", WAIT, || async {
+        let r = reqwest::Client::new()
+            .post(format!(
+                "http://{addr}/v1/payments/camt054?tenant={tenant}&lenient={lenient}"
+            ))
+            .body(xml.to_owned())
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        Ok((status != 503).then_some((status, r.json().await?)))
+    })
+    .await
 }
 
 fn norwegian(
@@ -547,6 +553,106 @@ async fn concurrent_payments_for_one_invoice_never_allocate_more_than_it_owes() 
     assert_eq!(matched.len(), 25);
     assert_eq!(unmatched.len(), 5, "{unmatched:?}");
     status_is(&stack, a.tenant, a.invoice_id, "closed:paid").await?;
+    stack.shutdown().await;
+    Ok(())
+}
+
+/// A bank file's payments reach the matcher together and share their round trips: sixty
+/// invoices, fifty-eight paid by their reference, one in six parts of which five pay it (they
+/// compete for it in one batch), one by its number in the text; a payment sent twice, and one quoting a
+/// reference nobody issued. Each is decided once, no invoice is allocated more than it owes, and
+/// most were decided together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bank_files_payments_are_decided_together_each_once() -> anyhow::Result<()> {
+    let stack = LocalStack::start(base_config(), ManualClock::new(at("2026-03-01T08:00:00Z"))).await?;
+    for s in ["ingest", "matcher", "watcher"] {
+        stack.start_service(s);
+    }
+    let billing = stack.topic(&stack.topics().billing_invoice_events);
+    let invoices: Vec<Sample<'static>> = (0..60)
+        .map(|i| {
+            let base = format!("82{i:05}");
+            Ok(norwegian(
+                leak(format!("no-file-{i}")),
+                leak(base.clone()),
+                leak(reference::generate(ReferenceKind::KidMod10, &base)?.value),
+                leak(format!("file-{i}@example.test")),
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let issued: Vec<(String, _)> = invoices.iter().map(|s| (s.debtor_id(), s.issued())).collect();
+    futures::future::try_join_all(
+        issued
+            .iter()
+            .map(|(debtor, issued)| stack.produce(&billing, debtor, issued)),
+    )
+    .await?;
+    for s in &invoices {
+        status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    }
+    // The file arrives while the matcher is away: it finds every payment at hand at once.
+    stack.stop_service("matcher").await?;
+    let payments = stack.topic(&stack.topics().payments);
+    let mut file: Vec<PaymentReceived> = invoices[1..59]
+        .iter()
+        .map(|s| s.payment(&format!("TX-{}", s.invoice_id), s.amount_minor, s.reference))
+        .collect();
+    let parted = &invoices[0];
+    // Six parts for what five pay: one of them finds nothing left to pay and is kept.
+    file.extend((0..6).map(|k| parted.payment(&format!("TX-part-{k}"), 25_000, parted.reference)));
+    file.push(file[0].clone());
+    let nobodys = leak(reference::generate(ReferenceKind::KidMod10, "9999999")?.value);
+    file.push(parted.payment("TX-nobody", 10_000, nobodys));
+    let named = &invoices[59];
+    let mut by_number = named.payment("TX-by-number", named.amount_minor, "");
+    by_number.reference = None;
+    by_number.remittance_text = Some(format!("Faktura {}", named.number));
+    file.push(by_number);
+    futures::future::try_join_all(file.iter().map(|p| stack.produce(&payments, "bank", p))).await?;
+    stack.restart_service("matcher").await;
+
+    let (mut matched, unmatched) = eventually("every payment decided", WAIT, || async {
+        let matched: Vec<PaymentMatched> = stack.read(&stack.topic(&stack.topics().payments_matched)).await?;
+        let unmatched: Vec<PaymentUnmatched> = stack.read(&stack.topic(&stack.topics().payments_unmatched)).await?;
+        let decided =
+            |id: &str| matched.iter().any(|m| m.payment_id == id) || unmatched.iter().any(|u| u.payment_id == id);
+        Ok(file
+            .iter()
+            .all(|p| decided(&p.payment_id))
+            .then_some((matched, unmatched)))
+    })
+    .await?;
+    // A payment sent twice has its records sent twice, with the same ids: applied once.
+    matched.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+    matched.dedup_by(|a, b| a.event_id == b.event_id);
+    for s in &invoices {
+        let applied: i64 = matched
+            .iter()
+            .filter(|m| m.invoice_id == s.invoice_id)
+            .map(|m| m.amount_minor)
+            .sum();
+        assert_eq!(applied, s.amount_minor, "{}: {matched:?}", s.invoice_id);
+        status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
+    }
+    let mut ids: Vec<&str> = matched.iter().map(|m| m.payment_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), matched.len(), "a payment matched twice: {matched:?}");
+    assert_eq!(matched.len(), 58 + 5 + 1, "{matched:?}");
+    let mut unmatched: Vec<&str> = unmatched.iter().map(|u| u.payment_id.as_str()).collect();
+    unmatched.sort_unstable();
+    assert!(
+        unmatched.len() == 2 && unmatched[0] == "TX-nobody" && unmatched[1].starts_with("TX-part-"),
+        "{unmatched:?}"
+    );
+    let m = stack.metrics("matcher").await?;
+    let together = metric_value(&m, "forfall_matcher_payments_decided_total", &["path=\"together\""]).unwrap_or(0.0);
+    assert!(together >= 40.0, "{together} of 65 decided together");
+    assert_eq!(
+        metric_value(&m, "forfall_matcher_payments_total", &["result=\"duplicate\""]),
+        Some(1.0),
+        "the payment sent twice is booked once"
+    );
     stack.shutdown().await;
     Ok(())
 }

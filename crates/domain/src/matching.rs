@@ -331,6 +331,20 @@ pub fn invoice_number_candidates(text: &str) -> Vec<String> {
     found
 }
 
+/// The decision when the payment's amount or its reference alone decide it, whatever the
+/// other candidates are: [`decide`] gives the same for any candidates whose `by_reference` is
+/// `by_reference`. `None` when the later rules must be consulted, so that a caller may read
+/// the other candidates only then (most payments quote a reference that settles them).
+pub fn decided_by_reference(payment: &IncomingPayment, by_reference: Option<&OpenInvoice>) -> Option<MatchDecision> {
+    if !payment.amount.is_positive() {
+        return Some(unmatched(UnmatchedReason::NotPositive));
+    }
+    match by_exact_reference(payment, by_reference) {
+        Step::Decided(decision) => Some(decision),
+        Step::Pass(_) => None,
+    }
+}
+
 /// Decides which open invoices `payment` pays. See the module documentation for the rules.
 pub fn decide(payment: &IncomingPayment, candidates: &Candidates) -> MatchDecision {
     if !payment.amount.is_positive() {
@@ -1667,8 +1681,11 @@ mod tests {
         use proptest::test_runner::TestRunner;
         let mut runner = TestRunner::deterministic();
         let mut seen: HashSet<&'static str> = HashSet::new();
+        let mut by_reference_alone = [0usize; 2];
         for _ in 0..1_000 {
             let s = arb_scenario().new_tree(&mut runner).unwrap().current();
+            by_reference_alone
+                [usize::from(decided_by_reference(&s.payment, s.candidates.by_reference.as_ref()).is_some())] += 1;
             seen.insert(match decide(&s.payment, &s.candidates) {
                 MatchDecision::Matched { rule, .. } => rule.code(),
                 MatchDecision::Unmatched { reason } => reason.code(),
@@ -1686,6 +1703,10 @@ mod tests {
         ] {
             assert!(seen.contains(code), "no scenario reached {code}; saw {seen:?}");
         }
+        assert!(
+            by_reference_alone.iter().all(|n| *n > 50),
+            "scenarios decided by the reference alone, and not: {by_reference_alone:?}"
+        );
     }
 
     proptest! {
@@ -1704,6 +1725,13 @@ mod tests {
                     MatchRule::InvoiceNumberInRemittance => {}
                     MatchRule::Manual => prop_assert!(false, "decide never claims a manual match"),
                 }
+            }
+        }
+
+        #[test]
+        fn what_the_reference_alone_decides_is_what_every_candidate_decides(s in arb_scenario()) {
+            if let Some(early) = decided_by_reference(&s.payment, s.candidates.by_reference.as_ref()) {
+                prop_assert_eq!(early, decide(&s.payment, &s.candidates));
             }
         }
 

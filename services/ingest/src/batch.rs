@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 
-use forfall_platform::kafka::{Failure, Inbound, Outbound};
+use forfall_platform::kafka::{Failure, Inbound, Outbound, each_retried_alone, every_record_decided};
 use forfall_platform::records::{InvoiceIssued, Record};
 
 use crate::stored::parse_stored;
@@ -20,11 +20,7 @@ pub(crate) async fn handle(ingest: &Ingest, records: &[Inbound]) -> Vec<Outcome>
     let mut results: Vec<Option<Outcome>> = records.iter().map(|_| None).collect();
     if let Err(e) = ingest.state.ensure_ready().await {
         // Each is retried on its own, which waits for the state as `handle` does.
-        let why = format!("{e:?}");
-        return records
-            .iter()
-            .map(|_| Err(Failure::Transient(anyhow::anyhow!("{why}"))))
-            .collect();
+        return each_retried_alone(records.len(), &format!("{e:?}"));
     }
     // The batch's new revisions, by their record's place.
     let mut issued: Vec<(usize, Issued)> = Vec::with_capacity(records.len());
@@ -62,16 +58,7 @@ pub(crate) async fn handle(ingest: &Ingest, records: &[Inbound]) -> Vec<Outcome>
     for (i, outcome) in decide(ingest, records, issued).await {
         results[i] = Some(outcome);
     }
-    results
-        .into_iter()
-        .map(|r| {
-            r.unwrap_or_else(|| {
-                Err(Failure::Fatal(anyhow::anyhow!(
-                    "a record of the batch was left undecided"
-                )))
-            })
-        })
-        .collect()
+    every_record_decided(results)
 }
 
 /// The new revisions' snapshots read together, their steps decided, the new ones written

@@ -20,6 +20,7 @@
 //! HTTP request, stays marked pending until its events are acknowledged and is sent again from
 //! that mark (at start and periodically) after a stop or a broker outage.
 
+mod batch;
 mod closing;
 mod http;
 pub mod rebuild;
@@ -71,6 +72,9 @@ pub(crate) struct Decided {
 
 struct Metrics {
     results: IntCounterVec,
+    /// Payments decided (booked), by whether they shared the round trips of a batch
+    /// (`together`, see `batch`) or took their own (`alone`).
+    decided: IntCounterVec,
     /// Time from the bank's report of the payment to the matcher's decision (event time).
     decided_after: Histogram,
 }
@@ -100,6 +104,9 @@ struct Seen {
     indexed: BTreeMap<String, Indexed>,
     missing_reference: Option<String>,
 }
+
+/// What is read of an indexed invoice: its index entry, the amount allocated to it, its journey.
+type InvoiceRow = (Option<String>, Option<i64>, Option<Vec<u8>>);
 
 #[derive(Debug, PartialEq, Eq)]
 enum Booked {
@@ -257,34 +264,41 @@ impl Matcher {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
-        for id in &ids {
+        self.add_open_invoice_reads(&mut pipe, tenant, &ids);
+        let rows: Vec<InvoiceRow> = pipe.query_async(&mut self.conn()).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| Self::open_invoice_from(tenant, row, seen))
+            .collect())
+    }
+
+    /// Adds the reads of [`Matcher::open_invoices`] to `pipe`: an [`InvoiceRow`] per id.
+    fn add_open_invoice_reads(&self, pipe: &mut redis::Pipeline, tenant: &str, ids: &[String]) {
+        for id in ids {
             let journey = journey_state::location(&self.0.keys, tenant, id);
             pipe.get(self.key("inv", tenant, id))
                 .get(self.key("alloc", tenant, id))
                 .hget(journey.key, journey.field);
         }
-        // Per invoice: its index entry, the amount allocated to it, its journey.
-        type Row = (Option<String>, Option<i64>, Option<Vec<u8>>);
-        let got: Vec<Row> = pipe.query_async(&mut self.conn()).await?;
-        Ok(got
-            .into_iter()
-            .filter_map(|(ix, allocated, journey)| {
-                let status = journey_state::status_of(journey.as_deref());
-                let ix: Indexed = serde_json::from_str(&ix?).ok()?;
-                seen.allocated.insert(ix.invoice_id.clone(), allocated.unwrap_or(0));
-                seen.indexed.insert(ix.invoice_id.clone(), ix.clone());
-                Some(OpenInvoice {
-                    tenant: tenant.to_owned(),
-                    debtor_id: ix.debtor_id,
-                    invoice_id: ix.invoice_id,
-                    invoice_number: ix.invoice_number,
-                    reference: ix.reference,
-                    open: Money::new((ix.open_minor - allocated.unwrap_or(0)).max(0), ix.currency),
-                    due_date: date_from_epoch_days(ix.due_date).unwrap_or_default(),
-                    handed_over: status.as_deref() == Some("handed_over"),
-                })
-            })
-            .collect())
+    }
+
+    /// An indexed invoice from what [`Matcher::add_open_invoice_reads`] read of it, noted in
+    /// `seen`; `None` when it is not indexed.
+    fn open_invoice_from(tenant: &str, (ix, allocated, journey): InvoiceRow, seen: &mut Seen) -> Option<OpenInvoice> {
+        let status = journey_state::status_of(journey.as_deref());
+        let ix: Indexed = serde_json::from_str(&ix?).ok()?;
+        seen.allocated.insert(ix.invoice_id.clone(), allocated.unwrap_or(0));
+        seen.indexed.insert(ix.invoice_id.clone(), ix.clone());
+        Some(OpenInvoice {
+            tenant: tenant.to_owned(),
+            debtor_id: ix.debtor_id,
+            invoice_id: ix.invoice_id,
+            invoice_number: ix.invoice_number,
+            reference: ix.reference,
+            open: Money::new((ix.open_minor - allocated.unwrap_or(0)).max(0), ix.currency),
+            due_date: date_from_epoch_days(ix.due_date).unwrap_or_default(),
+            handed_over: status.as_deref() == Some("handed_over"),
+        })
     }
 
     /// The index key of the payment's structured reference, if it has one.
@@ -617,6 +631,19 @@ impl Matcher {
         let (decided, referenced) = self
             .decided_and_referenced(&p.tenant, &p.payment_id, ref_key.as_deref())
             .await?;
+        self.payment_after_read(p, trace, decided, ref_key.is_some().then_some(referenced))
+            .await
+    }
+
+    /// A payment once it is known whether it was `decided` before, and, when its reference
+    /// was read with that, which invoice the reference named (`Some(None)`: none).
+    async fn payment_after_read(
+        &self,
+        p: PaymentReceived,
+        trace: TraceContext,
+        decided: Option<Decided>,
+        referenced: Option<Option<String>>,
+    ) -> Result<Vec<Outbound>, Failure> {
         if let Some(d) = decided {
             // The same bank transaction again: the same records, nothing booked twice.
             self.0.metrics.results.with_label_values(&["duplicate"]).inc();
@@ -625,7 +652,7 @@ impl Matcher {
         let incoming = Self::incoming(&p)?;
         // What the reference named is used for the first decision only: a decision taken again
         // reads everything afresh.
-        let mut referenced = ref_key.is_some().then_some(referenced);
+        let mut referenced = referenced;
         // Decided optimistically: another payment for the same invoice may be booked between
         // reading and booking; then this one is decided again on what is there now.
         for _ in 0..MAX_REDECISIONS {
@@ -636,12 +663,7 @@ impl Matcher {
                 matched_by: None,
             };
             match self.book(&d, &seen, false).await? {
-                Booked::Done => {
-                    let latency =
-                        (self.0.rt.clock.now().timestamp_millis() - d.payment.occurred_at).max(0) as f64 / 1000.0;
-                    self.0.metrics.decided_after.observe(latency);
-                    return self.records_for(&d, trace).await;
-                }
+                Booked::Done => return self.decided_now(&d, trace, "alone").await,
                 Booked::AlreadyDecided => {
                     if let Some(d) = self.decided(&d.payment.tenant, &d.payment.payment_id).await? {
                         self.0.metrics.results.with_label_values(&["duplicate"]).inc();
@@ -654,6 +676,15 @@ impl Matcher {
         Err(Failure::Transient(anyhow::anyhow!(
             "payment decided {MAX_REDECISIONS} times while its invoices kept changing"
         )))
+    }
+
+    /// The records of a decision just booked (on the batch's `path`), its time from the
+    /// bank's report observed.
+    async fn decided_now(&self, d: &Decided, trace: TraceContext, path: &str) -> Result<Vec<Outbound>, Failure> {
+        self.0.metrics.decided.with_label_values(&[path]).inc();
+        let latency = (self.0.rt.clock.now().timestamp_millis() - d.payment.occurred_at).max(0) as f64 / 1000.0;
+        self.0.metrics.decided_after.observe(latency);
+        self.records_for(d, trace).await
     }
 
     /// Indexes an invoice snapshot, then tries the payments kept for its reference.
@@ -948,12 +979,17 @@ fn lane(record: &Inbound, payments_topic: &str) -> u64 {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct MatcherSettings {
-    /// Payments decided at once. Booking re-checks what each decision was based on, so any
-    /// value is safe (and several matcher instances are). A decision is a few Redis round trips
-    /// in turn, so the burst follows this number: on a 2-core dev stack (matcher-throughput,
-    /// 2026-12-05) 16 carried 4,900-6,200 payments/s, 64 8,500-8,900/s, 128 10,000-10,600/s and
-    /// 256 no more, with the same latency at a steady 3,000/s.
+    /// Payments, or batches of them (`batch`), decided at once. Booking re-checks what each
+    /// decision was based on, so any value is safe (and several matcher instances are). A
+    /// payment decided alone is a few Redis round trips in turn, so without batches the burst
+    /// follows this number: on a 2-core dev stack (matcher-throughput, 2026-12-05) 16 carried
+    /// 4,900-6,200 payments/s, 64 8,500-8,900/s, 128 10,000-10,600/s and 256 no more, with the
+    /// same latency at a steady 3,000/s.
     pub concurrency: usize,
+    /// Most payments decided together (those the consumer has at hand): they share their
+    /// round trips (see `batch`), so a bank file's burst costs a share of a round trip per
+    /// payment instead of three or four; 1 decides each alone.
+    pub batch: usize,
     /// How often (seconds) the events of manual matches booked but not acknowledged (a stop or
     /// a broker outage right after booking) are sent again; also once at start.
     pub manual_resend_secs: u64,
@@ -971,6 +1007,7 @@ impl Default for MatcherSettings {
     fn default() -> Self {
         Self {
             concurrency: 128,
+            batch: 64,
             manual_resend_secs: 10,
             retention_days: 400,
         }
@@ -1016,6 +1053,10 @@ impl Handler for Matcher {
             )),
         }
     }
+
+    async fn handle_batch(&self, records: &[Inbound]) -> Vec<Result<Vec<Outbound>, Failure>> {
+        batch::handle(self, records).await
+    }
 }
 
 /// What rebuilds the matcher's state (see [`rebuild`]).
@@ -1041,6 +1082,13 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             "Payments by matching rule or unmatched reason",
         ),
         &["result"],
+    )?;
+    let decided = IntCounterVec::new(
+        Opts::new(
+            "matcher_payments_decided_total",
+            "Payments decided, by whether they shared a batch's round trips (together) or took their own (alone)",
+        ),
+        &["path"],
     )?;
     let decided_after = Histogram::with_opts(
         HistogramOpts::new(
@@ -1068,6 +1116,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             producer: producer.clone(),
             metrics: Metrics {
                 results: results.clone(),
+                decided: decided.clone(),
                 decided_after: decided_after.clone(),
             },
             tokens: forfall_platform::api_auth::TenantTokens::new(&rt.config.api, rt.config.profile),
@@ -1077,6 +1126,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     })
     .await?;
     shell.metrics.registry.register(Box::new(results))?;
+    shell.metrics.registry.register(Box::new(decided))?;
     shell.metrics.registry.register(Box::new(decided_after))?;
     let matcher = core.ok_or_else(|| anyhow::anyhow!("matcher routes were not built"))?;
     let topics = [
@@ -1088,6 +1138,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     // Payments are decided concurrently (booking re-checks what a decision was based on);
     // a bank's feed often has one key for all, so they spread by content, not by key.
     ctx.key_concurrency = settings.concurrency.max(1);
+    ctx.batch = settings.batch.max(1);
     tokio::spawn(
         matcher
             .clone()

@@ -157,6 +157,31 @@ pub trait Handler: Send + Sync {
     }
 }
 
+/// A batch handler's results (see [`Handler::handle_batch`]) from its outcomes by record's
+/// place: a record left without one is a bug, and stops the loop as such.
+pub fn every_record_decided(
+    results: Vec<Option<Result<Vec<Outbound>, Failure>>>,
+) -> Vec<Result<Vec<Outbound>, Failure>> {
+    results
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(Failure::Fatal(anyhow::anyhow!(
+                    "a record of the batch was left undecided"
+                )))
+            })
+        })
+        .collect()
+}
+
+/// A batch handler's results when what the whole batch needs is away (its state, Redis): each
+/// record fails as transient with `why`, and is then retried on its own.
+pub fn each_retried_alone(records: usize, why: &str) -> Vec<Result<Vec<Outbound>, Failure>> {
+    (0..records)
+        .map(|_| Err(Failure::Transient(anyhow::anyhow!("{why}"))))
+        .collect()
+}
+
 /// What a consume loop needs besides its consumer and handler.
 #[derive(Clone)]
 pub struct LoopContext {
