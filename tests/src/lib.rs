@@ -5,7 +5,9 @@ use chrono::{DateTime, NaiveDate, Utc};
 use forfall_domain::invoice::epoch_days;
 use forfall_platform::config::{self, CommonConfig};
 use forfall_platform::journey_state::{self, Header};
-use forfall_platform::records::{InvoiceIssued, JourneyAction, PaymentReceived, derived_id, new_event_id};
+use forfall_platform::records::{
+    InvoiceIssued, JourneyAction, PaymentMatched, PaymentReceived, derived_id, new_event_id,
+};
 use forfall_platform::redis_store::Keys;
 
 pub mod chaos;
@@ -106,6 +108,25 @@ impl Sample<'_> {
             payer_account: None,
             booking_date: epoch_days(self.due),
             value_date: epoch_days(self.due),
+        }
+    }
+
+    /// The matcher's word that a payment of `amount_minor` in `currency` quoting the invoice's
+    /// reference pays it, as the watcher receives it.
+    pub fn matched(&self, payment_id: &str, amount_minor: i64, currency: &str) -> PaymentMatched {
+        PaymentMatched {
+            event_id: new_event_id(),
+            tenant: self.tenant.into(),
+            debtor_id: self.debtor_id(),
+            occurred_at: 0,
+            payment_id: payment_id.into(),
+            invoice_id: self.invoice_id.into(),
+            amount_minor,
+            currency: currency.into(),
+            rule: "exact_reference".into(),
+            reference: Some(self.reference.into()),
+            value_date: epoch_days(self.due),
+            matched_by: None,
         }
     }
 }

@@ -12,7 +12,7 @@ use forfall_domain::reference::{self, ReferenceKind, normalise};
 use forfall_e2e::*;
 use forfall_platform::Topics;
 use forfall_platform::clock::ManualClock;
-use forfall_platform::records::{PaymentMatched, PaymentUnmatched, Rejected, new_event_id};
+use forfall_platform::records::{PaymentMatched, PaymentUnmatched, Rejected};
 use serde_json::{Value, json};
 
 /// A topic name no Kafka client accepts (librdkafka refuses names over 512 bytes before
@@ -419,20 +419,7 @@ async fn a_parked_payment_the_invoice_refuses_is_rejected_with_its_reason() -> a
     stack.start_service("ingest");
     let s = danish("inv-park", "INV-8001", day(2026, 3, 20), "park@example.test");
     let matched_topic = stack.topic(&stack.topics().payments_matched);
-    let payment = |payment_id: &str, amount_minor: i64, currency: &str| PaymentMatched {
-        event_id: new_event_id(),
-        tenant: s.tenant.into(),
-        debtor_id: s.debtor_id(),
-        occurred_at: 0,
-        payment_id: payment_id.into(),
-        invoice_id: s.invoice_id.into(),
-        amount_minor,
-        currency: currency.into(),
-        rule: "exact_reference".into(),
-        reference: Some(s.reference.into()),
-        value_date: forfall_domain::invoice::epoch_days(s.due),
-        matched_by: None,
-    };
+    let payment = |payment_id: &str, amount_minor: i64, currency: &str| s.matched(payment_id, amount_minor, currency);
     stack
         .produce(&matched_topic, &s.debtor_id(), &payment("park-eur", 10_000, "EUR"))
         .await?;

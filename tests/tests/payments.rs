@@ -6,7 +6,7 @@ use std::time::Duration;
 use forfall_domain::reference::{self, ReferenceKind};
 use forfall_e2e::*;
 use forfall_platform::clock::ManualClock;
-use forfall_platform::records::{JourneyEvent, PaymentMatched, PaymentReceived, PaymentUnmatched};
+use forfall_platform::records::{JourneyEvent, PaymentMatched, PaymentReceived, PaymentUnmatched, Rejected};
 use serde_json::{Value, json};
 
 /// Imports a camt.054 file as a bank integration does: a 503 (the matcher's state not built
@@ -49,6 +49,36 @@ fn norwegian(
 
 fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
+}
+
+/// `n` Norwegian invoices of as many debtors issued at once (`no-<name>-<i>`, numbers from
+/// `<base>00000`), each with its KID.
+async fn billing_run(
+    stack: &LocalStack,
+    billing: &str,
+    name: &str,
+    base: &str,
+    n: usize,
+) -> anyhow::Result<Vec<Sample<'static>>> {
+    let invoices: Vec<Sample<'static>> = (0..n)
+        .map(|i| {
+            let number = format!("{base}{i:05}");
+            Ok(norwegian(
+                leak(format!("no-{name}-{i}")),
+                leak(number.clone()),
+                leak(reference::generate(ReferenceKind::KidMod10, &number)?.value),
+                leak(format!("{name}-{i}@example.test")),
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let issued: Vec<(String, _)> = invoices.iter().map(|s| (s.debtor_id(), s.issued())).collect();
+    futures::future::try_join_all(
+        issued
+            .iter()
+            .map(|(debtor, issued)| stack.produce(billing, debtor, issued)),
+    )
+    .await?;
+    Ok(invoices)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -569,24 +599,7 @@ async fn a_bank_files_payments_are_decided_together_each_once() -> anyhow::Resul
         stack.start_service(s);
     }
     let billing = stack.topic(&stack.topics().billing_invoice_events);
-    let invoices: Vec<Sample<'static>> = (0..60)
-        .map(|i| {
-            let base = format!("82{i:05}");
-            Ok(norwegian(
-                leak(format!("no-file-{i}")),
-                leak(base.clone()),
-                leak(reference::generate(ReferenceKind::KidMod10, &base)?.value),
-                leak(format!("file-{i}@example.test")),
-            ))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let issued: Vec<(String, _)> = invoices.iter().map(|s| (s.debtor_id(), s.issued())).collect();
-    futures::future::try_join_all(
-        issued
-            .iter()
-            .map(|(debtor, issued)| stack.produce(&billing, debtor, issued)),
-    )
-    .await?;
+    let invoices = billing_run(&stack, &billing, "file", "82", 60).await?;
     for s in &invoices {
         status_is(&stack, s.tenant, s.invoice_id, "open").await?;
     }
@@ -653,6 +666,105 @@ async fn a_bank_files_payments_are_decided_together_each_once() -> anyhow::Resul
         Some(1.0),
         "the payment sent twice is booked once"
     );
+    stack.shutdown().await;
+    Ok(())
+}
+
+/// A billing run's invoices reach the watcher while it is away, with matched payments for a
+/// third of them, one of them in a currency the invoice does not take; later, while it is away
+/// again, a bank file's payments for most of the rest, one of them twice. Each invoice's journey
+/// opens once, each payment is applied once (the foreign one refused with its reason), and most
+/// records were decided together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_billing_runs_invoices_and_a_bank_files_payments_reach_journeys_together_each_once() -> anyhow::Result<()> {
+    let stack = LocalStack::start(base_config(), ManualClock::new(at("2026-03-01T08:00:00Z"))).await?;
+    stack.start_service("ingest");
+    let billing = stack.topic(&stack.topics().billing_invoice_events);
+    let invoices = billing_run(&stack, &billing, "run", "83", 60).await?;
+    let matched_topic = stack.topic(&stack.topics().payments_matched);
+    let paid = |s: &Sample<'static>, payment_id: &str, currency: &str| s.matched(payment_id, s.amount_minor, currency);
+    // Paid at once: on the watcher's arrival some payments come before their invoice (parked
+    // until it arrives), most after.
+    let early: Vec<PaymentMatched> = invoices[..20]
+        .iter()
+        .map(|s| paid(s, &format!("TX-early-{}", s.invoice_id), "NOK"))
+        .collect();
+    let foreign = paid(&invoices[20], "TX-foreign", "SEK");
+    for p in early.iter().chain([&foreign]) {
+        stack.produce(&matched_topic, &p.debtor_id, p).await?;
+    }
+    eventually("ingest to pass on every invoice", WAIT, || async {
+        let n = stack
+            .read::<forfall_platform::records::Invoice>(&stack.topic(&stack.topics().invoices))
+            .await?
+            .len();
+        Ok((n >= invoices.len()).then_some(()))
+    })
+    .await?;
+    stack.start_service("watcher");
+    for s in &invoices[..20] {
+        status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
+    }
+    for s in &invoices[20..] {
+        status_is(&stack, s.tenant, s.invoice_id, "open").await?;
+    }
+    let refused = eventually("the foreign payment refused", WAIT, || async {
+        let rejected: Vec<Rejected> = stack.read(&stack.topic(&stack.topics().rejected)).await?;
+        Ok(rejected.into_iter().find(|r| r.detail.contains("TX-foreign")))
+    })
+    .await?;
+    assert_eq!(refused.reason_code, "payment_not_applicable", "{refused:?}");
+    let m = stack.metrics("watcher").await?;
+    let together = metric_value(&m, "forfall_watcher_records_decided_total", &["path=\"together\""]).unwrap_or(0.0);
+    // The invoices without a payment parked for them go together at least (those with one go
+    // alone, to apply it), and so do the payments that come after their invoice.
+    assert!(together >= 30.0, "{together} of 81 records decided together");
+
+    // The bank's file while the watcher is away: one payment twice, one invoice left unpaid.
+    stack.stop_service("watcher").await?;
+    let file: Vec<PaymentMatched> = invoices[21..59]
+        .iter()
+        .map(|s| paid(s, &format!("TX-file-{}", s.invoice_id), "NOK"))
+        .collect();
+    for p in file.iter().chain([&file[0]]) {
+        stack.produce(&matched_topic, &p.debtor_id, p).await?;
+    }
+    stack.restart_service("watcher").await;
+    for s in &invoices[21..59] {
+        status_is(&stack, s.tenant, s.invoice_id, "closed:paid").await?;
+    }
+    // Up to a mark: a last payment on the twice-sent payment's key (records of one key are
+    // decided in order), so that the second copy has been decided once it is applied.
+    let mark = paid(&invoices[59], "TX-mark", "NOK");
+    stack.produce(&matched_topic, &file[0].debtor_id, &mark).await?;
+    status_is(&stack, invoices[59].tenant, invoices[59].invoice_id, "closed:paid").await?;
+    status_is(&stack, invoices[20].tenant, invoices[20].invoice_id, "open").await?;
+
+    let events = stack
+        .read::<JourneyEvent>(&stack.topic(&stack.topics().journey_events))
+        .await?;
+    for (i, s) in invoices.iter().enumerate() {
+        let ids = |kind: &str| {
+            let mut ids: Vec<&str> = events
+                .iter()
+                .filter(|e| e.invoice_id == s.invoice_id && e.kind == kind)
+                .map(|e| e.event_id.as_str())
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids.len()
+        };
+        assert_eq!(ids("opened"), 1, "{} opened once", s.invoice_id);
+        assert_eq!(
+            ids("paid"),
+            usize::from(i != 20),
+            "{} paid once, or never",
+            s.invoice_id
+        );
+    }
+    let m = stack.metrics("watcher").await?;
+    let together = metric_value(&m, "forfall_watcher_records_decided_total", &["path=\"together\""]).unwrap_or(0.0);
+    assert!(together >= 20.0, "{together} of 40 payments decided together");
     stack.shutdown().await;
     Ok(())
 }

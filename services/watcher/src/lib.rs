@@ -22,6 +22,7 @@
 //! changed meanwhile is decided again instead of overwritten). See [`store`] for the layout.
 
 mod agency;
+mod batch;
 pub mod experiment_page;
 pub mod experiments;
 mod format;
@@ -100,6 +101,10 @@ pub struct WatcherSettings {
     pub lock_stripes: usize,
     /// Debtors handled at once (records of one debtor stay in order).
     pub concurrency: usize,
+    /// Records of different debtors the consume loop decides together (their reads, outputs
+    /// and writes shared, see `batch`); 1 takes each on its own. A billing run's invoices and a
+    /// bank file's payments arrive thousands at once.
+    pub consume_batch: usize,
     /// The tenant policy file (TOML); the built-in default policy when unset.
     pub policy_file: Option<String>,
     /// How often the policy file is checked for changes.
@@ -146,6 +151,7 @@ impl Default for WatcherSettings {
             partitions_in_flight: 4,
             lock_stripes: 65_536,
             concurrency: 256,
+            consume_batch: 64,
             policy_file: None,
             policy_reload_secs: 10,
             law_rules_file: None,
@@ -177,6 +183,17 @@ struct Emission<'a> {
     merged: &'a [Journey],
 }
 
+/// A decision to write with its outputs (see [`Watcher::write_together`]): the version it was
+/// decided on (`None`: a new journey), what to store, and `extra` records produced (and
+/// acknowledged) with its outputs and `extra_changes` put on the changelog with the journey.
+struct JourneyWrite<'a> {
+    expected: Option<u64>,
+    stored: Stored,
+    emission: Emission<'a>,
+    extra: &'a [Outbound],
+    extra_changes: &'a [Outbound],
+}
+
 struct Metrics {
     transitions: IntCounterVec,
     /// Per experiment variant: debtors assigned, paid without or after a fee, handed over,
@@ -194,6 +211,9 @@ struct Metrics {
     policy_reloads: IntCounterVec,
     combined: prometheus::IntCounter,
     merged: prometheus::IntCounter,
+    /// Records decided by the consume loop, by whether they shared a batch's round trips
+    /// (`together`, see [`batch`]) or took their own (`alone`).
+    decided: IntCounterVec,
 }
 
 impl Metrics {
@@ -292,6 +312,32 @@ fn snapshot(rec: &records::Invoice) -> Result<InvoiceSnapshot, Failure> {
 
 /// Folds a later decision into an earlier one: transitions accumulate, the last timer change
 /// that is not `Keep` wins.
+/// The trace a journey keeps: the one its invoice first arrived in, kept only where traces
+/// are exported.
+fn trace_to_keep(kept: Option<TraceContext>, arrived_in: TraceContext) -> Option<TraceContext> {
+    kept.or_else(|| (forfall_platform::telemetry::exporting() && arrived_in.sampled).then_some(arrived_in))
+}
+
+/// A matched payment's amount, in a currency the watcher knows.
+fn payment_amount(rec: &PaymentMatched) -> Result<Money, Failure> {
+    let currency: Currency = rec
+        .currency
+        .parse()
+        .map_err(|e| Failure::reject("unknown_currency", format!("field 'currency': {e}")))?;
+    Ok(Money::new(rec.amount_minor, currency))
+}
+
+/// A matched payment applied to its invoice's journey; refused with its reason when the
+/// invoice cannot take it (another currency, a non-positive amount).
+fn payment_applied(journey: Journey, rec: &PaymentMatched, amount: Money) -> Result<Decision, Failure> {
+    journey::on_payment(journey, &rec.payment_id, amount).map_err(|e| Failure::Reject {
+        code: "payment_not_applicable",
+        detail: format!("payment '{}' for invoice '{}': {e}", rec.payment_id, rec.invoice_id),
+        tenant: Some(rec.tenant.clone()),
+        debtor_id: Some(rec.debtor_id.clone()),
+    })
+}
+
 fn then(mut first: Decision, second: Decision) -> Decision {
     first.transitions.extend(second.transitions);
     if second.timer != TimerChange::Keep {
@@ -341,24 +387,61 @@ impl Watcher {
     /// What the debtor's own history says as a new invoice arrives: its late invoices in the
     /// last 12 months, and its records summed up on its local day (one round trip).
     async fn history_of(&self, invoice: &InvoiceSnapshot) -> Result<(u32, HistoryFacts), Failure> {
-        let since = (self.0.rt.clock.now() - chrono::Duration::days(LATE_HISTORY_DAYS)).timestamp_millis();
-        let (late, records): (u32, Vec<(String, String)>) = redis::pipe()
-            .cmd("ZCOUNT")
-            .arg(self.0.store.late_key(&invoice.tenant, &invoice.debtor_id))
-            .arg(since)
-            .arg("+inf")
-            .cmd("HGETALL")
-            .arg(self.0.store.history_key(&invoice.tenant, &invoice.debtor_id))
-            .query_async(&mut self.conn())
-            .await?;
-        let today = invoice.jurisdiction.local_day(self.0.rt.clock.now());
-        let oldest = self.oldest_kept(today);
-        let decoded: Vec<InvoiceRecord> = decode_history(records)
-            .filter(|(invoice_id, _)| *invoice_id != invoice.invoice_id)
-            .filter_map(|(_, record)| record)
-            .filter(|r| r.issued >= oldest)
-            .collect();
-        Ok((late, HistoryFacts::of(&decoded, today)))
+        let mut all = self.histories_of(&[invoice]).await?;
+        all.pop()
+            .ok_or_else(|| Failure::Fatal(anyhow::anyhow!("no history read for invoice '{}'", invoice.invoice_id)))
+    }
+
+    /// [`Watcher::history_of`] for several new invoices, in one round trip, in order.
+    async fn histories_of(&self, invoices: &[&InvoiceSnapshot]) -> Result<Vec<(u32, HistoryFacts)>, Failure> {
+        if invoices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = self.0.rt.clock.now();
+        let since = (now - chrono::Duration::days(LATE_HISTORY_DAYS)).timestamp_millis();
+        let mut pipe = redis::pipe();
+        for invoice in invoices {
+            pipe.cmd("ZCOUNT")
+                .arg(self.0.store.late_key(&invoice.tenant, &invoice.debtor_id))
+                .arg(since)
+                .arg("+inf")
+                .cmd("HGETALL")
+                .arg(self.0.store.history_key(&invoice.tenant, &invoice.debtor_id));
+        }
+        let replies: Vec<(u32, Vec<(String, String)>)> = {
+            let flat: Vec<redis::Value> = pipe.query_async(&mut self.conn()).await?;
+            let parse = |e: redis::ParsingError| Failure::Fatal(anyhow::anyhow!("unexpected reply from Redis: {e}"));
+            let mut flat = flat.into_iter();
+            let mut replies = Vec::with_capacity(invoices.len());
+            while let (Some(late), Some(records)) = (flat.next(), flat.next()) {
+                replies.push((
+                    redis::from_redis_value(late).map_err(parse)?,
+                    redis::from_redis_value(records).map_err(parse)?,
+                ));
+            }
+            replies
+        };
+        if replies.len() != invoices.len() {
+            return Err(Failure::Fatal(anyhow::anyhow!(
+                "{} histories read for {} invoices",
+                replies.len(),
+                invoices.len()
+            )));
+        }
+        Ok(invoices
+            .iter()
+            .zip(replies)
+            .map(|(invoice, (late, records))| {
+                let today = invoice.jurisdiction.local_day(now);
+                let oldest = self.oldest_kept(today);
+                let decoded: Vec<InvoiceRecord> = decode_history(records)
+                    .filter(|(invoice_id, _)| *invoice_id != invoice.invoice_id)
+                    .filter_map(|(_, record)| record)
+                    .filter(|r| r.issued >= oldest)
+                    .collect();
+                (late, HistoryFacts::of(&decoded, today))
+            })
+            .collect())
     }
 
     async fn load(&self, partition: i32, tenant: &str, invoice_id: &str) -> Result<Option<Loaded>, Failure> {
@@ -811,38 +894,95 @@ impl Watcher {
         extra: &[Outbound],
         extra_changes: &[Outbound],
     ) -> Result<bool, Failure> {
-        let partition = stored.partition;
-        let prepared = self.0.store.prepare(
-            Save {
+        let written = self
+            .write_together(vec![JourneyWrite {
                 expected,
                 stored,
-                timer: e.decision.timer.clone(),
-                fired_step: None,
-                stops_contact: e.decision.stops_contact(),
-            },
-            self.0.rt.clock.now().timestamp_millis(),
-        )?;
-        self.0.store.stop_contact([&prepared]).await?;
-        let mut outs = self.outputs(&e, prepared.upcoming).await?;
-        outs.extend_from_slice(extra);
-        let mut changes = vec![self.0.store.change(&prepared)];
-        changes.extend_from_slice(extra_changes);
-        let history = self.history_write(e.decision).await?;
-        if let Some(h) = &history {
-            changes.extend(h.changes(self.0.store.changelog(), partition));
+                emission: e,
+                extra,
+                extra_changes,
+            }])
+            .await?;
+        Ok(written.first() == Some(&store::Written::Yes))
+    }
+
+    /// Writes decisions of different invoices together: their contact stops in one round trip,
+    /// their outputs produced and acknowledged together and then their changelog records, the
+    /// debtors' history read in one round trip, the journeys in one per partition (each only if
+    /// nobody wrote it since it was read), and the history of those written in one more. What
+    /// became of each, in order: a conflict is decided again by the caller from what is stored.
+    async fn write_together(&self, writes: Vec<JourneyWrite<'_>>) -> Result<Vec<store::Written>, Failure> {
+        let now_ms = self.0.rt.clock.now().timestamp_millis();
+        let mut saves = Vec::with_capacity(writes.len());
+        let mut emissions = Vec::with_capacity(writes.len());
+        for w in writes {
+            saves.push(self.0.store.prepare(
+                Save {
+                    expected: w.expected,
+                    stored: w.stored,
+                    timer: w.emission.decision.timer.clone(),
+                    fired_step: None,
+                    stops_contact: w.emission.decision.stops_contact(),
+                },
+                now_ms,
+            )?);
+            emissions.push((w.emission, w.extra, w.extra_changes));
         }
-        let offsets = self.produce_then_log(&outs, &changes).await?;
-        let offset = offsets.first().copied().unwrap_or(-1);
-        let written = self.0.store.save_many(partition, &[prepared], &[offset]).await?;
-        let saved = written.first() == Some(&store::Written::Yes);
-        if let (true, Some(h)) = (saved, history) {
-            // After the journey, as the late history: a stop in between leaves the record on
-            // the changelog, where a rebuild finds it.
-            let mut pipe = redis::pipe();
-            h.add_to(&mut pipe);
+        self.0.store.stop_contact(&saves).await?;
+        let mut outs = Vec::new();
+        let mut changes = Vec::new();
+        // Where each journey's own record is among the changelog records.
+        let mut change_at = Vec::with_capacity(saves.len());
+        for (prepared, (emission, extra, extra_changes)) in saves.iter().zip(&emissions) {
+            outs.extend(self.outputs(emission, prepared.upcoming).await?);
+            outs.extend_from_slice(extra);
+            change_at.push(changes.len());
+            changes.push(self.0.store.change(prepared));
+            changes.extend_from_slice(extra_changes);
+        }
+        let decisions: Vec<&Decision> = emissions.iter().map(|(e, _, _)| e.decision).collect();
+        let histories = self.history_writes(&decisions).await?;
+        for (prepared, history) in saves.iter().zip(&histories) {
+            if let Some(h) = history {
+                changes.extend(h.changes(self.0.store.changelog(), prepared.partition));
+            }
+        }
+        let logged = self.produce_then_log(&outs, &changes).await?;
+        // The journeys by partition (each partition's state marker is checked with its writes).
+        type PartitionSaves = (Vec<usize>, Vec<store::Prepared>, Vec<i64>);
+        let mut by_partition: BTreeMap<i32, PartitionSaves> = BTreeMap::new();
+        for (index, (prepared, at)) in saves.into_iter().zip(change_at).enumerate() {
+            let part = by_partition.entry(prepared.partition).or_default();
+            part.0.push(index);
+            part.2.push(logged.get(at).copied().unwrap_or(-1));
+            part.1.push(prepared);
+        }
+        let mut written = vec![store::Written::Conflict; decisions.len()];
+        let saved = futures::future::try_join_all(
+            by_partition
+                .iter()
+                .map(|(partition, (_, prepared, offsets))| self.0.store.save_many(*partition, prepared, offsets)),
+        )
+        .await?;
+        for ((indexes, _, _), results) in by_partition.values().zip(saved) {
+            for (index, result) in indexes.iter().zip(results) {
+                written[*index] = result;
+            }
+        }
+        // After the journeys, as the late history: a stop in between leaves the records on
+        // the changelog, where a rebuild finds them.
+        let mut pipe = redis::pipe();
+        let mut any = false;
+        for (history, result) in histories.iter().zip(&written) {
+            if let (Some(h), store::Written::Yes) = (history, result) {
+                h.add_to(&mut pipe);
+                any = true;
+            }
+        }
+        if any {
             let _: () = pipe.query_async(&mut self.conn()).await?;
         }
-        Ok(saved)
+        Ok(written)
     }
 
     /// Produces a decision's outputs and, once every one is acknowledged, its changelog records;
@@ -967,8 +1107,7 @@ impl Watcher {
                     pending_step: pending,
                     pending_fire_ms: pending_ms,
                     // The trace the invoice first arrived in, kept only where it is exported.
-                    trace: kept_trace
-                        .or_else(|| (forfall_platform::telemetry::exporting() && trace.sampled).then_some(trace)),
+                    trace: trace_to_keep(kept_trace, trace),
                 };
                 // Event ids derive from the cause: payments applied on a redelivered snapshot
                 // must not take the ids of the events its first delivery produced.
@@ -1056,11 +1195,8 @@ impl Watcher {
 
     async fn on_payment(&self, rec: PaymentMatched, record: &Inbound) -> Result<(), Failure> {
         let trace = record.trace;
-        let currency: Currency = rec
-            .currency
-            .parse()
-            .map_err(|e| Failure::reject("unknown_currency", format!("field 'currency': {e}")))?;
-        let amount = Money::new(rec.amount_minor, currency);
+        let amount = payment_amount(&rec)?;
+        let currency = amount.currency;
         let _guard = self.stripe(&rec.tenant, &rec.invoice_id).lock().await;
         loop {
             let Some(loaded) = self.load(record.partition, &rec.tenant, &rec.invoice_id).await? else {
@@ -1119,14 +1255,7 @@ impl Watcher {
                 self.0.metrics.transitions.with_label_values(&["payment_parked"]).inc();
                 return Ok(());
             };
-            let d = journey::on_payment(loaded.stored.journey.clone(), &rec.payment_id, amount).map_err(|e| {
-                Failure::Reject {
-                    code: "payment_not_applicable",
-                    detail: format!("payment '{}' for invoice '{}': {e}", rec.payment_id, rec.invoice_id),
-                    tenant: Some(rec.tenant.clone()),
-                    debtor_id: Some(rec.debtor_id.clone()),
-                }
-            })?;
+            let d = payment_applied(loaded.stored.journey.clone(), &rec, amount)?;
             if d.transitions.is_empty() {
                 return Ok(()); // already applied
             }
@@ -1498,7 +1627,16 @@ impl Watcher {
     /// A new invoice: the policy chooses its plan (segment, experiment), recorded as an event
     /// with what the propensity model knew of the debtor (and its score, with a model).
     async fn open_journey(&self, incoming: InvoiceSnapshot) -> Result<(Decision, Plan), Failure> {
-        let (late_last_12m, history) = self.history_of(&incoming).await?;
+        let history = self.history_of(&incoming).await?;
+        Ok(self.open_journey_with(incoming, history))
+    }
+
+    /// [`Watcher::open_journey`] with the debtor's history read (see [`Watcher::histories_of`]).
+    fn open_journey_with(
+        &self,
+        incoming: InvoiceSnapshot,
+        (late_last_12m, history): (u32, HistoryFacts),
+    ) -> (Decision, Plan) {
         let features = Features::of(&incoming, late_last_12m, history);
         let score = self.0.propensity.as_ref().map(|m| m.score(&features));
         let facts = DebtorFacts {
@@ -1525,7 +1663,7 @@ impl Watcher {
                 .inc();
             tracing::debug!(experiment = %e, "experiment assigned");
         }
-        Ok((d, plan))
+        (d, plan)
     }
 
     /// The issue date before which a debtor's records are no longer kept.
@@ -1533,15 +1671,10 @@ impl Watcher {
         today - chrono::Duration::days(i64::from(self.0.history_retention_days))
     }
 
-    /// The record a decision leaves in its debtor's history, when it changes it: on the
+    /// The records decisions leave in their debtors' history, where they change it: on the
     /// transitions that say something of the debtor (paid, handed over, a request from the
-    /// page, a message that did not reach them; see [`HISTORY_KINDS`]).
-    async fn history_write(&self, d: &Decision) -> Result<Option<HistoryWrite>, Failure> {
-        Ok(self.history_writes(&[d]).await?.into_iter().next().flatten())
-    }
-
-    /// [`Watcher::history_write`] for several decisions, their debtors' records read in one
-    /// round trip (none for decisions that leave no record). Each record is derived from the
+    /// page, a message that did not reach them; see [`HISTORY_KINDS`]). Their debtors' records
+    /// are read in one round trip (none for decisions that leave no record). Each record is derived from the
     /// journey and the record before, so a decision made again writes the same record.
     async fn history_writes(&self, decisions: &[&Decision]) -> Result<Vec<Option<HistoryWrite>>, Failure> {
         let leaves_record = leaves_history_record;
@@ -2251,6 +2384,18 @@ impl Watcher {
             .remove(&partition);
     }
 
+    /// Passes a failure on, noting the partition whose state it found missing, if it did.
+    fn noticing_missing_state_anywhere(&self, failure: Failure) -> Failure {
+        let partition = match &failure {
+            Failure::Transient(e) => e.downcast_ref::<store::StateMissing>().map(|m| m.partition),
+            _ => None,
+        };
+        match partition {
+            Some(partition) => self.noticing_missing_state(partition, failure),
+            None => failure,
+        }
+    }
+
     /// Passes a failure on, noting a partition whose state went missing.
     fn noticing_missing_state(&self, partition: i32, failure: Failure) -> Failure {
         if let Failure::Transient(e) = &failure
@@ -2445,7 +2590,12 @@ impl Handler for Watcher {
         self.handle_ready(record)
             .await
             .map_err(|f| self.noticing_missing_state(record.partition, f))?;
+        self.0.metrics.decided.with_label_values(&["alone"]).inc();
         Ok(Vec::new())
+    }
+
+    async fn handle_batch(&self, records: &[Inbound]) -> Vec<Result<Vec<Outbound>, Failure>> {
+        batch::handle(self, records).await
     }
 }
 
@@ -2621,6 +2771,17 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         "Claims handed over in another claim's case (merged where the law asks)",
     )?;
     shell.metrics.registry.register(Box::new(merged.clone()))?;
+    let decided = IntCounterVec::new(
+        Opts::new(
+            "watcher_records_decided_total",
+            "Records decided by the consume loop, by whether they shared a batch's round trips (together) or took their own (alone)",
+        ),
+        &["path"],
+    )?;
+    for path in ["together", "alone"] {
+        decided.with_label_values(&[path]);
+    }
+    shell.metrics.registry.register(Box::new(decided.clone()))?;
     let redis = redis_store::connect(&rt.config.redis).await?;
     let topics = rt.config.topics.clone();
     // The changelog follows the invoices topic's partitions (see [`rebuild`]).
@@ -2660,6 +2821,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
             policy_reloads,
             combined,
             merged,
+            decided,
         },
         topics: topics.clone(),
         rt: rt.clone(),
@@ -2680,9 +2842,11 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     )?;
     tokio::spawn(watcher.clone().reload_policy(settings.clone()));
     let concurrency = settings.concurrency.max(1);
+    let settings_batch = settings.consume_batch.max(1);
     let timers = tokio::spawn(watcher.clone().run_timers(consumer.clone(), settings));
     let mut loop_context = shell.loop_context(&rt);
     loop_context.key_concurrency = concurrency;
+    loop_context.batch = settings_batch;
     let consumed = run_consumer(consumer, watcher, loop_context).await;
     rt.shutdown.cancel();
     let timed = timers.await.map_err(|e| anyhow::anyhow!("timer task panicked: {e}"))?;
