@@ -15,6 +15,21 @@ pub mod servers;
 
 pub use forfall::devstack::{LocalStack, eventually};
 
+/// Settings a benchmark takes from its environment, each a count (`MATCHER_BATCH=1` for
+/// `matcher.batch`): two values compared on one build. The dev stack's services read their
+/// sections from the stack, not from `FORFALL_*` variables.
+pub fn counts_from_env(stack: &mut LocalStack, settings: &[(&str, &str)]) -> anyhow::Result<()> {
+    for (variable, key) in settings {
+        if let Ok(value) = std::env::var(variable) {
+            let count: usize = value
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{variable}={value:?} is not a count for '{key}': {e}"))?;
+            stack.set(key, count);
+        }
+    }
+    Ok(())
+}
+
 /// How long the end-to-end tests wait for something that should happen.
 pub const WAIT: std::time::Duration = std::time::Duration::from_secs(45);
 

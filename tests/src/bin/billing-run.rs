@@ -22,6 +22,9 @@
 //! Each stage's time to drain is from its trigger (the first invoice published, the clock
 //! moved, the first payment published) to its last record; its rate is records over that time.
 //! The baseline, in the same run: a plain rdkafka relay of the same invoice bytes.
+//!
+//! To compare two values of a batch size on one build: `MATCHER_BATCH=N` (`matcher.batch`),
+//! `WATCHER_CONSUME_BATCH=N` (`watcher.consume_batch`), `WATCHER_BATCH=N` (`watcher.batch`).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -314,6 +317,14 @@ async fn main() -> anyhow::Result<()> {
     let policy_file = std::env::temp_dir().join(format!("{}-policy.toml", stack.prefix));
     std::fs::write(&policy_file, policy()?)?;
     stack.set("watcher.policy_file", policy_file.display().to_string());
+    counts_from_env(
+        &mut stack,
+        &[
+            ("MATCHER_BATCH", "matcher.batch"),
+            ("WATCHER_CONSUME_BATCH", "watcher.consume_batch"),
+            ("WATCHER_BATCH", "watcher.batch"),
+        ],
+    )?;
     stack.set("dispatch.sms.provider", "gatewayapi");
     stack.set(
         "dispatch.sms.gatewayapi",

@@ -5,7 +5,9 @@
 //!     cargo run --release -p forfall-e2e --bin matcher-throughput -- 20000 5000 [CONCURRENCY]
 //!
 //! (invoices, steady payments per second, payments (or batches of them) the matcher decides at
-//! once: by default the matcher's own default; `MATCHER_BATCH=N` sets `matcher.batch`)
+//! once: by default the matcher's own default; `MATCHER_BATCH=N` sets `matcher.batch`,
+//! `WATCHER_CONSUME_BATCH=N` `watcher.consume_batch`, `WATCHER_CONCURRENCY=N`
+//! `watcher.concurrency`)
 //!
 //! N invoices are indexed first (matcher and watcher both consume them); then N/2 payments are
 //! produced at 5,000/s and each one's latency is taken from its production to the watcher's
@@ -52,9 +54,14 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| forfall_matcher::MatcherSettings::default().concurrency);
     let mut stack = LocalStack::start(config, Arc::new(SystemClock)).await?;
     stack.set("matcher.concurrency", concurrency);
-    if let Ok(batch) = std::env::var("MATCHER_BATCH") {
-        stack.set("matcher.batch", batch.parse::<usize>()?);
-    }
+    counts_from_env(
+        &mut stack,
+        &[
+            ("MATCHER_BATCH", "matcher.batch"),
+            ("WATCHER_CONSUME_BATCH", "watcher.consume_batch"),
+            ("WATCHER_CONCURRENCY", "watcher.concurrency"),
+        ],
+    )?;
     let stack = stack;
     let brokers = stack.rt.config.kafka.brokers.clone();
     let invoices_topic = stack.topic(&stack.topics().invoices);

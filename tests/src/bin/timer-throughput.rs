@@ -179,9 +179,7 @@ async fn main() -> anyhow::Result<()> {
     // Phase 1: a billing run falls due at once.
     let clock = ManualClock::new(at("2026-11-02T06:00:00Z"));
     let mut stack = LocalStack::start(config(), clock.clone()).await?;
-    if let Ok(batch) = std::env::var("WATCHER_BATCH") {
-        stack.set("watcher.batch", batch.parse::<usize>()?);
-    }
+    counts_from_env(&mut stack, &[("WATCHER_BATCH", "watcher.batch")])?;
     let stack = stack;
     let mut redis = stack.redis();
     let listpack: Vec<String> = redis::cmd("CONFIG")
