@@ -13,7 +13,9 @@
 //! are decided at once by separate tasks.
 
 use forfall_domain::matching::{self, OpenInvoice};
-use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, each_retried_alone, every_record_decided};
+use forfall_platform::kafka::{
+    Failure, Handler, Inbound, Outbound, each_failed_as, each_retried_alone, every_record_decided,
+};
 use forfall_platform::records::{PaymentReceived, Record};
 use forfall_platform::redis_store;
 use forfall_platform::telemetry::TraceContext;
@@ -78,21 +80,8 @@ async fn decide(matcher: &Matcher, payments: Vec<Payment>) -> Vec<(usize, Outcom
         Ok(outcomes) => outcomes,
         // A round trip that failed fails them all (Redis away: each is retried on its own).
         Err(e) => {
-            let why = format!("{e:?}");
-            let transient = matches!(e, Failure::Transient(_));
-            ats.into_iter()
-                .map(|at| {
-                    let e = anyhow::anyhow!("{why}");
-                    (
-                        at,
-                        Err(if transient {
-                            Failure::Transient(e)
-                        } else {
-                            Failure::Fatal(e)
-                        }),
-                    )
-                })
-                .collect()
+            let failed = each_failed_as(ats.len(), &e);
+            ats.into_iter().zip(failed).collect()
         }
     }
 }

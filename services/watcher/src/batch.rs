@@ -18,7 +18,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use forfall_domain::Money;
 use forfall_domain::invoice::InvoiceSnapshot;
 use forfall_domain::journey::{self, Decision, Plan};
-use forfall_platform::kafka::{Failure, Handler, Inbound, Outbound, each_retried_alone, every_record_decided};
+use forfall_platform::kafka::{
+    Failure, Handler, Inbound, Outbound, each_failed_as, each_retried_alone, every_record_decided,
+};
 use forfall_platform::records::{self, PaymentMatched, Record};
 use futures::future::join_all;
 
@@ -116,16 +118,10 @@ pub(crate) async fn handle(watcher: &Watcher, records: &[Inbound]) -> Vec<Outcom
         Err(e) => {
             // A round trip that failed fails them all (Redis or the broker away, a partition's
             // state gone): each is retried on its own.
-            let e = watcher.noticing_missing_state_anywhere(e);
-            let transient = matches!(e, Failure::Transient(_));
-            let why = format!("{e:?}");
-            for at in places {
-                let e = anyhow::anyhow!("{why}");
-                results[at] = Some(Err(if transient {
-                    Failure::Transient(e)
-                } else {
-                    Failure::Fatal(e)
-                }));
+            let e = watcher.noticing_missing_state(e);
+            let failed = each_failed_as(places.len(), &e);
+            for (at, outcome) in places.into_iter().zip(failed) {
+                results[at] = Some(outcome);
             }
         }
     }

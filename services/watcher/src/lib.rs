@@ -310,8 +310,6 @@ fn snapshot(rec: &records::Invoice) -> Result<InvoiceSnapshot, Failure> {
     })
 }
 
-/// Folds a later decision into an earlier one: transitions accumulate, the last timer change
-/// that is not `Keep` wins.
 /// The trace a journey keeps: the one its invoice first arrived in, kept only where traces
 /// are exported.
 fn trace_to_keep(kept: Option<TraceContext>, arrived_in: TraceContext) -> Option<TraceContext> {
@@ -338,6 +336,8 @@ fn payment_applied(journey: Journey, rec: &PaymentMatched, amount: Money) -> Res
     })
 }
 
+/// Folds a later decision into an earlier one: transitions accumulate, the last timer change
+/// that is not `Keep` wins.
 fn then(mut first: Decision, second: Decision) -> Decision {
     first.transitions.extend(second.transitions);
     if second.timer != TimerChange::Keep {
@@ -1779,15 +1779,15 @@ impl Watcher {
                 last_sweep = std::time::Instant::now();
                 for p in partitions.iter().copied().filter(|p| self.is_ready(*p)) {
                     if let Err(e) = self.sweep_parked(p, settings.parked_retention_days).await {
-                        let e = self.noticing_missing_state(p, e);
+                        let e = self.noticing_missing_state(e);
                         tracing::warn!(error = ?e, partition = p, "refusing long-parked payments failed; the next sweep retries");
                     }
                     if let Err(e) = self.sweep_late(p).await {
-                        let e = self.noticing_missing_state(p, e);
+                        let e = self.noticing_missing_state(e);
                         tracing::warn!(error = ?e, partition = p, "removing late history past 12 months failed; the next sweep retries");
                     }
                     if let Err(e) = self.sweep_closed(p, settings.closed_retention_days).await {
-                        let e = self.noticing_missing_state(p, e);
+                        let e = self.noticing_missing_state(e);
                         tracing::warn!(error = ?e, partition = p, "removing closed journeys past their retention failed; the next sweep retries");
                     }
                 }
@@ -2046,7 +2046,7 @@ impl Watcher {
     async fn fire_due(&self, partition: i32, settings: &WatcherSettings) -> Result<bool, Failure> {
         self.fire_due_ready(partition, settings)
             .await
-            .map_err(|f| self.noticing_missing_state(partition, f))
+            .map_err(|f| self.noticing_missing_state(f))
     }
 
     async fn fire_due_ready(&self, partition: i32, settings: &WatcherSettings) -> Result<bool, Failure> {
@@ -2385,22 +2385,11 @@ impl Watcher {
     }
 
     /// Passes a failure on, noting the partition whose state it found missing, if it did.
-    fn noticing_missing_state_anywhere(&self, failure: Failure) -> Failure {
-        let partition = match &failure {
-            Failure::Transient(e) => e.downcast_ref::<store::StateMissing>().map(|m| m.partition),
-            _ => None,
-        };
-        match partition {
-            Some(partition) => self.noticing_missing_state(partition, failure),
-            None => failure,
-        }
-    }
-
-    /// Passes a failure on, noting a partition whose state went missing.
-    fn noticing_missing_state(&self, partition: i32, failure: Failure) -> Failure {
+    fn noticing_missing_state(&self, failure: Failure) -> Failure {
         if let Failure::Transient(e) = &failure
-            && e.downcast_ref::<store::StateMissing>().is_some()
+            && let Some(missing) = e.downcast_ref::<store::StateMissing>()
         {
+            let partition = missing.partition;
             tracing::warn!(partition, error = %e, "journey state missing; rebuilding it before going on");
             self.forget_ready(partition);
         }
@@ -2589,7 +2578,7 @@ impl Handler for Watcher {
     async fn handle(&self, record: &Inbound) -> Result<Vec<Outbound>, Failure> {
         self.handle_ready(record)
             .await
-            .map_err(|f| self.noticing_missing_state(record.partition, f))?;
+            .map_err(|f| self.noticing_missing_state(f))?;
         self.0.metrics.decided.with_label_values(&["alone"]).inc();
         Ok(Vec::new())
     }

@@ -182,6 +182,18 @@ pub fn each_retried_alone(records: usize, why: &str) -> Vec<Result<Vec<Outbound>
         .collect()
 }
 
+/// A batch handler's results when one failure fails `records` of its records together (a
+/// round trip they shared): each fails as it did, a transient failure then retried on its own,
+/// any other stopping the loop as fatal.
+pub fn each_failed_as(records: usize, failure: &Failure) -> Vec<Result<Vec<Outbound>, Failure>> {
+    if matches!(failure, Failure::Transient(_)) {
+        return each_retried_alone(records, &format!("{failure:?}"));
+    }
+    (0..records)
+        .map(|_| Err(Failure::Fatal(anyhow::anyhow!("{failure:?}"))))
+        .collect()
+}
+
 /// What a consume loop needs besides its consumer and handler.
 #[derive(Clone)]
 pub struct LoopContext {

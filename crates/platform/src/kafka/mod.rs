@@ -19,8 +19,8 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedMessage};
 
 pub use consume::{
-    Failure, Handler, LaneOf, LoopContext, RAW_BYTES_KEPT, backoff, each_retried_alone, every_record_decided, key_lane,
-    payload_lane, run_consumer,
+    Failure, Handler, LaneOf, LoopContext, RAW_BYTES_KEPT, backoff, each_failed_as, each_retried_alone,
+    every_record_decided, key_lane, payload_lane, run_consumer,
 };
 pub use producer::{Ack, Delivered, Outbound, ProduceError, Producer, producer};
 pub use rebalance::ConsumeContext;
