@@ -79,3 +79,38 @@ async fn reading_to_the_end_includes_the_whole_last_batch() -> anyhow::Result<()
     assert_eq!(read, ["r0", "r1", "r2"]);
     Ok(())
 }
+
+/// A broker that answers late when a service starts (just restarted, or electing its
+/// controller) is waited out: the topics are created once it answers, rather than the service
+/// exiting on its first admin request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_answers_late_at_start_is_waited_out() -> anyhow::Result<()> {
+    use forfall_e2e::chaos::{Helper, signal};
+    let dir = std::env::temp_dir().join(format!("forfall-late-broker-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (broker, port) = Helper::broker(&dir)?;
+    servers::wait_port(port, "tansu").await?;
+    let mut kafka = base_config().kafka;
+    kafka.brokers = format!("127.0.0.1:{port}");
+    signal(broker.pid(), "STOP");
+    let topics = vec!["late.invoices".to_owned(), "late.actions".to_owned()];
+    let ensuring = tokio::spawn({
+        let (kafka, topics) = (kafka.clone(), topics.clone());
+        async move { forfall_platform::kafka::ensure_topics(&kafka, &topics).await }
+    });
+    // Longer than one request's bound (10 s): a start that does not ask again has failed by now.
+    tokio::time::sleep(std::time::Duration::from_secs(13)).await;
+    signal(broker.pid(), "CONT");
+    let created = tokio::time::timeout(std::time::Duration::from_secs(120), ensuring).await??;
+    created.map_err(|e| anyhow::anyhow!("the topics were not created once the broker answered: {e:#}"))?;
+    for topic in &topics {
+        assert_eq!(
+            forfall_platform::changelog::partition_count(&kafka, topic).await?,
+            kafka.partitions,
+            "{topic}"
+        );
+    }
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

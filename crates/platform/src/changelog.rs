@@ -15,15 +15,14 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
+use crate::kafka::topics::{self, Attempt};
 use crate::kafka::{Failure, Outbound};
 use crate::telemetry::TraceContext;
 
@@ -74,72 +73,28 @@ impl Changelog {
 /// in a partition whose rebuild never reads it.
 ///
 /// A broker that does not answer (away, or busy with a rebalance) is waited out, each attempt
-/// bounded, for up to [`ENSURE_PATIENCE`]; only a mismatch is refused at once.
+/// bounded, as [`crate::kafka::ensure_topics`] waits it out; only a mismatch is refused at once.
 pub async fn ensure(config: &KafkaConfig, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + ENSURE_PATIENCE;
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        let failure = match tokio::time::timeout(ENSURE_ATTEMPT, ensure_once(config, topic, partitions)).await {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(EnsureError::Mismatch(e))) => return Err(e),
-            Ok(Err(EnsureError::Broker(e))) => e,
-            Err(_) => anyhow::anyhow!("no answer from the broker within {ENSURE_ATTEMPT:?}"),
-        };
-        if tokio::time::Instant::now() + backoff > deadline {
-            return Err(failure.context(format!("changelog topic '{topic}' could not be checked or created")));
-        }
-        tracing::warn!(topic, error = %failure, "changelog topic not checked yet; trying again");
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
+    topics::patiently(&format!("checking changelog topic '{topic}'"), || {
+        ensure_once(config, topic, partitions)
+    })
+    .await
 }
 
-/// How long [`ensure`] waits for a broker that does not answer.
-const ENSURE_PATIENCE: Duration = Duration::from_secs(300);
-/// One attempt of [`ensure`].
-const ENSURE_ATTEMPT: Duration = Duration::from_secs(30);
-
-enum EnsureError {
-    Mismatch(anyhow::Error),
-    Broker(anyhow::Error),
-}
-
-async fn ensure_once(config: &KafkaConfig, topic: &str, partitions: i32) -> Result<(), EnsureError> {
+async fn ensure_once(config: &KafkaConfig, topic: &str, partitions: i32) -> Result<(), Attempt> {
     // Read first: every start of every instance comes here, and a CreateTopics for a topic
     // that exists is work for the controller (and, on some brokers, a wait) for nothing.
-    let mut found = partition_count(config, topic).await.map_err(EnsureError::Broker)?;
+    let mut found = partition_count(config, topic).await.map_err(Attempt::Unanswered)?;
     if found == 0 {
-        create_compacted(config, topic, partitions)
-            .await
-            .map_err(EnsureError::Broker)?;
-        found = partition_count(config, topic).await.map_err(EnsureError::Broker)?;
+        let compacted = [("cleanup.policy", "compact")];
+        topics::create_once(config, &[topic.to_owned()], partitions, &compacted).await?;
+        found = partition_count(config, topic).await.map_err(Attempt::Unanswered)?;
     }
     if found != partitions {
-        return Err(EnsureError::Mismatch(anyhow::anyhow!(
+        return Err(Attempt::Refused(anyhow::anyhow!(
             "changelog topic '{topic}' has {found} partitions but its input has {partitions}: \
              they must match (recreate the changelog, then run `forfall rebuild`)"
         )));
-    }
-    Ok(())
-}
-
-async fn create_compacted(config: &KafkaConfig, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = crate::kafka::base_config(config).create()?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(config.replication_factor))
-        .set("cleanup.policy", "compact");
-    let results = admin
-        .create_topics(
-            &[new],
-            &AdminOptions::new()
-                .operation_timeout(Some(Duration::from_secs(10)))
-                .request_timeout(Some(Duration::from_secs(10))),
-        )
-        .await?;
-    for result in results {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => anyhow::bail!("cannot create changelog topic '{topic}': {code}"),
-        }
     }
     Ok(())
 }

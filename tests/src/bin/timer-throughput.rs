@@ -206,6 +206,12 @@ async fn main() -> anyhow::Result<()> {
         (after - before) as f64 / 1e6,
         listpack.get(1).map(String::as_str).unwrap_or("?")
     );
+    for (kind, keys, bytes) in memory_by_kind(&mut redis, &stack.rt.config.redis.key_prefix).await? {
+        println!(
+            "  {kind}: {keys} keys, {:.0} bytes per open invoice (MEMORY USAGE)",
+            bytes as f64 / n as f64
+        );
+    }
     clock.set(moment + chrono::Duration::seconds(1));
     let started = Instant::now();
     stack.start_service("watcher");

@@ -54,6 +54,32 @@ pub struct Helper {
 }
 
 impl Helper {
+    /// A broker of its own (tansu, in memory) on a free loopback port, logging to `dir`; its port.
+    pub fn broker(dir: &Path) -> anyhow::Result<(Self, u16)> {
+        let port = free_port()?;
+        let child = Command::new(tansu_binary())
+            .args([
+                "broker",
+                "--listener-url",
+                &format!("tcp://127.0.0.1:{port}"),
+                "--advertised-listener-url",
+                &format!("tcp://127.0.0.1:{port}"),
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            // The group coordinator's decisions (members that missed their heartbeat, new
+            // generations) are what a wedged consumer group is diagnosed from.
+            // tansu logs to stdout.
+            .env("RUST_LOG", "warn,tansu_broker::coordinator::group=info")
+            .env("NO_COLOR", "1")
+            .stdout(std::fs::File::create(dir.join("tansu.log"))?)
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start tansu ({}): {e}", tansu_binary().display()))?;
+        Ok((Self { child }, port))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id().unwrap_or(0)
     }
@@ -120,29 +146,7 @@ impl Infra {
         let bins = binaries_dir()?;
         let dir = std::env::temp_dir().join(format!("forfall-chaos-{run}"));
         std::fs::create_dir_all(&dir)?;
-        let broker_port = free_port()?;
-        let broker = Helper {
-            child: Command::new(tansu_binary())
-                .args([
-                    "broker",
-                    "--listener-url",
-                    &format!("tcp://127.0.0.1:{broker_port}"),
-                    "--advertised-listener-url",
-                    &format!("tcp://127.0.0.1:{broker_port}"),
-                    "--storage-engine",
-                    "memory://tansu/",
-                ])
-                // The group coordinator's decisions (members that missed their heartbeat, new
-                // generations) are what a wedged consumer group is diagnosed from.
-                // tansu logs to stdout.
-                .env("RUST_LOG", "warn,tansu_broker::coordinator::group=info")
-                .env("NO_COLOR", "1")
-                .stdout(std::fs::File::create(dir.join("tansu.log"))?)
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| anyhow::anyhow!("cannot start tansu ({}): {e}", tansu_binary().display()))?,
-        };
+        let (broker, broker_port) = Helper::broker(&dir)?;
         let redis_port = free_port()?;
         let redis = Helper {
             child: Command::new("redis-server")

@@ -30,7 +30,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
 pub use history::{Findings, read_all};
-pub use infra::binaries_dir;
+pub use infra::{Helper, binaries_dir, signal};
 
 use faults::Supervisor;
 use infra::Infra;

@@ -8,14 +8,13 @@ mod consume;
 pub mod offsets;
 mod producer;
 mod rebalance;
+pub(crate) mod topics;
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 
 pub use consume::{
@@ -24,6 +23,7 @@ pub use consume::{
 };
 pub use producer::{Ack, Delivered, Outbound, ProduceError, Producer, producer};
 pub use rebalance::ConsumeContext;
+pub use topics::ensure_topics;
 
 use crate::config::KafkaConfig;
 use crate::telemetry::TraceContext;
@@ -66,28 +66,6 @@ pub fn consumer(config: &KafkaConfig, group: &str, topics: &[String]) -> Result<
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;
     Ok(consumer)
-}
-
-/// Creates the topics that are missing; existing ones are left as they are.
-pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = base(config).create()?;
-    let new: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(config.replication_factor)))
-        .collect();
-    let results = admin
-        .create_topics(
-            &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await?;
-    for result in results {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => anyhow::bail!("cannot create topic '{topic}': {code}"),
-        }
-    }
-    Ok(())
 }
 
 /// One consumed record, detached from the client's buffers.
