@@ -161,9 +161,20 @@ async fn fired(stack: &LocalStack, service: &str) -> f64 {
     metric_value(&m, "forfall_watcher_steps_fired_total", &["step=\"nudge\""]).unwrap_or(0.0)
 }
 
+/// The watcher's settings a run may change, by variable: both phases' stacks take them.
+const SETTINGS: &[(&str, &str)] = &[
+    ("WATCHER_BATCH", "watcher.batch"),
+    ("WATCHER_TICK_MS", "watcher.tick_ms"),
+    ("WATCHER_TIMER_LINGER_MS", "watcher.timer_linger_ms"),
+];
+
 fn config() -> forfall_platform::config::CommonConfig {
     let mut c = base_config();
     c.log.level = "warn".into();
+    // The shared producer's linger, for a comparison with the timer rounds' own.
+    if let Ok(linger) = std::env::var("KAFKA_LINGER_MS") {
+        c.kafka.linger_ms = linger.parse().unwrap_or(c.kafka.linger_ms);
+    }
     c
 }
 
@@ -179,7 +190,7 @@ async fn main() -> anyhow::Result<()> {
     // Phase 1: a billing run falls due at once.
     let clock = ManualClock::new(at("2026-11-02T06:00:00Z"));
     let mut stack = LocalStack::start(config(), clock.clone()).await?;
-    counts_from_env(&mut stack, &[("WATCHER_BATCH", "watcher.batch")])?;
+    counts_from_env(&mut stack, SETTINGS)?;
     let stack = stack;
     let mut redis = stack.redis();
     let listpack: Vec<String> = redis::cmd("CONFIG")
@@ -258,7 +269,9 @@ async fn main() -> anyhow::Result<()> {
     let steady = (rate * steady_secs) as usize;
     let start_at = at("2026-11-02T10:00:00Z");
     let clock = ManualClock::new(start_at - chrono::Duration::seconds(1));
-    let stack = LocalStack::start(config(), clock.clone()).await?;
+    let mut stack = LocalStack::start(config(), clock.clone()).await?;
+    counts_from_env(&mut stack, SETTINGS)?;
+    let stack = stack;
     let (store, producer) = watcher_store(&stack).await?;
     // Two seconds of head start after the clock starts, so the first timers are not due yet.
     let lead = chrono::Duration::seconds(2);
