@@ -1828,12 +1828,24 @@ impl Watcher {
                 continue;
             }
             // Rounds of one batch per partition, several partitions at once, until none has
-            // more due: a partition with a backlog does not hold the others back.
+            // more due: a partition with a backlog does not hold the others back. Each batch is
+            // a task of its own, so that batches decide on different cores, not in turns on
+            // this task's thread (and stops with this loop when it is stopped).
             loop {
                 let rounds: Vec<(i32, Result<bool, Failure>)> = futures::stream::iter(partitions.iter().copied())
                     .map(|p| {
-                        let (this, settings) = (&self, &settings);
-                        async move { (p, this.fire_due(p, settings).await) }
+                        let (this, settings) = (self.clone(), settings.clone());
+                        let batch = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+                            this.fire_due(p, &settings).await
+                        }));
+                        async move {
+                            let fired = batch.await.unwrap_or_else(|e| {
+                                Err(Failure::Fatal(anyhow::anyhow!(
+                                    "a timer batch of partition {p} panicked: {e}"
+                                )))
+                            });
+                            (p, fired)
+                        }
                     })
                     .buffer_unordered(settings.partitions_in_flight.max(1))
                     .collect()
