@@ -819,3 +819,91 @@ async fn the_watchers_own_writes_at_once_are_never_taken_for_lost_state() -> any
     );
     Ok(())
 }
+
+/// A timer round's hundreds of journeys go to Redis in one round trip: each gets its own
+/// answer, in its place (a stale version is a conflict, left as it was; the others are written
+/// with their timers moved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journeys_written_together_each_get_their_own_answer_in_place() -> anyhow::Result<()> {
+    use forfall_domain::journey::TimerChange;
+    use forfall_watcher::store::{Save, Written};
+    let stack = LocalStack::start(base_config(), std::sync::Arc::new(forfall_platform::clock::SystemClock)).await?;
+    let (store, producer) = watcher_store(&stack).await?;
+    let due = day(2026, 11, 2);
+    let law = forfall_domain::law::LawBook::builtin()?;
+    let policy = forfall_domain::policy::load(forfall_domain::policy::DEFAULT_POLICY, &law, due)?;
+    let n = 700;
+    let opened = (0..n)
+        .map(|i| {
+            let d = opened_new_customer(&policy, household_invoice("many", i, due)?, due);
+            Ok(new_journey_save(d.journey, 0, d.timer))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    write_journeys(&store, &producer, opened).await?;
+
+    // Every seventh write carries a version nobody wrote: a conflict, wherever it falls.
+    let stale = |i: usize| i % 7 == 3;
+    let next_at = |i: usize| at("2026-11-20T08:00:00Z") + chrono::Duration::seconds(i as i64);
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let mut prepared = Vec::with_capacity(n);
+    for i in 0..n {
+        let invoice = format!("manyinv-{i:09}");
+        let loaded = store
+            .load(0, "acme-energy", &invoice)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?
+            .ok_or_else(|| anyhow::anyhow!("{invoice} was opened"))?;
+        assert_eq!(loaded.version, 1, "{invoice}");
+        let save = Save {
+            expected: Some(if stale(i) { 5 } else { loaded.version }),
+            stored: loaded.stored,
+            timer: TimerChange::Schedule {
+                step_index: 1,
+                fire_at: next_at(i),
+            },
+            fired_step: None,
+            stops_contact: false,
+        };
+        prepared.push(store.prepare(save, now_ms).map_err(|e| anyhow::anyhow!("{e:?}"))?);
+    }
+    let outs: Vec<_> = prepared.iter().map(|p| store.change(p)).collect();
+    let offsets: Vec<i64> = producer
+        .send_all_delivered(&outs)
+        .await?
+        .iter()
+        .map(|d| d.offset)
+        .collect();
+    let written = store
+        .save_many(0, &prepared, &offsets)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let expected: Vec<Written> = (0..n)
+        .map(|i| if stale(i) { Written::Conflict } else { Written::Yes })
+        .collect();
+    assert_eq!(written, expected);
+
+    let mut redis = stack.redis();
+    for i in 0..n {
+        let invoice = format!("manyinv-{i:09}");
+        let loaded = store
+            .load(0, "acme-energy", &invoice)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?
+            .ok_or_else(|| anyhow::anyhow!("{invoice} is still there"))?;
+        let moved: Option<f64> = redis::cmd("ZSCORE")
+            .arg(store.timers_key(0))
+            .arg(forfall_watcher::store::member("acme-energy", &invoice, 1))
+            .query_async(&mut redis)
+            .await?;
+        if stale(i) {
+            assert_eq!((loaded.version, moved), (1, None), "{invoice} left as it was");
+        } else {
+            assert_eq!(
+                (loaded.version, moved),
+                (2, Some(next_at(i).timestamp_millis() as f64)),
+                "{invoice} written, its timer moved"
+            );
+        }
+    }
+    Ok(())
+}
