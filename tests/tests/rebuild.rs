@@ -846,14 +846,17 @@ async fn journeys_written_together_each_get_their_own_answer_in_place() -> anyho
     let next_at = |i: usize| at("2026-11-20T08:00:00Z") + chrono::Duration::seconds(i as i64);
     let now_ms = chrono::Utc::now().timestamp_millis();
     let mut prepared = Vec::with_capacity(n);
+    let journey = |i: usize| {
+        let (store, invoice) = (&store, format!("manyinv-{i:09}"));
+        async move {
+            let loaded = store.load(0, "acme-energy", &invoice).await;
+            let loaded = loaded.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            loaded.ok_or_else(|| anyhow::anyhow!("{invoice} is missing"))
+        }
+    };
     for i in 0..n {
-        let invoice = format!("manyinv-{i:09}");
-        let loaded = store
-            .load(0, "acme-energy", &invoice)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?
-            .ok_or_else(|| anyhow::anyhow!("{invoice} was opened"))?;
-        assert_eq!(loaded.version, 1, "{invoice}");
+        let loaded = journey(i).await?;
+        assert_eq!(loaded.version, 1, "journey {i}");
         let save = Save {
             expected: Some(if stale(i) { 5 } else { loaded.version }),
             stored: loaded.stored,
@@ -885,11 +888,7 @@ async fn journeys_written_together_each_get_their_own_answer_in_place() -> anyho
     let mut redis = stack.redis();
     for i in 0..n {
         let invoice = format!("manyinv-{i:09}");
-        let loaded = store
-            .load(0, "acme-energy", &invoice)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?
-            .ok_or_else(|| anyhow::anyhow!("{invoice} is still there"))?;
+        let loaded = journey(i).await?;
         let moved: Option<f64> = redis::cmd("ZSCORE")
             .arg(store.timers_key(0))
             .arg(forfall_watcher::store::member("acme-energy", &invoice, 1))
