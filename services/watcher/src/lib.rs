@@ -83,13 +83,13 @@ const LATE_HISTORY_DAYS: i64 = 365;
 #[serde(default)]
 pub struct WatcherSettings {
     /// How often due timers are polled: a timer waits up to this long past its moment before
-    /// its round starts (at 200 ms, half the lateness p99 at a steady 5,000 timers/s).
+    /// its round starts (200 ms, until 2026-12, put the lateness p99 at 5,000 timers/s past 200 ms).
     pub tick_ms: u64,
     /// `linger.ms` of the producer the timer rounds produce through. A round waits for its
     /// outputs and then for its changelog records, and the next claim waits for the round, so
     /// the linger is paid twice per round by every timer due meanwhile: the shared producer's
     /// `kafka.linger_ms` (20 ms) kept the lateness p99 at a steady 5,000/s near 140 ms, 5 ms
-    /// near 45 ms (docs/benchmarks.md). A billing run's rounds fill their batches either way.
+    /// near 55 ms (docs/benchmarks.md). A billing run's rounds fill their batches either way.
     pub timer_linger_ms: u32,
     /// Most timers claimed from one partition per poll (fired together, written in one round trip).
     /// A batch produces about three records a fire, and `partitions_in_flight` batches go at once:
