@@ -125,6 +125,20 @@ impl ServiceShell {
         })
     }
 
+    /// A producer that lingers `linger_ms` instead of `kafka.linger_ms`, for outputs a service
+    /// waits on in a latency-bound loop (the shell's own producer when the two agree). It
+    /// counts into the shell's metrics.
+    pub fn producer_lingering(&self, rt: &Runtime, linger_ms: u32) -> anyhow::Result<Producer> {
+        if linger_ms == rt.config.kafka.linger_ms {
+            return Ok(self.producer.clone());
+        }
+        let config = crate::config::KafkaConfig {
+            linger_ms,
+            ..rt.config.kafka.clone()
+        };
+        Ok(Producer::new(&config, self.metrics.clone())?)
+    }
+
     pub fn consumer(&self, rt: &Runtime, group: &str, topics: &[String]) -> anyhow::Result<Arc<KafkaConsumer>> {
         Ok(Arc::new(kafka::consumer(&rt.config.kafka, group, topics)?))
     }

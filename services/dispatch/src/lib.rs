@@ -1148,13 +1148,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
     receipts.set_state(state.clone());
     let watching = tokio::spawn(state.clone().watch(Duration::from_secs(1)));
     let changelog = Changelog::new(changelog_topic);
-    let commit_producer = Producer::new(
-        &config::KafkaConfig {
-            linger_ms: settings.commit_linger_ms,
-            ..rt.config.kafka.clone()
-        },
-        shell.metrics.clone(),
-    )?;
+    let commit_producer = shell.producer_lingering(&rt, settings.commit_linger_ms)?;
     let dispatch = Dispatch {
         redis,
         keys: rt.keys(),

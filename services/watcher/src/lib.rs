@@ -1753,6 +1753,8 @@ impl Watcher {
 
     /// Polls the timer sets of the partitions this instance is assigned, until shutdown.
     async fn run_timers(self, consumer: Arc<KafkaConsumer>, settings: WatcherSettings) -> anyhow::Result<()> {
+        // Shared with each round's batch tasks.
+        let settings = Arc::new(settings);
         let invoices_topic = self.0.rt.topic(&self.0.topics.invoices);
         let mut tick = tokio::time::interval(Duration::from_millis(settings.tick_ms.max(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1834,7 +1836,7 @@ impl Watcher {
             loop {
                 let rounds: Vec<(i32, Result<bool, Failure>)> = futures::stream::iter(partitions.iter().copied())
                     .map(|p| {
-                        let (this, settings) = (self.clone(), settings.clone());
+                        let (this, settings) = (self.clone(), Arc::clone(&settings));
                         let batch = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
                             this.fire_due(p, &settings).await
                         }));
@@ -2818,17 +2820,7 @@ pub async fn run(rt: Runtime) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("loading the journey scripts into Redis: {e:?}"))?;
     let propensity = load_propensity(&settings)?;
-    let timer_producer = if settings.timer_linger_ms == rt.config.kafka.linger_ms {
-        shell.producer.clone()
-    } else {
-        Producer::new(
-            &config::KafkaConfig {
-                linger_ms: settings.timer_linger_ms,
-                ..rt.config.kafka.clone()
-            },
-            shell.metrics.clone(),
-        )?
-    };
+    let timer_producer = shell.producer_lingering(&rt, settings.timer_linger_ms)?;
     let watcher = Watcher(Arc::new(Inner {
         history_retention_days: settings.history_retention_days,
         propensity,

@@ -168,14 +168,16 @@ const SETTINGS: &[(&str, &str)] = &[
     ("WATCHER_TIMER_LINGER_MS", "watcher.timer_linger_ms"),
 ];
 
-fn config() -> forfall_platform::config::CommonConfig {
+fn config() -> anyhow::Result<forfall_platform::config::CommonConfig> {
     let mut c = base_config();
     c.log.level = "warn".into();
     // The shared producer's linger, for a comparison with the timer rounds' own.
     if let Ok(linger) = std::env::var("KAFKA_LINGER_MS") {
-        c.kafka.linger_ms = linger.parse().unwrap_or(c.kafka.linger_ms);
+        c.kafka.linger_ms = linger
+            .parse()
+            .map_err(|e| anyhow::anyhow!("KAFKA_LINGER_MS={linger:?} is not a number of milliseconds: {e}"))?;
     }
-    c
+    Ok(c)
 }
 
 #[tokio::main]
@@ -189,7 +191,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Phase 1: a billing run falls due at once.
     let clock = ManualClock::new(at("2026-11-02T06:00:00Z"));
-    let mut stack = LocalStack::start(config(), clock.clone()).await?;
+    let mut stack = LocalStack::start(config()?, clock.clone()).await?;
     counts_from_env(&mut stack, SETTINGS)?;
     let stack = stack;
     let mut redis = stack.redis();
@@ -269,7 +271,7 @@ async fn main() -> anyhow::Result<()> {
     let steady = (rate * steady_secs) as usize;
     let start_at = at("2026-11-02T10:00:00Z");
     let clock = ManualClock::new(start_at - chrono::Duration::seconds(1));
-    let mut stack = LocalStack::start(config(), clock.clone()).await?;
+    let mut stack = LocalStack::start(config()?, clock.clone()).await?;
     counts_from_env(&mut stack, SETTINGS)?;
     let stack = stack;
     let (store, producer) = watcher_store(&stack).await?;

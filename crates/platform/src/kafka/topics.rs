@@ -13,9 +13,9 @@ use rdkafka::error::RDKafkaErrorCode;
 use crate::config::KafkaConfig;
 
 /// How long a start waits for a broker that does not answer, as it waits for Redis.
-pub(crate) const BROKER_PATIENCE: Duration = Duration::from_secs(300);
+const BROKER_PATIENCE: Duration = Duration::from_secs(300);
 /// One attempt at an admin request, answered or not.
-pub(crate) const ADMIN_ATTEMPT: Duration = Duration::from_secs(30);
+const ADMIN_ATTEMPT: Duration = Duration::from_secs(30);
 /// The broker's own bound on one request: a broker that does not answer within it is asked again.
 const ADMIN_REQUEST: Duration = Duration::from_secs(10);
 
